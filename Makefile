@@ -1,0 +1,38 @@
+# Plain targets for a fresh machine or a user's GPU box.
+# torch is installed first, pinned, only if it is missing: an unpinned `torch` would pull a multi-GB CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.geotoken-installed
+
+.PHONY: install test lint demo bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[test]"
+	# geoclip ships 100K real MP16 coordinates and the GPS-encoder weights; its own deps (torchvision) are not wanted.
+	$(PY) -m pip install --no-deps "geoclip>=1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+test: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+
+demo: install
+	$(VENV)/bin/geotoken demo
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs build dist

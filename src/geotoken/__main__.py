@@ -1,0 +1,3 @@
+from geotoken.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""The `geotoken` command: a thin layer over library functions.
+
+Every module in this package (and every module of a group package such as `bench/` or `data/`)
+defines `register(subparsers)`, which adds its sub-command and sets `func` on the parser to a
+function taking the parsed args and returning an exit status. Modules are discovered, so adding a
+command is adding a file. Heavy imports (torch, faiss, ...) belong inside the `func`, not at module
+top level, so that `geotoken --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from geotoken import __version__
+
+
+def register_modules(subparsers: argparse._SubParsersAction, package: ModuleType) -> None:
+    """Call `register(subparsers)` of every public module in `package`, in name order."""
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{info.name}").register(subparsers)
+
+
+def register_group(subparsers: argparse._SubParsersAction, name: str, help: str, package: ModuleType) -> None:
+    """A command such as `geotoken bench` whose sub-commands are the modules of `package`."""
+    parser = subparsers.add_parser(name, help=help, description=help)
+    register_modules(parser.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND"), package)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="geotoken", description="Worldwide image geolocalization by next-token prediction over S2 cells."
+    )
+    parser.add_argument("--version", action="version", version=f"geotoken {__version__}")
+    register_modules(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), sys.modules[__name__])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. User errors print one line and return 2; GEOTOKEN_DEBUG=1 shows tracebacks."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("geotoken: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:  # GeoTokenError is a ValueError
+        if os.environ.get("GEOTOKEN_DEBUG"):
+            raise
+        print(f"geotoken {args.command}: error: {exc}", file=sys.stderr)
+        return 2
