@@ -1,0 +1,453 @@
+"""The GeoToken model: a retrieval-conditioned encoder-decoder transformer over hierarchical S2 tokens.
+
+Encoder sequence (S positions, d channels), for one image:
+    [CLS, query modality 1..M] + for each of k neighbours [its M modality embeddings, its T location tokens]
+Each modality has its own MLP (D_m -> d -> d, ReLU) followed by L2 normalisation, as in the paper. A unit
+vector in d dimensions has per-channel RMS 1/sqrt(d) (0.04 at d 512) while sinusoidal positions have RMS
+0.7, so the normalised vector is multiplied by sqrt(d): content, position and slot-type embeddings then
+start at the same scale. Neighbour location tokens are embedded with a separate "retrieval" table.
+
+Decoder: position 0 reads a learned start vector, position i > 0 reads the embedding of token i-1 (one
+shared table, each position owning a slice of it, so the position is encoded by the row itself); causal
+self-attention, cross-attention to the encoder memory, and one output head per position (vocabulary 6,
+then 4^g). Logits come as one padded tensor (B, T, Vmax) with -inf beyond each position's vocabulary.
+
+Layers are written out (pre-LayerNorm, `F.scaled_dot_product_attention`) so that training (`decode`, all
+positions at once) and generation (`init_cache` + `step`, one position at a time with a key/value cache)
+run the same modules on the same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from geotoken.errors import GeoTokenError
+from geotoken.io import atomic_path, write_json
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 512
+    n_encoder_layers: int = 10
+    n_decoder_layers: int = 10
+    n_heads: int = 8
+    d_ff: int = 1024
+    dropout: float = 0.1
+    level: int = 20  # S2 level of the target cell
+    group: int = 2  # child tokens merged into one token (vocabulary 4^group)
+    k: int = 15  # neighbours read by the encoder (0 = no retrieval)
+    modalities: dict[str, int] = field(default_factory=lambda: {"visual": 768, "gps": 768, "text": 768})
+    use_neighbour_embeddings: bool = True
+    use_neighbour_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise GeoTokenError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if not 1 <= self.level <= 30 or self.level % self.group:
+            raise GeoTokenError(f"level {self.level} must be in 1..30 and a multiple of group {self.group}")
+        if not 0 <= self.k <= 30:
+            raise GeoTokenError(f"k {self.k} must be in 0..30")
+        if not self.modalities:
+            raise GeoTokenError("modalities is empty: the encoder needs at least one query embedding")
+
+    @property
+    def n_tokens(self) -> int:
+        """T: the face token plus level // group grouped child tokens."""
+        return 1 + self.level // self.group
+
+    @property
+    def vocab_sizes(self) -> list[int]:
+        return [6] + [4**self.group] * (self.level // self.group)
+
+    @property
+    def n_neighbour_slots(self) -> int:
+        """Encoder positions per neighbour: its modality embeddings and/or its T tokens."""
+        m = len(self.modalities) if self.use_neighbour_embeddings else 0
+        return m + (self.n_tokens if self.use_neighbour_tokens else 0)
+
+    @property
+    def seq_len(self) -> int:
+        """S: encoder positions."""
+        return 1 + len(self.modalities) + self.k * self.n_neighbour_slots
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise GeoTokenError(f"unknown model config field(s) {unknown}")
+        return cls(**d)
+
+
+PRESETS: dict[str, dict] = {
+    # the checkpoint behind the paper's results
+    "paper": dict(d_model=512, n_encoder_layers=10, n_decoder_layers=10, n_heads=8, d_ff=1024),
+    "small": dict(d_model=256, n_encoder_layers=4, n_decoder_layers=4, n_heads=8, d_ff=512),
+    # the offline demo and the tests: trains in minutes on two CPU cores
+    "tiny": dict(d_model=128, n_encoder_layers=2, n_decoder_layers=2, n_heads=4, d_ff=256),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A named configuration; keyword arguments override its fields (e.g. modalities, k)."""
+    if name not in PRESETS:
+        raise GeoTokenError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+@dataclass
+class Batch:
+    """Model inputs. query[m] (B, D_m), nbr[m] (B, k, D_m), nbr_tokens (B, k, T) int64, targets (B, T) int64."""
+
+    query: dict[str, torch.Tensor]
+    nbr: dict[str, torch.Tensor] = field(default_factory=dict)
+    nbr_tokens: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(
+            {m: move(x) for m, x in self.query.items()},
+            {m: move(x) for m, x in self.nbr.items()},
+            move(self.nbr_tokens),
+            move(self.targets),
+        )
+
+    @property
+    def size(self) -> int:
+        return next(iter(self.query.values())).shape[0]
+
+
+def sinusoid(n: int, d: int) -> torch.Tensor:
+    """Fixed sinusoidal positions (n, d) of the original transformer."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]  # (n, 1)
+    freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))  # (d/2,)
+    pe = torch.zeros(n, d)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)
+    return pe
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; with a cache it appends this call's keys/values at `pos` first."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool):
+        super().__init__()
+        self.h, self.causal, self.p = cfg.n_heads, causal, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None, pos: int = 0) -> torch.Tensor:
+        B, L, d = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, hd)
+        causal = self.causal
+        if cache is not None:  # generation: keys/values of positions < pos are already in the cache
+            cache["k"][:, :, pos : pos + L] = k
+            cache["v"][:, :, pos : pos + L] = v
+            k, v = cache["k"][:, :, : pos + L], cache["v"][:, :, : pos + L]  # (B, h, pos+L, hd)
+            if L > 1:
+                raise ValueError("the cached path decodes one position per call")
+            causal = False  # one query at the newest position sees every cached key
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.p if self.training else 0.0, is_causal=causal
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, L, d))  # (B, L, d)
+
+
+class CrossAttention(nn.Module):
+    """Queries from the decoder, keys/values from the encoder memory (computed once per image)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.h, self.p = cfg.n_heads, cfg.dropout
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, d = memory.shape
+        k, v = self.kv(memory).view(B, S, 2, self.h, d // self.h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, S, hd)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # x (B, L, d). Attention to the memory has no mask, so L may hold several decoding positions or
+        # several beams/samples of the same image: they share the image's keys/values without a copy.
+        B, L, d = x.shape
+        q = self.q(x).view(B, L, self.h, d // self.h).transpose(1, 2)  # (B, h, L, hd)
+        y = F.scaled_dot_product_attention(q, *kv, dropout_p=self.p if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, L, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn, self.mlp = SelfAttention(cfg, causal=False), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
+        self.attn, self.cross, self.mlp = SelfAttention(cfg, causal=True), CrossAttention(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: torch.Tensor, kv: tuple, cache: dict | None = None, pos: int = 0, copies: int = 1
+    ) -> torch.Tensor:
+        """x (B * copies, L, d); kv holds B images' memory keys/values, shared by each image's copies."""
+        N, L, d = x.shape
+        x = x + self.drop(self.attn(self.ln1(x), cache, pos))
+        y = self.cross(self.ln2(x).view(N // copies, copies * L, d), kv)  # copies become query rows
+        x = x + self.drop(y.view(N, L, d))
+        return x + self.drop(self.mlp(self.ln3(x)))
+
+
+class GeoToken(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, T, M = cfg.d_model, cfg.n_tokens, len(cfg.modalities)
+        vocab = torch.tensor(cfg.vocab_sizes)  # (T,)
+        self.register_buffer(
+            "offsets", torch.cumsum(vocab, 0) - vocab, persistent=False
+        )  # (T,) row of token 0
+        vmax = int(vocab.max())
+        self.register_buffer(
+            "valid", torch.arange(vmax)[None, :] < vocab[:, None], persistent=False
+        )  # (T, Vmax)
+
+        # encoder inputs
+        self.modality_mlp = nn.ModuleDict(
+            {
+                m: nn.Sequential(nn.Linear(dim, d), nn.ReLU(), nn.Linear(d, d))
+                for m, dim in cfg.modalities.items()
+            }
+        )
+        self.cls = nn.Parameter(torch.randn(d))
+        self.retrieval_emb = nn.Embedding(int(vocab.sum()), d)  # neighbours' tokens, per-position slices
+        self.slot_emb = nn.Embedding(1 + 2 * M + T, d)  # CLS, query m, neighbour m, neighbour token t
+        self.register_buffer("slot_ids", self._slot_ids(), persistent=False)  # (S,)
+        self.register_buffer("enc_pos", sinusoid(cfg.seq_len, d), persistent=False)  # (S, d)
+        self.enc_drop = nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
+        self.enc_ln = nn.LayerNorm(d)
+
+        # decoder
+        self.start = nn.Parameter(torch.randn(d))
+        self.token_emb = nn.Embedding(int(vocab.sum()), d)
+        self.dec_drop = nn.Dropout(cfg.dropout)
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
+        self.dec_ln = nn.LayerNorm(d)
+        self.head_w = nn.Parameter(torch.zeros(T, vmax, d))  # one head per position, padded to Vmax
+        self.head_b = nn.Parameter(torch.zeros(T, vmax))
+        self._init_weights()
+
+    def _slot_ids(self) -> torch.Tensor:
+        cfg, M, T = self.cfg, len(self.cfg.modalities), self.cfg.n_tokens
+        block = []
+        if cfg.use_neighbour_embeddings:
+            block += list(range(1 + M, 1 + 2 * M))
+        if cfg.use_neighbour_tokens:
+            block += list(range(1 + 2 * M, 1 + 2 * M + T))
+        return torch.tensor([0] + list(range(1, 1 + M)) + block * cfg.k, dtype=torch.long)
+
+    def _init_weights(self) -> None:
+        # nanoGPT: N(0, 0.02) linears, residual projections scaled down by depth; embeddings at unit scale
+        # to match the sqrt(d)-scaled modality vectors.
+        n_res = 2 * self.cfg.n_encoder_layers + 3 * self.cfg.n_decoder_layers
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(n_res))
+            elif name.endswith(".weight") and p.dim() == 2 and "emb" not in name:
+                nn.init.normal_(p, std=0.02)
+            elif name.endswith(".bias") and "ln" not in name:
+                nn.init.zeros_(p)
+        nn.init.normal_(self.head_w, std=0.02)
+        self.head_w.data[~self.valid] = 0.0
+
+    # ---------------------------------------------------------------- encoder
+    def encode(self, batch: Batch) -> torch.Tensor:
+        """Encoder memory (B, S, d)."""
+        cfg, k = self.cfg, self.cfg.k
+        B, d = batch.size, cfg.d_model
+        use_nbr_emb = k > 0 and cfg.use_neighbour_embeddings
+        mods = []  # per modality: (B, 1 + k', d), query first, then its neighbours
+        for m in cfg.modalities:  # a loop over modalities (<= 3), never over neighbours or samples
+            x = batch.query[m][:, None]  # (B, 1, D_m)
+            if use_nbr_emb:
+                x = torch.cat([x, batch.nbr[m][:, :k].to(x.dtype)], dim=1)  # (B, 1 + k, D_m)
+            mods.append(F.normalize(self.modality_mlp[m](x), dim=-1) * math.sqrt(d))
+        mods = torch.stack(mods, dim=2)  # (B, 1 + k', M, d)
+        parts = [self.cls.expand(B, 1, d), mods[:, 0]]  # (B, 1, d), (B, M, d)
+        if k > 0:
+            nbr = [mods[:, 1:]] if use_nbr_emb else []  # (B, k, M, d)
+            if cfg.use_neighbour_tokens:
+                tok = batch.nbr_tokens[:, :k] + self.offsets  # (B, k, T)
+                nbr.append(self.retrieval_emb(tok))  # (B, k, T, d)
+            parts.append(torch.cat(nbr, dim=2).reshape(B, k * cfg.n_neighbour_slots, d))
+        x = torch.cat(parts, dim=1)  # (B, S, d)
+        x = self.enc_drop(x + self.enc_pos + self.slot_emb(self.slot_ids))
+        for layer in self.encoder:
+            x = layer(x)
+        return self.enc_ln(x)
+
+    # ---------------------------------------------------------------- decoder, all positions
+    def _dec_input(self, tokens_prev: torch.Tensor | None, pos: int, n: int) -> torch.Tensor:
+        """Decoder inputs (n, t, d) for positions pos..pos+t-1, given the tokens before each: (n, t) or None."""
+        if pos == 0:
+            start = self.start.expand(n, 1, -1)  # (n, 1, d)
+            if tokens_prev is None or tokens_prev.shape[1] == 0:
+                return start
+            t = tokens_prev.shape[1]
+            return torch.cat([start, self.token_emb(tokens_prev + self.offsets[:t])], dim=1)
+        t = tokens_prev.shape[1]
+        return self.token_emb(tokens_prev + self.offsets[pos - 1 : pos - 1 + t])
+
+    def _logits(self, h: torch.Tensor, pos: int) -> torch.Tensor:
+        """Heads for positions pos..pos+t-1: h (B, t, d) -> (B, t, Vmax), -inf beyond each vocabulary."""
+        t = h.shape[1]
+        w, b = self.head_w[pos : pos + t], self.head_b[pos : pos + t]  # (t, Vmax, d), (t, Vmax)
+        logits = torch.einsum("btd,tvd->btv", h, w.to(h.dtype)) + b.to(h.dtype)
+        return logits.masked_fill(~self.valid[pos : pos + t], float("-inf"))
+
+    def decode(self, memory: torch.Tensor, tokens_in: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (B, t, Vmax): logits[:, i] is token i's distribution given tokens_in[:, :i].
+
+        tokens_in (B, t) int64 with t <= T (usually the targets; the last column is not read).
+        """
+        B, t = tokens_in.shape
+        kvs = [layer.cross.memory_kv(memory) for layer in self.decoder]
+        x = self.dec_drop(self._dec_input(tokens_in[:, : t - 1], 0, B))  # (B, t, d)
+        for layer, kv in zip(self.decoder, kvs):
+            x = layer(x, kv)
+        return self._logits(self.dec_ln(x), 0)
+
+    def forward(self, batch: Batch, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits (B, T, Vmax), weighted loss or None without targets)."""
+        memory = self.encode(batch)
+        if batch.targets is None:
+            raise ValueError("forward needs batch.targets (use encode/init_cache/step to generate)")
+        logits = self.decode(memory, batch.targets)
+        return logits, token_loss(logits, batch.targets, self.valid, label_smoothing)
+
+    # ---------------------------------------------------------------- decoder, one position at a time
+    @torch.no_grad()
+    def init_cache(self, memory: torch.Tensor, copies: int = 1) -> dict:
+        """Generation state for `copies` sequences per image; rows are image-major (B * copies).
+
+        Cross-attention keys/values are computed once per image and layer and shared by its copies;
+        the self-attention cache holds (B * copies, h, T, hd) per layer.
+        """
+        B, S, d = memory.shape
+        cfg = self.cfg
+        shape = (B * copies, cfg.n_heads, cfg.n_tokens, d // cfg.n_heads)
+        layers = [
+            {"kv": layer.cross.memory_kv(memory), "k": memory.new_zeros(shape), "v": memory.new_zeros(shape)}
+            for layer in self.decoder
+        ]
+        return {"layers": layers, "batch": B, "copies": copies}
+
+    @torch.no_grad()
+    def step(self, cache: dict, last_token: torch.Tensor | None, position: int) -> torch.Tensor:
+        """Logits (B * copies, Vmax) of token `position` given the previous token (B * copies,) (None at 0)."""
+        B, n = cache["batch"], cache["copies"]
+        prev = None if position == 0 else last_token[:, None]  # (B*n, 1)
+        x = self._dec_input(prev, position, B * n)  # (B*n, 1, d)
+        for layer, c in zip(self.decoder, cache["layers"]):
+            x = layer(x, c["kv"], c, position, copies=n)  # (B*n, 1, d)
+        return self._logits(self.dec_ln(x), position)[:, 0]  # (B*n, Vmax)
+
+    @staticmethod
+    def reorder_cache(cache: dict, rows: torch.Tensor) -> None:
+        """Beam search: row r of the self-attention cache becomes old row rows[r] (within the same image)."""
+        for c in cache["layers"]:
+            c["k"] = c["k"].index_select(0, rows)
+            c["v"] = c["v"].index_select(0, rows)
+
+    # ---------------------------------------------------------------- files
+    def save(self, directory: str | Path) -> None:
+        """`model.safetensors` + `config.json`, each written atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_path(directory / "model.safetensors") as tmp:
+            save_file(state, str(tmp))
+        write_json(directory / "config.json", self.cfg.to_dict())
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> GeoToken:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in ("config.json", "model.safetensors"):
+            if not (directory / name).is_file():
+                raise GeoTokenError(f"{directory / name} is missing: not a GeoToken model folder")
+        try:
+            cfg = ModelConfig.from_dict(json.loads((directory / "config.json").read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise GeoTokenError(f"{directory / 'config.json'}: {exc}") from None
+        model = cls(cfg)
+        try:
+            model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        except RuntimeError as exc:
+            raise GeoTokenError(
+                f"{directory / 'model.safetensors'} does not match config.json: {exc}"
+            ) from None
+        return model.to(device).eval()
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def loss_weights(n_tokens: int) -> torch.Tensor:
+    """Per-position weights, linear from 2.0 (face token) to 1.0 (finest), summing to 1."""
+    w = torch.linspace(2.0, 1.0, n_tokens) if n_tokens > 1 else torch.ones(1)
+    return w / w.sum()
+
+
+def token_loss(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Weighted per-position cross-entropy. logits (B, t, Vmax), targets (B, t), valid (T, Vmax) bool.
+
+    Label smoothing spreads its mass over each position's own vocabulary only (the padded -inf
+    entries would make the built-in smoothing infinite).
+    """
+    t = targets.shape[1]
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, t, Vmax)
+    nll = -logp.gather(-1, targets[..., None])[..., 0]  # (B, t)
+    if label_smoothing > 0:
+        valid = valid[:t]
+        uniform = -torch.where(valid, logp, 0.0).sum(-1) / valid.sum(-1)  # (B, t)
+        nll = (1 - label_smoothing) * nll + label_smoothing * uniform
+    w = loss_weights(valid.shape[0])[:t].to(nll.device)
+    return (nll.mean(0) * w).sum() / w.sum()

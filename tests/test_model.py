@@ -1,0 +1,188 @@
+"""GeoToken model: shapes, masking, causality, the cached path against the full path, loss, save/load."""
+
+import math
+
+import pytest
+import torch
+
+from geotoken.errors import GeoTokenError
+from geotoken.model import Batch, GeoToken, ModelConfig, loss_weights, preset, token_loss
+
+torch.set_num_threads(1)
+MODS = {"visual": 24, "gps": 16, "text": 8}
+
+
+def make_batch(cfg: ModelConfig, B: int = 3, k_store: int = 5, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    vocab = torch.tensor(cfg.vocab_sizes)
+    T = cfg.n_tokens
+    tok = lambda *s: (torch.rand(*s, T, generator=g) * vocab).long()  # noqa: E731
+    return Batch(
+        {m: torch.randn(B, D, generator=g) for m, D in cfg.modalities.items()},
+        {m: torch.randn(B, k_store, D, generator=g) for m, D in cfg.modalities.items()},
+        tok(B, k_store),
+        tok(B),
+    )
+
+
+def tiny(**kw) -> GeoToken:
+    torch.manual_seed(0)
+    return GeoToken(preset("tiny", modalities=MODS, k=4, **kw)).eval()
+
+
+def test_presets_match_the_paper():
+    p = preset("paper")
+    assert (p.d_model, p.n_encoder_layers, p.n_decoder_layers, p.n_heads, p.d_ff) == (512, 10, 10, 8, 1024)
+    assert (p.level, p.group, p.k, p.dropout) == (20, 2, 15, 0.1)
+    assert p.n_tokens == 11 and p.vocab_sizes == [6] + [16] * 10
+    assert p.seq_len == 4 + 15 * 14 == 214  # the paper's encoder length
+    s = preset("small")
+    assert (s.d_model, s.n_encoder_layers, s.d_ff, s.k) == (256, 4, 512, 15)
+    with pytest.raises(GeoTokenError, match="preset"):
+        preset("huge")
+    with pytest.raises(GeoTokenError, match="k 31"):
+        ModelConfig(k=31)
+
+
+def test_logits_are_padded_with_minus_inf_beyond_each_vocabulary():
+    m = tiny(level=6, group=3)  # vocabularies [6, 64, 64]
+    logits, loss = m(make_batch(m.cfg))
+    assert logits.shape == (3, 3, 64)
+    assert torch.isinf(logits[:, 0, 6:]).all() and torch.isfinite(logits[:, 0, :6]).all()
+    assert torch.isfinite(logits[:, 1:]).all()
+    assert torch.isfinite(loss)
+
+
+def test_encoder_length_follows_the_ablation_flags():
+    for kw, S in [
+        ({}, 1 + 3 + 4 * (3 + 11)),
+        ({"use_neighbour_tokens": False}, 1 + 3 + 4 * 3),
+        ({"use_neighbour_embeddings": False}, 1 + 3 + 4 * 11),
+    ]:
+        m = tiny(**kw)
+        assert m.encode(make_batch(m.cfg)).shape == (3, S, 128) and m.cfg.seq_len == S
+    torch.manual_seed(0)
+    m0 = GeoToken(preset("tiny", modalities={"visual": 24}, k=0)).eval()
+    b = make_batch(m0.cfg)
+    b = Batch(b.query, targets=b.targets)  # no neighbours at all
+    assert m0.encode(b).shape == (3, 2, 128)
+    assert torch.isfinite(m0(b)[1])
+
+
+def test_only_the_first_k_neighbours_are_read():
+    m = tiny()
+    b = make_batch(m.cfg, k_store=6)
+    b2 = make_batch(m.cfg, k_store=6)
+    b2 = Batch(
+        b.query,
+        {x: torch.cat([b.nbr[x][:, :4], b2.nbr[x][:, 4:]], 1) for x in b.nbr},
+        b.nbr_tokens,
+        b.targets,
+    )
+    assert torch.equal(m.encode(b), m.encode(b2))
+    b2.nbr["gps"][:, 3] += 1.0  # the 4th neighbour is read
+    assert not torch.allclose(m.encode(b), m.encode(b2))
+
+
+def test_samples_do_not_see_each_other():
+    m = tiny()
+    b = make_batch(m.cfg, B=4)
+    one = Batch(
+        {x: v[:1] for x, v in b.query.items()},
+        {x: v[:1] for x, v in b.nbr.items()},
+        b.nbr_tokens[:1],
+        b.targets[:1],
+    )
+    torch.testing.assert_close(m(b)[0][:1], m(one)[0], atol=1e-5, rtol=0)
+
+
+def test_decoder_is_causal():
+    m = tiny()
+    b = make_batch(m.cfg)
+    memory = m.encode(b)
+    logits = m.decode(memory, b.targets)
+    changed = b.targets.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % 16
+    logits2 = m.decode(memory, changed)
+    torch.testing.assert_close(logits[:, :6], logits2[:, :6], atol=0, rtol=0)  # token 5 only feeds 6+
+    assert not torch.allclose(logits[:, 6:], logits2[:, 6:])
+    # a prefix gives the same logits as the full sequence for its positions
+    torch.testing.assert_close(m.decode(memory, b.targets[:, :4]), logits[:, :4], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("copies", [1, 3])
+def test_cached_step_equals_full_decode(copies):
+    m = tiny()
+    b = make_batch(m.cfg)
+    memory = m.encode(b)
+    full = m.decode(memory, b.targets).repeat_interleave(copies, 0)  # (B*n, T, V)
+    cache = m.init_cache(memory, copies=copies)
+    targets = b.targets.repeat_interleave(copies, 0)
+    steps = torch.stack(
+        [m.step(cache, targets[:, p - 1] if p else None, p) for p in range(m.cfg.n_tokens)], 1
+    )
+    assert torch.equal(torch.isfinite(steps), torch.isfinite(full))
+    fin = torch.isfinite(full)
+    torch.testing.assert_close(steps[fin], full[fin], atol=1e-5, rtol=0)
+    assert cache["layers"][0]["kv"][0].shape[0] == 3  # memory keys are per image, not per copy
+
+
+def test_reorder_cache_follows_the_chosen_rows():
+    m = tiny()
+    b = make_batch(m.cfg, B=1)
+    memory = m.encode(b)
+    seqs = torch.tensor([[0, 1, 2, 3], [5, 15, 0, 9]])  # two different prefixes of one image
+    cache = m.init_cache(memory, copies=2)
+    for p in range(3):
+        m.step(cache, seqs[:, p - 1] if p else None, p)
+    GeoToken.reorder_cache(cache, torch.tensor([1, 1]))  # both rows continue the second prefix
+    out = m.step(cache, seqs[[1, 1], 2], 3)
+    ref = m.decode(memory, seqs[1:2])[0, 3]
+    torch.testing.assert_close(out, ref.expand(2, -1), atol=1e-5, rtol=0)
+
+
+def test_loss_weights_and_definition():
+    w = loss_weights(11)
+    assert math.isclose(w.sum().item(), 1.0, rel_tol=1e-6)
+    assert math.isclose((w[0] / w[-1]).item(), 2.0, rel_tol=1e-6)
+    valid = torch.tensor([[True] * 3 + [False], [True] * 4])  # vocabularies [3, 4]
+    logits = torch.tensor([[[1.0, 2.0, 0.5, -math.inf], [0.1, 0.2, 0.3, 0.4]]])
+    targets = torch.tensor([[1, 3]])
+    ce0 = -torch.log_softmax(logits[0, 0, :3], 0)[1]
+    ce1 = -torch.log_softmax(logits[0, 1], 0)[3]
+    expected = (2.0 * ce0 + 1.0 * ce1) / 3.0
+    torch.testing.assert_close(token_loss(logits, targets, valid), expected)
+    # smoothing spreads mass over each position's own vocabulary only: finite, and the formula holds
+    ls = token_loss(logits, targets, valid, label_smoothing=0.1)
+    u0 = -torch.log_softmax(logits[0, 0, :3], 0).mean()
+    u1 = -torch.log_softmax(logits[0, 1], 0).mean()
+    expected = (2.0 * (0.9 * ce0 + 0.1 * u0) + (0.9 * ce1 + 0.1 * u1)) / 3.0
+    torch.testing.assert_close(ls, expected)
+
+
+def test_training_step_reduces_loss_and_gradients_are_finite():
+    torch.manual_seed(0)
+    m = GeoToken(preset("tiny", modalities=MODS, k=4, dropout=0.0))
+    b = make_batch(m.cfg, B=8)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    first = None
+    for _ in range(15):
+        _, loss = m(b, label_smoothing=0.1)
+        opt.zero_grad()
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.5 * first
+
+
+def test_save_load_roundtrip(tmp_path):
+    m = tiny()
+    b = make_batch(m.cfg)
+    m.save(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    m2 = GeoToken.load(tmp_path / "m")
+    assert m2.cfg == m.cfg
+    torch.testing.assert_close(m2(b)[0], m(b)[0], atol=0, rtol=0)
+    with pytest.raises(GeoTokenError, match="config.json"):
+        GeoToken.load(tmp_path)
