@@ -1,0 +1,339 @@
+"""Annotation files -> one validated table: id, lat, lon, image reference per row.
+
+Every later stage (features, neighbours, tokens) follows the row order of a `Manifest`, so this is where bad
+input is caught: missing columns, unparseable or out-of-range coordinates, duplicate ids, missing images.
+Each problem either raises a `GeoTokenError` naming the file, the line and the value, or (on_error="skip") drops
+the row and writes it to a CSV skip report. Nothing is dropped silently.
+
+Supported layouts (columns are found by name, case-insensitively, from the aliases in `COLUMN_ALIASES`):
+- MP16 / MP16-Pro, Im2GPS3k (`im2gps3k_places365.csv`), YFCC4k (`yfcc4k_places365.csv`): `IMG_ID, ..., LAT, LON`.
+  The image file name is the id.
+- OSV-5M: `id, latitude, longitude, ...`; the image file is `{id}.jpg`.
+- plain: `id,lat,lon,image` or `id,lat,lon,path` (what `Manifest.write_csv` writes).
+- `LAT,LON` without ids (GeoCLIP's gallery): ids are the 0-based data row numbers, no images.
+
+Coordinates: latitude in [-90, 90], longitude in [-180, 180]. Values beyond by at most `COORD_TOLERANCE`
+degrees are float noise from upstream tools: latitudes are clamped and longitudes wrapped into range. Anything
+further out is an error (it usually means swapped or garbled columns, which wrapping would hide).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import sys
+from dataclasses import dataclass
+from operator import itemgetter
+from pathlib import Path
+
+import numpy as np
+
+from geotoken.errors import GeoTokenError
+from geotoken.io import atomic_open
+
+# Role -> accepted header names (compared after lower-casing and mapping ' ' and '-' to '_'), in priority order.
+COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
+    "id": ("id", "img_id", "image_id", "imgid", "photo_id", "key", "name"),
+    "lat": ("lat", "latitude", "gps_lat", "gps_latitude"),
+    "lon": ("lon", "lng", "long", "longitude", "gps_lon", "gps_lng", "gps_longitude"),
+    "image": (
+        "image",
+        "path",
+        "image_path",
+        "img_path",
+        "filepath",
+        "file_path",
+        "filename",
+        "file_name",
+        "file",
+    ),
+}
+# Columns that only OSV-5M's annotation files have: with `id,latitude,longitude` they mean images are `{id}.jpg`.
+_OSV5M_COLUMNS = {"thumb_original_url", "sequence", "captured_at", "land_cover"}
+COORD_TOLERANCE = 1e-6  # degrees
+ON_ERROR = ("raise", "skip")
+
+csv.field_size_limit(sys.maxsize)
+
+
+@dataclass
+class Manifest:
+    """One row per image, in the order every later array follows.
+
+    ids: (N,) str; lat, lon: (N,) float64 degrees; images: (N,) str image references ('' when the row has none):
+    a file path or `SHARD.tar#MEMBER`; source: the file (or name) the rows came from.
+    """
+
+    ids: np.ndarray
+    lat: np.ndarray
+    lon: np.ndarray
+    images: np.ndarray
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.ids = np.asarray(self.ids, dtype=np.str_).reshape(-1)
+        self.lat = np.asarray(self.lat, dtype=np.float64).reshape(-1)
+        self.lon = np.asarray(self.lon, dtype=np.float64).reshape(-1)
+        self.images = np.asarray(self.images, dtype=np.str_).reshape(-1)
+        self.source = str(self.source)
+        n = len(self.ids)
+        for name in ("lat", "lon", "images"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"Manifest: {name} has {len(getattr(self, name))} rows, ids has {n}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def coords(self) -> np.ndarray:
+        """(N, 2) float64 [lat, lon]."""
+        return np.stack([self.lat, self.lon], axis=1)
+
+    def subset(self, rows) -> Manifest:
+        """The rows selected by an integer index array or a boolean mask, in that order."""
+        rows = np.asarray(rows)
+        return Manifest(self.ids[rows], self.lat[rows], self.lon[rows], self.images[rows], self.source)
+
+    def write_csv(self, path: str | os.PathLike) -> None:
+        """Write `id,lat,lon,image` atomically. Images inside the CSV's folder are written relative to it,
+        so the folder can be moved; `read_manifest` resolves them back. Floats round-trip exactly."""
+        folder = os.path.abspath(os.path.dirname(os.path.abspath(path))) + os.sep
+        cut = len(folder)
+        images = [s[cut:] if s.startswith(folder) else s for s in self.images.tolist()]
+        with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["id", "lat", "lon", "image"])
+            w.writerows(zip(self.ids.tolist(), self.lat.tolist(), self.lon.tolist(), images))
+
+    def content_hash(self) -> str:
+        """Hex SHA-256 of ids, coordinates and image references (not of `source`): a dataset's identity."""
+        h = hashlib.sha256()
+        for strings in (self.ids, self.images):
+            h.update(len(strings).to_bytes(8, "little"))
+            h.update("\x00".join(strings.tolist()).encode("utf-8"))
+        h.update(np.ascontiguousarray(self.lat, dtype="<f8").tobytes())
+        h.update(np.ascontiguousarray(self.lon, dtype="<f8").tobytes())
+        return h.hexdigest()
+
+
+def _norm(name: str) -> str:
+    return name.strip().lstrip("\ufeff").lower().replace(" ", "_").replace("-", "_")
+
+
+def detect_columns(header: list[str], path: str | os.PathLike = "<csv>") -> dict[str, int]:
+    """Map roles ('id', 'lat', 'lon', 'image') to column indices; 'lat' and 'lon' are required."""
+    names = [_norm(h) for h in header]
+    found = {}
+    for role, aliases in COLUMN_ALIASES.items():
+        for alias in aliases:
+            if alias in names:
+                found[role] = names.index(alias)
+                break
+    missing = [r for r in ("lat", "lon") if r not in found]
+    if missing:
+        raise GeoTokenError(
+            f"{path}: line 1: no {' or '.join(missing)} column in header {header}; "
+            f"expected one of {[COLUMN_ALIASES[r] for r in missing]} (case-insensitive)"
+        )
+    return found
+
+
+class _Problems:
+    """Row problems found while reading: (data index, reason), first reason per row wins."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[int, str] = {}
+
+    def add(self, index: int, reason: str) -> None:
+        self.reasons.setdefault(int(index), reason)
+
+    def add_many(self, indices, reasons) -> None:
+        for i, r in zip(np.asarray(indices).tolist(), reasons):
+            self.add(i, r)
+
+
+def _parse_floats(values: list[str], field: str, problems: _Problems) -> np.ndarray:
+    """str -> float64 for the whole column at once; only on failure walk it to find the bad cells."""
+    try:
+        return np.array(values, dtype=np.float64)
+    except ValueError:
+        out = np.full(len(values), np.nan)
+        for i, v in enumerate(values):
+            try:
+                out[i] = float(v)
+            except ValueError:
+                problems.add(i, f"{field} {v!r} is not a number")
+        return out
+
+
+def _check_range(x: np.ndarray, field: str, limit: float, wrap: bool, problems: _Problems) -> np.ndarray:
+    bad = ~np.isfinite(x)
+    problems.add_many(np.flatnonzero(bad), [f"{field} {v!r} is not finite" for v in x[bad].tolist()])
+    with np.errstate(invalid="ignore"):
+        over = np.abs(x) > limit
+        out = over & (np.abs(x) > limit + COORD_TOLERANCE)
+    problems.add_many(
+        np.flatnonzero(out), [f"{field} {v!r} is outside [-{limit:g}, {limit:g}]" for v in x[out].tolist()]
+    )
+    fix = over & ~out
+    if fix.any():
+        x = x.copy()
+        x[fix] = (x[fix] + 180.0) % 360.0 - 180.0 if wrap else np.clip(x[fix], -limit, limit)
+    return x
+
+
+def _line_numbers(path: Path, count: int) -> np.ndarray:
+    """1-based file line where each data record starts (records with quoted newlines span several lines)."""
+    lines = np.empty(count, dtype=np.int64)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        start = reader.line_num + 1
+        for i, _ in enumerate(reader):
+            lines[i] = start
+            start = reader.line_num + 1
+    return lines
+
+
+def read_manifest(
+    path: str | os.PathLike,
+    *,
+    image_root: str | os.PathLike | None = None,
+    check_images: bool | str = False,
+    on_error: str = "raise",
+    skip_report: str | os.PathLike | None = None,
+) -> Manifest:
+    """Read an annotation CSV (see the module docstring for layouts) into a validated `Manifest`.
+
+    image_root: folder that relative image paths (and `SHARD.tar#MEMBER` shards) are resolved against; default
+        the CSV's folder. Resolved references are absolute, so the manifest works from any directory.
+    check_images: False; "exists" (file or tar member present); True or "decode" (also fully decoded, slow).
+    on_error: "raise" -> `GeoTokenError` for the first bad row (file, line, value); "skip" -> drop bad rows and
+        write `row,id,reason` to `skip_report` (required, so nothing is dropped unseen).
+    """
+    if on_error not in ON_ERROR:
+        raise GeoTokenError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    if on_error == "skip" and skip_report is None:
+        raise GeoTokenError("on_error='skip' needs a skip_report path, so that skipped rows are never silent")
+    if check_images not in (False, True, "exists", "decode"):
+        raise GeoTokenError(f"check_images must be False, True, 'exists' or 'decode', got {check_images!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise GeoTokenError(f"{path}: annotation file not found")
+
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise GeoTokenError(f"{path}: file is empty (expected a header line)") from None
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise GeoTokenError(f"{path}: line 1: cannot parse the header: {exc}") from None
+        cols = detect_columns(header, path)
+        roles = [r for r in ("id", "lat", "lon", "image") if r in cols]
+        need = max(cols.values()) + 1
+        get = itemgetter(*(cols[r] for r in roles))
+        try:
+            # One pass, keeping only the needed cells. Blank lines become None; short rows keep their length.
+            picked = [get(r) if len(r) >= need else (len(r) or None) for r in reader]
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise GeoTokenError(f"{path}: line {reader.line_num}: cannot parse CSV: {exc}") from None
+        one_line_per_record = reader.line_num == len(picked) + 1
+
+    problems = _Problems()
+    blank = []
+    for i, p in enumerate(picked):
+        if type(p) is not tuple:  # None (blank line) or an int (a short row's field count)
+            if p is None:
+                blank.append(i)
+            else:
+                problems.add(i, f"has {p} fields, the header has {len(header)}")
+            picked[i] = ("",) * len(roles)
+    columns = dict(zip(roles, zip(*picked))) if picked else {r: () for r in roles}
+    n = len(picked)
+    del picked
+
+    lat = _check_range(
+        _parse_floats(list(columns["lat"]), header[cols["lat"]], problems),
+        header[cols["lat"]],
+        90.0,
+        False,
+        problems,
+    )
+    lon = _check_range(
+        _parse_floats(list(columns["lon"]), header[cols["lon"]], problems),
+        header[cols["lon"]],
+        180.0,
+        True,
+        problems,
+    )
+
+    if "id" in cols:
+        ids = list(columns["id"])
+        empty = [i for i, s in enumerate(ids) if not s]
+        problems.add_many(empty, [f"{header[cols['id']]} is empty"] * len(empty))
+        if len(set(ids)) != n:
+            first: dict[str, int] = {}
+            for i, s in enumerate(ids):
+                j = first.setdefault(s, i)
+                if j != i and s:
+                    problems.add(i, f"duplicate {header[cols['id']]} {s!r} (first at data row {j + 1})")
+    else:
+        ids = [str(i) for i in range(n)]
+
+    images = _image_references(path, header, cols, columns, ids, image_root)
+    for i in blank:  # blank lines are not rows: drop them without a report
+        problems.reasons.pop(i, None)
+    keep = np.ones(n, dtype=bool)
+    keep[blank] = False
+    manifest = Manifest(ids, lat, lon, images, str(path))
+
+    if check_images:
+        from geotoken.data.images import check_images as _check
+
+        rows = np.flatnonzero(keep & ~np.isin(np.arange(n), list(problems.reasons)))
+        for row, reason in _check(manifest, rows, decode=check_images in (True, "decode")):
+            problems.add(row, reason)
+
+    if problems.reasons:
+        bad = np.array(sorted(problems.reasons), dtype=np.int64)
+        lines = (bad + 2) if one_line_per_record else _line_numbers(path, n)[bad]
+        if on_error == "raise":
+            i, line = int(bad[0]), int(lines[0])
+            more = (
+                f" ({len(bad) - 1} more bad rows; on_error='skip' drops them with a report)"
+                if len(bad) > 1
+                else ""
+            )
+            raise GeoTokenError(f"{path}: line {line}: id {ids[i]!r}: {problems.reasons[i]}{more}")
+        write_skip_report(
+            skip_report, lines, [ids[i] for i in bad.tolist()], [problems.reasons[i] for i in bad.tolist()]
+        )
+        keep[bad] = False
+    elif skip_report is not None:
+        write_skip_report(skip_report, [], [], [])
+    return manifest if keep.all() else manifest.subset(np.flatnonzero(keep))
+
+
+def write_skip_report(path: str | os.PathLike, rows, ids, reasons) -> None:
+    """CSV `row,id,reason` (row = 1-based line in the input file), written atomically."""
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["row", "id", "reason"])
+        w.writerows(zip(np.asarray(rows).tolist(), ids, reasons))
+
+
+def _image_references(path, header, cols, columns, ids, image_root) -> list[str]:
+    """Absolute image references per row: the image column, else the id for layouts where it is the file name."""
+    norm = {_norm(h) for h in header}
+    if "image" in cols:
+        refs = list(columns["image"])
+    elif "id" in cols and _norm(header[cols["id"]]) == "img_id":  # MP16, Im2GPS3k, YFCC4k
+        refs = ids
+    elif "id" in cols and _norm(header[cols["lat"]]) == "latitude" and norm & _OSV5M_COLUMNS:  # OSV-5M
+        refs = [f"{s}.jpg" for s in ids]
+    else:
+        return [""] * len(ids)
+    root = os.path.abspath(image_root if image_root is not None else path.parent).rstrip(os.sep) + os.sep
+    return [r if (not r or os.path.isabs(r) or "://" in r) else root + r for r in refs]

@@ -1,0 +1,170 @@
+import csv
+
+import numpy as np
+import pytest
+
+from geotoken import assets
+from geotoken.data.manifest import Manifest, detect_columns, read_manifest
+from geotoken.errors import GeoTokenError
+
+MP16_HEADER = (
+    "IMG_ID,AUTHOR,LAT,LON,S3_Label,S16_Label,S365_Label,Prob_indoor,Prob_natural,Prob_urban,city,country\n"
+)
+OSV_HEADER = "id,latitude,longitude,thumb_original_url,country,sequence,captured_at,lon_bin,lat_bin\n"
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def read_report(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_mp16_layout_ids_are_image_names(tmp_path):
+    p = write(
+        tmp_path / "mp16.csv",
+        MP16_HEADER
+        + "7a_ba_1.jpg,a@N00,48.85,2.35,0,1,2,0.1,0.2,0.7,Paris,France\n"
+        + "7a_bb_2.jpg,b@N00,-33.9,151.2,0,1,2,0.1,0.2,0.7,Sydney,Australia\n",
+    )
+    m = read_manifest(p)
+    assert m.ids.tolist() == ["7a_ba_1.jpg", "7a_bb_2.jpg"]
+    np.testing.assert_array_equal(m.lat, [48.85, -33.9])
+    np.testing.assert_array_equal(m.lon, [2.35, 151.2])
+    assert m.lat.dtype == np.float64 and m.ids.dtype.kind == "U"
+    assert m.images.tolist() == [str(tmp_path / "7a_ba_1.jpg"), str(tmp_path / "7a_bb_2.jpg")]
+    assert m.source == str(p)
+    m = read_manifest(p, image_root=tmp_path / "imgs")
+    assert m.images[0] == str(tmp_path / "imgs" / "7a_ba_1.jpg")
+
+
+def test_osv5m_layout(tmp_path):
+    p = write(tmp_path / "test.csv", OSV_HEADER + "123,10.5,-20.25,http://x/1.jpg,FR,s,2020,1,2\n")
+    m = read_manifest(p, image_root="/data/osv")
+    assert m.ids.tolist() == ["123"] and m.lat[0] == 10.5 and m.lon[0] == -20.25
+    assert m.images.tolist() == ["/data/osv/123.jpg"]
+
+
+def test_plain_layouts_and_case_insensitive_columns(tmp_path):
+    p = write(tmp_path / "a.csv", "Id,Lat,Lng,Path\nx,1,2,sub/x.png\ny,3,4,/abs/y.png\nz,5,6,\n")
+    m = read_manifest(p)
+    assert m.images.tolist() == [str(tmp_path / "sub" / "x.png"), "/abs/y.png", ""]
+    p = write(tmp_path / "b.csv", "id,lat,lon,image\nq,1,2,shards/00000.tar#000000001.jpg\n")
+    assert read_manifest(p).images[0] == str(tmp_path / "shards" / "00000.tar") + "#000000001.jpg"
+    p = write(tmp_path / "c.csv", "id,lat,lon\nq,1,2\n")
+    assert read_manifest(p).images.tolist() == [""]
+
+
+def test_latlon_without_ids_numbers_rows():
+    m = read_manifest(assets.mp16_coordinates_csv())
+    assert len(m) == 100_000
+    assert m.ids[:3].tolist() == ["0", "1", "2"] and m.ids[-1] == "99999"
+    assert m.lat[0] == -50.943392 and m.lon[0] == -72.935664
+    assert (np.abs(m.lat) <= 90).all() and (np.abs(m.lon) <= 180).all()
+
+
+def test_detect_columns_priority_and_missing():
+    assert detect_columns(["IMG_ID", "LAT", "LON"]) == {"id": 0, "lat": 1, "lon": 2}
+    assert detect_columns(["id", "latitude", "longitude", "lat_bin", "lon_bin"]) == {
+        "id": 0,
+        "lat": 1,
+        "lon": 2,
+    }
+    with pytest.raises(GeoTokenError, match=r"f\.csv: line 1: no lon column"):
+        detect_columns(["id", "lat", "x"], "f.csv")
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("b,abc,2", r"line 3: id 'b': lat 'abc' is not a number"),
+        ("b,nan,2", r"line 3: id 'b': lat nan is not finite"),
+        ("b,91,2", r"line 3: id 'b': lat 91.0 is outside \[-90, 90\]"),
+        ("b,1,-181", r"line 3: id 'b': lon -181.0 is outside \[-180, 180\]"),
+        ("b,1,", r"line 3: id 'b': lon '' is not a number"),
+        ("b,1", r"line 3: id '': has 2 fields, the header has 3"),
+        ("a,1,2", r"line 3: id 'a': duplicate id 'a' \(first at data row 1\)"),
+        (",1,2", r"line 3: id '': id is empty"),
+    ],
+)
+def test_bad_rows_name_file_line_and_value(tmp_path, row, message):
+    p = write(tmp_path / "bad.csv", f"id,lat,lon\na,0,0\n{row}\nc,0,0\n")
+    with pytest.raises(GeoTokenError, match=f"bad.csv: {message}"):
+        read_manifest(p)
+
+
+def test_skip_writes_report_and_keeps_good_rows(tmp_path):
+    p = write(tmp_path / "bad.csv", "id,lat,lon\na,0,0\nb,x,0\n\nc,1,200\na,5,5\nd,2,3\n")
+    with pytest.raises(GeoTokenError, match=r"line 3: .*\(2 more bad rows"):
+        read_manifest(p)
+    with pytest.raises(GeoTokenError, match="skip_report"):
+        read_manifest(p, on_error="skip")
+    report = tmp_path / "skipped.csv"
+    m = read_manifest(p, on_error="skip", skip_report=report)
+    assert m.ids.tolist() == ["a", "d"]
+    assert m.lat.tolist() == [0.0, 2.0]
+    rows = read_report(report)
+    assert [(r["row"], r["id"]) for r in rows] == [("3", "b"), ("5", "c"), ("6", "a")]
+    assert (
+        "not a number" in rows[0]["reason"]
+        and "outside" in rows[1]["reason"]
+        and "duplicate" in rows[2]["reason"]
+    )
+
+
+def test_line_numbers_follow_multiline_quoted_fields(tmp_path):
+    p = write(tmp_path / "q.csv", 'id,lat,lon,note\na,0,0,"two\nlines"\nb,0,999,x\n')
+    with pytest.raises(GeoTokenError, match="line 4: id 'b'"):
+        read_manifest(p)
+
+
+def test_tiny_overshoot_is_wrapped_or_clamped(tmp_path):
+    p = write(
+        tmp_path / "t.csv", "id,lat,lon\na,90.0000001,180.0000001\nb,-90.0000001,-180.0000001\nc,0,180\n"
+    )
+    m = read_manifest(p)
+    assert m.lat.tolist() == [90.0, -90.0, 0.0]
+    np.testing.assert_allclose(m.lon, [-179.9999999, 179.9999999, 180.0], atol=1e-9)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(GeoTokenError, match="not found"):
+        read_manifest(tmp_path / "nope.csv")
+    with pytest.raises(GeoTokenError, match="empty"):
+        read_manifest(write(tmp_path / "e.csv", ""))
+    with pytest.raises(GeoTokenError, match="on_error"):
+        read_manifest(write(tmp_path / "ok.csv", "lat,lon\n1,2\n"), on_error="ignore")
+    assert len(read_manifest(tmp_path / "ok.csv")) == 1
+    empty = read_manifest(write(tmp_path / "h.csv", "lat,lon\n"))
+    assert len(empty) == 0 and empty.lat.dtype == np.float64
+
+
+def test_write_csv_round_trip_and_hash(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 50
+    images = [str(tmp_path / f"img{i}.jpg") for i in range(n - 1)] + ["/elsewhere/x.jpg"]
+    m = Manifest(
+        [f"id,{i}" for i in range(n)], rng.uniform(-90, 90, n), rng.uniform(-180, 180, n), images, "mem"
+    )
+    out = tmp_path / "m.csv"
+    m.write_csv(out)
+    text = out.read_text()
+    assert text.startswith("id,lat,lon,image\n") and ",img0.jpg\n" in text  # relative inside the folder
+    back = read_manifest(out)
+    for name in ("ids", "lat", "lon", "images"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(m, name))
+    assert back.content_hash() == m.content_hash()
+    sub = m.subset([3, 1])
+    assert sub.ids.tolist() == ["id,3", "id,1"] and sub.content_hash() != m.content_hash()
+    assert m.subset(np.arange(n)).content_hash() == m.content_hash()
+    moved = Manifest(m.ids, m.lat, m.lon + 1e-9, m.images)
+    assert moved.content_hash() != m.content_hash()
+    np.testing.assert_array_equal(m.coords, np.stack([m.lat, m.lon], 1))
+
+
+def test_manifest_shape_check():
+    with pytest.raises(ValueError, match="lat has 1 rows"):
+        Manifest(["a", "b"], [1.0], [1.0, 2.0], ["", ""])
