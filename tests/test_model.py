@@ -186,3 +186,16 @@ def test_save_load_roundtrip(tmp_path):
     torch.testing.assert_close(m2(b)[0], m(b)[0], atol=0, rtol=0)
     with pytest.raises(GeoTokenError, match="config.json"):
         GeoToken.load(tmp_path)
+
+
+def test_greedy_matches_argmax_of_full_decode():
+    from geotoken.decode import greedy
+
+    m = tiny()
+    b = make_batch(m.cfg)
+    tokens, logp = greedy(m, b)
+    assert tokens.shape == (3, 11) and tokens.dtype == torch.long
+    assert (tokens < torch.tensor(m.cfg.vocab_sizes)).all()
+    lp = torch.log_softmax(m.decode(m.encode(b), tokens), -1)  # teacher-forced on its own output
+    assert torch.equal(lp.argmax(-1), tokens)
+    torch.testing.assert_close(lp.gather(-1, tokens[..., None])[..., 0].sum(1), logp, atol=1e-4, rtol=0)
