@@ -1,0 +1,94 @@
+"""The image-backbone interface, the registry of backbones by name, and shared PIL/NumPy preprocessing.
+
+A backbone owns its preprocessing (resize, crop, normalise) so features are always computed the way
+its weights expect; `config()` is enough to re-create it with `load_backbone(**config)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+
+from geotoken.errors import GeoTokenError
+
+# name -> "module:class"; modules are imported on demand so `clip` never loads transformers for EfficientNet.
+BACKBONES: dict[str, str] = {
+    "efficientnet-lite0": "geotoken.encoders.efficientnet:EfficientNetLite0",
+    "clip": "geotoken.encoders.clip:CLIPBackbone",
+}
+
+
+class ImageBackbone(nn.Module):
+    """A frozen image encoder: PIL image -> `preprocess` -> (3, H, W); batch (B, 3, H, W) -> `forward` -> (B, dim)."""
+
+    name: str  # registry name, e.g. "efficientnet-lite0"
+    dim: int  # output feature size
+    image_size: int  # side of the square input after preprocessing
+    mean: tuple[float, float, float]  # per-channel mean and std on the 0..1 scale
+    std: tuple[float, float, float]
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def embed(self, images: list[Image.Image]) -> torch.Tensor:
+        """Convenience for a handful of images: preprocess, stack, forward. Batch jobs use `geotoken.features`."""
+        x = torch.stack([self.preprocess(im) for im in images])  # (B, 3, H, W)
+        param = next(self.parameters())
+        return self(x.to(device=param.device, dtype=param.dtype)).float()
+
+
+def load_backbone(name: str, **options: Any) -> ImageBackbone:
+    """Build a backbone by registry name; `options` are its constructor arguments (see each class)."""
+    if name not in BACKBONES:
+        raise GeoTokenError(f"unknown image backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    module, cls = BACKBONES[name].split(":")
+    backbone_cls = getattr(importlib.import_module(module), cls)
+    try:
+        backbone = backbone_cls(**options)
+    except TypeError as e:  # an unknown option name: a user error, not a bug
+        raise GeoTokenError(f"backbone {name!r}: bad options {sorted(options)}: {e}") from None
+    return backbone.eval()
+
+
+def resize_center_crop(
+    image: Image.Image, resize: int, crop: tuple[int, int], resample: int = Image.BICUBIC
+) -> Image.Image:
+    """RGB image whose shorter side is scaled to `resize`, centre-cropped to `crop` = (height, width).
+
+    Same arithmetic as Hugging Face image processors (new long side = int(resize * long / short),
+    crop offset = (size - crop) // 2), so CLIP features match theirs. EXIF rotation is applied first.
+    """
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    w, h = image.size
+    if w <= h:
+        new_w, new_h = resize, int(resize * h / w)
+    else:
+        new_w, new_h = int(resize * w / h), resize
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), resample=resample)
+    ch, cw = crop
+    if ch > new_h or cw > new_w:  # pad like HF: the crop never fails on a small image
+        canvas = Image.new("RGB", (max(cw, new_w), max(ch, new_h)))
+        canvas.paste(image, ((canvas.width - new_w) // 2, (canvas.height - new_h) // 2))
+        image, new_w, new_h = canvas, canvas.width, canvas.height
+    top, left = (new_h - ch) // 2, (new_w - cw) // 2
+    return image.crop((left, top, left + cw, top + ch))
+
+
+def to_tensor(image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 RGB image -> float32 (3, H, W), scaled to 0..1 then normalised per channel."""
+    x = np.asarray(image, dtype=np.float32) * np.float32(1 / 255)  # (H, W, 3)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))

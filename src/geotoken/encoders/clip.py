@@ -1,0 +1,96 @@
+"""CLIP vision tower (the paper's setting is ViT-L/14) through Hugging Face `transformers`.
+
+`model` is a local folder or a hub id; a full `CLIPModel` checkpoint works too (only the vision tower
+and its projection are loaded). Preprocessing follows the folder's `preprocessor_config.json`
+(resize, centre crop, mean/std), reimplemented with PIL/NumPy so torchvision is never needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+from geotoken.encoders.base import ImageBackbone, resize_center_crop, to_tensor
+from geotoken.errors import GeoTokenError
+from geotoken.io import read_json
+
+# OpenAI CLIP's constants, used when a folder has no preprocessor_config.json.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+PAPER_MODEL = "openai/clip-vit-large-patch14"
+
+
+def _side(value: Any, field: str, source: str) -> tuple[int, int] | int:
+    """HF size fields: an int, {"shortest_edge": n} (-> n) or {"height": h, "width": w} (-> (h, w))."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict) and "shortest_edge" in value:
+        return int(value["shortest_edge"])
+    if isinstance(value, dict) and {"height", "width"} <= value.keys():
+        return int(value["height"]), int(value["width"])
+    raise GeoTokenError(f"{source}: field {field!r} has unsupported value {value!r}")
+
+
+def hf_file(model: str, filename: str) -> str | None:
+    """Path of `filename` in a local folder or the HF cache (downloaded only if the hub is reachable)."""
+    from transformers.utils import cached_file
+
+    return cached_file(model, filename, _raise_exceptions_for_missing_entries=False)
+
+
+class CLIPBackbone(ImageBackbone):
+    name = "clip"
+
+    def __init__(self, model: str = PAPER_MODEL, dtype: str = "float32"):
+        super().__init__()
+        from transformers import CLIPVisionModelWithProjection
+
+        self.model = str(model)
+        try:
+            net, info = CLIPVisionModelWithProjection.from_pretrained(
+                self.model, dtype=getattr(torch, dtype), output_loading_info=True
+            )
+            pre_path = hf_file(self.model, "preprocessor_config.json")
+        except OSError as e:
+            raise GeoTokenError(f"clip: cannot load model {self.model!r} (a folder or hub id): {e}") from None
+        if info.get("missing_keys"):  # a random tower would embed silently and uselessly
+            raise GeoTokenError(
+                f"clip: {self.model!r} lacks vision weights: {sorted(info['missing_keys'])[:5]}"
+            )
+        self.net, self.dtype_name = net, dtype
+        self.dim = int(net.config.projection_dim)
+
+        pre = read_json(pre_path) if pre_path else {}
+        source = pre_path or self.model
+        native = int(net.config.image_size)
+        size = _side(pre.get("size", native), "size", source) if pre.get("do_resize", True) else None
+        crop = (
+            _side(pre.get("crop_size", native), "crop_size", source)
+            if pre.get("do_center_crop", True)
+            else None
+        )
+        crop = crop or size or native
+        self.crop = (crop, crop) if isinstance(crop, int) else crop  # (height, width)
+        self.resize = size  # int: shorter side; (h, w): exact size; None: keep
+        self.resample = int(pre.get("resample", Image.BICUBIC))
+        self.image_size = self.crop[0]
+        self.mean = tuple(pre.get("image_mean", OPENAI_MEAN))
+        self.std = tuple(pre.get("image_std", OPENAI_STD))
+        self.requires_grad_(False)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        if isinstance(self.resize, tuple):  # fixed (h, w) resize, then crop
+            image = image.convert("RGB").resize(self.resize[::-1], resample=self.resample)
+            image = resize_center_crop(image, min(image.size), self.crop, self.resample)
+        else:
+            image = resize_center_crop(image, self.resize or min(image.size), self.crop, self.resample)
+        return to_tensor(image, self.mean, self.std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, 3, H, W) -> projected image embedding (B, projection_dim), not normalised
+        return self.net(pixel_values=x).image_embeds
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "model": self.model, "dtype": self.dtype_name}
