@@ -1,0 +1,240 @@
+"""Batched, resumable, multi-process extraction of backbone features into a feature store.
+
+The rows are cut into fixed chunks of `batch_size` rows (chunk c = rows [c*B, (c+1)*B)); one chunk is
+one forward pass. Because the chunk grid is stored in the header and never changes, a resumed or a
+multi-process run puts exactly the same images in each batch as a single uninterrupted run, so the
+float16 arrays come out byte-identical.
+
+Progress: after a chunk's rows are written, the process's record `progress/rank-R.json` (done chunk
+intervals + skipped rows) is replaced atomically. On start every process reads all records, the chunks
+not yet done are split between the `world_size` processes, and each continues with its share. When all
+are done, rank 0 merges the records into `store.json` and removes `progress/`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from geotoken.errors import GeoTokenError
+from geotoken.features.store import SKIPPED, FeatureStore, manifest_hash
+from geotoken.io import atomic_open, read_json, write_json
+
+PROGRESS = "progress"
+
+
+# ------------------------------------------------------------------------------------------------- images
+class _ImageRows(Dataset):
+    """Row r -> (r, preprocessed image (3, H, W) or None, reason it could not be read or None)."""
+
+    def __init__(self, images: Sequence[str], preprocess: Callable, open_image: Callable):
+        self.images, self.preprocess, self.open_image = images, preprocess, open_image
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, row: int):
+        try:
+            with self.open_image(self.images[row]) as image:
+                return row, self.preprocess(image.convert("RGB")), None
+        except Exception as exc:  # noqa: BLE001 - any decode failure becomes a per-row report
+            return row, None, f"{type(exc).__name__}: {exc}".strip()
+
+
+def _collate(items):
+    """-> rows int64 (n,) of readable images, images (n, 3, H, W), [(row, reason)] of unreadable ones."""
+    good = [(r, x) for r, x, _ in items if x is not None]
+    bad = [(r, why) for r, x, why in items if x is None]
+    rows = torch.tensor([r for r, _ in good], dtype=torch.int64)
+    images = torch.stack([x for _, x in good]) if good else None
+    return rows, images, bad
+
+
+# ------------------------------------------------------------------------------------------------- ranks
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def _dist() -> _Dist:
+    """This process's rank and world size: from an initialised process group, or RANK/WORLD_SIZE (torchrun),
+    in which case a gloo group is initialised here."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return _Dist(dist.get_rank(), dist.get_world_size())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+        return _Dist(dist.get_rank(), dist.get_world_size())
+    return _Dist()
+
+
+# ------------------------------------------------------------------------------------------------- progress
+def _load_records(store: FeatureStore) -> list[dict[str, Any]]:
+    folder = store.root / PROGRESS
+    return [read_json(p) for p in sorted(folder.glob("rank-*.json"))] if folder.is_dir() else []
+
+
+def _done_mask(records: list[dict[str, Any]], n_chunks: int) -> np.ndarray:
+    done = np.zeros(n_chunks, dtype=bool)
+    for record in records:
+        for a, b in record["chunks"]:
+            done[a:b] = True
+    return done
+
+
+def _identity(manifest, backbone, batch_size: int) -> dict[str, Any]:
+    return {
+        "manifest_hash": manifest_hash(manifest.ids, manifest.lat, manifest.lon, manifest.images),
+        "backbone": backbone.config(),
+        "chunk_rows": int(batch_size),
+    }
+
+
+def _open_or_create(out_dir: Path, manifest, backbone, identity: dict[str, Any]) -> FeatureStore:
+    """Rank 0 only: reuse a store whose identity matches (resume), or create a new one."""
+    if (out_dir / "store.json").is_file():
+        store = FeatureStore.open(out_dir)
+        for key, want in identity.items():
+            have = store.header.get(key)
+            if have != want:
+                hint = (
+                    f"resume with --batch-size {have} (it fixes which images share a batch) or use a new output folder"
+                    if key == "chunk_rows"
+                    else "use a new output folder"
+                )
+                raise GeoTokenError(
+                    f"{out_dir / 'store.json'}: field {key!r} is {have!r}, this run has {want!r}; {hint}"
+                )
+        return store
+    coords = np.stack([np.asarray(manifest.lat, np.float64), np.asarray(manifest.lon, np.float64)], axis=1)
+    return FeatureStore.create(out_dir, manifest.ids, coords, {"features": backbone.dim}, **identity)
+
+
+def _finish(store: FeatureStore, n_chunks: int) -> None:
+    """Rank 0 only: check every chunk is done, merge skipped rows into the header, write skipped.csv."""
+    records = _load_records(store)
+    missing = np.flatnonzero(~_done_mask(records, n_chunks))
+    if len(missing):
+        raise GeoTokenError(
+            f"{store.root}: {len(missing)} chunks not embedded (first: {missing[0]}); rerun to resume"
+        )
+    skipped = sorted((s for r in records for s in r["skipped"]), key=lambda s: s["row"])
+    if skipped:
+        with atomic_open(store.root / SKIPPED, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["id", "row", "reason"])
+            writer.writeheader()
+            writer.writerows(skipped)
+    store.header["skipped"] = skipped
+    store.mark_complete("features")
+    for path in (store.root / PROGRESS).glob("*"):
+        path.unlink()
+    (store.root / PROGRESS).rmdir()
+
+
+# ------------------------------------------------------------------------------------------------- embed
+def embed(
+    manifest,
+    backbone,
+    out_dir: str | os.PathLike,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    skip_bad: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    open_image: Callable | None = None,
+) -> FeatureStore:
+    """Embed every image of `manifest` with `backbone` into the store at `out_dir` (resumes if present).
+
+    manifest: has `.ids`, `.lat`, `.lon`, `.images` (see `geotoken.data.manifest.Manifest`).
+    backbone: `.dim`, `.config()`, `.preprocess(PIL) -> (3, H, W)`, `.forward((B, 3, H, W)) -> (B, dim)`.
+    An unreadable image raises GeoTokenError naming its row, id and reason; with `skip_bad=True` it is
+    recorded in the header and in `skipped.csv`, and its row is NaN. Under torchrun (or RANK/WORLD_SIZE),
+    each process embeds its share of the chunks into the same store.
+    """
+    if open_image is None:
+        from geotoken.data.images import open_image
+    if batch_size < 1:
+        raise GeoTokenError(f"batch size must be >= 1, got {batch_size}")
+    out_dir = Path(out_dir)
+    dist = _dist()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    identity = _identity(manifest, backbone, batch_size)
+
+    if dist.rank == 0:
+        store = _open_or_create(out_dir, manifest, backbone, identity)
+        if not store.header["arrays"]["features"]["complete"]:
+            (out_dir / PROGRESS).mkdir(exist_ok=True)
+    dist.barrier()  # the store exists from here on
+    store = FeatureStore.open(out_dir)
+    if store.header["arrays"]["features"]["complete"]:
+        return store
+
+    n_chunks = -(-store.rows // batch_size)
+    todo = np.flatnonzero(~_done_mask(_load_records(store), n_chunks))
+    mine = np.array_split(todo, dist.world)[dist.rank]
+    record_path = out_dir / PROGRESS / f"rank-{dist.rank}.json"
+    record = read_json(record_path) if record_path.is_file() else {"chunks": [], "skipped": []}
+    dist.barrier()  # everyone has read the records before anyone writes one
+
+    loader = DataLoader(
+        _ImageRows(manifest.images, backbone.preprocess, open_image),
+        batch_sampler=[list(range(c * batch_size, min((c + 1) * batch_size, store.rows))) for c in mine],
+        num_workers=num_workers,
+        collate_fn=_collate,
+    )
+    model = backbone.to(device).eval() if hasattr(backbone, "to") else backbone
+    amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    ids = store.ids
+    with store.writer("features") as writer, torch.no_grad():
+        bar = tqdm(
+            total=int(sum(min(batch_size, store.rows - c * batch_size) for c in mine)),
+            unit="img",
+            desc=f"embed[{dist.rank}]" if dist.world > 1 else "embed",
+            disable=not progress,
+        )
+        for chunk, (rows, images, bad) in zip(mine, loader):
+            if bad and not skip_bad:
+                row, why = bad[0]
+                raise GeoTokenError(
+                    f"manifest row {row} (id {ids[row]!r}): cannot read image {manifest.images[row]!r}: {why}"
+                    f" (pass --skip-bad to record and skip unreadable images)"
+                )
+            start = int(chunk) * batch_size
+            block = np.full((min(batch_size, store.rows - start), backbone.dim), np.nan, dtype=np.float16)
+            if images is not None:
+                with torch.autocast(device.type, dtype=amp, enabled=device.type == "cuda"):
+                    out = model.forward(images.to(device, non_blocking=True))  # (n, dim)
+                block[rows.numpy() - start] = out.float().cpu().numpy().astype(np.float16)
+            writer.write(start, block)
+            writer.sync()
+            # commit: this chunk (and its skipped rows) is done
+            chunks = record["chunks"]
+            if chunks and chunks[-1][1] == chunk:
+                chunks[-1][1] = int(chunk) + 1
+            else:
+                chunks.append([int(chunk), int(chunk) + 1])
+            record["skipped"] += [{"id": ids[r], "row": int(r), "reason": why} for r, why in bad]
+            write_json(record_path, record)
+            bar.update(len(block))
+        bar.close()
+
+    dist.barrier()
+    if dist.rank == 0:
+        _finish(store, n_chunks)
+    dist.barrier()
+    return FeatureStore.open(out_dir)

@@ -1,0 +1,244 @@
+"""Feature store and `embed`: format, resume after a crash, --skip-bad, and 2-process extraction."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from geotoken.errors import GeoTokenError
+from geotoken.features import FeatureStore, embed
+
+torch.set_num_threads(1)
+
+
+class TinyBackbone(torch.nn.Module):
+    """A deterministic stand-in for an image backbone (same interface as geotoken.encoders)."""
+
+    name = "tiny"
+    dim = 24
+
+    def __init__(self, fail_after: int | None = None):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, self.dim, 3, stride=2)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g))
+            self.conv.bias.copy_(torch.randn(self.dim, generator=g))
+        self.calls, self.fail_after = 0, fail_after
+
+    def config(self) -> dict:
+        return {"name": self.name, "image_size": 16}
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        x = np.asarray(image.resize((16, 16)), dtype=np.float32) / 255.0
+        return torch.from_numpy(x).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("simulated crash")
+        return self.conv(x).mean(dim=(2, 3))
+
+
+def make_manifest(folder: Path, n: int, bad: dict[int, str] | None = None) -> SimpleNamespace:
+    """n random PNGs; rows in `bad` become a missing file ('missing') or garbage bytes ('corrupt')."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    images = []
+    for i in range(n):
+        path = folder / f"img{i:03d}.png"
+        kind = (bad or {}).get(i)
+        if kind == "corrupt":
+            path.write_bytes(b"not an image at all")
+        elif kind != "missing":
+            Image.fromarray(rng.integers(0, 256, (20 + i % 5, 18, 3), dtype=np.uint8)).save(path)
+        images.append(str(path))
+    return SimpleNamespace(
+        ids=[f"id{i}" for i in range(n)],
+        lat=rng.uniform(-90, 90, n),
+        lon=rng.uniform(-180, 180, n),
+        images=images,
+    )
+
+
+def run_embed(manifest, out, backbone=None, **kw):
+    kw = {"batch_size": 4, "num_workers": 0, "progress": False, "open_image": Image.open, **kw}
+    return embed(manifest, backbone or TinyBackbone(), out, **kw)
+
+
+def test_store_format_and_values(tmp_path):
+    manifest = make_manifest(tmp_path / "img", 10)
+    store = run_embed(manifest, tmp_path / "store")
+    assert store.ids == manifest.ids and store.rows == 10 and list(store) == ["features"]
+    feats = store["features"]
+    assert isinstance(feats, np.memmap) and feats.dtype == np.float16 and feats.shape == (10, 24)
+    assert not feats.flags.writeable
+    header = json.loads((tmp_path / "store" / "store.json").read_text())
+    assert header["backbone"] == {"name": "tiny", "image_size": 16} and header["chunk_rows"] == 4
+    assert header["arrays"]["features"] == {"dim": 24, "complete": True}
+    assert not (tmp_path / "store" / "progress").exists()
+    np.testing.assert_array_equal(store.coords, np.stack([manifest.lat, manifest.lon], 1))
+    # values equal a direct forward pass of the same batch (rows 4..7 are chunk 1)
+    bb = TinyBackbone()
+    x = torch.stack([bb.preprocess(Image.open(p).convert("RGB")) for p in manifest.images[4:8]])
+    np.testing.assert_array_equal(feats[4:8], bb.forward(x).detach().numpy().astype(np.float16))
+    assert store.valid.all()
+
+
+def test_resume_after_crash_is_byte_identical(tmp_path):
+    manifest = make_manifest(tmp_path / "img", 11)
+    whole = run_embed(manifest, tmp_path / "whole")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_embed(manifest, tmp_path / "part", backbone=TinyBackbone(fail_after=2))
+    record = json.loads((tmp_path / "part" / "progress" / "rank-0.json").read_text())
+    assert record["chunks"] == [[0, 2]]
+    with pytest.raises(GeoTokenError, match="unfinished"):
+        FeatureStore.open(tmp_path / "part")["features"]
+    resumed_backbone = TinyBackbone()
+    resumed = run_embed(manifest, tmp_path / "part", backbone=resumed_backbone)
+    assert resumed_backbone.calls == 1  # only the last chunk (rows 8..10) was computed again
+    assert (tmp_path / "part" / "features.npy").read_bytes() == (
+        tmp_path / "whole" / "features.npy"
+    ).read_bytes()
+    assert resumed.header == {**whole.header}
+    # a finished store is reused as is; a different batch size or manifest is refused, naming the field
+    assert run_embed(manifest, tmp_path / "whole", backbone=TinyBackbone(fail_after=0)).rows == 11
+    with pytest.raises(GeoTokenError, match="chunk_rows.*--batch-size 4"):
+        run_embed(manifest, tmp_path / "whole", batch_size=5)
+    manifest.lat[0] += 1
+    with pytest.raises(GeoTokenError, match="manifest_hash"):
+        run_embed(manifest, tmp_path / "whole")
+
+
+def test_bad_images_raise_or_are_recorded(tmp_path):
+    manifest = make_manifest(tmp_path / "img", 9, bad={2: "corrupt", 7: "missing"})
+    with pytest.raises(GeoTokenError, match=r"row 2 \(id 'id2'\).*img002.png.*--skip-bad"):
+        run_embed(manifest, tmp_path / "strict")
+    store = run_embed(manifest, tmp_path / "lenient", skip_bad=True, num_workers=1)
+    assert [(s["row"], s["id"]) for s in store.skipped] == [(2, "id2"), (7, "id7")]
+    assert "FileNotFoundError" in store.skipped[1]["reason"]
+    report = (tmp_path / "lenient" / "skipped.csv").read_text().splitlines()
+    assert report[0] == "id,row,reason" and report[1].startswith("id2,2,")
+    feats = np.asarray(store["features"], dtype=np.float32)
+    assert np.isnan(feats[[2, 7]]).all() and np.isfinite(feats[store.valid]).all()
+    np.testing.assert_array_equal(store.valid, np.isin(np.arange(9), [2, 7], invert=True))
+    # the good rows of a chunk with a bad image equal a clean run of the same images (0, 1, 3 share a batch)
+    bb = TinyBackbone()
+    x = torch.stack([bb.preprocess(Image.open(manifest.images[r]).convert("RGB")) for r in (0, 1, 3)])
+    np.testing.assert_array_equal(feats[[0, 1, 3]], bb.forward(x).detach().numpy().astype(np.float16))
+
+
+WORKER = """
+import json, sys
+import numpy as np, torch
+from types import SimpleNamespace
+from PIL import Image
+sys.path.insert(0, {tests!r})
+from test_features import TinyBackbone
+from geotoken.features import embed
+torch.set_num_threads(1)
+m = SimpleNamespace(**json.load(open({manifest!r})))
+m.lat, m.lon = np.array(m.lat), np.array(m.lon)
+embed(m, TinyBackbone(fail_after={fail_after}), {out!r}, batch_size=3, num_workers=0, progress=False,
+      open_image=Image.open)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ranks(manifest, out: Path, world: int, fail_after=None) -> list[int]:
+    manifest_json = out.parent / f"{out.name}.manifest.json"
+    manifest_json.write_text(json.dumps({k: np.asarray(v).tolist() for k, v in vars(manifest).items()}))
+    code = WORKER.format(
+        tests=str(Path(__file__).parent),
+        manifest=str(manifest_json),
+        out=str(out),
+        fail_after=fail_after,
+    )
+    env = {
+        **os.environ,
+        "WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    codes = [p.returncode for p in procs]
+    if fail_after is None and codes != [0] * world:
+        print(*(e[-3000:] for e in errors), sep="\n")
+    return codes
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    manifest = make_manifest(tmp_path / "img", 13)
+    one = embed(
+        manifest,
+        TinyBackbone(),
+        tmp_path / "one",
+        batch_size=3,
+        num_workers=0,
+        progress=False,
+        open_image=Image.open,
+    )
+    assert _run_ranks(manifest, tmp_path / "two", world=2) == [0, 0]
+    two = FeatureStore.open(tmp_path / "two")
+    assert (tmp_path / "two" / "features.npy").read_bytes() == (
+        tmp_path / "one" / "features.npy"
+    ).read_bytes()
+    assert two.header == one.header
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_single(tmp_path):
+    """A 2-process job whose ranks crash after one chunk each is finished by a plain single-process run."""
+    manifest = make_manifest(tmp_path / "img", 13)
+    assert _run_ranks(manifest, tmp_path / "job", world=2, fail_after=1) != [0, 0]
+    records = sorted((tmp_path / "job" / "progress").glob("rank-*.json"))
+    assert [json.loads(p.read_text())["chunks"] for p in records] == [[[0, 1]], [[3, 4]]]
+    backbone = TinyBackbone()
+    embed(
+        manifest,
+        backbone,
+        tmp_path / "job",
+        batch_size=3,
+        num_workers=0,
+        progress=False,
+        open_image=Image.open,
+    )
+    assert backbone.calls == 3  # chunks 1, 2, 4
+    one = embed(
+        manifest,
+        TinyBackbone(),
+        tmp_path / "one",
+        batch_size=3,
+        num_workers=0,
+        progress=False,
+        open_image=Image.open,
+    )
+    assert (tmp_path / "job" / "features.npy").read_bytes() == (
+        tmp_path / "one" / "features.npy"
+    ).read_bytes()
+    assert one.rows == 13
