@@ -8,13 +8,13 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from geotoken.data.manifest import Manifest
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore, embed
 
@@ -50,7 +50,7 @@ class TinyBackbone(torch.nn.Module):
         return self.conv(x).mean(dim=(2, 3))
 
 
-def make_manifest(folder: Path, n: int, bad: dict[int, str] | None = None) -> SimpleNamespace:
+def make_manifest(folder: Path, n: int, bad: dict[int, str] | None = None) -> Manifest:
     """n random PNGs; rows in `bad` become a missing file ('missing') or garbage bytes ('corrupt')."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
@@ -63,12 +63,7 @@ def make_manifest(folder: Path, n: int, bad: dict[int, str] | None = None) -> Si
         elif kind != "missing":
             Image.fromarray(rng.integers(0, 256, (20 + i % 5, 18, 3), dtype=np.uint8)).save(path)
         images.append(str(path))
-    return SimpleNamespace(
-        ids=[f"id{i}" for i in range(n)],
-        lat=rng.uniform(-90, 90, n),
-        lon=rng.uniform(-180, 180, n),
-        images=images,
-    )
+    return Manifest([f"id{i}" for i in range(n)], rng.uniform(-90, 90, n), rng.uniform(-180, 180, n), images)
 
 
 def run_embed(manifest, out, backbone=None, **kw):
@@ -79,7 +74,7 @@ def run_embed(manifest, out, backbone=None, **kw):
 def test_store_format_and_values(tmp_path):
     manifest = make_manifest(tmp_path / "img", 10)
     store = run_embed(manifest, tmp_path / "store")
-    assert store.ids == manifest.ids and store.rows == 10 and list(store) == ["features"]
+    assert store.ids == manifest.ids.tolist() and store.rows == 10 and list(store) == ["features"]
     feats = store["features"]
     assert isinstance(feats, np.memmap) and feats.dtype == np.float16 and feats.shape == (10, 24)
     assert not feats.flags.writeable
@@ -115,7 +110,7 @@ def test_resume_after_crash_is_byte_identical(tmp_path):
     assert run_embed(manifest, tmp_path / "whole", backbone=TinyBackbone(fail_after=0)).rows == 11
     with pytest.raises(GeoTokenError, match="chunk_rows.*--batch-size 4"):
         run_embed(manifest, tmp_path / "whole", batch_size=5)
-    manifest.lat[0] += 1
+    manifest.lat[0] += 1  # the manifest's content hash changes
     with pytest.raises(GeoTokenError, match="manifest_hash"):
         run_embed(manifest, tmp_path / "whole")
 
@@ -140,15 +135,14 @@ def test_bad_images_raise_or_are_recorded(tmp_path):
 
 WORKER = """
 import json, sys
-import numpy as np, torch
-from types import SimpleNamespace
+import torch
 from PIL import Image
+from geotoken.data.manifest import Manifest
 sys.path.insert(0, {tests!r})
 from test_features import TinyBackbone
 from geotoken.features import embed
 torch.set_num_threads(1)
-m = SimpleNamespace(**json.load(open({manifest!r})))
-m.lat, m.lon = np.array(m.lat), np.array(m.lon)
+m = Manifest(**json.load(open({manifest!r})))
 embed(m, TinyBackbone(fail_after={fail_after}), {out!r}, batch_size=3, num_workers=0, progress=False,
       open_image=Image.open)
 """
@@ -162,7 +156,9 @@ def _free_port() -> int:
 
 def _run_ranks(manifest, out: Path, world: int, fail_after=None) -> list[int]:
     manifest_json = out.parent / f"{out.name}.manifest.json"
-    manifest_json.write_text(json.dumps({k: np.asarray(v).tolist() for k, v in vars(manifest).items()}))
+    manifest_json.write_text(
+        json.dumps({k: getattr(manifest, k).tolist() for k in ("ids", "lat", "lon", "images")})
+    )
     code = WORKER.format(
         tests=str(Path(__file__).parent),
         manifest=str(manifest_json),

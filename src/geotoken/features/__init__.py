@@ -1,6 +1,6 @@
 """Feature store: float16 memmaps + JSON header, filled by a batched, resumable, multi-process `embed`."""
 
 from geotoken.features.embed import embed
-from geotoken.features.store import FeatureStore, RowWriter, manifest_hash, read_rows
+from geotoken.features.store import FeatureStore, RowWriter, read_rows
 
-__all__ = ["FeatureStore", "RowWriter", "embed", "manifest_hash", "read_rows"]
+__all__ = ["FeatureStore", "RowWriter", "embed", "read_rows"]

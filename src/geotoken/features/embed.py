@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from geotoken.errors import GeoTokenError
-from geotoken.features.store import SKIPPED, FeatureStore, manifest_hash
+from geotoken.features.store import SKIPPED, FeatureStore
 from geotoken.io import atomic_open, read_json, write_json
 
 PROGRESS = "progress"
@@ -99,7 +99,7 @@ def _done_mask(records: list[dict[str, Any]], n_chunks: int) -> np.ndarray:
 
 def _identity(manifest, backbone, batch_size: int) -> dict[str, Any]:
     return {
-        "manifest_hash": manifest_hash(manifest.ids, manifest.lat, manifest.lon, manifest.images),
+        "manifest_hash": manifest.content_hash(),
         "backbone": backbone.config(),
         "chunk_rows": int(batch_size),
     }
@@ -160,7 +160,7 @@ def embed(
 ) -> FeatureStore:
     """Embed every image of `manifest` with `backbone` into the store at `out_dir` (resumes if present).
 
-    manifest: has `.ids`, `.lat`, `.lon`, `.images` (see `geotoken.data.manifest.Manifest`).
+    manifest: a `geotoken.data.manifest.Manifest` (ids, lat, lon, image references).
     backbone: `.dim`, `.config()`, `.preprocess(PIL) -> (3, H, W)`, `.forward((B, 3, H, W)) -> (B, dim)`.
     An unreadable image raises GeoTokenError naming its row, id and reason; with `skip_bad=True` it is
     recorded in the header and in `skipped.csv`, and its row is NaN. Under torchrun (or RANK/WORLD_SIZE),

@@ -15,7 +15,6 @@ processes (or machines on a shared file system) can then fill disjoint rows of o
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -32,17 +31,6 @@ VERSION = 1
 HEADER = "store.json"
 COORDS = "coords.npy"
 SKIPPED = "skipped.csv"
-
-
-def manifest_hash(ids: Sequence[str], lat: np.ndarray, lon: np.ndarray, images: Sequence[str]) -> str:
-    """SHA-256 of a manifest's content (ids, coordinates, image references, in row order)."""
-    h = hashlib.sha256()
-    for column in (ids, images):
-        h.update("\n".join(map(str, column)).encode())
-        h.update(b"\0")
-    h.update(np.ascontiguousarray(lat, dtype="<f8").tobytes())
-    h.update(np.ascontiguousarray(lon, dtype="<f8").tobytes())
-    return h.hexdigest()
 
 
 class RowWriter:
