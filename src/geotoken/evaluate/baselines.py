@@ -1,0 +1,446 @@
+"""The baselines GeoToken is compared with, each a real method from the literature, on the same features.
+
+- `prior`: always the densest place of the training set (the centre of its most populated S2 cell).
+- `nn`: 1-nearest-neighbour retrieval (Im2GPS; the retrieval core of Img2Loc and G3).
+- `knn`: similarity-weighted vote of the k neighbours; the cluster (neighbours within R km of one
+  neighbour) with the most weight wins, and its weighted centre is the answer.
+- `cells`: classification over S2 cells built adaptively by training-set density (PlaNet), a linear or
+  small MLP head trained with cross-entropy; the answer is the mean of the training points of the cell.
+- `gps-gallery`: GeoCLIP: the image's GPS-aligned embedding scored against the GPS encoder's embeddings
+  of a gallery of coordinates; the best-scoring coordinate is the answer.
+
+Everything below is a function over arrays (vectorized over queries); the small classes only hold what
+`fit` learned, so `geotoken evaluate` can run any of them through one `fit(gallery) / predict(queries)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from geotoken.errors import GeoTokenError
+from geotoken.geo import haversine_km
+
+# --------------------------------------------------------------------------------------- data holders
+
+
+@dataclass
+class Split:
+    """One side of an evaluation (gallery or queries): ids and true coordinates in row order, plus the
+    per-row arrays of its feature store (`features`, `visual`, `gps`, `text`; any subset)."""
+
+    ids: np.ndarray
+    lat: np.ndarray
+    lon: np.ndarray
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+    name: str = "split"
+
+    def __post_init__(self) -> None:
+        self.lat = np.asarray(self.lat, dtype=np.float64)
+        self.lon = np.asarray(self.lon, dtype=np.float64)
+        n = len(self.ids)
+        if self.lat.shape != (n,) or self.lon.shape != (n,):
+            raise GeoTokenError(f"{self.name}: {n} ids but lat {self.lat.shape} / lon {self.lon.shape}")
+        for key, arr in self.arrays.items():
+            if len(arr) != n:
+                raise GeoTokenError(f"{self.name}: array {key!r} has {len(arr)} rows, the manifest has {n}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def array(self, key: str) -> np.ndarray:
+        if key not in self.arrays:
+            have = ", ".join(sorted(self.arrays)) or "none"
+            raise GeoTokenError(f"{self.name}: feature array {key!r} is missing (available: {have})")
+        return self.arrays[key]
+
+
+@dataclass
+class Predictions:
+    """Predicted coordinates for each query row; `score` is the method's confidence when it has one."""
+
+    lat: np.ndarray
+    lon: np.ndarray
+    score: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ geometry helpers
+
+
+def to_xyz(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """Unit vectors (..., 3) of lat/lon degrees."""
+    la, lo = np.radians(lat), np.radians(lon)
+    return np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], axis=-1)
+
+
+def from_xyz(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """lat/lon degrees of (..., 3) vectors (need not be unit length)."""
+    x, y, z = xyz[..., 0], xyz[..., 1], xyz[..., 2]
+    return np.degrees(np.arctan2(z, np.hypot(x, y))), np.degrees(np.arctan2(y, x))
+
+
+def spherical_mean(
+    lat: np.ndarray, lon: np.ndarray, weights: np.ndarray | None = None, axis: int = -1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean position on the sphere along `axis` (correct across the antimeridian)."""
+    xyz = to_xyz(lat, lon)  # (..., n, 3) with the reduced axis moved before the last
+    w = np.ones(np.shape(lat)) if weights is None else np.asarray(weights, dtype=np.float64)
+    ax = axis if axis >= 0 else axis - 1
+    return from_xyz((xyz * w[..., None]).sum(axis=ax))
+
+
+def pairwise_km(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """(..., k) coordinates -> (..., k, k) great-circle distances."""
+    return haversine_km(lat[..., :, None], lon[..., :, None], lat[..., None, :], lon[..., None, :])
+
+
+# ---------------------------------------------------------------------------------- retrieval helper
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def exact_neighbours(
+    gallery: np.ndarray, queries: np.ndarray, k: int, batch: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine top-k: (rows int64 (B, k), sims float32 (B, k)), best first.
+
+    Brute force in float32 chunks: exact, simple, and fast enough for evaluation-size galleries; a
+    FAISS neighbour table from `geotoken index` can be passed to the methods instead.
+    """
+    import torch
+
+    g = torch.from_numpy(l2_normalize(gallery))  # (N, D)
+    k = min(k, g.shape[0])
+    rows, sims = [], []
+    for start in range(0, len(queries), batch):
+        q = torch.from_numpy(l2_normalize(queries[start : start + batch]))  # (b, D)
+        s, r = torch.topk(q @ g.T, k, dim=1)  # (b, k)
+        rows.append(r.numpy())
+        sims.append(s.numpy())
+    return np.concatenate(rows).astype(np.int64), np.concatenate(sims).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- prior
+
+
+def densest_location(lat: np.ndarray, lon: np.ndarray, level: int = 7) -> tuple[float, float]:
+    """Mean position of the training points in the most populated S2 cell at `level` (level 7: ~70 km)."""
+    from geotoken.s2 import cell_parent, latlon_to_cell_ids
+
+    cells = cell_parent(latlon_to_cell_ids(lat, lon, level=30), level)
+    uniq, inv, counts = np.unique(cells, return_inverse=True, return_counts=True)
+    members = inv == np.argmax(counts)
+    mlat, mlon = spherical_mean(lat[members], lon[members])
+    return float(mlat), float(mlon)
+
+
+@dataclass
+class PriorConfig:
+    level: int = 7
+
+
+class Prior:
+    """Predicts the training set's densest place for every query: the floor every method must clear."""
+
+    name = "prior"
+
+    def __init__(self, config: PriorConfig | None = None):
+        self.config = config or PriorConfig()
+
+    def fit(self, gallery: Split) -> Prior:
+        self.location = densest_location(gallery.lat, gallery.lon, self.config.level)
+        return self
+
+    def predict(self, queries: Split) -> Predictions:
+        n = len(queries)
+        return Predictions(np.full(n, self.location[0]), np.full(n, self.location[1]))
+
+
+# ------------------------------------------------------------------------------------- nn and knn
+
+
+def knn_vote(
+    nbr_lat: np.ndarray,
+    nbr_lon: np.ndarray,
+    sims: np.ndarray,
+    radius_km: float = 100.0,
+    temperature: float = 0.05,
+    answer: str = "centre",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Similarity-weighted vote of k neighbours per query, clustered within `radius_km`.
+
+    nbr_lat, nbr_lon, sims: (B, k), best first. Weights are softmax(sims / temperature). Each neighbour j
+    defines a cluster {i : d(i, j) <= R}; the cluster with the most weight wins (ties: the better-ranked
+    j). The answer is the weighted centre of the cluster ("centre") or its heaviest member ("member").
+    Returns (lat (B,), lon (B,), winning weight share (B,)).
+    """
+    if answer not in ("centre", "member"):
+        raise GeoTokenError(f"knn answer must be 'centre' or 'member', got {answer!r}")
+    s = np.asarray(sims, dtype=np.float64)
+    w = np.exp((s - s.max(axis=1, keepdims=True)) / temperature)
+    w /= w.sum(axis=1, keepdims=True)  # (B, k)
+    near = pairwise_km(nbr_lat, nbr_lon) <= radius_km  # (B, k, k): near[b, j, i]
+    mass = (near * w[:, None, :]).sum(axis=2)  # (B, k) weight of the cluster around j
+    best = np.argmax(mass, axis=1)  # (B,) first maximum = best-ranked centre
+    rows = np.arange(len(best))
+    members = near[rows, best]  # (B, k)
+    if answer == "member":
+        pick = np.argmax(np.where(members, w, -1.0), axis=1)
+        return nbr_lat[rows, pick], nbr_lon[rows, pick], mass[rows, best]
+    lat, lon = spherical_mean(nbr_lat, nbr_lon, w * members)
+    return lat, lon, mass[rows, best]
+
+
+@dataclass
+class RetrievalConfig:
+    embedding: str = "visual"  # which feature-store array to compare (cosine)
+    k: int = 15
+    radius_km: float = 100.0
+    temperature: float = 0.05
+    answer: str = "centre"
+
+
+class NearestNeighbour:
+    """1-NN (k = 1) or the clustered k-NN vote over a cosine neighbour search of one embedding.
+
+    `neighbours=(rows, sims)` uses a precomputed table (e.g. FAISS from `geotoken index`) instead of the
+    exact search; rows index the gallery.
+    """
+
+    def __init__(self, config: RetrievalConfig | None = None, vote: bool = False, neighbours=None):
+        self.config = config or RetrievalConfig()
+        self.vote = vote
+        self.name = "knn" if vote else "nn"
+        self.neighbours = neighbours
+
+    def fit(self, gallery: Split) -> NearestNeighbour:
+        self.gallery = gallery
+        self.gallery_emb = gallery.array(self.config.embedding)
+        return self
+
+    def predict(self, queries: Split) -> Predictions:
+        k = self.config.k if self.vote else 1
+        if self.neighbours is not None:
+            rows, sims = (np.asarray(a)[:, :k] for a in self.neighbours)
+        else:
+            rows, sims = exact_neighbours(self.gallery_emb, queries.array(self.config.embedding), k)
+        nlat, nlon = self.gallery.lat[rows], self.gallery.lon[rows]  # (B, k)
+        extra = {"neighbour_rows": rows}
+        if not self.vote:
+            return Predictions(nlat[:, 0], nlon[:, 0], sims[:, 0].astype(np.float64), extra)
+        c = self.config
+        lat, lon, share = knn_vote(nlat, nlon, sims, c.radius_km, c.temperature, c.answer)
+        return Predictions(lat, lon, share, extra)
+
+
+# ---------------------------------------------------------------------------------------------- cells
+
+
+@dataclass
+class AdaptiveCells:
+    """A PlaNet partition: `cell_ids` (C,) uint64 S2 ids at mixed levels, `counts` (C,), the mean position
+    of each cell's training points `lat`, `lon` (C,), and each training point's class `labels` (N,),
+    -1 where its cell was dropped for having fewer than min_count points."""
+
+    cell_ids: np.ndarray
+    counts: np.ndarray
+    lat: np.ndarray
+    lon: np.ndarray
+    labels: np.ndarray
+
+
+def adaptive_cells(
+    lat: np.ndarray,
+    lon: np.ndarray,
+    max_count: int = 250,
+    min_count: int = 10,
+    min_level: int = 2,
+    max_level: int = 14,
+) -> AdaptiveCells:
+    """Split S2 cells while they hold more than `max_count` points (down to `max_level`), then drop cells
+    with fewer than `min_count` points: dense regions get small cells, empty ones none."""
+    from geotoken.s2 import cell_parent, latlon_to_cell_ids
+
+    if not 0 <= min_level <= max_level <= 30:
+        raise GeoTokenError(f"cells: need 0 <= min_level <= max_level <= 30, got {min_level}, {max_level}")
+    if min_count < 1 or max_count < min_count:
+        raise GeoTokenError(f"cells: need 1 <= min_count <= max_count, got {min_count}, {max_count}")
+    leaves = latlon_to_cell_ids(lat, lon, level=30)  # (N,) uint64
+    point_cell = np.zeros(len(leaves), dtype=np.uint64)  # final cell id of each point
+    active = np.arange(len(leaves))  # points whose cell is still being split
+    for level in range(min_level, max_level + 1):
+        cells = cell_parent(leaves[active], level)
+        _, inv, counts = np.unique(cells, return_inverse=True, return_counts=True)
+        done = (counts[inv] <= max_count) | (level == max_level)
+        point_cell[active[done]] = cells[done]
+        active = active[~done]
+        if active.size == 0:
+            break
+    cell_ids, inv, counts = np.unique(point_cell, return_inverse=True, return_counts=True)
+    keep = counts >= min_count
+    new_index = np.where(keep, np.cumsum(keep) - 1, -1)  # old cell -> class (or -1)
+    labels = new_index[inv]
+    # mean position per kept cell: sum unit vectors per class with bincount, vectorized
+    xyz = to_xyz(lat, lon)
+    m = labels >= 0
+    sums = np.stack(
+        [np.bincount(labels[m], weights=xyz[m, i], minlength=int(keep.sum())) for i in range(3)], 1
+    )
+    clat, clon = from_xyz(sums)
+    return AdaptiveCells(cell_ids[keep], counts[keep], clat, clon, labels)
+
+
+@dataclass
+class CellsConfig:
+    features: str = "features"  # feature-store array the head reads (raw backbone output by default)
+    max_count: int = 250
+    min_count: int = 10
+    min_level: int = 2
+    max_level: int = 14
+    hidden: int = 512  # 0 = linear head
+    dropout: float = 0.1
+    epochs: int = 15
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    seed: int = 0
+
+
+class CellClassifier:
+    """PlaNet-style classification over adaptive S2 cells with a small head trained by cross-entropy."""
+
+    name = "cells"
+
+    def __init__(self, config: CellsConfig | None = None, progress: bool = False):
+        self.config = config or CellsConfig()
+        self.progress = progress
+
+    def fit(self, gallery: Split) -> CellClassifier:
+        import torch
+        from torch import nn
+
+        c = self.config
+        self.cells = adaptive_cells(
+            gallery.lat, gallery.lon, c.max_count, c.min_count, c.min_level, c.max_level
+        )
+        keep = np.flatnonzero(self.cells.labels >= 0)
+        n_cls = len(self.cells.cell_ids)
+        if n_cls < 2:
+            raise GeoTokenError(
+                f"cells: only {n_cls} cell(s) with >= {c.min_count} training points; lower min_count"
+            )
+        x = np.asarray(gallery.array(c.features)[keep], dtype=np.float32)  # (N, F)
+        self.mean, self.std = x.mean(0), x.std(0) + 1e-6
+        x = torch.from_numpy((x - self.mean) / self.std)
+        y = torch.from_numpy(self.cells.labels[keep])
+        torch.manual_seed(c.seed)
+        layers = [nn.Linear(x.shape[1], n_cls)] if c.hidden == 0 else [
+            nn.Linear(x.shape[1], c.hidden), nn.ReLU(), nn.Dropout(c.dropout), nn.Linear(c.hidden, n_cls)
+        ]  # fmt: skip
+        self.head = nn.Sequential(*layers)
+        opt = torch.optim.AdamW(self.head.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        steps = c.epochs * -(-len(x) // c.batch_size)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=steps)
+        gen = torch.Generator().manual_seed(c.seed)
+        self.head.train()
+        from tqdm import tqdm
+
+        for _ in tqdm(range(c.epochs), desc="cells: train head", disable=not self.progress, leave=False):
+            order = torch.randperm(len(x), generator=gen)
+            for start in range(0, len(x), c.batch_size):
+                b = order[start : start + c.batch_size]
+                loss = nn.functional.cross_entropy(self.head(x[b]), y[b], label_smoothing=c.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        self.head.eval()
+        return self
+
+    def predict_proba(self, features: np.ndarray, batch: int = 4096) -> np.ndarray:
+        """(B, F) features -> (B, C) class probabilities."""
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(features), batch):
+                x = (np.asarray(features[start : start + batch], dtype=np.float32) - self.mean) / self.std
+                out.append(torch.softmax(self.head(torch.from_numpy(x)), dim=1).numpy())
+        return np.concatenate(out)
+
+    def predict(self, queries: Split) -> Predictions:
+        p = self.predict_proba(queries.array(self.config.features))
+        best = p.argmax(axis=1)
+        return Predictions(self.cells.lat[best], self.cells.lon[best], p.max(axis=1).astype(np.float64))
+
+
+# ---------------------------------------------------------------------------------------- gps-gallery
+
+
+def embed_gps(encoder: Callable, lat: np.ndarray, lon: np.ndarray, batch: int = 8192) -> np.ndarray:
+    """GPS-encoder embeddings (M, D) of coordinates, L2-normalised, float32 (computed once per gallery)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(lat), batch):
+            ll = torch.from_numpy(
+                np.stack([lat[start : start + batch], lon[start : start + batch]], 1)
+            ).float()
+            out.append(torch.as_tensor(encoder(ll)).float().numpy())
+    return l2_normalize(np.concatenate(out))
+
+
+def best_gallery_match(
+    queries: np.ndarray, gallery: np.ndarray, batch: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """argmax over the gallery of cosine(query, gallery): (rows (B,), sims (B,))."""
+    rows, sims = exact_neighbours(gallery, queries, 1, batch)
+    return rows[:, 0], sims[:, 0]
+
+
+@dataclass
+class GPSGalleryConfig:
+    embedding: str = "gps"  # the image's GPS-aligned embedding in the query store
+    gallery: str = "train"  # "train" (the gallery split's coordinates) or "mp16" (GeoCLIP's 100K MP16)
+
+
+class GPSGallery:
+    """GeoCLIP: score a gallery of GPS coordinates against the image's GPS-aligned embedding."""
+
+    name = "gps-gallery"
+
+    def __init__(self, config: GPSGalleryConfig | None = None, encoder: Callable | None = None):
+        self.config = config or GPSGalleryConfig()
+        self.encoder = encoder
+
+    def fit(self, gallery: Split) -> GPSGallery:
+        if self.config.gallery == "train":
+            self.lat, self.lon = gallery.lat, gallery.lon
+        elif self.config.gallery == "mp16":
+            from geotoken.assets import mp16_coordinates_csv
+            from geotoken.data.manifest import read_manifest
+
+            m = read_manifest(mp16_coordinates_csv())
+            self.lat, self.lon = m.lat, m.lon
+        else:
+            raise GeoTokenError(
+                f"gps-gallery: gallery must be 'train' or 'mp16', got {self.config.gallery!r}"
+            )
+        if self.encoder is None:
+            from geotoken.encoders import load_gps_encoder
+
+            self.encoder = load_gps_encoder().eval()
+        self.gallery_emb = embed_gps(self.encoder, self.lat, self.lon)  # (M, D)
+        return self
+
+    def predict(self, queries: Split) -> Predictions:
+        rows, sims = best_gallery_match(queries.array(self.config.embedding), self.gallery_emb)
+        return Predictions(self.lat[rows], self.lon[rows], sims.astype(np.float64))

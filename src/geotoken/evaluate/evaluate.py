@@ -1,0 +1,359 @@
+"""`geotoken evaluate` as a library: run methods on a gallery/query pair, score them, write the outputs.
+
+Outputs in OUT_DIR, each written atomically:
+    metrics.json      per method: accuracy within each threshold, median / mean error, 95% bootstrap CIs;
+                      paired comparisons against the reference method; configs, timings, input hashes
+    metrics.md        the same tables in Markdown (like the paper's Table I, plus intervals)
+    predictions.csv   id, lat, lon, pred_lat, pred_lon, error_km, method, strategy (one row per image and method)
+    error_cdf.png     error CDF of every method (log-km axis, thresholds marked)
+    map_<method>.png  predictions vs truth on the Blue Marble image
+    cache/            each method's predictions keyed by a hash of its config and inputs: a rerun skips
+                      finished methods, so an interrupted evaluation resumes where it stopped
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from geotoken.errors import GeoTokenError
+from geotoken.evaluate.baselines import (
+    CellClassifier,
+    CellsConfig,
+    GPSGallery,
+    GPSGalleryConfig,
+    NearestNeighbour,
+    Predictions,
+    Prior,
+    PriorConfig,
+    RetrievalConfig,
+    Split,
+)
+from geotoken.evaluate.metrics import (
+    MethodMetrics,
+    PairedComparison,
+    bootstrap_metrics,
+    metrics_markdown,
+    paired_comparison,
+)
+from geotoken.geo import THRESHOLDS_KM, haversine_km
+from geotoken.io import atomic_open, atomic_path, sha256_json, write_json
+
+BASELINES = ("prior", "nn", "knn", "cells", "gps-gallery")
+METHODS = (*BASELINES, "geotoken")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def load_split(store_dir: str | Path, manifest: str | Path | None = None, name: str = "split") -> Split:
+    """A feature store folder (ids, coords and arrays) as a `Split`; rows skipped at embedding time are dropped.
+
+    `manifest` (optional) supplies the true coordinates instead of the store's copy; its ids must be the
+    store's ids in the same order.
+    """
+    from geotoken.features import FeatureStore
+
+    store = FeatureStore.open(store_dir)
+    ids = np.asarray(store.ids, dtype=str)
+    coords = np.asarray(store.coords, dtype=np.float64)
+    if manifest is not None:
+        from geotoken.data.manifest import read_manifest
+
+        m = read_manifest(manifest)
+        if len(m) != len(ids):
+            raise GeoTokenError(
+                f"{manifest}: {len(m)} rows, but the feature store {store_dir} has {len(ids)}"
+            )
+        diff = np.flatnonzero(np.asarray(m.ids, dtype=str) != ids)
+        if diff.size:
+            i = diff[0]
+            raise GeoTokenError(
+                f"{manifest}: row {i + 1} has id {m.ids[i]!r}, the feature store {store_dir} has {ids[i]!r}"
+            )
+        coords = np.stack([m.lat, m.lon], axis=1)
+    arrays: dict[str, np.ndarray] = {key: store[key] for key in store}
+    valid = store.valid
+    if not valid.all():  # skipped images have NaN features: evaluate the rest, say so in metrics.json
+        rows = np.flatnonzero(valid)
+        arrays = {key: a[rows] for key, a in arrays.items()}
+        ids, coords = ids[rows], coords[rows]
+    split = Split(ids, coords[:, 0], coords[:, 1], arrays, name=f"{name} ({store_dir})")
+    split.skipped = int((~valid).sum())  # type: ignore[attr-defined]
+    return split
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class GeoTokenMethodConfig:
+    """How the project's model is run: a model bundle and every strategy x selector to evaluate."""
+
+    model: str | None = None
+    strategies: tuple[str, ...] = ("greedy",)
+    selectors: tuple[str, ...] = ("logp",)
+    num_samples: int = 10
+    beam_width: int = 5
+    temperature: float = 1.0
+    batch_size: int = 64
+
+
+@dataclass
+class EvalConfig:
+    methods: tuple[str, ...] = BASELINES
+    thresholds: tuple[float, ...] = tuple(THRESHOLDS_KM)
+    n_boot: int = 1000
+    seed: int = 0
+    level: float = 0.95
+    reference: str | None = None  # paired comparisons are every other method minus this one (default: first)
+    limit: int | None = None  # evaluate only the first N queries
+    plots: bool = True
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    cells: CellsConfig = field(default_factory=CellsConfig)
+    gps_gallery: GPSGalleryConfig = field(default_factory=GPSGalleryConfig)
+    geotoken: GeoTokenMethodConfig = field(default_factory=GeoTokenMethodConfig)
+
+
+@dataclass
+class MethodRun:
+    """One evaluated method (or one strategy x selector of the model): its predictions and scores."""
+
+    label: str
+    method: str
+    strategy: str
+    config: dict
+    pred: Predictions
+    errors_km: np.ndarray
+    metrics: MethodMetrics | None = None
+    seconds: float = 0.0
+    cached: bool = False
+
+
+@dataclass
+class EvalResult:
+    runs: dict[str, MethodRun]
+    pairs: list[PairedComparison]
+    out_dir: Path
+    files: list[Path]
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+
+def _strategy_text(method: str, cfg: EvalConfig) -> str:
+    r = cfg.retrieval
+    return {
+        "prior": f"densest S2 level-{cfg.prior.level} cell",
+        "nn": f"1-NN cosine on {r.embedding}",
+        "knn": f"{r.k}-NN vote on {r.embedding}, R={r.radius_km:g} km, T={r.temperature:g}, {r.answer}",
+        "cells": f"{'MLP' if cfg.cells.hidden else 'linear'} head on {cfg.cells.features}, "
+        f"cells max {cfg.cells.max_count} / min {cfg.cells.min_count}",
+        "gps-gallery": f"{cfg.gps_gallery.embedding} vs GPS encoder on {cfg.gps_gallery.gallery} gallery",
+    }[method]
+
+
+def _method_config(method: str, cfg: EvalConfig) -> dict:
+    part = {"prior": cfg.prior, "nn": cfg.retrieval, "knn": cfg.retrieval, "cells": cfg.cells,
+            "gps-gallery": cfg.gps_gallery}[method]  # fmt: skip
+    return asdict(part)
+
+
+def build_baseline(method: str, cfg: EvalConfig, neighbours=None, gps_encoder=None, progress: bool = False):
+    """A fit/predict object for one baseline name."""
+    if method == "prior":
+        return Prior(cfg.prior)
+    if method in ("nn", "knn"):
+        return NearestNeighbour(cfg.retrieval, vote=method == "knn", neighbours=neighbours)
+    if method == "cells":
+        return CellClassifier(cfg.cells, progress=progress)
+    if method == "gps-gallery":
+        return GPSGallery(cfg.gps_gallery, encoder=gps_encoder)
+    raise GeoTokenError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
+
+
+def _load_cached(path: Path, n: int) -> Predictions | None:
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        if z["lat"].shape != (n,):
+            return None
+        return Predictions(z["lat"], z["lon"], z["score"] if "score" in z else None)
+
+
+def _save_cached(path: Path, pred: Predictions) -> None:
+    arrays = {"lat": pred.lat, "lon": pred.lon}
+    if pred.score is not None:
+        arrays["score"] = pred.score
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _inputs_hash(gallery: Split, queries: Split) -> str:
+    """Identity of the evaluation inputs (ids and coordinates of both sides) for the prediction cache."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in (gallery, queries):
+        h.update("\n".join(s.ids.tolist()).encode())
+        h.update(np.ascontiguousarray(np.stack([s.lat, s.lon], 1), dtype="<f8").tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def run_methods(
+    gallery: Split,
+    queries: Split,
+    cfg: EvalConfig,
+    out_dir: str | Path | None = None,
+    neighbours=None,
+    gps_encoder=None,
+    progress: bool = True,
+    log=print,
+) -> dict[str, MethodRun]:
+    """Fit every method on the gallery and predict the queries; reuse cached predictions in OUT/cache."""
+    inputs = _inputs_hash(gallery, queries)
+    cache = Path(out_dir) / "cache" if out_dir is not None else None
+    runs: dict[str, MethodRun] = {}
+    for method in cfg.methods:
+        if method not in METHODS:
+            raise GeoTokenError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if method == "geotoken":
+            from geotoken.evaluate.geotoken_method import run_geotoken
+
+            for run in run_geotoken(gallery, queries, cfg.geotoken, cache=cache, inputs=inputs, log=log):
+                runs[run.label] = run
+            continue
+        conf = _method_config(method, cfg)
+        key = sha256_json({"method": method, "config": conf, "inputs": inputs,
+                           "neighbours": neighbours is not None})[:16]  # fmt: skip
+        path = cache / f"{_slug(method)}.{key}.npz" if cache is not None else None
+        pred = _load_cached(path, len(queries)) if path is not None else None
+        t0 = time.perf_counter()
+        cached = pred is not None
+        if pred is None:
+            log(f"{method}: fitting on {len(gallery)} gallery rows, predicting {len(queries)} queries")
+            model = build_baseline(method, cfg, neighbours, gps_encoder, progress).fit(gallery)
+            pred = model.predict(queries)
+            if path is not None:
+                _save_cached(path, pred)
+        seconds = time.perf_counter() - t0
+        errors = haversine_km(queries.lat, queries.lon, pred.lat, pred.lon)
+        runs[method] = MethodRun(
+            method, method, _strategy_text(method, cfg), conf, pred, errors, seconds=seconds, cached=cached
+        )
+    return runs
+
+
+def score_runs(runs: Mapping[str, MethodRun], cfg: EvalConfig) -> list[PairedComparison]:
+    """Bootstrap metrics for each run and paired comparisons of every run against the reference."""
+    for run in runs.values():
+        run.metrics = bootstrap_metrics(run.errors_km, cfg.thresholds, cfg.n_boot, cfg.seed, cfg.level)
+    labels = list(runs)
+    ref = cfg.reference or labels[0]
+    if ref not in runs:
+        raise GeoTokenError(f"reference method {ref!r} was not evaluated (evaluated: {', '.join(labels)})")
+    return [
+        paired_comparison(
+            runs[lab].errors_km,
+            runs[ref].errors_km,
+            (lab, ref),
+            cfg.thresholds,
+            cfg.n_boot,
+            cfg.seed,
+            cfg.level,
+        )
+        for lab in labels
+        if lab != ref
+    ]
+
+
+def write_predictions_csv(path: str | Path, queries: Split, runs: Mapping[str, MethodRun]) -> Path:
+    """Long format: one row per (image, method), in query order within each method."""
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "lat", "lon", "pred_lat", "pred_lon", "error_km", "method", "strategy"])
+        for run in runs.values():
+            for i in range(len(queries)):  # csv needs rows; formatting is the cost, not the loop
+                w.writerow([queries.ids[i], f"{queries.lat[i]:.6f}", f"{queries.lon[i]:.6f}", f"{run.pred.lat[i]:.6f}",
+                            f"{run.pred.lon[i]:.6f}", f"{run.errors_km[i]:.3f}", run.label, run.strategy])  # fmt: skip
+    return Path(path)
+
+
+def evaluate(
+    gallery: Split,
+    queries: Split,
+    out_dir: str | Path,
+    cfg: EvalConfig | None = None,
+    neighbours=None,
+    gps_encoder=None,
+    progress: bool = True,
+    log=print,
+) -> EvalResult:
+    """Run, score and write everything for one gallery/query pair (see the module docstring)."""
+    cfg = cfg or EvalConfig()
+    out = Path(out_dir)
+    if cfg.limit is not None:
+        queries = Split(queries.ids[: cfg.limit], queries.lat[: cfg.limit], queries.lon[: cfg.limit],
+                        {k: a[: cfg.limit] for k, a in queries.arrays.items()}, queries.name)  # fmt: skip
+        if neighbours is not None:
+            neighbours = tuple(np.asarray(a)[: cfg.limit] for a in neighbours)
+    if len(queries) == 0:
+        raise GeoTokenError(f"{queries.name}: no queries to evaluate")
+    runs = run_methods(gallery, queries, cfg, out, neighbours, gps_encoder, progress, log)
+    pairs = score_runs(runs, cfg)
+    files = [write_predictions_csv(out / "predictions.csv", queries, runs)]
+    report = {
+        "gallery": {"name": gallery.name, "rows": len(gallery), "skipped": getattr(gallery, "skipped", 0)},
+        "queries": {"name": queries.name, "rows": len(queries), "skipped": getattr(queries, "skipped", 0)},
+        "inputs_sha256": _inputs_hash(gallery, queries),
+        "thresholds_km": list(cfg.thresholds),
+        "bootstrap": {"n_boot": cfg.n_boot, "seed": cfg.seed, "level": cfg.level},
+        "methods": {
+            label: {
+                "method": r.method,
+                "strategy": r.strategy,
+                "config": r.config,
+                "seconds": round(r.seconds, 3),
+                "cached": r.cached,
+                **r.metrics.to_dict(),
+            }  # fmt: skip
+            for label, r in runs.items()
+        },
+        "paired": [p.to_dict() for p in pairs],
+    }
+    write_json(out / "metrics.json", report)
+    files.append(out / "metrics.json")
+    with atomic_open(out / "metrics.md", "w", encoding="utf-8") as f:
+        f.write(f"# Evaluation: {len(queries)} queries, gallery of {len(gallery)}\n\n")
+        f.write(metrics_markdown({k: r.metrics for k, r in runs.items()}, pairs))
+    files.append(out / "metrics.md")
+    if cfg.plots:
+        files += write_plots(out, queries, runs, cfg.thresholds)
+    return EvalResult(runs, pairs, out, files)
+
+
+def write_plots(
+    out: Path, queries: Split, runs: Mapping[str, MethodRun], thresholds: Sequence[float]
+) -> list[Path]:
+    """Error CDF of all runs, a world map per run, and reliability plots where a run has calibrated scores."""
+    from geotoken.evaluate.plots import plot_error_cdf, plot_world_map
+
+    files = [plot_error_cdf({k: r.errors_km for k, r in runs.items()}, out / "error_cdf.png", thresholds)]
+    for label, r in runs.items():
+        files.append(plot_world_map(queries.lat, queries.lon, r.pred.lat, r.pred.lon, out / f"map_{_slug(label)}.png",
+                                    title=f"{label}: predictions vs truth ({len(queries)} images)"))  # fmt: skip
+    return files
