@@ -1,15 +1,277 @@
-"""Generating token sequences from a trained GeoToken model with the cached decoder path."""
+"""Test-time search over location tokens: greedy, beam search and sampling, cached or uncached.
+
+The encoder runs once per image. Generation then goes one token position at a time through the model's
+cached path (`init_cache` + `step`): cross-attention keys/values of the memory are computed once per
+image and layer and shared by all beams/samples of that image, and self-attention keys/values of earlier
+positions are kept, so each step costs one decoder position per row. The uncached path (`cached=False`)
+re-runs the whole decoder on the prefix at every step, as the reference code does; it exists for the
+equivalence tests and the benchmark, and gives the same results.
+
+All strategies return a `geotoken.select.Candidates` pool: tokens (B, N, T), sequence log-probabilities
+(B, N), cell-centre lat/lon (B, N) and the per-level probabilities of each path (B, N, T). An optional
+`PrefixConstraint` (the cells of the training gallery) masks every token that would leave the set of
+known cells, and probabilities are renormalised over what remains.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from geotoken.model import Batch, GeoToken
+from geotoken.errors import GeoTokenError
+from geotoken.select import Candidates
+
+STRATEGIES = ("greedy", "beam", "sample")
+
+
+class PrefixConstraint:
+    """The set of token sequences allowed (e.g. the gallery's cells), as a trie stored per level.
+
+    Level t holds the sorted unique codes of all length-(t+1) prefixes, code = mixed-radix number of the
+    prefix tokens with radices `vocab_sizes` (6 * 16^10 < 2^63 for level 20, g 2). Which tokens may follow
+    a batch of prefixes is one `searchsorted` over (rows, V) candidate codes.
+    """
+
+    def __init__(self, tokens: np.ndarray, vocab_sizes: list[int]):
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 2 or tokens.shape[1] != len(vocab_sizes) or len(tokens) == 0:
+            raise GeoTokenError(f"constraint tokens must be (N>0, {len(vocab_sizes)}), got {tokens.shape}")
+        vs = np.asarray(vocab_sizes, dtype=np.int64)
+        bad = np.argwhere((tokens < 0) | (tokens >= vs))
+        if len(bad):
+            r, t = bad[0]
+            raise GeoTokenError(
+                f"constraint tokens row {r} position {t}: {tokens[r, t]} outside 0..{vs[t] - 1}"
+            )
+        self.vocab_sizes = [int(v) for v in vs]
+        codes = np.zeros(len(tokens), dtype=np.int64)
+        self.levels: list[torch.Tensor] = []  # level t: sorted unique prefix codes (n_t,)
+        for t, v in enumerate(self.vocab_sizes):
+            codes = codes * v + tokens[:, t]
+            self.levels.append(torch.from_numpy(np.unique(codes)))
+
+    def extend(self, codes: torch.Tensor, t: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Prefix codes (R,) of length t + the chosen tokens (R,) -> codes of length t + 1."""
+        return codes * self.vocab_sizes[t] + tokens
+
+    def allowed(self, codes: torch.Tensor, t: int, vmax: int) -> torch.Tensor:
+        """(R, vmax) bool: tokens allowed at position t after prefixes with codes (R,) (ignored at t = 0)."""
+        v = self.vocab_sizes[t]
+        cand = codes[:, None] * v + torch.arange(v, device=codes.device)  # (R, v)
+        table = self.levels[t] = self.levels[t].to(codes.device)
+        i = torch.searchsorted(table, cand).clamp_(max=len(table) - 1)
+        ok = table[i] == cand  # (R, v)
+        return F.pad(ok, (0, vmax - v), value=False)
+
+    def contains(self, tokens: np.ndarray) -> np.ndarray:
+        """(..., T) token sequences -> bool (...): is each a full sequence of the set?"""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        codes = np.zeros(tokens.shape[:-1], dtype=np.int64)
+        for t, v in enumerate(self.vocab_sizes):
+            codes = codes * v + tokens[..., t]
+        table = self.levels[-1].numpy()
+        i = np.searchsorted(table, codes).clip(max=len(table) - 1)
+        return table[i] == codes
+
+
+class _Cached:
+    """One decoder position per call through the model's key/value cache."""
+
+    def __init__(self, model, memory: torch.Tensor, copies: int):
+        self.model, self.cache = model, model.init_cache(memory, copies=copies)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens (R, t) so far -> logits (R, Vmax)
+        t = tokens.shape[1]
+        return self.model.step(self.cache, tokens[:, -1] if t else None, t)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.model.reorder_cache(self.cache, rows)
+
+
+class _Uncached:
+    """The reference's way: the whole decoder on the whole prefix at every step, memory copied per row."""
+
+    def __init__(self, model, memory: torch.Tensor, copies: int):
+        self.model, self.memory = model, memory.repeat_interleave(copies, dim=0)  # (R, S, d)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        R, t = tokens.shape
+        tokens_in = torch.cat([tokens, tokens.new_zeros(R, 1)], dim=1)  # the last column is not read
+        return self.model.decode(self.memory, tokens_in)[:, t]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        pass  # the state is the token prefix itself
+
+
+def _stepper(model, memory, copies, cached):
+    return (_Cached if cached else _Uncached)(model, memory, copies)
+
+
+def _log_probs(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Log-softmax over the allowed tokens (R, Vmax); a row with nothing allowed is all -inf (not NaN)."""
+    logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp.masked_fill(logp.isnan(), float("-inf"))
+
+
+def _pool(model, tokens: torch.Tensor, level_logp: torch.Tensor) -> Candidates:
+    """tokens (B, N, T), level_logp (B, N, T) -> Candidates with coordinates (cell centres)."""
+    from geotoken.s2 import tokens_to_latlon
+
+    B, N, T = tokens.shape
+    tok = tokens.cpu().numpy()
+    lat, lon = tokens_to_latlon(tok.reshape(B * N, T), model.cfg.level, model.cfg.group)
+    level_logp = level_logp.double().cpu().numpy()
+    return Candidates(
+        tokens=tok,
+        logp=level_logp.sum(-1),
+        lat=np.asarray(lat, dtype=np.float64).reshape(B, N),
+        lon=np.asarray(lon, dtype=np.float64).reshape(B, N),
+        level_probs=np.exp(level_logp),
+    )
 
 
 @torch.no_grad()
-def greedy(model: GeoToken, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Most likely token at each position: (tokens (B, T) int64, summed log-probability (B,))."""
+def beam_search(
+    model,
+    memory: torch.Tensor,
+    width: int = 5,
+    constraint: PrefixConstraint | None = None,
+    cached: bool = True,
+) -> Candidates:
+    """All `width` beams per image, best first, by cumulative log-probability (exact top-W of W x V each step).
+
+    memory (B, S, d) from `model.encode`. If fewer than `width` sequences exist (e.g. a constraint with few
+    cells), the missing beams repeat the best one with log-probability -inf.
+    """
+    if width < 1:
+        raise GeoTokenError(f"beam width must be >= 1, got {width}")
+    B, W, T = memory.shape[0], width, model.cfg.n_tokens
+    step = _stepper(model, memory, W, cached)
+    dev = memory.device
+    scores = torch.full((B, W), float("-inf"), device=dev)
+    scores[:, 0] = 0.0  # all beams start identical: only the first one may expand at position 0
+    tokens = torch.zeros(B * W, 0, dtype=torch.long, device=dev)
+    level_logp = torch.zeros(B * W, 0, device=dev)
+    codes = torch.zeros(B * W, dtype=torch.long, device=dev)
+    base = (torch.arange(B, device=dev) * W)[:, None]  # (B, 1) first row of each image
+    for t in range(T):
+        logits = step(tokens)  # (B*W, V)
+        V = logits.shape[-1]
+        allowed = constraint.allowed(codes, t, V) if constraint is not None else None
+        logp = _log_probs(logits, allowed)  # (B*W, V)
+        total = (scores[:, :, None] + logp.view(B, W, V)).view(B, W * V)
+        scores, idx = total.topk(W, dim=1)  # (B, W), sorted best first
+        src, tok = idx // V, idx % V  # beam it extends, token it adds
+        rows = (base + src).view(-1)  # (B*W,)
+        tok = tok.view(-1)
+        step.reorder(rows)
+        level_logp = torch.cat([level_logp[rows], logp[rows, tok][:, None]], dim=1)
+        tokens = torch.cat([tokens[rows], tok[:, None]], dim=1)
+        if constraint is not None:
+            codes = constraint.extend(codes[rows], t, tok)
+    tokens, level_logp = tokens.view(B, W, T), level_logp.view(B, W, T)
+    dead = ~torch.isfinite(scores)  # (B, W) beams that never had a valid sequence
+    if dead.any():
+        tokens = torch.where(dead[..., None], tokens[:, :1], tokens)
+        level_logp = torch.where(dead[..., None], float("-inf"), level_logp)
+    return _pool(model, tokens, level_logp)
+
+
+def _sampling_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Reshape a distribution (R, V) logits for sampling: temperature, then top-k, then nucleus top-p."""
+    logits = logits / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (R, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(
+    model,
+    memory: torch.Tensor,
+    n: int = 10,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    constraint: PrefixConstraint | None = None,
+    cached: bool = True,
+) -> Candidates:
+    """`n` sequences per image, drawn from the (reshaped) model distribution, all images and samples batched.
+
+    temperature 0 means argmax (greedy). Returned log-probabilities and per-level probabilities are the
+    model's own (temperature 1, renormalised over the constraint), so samples can be compared with beams.
+    """
+    if n < 1 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise GeoTokenError(
+            f"bad sampling options: n={n} temperature={temperature} top_k={top_k} top_p={top_p}"
+        )
+    B, T = memory.shape[0], model.cfg.n_tokens
+    R = B * n
+    step = _stepper(model, memory, n, cached)
+    dev = memory.device
+    tokens = torch.zeros(R, 0, dtype=torch.long, device=dev)
+    level_logp = torch.zeros(R, 0, device=dev)
+    codes = torch.zeros(R, dtype=torch.long, device=dev)
+    for t in range(T):
+        logits = step(tokens)  # (R, V)
+        allowed = constraint.allowed(codes, t, logits.shape[-1]) if constraint is not None else None
+        logp = _log_probs(logits, allowed)  # (R, V) model log-probabilities
+        if temperature == 0:
+            tok = logp.argmax(-1)
+        else:
+            probs = _sampling_logits(logp, temperature, top_k, top_p).softmax(-1)
+            tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        level_logp = torch.cat([level_logp, logp.gather(1, tok[:, None])], dim=1)
+        tokens = torch.cat([tokens, tok[:, None]], dim=1)
+        if constraint is not None:
+            codes = constraint.extend(codes, t, tok)
+    return _pool(model, tokens.view(B, n, T), level_logp.view(B, n, T))
+
+
+@torch.no_grad()
+def generate(
+    model,
+    batch,
+    strategy: str = "beam",
+    width: int = 5,
+    n: int = 10,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    constraint: PrefixConstraint | None = None,
+    cached: bool = True,
+) -> tuple[Candidates, torch.Tensor]:
+    """Encode once, search with `strategy`; returns (candidates, memory) so selectors can reuse the memory."""
+    memory = model.encode(batch)  # (B, S, d)
+    if strategy == "greedy":
+        pool = sample(model, memory, n=1, temperature=0.0, constraint=constraint, cached=cached)
+    elif strategy == "beam":
+        pool = beam_search(model, memory, width=width, constraint=constraint, cached=cached)
+    elif strategy == "sample":
+        gen = torch.Generator().manual_seed(seed)
+        pool = sample(model, memory, n, temperature, top_k, top_p, gen, constraint=constraint, cached=cached)
+    else:
+        raise GeoTokenError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    return pool, memory
+
+
+@torch.no_grad()
+def greedy(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Most likely token at each position: (tokens (B, T) int64, summed log-probability (B,)). Tensors stay
+    on the model's device (the training loop validates with this)."""
     memory = model.encode(batch)  # (B, S, d)
     cache = model.init_cache(memory)
     B, T = memory.shape[0], model.cfg.n_tokens

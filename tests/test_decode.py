@@ -1,0 +1,122 @@
+"""Decoding: cached == uncached, beam 1 == greedy, best beam >= greedy, T -> 0 samples == greedy, constraints."""
+
+import numpy as np
+import pytest
+import torch
+
+from geotoken.decode import PrefixConstraint, beam_search, generate, greedy, sample
+from geotoken.errors import GeoTokenError
+from geotoken.model import Batch, GeoToken, preset
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    cfg = preset("tiny", modalities={"visual": 16, "gps": 16, "text": 8}, k=3, dropout=0.0, level=10, group=2)
+    model = GeoToken(cfg).eval()
+    with torch.no_grad():  # untrained heads are all-zero: give the distributions some shape
+        model.head_w.normal_(0, 0.5)
+    B, T = 4, cfg.n_tokens
+    g = torch.Generator().manual_seed(1)
+    batch = Batch(
+        {m: torch.randn(B, d, generator=g) for m, d in cfg.modalities.items()},
+        {m: torch.randn(B, 3, d, generator=g) for m, d in cfg.modalities.items()},
+        torch.randint(0, 4, (B, 3, T), generator=g),
+    )
+    return model, batch, model.encode(batch)
+
+
+def test_cached_step_logits_equal_uncached(setup):
+    model, _, memory = setup
+    T, n = model.cfg.n_tokens, 3
+    tokens = torch.randint(0, 4, (memory.shape[0] * n, T), generator=torch.Generator().manual_seed(2))
+    full = model.decode(memory.repeat_interleave(n, 0), tokens)  # (B*n, T, V)
+    cache = model.init_cache(memory, copies=n)
+    for t in range(T):
+        step = model.step(cache, tokens[:, t - 1] if t else None, t)
+        torch.testing.assert_close(step, full[:, t], atol=1e-5, rtol=1e-5)
+
+
+def test_beam_width_1_is_greedy_and_best_beam_beats_greedy(setup):
+    model, batch, memory = setup
+    g_tokens, g_logp = greedy(model, batch)
+    one = beam_search(model, memory, width=1)
+    assert (one.tokens[:, 0] == g_tokens.numpy()).all()
+    np.testing.assert_allclose(one.logp[:, 0], g_logp.numpy(), atol=1e-5)
+    five = beam_search(model, memory, width=5)
+    assert five.tokens.shape == (4, 5, model.cfg.n_tokens)
+    assert (five.logp[:, 0] >= g_logp.numpy() - 1e-5).all()
+    assert (np.diff(five.logp, axis=1) <= 1e-9).all()  # best first
+    np.testing.assert_allclose(np.log(five.level_probs).sum(-1), five.logp, atol=1e-9)
+    # the beams are distinct sequences
+    assert all(len({tuple(s) for s in five.tokens[b]}) == 5 for b in range(4))
+
+
+@pytest.mark.parametrize("strategy", ["beam", "sample"])
+def test_cached_search_equals_uncached_search(setup, strategy):
+    model, _, memory = setup
+    if strategy == "beam":
+        a, b = beam_search(model, memory, 4), beam_search(model, memory, 4, cached=False)
+    else:
+        a = sample(model, memory, 6, top_k=5, generator=torch.Generator().manual_seed(3))
+        b = sample(model, memory, 6, top_k=5, generator=torch.Generator().manual_seed(3), cached=False)
+    assert (a.tokens == b.tokens).all()
+    np.testing.assert_allclose(a.logp, b.logp, atol=1e-4)
+    np.testing.assert_allclose(a.lat, b.lat)
+
+
+def test_cold_samples_equal_greedy_and_sampling_is_seeded(setup):
+    model, batch, memory = setup
+    g_tokens, g_logp = greedy(model, batch)
+    for temperature in (0.0, 1e-6):
+        cold = sample(model, memory, 3, temperature=temperature, generator=torch.Generator().manual_seed(0))
+        assert (cold.tokens == g_tokens.numpy()[:, None]).all()
+        np.testing.assert_allclose(cold.logp, np.repeat(g_logp.numpy()[:, None], 3, 1), atol=1e-5)
+    a = sample(model, memory, 8, generator=torch.Generator().manual_seed(5))
+    b = sample(model, memory, 8, generator=torch.Generator().manual_seed(5))
+    assert (a.tokens == b.tokens).all()
+    assert len({tuple(s) for s in a.tokens.reshape(-1, a.tokens.shape[-1])}) > 4  # it does explore
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(setup):
+    model, batch, memory = setup
+    g_tokens, _ = greedy(model, batch)
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}):
+        s = sample(model, memory, 4, temperature=2.0, generator=torch.Generator().manual_seed(0), **kw)
+        assert (s.tokens == g_tokens.numpy()[:, None]).all()
+
+
+def test_constraint_only_emits_gallery_cells(setup):
+    model, _, memory = setup
+    vocab = model.cfg.vocab_sizes
+    rng = np.random.default_rng(0)
+    gallery = np.stack([rng.integers(0, v, 12) for v in vocab], axis=1)  # 12 cells
+    c = PrefixConstraint(gallery, vocab)
+    assert c.contains(gallery).all()
+    beams = beam_search(model, memory, 5, constraint=c)
+    samples = sample(model, memory, 10, constraint=c, generator=torch.Generator().manual_seed(0))
+    assert c.contains(beams.tokens).all() and c.contains(samples.tokens).all()
+    # renormalised over the allowed cells: the probabilities of all gallery cells sum to 1 per image
+    everything = beam_search(model, memory, 12, constraint=c)
+    np.testing.assert_allclose(np.exp(everything.logp).sum(1), 1.0, atol=1e-5)
+    # more beams than cells: the extra ones repeat the best with -inf
+    wide = beam_search(model, memory, 20, constraint=c)
+    assert np.isinf(wide.logp[:, 12:]).all() and np.isfinite(wide.logp[:, :12]).all()
+    assert c.contains(wide.tokens).all()
+
+
+def test_constraint_bad_input():
+    with pytest.raises(GeoTokenError, match="row 1 position 0: 7"):
+        PrefixConstraint(np.array([[0, 1], [7, 1]]), [6, 16])
+
+
+def test_generate_dispatch(setup):
+    model, batch, _ = setup
+    for strategy, n in (("greedy", 1), ("beam", 3), ("sample", 5)):
+        pool, memory = generate(model, batch, strategy, width=3, n=5)
+        assert pool.tokens.shape[:2] == (4, n) and memory.shape[0] == 4
+        assert np.isfinite(pool.lat).all()
+    with pytest.raises(GeoTokenError, match="strategy"):
+        generate(model, batch, "best")
