@@ -139,21 +139,13 @@ def detect_columns(header: list[str], path: str | os.PathLike = "<csv>") -> dict
     return found
 
 
-class _Problems:
-    """Row problems found while reading: (data index, reason), first reason per row wins."""
-
-    def __init__(self) -> None:
-        self.reasons: dict[int, str] = {}
-
-    def add(self, index: int, reason: str) -> None:
-        self.reasons.setdefault(int(index), reason)
-
-    def add_many(self, indices, reasons) -> None:
-        for i, r in zip(np.asarray(indices).tolist(), reasons):
-            self.add(i, r)
+def _add(problems: dict[int, str], indices, reasons) -> None:
+    """Record a reason per bad row; the first reason found for a row wins."""
+    for i, r in zip(np.asarray(indices, dtype=np.int64).tolist(), reasons):
+        problems.setdefault(i, r)
 
 
-def _parse_floats(values: list[str], field: str, problems: _Problems) -> np.ndarray:
+def _parse_floats(values: list[str], field: str, problems: dict[int, str]) -> np.ndarray:
     """str -> float64 for the whole column at once; only on failure walk it to find the bad cells."""
     try:
         return np.array(values, dtype=np.float64)
@@ -163,18 +155,21 @@ def _parse_floats(values: list[str], field: str, problems: _Problems) -> np.ndar
             try:
                 out[i] = float(v)
             except ValueError:
-                problems.add(i, f"{field} {v!r} is not a number")
+                problems.setdefault(i, f"{field} {v!r} is not a number")
         return out
 
 
-def _check_range(x: np.ndarray, field: str, limit: float, wrap: bool, problems: _Problems) -> np.ndarray:
+def _check_range(x: np.ndarray, field: str, limit: float, wrap: bool, problems: dict[int, str]) -> np.ndarray:
+    """Flag non-finite and out-of-range values; wrap (lon) or clamp (lat) overshoots within COORD_TOLERANCE."""
     bad = ~np.isfinite(x)
-    problems.add_many(np.flatnonzero(bad), [f"{field} {v!r} is not finite" for v in x[bad].tolist()])
+    _add(problems, np.flatnonzero(bad), [f"{field} {v!r} is not finite" for v in x[bad].tolist()])
     with np.errstate(invalid="ignore"):
         over = np.abs(x) > limit
         out = over & (np.abs(x) > limit + COORD_TOLERANCE)
-    problems.add_many(
-        np.flatnonzero(out), [f"{field} {v!r} is outside [-{limit:g}, {limit:g}]" for v in x[out].tolist()]
+    _add(
+        problems,
+        np.flatnonzero(out),
+        [f"{field} {v!r} is outside [-{limit:g}, {limit:g}]" for v in x[out].tolist()],
     )
     fix = over & ~out
     if fix.any():
@@ -196,6 +191,15 @@ def _line_numbers(path: Path, count: int) -> np.ndarray:
     return lines
 
 
+def _check_options(on_error: str, skip_report, check_images) -> None:
+    if on_error not in ON_ERROR:
+        raise GeoTokenError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    if on_error == "skip" and skip_report is None:
+        raise GeoTokenError("on_error='skip' needs a skip_report path, so that skipped rows are never silent")
+    if check_images not in (False, True, "exists", "decode"):
+        raise GeoTokenError(f"check_images must be False, True, 'exists' or 'decode', got {check_images!r}")
+
+
 def read_manifest(
     path: str | os.PathLike,
     *,
@@ -210,14 +214,10 @@ def read_manifest(
         the CSV's folder. Resolved references are absolute, so the manifest works from any directory.
     check_images: False; "exists" (file or tar member present); True or "decode" (also fully decoded, slow).
     on_error: "raise" -> `GeoTokenError` for the first bad row (file, line, value); "skip" -> drop bad rows and
-        write `row,id,reason` to `skip_report` (required, so nothing is dropped unseen).
+        write `row,id,reason` to `skip_report` (row = 1-based line in the file; required, so nothing is
+        dropped unseen). Blank lines are not rows and are ignored.
     """
-    if on_error not in ON_ERROR:
-        raise GeoTokenError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    if on_error == "skip" and skip_report is None:
-        raise GeoTokenError("on_error='skip' needs a skip_report path, so that skipped rows are never silent")
-    if check_images not in (False, True, "exists", "decode"):
-        raise GeoTokenError(f"check_images must be False, True, 'exists' or 'decode', got {check_images!r}")
+    _check_options(on_error, skip_report, check_images)
     path = Path(path)
     if not path.is_file():
         raise GeoTokenError(f"{path}: annotation file not found")
@@ -238,77 +238,111 @@ def read_manifest(
             # One pass, keeping only the needed cells. Blank lines become None; short rows keep their length.
             picked = [get(r) if len(r) >= need else (len(r) or None) for r in reader]
         except (csv.Error, UnicodeDecodeError) as exc:
-            raise GeoTokenError(f"{path}: line {reader.line_num}: cannot parse CSV: {exc}") from None
+            raise GeoTokenError(f"{path}: line {reader.line_num + 1}: cannot parse CSV: {exc}") from None
         one_line_per_record = reader.line_num == len(picked) + 1
 
-    problems = _Problems()
+    problems: dict[int, str] = {}
     blank = []
     for i, p in enumerate(picked):
         if type(p) is not tuple:  # None (blank line) or an int (a short row's field count)
             if p is None:
                 blank.append(i)
             else:
-                problems.add(i, f"has {p} fields, the header has {len(header)}")
+                problems[i] = f"has {p} fields, the header has {len(header)}"
             picked[i] = ("",) * len(roles)
     columns = dict(zip(roles, zip(*picked))) if picked else {r: () for r in roles}
     n = len(picked)
     del picked
-
-    lat = _check_range(
-        _parse_floats(list(columns["lat"]), header[cols["lat"]], problems),
-        header[cols["lat"]],
-        90.0,
-        False,
-        problems,
-    )
-    lon = _check_range(
-        _parse_floats(list(columns["lon"]), header[cols["lon"]], problems),
-        header[cols["lon"]],
-        180.0,
-        True,
-        problems,
-    )
-
-    if "id" in cols:
-        ids = list(columns["id"])
-        empty = [i for i, s in enumerate(ids) if not s]
-        problems.add_many(empty, [f"{header[cols['id']]} is empty"] * len(empty))
-        if len(set(ids)) != n:
-            first: dict[str, int] = {}
-            for i, s in enumerate(ids):
-                j = first.setdefault(s, i)
-                if j != i and s:
-                    problems.add(i, f"duplicate {header[cols['id']]} {s!r} (first at data row {j + 1})")
-    else:
-        ids = [str(i) for i in range(n)]
-
+    ids = list(columns["id"]) if "id" in cols else [str(i) for i in range(n)]
     images = _image_references(path, header, cols, columns, ids, image_root)
-    for i in blank:  # blank lines are not rows: drop them without a report
-        problems.reasons.pop(i, None)
+
+    def locate(rows: np.ndarray) -> list[tuple[str, int]]:
+        lines = (rows + 2) if one_line_per_record else _line_numbers(path, n)[rows]
+        return [(f"{path}: line {line}", line) for line in lines.tolist()]
+
+    return finish_manifest(
+        ids,
+        list(columns["lat"]),
+        list(columns["lon"]),
+        images,
+        source=str(path),
+        locations=locate,
+        problems=problems,
+        field_names={r: header[c] for r, c in cols.items()},
+        drop=blank,
+        on_error=on_error,
+        skip_report=skip_report,
+        check_images=check_images,
+    )
+
+
+def finish_manifest(
+    ids: list[str],
+    lat: list[str],
+    lon: list[str],
+    images: list[str],
+    *,
+    source: str,
+    locations,
+    problems: dict[int, str] | None = None,
+    field_names: dict[str, str] | None = None,
+    drop=(),
+    on_error: str = "raise",
+    skip_report: str | os.PathLike | None = None,
+    check_images: bool | str = False,
+) -> Manifest:
+    """Validate raw columns (coordinates as strings) into a Manifest: the checks every reader shares.
+
+    locations: a list with one label per row, or a function rows -> [(message prefix, report row)].
+    problems: rows already known to be bad (row -> reason). drop: rows that are not data (blank lines)."""
+    _check_options(on_error, skip_report, check_images)
+    problems = dict(problems or {})
+    names = {"id": "id", "lat": "lat", "lon": "lon", **(field_names or {})}
+    n = len(ids)
+    lat = _check_range(_parse_floats(lat, names["lat"], problems), names["lat"], 90.0, False, problems)
+    lon = _check_range(_parse_floats(lon, names["lon"], problems), names["lon"], 180.0, True, problems)
+    empty = [i for i, s in enumerate(ids) if not s]
+    _add(problems, empty, [f"{names['id']} is empty"] * len(empty))
+    if len(set(ids)) != n:
+        first: dict[str, int] = {}
+        for i, s in enumerate(ids):
+            j = first.setdefault(s, i)
+            if j != i and s:
+                problems.setdefault(i, f"duplicate {names['id']} {s!r} (first at data row {j + 1})")
     keep = np.ones(n, dtype=bool)
-    keep[blank] = False
-    manifest = Manifest(ids, lat, lon, images, str(path))
+    keep[np.asarray(drop, dtype=np.int64)] = False
+    for i in drop:
+        problems.pop(i, None)
+    manifest = Manifest(ids, lat, lon, images, source)
 
     if check_images:
-        from geotoken.data.images import check_images as _check
+        from geotoken.data.images import check_images as find_bad_images
 
-        rows = np.flatnonzero(keep & ~np.isin(np.arange(n), list(problems.reasons)))
-        for row, reason in _check(manifest, rows, decode=check_images in (True, "decode")):
-            problems.add(row, reason)
+        ok = keep.copy()
+        ok[list(problems)] = False
+        for row, reason in find_bad_images(
+            manifest, np.flatnonzero(ok), decode=check_images in (True, "decode")
+        ):
+            problems.setdefault(row, reason)
 
-    if problems.reasons:
-        bad = np.array(sorted(problems.reasons), dtype=np.int64)
-        lines = (bad + 2) if one_line_per_record else _line_numbers(path, n)[bad]
+    if problems:
+        bad = np.array(sorted(problems), dtype=np.int64)
+        where = (
+            locations(bad) if callable(locations) else [(locations[i], locations[i]) for i in bad.tolist()]
+        )
         if on_error == "raise":
-            i, line = int(bad[0]), int(lines[0])
+            i = int(bad[0])
             more = (
                 f" ({len(bad) - 1} more bad rows; on_error='skip' drops them with a report)"
                 if len(bad) > 1
                 else ""
             )
-            raise GeoTokenError(f"{path}: line {line}: id {ids[i]!r}: {problems.reasons[i]}{more}")
+            raise GeoTokenError(f"{where[0][0]}: id {ids[i]!r}: {problems[i]}{more}")
         write_skip_report(
-            skip_report, lines, [ids[i] for i in bad.tolist()], [problems.reasons[i] for i in bad.tolist()]
+            skip_report,
+            [w[1] for w in where],
+            [ids[i] for i in bad.tolist()],
+            [problems[i] for i in bad.tolist()],
         )
         keep[bad] = False
     elif skip_report is not None:

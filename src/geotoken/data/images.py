@@ -1,0 +1,292 @@
+"""The images behind a manifest: plain files, or members of WebDataset tar shards, read in place.
+
+An image reference is a file path or `SHARD.tar#MEMBER` (img2dataset writes `KEY.jpg` + `KEY.json` (+ `KEY.txt`)
+per sample). Shards are never unpacked: the first access to a shard reads its headers once (`read_shard_index`,
+cached per process) and every later member is one seek + read, so `open_image` is cheap to call repeatedly,
+e.g. from DataLoader workers. `iter_images` streams many rows, reading each shard once, front to back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from geotoken.data.manifest import COLUMN_ALIASES, Manifest, _norm, finish_manifest
+from geotoken.errors import GeoTokenError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+_SHARD_INDEX: dict[str, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """'a/b.tar#KEY.jpg' -> ('a/b.tar', 'KEY.jpg'); a plain path -> (path, None)."""
+    i = ref.find(".tar#")
+    return (ref[: i + 4], ref[i + 5 :]) if i >= 0 else (ref, None)
+
+
+def read_shard_index(tar_path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """member name -> (byte offset of its data, size) for every regular file in an uncompressed tar.
+
+    Cached per process and keyed by the file's size and mtime, so a rewritten shard is re-read."""
+    key = os.path.abspath(tar_path)
+    try:
+        st = os.stat(key)
+    except OSError:
+        raise GeoTokenError(f"{tar_path}: shard not found") from None
+    stamp = (st.st_size, st.st_mtime_ns)
+    cached = _SHARD_INDEX.get(key)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    try:
+        with tarfile.open(key, "r:") as tar:
+            index = {m.name: (m.offset_data, m.size) for m in tar if m.isreg()}
+    except (tarfile.TarError, EOFError) as exc:
+        raise GeoTokenError(f"{tar_path}: not a readable uncompressed tar shard: {exc}") from None
+    _SHARD_INDEX[key] = (stamp, index)
+    return index
+
+
+def read_bytes(ref: str) -> bytes:
+    """The raw bytes behind an image reference (a file, or a tar member read with one seek)."""
+    ref = os.fspath(ref)
+    if not ref:
+        raise GeoTokenError("no image reference (this manifest row has none)")
+    if "://" in ref:
+        raise GeoTokenError(
+            f"{ref}: remote image references are not read directly; fetch them first (geotoken data download)"
+        )
+    path, member = split_ref(ref)
+    if member is None:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise GeoTokenError(f"{ref}: image file not found") from None
+        except OSError as exc:
+            raise GeoTokenError(f"{ref}: cannot read image file: {exc.strerror or exc}") from None
+    span = read_shard_index(path).get(member)
+    if span is None:
+        raise GeoTokenError(f"{ref}: no member {member!r} in shard {path}")
+    with open(path, "rb") as f:
+        f.seek(span[0])
+        data = f.read(span[1])
+    if len(data) != span[1]:
+        raise GeoTokenError(f"{ref}: shard is truncated ({len(data)} of {span[1]} bytes)")
+    return data
+
+
+def decode_image(data: bytes, ref: str = "<bytes>") -> Image.Image:
+    """Fully decode image bytes to RGB (EXIF orientation applied); corrupt or truncated data -> GeoTokenError."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except UnidentifiedImageError:
+        raise GeoTokenError(
+            f"{ref}: cannot decode image: not a known image format (starts {data[:8]!r})"
+        ) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise GeoTokenError(f"{ref}: cannot decode image: {exc}") from None
+
+
+def open_image(ref: str | os.PathLike) -> Image.Image:
+    """An image reference -> decoded RGB PIL image. Missing, corrupt or truncated -> GeoTokenError naming `ref`."""
+    ref = os.fspath(ref)
+    return decode_image(read_bytes(ref), ref)
+
+
+def _references(source: Manifest | Sequence[str]) -> np.ndarray:
+    return source.images if isinstance(source, Manifest) else np.asarray(source, dtype=np.str_)
+
+
+def iter_images(
+    source: Manifest | Sequence[str], rows: Iterable[int] | None = None, *, decode: bool = True
+) -> Iterator[tuple[int, Image.Image | bytes | GeoTokenError]]:
+    """Yield (row, RGB image) for the selected rows, or (row, GeoTokenError) for a row that cannot be read.
+
+    Order: plain files in row order, then each shard (in order of first appearance) with its rows in the order
+    their members lie in the file, so every shard is opened once and read front to back. decode=False yields
+    the raw bytes instead of images (for hashing or copying)."""
+    refs = _references(source)
+    rows = (
+        np.arange(len(refs))
+        if rows is None
+        else np.asarray(list(rows) if not hasattr(rows, "__len__") else rows)
+    )
+    shards: dict[str, list[tuple[int, str]]] = {}
+    for row in rows.tolist():
+        ref = str(refs[row])
+        path, member = split_ref(ref)
+        if member is None:
+            try:
+                data = read_bytes(ref)
+                yield row, decode_image(data, ref) if decode else data
+            except GeoTokenError as exc:
+                yield row, exc
+        else:
+            shards.setdefault(path, []).append((row, member))
+    for path, members in shards.items():
+        try:
+            index = read_shard_index(path)
+        except GeoTokenError as exc:
+            for row, _ in members:
+                yield row, exc
+            continue
+        missing = [(row, m) for row, m in members if m not in index]
+        for row, m in missing:
+            yield row, GeoTokenError(f"{path}#{m}: no member {m!r} in shard {path}")
+        present = sorted((index[m][0], row, m) for row, m in members if m in index)
+        with open(path, "rb") as f:
+            for offset, row, m in present:
+                ref = f"{path}#{m}"
+                f.seek(offset)
+                data = f.read(index[m][1])
+                if len(data) != index[m][1]:
+                    yield (
+                        row,
+                        GeoTokenError(f"{ref}: shard is truncated ({len(data)} of {index[m][1]} bytes)"),
+                    )
+                    continue
+                try:
+                    yield row, decode_image(data, ref) if decode else data
+                except GeoTokenError as exc:
+                    yield row, exc
+
+
+def check_images(
+    source: Manifest | Sequence[str], rows=None, *, decode: bool = False
+) -> Iterator[tuple[int, str]]:
+    """Yield (row, reason) for every selected row whose image is missing (or, with decode, unreadable)."""
+    from tqdm import tqdm
+
+    refs = _references(source)
+    rows = np.arange(len(refs)) if rows is None else np.asarray(rows)
+    bar = tqdm(
+        total=len(rows), desc="checking images", unit="img", disable=None if len(rows) > 2000 else True
+    )
+    with bar:
+        if decode:
+            for row, result in iter_images(refs, rows):
+                bar.update()
+                if isinstance(result, Exception):
+                    yield row, str(result)
+            return
+        for row in rows.tolist():
+            bar.update()
+            ref = str(refs[row])
+            path, member = split_ref(ref)
+            if not ref:
+                yield row, "no image reference"
+            elif "://" in ref:
+                yield row, f"{ref}: remote image reference (fetch it first)"
+            elif member is None:
+                if not os.path.isfile(path):
+                    yield row, f"{ref}: image file not found"
+            else:
+                try:
+                    if member not in read_shard_index(path):
+                        yield row, f"{ref}: no member {member!r} in shard {path}"
+                except GeoTokenError as exc:
+                    yield row, str(exc)
+
+
+def shard_samples(tar_path: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """key -> {extension: member name} for an img2dataset shard (e.g. {'000001': {'jpg': ..., 'json': ...}})."""
+    samples: dict[str, dict[str, str]] = {}
+    for name in read_shard_index(tar_path):
+        key, dot, ext = name.rpartition(".")
+        if dot:
+            samples.setdefault(key, {})[ext.lower()] = name
+    return samples
+
+
+def _pick(record: dict, role: str):
+    """The value of the first alias of `role` present among the (case-insensitive) keys of a json sidecar."""
+    norm = {_norm(k): k for k in record}
+    for alias in COLUMN_ALIASES[role]:
+        if alias in norm:
+            return norm[alias], record[norm[alias]]
+    return None, None
+
+
+def manifest_from_shards(
+    shard_paths: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    on_error: str = "raise",
+    skip_report: str | os.PathLike | None = None,
+    check_images: bool | str = False,
+) -> Manifest:
+    """Build a Manifest from img2dataset WebDataset shards, using the lat/lon fields of each `KEY.json`.
+
+    `shard_paths` is a list of `.tar` files or a folder (its `*.tar`, sorted). Rows follow shard order, then
+    member order inside each shard. The id is the sidecar's dataset id (`id`, `IMG_ID`, ...; see COLUMN_ALIASES)
+    or else img2dataset's `key`. Samples whose status is not "success" or that have no image are bad rows,
+    handled like bad CSV rows (`on_error`, `skip_report`; the report's `row` is `SHARD.tar#KEY.json`)."""
+    if isinstance(shard_paths, (str, os.PathLike)):
+        folder = Path(shard_paths)
+        if not folder.is_dir():
+            shard_paths = [folder]
+        else:
+            shard_paths = sorted(folder.glob("*.tar"))
+            if not shard_paths:
+                raise GeoTokenError(f"{folder}: no .tar shards in this folder")
+    ids, lats, lons, images, where, problems = [], [], [], [], [], {}
+    for shard in shard_paths:
+        shard = os.path.abspath(shard)
+        samples = shard_samples(shard)
+        index = read_shard_index(shard)
+        order = sorted(
+            samples, key=lambda k: index[samples[k].get("json", next(iter(samples[k].values())))][0]
+        )
+        with open(shard, "rb") as f:
+            for key in order:
+                members = samples[key]
+                if "json" not in members:
+                    continue  # not a sample of ours (e.g. a stray file); img2dataset always writes the json
+                ref = f"{shard}#{members['json']}"
+                f.seek(index[members["json"]][0])
+                try:
+                    record = json.loads(f.read(index[members["json"]][1]))
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise GeoTokenError(f"{ref}: not valid JSON: {exc}") from None
+                status = record.get("status", "success")
+                lat_key, lat = _pick(record, "lat")
+                lon_key, lon = _pick(record, "lon")
+                if status == "success" and (lat_key is None or lon_key is None):
+                    raise GeoTokenError(
+                        f"{ref}: no latitude/longitude field in {sorted(record)}; download with the lat/lon columns "
+                        f"saved (geotoken data download does this)"
+                    )
+                _, sample_id = _pick(record, "id")
+                image = next((members[e[1:]] for e in IMAGE_EXTENSIONS if e[1:] in members), None)
+                i = len(ids)
+                ids.append(str(sample_id if sample_id is not None else key))
+                lats.append("" if lat is None else str(lat))
+                lons.append("" if lon is None else str(lon))
+                images.append(f"{shard}#{image}" if image else "")
+                where.append(ref)
+                if status != "success":
+                    problems[i] = f"status {status!r}: {record.get('error_message')}"
+                elif image is None:
+                    problems[i] = f"no image member for key {key!r}"
+    source = str(Path(shard_paths[0]).parent) if len(shard_paths) else ""
+    return finish_manifest(
+        ids,
+        lats,
+        lons,
+        images,
+        source=source,
+        locations=where,
+        problems=problems,
+        field_names={"id": "id", "lat": "lat", "lon": "lon"},
+        on_error=on_error,
+        skip_report=skip_report,
+        check_images=check_images,
+    )

@@ -1,0 +1,226 @@
+import builtins
+import csv
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from geotoken.data import images
+from geotoken.data.images import (
+    iter_images,
+    manifest_from_shards,
+    open_image,
+    read_shard_index,
+    shard_samples,
+    split_ref,
+)
+from geotoken.data.manifest import Manifest, read_manifest
+from geotoken.errors import GeoTokenError
+
+
+def jpeg_bytes(seed, size=(24, 16)):
+    rgb = (np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path, samples):
+    """samples: list of (key, jpg bytes or None, json dict or None), written as img2dataset does."""
+    with tarfile.open(path, "w") as tar:
+        for key, jpg, meta in samples:
+            if jpg is not None:
+                add(tar, f"{key}.jpg", jpg)
+            if meta is not None:
+                add(tar, f"{key}.json", json.dumps(meta).encode())
+                add(tar, f"{key}.txt", b"caption")
+    return path
+
+
+def meta(key, lat, lon, **extra):
+    return {
+        "url": f"http://x/{key}.jpg",
+        "key": key,
+        "status": "success",
+        "error_message": None,
+        "LAT": lat,
+        "LON": lon,
+        **extra,
+    }
+
+
+@pytest.fixture
+def shard(tmp_path):
+    good = jpeg_bytes(1)
+    samples = [
+        ("000000", jpeg_bytes(0), meta("000000", 48.85, 2.35, IMG_ID="paris.jpg")),
+        ("000001", good, meta("000001", -33.9, 151.2, IMG_ID="sydney.jpg")),
+        ("000002", b"not an image at all", meta("000002", 0.0, 0.0, IMG_ID="junk.jpg")),
+        ("000003", good[: len(good) // 2], meta("000003", 1.0, 1.0, IMG_ID="half.jpg")),
+    ]
+    return write_shard(tmp_path / "00000.tar", samples)
+
+
+def test_split_ref():
+    assert split_ref("/d/00001.tar#000010.jpg") == ("/d/00001.tar", "000010.jpg")
+    assert split_ref("/d/a#b.jpg") == ("/d/a#b.jpg", None)
+
+
+def test_open_image_file_and_tar_member(tmp_path, shard):
+    path = tmp_path / "x.jpg"
+    path.write_bytes(jpeg_bytes(7))
+    im = open_image(path)
+    assert im.mode == "RGB" and im.size == (24, 16)
+    member = open_image(f"{shard}#000001.jpg")
+    ref = np.asarray(Image.open(io.BytesIO(jpeg_bytes(1))).convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(member), ref)
+    gray = tmp_path / "g.png"
+    Image.new("L", (5, 3), 100).save(gray)
+    assert open_image(gray).mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    "ref, message",
+    [
+        ("{tmp}/missing.jpg", r"missing.jpg: image file not found"),
+        ("{shard}#nope.jpg", r"00000.tar#nope.jpg: no member 'nope.jpg'"),
+        ("{shard}#000002.jpg", r"00000.tar#000002.jpg: cannot decode image"),
+        ("{shard}#000003.jpg", r"00000.tar#000003.jpg: cannot decode image"),
+        ("{tmp}/other.tar#a.jpg", r"other.tar: shard not found"),
+        ("", r"no image reference"),
+        ("http://example.com/a.jpg", r"remote image references"),
+    ],
+)
+def test_open_image_errors_name_the_reference(tmp_path, shard, ref, message):
+    with pytest.raises(GeoTokenError, match=message):
+        open_image(ref.format(tmp=tmp_path, shard=shard))
+
+
+def test_not_a_tar(tmp_path):
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"\x01" * 700)
+    with pytest.raises(GeoTokenError, match="bad.tar: not a readable"):
+        read_shard_index(bad)
+
+
+def test_shard_index_is_cached_and_refreshed(tmp_path):
+    path = write_shard(tmp_path / "s.tar", [("a", jpeg_bytes(0), None)])
+    first = read_shard_index(path)
+    assert read_shard_index(path) is first  # cached: no second header scan
+    assert list(first) == ["a.jpg"]
+    write_shard(path, [("a", jpeg_bytes(0), None), ("b", jpeg_bytes(1, (30, 30)), None)])
+    assert set(read_shard_index(path)) == {"a.jpg", "b.jpg"}
+    assert open_image(f"{path}#b.jpg").size == (30, 30)
+    assert shard_samples(path) == {"a": {"jpg": "a.jpg"}, "b": {"jpg": "b.jpg"}}
+
+
+def test_iter_images_groups_shards_and_reads_each_once(tmp_path, shard, monkeypatch):
+    loose = tmp_path / "loose.jpg"
+    loose.write_bytes(jpeg_bytes(9))
+    refs = [
+        f"{shard}#000001.jpg",
+        str(loose),
+        f"{shard}#000000.jpg",
+        f"{shard}#000002.jpg",
+        f"{shard}#zzz.jpg",
+    ]
+    opened = []
+
+    def counting_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(images, "open", counting_open, raising=False)
+    out = list(iter_images(refs))
+    assert [row for row, _ in out] == [
+        1,
+        4,
+        2,
+        0,
+        3,
+    ]  # loose file, missing member, then shard in member order
+    assert opened.count(str(shard)) == 1
+    results = dict(out)
+    assert isinstance(results[3], GeoTokenError) and "000002.jpg" in str(results[3])
+    assert isinstance(results[4], GeoTokenError) and "zzz.jpg" in str(results[4])
+    for row in (0, 1, 2):
+        np.testing.assert_array_equal(np.asarray(results[row]), np.asarray(open_image(refs[row])))
+    assert [row for row, _ in iter_images(refs, rows=[2, 1])] == [1, 2]
+    raw = dict(iter_images(refs, rows=[0], decode=False))
+    assert raw[0] == jpeg_bytes(1)
+
+
+def test_manifest_from_shards(tmp_path, shard):
+    with pytest.raises(GeoTokenError, match=r"00000.tar#000002.json: id 'junk.jpg': .*cannot decode"):
+        manifest_from_shards(tmp_path, check_images=True)
+    m = manifest_from_shards([shard])  # without image checks every sample with coordinates is a row
+    assert m.ids.tolist() == ["paris.jpg", "sydney.jpg", "junk.jpg", "half.jpg"]
+    assert m.lat.tolist() == [48.85, -33.9, 0.0, 1.0] and m.lon[1] == 151.2
+    assert m.images[1] == f"{shard}#000001.jpg"
+    report = tmp_path / "skipped.csv"
+    m = manifest_from_shards(tmp_path, check_images=True, on_error="skip", skip_report=report)
+    assert m.ids.tolist() == ["paris.jpg", "sydney.jpg"]
+    with open(report, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["row"] for r in rows] == [f"{shard}#000002.json", f"{shard}#000003.json"]
+    # the written manifest reads back identically, shard references included
+    m.write_csv(tmp_path / "manifest.csv")
+    back = read_manifest(tmp_path / "manifest.csv", check_images=True)
+    assert back.content_hash() == m.content_hash()
+
+
+def test_manifest_from_shards_bad_samples(tmp_path):
+    path = write_shard(
+        tmp_path / "a.tar",
+        [
+            ("k0", jpeg_bytes(0), {"key": "k0", "status": "success", "latitude": 95.0, "longitude": 0.0}),
+            ("k1", None, {"key": "k1", "status": "success", "latitude": 1.0, "longitude": 2.0}),
+            ("k2", jpeg_bytes(2), {"key": "k2", "status": "failed_to_download", "error_message": "404"}),
+            ("k3", jpeg_bytes(3), {"key": "k3", "status": "success", "latitude": "1.5", "longitude": -2}),
+        ],
+    )
+    report = tmp_path / "r.csv"
+    m = manifest_from_shards(path, on_error="skip", skip_report=report)
+    assert (
+        m.ids.tolist() == ["k3"] and m.lat.tolist() == [1.5] and m.lon.tolist() == [-2.0]
+    )  # key is the id here
+    text = report.read_text()
+    assert "outside [-90, 90]" in text and "no image member" in text and "failed_to_download" in text
+    nolatlon = write_shard(tmp_path / "b.tar", [("k", jpeg_bytes(0), {"key": "k", "status": "success"})])
+    with pytest.raises(GeoTokenError, match="b.tar#k.json: no latitude/longitude"):
+        manifest_from_shards(nolatlon)
+    with pytest.raises(GeoTokenError, match="no .tar shards"):
+        (tmp_path / "empty").mkdir()
+        manifest_from_shards(tmp_path / "empty")
+
+
+def test_read_manifest_check_images(tmp_path, shard):
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes(0))
+    (tmp_path / "b.jpg").write_bytes(b"garbage")
+    p = tmp_path / "m.csv"
+    p.write_text(
+        "id,lat,lon,image\na,1,2,a.jpg\nb,3,4,b.jpg\nc,5,6,c.jpg\nd,7,8,00000.tar#000000.jpg\ne,0,0,\n"
+    )
+    assert len(read_manifest(p)) == 5
+    with pytest.raises(GeoTokenError, match=r"m.csv: line 4: id 'c': .*c.jpg: image file not found"):
+        read_manifest(p, check_images="exists")
+    report = tmp_path / "r.csv"
+    m = read_manifest(p, check_images="decode", on_error="skip", skip_report=report)
+    assert m.ids.tolist() == ["a", "d"]
+    lines = report.read_text().splitlines()
+    assert lines[0] == "row,id,reason" and [line.split(",")[0] for line in lines[1:]] == ["3", "4", "6"]
+    assert "cannot decode" in lines[1] and "not found" in lines[2] and "no image reference" in lines[3]
+
+
+def test_manifest_rows_stream_through_iter_images(tmp_path, shard):
+    m = Manifest(["a", "b"], [0, 0], [0, 0], [f"{shard}#000000.jpg", f"{shard}#000001.jpg"])
+    assert sorted(row for row, im in iter_images(m) if isinstance(im, Image.Image)) == [0, 1]
