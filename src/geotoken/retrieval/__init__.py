@@ -1,0 +1,16 @@
+"""Retrieval: FAISS indexes over aligned embeddings and neighbour tables (top-k gallery rows per query)."""
+
+from geotoken.retrieval.embeddings import StoreEmbeddings
+from geotoken.retrieval.index import KINDS, IndexConfig, NeighbourIndex, recall_at_k
+from geotoken.retrieval.neighbours import NeighbourTable, neighbour_table, search_excluding
+
+__all__ = [
+    "KINDS",
+    "IndexConfig",
+    "NeighbourIndex",
+    "NeighbourTable",
+    "StoreEmbeddings",
+    "neighbour_table",
+    "recall_at_k",
+    "search_excluding",
+]

@@ -1,0 +1,40 @@
+"""Which embedding of a feature store is searched: one array ("gps") or a concatenation ("visual+gps").
+
+A concatenation of p unit vectors is divided by sqrt(p), so it stays unit-norm and its inner product is
+the mean of the parts' cosine similarities: each part counts equally.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from geotoken.errors import GeoTokenError
+from geotoken.features import FeatureStore
+
+
+class StoreEmbeddings:
+    """Read-only (N, D) view of a store's embedding `spec`; indexing returns float32 rows."""
+
+    def __init__(self, store: FeatureStore, spec: str):
+        self.store, self.spec = store, spec
+        self.names = spec.split("+")
+        missing = [n for n in self.names if n not in store]
+        if not spec or missing:
+            raise GeoTokenError(
+                f"{store.root}: embedding {spec!r} needs arrays {missing or [spec]}; the store has {sorted(store)}"
+            )
+        self.parts = [store[n] for n in self.names]
+        self.shape = (store.rows, sum(p.shape[1] for p in self.parts))
+
+    @property
+    def dim(self) -> int:
+        return self.shape[1]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if len(self.parts) == 1:
+            return np.asarray(self.parts[0][rows], dtype=np.float32)
+        scale = np.float32(1 / np.sqrt(len(self.parts)))
+        return np.concatenate([np.asarray(p[rows], dtype=np.float32) * scale for p in self.parts], axis=-1)

@@ -1,0 +1,185 @@
+"""FAISS nearest-neighbour search over L2-normalised embeddings (inner product = cosine similarity).
+
+Three kinds, one interface:
+- `flat`: exact search; the default and the reference the others are measured against.
+- `ivfpq`: inverted lists + product quantisation: ~D/8 bytes per vector, for galleries in the millions.
+- `hnsw`: graph search over the full vectors: fast queries, more memory than flat.
+
+Vectors are added with their gallery row as FAISS id (an `IndexIDMap`), so rows left out of the index
+(unreadable images) never shift the numbering: `search` returns gallery rows directly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from geotoken.errors import GeoTokenError
+from geotoken.io import atomic_path, read_json, write_json
+
+KINDS = ("flat", "ivfpq", "hnsw")
+INDEX_FILE, META_FILE = "index.faiss", "index.json"
+
+
+@dataclass
+class IndexConfig:
+    """Index kind and its parameters; None means "chosen from the gallery size and dimension"."""
+
+    kind: str = "flat"
+    nlist: int | None = None  # ivfpq: number of inverted lists (default ~4 sqrt(N), a power of two)
+    pq_m: int | None = None  # ivfpq: sub-quantisers, bytes per vector (default: largest divisor of D <= D/8)
+    pq_bits: int = 8  # ivfpq: bits per sub-quantiser code
+    nprobe: int = 32  # ivfpq: lists visited per query
+    train_rows: int = 262_144  # ivfpq: rows sampled to train the coarse quantiser and PQ codebooks
+    hnsw_m: int = 32  # hnsw: graph degree
+    ef_construction: int = 80  # hnsw: build-time beam
+    ef_search: int = 128  # hnsw: query-time beam
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise GeoTokenError(f"index kind {self.kind!r} is not one of {', '.join(KINDS)}")
+
+
+def _rows_f32(x: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
+    """float32 C-contiguous copy of x[rows] (FAISS wants float32; stores hold float16)."""
+    return np.ascontiguousarray(x[rows], dtype=np.float32)
+
+
+def _ivfpq_shape(config: IndexConfig, n: int, dim: int) -> tuple[int, int, int]:
+    """(nlist, pq_m, pq_bits) with enough training rows (FAISS wants >= 39 per centroid)."""
+    n_train = min(n, config.train_rows)
+    nlist = config.nlist or 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
+    nlist = max(1, min(nlist, n_train // 39))
+    m = config.pq_m or max(d for d in range(1, max(1, dim // 8) + 1) if dim % d == 0)
+    if dim % m:
+        raise GeoTokenError(f"ivfpq: pq_m={m} must divide the embedding dimension {dim}")
+    bits = config.pq_bits
+    while bits > 1 and 39 * 2**bits > n_train:
+        bits -= 1
+    return nlist, m, bits
+
+
+class NeighbourIndex:
+    """A FAISS index whose ids are gallery rows. `search(queries (B, D), k) -> rows int64, sims float32`."""
+
+    def __init__(self, index: faiss.Index, config: IndexConfig, meta: dict[str, Any]):
+        self.index, self.config, self.meta = index, config, meta
+        self._set_search_params()
+
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    @property
+    def size(self) -> int:
+        """Number of vectors in the index."""
+        return self.index.ntotal
+
+    def _set_search_params(self) -> None:
+        params = faiss.ParameterSpace()
+        if self.config.kind == "ivfpq":
+            params.set_index_parameter(self.index, "nprobe", self.config.nprobe)
+        elif self.config.kind == "hnsw":
+            params.set_index_parameter(self.index, "efSearch", self.config.ef_search)
+
+    @classmethod
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        kind: str = "flat",
+        valid: np.ndarray | None = None,
+        batch_size: int = 65536,
+        progress: bool = True,
+        meta: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> NeighbourIndex:
+        """Index the rows of `embeddings` (N, D) (any float dtype, e.g. a float16 memmap) where `valid`.
+
+        `options` are IndexConfig fields (nlist, pq_m, nprobe, hnsw_m, ef_search, ...); `meta` is kept in
+        index.json (e.g. which store and embedding this is).
+        """
+        config = IndexConfig(kind=kind, **options)
+        n, dim = embeddings.shape
+        rows = np.arange(n, dtype=np.int64) if valid is None else np.flatnonzero(valid).astype(np.int64)
+        if len(rows) == 0:
+            raise GeoTokenError("cannot build an index over 0 rows")
+        info: dict[str, Any] = {}
+        if kind == "flat":
+            base = faiss.IndexFlatIP(dim)
+        elif kind == "hnsw":
+            base = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            base.hnsw.efConstruction = config.ef_construction
+        else:
+            nlist, m, bits = _ivfpq_shape(config, len(rows), dim)
+            info = {"nlist": nlist, "pq_m": m, "pq_bits": bits}
+            base = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, bits, faiss.METRIC_INNER_PRODUCT)
+            rng = np.random.default_rng(config.seed)
+            sample = np.sort(rng.choice(rows, size=min(len(rows), config.train_rows), replace=False))
+            base.cp.seed = base.pq.cp.seed = config.seed
+            base.train(_rows_f32(embeddings, sample))
+        index = faiss.IndexIDMap(base)
+        for start in tqdm(
+            range(0, len(rows), batch_size), desc=f"index {kind}", unit="batch", disable=not progress
+        ):
+            chunk = rows[start : start + batch_size]
+            index.add_with_ids(_rows_f32(embeddings, chunk), chunk)
+        meta = {"kind": kind, "dim": dim, "gallery_rows": n, "indexed": len(rows), **info, **(meta or {})}
+        return cls(index, config, meta)
+
+    def search(
+        self, queries: np.ndarray, k: int, batch_size: int = 8192, progress: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k gallery rows and similarities of each query, best first: (B, k) int64, (B, k) float32.
+
+        Missing hits (k larger than the index) are row -1 with similarity -inf.
+        """
+        n, dim = queries.shape
+        if dim != self.dim:
+            raise GeoTokenError(f"queries have dimension {dim}, the index {self.dim}")
+        rows = np.empty((n, k), dtype=np.int64)
+        sims = np.empty((n, k), dtype=np.float32)
+        for start in tqdm(range(0, n, batch_size), desc="search", unit="batch", disable=not progress):
+            stop = min(n, start + batch_size)
+            sims[start:stop], rows[start:stop] = self.index.search(_rows_f32(queries, slice(start, stop)), k)
+        sims[rows < 0] = -np.inf
+        return rows, sims
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out_dir / INDEX_FILE) as tmp:
+            faiss.write_index(self.index, str(tmp))
+        write_json(out_dir / META_FILE, {**self.meta, "config": asdict(self.config)})
+        return out_dir
+
+    @classmethod
+    def load(cls, index_dir: str | os.PathLike, **search_options: Any) -> NeighbourIndex:
+        """Load a saved index; `search_options` (nprobe, ef_search) override the saved ones."""
+        index_dir = Path(index_dir)
+        if not (index_dir / META_FILE).is_file() or not (index_dir / INDEX_FILE).is_file():
+            raise GeoTokenError(f"{index_dir}: not an index folder (needs {INDEX_FILE} and {META_FILE})")
+        meta = read_json(index_dir / META_FILE)
+        known = {f.name for f in fields(IndexConfig)}
+        config = IndexConfig(**{k: v for k, v in meta.pop("config").items() if k in known})
+        for key, value in search_options.items():
+            if value is not None:
+                setattr(config, key, value)
+        return cls(faiss.read_index(str(index_dir / INDEX_FILE)), config, meta)
+
+    def nbytes(self) -> int:
+        """Size of the serialised index: what it occupies in memory, give or take."""
+        return int(faiss.serialize_index(self.index).size)
+
+
+def recall_at_k(rows: np.ndarray, exact_rows: np.ndarray) -> float:
+    """Mean share of the exact top-k found in the approximate top-k: (B, k) each."""
+    hits = (rows[:, :, None] == exact_rows[:, None, :]) & (exact_rows[:, None, :] >= 0)  # (B, k, k)
+    return float(hits.any(axis=1).sum() / max(1, (exact_rows >= 0).sum()))

@@ -1,0 +1,184 @@
+"""Neighbour tables: the top-k gallery rows of every query, as memmapped arrays.
+
+Folder layout: `index.npy` int64 (N, k) gallery rows and `sims.npy` float32 (N, k), best first, plus
+`neighbours.json` (written last: its presence means the table is complete). While running, `progress.json`
+records how many query rows are done, so a killed job continues where it stopped.
+
+For training queries that are themselves in the gallery, the query's own row (matched by id) and exact
+duplicates of its embedding (the same photo uploaded twice) are removed, rather than blindly skipping
+the first hit as the paper's code does: with duplicates or ties, the first hit is not always the query.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.lib.format import open_memmap
+from tqdm import tqdm
+
+from geotoken.errors import GeoTokenError
+from geotoken.features import FeatureStore, RowWriter
+from geotoken.io import read_json, write_json
+from geotoken.retrieval.embeddings import StoreEmbeddings
+from geotoken.retrieval.index import NeighbourIndex
+
+META, PROGRESS = "neighbours.json", "progress.json"
+
+
+def first_k_kept(rows: np.ndarray, sims: np.ndarray, drop: np.ndarray, k: int):
+    """Per query, the first k candidates not dropped, order kept: (B, K) -> (B, k) rows, sims, count kept.
+
+    Rows with fewer than k kept candidates are padded with -1 / -inf.
+    """
+    order = np.argsort(drop, axis=1, kind="stable")[:, :k]  # kept candidates first, in rank order
+    out_rows = np.take_along_axis(rows, order, axis=1)
+    out_sims = np.take_along_axis(sims, order, axis=1)
+    n_kept = (~drop).sum(axis=1)
+    pad = np.arange(order.shape[1])[None, :] >= n_kept[:, None]
+    out_rows[pad], out_sims[pad] = -1, -np.inf
+    if out_rows.shape[1] < k:  # fewer candidates than k at all
+        extra = k - out_rows.shape[1]
+        out_rows = np.pad(out_rows, ((0, 0), (0, extra)), constant_values=-1)
+        out_sims = np.pad(out_sims, ((0, 0), (0, extra)), constant_values=-np.inf)
+    return out_rows, out_sims, n_kept
+
+
+def search_excluding(
+    index: NeighbourIndex,
+    queries: np.ndarray,
+    k: int,
+    self_rows: np.ndarray | None = None,
+    gallery: StoreEmbeddings | np.ndarray | None = None,
+    margin: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of each query (B, D) without its own gallery row `self_rows` (B,) (-1: not in the gallery)
+    and without gallery rows whose embedding in `gallery` equals the query exactly.
+
+    Searches k + margin; queries left with fewer than k hits are searched again with a doubled margin.
+    """
+    queries = np.asarray(queries, dtype=np.float32)
+    b = len(queries)
+    out_rows = np.full((b, k), -1, dtype=np.int64)
+    out_sims = np.full((b, k), -np.inf, dtype=np.float32)
+    todo = np.arange(b)
+    while len(todo):
+        depth = min(k + margin, index.size)
+        rows, sims = index.search(queries[todo], depth)  # (T, depth)
+        drop = rows < 0
+        if self_rows is not None:
+            drop |= rows == self_rows[todo, None]
+        if gallery is not None:
+            cand = gallery[np.where(rows < 0, 0, rows).ravel()].reshape(*rows.shape, -1)  # (T, depth, D)
+            drop |= (cand == queries[todo, None, :]).all(axis=-1)
+        r, s, n_kept = first_k_kept(rows, sims, drop, k)
+        out_rows[todo], out_sims[todo] = r, s
+        if depth >= index.size:
+            break
+        todo = todo[n_kept < k]
+        margin *= 4
+    return out_rows, out_sims
+
+
+def _self_rows(query_store: FeatureStore, gallery_store: FeatureStore) -> np.ndarray:
+    """Gallery row of each query id, -1 where the id is not in the gallery: (Nq,) int64."""
+    if query_store.ids == gallery_store.ids:
+        return np.arange(query_store.rows, dtype=np.int64)
+    where = {id_: row for row, id_ in enumerate(gallery_store.ids)}
+    return np.fromiter((where.get(i, -1) for i in query_store.ids), dtype=np.int64, count=query_store.rows)
+
+
+def neighbour_table(
+    query_store: FeatureStore,
+    gallery_index: NeighbourIndex,
+    k: int,
+    out_dir: str | os.PathLike,
+    exclude_self_ids: bool = True,
+    gallery_store: FeatureStore | None = None,
+    embedding: str | None = None,
+    batch_size: int = 1024,
+    progress: bool = True,
+) -> NeighbourTable:
+    """Write the top-k gallery rows of every query row to `out_dir` (resumes a killed run).
+
+    The query embedding is the one the index was built from unless `embedding` says otherwise. With
+    `exclude_self_ids`, the gallery store (default: the one recorded in the index) supplies the ids and
+    embeddings used to drop each query's own row and its exact duplicates. Skipped query rows get -1.
+    """
+    out_dir = Path(out_dir)
+    embedding = embedding or gallery_index.meta.get("embedding")
+    if not embedding:
+        raise GeoTokenError("which embedding to search is unknown: pass embedding= (e.g. 'gps')")
+    queries = StoreEmbeddings(query_store, embedding)
+    if queries.dim != gallery_index.dim:
+        raise GeoTokenError(
+            f"{query_store.root}: {embedding!r} is {queries.dim}-d, the index {gallery_index.dim}-d"
+        )
+    self_rows = gallery = None
+    if exclude_self_ids:
+        if gallery_store is None:
+            if "store" not in gallery_index.meta:
+                raise GeoTokenError("the index does not record its gallery store: pass gallery_store=")
+            gallery_store = FeatureStore.open(gallery_index.meta["store"])
+        self_rows = _self_rows(query_store, gallery_store)
+        gallery = StoreEmbeddings(gallery_store, embedding)
+
+    config = {
+        "k": k,
+        "embedding": embedding,
+        "exclude_self_ids": exclude_self_ids,
+        "queries": {"store": str(query_store.root), "manifest_hash": query_store.header.get("manifest_hash")},
+        "index": {key: gallery_index.meta.get(key) for key in ("kind", "store", "embedding", "indexed")},
+        "rows": query_store.rows,
+    }
+    if (out_dir / META).is_file() and read_json(out_dir / META)["config"] == config:
+        return NeighbourTable.open(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / META).unlink(missing_ok=True)
+    state = read_json(out_dir / PROGRESS) if (out_dir / PROGRESS).is_file() else None
+    if state is None or state["config"] != config:
+        open_memmap(out_dir / "index.npy", mode="w+", dtype=np.int64, shape=(query_store.rows, k)).flush()
+        open_memmap(out_dir / "sims.npy", mode="w+", dtype=np.float32, shape=(query_store.rows, k)).flush()
+        state = {"config": config, "done": 0}
+        write_json(out_dir / PROGRESS, state)
+
+    valid = query_store.valid
+    with RowWriter(out_dir / "index.npy") as row_out, RowWriter(out_dir / "sims.npy") as sim_out:
+        starts = range(state["done"], query_store.rows, batch_size)
+        for start in tqdm(starts, desc="neighbours", unit="batch", disable=not progress):
+            stop = min(query_store.rows, start + batch_size)
+            ok = np.flatnonzero(valid[start:stop])
+            rows = np.full((stop - start, k), -1, dtype=np.int64)
+            sims = np.full((stop - start, k), -np.inf, dtype=np.float32)
+            sr = None if self_rows is None else self_rows[start:stop][ok]
+            rows[ok], sims[ok] = search_excluding(gallery_index, queries[start + ok], k, sr, gallery)
+            row_out.write(start, rows)
+            sim_out.write(start, sims)
+            state["done"] = stop
+            write_json(out_dir / PROGRESS, state)
+    write_json(out_dir / META, {"format": "geotoken.neighbours", "version": 1, "config": config})
+    (out_dir / PROGRESS).unlink()
+    return NeighbourTable.open(out_dir)
+
+
+class NeighbourTable:
+    """A finished neighbour table: `.rows` int64 (N, k) and `.sims` float32 (N, k) memmaps, `.meta`."""
+
+    def __init__(self, root: Path, meta: dict[str, Any]):
+        self.root, self.meta = root, meta
+        self.rows = np.load(root / "index.npy", mmap_mode="r")
+        self.sims = np.load(root / "sims.npy", mmap_mode="r")
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> NeighbourTable:
+        root = Path(root)
+        if not (root / META).is_file():
+            state = "unfinished (rerun to resume)" if (root / PROGRESS).is_file() else "not a neighbour table"
+            raise GeoTokenError(f"{root}: {state}: no {META}")
+        return cls(root, read_json(root / META))
+
+    @property
+    def k(self) -> int:
+        return self.rows.shape[1]

@@ -1,0 +1,183 @@
+"""FAISS indexes and neighbour tables, checked against brute-force NumPy on small random galleries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import geotoken.retrieval.neighbours as nb
+from geotoken.errors import GeoTokenError
+from geotoken.features import FeatureStore
+from geotoken.retrieval import (
+    NeighbourIndex,
+    NeighbourTable,
+    StoreEmbeddings,
+    neighbour_table,
+    recall_at_k,
+    search_excluding,
+)
+
+faiss = pytest.importorskip("faiss")
+faiss.omp_set_num_threads(1)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def clustered(n: int, dim: int, seed: int = 0, clusters: int = 50) -> np.ndarray:
+    """Unit vectors around `clusters` centres (real embeddings have structure; uniform noise has none)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    return unit(centres[rng.integers(0, clusters, n)] + 0.6 * rng.standard_normal((n, dim))).astype(
+        np.float32
+    )
+
+
+def brute_force(queries, gallery, k, allowed=None):
+    sims = queries @ gallery.T
+    if allowed is not None:
+        sims = np.where(allowed, sims, -np.inf)
+    rows = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return rows, np.take_along_axis(sims, rows, axis=1)
+
+
+def make_store(root, arrays: dict[str, np.ndarray], ids=None, skipped=()) -> FeatureStore:
+    n = len(next(iter(arrays.values())))
+    ids = ids or [f"g{i}" for i in range(n)]
+    store = FeatureStore.create(root, ids, np.zeros((n, 2)), {k: v.shape[1] for k, v in arrays.items()})
+    for name, values in arrays.items():
+        with store.writer(name) as w:
+            w.write(0, values.astype(np.float16))
+        store.mark_complete(name)
+    store.header["skipped"] = [{"row": r, "id": ids[r], "reason": "test"} for r in skipped]
+    store.save_header()
+    return FeatureStore.open(root)
+
+
+def test_flat_is_exact_and_skips_invalid_rows(tmp_path):
+    gallery, queries = clustered(500, 32), clustered(40, 32, seed=1)
+    valid = np.ones(500, bool)
+    valid[::7] = False
+    index = NeighbourIndex.build(gallery, "flat", valid=valid, progress=False, batch_size=128)
+    rows, sims = index.search(queries, 10, batch_size=16)
+    want_rows, want_sims = brute_force(queries, gallery, 10, allowed=valid[None, :])
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_allclose(sims, want_sims, atol=1e-5)
+    assert rows.dtype == np.int64 and sims.dtype == np.float32 and index.size == valid.sum()
+    # asking for more than the index holds pads with -1 / -inf
+    small = NeighbourIndex.build(gallery[:3], "flat", progress=False)
+    r, s = small.search(queries[:2], 5)
+    assert (r[:, 3:] == -1).all() and np.isneginf(s[:, 3:]).all()
+    # save / load round trip
+    index.save(tmp_path / "idx")
+    again = NeighbourIndex.load(tmp_path / "idx")
+    np.testing.assert_array_equal(again.search(queries, 10)[0], rows)
+    assert again.meta["indexed"] == valid.sum() and again.meta["gallery_rows"] == 500
+    with pytest.raises(GeoTokenError, match="dimension 16"):
+        index.search(queries[:, :16], 3)
+
+
+@pytest.mark.parametrize("kind, options", [("ivfpq", {"nprobe": 16, "pq_m": 16}), ("hnsw", {})])
+def test_compressed_indexes_recall(tmp_path, kind, options):
+    gallery, queries = clustered(4000, 32), clustered(100, 32, seed=1)
+    exact, _ = brute_force(queries, gallery, 15)
+    index = NeighbourIndex.build(gallery, kind, progress=False, **options)
+    rows, _ = index.search(queries, 15)
+    assert recall_at_k(rows, exact) > 0.75
+    index.save(tmp_path / kind)
+    loaded = NeighbourIndex.load(tmp_path / kind)
+    np.testing.assert_array_equal(loaded.search(queries, 15)[0], rows)
+    if kind == "ivfpq":  # nprobe saved with the index, and overridable at load time
+        assert faiss.extract_index_ivf(loaded.index).nprobe == 16
+        everything = NeighbourIndex.load(tmp_path / kind, nprobe=loaded.meta["nlist"])
+        assert recall_at_k(everything.search(queries, 15)[0], exact) >= recall_at_k(rows, exact)
+
+
+def test_recall_at_k():
+    exact = np.array([[1, 2, 3], [4, 5, 6]])
+    assert recall_at_k(np.array([[3, 2, 1], [4, 9, 8]]), exact) == pytest.approx(4 / 6)
+
+
+def test_first_k_kept_pads():
+    rows = np.array([[5, 6, 7, 8], [1, 2, 3, 4]])
+    sims = np.array([[0.9, 0.8, 0.7, 0.6], [0.5, 0.4, 0.3, 0.2]], dtype=np.float32)
+    drop = np.array([[True, False, True, False], [True, True, True, False]])
+    r, s, kept = nb.first_k_kept(rows, sims, drop, 3)
+    np.testing.assert_array_equal(r, [[6, 8, -1], [4, -1, -1]])
+    np.testing.assert_array_equal(kept, [2, 1])
+    assert s[0, 1] == np.float32(0.6) and np.isneginf(s[1, 1:]).all()
+
+
+def test_search_excluding_self_and_duplicates():
+    g = clustered(300, 16)
+    g[10] = g[11] = g[12]  # one photo uploaded three times
+    index = NeighbourIndex.build(g, "flat", progress=False)
+    queries = g[[10, 20]]
+    rows, sims = search_excluding(index, queries, 5, self_rows=np.array([10, 20]), gallery=g, margin=1)
+    allowed = np.ones((2, 300), bool)
+    allowed[0, [10, 11, 12]] = allowed[1, 20] = False
+    want, _ = brute_force(queries, g, 5, allowed)
+    np.testing.assert_array_equal(rows, want)
+    # only by id: the duplicates stay (they tie with the query itself)
+    rows, _ = search_excluding(index, queries, 5, self_rows=np.array([10, 20]))
+    assert set(rows[0, :2]) == {11, 12} and 10 not in rows[0]
+
+
+def test_store_embeddings_concatenation(tmp_path):
+    vis, gps = clustered(20, 8), clustered(20, 4, seed=3)
+    store = make_store(tmp_path / "s", {"visual": vis, "gps": gps})
+    both = StoreEmbeddings(store, "visual+gps")
+    assert both.shape == (20, 12)
+    np.testing.assert_allclose(np.linalg.norm(both[3:7], axis=1), 1, atol=2e-3)
+    ip = both[[0]] @ both[[1]].T
+    want = (vis[0] @ vis[1] + gps[0] @ gps[1]) / 2
+    assert ip[0, 0] == pytest.approx(want, abs=2e-3)
+    with pytest.raises(GeoTokenError, match="text"):
+        StoreEmbeddings(store, "visual+text")
+
+
+def test_neighbour_table_excludes_self_resumes_and_matches_brute_force(tmp_path, monkeypatch):
+    g = clustered(260, 16)
+    g[30] = g[31]  # a duplicate pair
+    store = make_store(tmp_path / "gallery", {"gps": g}, skipped=[5])
+    index = NeighbourIndex.build(StoreEmbeddings(store, "gps"), "flat", valid=store.valid, progress=False,
+                                 meta={"store": str(store.root), "embedding": "gps"})  # fmt: skip
+    table = neighbour_table(store, index, 6, tmp_path / "whole", batch_size=64, progress=False)
+    g16 = store["gps"].astype(np.float32)
+    allowed = np.broadcast_to(store.valid, (260, 260)).copy()
+    np.fill_diagonal(allowed, False)
+    allowed[30, 31] = allowed[31, 30] = False
+    want, want_sims = brute_force(g16, g16, 6, allowed)
+    want[5], want_sims[5] = -1, -np.inf  # a skipped query row has no neighbours
+    tie = np.where(want == 31, 30, want)  # rows 30 and 31 tie: either order is right
+    np.testing.assert_array_equal(np.where(table.rows == 31, 30, table.rows), tie)
+    np.testing.assert_allclose(table.sims, want_sims, atol=1e-5)
+    assert table.k == 6 and table.rows.dtype == np.int64 and table.sims.dtype == np.float32
+    assert not (tmp_path / "whole" / "progress.json").exists()
+
+    # killed after two batches, the same call resumes and gives identical files
+    real, calls = nb.search_excluding, []
+
+    def crash_after_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nb, "search_excluding", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        neighbour_table(store, index, 6, tmp_path / "part", batch_size=64, progress=False)
+    with pytest.raises(GeoTokenError, match="unfinished"):
+        NeighbourTable.open(tmp_path / "part")
+    monkeypatch.setattr(nb, "search_excluding", real)
+    neighbour_table(store, index, 6, tmp_path / "part", batch_size=64, progress=False)
+    for name in ("index.npy", "sims.npy"):
+        assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+    # queries from another store: test-time queries keep every hit; with exclusion, copies of them go
+    queries = make_store(tmp_path / "queries", {"gps": g[:4]}, ids=["q0", "q1", "q2", "q3"])
+    table = neighbour_table(queries, index, 3, tmp_path / "test", exclude_self_ids=False, progress=False)
+    np.testing.assert_array_equal(table.rows[:, 0], [0, 1, 2, 3])
+    table = neighbour_table(queries, index, 3, tmp_path / "train", progress=False)
+    np.testing.assert_array_equal(table.rows, want[:4, :3])
