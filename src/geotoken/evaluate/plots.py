@@ -67,7 +67,7 @@ def plot_error_cdf(
 
 
 @functools.lru_cache(maxsize=2)
-def basemap(width: int = 1350, name: str = "bmng") -> np.ndarray:
+def basemap(width: int = 1024, name: str = "bmng") -> np.ndarray:
     """The Blue Marble image (equirectangular, 2:1), decoded at reduced size: (width / 2, width, 3) uint8."""
     from PIL import Image
 
@@ -91,16 +91,21 @@ def plot_world_map(
 ) -> Path:
     """Truth (green) and predictions (red) over Blue Marble; a random subset of pairs joined by lines."""
     plt = _pyplot()
+    from matplotlib.collections import LineCollection
+
     fig, ax = plt.subplots(figsize=(10, 5.2))
-    ax.imshow(basemap(), extent=(-180, 180, -90, 90), origin="upper", interpolation="bilinear")
+    ax.imshow(basemap(), extent=(-180, 180, -90, 90), origin="upper", interpolation="nearest")
     n = len(true_lat)
     rng = np.random.default_rng(seed)
     sub = rng.choice(n, size=min(n, max_lines), replace=False)
     # a line per pair; pairs that cross the antimeridian are drawn the short way and clipped by the axes
     dlon = (pred_lon[sub] - true_lon[sub] + 180) % 360 - 180
-    xs = np.stack([true_lon[sub], true_lon[sub] + dlon])
-    ys = np.stack([true_lat[sub], pred_lat[sub]])
-    ax.plot(xs, ys, color="yellow", lw=0.4, alpha=0.5)
+    segments = np.stack(
+        [np.stack([true_lon[sub], true_lat[sub]], 1), np.stack([true_lon[sub] + dlon, pred_lat[sub]], 1)], 1
+    )
+    ax.add_collection(
+        LineCollection(segments, colors="yellow", linewidths=0.4, alpha=0.5)
+    )  # (n, 2 points, xy)
     ms = max(1.0, 12.0 / np.sqrt(max(n, 1) / 100))
     ax.scatter(true_lon, true_lat, s=ms, c="lime", label="truth", linewidths=0, alpha=0.8)
     ax.scatter(pred_lon, pred_lat, s=ms, c="red", label="prediction", linewidths=0, alpha=0.8)
