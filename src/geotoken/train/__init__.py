@@ -1,0 +1,17 @@
+"""Training GeoToken models: data assembly by indexing, the resumable loop, validation, DDP."""
+
+from geotoken.train.data import TrainData, batch_rows, epoch_order, steps_per_epoch
+from geotoken.train.loop import TrainConfig, load_checkpoint, lr_at, save_checkpoint, train, validate
+
+__all__ = [
+    "TrainConfig",
+    "TrainData",
+    "batch_rows",
+    "epoch_order",
+    "load_checkpoint",
+    "lr_at",
+    "save_checkpoint",
+    "steps_per_epoch",
+    "train",
+    "validate",
+]

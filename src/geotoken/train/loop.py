@@ -1,0 +1,384 @@
+"""The training loop: AdamW, warm-up + cosine (or the paper's per-epoch step) schedule, clipping, bf16
+autocast, checkpoints that resume to the bit, validation with greedy decoding, DDP under torchrun.
+
+Output folder:
+    run.json            model + training config, data sources
+    last/               model.safetensors, config.json, state.safetensors, state.json (resume from here)
+    best/               model.safetensors, config.json, metrics.json (best validation so far)
+    log.jsonl           one JSON object per logged step and per validation
+    tb/                 TensorBoard events
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from geotoken.errors import GeoTokenError
+from geotoken.io import atomic_path, read_json, write_json
+from geotoken.model import GeoToken, ModelConfig
+from geotoken.train.data import TrainData, batch_rows, epoch_order, steps_per_epoch
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # "cosine" to min_lr_ratio * lr, or "step": x step_gamma per epoch (the paper)
+    min_lr_ratio: float = 0.05
+    step_gamma: float = 0.9
+    weight_decay: float = 0.01  # on matrices only (not biases, norms, embeddings)
+    grad_clip: float = 1.0
+    batch_size: int = 256  # per process
+    epochs: int = 10
+    max_steps: int = 0  # > 0: stop after this many steps (overrides epochs)
+    label_smoothing: float = 0.0
+    dtype: str = "fp32"  # "bf16": autocast (GPU or CPU); weights and optimizer stay fp32
+    compile: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500  # steps; and at the end
+    val_every: int = 1  # epochs (0: never)
+    val_batch_size: int = 512
+    log_every: int = 20
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "step"):
+            raise GeoTokenError(f"schedule {self.schedule!r}: choose 'cosine' or 'step'")
+        if self.dtype not in ("fp32", "bf16"):
+            raise GeoTokenError(f"dtype {self.dtype!r}: choose 'fp32' or 'bf16'")
+        if self.batch_size < 1:
+            raise GeoTokenError(f"batch_size {self.batch_size} must be >= 1")
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int, per_epoch: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine or step decay."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.step_gamma ** (step // per_epoch)
+    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def make_optimizer(model: GeoToken, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+
+
+# ------------------------------------------------------------------------------------------ distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Rank/world from an initialised process group or from torchrun's environment (gloo on CPU, nccl on GPU)."""
+    if dist.is_available() and dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return Dist(dist.get_rank(), dist.get_world_size())
+    return Dist()
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def _rng_state() -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _gather_rng(d: Dist) -> list[torch.Tensor]:
+    """Every rank's CPU RNG state (dropout draws differ per rank), collected on all ranks."""
+    mine = _rng_state()
+    if d.world == 1:
+        return [mine]
+    out = [torch.empty_like(mine) for _ in range(d.world)]
+    dist.all_gather(out, mine)
+    return out
+
+
+def save_checkpoint(
+    folder: Path, model: GeoToken, opt: torch.optim.Optimizer, state: dict, rngs: list
+) -> None:
+    """Write a complete checkpoint beside `folder`, then swap it in: a crash leaves the old one whole."""
+    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp)
+    osd = opt.state_dict()
+    tensors = {f"rng.cpu.{r}": s for r, s in enumerate(rngs)}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    for i, s in osd["state"].items():
+        for name, t in s.items():
+            tensors[f"opt.{i}.{name}"] = t.detach().cpu().contiguous()
+    with atomic_path(tmp / "state.safetensors") as p:
+        save_file(tensors, str(p))
+    write_json(tmp / "state.json", {**state, "param_groups": osd["param_groups"], "world": len(rngs)})
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, model: GeoToken, opt: torch.optim.Optimizer, d: Dist) -> dict:
+    """Restore weights, optimizer and this rank's RNG; returns the JSON state (step, best, ...)."""
+    if not (folder / "state.json").is_file() and folder.with_name(f".{folder.name}.old").is_dir():
+        folder = folder.with_name(f".{folder.name}.old")  # a crash between the two renames
+    for name in ("state.json", "state.safetensors", "model.safetensors"):
+        if not (folder / name).is_file():
+            raise GeoTokenError(f"cannot resume: {folder / name} is missing")
+    state = read_json(folder / "state.json")
+    saved = ModelConfig.from_dict(read_json(folder / "config.json"))
+    if saved != model.cfg:
+        raise GeoTokenError(
+            f"cannot resume: {folder / 'config.json'} differs from the requested model config"
+        )
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    tensors = load_file(str(folder / "state.safetensors"))
+    opt_state: dict = {}
+    for key, t in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            opt_state.setdefault(int(i), {})[name] = t
+    opt.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+    if state["world"] == d.world:  # same process count: continue every rank's random stream exactly
+        torch.set_rng_state(tensors[f"rng.cpu.{d.rank}"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+    else:
+        torch.manual_seed(state["step"] * 1000 + d.rank)
+    return state
+
+
+# ------------------------------------------------------------------------------------------ validation
+@torch.no_grad()
+def validate(
+    model: GeoToken, data: TrainData, rows: np.ndarray, cfg: TrainConfig, device: torch.device
+) -> dict:
+    """Greedy decoding of `rows`: teacher-forced loss, token accuracy, and accuracy within each km threshold."""
+    from geotoken.decode import greedy
+
+    model.eval()
+    k, T = model.cfg.k, model.cfg.n_tokens
+    losses, pred = [], []
+    for s in range(0, len(rows), cfg.val_batch_size):
+        batch = data.batch(rows[s : s + cfg.val_batch_size], k).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+            _, loss = model(batch)
+            tokens, _ = greedy(model, batch)
+        losses.append(loss.float().item() * batch.size)
+        pred.append(tokens.cpu())
+    pred = torch.cat(pred).numpy()  # (V, T)
+    true = np.asarray(data.query_tokens[rows])
+    prefix = np.cumprod(pred == true, axis=1).sum(1)  # correct leading tokens per row
+    out = {
+        "val_loss": sum(losses) / len(rows),
+        "val_face_acc": float((prefix >= 1).mean()),
+        "val_token_prefix": float(prefix.mean() / T),
+    }
+    if data.query_coords is not None:
+        from geotoken.geo import THRESHOLDS_KM, haversine_km
+        from geotoken.s2 import tokens_to_latlon
+
+        lat, lon = tokens_to_latlon(pred, model.cfg.level, model.cfg.group)
+        coords = np.asarray(data.query_coords[rows])
+        err = haversine_km(coords[:, 0], coords[:, 1], lat, lon)
+        out["val_median_km"] = float(np.median(err))
+        for t in THRESHOLDS_KM:
+            out[f"val_acc_{t:g}km"] = float((err <= t).mean())
+        out["val_score"] = float(np.mean([out[f"val_acc_{t:g}km"] for t in THRESHOLDS_KM]))
+    else:
+        out["val_score"] = -out["val_loss"]
+    model.train()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the loop
+def train(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    data: TrainData,
+    out: str | Path,
+    train_rows: np.ndarray | None = None,
+    val_data: TrainData | None = None,
+    val_rows: np.ndarray | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    sources: dict | None = None,
+    stop_at: int | None = None,
+) -> GeoToken:
+    """Train (or resume) a GeoToken model; returns the model after the last step (unwrapped).
+
+    `stop_at` ends this call early (after a checkpoint) without changing the schedule, which still
+    runs to `max_steps` / `epochs`: a later call with `resume=True` continues exactly.
+    """
+    out = Path(out)
+    d = init_distributed()
+    dev = torch.device(
+        device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    )
+    data.check(model_cfg.modalities, model_cfg.k, model_cfg.vocab_sizes)
+    val_data = val_data if val_data is not None else data
+    if val_rows is not None and len(val_rows):
+        val_data.check(model_cfg.modalities, model_cfg.k, model_cfg.vocab_sizes)
+    train_rows = np.arange(data.rows) if train_rows is None else np.asarray(train_rows, dtype=np.int64)
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = GeoToken(model_cfg).to(dev)
+    opt = make_optimizer(model, cfg)
+    per_epoch = steps_per_epoch(len(train_rows), cfg.batch_size, d.world)
+    total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch
+    state = {"step": 0, "best_score": None, "best_step": None}
+    if resume:
+        if not ((out / "last").exists() or (out / ".last.old").exists()):
+            raise GeoTokenError(f"cannot resume: {out / 'last'} does not exist")
+        state = load_checkpoint(out / "last", model, opt, d)
+    else:
+        torch.manual_seed(cfg.seed * 1000 + 1 + d.rank)  # dropout streams differ per rank
+    if d.main:
+        run = {
+            "model": model_cfg.to_dict(),
+            "train": dataclasses.asdict(cfg),
+            "world": d.world,
+            "sources": sources or {},
+        }
+        write_json(out / "run.json", run)
+
+    net = model
+    if d.world > 1:
+        unused = model_cfg.k == 0 or not model_cfg.use_neighbour_tokens  # retrieval table never read
+        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    log = _Logger(out, cfg, d.main)
+    model.train()
+    step = state["step"]
+    bar = _progress(cfg, d, total, step)
+    t0, seen = time.perf_counter(), 0
+    end = total if stop_at is None else min(stop_at, total)
+    while step < end:
+        epoch, i = divmod(step, per_epoch)
+        rows = train_rows[
+            batch_rows(epoch_order(len(train_rows), cfg.seed, epoch), i, cfg.batch_size, d.rank, d.world)
+        ]
+        batch = data.batch(rows, model_cfg.k).to(dev, non_blocking=True)
+        lr = lr_at(cfg, step, total, per_epoch)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+            _, loss = net(batch, cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        seen += batch.size * d.world
+
+        if step % cfg.log_every == 0 or step == total:
+            dt = time.perf_counter() - t0
+            rec = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr, "grad_norm": float(gnorm)}
+            rec["samples_per_s"] = seen / dt
+            log.write(rec)
+            t0, seen = time.perf_counter(), 0
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=f"{rec['samples_per_s']:.0f}")
+        if bar is not None:
+            bar.update(1)
+
+        end_of_epoch = step % per_epoch == 0 or step == total
+        if cfg.val_every and val_rows is not None and len(val_rows) and end_of_epoch:
+            if (step // per_epoch) % cfg.val_every == 0 or step == total:
+                if d.main:
+                    metrics = {
+                        "step": step,
+                        "epoch": (step - 1) // per_epoch,
+                        **validate(model, val_data, val_rows, cfg, dev),
+                    }
+                    log.write(metrics)
+                    if state["best_score"] is None or metrics["val_score"] > state["best_score"]:
+                        state["best_score"], state["best_step"] = metrics["val_score"], step
+                        model.save(out / "best")
+                        write_json(out / "best" / "metrics.json", metrics)
+                if d.world > 1:
+                    _sync_best(state, d)
+        if step % cfg.checkpoint_every == 0 or step == end:
+            rngs = _gather_rng(d)
+            if d.main:
+                save_checkpoint(out / "last", model, opt, {**state, "step": step}, rngs)
+            if d.world > 1:
+                dist.barrier()
+    if bar is not None:
+        bar.close()
+    log.close()
+    return model
+
+
+def _sync_best(state: dict, d: Dist) -> None:
+    """Rank 0 decides the best checkpoint; the others copy its bookkeeping (kept in their checkpoint state)."""
+    t = torch.tensor(
+        [-math.inf if state["best_score"] is None else state["best_score"], state["best_step"] or 0.0]
+    )
+    dist.broadcast(t, 0)
+    if math.isfinite(t[0]):
+        state["best_score"], state["best_step"] = float(t[0]), int(t[1])
+
+
+def _progress(cfg: TrainConfig, d: Dist, total: int, step: int):
+    if not (cfg.progress and d.main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+
+class _Logger:
+    """JSON lines (appended, so a resumed run continues the same file) and TensorBoard scalars, rank 0 only."""
+
+    def __init__(self, out: Path, cfg: TrainConfig, main: bool):
+        self.f = self.tb = None
+        if not main:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self.f = open(out / "log.jsonl", "a", encoding="utf-8")
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+
+    def write(self, rec: dict) -> None:
+        if self.f is None:
+            return
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for key, v in rec.items():
+                if key not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(key, v, rec["step"])
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,178 @@
+"""Training: batch assembly, data order, schedule, checkpoints that resume to the bit, validation, DDP."""
+
+import hashlib
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from geotoken.errors import GeoTokenError
+from geotoken.model import GeoToken, preset
+from geotoken.train import TrainConfig, TrainData, batch_rows, epoch_order, lr_at, steps_per_epoch, train
+
+torch.set_num_threads(1)
+MODS = {"visual": 12, "gps": 8}
+
+
+def synthetic(n: int = 64, k: int = 6, seed: int = 0, coords: bool = False) -> TrainData:
+    """Queries = gallery (as on MP16). The neighbours share the query's face token, so a model that reads
+    the retrieved tokens can predict it; the finer tokens are noise."""
+    rng = np.random.default_rng(seed)
+    emb = {m: rng.standard_normal((n, D)).astype(np.float16) for m, D in MODS.items()}
+    face = np.arange(n) % 6
+    tokens = np.concatenate([face[:, None], rng.integers(0, 16, (n, 3))], axis=1)  # level 6, group 2
+    nbr = (np.arange(n)[:, None] + 6 * rng.integers(1, n // 6, (n, k))) % n  # same face, never itself
+    xy = np.stack([rng.uniform(-80, 80, n), rng.uniform(-180, 180, n)], 1) if coords else None
+    return TrainData(emb, emb, nbr.astype(np.int64), tokens, tokens, xy)
+
+
+def model_cfg(**kw):
+    return preset("tiny", d_model=32, n_heads=2, d_ff=64, level=6, group=2, k=4, modalities=MODS, **kw)
+
+
+def quiet(**kw) -> TrainConfig:
+    base = dict(
+        batch_size=8, warmup_steps=2, lr=1e-3, val_every=0, tensorboard=False, progress=False, log_every=1
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def weights_hash(model: GeoToken) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_batch_is_gathered_by_indexing():
+    data = synthetic()
+    rows = np.array([5, 0, 63])
+    b = data.batch(rows, k=4)
+    assert b.query["visual"].shape == (3, 12) and b.query["visual"].dtype == torch.float32
+    assert b.nbr["gps"].shape == (3, 4, 8) and b.nbr_tokens.shape == (3, 4, 4) and b.targets.shape == (3, 4)
+    n = data.neighbours[63, 2]
+    np.testing.assert_array_equal(b.nbr["gps"][2, 2].numpy(), data.gallery["gps"][n].astype(np.float32))
+    np.testing.assert_array_equal(b.nbr_tokens[2, 2].numpy(), data.gallery_tokens[n])
+    np.testing.assert_array_equal(b.targets.numpy(), data.query_tokens[rows])
+
+
+def test_check_names_the_bad_field():
+    data = synthetic()
+    data.neighbours[7, 1] = 10_000
+    with pytest.raises(GeoTokenError, match="row 7 column 1 is 10000"):
+        data.check(MODS, 4, [6, 16, 16, 16])
+    with pytest.raises(GeoTokenError, match="'text'"):
+        synthetic().check({**MODS, "text": 4}, 4, [6, 16, 16, 16])
+    with pytest.raises(GeoTokenError, match="k=9"):
+        synthetic().check(MODS, 9, [6, 16, 16, 16])
+
+
+def test_data_order_is_a_disjoint_deterministic_shard_per_rank():
+    order = epoch_order(100, seed=3, epoch=2)
+    np.testing.assert_array_equal(order, epoch_order(100, seed=3, epoch=2))
+    assert not np.array_equal(order, epoch_order(100, seed=3, epoch=1))
+    assert steps_per_epoch(100, 8, world=3) == 4
+    shards = [batch_rows(order, s, 8, r, 3) for s in range(4) for r in range(3)]
+    seen = np.concatenate(shards)
+    assert len(seen) == 96 and len(np.unique(seen)) == 96
+    with pytest.raises(GeoTokenError, match="fewer than one batch"):
+        steps_per_epoch(5, 8)
+
+
+def test_schedule():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(cfg, 0, 110, 20) == pytest.approx(0.1)
+    assert lr_at(cfg, 9, 110, 20) == pytest.approx(1.0)
+    assert lr_at(cfg, 60, 110, 20) == pytest.approx(0.55)
+    assert lr_at(cfg, 110, 110, 20) == pytest.approx(0.1)
+    step = TrainConfig(lr=1.0, warmup_steps=0, schedule="step", step_gamma=0.9)
+    assert lr_at(step, 45, 100, 20) == pytest.approx(0.81)
+    with pytest.raises(GeoTokenError, match="schedule"):
+        TrainConfig(schedule="linear")
+
+
+def test_resume_is_bit_identical(tmp_path):
+    data, mc = synthetic(), model_cfg()
+    cfg = quiet(max_steps=8, checkpoint_every=4)  # dropout 0.1 is on: RNG state must be restored too
+    full = train(mc, cfg, data, tmp_path / "full")
+    part = train(mc, cfg, data, tmp_path / "part", stop_at=4)
+    assert json.loads((tmp_path / "part/last/state.json").read_text())["step"] == 4
+    assert weights_hash(part) != weights_hash(full)
+    resumed = train(mc, cfg, data, tmp_path / "part", resume=True)
+    assert weights_hash(resumed) == weights_hash(full)
+    from safetensors.torch import load_file
+
+    sa, sb = (
+        load_file(tmp_path / "full/last/state.safetensors"),
+        load_file(tmp_path / "part/last/state.safetensors"),
+    )
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[key], sb[key]) for key in sa)
+    logs = [json.loads(line) for line in (tmp_path / "part/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == list(range(1, 9))
+    with pytest.raises(GeoTokenError, match="cannot resume"):
+        train(mc, cfg, data, tmp_path / "none", resume=True)
+
+
+def test_training_learns_and_keeps_the_best_checkpoint(tmp_path):
+    data, mc = synthetic(n=96), model_cfg(dropout=0.0)
+    cfg = quiet(max_steps=60, checkpoint_every=1000, val_every=1, lr=3e-3, log_every=10)
+    rows = np.arange(96)
+    model = train(mc, cfg, data, tmp_path, train_rows=rows[:80], val_rows=rows[80:])
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in logs if "loss" in r]
+    vals = [r for r in logs if "val_loss" in r]
+    assert len(vals) == 6  # 10 steps per epoch, validation after each
+    assert losses[-1] < losses[0] - 0.2  # the face token is learnable, the rest is noise (floor 1.85)
+    assert vals[-1]["val_face_acc"] > 0.5  # copied from the first neighbour (chance 1/6)
+    best = json.loads((tmp_path / "best/metrics.json").read_text())
+    assert best["val_score"] == max(v["val_score"] for v in vals)
+    assert GeoToken.load(tmp_path / "best").cfg == model.cfg
+    assert {"model.safetensors", "config.json", "state.safetensors", "state.json"} <= {
+        p.name for p in (tmp_path / "last").iterdir()
+    }
+
+
+def test_validation_reports_km_accuracy(tmp_path):
+    pytest.importorskip("geotoken.s2")
+    pytest.importorskip("geotoken.geo")
+    from geotoken.s2 import latlon_to_tokens
+
+    data = synthetic(coords=True)
+    data.query_tokens = data.gallery_tokens = latlon_to_tokens(
+        data.query_coords[:, 0], data.query_coords[:, 1], 6, 2
+    )
+    cfg = quiet(max_steps=8, val_every=1)
+    train(model_cfg(), cfg, data, tmp_path, train_rows=np.arange(48), val_rows=np.arange(48, 64))
+    val = [
+        json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if "val_loss" in line
+    ]
+    assert 0.0 <= val[-1]["val_acc_2500km"] <= 1.0 and val[-1]["val_median_km"] > 0
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    model = train(model_cfg(), quiet(max_steps=4, checkpoint_every=2), synthetic(), out)
+    with open(os.path.join(out, f"rank{rank}.sha"), "w") as f:
+        f.write(weights_hash(model))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_stay_identical(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(
+        _ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="fork"
+    )
+    h0, h1 = (tmp_path / "rank0.sha").read_text(), (tmp_path / "rank1.sha").read_text()
+    assert h0 == h1
+    assert weights_hash(GeoToken.load(tmp_path / "last")) == h0  # rank 0 wrote the checkpoint
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["world"] == 2
+    state = json.loads((tmp_path / "last/state.json").read_text())
+    assert state["step"] == 4 and state["world"] == 2
