@@ -40,6 +40,33 @@ def hf_file(model: str, filename: str) -> str | None:
     return cached_file(model, filename, _raise_exceptions_for_missing_entries=False)
 
 
+def tower_config(model: str, tower: str):
+    """Config of one tower ("vision" or "text"); from a full CLIPModel folder, with its projection size.
+
+    (`CLIP*ModelWithProjection.from_pretrained` on a full CLIP checkpoint would otherwise keep the
+    tower config's default projection_dim and re-initialise a mis-shaped projection.)
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    if config.model_type == "clip":
+        sub = getattr(config, f"{tower}_config")
+        sub.projection_dim = config.projection_dim
+        return sub
+    if config.model_type != f"clip_{tower}_model":
+        raise GeoTokenError(
+            f"{model!r} is a {config.model_type!r} model, not a CLIP model with a {tower} tower"
+        )
+    return config
+
+
+def check_loading(info: dict, what: str) -> None:
+    """A tower with missing or re-initialised weights would embed silently and uselessly: refuse it."""
+    bad = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if bad:
+        raise GeoTokenError(f"{what}: weights missing or of the wrong shape: {bad[:5]}")
+
+
 class CLIPBackbone(ImageBackbone):
     name = "clip"
 
@@ -49,8 +76,9 @@ class CLIPBackbone(ImageBackbone):
 
         self.model = str(model)
         try:
+            config = tower_config(self.model, "vision")
             net, info = CLIPVisionModelWithProjection.from_pretrained(
-                self.model, dtype=getattr(torch, dtype), output_loading_info=True
+                self.model, config=config, dtype=getattr(torch, dtype), output_loading_info=True
             )
             pre_path = hf_file(self.model, "preprocessor_config.json")
         except OSError as e:

@@ -82,17 +82,19 @@ class CLIPTextEncoder(TextEncoder):
     def __init__(self, model: str = "openai/clip-vit-large-patch14", batch_size: int = 64):
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
+        from geotoken.encoders.clip import check_loading, tower_config
+
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model))
-            net, info = CLIPTextModelWithProjection.from_pretrained(str(model), output_loading_info=True)
+            config = tower_config(str(model), "text")
+            net, info = CLIPTextModelWithProjection.from_pretrained(
+                str(model), config=config, output_loading_info=True
+            )
         except OSError as e:
             raise GeoTokenError(
                 f"clip text encoder: cannot load {model!r} (a folder or hub id): {e}"
             ) from None
-        if info.get("missing_keys"):
-            raise GeoTokenError(
-                f"clip text encoder: {model!r} lacks text weights: {info['missing_keys'][:5]}"
-            )
+        check_loading(info, f"clip text encoder: {model!r} text tower")
         super().__init__(tokenizer, batch_size)
         self.model = str(model)
         self.net = net.requires_grad_(False).eval()

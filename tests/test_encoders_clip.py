@@ -1,0 +1,125 @@
+"""CLIP image and text towers through exactly the user's path: a folder saved by `transformers`, loaded by name.
+
+The model is a tiny random CLIP built here; nothing is downloaded.
+"""
+
+import json
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from geotoken import assets
+from geotoken.encoders import load_backbone, load_text_encoder
+from geotoken.errors import GeoTokenError
+
+MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """Folder with a random 2-layer CLIP (30 px images, 16-d projections), a character tokenizer, a preprocessor."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz,.":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    text = dict(
+        tower,
+        vocab_size=len(vocab),
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    config = CLIPConfig(
+        text_config=text, vision_config=dict(tower, image_size=30, patch_size=6), projection_dim=16
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(config).eval()
+    model.save_pretrained(folder)
+    preprocessor = {
+        "size": {"shortest_edge": 34},
+        "crop_size": {"height": 30, "width": 30},
+        "do_resize": True,
+        "do_center_crop": True,
+        "resample": 3,
+        "image_mean": MEAN,
+        "image_std": STD,
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return folder, model
+
+
+def test_image_backbone_matches_transformers(tiny_clip):
+    folder, model = tiny_clip
+    backbone = load_backbone("clip", model=str(folder))
+    assert (backbone.name, backbone.dim, backbone.image_size) == ("clip", 16, 30)
+    x = torch.randn(3, 3, 30, 30)
+    with torch.no_grad():
+        want = model.get_image_features(pixel_values=x)
+        want = want.pooler_output if hasattr(want, "pooler_output") else want
+        got = backbone(x)
+    assert got.shape == (3, 16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    again = load_backbone(**backbone.config())
+    assert again.config() == {"name": "clip", "model": str(folder), "dtype": "float32"}
+    with torch.no_grad():
+        assert torch.equal(again(x), got)
+
+
+def test_preprocessing_matches_the_hf_image_processor(tiny_clip):
+    from transformers import CLIPImageProcessorPil
+
+    folder, _ = tiny_clip
+    backbone = load_backbone("clip", model=str(folder))
+    hf = CLIPImageProcessorPil(
+        size={"shortest_edge": 34}, crop_size={"height": 30, "width": 30}, image_mean=MEAN, image_std=STD
+    )
+    for image in (
+        Image.open(assets.sample_image()).convert("RGB"),
+        Image.new("RGB", (90, 41), (200, 30, 60)),
+    ):
+        want = hf(images=image, return_tensors="np")["pixel_values"][0]
+        got = backbone.preprocess(image).numpy()
+        assert got.shape == want.shape == (3, 30, 30)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_folder_without_vision_weights_is_an_error(tiny_clip, tmp_path):
+    from transformers import CLIPTextModelWithProjection
+
+    folder, model = tiny_clip
+    CLIPTextModelWithProjection(model.config.text_config).save_pretrained(tmp_path)
+    with pytest.raises(GeoTokenError):
+        load_backbone("clip", model=str(tmp_path))
+    with pytest.raises(GeoTokenError, match="cannot load"):
+        load_backbone("clip", model=str(tmp_path / "missing"))
+
+
+def test_clip_text_tower(tiny_clip):
+    folder, model = tiny_clip
+    encoder = load_text_encoder("clip", model=str(folder))
+    texts = ["a photo taken in paris, france", "a photo taken in kyoto, japan", "a photo"]
+    got = encoder.encode(texts)
+    assert got.shape == (3, 16) == (len(texts), encoder.dim)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(3))
+    tokens = encoder.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = model.get_text_features(**tokens)
+        want = want.pooler_output if hasattr(want, "pooler_output") else want
+    torch.testing.assert_close(got, F.normalize(want, dim=-1), rtol=1e-5, atol=1e-6)
