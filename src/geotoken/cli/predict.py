@@ -1,0 +1,108 @@
+"""`geotoken predict PHOTO... --model BUNDLE`: where were these photos taken?"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="geolocate photos with a trained model bundle",
+        description="Geolocate photos: embed, retrieve neighbours, decode S2 tokens, select, and print the "
+        "top-k candidates (lat, lon, calibrated probability, S2 cell, nearest place, per-level confidence). "
+        "Unreadable files get a one-line error and the others still run; the exit status is 1 if any failed.",
+    )
+    p.add_argument("photos", nargs="+", metavar="PHOTO", help="image files (JPEG, PNG, ...)")
+    p.add_argument("--model", required=True, metavar="BUNDLE", help="model bundle folder (has bundle.json)")
+    p.add_argument("--top-k", type=int, default=5, help="candidates to print per photo (default 5)")
+    p.add_argument(
+        "--strategy", choices=["greedy", "beam", "sample"], help="decoding (default: the bundle's)"
+    )
+    p.add_argument(
+        "--select", choices=["logp", "consensus", "reward", "mllm"], help="selector (default: the bundle's)"
+    )
+    p.add_argument("--width", type=int, help="beam width")
+    p.add_argument("--samples", type=int, help="samples per photo (strategy sample)")
+    p.add_argument("--temperature", type=float, help="sampling temperature")
+    p.add_argument("--radius-km", type=float, help="consensus radius in km")
+    p.add_argument("--no-constrain", action="store_true", help="allow cells that do not occur in the gallery")
+    p.add_argument(
+        "--mllm-mode", choices=["pool", "free"], help="MLLM selection mode (endpoint from GEOTOKEN_MLLM_*)"
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="photos per forward pass (default 16)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON array instead of text")
+    p.set_defaults(func=run)
+
+
+def _open(path: str):
+    """The image, fully decoded now (so a truncated file fails here), or an error message."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB"), None
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError) as exc:
+        return None, f"{path}: cannot read image: {exc}"
+
+
+def _text(path: str, pred) -> str:
+    lines = [f"{path}  ({pred.strategy}, {pred.select}{'; ' + pred.note if pred.note else ''})"]
+    for i, c in enumerate(pred.candidates, 1):
+        place = ", ".join(x for x in (c["place"].get("city"), c["place"].get("country")) if x)
+        levels = " ".join(f"{v:.2f}" for v in c["level_confidence"] or [])
+        lines.append(
+            f"  {i}. {c['lat']:9.5f} {c['lon']:10.5f}  p(<{c['probability_within_km']:g} km)={c['probability']:.3f}  "
+            f"cell {c['cell']}  {place or '-'}" + (f"  levels {levels}" if levels else "")
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from geotoken.errors import GeoTokenError
+    from geotoken.predict import Geolocator
+
+    if args.top_k < 1:
+        raise GeoTokenError(f"--top-k must be >= 1, got {args.top_k}")
+    geo = Geolocator.from_bundle(args.model, device=args.device)
+    options = {
+        "width": args.width,
+        "samples": args.samples,
+        "temperature": args.temperature,
+        "radius_km": args.radius_km,
+        "batch_size": args.batch_size,
+    }
+    if args.no_constrain:
+        options["constrain"] = False
+    if args.mllm_mode:
+        from dataclasses import replace
+
+        options["mllm"] = replace(geo.options.mllm, mode=args.mllm_mode)
+
+    results, failed = [], 0
+    for start in range(0, len(args.photos), args.batch_size):
+        paths = args.photos[start : start + args.batch_size]
+        opened = [_open(p) for p in paths]
+        for p, (_, err) in zip(paths, opened):
+            if err:
+                failed += 1
+                print(f"geotoken predict: error: {err}", file=sys.stderr)
+                results.append({"file": p, "error": err})
+        good = [(p, im) for p, (im, err) in zip(paths, opened) if im is not None]
+        if not good:
+            continue
+        preds = geo.predict(
+            [im for _, im in good], top_k=args.top_k, strategy=args.strategy, select=args.select, **options
+        )
+        for (p, _), pred in zip(good, preds):
+            results.append({"file": p, **pred.to_dict()})
+            if not args.json:
+                print(_text(p, pred))
+    if args.json:
+        json.dump(results, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    return 1 if failed else 0

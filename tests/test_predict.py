@@ -1,0 +1,153 @@
+"""Inference: a small real Geolocator built from parts (random model, real backbone, test heads and index)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from geotoken import assets, s2
+from geotoken.calibration import Calibration
+from geotoken.errors import GeoTokenError
+from geotoken.model import GeoToken, preset
+from geotoken.predict import Geolocator, SearchOptions
+
+torch.set_num_threads(1)
+DIMS = {"visual": 16, "gps": 16, "text": 8}
+
+
+class Heads(nn.Module):
+    """Stand-in for geotoken.align.AlignHeads: features -> L2-normalised embeddings per modality."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.lin = nn.ModuleDict({m: nn.Linear(features, d) for m, d in DIMS.items()})
+
+    def forward(self, f):
+        return {m: F.normalize(lin(f), dim=-1) for m, lin in self.lin.items()}
+
+
+class DotIndex:
+    """Stand-in for geotoken.retrieval.NeighbourIndex: exact inner-product search."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def search(self, q, k):
+        s = q @ self.x.T
+        rows = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        return rows, np.take_along_axis(s, rows, 1).astype(np.float32)
+
+
+def make_geolocator(backbone=None, calibration=None, **options):
+    torch.manual_seed(0)
+    cfg = preset("tiny", modalities=DIMS, k=3, dropout=0.0, level=10, group=2)
+    model = GeoToken(cfg).eval()
+    with torch.no_grad():
+        model.head_w.normal_(0, 0.5)
+    rng = np.random.default_rng(0)
+    n = 60
+    coords = np.c_[rng.uniform(-60, 60, n), rng.uniform(-180, 180, n)]
+    gallery = {m: rng.standard_normal((n, d)).astype(np.float16) for m, d in DIMS.items()}
+    tokens = s2.latlon_to_tokens(coords[:, 0], coords[:, 1], cfg.level, cfg.group)
+    heads = Heads(backbone.dim).eval() if backbone is not None else None
+    return Geolocator(
+        model,
+        gallery,
+        coords,
+        tokens,
+        index=DotIndex(gallery["visual"].astype(np.float32)),
+        query_modalities=["visual"],
+        backbone=backbone,
+        heads=heads,
+        calibration=calibration,
+        options=SearchOptions(**options),
+    )
+
+
+def embeddings(b=3, seed=1):
+    rng = np.random.default_rng(seed)
+    return {m: rng.standard_normal((b, d)).astype(np.float32) for m, d in DIMS.items()}
+
+
+def test_predict_embeddings_candidates_are_complete_and_consistent():
+    geo = make_geolocator()
+    preds = geo.predict_embeddings(embeddings(), top_k=4, strategy="beam")
+    assert len(preds) == 3
+    gallery_cells = set(map(tuple, geo.gallery_tokens.tolist()))
+    for p in preds:
+        assert len(p.candidates) == 4
+        d = json.loads(json.dumps(p.to_dict()))  # JSON-serialisable
+        assert d["lat"] == p.candidates[0]["lat"] and d["strategy"] == "beam"
+        for c in p.candidates:
+            assert 0 <= c["probability"] <= 1 and set(c["within"]) == {"25km", "200km", "750km"}
+            assert len(c["polygon"]) == 4 and len(c["level_confidence"]) == geo.model.cfg.n_tokens
+            assert np.all(np.diff(c["level_confidence"]) <= 1e-12)
+            cell = s2.latlon_to_cell_ids(np.array([c["lat"]]), np.array([c["lon"]]), 10)
+            assert s2.cell_ids_to_hex(cell)[0] == c["cell"]
+            assert (
+                tuple(s2.latlon_to_tokens(np.array([c["lat"]]), np.array([c["lon"]]), 10, 2)[0])
+                in gallery_cells
+            )  # constrained
+            assert "country" in c["place"]
+        logps = [c["logp"] for c in p.candidates]
+        assert logps == sorted(logps, reverse=True)
+        assert set(p.timings_ms) >= {"retrieve", "decode", "select", "total"}
+
+
+def test_search_batches_equal_one_batch_and_neighbours_can_be_given():
+    geo = make_geolocator()
+    e = embeddings(5)
+    one = geo.search(e, batch_size=32)
+    parts = geo.search(e, batch_size=2)
+    assert (one.pool.tokens == parts.pool.tokens).all() and (
+        one.selection.index == parts.selection.index
+    ).all()
+    given = geo.search(e, neighbours=one.neighbours)
+    np.testing.assert_allclose(given.pool.logp, one.pool.logp)
+    with pytest.raises(GeoTokenError, match="neighbour rows"):
+        geo.search(e, neighbours=np.full((5, 3), 999))
+
+
+def test_strategies_and_selectors():
+    geo = make_geolocator()
+    e = embeddings()
+    greedy = geo.search(e, strategy="greedy")
+    assert greedy.pool.tokens.shape[1] == 1
+    beam = geo.search(e, strategy="beam", width=5)
+    assert (beam.pool.logp[:, 0] >= greedy.pool.logp[:, 0] - 1e-5).all()
+    sampled = geo.search(e, strategy="sample", samples=8, select="consensus", radius_km=2000)
+    assert sampled.pool.tokens.shape[1] == 8 and (sampled.selection.index >= 0).all()
+    preds = geo.predict_embeddings(e, top_k=3, strategy="sample", samples=8, select="consensus")
+    assert all(1 <= len(p.candidates) <= 3 and p.select == "consensus" for p in preds)
+    with pytest.raises(GeoTokenError, match="reward"):
+        geo.search(e, select="reward")
+    with pytest.raises(GeoTokenError, match="unknown search option"):
+        geo.search(e, beams=3)
+
+
+def test_unconstrained_and_calibrated():
+    cal = Calibration(radii_km=[25.0, 200.0, 750.0], within=[0.5, 0.5, 0.5], levels=[2.0] * 6)
+    geo = make_geolocator(calibration=cal)
+    raw = make_geolocator()
+    e = embeddings()
+    a = geo.predict_embeddings(e, top_k=1, constrain=False)[0].candidates[0]
+    b = raw.predict_embeddings(e, top_k=1, constrain=False)[0].candidates[0]
+    assert a["cell"] == b["cell"]
+    # a temperature below 1 pushes probabilities away from 0.5
+    assert abs(a["probability"] - 0.5) >= abs(b["probability"] - 0.5) - 1e-12
+
+
+def test_predict_images_with_real_backbone():
+    from geotoken.encoders import load_backbone
+
+    geo = make_geolocator(backbone=load_backbone("efficientnet-lite0"))
+    photo = Image.open(assets.sample_image())
+    preds = geo.predict([photo, photo.convert("L")], top_k=2)
+    assert len(preds) == 2 and "embed" in preds[0].timings_ms
+    assert preds[0].to_dict()["candidates"][0]["cell"]
+    with pytest.raises(GeoTokenError, match="backbone"):
+        make_geolocator().predict([photo])

@@ -1,0 +1,79 @@
+"""Selectors over candidate pools: logp, consensus (mass within R km), medoid, duplicates."""
+
+import numpy as np
+import pytest
+
+from geotoken.errors import GeoTokenError
+from geotoken.select import Candidates, duplicate_mask, pool_weights, select
+
+
+def pool_from(lat, lon, p, tokens=None):
+    lat, lon, p = (np.atleast_2d(np.asarray(a, dtype=np.float64)) for a in (lat, lon, p))
+    B, N = lat.shape
+    if tokens is None:
+        tokens = np.arange(B * N * 3).reshape(B, N, 3)
+    return Candidates(tokens, np.log(p), lat, lon, np.ones(tokens.shape))
+
+
+# Candidate 0 is the single most likely (Tokyo), but 1..3 (all within ~50 km of Paris) hold more mass.
+PARIS = pool_from(
+    [[35.68, 48.85, 48.90, 48.60, -33.9]], [[139.65, 2.35, 2.60, 2.00, 151.2]], [[0.3, 0.2, 0.15, 0.1, 0.05]]
+)
+
+
+def test_logp_picks_most_likely():
+    sel = select(PARIS, "logp")
+    assert sel.index.tolist() == [0]
+    assert sel.lat[0] == 35.68 and sel.notes == [""]
+
+
+def test_consensus_prefers_the_agreeing_cluster():
+    sel = select(PARIS, "consensus", radius_km=100.0)
+    assert sel.index.tolist() == [1]  # 1 has the most mass (0.45) and the highest logp within its cluster
+    np.testing.assert_allclose(sel.scores[0], [0.3, 0.45, 0.45, 0.45, 0.05])
+    # with a tiny radius every candidate only counts itself: consensus == logp
+    assert select(PARIS, "consensus", radius_km=1.0).index.tolist() == [0]
+    # a radius spanning the globe: everyone ties at total mass, the tie goes to the highest logp
+    assert select(PARIS, "consensus", radius_km=25000.0).index.tolist() == [0]
+
+
+def test_medoid():
+    sel = select(PARIS, "consensus", medoid=True)
+    assert sel.index.tolist() == [1] or sel.index.tolist() == [2]
+    costs = -sel.scores[0]
+    assert costs[0] > costs[1] and costs[4] > costs[1]
+
+
+def test_duplicates_are_counted_once():
+    tokens = np.array([[[1, 2], [1, 2], [3, 4], [1, 2]]])
+    assert duplicate_mask(tokens).tolist() == [[False, True, False, True]]
+    pool = pool_from([[10, 10, 10.1, 10]], [[20, 20, 20.1, 20]], [[0.4, 0.4, 0.3, 0.4]], tokens=tokens)
+    np.testing.assert_allclose(pool_weights(pool), [[0.4, 0, 0.3, 0]])
+    sel = select(pool, "consensus", radius_km=50)
+    np.testing.assert_allclose(sel.scores, [[0.7, -np.inf, 0.7, -np.inf]])
+    assert sel.index.tolist() == [0]
+
+
+def test_batched_matches_per_image():
+    rng = np.random.default_rng(0)
+    lat, lon = rng.uniform(-60, 60, (5, 7)), rng.uniform(-180, 180, (5, 7))
+    p = rng.dirichlet(np.ones(7), size=5)
+    batch = select(pool_from(lat, lon, p), "consensus", radius_km=3000)
+    for b in range(5):
+        one = select(pool_from(lat[b], lon[b], p[b]), "consensus", radius_km=3000)
+        assert one.index[0] == batch.index[b]
+
+
+def test_bad_options():
+    with pytest.raises(GeoTokenError, match="unknown selector"):
+        select(PARIS, "best")
+    with pytest.raises(GeoTokenError, match="radius_km"):
+        select(PARIS, "consensus", radius_km=0)
+    with pytest.raises(GeoTokenError, match="shape"):
+        Candidates(
+            np.zeros((1, 2, 3), int),
+            np.zeros((1, 3)),
+            np.zeros((1, 2)),
+            np.zeros((1, 2)),
+            np.zeros((1, 2, 3)),
+        )
