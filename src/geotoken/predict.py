@@ -389,7 +389,6 @@ class Geolocator:
         """Like `predict`, from aligned embeddings {m: (B, D)} and optional neighbour rows (B, k)."""
         if top_k < 1:
             raise GeoTokenError(f"top_k must be >= 1, got {top_k}")
-        t0 = time.perf_counter()
         res = self.search(embeddings, neighbours, images, strategy=strategy, select=select, **options)
         opt = self.options.replace(strategy=strategy, select=select)
         t1 = time.perf_counter()
