@@ -4,6 +4,14 @@
 references (files, or members of WebDataset tar shards) and `download` fetches URL lists into such shards.
 """
 
+from geotoken.data.images import iter_images, manifest_from_shards, open_image, read_shard_index
 from geotoken.data.manifest import Manifest, read_manifest
 
-__all__ = ["Manifest", "read_manifest"]
+__all__ = [
+    "Manifest",
+    "iter_images",
+    "manifest_from_shards",
+    "open_image",
+    "read_manifest",
+    "read_shard_index",
+]

@@ -19,7 +19,9 @@ further out is an error (it usually means swapped or garbled columns, which wrap
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gc
 import hashlib
 import os
 import sys
@@ -191,6 +193,18 @@ def _line_numbers(path: Path, count: int) -> np.ndarray:
     return lines
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Millions of small tuples trigger the cyclic GC over and over for nothing; none of them form cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _check_options(on_error: str, skip_report, check_images) -> None:
     if on_error not in ON_ERROR:
         raise GeoTokenError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -222,7 +236,7 @@ def read_manifest(
     if not path.is_file():
         raise GeoTokenError(f"{path}: annotation file not found")
 
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with _gc_paused(), open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)
@@ -236,24 +250,26 @@ def read_manifest(
         get = itemgetter(*(cols[r] for r in roles))
         try:
             # One pass, keeping only the needed cells. Blank lines become None; short rows keep their length.
-            picked = [get(r) if len(r) >= need else (len(r) or None) for r in reader]
+            short: list[
+                tuple[int, int]
+            ] = []  # (data row, field count) of rows too short to hold every column
+            blank_row = ("",) * len(roles)
+
+            def too_short(i: int, row: list[str]) -> tuple[str, ...]:
+                short.append((i, len(row)))
+                return blank_row
+
+            picked = [get(r) if len(r) >= need else too_short(i, r) for i, r in enumerate(reader)]
         except (csv.Error, UnicodeDecodeError) as exc:
             raise GeoTokenError(f"{path}: line {reader.line_num + 1}: cannot parse CSV: {exc}") from None
         one_line_per_record = reader.line_num == len(picked) + 1
 
-    problems: dict[int, str] = {}
-    blank = []
-    for i, p in enumerate(picked):
-        if type(p) is not tuple:  # None (blank line) or an int (a short row's field count)
-            if p is None:
-                blank.append(i)
-            else:
-                problems[i] = f"has {p} fields, the header has {len(header)}"
-            picked[i] = ("",) * len(roles)
-    columns = dict(zip(roles, zip(*picked))) if picked else {r: () for r in roles}
+    blank = [i for i, count in short if count == 0]  # csv yields [] for an empty line: not a row
+    problems = {i: f"has {count} fields, the header has {len(header)}" for i, count in short if count}
+    columns = {r: [p[k] for p in picked] for k, r in enumerate(roles)}
     n = len(picked)
     del picked
-    ids = list(columns["id"]) if "id" in cols else [str(i) for i in range(n)]
+    ids = columns["id"] if "id" in cols else [str(i) for i in range(n)]
     images = _image_references(path, header, cols, columns, ids, image_root)
 
     def locate(rows: np.ndarray) -> list[tuple[str, int]]:
@@ -262,8 +278,8 @@ def read_manifest(
 
     return finish_manifest(
         ids,
-        list(columns["lat"]),
-        list(columns["lon"]),
+        columns["lat"],
+        columns["lon"],
         images,
         source=str(path),
         locations=locate,
@@ -301,9 +317,11 @@ def finish_manifest(
     n = len(ids)
     lat = _check_range(_parse_floats(lat, names["lat"], problems), names["lat"], 90.0, False, problems)
     lon = _check_range(_parse_floats(lon, names["lon"], problems), names["lon"], 180.0, True, problems)
-    empty = [i for i, s in enumerate(ids) if not s]
-    _add(problems, empty, [f"{names['id']} is empty"] * len(empty))
-    if len(set(ids)) != n:
+    unique = set(ids)
+    if "" in unique:
+        empty = [i for i, s in enumerate(ids) if not s]
+        _add(problems, empty, [f"{names['id']} is empty"] * len(empty))
+    if len(unique) != n:
         first: dict[str, int] = {}
         for i, s in enumerate(ids):
             j = first.setdefault(s, i)
@@ -362,7 +380,7 @@ def _image_references(path, header, cols, columns, ids, image_root) -> list[str]
     """Absolute image references per row: the image column, else the id for layouts where it is the file name."""
     norm = {_norm(h) for h in header}
     if "image" in cols:
-        refs = list(columns["image"])
+        refs = columns["image"]
     elif "id" in cols and _norm(header[cols["id"]]) == "img_id":  # MP16, Im2GPS3k, YFCC4k
         refs = ids
     elif "id" in cols and _norm(header[cols["lat"]]) == "latitude" and norm & _OSV5M_COLUMNS:  # OSV-5M
@@ -370,4 +388,5 @@ def _image_references(path, header, cols, columns, ids, image_root) -> list[str]
     else:
         return [""] * len(ids)
     root = os.path.abspath(image_root if image_root is not None else path.parent).rstrip(os.sep) + os.sep
-    return [r if (not r or os.path.isabs(r) or "://" in r) else root + r for r in refs]
+    absolute = os.sep  # what an absolute path starts with (POSIX); remote URLs are kept as they are
+    return [r if (not r or r[0] == absolute or "://" in r) else root + r for r in refs]
