@@ -1,0 +1,125 @@
+"""Alignment heads: frozen backbone features (B, F) -> three L2-normalised embeddings per image.
+
+- `gps` (512): an MLP trained so an image lands next to GeoCLIP's embedding of where it was taken.
+- `text` (Dt): an MLP trained so an image lands next to the text embedding of its place description.
+- `visual` (Dv): a fixed PCA projection of the standardised features, not trained against any label.
+
+Why `visual` is not trained: its job in GeoToken is to carry what the photo looks like, information that
+the location- and text-supervised heads deliberately throw away (they pull every photo of a place
+together). Training a third head against GPS would make it a near copy of `gps`; there are no augmented
+views in a feature store to train an image-vs-image objective. PCA keeps the directions of largest
+variance of the backbone features (a label-free, lossy compression to Dv dims) and cannot overfit the
+alignment set. `geotoken align train` reports 1-NN geolocation with every embedding, so the choice is
+measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from geotoken.errors import GeoTokenError
+from geotoken.io import atomic_path, read_json, write_json
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+@dataclass
+class HeadsConfig:
+    """Shapes of the heads, plus what produced their inputs and targets (needed to use them later)."""
+
+    in_dim: int  # backbone feature size F
+    visual_dim: int = 512
+    gps_dim: int = 512  # GeoCLIP's location embedding
+    text_dim: int = 384  # the text encoder's output size (all-MiniLM-L6-v2: 384)
+    hidden: int = 1024
+    dropout: float = 0.1
+    backbone: dict[str, Any] = field(default_factory=dict)  # the image backbone's config()
+    text_encoder: dict[str, Any] = field(default_factory=lambda: {"name": "minilm"})
+    template: str = "a photo taken in {city}, {region}, {country}"
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim)
+    )
+
+
+class AlignHeads(nn.Module):
+    """features (B, F) -> {"visual": (B, Dv), "gps": (B, 512), "text": (B, Dt)}, each L2-normalised."""
+
+    def __init__(self, config: HeadsConfig):
+        super().__init__()
+        self.config = config
+        f = config.in_dim
+        # standardisation and PCA, fitted from training features by `fit_input`
+        self.register_buffer("mean", torch.zeros(f))
+        self.register_buffer("std", torch.ones(f))
+        self.register_buffer("pca", torch.eye(f, config.visual_dim))  # (F, Dv)
+        self.gps = mlp(f, config.hidden, config.gps_dim, config.dropout)
+        self.text = mlp(f, config.hidden, config.text_dim, config.dropout)
+        # learned inverse temperatures of the two contrastive losses, CLIP's init (1 / 0.07)
+        self.gps_logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
+        self.text_logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
+
+    @torch.no_grad()
+    def fit_input(self, features: np.ndarray) -> None:
+        """Set the standardisation and the PCA projection from a sample of training features (n, F)."""
+        x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+        if len(x) < self.config.visual_dim:
+            raise GeoTokenError(
+                f"PCA to {self.config.visual_dim} dims needs at least that many training rows, got {len(x)}"
+            )
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(x.std(0).clamp_min(1e-6))
+        z = (x - self.mean) / self.std  # (n, F)
+        _, _, v = torch.linalg.svd(z.double(), full_matrices=False)  # rows of v: principal directions
+        v = v[: self.config.visual_dim].T  # (F, Dv)
+        v = v * torch.sign(v.sum(0, keepdim=True) + 1e-12)  # fix the sign of each direction: reproducible
+        self.pca.copy_(v.float())
+
+    def standardise(self, features: torch.Tensor) -> torch.Tensor:
+        return (features.float() - self.mean) / self.std  # (B, F)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.standardise(features)  # (B, F)
+        return {
+            "visual": F.normalize(z @ self.pca, dim=-1),  # (B, Dv)
+            "gps": F.normalize(self.gps(z), dim=-1),  # (B, 512)
+            "text": F.normalize(self.text(z), dim=-1),  # (B, Dt)
+        }
+
+    @property
+    def dims(self) -> dict[str, int]:
+        c = self.config
+        return {"visual": c.visual_dim, "gps": c.gps_dim, "text": c.text_dim}
+
+    def save(self, out_dir: str | os.PathLike, **info: Any) -> Path:
+        """`model.safetensors` + `config.json` (the HeadsConfig, plus `info`, e.g. training metrics)."""
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(out_dir / WEIGHTS) as tmp:
+            save_file(state, str(tmp))
+        write_json(out_dir / CONFIG, {"heads": asdict(self.config), **info})
+        return out_dir
+
+    @classmethod
+    def load(cls, heads_dir: str | os.PathLike, device: str | torch.device = "cpu") -> AlignHeads:
+        from safetensors.torch import load_file
+
+        heads_dir = Path(heads_dir)
+        if not (heads_dir / CONFIG).is_file() or not (heads_dir / WEIGHTS).is_file():
+            raise GeoTokenError(f"{heads_dir}: not an alignment-heads folder (needs {CONFIG} and {WEIGHTS})")
+        heads = cls(HeadsConfig(**read_json(heads_dir / CONFIG)["heads"]))
+        heads.load_state_dict(load_file(str(heads_dir / WEIGHTS)), strict=True)
+        return heads.to(device).eval()

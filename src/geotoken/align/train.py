@@ -1,0 +1,363 @@
+"""Training the alignment heads on a feature store, evaluating them, and applying them to a store.
+
+Targets are frozen, so they are computed once: GeoCLIP embeddings of the unique coordinates and text
+embeddings of the unique place descriptions (many photos share a place), each a table plus a per-row
+index. The losses are symmetric InfoNCE, image-vs-GPS with a FIFO queue of recent GPS embeddings as
+extra negatives (GeoCLIP's recipe; the queue needs no re-encoding because the GPS encoder is frozen),
+and image-vs-text. Two photos of the same coordinates (or the same place description) are never used
+as each other's negatives: they are masked out of the softmax rather than counted as wrong.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from geotoken.align.heads import AlignHeads, HeadsConfig
+from geotoken.errors import GeoTokenError
+from geotoken.features import FeatureStore, read_rows
+from geotoken.io import write_json
+
+THRESHOLDS_KM = (1, 25, 200, 750, 2500)
+
+
+@dataclass
+class AlignConfig:
+    """Training options (the heads' shapes are in HeadsConfig)."""
+
+    epochs: int = 20
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    queue_size: int = 4096  # extra GPS negatives (GeoCLIP uses 4096)
+    text_weight: float = 1.0  # weight of the image-vs-text loss next to image-vs-GPS
+    val_fraction: float = 0.1  # held-out rows for the reported accuracy
+    pca_rows: int = 50_000  # training rows sampled to fit the standardisation and PCA
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------------- targets
+def unique_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique values, inverse (N,) int64): the targets are computed once per distinct value."""
+    uniq, inverse = np.unique(values, axis=0 if values.ndim > 1 else None, return_inverse=True)
+    return uniq, inverse.reshape(-1).astype(np.int64)
+
+
+@torch.no_grad()
+def gps_table(encoder, coords: np.ndarray, batch: int = 8192, progress: bool = False) -> torch.Tensor:
+    """L2-normalised GPS embeddings (M, 512) of coordinates (M, 2) lat/lon degrees."""
+    out = []
+    for start in tqdm(range(0, len(coords), batch), desc="gps targets", disable=not progress):
+        out.append(
+            F.normalize(encoder(torch.as_tensor(coords[start : start + batch], dtype=torch.float32)), dim=-1)
+        )
+    return torch.cat(out) if out else torch.zeros(0, encoder.dim)
+
+
+def text_targets(
+    text_encoder, coords: np.ndarray, template: str
+) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """(embeddings of the unique descriptions (U, Dt), inverse (N,), the unique descriptions)."""
+    from geotoken.places import describe
+
+    texts, inverse = unique_rows(np.asarray(describe(coords[:, 0], coords[:, 1], template=template)))
+    return text_encoder.encode(texts.tolist()).float(), inverse, texts.tolist()
+
+
+# ------------------------------------------------------------------------------------------------- losses
+def info_nce(
+    image: torch.Tensor,
+    target: torch.Tensor,
+    group: torch.Tensor,
+    scale: torch.Tensor,
+    queue: torch.Tensor | None = None,
+    queue_group: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE between image embeddings (B, D) and their targets (B, D), unit vectors.
+
+    group (B,): target identity (same coordinates / same description); other items of the same group
+    are masked out of both softmaxes. queue (Q, D), queue_group (Q,): extra negatives for image->target.
+    """
+    b = len(image)
+    bank, bank_group = target, group
+    if queue is not None and len(queue):
+        bank, bank_group = torch.cat([target, queue]), torch.cat([group, queue_group])
+    eye = torch.eye(b, len(bank), dtype=torch.bool, device=image.device)
+    logits = scale * image @ bank.T  # (B, B + Q)
+    logits = logits.masked_fill((group[:, None] == bank_group[None, :]) & ~eye, float("-inf"))
+    labels = torch.arange(b, device=image.device)
+    to_image = (scale * target @ image.T).masked_fill(
+        (group[:, None] == group[None, :]) & ~eye[:, :b], float("-inf")
+    )
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(to_image, labels)) / 2
+
+
+class Queue:
+    """FIFO of the most recent target embeddings (Q, D) and their groups, as extra negatives."""
+
+    def __init__(self, size: int, dim: int, device: torch.device):
+        self.items = torch.zeros(size, dim, device=device)
+        self.groups = torch.full((size,), -1, dtype=torch.int64, device=device)
+        self.size, self.ptr, self.filled = size, 0, 0
+
+    def push(self, items: torch.Tensor, groups: torch.Tensor) -> None:
+        items, groups = items[-self.size :], groups[-self.size :]
+        idx = (self.ptr + torch.arange(len(items), device=items.device)) % self.size
+        self.items[idx], self.groups[idx] = items, groups
+        self.ptr = (self.ptr + len(items)) % self.size
+        self.filled = min(self.size, self.filled + len(items))
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.items[: self.filled], self.groups[: self.filled]
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+def accuracy_km(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """Share of rows within each threshold and the median error: pred, true (N, 2) lat/lon degrees."""
+    from geotoken.geo import haversine_km
+
+    km = haversine_km(pred[:, 0], pred[:, 1], true[:, 0], true[:, 1])
+    out = {f"acc_{t}km": float(np.mean(km <= t)) for t in THRESHOLDS_KM}
+    return {**out, "median_km": float(np.median(km)), "n": len(km)}
+
+
+@torch.no_grad()
+def top1(queries: torch.Tensor, gallery: torch.Tensor, batch: int = 4096) -> np.ndarray:
+    """Row of the most similar gallery vector for each query (cosine; inputs are unit vectors)."""
+    return torch.cat([(q @ gallery.T).argmax(1) for q in queries.split(batch)]).cpu().numpy()
+
+
+@torch.no_grad()
+def embed_rows(
+    heads: AlignHeads, features: np.ndarray, rows: np.ndarray, batch: int = 8192
+) -> dict[str, torch.Tensor]:
+    """Heads' outputs plus the normalised raw `features`, for the given store rows."""
+    device = heads.mean.device
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(rows), batch):
+        x = torch.from_numpy(read_rows(features, rows[start : start + batch])).to(device)
+        out = {"features": F.normalize(heads.standardise(x), dim=-1), **heads(x)}
+        out["visual+gps"] = torch.cat([out["visual"], out["gps"]], 1) / math.sqrt(2)
+        for name, value in out.items():
+            parts.setdefault(name, []).append(value)
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def evaluate_heads(
+    heads: AlignHeads,
+    store: FeatureStore,
+    val_rows: np.ndarray,
+    train_rows: np.ndarray,
+    gallery_gps: torch.Tensor,
+    gallery_coords: np.ndarray,
+) -> dict[str, Any]:
+    """Held-out accuracy of image->GPS retrieval over a GPS gallery, and of 1-NN geolocation among the
+    training images with each embedding (which one to index is decided from these numbers)."""
+    heads.eval()
+    coords = np.asarray(store.coords)
+    val = embed_rows(heads, store["features"], val_rows)
+    train = embed_rows(heads, store["features"], train_rows)
+    pred = gallery_coords[top1(val["gps"], gallery_gps.to(val["gps"].device))]
+    nn_1 = {
+        name: accuracy_km(coords[train_rows[top1(val[name], train[name])]], coords[val_rows])
+        for name in ("features", "visual", "gps", "text", "visual+gps")
+    }
+    return {
+        "image_to_gps": accuracy_km(pred, coords[val_rows]),
+        "gallery_size": len(gallery_coords),
+        "nn_1": nn_1,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- training
+def split_rows(store: FeatureStore, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows), both sorted, among the store's valid rows; a fixed seeded draw."""
+    rows = np.flatnonzero(store.valid)
+    perm = np.random.default_rng(seed).permutation(rows)
+    n_val = int(round(len(rows) * val_fraction))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def train_heads(
+    store: FeatureStore,
+    out_dir: str | os.PathLike | None = None,
+    config: AlignConfig | None = None,
+    heads_config: dict[str, Any] | None = None,
+    gallery_coords: np.ndarray | None = None,
+    gps_encoder=None,
+    text_encoder=None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[AlignHeads, dict[str, Any]]:
+    """Train AlignHeads on `store["features"]` with the store's coordinates; return (heads, metrics).
+
+    heads_config: HeadsConfig fields to override (visual_dim, hidden, dropout, text_encoder, template).
+    gallery_coords: (M, 2) GPS gallery for the image->GPS metric (default: GeoCLIP's 100K MP16 points).
+    With `out_dir`, the heads are saved there and the metrics written to `metrics.json`.
+    """
+    config = config or AlignConfig()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(config.seed)
+    features, coords = store["features"], np.asarray(store.coords)
+    train_rows, val_rows = split_rows(store, config.val_fraction, config.seed)
+    if len(train_rows) < 2 or len(val_rows) < 1:
+        raise GeoTokenError(
+            f"{store.root}: {len(train_rows)} training / {len(val_rows)} held-out rows; need more"
+        )
+
+    overrides = dict(heads_config or {})
+    backbone = store.header.get("backbone", {})
+    default_text = (
+        {"name": "clip", "model": backbone["model"]} if backbone.get("name") == "clip" else {"name": "minilm"}
+    )
+    overrides.setdefault("text_encoder", default_text)
+    if text_encoder is None:
+        from geotoken.encoders import load_text_encoder
+
+        text_encoder = load_text_encoder(**overrides["text_encoder"])
+    if gps_encoder is None:
+        from geotoken.encoders import load_gps_encoder
+
+        gps_encoder = load_gps_encoder()
+    hc = HeadsConfig(
+        in_dim=features.shape[1],
+        gps_dim=gps_encoder.dim,
+        text_dim=text_encoder.dim,
+        backbone=backbone,
+        **overrides,
+    )
+    hc.visual_dim = min(hc.visual_dim, hc.in_dim, len(train_rows))
+    heads = AlignHeads(hc)
+    sample = np.sort(np.random.default_rng(config.seed).permutation(train_rows)[: config.pca_rows])
+    heads.fit_input(read_rows(features, sample))
+    heads.to(device)
+
+    # frozen targets, once: unique coordinates and unique descriptions of all valid rows
+    t0 = time.perf_counter()
+    uniq_coords, coord_group = unique_rows(coords)
+    gps_targets = gps_table(gps_encoder, uniq_coords, progress=progress).to(device)  # (Ug, 512)
+    text_emb, text_group, _ = text_targets(text_encoder, coords, hc.template)
+    text_emb = text_emb.to(device)  # (Ut, Dt)
+    coord_group_t, text_group_t = (
+        torch.from_numpy(coord_group).to(device),
+        torch.from_numpy(text_group).to(device),
+    )
+    target_seconds = time.perf_counter() - t0
+
+    params = [p for p in heads.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    batch = min(config.batch_size, len(train_rows))
+    steps_per_epoch = len(train_rows) // batch
+    total = max(1, steps_per_epoch * config.epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    queue = Queue(config.queue_size, hc.gps_dim, device)
+    rng = np.random.default_rng(config.seed)
+    history = []
+    bar = tqdm(total=total, desc="align", unit="step", disable=not progress)
+    for epoch in range(config.epochs):
+        heads.train()
+        perm = rng.permutation(train_rows)
+        losses = []
+        for step in range(steps_per_epoch):
+            rows = np.sort(perm[step * batch : (step + 1) * batch])
+            x = torch.from_numpy(read_rows(features, rows)).to(device)  # (B, F)
+            rows_t = torch.from_numpy(rows).to(device)
+            g, t = coord_group_t[rows_t], text_group_t[rows_t]  # (B,) target ids
+            out = heads(x)
+            gps_t, text_t = gps_targets[g], text_emb[t]
+            loss_gps = info_nce(
+                out["gps"], gps_t, g, heads.gps_logit_scale.exp().clamp(max=100), *queue.get()
+            )
+            loss_text = info_nce(out["text"], text_t, t, heads.text_logit_scale.exp().clamp(max=100))
+            loss = loss_gps + config.text_weight * loss_text
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            queue.push(gps_t.detach(), g)
+            losses.append([loss_gps.item(), loss_text.item()])
+            bar.update()
+        mean = np.mean(losses, axis=0) if losses else [float("nan")] * 2
+        history.append({"epoch": epoch + 1, "loss_gps": float(mean[0]), "loss_text": float(mean[1])})
+        bar.set_postfix(gps=f"{mean[0]:.3f}", text=f"{mean[1]:.3f}")
+    bar.close()
+
+    if gallery_coords is None:
+        from geotoken.assets import mp16_coordinates_csv
+
+        gallery_coords = np.loadtxt(mp16_coordinates_csv(), delimiter=",", skiprows=1, dtype=np.float64)
+    gallery_coords = np.asarray(gallery_coords, dtype=np.float64)
+    gallery_gps = gps_table(gps_encoder, gallery_coords, progress=progress)
+    metrics = {
+        "rows": {"train": len(train_rows), "val": len(val_rows), "skipped": int((~store.valid).sum())},
+        "targets": {
+            "unique_coords": len(uniq_coords),
+            "unique_texts": len(text_emb),
+            "seconds": target_seconds,
+        },
+        **evaluate_heads(heads, store, val_rows, train_rows, gallery_gps, gallery_coords),
+        "history": history,
+        "config": asdict(config),
+    }
+    heads.eval()
+    if out_dir is not None:
+        heads.save(
+            out_dir, store={"root": str(store.root), "manifest_hash": store.header.get("manifest_hash")}
+        )
+        write_json(Path(out_dir) / "metrics.json", metrics)
+    return heads, metrics
+
+
+# ------------------------------------------------------------------------------------------------- apply
+@torch.no_grad()
+def apply_heads(
+    heads: AlignHeads, store: FeatureStore, batch_size: int = 8192, progress: bool = True
+) -> FeatureStore:
+    """Write `visual`, `gps`, `text` (float16, L2-normalised) into `store`; skipped rows stay NaN.
+
+    Re-running recomputes everything (the arrays are marked complete only at the end).
+    """
+    features = store["features"]
+    if features.shape[1] != heads.config.in_dim:
+        raise GeoTokenError(
+            f"{store.root}: features are {features.shape[1]}-d, the heads expect {heads.config.in_dim}"
+        )
+    if heads.config.backbone and store.header.get("backbone") != heads.config.backbone:
+        raise GeoTokenError(
+            f"{store.root}: field 'backbone' is {store.header.get('backbone')}, the heads were trained on "
+            f"{heads.config.backbone}"
+        )
+    heads.eval()
+    device = heads.mean.device
+    for name, dim in heads.dims.items():
+        store.add_array(name, dim)
+    writers = {name: store.writer(name) for name in heads.dims}
+    valid = store.valid
+    try:
+        for start in tqdm(
+            range(0, store.rows, batch_size), desc="align apply", unit="batch", disable=not progress
+        ):
+            stop = min(store.rows, start + batch_size)
+            x = torch.from_numpy(np.asarray(features[start:stop], dtype=np.float32)).to(device)
+            ok = torch.from_numpy(valid[start:stop]).to(device)
+            out = heads(torch.where(ok[:, None], x, 0.0))
+            for name, value in out.items():
+                value = value.masked_fill(~ok[:, None], float("nan"))
+                writers[name].write(start, value.cpu().numpy().astype(np.float16))
+    finally:
+        for w in writers.values():
+            w.close()
+    for name in heads.dims:
+        store.mark_complete(name)
+    return store.reload()
