@@ -145,7 +145,7 @@ def run(args) -> int:
             np.load(folder / "index.npy", mmap_mode="r"),
             np.load(folder / "sims.npy", mmap_mode="r"),
         )
-        if len(neighbours[0]) != len(queries) or getattr(queries, "skipped", 0):
+        if len(neighbours[0]) != len(queries) or queries.skipped:
             raise GeoTokenError(
                 f"{folder}: {len(neighbours[0])} neighbour rows for {len(queries)} usable queries"
             )

@@ -36,6 +36,8 @@ class Split:
     lon: np.ndarray
     arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
     name: str = "split"
+    images: np.ndarray | None = None  # image references (only the MLLM selector needs the photos)
+    skipped: int = 0  # rows dropped because their image could not be embedded
 
     def __post_init__(self) -> None:
         self.lat = np.asarray(self.lat, dtype=np.float64)
@@ -231,12 +233,11 @@ class NearestNeighbour:
         else:
             rows, sims = exact_neighbours(self.gallery_emb, queries.array(self.config.embedding), k)
         nlat, nlon = self.gallery.lat[rows], self.gallery.lon[rows]  # (B, k)
-        extra = {"neighbour_rows": rows}
         if not self.vote:
-            return Predictions(nlat[:, 0], nlon[:, 0], sims[:, 0].astype(np.float64), extra)
+            return Predictions(nlat[:, 0], nlon[:, 0], sims[:, 0].astype(np.float64))
         c = self.config
         lat, lon, share = knn_vote(nlat, nlon, sims, c.radius_km, c.temperature, c.answer)
-        return Predictions(lat, lon, share, extra)
+        return Predictions(lat, lon, share)
 
 
 # ---------------------------------------------------------------------------------------------- cells

@@ -35,6 +35,7 @@ from geotoken.evaluate.baselines import (
     RetrievalConfig,
     Split,
 )
+from geotoken.evaluate.geotoken_method import calibration_from_arrays
 from geotoken.evaluate.metrics import (
     MethodMetrics,
     PairedComparison,
@@ -63,6 +64,7 @@ def load_split(store_dir: str | Path, manifest: str | Path | None = None, name: 
     store = FeatureStore.open(store_dir)
     ids = np.asarray(store.ids, dtype=str)
     coords = np.asarray(store.coords, dtype=np.float64)
+    images = None
     if manifest is not None:
         from geotoken.data.manifest import read_manifest
 
@@ -77,19 +79,17 @@ def load_split(store_dir: str | Path, manifest: str | Path | None = None, name: 
             raise GeoTokenError(
                 f"{manifest}: row {i + 1} has id {m.ids[i]!r}, the feature store {store_dir} has {ids[i]!r}"
             )
-        coords = np.stack([m.lat, m.lon], axis=1)
+        coords, images = np.stack([m.lat, m.lon], axis=1), np.asarray(m.images, dtype=str)
     arrays: dict[str, np.ndarray] = {key: store[key] for key in store}
     valid = store.valid
     if not valid.all():  # skipped images have NaN features: evaluate the rest, say so in metrics.json
         rows = np.flatnonzero(valid)
         arrays = {key: a[rows] for key, a in arrays.items()}
         ids, coords = ids[rows], coords[rows]
-    split = Split(ids, coords[:, 0], coords[:, 1], arrays, name=f"{name} ({store_dir})")
-    split.skipped = int((~valid).sum())  # type: ignore[attr-defined]
-    return split
-
-
-# ---------------------------------------------------------------------------------------------- config
+        images = None if images is None else images[rows]
+    return Split(
+        ids, coords[:, 0], coords[:, 1], arrays, f"{name} ({store_dir})", images, int((~valid).sum())
+    )
 
 
 @dataclass
@@ -189,13 +189,15 @@ def _load_cached(path: Path, n: int) -> Predictions | None:
     with np.load(path, allow_pickle=False) as z:
         if z["lat"].shape != (n,):
             return None
-        return Predictions(z["lat"], z["lon"], z["score"] if "score" in z else None)
+        extra = {k[2:]: z[k] for k in z.files if k.startswith("x_")}
+        return Predictions(z["lat"], z["lon"], z["score"] if "score" in z else None, extra)
 
 
 def _save_cached(path: Path, pred: Predictions) -> None:
     arrays = {"lat": pred.lat, "lon": pred.lon}
     if pred.score is not None:
         arrays["score"] = pred.score
+    arrays.update({f"x_{k}": np.asarray(v) for k, v in pred.extra.items()})  # numeric arrays only: no pickles
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
 
@@ -223,6 +225,7 @@ def run_methods(
     gps_encoder=None,
     progress: bool = True,
     log=print,
+    geolocator=None,
 ) -> dict[str, MethodRun]:
     """Fit every method on the gallery and predict the queries; reuse cached predictions in OUT/cache."""
     inputs = _inputs_hash(gallery, queries)
@@ -234,7 +237,7 @@ def run_methods(
         if method == "geotoken":
             from geotoken.evaluate.geotoken_method import run_geotoken
 
-            for run in run_geotoken(gallery, queries, cfg.geotoken, cache=cache, inputs=inputs, log=log):
+            for run in run_geotoken(gallery, queries, cfg.geotoken, cache, inputs, log, geolocator):
                 runs[run.label] = run
             continue
         conf = _method_config(method, cfg)
@@ -302,23 +305,25 @@ def evaluate(
     gps_encoder=None,
     progress: bool = True,
     log=print,
+    geolocator=None,
 ) -> EvalResult:
     """Run, score and write everything for one gallery/query pair (see the module docstring)."""
     cfg = cfg or EvalConfig()
     out = Path(out_dir)
     if cfg.limit is not None:
-        queries = Split(queries.ids[: cfg.limit], queries.lat[: cfg.limit], queries.lon[: cfg.limit],
-                        {k: a[: cfg.limit] for k, a in queries.arrays.items()}, queries.name)  # fmt: skip
+        q, n = queries, cfg.limit
+        queries = Split(q.ids[:n], q.lat[:n], q.lon[:n], {k: a[:n] for k, a in q.arrays.items()}, q.name,
+                        None if q.images is None else q.images[:n], q.skipped)  # fmt: skip
         if neighbours is not None:
             neighbours = tuple(np.asarray(a)[: cfg.limit] for a in neighbours)
     if len(queries) == 0:
         raise GeoTokenError(f"{queries.name}: no queries to evaluate")
-    runs = run_methods(gallery, queries, cfg, out, neighbours, gps_encoder, progress, log)
+    runs = run_methods(gallery, queries, cfg, out, neighbours, gps_encoder, progress, log, geolocator)
     pairs = score_runs(runs, cfg)
     files = [write_predictions_csv(out / "predictions.csv", queries, runs)]
     report = {
-        "gallery": {"name": gallery.name, "rows": len(gallery), "skipped": getattr(gallery, "skipped", 0)},
-        "queries": {"name": queries.name, "rows": len(queries), "skipped": getattr(queries, "skipped", 0)},
+        "gallery": {"name": gallery.name, "rows": len(gallery), "skipped": gallery.skipped},
+        "queries": {"name": queries.name, "rows": len(queries), "skipped": queries.skipped},
         "inputs_sha256": _inputs_hash(gallery, queries),
         "thresholds_km": list(cfg.thresholds),
         "bootstrap": {"n_boot": cfg.n_boot, "seed": cfg.seed, "level": cfg.level},
@@ -335,6 +340,12 @@ def evaluate(
         },
         "paired": [p.to_dict() for p in pairs],
     }
+    for label, r in runs.items():  # the model's confidences: expected calibration error, reliability plots
+        plot = out / f"reliability_{_slug(label)}.png" if cfg.plots else None
+        cal = calibration_from_arrays(r.pred.extra, plot)
+        if cal is not None:
+            report["methods"][label]["calibration"] = cal
+            files += [plot] if plot is not None else []
     write_json(out / "metrics.json", report)
     files.append(out / "metrics.json")
     with atomic_open(out / "metrics.md", "w", encoding="utf-8") as f:

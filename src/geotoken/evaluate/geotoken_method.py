@@ -1,0 +1,154 @@
+"""The project's model as an evaluation method: every decoding strategy x selector is one table row.
+
+Runs `geotoken.predict.Geolocator.search` over the query set's aligned embeddings (neighbours from the
+bundle's gallery index, computed once and shared by all rows), so the paper's comparisons (greedy vs
+beam vs N samples, each with logp / consensus / reward / MLLM selection) are one command. Each row also
+carries what calibration reporting needs (raw "within X km" confidences and per-level prefix
+confidences with their outcomes, and the bundle's temperatures), so `metrics.json` reports expected
+calibration error and a reliability plot per row.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from geotoken.errors import GeoTokenError
+from geotoken.evaluate.baselines import Predictions, Split
+from geotoken.geo import haversine_km
+from geotoken.io import sha256_file, sha256_json
+
+
+def row_label(strategy: str, select: str, cfg) -> str:
+    """Table label of one strategy x selector, e.g. 'geotoken beam5+consensus'."""
+    if strategy == "greedy":
+        return "geotoken greedy"
+    size = cfg.beam_width if strategy == "beam" else cfg.num_samples
+    return f"geotoken {strategy}{size}+{select}"
+
+
+def rows_to_run(cfg) -> list[tuple[str, str]]:
+    """(strategy, selector) pairs: greedy has one candidate, so selection does not apply to it."""
+    pairs = []
+    for strategy in dict.fromkeys(cfg.strategies):
+        for select in ["logp"] if strategy == "greedy" else dict.fromkeys(cfg.selectors):
+            pairs.append((strategy, select))
+    return pairs
+
+
+def _bundle_identity(path: Path) -> dict:
+    """What the cache key needs to know about a bundle: its spec and the model weights' hash."""
+    files = [path / "bundle.json", *sorted((path / "model").glob("*.safetensors"))]
+    return {str(f.relative_to(path)): sha256_file(f) for f in files if f.is_file()}
+
+
+def _calibration_arrays(geo, res, queries: Split) -> dict[str, np.ndarray]:
+    """Raw confidences and outcomes of the run (see geotoken.calibration.calibration_data), as arrays."""
+    from geotoken.calibration import Calibration, calibration_data
+    from geotoken.s2 import latlon_to_tokens
+
+    cfg = geo.model.cfg
+    true_tokens = latlon_to_tokens(queries.lat, queries.lon, cfg.level, cfg.group)
+    data = calibration_data(res.pool, res.selection, queries.lat, queries.lon, true_tokens)
+    radii = sorted(data["within"])
+    cal = geo.calibration or Calibration(radii_km=radii, within=[1.0] * len(radii))
+    temps = dict(zip(cal.radii_km, cal.within))
+    return {
+        "cal_radii": np.asarray(radii, dtype=np.float64),
+        "cal_within_conf": np.stack([data["within"][r][0] for r in radii]),  # (R, B)
+        "cal_within_outcome": np.stack([data["within"][r][1] for r in radii]).astype(np.int8),  # (R, B)
+        "cal_level_conf": np.asarray(data["levels"][0], dtype=np.float64),  # (B, T)
+        "cal_level_correct": np.asarray(data["levels"][1]).astype(np.int8),  # (B, T)
+        "cal_temps_within": np.asarray([temps.get(r, 1.0) for r in radii], dtype=np.float64),
+        "cal_temps_levels": np.asarray(cal.levels, dtype=np.float64),
+    }
+
+
+def calibration_from_arrays(extra: dict, plot: str | Path | None = None) -> dict | None:
+    """ECE report (and optionally a reliability PNG) from the arrays `_calibration_arrays` stored."""
+    if "cal_radii" not in extra:
+        return None
+    from geotoken.calibration import Calibration, calibration_report
+
+    radii = [float(r) for r in extra["cal_radii"]]
+    data = {
+        "within": {
+            r: (extra["cal_within_conf"][i], extra["cal_within_outcome"][i].astype(bool))
+            for i, r in enumerate(radii)
+        },
+        "levels": (extra["cal_level_conf"], extra["cal_level_correct"].astype(bool)),
+    }
+    cal = Calibration(
+        radii_km=radii, within=extra["cal_temps_within"].tolist(), levels=extra["cal_temps_levels"].tolist()
+    )
+    return calibration_report(data, cal, plot=None if plot is None else str(plot))
+
+
+def _images(queries: Split) -> list:
+    from geotoken.data.images import open_image
+
+    if getattr(queries, "images", None) is None:
+        raise GeoTokenError("--select mllm sends the photos: give --queries-manifest with image references")
+    return [open_image(ref) for ref in queries.images]
+
+
+def run_geotoken(
+    gallery: Split,
+    queries: Split,
+    cfg,
+    cache: Path | None = None,
+    inputs: str = "",
+    log=print,
+    geolocator=None,
+):
+    """Yield one `MethodRun` per strategy x selector. `geolocator` overrides loading `cfg.model` (a bundle)."""
+    from geotoken.evaluate.evaluate import MethodRun, _load_cached, _save_cached, _slug
+
+    if geolocator is None and not cfg.model:
+        raise GeoTokenError("--method geotoken needs --model BUNDLE (a folder with bundle.json)")
+    bundle = None if geolocator is not None else Path(cfg.model)
+    identity = _bundle_identity(bundle) if bundle is not None else None
+    geo, neighbours, embeddings = geolocator, None, None
+    for strategy, select in rows_to_run(cfg):
+        label = row_label(strategy, select, cfg)
+        options = {"strategy": strategy, "select": select, "width": cfg.beam_width, "samples": cfg.num_samples,
+                   "temperature": cfg.temperature, "batch_size": cfg.batch_size}  # fmt: skip
+        conf = {"model": cfg.model, **options}
+        key = sha256_json({"method": "geotoken", "config": conf, "bundle": identity, "inputs": inputs})[:16]
+        path = cache / f"{_slug(label)}.{key}.npz" if cache is not None and identity is not None else None
+        pred = _load_cached(path, len(queries)) if path is not None else None
+        t0 = time.perf_counter()
+        cached = pred is not None
+        if pred is None:
+            if geo is None:
+                from geotoken.predict import Geolocator
+
+                log(f"geotoken: loading bundle {bundle}")
+                geo = Geolocator.from_bundle(bundle)
+            if embeddings is None:
+                embeddings = {
+                    m: np.asarray(queries.array(m), dtype=np.float32) for m in geo.model.cfg.modalities
+                }
+                neighbours = geo.neighbours(embeddings) if geo.model.cfg.k else None  # shared by all rows
+            log(f"{label}: decoding {len(queries)} queries")
+            images = _images(queries) if select == "mllm" else None
+            res = geo.search(embeddings, neighbours, images, progress=True, **options)
+            score = np.exp(res.pool.logp[np.arange(len(queries)), np.maximum(res.selection.index, 0)])
+            extra = _calibration_arrays(geo, res, queries)
+            pred = Predictions(res.selection.lat, res.selection.lon, score, extra)
+            if path is not None:
+                _save_cached(path, pred)
+        errors = haversine_km(queries.lat, queries.lon, pred.lat, pred.lon)
+        strategy_text = "greedy" if strategy == "greedy" else f"{strategy}+{select}"
+        yield MethodRun(
+            label,
+            "geotoken",
+            strategy_text,
+            conf,
+            pred,
+            errors,
+            seconds=time.perf_counter() - t0,
+            cached=cached,
+        )

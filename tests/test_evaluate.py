@@ -1,0 +1,181 @@
+"""`geotoken evaluate` end to end on small feature stores: files, tables, resume, plots, clear errors."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from geotoken.cli import main
+from geotoken.evaluate.evaluate import BASELINES, METHODS
+from geotoken.evaluate.synthetic import synthetic_splits
+from geotoken.features import FeatureStore
+
+ARGS = ["--n-boot", "200", "--cells-epochs", "4", "--cells-hidden", "64", "--cells-max-count", "100"]
+
+
+def _write_store(root, split, arrays=None):
+    arrays = arrays if arrays is not None else split.arrays
+    store = FeatureStore.create(
+        root, split.ids, np.stack([split.lat, split.lon], 1), {k: a.shape[1] for k, a in arrays.items()}
+    )
+    for key, a in arrays.items():
+        with store.writer(key) as w:
+            w.write(0, a)
+        store.mark_complete(key)
+    return root
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    import torch
+
+    from geotoken.encoders import load_gps_encoder
+
+    root = tmp_path_factory.mktemp("stores")
+    gallery, queries = synthetic_splits(n_gallery=1500, n_queries=200, seed=3)
+    # the query's GPS-aligned embedding: the real GeoCLIP encoder's embedding of a point ~30 km away
+    rng = np.random.default_rng(0)
+    jitter = torch.from_numpy(
+        np.stack([queries.lat, queries.lon], 1) + rng.normal(0, 0.3, (len(queries), 2))
+    ).float()
+    with torch.no_grad():
+        gps = torch.nn.functional.normalize(load_gps_encoder().eval()(jitter), dim=1).numpy()
+    queries.arrays = {**queries.arrays, "gps": gps}
+    return _write_store(root / "gallery", gallery), _write_store(root / "queries", queries), queries
+
+
+def test_method_names_match_cli():
+    from geotoken.cli import evaluate as cli
+
+    assert cli.METHODS == METHODS and cli.BASELINES == BASELINES
+
+
+def test_evaluate_all_baselines_writes_everything(stores, tmp_path, capsys):
+    g, q, queries = stores
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--gallery", str(g), "--queries", str(q), "-o", str(out), *ARGS]) == 0
+    printed = capsys.readouterr().out
+    assert "knn" in printed and "paired" in printed
+    for f in ["metrics.json", "metrics.md", "predictions.csv", "error_cdf.png"] + [
+        f"map_{m}.png" for m in BASELINES
+    ]:
+        path = out / f
+        assert path.is_file() and path.stat().st_size > 0, f
+    assert (out / "error_cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "metrics.json").read_text())
+    assert list(report["methods"]) == list(BASELINES)
+    assert report["queries"]["rows"] == 200
+    acc = {m: report["methods"][m]["accuracy"]["750"]["value"] for m in BASELINES}
+    assert all(acc[m] > acc["prior"] for m in BASELINES if m != "prior"), acc
+    assert [p["a"] for p in report["paired"]] == list(BASELINES[1:]) and {
+        p["b"] for p in report["paired"]
+    } == {"prior"}
+    assert report["paired"][0]["accuracy_diff"]["750"]["lo"] > 0  # nn is significantly better than prior
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 200 * len(BASELINES)
+    assert list(rows[0]) == ["id", "lat", "lon", "pred_lat", "pred_lon", "error_km", "method", "strategy"]
+    assert rows[0]["id"] == queries.ids[0] and rows[0]["method"] == "prior"
+    md = (out / "metrics.md").read_text()
+    assert "| gps-gallery | 200 |" in md
+    # a rerun reuses every method's cached predictions and gives the same numbers
+    assert (
+        main(["evaluate", "--gallery", str(g), "--queries", str(q), "-o", str(out), "--no-plots", *ARGS]) == 0
+    )
+    again = json.loads((out / "metrics.json").read_text())
+    assert all(again["methods"][m]["cached"] for m in BASELINES)
+    assert again["methods"]["knn"]["accuracy"] == report["methods"]["knn"]["accuracy"]
+
+
+def test_evaluate_subset_reference_and_neighbour_table(stores, tmp_path):
+    from geotoken.evaluate.baselines import exact_neighbours
+
+    g, q, queries = stores
+    gs, qs = FeatureStore.open(g), FeatureStore.open(q)
+    rows, sims = exact_neighbours(gs["visual"], qs["visual"], 15)
+    nb = tmp_path / "nbrs"
+    nb.mkdir()
+    np.save(nb / "index.npy", rows)
+    np.save(nb / "sims.npy", sims)
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--method", "nn", "knn", "--gallery", str(g), "--queries", str(q), "-o", str(out)]
+    assert (
+        main(
+            [
+                *argv,
+                "--neighbours",
+                str(nb),
+                "--reference",
+                "knn",
+                "--limit",
+                "50",
+                "--no-plots",
+                "--n-boot",
+                "50",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["methods"]["nn"]["n"] == 50
+    assert report["paired"][0]["a"] == "nn" and report["paired"][0]["b"] == "knn"
+    assert not (out / "error_cdf.png").exists()
+
+
+def test_bad_inputs_are_one_line_errors(stores, tmp_path, capsys):
+    g, q, _ = stores
+    out = str(tmp_path / "x")
+    assert (
+        main(
+            [
+                "evaluate",
+                "--method",
+                "nn",
+                "--embedding",
+                "text",
+                "--gallery",
+                str(g),
+                "--queries",
+                str(q),
+                "-o",
+                out,
+            ]
+        )
+        == 2
+    )
+    assert "'text' is missing" in capsys.readouterr().err
+    assert main(["evaluate", "--gallery", str(tmp_path), "--queries", str(q), "-o", out]) == 2
+    assert "not a feature store" in capsys.readouterr().err
+    assert (
+        main(["evaluate", "--method", "geotoken", "--gallery", str(g), "--queries", str(q), "-o", out]) == 2
+    )
+    assert "--model" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "evaluate",
+                "--method",
+                "nn",
+                "--gallery",
+                str(g),
+                "--queries",
+                str(q),
+                "-o",
+                out,
+                "--reference",
+                "knn",
+            ]
+        )
+        == 2
+    )
+    assert "reference method 'knn'" in capsys.readouterr().err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,lat,lon\nwrong,0,0\n")
+    assert (
+        main(
+            ["evaluate", "--gallery", str(g), "--queries", str(q), "--queries-manifest", str(bad), "-o", out]
+        )
+        == 2
+    )
+    assert "bad.csv" in capsys.readouterr().err

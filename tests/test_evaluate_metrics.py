@@ -1,0 +1,118 @@
+"""Bootstrap metrics and paired comparisons on hand-made cases."""
+
+import numpy as np
+import pytest
+
+from geotoken.errors import GeoTokenError
+from geotoken.evaluate.metrics import (
+    MethodMetrics,
+    bootstrap_metrics,
+    markdown_table,
+    metrics_markdown,
+    paired_comparison,
+    table_rows,
+)
+
+T = (1, 25, 200, 750, 2500)
+
+
+def test_all_correct_is_one_with_degenerate_interval():
+    m = bootstrap_metrics(np.zeros(50), T, n_boot=200)
+    for t in T:
+        assert (m.accuracy[t].value, m.accuracy[t].lo, m.accuracy[t].hi) == (1.0, 1.0, 1.0)
+    assert (m.median_km.value, m.median_km.lo, m.median_km.hi) == (0.0, 0.0, 0.0)
+    assert m.n == 50
+
+
+def test_known_shares_and_medians():
+    # 10 images: 1 within 1 km, 3 within 25, 5 within 200, 8 within 750, 9 within 2500, one at 10000 km
+    e = np.array([0.5, 10, 20, 100, 150, 300, 400, 700, 2000, 10000.0])
+    m = bootstrap_metrics(e, T, n_boot=300, seed=1)
+    assert [m.accuracy[t].value for t in T] == [0.1, 0.3, 0.5, 0.8, 0.9]
+    assert m.median_km.value == 225.0  # even n: mean of 150 and 300
+    assert m.mean_km.value == pytest.approx(e.mean())
+    for est in [*m.accuracy.values(), m.median_km, m.mean_km]:
+        assert est.lo <= est.value <= est.hi
+    # a threshold exactly on an error counts as within (<=)
+    assert bootstrap_metrics(np.array([25.0, 26.0]), (25,), n_boot=10).accuracy[25].value == 0.5
+
+
+def test_odd_median_and_determinism():
+    e = np.array([5.0, 1.0, 9.0])
+    assert bootstrap_metrics(e, T, n_boot=50).median_km.value == 5.0
+    a = bootstrap_metrics(np.arange(500.0), T, n_boot=200, seed=3)
+    b = bootstrap_metrics(np.arange(500.0), T, n_boot=200, seed=3)
+    c = bootstrap_metrics(np.arange(500.0), T, n_boot=200, seed=4)
+    assert a == b
+    assert a.median_km != c.median_km
+
+
+def test_interval_covers_truth_and_has_binomial_width():
+    rng = np.random.default_rng(0)
+    n, scale = 20000, 500.0
+    e = rng.exponential(scale, n)  # P(e <= t) = 1 - exp(-t / scale), median = scale ln 2
+    m = bootstrap_metrics(e, T, n_boot=400, seed=0)
+    for t in T:
+        p = 1 - np.exp(-t / scale)
+        est = m.accuracy[t]
+        assert est.lo <= p <= est.hi, (t, p, est)
+        if 0.01 < p < 0.99:
+            expected = 2 * 1.96 * np.sqrt(p * (1 - p) / n)
+            assert 0.75 * expected < est.hi - est.lo < 1.25 * expected
+    assert m.median_km.lo <= scale * np.log(2) <= m.median_km.hi
+    assert m.mean_km.lo <= scale <= m.mean_km.hi
+
+
+def test_matches_geo_metrics_point_values():
+    from geotoken.geo import geo_metrics
+
+    e = np.random.default_rng(5).lognormal(5, 2, 777)
+    m = bootstrap_metrics(e, T, n_boot=20)
+    g = geo_metrics(e, T)
+    assert m.median_km.value == pytest.approx(g.median_km)
+    assert m.mean_km.value == pytest.approx(g.mean_km)
+
+
+def test_bad_errors_name_the_row():
+    with pytest.raises(GeoTokenError, match="row 2"):
+        bootstrap_metrics(np.array([1.0, 2.0, np.nan]), T)
+    with pytest.raises(GeoTokenError, match="row 0"):
+        bootstrap_metrics(np.array([-1.0]), T)
+    with pytest.raises(GeoTokenError, match="0 images"):
+        bootstrap_metrics(np.array([]), T)
+
+
+def test_paired_comparison_sign_and_symmetry():
+    rng = np.random.default_rng(2)
+    b = rng.exponential(800, 3000)
+    a = b * 0.5  # a is better on every image
+    ab = paired_comparison(a, b, ("a", "b"), T, n_boot=300)
+    ba = paired_comparison(b, a, ("b", "a"), T, n_boot=300)
+    for t in (25, 200, 750):
+        assert ab.accuracy[t].value > 0 and ab.accuracy[t].lo > 0  # significant improvement
+        assert ba.accuracy[t].value == -ab.accuracy[t].value
+        assert ba.accuracy[t].hi == pytest.approx(-ab.accuracy[t].lo)
+    assert ab.median_km.hi < 0 and ab.mean_km.hi < 0
+    same = paired_comparison(b, b, ("b", "b"), T, n_boot=50)
+    assert all((e.value, e.lo, e.hi) == (0, 0, 0) for e in same.accuracy.values())
+    # paired intervals are narrower than the difference of two independent intervals
+    ma, mb = bootstrap_metrics(a, T, n_boot=300), bootstrap_metrics(b, T, n_boot=300)
+    width_indep = (ma.accuracy[200].hi - ma.accuracy[200].lo) + (mb.accuracy[200].hi - mb.accuracy[200].lo)
+    assert ab.accuracy[200].hi - ab.accuracy[200].lo < width_indep
+
+
+def test_paired_needs_same_images():
+    with pytest.raises(GeoTokenError, match="same images"):
+        paired_comparison(np.ones(3), np.ones(4), ("x", "y"), T)
+
+
+def test_tables_and_json_round_trip():
+    m = bootstrap_metrics(np.array([0.5, 10, 300, 5000.0]), T, n_boot=50)
+    assert MethodMetrics.from_dict(m.to_dict()) == m
+    assert list(m.to_dict()["accuracy"]) == ["1", "25", "200", "750", "2500"]
+    header, rows = table_rows({"nn": m})
+    assert header[:3] == ["method", "n", "1 km %"]
+    assert rows[0][0] == "nn" and rows[0][2].startswith("25.0 [")
+    md = metrics_markdown({"nn": m}, [paired_comparison(np.zeros(4), np.ones(4), ("a", "b"), T, n_boot=20)])
+    assert "| nn | 4 | 25.0 [" in md and "| a - b | 4 |" in md
+    assert markdown_table(["x", "y"], [["1", "2"]]) == "| x | y |\n|---|---|\n| 1 | 2 |\n"
