@@ -153,13 +153,13 @@ def _latlon_arrays(lat, lon) -> tuple[np.ndarray, np.ndarray]:
     bad = ~(np.abs(lat) <= 90)  # also catches NaN
     if bad.any():
         k = int(np.flatnonzero(bad.ravel())[0])
-        value = lat.ravel()[k]
+        value = float(lat.ravel()[k])
         why = "is not a finite number" if not np.isfinite(value) else "is outside [-90, 90]"
         raise GeoTokenError(f"lat[{_where(k, lat.shape)}] = {value!r} {why}")
     bad = ~np.isfinite(lon)
     if bad.any():
         k = int(np.flatnonzero(bad.ravel())[0])
-        raise GeoTokenError(f"lon[{_where(k, lon.shape)}] = {lon.ravel()[k]!r} is not a finite number")
+        raise GeoTokenError(f"lon[{_where(k, lon.shape)}] = {float(lon.ravel()[k])!r} is not a finite number")
     outside = np.abs(lon) > 180
     if outside.any():
         lon = np.where(outside, np.remainder(lon + 180, 360) - 180, lon)
@@ -242,7 +242,11 @@ def _st_to_uv(s: np.ndarray) -> np.ndarray:
     return np.where(s >= 0.5, (1 / 3.0) * (4 * s * s - 1), (1 / 3.0) * (1 - 4 * (1 - s) * (1 - s)))
 
 
-def _unit_vectors(phi: np.ndarray, theta: np.ndarray, sin=np.sin, cos=np.cos):
+# The fast sin/cos (NumPy's; tests swap in deliberately inexact ones to exercise the libm fallback).
+_sin, _cos = np.sin, np.cos
+
+
+def _unit_vectors(phi: np.ndarray, theta: np.ndarray, sin, cos):
     """S2LatLng::ToPoint of angles in radians."""
     cos_phi = cos(phi)
     return cos(theta) * cos_phi, sin(theta) * cos_phi, sin(phi)
@@ -256,7 +260,7 @@ def _libm(fn):
 def _face_ij(lat: np.ndarray, lon: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Face and level-`level` (i, j) (int32) of 1-D lat/lon arrays (degrees), identical to s2geometry."""
     phi, theta = _DEG_TO_RAD * lat, _DEG_TO_RAD * lon
-    face, u, v = _face_uv(*_unit_vectors(phi, theta))
+    face, u, v = _face_uv(*_unit_vectors(phi, theta, _sin, _cos))
     s, t = _uv_to_scaled_st(u, level), _uv_to_scaled_st(v, level)
     tolerance = _ST_TOLERANCE * 2.0**level
     near = (np.abs(s - np.rint(s)) < tolerance) | (np.abs(t - np.rint(t)) < tolerance)
@@ -457,9 +461,9 @@ def cell_parent(ids, level: int) -> np.ndarray:
 
 
 def _latlon_of_xyz(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # S2LatLng(p): atan2(z, sqrt(x^2 + y^2)), atan2(y, x)
-    lat = _RAD_TO_DEG * np.arctan2(z, np.sqrt(x * x + y * y))
-    lon = _RAD_TO_DEG * np.arctan2(y, x)
+    # S2LatLng(p): "+ 0.0" turns -0.0 into +0.0, so the face centre on a pole gets longitude 0, not -180.
+    lat = _RAD_TO_DEG * np.arctan2(z + 0.0, np.sqrt(x * x + y * y))
+    lon = _RAD_TO_DEG * np.arctan2(y + 0.0, x + 0.0)
     return lat, lon
 
 
@@ -553,7 +557,7 @@ def hex_to_cell_ids(tokens) -> np.ndarray:
     if bad.any():
         k = int(np.flatnonzero(bad)[0])
         raise GeoTokenError(
-            f"tokens[{_where(k, text.shape)}] = {flat[k]!r} is not an S2 cell token (1-16 hex digits)"
+            f"tokens[{_where(k, text.shape)}] = {str(flat[k])!r} is not an S2 cell token (1-16 hex digits)"
         )
     digits = np.where(is_x[:, None], 0, digits).astype(np.uint64)
     ids = np.bitwise_or.reduce(digits << _NIBBLE_SHIFTS, axis=1)
