@@ -49,6 +49,7 @@ class EfficientNetLite0(ImageBackbone):
             state = torch.load(assets.efficientnet_lite0_weights(), map_location="cpu", weights_only=True)
             self.net.load_state_dict(state, strict=True)
         self.requires_grad_(False)
+        self.net.to(memory_format=torch.channels_last)  # ~1.5x faster depthwise convs on CPU
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """Shorter side to image_size / crop_fraction (256 for 224), centre crop, (x - 127) / 128."""
@@ -58,6 +59,7 @@ class EfficientNetLite0(ImageBackbone):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, 3, H, W) -> feature map (B, 1280, H/32, W/32) -> global average pool (B, 1280)
+        x = x.contiguous(memory_format=torch.channels_last)
         return self.net.extract_features(x).mean(dim=(2, 3))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
