@@ -221,6 +221,7 @@ def read_manifest(
     check_images: bool | str = False,
     on_error: str = "raise",
     skip_report: str | os.PathLike | None = None,
+    image_column: str | None = None,
 ) -> Manifest:
     """Read an annotation CSV (see the module docstring for layouts) into a validated `Manifest`.
 
@@ -230,6 +231,7 @@ def read_manifest(
     on_error: "raise" -> `GeoTokenError` for the first bad row (file, line, value); "skip" -> drop bad rows and
         write `row,id,reason` to `skip_report` (row = 1-based line in the file; required, so nothing is
         dropped unseen). Blank lines are not rows and are ignored.
+    image_column: take image references from this column (case-insensitive) instead of the detected one.
     """
     _check_options(on_error, skip_report, check_images)
     path = Path(path)
@@ -245,6 +247,11 @@ def read_manifest(
         except (csv.Error, UnicodeDecodeError) as exc:
             raise GeoTokenError(f"{path}: line 1: cannot parse the header: {exc}") from None
         cols = detect_columns(header, path)
+        if image_column is not None:
+            names = [_norm(h) for h in header]
+            if _norm(image_column) not in names:
+                raise GeoTokenError(f"{path}: line 1: no column {image_column!r} in header {header}")
+            cols["image"] = names.index(_norm(image_column))
         roles = [r for r in ("id", "lat", "lon", "image") if r in cols]
         need = max(cols.values()) + 1
         get = itemgetter(*(cols[r] for r in roles))

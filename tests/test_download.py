@@ -1,0 +1,148 @@
+"""`geotoken data download` against a small HTTP server on 127.0.0.1 started by the test (no network)."""
+
+import csv
+import io
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from geotoken.cli import main
+from geotoken.data.download import DownloadConfig, download, find_url_column
+from geotoken.data.images import open_image
+from geotoken.data.manifest import read_manifest
+from geotoken.errors import GeoTokenError
+
+
+def jpeg(seed, width, height):
+    rgb = (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+class Handler(BaseHTTPRequestHandler):
+    """/img/SEED-WxH.jpg: a generated JPEG; /slow: answers after 3 s; /text: HTML; anything else: 404."""
+
+    def do_GET(self):
+        if self.path.startswith("/img/"):
+            seed, size = self.path[5:-4].split("-")
+            w, h = map(int, size.split("x"))
+            self.reply(200, "image/jpeg", jpeg(int(seed), w, h))
+        elif self.path == "/slow":
+            time.sleep(3)
+            self.reply(200, "image/jpeg", jpeg(0, 10, 10))
+        elif self.path == "/text":
+            self.reply(200, "text/html", b"<html>not an image</html>")
+        else:
+            self.reply(404, "text/plain", b"not found")
+
+    def reply(self, code, kind, body):
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout test)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def write_urls(path, rows, header=("IMG_ID", "url", "LAT", "LON")):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def test_find_url_column(tmp_path):
+    p = write_urls(tmp_path / "osv.csv", [], header=("id", "latitude", "longitude", "thumb_original_url"))
+    assert find_url_column(p) == "thumb_original_url"
+    with pytest.raises(GeoTokenError, match="no URL column"):
+        find_url_column(write_urls(tmp_path / "x.csv", [], header=("id", "lat", "lon")))
+
+
+def test_config_validation():
+    with pytest.raises(GeoTokenError, match="resize_mode"):
+        DownloadConfig(resize_mode="stretch")
+    with pytest.raises(GeoTokenError, match="threads"):
+        DownloadConfig(threads=0)
+
+
+def test_bad_url_list_is_refused_before_downloading(tmp_path):
+    p = write_urls(
+        tmp_path / "u.csv", [("a", "http://127.0.0.1:9/a", 1, 2), ("b", "http://127.0.0.1:9/b", 95, 0)]
+    )
+    with pytest.raises(GeoTokenError, match=r"u.csv: line 3: id 'b': LAT 95.0 is outside"):
+        download(p, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.tar"))
+
+
+@pytest.mark.slow  # img2dataset spawns its worker processes, each importing pandas, pyarrow, opencv
+def test_download_end_to_end(tmp_path, server):
+    pytest.importorskip("img2dataset")
+    good = [(f"im{i}.jpg", f"{server}/img/{i}-{40 + 8 * i}x30.jpg", 10.5 + i, -20.25 - i) for i in range(5)]
+    broken = [
+        ("missing.jpg", f"{server}/nothing-here.jpg", 1, 1),
+        ("text.jpg", f"{server}/text", 2, 2),
+        ("slow.jpg", f"{server}/slow", 3, 3),
+    ]
+    urls = write_urls(tmp_path / "urls.csv", good[:3] + broken + good[3:])
+    out = tmp_path / "shards"
+    argv = ["data", "download", str(urls), "-o", str(out), "--image-size", "20", "--processes", "1"]
+    argv += ["--threads", "4", "--samples-per-shard", "4", "--retries", "0", "--timeout", "1"]
+    assert main(argv) == 0
+
+    m = read_manifest(out / "manifest.csv", check_images="decode")
+    assert sorted(m.ids.tolist()) == [g[0] for g in good]
+    order = np.argsort(m.ids)
+    np.testing.assert_array_equal(m.lat[order], [g[2] for g in good])  # exact: float64 all the way
+    np.testing.assert_array_equal(m.lon[order], [g[3] for g in good])
+    assert all(".tar#" in ref for ref in m.images)
+    for i, ref in zip(m.ids.tolist(), m.images.tolist()):
+        seed = int(i[2:-4])
+        assert open_image(ref).size[1] == 20  # keep_ratio: shorter side resized to 20
+        assert open_image(ref).size[0] == round(20 * (40 + 8 * seed) / 30)
+
+    with open(out / "failed.csv", newline="") as f:
+        failed = {r["id"]: r for r in csv.DictReader(f)}
+    assert set(failed) == {"missing.jpg", "text.jpg", "slow.jpg"}
+    assert "404" in failed["missing.jpg"]["error"]
+    assert all(r["status"] != "success" and r["error"] for r in failed.values())
+
+    # same command again (more threads is fine): the finished job is not redone, same manifest
+    before = m.content_hash()
+    result = download(
+        urls, out, DownloadConfig(20, processes=1, threads=8, samples_per_shard=4, retries=0, timeout=1)
+    )
+    assert (result.requested, result.downloaded, result.failed) == (8, 5, 3)
+    assert result.manifest.content_hash() == before
+    # another config into the same folder is refused instead of mixing two datasets
+    with pytest.raises(GeoTokenError, match="another input or config"):
+        download(urls, out, DownloadConfig(image_size=64, samples_per_shard=4))
+
+
+def test_missing_img2dataset_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "img2dataset", None)  # import now raises ImportError
+    urls = write_urls(tmp_path / "u.csv", [("a", "http://127.0.0.1:9/a.jpg", 1, 2)])
+    assert main(["data", "download", str(urls), "-o", str(tmp_path / "out")]) == 2
+    assert "pip install 'geotoken[download]'" in capsys.readouterr().err
