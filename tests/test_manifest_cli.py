@@ -1,0 +1,57 @@
+import io
+import json
+import tarfile
+
+from PIL import Image
+
+from geotoken.cli import main
+from geotoken.data.manifest import read_manifest
+
+
+def test_manifest_command_writes_standard_csv(tmp_path, capsys):
+    src = tmp_path / "im2gps3k_places365.csv"
+    src.write_text("IMG_ID,AUTHOR,LAT,LON,S3_Label\na.jpg,x,1.5,2.5,0\nb.jpg,y,-3,4,1\n")
+    out = tmp_path / "out" / "manifest.csv"
+    assert main(["manifest", str(src), "-o", str(out), "--image-root", "/data/im2gps3k"]) == 0
+    assert "wrote 2 rows" in capsys.readouterr().out
+    assert (
+        out.read_text()
+        == "id,lat,lon,image\na.jpg,1.5,2.5,/data/im2gps3k/a.jpg\nb.jpg,-3.0,4.0,/data/im2gps3k/b.jpg\n"
+    )
+
+
+def test_manifest_command_bad_input_one_line_exit_2(tmp_path, capsys):
+    src = tmp_path / "bad.csv"
+    src.write_text("id,lat,lon\na,1,2\nb,100,2\nc,1,1\n")
+    out = tmp_path / "m.csv"
+    assert main(["manifest", str(src), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.csv: line 3: id 'b': lat 100.0 is outside" in err
+    assert not out.exists()
+    report = tmp_path / "skipped.csv"
+    assert main(["manifest", str(src), "-o", str(out), "--skip-report", str(report)]) == 0
+    assert "1 bad rows skipped" in capsys.readouterr().out
+    assert read_manifest(out).ids.tolist() == ["a", "c"]
+    assert report.read_text().splitlines()[1].startswith("3,b,")
+
+
+def test_manifest_command_from_shards(tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(buf, format="JPEG")
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name, data in [
+            ("000000.jpg", buf.getvalue()),
+            (
+                "000000.json",
+                json.dumps(
+                    {"key": "000000", "status": "success", "id": "x1", "lat": 5.0, "lon": 6.0}
+                ).encode(),
+            ),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "m.csv"
+    assert main(["manifest", str(tmp_path), "-o", str(out), "--check-images", "decode"]) == 0
+    m = read_manifest(out)
+    assert m.ids.tolist() == ["x1"] and m.images[0] == f"{tmp_path / '00000.tar'}#000000.jpg"
