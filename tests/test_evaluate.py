@@ -179,3 +179,18 @@ def test_bad_inputs_are_one_line_errors(stores, tmp_path, capsys):
         == 2
     )
     assert "bad.csv" in capsys.readouterr().err
+
+
+def test_cache_is_keyed_by_feature_content(tmp_path):
+    from geotoken.evaluate.evaluate import EvalConfig, evaluate
+
+    gallery, queries = synthetic_splits(n_gallery=300, n_queries=20, seed=4)
+    cfg = EvalConfig(methods=("nn",), n_boot=10, plots=False)
+    quiet = lambda *a: None  # noqa: E731
+    assert not evaluate(gallery, queries, tmp_path, cfg, log=quiet).runs["nn"].cached
+    assert evaluate(gallery, queries, tmp_path, cfg, log=quiet).runs["nn"].cached
+    queries.arrays = {
+        **queries.arrays,
+        "visual": queries.arrays["visual"][::-1].copy(),
+    }  # same ids, new features
+    assert not evaluate(gallery, queries, tmp_path, cfg, log=quiet).runs["nn"].cached

@@ -202,14 +202,22 @@ def _save_cached(path: Path, pred: Predictions) -> None:
         np.savez(f, **arrays)
 
 
-def _inputs_hash(gallery: Split, queries: Split) -> str:
-    """Identity of the evaluation inputs (ids and coordinates of both sides) for the prediction cache."""
+def _inputs_hash(gallery: Split, queries: Split, neighbours=None, chunk_rows: int = 16384) -> str:
+    """Identity of the evaluation inputs for the prediction cache: ids, coordinates and every array's
+    bytes on both sides (re-embedding with another backbone must not reuse old predictions)."""
     import hashlib
 
     h = hashlib.sha256()
     for s in (gallery, queries):
         h.update("\n".join(s.ids.tolist()).encode())
         h.update(np.ascontiguousarray(np.stack([s.lat, s.lon], 1), dtype="<f8").tobytes())
+        for key in sorted(s.arrays):
+            a = s.arrays[key]
+            h.update(f"{key}:{a.shape}:{a.dtype}".encode())
+            for start in range(0, len(a), chunk_rows):  # memmaps are read in chunks, never copied whole
+                h.update(np.ascontiguousarray(a[start : start + chunk_rows]).tobytes())
+    for a in neighbours or ():
+        h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 
 
@@ -226,9 +234,10 @@ def run_methods(
     progress: bool = True,
     log=print,
     geolocator=None,
+    inputs: str | None = None,
 ) -> dict[str, MethodRun]:
     """Fit every method on the gallery and predict the queries; reuse cached predictions in OUT/cache."""
-    inputs = _inputs_hash(gallery, queries)
+    inputs = inputs or _inputs_hash(gallery, queries, neighbours)
     cache = Path(out_dir) / "cache" if out_dir is not None else None
     runs: dict[str, MethodRun] = {}
     for method in cfg.methods:
@@ -241,8 +250,7 @@ def run_methods(
                 runs[run.label] = run
             continue
         conf = _method_config(method, cfg)
-        key = sha256_json({"method": method, "config": conf, "inputs": inputs,
-                           "neighbours": neighbours is not None})[:16]  # fmt: skip
+        key = sha256_json({"method": method, "config": conf, "inputs": inputs})[:16]
         path = cache / f"{_slug(method)}.{key}.npz" if cache is not None else None
         pred = _load_cached(path, len(queries)) if path is not None else None
         t0 = time.perf_counter()
@@ -318,13 +326,14 @@ def evaluate(
             neighbours = tuple(np.asarray(a)[: cfg.limit] for a in neighbours)
     if len(queries) == 0:
         raise GeoTokenError(f"{queries.name}: no queries to evaluate")
-    runs = run_methods(gallery, queries, cfg, out, neighbours, gps_encoder, progress, log, geolocator)
+    inputs = _inputs_hash(gallery, queries, neighbours)
+    runs = run_methods(gallery, queries, cfg, out, neighbours, gps_encoder, progress, log, geolocator, inputs)
     pairs = score_runs(runs, cfg)
     files = [write_predictions_csv(out / "predictions.csv", queries, runs)]
     report = {
         "gallery": {"name": gallery.name, "rows": len(gallery), "skipped": gallery.skipped},
         "queries": {"name": queries.name, "rows": len(queries), "skipped": queries.skipped},
-        "inputs_sha256": _inputs_hash(gallery, queries),
+        "inputs_sha256": inputs,
         "thresholds_km": list(cfg.thresholds),
         "bootstrap": {"n_boot": cfg.n_boot, "seed": cfg.seed, "level": cfg.level},
         "methods": {
