@@ -478,7 +478,7 @@ def render_views(lat: np.ndarray, lon: np.ndarray, params: dict, cfg: EarthViews
     haze = f32(params["haze"])[:, None, None, None]
     img = (1 - haze) * img + haze * f32(params["haze_rgb"])[:, None, None, :]
     up = _upsample_matrix(_CLOUD_GRID, S).astype(np.float32)  # (S, G)
-    field_ = np.einsum("sg,bgh,th->bst", up, f32(params["cloud_grid"]), up)  # (B, S, S) smooth in [0, 1]
+    field_ = np.matmul(np.matmul(up, f32(params["cloud_grid"])), up.T)  # (B, S, S) smooth in [0, 1]
     cover = f32(params["cloud_cover"])[:, None, None]
     alpha = np.clip((field_ - (1 - cover)) * 4.0, 0.0, 1.0) * f32(params["cloud"])[:, None, None]
     img = (1 - alpha[..., None]) * img + alpha[..., None] * 245.0
@@ -545,20 +545,25 @@ def _shard_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.tar"
 
 
-def _render_shard(job: _ShardJob, batch: int = 128) -> tuple[str, int, float]:
+def iter_views(split: Split, rows: np.ndarray, cfg: EarthViewsConfig, batch: int = 128) -> Iterator[tuple]:
+    """(key, JPEG bytes, json metadata) of the views `rows` of a split, rendered `batch` views at a time."""
+    style = cfg.style(split.name)
+    for start in range(0, len(rows), batch):
+        chunk = rows[start : start + batch]
+        params = draw_view_params(split.ids[chunk], cfg.seed, style, cfg)
+        pixels = render_views(split.lat[chunk], split.lon[chunk], params, cfg)  # (b, S, S, 3) uint8
+        for b, i in enumerate(chunk):
+            meta = view_metadata(split, int(i), params, b, cfg)
+            yield meta["key"], encode_jpeg(pixels[b], params["quality"][b]), meta
+
+
+def _render_shard(job: _ShardJob) -> tuple[str, int, float]:
     """Render one shard and write it atomically. Returns (file name, views, seconds)."""
     t0 = time.perf_counter()
-    style = job.cfg.style(job.split.name)
     with atomic_path(job.path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for start in range(0, len(job.rows), batch):
-            rows = job.rows[start : start + batch]
-            params = draw_view_params(job.split.ids[rows], job.cfg.seed, style, job.cfg)
-            pixels = render_views(job.split.lat[rows], job.split.lon[rows], params, job.cfg)
-            for b, i in enumerate(rows):
-                key = str(job.split.ids[i])
-                _tar_add(tar, f"{key}.jpg", encode_jpeg(pixels[b], params["quality"][b]))
-                meta = view_metadata(job.split, int(i), params, b, job.cfg)
-                _tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        for key, jpg, meta in iter_views(job.split, job.rows, job.cfg):
+            _tar_add(tar, f"{key}.jpg", jpg)
+            _tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
     return job.path.name, len(job.rows), time.perf_counter() - t0
 
 
