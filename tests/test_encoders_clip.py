@@ -3,6 +3,7 @@
 The model is a tiny random CLIP built here; nothing is downloaded.
 """
 
+import copy
 import json
 
 import huggingface_hub.constants
@@ -100,13 +101,32 @@ def test_preprocessing_matches_the_hf_image_processor(tiny_clip):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_vision_only_folder(tiny_clip, tmp_path):
+    from transformers import CLIPVisionModelWithProjection
+
+    folder, model = tiny_clip
+    config = copy.deepcopy(model.config.vision_config)
+    config.projection_dim = 16
+    vision = CLIPVisionModelWithProjection(config)
+    vision.vision_model.load_state_dict(model.vision_model.state_dict())
+    vision.visual_projection.load_state_dict(model.visual_projection.state_dict())
+    vision.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_bytes((folder / "preprocessor_config.json").read_bytes())
+    x = torch.randn(2, 3, 30, 30)
+    with torch.no_grad():
+        want = load_backbone("clip", model=str(folder))(x)
+        torch.testing.assert_close(load_backbone("clip", model=str(tmp_path))(x), want)
+
+
 def test_folder_without_vision_weights_is_an_error(tiny_clip, tmp_path):
     from transformers import CLIPTextModelWithProjection
 
     folder, model = tiny_clip
     CLIPTextModelWithProjection(model.config.text_config).save_pretrained(tmp_path)
-    with pytest.raises(GeoTokenError):
+    with pytest.raises(GeoTokenError, match="not a CLIP model with a vision tower"):
         load_backbone("clip", model=str(tmp_path))
+    with pytest.raises(GeoTokenError, match="dtype"):
+        load_backbone("clip", model=str(folder), dtype="int8")
     with pytest.raises(GeoTokenError, match="cannot load"):
         load_backbone("clip", model=str(tmp_path / "missing"))
 

@@ -74,6 +74,8 @@ class CLIPBackbone(ImageBackbone):
         super().__init__()
         from transformers import CLIPVisionModelWithProjection
 
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise GeoTokenError(f"clip: dtype must be float32, float16 or bfloat16, got {dtype!r}")
         self.model = str(model)
         try:
             config = tower_config(self.model, "vision")
@@ -83,10 +85,7 @@ class CLIPBackbone(ImageBackbone):
             pre_path = hf_file(self.model, "preprocessor_config.json")
         except OSError as e:
             raise GeoTokenError(f"clip: cannot load model {self.model!r} (a folder or hub id): {e}") from None
-        if info.get("missing_keys"):  # a random tower would embed silently and uselessly
-            raise GeoTokenError(
-                f"clip: {self.model!r} lacks vision weights: {sorted(info['missing_keys'])[:5]}"
-            )
+        check_loading(info, f"clip: {self.model!r} vision tower")
         self.net, self.dtype_name = net, dtype
         self.dim = int(net.config.projection_dim)
 
@@ -99,7 +98,7 @@ class CLIPBackbone(ImageBackbone):
             if pre.get("do_center_crop", True)
             else None
         )
-        crop = crop or size or native
+        crop = crop or size or native  # batches need one shape: without a crop, a square of the resize side
         self.crop = (crop, crop) if isinstance(crop, int) else crop  # (height, width)
         self.resize = size  # int: shorter side; (h, w): exact size; None: keep
         self.resample = int(pre.get("resample", Image.BICUBIC))
