@@ -38,7 +38,7 @@ _DEG_TO_RAD = math.pi / 180  # S1Angle::Degrees multiplies by (M_PI / 180)
 _RAD_TO_DEG = 180 / math.pi  # S1Angle::degrees multiplies by (180 / M_PI)
 # Largest change of s (in [0, 1]) that a few-ulp sin/cos difference can cause, with a wide margin (~100x).
 _ST_TOLERANCE = 1e-12
-_CHUNK = 1 << 14  # points per vectorized block: keeps the temporaries in cache
+_CHUNK = 1 << 15  # points per vectorized block: keeps the temporaries in cache
 
 # --- Hilbert curve tables ---------------------------------------------------------------------------------
 # Orientation bits of a sub-square: SWAP exchanges i and j, INVERT walks the curve backwards.
@@ -231,11 +231,13 @@ def _face_uv(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, n
 def _uv_to_scaled_st(u: np.ndarray, level: int) -> np.ndarray:
     """s * 2**level, bit for bit, where s is S2's quadratic UVtoST(u) = 0.5 sqrt(1 + 3u) or 1 - 0.5 sqrt(1 - 3u).
 
-    Scaling by a power of two is exact; 1 - 3u equals 1 + 3|u| exactly for u < 0; and 2**level - h is exact
-    (Sterbenz) because h = 0.5 sqrt(..) * 2**level lies in [2**(level-1), 2**level].
+    With c = 2**(level-1) and h = sqrt(1 + 3|u|) * c in [c, 2c], this is c + copysign(h - c, u): 1 - 3u equals
+    1 + 3|u| exactly for u < 0, scaling by a power of two is exact, h - c is exact (Sterbenz), and so are
+    c + (h - c) = h and c - (h - c) = 2c - h, which are representable.
     """
-    h = np.sqrt(1 + 3 * np.abs(u)) * (0.5 * 2.0**level)
-    return np.where(u >= 0, h, 2.0**level - h)
+    c = 0.5 * 2.0**level
+    h = np.sqrt(1 + 3 * np.abs(u)) * c - c
+    return c + np.copysign(h, u, out=h)
 
 
 def _st_to_uv(s: np.ndarray) -> np.ndarray:
