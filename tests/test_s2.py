@@ -113,6 +113,19 @@ def test_vertices_parent_level_and_hex_match_s2geometry():
     assert gs2.cell_ids_to_hex([0]).tolist() == ["X"] and gs2.hex_to_cell_ids(["X"]).tolist() == [0]
 
 
+def test_cell_ids_from_python_ints_keep_every_bit():
+    ids = [0x89C2594000000000, 0x1000000000000000]  # NumPy alone would make this list float64
+    assert gs2.cell_level(ids).tolist() == [11, 0]
+    assert gs2.cell_ids_to_hex(ids).tolist() == ["89c2594", "1"]
+    assert gs2.hex_to_cell_ids("89c2594") == ids[0]
+    assert np.array_equal(gs2.cell_level(np.array(ids, dtype=np.uint64).view(np.int64)), [11, 0])
+    lat, lon = gs2.cell_center(ids[0])  # Brooklyn
+    assert abs(lat - 40.732) < 1e-3 and abs(lon + 73.959) < 1e-3
+    for bad in ([-1], [1.5], [True]):
+        with pytest.raises(GeoTokenError, match="S2 cell ids"):
+            gs2.cell_level(bad)
+
+
 def test_tokens_are_face_then_child_positions_as_s2geometry_numbers_them():
     lat, lon = random_points(200, seed=4)
     cells = gs2.latlon_to_cell_ids(lat, lon, 20)

@@ -175,22 +175,29 @@ def _int_array(values, name: str) -> np.ndarray:
     return array
 
 
+def _uint64(ids, name: str) -> np.ndarray:
+    """ids as uint64: int64 arrays are reinterpreted (ids of faces 4 and 5 look negative there)."""
+    if not isinstance(ids, np.ndarray):
+        # Through object: NumPy would turn a list like [2**63, 1] into float64 and lose bits.
+        ids = np.asarray(ids, dtype=object)
+        if not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in ids.ravel().tolist()):
+            raise GeoTokenError(f"{name} must be integer S2 cell ids")
+        try:
+            return ids.astype(np.uint64)
+        except OverflowError:
+            raise GeoTokenError(
+                f"{name} must be unsigned 64-bit S2 cell ids (one is negative or too large)"
+            ) from None
+    if ids.dtype == np.int64:
+        return ids.view(np.uint64)
+    if ids.dtype.kind not in "iu":
+        raise GeoTokenError(f"{name} must be unsigned 64-bit S2 cell ids, got dtype {ids.dtype}")
+    return ids.astype(np.uint64)
+
+
 def _cell_id_array(ids, name: str = "ids") -> np.ndarray:
-    """uint64 cell ids (int64 input is reinterpreted), every one a valid S2 cell."""
-    try:
-        ids = np.asarray(ids)
-        if ids.dtype == np.int64:
-            ids = ids.view(np.uint64)
-        elif ids.dtype.kind in "iu":
-            ids = ids.astype(np.uint64)
-        elif ids.dtype == object:
-            ids = ids.astype(np.uint64)
-        else:
-            raise TypeError
-    except (TypeError, OverflowError, ValueError):
-        raise GeoTokenError(
-            f"{name} must be unsigned 64-bit S2 cell ids, got {np.asarray(ids).dtype}"
-        ) from None
+    """uint64 cell ids, every one a valid S2 cell."""
+    ids = _uint64(ids, name)
     low = ids & (~ids + np.uint64(1))  # lowest set bit
     trailing = np.bitwise_count(low - np.uint64(1)).astype(np.int64)
     bad = (ids == 0) | ((ids >> np.uint64(_POS_BITS)) >= NUM_FACES) | (trailing % 2 == 1)
@@ -530,11 +537,7 @@ _NIBBLE_SHIFTS = np.arange(60, -4, -4, dtype=np.uint64)  # (16,) most significan
 
 def cell_ids_to_hex(ids) -> np.ndarray:
     """S2 token strings (S2CellId::ToToken): 16 hex digits without trailing zeros; 0 becomes "X"."""
-    try:
-        ids = np.asarray(ids)
-        ids = ids.view(np.uint64) if ids.dtype == np.int64 else ids.astype(np.uint64)
-    except (TypeError, OverflowError, ValueError):
-        raise GeoTokenError(f"ids must be unsigned 64-bit S2 cell ids, got {np.asarray(ids).dtype}") from None
+    ids = _uint64(ids, "ids")
     flat = ids.ravel()
     nibbles = ((flat[:, None] >> _NIBBLE_SHIFTS) & np.uint64(15)).astype(np.intp)  # (N, 16)
     text = np.ascontiguousarray(_HEX_DIGITS[nibbles]).view("S16").ravel()
