@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from geotoken import assets
+from geotoken.data import manifest as manifest_module
 from geotoken.data.manifest import Manifest, detect_columns, read_manifest
 from geotoken.errors import GeoTokenError
 
@@ -168,3 +169,32 @@ def test_write_csv_round_trip_and_hash(tmp_path):
 def test_manifest_shape_check():
     with pytest.raises(ValueError, match="lat has 1 rows"):
         Manifest(["a", "b"], [1.0], [1.0, 2.0], ["", ""])
+
+
+TRICKY = (
+    "\ufeffIMG_ID,AUTHOR,LAT,LON,city\r\n"
+    'a.jpg,"Doe, J.",1.25,2.5,"Washington, D.C."\r\n'
+    "\r\n"
+    'b.jpg,"say ""hi""",-3,4e1,"two\nlines"\r\n'
+    "c.jpg,x,+0.5, 7 ,Paris\r\n"
+)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_fast_and_csv_paths_agree(tmp_path, monkeypatch, fast):
+    p = tmp_path / "t.csv"
+    p.write_bytes(TRICKY.encode())
+    if not fast:
+        monkeypatch.setattr(manifest_module, "_read_columns_numpy", lambda path, cols: None)
+    m = read_manifest(p)
+    assert m.ids.tolist() == ["a.jpg", "b.jpg", "c.jpg"]
+    assert m.lat.tolist() == [1.25, -3.0, 0.5] and m.lon.tolist() == [2.5, 40.0, 7.0]
+    p.write_bytes(TRICKY.replace("c.jpg,x,+0.5", "c.jpg,x,95").encode())
+    with pytest.raises(GeoTokenError, match="t.csv: line 6: id 'c.jpg': LAT 95.0 is outside"):
+        read_manifest(p)
+
+
+def test_numpy_path_is_used_for_clean_files(tmp_path, monkeypatch):
+    p = write(tmp_path / "ok.csv", "id,lat,lon,image\na,1,2,x.jpg\n")
+    monkeypatch.setattr(manifest_module, "_read_columns_csv", None)  # would fail if called
+    assert read_manifest(p).ids.tolist() == ["a"]

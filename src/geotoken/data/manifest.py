@@ -25,6 +25,7 @@ import gc
 import hashlib
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
@@ -187,8 +188,11 @@ def _line_numbers(path: Path, count: int) -> np.ndarray:
         reader = csv.reader(f)
         next(reader, None)
         start = reader.line_num + 1
-        for i, _ in enumerate(reader):
-            lines[i] = start
+        i = 0
+        for record in reader:
+            if record:  # blank lines are not rows
+                lines[i] = start
+                i += 1
             start = reader.line_num + 1
     return lines
 
@@ -238,49 +242,26 @@ def read_manifest(
     if not path.is_file():
         raise GeoTokenError(f"{path}: annotation file not found")
 
-    with _gc_paused(), open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise GeoTokenError(f"{path}: file is empty (expected a header line)") from None
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise GeoTokenError(f"{path}: line 1: cannot parse the header: {exc}") from None
-        cols = detect_columns(header, path)
-        if image_column is not None:
-            names = [_norm(h) for h in header]
-            if _norm(image_column) not in names:
-                raise GeoTokenError(f"{path}: line 1: no column {image_column!r} in header {header}")
-            cols["image"] = names.index(_norm(image_column))
-        roles = [r for r in ("id", "lat", "lon", "image") if r in cols]
-        need = max(cols.values()) + 1
-        get = itemgetter(*(cols[r] for r in roles))
-        try:
-            # One pass, keeping only the needed cells. Blank lines become None; short rows keep their length.
-            short: list[
-                tuple[int, int]
-            ] = []  # (data row, field count) of rows too short to hold every column
-            blank_row = ("",) * len(roles)
+    header = _read_header(path)
+    cols = detect_columns(header, path)
+    if image_column is not None:
+        names = [_norm(h) for h in header]
+        if _norm(image_column) not in names:
+            raise GeoTokenError(f"{path}: line 1: no column {image_column!r} in header {header}")
+        cols["image"] = names.index(_norm(image_column))
+    roles = [r for r in ("id", "lat", "lon", "image") if r in cols]
 
-            def too_short(i: int, row: list[str]) -> tuple[str, ...]:
-                short.append((i, len(row)))
-                return blank_row
-
-            picked = [get(r) if len(r) >= need else too_short(i, r) for i, r in enumerate(reader)]
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise GeoTokenError(f"{path}: line {reader.line_num + 1}: cannot parse CSV: {exc}") from None
-        one_line_per_record = reader.line_num == len(picked) + 1
-
-    blank = [i for i, count in short if count == 0]  # csv yields [] for an empty line: not a row
-    problems = {i: f"has {count} fields, the header has {len(header)}" for i, count in short if count}
-    columns = {r: [p[k] for p in picked] for k, r in enumerate(roles)}
-    n = len(picked)
-    del picked
+    # Fast path: numpy's C parser, when every row is well formed. Any parse error: the csv module path below,
+    # which pins each problem to its row. Both skip blank lines, so data row i is the i-th non-blank record.
+    columns, problems = _read_columns_numpy(path, cols), {}
+    if columns is None:
+        columns, problems = _read_columns_csv(path, cols, roles, len(header))
+    n = len(columns["lat"])
     ids = columns["id"] if "id" in cols else [str(i) for i in range(n)]
     images = _image_references(path, header, cols, columns, ids, image_root)
 
     def locate(rows: np.ndarray) -> list[tuple[str, int]]:
-        lines = (rows + 2) if one_line_per_record else _line_numbers(path, n)[rows]
+        lines = (rows + 2) if _count_lines(path) == n + 1 else _line_numbers(path, n)[rows]
         return [(f"{path}: line {line}", line) for line in lines.tolist()]
 
     return finish_manifest(
@@ -292,11 +273,78 @@ def read_manifest(
         locations=locate,
         problems=problems,
         field_names={r: header[c] for r, c in cols.items()},
-        drop=blank,
         on_error=on_error,
         skip_report=skip_report,
         check_images=check_images,
     )
+
+
+def _read_header(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        try:
+            return next(csv.reader(f))
+        except StopIteration:
+            raise GeoTokenError(f"{path}: file is empty (expected a header line)") from None
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise GeoTokenError(f"{path}: line 1: cannot parse the header: {exc}") from None
+
+
+def _read_columns_numpy(path: Path, cols: dict[str, int]) -> dict[str, list[str] | np.ndarray] | None:
+    """Columns via np.loadtxt (C parser): string columns as lists, lat/lon as float64. None if any row fails."""
+    opts = dict(delimiter=",", quotechar='"', skiprows=1, comments=None, encoding="utf-8", ndmin=2)
+    text_roles = [r for r in ("id", "image") if r in cols]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data" for a header-only file
+            coords = np.loadtxt(path, usecols=(cols["lat"], cols["lon"]), dtype=np.float64, **opts)
+            text = (
+                np.loadtxt(path, usecols=[cols[r] for r in text_roles], dtype=str, **opts)
+                if text_roles
+                else None
+            )
+    except (ValueError, UnicodeDecodeError):
+        return None
+    columns = {"lat": coords[:, 0].copy(), "lon": coords[:, 1].copy()}
+    for k, role in enumerate(text_roles):
+        columns[role] = text[:, k].tolist() if len(text) else []
+    if text is not None and len(text) != len(coords):
+        return None
+    return columns
+
+
+def _read_columns_csv(path: Path, cols: dict[str, int], roles: list[str], width: int):
+    """Columns via the csv module, one pass; rows too short to hold every needed column become problems."""
+    need = max(cols.values()) + 1
+    get = itemgetter(*(cols[r] for r in roles))
+    short: list[tuple[int, int]] = []  # (data row, field count)
+    blank_row = ("",) * len(roles)
+
+    def too_short(i: int, row: list[str]) -> tuple[str, ...]:
+        short.append((i, len(row)))
+        return blank_row
+
+    with _gc_paused(), open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        next(reader)
+        try:  # filter(None, ...) drops blank lines (csv yields [] for them): they are not rows
+            picked = [
+                get(r) if len(r) >= need else too_short(i, r) for i, r in enumerate(filter(None, reader))
+            ]
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise GeoTokenError(f"{path}: line {reader.line_num + 1}: cannot parse CSV: {exc}") from None
+        columns = {r: [p[k] for p in picked] for k, r in enumerate(roles)}
+    problems = {i: f"has {count} fields, the header has {width}" for i, count in short}
+    return columns, problems
+
+
+def _count_lines(path: Path) -> int:
+    """Number of lines (a last line without a newline counts), by counting newline bytes in 16 MiB blocks."""
+    count, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")
 
 
 def finish_manifest(
@@ -309,7 +357,6 @@ def finish_manifest(
     locations,
     problems: dict[int, str] | None = None,
     field_names: dict[str, str] | None = None,
-    drop=(),
     on_error: str = "raise",
     skip_report: str | os.PathLike | None = None,
     check_images: bool | str = False,
@@ -317,7 +364,7 @@ def finish_manifest(
     """Validate raw columns (coordinates as strings) into a Manifest: the checks every reader shares.
 
     locations: a list with one label per row, or a function rows -> [(message prefix, report row)].
-    problems: rows already known to be bad (row -> reason). drop: rows that are not data (blank lines)."""
+    problems: rows already known to be bad (row -> reason)."""
     _check_options(on_error, skip_report, check_images)
     problems = dict(problems or {})
     names = {"id": "id", "lat": "lat", "lon": "lon", **(field_names or {})}
@@ -335,9 +382,6 @@ def finish_manifest(
             if j != i and s:
                 problems.setdefault(i, f"duplicate {names['id']} {s!r} (first at data row {j + 1})")
     keep = np.ones(n, dtype=bool)
-    keep[np.asarray(drop, dtype=np.int64)] = False
-    for i in drop:
-        problems.pop(i, None)
     manifest = Manifest(ids, lat, lon, images, source)
 
     if check_images:
