@@ -99,6 +99,32 @@ def baseline_errors(gallery: ev.Split, split: ev.Split) -> dict[str, np.ndarray]
     }
 
 
+def geometry_rows(gallery: ev.Split, splits: dict, view_kms: list[float], image_size: int) -> list[str]:
+    """Why the view size: km per output pixel against Blue Marble's own resolution, and how often a test point
+    has a gallery point within half a view width (a heavily overlapping gallery view)."""
+    from geotoken.evaluate.baselines import exact_neighbours, to_xyz
+    from geotoken.geo import haversine_km
+
+    source_km = 2 * np.pi * ev.EARTH_RADIUS_KM / ev.load_layer("bmng").shape[1]  # per pixel at the equator
+    nearest = {}
+    for name in ("test", "test_disjoint"):
+        rows, _ = exact_neighbours(
+            to_xyz(gallery.lat, gallery.lon), to_xyz(splits[name].lat, splits[name].lon), 1
+        )
+        g = rows[:, 0]
+        nearest[name] = haversine_km(splits[name].lat, splits[name].lon, gallery.lat[g], gallery.lon[g])
+    lines = [
+        f"| view km | km / px at {image_size} px | Blue Marble px per view px (equator) "
+        "| test: gallery point within half a view | test_disjoint: same |",
+        "|---|---|---|---|---|",
+    ]
+    for km in view_kms:
+        px = km / image_size
+        share = [float(np.mean(nearest[n] <= km / 2) * 100) for n in ("test", "test_disjoint")]
+        lines.append(f"| {km:g} | {px:.2f} | {px / source_km:.2f} | {share[0]:.1f} % | {share[1]:.1f} % |")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
@@ -159,6 +185,14 @@ def main() -> None:
     for setting in args.settings:
         print(f"  {setting}: {SETTINGS[setting][2]}")
     print("\n".join(lines))
+    print()
+    print(
+        "\n".join(
+            geometry_rows(
+                gallery, splits, sorted({100.0, 200.0, 400.0, 800.0, *args.view_km}), args.image_size
+            )
+        )
+    )
     write_json(cache / "calibration.json", {"args": vars(args), "results": results})
     print(json.dumps({"written": str(cache / "calibration.json")}))
 

@@ -295,3 +295,27 @@ def test_output_reads_back_through_the_manifest_and_image_readers(tmp_path):
     s = manifest_from_shards([tmp_path / f for f in info["shards"]["gallery"]])
     np.testing.assert_array_equal(s.ids, g.ids)
     np.testing.assert_array_equal(np.stack([s.lat, s.lon]), np.stack([g.lat, g.lon]))
+
+
+def test_cli_builds_from_a_coords_file_and_reports_bad_input_in_one_line(tmp_path, capsys):
+    from geotoken.cli import main
+
+    rng = np.random.default_rng(1)
+    rows = [
+        (f"site_{i}", round(rng.uniform(-80, 80), 5), round(rng.uniform(-180, 180), 5)) for i in range(80)
+    ]
+    coords = write_coords(tmp_path / "sites.csv", rows)
+    argv = ["data", "earthviews", "--out", str(tmp_path / "ev"), "--preset", "tiny", "--coords", str(coords)]
+    argv += ["--size", "30", "--n-val", "4", "--n-test", "4", "--n-test-disjoint", "4", "--workers", "1"]
+    assert main(argv) == 0
+    info = json.loads((tmp_path / "ev" / "dataset.json").read_text())
+    assert info["sizes"] == {"gallery": 30, "val": 4, "test": 4, "test_disjoint": 4}
+    assert info["sources"]["coordinates"]["file"] == "sites.csv"
+    assert (tmp_path / "ev" / "test.csv").read_text().count("\nsite_") == 4
+    assert main(argv) == 0 and "nothing to do" in capsys.readouterr().out
+    write_coords(tmp_path / "bad.csv", [("a", 10, 20), ("b", 10, 200)])
+    argv[argv.index(str(coords))] = str(tmp_path / "bad.csv")
+    argv[argv.index(str(tmp_path / "ev"))] = str(tmp_path / "ev2")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "bad.csv" in err and "line 3" in err
