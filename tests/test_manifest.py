@@ -86,8 +86,8 @@ def test_detect_columns_priority_and_missing():
         ("b,91,2", r"line 3: id 'b': lat 91.0 is outside \[-90, 90\]"),
         ("b,1,-181", r"line 3: id 'b': lon -181.0 is outside \[-180, 180\]"),
         ("b,1,", r"line 3: id 'b': lon '' is not a number"),
-        ("b,1", r"line 3: id '': has 2 fields, the header has 3"),
-        ("a,1,2", r"line 3: id 'a': duplicate id 'a' \(first at data row 1\)"),
+        ("b,1", r"line 3: id 'b': has 2 fields, the header has 3"),
+        ("a,1,2", r"line 3: id 'a': duplicate id 'a' \(first at line 2\)"),
         (",1,2", r"line 3: id '': id is empty"),
     ],
 )

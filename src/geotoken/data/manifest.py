@@ -37,7 +37,7 @@ from geotoken.io import atomic_open
 
 # Role -> accepted header names (compared after lower-casing and mapping ' ' and '-' to '_'), in priority order.
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
-    "id": ("id", "img_id", "image_id", "imgid", "photo_id", "key", "name"),
+    "id": ("id", "img_id", "image_id", "imgid", "photo_id", "key"),
     "lat": ("lat", "latitude", "gps_lat", "gps_latitude"),
     "lon": ("lon", "lng", "long", "longitude", "gps_lon", "gps_lng", "gps_longitude"),
     "image": (
@@ -315,13 +315,13 @@ def _read_columns_numpy(path: Path, cols: dict[str, int]) -> dict[str, list[str]
 def _read_columns_csv(path: Path, cols: dict[str, int], roles: list[str], width: int):
     """Columns via the csv module, one pass; rows too short to hold every needed column become problems."""
     need = max(cols.values()) + 1
-    get = itemgetter(*(cols[r] for r in roles))
+    index = [cols[r] for r in roles]
+    get = itemgetter(*index)
     short: list[tuple[int, int]] = []  # (data row, field count)
-    blank_row = ("",) * len(roles)
 
     def too_short(i: int, row: list[str]) -> tuple[str, ...]:
         short.append((i, len(row)))
-        return blank_row
+        return tuple(row[c] if c < len(row) else "" for c in index)
 
     with _gc_paused(), open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
@@ -375,47 +375,54 @@ def finish_manifest(
     if "" in unique:
         empty = [i for i, s in enumerate(ids) if not s]
         _add(problems, empty, [f"{names['id']} is empty"] * len(empty))
+    duplicate_of: dict[int, int] = {}  # row -> row of the id's first occurrence
     if len(unique) != n:
         first: dict[str, int] = {}
         for i, s in enumerate(ids):
             j = first.setdefault(s, i)
-            if j != i and s:
-                problems.setdefault(i, f"duplicate {names['id']} {s!r} (first at data row {j + 1})")
-    keep = np.ones(n, dtype=bool)
+            if j != i and s and i not in problems:
+                duplicate_of[i] = j
+                problems[i] = f"duplicate {names['id']} {s!r}"
     manifest = Manifest(ids, lat, lon, images, source)
 
     if check_images:
         from geotoken.data.images import check_images as find_bad_images
 
-        ok = keep.copy()
+        ok = np.ones(n, dtype=bool)
         ok[list(problems)] = False
         for row, reason in find_bad_images(
             manifest, np.flatnonzero(ok), decode=check_images in (True, "decode")
         ):
             problems.setdefault(row, reason)
+    if not problems:
+        if skip_report is not None:
+            write_skip_report(skip_report, [], [], [])
+        return manifest
 
-    if problems:
-        bad = np.array(sorted(problems), dtype=np.int64)
-        where = (
-            locations(bad) if callable(locations) else [(locations[i], locations[i]) for i in bad.tolist()]
+    bad = np.array(sorted(problems), dtype=np.int64)
+    firsts = sorted(set(duplicate_of.values()))
+    if callable(locations):
+        where = locations(np.concatenate([bad, np.array(firsts, dtype=np.int64)]))
+    else:
+        where = [(locations[i], locations[i]) for i in bad.tolist() + firsts]
+    first_at = dict(zip(firsts, where[len(bad) :]))
+    for i, j in duplicate_of.items():
+        row = first_at[j][1]
+        problems[i] += f" (first at {'line ' if isinstance(row, int) else ''}{row})"
+    if on_error == "raise":
+        i = int(bad[0])
+        more = (
+            f" ({len(bad) - 1} more bad rows; on_error='skip' drops them with a report)"
+            if len(bad) > 1
+            else ""
         )
-        if on_error == "raise":
-            i = int(bad[0])
-            more = (
-                f" ({len(bad) - 1} more bad rows; on_error='skip' drops them with a report)"
-                if len(bad) > 1
-                else ""
-            )
-            raise GeoTokenError(f"{where[0][0]}: id {ids[i]!r}: {problems[i]}{more}")
-        write_skip_report(
-            skip_report,
-            [w[1] for w in where],
-            [ids[i] for i in bad.tolist()],
-            [problems[i] for i in bad.tolist()],
-        )
-        keep[bad] = False
-    elif skip_report is not None:
-        write_skip_report(skip_report, [], [], [])
+        raise GeoTokenError(f"{where[0][0]}: id {ids[i]!r}: {problems[i]}{more}")
+    rows = bad.tolist()
+    write_skip_report(
+        skip_report, [w[1] for w in where[: len(bad)]], [ids[i] for i in rows], [problems[i] for i in rows]
+    )
+    keep = np.ones(n, dtype=bool)
+    keep[bad] = False
     return manifest if keep.all() else manifest.subset(np.flatnonzero(keep))
 
 
