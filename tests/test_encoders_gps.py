@@ -1,6 +1,7 @@
 """GeoCLIP location encoder: exact projection, strict key-by-key load, embeddings that follow distance."""
 
 import math
+import types
 
 import numpy as np
 import pytest
@@ -78,3 +79,27 @@ def test_output_shape_and_bad_rows(encoder):
         encoder(torch.tensor([[float("nan"), 0.0]]))
     with pytest.raises(GeoTokenError, match=r"\(B, 2\)"):
         encoder(torch.zeros(3))
+
+
+def test_bit_identical_to_geoclips_own_code(encoder):
+    """Run GeoCLIP's location encoder from the wheel's source files (never `import geoclip`: that pulls in
+    torchvision), with its weights, and compare: our rewrite gives exactly the same numbers."""
+    root = assets.package_dir("geoclip") / "model"
+    rff = types.ModuleType("geoclip_rff")
+    exec((root / "rff" / "functional.py").read_text().replace("@torch.jit.script", ""), rff.__dict__)
+    layers = types.ModuleType("geoclip_rff_layers")
+    layers.functional = rff
+    exec((root / "rff" / "layers.py").read_text().replace("from . import functional", ""), layers.__dict__)
+    source = (root / "location_encoder.py").read_text()
+    source = source.replace("from .misc import file_dir", f"file_dir = {str(root)!r}")
+    module = types.ModuleType("geoclip_location_encoder")
+    module.GaussianEncoding = layers.GaussianEncoding
+    exec(source.replace("from .rff import GaussianEncoding", ""), module.__dict__)
+    theirs = module.LocationEncoder().eval()  # loads the same weights file, weights_only=True
+
+    g = torch.Generator().manual_seed(0)
+    latlon = torch.stack(
+        [torch.rand(500, generator=g) * 180 - 90, torch.rand(500, generator=g) * 360 - 180], 1
+    )
+    with torch.no_grad():
+        assert torch.equal(encoder(latlon), theirs(latlon))

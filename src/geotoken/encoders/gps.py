@@ -20,7 +20,7 @@ from geotoken.errors import GeoTokenError
 
 # Equal Earth projection (Savric, Patterson & Jenny 2018) polynomial coefficients.
 A1, A2, A3, A4 = 1.340264, -0.081106, 0.000893, 0.003796
-SCALE = 66.50336 / 180  # GeoCLIP's normalisation of projected coordinates
+SF = 66.50336  # GeoCLIP scales projected coordinates by SF / 180
 SIGMAS = (2.0**0, 2.0**4, 2.0**8)
 
 
@@ -28,10 +28,15 @@ def equal_earth(latlon: torch.Tensor) -> torch.Tensor:
     """(N, 2) lat/lon degrees -> (N, 2) Equal Earth (x, y), scaled by 66.50336 / 180 as GeoCLIP does."""
     lat, lon = torch.deg2rad(latlon[:, 0]), torch.deg2rad(latlon[:, 1])
     theta = torch.asin(math.sqrt(3) / 2 * torch.sin(lat))
-    t2 = theta * theta
-    x = 2 * math.sqrt(3) * lon * torch.cos(theta) / (3 * (9 * A4 * t2**4 + 7 * A3 * t2**3 + 3 * A2 * t2 + A1))
-    y = theta * (A4 * t2**4 + A3 * t2**3 + A2 * t2 + A1)
-    return torch.stack((x, y), dim=1) * SCALE
+    x = (
+        2
+        * math.sqrt(3)
+        * lon
+        * torch.cos(theta)
+        / (3 * (9 * A4 * theta**8 + 7 * A3 * theta**6 + 3 * A2 * theta**2 + A1))
+    )
+    y = A4 * theta**9 + A3 * theta**7 + A2 * theta**3 + A1 * theta
+    return torch.stack((x, y), dim=1) * SF / 180  # (multiply, then divide: bit-identical to GeoCLIP)
 
 
 class FourierBranch(nn.Module):
