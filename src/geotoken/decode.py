@@ -168,7 +168,8 @@ def beam_search(
         src, tok = idx // V, idx % V  # beam it extends, token it adds
         rows = (base + src).view(-1)  # (B*W,)
         tok = tok.view(-1)
-        step.reorder(rows)
+        if t + 1 < T:  # the cache is not read after the last position
+            step.reorder(rows)
         level_logp = torch.cat([level_logp[rows], logp[rows, tok][:, None]], dim=1)
         tokens = torch.cat([tokens[rows], tok[:, None]], dim=1)
         if constraint is not None:

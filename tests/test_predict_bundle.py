@@ -1,0 +1,68 @@
+"""Bundles on disk: save_bundle / from_bundle with the real stage classes, and `geotoken predict`."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from geotoken import assets
+from geotoken.cli import main
+from geotoken.errors import GeoTokenError
+from geotoken.predict import Geolocator, random_bundle
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return random_bundle(tmp_path_factory.mktemp("bundle") / "b", gallery_rows=64, k=3)
+
+
+def test_from_bundle_predicts(bundle):
+    geo = Geolocator.from_bundle(bundle)
+    info = geo.info()
+    assert info["gallery_rows"] == 64 and info["query_modalities"] == ["visual"]
+    json.dumps(info)
+    photo = Image.open(assets.sample_image())
+    [pred] = geo.predict([photo], top_k=3, strategy="sample", samples=6, select="consensus")
+    assert 1 <= len(pred.candidates) <= 3 and pred.select == "consensus"
+    assert -90 <= pred.lat <= 90 and len(pred.candidates[0]["cell"]) == 11  # level-20 token
+
+
+def test_cli_predict_reports_bad_files_and_keeps_going(bundle, tmp_path, capsys):
+    good = tmp_path / "good.png"
+    shutil.copy(assets.sample_image(), good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    truncated = tmp_path / "trunc.png"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    code = main(
+        ["predict", str(good), str(bad), str(truncated), "--model", str(bundle), "--top-k", "2", "--json"]
+    )
+    out, err = capsys.readouterr()
+    assert code == 1
+    rows = json.loads(out)
+    assert [r["file"] for r in rows if "error" in r] == [str(bad), str(truncated)]
+    ok = [r for r in rows if "error" not in r]
+    assert len(ok) == 1 and len(ok[0]["candidates"]) == 2
+    assert len(err.strip().splitlines()) == 2 and "bad.jpg" in err
+    # text output
+    assert main(["predict", str(good), "--model", str(bundle), "--strategy", "greedy"]) == 0
+    out, _ = capsys.readouterr()
+    assert "good.png" in out and "cell" in out
+
+
+def test_bad_bundles(bundle, tmp_path, capsys):
+    with pytest.raises(GeoTokenError, match="no bundle.json"):
+        Geolocator.from_bundle(tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    spec = json.loads((broken / "bundle.json").read_text())
+    spec["model"] = "nowhere"
+    (broken / "bundle.json").write_text(json.dumps(spec))
+    with pytest.raises(GeoTokenError, match="'model' names 'nowhere'"):
+        Geolocator.from_bundle(broken)
+    assert main(["predict", str(assets.sample_image()), "--model", str(broken)]) == 2
+    assert "nowhere" in capsys.readouterr().err
