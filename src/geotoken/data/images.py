@@ -115,11 +115,7 @@ def iter_images(
     their members lie in the file, so every shard is opened once and read front to back. decode=False yields
     the raw bytes instead of images (for hashing or copying)."""
     refs = _references(source)
-    rows = (
-        np.arange(len(refs))
-        if rows is None
-        else np.asarray(list(rows) if not hasattr(rows, "__len__") else rows)
-    )
+    rows = np.arange(len(refs)) if rows is None else np.fromiter(rows, dtype=np.int64)
     shards: dict[str, list[tuple[int, str]]] = {}
     for row in rows.tolist():
         ref = str(refs[row])
@@ -167,7 +163,7 @@ def check_images(
     from tqdm import tqdm
 
     refs = _references(source)
-    rows = np.arange(len(refs)) if rows is None else np.asarray(rows)
+    rows = np.arange(len(refs)) if rows is None else np.fromiter(rows, dtype=np.int64)
     bar = tqdm(
         total=len(rows), desc="checking images", unit="img", disable=None if len(rows) > 2000 else True
     )
