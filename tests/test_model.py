@@ -199,3 +199,11 @@ def test_greedy_matches_argmax_of_full_decode():
     lp = torch.log_softmax(m.decode(m.encode(b), tokens), -1)  # teacher-forced on its own output
     assert torch.equal(lp.argmax(-1), tokens)
     torch.testing.assert_close(lp.gather(-1, tokens[..., None])[..., 0].sum(1), logp, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("level,group", [(20, 2), (6, 3), (7, 2), (30, 4)])
+def test_vocabularies_match_the_s2_tokens(level, group):
+    s2 = pytest.importorskip("geotoken.s2")
+    cfg = ModelConfig(level=level, group=group)
+    assert cfg.vocab_sizes == s2.vocab_sizes(level, group)
+    assert cfg.n_tokens == s2.latlon_to_tokens([10.0], [20.0], level, group).shape[-1]

@@ -51,8 +51,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise GeoTokenError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if not 1 <= self.level <= 30 or self.level % self.group:
-            raise GeoTokenError(f"level {self.level} must be in 1..30 and a multiple of group {self.group}")
+        if not 1 <= self.level <= 30 or self.group < 1:
+            raise GeoTokenError(f"level {self.level} must be in 1..30 and group {self.group} >= 1")
         if not 0 <= self.k <= 30:
             raise GeoTokenError(f"k {self.k} must be in 0..30")
         if not self.modalities:
@@ -60,12 +60,13 @@ class ModelConfig:
 
     @property
     def n_tokens(self) -> int:
-        """T: the face token plus level // group grouped child tokens."""
-        return 1 + self.level // self.group
+        """T: the face token plus ceil(level / group) grouped child tokens."""
+        return 1 + -(-self.level // self.group)
 
     @property
     def vocab_sizes(self) -> list[int]:
-        return [6] + [4**self.group] * (self.level // self.group)
+        """[6, 4^g, ..., 4^g, 4^(last group's length)], as `geotoken.s2.vocab_sizes`."""
+        return [6] + [4 ** min(self.group, self.level - i) for i in range(0, self.level, self.group)]
 
     @property
     def n_neighbour_slots(self) -> int:

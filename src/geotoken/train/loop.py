@@ -231,7 +231,8 @@ def train(
     """Train (or resume) a GeoToken model; returns the model after the last step (unwrapped).
 
     `stop_at` ends this call early (after a checkpoint) without changing the schedule, which still
-    runs to `max_steps` / `epochs`: a later call with `resume=True` continues exactly.
+    runs to `max_steps` / `epochs`: a later call with `resume=True` continues exactly. `resume=True`
+    on a folder without a checkpoint starts from scratch (so a pipeline stage can always pass it).
     """
     out = Path(out)
     d = init_distributed()
@@ -250,9 +251,7 @@ def train(
     per_epoch = steps_per_epoch(len(train_rows), cfg.batch_size, d.world)
     total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch
     state = {"step": 0, "best_score": None, "best_step": None}
-    if resume:
-        if not ((out / "last").exists() or (out / ".last.old").exists()):
-            raise GeoTokenError(f"cannot resume: {out / 'last'} does not exist")
+    if resume and ((out / "last").exists() or (out / ".last.old").exists()):
         state = load_checkpoint(out / "last", model, opt, d)
     else:
         torch.manual_seed(cfg.seed * 1000 + 1 + d.rank)  # dropout streams differ per rank

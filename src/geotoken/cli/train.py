@@ -1,0 +1,167 @@
+"""`geotoken train`: train a GeoToken model on an aligned feature store and its neighbour table."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from geotoken.errors import GeoTokenError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a GeoToken model (resumable; DDP under torchrun)",
+        description=(
+            "Train the retrieval-conditioned encoder-decoder on aligned embeddings (visual/gps/text arrays of a "
+            "feature store), a neighbour table and S2 target tokens made from the store's coordinates. "
+            "Writes OUT/last (resume point), OUT/best (best validation), OUT/log.jsonl and OUT/tb. "
+            "Run several processes with `torchrun --nproc-per-node N -m geotoken train ...`."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--features", required=True, help="feature store of the training queries")
+    p.add_argument("--neighbours", required=True, help="neighbour folder of the training queries (index.npy)")
+    p.add_argument(
+        "--gallery", help="feature store of the gallery the neighbour rows point into (default: --features)"
+    )
+    p.add_argument(
+        "--val-features", help="feature store of validation queries (default: hold out --val-fraction)"
+    )
+    p.add_argument(
+        "--val-neighbours", help="neighbour folder of the validation queries (into the same gallery)"
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.05, help="share of training rows held out for validation"
+    )
+    p.add_argument("--val-max", type=int, default=2000, help="validate on at most this many rows")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last exactly")
+    p.add_argument("--stop-at", type=int, help="end this run after this step (resume later with --resume)")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default="small", choices=["tiny", "small", "paper"], help="model size")
+    m.add_argument("--modalities", default="visual,gps,text", help="comma-separated store arrays to use")
+    m.add_argument("--k", type=int, default=15, help="neighbours per query (0 = no retrieval)")
+    m.add_argument("--level", type=int, default=20, help="S2 level of the target cell")
+    m.add_argument("--group", type=int, default=2, help="child tokens per token (vocabulary 4^g)")
+    m.add_argument("--dropout", type=float, help="override the preset's dropout")
+    m.add_argument(
+        "--no-neighbour-tokens", action="store_true", help="ablation: neighbours without their tokens"
+    )
+    m.add_argument("--no-neighbour-embeddings", action="store_true", help="ablation: neighbours' tokens only")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument(
+        "--max-steps", type=int, default=0, help="> 0: stop after this many steps (overrides --epochs)"
+    )
+    t.add_argument("--batch-size", type=int, default=256, help="per process")
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--warmup-steps", type=int, default=100)
+    t.add_argument(
+        "--schedule", default="cosine", choices=["cosine", "step"], help="step: x0.9 per epoch (paper)"
+    )
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--label-smoothing", type=float, default=0.0)
+    t.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast (GPU or CPU)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=500, help="steps")
+    t.add_argument("--val-every", type=int, default=1, help="epochs (0: never)")
+    t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    t.add_argument("--no-tensorboard", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import numpy as np
+    import torch
+
+    from geotoken.model import preset
+    from geotoken.train import TrainConfig, TrainData, train
+
+    if args.resume and not (Path(args.out) / "last").exists():
+        raise GeoTokenError(f"--resume: {Path(args.out) / 'last'} does not exist (drop --resume to start)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [s for s in args.modalities.split(",") if s]
+    data = TrainData.load(args.features, args.neighbours, args.gallery, names, args.level, args.group)
+    dims = {m: data.query[m].shape[1] for m in names}
+    overrides = dict(modalities=dims, k=args.k, level=args.level, group=args.group)
+    overrides.update(use_neighbour_tokens=not args.no_neighbour_tokens)
+    overrides.update(use_neighbour_embeddings=not args.no_neighbour_embeddings)
+    if args.dropout is not None:
+        overrides["dropout"] = args.dropout
+    model_cfg = preset(args.preset, **overrides)
+    cfg = TrainConfig(
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        schedule=args.schedule,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        label_smoothing=args.label_smoothing,
+        dtype=args.dtype,
+        compile=args.compile,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        val_every=args.val_every,
+        tensorboard=not args.no_tensorboard,
+    )
+
+    if args.val_features:
+        if not args.val_neighbours:
+            raise GeoTokenError(
+                "--val-features needs --val-neighbours (its neighbour folder into the gallery)"
+            )
+        val = TrainData.load(
+            args.val_features,
+            args.val_neighbours,
+            args.gallery or args.features,
+            names,
+            args.level,
+            args.group,
+        )
+        val = TrainData(
+            val.query,
+            data.gallery,
+            val.neighbours,
+            val.query_tokens,
+            data.gallery_tokens,
+            val.query_coords,
+            val.source,
+        )
+        train_rows, val_rows = np.arange(data.rows), np.arange(min(val.rows, args.val_max))
+    else:
+        if not 0.0 <= args.val_fraction < 1.0:
+            raise GeoTokenError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
+        order = np.random.default_rng(args.seed).permutation(data.rows)
+        n_val = min(int(round(args.val_fraction * data.rows)), args.val_max)
+        val, val_rows, train_rows = data, np.sort(order[:n_val]), np.sort(order[n_val:])
+
+    sources = {
+        "features": args.features,
+        "neighbours": args.neighbours,
+        "gallery": args.gallery or args.features,
+    }
+    sources.update(val_features=args.val_features, val_neighbours=args.val_neighbours)
+    train(
+        model_cfg,
+        cfg,
+        data,
+        args.out,
+        train_rows,
+        val,
+        val_rows,
+        args.resume,
+        args.device,
+        sources,
+        args.stop_at,
+    )
+    print(f"trained model: {args.out}/best (best validation) and {args.out}/last (resume point)")
+    return 0

@@ -1,0 +1,75 @@
+"""`geotoken train` end to end on a small feature store and neighbour folder."""
+
+import json
+
+import numpy as np
+import pytest
+
+from geotoken.cli import main
+from geotoken.features import FeatureStore
+from geotoken.model import GeoToken
+
+
+def make_store(root, n=64, seed=0):
+    """Rows in 4 clusters; embeddings carry the cluster, so neighbours and targets are learnable."""
+    rng = np.random.default_rng(seed)
+    centres = np.array([[48.8, 2.3], [40.7, -74.0], [-33.9, 151.2], [35.7, 139.7]])
+    cluster = np.arange(n) % 4
+    coords = centres[cluster] + rng.normal(0, 0.5, (n, 2))
+    dims = {"visual": 16, "gps": 8}
+    store = FeatureStore.create(root, [f"r{i}" for i in range(n)], coords, dims)
+    for name, dim in dims.items():
+        x = rng.normal(0, 0.3, (n, dim))
+        x[np.arange(n), cluster] += 1.0
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        store.writer(name).write(0, x.astype(np.float16))
+        store.mark_complete(name)
+    return cluster
+
+
+def make_neighbours(folder, cluster, k=5, seed=0):
+    rng = np.random.default_rng(seed)
+    n = len(cluster)
+    rows = np.arange(n)
+    nbr = (rows[:, None] + 4 * rng.integers(1, n // 4, (n, k))) % n  # same cluster, never itself
+    folder.mkdir(parents=True)
+    np.save(folder / "index.npy", nbr.astype(np.int64))
+    np.save(folder / "sims.npy", np.ones((n, k), np.float32))
+
+
+def test_train_command(tmp_path, capsys):
+    pytest.importorskip("geotoken.s2")
+    cluster = make_store(tmp_path / "store")
+    make_neighbours(tmp_path / "nbr", cluster)
+    args = ["train", "--features", str(tmp_path / "store"), "--neighbours", str(tmp_path / "nbr")]
+    args += ["--out", str(tmp_path / "run"), "--preset", "tiny", "--modalities", "visual,gps", "--k", "3"]
+    args += [
+        "--level",
+        "10",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--warmup-steps",
+        "2",
+        "--val-fraction",
+        "0.25",
+    ]
+    args += ["--no-tensorboard", "--threads", "1"]
+    assert main(args) == 0
+    model = GeoToken.load(tmp_path / "run/best")
+    assert model.cfg.modalities == {"visual": 16, "gps": 8} and model.cfg.k == 3 and model.cfg.n_tokens == 6
+    logs = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    val = [r for r in logs if "val_loss" in r]
+    assert len(val) == 2 and "val_acc_2500km" in val[-1]
+    run = json.loads((tmp_path / "run/run.json").read_text())
+    assert run["sources"]["features"] == str(tmp_path / "store")
+
+    # a missing checkpoint with --resume, and a neighbour table pointing outside the gallery: one-line errors
+    assert main(args[:-2] + ["--out", str(tmp_path / "other"), "--resume"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = np.load(tmp_path / "nbr/index.npy")
+    bad[3, 1] = 999
+    np.save(tmp_path / "nbr/index.npy", bad)
+    assert main(args[:-2] + ["--out", str(tmp_path / "bad")]) == 2
+    assert "row 3 column 1 is 999" in capsys.readouterr().err
