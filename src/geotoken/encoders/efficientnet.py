@@ -36,15 +36,11 @@ class EfficientNetLite0(ImageBackbone):
             raise GeoTokenError(f"efficientnet-lite0: image_size must be in 32..1024, got {image_size!r}")
         if not 0.1 <= crop_fraction <= 1.0:
             raise GeoTokenError(f"efficientnet-lite0: crop_fraction must be in 0.1..1, got {crop_fraction!r}")
-        self.image_size, self.pretrained, self.crop_fraction = (
-            int(image_size),
-            bool(pretrained),
-            crop_fraction,
-        )
+        self.image_size = int(image_size)
+        self.pretrained = bool(pretrained)
+        self.crop_fraction = float(crop_fraction)
         self.mean, self.std = MEAN, STD
-        self.net = EfficientNet.from_name(
-            "efficientnet-lite0", image_size=None
-        )  # None: padding per input size
+        self.net = EfficientNet.from_name("efficientnet-lite0", image_size=None)  # None: padding per input
         if pretrained:
             state = torch.load(assets.efficientnet_lite0_weights(), map_location="cpu", weights_only=True)
             self.net.load_state_dict(state, strict=True)
