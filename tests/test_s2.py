@@ -95,6 +95,10 @@ def test_cell_centres_round_trip_at_every_level_and_match_s2geometry():
         cells = gs2.latlon_to_cell_ids(lat, lon, level)
         c_lat, c_lon = gs2.cell_center(cells)
         assert np.array_equal(gs2.latlon_to_cell_ids(c_lat, c_lon, level), cells), level
+        tokens = gs2.latlon_to_tokens(lat, lon, level, group=3)
+        assert np.array_equal(gs2.tokens_to_latlon(tokens, level, group=3), (c_lat, c_lon))
+        assert np.array_equal(gs2.ungroup_tokens(tokens, level, 3), gs2.cell_ids_to_tokens(cells, level))
+        assert np.array_equal(gs2.tokens_to_cell_ids(gs2.cell_ids_to_tokens(cells, level), level), cells)
         ref = [_cell_id(int(c)).ToLatLng() for c in cells[:20]]
         np.testing.assert_allclose(c_lat[:20], [p.lat().degrees() for p in ref], rtol=0, atol=1e-12)
         np.testing.assert_allclose(c_lon[:20], [p.lng().degrees() for p in ref], rtol=0, atol=1e-12)
