@@ -59,8 +59,10 @@ def test_geotoken_rows_in_one_table(geolocator_and_splits, tmp_path):
         geotoken=GeoTokenMethodConfig(
             strategies=("greedy", "beam", "sample"), selectors=("logp", "consensus"), num_samples=4
         ),
+        plots=False,
     )
     res = evaluate(gallery, queries, tmp_path, cfg, geolocator=geo, log=lambda *a: None)
+    assert not list(tmp_path.glob("*.png"))
     labels = ["nn", "geotoken greedy", "geotoken beam5+logp", "geotoken beam5+consensus",
               "geotoken sample4+logp", "geotoken sample4+consensus"]  # fmt: skip
     assert list(res.runs) == labels
@@ -72,7 +74,6 @@ def test_geotoken_rows_in_one_table(geolocator_and_splits, tmp_path):
         assert set(cal) >= {"within_25km", "within_200km", "within_750km", "levels"}
         assert 0 <= cal["within_200km"]["ece"] <= 1
         assert len(cal["levels"]) == geo.model.cfg.n_tokens
-        assert (tmp_path / f"reliability_{label.replace(' ', '_').replace('+', '_')}.png").is_file()
     # the greedy row equals the model's own (gallery-constrained) greedy decoding of the same inputs
     from geotoken.decode import generate
 
@@ -86,3 +87,10 @@ def test_geotoken_rows_in_one_table(geolocator_and_splits, tmp_path):
     assert np.all(
         res.runs["geotoken beam5+logp"].pred.score >= res.runs["geotoken greedy"].pred.score * (1 - 1e-6)
     )
+
+
+def test_reliability_plot_written(geolocator_and_splits, tmp_path):
+    geo, gallery, queries = geolocator_and_splits
+    cfg = EvalConfig(methods=("geotoken",), n_boot=10, geotoken=GeoTokenMethodConfig(strategies=("beam",)))
+    evaluate(gallery, queries, tmp_path, cfg, geolocator=geo, log=lambda *a: None)
+    assert (tmp_path / "reliability_geotoken_beam5_logp.png").read_bytes()[:4] == b"\x89PNG"

@@ -69,6 +69,7 @@ def test_matches_geo_metrics_point_values():
     e = np.random.default_rng(5).lognormal(5, 2, 777)
     m = bootstrap_metrics(e, T, n_boot=20)
     g = geo_metrics(e, T)
+    assert all(m.accuracy[t].value == pytest.approx(g.accuracy[t]) for t in T)
     assert m.median_km.value == pytest.approx(g.median_km)
     assert m.mean_km.value == pytest.approx(g.mean_km)
 

@@ -67,7 +67,7 @@ def plot_error_cdf(
 
 
 @functools.lru_cache(maxsize=2)
-def basemap(width: int = 1024, name: str = "bmng") -> np.ndarray:
+def basemap(width: int = 900, name: str = "bmng") -> np.ndarray:
     """The Blue Marble image (equirectangular, 2:1), decoded at reduced size: (width / 2, width, 3) uint8."""
     from PIL import Image
 
@@ -87,13 +87,13 @@ def plot_world_map(
     title: str = "",
     max_lines: int = 400,
     seed: int = 0,
-    dpi: int = 120,
+    dpi: int = 100,
 ) -> Path:
     """Truth (green) and predictions (red) over Blue Marble; a random subset of pairs joined by lines."""
     plt = _pyplot()
     from matplotlib.collections import LineCollection
 
-    fig, ax = plt.subplots(figsize=(10, 5.2))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     ax.imshow(basemap(), extent=(-180, 180, -90, 90), origin="upper", interpolation="nearest")
     n = len(true_lat)
     rng = np.random.default_rng(seed)
