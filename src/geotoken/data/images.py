@@ -221,8 +221,9 @@ def manifest_from_shards(
 ) -> Manifest:
     """Build a Manifest from img2dataset WebDataset shards, using the lat/lon fields of each `KEY.json`.
 
-    `shard_paths` is a list of `.tar` files or a folder (its `*.tar`, sorted). Rows follow shard order, then
-    member order inside each shard. The id is the sidecar's dataset id (`id`, `IMG_ID`, ...; see COLUMN_ALIASES)
+    `shard_paths` is a list of `.tar` files or a folder (its `*.tar`, sorted). Rows follow shard order, then key
+    order inside each shard (img2dataset's threads write samples in any order; its keys follow the URL list,
+    so sorting them makes the manifest deterministic and in input order). The id is the sidecar's dataset id (`id`, `IMG_ID`, ...; see COLUMN_ALIASES)
     or else img2dataset's `key`. Samples whose status is not "success" or that have no image are bad rows,
     handled like bad CSV rows (`on_error`, `skip_report`; the report's `row` is `SHARD.tar#KEY.json`)."""
     if isinstance(shard_paths, (str, os.PathLike)):
@@ -234,15 +235,16 @@ def manifest_from_shards(
             if not shard_paths:
                 raise GeoTokenError(f"{folder}: no .tar shards in this folder")
     ids, lats, lons, images, where, problems = [], [], [], [], [], {}
-    for shard in shard_paths:
+    from tqdm import tqdm
+
+    for shard in tqdm(
+        shard_paths, desc="reading shards", unit="shard", disable=None if len(shard_paths) > 10 else True
+    ):
         shard = os.path.abspath(shard)
         samples = shard_samples(shard)
         index = read_shard_index(shard)
-        order = sorted(
-            samples, key=lambda k: index[samples[k].get("json", next(iter(samples[k].values())))][0]
-        )
         with open(shard, "rb") as f:
-            for key in order:
+            for key in sorted(samples):
                 members = samples[key]
                 if "json" not in members:
                     continue  # not a sample of ours (e.g. a stray file); img2dataset always writes the json
