@@ -194,3 +194,24 @@ def test_cache_is_keyed_by_feature_content(tmp_path):
         "visual": queries.arrays["visual"][::-1].copy(),
     }  # same ids, new features
     assert not evaluate(gallery, queries, tmp_path, cfg, log=quiet).runs["nn"].cached
+
+
+def test_load_split_from_store_manifest_and_bundle(stores, tmp_path):
+    import shutil
+
+    from geotoken.evaluate.evaluate import load_split
+
+    g, q, queries = stores
+    split = load_split(q, name="queries")
+    assert split.ids.tolist() == queries.ids.tolist() and split.images is None and split.skipped == 0
+    np.testing.assert_allclose(split.lat, queries.lat)
+    manifest = tmp_path / "q.csv"
+    rows = "".join(f"{i},{a + 1},{b},img{i}.jpg\n" for i, a, b in zip(queries.ids, queries.lat, queries.lon))
+    manifest.write_text("id,lat,lon,image\n" + rows)
+    from_manifest = load_split(q, manifest)
+    np.testing.assert_allclose(from_manifest.lat, queries.lat + 1, atol=1e-5)  # truth from the manifest
+    assert from_manifest.images[0].endswith("img" + queries.ids[0] + ".jpg")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(g, bundle / "gal")
+    (bundle / "bundle.json").write_text(json.dumps({"gallery": "gal"}))
+    assert len(load_split(bundle)) == 1500

@@ -33,7 +33,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--method", nargs="+", default=list(BASELINES), choices=METHODS, metavar="NAME",
                    help=f"methods to run, in table order: {', '.join(METHODS)} (default: all baselines)")  # fmt: skip
-    p.add_argument("--gallery", required=True, help="feature store of the gallery / training split")
+    p.add_argument(
+        "--gallery", required=True, help="feature store of the gallery / training split (or a model bundle)"
+    )
     p.add_argument("--queries", required=True, help="feature store of the query / test split")
     p.add_argument(
         "--gallery-manifest", help="manifest CSV with the gallery's coordinates (default: the store's)"

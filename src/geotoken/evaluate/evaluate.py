@@ -57,10 +57,14 @@ def load_split(store_dir: str | Path, manifest: str | Path | None = None, name: 
     """A feature store folder (ids, coords and arrays) as a `Split`; rows skipped at embedding time are dropped.
 
     `manifest` (optional) supplies the true coordinates instead of the store's copy; its ids must be the
-    store's ids in the same order.
+    store's ids in the same order. A model bundle folder (bundle.json) stands for its gallery store.
     """
     from geotoken.features import FeatureStore
 
+    if (Path(store_dir) / "bundle.json").is_file():
+        from geotoken.io import read_json
+
+        store_dir = Path(store_dir) / read_json(Path(store_dir) / "bundle.json").get("gallery", "gallery")
     store = FeatureStore.open(store_dir)
     ids = np.asarray(store.ids, dtype=str)
     coords = np.asarray(store.coords, dtype=np.float64)
