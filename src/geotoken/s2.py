@@ -349,12 +349,14 @@ def vocab_sizes(level: int = 20, group: int = 2) -> list[int]:
 
 
 @functools.lru_cache(maxsize=16)
-def _token_fields(level: int, group: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shift and mask of every token of `rows` rows, flattened (rows * T,): the face, then each group."""
+def _token_fields(level: int, group: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shift, mask and vocabulary size (uint64) of every token of `rows` rows, flattened to (rows * T,)."""
     spans = _group_spans(level, group)
     shifts = [2 * level] + [2 * (level - end) for _, end in spans]
     masks = [7] + [(1 << 2 * (end - start)) - 1 for start, end in spans]
-    return np.tile(np.array(shifts, dtype=np.int64), rows), np.tile(np.array(masks, dtype=np.int64), rows)
+    sizes = vocab_sizes(level, group)
+    tile = functools.partial(np.tile, reps=rows)
+    return tile(np.array(shifts, np.int64)), tile(np.array(masks, np.int64)), tile(np.array(sizes, np.uint64))
 
 
 def _tokens_from_face_pos(face: np.ndarray, pos: np.ndarray, level: int, group: int, out=None) -> np.ndarray:
@@ -366,37 +368,41 @@ def _tokens_from_face_pos(face: np.ndarray, pos: np.ndarray, level: int, group: 
     # with flat element-wise shifts: much faster than broadcasting over the short token axis.
     np.copyto(out, ((face << (2 * level)) | pos)[:, None])
     flat = out.reshape(-1)  # (N * T,)
-    shifts, masks = _token_fields(level, group, rows)
+    shifts, masks, _ = _token_fields(level, group, rows)
     np.right_shift(flat, shifts, out=flat)
     np.bitwise_and(flat, masks, out=flat)
     return out
 
 
-def _check_tokens(tokens, level: int, group: int, name: str = "tokens") -> np.ndarray:
+def _token_rows(tokens, level: int, group: int, name: str) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Tokens (..., T) as rows (N, T), and the leading shape (...); the last axis must fit level and group."""
     tokens = _int_array(tokens, name)
-    sizes = np.array(vocab_sizes(level, group), dtype=np.int64)
-    if tokens.ndim == 0 or tokens.shape[-1] != sizes.size:
+    width = len(vocab_sizes(level, group))
+    if tokens.ndim == 0 or tokens.shape[-1] != width:
         raise GeoTokenError(
-            f"{name} has shape {tokens.shape}; level {level} with group {group} needs {sizes.size} tokens "
-            f"per row (last axis)"
+            f"{name} has shape {tokens.shape}; level {level} with group {group} needs {width} tokens per row "
+            f"(last axis)"
         )
-    flat = tokens.reshape(-1, sizes.size)
-    bad = (flat < 0) | (flat >= sizes)
-    if bad.any():
-        row, col = (int(k) for k in np.argwhere(bad)[0])
-        where = f"{col}" if tokens.ndim == 1 else f"{_where(row, tokens.shape[:-1])}, {col}"
-        raise GeoTokenError(
-            f"{name}[{where}] = {int(flat[row, col])} is outside its vocabulary 0..{sizes[col] - 1}"
-        )
-    return flat.astype(np.int64)
+    return tokens.reshape(-1, width), tokens.shape[:-1]
 
 
-def _face_pos_from_tokens(flat: np.ndarray, level: int, group: int) -> tuple[np.ndarray, np.ndarray]:
-    shifts = np.array([2 * (level - end) for _, end in _group_spans(level, group)], dtype=np.int64)
-    pos = (
-        np.bitwise_or.reduce(flat[:, 1:] << shifts, axis=1) if shifts.size else np.zeros(len(flat), np.int64)
-    )
-    return flat[:, 0], pos
+def _decode_blocks(rows: np.ndarray, lead: tuple[int, ...], level: int, group: int, name: str):
+    """Yield (row slice, face, position) of token rows, block by block, after checking every vocabulary."""
+    spans = _group_spans(level, group)
+    place = np.array([1 << 2 * (level - end) for _, end in spans], dtype=np.int64)  # (T-1,) digit values
+    for start in range(0, len(rows), _CHUNK):
+        block = np.ascontiguousarray(rows[start : start + _CHUNK], dtype=np.int64)  # (B, T)
+        # One flat comparison per block; as uint64, negative tokens are huge and fail it too.
+        bad = block.reshape(-1).view(np.uint64) >= _token_fields(level, group, len(block))[2]
+        if bad.any():
+            row, col = divmod(int(np.flatnonzero(bad)[0]), block.shape[1])
+            where = f"{col}" if not lead else f"{_where(start + row, lead)}, {col}"
+            size = NUM_FACES if col == 0 else 4 ** (spans[col - 1][1] - spans[col - 1][0])
+            raise GeoTokenError(
+                f"{name}[{where}] = {int(block[row, col])} is outside its vocabulary 0..{size - 1}"
+            )
+        # The position is the sum of each group's value times its place (the bit fields do not overlap).
+        yield slice(start, start + len(block)), block[:, 0], block[:, 1:] @ place
 
 
 def latlon_to_tokens(lat, lon, level: int = 20, group: int = 2) -> np.ndarray:
@@ -415,11 +421,11 @@ def latlon_to_tokens(lat, lon, level: int = 20, group: int = 2) -> np.ndarray:
 def tokens_to_latlon(tokens, level: int = 20, group: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Centre (lat, lon in degrees) of the cell that grouped tokens (..., T) name."""
     level, group = _check_level(level), _check_group(group)
-    tokens = np.asarray(tokens)
-    flat = _check_tokens(tokens, level, group)
-    face, pos = _face_pos_from_tokens(flat, level, group)
-    lat, lon = _center_latlon(face, pos, level)
-    return lat.reshape(tokens.shape[:-1]), lon.reshape(tokens.shape[:-1])
+    rows, lead = _token_rows(tokens, level, group, "tokens")
+    lat, lon = np.empty(len(rows)), np.empty(len(rows))
+    for block, face, pos in _decode_blocks(rows, lead, level, group, "tokens"):
+        lat[block], lon[block] = _center_latlon(face, pos, level)
+    return lat.reshape(lead), lon.reshape(lead)
 
 
 def cell_ids_to_tokens(ids, level: int) -> np.ndarray:
@@ -427,35 +433,46 @@ def cell_ids_to_tokens(ids, level: int) -> np.ndarray:
     level = _check_level(level)
     ids = _cell_id_array(ids)
     _check_at_least(ids, level)
-    face, pos = _face_pos_of_ids(ids.ravel(), level)
-    return _tokens_from_face_pos(face, pos, level, 1).reshape(ids.shape + (1 + level,))
+    flat = ids.ravel()
+    out = np.empty((flat.size, 1 + level), dtype=np.int64)
+    for start in range(0, flat.size, _CHUNK):
+        block = slice(start, start + _CHUNK)
+        face, pos = _face_pos_of_ids(flat[block], level)
+        _tokens_from_face_pos(face, pos, level, 1, out=out[block])
+    return out.reshape(ids.shape + (1 + level,))
 
 
 def tokens_to_cell_ids(tokens, level: int) -> np.ndarray:
     """Inverse of `cell_ids_to_tokens`: uint64 ids of the level-`level` cells."""
     level = _check_level(level)
-    tokens = np.asarray(tokens)
-    face, pos = _face_pos_from_tokens(_check_tokens(tokens, level, 1), level, 1)
-    return _cell_ids(face, pos, level).reshape(tokens.shape[:-1])
+    rows, lead = _token_rows(tokens, level, 1, "tokens")
+    out = np.empty(len(rows), dtype=np.uint64)
+    for block, face, pos in _decode_blocks(rows, lead, level, 1, "tokens"):
+        out[block] = _cell_ids(face, pos, level)
+    return out.reshape(lead)
+
+
+def _regroup(rows, lead, level: int, group: int, new_group: int, name: str) -> np.ndarray:
+    out = np.empty((len(rows), len(vocab_sizes(level, new_group))), dtype=np.int64)
+    for block, face, pos in _decode_blocks(rows, lead, level, group, name):
+        _tokens_from_face_pos(face, pos, level, new_group, out=out[block])
+    return out.reshape(lead + out.shape[-1:])
 
 
 def group_tokens(tokens, group: int) -> np.ndarray:
     """(..., 1 + level) child tokens -> (..., 1 + ceil(level / group)) base-4 groups, first child most significant."""
     group = _check_group(group)
-    tokens = np.asarray(tokens)
-    if tokens.ndim == 0 or not 1 <= tokens.shape[-1] <= MAX_LEVEL + 1:
-        raise GeoTokenError(f"tokens has shape {tokens.shape}; the last axis must hold 1 + level tokens")
-    level = tokens.shape[-1] - 1
-    face, pos = _face_pos_from_tokens(_check_tokens(tokens, level, 1), level, 1)
-    return _tokens_from_face_pos(face, pos, level, group).reshape(tokens.shape[:-1] + (-1,))
+    shape = np.shape(tokens)
+    if not shape or not 1 <= shape[-1] <= MAX_LEVEL + 1:
+        raise GeoTokenError(f"tokens has shape {shape}; the last axis must hold 1 + level tokens")
+    level = shape[-1] - 1
+    return _regroup(*_token_rows(tokens, level, 1, "tokens"), level, 1, group, "tokens")
 
 
 def ungroup_tokens(grouped, level: int, group: int) -> np.ndarray:
     """Inverse of `group_tokens`: (..., 1 + ceil(level / group)) -> (..., 1 + level)."""
     level, group = _check_level(level), _check_group(group)
-    grouped = np.asarray(grouped)
-    face, pos = _face_pos_from_tokens(_check_tokens(grouped, level, group, "grouped"), level, group)
-    return _tokens_from_face_pos(face, pos, level, 1).reshape(grouped.shape[:-1] + (1 + level,))
+    return _regroup(*_token_rows(grouped, level, group, "grouped"), level, group, 1, "grouped")
 
 
 # --- cells ------------------------------------------------------------------------------------------------
@@ -495,13 +512,24 @@ def _latlon_of_xyz(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.ndar
     return lat, lon
 
 
+# S2's FaceUVtoXYZ as coefficients: _FACE_FRAME[face, axis] = weights of (1, u, v) in that axis of the point.
+# Face 0 is (1, u, v), 1 is (-u, 1, v), 2 is (-u, -v, 1), 3 is (-1, -v, -u), 4 is (v, -1, -u), 5 is (v, u, -1).
+_FACE_FRAME = np.array(
+    [
+        [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+        [[0, -1, 0], [1, 0, 0], [0, 0, 1]],
+        [[0, -1, 0], [0, 0, -1], [1, 0, 0]],
+        [[-1, 0, 0], [0, 0, -1], [0, -1, 0]],
+        [[0, 0, 1], [-1, 0, 0], [0, -1, 0]],
+        [[0, 0, 1], [0, 1, 0], [-1, 0, 0]],
+    ],
+    dtype=np.float64,
+)  # (6 faces, 3 axes, 3 weights)
+
+
 def _face_uv_to_xyz(face: np.ndarray, u: np.ndarray, v: np.ndarray):
-    """Point on the cube (not unit length) for face coordinates; S2's FaceUVtoXYZ."""
-    one = np.ones_like(u)
-    x = np.choose(face, [one, -u, -u, -one, v, v])
-    y = np.choose(face, [u, one, -v, -v, -one, u])
-    z = np.choose(face, [v, v, one, -u, -u, -one])
-    return x, y, z
+    """Point on the cube (not unit length) for face coordinates. Exact: one weight is +-1, the others 0."""
+    return tuple(w[face, 0] + w[face, 1] * u + w[face, 2] * v for w in _FACE_FRAME.transpose(1, 0, 2))
 
 
 def _center_latlon(face: np.ndarray, pos: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
@@ -513,16 +541,25 @@ def _center_latlon(face: np.ndarray, pos: np.ndarray, level: int) -> tuple[np.nd
     return _latlon_of_xyz(*_face_uv_to_xyz(face, u, v))
 
 
+def _cells_by_level(ids: np.ndarray):
+    """Yield (rows, face, position, level) of valid flat ids, block by block and one level at a time."""
+    for start in range(0, ids.size, _CHUNK):
+        block = ids[start : start + _CHUNK]
+        levels = _levels(block)
+        for level in np.unique(levels).tolist():
+            if levels[0] == levels[-1] == level and (levels == level).all():
+                rows, cells = slice(start, start + block.size), block  # the usual case: one level
+            else:
+                rows = np.flatnonzero(levels == level)
+                rows, cells = start + rows, block[rows]
+            yield (rows, *_face_pos_of_ids(cells, level), level)
+
+
 def cell_center(ids) -> tuple[np.ndarray, np.ndarray]:
     """Centre (lat, lon in degrees) of each cell, as S2CellId::ToLatLng."""
     ids = _cell_id_array(ids)
-    flat = ids.ravel()
-    levels = _levels(flat)
-    lat = np.empty(flat.shape)
-    lon = np.empty(flat.shape)
-    for level in np.unique(levels).tolist():
-        rows = np.flatnonzero(levels == level)
-        face, pos = _face_pos_of_ids(flat[rows], level)
+    lat, lon = np.empty(ids.size), np.empty(ids.size)
+    for rows, face, pos, level in _cells_by_level(ids.ravel()):
         lat[rows], lon[rows] = _center_latlon(face, pos, level)
     return lat.reshape(ids.shape), lon.reshape(ids.shape)
 
@@ -530,19 +567,14 @@ def cell_center(ids) -> tuple[np.ndarray, np.ndarray]:
 def cell_vertices(ids) -> np.ndarray:
     """Four corners of each cell, (..., 4, 2) lat/lon degrees, counter-clockwise as S2Cell::GetVertex."""
     ids = _cell_id_array(ids)
-    flat = ids.ravel()
-    levels = _levels(flat)
-    out = np.empty(flat.shape + (4, 2))
-    for level in np.unique(levels).tolist():
-        rows = np.flatnonzero(levels == level)
-        face, pos = _face_pos_of_ids(flat[rows], level)
+    out = np.empty((ids.size, 4, 2))
+    for rows, face, pos, level in _cells_by_level(ids.ravel()):
         i, j = _hilbert_ij(face, pos, level)
         size = 1.0 / (1 << level)
         u_lo, u_hi = _st_to_uv(i * size), _st_to_uv((i + 1) * size)
         v_lo, v_hi = _st_to_uv(j * size), _st_to_uv((j + 1) * size)
         for k, (u, v) in enumerate([(u_lo, v_lo), (u_hi, v_lo), (u_hi, v_hi), (u_lo, v_hi)]):
-            lat, lon = _latlon_of_xyz(*_face_uv_to_xyz(face, u, v))
-            out[rows, k, 0], out[rows, k, 1] = lat, lon
+            out[rows, k, 0], out[rows, k, 1] = _latlon_of_xyz(*_face_uv_to_xyz(face, u, v))
     return out.reshape(ids.shape + (4, 2))
 
 
