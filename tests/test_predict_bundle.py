@@ -66,3 +66,44 @@ def test_bad_bundles(bundle, tmp_path, capsys):
         Geolocator.from_bundle(broken)
     assert main(["predict", str(assets.sample_image()), "--model", str(broken)]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_train_reward_and_calibrate_commands(bundle, tmp_path, capsys):
+    from geotoken.features import FeatureStore
+    from geotoken.retrieval import NeighbourIndex, neighbour_table
+
+    work = tmp_path / "b"
+    shutil.copytree(bundle, work)
+    gallery = FeatureStore.open(work / "gallery")
+    index = NeighbourIndex.load(work / "gallery" / "index")
+    neighbour_table(gallery, index, 3, tmp_path / "nbrs", gallery_store=gallery, progress=False)
+    args = ["--model", str(work), "--queries", str(work / "gallery")]
+    code = main(
+        [
+            "train-reward",
+            *args,
+            "--neighbours",
+            str(tmp_path / "nbrs"),
+            "--epochs",
+            "1",
+            "--samples",
+            "2",
+            "--beams",
+            "2",
+            "--max-images",
+            "20",
+        ]
+    )
+    assert code == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["train_images"] == 18 and metrics["val_images"] == 2
+    assert main(["calibrate", *args, "--strategy", "greedy", "--plot", str(tmp_path / "rel.png")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"within_25km", "within_200km", "within_750km", "levels"}
+    assert (tmp_path / "rel.png").is_file()
+    spec = json.loads((work / "bundle.json").read_text())
+    assert spec["reward"] == "reward" and spec["calibration"] == "calibration.json"
+    geo = Geolocator.from_bundle(work)
+    assert geo.reward is not None and geo.calibration is not None
+    [pred] = geo.predict([Image.open(assets.sample_image())], top_k=2, strategy="beam", select="reward")
+    assert pred.select == "reward" and 0 <= pred.candidates[0]["probability"] <= 1

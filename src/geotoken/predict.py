@@ -614,3 +614,42 @@ def random_bundle(directory: str | os.PathLike, gallery_rows: int = 256, k: int 
             index=index,
             query_modalities=["visual"],
         )
+
+
+def set_bundle_part(directory: str | os.PathLike, key: str, relative_path: str | None) -> None:
+    """Point bundle.json's `key` (e.g. "reward", "calibration") at a file or folder inside the bundle."""
+    root = Path(directory)
+    spec = _read_bundle(root)
+    if relative_path is not None and not (root / relative_path).exists():
+        raise GeoTokenError(f"{root / relative_path} does not exist")
+    spec[key] = relative_path
+    write_json(root / "bundle.json", spec)
+
+
+def load_queries(
+    store_dir: str | os.PathLike, modalities: list[str], neighbours_dir: str | os.PathLike | None = None
+) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray, np.ndarray]:
+    """Aligned query embeddings {m: (N, D)} (memmaps), neighbour rows (N, k) or None, true lat, lon (N,).
+
+    Rows the store skipped (unreadable images) are left out of all four.
+    """
+    from geotoken.features import FeatureStore
+    from geotoken.retrieval import NeighbourTable
+
+    store = FeatureStore.open(store_dir)
+    missing = [m for m in modalities if m not in store]
+    if missing:
+        raise GeoTokenError(f"{store_dir}: no finished aligned array(s) {missing}; run the alignment first")
+    keep = np.flatnonzero(store.valid)
+    everything = len(keep) == store.rows
+    emb = {m: store[m] if everything else np.asarray(store[m][keep]) for m in modalities}
+    coords = np.asarray(store.coords)[keep]
+    rows = None
+    if neighbours_dir is not None:
+        table = NeighbourTable.open(neighbours_dir)
+        if table.rows.shape[0] != store.rows:
+            raise GeoTokenError(
+                f"{neighbours_dir}: {table.rows.shape[0]} rows of neighbours for {store.rows} rows of {store_dir}"
+            )
+        rows = np.asarray(table.rows[keep])
+    return emb, rows, coords[:, 0].copy(), coords[:, 1].copy()
