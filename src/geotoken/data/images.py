@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
 
 from geotoken.data.manifest import COLUMN_ALIASES, Manifest, _norm, finish_manifest
 from geotoken.errors import GeoTokenError
@@ -160,8 +161,6 @@ def check_images(
     source: Manifest | Sequence[str], rows=None, *, decode: bool = False
 ) -> Iterator[tuple[int, str]]:
     """Yield (row, reason) for every selected row whose image is missing (or, with decode, unreadable)."""
-    from tqdm import tqdm
-
     refs = _references(source)
     rows = np.arange(len(refs)) if rows is None else np.fromiter(rows, dtype=np.int64)
     bar = tqdm(
@@ -223,8 +222,8 @@ def manifest_from_shards(
 
     `shard_paths` is a list of `.tar` files or a folder (its `*.tar`, sorted). Rows follow shard order, then key
     order inside each shard (img2dataset's threads write samples in any order; its keys follow the URL list,
-    so sorting them makes the manifest deterministic and in input order). The id is the sidecar's dataset id (`id`, `IMG_ID`, ...; see COLUMN_ALIASES)
-    or else img2dataset's `key`. Samples whose status is not "success" or that have no image are bad rows,
+    so sorting them makes the manifest deterministic and in input order). The id is the sidecar's dataset id
+    (`id`, `IMG_ID`, ...; see COLUMN_ALIASES) or else img2dataset's `key`. Samples whose status is not "success" or that have no image are bad rows,
     handled like bad CSV rows (`on_error`, `skip_report`; the report's `row` is `SHARD.tar#KEY.json`)."""
     if isinstance(shard_paths, (str, os.PathLike)):
         folder = Path(shard_paths)
@@ -235,8 +234,6 @@ def manifest_from_shards(
             if not shard_paths:
                 raise GeoTokenError(f"{folder}: no .tar shards in this folder")
     ids, lats, lons, images, where, problems = [], [], [], [], [], {}
-    from tqdm import tqdm
-
     for shard in tqdm(
         shard_paths, desc="reading shards", unit="shard", disable=None if len(shard_paths) > 10 else True
     ):
@@ -283,7 +280,6 @@ def manifest_from_shards(
         source=source,
         locations=where,
         problems=problems,
-        field_names={"id": "id", "lat": "lat", "lon": "lon"},
         on_error=on_error,
         skip_report=skip_report,
         check_images=check_images,
