@@ -7,8 +7,8 @@ shards, a parquet of every sample's status, resuming finished shards). Around it
   like "007" into 7 or rounds a coordinate;
 - `id`, `lat`, `lon` travel into every sample's json, and the finished shards become `manifest.csv`;
 - failures are gathered into one `failed.csv` (id, url, status, error);
-- `_geotoken/download.json` records the config and the input's hash: rerunning the same command resumes; rerunning with
-  another input or config into the same folder is refused instead of mixing two datasets.
+- `_geotoken/download.json` records the config and the input's hash: rerunning the same command resumes;
+  rerunning with another input or config into the same folder is refused instead of mixing two datasets.
 
 img2dataset is an optional dependency: `pip install 'geotoken[download]'`.
 """
@@ -43,7 +43,7 @@ RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop
 @dataclass
 class DownloadConfig:
     """What img2dataset is told. Defaults keep every photo's aspect ratio with its shorter side at most 512 px:
-    enough for 224-336 px backbones and augmentation, about 10x less disk than the originals."""
+    enough for 224-336 px backbones plus crop augmentation, without storing full-size originals."""
 
     image_size: int = 512
     resize_mode: str = "keep_ratio"  # no | border | keep_ratio | keep_ratio_largest | center_crop
