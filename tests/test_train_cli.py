@@ -73,3 +73,22 @@ def test_train_command(tmp_path, capsys):
     np.save(tmp_path / "nbr/index.npy", bad)
     assert main(args[:-2] + ["--out", str(tmp_path / "bad")]) == 2
     assert "row 3 column 1 is 999" in capsys.readouterr().err
+
+
+def test_bench_train_prints_one_json_object(capsys):
+    args = ["bench", "train", "--preset", "tiny", "--batch", "2", "--iters", "1", "--threads", "1"]
+    assert main(args + ["--gallery-rows", "300", "--json", "--reference"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for key in (
+        "train_samples_per_s",
+        "peak_rss_mb",
+        "matmul_gflops_fp32",
+        "matmul_gflops_bf16",
+        "share_of_matmul_peak",
+    ):
+        assert res[key] > 0
+    assert res["ratio_side_by_side"] == pytest.approx(
+        res["train_samples_per_s"] / res["reference_samples_per_s"]
+    )
+    assert res["flops_per_step"] > 2 * 3 * 1e6 * 2  # forward + backward of a ~1M-parameter model on 2 samples
+    assert main(args + ["--gallery-rows", "0"]) == 2

@@ -40,7 +40,10 @@ class ModelConfig:
     n_decoder_layers: int = 10
     n_heads: int = 8
     d_ff: int = 1024
-    dropout: float = 0.1
+    dropout: float = 0.1  # on embeddings, residual branches (attention output, feed-forward)
+    # Dropout on attention probabilities (the paper's nn.Transformer layers use `dropout` there too). Off by
+    # default: it forces the unfused (B, h, S, S) attention path and its random masks, most of a CPU step.
+    attn_dropout: float = 0.0
     level: int = 20  # S2 level of the target cell
     group: int = 2  # child tokens merged into one token (vocabulary 4^group)
     k: int = 15  # neighbours read by the encoder (0 = no retrieval)
@@ -145,7 +148,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, causal: bool):
         super().__init__()
-        self.h, self.causal, self.p = cfg.n_heads, causal, cfg.dropout
+        self.h, self.causal, self.p = cfg.n_heads, causal, cfg.attn_dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
@@ -171,7 +174,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.h, self.p = cfg.n_heads, cfg.dropout
+        self.h, self.p = cfg.n_heads, cfg.attn_dropout
         self.q = nn.Linear(cfg.d_model, cfg.d_model)
         self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)

@@ -28,7 +28,16 @@ def peak_rss_mb() -> float:
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 2048, min_seconds: float = 0.5) -> float:
-    """Achieved GFLOP/s of an n x n matmul (the machine's practical peak for this dtype)."""
+    """Achieved GFLOP/s of an n x n matmul (the machine's practical peak for this dtype).
+
+    A CPU without native bf16 (no AVX-512 BF16 / AMX) runs bf16 matmuls orders of magnitude slower;
+    there a 512 x 512 probe stands in for the 2048 one, which would take minutes.
+    """
+    p = torch.randn(512, 512).to(dtype)
+    t0 = time.perf_counter()
+    p @ p
+    if (time.perf_counter() - t0) * (n / 512) ** 3 > 5.0:
+        n = 512
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b  # warm-up
     reps, t0 = 0, time.perf_counter()
@@ -71,7 +80,13 @@ def count_flops(fn: Callable[[], None]) -> int:
 
 
 def bench_ours(
-    name: str, batch: int, dtype: str = "fp32", iters: int = 5, warmup: int = 2, seed: int = 0
+    name: str,
+    batch: int,
+    dtype: str = "fp32",
+    iters: int = 5,
+    warmup: int = 2,
+    seed: int = 0,
+    rows: int = GALLERY_ROWS,
 ) -> dict:
     """Samples/s and FLOPs of our training step at preset `name`."""
     from geotoken.train.loop import TrainConfig, make_optimizer
@@ -80,7 +95,7 @@ def bench_ours(
     torch.manual_seed(seed)
     model = GeoToken(cfg).train()
     opt = make_optimizer(model, TrainConfig())
-    data = random_data(cfg, seed=seed)
+    data = random_data(cfg, rows, seed)
     rng = np.random.default_rng(seed)
     bf16 = dtype == "bf16"
 
