@@ -63,7 +63,9 @@ def register(subparsers) -> None:
     )
     g.add_argument("--k", type=int, default=15, help="knn: neighbours voting (default 15)")
     g.add_argument("--radius-km", type=float, default=100.0, help="knn: cluster radius (default 100)")
-    g.add_argument("--temperature", type=float, default=0.05, help="knn: softmax temperature of similarities")
+    g.add_argument(
+        "--temperature", type=float, default=0.1, help="knn: softmax temperature of similarities (0.1)"
+    )
     g.add_argument(
         "--prior-level", type=int, default=7, help="prior: S2 level of the densest cell (default 7)"
     )
