@@ -25,9 +25,8 @@ from tqdm import tqdm
 from geotoken.align.heads import AlignHeads, HeadsConfig
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore, read_rows
+from geotoken.geo import THRESHOLDS_KM, haversine_km
 from geotoken.io import write_json
-
-THRESHOLDS_KM = (1, 25, 200, 750, 2500)
 
 
 @dataclass
@@ -123,8 +122,6 @@ class Queue:
 # ------------------------------------------------------------------------------------------------- metrics
 def accuracy_km(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     """Share of rows within each threshold and the median error: pred, true (N, 2) lat/lon degrees."""
-    from geotoken.geo import haversine_km
-
     km = haversine_km(pred[:, 0], pred[:, 1], true[:, 0], true[:, 1])
     out = {f"acc_{t}km": float(np.mean(km <= t)) for t in THRESHOLDS_KM}
     return {**out, "median_km": float(np.median(km)), "n": len(km)}

@@ -200,13 +200,13 @@ def embed(
     model = backbone.to(device).eval() if hasattr(backbone, "to") else backbone
     amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
     ids = store.ids
-    with store.writer("features") as writer, torch.no_grad():
-        bar = tqdm(
-            total=int(sum(min(batch_size, store.rows - c * batch_size) for c in mine)),
-            unit="img",
-            desc=f"embed[{dist.rank}]" if dist.world > 1 else "embed",
-            disable=not progress,
-        )
+    total = int(sum(min(batch_size, store.rows - c * batch_size) for c in mine))
+    desc = f"embed[{dist.rank}]" if dist.world > 1 else "embed"
+    with (
+        store.writer("features") as writer,
+        tqdm(total=total, unit="img", desc=desc, disable=not progress) as bar,
+        torch.no_grad(),
+    ):
         for chunk, (rows, images, bad) in zip(mine, loader):
             if bad and not skip_bad:
                 row, why = bad[0]
@@ -231,7 +231,6 @@ def embed(
             record["skipped"] += [{"id": ids[r], "row": int(r), "reason": why} for r, why in bad]
             write_json(record_path, record)
             bar.update(len(block))
-        bar.close()
 
     dist.barrier()
     if dist.rank == 0:

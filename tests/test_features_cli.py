@@ -1,0 +1,36 @@
+"""`geotoken embed` end to end with the real EfficientNet-Lite0 on a few small images (and a broken one)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from geotoken.cli import main
+from geotoken.data.manifest import Manifest
+from geotoken.features import FeatureStore
+
+
+def test_embed_command(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    (tmp_path / "3.jpg").write_bytes(b"\xff\xd8 truncated")
+    Manifest([f"p{i}" for i in range(5)], np.arange(5.0), np.arange(5.0), paths).write_csv(tmp_path / "m.csv")
+    args = ["embed", str(tmp_path / "m.csv"), "-o", str(tmp_path / "store"), "--image-size", "32",
+            "--batch-size", "2", "--workers", "0", "--threads", "1"]  # fmt: skip
+    assert main(args) == 2
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert (
+        err.startswith("geotoken embed: error: manifest row 3 (id 'p3')")
+        and "3.jpg" in err
+        and "--skip-bad" in err
+    )
+    assert main([*args, "--skip-bad"]) == 0
+    assert "1 skipped" in capsys.readouterr().out
+    store = FeatureStore.open(tmp_path / "store")
+    assert store["features"].shape == (5, 1280) and store.header["backbone"]["name"] == "efficientnet-lite0"
+    assert store.skipped[0]["id"] == "p3" and (tmp_path / "store" / "skipped.csv").is_file()
+    assert np.isfinite(store["features"][[0, 1, 2, 4]]).all()

@@ -1,0 +1,50 @@
+"""`geotoken index build|neighbours` on a small store with aligned arrays."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from geotoken.cli import main
+from geotoken.features import FeatureStore
+from geotoken.retrieval import NeighbourIndex, NeighbourTable
+
+
+def test_index_commands(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    n = 3000
+    arrays = {}
+    for name, dim in (("visual", 16), ("gps", 8)):
+        x = rng.standard_normal((n, dim))
+        arrays[name] = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    store = FeatureStore.create(
+        tmp_path / "s", [f"i{r}" for r in range(n)], np.zeros((n, 2)), {"visual": 16, "gps": 8}
+    )
+    for name, values in arrays.items():
+        with store.writer(name) as w:
+            w.write(0, values)
+        store.mark_complete(name)
+
+    assert main(["index", "build", str(tmp_path / "s"), "-o", str(tmp_path / "flat"), "--threads", "1"]) == 0
+    flat = NeighbourIndex.load(tmp_path / "flat")
+    assert flat.dim == 24 and flat.meta["embedding"] == "visual+gps" and flat.size == n
+    args = ["index", "build", str(tmp_path / "s"), "-o", str(tmp_path / "hnsw"), "--kind", "hnsw", "--embedding",
+            "gps", "--recall-queries", "200", "--threads", "1"]  # fmt: skip
+    assert main(args) == 0
+    meta = json.loads((tmp_path / "hnsw" / "index.json").read_text())
+    assert meta["recall_queries"] == 200 and 0.5 < meta["recall@15"] <= 1.0
+    capsys.readouterr()
+
+    out = tmp_path / "nbrs"
+    assert (
+        main(["index", "neighbours", str(tmp_path / "flat"), str(tmp_path / "s"), "-o", str(out), "-k", "5"])
+        == 0
+    )
+    table = NeighbourTable.open(out)
+    assert table.rows.shape == (n, 5) and not (table.rows == np.arange(n)[:, None]).any()
+    assert (np.diff(table.sims, axis=1) <= 1e-6).all()
+    assert (
+        main(["index", "build", str(tmp_path / "s"), "-o", str(tmp_path / "x"), "--embedding", "text"]) == 2
+    )
+    assert "'text'" in capsys.readouterr().err
