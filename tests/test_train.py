@@ -65,6 +65,9 @@ def test_check_names_the_bad_field():
     data.neighbours[7, 1] = 10_000
     with pytest.raises(GeoTokenError, match="row 7 column 1 is 10000"):
         data.check(MODS, 4, [6, 16, 16, 16])
+    data.neighbours[7, 1] = -1  # a row the retrieval stage skipped: not an error, just not used
+    data.check(MODS, 4, [6, 16, 16, 16])
+    assert not data.usable(4)[7] and data.usable(4).sum() == 63
     with pytest.raises(GeoTokenError, match="'text'"):
         synthetic().check({**MODS, "text": 4}, 4, [6, 16, 16, 16])
     with pytest.raises(GeoTokenError, match="k=9"):

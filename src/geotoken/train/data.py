@@ -72,6 +72,10 @@ class TrainData:
     def k_store(self) -> int:
         return self.neighbours.shape[1]
 
+    def usable(self, k: int) -> np.ndarray:
+        """bool (N,): rows with k real neighbours (the retrieval stage writes -1 for unreadable images)."""
+        return (np.asarray(self.neighbours[:, :k]) >= 0).all(axis=1)
+
     def check(self, modalities: dict[str, int], k: int, vocab_sizes: list[int]) -> None:
         """Fail early, naming the field, if the arrays cannot feed a model with these settings."""
         for name, arrays in (("query", self.query), ("gallery", self.gallery)):
@@ -86,7 +90,7 @@ class TrainData:
             raise GeoTokenError(
                 f"{self.source}: neighbour table has {self.k_store} neighbours per row, model needs k={k}"
             )
-        bad = (self.neighbours[:, :k] < 0) | (self.neighbours[:, :k] >= len(self.gallery_tokens))
+        bad = self.neighbours[:, :k] >= len(self.gallery_tokens)  # -1 marks a skipped row, see `usable`
         if bad.any():
             r, c = np.argwhere(bad)[0]
             raise GeoTokenError(

@@ -245,6 +245,10 @@ def train(
     if val_rows is not None and len(val_rows):
         val_data.check(model_cfg.modalities, model_cfg.k, model_cfg.vocab_sizes)
     train_rows = np.arange(data.rows) if train_rows is None else np.asarray(train_rows, dtype=np.int64)
+    train_rows = train_rows[data.usable(model_cfg.k)[train_rows]]  # drop rows the retrieval stage skipped
+    if val_rows is not None:
+        val_rows = np.asarray(val_rows, dtype=np.int64)
+        val_rows = val_rows[val_data.usable(model_cfg.k)[val_rows]]
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = GeoToken(model_cfg).to(dev)
