@@ -273,7 +273,9 @@ def print_tables(
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:  # wide enough for one line per method (rich would otherwise wrap every cell)
+        console = Console()
+        console = Console(width=max(console.width, 180))
     for title, (header, rows) in [
         ("accuracy (%) [95% CI]", table_rows(results)),
         ("paired a - b", paired_rows(pairs)),
@@ -282,7 +284,7 @@ def print_tables(
             continue
         table = Table(title=title)
         for i, h in enumerate(header):
-            table.add_column(h, justify="left" if i == 0 else "right")
+            table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
         for r in rows:
             table.add_row(*r)
         console.print(table)
