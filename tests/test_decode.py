@@ -114,7 +114,7 @@ def test_constraint_bad_input():
 
 def test_generate_dispatch(setup):
     model, batch, _ = setup
-    for strategy, n in (("greedy", 1), ("beam", 3), ("sample", 5)):
+    for strategy, n in (("greedy", 1), ("beam", 3), ("sample", 5), ("beam+sample", 8)):
         pool, memory = generate(model, batch, strategy, width=3, n=5)
         assert pool.tokens.shape[:2] == (4, n) and memory.shape[0] == 4
         assert np.isfinite(pool.lat).all()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from geotoken.errors import GeoTokenError
 from geotoken.select import Candidates
 
-STRATEGIES = ("greedy", "beam", "sample")
+STRATEGIES = ("greedy", "beam", "sample", "beam+sample")  # the last pools `width` beams and `n` samples
 
 
 class PrefixConstraint:
@@ -264,9 +264,11 @@ def generate(
         pool = sample(model, memory, n=1, temperature=0.0, constraint=constraint, cached=cached)
     elif strategy == "beam":
         pool = beam_search(model, memory, width=width, constraint=constraint, cached=cached)
-    elif strategy == "sample":
+    elif strategy in ("sample", "beam+sample"):
         gen = torch.Generator().manual_seed(seed)
         pool = sample(model, memory, n, temperature, top_k, top_p, gen, constraint=constraint, cached=cached)
+        if strategy == "beam+sample":
+            pool = Candidates.concat([beam_search(model, memory, width, constraint, cached), pool])
     else:
         raise GeoTokenError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     return pool, memory

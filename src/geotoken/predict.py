@@ -50,7 +50,7 @@ BUNDLE_VERSION = 1
 class SearchOptions:
     """How to decode and select. Defaults: beam 5, gallery-constrained, most likely candidate."""
 
-    strategy: str = "beam"  # greedy | beam | sample
+    strategy: str = "beam"  # greedy | beam | sample | beam+sample
     width: int = 5  # beam width
     samples: int = 10  # samples per image
     temperature: float = 1.0

@@ -23,7 +23,9 @@ def register(subparsers) -> None:
         "--neighbours", metavar="TABLE", help="their neighbour table (default: search the gallery index)"
     )
     p.add_argument(
-        "--strategy", choices=["greedy", "beam", "sample"], help="decoding (default: the bundle's)"
+        "--strategy",
+        choices=["greedy", "beam", "sample", "beam+sample"],
+        help="decoding (default: the bundle's)",
     )
     p.add_argument(
         "--select", choices=["logp", "consensus", "reward"], help="selector (default: the bundle's)"

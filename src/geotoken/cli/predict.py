@@ -19,7 +19,9 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, metavar="BUNDLE", help="model bundle folder (has bundle.json)")
     p.add_argument("--top-k", type=int, default=5, help="candidates to print per photo (default 5)")
     p.add_argument(
-        "--strategy", choices=["greedy", "beam", "sample"], help="decoding (default: the bundle's)"
+        "--strategy",
+        choices=["greedy", "beam", "sample", "beam+sample"],
+        help="decoding (default: the bundle's)",
     )
     p.add_argument(
         "--select", choices=["logp", "consensus", "reward", "mllm"], help="selector (default: the bundle's)"
