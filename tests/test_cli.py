@@ -1,0 +1,52 @@
+"""Every command and sub-command of `geotoken` builds and prints its help; user errors are one line."""
+
+import argparse
+
+import pytest
+
+from geotoken.cli import build_parser, main
+
+
+def _all_parsers(parser: argparse.ArgumentParser, path=()):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _all_parsers(sub, (*path, name))
+
+
+def test_every_command_has_help():
+    parsers = list(_all_parsers(build_parser()))
+    names = {" ".join(p) for p, _ in parsers}
+    for expected in (
+        "tokenize",
+        "demo",
+        "bench tokens",
+        "data earthviews",
+        "embed",
+        "train",
+        "evaluate",
+        "predict",
+    ):
+        assert expected in names
+    for path, parser in parsers:
+        text = parser.format_help()  # raises on a bad %-format in any help string
+        assert parser.description or path == (), f"`geotoken {' '.join(path)}` has no description"
+        assert "usage:" in text
+
+
+def test_user_error_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("IMG_ID,LAT,LON\na,91.5,3\n")
+    assert main(["tokenize", str(bad), "-o", str(tmp_path / "t.npy")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("geotoken tokenize: error:") and "\n" not in err
+    assert "91.5" in err
+    assert not (tmp_path / "t.npy").exists()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert "geotoken" in capsys.readouterr().out
