@@ -158,6 +158,15 @@ class Geolocator:
         missing = [m for m in cfg.modalities if cfg.k and cfg.use_neighbour_embeddings and m not in gallery]
         if missing:
             raise GeoTokenError(f"gallery has no array(s) {missing} that the model reads for neighbours")
+        wrong = {
+            m: a.shape[1]
+            for m, a in gallery.items()
+            if m in cfg.modalities and a.shape[1] != cfg.modalities[m]
+        }
+        if wrong:
+            raise GeoTokenError(
+                f"gallery array dims {wrong} differ from the model's modalities {cfg.modalities}"
+            )
         if self.gallery_tokens.shape != (len(self.gallery_coords), cfg.n_tokens):
             raise GeoTokenError(
                 f"gallery tokens {self.gallery_tokens.shape} do not match {len(self.gallery_coords)} rows x "
