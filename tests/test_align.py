@@ -112,8 +112,11 @@ def test_train_save_load_apply(tmp_path):
     heads, metrics = train_heads(
         store, tmp_path / "heads", cfg, {"visual_dim": 16, "hidden": 64, "dropout": 0.0},
         gallery_coords=CITIES, gps_encoder=FakeGPSEncoder(), text_encoder=FakeTextEncoder(), progress=False,
+        texts=[f"a photo taken in city {np.argmin(np.abs(CITIES - c).sum(1))}" for c in store.coords],
     )  # fmt: skip
-    assert metrics["rows"] == {"train": 383, "val": 96, "skipped": 1}
+    assert (
+        metrics["rows"] == {"train": 383, "val": 96, "skipped": 1} and metrics["targets"]["unique_texts"] == 8
+    )
     assert metrics["history"][-1]["loss_gps"] < metrics["history"][0]["loss_gps"]
     assert metrics["image_to_gps"]["acc_25km"] > 0.9  # gallery = the 8 city centres
     assert metrics["nn_1"]["gps"]["acc_25km"] > 0.9 and metrics["nn_1"]["visual"]["acc_25km"] > 0.5

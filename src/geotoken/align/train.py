@@ -63,12 +63,19 @@ def gps_table(encoder, coords: np.ndarray, batch: int = 8192, progress: bool = F
 
 
 def text_targets(
-    text_encoder, coords: np.ndarray, template: str
+    text_encoder, coords: np.ndarray, template: str, texts: list[str] | None = None
 ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """(embeddings of the unique descriptions (U, Dt), inverse (N,), the unique descriptions)."""
-    from geotoken.places import describe
+    """(embeddings of the unique descriptions (U, Dt), inverse (N,), the unique descriptions).
 
-    texts, inverse = unique_rows(np.asarray(describe(coords[:, 0], coords[:, 1], template=template)))
+    The descriptions are `texts` (one per row) if given, else offline place names of the coordinates.
+    """
+    if texts is None:
+        from geotoken.places import describe
+
+        texts = describe(coords[:, 0], coords[:, 1], template=template)
+    if len(texts) != len(coords):
+        raise GeoTokenError(f"{len(texts)} texts for {len(coords)} rows")
+    texts, inverse = unique_rows(np.asarray(texts, dtype=np.str_))
     return text_encoder.encode(texts.tolist()).float(), inverse, texts.tolist()
 
 
@@ -192,12 +199,14 @@ def train_heads(
     gallery_coords: np.ndarray | None = None,
     gps_encoder=None,
     text_encoder=None,
+    texts: list[str] | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> tuple[AlignHeads, dict[str, Any]]:
     """Train AlignHeads on `store["features"]` with the store's coordinates; return (heads, metrics).
 
     heads_config: HeadsConfig fields to override (visual_dim, hidden, dropout, text_encoder, template).
+    texts: one description per store row (e.g. MP16-Pro captions); default: offline place names.
     gallery_coords: (M, 2) GPS gallery for the image->GPS metric (default: GeoCLIP's 100K MP16 points).
     With `out_dir`, the heads are saved there and the metrics written to `metrics.json`.
     """
@@ -242,7 +251,7 @@ def train_heads(
     t0 = time.perf_counter()
     uniq_coords, coord_group = unique_rows(coords)
     gps_targets = gps_table(gps_encoder, uniq_coords, progress=progress).to(device)  # (Ug, 512)
-    text_emb, text_group, _ = text_targets(text_encoder, coords, hc.template)
+    text_emb, text_group, _ = text_targets(text_encoder, coords, hc.template, texts)
     text_emb = text_emb.to(device)  # (Ut, Dt)
     coord_group_t, text_group_t = (
         torch.from_numpy(coord_group).to(device),
