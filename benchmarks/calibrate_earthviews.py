@@ -3,7 +3,7 @@ prior (the gallery's densest place) and the ceiling (the nearest gallery coordin
 and the spatially disjoint test split. Accuracy % within 1 / 25 / 200 / 750 / 2500 km.
 
     python benchmarks/calibrate_earthviews.py                          # every setting at demo size
-    python benchmarks/calibrate_earthviews.py --settings default --view-km 200 400 800   # view-size sweep
+    python benchmarks/calibrate_earthviews.py --settings medium --view-km 200 400 800   # view-size sweep
 
 Views are rendered in memory exactly as `geotoken data earthviews` writes them (same splits, same per-view
 seeds, JPEG round trip); features are cached under --cache, so a rerun only prints.
@@ -30,7 +30,8 @@ SETTINGS = {
     "probe": (NORTH_UP, ev.TEST_STYLES["light"], "north-up gallery, light test (issue 4's first probe)"),
     "north-up/strong": (NORTH_UP, ev.TEST_STYLES["strong"], "north-up gallery, strong test"),
     "light": (ev.GALLERY_STYLE, ev.TEST_STYLES["light"], "gallery any orientation, light test"),
-    "default": (ev.GALLERY_STYLE, ev.TEST_STYLES["strong"], "gallery any orientation, strong test (default)"),
+    "medium": (ev.GALLERY_STYLE, ev.TEST_STYLES["medium"], "gallery any orientation, medium test (default)"),
+    "strong": (ev.GALLERY_STYLE, ev.TEST_STYLES["strong"], "gallery any orientation, strong test"),
     "cross-layer": (ev.GALLERY_STYLE, ev.TEST_STYLES["cross-layer"], "gallery any orientation, other layers"),
 }
 

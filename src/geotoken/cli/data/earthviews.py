@@ -29,7 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--n-test-disjoint", type=int, help="spatially disjoint test views (0 skips the split)")
     p.add_argument("--image-size", type=int, help="pixels per side")
     p.add_argument("--view-km", type=float, help="view width in km before the per-view scale (default 400)")
-    p.add_argument("--test-style", help="test-time changes: strong (default), light, cross-layer")
+    p.add_argument("--test-style", help="test-time changes: medium (default), light, strong, cross-layer")
     p.add_argument("--holdout-deg", type=float, help="lat/lon bin size of the spatially disjoint split (5)")
     p.add_argument("--holdout-fraction", type=float, help="share of bins held out of the gallery (0.2)")
     p.add_argument("--seed", type=int, help="changes every random choice (default 0)")
