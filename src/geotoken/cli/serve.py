@@ -1,0 +1,46 @@
+"""`geotoken serve --model BUNDLE`: the HTTP API and the web page with a map."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="HTTP API + web page (upload a photo, see candidates on a world map)",
+        description="Load a model bundle once and serve it: POST /v1/geolocate (multipart 'image'; fields "
+        "top_k, strategy, select), GET /v1/model, GET /healthz, the OpenAPI schema at /docs, and a web page "
+        "at / with an offline Blue Marble map. One model call at a time; requests beyond --concurrency get "
+        "503. Listens on loopback unless --host says otherwise.",
+    )
+    p.add_argument("--model", required=True, metavar="BUNDLE", help="model bundle folder (has bundle.json)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="request size limit in MB (default 10)")
+    p.add_argument(
+        "--max-pixels", type=int, default=40_000_000, help="image size limit, width x height (default 40e6)"
+    )
+    p.add_argument(
+        "--concurrency", type=int, default=8, help="requests admitted at once; more get 503 (default 8)"
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+    import uvicorn
+
+    from geotoken.predict import Geolocator
+    from geotoken.serve import ServeConfig, create_app
+
+    config = ServeConfig(
+        max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, concurrency=args.concurrency
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    geolocator = Geolocator.from_bundle(args.model, device=args.device)
+    app = create_app(geolocator, config)
+    print(f"geotoken serve: {args.model} on http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
