@@ -12,8 +12,9 @@ def register(subparsers) -> None:
         help="train the learned candidate scorer (select=reward) of a bundle",
         description="Train the reward scorer: the bundle's frozen GeoToken memory + a candidate's tokens -> "
         "P(candidate within --radius-km). Candidates are beams and samples of training images, whose "
-        "neighbour table must exclude each image itself. Writes BUNDLE/reward/ and registers it in "
-        "bundle.json; prints held-out accuracy of reward vs logp selection.",
+        "neighbour table must exclude each image itself (the paper uses the training split; a split the model "
+        "was not trained on shows the scorer the model's real mistakes). Writes BUNDLE/reward/ and registers "
+        "it in bundle.json; prints held-out accuracy of reward vs logp selection.",
     )
     p.add_argument("--model", required=True, metavar="BUNDLE", help="model bundle folder")
     p.add_argument(
