@@ -254,7 +254,8 @@ def make_splits(coords: Coordinates, cfg: EarthViewsConfig) -> dict[str, Split]:
 
     When the gallery asks for more views than there are free coordinates (the 100K build), coordinates are
     reused with new view ids `ID-vK`, each with its own offset, rotation and colours, like several photos
-    taken at one place.
+    taken at one place. Each split is sorted by id, so that its shards list their samples in key order
+    (what `manifest_from_shards` reads) and the manifest follows the same order.
     """
     rng = np.random.default_rng([cfg.seed, 0x5B117])
     held = holdout_mask(coords.lat, coords.lon, cfg.holdout_deg, cfg.holdout_fraction, cfg.seed)
@@ -286,6 +287,8 @@ def make_splits(coords: Coordinates, cfg: EarthViewsConfig) -> dict[str, Split]:
         ids = coords.ids[r]
         if name == "gallery" and copy[-1] > 0:
             ids = np.array([i if c == 0 else f"{i}-v{c}" for i, c in zip(ids, copy)])
+        order = np.argsort(ids, kind="stable")  # rows sorted by id: the order readers of the shards use
+        ids, r = ids[order], r[order]
         splits[name] = Split(name, ids, r, coords.lat[r], coords.lon[r])
     return splits
 
