@@ -99,6 +99,10 @@ def test_resume_after_crash_is_byte_identical(tmp_path):
     assert record["chunks"] == [[0, 2]]
     with pytest.raises(GeoTokenError, match="unfinished"):
         FeatureStore.open(tmp_path / "part")["features"]
+    assert (
+        "features" not in FeatureStore.open(tmp_path / "part")
+        and len(FeatureStore.open(tmp_path / "part")) == 0
+    )
     resumed_backbone = TinyBackbone()
     resumed = run_embed(manifest, tmp_path / "part", backbone=resumed_backbone)
     assert resumed_backbone.calls == 1  # only the last chunk (rows 8..10) was computed again

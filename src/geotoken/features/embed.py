@@ -50,6 +50,20 @@ class _ImageRows(Dataset):
             return row, None, f"{type(exc).__name__}: {exc}".strip()
 
 
+class _Chunks:
+    """Batch sampler: the row lists of the given chunks, made lazily (no 4.7M-row list in memory)."""
+
+    def __init__(self, chunks: np.ndarray, batch_size: int, rows: int):
+        self.chunks, self.batch_size, self.rows = chunks, batch_size, rows
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __iter__(self):
+        for c in self.chunks:
+            yield list(range(c * self.batch_size, min((c + 1) * self.batch_size, self.rows)))
+
+
 def _collate(items):
     """-> rows int64 (n,) of readable images, images (n, 3, H, W), [(row, reason)] of unreadable ones."""
     good = [(r, x) for r, x, _ in items if x is not None]
@@ -193,7 +207,7 @@ def embed(
 
     loader = DataLoader(
         _ImageRows(manifest.images, backbone.preprocess, open_image),
-        batch_sampler=[list(range(c * batch_size, min((c + 1) * batch_size, store.rows))) for c in mine],
+        batch_sampler=_Chunks(mine, batch_size, store.rows),
         num_workers=num_workers,
         collate_fn=_collate,
     )

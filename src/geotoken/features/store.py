@@ -152,6 +152,11 @@ class FeatureStore(Mapping):
     def __len__(self) -> int:
         return sum(meta["complete"] for meta in self.header["arrays"].values())
 
+    def __contains__(self, name: object) -> bool:
+        """True for complete arrays only (an unfinished one is not usable yet)."""
+        meta = self.header["arrays"].get(name)
+        return bool(meta and meta["complete"])
+
     def add_array(self, name: str, dim: int, **meta: Any) -> Path:
         """Create (or recreate) a zero-filled array `name` (N, dim), marked unfinished; returns its path."""
         path = self.root / f"{name}.npy"
