@@ -73,9 +73,9 @@ def register(subparsers) -> None:
         "--cells-features", default="features", help="cells: store array the head reads (default features)"
     )
     g.add_argument(
-        "--cells-max-count", type=int, default=250, help="cells: split a cell above this many points"
+        "--cells-max-count", type=int, default=100, help="cells: split a cell above this many points"
     )
-    g.add_argument("--cells-min-count", type=int, default=10, help="cells: drop cells below this many points")
+    g.add_argument("--cells-min-count", type=int, default=5, help="cells: drop cells below this many points")
     g.add_argument("--cells-hidden", type=int, default=512, help="cells: MLP hidden size, 0 = linear head")
     g.add_argument("--cells-epochs", type=int, default=15, help="cells: training epochs (default 15)")
     g.add_argument("--gps-gallery", default="train", choices=["train", "mp16"],
