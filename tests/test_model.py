@@ -207,3 +207,19 @@ def test_vocabularies_match_the_s2_tokens(level, group):
     cfg = ModelConfig(level=level, group=group)
     assert cfg.vocab_sizes == s2.vocab_sizes(level, group)
     assert cfg.n_tokens == s2.latlon_to_tokens([10.0], [20.0], level, group).shape[-1]
+
+
+def test_bf16_autocast_step_on_cpu_is_close_to_fp32():
+    torch.manual_seed(0)
+    m = GeoToken(preset("tiny", d_model=32, n_heads=2, d_ff=64, modalities=MODS, k=2, level=6, dropout=0.0))
+    b = make_batch(m.cfg, B=2)
+    _, ref = m(b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = m(b)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(logits[:, 1:]).all()
+    assert 0 < abs(loss.item() - ref.item()) < 0.05  # bf16 matmuls ran, and stay close
+    assert all(
+        p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all())
+        for p in m.parameters()
+    )
