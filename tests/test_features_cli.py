@@ -34,3 +34,12 @@ def test_embed_command(tmp_path, capsys):
     assert store["features"].shape == (5, 1280) and store.header["backbone"]["name"] == "efficientnet-lite0"
     assert store.skipped[0]["id"] == "p3" and (tmp_path / "store" / "skipped.csv").is_file()
     assert np.isfinite(store["features"][[0, 1, 2, 4]]).all()
+
+
+def test_bench_extract_small():
+    from geotoken.features.bench import bench_extract
+
+    result = bench_extract([("efficientnet-lite0", {"image_size": 32})], batch_size=4, images=8, workers=0,
+                           threads=1, iters=1)  # fmt: skip
+    r = result["backbones"]["efficientnet-lite0 image_size=32"]
+    assert r["dim"] == 1280 and r["forward_images_per_s"] > 0 and r["end_to_end_images_per_s"] > 0

@@ -181,3 +181,16 @@ def test_neighbour_table_excludes_self_resumes_and_matches_brute_force(tmp_path,
     np.testing.assert_array_equal(table.rows[:, 0], [0, 1, 2, 3])
     table = neighbour_table(queries, index, 3, tmp_path / "train", progress=False)
     np.testing.assert_array_equal(table.rows, want[:4, :3])
+
+
+def test_bench_index_small():
+    from geotoken.retrieval.bench import RandomUnitVectors, bench_index
+
+    gen = RandomUnitVectors(70_000, 4, seed=3)
+    rows = np.array([69_999, 5, 65_536, 5])
+    np.testing.assert_array_equal(gen[rows], np.concatenate([gen.block(1)[[4463]], gen.block(0)[[5]],
+                                                             gen.block(1)[[0]], gen.block(0)[[5]]]))  # fmt: skip
+    result = bench_index(rows=3000, dim=16, queries=50, k=5, threads=1, data="clustered", pq_m=8)
+    assert set(result["kinds"]) == {"flat", "ivfpq", "hnsw"}
+    assert result["kinds"]["flat"]["recall@5"] == 1.0 and 0 < result["kinds"]["ivfpq"]["recall@5"] < 1
+    assert all(r["queries_per_s"] > 0 and r["index_mb"] > 0 for r in result["kinds"].values())
