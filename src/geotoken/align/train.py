@@ -41,6 +41,8 @@ class AlignConfig:
     text_weight: float = 1.0  # weight of the image-vs-text loss next to image-vs-GPS
     val_fraction: float = 0.1  # held-out rows for the reported accuracy
     pca_rows: int = 50_000  # training rows sampled to fit the standardisation and PCA
+    eval_queries: int = 10_000  # held-out rows scored (a sample if there are more)
+    eval_gallery: int = 200_000  # training rows searched by the 1-NN metric (a sample if there are more)
     seed: int = 0
 
 
@@ -183,6 +185,11 @@ def evaluate_heads(
 
 
 # ------------------------------------------------------------------------------------------------- training
+def _sample(rows: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """At most n of `rows` (sorted), a seeded draw: bounds evaluation time and memory on huge stores."""
+    return rows if len(rows) <= n else np.sort(np.random.default_rng(seed).choice(rows, n, replace=False))
+
+
 def split_rows(store: FeatureStore, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train rows, held-out rows), both sorted, among the store's valid rows; a fixed seeded draw."""
     rows = np.flatnonzero(store.valid)
@@ -250,9 +257,10 @@ def train_heads(
     # frozen targets, once: unique coordinates and unique descriptions of all valid rows
     t0 = time.perf_counter()
     uniq_coords, coord_group = unique_rows(coords)
-    gps_targets = gps_table(gps_encoder, uniq_coords, progress=progress).to(device)  # (Ug, 512)
+    # float16 tables: MP16 has ~4M distinct coordinates, 4 GB in half precision
+    gps_targets = gps_table(gps_encoder, uniq_coords, progress=progress).half().to(device)  # (Ug, 512)
     text_emb, text_group, _ = text_targets(text_encoder, coords, hc.template, texts)
-    text_emb = text_emb.to(device)  # (Ut, Dt)
+    text_emb = text_emb.half().to(device)  # (Ut, Dt)
     coord_group_t, text_group_t = (
         torch.from_numpy(coord_group).to(device),
         torch.from_numpy(text_group).to(device),
@@ -281,7 +289,7 @@ def train_heads(
             rows_t = torch.from_numpy(rows).to(device)
             g, t = coord_group_t[rows_t], text_group_t[rows_t]  # (B,) target ids
             out = heads(x)
-            gps_t, text_t = gps_targets[g], text_emb[t]
+            gps_t, text_t = gps_targets[g].float(), text_emb[t].float()  # (B, 512), (B, Dt)
             loss_gps = info_nce(
                 out["gps"], gps_t, g, heads.gps_logit_scale.exp().clamp(max=100), *queue.get()
             )
@@ -312,7 +320,14 @@ def train_heads(
             "unique_texts": len(text_emb),
             "seconds": target_seconds,
         },
-        **evaluate_heads(heads, store, val_rows, train_rows, gallery_gps, gallery_coords),
+        **evaluate_heads(
+            heads,
+            store,
+            _sample(val_rows, config.eval_queries, config.seed),
+            _sample(train_rows, config.eval_gallery, config.seed),
+            gallery_gps,
+            gallery_coords,
+        ),
         "history": history,
         "config": asdict(config),
     }
