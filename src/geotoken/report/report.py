@@ -25,6 +25,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from geotoken.errors import GeoTokenError
 from geotoken.io import atomic_open
 
@@ -120,8 +122,8 @@ def read_metrics(path: Path) -> tuple[dict, list[float], list[MethodRow]]:
     return m, thresholds, rows
 
 
-def read_predictions(path: Path) -> dict[str, dict[str, list[float]]]:
-    """predictions.csv -> {method: {"lat", "lon", "pred_lat", "pred_lon", "error_km": [...]}} (strict)."""
+def read_predictions(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """predictions.csv -> {method: {"lat", "lon", "pred_lat", "pred_lon", "error_km": float64 (n,)}} (strict)."""
     numeric = ("lat", "lon", "pred_lat", "pred_lon", "error_km")
     out: dict[str, dict[str, list[float]]] = {}
     with open(path, newline="", encoding="utf-8") as f:
@@ -150,7 +152,7 @@ def read_predictions(path: Path) -> dict[str, dict[str, list[float]]]:
                 if not math.isfinite(v) or (k == "error_km" and v < 0):
                     raise GeoTokenError(f"{path}, row {row_no}, field {k!r}: invalid value {rec[k]!r}")
                 cols[k].append(v)
-    return out
+    return {m: {k: np.asarray(v, dtype=np.float64) for k, v in cols.items()} for m, cols in out.items()}
 
 
 # ---------------------------------------------------------------------------------------------- images
