@@ -170,6 +170,29 @@ def test_bad_inputs_are_one_line_errors(stores, tmp_path, capsys):
         == 2
     )
     assert "reference method 'knn'" in capsys.readouterr().err
+    nb = tmp_path / "nb"
+    nb.mkdir()
+    np.save(nb / "index.npy", np.zeros((7, 3), dtype=np.int64))
+    np.save(nb / "sims.npy", np.zeros((7, 3), dtype=np.float32))
+    assert (
+        main(
+            [
+                "evaluate",
+                "--method",
+                "nn",
+                "--gallery",
+                str(g),
+                "--queries",
+                str(q),
+                "-o",
+                out,
+                "--neighbours",
+                str(nb),
+            ]
+        )
+        == 2
+    )
+    assert "7 neighbour rows for 200 queries" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"
     bad.write_text("id,lat,lon\nwrong,0,0\n")
     assert (

@@ -149,11 +149,13 @@ def run(args) -> int:
             np.load(folder / "index.npy", mmap_mode="r"),
             np.load(folder / "sims.npy", mmap_mode="r"),
         )
-        if len(neighbours[0]) != len(queries) or queries.skipped:
+        if queries.skipped or gallery.skipped:  # dropped rows would shift the table's row numbers
             raise GeoTokenError(
-                f"{folder}: {len(neighbours[0])} neighbour rows for {len(queries)} usable queries"
+                f"{folder}: a neighbour table cannot be used when the stores have skipped rows"
             )
-        if int(neighbours[0].max()) >= len(gallery):
+        if len(neighbours[0]) != len(queries):
+            raise GeoTokenError(f"{folder}: {len(neighbours[0])} neighbour rows for {len(queries)} queries")
+        if int(neighbours[0].min()) < 0 or int(neighbours[0].max()) >= len(gallery):
             raise GeoTokenError(
                 f"{folder}: gallery row {int(neighbours[0].max())} out of range ({len(gallery)} rows)"
             )
