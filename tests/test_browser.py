@@ -1,0 +1,115 @@
+"""End to end in a real browser: `geotoken serve`'s page in headless Chromium (Debian `chromium` + Playwright).
+
+Starts the server on a free loopback port around a real (untrained) bundle, uploads a photo through the
+page's file input, and checks that the candidates are listed and drawn on the map.
+"""
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists() and shutil.which("chromium") is None,
+        reason="Debian chromium is not installed (apt-get install -y chromium; .ci/run does it)",
+    ),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """uvicorn in a thread on 127.0.0.1:<free port>; yields the base URL."""
+    import uvicorn
+
+    from geotoken.io import read_json, write_json
+    from geotoken.predict import Geolocator, random_bundle
+    from geotoken.serve import ServeConfig, create_app
+
+    bundle = random_bundle(tmp_path_factory.mktemp("bundle") / "b", gallery_rows=64, k=5)
+    write_json(bundle / "backbone.json", {**read_json(bundle / "backbone.json"), "image_size": 32})
+    app = create_app(Geolocator.from_bundle(bundle), ServeConfig(basemap_width=1024))
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "server did not start"
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_upload_shows_candidates_on_the_map(server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    photo = tmp_path / "photo.jpg"
+    Image.effect_noise((120, 80), 60).convert("RGB").save(photo)
+    external = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium")), args=ARGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            page.on(
+                "request",
+                lambda r: (
+                    external.append(r.url) if not r.url.startswith((server, "data:", "blob:")) else None
+                ),
+            )
+            basemap = []
+            page.on(
+                "response", lambda r: basemap.append(r.status) if r.url.endswith("/basemap.jpg") else None
+            )
+            page.goto(server + "/")
+            page.select_option("#strategy", "greedy")
+            page.fill("#top_k", "3")
+            page.set_input_files("#file", str(photo))
+            page.wait_for_selector("#map[data-state]", timeout=60_000)
+            assert page.get_attribute("#map", "data-state") == "done", page.inner_text("#status")
+            n = page.locator("#candidates li").count()
+            assert 1 <= n <= 3
+            assert page.locator("#markers circle.marker").count() == n
+            assert page.locator("#markers circle.best").count() == 1
+            assert page.locator("#cells polygon").count() == n
+            # the markers sit where the API put them: data-lat/lon -> x = lon + 180, y = 90 - lat
+            m = page.locator("#markers circle.best")
+            lat, lon = float(m.get_attribute("data-lat")), float(m.get_attribute("data-lon"))
+            assert abs(float(m.get_attribute("cx")) - (lon + 180)) < 1e-6
+            assert abs(float(m.get_attribute("cy")) - (90 - lat)) < 1e-6
+            assert page.locator("#photo").is_visible()
+            assert "%" in page.inner_text("#candidates li >> nth=0")
+            # zoom and pan change the view box
+            before = page.get_attribute("#map", "viewBox")
+            page.click("#zoom-in")
+            assert page.get_attribute("#map", "viewBox") != before
+            assert basemap == [200]
+            page.screenshot(path=str(tmp_path / "page.png"))
+        finally:
+            browser.close()
+    assert external == []  # nothing outside the server: no CDN
+    assert (tmp_path / "page.png").stat().st_size > 10_000
