@@ -179,14 +179,23 @@ class BlockingPredictor:
 
     def __init__(self):
         self.release = threading.Event()
+        self.calls: list[int] = []  # images per predict call
 
     def info(self) -> dict:
         return {"name": "blocking"}
 
     def predict(self, images, top_k=5, strategy=None, select=None):
+        self.calls.append(len(images))
         self.release.wait(10)
         cand = {"lat": 1.0, "lon": 2.0, "probability": float("nan"), "polygon": [], "cell": "", "place": {}}
-        return [Prediction([cand], {"total": 1.0}, strategy or "beam", select or "logp")]
+        return [Prediction([cand], {"total": 1.0}, strategy or "beam", select or "logp") for _ in images]
+
+
+def wait_until(condition, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert condition()
 
 
 def test_full_server_answers_503_at_once():
@@ -195,9 +204,7 @@ def test_full_server_answers_503_at_once():
     runner = client.app.state.runner
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(post, client, png_bytes())
-        deadline = time.monotonic() + 10
-        while runner.in_flight == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: runner.in_flight == 1)
         second = post(client, png_bytes())
         assert second.status_code == 503
         assert second.headers["retry-after"] == "1"
@@ -205,3 +212,20 @@ def test_full_server_answers_503_at_once():
         assert first.result().status_code == 200
     assert first.result().json()["candidates"][0]["probability"] is None  # NaN is not JSON: null
     assert runner.rejected == 1 and runner.served == 1
+
+
+def test_requests_that_wait_together_are_one_batch():
+    predictor = BlockingPredictor()
+    client = TestClient(create_app(predictor, ServeConfig(concurrency=8, max_batch=8)))
+    runner = client.app.state.runner
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(post, client, png_bytes(), top_k="2")
+        wait_until(lambda: predictor.calls == [1])  # the model thread is busy with the first image
+        rest = [pool.submit(post, client, png_bytes(), top_k="2") for _ in range(3)]
+        wait_until(lambda: runner.in_flight == 4)
+        predictor.release.set()
+        responses = [first.result()] + [f.result() for f in rest]
+    assert [r.status_code for r in responses] == [200] * 4
+    assert predictor.calls == [1, 3]
+    assert sorted(r.json()["timings_ms"]["batch_size"] for r in responses) == [1, 3, 3, 3]
+    assert runner.batches == 2 and runner.served == 4 and runner.in_flight == 0

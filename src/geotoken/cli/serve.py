@@ -9,8 +9,8 @@ def register(subparsers) -> None:
         help="HTTP API + web page (upload a photo, see candidates on a world map)",
         description="Load a model bundle once and serve it: POST /v1/geolocate (multipart 'image'; fields "
         "top_k, strategy, select), GET /v1/model, GET /healthz, the OpenAPI schema at /docs, and a web page "
-        "at / with an offline Blue Marble map. One model call at a time; requests beyond --concurrency get "
-        "503. Listens on loopback unless --host says otherwise.",
+        "at / with an offline Blue Marble map. One model thread; requests that wait together are batched; "
+        "requests beyond --concurrency get 503. Listens on loopback unless --host says otherwise.",
     )
     p.add_argument("--model", required=True, metavar="BUNDLE", help="model bundle folder (has bundle.json)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--concurrency", type=int, default=8, help="requests admitted at once; more get 503 (default 8)"
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=8, help="images predicted together when requests wait (default 8)"
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -35,7 +38,10 @@ def run(args) -> int:
     from geotoken.serve import ServeConfig, create_app
 
     config = ServeConfig(
-        max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, concurrency=args.concurrency
+        max_upload_mb=args.max_upload_mb,
+        max_pixels=args.max_pixels,
+        concurrency=args.concurrency,
+        max_batch=args.max_batch,
     )
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -11,19 +11,23 @@ Routes:
     GET  /basemap.jpg    the Blue Marble image at a reduced size (equirectangular, made once)
     GET  /docs, /openapi.json   FastAPI's schema
 
-The model runs on one thread at a time (a lock: PyTorch modules are not safe to call concurrently, and
-on a CPU a second concurrent forward pass only competes for the same cores). At most `concurrency`
-requests are admitted (running + waiting for the lock); the next gets 503 with Retry-After at once, so
-a burst never piles up unbounded work. Uploads are checked before any pixel is decoded: body size
+The model runs on one worker thread fed by a queue (PyTorch modules are not safe to call concurrently,
+and on a CPU a second concurrent forward pass only competes for the same cores); requests that wait at
+the same time are predicted together as one batch (micro-batching). At most `concurrency` requests are
+admitted (running + queued); the next gets 503 with Retry-After at once, so a burst never piles up
+unbounded work. Uploads are checked before any pixel is decoded: body size
 (413), image header dimensions against `max_pixels` (413, decompression bombs), then a full decode
 (non-images 415, truncated or corrupt files 422). The client sends bytes only: no path it names is
 ever opened.
 """
 
+import asyncio
 import io
 import math
+import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,10 +55,11 @@ class ServeConfig:
     max_pixels: int = 40_000_000  # width x height limit, read from the header before decoding (413)
     concurrency: int = 8  # requests admitted at once (1 running + the rest waiting); more get 503
     max_top_k: int = 20
+    max_batch: int = 8  # images predicted together when requests wait at the same time
     basemap_width: int = 2048  # width of the served Blue Marble image (height = width / 2)
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_mb", "max_pixels", "concurrency", "max_top_k", "basemap_width"):
+        for name in ("max_upload_mb", "max_pixels", "concurrency", "max_top_k", "max_batch", "basemap_width"):
             if not getattr(self, name) > 0:
                 raise GeoTokenError(f"serve option {name} must be > 0, got {getattr(self, name)!r}")
 
@@ -68,38 +73,67 @@ class Busy(Exception):
 
 
 class Runner:
-    """Admission control (a bounded count of requests in flight) + one model call at a time (a lock)."""
+    """One model thread fed by a queue; at most `concurrency` requests admitted (queued + running).
 
-    def __init__(self, predictor: Predictor, concurrency: int):
-        self.predictor = predictor
-        self.capacity = concurrency
+    Requests that wait together with the same options are predicted as one batch of up to `max_batch`
+    images (micro-batching: one backbone pass and one decode for all of them instead of one each).
+    """
+
+    def __init__(self, predictor: Predictor, concurrency: int, max_batch: int = 8):
+        self.predictor, self.capacity, self.max_batch = predictor, concurrency, max_batch
         self._slots = threading.BoundedSemaphore(concurrency)
-        self._model = threading.Lock()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._count = threading.Lock()
-        self.in_flight = 0
-        self.served = 0
-        self.rejected = 0
+        self.in_flight = self.served = self.rejected = self.batches = 0
+        threading.Thread(target=self._loop, name="geotoken-model", daemon=True).start()
 
-    def run(self, image, **options) -> tuple[Any, float]:
-        """Predict one image -> (Prediction, ms spent waiting for the model). Raises Busy when full."""
+    def submit(self, image, **options) -> Future:
+        """Queue one image -> Future of (Prediction, ms waited in the queue, batch size). Busy when full."""
         if not self._slots.acquire(blocking=False):
             with self._count:
                 self.rejected += 1
             raise Busy()
+        with self._count:
+            self.in_flight += 1
+        future: Future = Future()
+        self._queue.put((image, options, future, time.perf_counter()))
+        return future
+
+    def run(self, image, **options) -> tuple[Any, float, int]:
+        """`submit` and wait (for callers without an event loop)."""
+        return self.submit(image, **options).result()
+
+    def _loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.max_batch:  # whatever else is already waiting
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            groups: dict[tuple, list] = {}
+            for item in batch:
+                groups.setdefault(tuple(sorted(item[1].items())), []).append(item)
+            for options, items in groups.items():
+                self._predict(dict(options), items)
+
+    def _predict(self, options: dict, items: list) -> None:
+        t0 = time.perf_counter()
         try:
-            with self._count:
-                self.in_flight += 1
-            t0 = time.perf_counter()
-            with self._model:
-                waited = 1e3 * (time.perf_counter() - t0)
-                [pred] = self.predictor.predict([image], **options)
-            with self._count:
-                self.served += 1
-            return pred, waited
-        finally:
-            with self._count:
-                self.in_flight -= 1
+            preds = self.predictor.predict([it[0] for it in items], **options)
+            results = [(p, 1e3 * (t0 - it[3]), len(items)) for p, it in zip(preds, items, strict=True)]
+        except Exception as exc:  # the same options fail the same way for every image of the group
+            results = [exc] * len(items)
+        with self._count:
+            self.batches += 1
+            self.served += sum(not isinstance(r, Exception) for r in results)
+            self.in_flight -= len(items)
+        for it, r in zip(items, results):
             self._slots.release()
+            if isinstance(r, Exception):
+                it[2].set_exception(r)
+            else:
+                it[2].set_result(r)
 
 
 class BadImage(Exception):
@@ -175,7 +209,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
     from geotoken import __version__
 
     cfg = config or ServeConfig()
-    runner = Runner(predictor, cfg.concurrency)
+    runner = Runner(predictor, cfg.concurrency, cfg.max_batch)
     info = json_safe(predictor.info())
     basemap: dict[str, bytes] = {}
     basemap_lock = threading.Lock()
@@ -192,7 +226,12 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
 
     @app.get("/healthz", summary="liveness")
     def healthz() -> dict:
-        return {"status": "ok", "in_flight": runner.in_flight, "served": runner.served}
+        return {
+            "status": "ok",
+            "in_flight": runner.in_flight,
+            "served": runner.served,
+            "batches": runner.batches,
+        }
 
     @app.get("/v1/model", summary="what is loaded, and the server's limits")
     def model() -> dict:
@@ -238,9 +277,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
             return error(exc.status, exc.message)
         t_decode = 1e3 * (time.perf_counter() - t0)
         try:
-            pred, waited = await run_in_threadpool(
-                runner.run, im, top_k=top_k, strategy=strategy, select=select
-            )
+            future = runner.submit(im, top_k=top_k, strategy=strategy, select=select)
+            pred, waited, batch = await asyncio.wrap_future(future)
         except Busy:
             return error(
                 503, f"busy: {runner.capacity} requests in flight; retry shortly", {"Retry-After": "1"}
@@ -253,6 +291,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
             **out.get("timings_ms", {}),
             "decode_upload": round(t_decode, 3),
             "queue": round(waited, 3),
+            "batch_size": batch,
             "request": round(1e3 * (time.perf_counter() - t0), 3),
         }
         return JSONResponse(json_safe(out))
