@@ -62,7 +62,7 @@ def plot_error_cdf(
     ax.set_xlabel("error (km, log scale)")
     ax.set_ylabel("share of images within error")
     ax.grid(alpha=0.25, which="both")
-    ax.legend(loc="lower right", fontsize=9)
+    ax.legend(loc="upper left", fontsize=9)
     return _save(fig, Path(path), dpi)
 
 
