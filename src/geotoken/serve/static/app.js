@@ -111,9 +111,12 @@ function listCandidates(result) {
       `<span class="where"></span><br><span class="muted">${c.lat.toFixed(4)}, ${c.lon.toFixed(4)} · cell ${c.cell}</span>` +
       `<div class="levels" title="per-level confidence, coarse to fine">${levels}</div>`;
     li.querySelector(".where").textContent = placeText(c.place) || "(no place name)";
-    li.addEventListener("click", () => {
+    li.addEventListener("click", () => { // zoom onto the candidate's cell, outline visible
       const [x, y] = toXY(c.lat, c.lon);
-      setView({ x: x - 5, y: y - 2.5, w: 10 });
+      const lons = (c.polygon || []).map((v) => v[1]);
+      const extent = lons.length ? Math.max(...lons) - Math.min(...lons) : 0;
+      const w = Math.min(360, Math.max(0.002, 12 * extent));
+      setView({ x: x - w / 2, y: y - w / 4, w });
     });
     ol.appendChild(li);
   });
