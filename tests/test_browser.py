@@ -4,6 +4,7 @@ Starts the server on a free loopback port around a real (untrained) bundle, uplo
 page's file input, and checks that the candidates are listed and drawn on the map.
 """
 
+import os
 import shutil
 import socket
 import threading
@@ -107,8 +108,14 @@ def test_upload_shows_candidates_on_the_map(server, tmp_path):
             before = page.get_attribute("#map", "viewBox")
             page.click("#zoom-in")
             assert page.get_attribute("#map", "viewBox") != before
+            # a click on a candidate zooms onto its S2 cell: the outline becomes a visible shape
+            page.click("#candidates li >> nth=0")
+            box = page.locator("#cells polygon >> nth=0").bounding_box()
+            assert box is not None and box["width"] > 10 and box["height"] > 10
             assert basemap == [200]
             page.screenshot(path=str(tmp_path / "page.png"))
+            if os.environ.get("GEOTOKEN_SCREENSHOT"):  # to look at the page yourself
+                page.screenshot(path=os.environ["GEOTOKEN_SCREENSHOT"])
         finally:
             browser.close()
     assert external == []  # nothing outside the server: no CDN

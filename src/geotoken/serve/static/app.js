@@ -105,7 +105,7 @@ function listCandidates(result) {
     const li = document.createElement("li");
     li.className = "candidate";
     const levels = (c.level_confidence || [])
-      .map((v, l) => `<span title="level ${l}: ${fmtPct(v)}" style="height:${Math.max(1, 22 * v)}px"></span>`).join("");
+      .map((v, l) => `<span title="level ${l}: ${fmtPct(v)}"><i style="height:${Math.max(4, 100 * v)}%"></i></span>`).join("");
     li.innerHTML =
       `<span class="prob" title="calibrated P(within ${c.probability_within_km} km)">${fmtPct(c.probability)}</span>` +
       `<span class="where"></span><br><span class="muted">${c.lat.toFixed(4)}, ${c.lon.toFixed(4)} · cell ${c.cell}</span>` +
@@ -121,7 +121,8 @@ function listCandidates(result) {
     ol.appendChild(li);
   });
   const t = result.timings_ms || {};
-  $("status").textContent = `${result.candidates.length} candidates · ${result.strategy} + ${result.select} · ` +
+  const n = result.candidates.length;
+  $("status").textContent = `${n} candidate${n === 1 ? "" : "s"} · ${result.strategy} + ${result.select} · ` +
     `${Math.round(t.request || t.total || 0)} ms` + (result.note ? ` · ${result.note}` : "");
 }
 
