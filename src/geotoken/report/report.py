@@ -294,7 +294,7 @@ def eval_section(report: Report, name: str, folder: Path) -> None:
         maps = []
         for r in ranked:
             path = folder / f"map_{slug(r.label)}.png"
-            if not path.is_file() and preds and r.label in preds:
+            if not path.is_file() and not maps and preds and r.label in preds:  # draw the first only
                 from geotoken.evaluate.plots import plot_world_map
 
                 p = preds[r.label]
