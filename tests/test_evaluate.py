@@ -11,7 +11,7 @@ from geotoken.evaluate.evaluate import BASELINES, METHODS
 from geotoken.evaluate.synthetic import synthetic_splits
 from geotoken.features import FeatureStore
 
-ARGS = ["--n-boot", "200", "--cells-epochs", "4", "--cells-hidden", "64", "--cells-max-count", "100"]
+ARGS = ["--n-boot", "200", "--cells-epochs", "12", "--cells-hidden", "64", "--cells-max-count", "100"]
 
 
 def _write_store(root, split, arrays=None):
@@ -33,7 +33,7 @@ def stores(tmp_path_factory):
     from geotoken.encoders import load_gps_encoder
 
     root = tmp_path_factory.mktemp("stores")
-    gallery, queries = synthetic_splits(n_gallery=1500, n_queries=200, seed=3)
+    gallery, queries = synthetic_splits(n_gallery=800, n_queries=120, seed=3)
     # the query's GPS-aligned embedding: the real GeoCLIP encoder's embedding of a point ~30 km away
     rng = np.random.default_rng(0)
     jitter = torch.from_numpy(
@@ -65,7 +65,7 @@ def test_evaluate_all_baselines_writes_everything(stores, tmp_path, capsys):
     assert (out / "error_cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "metrics.json").read_text())
     assert list(report["methods"]) == list(BASELINES)
-    assert report["queries"]["rows"] == 200
+    assert report["queries"]["rows"] == 120
     acc = {m: report["methods"][m]["accuracy"]["750"]["value"] for m in BASELINES}
     assert all(acc[m] > acc["prior"] for m in BASELINES if m != "prior"), acc
     assert [p["a"] for p in report["paired"]] == list(BASELINES[1:]) and {
@@ -74,11 +74,11 @@ def test_evaluate_all_baselines_writes_everything(stores, tmp_path, capsys):
     assert report["paired"][0]["accuracy_diff"]["750"]["lo"] > 0  # nn is significantly better than prior
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 200 * len(BASELINES)
+    assert len(rows) == 120 * len(BASELINES)
     assert list(rows[0]) == ["id", "lat", "lon", "pred_lat", "pred_lon", "error_km", "method", "strategy"]
     assert rows[0]["id"] == queries.ids[0] and rows[0]["method"] == "prior"
     md = (out / "metrics.md").read_text()
-    assert "| gps-gallery | 200 |" in md
+    assert "| gps-gallery | 120 |" in md
     # a rerun reuses every method's cached predictions and gives the same numbers
     assert (
         main(["evaluate", "--gallery", str(g), "--queries", str(q), "-o", str(out), "--no-plots", *ARGS]) == 0
@@ -192,7 +192,7 @@ def test_bad_inputs_are_one_line_errors(stores, tmp_path, capsys):
         )
         == 2
     )
-    assert "7 neighbour rows for 200 queries" in capsys.readouterr().err
+    assert "7 neighbour rows for 120 queries" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"
     bad.write_text("id,lat,lon\nwrong,0,0\n")
     assert (
@@ -237,4 +237,4 @@ def test_load_split_from_store_manifest_and_bundle(stores, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(g, bundle / "gal")
     (bundle / "bundle.json").write_text(json.dumps({"gallery": "gal"}))
-    assert len(load_split(bundle)) == 1500
+    assert len(load_split(bundle)) == 800
