@@ -8,7 +8,7 @@ import argparse
 BASELINES = ("prior", "nn", "knn", "cells", "gps-gallery")
 METHODS = (*BASELINES, "geotoken")
 
-HELP = "evaluate methods (baselines, the model) on a query set: accuracy table with 95%% CIs, CSV, plots"
+HELP = "evaluate methods (baselines, the model) on a query set: accuracy table with 95% CIs, CSV, plots"
 
 EPILOG = """\
 inputs are feature stores (folders with store.json, written by `geotoken embed` / `geotoken align`):
@@ -26,7 +26,7 @@ examples:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate",
-        help=HELP,
+        help=HELP.replace("%", "%%"),  # help strings are %-formatted, descriptions are not
         description=HELP,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
