@@ -132,6 +132,23 @@ def test_too_large_upload_is_413(client):
     assert "MB" in r.json()["error"]
 
 
+def test_oversize_body_is_refused_before_parsing(client):
+    big = png_bytes() + b"\0" * (1024 * 1024)
+    assert post(client, big, name="huge.png").status_code == 413  # declared: Content-Length
+
+    def chunks():  # streamed without a length (chunked): counted as it arrives
+        boundary = b"--xyz"
+        yield boundary + b'\r\nContent-Disposition: form-data; name="image"; filename="s.png"\r\n\r\n'
+        for _ in range(64):
+            yield b"\0" * 16384
+        yield b"\r\n" + boundary + b"--\r\n"
+
+    headers = {"content-type": "multipart/form-data; boundary=xyz"}
+    r = client.post("/v1/geolocate", content=chunks(), headers=headers)
+    assert r.status_code == 413
+    assert "upload limit" in r.json()["error"]
+
+
 def test_decompression_bomb_is_413_before_decoding(client):
     r = post(client, png_claiming(100_000, 100_000), name="bomb.png")
     assert r.status_code == 413

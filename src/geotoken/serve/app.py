@@ -23,6 +23,7 @@ ever opened.
 
 import asyncio
 import io
+import json
 import math
 import queue
 import threading
@@ -144,32 +145,78 @@ class BadImage(Exception):
 
 def decode_upload(data: bytes, name: str, max_pixels: int):
     """Bytes -> RGB PIL image; the header's size is checked before any pixel is decoded."""
-    import warnings
-
     from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise BadImage(422, f"upload {name!r} is empty")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    try:  # reads the header only; PIL itself refuses > 2 x Image.MAX_IMAGE_PIXELS here
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise BadImage(413, f"upload {name!r}: image too large ({exc})") from None
+    except UnidentifiedImageError:
+        raise BadImage(
+            415, f"upload {name!r} is not an image (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(415, f"upload {name!r} is not a readable image ({exc})") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise BadImage(413, f"upload {name!r} is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    try:
+        im.load()  # the full decode: truncated or corrupt data fails here
+        return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadImage(422, f"upload {name!r} ({im.format} {w}x{h}) cannot be decoded: {exc}") from None
+
+
+class BodyLimit:
+    """ASGI middleware: 413 once a request body passes `limit` bytes, declared (Content-Length) or streamed
+    (chunked), before the multipart parser spools it anywhere."""
+
+    class TooLarge(Exception):
+        pass
+
+    def __init__(self, app, limit: int, message: str):
+        self.app, self.limit, self.message = app, limit, message
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send)
+        seen, started, refused = 0, False, False
+
+        async def counted_receive():
+            # the 413 is sent from here: whatever the app makes of the error below is dropped
+            nonlocal seen, started, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    if not started:
+                        started = refused = True
+                        await self._refuse(send)
+                    raise BodyLimit.TooLarge()
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            if refused:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            im = Image.open(io.BytesIO(data))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise BadImage(413, f"upload {name!r}: image too large ({exc})") from None
-        except UnidentifiedImageError:
-            raise BadImage(
-                415, f"upload {name!r} is not an image (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)"
-            ) from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise BadImage(415, f"upload {name!r} is not a readable image ({exc})") from None
-        w, h = im.size
-        if w * h > max_pixels:
-            raise BadImage(413, f"upload {name!r} is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
-        try:
-            im.load()  # the full decode: truncated or corrupt data fails here
-            return im.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise BadImage(422, f"upload {name!r} ({im.format} {w}x{h}) cannot be decoded: {exc}") from None
+            await self.app(scope, counted_receive, tracked_send)
+        except BodyLimit.TooLarge:
+            pass
+
+    async def _refuse(self, send):
+        body = json.dumps({"error": self.message}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 def json_safe(x):
@@ -201,7 +248,7 @@ def basemap_jpeg(width: int, name: str = "bmng") -> bytes:
 
 def create_app(predictor: Predictor, config: ServeConfig | None = None):
     """A FastAPI app serving `predictor` (already loaded: the model is loaded once, by the caller)."""
-    from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+    from fastapi import FastAPI, File, Form, Query, UploadFile
     from fastapi.responses import FileResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
     from starlette.concurrency import run_in_threadpool
@@ -249,7 +296,6 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
         },
     )
     async def geolocate(
-        request: Request,
         image: UploadFile = File(..., description="the photo (JPEG, PNG, WebP, ...)"),
         top_k: int | None = Form(None, description="candidates to return (default 5)"),
         strategy: str | None = Form(None, description=f"one of {STRATEGIES} (default: the bundle's)"),
@@ -296,15 +342,6 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
         }
         return JSONResponse(json_safe(out))
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        """Refuse a declared oversize body before reading it (the handler re-checks what arrives)."""
-        length = request.headers.get("content-length")
-        slack = 64 * 1024  # multipart boundaries and form fields
-        if length and length.isdigit() and int(length) > cfg.max_upload_bytes + slack:
-            return error(413, f"request body of {int(length)} bytes is larger than {cfg.max_upload_mb:g} MB")
-        return await call_next(request)
-
     @app.get("/basemap.jpg", include_in_schema=False)
     def basemap_image():
         with basemap_lock:
@@ -317,4 +354,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    slack = 64 * 1024  # multipart boundaries and form fields around the image
+    message = f"request body is larger than the upload limit of {cfg.max_upload_mb:g} MB"
+    app.add_middleware(BodyLimit, limit=cfg.max_upload_bytes + slack, message=message)
     return app
