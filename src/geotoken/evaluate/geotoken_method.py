@@ -39,8 +39,16 @@ def rows_to_run(cfg) -> list[tuple[str, str]]:
 
 
 def _bundle_identity(path: Path) -> dict:
-    """What the cache key needs to know about a bundle: its spec and the model weights' hash."""
-    files = [path / "bundle.json", *sorted((path / "model").glob("*.safetensors"))]
+    """What the cache key needs to know about a bundle: hashes of its spec, model, calibration, reward
+    scorer, and gallery (store header and tokens; the large embedding arrays are covered by the header)."""
+    if not (path / "bundle.json").is_file():
+        raise GeoTokenError(f"{path}: not a model bundle (no bundle.json)")
+    files = [path / "bundle.json", path / "calibration.json", path / "gallery" / "store.json"]
+    files += [
+        path / "gallery" / "tokens.npy",
+        *sorted((path / "model").glob("*")),
+        *sorted((path / "reward").glob("*")),
+    ]
     return {str(f.relative_to(path)): sha256_file(f) for f in files if f.is_file()}
 
 

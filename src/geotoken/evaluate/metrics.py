@@ -273,18 +273,16 @@ def print_tables(
     from rich.console import Console
     from rich.table import Table
 
-    if console is None:  # wide enough for one line per method (rich would otherwise wrap every cell)
-        console = Console()
-        console = Console(width=max(console.width, 180))
-    for title, (header, rows) in [
-        ("accuracy (%) [95% CI]", table_rows(results)),
-        ("paired a - b", paired_rows(pairs)),
-    ]:
+    tables = [("accuracy (%) [95% CI]", table_rows(results)), ("paired a - b", paired_rows(pairs))]
+    for title, (header, rows) in tables:
         if not rows:
             continue
+        # one line per method: as wide as the widest cell of each column needs (rich would wrap cells)
+        width = sum(max(len(c) for c in col) + 3 for col in zip(header, *rows)) + 1
+        out = console or Console(width=max(Console().width, width))
         table = Table(title=title)
         for i, h in enumerate(header):
             table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
         for r in rows:
             table.add_row(*r)
-        console.print(table)
+        out.print(table)
