@@ -84,6 +84,15 @@ def test_only_the_first_k_neighbours_are_read():
     assert not torch.allclose(m.encode(b), m.encode(b2))
 
 
+def test_too_few_neighbours_is_a_clear_error():
+    m = tiny()
+    b = make_batch(m.cfg, k_store=3)
+    with pytest.raises(GeoTokenError, match="k=4 neighbours"):
+        m.encode(b)
+    with pytest.raises(GeoTokenError, match="k=4 neighbours"):
+        m.encode(Batch(b.query, targets=b.targets))
+
+
 def test_samples_do_not_see_each_other():
     m = tiny()
     b = make_batch(m.cfg, B=4)

@@ -302,6 +302,15 @@ class GeoToken(nn.Module):
         cfg, k = self.cfg, self.cfg.k
         B, d = batch.size, cfg.d_model
         use_nbr_emb = k > 0 and cfg.use_neighbour_embeddings
+        if k > 0:
+            have = {m: batch.nbr[m].shape[1] for m in cfg.modalities if m in batch.nbr} if use_nbr_emb else {}
+            if cfg.use_neighbour_tokens:
+                have["nbr_tokens"] = -1 if batch.nbr_tokens is None else batch.nbr_tokens.shape[1]
+            if (
+                len(have) < use_nbr_emb * len(cfg.modalities) + cfg.use_neighbour_tokens
+                or min(have.values()) < k
+            ):
+                raise GeoTokenError(f"the model reads k={k} neighbours; the batch has {have}")
         mods = []  # per modality: (B, 1 + k', d), query first, then its neighbours
         for m in cfg.modalities:  # a loop over modalities (<= 3), never over neighbours or samples
             x = batch.query[m][:, None]  # (B, 1, D_m)
