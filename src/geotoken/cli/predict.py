@@ -15,7 +15,9 @@ def register(subparsers) -> None:
         "top-k candidates (lat, lon, calibrated probability, S2 cell, nearest place, per-level confidence). "
         "Unreadable files get a one-line error and the others still run; the exit status is 1 if any failed.",
     )
-    p.add_argument("photos", nargs="+", metavar="PHOTO", help="image files (JPEG, PNG, ...)")
+    p.add_argument(
+        "photos", nargs="+", metavar="PHOTO", help="image files (JPEG, PNG, ...) or SHARD.tar#MEMBER"
+    )
     p.add_argument("--model", required=True, metavar="BUNDLE", help="model bundle folder (has bundle.json)")
     p.add_argument("--top-k", type=int, default=5, help="candidates to print per photo (default 5)")
     p.add_argument(
@@ -40,16 +42,15 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _open(path: str):
-    """The image, fully decoded now (so a truncated file fails here), or an error message."""
-    from PIL import Image, UnidentifiedImageError
+def _open(ref: str):
+    """The decoded image, or the one-line reason it cannot be read. Accepts SHARD.tar#MEMBER too."""
+    from geotoken.data.images import open_image
+    from geotoken.errors import GeoTokenError
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB"), None
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError) as exc:
-        return None, f"{path}: cannot read image: {exc}"
+        return open_image(ref), None
+    except (GeoTokenError, OSError) as exc:
+        return None, str(exc)
 
 
 def _text(path: str, pred) -> str:
