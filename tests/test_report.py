@@ -152,6 +152,11 @@ def test_malformed_files_are_errors(tmp_path):
     (folder / "predictions.csv").write_text("id,lat\n")
     with pytest.raises(GeoTokenError, match="header"):
         build_report(folder)
+    shutil.rmtree(folder)
+    folder = write_eval(tmp_path / "eval")
+    (folder / "error_cdf.png").write_bytes(b"GIF89a not a png")
+    with pytest.raises(GeoTokenError, match="error_cdf.png: not a PNG"):
+        build_report(folder)
     with pytest.raises(GeoTokenError, match="neither run.json"):
         build_report(tmp_path)
 
