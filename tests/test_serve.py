@@ -161,7 +161,9 @@ def test_decompression_bomb_is_413_before_decoding(client):
 def test_a_path_is_not_a_file(client):
     r = client.post("/v1/geolocate", data={"image": "/etc/passwd"})  # a form string, not an upload
     assert r.status_code == 422
-    assert "root:" not in r.text
+    assert "root:" not in r.text and "'image'" in r.json()["error"]
+    r = post(client, png_bytes(), top_k="many")
+    assert r.status_code == 422 and "'top_k'" in r.json()["error"]
 
 
 def test_health_model_openapi_page(client, geolocator):

@@ -249,6 +249,7 @@ def basemap_jpeg(width: int, name: str = "bmng") -> bytes:
 def create_app(predictor: Predictor, config: ServeConfig | None = None):
     """A FastAPI app serving `predictor` (already loaded: the model is loaded once, by the caller)."""
     from fastapi import FastAPI, File, Form, Query, UploadFile
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
     from starlette.concurrency import run_in_threadpool
@@ -270,6 +271,12 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
 
     def error(status: int, message: str, headers: dict | None = None):
         return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, exc: RequestValidationError):
+        """FastAPI's own 422s in the same {"error": "..."} shape, naming the field."""
+        parts = [f"field {str(e['loc'][-1])!r}: {e['msg']}" for e in exc.errors()]
+        return error(422, "; ".join(parts) or "invalid request")
 
     @app.get("/healthz", summary="liveness")
     def healthz() -> dict:
