@@ -152,12 +152,13 @@ class EvalResult:
 # ---------------------------------------------------------------------------------------------- methods
 
 
-def _strategy_text(method: str, cfg: EvalConfig) -> str:
+def _strategy_text(method: str, cfg: EvalConfig, table: bool = False) -> str:
     r = cfg.retrieval
+    on = "a given neighbour table" if table else f"cosine on {r.embedding}"
     return {
         "prior": f"densest S2 level-{cfg.prior.level} cell",
-        "nn": f"1-NN cosine on {r.embedding}",
-        "knn": f"{r.k}-NN vote on {r.embedding}, R={r.radius_km:g} km, T={r.temperature:g}, {r.answer}",
+        "nn": f"1-NN, {on}",
+        "knn": f"{r.k}-NN vote, {on}, R={r.radius_km:g} km, T={r.temperature:g}, {r.answer}",
         "cells": f"{'MLP' if cfg.cells.hidden else 'linear'} head on {cfg.cells.features}, "
         f"cells max {cfg.cells.max_count} / min {cfg.cells.min_count}",
         "gps-gallery": f"{cfg.gps_gallery.embedding} vs GPS encoder on {cfg.gps_gallery.gallery} gallery",
@@ -268,7 +269,14 @@ def run_methods(
         seconds = time.perf_counter() - t0
         errors = haversine_km(queries.lat, queries.lon, pred.lat, pred.lon)
         runs[method] = MethodRun(
-            method, method, _strategy_text(method, cfg), conf, pred, errors, seconds=seconds, cached=cached
+            method,
+            method,
+            _strategy_text(method, cfg, neighbours is not None),
+            conf,
+            pred,
+            errors,
+            seconds=seconds,
+            cached=cached,
         )
     return runs
 
