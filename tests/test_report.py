@@ -35,8 +35,13 @@ def write_eval(folder, n=12, plots=True, seed=0):
         methods[label] = {"method": label.split()[0], "strategy": strategy, "n": n, "seconds": 0.5 + k,
                           "accuracy": acc, "median_km": {"value": med, "lo": med / 2, "hi": med * 2}}  # fmt: skip
     (folder / "predictions.csv").write_text("\n".join(lines) + "\n")
+    methods["geotoken beam5+logp"]["calibration"] = {
+        "within_200km": {"accuracy": 0.25, "mean_confidence": 0.5, "ece": 0.125}
+    }
+    paired = [{"a": "geotoken beam5+logp", "b": "knn", "n": n, "median_km_diff": {"value": -12.0, "lo": -20.0, "hi": -4.0},
+               "accuracy_diff": {f"{t:g}": {"value": 0.05, "lo": 0.01, "hi": 0.09} for t in THRESHOLDS}}]  # fmt: skip
     metrics = {"queries": {"rows": n}, "gallery": {"rows": 100}, "thresholds_km": THRESHOLDS,
-               "bootstrap": {"n_boot": 10}, "methods": methods}  # fmt: skip
+               "bootstrap": {"n_boot": 10}, "methods": methods, "paired": paired}  # fmt: skip
     (folder / "metrics.json").write_text(json.dumps(metrics))
     if plots:
         Image.new("RGB", (60, 40), (200, 30, 30)).save(folder / "error_cdf.png")
@@ -91,6 +96,10 @@ def test_run_report_is_self_contained(tmp_path):
     assert "Paris, France" in text and "40.0%" in text and 'title="level 1: 70.0%"' in text
     assert "model_preset" in text and "3.75" in text and "eval-abc" in text
     assert 'id="missing"' not in text
+    assert (
+        '<td class="sig">+5.0 <small>[+1.0, +9.0]</small></td>' in text and "<td>-12</td>" in text
+    )  # paired
+    assert "<td>200km</td><td>25.0</td><td>50.0</td><td></td><td>12.5</td>" in text  # calibration
     assert build_report(root) == text  # a function of the files: the same bytes again
 
 
@@ -125,6 +134,7 @@ def test_missing_samples_and_eval_folder_are_reported(tmp_path):
         (lambda m: m["methods"]["knn"]["accuracy"].pop("200"), "methods.knn.accuracy.200"),
         (lambda m: m.__setitem__("methods", []), "'methods' should be an object"),
         (lambda m: m["methods"]["knn"]["accuracy"]["25"].__setitem__("value", "high"), "accuracy.25.value"),
+        (lambda m: m["paired"][0].pop("accuracy_diff"), "paired[0].accuracy_diff"),
     ],
 )
 def test_malformed_metrics_is_an_error_naming_the_field(tmp_path, breakage, message):

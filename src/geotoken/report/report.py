@@ -324,6 +324,7 @@ def eval_section(report: Report, name: str, folder: Path) -> None:
             parts.append(
                 f'<details><summary>maps of the other methods</summary><div class="grid">{others}</div></details>'
             )
+    parts += paired_details(metrics, thresholds, metrics_path) + calibration_details(metrics)
     rel = sorted(folder.glob("reliability_*.png"))
     if rel:
         figs = "".join(_figure(image_uri(p), p.stem.removeprefix("reliability_"), "small") for p in rel)
@@ -335,6 +336,66 @@ def eval_section(report: Report, name: str, folder: Path) -> None:
         body = "".join(f"<tr><th>{esc(label)}</th><td>{s:,.3f}</td></tr>" for label, s in timing)
         parts.append(f"<details><summary>time per method (s)</summary><table>{body}</table></details>")
     report.add(anchor, f"Evaluation: {name}", "\n".join(parts))
+
+
+def _signed_pct(e) -> str:
+    value, lo, hi = e
+    ci = f"<small>[{100 * lo:+.1f}, {100 * hi:+.1f}]</small>" if lo is not None and hi is not None else ""
+    cls = "sig" if lo is not None and hi is not None and (lo > 0 or hi < 0) else ""
+    return f'<td class="{cls}">{100 * value:+.1f} {ci}</td>'
+
+
+def paired_details(metrics: dict, thresholds: list[float], path: Path) -> list[str]:
+    """metrics.json `paired`: a - b on the same images, with bootstrap intervals (bold: excludes 0)."""
+    pairs = metrics.get("paired") or []
+    if not isinstance(pairs, list):
+        raise GeoTokenError(f"{path}: field 'paired' should be a list, got {pairs!r:.80}")
+    rows = []
+    for i, pair in enumerate(pairs):
+        where = f"paired[{i}]"
+        diff = _need(pair, "accuracy_diff", dict, path, where)
+        cells = ""
+        for t in thresholds:
+            if f"{t:g}" not in diff:
+                raise GeoTokenError(f"{path}: missing field '{where}.accuracy_diff.{t:g}'")
+            cells += _signed_pct(_estimate(diff[f"{t:g}"], path, f"{where}.accuracy_diff.{t:g}"))
+        med = _estimate(_need(pair, "median_km_diff", (dict, int, float), path, where), path, where)
+        rows.append(
+            f"<tr><th>{esc(pair.get('a'))} &minus; {esc(pair.get('b'))}</th>{cells}<td>{med[0]:+,.0f}</td></tr>"
+        )
+    if not rows:
+        return []
+    head = "".join(f"<th>{t:g} km pp</th>" for t in thresholds)
+    return [
+        "<details><summary>paired differences (same images; percentage points, 95% intervals; "
+        'bold: the interval excludes 0)</summary><table class="metrics paired">'
+        f"<thead><tr><th>a &minus; b</th>{head}<th>median km</th></tr></thead>{''.join(rows)}</table></details>"
+    ]
+
+
+def calibration_details(metrics: dict) -> list[str]:
+    """Per GeoToken row: accuracy vs mean calibrated confidence and ECE of P(within r km)."""
+    rows = []
+    for label, m in metrics["methods"].items():
+        cal = m.get("calibration") if isinstance(m, dict) else None
+        if not isinstance(cal, dict):
+            continue
+        for key, c in cal.items():
+            if key.startswith("within_") and isinstance(c, dict):
+                vals = [c.get(k) for k in ("accuracy", "mean_confidence", "ece_raw", "ece")]
+                cells = "".join(
+                    f"<td>{100 * v:.1f}</td>" if isinstance(v, (int, float)) else "<td></td>" for v in vals
+                )
+                rows.append(
+                    f"<tr><th>{esc(label)}</th><td>{esc(key.removeprefix('within_'))}</td>{cells}</tr>"
+                )
+    if not rows:
+        return []
+    return [
+        '<details><summary>calibration of P(within r) (%)</summary><table class="metrics"><thead><tr><th>method</th>'
+        "<th>r</th><th>accuracy</th><th>mean confidence</th><th>ECE raw</th><th>ECE</th></tr></thead>"
+        f"{''.join(rows)}</table></details>"
+    ]
 
 
 def _kv_table(d: dict) -> str:
@@ -510,7 +571,7 @@ main{padding:8px 24px 40px;max-width:1400px}section{background:#fff;border-radiu
 box-shadow:0 1px 3px rgba(0,0,0,.08)}h2{font-size:18px;border-bottom:1px solid #e3e9f1;padding-bottom:6px}
 table{border-collapse:collapse;margin:8px 0}th,td{padding:4px 8px;border-bottom:1px solid #edf0f4;text-align:left;vertical-align:top}
 table.metrics td{text-align:right;white-space:nowrap}table.metrics td.strategy{text-align:left;white-space:normal}table.metrics td.best{font-weight:700;background:#eaf6ea}
-table.metrics tr.geotoken th{color:#a5361b}small{color:#7a8699}.muted{color:#68758a}
+table.metrics tr.geotoken th{color:#a5361b}table.paired td.sig{font-weight:700}small{color:#7a8699}.muted{color:#68758a}
 .figures{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}figure{margin:8px 0}figure img{max-width:100%;display:block}
 figure.map img{width:760px}figure.cdf img{width:520px}figure.small img{width:420px}figcaption{color:#68758a;font-size:12px}
 .grid{display:flex;flex-wrap:wrap;gap:12px}code{font-size:12px}
