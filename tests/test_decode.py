@@ -98,9 +98,21 @@ def test_constraint_only_emits_gallery_cells(setup):
     beams = beam_search(model, memory, 5, constraint=c)
     samples = sample(model, memory, 10, constraint=c, generator=torch.Generator().manual_seed(0))
     assert c.contains(beams.tokens).all() and c.contains(samples.tokens).all()
-    # renormalised over the allowed cells: the probabilities of all gallery cells sum to 1 per image
+    # the model's probabilities of all gallery cells: at most 1; renormalised over the allowed cells: 1
     everything = beam_search(model, memory, 12, constraint=c)
-    np.testing.assert_allclose(np.exp(everything.logp).sum(1), 1.0, atol=1e-5)
+    assert (np.exp(everything.logp).sum(1) < 1).all()
+    renorm = PrefixConstraint(gallery, vocab, renormalize=True)
+    np.testing.assert_allclose(
+        np.exp(beam_search(model, memory, 12, constraint=renorm).logp).sum(1), 1.0, atol=1e-5
+    )
+    # the kept tokens keep the model's probabilities: the best constrained path scores as the model does
+    full = model.decode(
+        memory.repeat_interleave(12, 0), torch.as_tensor(everything.tokens.reshape(-1, len(vocab)))
+    )
+    logp = torch.log_softmax(full.float(), -1).gather(
+        -1, torch.as_tensor(everything.tokens.reshape(-1, len(vocab)))[..., None]
+    )
+    np.testing.assert_allclose(everything.logp.reshape(-1), logp.sum((1, 2)).detach().numpy(), atol=1e-4)
     # more beams than cells: the extra ones repeat the best with -inf
     wide = beam_search(model, memory, 20, constraint=c)
     assert np.isinf(wide.logp[:, 12:]).all() and np.isfinite(wide.logp[:, :12]).all()

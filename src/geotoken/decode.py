@@ -10,7 +10,9 @@ equivalence tests and the benchmark, and gives the same results.
 All strategies return a `geotoken.select.Candidates` pool: tokens (B, N, T), sequence log-probabilities
 (B, N), cell-centre lat/lon (B, N) and the per-level probabilities of each path (B, N, T). An optional
 `PrefixConstraint` (the cells of the training gallery) masks every token that would leave the set of
-known cells, and probabilities are renormalised over what remains.
+known cells. By default the kept tokens keep the model's probabilities (no renormalisation): after a
+prefix with a single gallery cell below it, renormalising would make every later token certain, and beam
+search would then favour paths into sparsely covered regions over the model's real preference.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ class PrefixConstraint:
     a batch of prefixes is one `searchsorted` over (rows, V) candidate codes.
     """
 
-    def __init__(self, tokens: np.ndarray, vocab_sizes: list[int]):
+    def __init__(self, tokens: np.ndarray, vocab_sizes: list[int], renormalize: bool = False):
+        self.renormalize = (
+            renormalize  # scores: P(token | prefix, allowed) instead of the model's P(token | prefix)
+        )
         tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.ndim != 2 or tokens.shape[1] != len(vocab_sizes) or len(tokens) == 0:
             raise GeoTokenError(f"constraint tokens must be (N>0, {len(vocab_sizes)}), got {tokens.shape}")
@@ -111,12 +116,16 @@ def _stepper(model, memory, copies, cached):
     return (_Cached if cached else _Uncached)(model, memory, copies)
 
 
-def _log_probs(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-    """Log-softmax over the allowed tokens (R, Vmax); a row with nothing allowed is all -inf (not NaN)."""
+def _log_probs(logits: torch.Tensor, allowed: torch.Tensor | None, renormalize: bool = False) -> torch.Tensor:
+    """Log-probabilities (R, Vmax) with disallowed tokens at -inf; renormalised over the allowed ones or not.
+    A row with nothing allowed is all -inf (not NaN)."""
     logits = logits.float()
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    logp = torch.log_softmax(logits, dim=-1)
+    if allowed is None:
+        return torch.log_softmax(logits, dim=-1)
+    if renormalize:
+        logp = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    else:
+        logp = torch.log_softmax(logits, dim=-1).masked_fill(~allowed, float("-inf"))
     return logp.masked_fill(logp.isnan(), float("-inf"))
 
 
@@ -165,7 +174,7 @@ def beam_search(
         logits = step(tokens)  # (B*W, V)
         V = logits.shape[-1]
         allowed = constraint.allowed(codes, t, V) if constraint is not None else None
-        logp = _log_probs(logits, allowed)  # (B*W, V)
+        logp = _log_probs(logits, allowed, constraint is not None and constraint.renormalize)  # (B*W, V)
         total = (scores[:, :, None] + logp.view(B, W, V)).view(B, W * V)
         scores, idx = total.topk(W, dim=1)  # (B, W), sorted best first
         src, tok = idx // V, idx % V  # beam it extends, token it adds
@@ -215,7 +224,8 @@ def sample(
     """`n` sequences per image, drawn from the (reshaped) model distribution, all images and samples batched.
 
     temperature 0 means argmax (greedy). Returned log-probabilities and per-level probabilities are the
-    model's own (temperature 1, renormalised over the constraint), so samples can be compared with beams.
+    model's own (temperature 1; see `PrefixConstraint` on renormalisation), so samples compare with beams.
+    With a constraint, samples are drawn from the distribution renormalised over the allowed tokens.
     """
     if n < 1 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise GeoTokenError(
@@ -231,7 +241,7 @@ def sample(
     for t in range(T):
         logits = step(tokens)  # (R, V)
         allowed = constraint.allowed(codes, t, logits.shape[-1]) if constraint is not None else None
-        logp = _log_probs(logits, allowed)  # (R, V) model log-probabilities
+        logp = _log_probs(logits, allowed, constraint is not None and constraint.renormalize)  # (R, V)
         if temperature == 0:
             tok = logp.argmax(-1)
         else:
