@@ -319,3 +319,14 @@ def test_cli_builds_from_a_coords_file_and_reports_bad_input_in_one_line(tmp_pat
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "bad.csv" in err and "line 3" in err
+
+
+def test_a_changed_shard_in_a_complete_build_is_reported_not_reused(tmp_path):
+    info = ev.build_earthviews(tmp_path, TINY)
+    shard = tmp_path / info["shards"]["test"][0]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(GeoTokenError, match=r"test-00000\.tar: missing or changed"):
+        ev.build_earthviews(tmp_path, TINY)
+    assert ev.build_earthviews(tmp_path, TINY, overwrite=True)["content_hash"] == info["content_hash"]
