@@ -1,0 +1,33 @@
+import os
+
+import pytest
+
+from geotoken.io import atomic_open, read_json, sha256_json, write_json
+
+
+def test_atomic_open_replaces_only_on_success(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_open(target) as f:
+        f.write("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # no temp file left behind
+    with atomic_open(target) as f:
+        f.write("new")
+    assert target.read_text() == "new"
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert read_json(tmp_path / "a.json") == {"x": 1}
+
+
+def test_sha256_json_ignores_key_order():
+    assert sha256_json({"a": 1, "b": [1, 2]}) == sha256_json({"b": [1, 2], "a": 1})
+    assert sha256_json({"a": 1}) != sha256_json({"a": 2})
