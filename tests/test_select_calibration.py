@@ -55,14 +55,29 @@ def _pool():
     lon = np.array([[2.35, 2.45, 139.65, 10.0], [0.0, 20.0, 40.0, -40.0]])
     p = np.array([[0.4, 0.2, 0.3, 0.1], [0.3, 0.3, 0.2, 0.2]])
     tokens = np.arange(2 * 4 * 3).reshape(2, 4, 3)
-    return Candidates(tokens, np.log(p), lat, lon, np.full((2, 4, 3), 0.8))
+    level_probs = np.repeat(p[:, :, None] ** (1 / 3), 3, axis=2)  # prefix probabilities p^(t+1)/3
+    return Candidates(tokens, np.log(p), lat, lon, level_probs)
 
 
 def test_within_confidence_and_calibration_roundtrip(tmp_path):
     pool = _pool()
     sel = select(pool, "logp")
+    # 50 km: cells of the last token (T = 3); the two Paris candidates count, Tokyo does not
     np.testing.assert_allclose(within_confidence(pool, sel.lat, sel.lon, 50.0), [0.6, 0.3])
+    # 2500 km: the prefix of tokens 0..1 (S2 level 2 with group 2): p ** (2/3) each
+    np.testing.assert_allclose(
+        within_confidence(pool, sel.lat, sel.lon, 2500.0), [0.4 ** (2 / 3) + 0.2 ** (2 / 3), 0.3 ** (2 / 3)]
+    )
     np.testing.assert_allclose(within_confidence(pool, sel.lat, sel.lon, 25000.0), [1.0, 1.0])
+    # candidates sharing the prefix count once
+    shared = Candidates(
+        np.zeros((1, 2, 3), int) + [[[0], [0]]],
+        np.log([[0.5, 0.4]]),
+        np.zeros((1, 2)),
+        np.zeros((1, 2)),
+        np.full((1, 2, 3), 0.5),
+    )
+    np.testing.assert_allclose(within_confidence(shared, np.zeros(1), np.zeros(1), 50.0), [0.125])
     true_lat, true_lon = np.array([48.9, 50.0]), np.array([2.4, 50.0])
     data = calibration_data(pool, sel, true_lat, true_lon, pool.tokens[:, 0], radii_km=(25, 200))
     assert data["within"][25.0][1].tolist() == [True, False]

@@ -1,8 +1,9 @@
 """Confidence users can trust: calibrated "within X km" probabilities and per-level confidences.
 
 Raw confidences come from the candidate pool:
-- "within X km" of a chosen answer: the probability mass of the pool's distinct candidates within X km of
-  it (a lower bound on the model's belief, as the pool does not hold every sequence);
+- "within X km" of a chosen answer: the probability of the pool's distinct prefixes, at the level whose
+  cells are about X km across, whose candidates lie within X km of it (a lower bound: the pool does not
+  hold every prefix);
 - per level: the probability of the chosen path's prefix up to that level (continent, country, city...).
 
 Each is calibrated with one temperature fitted on the validation split by minimising the binary
@@ -13,6 +14,7 @@ and reliability plots (PNG) are what `geotoken evaluate` reports.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -117,13 +119,28 @@ def reliability_plot(
 
 
 # ----------------------------------------------------------------------------- confidences from a pool
-def within_confidence(pool, lat: np.ndarray, lon: np.ndarray, radius_km: float) -> np.ndarray:
-    """(B,) raw P(answer within radius_km): pool mass of distinct candidates within radius of (lat, lon) (B,)."""
-    from geotoken.geo import haversine_km
-    from geotoken.select import pool_weights
+def token_position(radius_km: float, group: int, n_tokens: int) -> int:
+    """The token whose cells are about `radius_km` across: S2 level l has cells ~10,000 km / 2^l wide."""
+    level = int(np.clip(round(math.log2(10000.0 / radius_km)), 0, 30))
+    return int(min(n_tokens - 1, math.ceil(level / group)))
 
+
+def within_confidence(pool, lat: np.ndarray, lon: np.ndarray, radius_km: float, group: int = 2) -> np.ndarray:
+    """(B,) raw P(true location within radius_km of (lat, lon) (B,)), from the pool.
+
+    Sequence probabilities of whole level-20 cells are tiny and say little about a 200 km event; the
+    probability of a candidate's prefix down to the cells of about that size does. So: the summed
+    probabilities of the pool's distinct prefixes at that level whose candidates lie within the radius
+    (a lower bound: the pool holds only some of the prefixes).
+    """
+    from geotoken.geo import haversine_km
+    from geotoken.select import duplicate_mask
+
+    t = token_position(radius_km, group, pool.tokens.shape[-1])
+    prefix_p = np.prod(pool.level_probs[..., : t + 1], axis=-1)  # (B, N)
+    weights = np.where(duplicate_mask(pool.tokens[..., : t + 1]), 0.0, prefix_p)
     d = haversine_km(np.asarray(lat)[:, None], np.asarray(lon)[:, None], pool.lat, pool.lon)  # (B, N)
-    return np.clip(((d <= radius_km) * pool_weights(pool)).sum(1), 0.0, 1.0)
+    return np.clip(((d <= radius_km) * weights).sum(1), 0.0, 1.0)
 
 
 def prefix_confidence(level_probs: np.ndarray) -> np.ndarray:
@@ -144,10 +161,10 @@ class Calibration:
     within: list[float] = field(default_factory=lambda: [1.0] * len(RADII_KM))  # one per radius
     levels: list[float] = field(default_factory=list)  # one per token position; empty = identity
 
-    def within_probs(self, pool, lat, lon) -> dict[str, np.ndarray]:
+    def within_probs(self, pool, lat, lon, group: int = 2) -> dict[str, np.ndarray]:
         """{"25km": (B,), ...} calibrated P(within radius) of answers (lat, lon) (B,)."""
         return {
-            f"{r:g}km": apply_temperature(within_confidence(pool, lat, lon, r), t)
+            f"{r:g}km": apply_temperature(within_confidence(pool, lat, lon, r, group), t)
             for r, t in zip(self.radii_km, self.within)
         }
 
@@ -181,7 +198,9 @@ class Calibration:
         return cal
 
 
-def calibration_data(pool, selection, true_lat, true_lon, true_tokens, radii_km=RADII_KM) -> dict:
+def calibration_data(
+    pool, selection, true_lat, true_lon, true_tokens, radii_km=RADII_KM, group: int = 2
+) -> dict:
     """Raw confidences and outcomes of a validation/test set: what fitting and reporting need.
 
     Returns {"within": {radius: (conf (B,), outcome (B,))}, "levels": (conf (B, T), outcome (B, T))}.
@@ -190,7 +209,8 @@ def calibration_data(pool, selection, true_lat, true_lon, true_tokens, radii_km=
 
     err = haversine_km(selection.lat, selection.lon, np.asarray(true_lat), np.asarray(true_lon))
     within = {
-        float(r): (within_confidence(pool, selection.lat, selection.lon, r), err <= r) for r in radii_km
+        float(r): (within_confidence(pool, selection.lat, selection.lon, r, group), err <= r)
+        for r in radii_km
     }
     rows = np.arange(len(selection.index))
     chosen = np.maximum(selection.index, 0)  # free MLLM answers (-1) have no path: use the top candidate's

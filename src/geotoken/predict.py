@@ -431,10 +431,11 @@ class Geolocator:
             lat, lon = np.concatenate([sel.lat[:, None], lat], 1), np.concatenate([sel.lon[:, None], lon], 1)
             keep = np.concatenate([free[:, None], keep], 1)
         cal = self.calibration or Calibration()
-        within = {f"{r:g}km": self._within(cal, pool, lat, lon, r) for r in cal.radii_km}
+        g = cfg.group
+        within = {f"{r:g}km": self._within(cal, pool, lat, lon, r, g) for r in cal.radii_km}
         prob_name = f"{self.probability_radius_km:g}km"
         if prob_name not in within:
-            within[prob_name] = self._within(cal, pool, lat, lon, self.probability_radius_km)
+            within[prob_name] = self._within(cal, pool, lat, lon, self.probability_radius_km, g)
         levels = cal.level_probs(top.level_probs)  # (B, M, T)
         ids = s2.latlon_to_cell_ids(lat.ravel(), lon.ravel(), cfg.level)
         hexes = np.asarray(s2.cell_ids_to_hex(ids)).reshape(lat.shape)
@@ -465,12 +466,14 @@ class Geolocator:
         return out
 
     @staticmethod
-    def _within(cal, pool: Candidates, lat: np.ndarray, lon: np.ndarray, radius_km: float) -> np.ndarray:
+    def _within(
+        cal, pool: Candidates, lat: np.ndarray, lon: np.ndarray, radius_km: float, group: int
+    ) -> np.ndarray:
         """(B, M) calibrated P(within radius) of each listed coordinate, from the pool's mass around it."""
         from geotoken.calibration import apply_temperature, within_confidence
 
         temps = dict(zip(cal.radii_km, cal.within))
-        cols = [within_confidence(pool, lat[:, j], lon[:, j], radius_km) for j in range(lat.shape[1])]
+        cols = [within_confidence(pool, lat[:, j], lon[:, j], radius_km, group) for j in range(lat.shape[1])]
         return apply_temperature(np.stack(cols, axis=1), temps.get(radius_km, 1.0))
 
 

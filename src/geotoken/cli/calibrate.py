@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         lon,
         latlon_to_tokens(lat, lon, cfg.level, cfg.group),
         radii_km=args.radii_km,
+        group=cfg.group,
     )
     cal = fit_calibration(data)
     cal.save(geo.root / "calibration.json")
