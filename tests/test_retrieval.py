@@ -88,6 +88,10 @@ def test_compressed_indexes_recall(tmp_path, kind, options):
     index.save(tmp_path / kind)
     loaded = NeighbourIndex.load(tmp_path / kind)
     np.testing.assert_array_equal(loaded.search(queries, 15)[0], rows)
+    if kind == "ivfpq":  # re-ranking from exact vectors recovers what PQ codes lose
+        refined, sims = index.search(queries, 15, exact=gallery, refine=4)
+        assert recall_at_k(refined, exact) > recall_at_k(rows, exact)
+        np.testing.assert_allclose(sims, np.take_along_axis(queries @ gallery.T, refined, 1), atol=1e-5)
     if kind == "ivfpq":  # nprobe saved with the index, and overridable at load time
         assert faiss.extract_index_ivf(loaded.index).nprobe == 16
         everything = NeighbourIndex.load(tmp_path / kind, nprobe=loaded.meta["nlist"])
@@ -191,6 +195,6 @@ def test_bench_index_small():
     np.testing.assert_array_equal(gen[rows], np.concatenate([gen.block(1)[[4463]], gen.block(0)[[5]],
                                                              gen.block(1)[[0]], gen.block(0)[[5]]]))  # fmt: skip
     result = bench_index(rows=3000, dim=16, queries=50, k=5, threads=1, data="clustered", pq_m=8)
-    assert set(result["kinds"]) == {"flat", "ivfpq", "hnsw"}
+    assert set(result["kinds"]) == {"flat", "ivfpq", "hnsw", "ivfpq+refine"}
     assert result["kinds"]["flat"]["recall@5"] == 1.0 and 0 < result["kinds"]["ivfpq"]["recall@5"] < 1
     assert all(r["queries_per_s"] > 0 and r["index_mb"] > 0 for r in result["kinds"].values())

@@ -135,20 +135,38 @@ class NeighbourIndex:
         return cls(index, config, meta)
 
     def search(
-        self, queries: np.ndarray, k: int, batch_size: int = 8192, progress: bool = False
+        self,
+        queries: np.ndarray,
+        k: int,
+        batch_size: int = 8192,
+        progress: bool = False,
+        exact: np.ndarray | None = None,
+        refine: int = 4,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k gallery rows and similarities of each query, best first: (B, k) int64, (B, k) float32.
 
-        Missing hits (k larger than the index) are row -1 with similarity -inf.
+        exact: the indexed vectors (N, D), e.g. the store's memmap. A compressed index then fetches
+        k * refine candidates and re-ranks them by their exact inner product: the recall of PQ codes
+        at the memory of PQ codes, the vectors staying on disk. Missing hits are row -1, similarity -inf.
         """
         n, dim = queries.shape
         if dim != self.dim:
             raise GeoTokenError(f"queries have dimension {dim}, the index {self.dim}")
+        depth = k * refine if exact is not None and self.config.kind != "flat" and refine > 1 else k
+        batch_size = batch_size if depth == k else min(batch_size, 1024)  # bounds the (B, depth, D) gather
         rows = np.empty((n, k), dtype=np.int64)
         sims = np.empty((n, k), dtype=np.float32)
         for start in tqdm(range(0, n, batch_size), desc="search", unit="batch", disable=not progress):
             stop = min(n, start + batch_size)
-            sims[start:stop], rows[start:stop] = self.index.search(_rows_f32(queries, slice(start, stop)), k)
+            q = _rows_f32(queries, slice(start, stop))  # (B, D)
+            s, r = self.index.search(q, depth)  # (B, depth)
+            if depth > k:
+                cand = np.asarray(exact[np.maximum(r, 0).ravel()], dtype=np.float32).reshape(*r.shape, dim)
+                s = np.einsum("bd,bkd->bk", q, cand)
+                s[r < 0] = -np.inf
+                order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+                r, s = np.take_along_axis(r, order, axis=1), np.take_along_axis(s, order, axis=1)
+            rows[start:stop], sims[start:stop] = r, s
         sims[rows < 0] = -np.inf
         return rows, sims
 

@@ -53,11 +53,14 @@ def search_excluding(
     self_rows: np.ndarray | None = None,
     gallery: StoreEmbeddings | np.ndarray | None = None,
     margin: int = 8,
+    refine: int = 1,
+    exact: StoreEmbeddings | np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of each query (B, D) without its own gallery row `self_rows` (B,) (-1: not in the gallery)
     and without gallery rows whose embedding in `gallery` equals the query exactly.
 
-    Searches k + margin; queries left with fewer than k hits are searched again with a doubled margin.
+    Searches k + margin; queries left with fewer than k hits are searched again with a larger margin.
+    refine > 1: a compressed index re-ranks refine x candidates by their exact vectors in `exact`.
     """
     queries = np.asarray(queries, dtype=np.float32)
     b = len(queries)
@@ -66,7 +69,7 @@ def search_excluding(
     todo = np.arange(b)
     while len(todo):
         depth = min(k + margin, index.size)
-        rows, sims = index.search(queries[todo], depth)  # (T, depth)
+        rows, sims = index.search(queries[todo], depth, exact=exact, refine=refine)  # (T, depth)
         drop = rows < 0
         if self_rows is not None:
             drop |= rows == self_rows[todo, None]
@@ -100,12 +103,14 @@ def neighbour_table(
     embedding: str | None = None,
     batch_size: int = 1024,
     progress: bool = True,
+    refine: int = 1,
 ) -> NeighbourTable:
     """Write the top-k gallery rows of every query row to `out_dir` (resumes a killed run).
 
     The query embedding is the one the index was built from unless `embedding` says otherwise. With
     `exclude_self_ids`, the gallery store (default: the one recorded in the index) supplies the ids and
     embeddings used to drop each query's own row and its exact duplicates. Skipped query rows get -1.
+    refine > 1 (compressed indexes): re-rank refine x k candidates by exact vectors from the gallery store.
     """
     out_dir = Path(out_dir)
     embedding = embedding or gallery_index.meta.get("embedding")
@@ -117,18 +122,19 @@ def neighbour_table(
             f"{query_store.root}: {embedding!r} is {queries.dim}-d, the index {gallery_index.dim}-d"
         )
     self_rows = gallery = None
-    if exclude_self_ids:
+    if exclude_self_ids or refine > 1:
         if gallery_store is None:
             if "store" not in gallery_index.meta:
                 raise GeoTokenError("the index does not record its gallery store: pass gallery_store=")
             gallery_store = FeatureStore.open(gallery_index.meta["store"])
-        self_rows = _self_rows(query_store, gallery_store)
+        self_rows = _self_rows(query_store, gallery_store) if exclude_self_ids else None
         gallery = StoreEmbeddings(gallery_store, embedding)
 
     config = {
         "k": k,
         "embedding": embedding,
         "exclude_self_ids": exclude_self_ids,
+        "refine": refine,
         "queries": {"store": str(query_store.root), "manifest_hash": query_store.header.get("manifest_hash")},
         "index": {key: gallery_index.meta.get(key) for key in ("kind", "store", "embedding", "indexed")},
         "rows": query_store.rows,
@@ -153,7 +159,10 @@ def neighbour_table(
             rows = np.full((stop - start, k), -1, dtype=np.int64)
             sims = np.full((stop - start, k), -np.inf, dtype=np.float32)
             sr = None if self_rows is None else self_rows[start:stop][ok]
-            rows[ok], sims[ok] = search_excluding(gallery_index, queries[start + ok], k, sr, gallery)
+            dups = gallery if exclude_self_ids else None
+            rows[ok], sims[ok] = search_excluding(
+                gallery_index, queries[start + ok], k, sr, dups, refine=refine, exact=gallery
+            )
             row_out.write(start, rows)
             sim_out.write(start, sims)
             state["done"] = stop

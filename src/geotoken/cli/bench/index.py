@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("--pq-m", type=int, help="ivfpq bytes per vector (default dim/8)")
     p.add_argument("--nprobe", type=int, help="ivfpq lists searched (default 32)")
     p.add_argument("--ef-search", type=int, help="hnsw search beam (default 128)")
+    p.add_argument("--refine", type=int, default=4,
+                   help="also time ivfpq re-ranking REFINE x k candidates by exact vectors (0: skip; default 4)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="FAISS threads (default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -33,6 +35,7 @@ def run(args) -> int:
 
     result = bench_index(
         args.rows, args.dim, args.queries, args.k, tuple(args.kinds), args.threads, args.data, progress=not args.json,
+        refine=args.refine,
         nlist=args.nlist, pq_m=args.pq_m, nprobe=args.nprobe, ef_search=args.ef_search,
     )  # fmt: skip
     if args.json:
@@ -40,9 +43,9 @@ def run(args) -> int:
         return 0
     print(f"{result['rows']} x {result['dim']} {result['data']} vectors, {result['queries']} queries, "
           f"k={result['k']}, {result['threads']} threads")  # fmt: skip
-    print(f"{'kind':<7}{'build s':>9}{'index MB':>10}{'queries/s':>11}{'recall@' + str(args.k):>11}")
+    print(f"{'kind':<14}{'build s':>9}{'index MB':>10}{'queries/s':>11}{'recall@' + str(args.k):>11}")
     for kind, r in result["kinds"].items():
         print(
-            f"{kind:<7}{r['build_s']:>9.1f}{r['index_mb']:>10.1f}{r['queries_per_s']:>11.0f}{r[f'recall@{args.k}']:>11.3f}"
+            f"{kind:<14}{r['build_s']:>9.1f}{r['index_mb']:>10.1f}{r['queries_per_s']:>11.0f}{r[f'recall@{args.k}']:>11.3f}"
         )
     return 0
