@@ -132,3 +132,44 @@ def test_generate_dispatch(setup):
         assert np.isfinite(pool.lat).all()
     with pytest.raises(GeoTokenError, match="strategy"):
         generate(model, batch, "best")
+
+
+def test_bench_decode_reports_every_figure(capsys):
+    from geotoken.cli import main
+
+    assert (
+        main(
+            [
+                "bench",
+                "decode",
+                "--preset",
+                "small",
+                "--batch",
+                "1",
+                "--threads",
+                "1",
+                "--iters",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    import json
+
+    res = json.loads(capsys.readouterr().out)
+    for key in (
+        "encoder",
+        "greedy",
+        "beam5",
+        "sample10",
+        "uncached_greedy",
+        "uncached_beam5",
+        "uncached_sample10",
+    ):
+        assert res[f"{key}_images_per_s"] > 0
+    assert res["outputs_identical"] is True and set(res["ratio_vs_reference"]) == {
+        "greedy",
+        "beam5",
+        "sample10",
+    }
