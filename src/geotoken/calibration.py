@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -34,7 +36,8 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 def apply_temperature(conf: np.ndarray, temperature: float) -> np.ndarray:
     """sigmoid(logit(conf) / temperature), elementwise; temperature 1 is the identity (up to clipping)."""
-    return 1.0 / (1.0 + np.exp(-_logit(conf) / temperature))
+    z = _logit(conf) / temperature
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # the logistic function without overflow for large |z|
 
 
 def _nll(z: np.ndarray, y: np.ndarray, temps: np.ndarray) -> np.ndarray:
@@ -265,3 +268,32 @@ def calibration_report(
     if plot is not None:
         reliability_plot(curves, plot, title="reliability of the top answer", n_bins=n_bins)
     return report
+
+
+def calibrate_bundle(
+    geo,
+    queries_dir: str | Path,
+    neighbours_dir: str | Path | None = None,
+    strategy: str | None = None,
+    select: str | None = None,
+    radii_km: Sequence[float] = (25.0, 200.0, 750.0),
+    plot: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Fit a bundle's confidence temperatures on validation images and register them in bundle.json.
+
+    geo: a `Geolocator` loaded from the bundle. Returns the calibration report (ECE before and after, on
+    the same images: held-out figures come from `geotoken evaluate`).
+    """
+    from geotoken.predict import load_queries, set_bundle_part
+    from geotoken.s2 import latlon_to_tokens
+
+    emb, nbrs, lat, lon = load_queries(queries_dir, list(geo.model.cfg.modalities), neighbours_dir)
+    res = geo.search(emb, nbrs, progress=progress, strategy=strategy, select=select)
+    cfg = geo.model.cfg
+    tokens = latlon_to_tokens(lat, lon, cfg.level, cfg.group)
+    data = calibration_data(res.pool, res.selection, lat, lon, tokens, radii_km=list(radii_km), group=cfg.group)
+    cal = fit_calibration(data)
+    cal.save(geo.root / "calibration.json")
+    set_bundle_part(geo.root, "calibration", "calibration.json")
+    return calibration_report(data, cal, plot=plot)

@@ -53,7 +53,8 @@ class DemoConfig:
     batch_size: int = 128
     lr: float = 5e-4
     strategies: tuple[str, ...] = ("greedy", "beam", "sample")
-    selectors: tuple[str, ...] = ("logp", "consensus")
+    selectors: tuple[str, ...] = ("logp", "consensus", "reward")
+    reward_images: int = 4000  # training images of the reward scorer (0: no scorer)
     baselines: tuple[str, ...] = ("prior", "nn", "knn", "cells", "gps-gallery")
     n_boot: int = 1000
     samples_to_predict: int = 3
@@ -78,6 +79,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         epochs=2,
         batch_size=64,
         n_boot=100,
+        reward_images=300,
         samples_to_predict=2,
         workers=0,
     ),
@@ -255,24 +257,35 @@ def run_demo(
 
     # ------------------------------------------------------------------ bundle
     from geotoken.model import GeoToken
-    from geotoken.predict import save_bundle
+    from geotoken.predict import Geolocator, save_bundle
 
-    bundle_id = {"model": model_id}
+    bundle_id = {"model": model_id, "reward_images": cfg.reward_images}
 
     def build_bundle(folder: Path) -> dict:
+        from geotoken.calibration import calibrate_bundle
+        from geotoken.select.reward import RewardConfig, train_bundle_reward
+
         model = GeoToken.load(model_dir / "best")
         save_bundle(
             folder, model=model, backbone_config=feat_rec["info"]["backbone"], heads=heads,
             gallery_store=stores["gallery"], index=NeighbourIndex.load(index_dir / "index"),
             query_modalities=cfg.index_embedding.split("+"),
         )  # fmt: skip
-        return {}
+        info = {}
+        if cfg.reward_images:  # the learned candidate scorer (select=reward), trained on gallery images
+            reward_cfg = RewardConfig(max_images=cfg.reward_images, seed=cfg.seed)
+            geo = Geolocator.from_bundle(folder)
+            info["reward"] = train_bundle_reward(geo, feat_dir / "gallery", index_dir / "gallery", reward_cfg)
+        # calibrated confidences, fitted on the validation split (held-out figures come from the evaluation)
+        info["calibration"] = calibrate_bundle(
+            Geolocator.from_bundle(folder), feat_dir / "val", index_dir / "val"
+        )
+        return info
 
-    bundle_dir, _ = run.stage("bundle", bundle_id, build_bundle)
+    bundle_dir, bundle_rec = run.stage("bundle", bundle_id, build_bundle)
 
     # ------------------------------------------------------------------ evaluation
     from geotoken.evaluate.evaluate import EvalConfig, GeoTokenMethodConfig, evaluate, load_split
-    from geotoken.predict import Geolocator
 
     eval_id = {"bundle": bundle_id, **cfg.stage("strategies", "selectors", "baselines", "n_boot", "seed")}
 
@@ -318,6 +331,7 @@ def run_demo(
         "bundle": str(bundle_dir),
         "eval": {s: str(eval_dir / s) for s in TEST_SPLITS},
         "align_metrics": align_rec["info"].get("metrics"),
+        "bundle_info": bundle_rec["info"],
         "samples": samples,
     }
     write_json(run.root / "run.json", summary)

@@ -39,25 +39,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from geotoken.calibration import calibration_data, calibration_report, fit_calibration
-    from geotoken.predict import Geolocator, load_queries, set_bundle_part
-    from geotoken.s2 import latlon_to_tokens
+    from geotoken.calibration import calibrate_bundle
+    from geotoken.predict import Geolocator
 
     geo = Geolocator.from_bundle(args.model, device=args.device)
-    emb, nbrs, lat, lon = load_queries(args.queries, list(geo.model.cfg.modalities), args.neighbours)
-    res = geo.search(emb, nbrs, progress=True, strategy=args.strategy, select=args.select)
-    cfg = geo.model.cfg
-    data = calibration_data(
-        res.pool,
-        res.selection,
-        lat,
-        lon,
-        latlon_to_tokens(lat, lon, cfg.level, cfg.group),
-        radii_km=args.radii_km,
-        group=cfg.group,
+    report = calibrate_bundle(
+        geo, args.queries, args.neighbours, args.strategy, args.select, args.radii_km, plot=args.plot
     )
-    cal = fit_calibration(data)
-    cal.save(geo.root / "calibration.json")
-    set_bundle_part(geo.root, "calibration", "calibration.json")
-    print(json.dumps(calibration_report(data, cal, plot=args.plot), indent=2))
+    print(json.dumps(report, indent=2))
     return 0

@@ -39,13 +39,12 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from geotoken.errors import GeoTokenError
-    from geotoken.predict import Geolocator, load_queries, set_bundle_part
-    from geotoken.select.reward import RewardConfig, train_reward
+    from geotoken.predict import Geolocator
+    from geotoken.select.reward import RewardConfig, train_bundle_reward
 
     if args.epochs < 1 or args.max_images < 1 or args.beams < 1 or args.samples < 0 or not args.radius_km > 0:
         raise GeoTokenError("--epochs, --max-images, --beams must be >= 1, --samples >= 0, --radius-km > 0")
     geo = Geolocator.from_bundle(args.model, device=args.device)
-    emb, nbrs, lat, lon = load_queries(args.queries, list(geo.model.cfg.modalities), args.neighbours)
     cfg = RewardConfig(
         radius_km=args.radius_km,
         epochs=args.epochs,
@@ -54,8 +53,6 @@ def run(args: argparse.Namespace) -> int:
         samples=args.samples,
         seed=args.seed,
     )
-    scorer, metrics = train_reward(geo, emb, nbrs, lat, lon, cfg)
-    scorer.save(geo.root / "reward", metrics=metrics, queries=str(args.queries))
-    set_bundle_part(geo.root, "reward", "reward")
+    metrics = train_bundle_reward(geo, args.queries, args.neighbours, cfg)
     print(json.dumps(metrics, indent=2))
     return 0

@@ -246,3 +246,20 @@ def train_reward(
 def _slice(pool: Candidates, start: int, stop: int) -> Candidates:
     fields = ("tokens", "logp", "lat", "lon", "level_probs")
     return Candidates(*(getattr(pool, f)[start:stop] for f in fields))
+
+
+def train_bundle_reward(
+    geo, queries_dir, neighbours_dir=None, config: RewardConfig | None = None, progress: bool = True
+) -> dict:
+    """Train the reward scorer of a loaded bundle on training images, save it into the bundle, register it.
+
+    queries_dir: aligned feature store of training images; neighbours_dir: their neighbour table, which
+    must exclude each image itself (as the training tables do). Returns the scorer's held-out metrics.
+    """
+    from geotoken.predict import load_queries, set_bundle_part
+
+    emb, nbrs, lat, lon = load_queries(queries_dir, list(geo.model.cfg.modalities), neighbours_dir)
+    scorer, metrics = train_reward(geo, emb, nbrs, lat, lon, config, progress=progress)
+    scorer.save(geo.root / "reward", metrics=metrics, queries=str(queries_dir))
+    set_bundle_part(geo.root, "reward", "reward")
+    return metrics
