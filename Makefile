@@ -31,8 +31,14 @@ test: install
 demo: install
 	$(VENV)/bin/geotoken demo
 
+# Speed benchmarks, each printing our figure beside its reference measured in the same run (see BENCHMARKS.md).
 bench: install
-	$(PY) benchmarks/run_all.py
+	$(VENV)/bin/geotoken bench tokens --json
+	$(PY) benchmarks/bench_train.py --runs small:32,paper:16 --threads 2
+	$(VENV)/bin/geotoken bench decode --preset small --batch 16 --threads 2 --json
+	$(VENV)/bin/geotoken bench decode --preset paper --batch 8 --threads 2 --json
+	$(VENV)/bin/geotoken bench index --rows 100000 --kinds flat ivfpq hnsw --data clustered --json
+	$(VENV)/bin/geotoken bench extract --sizes 64 224 --threads 2 --json
 
 clean:
 	rm -rf $(VENV) runs build dist

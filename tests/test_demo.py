@@ -1,0 +1,55 @@
+"""`geotoken demo --fast`: every stage of the method on a tiny offline build, then a second run reuses them."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from geotoken.cli import main
+from geotoken.pipeline import DemoConfig, demo_config
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--fast", "--run-dir", str(run_dir)]) == 0
+    return run_dir
+
+
+def test_fast_demo_runs_every_stage_and_writes_the_report(fast_run):
+    summary = json.loads((fast_run / "run.json").read_text())
+    assert set(summary["stages"]) == {"data", "features", "align", "index", "model", "bundle", "eval"}
+    for split, folder in summary["eval"].items():
+        metrics = json.loads((Path(folder) / "metrics.json").read_text())
+        labels = set(metrics["methods"])
+        assert {"prior", "nn", "knn", "cells", "gps-gallery", "geotoken greedy"} <= labels, split
+        assert any(label.startswith("geotoken beam") for label in labels)
+        assert any(label.endswith("+reward") for label in labels)
+    assert len(summary["samples"]) == 2 and all(s["candidates"] for s in summary["samples"])
+    html = (fast_run / "report.html").read_text()
+    assert "geotoken greedy" in html and "https://" not in html
+
+
+def test_second_run_reuses_every_stage(fast_run, capsys):
+    assert main(["demo", "--fast", "--run-dir", str(fast_run)]) == 0
+    out = capsys.readouterr().out
+    for stage in ("data", "features", "align", "index", "model", "bundle", "eval"):
+        assert f"[{stage}] reused" in out
+    assert f"[{stage}] running" not in out
+
+
+def test_changing_training_redoes_only_what_depends_on_it(fast_run, capsys):
+    assert main(["demo", "--fast", "--run-dir", str(fast_run), "--epochs", "1", "--no-report"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("data", "features", "align", "index"):
+        assert f"[{stage}] reused" in out
+    for stage in ("model", "bundle", "eval"):
+        assert f"[{stage}] running" in out
+
+
+def test_unknown_options_are_rejected():
+    with pytest.raises(ValueError, match="unknown demo preset"):
+        demo_config("huge")
+    with pytest.raises(ValueError, match="unknown demo option"):
+        demo_config("demo", colour="blue")
+    assert isinstance(demo_config(), DemoConfig)
