@@ -59,7 +59,9 @@ def gps_table(encoder, coords: np.ndarray, batch: int = 8192, progress: bool = F
     out = []
     for start in tqdm(range(0, len(coords), batch), desc="gps targets", disable=not progress):
         out.append(
-            F.normalize(encoder(torch.as_tensor(coords[start : start + batch], dtype=torch.float32)), dim=-1)
+            F.normalize(
+                encoder(torch.tensor(np.asarray(coords[start : start + batch]), dtype=torch.float32)), dim=-1
+            )
         )
     return torch.cat(out) if out else torch.zeros(0, encoder.dim)
 
