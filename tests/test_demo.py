@@ -11,9 +11,11 @@ from geotoken.pipeline import DemoConfig, demo_config
 
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("demo") / "run"
-    assert main(["demo", "--fast", "--run-dir", str(run_dir)]) == 0
-    return run_dir
+    folder = tmp_path_factory.mktemp("demo")
+    with pytest.MonkeyPatch.context() as mp:  # a relative --run-dir, as users type it
+        mp.chdir(folder)
+        assert main(["demo", "--fast", "--run-dir", "run"]) == 0
+    return folder / "run"
 
 
 def test_fast_demo_runs_every_stage_and_writes_the_report(fast_run):
@@ -28,6 +30,8 @@ def test_fast_demo_runs_every_stage_and_writes_the_report(fast_run):
     assert len(summary["samples"]) == 2 and all(s["candidates"] for s in summary["samples"])
     html = (fast_run / "report.html").read_text()
     assert "geotoken greedy" in html and "https://" not in html
+    assert "Accuracy" in html or "accuracy" in html
+    assert "field 'eval'" not in html and "Missing" not in html  # the evaluation was found and rendered
 
 
 def test_second_run_reuses_every_stage(fast_run, capsys):

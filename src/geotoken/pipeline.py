@@ -110,7 +110,7 @@ class Run:
     """A run folder: stage folders named by content hash, a log of timings, reuse of finished stages."""
 
     def __init__(self, root: str | Path, log: Callable[[str], None] = print):
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # run.json records absolute paths; the report re-roots a moved run
         self.root.mkdir(parents=True, exist_ok=True)
         self.log = log
         self.timings: dict[str, float] = {}
