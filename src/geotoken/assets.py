@@ -29,7 +29,9 @@ def package_dir(module: str) -> Path:
     except ModuleNotFoundError:
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise GeoTokenError(f"package {module!r} is not installed; run: {_INSTALL_HINT.get(module, 'pip install ' + module)}")
+        raise GeoTokenError(
+            f"package {module!r} is not installed; run: {_INSTALL_HINT.get(module, 'pip install ' + module)}"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 

@@ -292,7 +292,9 @@ def calibrate_bundle(
     res = geo.search(emb, nbrs, progress=progress, strategy=strategy, select=select)
     cfg = geo.model.cfg
     tokens = latlon_to_tokens(lat, lon, cfg.level, cfg.group)
-    data = calibration_data(res.pool, res.selection, lat, lon, tokens, radii_km=list(radii_km), group=cfg.group)
+    data = calibration_data(
+        res.pool, res.selection, lat, lon, tokens, radii_km=list(radii_km), group=cfg.group
+    )
     cal = fit_calibration(data)
     cal.save(geo.root / "calibration.json")
     set_bundle_part(geo.root, "calibration", "calibration.json")

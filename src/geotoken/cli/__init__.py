@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="geotoken", description="Worldwide image geolocalization by next-token prediction over S2 cells."
     )
     parser.add_argument("--version", action="version", version=f"geotoken {__version__}")
-    register_modules(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), sys.modules[__name__])
+    register_modules(
+        parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), sys.modules[__name__]
+    )
     return parser
 
 
