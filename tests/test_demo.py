@@ -57,3 +57,21 @@ def test_unknown_options_are_rejected():
     with pytest.raises(ValueError, match="unknown demo option"):
         demo_config("demo", colour="blue")
     assert isinstance(demo_config(), DemoConfig)
+
+
+def test_bundle_command_assembles_the_stages_for_predict(fast_run, tmp_path, capsys):
+    summary = json.loads((fast_run / "run.json").read_text())
+    stage = {name: fast_run / info["folder"] for name, info in summary["stages"].items()}
+    out = tmp_path / "bundle"
+    args = ["bundle", "--model", str(stage["model"] / "best"), "--align", str(stage["align"] / "heads"),
+            "--gallery", str(stage["features"] / "gallery"), "--index", str(stage["index"] / "index"), "-o", str(out)]  # fmt: skip
+    assert main(args) == 0
+    image = summary["samples"][0]["image"]
+    capsys.readouterr()
+    assert main(["predict", image, "--model", str(out), "--top-k", "2", "--json"]) == 0
+    assert '"candidates"' in capsys.readouterr().out
+    wrong = [*args[:-1], str(tmp_path / "b2")]
+    wrong[wrong.index("--gallery") + 1] = str(
+        stage["features"] / "test"
+    )  # a store the index was not built on
+    assert main(wrong) == 2
