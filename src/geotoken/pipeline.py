@@ -129,8 +129,8 @@ class Run:
             self.log(f"[{name}] running -> {folder.name}")
             folder.mkdir(parents=True, exist_ok=True)
             info = build(folder) or {}
-            record = {"stage": name, "hash": digest, "identity": identity, "seconds": None, "info": info}
-            record["seconds"] = round(time.perf_counter() - t0, 2)
+            seconds = round(time.perf_counter() - t0, 2)
+            record = {"stage": name, "hash": digest, "identity": identity, "seconds": seconds, "info": info}
             write_json(marker, record)
         self.timings[name] = round(time.perf_counter() - t0, 2)
         self.stages[name] = {"folder": folder.name, "hash": digest, "built_seconds": record["seconds"]}
@@ -209,10 +209,9 @@ def run_demo(
     heads = AlignHeads.load(align_dir / "heads")
     stores = {}
     for split in ALL_SPLITS:  # the aligned arrays live in the feature stores; redo them if the heads changed
-        store = FeatureStore.open(feat_dir / split)
         stamp = feat_dir / split / "aligned_by.json"
         if not (stamp.exists() and read_json(stamp).get("align") == align_rec["hash"]):
-            store = apply_heads(heads, store)
+            apply_heads(heads, FeatureStore.open(feat_dir / split))
             write_json(stamp, {"align": align_rec["hash"]})
         stores[split] = FeatureStore.open(feat_dir / split)
 

@@ -12,15 +12,10 @@ import re
 import numpy as np
 
 from geotoken.errors import GeoTokenError
+from geotoken.geo import haversine_km
 
 TEMPLATE = "a photo taken in {city}, {region}, {country}"
 FIELDS = ("city", "region", "country", "country_code")
-
-
-def _haversine_km(lat1, lon1, lat2, lon2) -> np.ndarray:
-    lat1, lon1, lat2, lon2 = (np.radians(np.asarray(a, dtype=np.float64)) for a in (lat1, lon1, lat2, lon2))
-    a = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
-    return 2 * 6371.0 * np.arcsin(np.sqrt(np.clip(a, 0, 1)))
 
 
 def place_names(lat, lon, max_km: float | None = None) -> list[dict]:
@@ -43,7 +38,7 @@ def place_names(lat, lon, max_km: float | None = None) -> list[dict]:
     if len(lat) == 0:
         return []
     hits = reverse_geocode.search(np.stack([lat, lon], axis=1))
-    dist = _haversine_km(lat, lon, [h["latitude"] for h in hits], [h["longitude"] for h in hits])
+    dist = haversine_km(lat, lon, [h["latitude"] for h in hits], [h["longitude"] for h in hits])
     places = []
     for h, d in zip(hits, dist):
         place = {

@@ -251,10 +251,10 @@ class Geolocator:
         k = self.model.cfg.k
         if self.index is None:
             raise GeoTokenError("this Geolocator has no gallery index; pass neighbour rows explicitly")
-        q = np.concatenate(
-            [np.asarray(embeddings[m], dtype=np.float32) for m in self.query_modalities], axis=1
-        )
-        rows, _ = self.index.search(q, k)
+        from geotoken.retrieval import join_embeddings
+
+        # the same construction as the gallery vectors the index holds (StoreEmbeddings)
+        rows, _ = self.index.search(join_embeddings([embeddings[m] for m in self.query_modalities]), k)
         return np.asarray(rows, dtype=np.int64)
 
     def _batch(self, embeddings: dict[str, np.ndarray], rows: np.ndarray | None):

@@ -38,9 +38,9 @@ import numpy as np
 
 from geotoken import assets
 from geotoken.errors import GeoTokenError
+from geotoken.geo import EARTH_RADIUS_KM
 from geotoken.io import atomic_open, atomic_path, read_json, sha256_file, sha256_json, write_json
 
-EARTH_RADIUS_KM = 6371.0
 FORMAT_VERSION = 1
 SPLITS = ("gallery", "val", "test", "test_disjoint")
 LAYERS = ("bmng", "shadedrelief", "etopo1")

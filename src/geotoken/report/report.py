@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from geotoken.errors import GeoTokenError
+from geotoken.geo import THRESHOLDS_KM
 from geotoken.io import atomic_open
 
-THRESHOLDS_KM = (1, 25, 200, 750, 2500)
 PREDICTION_COLUMNS = ("id", "lat", "lon", "pred_lat", "pred_lon", "error_km", "method", "strategy")
 MAP_WIDTH = 1100  # px of the inlined maps (re-encoded as JPEG: 400 KB PNG -> ~100 KB)
 MINIMAP_WIDTH = 720  # px of the Blue Marble behind the example maps (inlined once, reused by CSS)

@@ -1,6 +1,6 @@
 """Retrieval: FAISS indexes over aligned embeddings and neighbour tables (top-k gallery rows per query)."""
 
-from geotoken.retrieval.embeddings import StoreEmbeddings
+from geotoken.retrieval.embeddings import StoreEmbeddings, join_embeddings
 from geotoken.retrieval.index import KINDS, IndexConfig, NeighbourIndex, recall_at_k
 from geotoken.retrieval.neighbours import NeighbourTable, neighbour_table, search_excluding
 
@@ -10,6 +10,7 @@ __all__ = [
     "NeighbourIndex",
     "NeighbourTable",
     "StoreEmbeddings",
+    "join_embeddings",
     "neighbour_table",
     "recall_at_k",
     "search_excluding",

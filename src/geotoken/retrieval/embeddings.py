@@ -12,6 +12,14 @@ from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
 
 
+def join_embeddings(parts: list[np.ndarray]) -> np.ndarray:
+    """float32 (..., sum D) concatenation of unit-vector parts, scaled by 1/sqrt(p) to stay unit-norm."""
+    if len(parts) == 1:
+        return np.asarray(parts[0], dtype=np.float32)
+    scale = np.float32(1 / np.sqrt(len(parts)))
+    return np.concatenate([np.asarray(p, dtype=np.float32) * scale for p in parts], axis=-1)
+
+
 class StoreEmbeddings:
     """Read-only (N, D) view of a store's embedding `spec`; indexing returns float32 rows."""
 
@@ -34,7 +42,4 @@ class StoreEmbeddings:
         return self.shape[0]
 
     def __getitem__(self, rows) -> np.ndarray:
-        if len(self.parts) == 1:
-            return np.asarray(self.parts[0][rows], dtype=np.float32)
-        scale = np.float32(1 / np.sqrt(len(self.parts)))
-        return np.concatenate([np.asarray(p[rows], dtype=np.float32) * scale for p in self.parts], axis=-1)
+        return join_embeddings([p[rows] for p in self.parts])
