@@ -168,7 +168,11 @@ def test_splits_are_disjoint_and_the_disjoint_split_is_held_out():
     )
     cfg = ev.EarthViewsConfig(size=5000, n_val=300, n_test=300, n_test_disjoint=300)
     splits = ev.make_splits(coords, cfg)
-    rows = [set(splits[s].coord_rows.tolist()) for s in ev.SPLITS]
+    # the train split is every gallery place again, as views ID-t0, ID-t1; the other splits are disjoint
+    g, t = splits["gallery"], splits["train"]
+    np.testing.assert_array_equal(t.ids, [f"{i}-t{j}" for i in g.ids for j in range(2)])
+    np.testing.assert_array_equal(t.coord_rows, np.repeat(g.coord_rows, 2))
+    rows = [set(splits[s].coord_rows.tolist()) for s in ev.SPLITS if s != "train"]
     assert [len(r) for r in rows] == [5000, 300, 300, 300]
     for i in range(4):
         for j in range(i + 1, 4):
@@ -195,6 +199,10 @@ def test_gallery_reuses_coordinates_with_new_view_ids_when_asked_for_more(tmp_pa
     assert len(g.ids) == 100 and len(set(g.ids)) == 100
     assert len(set(g.coord_rows.tolist())) == 50
     assert sum(i.endswith("-v1") for i in g.ids) == 50
+    t = ev.make_splits(coords, dataclasses.replace(cfg, train_views=1))["train"]
+    assert sorted(t.ids) == sorted(f"{i}-t0" for i in g.ids) and len(set(t.coord_rows.tolist())) == 50
+    no_train = ev.make_splits(coords, dataclasses.replace(cfg, train_views=0))
+    assert len(no_train["train"].ids) == 0 and len(no_train["gallery"].ids) == 100
 
 
 @pytest.mark.parametrize(
@@ -229,7 +237,7 @@ def test_build_is_byte_identical_resumable_and_a_rerun_is_a_no_op(tmp_path):
     a = ev.build_earthviews(tmp_path / "a", TINY, workers=1)
     b = ev.build_earthviews(tmp_path / "b", TINY, workers=2)
     assert a["content_hash"] == b["content_hash"] and a["files"] == b["files"]
-    assert a["sizes"] == {"gallery": 60, "val": 6, "test": 6, "test_disjoint": 6}
+    assert a["sizes"] == {"gallery": 60, "train": 120, "val": 6, "test": 6, "test_disjoint": 6}
     for name in a["files"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     # a complete build is a no-op
@@ -247,7 +255,7 @@ def test_build_is_byte_identical_resumable_and_a_rerun_is_a_no_op(tmp_path):
         ev.build_earthviews(tmp_path / "c", TINY, progress=stop_after_first_shard)
     assert (tmp_path / "c" / "build.json").exists() and not (tmp_path / "c" / "dataset.json").exists()
     c = ev.build_earthviews(tmp_path / "c", TINY)
-    assert c["timings"]["rendered_views"] == 78 - 25
+    assert c["timings"]["rendered_views"] == 198 - 25
     assert c["content_hash"] == a["content_hash"]
     # another config does not silently mix with an existing build
     with pytest.raises(GeoTokenError, match="another config"):
@@ -309,7 +317,7 @@ def test_cli_builds_from_a_coords_file_and_reports_bad_input_in_one_line(tmp_pat
     argv += ["--size", "30", "--n-val", "4", "--n-test", "4", "--n-test-disjoint", "4", "--workers", "1"]
     assert main(argv) == 0
     info = json.loads((tmp_path / "ev" / "dataset.json").read_text())
-    assert info["sizes"] == {"gallery": 30, "val": 4, "test": 4, "test_disjoint": 4}
+    assert info["sizes"] == {"gallery": 30, "train": 60, "val": 4, "test": 4, "test_disjoint": 4}
     assert info["sources"]["coordinates"]["file"] == "sites.csv"
     assert (tmp_path / "ev" / "test.csv").read_text().count("\nsite_") == 4
     assert main(argv) == 0 and "nothing to do" in capsys.readouterr().out
@@ -319,6 +327,37 @@ def test_cli_builds_from_a_coords_file_and_reports_bad_input_in_one_line(tmp_pat
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "bad.csv" in err and "line 3" in err
+    # --train-views 0: no train split; --train-style: a named style
+    argv[argv.index(str(tmp_path / "bad.csv"))] = str(coords)
+    argv[argv.index(str(tmp_path / "ev2"))] = str(tmp_path / "ev3")
+    assert main([*argv, "--train-views", "0"]) == 0
+    info = json.loads((tmp_path / "ev3" / "dataset.json").read_text())
+    assert info["sizes"]["train"] == 0 and info["sizes"]["gallery"] == 30
+    assert main([*argv, "--train-style", "sunny"]) == 2 and "--train-style 'sunny'" in capsys.readouterr().err
+
+
+def test_train_views_show_gallery_places_in_other_views(tmp_path):
+    info = ev.build_earthviews(tmp_path, TINY)
+    assert info["sizes"]["train"] == 2 * info["sizes"]["gallery"]
+    place = {
+        r.split(",")[0]: r.split(",")[1:3] for r in (tmp_path / "gallery.csv").read_text().splitlines()[1:]
+    }
+    train_rows = [r.split(",") for r in (tmp_path / "train.csv").read_text().splitlines()[1:]]
+    assert sorted(r[0] for r in train_rows) == sorted(f"{i}-t{j}" for i in place for j in range(2))
+    assert all(r[1:3] == place[r[0].rsplit("-t", 1)[0]] for r in train_rows)
+    gallery = {k: v for f in info["shards"]["gallery"] for k, v in read_shard(tmp_path / f).items()}
+    train = {k: v for f in info["shards"]["train"] for k, v in read_shard(tmp_path / f).items()}
+    views = {}  # gallery id -> its own view and its train views (json + jpg)
+    for key in train:
+        if key.endswith(".json"):
+            gid = key[:-5].rsplit("-t", 1)[0]
+            views.setdefault(gid, [json.loads(gallery[f"{gid}.json"])["view"]]).append(
+                json.loads(train[key])["view"]
+            )
+    offsets = [tuple(map(tuple, (v["offset"] for v in vs))) for vs in views.values()]
+    assert all(len(set(o)) == 3 for o in offsets)  # three views of one place: three random draws
+    assert any(v["jpeg_quality"] != 90 for vs in views.values() for v in vs[1:])  # test-style JPEG range
+    assert not {v for k, v in train.items() if k.endswith(".jpg")} & set(gallery.values())
 
 
 def test_a_changed_shard_in_a_complete_build_is_reported_not_reused(tmp_path):

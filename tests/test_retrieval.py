@@ -42,10 +42,11 @@ def brute_force(queries, gallery, k, allowed=None):
     return rows, np.take_along_axis(sims, rows, axis=1)
 
 
-def make_store(root, arrays: dict[str, np.ndarray], ids=None, skipped=()) -> FeatureStore:
+def make_store(root, arrays: dict[str, np.ndarray], ids=None, skipped=(), coords=None) -> FeatureStore:
     n = len(next(iter(arrays.values())))
     ids = ids or [f"g{i}" for i in range(n)]
-    store = FeatureStore.create(root, ids, np.zeros((n, 2)), {k: v.shape[1] for k, v in arrays.items()})
+    coords = np.zeros((n, 2)) if coords is None else coords
+    store = FeatureStore.create(root, ids, coords, {k: v.shape[1] for k, v in arrays.items()})
     for name, values in arrays.items():
         with store.writer(name) as w:
             w.write(0, values.astype(np.float16))
@@ -185,6 +186,28 @@ def test_neighbour_table_excludes_self_resumes_and_matches_brute_force(tmp_path,
     np.testing.assert_array_equal(table.rows[:, 0], [0, 1, 2, 3])
     table = neighbour_table(queries, index, 3, tmp_path / "train", progress=False)
     np.testing.assert_array_equal(table.rows, want[:4, :3])
+
+
+def test_training_queries_of_gallery_places_never_see_that_place(tmp_path):
+    rng = np.random.default_rng(4)
+    places = rng.uniform(-60, 60, (40, 2)).round(4)
+    g = clustered(200, 16, seed=5)
+    gcoords = places[np.arange(200) % 40]  # five gallery views per place
+    gallery = make_store(tmp_path / "g", {"gps": g}, coords=gcoords)
+    index = NeighbourIndex.build(StoreEmbeddings(gallery, "gps"), "flat", progress=False,
+                                 meta={"store": str(gallery.root), "embedding": "gps"})  # fmt: skip
+    # training queries: near-copies of gallery views (other photos of the same places), other ids
+    q = unit(g[:30] + 0.05 * rng.standard_normal((30, 16))).astype(np.float32)
+    queries = make_store(tmp_path / "q", {"gps": q}, ids=[f"t{i}" for i in range(30)], coords=gcoords[:30])
+    table = neighbour_table(queries, index, 4, tmp_path / "t", exclude_same_place=True, progress=False)
+    q16, g16 = queries["gps"].astype(np.float32), gallery["gps"].astype(np.float32)
+    allowed = (gcoords[None, :, :] != gcoords[:30, None, :]).any(-1)  # (30, 200): another place
+    want, _ = brute_force(q16, g16, 4, allowed)
+    np.testing.assert_array_equal(table.rows, want)
+    assert (table.rows % 40 != np.arange(30)[:, None] % 40).all()
+    # without it, the query's own place is what it finds first
+    plain = neighbour_table(queries, index, 4, tmp_path / "p", exclude_self_ids=False, progress=False)
+    assert (plain.rows[:, 0] % 40 == np.arange(30) % 40).mean() > 0.9
 
 
 def test_bench_index_small():

@@ -4,11 +4,13 @@ Stages, each in its own folder of the run directory, named after the content has
 of the stages it reads, so that a second run reuses every finished stage and a changed option redoes only
 what depends on it:
 
-    data      EarthViews views of the Earth at real MP16 photo coordinates (WebDataset shards + manifests)
+    data      EarthViews views of the Earth at real MP16 photo coordinates (WebDataset shards + manifests):
+              clean gallery views, photo-like training queries of the gallery's places, val and test splits
     features  frozen-backbone features of every split (float16 feature stores)
     align     contrastive heads -> visual / GPS-aligned / text-aligned embeddings, written into the stores
-    index     FAISS index over the gallery; neighbour tables of every split (training rows never see themselves)
-    model     the GeoToken encoder-decoder, trained on the gallery with validation on the val split
+    index     FAISS index over the gallery; neighbour tables of every split (training queries never see a
+              gallery view of their own place, as test photos never do)
+    model     the GeoToken encoder-decoder, trained on the train queries against the gallery, validated on val
     bundle    everything `geotoken predict` / `geotoken serve` need, in one folder
     eval      baselines and the model (greedy, beam, sampling + selectors) on both test splits
     report    one self-contained HTML file
@@ -31,7 +33,7 @@ from geotoken.errors import GeoTokenError
 from geotoken.io import read_json, sha256_json, write_json
 
 TEST_SPLITS = ("test", "test_disjoint")
-ALL_SPLITS = ("gallery", "val", *TEST_SPLITS)
+ALL_SPLITS = ("gallery", "train", "val", *TEST_SPLITS)
 
 
 @dataclass
@@ -42,6 +44,7 @@ class DemoConfig:
     dataset_size: int | None = 10_000  # gallery views (None: the preset's)
     n_test: int | None = 1000  # views per val/test split (None: the preset's)
     image_size: int | None = None  # EarthViews pixels per side (None: the preset's)
+    train_views: int = 2  # photo-like training queries per gallery place (0: train on gallery views, as MP16)
     seed: int = 0
     backbone: str = "efficientnet-lite0"
     backbone_image_size: int | None = None  # None: the dataset's image size
@@ -49,7 +52,7 @@ class DemoConfig:
     index_embedding: str = "visual+gps"  # what retrieval searches (a store array or a '+' concatenation)
     k: int = 5  # neighbours per query (the paper: 15; 5 keeps CPU training inside the demo's budget)
     model_preset: str = "tiny"
-    epochs: int = 8
+    epochs: int = 6
     batch_size: int = 128
     lr: float = 1e-3
     strategies: tuple[str, ...] = ("greedy", "beam", "sample")
@@ -160,7 +163,7 @@ def run_demo(
 
     # ------------------------------------------------------------------ data
     ev = EV_PRESETS[cfg.dataset]
-    changes = {"seed": cfg.seed}
+    changes = {"seed": cfg.seed, "train_views": cfg.train_views}
     if cfg.dataset_size is not None:
         changes["size"] = cfg.dataset_size
     if cfg.n_test is not None:
@@ -175,7 +178,9 @@ def run_demo(
         return {"sizes": ev.sizes(), "content_sha256": info.get("content_sha256")}
 
     data_dir, _ = run.stage("data", data_id, build_data)
-    manifests = {s: read_manifest(data_dir / f"{s}.csv") for s in ALL_SPLITS}
+    splits = [s for s in ALL_SPLITS if s != "train" or cfg.train_views]
+    manifests = {s: read_manifest(data_dir / f"{s}.csv") for s in splits}
+    train_split = "train" if cfg.train_views else "gallery"  # the model's training queries
 
     # ------------------------------------------------------------------ features
     from geotoken.encoders import load_backbone
@@ -186,7 +191,7 @@ def run_demo(
 
     def build_features(folder: Path) -> dict:
         backbone = load_backbone(cfg.backbone, **backbone_opts).eval()
-        for split in ALL_SPLITS:
+        for split in splits:
             log(f"  embedding {split} ({len(manifests[split])} images)")
             embed(manifests[split], backbone, folder / split, batch_size=64, num_workers=cfg.workers)
         return {"backbone": backbone.config()}
@@ -208,7 +213,7 @@ def run_demo(
     align_dir, align_rec = run.stage("align", align_id, build_align)
     heads = AlignHeads.load(align_dir / "heads")
     stores = {}
-    for split in ALL_SPLITS:  # the aligned arrays live in the feature stores; redo them if the heads changed
+    for split in splits:  # the aligned arrays live in the feature stores; redo them if the heads changed
         stamp = feat_dir / split / "aligned_by.json"
         if not (stamp.exists() and read_json(stamp).get("align") == align_rec["hash"]):
             apply_heads(heads, FeatureStore.open(feat_dir / split))
@@ -230,10 +235,11 @@ def run_demo(
             meta={"store": str(gallery.root), "embedding": cfg.index_embedding},
         )
         index.save(folder / "index")
-        for split in ALL_SPLITS:
+        for split in splits:
             neighbour_table(
                 stores[split], index, cfg.k, folder / split,
-                exclude_self_ids=(split == "gallery"), gallery_store=gallery, embedding=cfg.index_embedding,
+                exclude_self_ids=(split in ("gallery", "train")), exclude_same_place=(split == "train"),
+                gallery_store=gallery, embedding=cfg.index_embedding,
             )  # fmt: skip
         return {}
 
@@ -247,7 +253,10 @@ def run_demo(
     model_id = {"index": index_id, **cfg.stage("model_preset", "epochs", "batch_size", "lr", "seed")}
 
     def build_model(folder: Path) -> dict:
-        data = TrainData.load(feat_dir / "gallery", index_dir / "gallery", None, modalities)
+        # training queries: photo-like views of the gallery's places, against the gallery without that place
+        data = TrainData.load(
+            feat_dir / train_split, index_dir / train_split, feat_dir / "gallery", modalities
+        )
         val = TrainData.load(feat_dir / "val", index_dir / "val", feat_dir / "gallery", modalities)
         dims = {m: data.query[m].shape[1] for m in modalities}
         model_cfg = preset(cfg.model_preset, modalities=dims, k=cfg.k)
@@ -280,10 +289,12 @@ def run_demo(
             query_modalities=cfg.index_embedding.split("+"),
         )  # fmt: skip
         info = {}
-        if cfg.reward_images:  # the learned candidate scorer (select=reward), trained on gallery images
+        if cfg.reward_images:  # the learned candidate scorer (select=reward), trained on training queries
             reward_cfg = RewardConfig(max_images=cfg.reward_images, seed=cfg.seed)
             geo = Geolocator.from_bundle(folder)
-            info["reward"] = train_bundle_reward(geo, feat_dir / "gallery", index_dir / "gallery", reward_cfg)
+            info["reward"] = train_bundle_reward(
+                geo, feat_dir / train_split, index_dir / train_split, reward_cfg
+            )
         # calibrated confidences, fitted on the validation split (held-out figures come from the evaluation)
         info["calibration"] = calibrate_bundle(
             Geolocator.from_bundle(folder), feat_dir / "val", index_dir / "val"

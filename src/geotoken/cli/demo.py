@@ -33,6 +33,11 @@ def register(subparsers) -> None:
     p.add_argument("--dataset-size", type=int, help="EarthViews gallery views")
     p.add_argument("--n-test", type=int, help="views per val / test split")
     p.add_argument("--image-size", type=int, help="EarthViews pixels per side")
+    p.add_argument(
+        "--train-views",
+        type=int,
+        help="photo-like training queries per gallery place (default 2; 0: train on gallery views, as on MP16)",
+    )
     p.add_argument("--model-preset", choices=["tiny", "small", "paper"], help="GeoToken model size")
     p.add_argument("--epochs", type=int, help="training epochs")
     p.add_argument("--batch-size", type=int, help="training batch size")
@@ -53,6 +58,7 @@ def run(args) -> int:
         dataset_size=args.dataset_size,
         n_test=args.n_test,
         image_size=args.image_size,
+        train_views=args.train_views,
         model_preset=args.model_preset,
         epochs=args.epochs,
         batch_size=args.batch_size,

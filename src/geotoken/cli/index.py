@@ -61,6 +61,9 @@ def register(subparsers) -> None:
     n.add_argument("-k", type=int, default=15, help="neighbours per query (default 15, as the paper)")
     n.add_argument("--keep-self", action="store_true",
                    help="test-time queries: do not drop the query's own id and exact duplicates")  # fmt: skip
+    n.add_argument("--exclude-same-place", action="store_true",
+                   help="also drop gallery rows at exactly the query's coordinates (training queries that are "
+                   "other photos of gallery places)")  # fmt: skip
     n.add_argument("--gallery", help="gallery store (default: the one the index was built from)")
     n.add_argument("--batch-size", type=int, default=1024, help="queries per search batch (default 1024)")
     n.add_argument("--refine", type=int, default=1,
@@ -129,6 +132,7 @@ def run_neighbours(args) -> int:
         gallery_store=gallery,
         batch_size=args.batch_size,
         refine=args.refine,
+        exclude_same_place=args.exclude_same_place,
     )
     print(
         f"{table.root}: {table.rows.shape[0]} queries x {table.k} neighbours ({index.meta.get('embedding')})"

@@ -5,7 +5,11 @@ the ~100K real MP16 photo coordinates (with their real bias towards cities, Euro
 NASA's whole-Earth imagery (Blue Marble; shaded relief and etopo as other layers). Each view is a square
 patch of the Earth, a few hundred km wide, around one coordinate, reprojected in a local azimuthal
 equidistant projection (so it wraps at the antimeridian and is not stretched near the poles). The true
-point sits at a random offset inside the view. Test views get strong changes (full rotation, scale,
+point sits at a random offset inside the view. The `train` split renders every gallery coordinate again,
+`train_views` times, as photo-like query views `ID-tJ` (their own random draws, the test-time kinds of
+change): the model learns from queries that look like the photos it will be asked about, while the gallery
+holds clean reference views.
+Test views get strong changes (full rotation, scale,
 season-like colour shifts, haze, clouds, blur, other imagery layers, JPEG quality), and a spatially
 disjoint test split holds whole lat/lon bins out of the gallery.
 
@@ -42,10 +46,10 @@ from geotoken.geo import EARTH_RADIUS_KM
 from geotoken.io import atomic_open, atomic_path, read_json, sha256_file, sha256_json, write_json
 
 FORMAT_VERSION = 1
-SPLITS = ("gallery", "val", "test", "test_disjoint")
+SPLITS = ("gallery", "train", "val", "test", "test_disjoint")
 LAYERS = ("bmng", "shadedrelief", "etopo1")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
-_SHARD_RE = re.compile(r"(gallery|val|test|test_disjoint)-\d{5}\.tar")
+_SHARD_RE = re.compile(r"(gallery|train|val|test|test_disjoint)-\d{5}\.tar")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,13 +142,17 @@ class EarthViewsConfig:
     shard_size: int = 1000
     gallery_style: ViewStyle = GALLERY_STYLE
     test_style: ViewStyle = field(default_factory=lambda: TEST_STYLES["medium"])
+    # training queries: photo-like views `ID-tJ` of every gallery coordinate (0: no train split)
+    train_views: int = 2
+    train_style: ViewStyle = field(default_factory=lambda: TEST_STYLES["medium"])
 
     def style(self, split: str) -> ViewStyle:
-        return self.gallery_style if split == "gallery" else self.test_style
+        return {"gallery": self.gallery_style, "train": self.train_style}.get(split, self.test_style)
 
     def sizes(self) -> dict[str, int]:
         return {
             "gallery": self.size,
+            "train": self.size * self.train_views,
             "val": self.n_val,
             "test": self.n_test,
             "test_disjoint": self.n_test_disjoint,
@@ -155,7 +163,7 @@ class EarthViewsConfig:
 
     def validate(self) -> None:
         for name, n in self.sizes().items():
-            if n < 0 or (name == "gallery" and n < 1):
+            if n < 0 or (name == "gallery" and n < 1) or self.train_views < 0:
                 raise GeoTokenError(f"EarthViews config: size of split {name!r} must be positive, got {n}")
         checks = {
             "image_size": 16 <= self.image_size <= 1024,
@@ -282,9 +290,14 @@ def make_splits(coords: Coordinates, cfg: EarthViewsConfig) -> dict[str, Split]:
     rows["gallery"] = gallery_pool[k % len(gallery_pool)]
     copy = k // len(gallery_pool)  # (size,) 0 for the first view of a coordinate
     splits = {}
-    for name in SPLITS:
-        r = rows[name]
-        ids = coords.ids[r]
+    for name in SPLITS:  # "gallery" comes before "train"
+        if name == "train":  # every gallery view's place again, as views ID-t0, ID-t1, ...
+            g = splits["gallery"]
+            r = np.repeat(g.coord_rows, cfg.train_views)
+            ids = np.array([f"{i}-t{j}" for i in g.ids for j in range(cfg.train_views)], dtype=np.str_)
+        else:
+            r = rows[name]
+            ids = coords.ids[r]
         if name == "gallery" and copy[-1] > 0:
             ids = np.array([i if c == 0 else f"{i}-v{c}" for i, c in zip(ids, copy)])
         order = np.argsort(ids, kind="stable")  # rows sorted by id: the order readers of the shards use
@@ -586,7 +599,7 @@ def _render_shard(job: _ShardJob) -> tuple[str, int, float]:
 
 def _preload_layers(cfg: EarthViewsConfig) -> None:
     load_layer(cfg.layer)
-    if cfg.test_style.other_layer_p > 0 or cfg.gallery_style.other_layer_p > 0:
+    if any(s.other_layer_p > 0 for s in (cfg.test_style, cfg.gallery_style, cfg.train_style)):
         for name in cfg.other_layers:
             load_layer(name)
 

@@ -7,6 +7,8 @@ records how many query rows are done, so a killed job continues where it stopped
 For training queries that are themselves in the gallery, the query's own row (matched by id) and exact
 duplicates of its embedding (the same photo uploaded twice) are removed, rather than blindly skipping
 the first hit as the paper's code does: with duplicates or ties, the first hit is not always the query.
+Training queries that are other photos of gallery places (EarthViews' `train` split) can also drop every
+gallery row taken at exactly their own coordinates, so that they meet the gallery as test photos do.
 """
 
 from __future__ import annotations
@@ -55,9 +57,11 @@ def search_excluding(
     margin: int = 8,
     refine: int = 1,
     exact: StoreEmbeddings | np.ndarray | None = None,
+    places: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of each query (B, D) without its own gallery row `self_rows` (B,) (-1: not in the gallery)
-    and without gallery rows whose embedding in `gallery` equals the query exactly.
+    """Top-k of each query (B, D) without its own gallery row `self_rows` (B,) (-1: not in the gallery),
+    without gallery rows whose embedding in `gallery` equals the query exactly, and, given
+    places = (query coords (B, 2), gallery coords (G, 2)), without gallery rows at the query's coordinates.
 
     Searches k + margin; queries left with fewer than k hits are searched again with a larger margin.
     refine > 1: a compressed index re-ranks refine x candidates by their exact vectors in `exact`.
@@ -76,6 +80,9 @@ def search_excluding(
         if gallery is not None:
             cand = gallery[np.where(rows < 0, 0, rows).ravel()].reshape(*rows.shape, -1)  # (T, depth, D)
             drop |= (cand == queries[todo, None, :]).all(axis=-1)
+        if places is not None:
+            here, there = places
+            drop |= (there[np.where(rows < 0, 0, rows)] == here[todo, None, :]).all(axis=-1)
         r, s, n_kept = first_k_kept(rows, sims, drop, k)
         out_rows[todo], out_sims[todo] = r, s
         if depth >= index.size:
@@ -104,12 +111,15 @@ def neighbour_table(
     batch_size: int = 1024,
     progress: bool = True,
     refine: int = 1,
+    exclude_same_place: bool = False,
 ) -> NeighbourTable:
     """Write the top-k gallery rows of every query row to `out_dir` (resumes a killed run).
 
     The query embedding is the one the index was built from unless `embedding` says otherwise. With
     `exclude_self_ids`, the gallery store (default: the one recorded in the index) supplies the ids and
-    embeddings used to drop each query's own row and its exact duplicates. Skipped query rows get -1.
+    embeddings used to drop each query's own row and its exact duplicates. With `exclude_same_place`, gallery
+    rows at exactly the query's coordinates are dropped too (training queries that are other views of
+    gallery places; test photos never share a gallery coordinate). Skipped query rows get -1.
     refine > 1 (compressed indexes): re-rank refine x k candidates by exact vectors from the gallery store.
     """
     out_dir = Path(out_dir)
@@ -122,18 +132,20 @@ def neighbour_table(
             f"{query_store.root}: {embedding!r} is {queries.dim}-d, the index {gallery_index.dim}-d"
         )
     self_rows = gallery = None
-    if exclude_self_ids or refine > 1:
+    if exclude_self_ids or exclude_same_place or refine > 1:
         if gallery_store is None:
             if "store" not in gallery_index.meta:
                 raise GeoTokenError("the index does not record its gallery store: pass gallery_store=")
             gallery_store = FeatureStore.open(gallery_index.meta["store"])
         self_rows = _self_rows(query_store, gallery_store) if exclude_self_ids else None
         gallery = StoreEmbeddings(gallery_store, embedding)
+    gallery_coords = np.asarray(gallery_store.coords) if exclude_same_place else None
 
     config = {
         "k": k,
         "embedding": embedding,
         "exclude_self_ids": exclude_self_ids,
+        "exclude_same_place": exclude_same_place,
         "refine": refine,
         "queries": {"store": str(query_store.root), "manifest_hash": query_store.header.get("manifest_hash")},
         "index": {key: gallery_index.meta.get(key) for key in ("kind", "store", "embedding", "indexed")},
@@ -160,8 +172,13 @@ def neighbour_table(
             sims = np.full((stop - start, k), -np.inf, dtype=np.float32)
             sr = None if self_rows is None else self_rows[start:stop][ok]
             dups = gallery if exclude_self_ids else None
+            places = (
+                None
+                if gallery_coords is None
+                else (np.asarray(query_store.coords[start + ok]), gallery_coords)
+            )
             rows[ok], sims[ok] = search_excluding(
-                gallery_index, queries[start + ok], k, sr, dups, refine=refine, exact=gallery
+                gallery_index, queries[start + ok], k, sr, dups, refine=refine, exact=gallery, places=places
             )
             row_out.write(start, rows)
             sim_out.write(start, sims)

@@ -30,6 +30,14 @@ def register(subparsers) -> None:
     p.add_argument("--image-size", type=int, help="pixels per side")
     p.add_argument("--view-km", type=float, help="view width in km before the per-view scale (default 400)")
     p.add_argument("--test-style", help="test-time changes: medium (default), light, strong, cross-layer")
+    p.add_argument(
+        "--train-views",
+        type=int,
+        help="photo-like training query views per gallery place (default 2; 0: none)",
+    )
+    p.add_argument(
+        "--train-style", help="changes of the train views: medium (default), light, strong, cross-layer"
+    )
     p.add_argument("--holdout-deg", type=float, help="lat/lon bin size of the spatially disjoint split (5)")
     p.add_argument("--holdout-fraction", type=float, help="share of bins held out of the gallery (0.2)")
     p.add_argument("--seed", type=int, help="changes every random choice (default 0)")
@@ -60,14 +68,17 @@ def config_from_args(args):
             "view_km",
             "seed",
             "shard_size",
+            "train_views",
         )
         + ("holdout_deg", "holdout_fraction")
         if getattr(args, name) is not None
     }
-    if args.test_style is not None:
-        if args.test_style not in TEST_STYLES:
-            raise GeoTokenError(f"--test-style {args.test_style!r}: choose from {sorted(TEST_STYLES)}")
-        changes["test_style"] = TEST_STYLES[args.test_style]
+    for option, name in (("--test-style", "test_style"), ("--train-style", "train_style")):
+        style = getattr(args, name)
+        if style is not None:
+            if style not in TEST_STYLES:
+                raise GeoTokenError(f"{option} {style!r}: choose from {sorted(TEST_STYLES)}")
+            changes[name] = TEST_STYLES[style]
     return dataclasses.replace(PRESETS[args.preset], **changes)
 
 
