@@ -1,6 +1,6 @@
 """EarthViews build speed and disk size: views/s per worker count, side by side in one run.
 
-    python benchmarks/bench_earthviews.py                      # demo preset (20K gallery + 3x1K), 1 and 2 workers
+    python benchmarks/bench_earthviews.py                      # demo preset (20K gallery + 40K train + 3x1K), 1 and 2 workers
     python benchmarks/bench_earthviews.py --preset full --workers 2        # the 100K build
     python benchmarks/bench_earthviews.py --size 2000 --json              # quick check, machine-readable
 
