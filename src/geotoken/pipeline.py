@@ -235,7 +235,7 @@ def run_demo(
             meta={"store": str(gallery.root), "embedding": cfg.index_embedding},
         )
         index.save(folder / "index")
-        for split in splits:
+        for split in splits:  # training queries: without their own id, exact duplicates, (train) own place
             neighbour_table(
                 stores[split], index, cfg.k, folder / split,
                 exclude_self_ids=(split in ("gallery", "train")), exclude_same_place=(split == "train"),

@@ -5,13 +5,12 @@ the ~100K real MP16 photo coordinates (with their real bias towards cities, Euro
 NASA's whole-Earth imagery (Blue Marble; shaded relief and etopo as other layers). Each view is a square
 patch of the Earth, a few hundred km wide, around one coordinate, reprojected in a local azimuthal
 equidistant projection (so it wraps at the antimeridian and is not stretched near the poles). The true
-point sits at a random offset inside the view. The `train` split renders every gallery coordinate again,
-`train_views` times, as photo-like query views `ID-tJ` (their own random draws, the test-time kinds of
-change): the model learns from queries that look like the photos it will be asked about, while the gallery
-holds clean reference views.
-Test views get strong changes (full rotation, scale,
+point sits at a random offset inside the view. Test views get strong changes (full rotation, scale,
 season-like colour shifts, haze, clouds, blur, other imagery layers, JPEG quality), and a spatially
-disjoint test split holds whole lat/lon bins out of the gallery.
+disjoint test split holds whole lat/lon bins out of the gallery. The `train` split renders every gallery
+place again, `train_views` times, as photo-like query views `ID-tJ` (their own random draws, the test-time
+kinds of change): the model learns from queries that look like the photos it will be asked about, while
+the gallery holds clean reference views.
 
 It is a proxy task on satellite-scale views: its numbers are not comparable with Im2GPS3k / YFCC4k.
 
@@ -162,8 +161,10 @@ class EarthViewsConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
+        if self.train_views < 0:
+            raise GeoTokenError(f"EarthViews config: train_views must be >= 0, got {self.train_views}")
         for name, n in self.sizes().items():
-            if n < 0 or (name == "gallery" and n < 1) or self.train_views < 0:
+            if n < 0 or (name == "gallery" and n < 1):
                 raise GeoTokenError(f"EarthViews config: size of split {name!r} must be positive, got {n}")
         checks = {
             "image_size": 16 <= self.image_size <= 1024,
