@@ -75,3 +75,22 @@ def test_bundle_command_assembles_the_stages_for_predict(fast_run, tmp_path, cap
         stage["features"] / "test"
     )  # a store the index was not built on
     assert main(wrong) == 2
+
+
+def test_the_model_trains_on_photo_like_views_that_never_see_their_own_place(fast_run):
+    import numpy as np
+
+    from geotoken.features import FeatureStore
+
+    stages = json.loads((fast_run / "run.json").read_text())["stages"]
+    feats, index = fast_run / stages["features"]["folder"], fast_run / stages["index"]["folder"]
+    train, gallery = FeatureStore.open(feats / "train"), FeatureStore.open(feats / "gallery")
+    assert train.rows == 2 * gallery.rows  # two views of every gallery place
+    assert sorted({i.rsplit("-t", 1)[0] for i in train.ids}) == sorted(gallery.ids)
+    config = json.loads((index / "train" / "neighbours.json").read_text())["config"]
+    assert config["exclude_same_place"] and config["queries"]["store"] == str(feats / "train")
+    rows = np.load(index / "train" / "index.npy")
+    own = np.asarray(train.coords)[:, None, :] == np.asarray(gallery.coords)[rows]
+    assert (rows >= 0).all() and not own.all(axis=-1).any()
+    model = json.loads((fast_run / stages["model"]["folder"] / "run.json").read_text())
+    assert model["sources"]["queries"] == "train"

@@ -265,7 +265,15 @@ def run_demo(
             lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed,
             warmup_steps=min(100, steps // 10), checkpoint_every=max(50, steps // 4), tensorboard=False,
         )  # fmt: skip
-        train(model_cfg, tcfg, data, folder, np.arange(data.rows), val, np.arange(val.rows), resume=True)
+        sources = {
+            "queries": train_split,
+            "gallery": "gallery",
+            "neighbours": f"{index_dir.name}/{train_split}",
+        }
+        train(
+            model_cfg, tcfg, data, folder, np.arange(data.rows), val, np.arange(val.rows), resume=True,
+            sources=sources,
+        )  # fmt: skip
         return {
             "model": model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dataclasses.asdict(model_cfg)
         }
