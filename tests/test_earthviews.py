@@ -334,6 +334,7 @@ def test_cli_builds_from_a_coords_file_and_reports_bad_input_in_one_line(tmp_pat
     info = json.loads((tmp_path / "ev3" / "dataset.json").read_text())
     assert info["sizes"]["train"] == 0 and info["sizes"]["gallery"] == 30
     assert main([*argv, "--train-style", "sunny"]) == 2 and "--train-style 'sunny'" in capsys.readouterr().err
+    assert main([*argv, "--train-views", "-1"]) == 2 and "train_views must be >= 0" in capsys.readouterr().err
 
 
 def test_train_views_show_gallery_places_in_other_views(tmp_path):
