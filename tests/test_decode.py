@@ -173,3 +173,18 @@ def test_bench_decode_reports_every_figure(capsys):
         "beam5",
         "sample10",
     }
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_bf16_search_matches_its_uncached_path_and_mostly_fp32(setup, strategy):
+    model, batch, _ = setup
+    kw = dict(strategy=strategy, width=4, n=6, seed=3)
+    fast, memory = generate(model, batch, dtype="bf16", **kw)
+    slow, _ = generate(model, batch, dtype="bf16", cached=False, **kw)
+    ref, _ = generate(model, batch, **kw)
+    assert memory.dtype == torch.float32  # the residual stream and the memory stay fp32
+    assert (fast.tokens == slow.tokens).all()
+    np.testing.assert_allclose(fast.logp, slow.logp, atol=0.05)
+    assert (fast.tokens == ref.tokens).all(-1).mean() >= 0.75  # bf16 rounding may flip near-ties
+    with pytest.raises(GeoTokenError, match="dtype"):
+        generate(model, batch, dtype="half")

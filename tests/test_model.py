@@ -6,7 +6,17 @@ import pytest
 import torch
 
 from geotoken.errors import GeoTokenError
-from geotoken.model import Batch, GeoToken, ModelConfig, loss_weights, preset, token_loss
+from geotoken.model import (
+    Batch,
+    Dropout,
+    GeoToken,
+    ModelConfig,
+    attention,
+    loss_weights,
+    precision,
+    preset,
+    token_loss,
+)
 
 torch.set_num_threads(1)
 MODS = {"visual": 24, "gps": 16, "text": 8}
@@ -232,3 +242,46 @@ def test_bf16_autocast_step_on_cpu_is_close_to_fp32():
         p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all())
         for p in m.parameters()
     )
+
+
+def test_cpu_dropout_keeps_1_minus_p_scales_and_is_seeded():
+    drop = Dropout(0.1).train()
+    x = torch.ones(200_003)  # not a multiple of 4: the last 64-bit draw is cut
+    torch.manual_seed(5)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005
+    assert torch.equal(y[kept], torch.full_like(y[kept], 65536 / (65536 - round(0.1 * 65536))))
+    assert abs(y.mean().item() - 1.0) < 0.01  # unbiased
+    torch.manual_seed(5)
+    g = torch.ones(200_003, requires_grad=True)
+    drop(g).sum().backward()
+    assert torch.equal(g.grad, y)  # same seed, same mask (runs resume to the bit); gradient = mask * scale
+    bf = drop(torch.ones(5, 7, dtype=torch.bfloat16))
+    assert bf.dtype == torch.bfloat16 and bf.shape == (5, 7)
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+    with pytest.raises(GeoTokenError, match="dropout probability"):
+        Dropout(1.5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("L", [1, 7, 9])
+def test_bf16_cpu_attention_matches_fused_attention(causal, L):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, L, 16, generator=g)
+    k, v = torch.randn(2, 3, 9, 16, generator=g), torch.randn(2, 3, 9, 16, generator=g)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal)  # explicit matmuls
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(attention(q, k, v, causal), ref)  # fp32: the fused kernel itself
+
+
+def test_precision_names():
+    with precision("bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with precision("fp32"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with pytest.raises(GeoTokenError, match="dtype 'fp16'"):
+        precision("fp16")

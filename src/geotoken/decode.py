@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from geotoken.errors import GeoTokenError
+from geotoken.model import precision
 from geotoken.select import Candidates
 
 STRATEGIES = ("greedy", "beam", "sample", "beam+sample")  # the last pools `width` beams and `n` samples
@@ -267,8 +268,20 @@ def generate(
     seed: int = 0,
     constraint: PrefixConstraint | None = None,
     cached: bool = True,
+    dtype: str = "fp32",
 ) -> tuple[Candidates, torch.Tensor]:
-    """Encode once, search with `strategy`; returns (candidates, memory) so selectors can reuse the memory."""
+    """Encode once, search with `strategy`; returns (candidates, memory) so selectors can reuse the memory.
+
+    dtype "bf16" runs the model's matmuls in bfloat16 (autocast; about 2x faster on CPUs with bf16 units,
+    and on GPUs); log-probabilities are still computed in fp32.
+    """
+    with precision(dtype, next(model.parameters()).device):
+        return _generate(
+            model, batch, strategy, width, n, temperature, top_k, top_p, seed, constraint, cached
+        )
+
+
+def _generate(model, batch, strategy, width, n, temperature, top_k, top_p, seed, constraint, cached):
     memory = model.encode(batch)  # (B, S, d)
     if strategy == "greedy":
         pool = sample(model, memory, n=1, temperature=0.0, constraint=constraint, cached=cached)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from geotoken.model import GeoToken, ModelConfig, preset
+from geotoken.model import GeoToken, ModelConfig, precision, preset
 
 PAPER_INPUTS = dict(modalities={"visual": 768, "gps": 768, "text": 768}, k=15, level=20, group=2)
 GALLERY_ROWS = 20_000
@@ -97,11 +97,10 @@ def bench_ours(
     opt = make_optimizer(model, TrainConfig())
     data = random_data(cfg, rows, seed)
     rng = np.random.default_rng(seed)
-    bf16 = dtype == "bf16"
 
     def step(_: int) -> None:
         b = data.batch(rng.integers(0, data.rows, batch), cfg.k)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with precision(dtype):
             _, loss = model(b)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from geotoken.errors import GeoTokenError
 from geotoken.io import atomic_path, read_json, write_json
-from geotoken.model import GeoToken, ModelConfig
+from geotoken.model import DTYPES, GeoToken, ModelConfig, precision
 from geotoken.train.data import TrainData, batch_rows, epoch_order, steps_per_epoch
 
 
@@ -57,8 +57,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "step"):
             raise GeoTokenError(f"schedule {self.schedule!r}: choose 'cosine' or 'step'")
-        if self.dtype not in ("fp32", "bf16"):
-            raise GeoTokenError(f"dtype {self.dtype!r}: choose 'fp32' or 'bf16'")
+        if self.dtype not in DTYPES:
+            raise GeoTokenError(f"dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.batch_size < 1:
             raise GeoTokenError(f"batch_size {self.batch_size} must be >= 1")
 
@@ -185,7 +185,7 @@ def validate(
     losses, pred = [], []
     for s in range(0, len(rows), cfg.val_batch_size):
         batch = data.batch(rows[s : s + cfg.val_batch_size], k).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+        with precision(cfg.dtype, device):
             _, loss = model(batch)
             tokens, _ = greedy(model, batch)
         losses.append(loss.float().item() * batch.size)
@@ -291,7 +291,7 @@ def train(
         lr = lr_at(cfg, step, total, per_epoch)
         for g in opt.param_groups:
             g["lr"] = lr
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+        with precision(cfg.dtype, dev):
             _, loss = net(batch, cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,7 +1,7 @@
 """`geotoken bench decode`: images/s of greedy, beam-5 and 10-sample decoding, cached vs uncached, in one run.
 
-Random inputs shaped like the paper's (three 768-d embeddings, k = 15 neighbours, level 20, g = 2), fp32,
-eval mode. Every figure includes the encoder, as the reference figures do; `encoder_images_per_s` is the
+Random inputs shaped like the paper's (three 768-d embeddings, k = 15 neighbours, level 20, g = 2), eval
+mode, fp32 (or bf16 autocast with `--dtype bf16`, which also reports how many sequences match fp32's). Every figure includes the encoder, as the reference figures do; `encoder_images_per_s` is the
 bound (decoding cannot be cheaper than encoding the memory once). The uncached path re-runs the whole
 decoder on the prefix at every step for every beam/sample, as the reference code does; the benchmark
 also checks that both paths return the same tokens.
@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--iters", type=int, default=3, help="timed repetitions per figure; the fastest is kept")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="matmul precision (default fp32)"
+    )
     p.add_argument("--no-uncached", action="store_true", help="skip the (slow) uncached path")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -46,12 +49,13 @@ def run_benchmark(
     iters: int = 3,
     uncached: bool = True,
     seed: int = 0,
+    dtype: str = "fp32",
 ) -> dict:
     """The figures as a dict (see the module docstring)."""
     import torch
 
     from geotoken.decode import beam_search, sample
-    from geotoken.model import Batch, GeoToken
+    from geotoken.model import Batch, GeoToken, precision
     from geotoken.model import preset as model_preset
 
     torch.set_num_threads(threads)
@@ -69,9 +73,9 @@ def run_benchmark(
         torch.randint(0, 4, (B, k, T), generator=g),
     )
 
-    def strategy(name: str, cached: bool):
+    def strategy(name: str, cached: bool, dtype: str = dtype):
         def fn():
-            with torch.no_grad():
+            with torch.no_grad(), precision(dtype):
                 memory = model.encode(inputs)
                 if name == "greedy":
                     return sample(model, memory, 1, temperature=0.0, cached=cached)
@@ -82,7 +86,7 @@ def run_benchmark(
         return fn
 
     def encoder():
-        with torch.no_grad():
+        with torch.no_grad(), precision(dtype):
             model.encode(inputs)
 
     names = ("greedy", "beam5", "sample10")
@@ -106,6 +110,7 @@ def run_benchmark(
         "preset": preset,
         "batch": B,
         "threads": threads,
+        "dtype": dtype,
         "iters": iters,
         "params": model.n_params(),
         "encoder_positions": cfg.seq_len,
@@ -116,6 +121,9 @@ def run_benchmark(
             out[f"{name}_images_per_s"] = B / best[name]
     if uncached:
         out["outputs_identical"] = all((last[n].tokens == last[f"uncached_{n}"].tokens).all() for n in names)
+    if dtype != "fp32":  # share of (image, candidate) sequences equal to the fp32 cached path's
+        same = [(last[n].tokens == strategy(n, True, "fp32")().tokens).all(-1) for n in names]
+        out["fp32_sequence_agreement"] = {n: float(x.mean()) for n, x in zip(names, same)}
     ref = REFERENCE[preset]
     out["reference_images_per_s"] = {n: ref[n] for n in ("encoder", *names)}
     out["reference_batch"] = ref["batch"]
@@ -133,12 +141,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch is not None and args.batch < 1 or args.threads < 1 or args.iters < 1:
         raise GeoTokenError("--batch, --threads and --iters must be >= 1")
-    res = run_benchmark(args.preset, args.batch, args.threads, args.iters, uncached=not args.no_uncached)
+    res = run_benchmark(
+        args.preset, args.batch, args.threads, args.iters, uncached=not args.no_uncached, dtype=args.dtype
+    )
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
     print(
-        f"decode benchmark: preset {res['preset']}, batch {res['batch']}, {res['threads']} threads (images/s)"
+        f"decode benchmark: preset {res['preset']}, batch {res['batch']}, {res['threads']} threads, "
+        f"{res['dtype']} (images/s)"
     )
     print(
         f"  encoder only      {res['encoder_images_per_s']:9.2f}   reference {res['reference_images_per_s']['encoder']}"
@@ -151,4 +162,7 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     if "outputs_identical" in res:
         print(f"  cached and uncached tokens identical: {res['outputs_identical']}")
+    if "fp32_sequence_agreement" in res:
+        agree = ", ".join(f"{n} {x:.1%}" for n, x in res["fp32_sequence_agreement"].items())
+        print(f"  sequences equal to fp32's: {agree}")
     return 0
