@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                   # small b32 and paper b16, 2 threads, fp32
     python benchmarks/bench_train.py --dtype bf16 --iters 10
+    python benchmarks/bench_train.py --dtype bf16 --compile     # torch.compile ours (the reference stays eager)
 
 Both steps run on the same random paper-shaped inputs (three 768-d embeddings, k 15, level 20, g 2,
 20,000-row gallery) in the same process, alternating, so machine load hits both alike. Prints one JSON
@@ -28,6 +29,7 @@ def main() -> None:
     p.add_argument("--runs", default="small:32,paper:16", help="preset:batch pairs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile our model")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="alternations of ours / reference")
     args = p.parse_args()
@@ -38,7 +40,7 @@ def main() -> None:
         batch = int(batch)
         ours, ref = [], []
         for _ in range(args.rounds):
-            ours.append(bench_ours(name, batch, args.dtype, args.iters, warmup=1))
+            ours.append(bench_ours(name, batch, args.dtype, args.iters, warmup=1, compile=args.compile))
             ref.append(bench_reference(name, batch, args.iters, warmup=1)["train_samples_per_s"])
         best = max(ours, key=lambda r: r["train_samples_per_s"])
         published = REFERENCE_SAMPLES_PER_S.get((name, batch))
@@ -47,6 +49,7 @@ def main() -> None:
             "batch": batch,
             "threads": args.threads,
             "dtype": args.dtype,
+            "compile": args.compile,
             "train_samples_per_s": best["train_samples_per_s"],
             "reference_samples_per_s": max(ref),
             "ratio_side_by_side": best["train_samples_per_s"] / max(ref),

@@ -31,6 +31,17 @@ def test_from_bundle_predicts(bundle):
     assert -90 <= pred.lat <= 90 and len(pred.candidates[0]["cell"]) == 11  # level-20 token
 
 
+def test_bf16_predictions_follow_fp32(bundle):
+    geo = Geolocator.from_bundle(bundle)
+    photo = Image.open(assets.sample_image())
+    [fp32] = geo.predict([photo], top_k=3, strategy="beam", width=3)
+    [bf16] = geo.predict([photo], top_k=3, strategy="beam", width=3, dtype="bf16")
+    assert bf16.candidates[0]["cell"][:4] == fp32.candidates[0]["cell"][:4]  # same coarse cell
+    assert abs(bf16.candidates[0]["probability"] - fp32.candidates[0]["probability"]) < 0.1
+    with pytest.raises(GeoTokenError, match="dtype 'fp16'"):
+        geo.predict([photo], dtype="fp16")
+
+
 def test_cli_predict_reports_bad_files_and_keeps_going(bundle, tmp_path, capsys):
     good = tmp_path / "good.png"
     shutil.copy(assets.sample_image(), good)
@@ -49,7 +60,9 @@ def test_cli_predict_reports_bad_files_and_keeps_going(bundle, tmp_path, capsys)
     assert len(ok) == 1 and len(ok[0]["candidates"]) == 2
     assert len(err.strip().splitlines()) == 2 and "bad.jpg" in err
     # text output
-    assert main(["predict", str(good), "--model", str(bundle), "--strategy", "greedy"]) == 0
+    assert (
+        main(["predict", str(good), "--model", str(bundle), "--strategy", "greedy", "--dtype", "bf16"]) == 0
+    )
     out, _ = capsys.readouterr()
     assert "good.png" in out and "cell" in out
 

@@ -435,10 +435,10 @@ class GeoToken(nn.Module):
         B, S, d = memory.shape
         cfg = self.cfg
         shape = (B * copies, cfg.n_heads, cfg.n_tokens, d // cfg.n_heads)
-        layers = [
-            {"kv": layer.cross.memory_kv(memory), "k": memory.new_zeros(shape), "v": memory.new_zeros(shape)}
-            for layer in self.decoder
-        ]
+        layers = []
+        for layer in self.decoder:
+            kv = layer.cross.memory_kv(memory)  # bf16 under autocast: the self-attention cache follows it
+            layers.append({"kv": kv, "k": kv[0].new_zeros(shape), "v": kv[0].new_zeros(shape)})
         return {"layers": layers, "batch": B, "copies": copies}
 
     @torch.no_grad()

@@ -55,6 +55,9 @@ class DemoConfig:
     epochs: int = 6
     batch_size: int = 128
     lr: float = 1e-3
+    dtype: str = (
+        "fp32"  # training precision; "bf16": autocast (fast on GPUs and CPUs with AVX-512 BF16 / AMX)
+    )
     strategies: tuple[str, ...] = ("greedy", "beam", "sample")
     selectors: tuple[str, ...] = ("logp", "consensus", "reward")
     reward_images: int = 2000  # training images of the reward scorer (0: no scorer)
@@ -250,7 +253,7 @@ def run_demo(
     from geotoken.train import TrainConfig, TrainData, train
 
     modalities = ["visual", "gps", "text"]
-    model_id = {"index": index_id, **cfg.stage("model_preset", "epochs", "batch_size", "lr", "seed")}
+    model_id = {"index": index_id, **cfg.stage("model_preset", "epochs", "batch_size", "lr", "dtype", "seed")}
 
     def build_model(folder: Path) -> dict:
         # training queries: photo-like views of the gallery's places, against the gallery without that place
@@ -262,7 +265,7 @@ def run_demo(
         model_cfg = preset(cfg.model_preset, modalities=dims, k=cfg.k)
         steps = max(1, cfg.epochs * int(np.ceil(data.rows / cfg.batch_size)))
         tcfg = TrainConfig(
-            lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed,
+            lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, dtype=cfg.dtype,
             warmup_steps=min(100, steps // 10), checkpoint_every=max(50, steps // 4), tensorboard=False,
         )  # fmt: skip
         sources = {

@@ -62,6 +62,7 @@ class SearchOptions:
     radius_km: float = 200.0  # consensus radius
     medoid: bool = False
     batch_size: int = 32
+    dtype: str = "fp32"  # matmul precision of the model; "bf16" is ~2x faster on CPUs with AVX-512 BF16, GPUs
     mllm: MLLMConfig = field(default_factory=MLLMConfig)
 
     def replace(self, **changes) -> SearchOptions:
@@ -330,6 +331,7 @@ class Geolocator:
                     top_p=opt.top_p,
                     seed=opt.seed + s,
                     constraint=self.constraint if opt.constrain else None,
+                    dtype=opt.dtype,
                 )
             t1 = time.perf_counter()
             selections.append(

@@ -89,6 +89,7 @@ def register(subparsers) -> None:
     g.add_argument("--num-samples", type=int, default=10, help="samples per image for --strategy sample")
     g.add_argument("--beam-width", type=int, default=5, help="beam width for --strategy beam")
     g.add_argument("--sample-temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model precision (default fp32)")
     p.set_defaults(func=run)
 
 
@@ -133,6 +134,7 @@ def run(args) -> int:
             num_samples=args.num_samples,
             beam_width=args.beam_width,
             temperature=args.sample_temperature,
+            dtype=args.dtype,
         ),  # fmt: skip
     )
     gallery = load_split(args.gallery, args.gallery_manifest, name="gallery")

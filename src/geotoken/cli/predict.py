@@ -38,6 +38,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--batch-size", type=int, default=16, help="photos per forward pass (default 16)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16"], help="model precision (bf16: ~2x faster on CPUs with bf16 units)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON array instead of text")
     p.set_defaults(func=run)
 
@@ -78,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         "temperature": args.temperature,
         "radius_km": args.radius_km,
         "batch_size": args.batch_size,
+        "dtype": args.dtype,
     }
     if args.no_constrain:
         options["constrain"] = False

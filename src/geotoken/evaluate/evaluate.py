@@ -107,6 +107,7 @@ class GeoTokenMethodConfig:
     beam_width: int = 5
     temperature: float = 1.0
     batch_size: int = 64
+    dtype: str = "fp32"  # model precision (bf16: autocast)
 
 
 @dataclass

@@ -122,7 +122,7 @@ def run_geotoken(
     for strategy, select in rows_to_run(cfg):
         label = row_label(strategy, select, cfg)
         options = {"strategy": strategy, "select": select, "width": cfg.beam_width, "samples": cfg.num_samples,
-                   "temperature": cfg.temperature, "batch_size": cfg.batch_size}  # fmt: skip
+                   "temperature": cfg.temperature, "batch_size": cfg.batch_size, "dtype": cfg.dtype}  # fmt: skip
         conf = {"model": cfg.model, **options}
         key = sha256_json({"method": "geotoken", "config": conf, "bundle": identity, "inputs": inputs})[:16]
         path = cache / f"{_slug(label)}.{key}.npz" if cache is not None and identity is not None else None

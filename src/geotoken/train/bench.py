@@ -87,8 +87,10 @@ def bench_ours(
     warmup: int = 2,
     seed: int = 0,
     rows: int = GALLERY_ROWS,
+    compile: bool = False,
 ) -> dict:
-    """Samples/s and FLOPs of our training step at preset `name`."""
+    """Samples/s and FLOPs of our training step at preset `name` (compiled: `torch.compile`, whose
+    compilation happens in the warm-up steps, at least two; FLOPs are counted on the eager model)."""
     from geotoken.train.loop import TrainConfig, make_optimizer
 
     cfg = preset(name, **PAPER_INPUTS)
@@ -97,18 +99,21 @@ def bench_ours(
     opt = make_optimizer(model, TrainConfig())
     data = random_data(cfg, rows, seed)
     rng = np.random.default_rng(seed)
+    net = torch.compile(model) if compile else model
+    if compile:
+        warmup = max(warmup, 2)
 
-    def step(_: int) -> None:
+    def step(_: int, net: torch.nn.Module = net) -> None:
         b = data.batch(rng.integers(0, data.rows, batch), cfg.k)
         with precision(dtype):
-            _, loss = model(b)
+            _, loss = net(b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
     sec = time_steps(step, iters, warmup)
-    flops = count_flops(lambda: step(0))
+    flops = count_flops(lambda: step(0, model))
     return {
         "seconds_per_step": sec,
         "train_samples_per_s": batch / sec,

@@ -23,6 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: CPU autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model (warm-up compiles it)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--gallery-rows", type=int, default=20_000, help="rows of the random gallery")
@@ -61,11 +62,20 @@ def run(args) -> int:
         raise GeoTokenError("--batch, --iters, --threads and --gallery-rows must be >= 1")
     torch.set_num_threads(args.threads)
     res = {"preset": args.preset, "batch": args.batch, "threads": args.threads, "dtype": args.dtype}
+    res["compile"] = args.compile
     res["gallery_rows"] = args.gallery_rows
     res["torch"], res["cpu"] = torch.__version__, platform.processor() or platform.machine()
     res["matmul_gflops_fp32"] = matmul_gflops(torch.float32)
     res["matmul_gflops_bf16"] = matmul_gflops(torch.bfloat16, min_seconds=0.2)
-    ours = bench_ours(args.preset, args.batch, args.dtype, args.iters, args.warmup, rows=args.gallery_rows)
+    ours = bench_ours(
+        args.preset,
+        args.batch,
+        args.dtype,
+        args.iters,
+        args.warmup,
+        rows=args.gallery_rows,
+        compile=args.compile,
+    )
     res.update(ours)
     res["peak_rss_mb"] = peak_rss_mb()  # before the reference runs in this process
     peak = res["matmul_gflops_bf16" if args.dtype == "bf16" else "matmul_gflops_fp32"]
@@ -91,7 +101,8 @@ def run(args) -> int:
         f"matmul 2048x2048: {res['matmul_gflops_fp32']:.1f} GFLOP/s fp32, {res['matmul_gflops_bf16']:.1f} bf16"
     )
     print(
-        f"geotoken {args.preset} batch {args.batch} {args.dtype} {args.threads} threads: "
+        f"geotoken {args.preset} batch {args.batch} {args.dtype}{' compiled' * args.compile} "
+        f"{args.threads} threads: "
         f"{res['train_samples_per_s']:.2f} samples/s, {res['achieved_gflops']:.1f} GFLOP/s "
         f"({100 * res['share_of_matmul_peak']:.0f}% of matmul peak), peak RSS {res['peak_rss_mb']:.0f} MB"
     )
