@@ -139,6 +139,26 @@ def test_training_learns_and_keeps_the_best_checkpoint(tmp_path):
     }
 
 
+@pytest.mark.slow
+def test_compiled_training_follows_eager_training(tmp_path):
+    """`--compile` (torch.compile, ~30 s to compile here) trains the same model: no dropout, so the only
+    difference is the order of floating-point operations in the fused kernels."""
+    data, mc = synthetic(), model_cfg(dropout=0.0)
+    from torch._dynamo.utils import counters
+
+    eager = train(mc, quiet(max_steps=3), data, tmp_path / "eager")
+    counters.clear()
+    compiled = train(mc, quiet(max_steps=3, compile=True), data, tmp_path / "compiled")
+    assert counters["stats"]["unique_graphs"] > 0  # dynamo did capture the model
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=name)
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        for run in ("eager", "compiled")
+    ]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+
+
 def test_validation_reports_km_accuracy(tmp_path):
     pytest.importorskip("geotoken.s2")
     pytest.importorskip("geotoken.geo")
