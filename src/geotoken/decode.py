@@ -275,25 +275,21 @@ def generate(
     dtype "bf16" runs the model's matmuls in bfloat16 (autocast; about 2x faster on CPUs with bf16 units,
     and on GPUs); log-probabilities are still computed in fp32.
     """
-    with precision(dtype, next(model.parameters()).device):
-        return _generate(
-            model, batch, strategy, width, n, temperature, top_k, top_p, seed, constraint, cached
-        )
-
-
-def _generate(model, batch, strategy, width, n, temperature, top_k, top_p, seed, constraint, cached):
-    memory = model.encode(batch)  # (B, S, d)
-    if strategy == "greedy":
-        pool = sample(model, memory, n=1, temperature=0.0, constraint=constraint, cached=cached)
-    elif strategy == "beam":
-        pool = beam_search(model, memory, width=width, constraint=constraint, cached=cached)
-    elif strategy in ("sample", "beam+sample"):
-        gen = torch.Generator().manual_seed(seed)
-        pool = sample(model, memory, n, temperature, top_k, top_p, gen, constraint=constraint, cached=cached)
-        if strategy == "beam+sample":
-            pool = Candidates.concat([beam_search(model, memory, width, constraint, cached), pool])
-    else:
+    if strategy not in STRATEGIES:
         raise GeoTokenError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    with precision(dtype, next(model.parameters()).device):
+        memory = model.encode(batch)  # (B, S, d)
+        if strategy == "greedy":
+            pool = sample(model, memory, n=1, temperature=0.0, constraint=constraint, cached=cached)
+        elif strategy == "beam":
+            pool = beam_search(model, memory, width=width, constraint=constraint, cached=cached)
+        else:  # sample, beam+sample
+            gen = torch.Generator().manual_seed(seed)
+            pool = sample(
+                model, memory, n, temperature, top_k, top_p, gen, constraint=constraint, cached=cached
+            )
+            if strategy == "beam+sample":
+                pool = Candidates.concat([beam_search(model, memory, width, constraint, cached), pool])
     return pool, memory
 
 

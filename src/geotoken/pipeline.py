@@ -55,9 +55,8 @@ class DemoConfig:
     epochs: int = 6
     batch_size: int = 128
     lr: float = 1e-3
-    dtype: str = (
-        "fp32"  # training precision; "bf16": autocast (fast on GPUs and CPUs with AVX-512 BF16 / AMX)
-    )
+    # training precision; "bf16": autocast (fast on GPUs and on CPUs with AVX-512 BF16 / AMX)
+    dtype: str = "fp32"
     strategies: tuple[str, ...] = ("greedy", "beam", "sample")
     selectors: tuple[str, ...] = ("logp", "consensus", "reward")
     reward_images: int = 2000  # training images of the reward scorer (0: no scorer)

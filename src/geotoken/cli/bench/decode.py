@@ -1,10 +1,11 @@
 """`geotoken bench decode`: images/s of greedy, beam-5 and 10-sample decoding, cached vs uncached, in one run.
 
 Random inputs shaped like the paper's (three 768-d embeddings, k = 15 neighbours, level 20, g = 2), eval
-mode, fp32 (or bf16 autocast with `--dtype bf16`, which also reports how many sequences match fp32's). Every figure includes the encoder, as the reference figures do; `encoder_images_per_s` is the
-bound (decoding cannot be cheaper than encoding the memory once). The uncached path re-runs the whole
-decoder on the prefix at every step for every beam/sample, as the reference code does; the benchmark
-also checks that both paths return the same tokens.
+mode, fp32 (or bf16 autocast with `--dtype bf16`, which also reports how many sequences match fp32's).
+Every figure includes the encoder, as the reference figures do; `encoder_images_per_s` is the bound
+(decoding cannot be cheaper than encoding the memory once). The uncached path re-runs the whole decoder
+on the prefix at every step for every beam/sample, as the reference code does; the benchmark also checks
+that both paths return the same tokens.
 """
 
 from __future__ import annotations
