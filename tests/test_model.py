@@ -285,3 +285,16 @@ def test_precision_names():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     with pytest.raises(GeoTokenError, match="dtype 'fp16'"):
         precision("fp16")
+
+
+def test_a_cache_made_in_bf16_steps_in_fp32_and_back():
+    m = tiny()
+    b = make_batch(m.cfg)
+    memory = m.encode(b)
+    ref = m.step(m.init_cache(memory), None, 0)
+    with precision("bf16"):
+        cache = m.init_cache(memory)  # bf16 keys/values
+    torch.testing.assert_close(m.step(cache, None, 0), ref, atol=0.05, rtol=0.05)
+    cache = m.init_cache(memory)  # fp32 keys/values, stepped in bf16
+    with precision("bf16"):
+        torch.testing.assert_close(m.step(cache, None, 0).float(), ref, atol=0.05, rtol=0.05)

@@ -216,6 +216,7 @@ class SelfAttention(nn.Module):
             cache["k"][:, :, pos : pos + L] = k
             cache["v"][:, :, pos : pos + L] = v
             k, v = cache["k"][:, :, : pos + L], cache["v"][:, :, : pos + L]  # (B, h, pos+L, hd)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a cache made inside autocast, read outside (or back)
             if L > 1:
                 raise ValueError("the cached path decodes one position per call")
             causal = False  # one query at the newest position sees every cached key
@@ -243,7 +244,8 @@ class CrossAttention(nn.Module):
         # several beams/samples of the same image: they share the image's keys/values without a copy.
         B, L, d = x.shape
         q = self.q(x).view(B, L, self.h, d // self.h).transpose(1, 2)  # (B, h, L, hd)
-        y = attention(q, *kv, dropout_p=self.p if self.training else 0.0)
+        k, v = (t.to(q.dtype) for t in kv)  # no-ops unless the memory was projected in another precision
+        y = attention(q, k, v, dropout_p=self.p if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, L, d))
 
 
