@@ -67,6 +67,9 @@ def test_geotoken_rows_in_one_table(geolocator_and_splits, tmp_path):
               "geotoken sample4+logp", "geotoken sample4+consensus"]  # fmt: skip
     assert list(res.runs) == labels
     report = json.loads((tmp_path / "metrics.json").read_text())
+    # paired: every row minus the reference (nn), then every search row minus greedy
+    pairs = [(p["a"], p["b"]) for p in report["paired"]]
+    assert pairs == [(lab, "nn") for lab in labels[1:]] + [(lab, "geotoken greedy") for lab in labels[2:]]
     for label in labels[1:]:
         m = report["methods"][label]
         assert m["method"] == "geotoken" and m["n"] == len(queries)

@@ -283,25 +283,28 @@ def run_methods(
 
 
 def score_runs(runs: Mapping[str, MethodRun], cfg: EvalConfig) -> list[PairedComparison]:
-    """Bootstrap metrics for each run and paired comparisons of every run against the reference."""
+    """Bootstrap metrics for each run, and paired comparisons: every run against the reference, then every
+    other row of the model against its greedy row (the paper's question: do search and selection beat
+    greedy decoding?)."""
+    from geotoken.evaluate.geotoken_method import row_label
+
     for run in runs.values():
         run.metrics = bootstrap_metrics(run.errors_km, cfg.thresholds, cfg.n_boot, cfg.seed, cfg.level)
     labels = list(runs)
     ref = cfg.reference or labels[0]
     if ref not in runs:
         raise GeoTokenError(f"reference method {ref!r} was not evaluated (evaluated: {', '.join(labels)})")
+    pairs = [(lab, ref) for lab in labels if lab != ref]
+    greedy = row_label("greedy", "logp", cfg.geotoken)
+    if greedy in runs and greedy != ref:
+        pairs += [
+            (lab, greedy) for lab in labels if runs[lab].method == "geotoken" and lab not in (greedy, ref)
+        ]
     return [
         paired_comparison(
-            runs[lab].errors_km,
-            runs[ref].errors_km,
-            (lab, ref),
-            cfg.thresholds,
-            cfg.n_boot,
-            cfg.seed,
-            cfg.level,
+            runs[a].errors_km, runs[b].errors_km, (a, b), cfg.thresholds, cfg.n_boot, cfg.seed, cfg.level
         )
-        for lab in labels
-        if lab != ref
+        for a, b in pairs
     ]
 
 
