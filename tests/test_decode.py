@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from geotoken.decode import PrefixConstraint, beam_search, generate, greedy, sample
+from geotoken.decode import PrefixConstraint, beam_search, generate, greedy, sample, score_sequences
 from geotoken.errors import GeoTokenError
 from geotoken.model import Batch, GeoToken, preset
 
@@ -188,3 +188,29 @@ def test_bf16_search_matches_its_uncached_path_and_mostly_fp32(setup, strategy):
     assert (fast.tokens == ref.tokens).all(-1).mean() >= 0.75  # bf16 rounding may flip near-ties
     with pytest.raises(GeoTokenError, match="dtype"):
         generate(model, batch, dtype="half")
+
+
+def test_score_sequences_gives_the_teacher_forced_probabilities(setup):
+    model, batch, memory = setup
+    T, N = model.cfg.n_tokens, 3
+    tokens = batch.nbr_tokens[:, :N]  # (B, N, T) the neighbours' cells
+    pool = score_sequences(model, memory, tokens)
+    logits = model.decode(memory.repeat_interleave(N, 0), tokens.reshape(-1, T))  # (B*N, T, V)
+    ref = torch.log_softmax(logits, -1).gather(-1, tokens.reshape(-1, T, 1))[..., 0].view(-1, N, T).detach()
+    np.testing.assert_allclose(np.log(pool.level_probs), ref.numpy(), atol=1e-5)
+    np.testing.assert_allclose(pool.logp, ref.sum(-1).numpy(), atol=1e-5)
+    assert (pool.tokens == tokens.numpy()).all()
+    uncached = score_sequences(model, memory, tokens, cached=False)
+    np.testing.assert_allclose(uncached.logp, pool.logp, atol=1e-4)
+
+
+def test_sample_plus_retrieval_pools_samples_and_neighbour_cells(setup):
+    model, batch, _ = setup
+    pool, memory = generate(model, batch, "sample+retrieval", n=4, retrieved=2, seed=1)
+    samples, _ = generate(model, batch, "sample", n=4, seed=1)
+    assert pool.tokens.shape[:2] == (4, 6)
+    assert (pool.tokens[:, :4] == samples.tokens).all()
+    assert (pool.tokens[:, 4:] == batch.nbr_tokens[:, :2].numpy()).all()
+    np.testing.assert_allclose(pool.logp[:, 4:], score_sequences(model, memory, batch.nbr_tokens[:, :2]).logp)
+    with pytest.raises(GeoTokenError, match="pools 9 neighbours"):
+        generate(model, batch, "sample+retrieval", retrieved=9)

@@ -49,6 +49,7 @@ def test_rows_and_labels():
     assert row_label("beam", "consensus", cfg) == "geotoken beam5+consensus"
     assert row_label("sample", "logp", cfg) == "geotoken sample10+logp"
     assert row_label("greedy", "logp", cfg) == "geotoken greedy"
+    assert row_label("sample+retrieval", "reward", cfg) == "geotoken sample10+nbr5+reward"
 
 
 def test_geotoken_rows_in_one_table(geolocator_and_splits, tmp_path):

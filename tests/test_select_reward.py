@@ -43,3 +43,17 @@ def test_train_save_load_select(tmp_path):
     assert (sel.index == res.selection.index).all()
     probs = again.score(memory, res.pool)
     assert ((probs > 0) & (probs < 1)).all()
+
+
+def test_training_pools_hold_beams_samples_and_the_retrieved_cells():
+    from geotoken.select.reward import _pools
+
+    geo = make_geolocator()
+    emb, nbrs, *_ = training_set(geo)
+    rows = np.arange(6)
+    k = geo.model.cfg.k
+    pool = _pools(geo, emb, nbrs, rows, RewardConfig(beams=2, samples=3, retrieved=k), progress=False)
+    assert pool.tokens.shape[:2] == (6, 2 + 3 + k)
+    np.testing.assert_array_equal(pool.tokens[:, -k:], geo.gallery_tokens[nbrs[rows, :k]])
+    none = _pools(geo, emb, nbrs, rows, RewardConfig(beams=2, samples=3, retrieved=0), progress=False)
+    assert none.tokens.shape[1] == 5

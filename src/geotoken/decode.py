@@ -23,9 +23,7 @@ import torch.nn.functional as F
 
 from geotoken.errors import GeoTokenError
 from geotoken.model import precision
-from geotoken.select import Candidates
-
-STRATEGIES = ("greedy", "beam", "sample", "beam+sample")  # the last pools `width` beams and `n` samples
+from geotoken.select import STRATEGIES, Candidates
 
 
 class PrefixConstraint:
@@ -269,8 +267,12 @@ def generate(
     constraint: PrefixConstraint | None = None,
     cached: bool = True,
     dtype: str = "fp32",
+    retrieved: int = 5,
 ) -> tuple[Candidates, torch.Tensor]:
     """Encode once, search with `strategy`; returns (candidates, memory) so selectors can reuse the memory.
+
+    "sample+retrieval" adds the cells of the first `retrieved` neighbours in `batch` to the samples, with
+    the model's own probabilities of them: retrieval and generation compete in one pool.
 
     dtype "bf16" runs the model's matmuls in bfloat16 (autocast; about 2x faster on CPUs with bf16 units,
     and on GPUs); log-probabilities are still computed in fp32.
@@ -290,7 +292,34 @@ def generate(
             )
             if strategy == "beam+sample":
                 pool = Candidates.concat([beam_search(model, memory, width, constraint, cached), pool])
+            if strategy == "sample+retrieval":
+                pool = Candidates.concat([pool, score_sequences(model, memory, _retrieved(batch, retrieved))])
     return pool, memory
+
+
+def _retrieved(batch, r: int) -> torch.Tensor:
+    """The first r neighbours' token sequences (B, r, T) of a batch."""
+    if batch.nbr_tokens is None or r < 1 or batch.nbr_tokens.shape[1] < r:
+        have = 0 if batch.nbr_tokens is None else batch.nbr_tokens.shape[1]
+        raise GeoTokenError(f"strategy 'sample+retrieval' pools {r} neighbours (>= 1); the batch has {have}")
+    return batch.nbr_tokens[:, :r]
+
+
+@torch.no_grad()
+def score_sequences(model, memory: torch.Tensor, tokens: torch.Tensor, cached: bool = True) -> Candidates:
+    """The model's per-level log-probabilities of given sequences, tokens (B, N, T), as a pool.
+
+    One teacher-forced pass, the N sequences of an image sharing its memory (as beams do), e.g. to put
+    the retrieved neighbours' cells beside the model's own candidates.
+    """
+    B, N, T = tokens.shape
+    flat = tokens.reshape(B * N, T).to(memory.device)
+    step = _stepper(model, memory, N, cached)
+    level_logp = []
+    for t in range(T):
+        logp = torch.log_softmax(step(flat[:, :t]).float(), dim=-1)  # (B*N, V)
+        level_logp.append(logp.gather(1, flat[:, t : t + 1]))
+    return _pool(model, flat.view(B, N, T), torch.cat(level_logp, dim=1).view(B, N, T))
 
 
 @torch.no_grad()

@@ -57,7 +57,7 @@ class DemoConfig:
     lr: float = 1e-3
     # training precision; "bf16": autocast (fast on GPUs and on CPUs with AVX-512 BF16 / AMX)
     dtype: str = "fp32"
-    strategies: tuple[str, ...] = ("greedy", "beam", "sample")
+    strategies: tuple[str, ...] = ("greedy", "beam", "sample", "sample+retrieval")
     selectors: tuple[str, ...] = ("logp", "consensus", "reward")
     reward_images: int = 2000  # training images of the reward scorer (0: no scorer)
     baselines: tuple[str, ...] = ("prior", "nn", "knn", "cells", "gps-gallery")

@@ -50,9 +50,10 @@ BUNDLE_VERSION = 1
 class SearchOptions:
     """How to decode and select. Defaults: beam 5, gallery-constrained, most likely candidate."""
 
-    strategy: str = "beam"  # greedy | beam | sample | beam+sample
+    strategy: str = "beam"  # one of geotoken.select.STRATEGIES
     width: int = 5  # beam width
     samples: int = 10  # samples per image
+    retrieved: int = 5  # sample+retrieval: neighbours' cells added to the pool
     temperature: float = 1.0
     sample_top_k: int = 0  # 0 = off
     top_p: float = 1.0
@@ -332,6 +333,7 @@ class Geolocator:
                     seed=opt.seed + s,
                     constraint=self.constraint if opt.constrain else None,
                     dtype=opt.dtype,
+                    retrieved=opt.retrieved,
                 )
             t1 = time.perf_counter()
             selections.append(

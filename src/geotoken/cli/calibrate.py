@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from geotoken.select import STRATEGIES
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -24,7 +26,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--strategy",
-        choices=["greedy", "beam", "sample", "beam+sample"],
+        choices=STRATEGIES,
         help="decoding (default: the bundle's)",
     )
     p.add_argument(

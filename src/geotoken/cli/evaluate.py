@@ -82,12 +82,13 @@ def register(subparsers) -> None:
                    help="gps-gallery: coordinates to score (the gallery split, or GeoCLIP's 100K MP16)")  # fmt: skip
     g = p.add_argument_group("geotoken (the model)")
     g.add_argument("--model", help="model bundle folder (bundle.json), required for --method geotoken")
-    g.add_argument("--strategy", nargs="+", default=["greedy"], choices=["greedy", "beam", "sample"],
+    g.add_argument("--strategy", nargs="+", default=["greedy"], choices=["greedy", "beam", "sample", "sample+retrieval"],
                    help="decoding strategies to evaluate, each a row of the table")  # fmt: skip
     g.add_argument("--select", nargs="+", default=["logp"], choices=["logp", "consensus", "reward", "mllm"],
                    help="selectors applied to beam / sample pools, each a row of the table")  # fmt: skip
     g.add_argument("--num-samples", type=int, default=10, help="samples per image for --strategy sample")
     g.add_argument("--beam-width", type=int, default=5, help="beam width for --strategy beam")
+    g.add_argument("--retrieved", type=int, default=5, help="neighbours' cells pooled for sample+retrieval")
     g.add_argument("--sample-temperature", type=float, default=1.0, help="sampling temperature")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model precision (default fp32)")
     p.set_defaults(func=run)
@@ -104,7 +105,7 @@ def run(args) -> int:
 
     if "geotoken" in args.method and not args.model:
         raise GeoTokenError("--method geotoken needs --model BUNDLE (a folder with bundle.json)")
-    for name in ("n_boot", "k", "cells_epochs", "num_samples", "beam_width"):
+    for name in ("n_boot", "k", "cells_epochs", "num_samples", "beam_width", "retrieved"):
         if getattr(args, name) < 1:
             raise GeoTokenError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.limit is not None and args.limit < 1:
@@ -133,6 +134,7 @@ def run(args) -> int:
             selectors=tuple(args.select),
             num_samples=args.num_samples,
             beam_width=args.beam_width,
+            retrieved=args.retrieved,
             temperature=args.sample_temperature,
             dtype=args.dtype,
         ),  # fmt: skip

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from geotoken.select import STRATEGIES
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -22,7 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=5, help="candidates to print per photo (default 5)")
     p.add_argument(
         "--strategy",
-        choices=["greedy", "beam", "sample", "beam+sample"],
+        choices=STRATEGIES,
         help="decoding (default: the bundle's)",
     )
     p.add_argument(
@@ -30,6 +32,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--width", type=int, help="beam width")
     p.add_argument("--samples", type=int, help="samples per photo (strategy sample)")
+    p.add_argument(
+        "--retrieved", type=int, help="neighbours' cells pooled with the samples (sample+retrieval)"
+    )
     p.add_argument("--temperature", type=float, help="sampling temperature")
     p.add_argument("--radius-km", type=float, help="consensus radius in km")
     p.add_argument("--no-constrain", action="store_true", help="allow cells that do not occur in the gallery")
@@ -78,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     options = {
         "width": args.width,
         "samples": args.samples,
+        "retrieved": args.retrieved,
         "temperature": args.temperature,
         "radius_km": args.radius_km,
         "batch_size": args.batch_size,

@@ -105,6 +105,7 @@ class GeoTokenMethodConfig:
     selectors: tuple[str, ...] = ("logp",)
     num_samples: int = 10
     beam_width: int = 5
+    retrieved: int = 5  # sample+retrieval: neighbours' cells pooled with the samples
     temperature: float = 1.0
     batch_size: int = 64
     dtype: str = "fp32"  # model precision (bf16: autocast)

@@ -25,6 +25,8 @@ def row_label(strategy: str, select: str, cfg) -> str:
     """Table label of one strategy x selector, e.g. 'geotoken beam5+consensus'."""
     if strategy == "greedy":
         return "geotoken greedy"
+    if strategy == "sample+retrieval":  # e.g. 'geotoken sample10+nbr5+reward'
+        return f"geotoken sample{cfg.num_samples}+nbr{cfg.retrieved}+{select}"
     size = cfg.beam_width if strategy == "beam" else cfg.num_samples
     return f"geotoken {strategy}{size}+{select}"
 
@@ -122,7 +124,8 @@ def run_geotoken(
     for strategy, select in rows_to_run(cfg):
         label = row_label(strategy, select, cfg)
         options = {"strategy": strategy, "select": select, "width": cfg.beam_width, "samples": cfg.num_samples,
-                   "temperature": cfg.temperature, "batch_size": cfg.batch_size, "dtype": cfg.dtype}  # fmt: skip
+                   "temperature": cfg.temperature, "batch_size": cfg.batch_size, "dtype": cfg.dtype,
+                   "retrieved": cfg.retrieved}  # fmt: skip
         conf = {"model": cfg.model, **options}
         key = sha256_json({"method": "geotoken", "config": conf, "bundle": identity, "inputs": inputs})[:16]
         path = cache / f"{_slug(label)}.{key}.npz" if cache is not None and identity is not None else None

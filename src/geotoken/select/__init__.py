@@ -20,6 +20,9 @@ import numpy as np
 from geotoken.errors import GeoTokenError
 
 SELECTORS = ("logp", "consensus", "reward", "mllm")
+# How a pool is made (`geotoken.decode.generate`): "beam+sample" pools `width` beams and `n` samples;
+# "sample+retrieval" pools `n` samples and the cells of the first `retrieved` retrieved neighbours.
+STRATEGIES = ("greedy", "beam", "sample", "beam+sample", "sample+retrieval")
 
 
 @dataclass

@@ -35,8 +35,9 @@ from geotoken.select import Candidates, Selection, _from_scores
 class RewardConfig:
     radius_km: float = 200.0  # the paper's scorer: "within 200 km"
     hidden: int = 128
-    beams: int = 5  # training candidates per image: beams + samples
+    beams: int = 5  # training candidates per image: beams + samples + retrieved neighbours' cells
     samples: int = 10
+    retrieved: int = 5  # (at most the model's k) so the scorer also learns to judge retrieval candidates
     epochs: int = 8
     batch_size: int = 64  # images per step
     lr: float = 1e-3
@@ -122,10 +123,10 @@ def select_reward(pool: Candidates, scorer: RewardScorer, memory: torch.Tensor) 
 
 
 def _pools(geo, embeddings, neighbours, rows, cfg: RewardConfig, progress: bool):
-    """Beam + sample candidates of the images `rows`: tokens (n, N, T), level_logp (n, N, T), lat, lon (n, N)."""
+    """Beam + sample + retrieved candidates of the images `rows`: tokens (n, N, T), logp, lat, lon (n, N)."""
     from tqdm import tqdm
 
-    from geotoken.decode import beam_search, sample
+    from geotoken.decode import beam_search, sample, score_sequences
 
     out = []
     for s in tqdm(range(0, len(rows), cfg.batch_size), desc="reward: candidates", disable=not progress):
@@ -139,6 +140,9 @@ def _pools(geo, embeddings, neighbours, rows, cfg: RewardConfig, progress: bool)
             if cfg.samples:
                 g = torch.Generator().manual_seed(cfg.seed + s)
                 pools.append(sample(geo.model, memory, cfg.samples, generator=g, constraint=geo.constraint))
+            r = min(cfg.retrieved, geo.model.cfg.k)
+            if r > 0:
+                pools.append(score_sequences(geo.model, memory, batch.nbr_tokens[:, :r]))
         out.append(Candidates.concat(pools))
     fields = ("tokens", "logp", "lat", "lon", "level_probs")
     return Candidates(*(np.concatenate([getattr(p, f) for p in out]) for f in fields))

@@ -34,10 +34,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from geotoken.errors import GeoTokenError
+from geotoken.select import SELECTORS, STRATEGIES
 
 STATIC_DIR = Path(__file__).parent / "static"
-STRATEGIES = ("greedy", "beam", "sample", "beam+sample")
-SELECTORS = ("logp", "consensus", "reward", "mllm")
 
 
 class Predictor(Protocol):
