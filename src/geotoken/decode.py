@@ -285,7 +285,7 @@ def generate(
             pool = sample(model, memory, n=1, temperature=0.0, constraint=constraint, cached=cached)
         elif strategy == "beam":
             pool = beam_search(model, memory, width=width, constraint=constraint, cached=cached)
-        else:  # sample, beam+sample
+        else:  # sample, beam+sample, sample+retrieval
             gen = torch.Generator().manual_seed(seed)
             pool = sample(
                 model, memory, n, temperature, top_k, top_p, gen, constraint=constraint, cached=cached
