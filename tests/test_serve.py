@@ -248,3 +248,18 @@ def test_requests_that_wait_together_are_one_batch():
     assert predictor.calls == [1, 3]
     assert sorted(r.json()["timings_ms"]["batch_size"] for r in responses) == [1, 3, 3, 3]
     assert runner.batches == 2 and runner.served == 4 and runner.in_flight == 0
+
+
+def test_the_page_offers_every_strategy_and_selector():
+    import re
+
+    from geotoken.select import SELECTORS, STRATEGIES
+    from geotoken.serve.app import STATIC_DIR
+
+    page = (STATIC_DIR / "index.html").read_text()
+    menus = {
+        name: re.findall(r"<option>([^<]+)</option>", body)
+        for name, body in re.findall(r'<select id="(\w+)">(.*?)</select>', page, flags=re.S)
+    }
+    assert menus["strategy"] == list(STRATEGIES)
+    assert menus["select"] == list(SELECTORS)
