@@ -103,6 +103,8 @@ def test_train_reward_and_calibrate_commands(bundle, tmp_path, capsys):
             "2",
             "--beams",
             "2",
+            "--retrieved",
+            "2",
             "--max-images",
             "20",
         ]
@@ -120,3 +122,8 @@ def test_train_reward_and_calibrate_commands(bundle, tmp_path, capsys):
     assert geo.reward is not None and geo.calibration is not None
     [pred] = geo.predict([Image.open(assets.sample_image())], top_k=2, strategy="beam", select="reward")
     assert pred.select == "reward" and 0 <= pred.candidates[0]["probability"] <= 1
+    [pooled] = geo.predict(
+        [Image.open(assets.sample_image())], top_k=4, strategy="sample+retrieval", samples=2, retrieved=2
+    )
+    assert pooled.strategy == "sample+retrieval" and len(pooled.candidates) <= 4
+    assert main(["train-reward", *args, "--neighbours", str(tmp_path / "nbrs"), "--retrieved", "-1"]) == 2

@@ -32,6 +32,12 @@ def register(subparsers) -> None:
     )
     p.add_argument("--beams", type=int, default=5, help="beam candidates per image (default 5)")
     p.add_argument("--samples", type=int, default=10, help="sampled candidates per image (default 10)")
+    p.add_argument(
+        "--retrieved",
+        type=int,
+        default=5,
+        help="retrieved neighbours' cells per image (default 5, at most k)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
@@ -42,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
     from geotoken.predict import Geolocator
     from geotoken.select.reward import RewardConfig, train_bundle_reward
 
-    if args.epochs < 1 or args.max_images < 1 or args.beams < 1 or args.samples < 0 or not args.radius_km > 0:
-        raise GeoTokenError("--epochs, --max-images, --beams must be >= 1, --samples >= 0, --radius-km > 0")
+    if args.epochs < 1 or args.max_images < 1 or args.beams < 1 or min(args.samples, args.retrieved) < 0:
+        raise GeoTokenError("--epochs, --max-images, --beams must be >= 1, --samples, --retrieved >= 0")
+    if not args.radius_km > 0:
+        raise GeoTokenError(f"--radius-km must be > 0, got {args.radius_km}")
     geo = Geolocator.from_bundle(args.model, device=args.device)
     cfg = RewardConfig(
         radius_km=args.radius_km,
@@ -51,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         beams=args.beams,
         samples=args.samples,
+        retrieved=args.retrieved,
         seed=args.seed,
     )
     metrics = train_bundle_reward(geo, args.queries, args.neighbours, cfg)
