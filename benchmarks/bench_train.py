@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from geotoken import DTYPES  # noqa: E402
 from geotoken.train.bench import REFERENCE_SAMPLES_PER_S, bench_ours, matmul_gflops  # noqa: E402
 from reference_train import bench_reference  # noqa: E402
 
@@ -28,7 +29,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="small:32,paper:16", help="preset:batch pairs")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", default="fp32", choices=DTYPES)
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="alternations of ours / reference")

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from geotoken import DTYPES
 from geotoken.errors import GeoTokenError
 from geotoken.io import atomic_path, write_json
 
@@ -131,9 +132,6 @@ class Batch:
     @property
     def size(self) -> int:
         return next(iter(self.query.values())).shape[0]
-
-
-DTYPES = ("fp32", "bf16")
 
 
 def precision(dtype: str, device: torch.device | str = "cpu"):

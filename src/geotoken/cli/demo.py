@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from geotoken import DTYPES
+
 HELP = "run the whole method offline: dataset, features, alignment, retrieval, training, search, evaluation"
 
 EPILOG = """\
@@ -41,9 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--model-preset", choices=["tiny", "small", "paper"], help="GeoToken model size")
     p.add_argument("--epochs", type=int, help="training epochs")
     p.add_argument("--batch-size", type=int, help="training batch size")
-    p.add_argument(
-        "--dtype", choices=["fp32", "bf16"], help="training precision (bf16: autocast; default fp32)"
-    )
+    p.add_argument("--dtype", choices=DTYPES, help="training precision (bf16: autocast; default fp32)")
     p.add_argument("--k", type=int, help="retrieved neighbours per image")
     p.add_argument("--seed", type=int, help="seed of every random choice (dataset, training, bootstrap)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")

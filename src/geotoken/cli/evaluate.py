@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from geotoken import DTYPES
+from geotoken.select import STRATEGIES
+
 # the same names as geotoken.evaluate.METHODS (a test checks); kept here so `--help` imports nothing heavy
 BASELINES = ("prior", "nn", "knn", "cells", "gps-gallery")
 METHODS = (*BASELINES, "geotoken")
@@ -82,7 +85,7 @@ def register(subparsers) -> None:
                    help="gps-gallery: coordinates to score (the gallery split, or GeoCLIP's 100K MP16)")  # fmt: skip
     g = p.add_argument_group("geotoken (the model)")
     g.add_argument("--model", help="model bundle folder (bundle.json), required for --method geotoken")
-    g.add_argument("--strategy", nargs="+", default=["greedy"], choices=["greedy", "beam", "sample", "sample+retrieval"],
+    g.add_argument("--strategy", nargs="+", default=["greedy"], choices=[s for s in STRATEGIES if s != "beam+sample"],
                    help="decoding strategies to evaluate, each a row of the table")  # fmt: skip
     g.add_argument("--select", nargs="+", default=["logp"], choices=["logp", "consensus", "reward", "mllm"],
                    help="selectors applied to beam / sample pools, each a row of the table")  # fmt: skip
@@ -90,7 +93,7 @@ def register(subparsers) -> None:
     g.add_argument("--beam-width", type=int, default=5, help="beam width for --strategy beam")
     g.add_argument("--retrieved", type=int, default=5, help="neighbours' cells pooled for sample+retrieval")
     g.add_argument("--sample-temperature", type=float, default=1.0, help="sampling temperature")
-    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model precision (default fp32)")
+    g.add_argument("--dtype", default="fp32", choices=DTYPES, help="model precision (default fp32)")
     p.set_defaults(func=run)
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from geotoken import DTYPES
 from geotoken.select import STRATEGIES
 
 
@@ -44,7 +45,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="photos per forward pass (default 16)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument(
-        "--dtype", choices=["fp32", "bf16"], help="model precision (bf16: ~2x faster on CPUs with bf16 units)"
+        "--dtype", choices=DTYPES, help="model precision (bf16: ~2x faster on CPUs with bf16 units)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON array instead of text")
     p.set_defaults(func=run)

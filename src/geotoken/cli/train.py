@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from geotoken import DTYPES
 from geotoken.errors import GeoTokenError
 
 
@@ -65,7 +66,7 @@ def register(subparsers) -> None:
     t.add_argument("--weight-decay", type=float, default=0.01)
     t.add_argument("--grad-clip", type=float, default=1.0)
     t.add_argument("--label-smoothing", type=float, default=0.0)
-    t.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast (GPU or CPU)")
+    t.add_argument("--dtype", default="fp32", choices=DTYPES, help="bf16 autocast (GPU or CPU)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--checkpoint-every", type=int, default=500, help="steps")

@@ -14,6 +14,8 @@ import argparse
 import json
 import time
 
+from geotoken import DTYPES
+
 # The authors' code on this kind of machine (2 threads, fp32, random inputs, k 15, level 20, g 2), from the issue.
 REFERENCE = {
     "small": {"batch": 16, "encoder": 125.0, "greedy": 32.6, "beam5": 7.9, "sample10": 3.7},
@@ -35,9 +37,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--iters", type=int, default=3, help="timed repetitions per figure; the fastest is kept")
-    p.add_argument(
-        "--dtype", choices=["fp32", "bf16"], default="fp32", help="matmul precision (default fp32)"
-    )
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="matmul precision (default fp32)")
     p.add_argument("--no-uncached", action="store_true", help="skip the (slow) uncached path")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from geotoken import DTYPES
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -22,7 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default="small", choices=["tiny", "small", "paper"])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: CPU autocast")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="bf16: CPU autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile our model (warm-up compiles it)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations")
     p.add_argument("--warmup", type=int, default=1)
