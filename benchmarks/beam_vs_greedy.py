@@ -80,7 +80,9 @@ def main() -> None:
         emb = {m: np.asarray(queries.array(m), dtype=np.float32) for m in geo.model.cfg.modalities}
         nbrs = geo.neighbours(emb)
         for strategy in ("beam", "sample"):
-            pool = geo.search(emb, nbrs, None, strategy=strategy, select="logp", width=5, samples=10).pool
+            pool = geo.search(
+                emb, nbrs, None, strategy=strategy, select="logp", beam_width=5, num_samples=10
+            ).pool
             lp = np.log(np.maximum(pool.level_probs, 1e-300))  # (B, N, T) per-token log-probabilities
 
             print(f"{strategy}, full path: {_accuracy(_errors(pool, lp.sum(-1), queries))}")

@@ -45,7 +45,7 @@ def photo_bytes(seed: int = 0) -> bytes:
 
 def small_bundle(directory: Path, image_size: int) -> Path:
     from geotoken.io import read_json, write_json
-    from geotoken.predict import random_bundle
+    from geotoken.testing import random_bundle
 
     bundle = random_bundle(directory / "bundle", gallery_rows=256, k=5)
     write_json(bundle / "backbone.json", {**read_json(bundle / "backbone.json"), "image_size": image_size})

@@ -46,8 +46,9 @@ def server(tmp_path_factory):
     import uvicorn
 
     from geotoken.io import read_json, write_json
-    from geotoken.predict import Geolocator, random_bundle
+    from geotoken.predict import Geolocator
     from geotoken.serve import ServeConfig, create_app
+    from geotoken.testing import random_bundle
 
     bundle = random_bundle(tmp_path_factory.mktemp("bundle") / "b", gallery_rows=64, k=5)
     write_json(bundle / "backbone.json", {**read_json(bundle / "backbone.json"), "image_size": 32})

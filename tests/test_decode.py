@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from geotoken.decode import PrefixConstraint, beam_search, generate, greedy, sample, score_sequences
 from geotoken.errors import GeoTokenError
 from geotoken.model import Batch, GeoToken, preset
+from geotoken.search.decode import PrefixConstraint, beam_search, generate, greedy, sample, score_sequences
 
 torch.set_num_threads(1)
 
@@ -42,10 +42,10 @@ def test_cached_step_logits_equal_uncached(setup):
 def test_beam_width_1_is_greedy_and_best_beam_beats_greedy(setup):
     model, batch, memory = setup
     g_tokens, g_logp = greedy(model, batch)
-    one = beam_search(model, memory, width=1)
+    one = beam_search(model, memory, beam_width=1)
     assert (one.tokens[:, 0] == g_tokens.numpy()).all()
     np.testing.assert_allclose(one.logp[:, 0], g_logp.numpy(), atol=1e-5)
-    five = beam_search(model, memory, width=5)
+    five = beam_search(model, memory, beam_width=5)
     assert five.tokens.shape == (4, 5, model.cfg.n_tokens)
     assert (five.logp[:, 0] >= g_logp.numpy() - 1e-5).all()
     assert (np.diff(five.logp, axis=1) <= 1e-9).all()  # best first
@@ -60,8 +60,8 @@ def test_cached_search_equals_uncached_search(setup, strategy):
     if strategy == "beam":
         a, b = beam_search(model, memory, 4), beam_search(model, memory, 4, cached=False)
     else:
-        a = sample(model, memory, 6, top_k=5, generator=torch.Generator().manual_seed(3))
-        b = sample(model, memory, 6, top_k=5, generator=torch.Generator().manual_seed(3), cached=False)
+        a = sample(model, memory, 6, sample_top_k=5, generator=torch.Generator().manual_seed(3))
+        b = sample(model, memory, 6, sample_top_k=5, generator=torch.Generator().manual_seed(3), cached=False)
     assert (a.tokens == b.tokens).all()
     np.testing.assert_allclose(a.logp, b.logp, atol=1e-4)
     np.testing.assert_allclose(a.lat, b.lat)
@@ -83,7 +83,7 @@ def test_cold_samples_equal_greedy_and_sampling_is_seeded(setup):
 def test_top_k_1_and_tiny_top_p_are_greedy(setup):
     model, batch, memory = setup
     g_tokens, _ = greedy(model, batch)
-    for kw in ({"top_k": 1}, {"top_p": 1e-6}):
+    for kw in ({"sample_top_k": 1}, {"top_p": 1e-6}):
         s = sample(model, memory, 4, temperature=2.0, generator=torch.Generator().manual_seed(0), **kw)
         assert (s.tokens == g_tokens.numpy()[:, None]).all()
 
@@ -127,7 +127,7 @@ def test_constraint_bad_input():
 def test_generate_dispatch(setup):
     model, batch, _ = setup
     for strategy, n in (("greedy", 1), ("beam", 3), ("sample", 5), ("beam+sample", 8)):
-        pool, memory = generate(model, batch, strategy, width=3, n=5)
+        pool, memory = generate(model, batch, strategy, beam_width=3, num_samples=5)
         assert pool.tokens.shape[:2] == (4, n) and memory.shape[0] == 4
         assert np.isfinite(pool.lat).all()
     with pytest.raises(GeoTokenError, match="strategy"):
@@ -178,7 +178,7 @@ def test_bench_decode_reports_every_figure(capsys):
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
 def test_bf16_search_matches_its_uncached_path_and_mostly_fp32(setup, strategy):
     model, batch, _ = setup
-    kw = dict(strategy=strategy, width=4, n=6, seed=3)
+    kw = dict(strategy=strategy, beam_width=4, num_samples=6, seed=3)
     fast, memory = generate(model, batch, dtype="bf16", **kw)
     slow, _ = generate(model, batch, dtype="bf16", cached=False, **kw)
     ref, _ = generate(model, batch, **kw)
@@ -206,8 +206,8 @@ def test_score_sequences_gives_the_teacher_forced_probabilities(setup):
 
 def test_sample_plus_retrieval_pools_samples_and_neighbour_cells(setup):
     model, batch, _ = setup
-    pool, memory = generate(model, batch, "sample+retrieval", n=4, retrieved=2, seed=1)
-    samples, _ = generate(model, batch, "sample", n=4, seed=1)
+    pool, memory = generate(model, batch, "sample+retrieval", num_samples=4, retrieved=2, seed=1)
+    samples, _ = generate(model, batch, "sample", num_samples=4, seed=1)
     assert pool.tokens.shape[:2] == (4, 6)
     assert (pool.tokens[:, :4] == samples.tokens).all()
     assert (pool.tokens[:, 4:] == batch.nbr_tokens[:, :2].numpy()).all()

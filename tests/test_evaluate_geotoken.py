@@ -16,8 +16,10 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def geolocator_and_splits():
+    from geotoken.bundle import SearchOptions
+    from geotoken.gallery import Gallery
     from geotoken.model import GeoToken, preset
-    from geotoken.predict import Geolocator, SearchOptions
+    from geotoken.predict import Geolocator
     from geotoken.retrieval import NeighbourIndex
 
     gallery, queries = synthetic_splits(n_gallery=400, n_queries=40, seed=5)
@@ -29,8 +31,8 @@ def geolocator_and_splits():
     tokens = s2.latlon_to_tokens(gallery.lat, gallery.lon, cfg.level, cfg.group)
     index = NeighbourIndex.build(gallery.arrays["visual"], kind="flat", progress=False)
     geo = Geolocator(
-        model, {m: gallery.arrays[m] for m in dims}, coords, tokens, index=index, query_modalities=["visual"],
-        options=SearchOptions(batch_size=16),
+        model, Gallery({m: gallery.arrays[m] for m in dims}, tokens, coords), index=index,
+        query_modalities=["visual"], options=SearchOptions(batch_size=16),
     )  # fmt: skip
     return geo, gallery, queries
 
@@ -79,9 +81,9 @@ def test_geotoken_rows_in_one_table(geolocator_and_splits, tmp_path):
         assert 0 <= cal["within_200km"]["ece"] <= 1
         assert len(cal["levels"]) == geo.model.cfg.n_tokens
     # the greedy row equals the model's own (gallery-constrained) greedy decoding of the same inputs
-    from geotoken.decode import generate
+    from geotoken.search.decode import generate
 
-    batch = geo._batch({m: queries.arrays[m] for m in ("visual", "gps")}, geo.neighbours(queries.arrays))
+    batch = geo.batch({m: queries.arrays[m] for m in ("visual", "gps")}, geo.neighbours(queries.arrays))
     with torch.no_grad():
         pool, _ = generate(geo.model, batch, "greedy", constraint=geo.constraint)
     lat, lon = s2.tokens_to_latlon(pool.tokens[:, 0], geo.model.cfg.level, geo.model.cfg.group)

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from geotoken.errors import GeoTokenError
-from geotoken.select import Candidates
-from geotoken.select.mllm import MLLMConfig, parse_answer, select_mllm
+from geotoken.search.candidates import Candidates
+from geotoken.search.mllm import MLLMConfig, parse_answer, select_mllm
 
 # Two images, three candidates each; candidate 0 is the most likely.
 LAT = np.array([[48.8566, 51.5074, 40.7128], [35.6762, -33.8688, 55.7558]])

@@ -208,7 +208,7 @@ def test_save_load_roundtrip(tmp_path):
 
 
 def test_greedy_matches_argmax_of_full_decode():
-    from geotoken.decode import greedy
+    from geotoken.search.decode import greedy
 
     m = tiny()
     b = make_batch(m.cfg)

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from geotoken import assets, s2
-from geotoken.calibration import Calibration
+from geotoken.bundle import SearchOptions
 from geotoken.errors import GeoTokenError
+from geotoken.gallery import Gallery
 from geotoken.model import GeoToken, preset
-from geotoken.predict import Geolocator, SearchOptions
+from geotoken.predict import Geolocator
+from geotoken.search.calibration import Calibration
 
 torch.set_num_threads(1)
 DIMS = {"visual": 16, "gps": 16, "text": 8}
@@ -56,9 +58,7 @@ def make_geolocator(backbone=None, calibration=None, **options):
     heads = Heads(backbone.dim).eval() if backbone is not None else None
     return Geolocator(
         model,
-        gallery,
-        coords,
-        tokens,
+        Gallery(gallery, tokens, coords),
         index=DotIndex(gallery["visual"].astype(np.float32)),
         query_modalities=["visual"],
         backbone=backbone,
@@ -77,12 +77,12 @@ def test_predict_embeddings_candidates_are_complete_and_consistent():
     geo = make_geolocator()
     preds = geo.predict_embeddings(embeddings(), top_k=4, strategy="beam")
     assert len(preds) == 3
-    gallery_cells = set(map(tuple, geo.gallery_tokens.tolist()))
+    gallery_cells = set(map(tuple, geo.gallery.tokens.tolist()))
     for p in preds:
         assert len(p.candidates) == 4
         d = json.loads(json.dumps(p.to_dict()))  # JSON-serialisable
-        assert d["lat"] == p.candidates[0]["lat"] and d["strategy"] == "beam"
-        for c in p.candidates:
+        assert d["lat"] == p.candidates[0].lat and d["strategy"] == "beam"
+        for c in d["candidates"]:  # the JSON form of each `Candidate`
             assert 0 <= c["probability"] <= 1 and set(c["within"]) == {"25km", "200km", "750km"}
             assert len(c["polygon"]) == 4 and len(c["level_confidence"]) == geo.model.cfg.n_tokens
             assert np.all(np.diff(c["level_confidence"]) <= 1e-12)
@@ -93,7 +93,7 @@ def test_predict_embeddings_candidates_are_complete_and_consistent():
                 in gallery_cells
             )  # constrained
             assert "country" in c["place"]
-        logps = [c["logp"] for c in p.candidates]
+        logps = [c.logp for c in p.candidates]
         assert logps == sorted(logps, reverse=True)
         assert set(p.timings_ms) >= {"retrieve", "decode", "select", "total"}
 
@@ -117,11 +117,11 @@ def test_strategies_and_selectors():
     e = embeddings()
     greedy = geo.search(e, strategy="greedy")
     assert greedy.pool.tokens.shape[1] == 1
-    beam = geo.search(e, strategy="beam", width=5)
+    beam = geo.search(e, strategy="beam", beam_width=5)
     assert (beam.pool.logp[:, 0] >= greedy.pool.logp[:, 0] - 1e-5).all()
-    sampled = geo.search(e, strategy="sample", samples=8, select="consensus", radius_km=2000)
+    sampled = geo.search(e, strategy="sample", num_samples=8, select="consensus", radius_km=2000)
     assert sampled.pool.tokens.shape[1] == 8 and (sampled.selection.index >= 0).all()
-    preds = geo.predict_embeddings(e, top_k=3, strategy="sample", samples=8, select="consensus")
+    preds = geo.predict_embeddings(e, top_k=3, strategy="sample", num_samples=8, select="consensus")
     assert all(1 <= len(p.candidates) <= 3 and p.select == "consensus" for p in preds)
     with pytest.raises(GeoTokenError, match="reward"):
         geo.search(e, select="reward")
@@ -136,9 +136,9 @@ def test_unconstrained_and_calibrated():
     e = embeddings()
     a = geo.predict_embeddings(e, top_k=1, constrain=False)[0].candidates[0]
     b = raw.predict_embeddings(e, top_k=1, constrain=False)[0].candidates[0]
-    assert a["cell"] == b["cell"]
+    assert a.cell == b.cell
     # a temperature below 1 pushes probabilities away from 0.5
-    assert abs(a["probability"] - 0.5) >= abs(b["probability"] - 0.5) - 1e-12
+    assert abs(a.probability - 0.5) >= abs(b.probability - 0.5) - 1e-12
 
 
 def test_predict_images_with_real_backbone():

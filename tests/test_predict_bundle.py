@@ -10,7 +10,8 @@ from PIL import Image
 from geotoken import assets
 from geotoken.cli import main
 from geotoken.errors import GeoTokenError
-from geotoken.predict import Geolocator, random_bundle
+from geotoken.predict import Geolocator
+from geotoken.testing import random_bundle
 
 torch.set_num_threads(1)
 
@@ -26,18 +27,18 @@ def test_from_bundle_predicts(bundle):
     assert info["gallery_rows"] == 64 and info["query_modalities"] == ["visual"]
     json.dumps(info)
     photo = Image.open(assets.sample_image())
-    [pred] = geo.predict([photo], top_k=3, strategy="sample", samples=6, select="consensus")
+    [pred] = geo.predict([photo], top_k=3, strategy="sample", num_samples=6, select="consensus")
     assert 1 <= len(pred.candidates) <= 3 and pred.select == "consensus"
-    assert -90 <= pred.lat <= 90 and len(pred.candidates[0]["cell"]) == 11  # level-20 token
+    assert -90 <= pred.lat <= 90 and len(pred.candidates[0].cell) == 11  # level-20 token
 
 
 def test_bf16_predictions_follow_fp32(bundle):
     geo = Geolocator.from_bundle(bundle)
     photo = Image.open(assets.sample_image())
-    [fp32] = geo.predict([photo], top_k=3, strategy="beam", width=3)
-    [bf16] = geo.predict([photo], top_k=3, strategy="beam", width=3, dtype="bf16")
-    assert bf16.candidates[0]["cell"][:4] == fp32.candidates[0]["cell"][:4]  # same coarse cell
-    assert abs(bf16.candidates[0]["probability"] - fp32.candidates[0]["probability"]) < 0.1
+    [fp32] = geo.predict([photo], top_k=3, strategy="beam", beam_width=3)
+    [bf16] = geo.predict([photo], top_k=3, strategy="beam", beam_width=3, dtype="bf16")
+    assert bf16.candidates[0].cell[:4] == fp32.candidates[0].cell[:4]  # same coarse cell
+    assert abs(bf16.candidates[0].probability - fp32.candidates[0].probability) < 0.1
     with pytest.raises(GeoTokenError, match="dtype 'fp16'"):
         geo.predict([photo], dtype="fp16")
 
@@ -99,9 +100,9 @@ def test_train_reward_and_calibrate_commands(bundle, tmp_path, capsys):
             str(tmp_path / "nbrs"),
             "--epochs",
             "1",
-            "--samples",
+            "--num-samples",
             "2",
-            "--beams",
+            "--beam-width",
             "2",
             "--retrieved",
             "2",
@@ -121,9 +122,9 @@ def test_train_reward_and_calibrate_commands(bundle, tmp_path, capsys):
     geo = Geolocator.from_bundle(work)
     assert geo.reward is not None and geo.calibration is not None
     [pred] = geo.predict([Image.open(assets.sample_image())], top_k=2, strategy="beam", select="reward")
-    assert pred.select == "reward" and 0 <= pred.candidates[0]["probability"] <= 1
+    assert pred.select == "reward" and 0 <= pred.candidates[0].probability <= 1
     [pooled] = geo.predict(
-        [Image.open(assets.sample_image())], top_k=4, strategy="sample+retrieval", samples=2, retrieved=2
+        [Image.open(assets.sample_image())], top_k=4, strategy="sample+retrieval", num_samples=2, retrieved=2
     )
     assert pooled.strategy == "sample+retrieval" and len(pooled.candidates) <= 4
     assert main(["train-reward", *args, "--neighbours", str(tmp_path / "nbrs"), "--retrieved", "-1"]) == 2

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from geotoken.errors import GeoTokenError
-from geotoken.select import Candidates, duplicate_mask, pool_weights, select
+from geotoken.search.candidates import Candidates, duplicate_mask, pool_weights
+from geotoken.search.select import select
 
 
 def pool_from(lat, lon, p, tokens=None):

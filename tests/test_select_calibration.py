@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from geotoken.calibration import (
+from geotoken.errors import GeoTokenError
+from geotoken.search.calibration import (
     Calibration,
     apply_temperature,
     calibration_data,
@@ -16,8 +17,8 @@ from geotoken.calibration import (
     reliability_plot,
     within_confidence,
 )
-from geotoken.errors import GeoTokenError
-from geotoken.select import Candidates, select
+from geotoken.search.candidates import Candidates
+from geotoken.search.select import select
 
 
 def test_ece_by_hand():

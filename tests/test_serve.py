@@ -14,8 +14,9 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from geotoken.io import read_json, write_json  # noqa: E402
-from geotoken.predict import Geolocator, Prediction, random_bundle  # noqa: E402
+from geotoken.predict import Candidate, Geolocator, Prediction  # noqa: E402
 from geotoken.serve import ServeConfig, create_app  # noqa: E402
+from geotoken.testing import random_bundle  # noqa: E402
 
 
 def small_geolocator(directory) -> Geolocator:
@@ -206,7 +207,7 @@ class BlockingPredictor:
     def predict(self, images, top_k=5, strategy=None, select=None):
         self.calls.append(len(images))
         self.release.wait(10)
-        cand = {"lat": 1.0, "lon": 2.0, "probability": float("nan"), "polygon": [], "cell": "", "place": {}}
+        cand = Candidate(1.0, 2.0, float("nan"), 200.0, {}, None, "", 20, [], {}, None, "pool")
         return [Prediction([cand], {"total": 1.0}, strategy or "beam", select or "logp") for _ in images]
 
 
@@ -253,7 +254,7 @@ def test_requests_that_wait_together_are_one_batch():
 def test_the_page_offers_every_strategy_and_selector():
     import re
 
-    from geotoken.select import SELECTORS, STRATEGIES
+    from geotoken.search import SELECTORS, STRATEGIES
     from geotoken.serve.app import STATIC_DIR
 
     page = (STATIC_DIR / "index.html").read_text()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from geotoken.errors import GeoTokenError
+from geotoken.gallery import Gallery
 from geotoken.model import GeoToken, preset
 from geotoken.train import TrainConfig, TrainData, batch_rows, epoch_order, lr_at, steps_per_epoch, train
 
@@ -26,11 +27,12 @@ def synthetic(n: int = 64, k: int = 6, seed: int = 0, coords: bool = False) -> T
     tokens = np.concatenate([face[:, None], rng.integers(0, 16, (n, 3))], axis=1)  # level 6, group 2
     nbr = (np.arange(n)[:, None] + 6 * rng.integers(1, n // 6, (n, k))) % n  # same face, never itself
     xy = np.stack([rng.uniform(-80, 80, n), rng.uniform(-180, 180, n)], 1) if coords else None
-    return TrainData(emb, emb, nbr.astype(np.int64), tokens, tokens, xy)
+    return TrainData(emb, Gallery(emb, tokens), nbr.astype(np.int64), tokens, xy)
 
 
 def model_cfg(**kw):
-    return preset("tiny", d_model=32, n_heads=2, d_ff=64, level=6, group=2, k=4, modalities=MODS, **kw)
+    base = dict(d_model=32, n_heads=2, d_ff=64, level=6, group=2, k=4, modalities=MODS)
+    return preset("tiny", **{**base, **kw})
 
 
 def quiet(**kw) -> TrainConfig:
@@ -51,12 +53,14 @@ def weights_hash(model: GeoToken) -> str:
 def test_batch_is_gathered_by_indexing():
     data = synthetic()
     rows = np.array([5, 0, 63])
-    b = data.batch(rows, k=4)
+    b = data.batch(rows, model_cfg(k=4))
     assert b.query["visual"].shape == (3, 12) and b.query["visual"].dtype == torch.float32
     assert b.nbr["gps"].shape == (3, 4, 8) and b.nbr_tokens.shape == (3, 4, 4) and b.targets.shape == (3, 4)
     n = data.neighbours[63, 2]
-    np.testing.assert_array_equal(b.nbr["gps"][2, 2].numpy(), data.gallery["gps"][n].astype(np.float32))
-    np.testing.assert_array_equal(b.nbr_tokens[2, 2].numpy(), data.gallery_tokens[n])
+    np.testing.assert_array_equal(
+        b.nbr["gps"][2, 2].numpy(), data.gallery.embeddings["gps"][n].astype(np.float32)
+    )
+    np.testing.assert_array_equal(b.nbr_tokens[2, 2].numpy(), data.gallery.tokens[n])
     np.testing.assert_array_equal(b.targets.numpy(), data.query_tokens[rows])
 
 
@@ -64,14 +68,14 @@ def test_check_names_the_bad_field():
     data = synthetic()
     data.neighbours[7, 1] = 10_000
     with pytest.raises(GeoTokenError, match="row 7 column 1 is 10000"):
-        data.check(MODS, 4, [6, 16, 16, 16])
+        data.check(model_cfg())
     data.neighbours[7, 1] = -1  # a row the retrieval stage skipped: not an error, just not used
-    data.check(MODS, 4, [6, 16, 16, 16])
+    data.check(model_cfg())
     assert not data.usable(4)[7] and data.usable(4).sum() == 63
     with pytest.raises(GeoTokenError, match="'text'"):
-        synthetic().check({**MODS, "text": 4}, 4, [6, 16, 16, 16])
+        synthetic().check(preset("tiny", level=6, group=2, k=4, modalities={**MODS, "text": 4}))
     with pytest.raises(GeoTokenError, match="k=9"):
-        synthetic().check(MODS, 9, [6, 16, 16, 16])
+        synthetic().check(model_cfg(k=9))
 
 
 def test_data_order_is_a_disjoint_deterministic_shard_per_rank():
@@ -165,7 +169,7 @@ def test_validation_reports_km_accuracy(tmp_path):
     from geotoken.s2 import latlon_to_tokens
 
     data = synthetic(coords=True)
-    data.query_tokens = data.gallery_tokens = latlon_to_tokens(
+    data.query_tokens = data.gallery.tokens = latlon_to_tokens(
         data.query_coords[:, 0], data.query_coords[:, 1], 6, 2
     )
     cfg = quiet(max_steps=8, val_every=1)

@@ -283,14 +283,15 @@ def run_demo(
     model_dir, _ = run.stage("model", model_id, build_model)
 
     # ------------------------------------------------------------------ bundle
+    from geotoken.bundle import save_bundle
     from geotoken.model import GeoToken
-    from geotoken.predict import Geolocator, save_bundle
+    from geotoken.predict import Geolocator
 
     bundle_id = {"model": model_id, "reward_images": cfg.reward_images}
 
     def build_bundle(folder: Path) -> dict:
-        from geotoken.calibration import calibrate_bundle
-        from geotoken.select.reward import RewardConfig, train_bundle_reward
+        from geotoken.fit import calibrate_bundle, train_bundle_reward
+        from geotoken.search.reward import RewardConfig
 
         model = GeoToken.load(model_dir / "best")
         save_bundle(
@@ -382,7 +383,7 @@ def _predict_samples(geolocator, manifest, rows) -> list[dict]:
     out = []
     for r, pred in zip(rows, preds, strict=True):
         best = pred.candidates[0]
-        err = float(haversine_km(manifest.lat[r], manifest.lon[r], best["lat"], best["lon"]))
+        err = float(haversine_km(manifest.lat[r], manifest.lon[r], best.lat, best.lon))
         out.append(
             {"id": str(manifest.ids[r]), "image": str(manifest.images[r]), "true": [float(manifest.lat[r]),
              float(manifest.lon[r])], "error_km": round(err, 1), **pred.to_dict()}

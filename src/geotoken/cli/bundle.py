@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from geotoken.bundle import assemble_bundle
+
 HELP = "assemble a model bundle (backbone, alignment heads, gallery + index, model) for predict / serve"
 
 EPILOG = """\
@@ -35,35 +37,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from geotoken.align import AlignHeads
-    from geotoken.errors import GeoTokenError
-    from geotoken.features import FeatureStore
-    from geotoken.model import GeoToken
-    from geotoken.predict import save_bundle
-    from geotoken.retrieval import NeighbourIndex
-
-    gallery = FeatureStore.open(args.gallery)
-    backbone = gallery.header.get("backbone")
-    if not backbone:
-        raise GeoTokenError(
-            f"{args.gallery}: store.json has no field 'backbone' (was it written by `geotoken embed`?)"
-        )
-    index = NeighbourIndex.load(args.index)
-    embedding = index.meta.get("embedding")
-    if not embedding:
-        raise GeoTokenError(f"{args.index}: index.json has no field 'embedding'")
-    if index.meta.get("gallery_rows") not in (None, gallery.rows):
-        raise GeoTokenError(
-            f"{args.index}: built over {index.meta['gallery_rows']} gallery rows, {args.gallery} has {gallery.rows}"
-        )
-    out = save_bundle(
-        args.out,
-        model=GeoToken.load(args.model),
-        backbone_config=backbone,
-        heads=AlignHeads.load(args.align),
-        gallery_store=gallery,
-        index=index,
-        query_modalities=embedding.split("+"),
+    out = assemble_bundle(
+        args.out, model=args.model, align=args.align, gallery=args.gallery, index=args.index
     )
     print(f"bundle written to {out}")
     return 0

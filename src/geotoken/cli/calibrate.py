@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from geotoken.select import STRATEGIES
+from geotoken.fit import calibrate_bundle
+from geotoken.predict import Geolocator
+from geotoken.search import SELECTORS, STRATEGIES
+from geotoken.search.calibration import RADII_KM
 
 
 def register(subparsers) -> None:
@@ -30,20 +33,15 @@ def register(subparsers) -> None:
         help="decoding (default: the bundle's)",
     )
     p.add_argument(
-        "--select", choices=["logp", "consensus", "reward"], help="selector (default: the bundle's)"
+        "--select", choices=[s for s in SELECTORS if s != "mllm"], help="selector (default: the bundle's)"
     )
-    p.add_argument(
-        "--radii-km", type=float, nargs="+", default=[25.0, 200.0, 750.0], help="events to calibrate"
-    )
+    p.add_argument("--radii-km", type=float, nargs="+", default=list(RADII_KM), help="events to calibrate")
     p.add_argument("--plot", metavar="PNG", help="also write a reliability plot here")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from geotoken.calibration import calibrate_bundle
-    from geotoken.predict import Geolocator
-
     geo = Geolocator.from_bundle(args.model, device=args.device)
     report = calibrate_bundle(
         geo, args.queries, args.neighbours, args.strategy, args.select, args.radii_km, plot=args.plot

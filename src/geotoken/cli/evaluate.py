@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from geotoken import DTYPES
-from geotoken.select import STRATEGIES
+from geotoken.search import STRATEGIES
 
 # the same names as geotoken.evaluate.METHODS (a test checks); kept here so `--help` imports nothing heavy
 BASELINES = ("prior", "nn", "knn", "cells", "gps-gallery")

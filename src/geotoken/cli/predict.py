@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
 from geotoken import DTYPES
-from geotoken.select import STRATEGIES
+from geotoken.data.images import open_image
+from geotoken.errors import GeoTokenError
+from geotoken.predict import Geolocator
+from geotoken.search import SELECTORS, STRATEGIES
 
 
 def register(subparsers) -> None:
@@ -28,11 +32,9 @@ def register(subparsers) -> None:
         choices=STRATEGIES,
         help="decoding (default: the bundle's)",
     )
-    p.add_argument(
-        "--select", choices=["logp", "consensus", "reward", "mllm"], help="selector (default: the bundle's)"
-    )
-    p.add_argument("--width", type=int, help="beam width")
-    p.add_argument("--samples", type=int, help="samples per photo (strategy sample)")
+    p.add_argument("--select", choices=SELECTORS, help="selector (default: the bundle's)")
+    p.add_argument("--beam-width", type=int, help="beam width (strategy beam)")
+    p.add_argument("--num-samples", type=int, help="samples per photo (strategy sample)")
     p.add_argument(
         "--retrieved", type=int, help="neighbours' cells pooled with the samples (sample+retrieval)"
     )
@@ -53,9 +55,6 @@ def register(subparsers) -> None:
 
 def _open(ref: str):
     """The decoded image, or the one-line reason it cannot be read. Accepts SHARD.tar#MEMBER too."""
-    from geotoken.data.images import open_image
-    from geotoken.errors import GeoTokenError
-
     try:
         return open_image(ref), None
     except (GeoTokenError, OSError) as exc:
@@ -65,25 +64,22 @@ def _open(ref: str):
 def _text(path: str, pred) -> str:
     lines = [f"{path}  ({pred.strategy}, {pred.select}{'; ' + pred.note if pred.note else ''})"]
     for i, c in enumerate(pred.candidates, 1):
-        place = ", ".join(x for x in (c["place"].get("city"), c["place"].get("country")) if x)
-        levels = " ".join(f"{v:.2f}" for v in c["level_confidence"] or [])
+        place = ", ".join(x for x in (c.place.get("city"), c.place.get("country")) if x)
+        levels = " ".join(f"{v:.2f}" for v in c.level_confidence or [])
         lines.append(
-            f"  {i}. {c['lat']:9.5f} {c['lon']:10.5f}  p(<{c['probability_within_km']:g} km)={c['probability']:.3f}  "
-            f"cell {c['cell']}  {place or '-'}" + (f"  levels {levels}" if levels else "")
+            f"  {i}. {c.lat:9.5f} {c.lon:10.5f}  p(<{c.probability_within_km:g} km)={c.probability:.3f}  "
+            f"cell {c.cell}  {place or '-'}" + (f"  levels {levels}" if levels else "")
         )
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    from geotoken.errors import GeoTokenError
-    from geotoken.predict import Geolocator
-
     if args.top_k < 1:
         raise GeoTokenError(f"--top-k must be >= 1, got {args.top_k}")
     geo = Geolocator.from_bundle(args.model, device=args.device)
     options = {
-        "width": args.width,
-        "samples": args.samples,
+        "beam_width": args.beam_width,
+        "num_samples": args.num_samples,
         "retrieved": args.retrieved,
         "temperature": args.temperature,
         "radius_km": args.radius_km,
@@ -93,9 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_constrain:
         options["constrain"] = False
     if args.mllm_mode:
-        from dataclasses import replace
-
-        options["mllm"] = replace(geo.options.mllm, mode=args.mllm_mode)
+        options["mllm"] = dataclasses.replace(geo.options.mllm, mode=args.mllm_mode)
 
     results, failed = [], 0
     for start in range(0, len(args.photos), args.batch_size):

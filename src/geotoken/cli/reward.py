@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from geotoken.errors import GeoTokenError
+from geotoken.fit import train_bundle_reward
+from geotoken.predict import Geolocator
+from geotoken.search.reward import RewardConfig
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -24,32 +29,39 @@ def register(subparsers) -> None:
         "--neighbours", required=True, metavar="TABLE", help="their neighbour table (self excluded)"
     )
     p.add_argument(
-        "--radius-km", type=float, default=200.0, help="what counts as a good candidate (default 200)"
+        "--radius-km", type=float, default=RewardConfig.radius_km, help="what counts as a good candidate (km)"
     )
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=RewardConfig.epochs)
     p.add_argument(
-        "--max-images", type=int, default=4000, help="random subset of training images (default 4000)"
+        "--max-images", type=int, default=RewardConfig.max_images, help="random subset of training images"
     )
-    p.add_argument("--beams", type=int, default=5, help="beam candidates per image (default 5)")
-    p.add_argument("--samples", type=int, default=10, help="sampled candidates per image (default 10)")
+    p.add_argument(
+        "--beam-width", type=int, default=RewardConfig.beam_width, help="beam candidates per image"
+    )
+    p.add_argument(
+        "--num-samples", type=int, default=RewardConfig.num_samples, help="sampled candidates per image"
+    )
     p.add_argument(
         "--retrieved",
         type=int,
-        default=5,
-        help="retrieved neighbours' cells per image (default 5, at most k)",
+        default=RewardConfig.retrieved,
+        help="retrieved neighbours' cells per image (at most k)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=RewardConfig.seed)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from geotoken.errors import GeoTokenError
-    from geotoken.predict import Geolocator
-    from geotoken.select.reward import RewardConfig, train_bundle_reward
-
-    if args.epochs < 1 or args.max_images < 1 or args.beams < 1 or min(args.samples, args.retrieved) < 0:
-        raise GeoTokenError("--epochs, --max-images, --beams must be >= 1, --samples, --retrieved >= 0")
+    if (
+        args.epochs < 1
+        or args.max_images < 1
+        or args.beam_width < 1
+        or min(args.num_samples, args.retrieved) < 0
+    ):
+        raise GeoTokenError(
+            "--epochs, --max-images, --beam-width must be >= 1, --num-samples, --retrieved >= 0"
+        )
     if not args.radius_km > 0:
         raise GeoTokenError(f"--radius-km must be > 0, got {args.radius_km}")
     geo = Geolocator.from_bundle(args.model, device=args.device)
@@ -57,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
         radius_km=args.radius_km,
         epochs=args.epochs,
         max_images=args.max_images,
-        beams=args.beams,
-        samples=args.samples,
+        beam_width=args.beam_width,
+        num_samples=args.num_samples,
         retrieved=args.retrieved,
         seed=args.seed,
     )

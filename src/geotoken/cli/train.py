@@ -121,21 +121,7 @@ def run(args) -> int:
                 "--val-features needs --val-neighbours (its neighbour folder into the gallery)"
             )
         val = TrainData.load(
-            args.val_features,
-            args.val_neighbours,
-            args.gallery or args.features,
-            names,
-            args.level,
-            args.group,
-        )
-        val = TrainData(
-            val.query,
-            data.gallery,
-            val.neighbours,
-            val.query_tokens,
-            data.gallery_tokens,
-            val.query_coords,
-            val.source,
+            args.val_features, args.val_neighbours, data.gallery, names, args.level, args.group
         )
         train_rows, val_rows = np.arange(data.rows), np.arange(min(val.rows, args.val_max))
     else:

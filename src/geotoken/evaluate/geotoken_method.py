@@ -55,9 +55,9 @@ def _bundle_identity(path: Path) -> dict:
 
 
 def _calibration_arrays(geo, res, queries: Split) -> dict[str, np.ndarray]:
-    """Raw confidences and outcomes of the run (see geotoken.calibration.calibration_data), as arrays."""
-    from geotoken.calibration import Calibration, calibration_data
+    """Raw confidences and outcomes of the run (see geotoken.search.calibration.calibration_data), as arrays."""
     from geotoken.s2 import latlon_to_tokens
+    from geotoken.search.calibration import Calibration, calibration_data
 
     cfg = geo.model.cfg
     true_tokens = latlon_to_tokens(queries.lat, queries.lon, cfg.level, cfg.group)
@@ -80,7 +80,7 @@ def calibration_from_arrays(extra: dict, plot: str | Path | None = None) -> dict
     """ECE report (and optionally a reliability PNG) from the arrays `_calibration_arrays` stored."""
     if "cal_radii" not in extra:
         return None
-    from geotoken.calibration import Calibration, calibration_report
+    from geotoken.search.calibration import Calibration, calibration_report
 
     radii = [float(r) for r in extra["cal_radii"]]
     data = {
@@ -123,7 +123,7 @@ def run_geotoken(
     geo, neighbours, embeddings = geolocator, None, None
     for strategy, select in rows_to_run(cfg):
         label = row_label(strategy, select, cfg)
-        options = {"strategy": strategy, "select": select, "width": cfg.beam_width, "samples": cfg.num_samples,
+        options = {"strategy": strategy, "select": select, "beam_width": cfg.beam_width, "num_samples": cfg.num_samples,
                    "temperature": cfg.temperature, "batch_size": cfg.batch_size, "dtype": cfg.dtype,
                    "retrieved": cfg.retrieved}  # fmt: skip
         conf = {"model": cfg.model, **options}

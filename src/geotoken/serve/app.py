@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from geotoken.errors import GeoTokenError
-from geotoken.select import SELECTORS, STRATEGIES
+from geotoken.search import SELECTORS, STRATEGIES
 
 STATIC_DIR = Path(__file__).parent / "static"
 

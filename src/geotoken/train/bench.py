@@ -49,6 +49,7 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, min_seconds: float = 0.5) -
 
 def random_data(cfg: ModelConfig, rows: int = GALLERY_ROWS, seed: int = 0):
     """Gallery = training queries (as on MP16): float16 embeddings, int64 neighbour table and tokens."""
+    from geotoken.gallery import Gallery
     from geotoken.train.data import TrainData
 
     rng = np.random.default_rng(seed)
@@ -58,7 +59,7 @@ def random_data(cfg: ModelConfig, rows: int = GALLERY_ROWS, seed: int = 0):
     }
     tokens = (rng.random((rows, cfg.n_tokens)) * np.array(cfg.vocab_sizes)).astype(np.int64)
     nbr = rng.integers(0, rows, (rows, cfg.k + 1), dtype=np.int64)
-    return TrainData(emb, emb, nbr, tokens, tokens)
+    return TrainData(emb, Gallery(emb, tokens), nbr, tokens)
 
 
 def time_steps(step: Callable[[int], None], iters: int, warmup: int) -> float:
@@ -104,7 +105,7 @@ def bench_ours(
         warmup = max(warmup, 2)
 
     def step(_: int, net: torch.nn.Module = net) -> None:
-        b = data.batch(rng.integers(0, data.rows, batch), cfg.k)
+        b = data.batch(rng.integers(0, data.rows, batch), cfg)
         with precision(dtype):
             _, loss = net(b)
         opt.zero_grad(set_to_none=True)

@@ -24,10 +24,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from geotoken.errors import GeoTokenError
+from geotoken.geo import THRESHOLDS_KM, haversine_km
 from geotoken.io import atomic_path, read_json, write_json
 from geotoken.model import DTYPES, GeoToken, ModelConfig, precision
+from geotoken.s2 import tokens_to_latlon
+from geotoken.search.decode import greedy
 from geotoken.train.data import TrainData, batch_rows, epoch_order, steps_per_epoch
 
 
@@ -178,13 +182,11 @@ def validate(
     model: GeoToken, data: TrainData, rows: np.ndarray, cfg: TrainConfig, device: torch.device
 ) -> dict:
     """Greedy decoding of `rows`: teacher-forced loss, token accuracy, and accuracy within each km threshold."""
-    from geotoken.decode import greedy
-
     model.eval()
-    k, T = model.cfg.k, model.cfg.n_tokens
+    T = model.cfg.n_tokens
     losses, pred = [], []
     for s in range(0, len(rows), cfg.val_batch_size):
-        batch = data.batch(rows[s : s + cfg.val_batch_size], k).to(device)
+        batch = data.batch(rows[s : s + cfg.val_batch_size], model.cfg).to(device)
         with precision(cfg.dtype, device):
             _, loss = model(batch)
             tokens, _ = greedy(model, batch)
@@ -199,9 +201,6 @@ def validate(
         "val_token_prefix": float(prefix.mean() / T),
     }
     if data.query_coords is not None:
-        from geotoken.geo import THRESHOLDS_KM, haversine_km
-        from geotoken.s2 import tokens_to_latlon
-
         lat, lon = tokens_to_latlon(pred, model.cfg.level, model.cfg.group)
         coords = np.asarray(data.query_coords[rows])
         err = haversine_km(coords[:, 0], coords[:, 1], lat, lon)
@@ -240,10 +239,10 @@ def train(
     dev = torch.device(
         device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     )
-    data.check(model_cfg.modalities, model_cfg.k, model_cfg.vocab_sizes)
+    data.check(model_cfg)
     val_data = val_data if val_data is not None else data
     if val_rows is not None and len(val_rows):
-        val_data.check(model_cfg.modalities, model_cfg.k, model_cfg.vocab_sizes)
+        val_data.check(model_cfg)
     train_rows = np.arange(data.rows) if train_rows is None else np.asarray(train_rows, dtype=np.int64)
     train_rows = train_rows[data.usable(model_cfg.k)[train_rows]]  # drop rows the retrieval stage skipped
     if val_rows is not None:
@@ -287,7 +286,7 @@ def train(
         rows = train_rows[
             batch_rows(epoch_order(len(train_rows), cfg.seed, epoch), i, cfg.batch_size, d.rank, d.world)
         ]
-        batch = data.batch(rows, model_cfg.k).to(dev, non_blocking=True)
+        batch = data.batch(rows, model_cfg).to(dev, non_blocking=True)
         lr = lr_at(cfg, step, total, per_epoch)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -352,8 +351,6 @@ def _sync_best(state: dict, d: Dist) -> None:
 def _progress(cfg: TrainConfig, d: Dist, total: int, step: int):
     if not (cfg.progress and d.main):
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
 

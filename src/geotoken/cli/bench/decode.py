@@ -55,9 +55,9 @@ def run_benchmark(
     """The figures as a dict (see the module docstring)."""
     import torch
 
-    from geotoken.decode import beam_search, sample
     from geotoken.model import Batch, GeoToken, precision
     from geotoken.model import preset as model_preset
+    from geotoken.search.decode import beam_search, sample
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

@@ -1,14 +1,8 @@
-"""Choosing one answer from a pool of decoded candidates (beams and/or samples).
+"""The candidate pool of test-time search and a selector's choice: what decoding makes and selection reads.
 
 A `Candidates` pool holds, per image, N token sequences with their log-probabilities, cell-centre
 coordinates and the per-level probabilities of each path. A selector turns a pool into a `Selection`:
 a score per candidate (higher is better, used to rank the pool), the chosen index and its coordinate.
-
-- `logp`: the most likely candidate (what the model alone would answer).
-- `consensus`: the candidate with the most probability mass within R km, or the geometric medoid;
-  several beams or samples that agree on a region outvote one sharp but isolated guess.
-- `reward` (`geotoken.select.reward`): a learned scorer of "is this candidate within X km".
-- `mllm` (`geotoken.select.mllm`): a multimodal LLM behind an OpenAI-compatible endpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +13,6 @@ import numpy as np
 
 from geotoken.errors import GeoTokenError
 
-SELECTORS = ("logp", "consensus", "reward", "mllm")
 # How a pool is made (`geotoken.decode.generate`): "beam+sample" pools `width` beams and `n` samples;
 # "sample+retrieval" pools `n` samples and the cells of the first `retrieved` retrieved neighbours.
 STRATEGIES = ("greedy", "beam", "sample", "beam+sample", "sample+retrieval")
@@ -62,10 +55,21 @@ class Candidates:
             self.level_probs[rows, order],
         )
 
+    def images(self, start: int, stop: int) -> Candidates:
+        """The pools of images start..stop-1."""
+        return Candidates(*(getattr(self, f)[start:stop] for f in _FIELDS))
+
     @staticmethod
     def concat(pools: list[Candidates]) -> Candidates:
         """Join pools of the same images along the candidate axis (e.g. beams + samples)."""
         return Candidates(*(np.concatenate([getattr(p, f) for p in pools], axis=1) for f in _FIELDS))
+
+    @staticmethod
+    def join(pools: list[Candidates]) -> Candidates:
+        """Join pools of successive batches of images along the image axis."""
+        if len(pools) == 1:
+            return pools[0]
+        return Candidates(*(np.concatenate([getattr(p, f) for p in pools], axis=0) for f in _FIELDS))
 
 
 _FIELDS = ("tokens", "logp", "lat", "lon", "level_probs")
@@ -81,6 +85,14 @@ class Selection:
     scores: np.ndarray  # (B, N) float64, higher is better; ranks the pool (duplicates get -inf)
     notes: list[str] = field(default_factory=list)  # per image: why (e.g. a fallback), "" when nothing to say
 
+    @staticmethod
+    def join(selections: list[Selection]) -> Selection:
+        """Join the selections of successive batches of images."""
+        if len(selections) == 1:
+            return selections[0]
+        cat = [np.concatenate([getattr(s, f) for s in selections]) for f in ("index", "lat", "lon", "scores")]
+        return Selection(*cat, notes=[n for s in selections for n in s.notes])
+
 
 def duplicate_mask(tokens: np.ndarray) -> np.ndarray:
     """(B, N) bool: True where a candidate repeats an earlier one of the same image (samples often do)."""
@@ -94,7 +106,7 @@ def pool_weights(pool: Candidates) -> np.ndarray:
     return np.where(duplicate_mask(pool.tokens), 0.0, np.exp(pool.logp))
 
 
-def _from_scores(pool: Candidates, scores: np.ndarray, notes: list[str] | None = None) -> Selection:
+def from_scores(pool: Candidates, scores: np.ndarray, notes: list[str] | None = None) -> Selection:
     """Pick the best score per image; ties go to the higher log-probability."""
     scores = np.where(duplicate_mask(pool.tokens), -np.inf, scores)
     # Lexicographic argmax over (score, logp): sort by logp, then stable argmax of the score.
@@ -112,45 +124,4 @@ def _from_scores(pool: Candidates, scores: np.ndarray, notes: list[str] | None =
 
 def select_logp(pool: Candidates) -> Selection:
     """The most likely candidate."""
-    return _from_scores(pool, pool.logp.astype(np.float64))
-
-
-def pairwise_km(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
-    """(B, N) coordinates -> (B, N, N) great-circle distances in km."""
-    from geotoken.geo import haversine_km
-
-    return haversine_km(lat[:, :, None], lon[:, :, None], lat[:, None, :], lon[:, None, :])
-
-
-def consensus_mass(pool: Candidates, radius_km: float) -> np.ndarray:
-    """(B, N) probability mass of the pool's distinct candidates within `radius_km` of each candidate."""
-    within = pairwise_km(pool.lat, pool.lon) <= radius_km  # (B, N, N)
-    return np.einsum("bij,bj->bi", within.astype(np.float64), pool_weights(pool))
-
-
-def select_consensus(pool: Candidates, radius_km: float = 200.0, medoid: bool = False) -> Selection:
-    """The candidate with the most probability mass within `radius_km`; or (medoid=True) the candidate
-    minimising the probability-weighted sum of distances to the others."""
-    if medoid:
-        cost = np.einsum("bij,bj->bi", pairwise_km(pool.lat, pool.lon), pool_weights(pool))
-        return _from_scores(pool, -cost)
-    if not radius_km > 0:
-        raise GeoTokenError(f"consensus radius_km must be > 0, got {radius_km}")
-    return _from_scores(pool, consensus_mass(pool, radius_km))
-
-
-def select(pool: Candidates, method: str = "logp", **options) -> Selection:
-    """Dispatch by name. `reward` needs `scorer=`, `memory=`; `mllm` needs `images=` (see those modules)."""
-    if method == "logp":
-        return select_logp(pool)
-    if method == "consensus":
-        return select_consensus(pool, **options)
-    if method == "reward":
-        from geotoken.select.reward import select_reward
-
-        return select_reward(pool, **options)
-    if method == "mllm":
-        from geotoken.select.mllm import select_mllm
-
-        return select_mllm(pool, **options)
-    raise GeoTokenError(f"unknown selector {method!r}; choose one of {', '.join(SELECTORS)}")
+    return from_scores(pool, pool.logp.astype(np.float64))

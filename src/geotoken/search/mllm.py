@@ -24,10 +24,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import httpx
 import numpy as np
+from PIL import Image
 
 from geotoken.errors import GeoTokenError
-from geotoken.select import Candidates, Selection, select_logp
+from geotoken.geo import haversine_km
+from geotoken.search.candidates import Candidates, Selection, select_logp
 
 ENV_PREFIX = "GEOTOKEN_MLLM_"
 MODES = ("pool", "free")
@@ -97,8 +100,6 @@ def build_prompt(
 
 def image_data_url(image, max_side: int = 768) -> str:
     """PIL image or encoded bytes -> a JPEG base64 data URL, downscaled so its longer side is <= max_side."""
-    from PIL import Image
-
     if isinstance(image, bytes | bytearray):
         image = Image.open(io.BytesIO(image))
     image = image.convert("RGB")
@@ -142,8 +143,6 @@ class _Retryable(Exception):
 
 def _chat(client, cfg: MLLMConfig, messages: list[dict]) -> str:
     """POST one chat completion with retries; return the message text or raise RuntimeError with the reason."""
-    import httpx
-
     url = cfg.base_url.rstrip("/") + "/chat/completions"
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     body = {
@@ -198,10 +197,6 @@ def select_mllm(
     images: B PIL images or encoded bytes; neighbours_latlon: optional (B, k, 2) context for free mode.
     Candidates shown are the `max_candidates` most likely distinct ones.
     """
-    import httpx
-
-    from geotoken.geo import haversine_km
-
     cfg = (config or MLLMConfig()).resolved()
     B, N = pool.shape
     if len(images) != B:

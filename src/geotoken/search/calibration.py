@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from geotoken.errors import GeoTokenError
+from geotoken.geo import haversine_km
 from geotoken.io import atomic_path, read_json, write_json
+from geotoken.search.candidates import duplicate_mask
 
 RADII_KM = (25.0, 200.0, 750.0)
 _EPS = 1e-9
@@ -136,9 +136,6 @@ def within_confidence(pool, lat: np.ndarray, lon: np.ndarray, radius_km: float, 
     probabilities of the pool's distinct prefixes at that level whose candidates lie within the radius
     (a lower bound: the pool holds only some of the prefixes).
     """
-    from geotoken.geo import haversine_km
-    from geotoken.select import duplicate_mask
-
     t = token_position(radius_km, group, pool.tokens.shape[-1])
     prefix_p = np.prod(pool.level_probs[..., : t + 1], axis=-1)  # (B, N)
     weights = np.where(duplicate_mask(pool.tokens[..., : t + 1]), 0.0, prefix_p)
@@ -208,8 +205,6 @@ def calibration_data(
 
     Returns {"within": {radius: (conf (B,), outcome (B,))}, "levels": (conf (B, T), outcome (B, T))}.
     """
-    from geotoken.geo import haversine_km
-
     err = haversine_km(selection.lat, selection.lon, np.asarray(true_lat), np.asarray(true_lon))
     within = {
         float(r): (within_confidence(pool, selection.lat, selection.lon, r, group), err <= r)
@@ -268,34 +263,3 @@ def calibration_report(
     if plot is not None:
         reliability_plot(curves, plot, title="reliability of the top answer", n_bins=n_bins)
     return report
-
-
-def calibrate_bundle(
-    geo,
-    queries_dir: str | Path,
-    neighbours_dir: str | Path | None = None,
-    strategy: str | None = None,
-    select: str | None = None,
-    radii_km: Sequence[float] = (25.0, 200.0, 750.0),
-    plot: str | Path | None = None,
-    progress: bool = True,
-) -> dict:
-    """Fit a bundle's confidence temperatures on validation images and register them in bundle.json.
-
-    geo: a `Geolocator` loaded from the bundle. Returns the calibration report (ECE before and after, on
-    the same images: held-out figures come from `geotoken evaluate`).
-    """
-    from geotoken.predict import load_queries, set_bundle_part
-    from geotoken.s2 import latlon_to_tokens
-
-    emb, nbrs, lat, lon = load_queries(queries_dir, list(geo.model.cfg.modalities), neighbours_dir)
-    res = geo.search(emb, nbrs, progress=progress, strategy=strategy, select=select)
-    cfg = geo.model.cfg
-    tokens = latlon_to_tokens(lat, lon, cfg.level, cfg.group)
-    data = calibration_data(
-        res.pool, res.selection, lat, lon, tokens, radii_km=list(radii_km), group=cfg.group
-    )
-    cal = fit_calibration(data)
-    cal.save(geo.root / "calibration.json")
-    set_bundle_part(geo.root, "calibration", "calibration.json")
-    return calibration_report(data, cal, plot=plot)

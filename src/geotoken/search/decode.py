@@ -7,7 +7,7 @@ positions are kept, so each step costs one decoder position per row. The uncache
 re-runs the whole decoder on the prefix at every step, as the reference code does; it exists for the
 equivalence tests and the benchmark, and gives the same results.
 
-All strategies return a `geotoken.select.Candidates` pool: tokens (B, N, T), sequence log-probabilities
+All strategies return a `geotoken.search.candidates.Candidates` pool: tokens (B, N, T), sequence log-probabilities
 (B, N), cell-centre lat/lon (B, N) and the per-level probabilities of each path (B, N, T). An optional
 `PrefixConstraint` (the cells of the training gallery) masks every token that would leave the set of
 known cells. By default the kept tokens keep the model's probabilities (no renormalisation): after a
@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from geotoken.errors import GeoTokenError
 from geotoken.model import precision
-from geotoken.select import STRATEGIES, Candidates
+from geotoken.s2 import tokens_to_latlon
+from geotoken.search.candidates import STRATEGIES, Candidates
 
 
 class PrefixConstraint:
@@ -130,8 +131,6 @@ def _log_probs(logits: torch.Tensor, allowed: torch.Tensor | None, renormalize: 
 
 def _pool(model, tokens: torch.Tensor, level_logp: torch.Tensor) -> Candidates:
     """tokens (B, N, T), level_logp (B, N, T) -> Candidates with coordinates (cell centres)."""
-    from geotoken.s2 import tokens_to_latlon
-
     B, N, T = tokens.shape
     tok = tokens.cpu().numpy()
     lat, lon = tokens_to_latlon(tok.reshape(B * N, T), model.cfg.level, model.cfg.group)
@@ -149,18 +148,18 @@ def _pool(model, tokens: torch.Tensor, level_logp: torch.Tensor) -> Candidates:
 def beam_search(
     model,
     memory: torch.Tensor,
-    width: int = 5,
+    beam_width: int = 5,
     constraint: PrefixConstraint | None = None,
     cached: bool = True,
 ) -> Candidates:
-    """All `width` beams per image, best first, by cumulative log-probability (exact top-W of W x V each step).
+    """All `beam_width` beams per image, best first, by cumulative log-probability (exact top-W of W x V each step).
 
-    memory (B, S, d) from `model.encode`. If fewer than `width` sequences exist (e.g. a constraint with few
+    memory (B, S, d) from `model.encode`. If fewer than `beam_width` sequences exist (e.g. a constraint with few
     cells), the missing beams repeat the best one with log-probability -inf.
     """
-    if width < 1:
-        raise GeoTokenError(f"beam width must be >= 1, got {width}")
-    B, W, T = memory.shape[0], width, model.cfg.n_tokens
+    if beam_width < 1:
+        raise GeoTokenError(f"beam_width must be >= 1, got {beam_width}")
+    B, W, T = memory.shape[0], beam_width, model.cfg.n_tokens
     step = _stepper(model, memory, W, cached)
     dev = memory.device
     scores = torch.full((B, W), float("-inf"), device=dev)
@@ -212,23 +211,25 @@ def _sampling_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p
 def sample(
     model,
     memory: torch.Tensor,
-    n: int = 10,
+    num_samples: int = 10,
     temperature: float = 1.0,
-    top_k: int = 0,
+    sample_top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     constraint: PrefixConstraint | None = None,
     cached: bool = True,
 ) -> Candidates:
-    """`n` sequences per image, drawn from the (reshaped) model distribution, all images and samples batched.
+    """`num_samples` sequences per image, drawn from the (reshaped) model distribution, all images and samples batched.
 
     temperature 0 means argmax (greedy). Returned log-probabilities and per-level probabilities are the
     model's own (temperature 1; see `PrefixConstraint` on renormalisation), so samples compare with beams.
     With a constraint, samples are drawn from the distribution renormalised over the allowed tokens.
     """
-    if n < 1 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    n = num_samples
+    if n < 1 or temperature < 0 or not 0 < top_p <= 1 or sample_top_k < 0:
         raise GeoTokenError(
-            f"bad sampling options: n={n} temperature={temperature} top_k={top_k} top_p={top_p}"
+            f"bad sampling options: num_samples={n} temperature={temperature} sample_top_k={sample_top_k} "
+            f"top_p={top_p}"
         )
     B, T = memory.shape[0], model.cfg.n_tokens
     R = B * n
@@ -244,7 +245,7 @@ def sample(
         if temperature == 0:
             tok = logp.argmax(-1)
         else:
-            probs = _sampling_logits(logp, temperature, top_k, top_p).softmax(-1)
+            probs = _sampling_logits(logp, temperature, sample_top_k, top_p).softmax(-1)
             tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
         level_logp = torch.cat([level_logp, logp.gather(1, tok[:, None])], dim=1)
         tokens = torch.cat([tokens, tok[:, None]], dim=1)
@@ -258,10 +259,10 @@ def generate(
     model,
     batch,
     strategy: str = "beam",
-    width: int = 5,
-    n: int = 10,
+    beam_width: int = 5,
+    num_samples: int = 10,
     temperature: float = 1.0,
-    top_k: int = 0,
+    sample_top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
     constraint: PrefixConstraint | None = None,
@@ -282,16 +283,24 @@ def generate(
     with precision(dtype, next(model.parameters()).device):
         memory = model.encode(batch)  # (B, S, d)
         if strategy == "greedy":
-            pool = sample(model, memory, n=1, temperature=0.0, constraint=constraint, cached=cached)
+            pool = sample(model, memory, 1, temperature=0.0, constraint=constraint, cached=cached)
         elif strategy == "beam":
-            pool = beam_search(model, memory, width=width, constraint=constraint, cached=cached)
+            pool = beam_search(model, memory, beam_width, constraint=constraint, cached=cached)
         else:  # sample, beam+sample, sample+retrieval
             gen = torch.Generator().manual_seed(seed)
             pool = sample(
-                model, memory, n, temperature, top_k, top_p, gen, constraint=constraint, cached=cached
+                model,
+                memory,
+                num_samples,
+                temperature,
+                sample_top_k,
+                top_p,
+                gen,
+                constraint=constraint,
+                cached=cached,
             )
             if strategy == "beam+sample":
-                pool = Candidates.concat([beam_search(model, memory, width, constraint, cached), pool])
+                pool = Candidates.concat([beam_search(model, memory, beam_width, constraint, cached), pool])
             if strategy == "sample+retrieval":
                 pool = Candidates.concat([pool, score_sequences(model, memory, _retrieved(batch, retrieved))])
     return pool, memory

@@ -1,0 +1,12 @@
+"""Test-time search: decode candidate pools from the model, then select one answer.
+
+- `candidates`: the pool (`Candidates`), a selector's choice (`Selection`), `STRATEGIES`
+- `decode`: cached greedy / beam / sampling / retrieved cells scored by the model, gallery-prefix constraint
+- `select`: `logp`, `consensus`, `reward` (`reward`: the learned scorer), `mllm` (`mllm`)
+- `calibration`: calibrated "within X km" and per-level confidences
+"""
+
+from geotoken.search.candidates import STRATEGIES, Candidates, Selection
+from geotoken.search.select import SELECTORS, select
+
+__all__ = ["SELECTORS", "STRATEGIES", "Candidates", "Selection", "select"]

@@ -1,0 +1,60 @@
+"""Choosing one answer from a pool of decoded candidates (beams and/or samples).
+
+A selector turns a `geotoken.search.candidates.Candidates` pool into a `Selection`: a score per
+candidate (higher is better, used to rank the pool), the chosen index and its coordinate.
+
+- `logp`: the most likely candidate (what the model alone would answer).
+- `consensus`: the candidate with the most probability mass within R km, or the geometric medoid;
+  several beams or samples that agree on a region outvote one sharp but isolated guess.
+- `reward` (`geotoken.search.reward`): a learned scorer of "is this candidate within X km".
+- `mllm` (`geotoken.search.mllm`): a multimodal LLM behind an OpenAI-compatible endpoint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from geotoken.errors import GeoTokenError
+from geotoken.geo import haversine_km
+from geotoken.search.candidates import Candidates, Selection, from_scores, pool_weights, select_logp
+from geotoken.search.mllm import select_mllm
+from geotoken.search.reward import select_reward
+
+__all__ = ["SELECTORS", "select", "select_consensus", "select_logp", "consensus_mass", "pairwise_km"]
+
+SELECTORS = ("logp", "consensus", "reward", "mllm")
+
+
+def pairwise_km(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """(B, N) coordinates -> (B, N, N) great-circle distances in km."""
+    return haversine_km(lat[:, :, None], lon[:, :, None], lat[:, None, :], lon[:, None, :])
+
+
+def consensus_mass(pool: Candidates, radius_km: float) -> np.ndarray:
+    """(B, N) probability mass of the pool's distinct candidates within `radius_km` of each candidate."""
+    within = pairwise_km(pool.lat, pool.lon) <= radius_km  # (B, N, N)
+    return np.einsum("bij,bj->bi", within.astype(np.float64), pool_weights(pool))
+
+
+def select_consensus(pool: Candidates, radius_km: float = 200.0, medoid: bool = False) -> Selection:
+    """The candidate with the most probability mass within `radius_km`; or (medoid=True) the candidate
+    minimising the probability-weighted sum of distances to the others."""
+    if medoid:
+        cost = np.einsum("bij,bj->bi", pairwise_km(pool.lat, pool.lon), pool_weights(pool))
+        return from_scores(pool, -cost)
+    if not radius_km > 0:
+        raise GeoTokenError(f"consensus radius_km must be > 0, got {radius_km}")
+    return from_scores(pool, consensus_mass(pool, radius_km))
+
+
+def select(pool: Candidates, method: str = "logp", **options) -> Selection:
+    """Dispatch by name. `reward` needs `scorer=`, `memory=`; `mllm` needs `images=` (see those modules)."""
+    if method == "logp":
+        return select_logp(pool)
+    if method == "consensus":
+        return select_consensus(pool, **options)
+    if method == "reward":
+        return select_reward(pool, **options)
+    if method == "mllm":
+        return select_mllm(pool, **options)
+    raise GeoTokenError(f"unknown selector {method!r}; choose one of {', '.join(SELECTORS)}")
