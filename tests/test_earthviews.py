@@ -290,8 +290,8 @@ def test_shards_and_manifests_follow_the_webdataset_and_manifest_formats(tmp_pat
 
 
 def test_output_reads_back_through_the_manifest_and_image_readers(tmp_path):
-    from geotoken.data.images import manifest_from_shards, open_image
-    from geotoken.data.manifest import read_manifest
+    from geotoken.data.images import open_image
+    from geotoken.data.manifest import manifest_from_shards, read_manifest
 
     info = ev.build_earthviews(tmp_path, TINY)
     m = read_manifest(tmp_path / "test_disjoint.csv", check_images="decode")
