@@ -120,7 +120,7 @@ def test_views_at_the_poles_are_round_not_stretched(pole):
 
 def test_rendered_colours_match_the_smooth_earth_at_the_antimeridian_and_poles(monkeypatch):
     layer = smooth_layer()
-    monkeypatch.setitem(ev._LAYER_CACHE, "bmng", layer)
+    monkeypatch.setitem(ev.render._LAYER_CACHE, "bmng", layer)
     cfg = ev.EarthViewsConfig(image_size=24, view_km=3000.0, other_layers=())
     plain = ev.ViewStyle(rotation_deg=180.0)
     ids = np.array(["a", "b", "c", "d"])
