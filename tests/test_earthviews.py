@@ -120,7 +120,7 @@ def test_views_at_the_poles_are_round_not_stretched(pole):
 
 def test_rendered_colours_match_the_smooth_earth_at_the_antimeridian_and_poles(monkeypatch):
     layer = smooth_layer()
-    monkeypatch.setitem(ev._LAYER_CACHE, "bmng", layer)
+    monkeypatch.setitem(ev.render._LAYER_CACHE, "bmng", layer)
     cfg = ev.EarthViewsConfig(image_size=24, view_km=3000.0, other_layers=())
     plain = ev.ViewStyle(rotation_deg=180.0)
     ids = np.array(["a", "b", "c", "d"])
@@ -290,8 +290,8 @@ def test_shards_and_manifests_follow_the_webdataset_and_manifest_formats(tmp_pat
 
 
 def test_output_reads_back_through_the_manifest_and_image_readers(tmp_path):
-    from geotoken.data.images import manifest_from_shards, open_image
-    from geotoken.data.manifest import read_manifest
+    from geotoken.data.images import open_image
+    from geotoken.data.manifest import manifest_from_shards, read_manifest
 
     info = ev.build_earthviews(tmp_path, TINY)
     m = read_manifest(tmp_path / "test_disjoint.csv", check_images="decode")

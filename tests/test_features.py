@@ -1,4 +1,4 @@
-"""Feature store and `embed`: format, resume after a crash, --skip-bad, and 2-process extraction."""
+"""Feature store and `embed`: format, resume after a crash, --skip-bad, 2-process extraction, `read_rows`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from PIL import Image
 
 from geotoken.data.manifest import Manifest
 from geotoken.errors import GeoTokenError
-from geotoken.features import FeatureStore, embed
+from geotoken.features import FeatureStore, embed, read_rows
 
 torch.set_num_threads(1)
 
@@ -196,3 +196,28 @@ def test_two_processes_crash_resume_and_match_one(tmp_path):
     assert [json.loads((tmp_path / f"two.calls-{r}.json").read_text()) for r in range(2)] == [2, 1]
     assert (out / "features.npy").read_bytes() == (tmp_path / "one" / "features.npy").read_bytes()
     assert FeatureStore.open(out).header == one.header
+
+
+@pytest.mark.parametrize("on_disk", [True, False])
+def test_read_rows_any_index_shape_memmap_or_memory(tmp_path, on_disk):
+    values = np.random.default_rng(0).standard_normal((50, 6)).astype(np.float16)
+    np.save(tmp_path / "x.npy", values)
+    array = np.load(tmp_path / "x.npy", mmap_mode="r") if on_disk else values
+    assert isinstance(array, np.memmap) == on_disk
+    for rows in (
+        np.array([7, 3, 3, 49, 0, -1]),  # unsorted, repeated, negative
+        np.array([[5, 1, 9], [2, 2, 40]]),  # (B, k) -> (B, k, D)
+        np.zeros((0,), dtype=np.int64),
+        [4, 8],
+        np.int64(11),
+    ):
+        out = read_rows(array, rows)
+        want = values[np.asarray(rows)].astype(np.float32)
+        assert out.dtype == np.float32 and out.flags.c_contiguous and out.shape == (*np.shape(rows), 6)
+        np.testing.assert_array_equal(out, want)
+        assert not np.shares_memory(out, array)
+    out = read_rows(array, slice(10, 20))
+    assert out.dtype == np.float32 and out.flags.c_contiguous and not np.shares_memory(out, array)
+    np.testing.assert_array_equal(out, values[10:20].astype(np.float32))
+    f32 = values.astype(np.float32)
+    assert not np.shares_memory(read_rows(f32, slice(0, 5)), f32)  # a copy even when no cast is needed

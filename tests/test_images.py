@@ -11,13 +11,12 @@ from PIL import Image
 from geotoken.data import images
 from geotoken.data.images import (
     iter_images,
-    manifest_from_shards,
     open_image,
     read_shard_index,
     shard_samples,
     split_ref,
 )
-from geotoken.data.manifest import Manifest, read_manifest
+from geotoken.data.manifest import Manifest, manifest_from_shards, read_manifest
 from geotoken.errors import GeoTokenError
 
 

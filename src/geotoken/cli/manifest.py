@@ -35,8 +35,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from geotoken.data.images import manifest_from_shards
-    from geotoken.data.manifest import read_manifest
+    from geotoken.data.manifest import manifest_from_shards, read_manifest
     from geotoken.errors import GeoTokenError
 
     check = False if args.check_images == "no" else args.check_images

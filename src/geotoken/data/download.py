@@ -22,8 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geotoken.data.images import manifest_from_shards
-from geotoken.data.manifest import Manifest, _norm, read_manifest
+from geotoken.data.manifest import Manifest, manifest_from_shards, normalize_column, read_manifest
 from geotoken.errors import GeoTokenError
 from geotoken.io import atomic_open, atomic_path, read_json, sha256_file, write_json
 
@@ -84,7 +83,7 @@ def find_url_column(path: str | os.PathLike) -> str:
             header = next(csv.reader(f), [])
     except OSError as exc:
         raise GeoTokenError(f"{path}: cannot read URL list: {exc.strerror or exc}") from None
-    names = [_norm(h) for h in header]
+    names = [normalize_column(h) for h in header]
     for alias in URL_ALIASES:
         if alias in names:
             return header[names.index(alias)]

@@ -9,17 +9,15 @@ e.g. from DataLoader workers. `iter_images` streams many rows, reading each shar
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from geotoken.data.manifest import COLUMN_ALIASES, Manifest, _norm, finish_manifest
+from geotoken.data.table import Manifest
 from geotoken.errors import GeoTokenError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -200,87 +198,3 @@ def shard_samples(tar_path: str | os.PathLike) -> dict[str, dict[str, str]]:
         if dot:
             samples.setdefault(key, {})[ext.lower()] = name
     return samples
-
-
-def _pick(record: dict, role: str):
-    """The value of the first alias of `role` present among the (case-insensitive) keys of a json sidecar."""
-    norm = {_norm(k): k for k in record}
-    for alias in COLUMN_ALIASES[role]:
-        if alias in norm:
-            return norm[alias], record[norm[alias]]
-    return None, None
-
-
-def manifest_from_shards(
-    shard_paths: str | os.PathLike | Sequence[str | os.PathLike],
-    *,
-    on_error: str = "raise",
-    skip_report: str | os.PathLike | None = None,
-    check_images: bool | str = False,
-) -> Manifest:
-    """Build a Manifest from img2dataset WebDataset shards, using the lat/lon fields of each `KEY.json`.
-
-    `shard_paths` is a list of `.tar` files or a folder (its `*.tar`, sorted). Rows follow shard order, then key
-    order inside each shard (img2dataset's threads write samples in any order; its keys follow the URL list,
-    so sorting them makes the manifest deterministic and in input order). The id is the sidecar's dataset id
-    (`id`, `IMG_ID`, ...; see COLUMN_ALIASES) or else img2dataset's `key`. Samples whose status is not "success" or that have no image are bad rows,
-    handled like bad CSV rows (`on_error`, `skip_report`; the report's `row` is `SHARD.tar#KEY.json`)."""
-    if isinstance(shard_paths, (str, os.PathLike)):
-        folder = Path(shard_paths)
-        if not folder.is_dir():
-            shard_paths = [folder]
-        else:
-            shard_paths = sorted(folder.glob("*.tar"))
-            if not shard_paths:
-                raise GeoTokenError(f"{folder}: no .tar shards in this folder")
-    ids, lats, lons, images, where, problems = [], [], [], [], [], {}
-    for shard in tqdm(
-        shard_paths, desc="reading shards", unit="shard", disable=None if len(shard_paths) > 10 else True
-    ):
-        shard = os.path.abspath(shard)
-        samples = shard_samples(shard)
-        index = read_shard_index(shard)
-        with open(shard, "rb") as f:
-            for key in sorted(samples):
-                members = samples[key]
-                if "json" not in members:
-                    continue  # not a sample of ours (e.g. a stray file); img2dataset always writes the json
-                ref = f"{shard}#{members['json']}"
-                f.seek(index[members["json"]][0])
-                try:
-                    record = json.loads(f.read(index[members["json"]][1]))
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    raise GeoTokenError(f"{ref}: not valid JSON: {exc}") from None
-                status = record.get("status", "success")
-                lat_key, lat = _pick(record, "lat")
-                lon_key, lon = _pick(record, "lon")
-                if status == "success" and (lat_key is None or lon_key is None):
-                    raise GeoTokenError(
-                        f"{ref}: no latitude/longitude field in {sorted(record)}; download with the lat/lon columns "
-                        f"saved (geotoken data download does this)"
-                    )
-                _, sample_id = _pick(record, "id")
-                image = next((members[e[1:]] for e in IMAGE_EXTENSIONS if e[1:] in members), None)
-                i = len(ids)
-                ids.append(str(sample_id if sample_id is not None else key))
-                lats.append("" if lat is None else str(lat))
-                lons.append("" if lon is None else str(lon))
-                images.append(f"{shard}#{image}" if image else "")
-                where.append(ref)
-                if status != "success":
-                    problems[i] = f"status {status!r}: {record.get('error_message')}"
-                elif image is None:
-                    problems[i] = f"no image member for key {key!r}"
-    source = str(Path(shard_paths[0]).parent) if len(shard_paths) else ""
-    return finish_manifest(
-        ids,
-        lats,
-        lons,
-        images,
-        source=source,
-        locations=where,
-        problems=problems,
-        on_error=on_error,
-        skip_report=skip_report,
-        check_images=check_images,
-    )

@@ -11,6 +11,7 @@ Supported layouts (columns are found by name, case-insensitively, from the alias
 - OSV-5M: `id, latitude, longitude, ...`; the image file is `{id}.jpg`.
 - plain: `id,lat,lon,image` or `id,lat,lon,path` (what `Manifest.write_csv` writes).
 - `LAT,LON` without ids (GeoCLIP's gallery): ids are the 0-based data row numbers, no images.
+- img2dataset WebDataset shards (`manifest_from_shards`): lat/lon (and the id) from each sample's `KEY.json`.
 
 Coordinates: latitude in [-90, 90], longitude in [-180, 180]. Values beyond by at most `COORD_TOLERANCE`
 degrees are float noise from upstream tools: latitudes are clamped and longitudes wrapped into range. Anything
@@ -22,17 +23,20 @@ from __future__ import annotations
 import contextlib
 import csv
 import gc
-import hashlib
+import json
 import os
-import re
 import sys
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
 from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from geotoken.data.images import IMAGE_EXTENSIONS, read_shard_index, shard_samples
+from geotoken.data.images import check_images as find_bad_images
+from geotoken.data.table import Manifest
 from geotoken.errors import GeoTokenError
 from geotoken.io import atomic_open
 
@@ -57,82 +61,18 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
 _OSV5M_COLUMNS = {"thumb_original_url", "sequence", "captured_at", "land_cover"}
 COORD_TOLERANCE = 1e-6  # degrees
 ON_ERROR = ("raise", "skip")
-_NEEDS_QUOTES = re.compile(r'[,"\r\n]')
 
 csv.field_size_limit(sys.maxsize)
 
 
-@dataclass
-class Manifest:
-    """One row per image, in the order every later array follows.
-
-    ids: (N,) str; lat, lon: (N,) float64 degrees; images: (N,) str image references ('' when the row has none):
-    a file path or `SHARD.tar#MEMBER`; source: the file (or name) the rows came from.
-    """
-
-    ids: np.ndarray
-    lat: np.ndarray
-    lon: np.ndarray
-    images: np.ndarray
-    source: str = ""
-
-    def __post_init__(self) -> None:
-        self.ids = np.asarray(self.ids, dtype=np.str_).reshape(-1)
-        self.lat = np.asarray(self.lat, dtype=np.float64).reshape(-1)
-        self.lon = np.asarray(self.lon, dtype=np.float64).reshape(-1)
-        self.images = np.asarray(self.images, dtype=np.str_).reshape(-1)
-        self.source = str(self.source)
-        n = len(self.ids)
-        for name in ("lat", "lon", "images"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"Manifest: {name} has {len(getattr(self, name))} rows, ids has {n}")
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def coords(self) -> np.ndarray:
-        """(N, 2) float64 [lat, lon]."""
-        return np.stack([self.lat, self.lon], axis=1)
-
-    def subset(self, rows) -> Manifest:
-        """The rows selected by an integer index array or a boolean mask, in that order."""
-        rows = np.asarray(rows)
-        return Manifest(self.ids[rows], self.lat[rows], self.lon[rows], self.images[rows], self.source)
-
-    def write_csv(self, path: str | os.PathLike) -> None:
-        """Write `id,lat,lon,image` atomically. Images inside the CSV's folder are written relative to it,
-        so the folder can be moved; `read_manifest` resolves them back. Floats round-trip exactly."""
-        folder = os.path.abspath(os.path.dirname(os.path.abspath(path))) + os.sep
-        cut = len(folder)
-        ids = self.ids.tolist()
-        images = [s[cut:] if s.startswith(folder) else s for s in self.images.tolist()]
-        rows = zip(ids, self.lat.tolist(), self.lon.tolist(), images)
-        with atomic_open(path, "w", newline="", encoding="utf-8") as f:
-            f.write("id,lat,lon,image\n")
-            if _NEEDS_QUOTES.search("".join(ids)) or _NEEDS_QUOTES.search("".join(images)):
-                csv.writer(f, lineterminator="\n").writerows(rows)
-            else:  # nothing to quote: plain lines (~1.4x faster than csv.writer); repr(float) round-trips
-                f.writelines(f"{i},{a!r},{b!r},{m}\n" for i, a, b, m in rows)
-
-    def content_hash(self) -> str:
-        """Hex SHA-256 of ids, coordinates and image references (not of `source`): a dataset's identity."""
-        h = hashlib.sha256()
-        for strings in (self.ids, self.images):
-            h.update(len(strings).to_bytes(8, "little"))
-            h.update("\x00".join(strings.tolist()).encode("utf-8"))
-        h.update(np.ascontiguousarray(self.lat, dtype="<f8").tobytes())
-        h.update(np.ascontiguousarray(self.lon, dtype="<f8").tobytes())
-        return h.hexdigest()
-
-
-def _norm(name: str) -> str:
+def normalize_column(name: str) -> str:
+    """A header name (or json key) as `COLUMN_ALIASES` spells it: trimmed, no BOM, lower case, '_' for ' ' and '-'."""
     return name.strip().lstrip("\ufeff").lower().replace(" ", "_").replace("-", "_")
 
 
 def detect_columns(header: list[str], path: str | os.PathLike = "<csv>") -> dict[str, int]:
     """Map roles ('id', 'lat', 'lon', 'image') to column indices; 'lat' and 'lon' are required."""
-    names = [_norm(h) for h in header]
+    names = [normalize_column(h) for h in header]
     found = {}
     for role, aliases in COLUMN_ALIASES.items():
         for alias in aliases:
@@ -251,10 +191,10 @@ def read_manifest(
     header = _read_header(path)
     cols = detect_columns(header, path)
     if image_column is not None:
-        names = [_norm(h) for h in header]
-        if _norm(image_column) not in names:
+        names = [normalize_column(h) for h in header]
+        if normalize_column(image_column) not in names:
             raise GeoTokenError(f"{path}: line 1: no column {image_column!r} in header {header}")
-        cols["image"] = names.index(_norm(image_column))
+        cols["image"] = names.index(normalize_column(image_column))
     roles = [r for r in ("id", "lat", "lon", "image") if r in cols]
 
     # Fast path: numpy's C parser, when every row is well formed. Any parse error: the csv module path below,
@@ -392,8 +332,6 @@ def finish_manifest(
     manifest = Manifest(ids, lat, lon, images, source)
 
     if check_images:
-        from geotoken.data.images import check_images as find_bad_images
-
         ok = np.ones(n, dtype=bool)
         ok[list(problems)] = False
         for row, reason in find_bad_images(
@@ -442,15 +380,101 @@ def write_skip_report(path: str | os.PathLike, rows, ids, reasons) -> None:
 
 def _image_references(path, header, cols, columns, ids, image_root) -> list[str]:
     """Absolute image references per row: the image column, else the id for layouts where it is the file name."""
-    norm = {_norm(h) for h in header}
+    norm = {normalize_column(h) for h in header}
     if "image" in cols:
         refs = columns["image"]
-    elif "id" in cols and _norm(header[cols["id"]]) == "img_id":  # MP16, Im2GPS3k, YFCC4k
+    elif "id" in cols and normalize_column(header[cols["id"]]) == "img_id":  # MP16, Im2GPS3k, YFCC4k
         refs = ids
-    elif "id" in cols and _norm(header[cols["lat"]]) == "latitude" and norm & _OSV5M_COLUMNS:  # OSV-5M
+    elif (
+        "id" in cols and normalize_column(header[cols["lat"]]) == "latitude" and norm & _OSV5M_COLUMNS
+    ):  # OSV-5M
         refs = [f"{s}.jpg" for s in ids]
     else:
         return [""] * len(ids)
     root = os.path.abspath(image_root if image_root is not None else path.parent).rstrip(os.sep) + os.sep
     absolute = os.sep  # what an absolute path starts with (POSIX); remote URLs are kept as they are
     return [r if (not r or r[0] == absolute or "://" in r) else root + r for r in refs]
+
+
+def _pick(record: dict, role: str):
+    """The value of the first alias of `role` present among the (case-insensitive) keys of a json sidecar."""
+    norm = {normalize_column(k): k for k in record}
+    for alias in COLUMN_ALIASES[role]:
+        if alias in norm:
+            return norm[alias], record[norm[alias]]
+    return None, None
+
+
+def manifest_from_shards(
+    shard_paths: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    on_error: str = "raise",
+    skip_report: str | os.PathLike | None = None,
+    check_images: bool | str = False,
+) -> Manifest:
+    """Build a Manifest from img2dataset WebDataset shards, using the lat/lon fields of each `KEY.json`.
+
+    `shard_paths` is a list of `.tar` files or a folder (its `*.tar`, sorted). Rows follow shard order, then key
+    order inside each shard (img2dataset's threads write samples in any order; its keys follow the URL list,
+    so sorting them makes the manifest deterministic and in input order). The id is the sidecar's dataset id
+    (`id`, `IMG_ID`, ...; see COLUMN_ALIASES) or else img2dataset's `key`. Samples whose status is not "success" or that have no image are bad rows,
+    handled like bad CSV rows (`on_error`, `skip_report`; the report's `row` is `SHARD.tar#KEY.json`)."""
+    if isinstance(shard_paths, (str, os.PathLike)):
+        folder = Path(shard_paths)
+        if not folder.is_dir():
+            shard_paths = [folder]
+        else:
+            shard_paths = sorted(folder.glob("*.tar"))
+            if not shard_paths:
+                raise GeoTokenError(f"{folder}: no .tar shards in this folder")
+    ids, lats, lons, images, where, problems = [], [], [], [], [], {}
+    for shard in tqdm(
+        shard_paths, desc="reading shards", unit="shard", disable=None if len(shard_paths) > 10 else True
+    ):
+        shard = os.path.abspath(shard)
+        samples = shard_samples(shard)
+        index = read_shard_index(shard)
+        with open(shard, "rb") as f:
+            for key in sorted(samples):
+                members = samples[key]
+                if "json" not in members:
+                    continue  # not a sample of ours (e.g. a stray file); img2dataset always writes the json
+                ref = f"{shard}#{members['json']}"
+                f.seek(index[members["json"]][0])
+                try:
+                    record = json.loads(f.read(index[members["json"]][1]))
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise GeoTokenError(f"{ref}: not valid JSON: {exc}") from None
+                status = record.get("status", "success")
+                lat_key, lat = _pick(record, "lat")
+                lon_key, lon = _pick(record, "lon")
+                if status == "success" and (lat_key is None or lon_key is None):
+                    raise GeoTokenError(
+                        f"{ref}: no latitude/longitude field in {sorted(record)}; download with the lat/lon columns "
+                        f"saved (geotoken data download does this)"
+                    )
+                _, sample_id = _pick(record, "id")
+                image = next((members[e[1:]] for e in IMAGE_EXTENSIONS if e[1:] in members), None)
+                i = len(ids)
+                ids.append(str(sample_id if sample_id is not None else key))
+                lats.append("" if lat is None else str(lat))
+                lons.append("" if lon is None else str(lon))
+                images.append(f"{shard}#{image}" if image else "")
+                where.append(ref)
+                if status != "success":
+                    problems[i] = f"status {status!r}: {record.get('error_message')}"
+                elif image is None:
+                    problems[i] = f"no image member for key {key!r}"
+    source = str(Path(shard_paths[0]).parent) if len(shard_paths) else ""
+    return finish_manifest(
+        ids,
+        lats,
+        lons,
+        images,
+        source=source,
+        locations=where,
+        problems=problems,
+        on_error=on_error,
+        skip_report=skip_report,
+        check_images=check_images,
+    )

@@ -5,7 +5,8 @@
 - `load_text_encoder(name) -> TextEncoder`: "minilm" (offline default) or "clip"; list[str] -> (B, D).
 """
 
-from geotoken.encoders.base import BACKBONES, ImageBackbone, load_backbone
+from geotoken.encoders.backbones import BACKBONES, load_backbone
+from geotoken.encoders.base import ImageBackbone
 from geotoken.encoders.gps import GPSEncoder, load_gps_encoder
 from geotoken.encoders.text import TextEncoder, load_text_encoder
 

@@ -1,26 +1,17 @@
-"""The image-backbone interface, the registry of backbones by name, and shared PIL/NumPy preprocessing.
+"""The image-backbone interface and shared PIL/NumPy preprocessing.
 
 A backbone owns its preprocessing (resize, crop, normalise) so features are always computed the way
-its weights expect; `config()` is enough to re-create it with `load_backbone(**config)`.
+its weights expect; `config()` is enough to re-create it with `load_backbone(**config)` (`backbones`).
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import nn
-
-from geotoken.errors import GeoTokenError
-
-# name -> "module:class"; modules are imported on demand so `clip` never loads transformers for EfficientNet.
-BACKBONES: dict[str, str] = {
-    "efficientnet-lite0": "geotoken.encoders.efficientnet:EfficientNetLite0",
-    "clip": "geotoken.encoders.clip:CLIPBackbone",
-}
 
 
 class ImageBackbone(nn.Module):
@@ -47,19 +38,6 @@ class ImageBackbone(nn.Module):
         x = torch.stack([self.preprocess(im) for im in images])  # (B, 3, H, W)
         param = next(self.parameters())
         return self(x.to(device=param.device, dtype=param.dtype)).float()
-
-
-def load_backbone(name: str, **options: Any) -> ImageBackbone:
-    """Build a backbone by registry name; `options` are its constructor arguments (see each class)."""
-    if name not in BACKBONES:
-        raise GeoTokenError(f"unknown image backbone {name!r}; choose one of {sorted(BACKBONES)}")
-    module, cls = BACKBONES[name].split(":")
-    backbone_cls = getattr(importlib.import_module(module), cls)
-    try:
-        backbone = backbone_cls(**options)
-    except TypeError as e:  # an unknown option name: a user error, not a bug
-        raise GeoTokenError(f"backbone {name!r}: bad options {sorted(options)}: {e}") from None
-    return backbone.eval()
 
 
 def resize_center_crop(

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from geotoken import assets
+from geotoken.encoders.clip import check_loading, tower_config
 from geotoken.errors import GeoTokenError
 
 
@@ -81,8 +82,6 @@ class CLIPTextEncoder(TextEncoder):
 
     def __init__(self, model: str = "openai/clip-vit-large-patch14", batch_size: int = 64):
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
-
-        from geotoken.encoders.clip import check_loading, tower_config
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model))

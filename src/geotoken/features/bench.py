@@ -13,14 +13,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image
+
+from geotoken import assets
+from geotoken.data.table import Manifest
+from geotoken.encoders import load_backbone
+from geotoken.features.embed import embed
+
 
 def _jpegs(folder: Path, n: int, side: int = 320) -> list[str]:
     """n different JPEGs made from the shipped sample photo (random crops, resized to `side`)."""
-    import numpy as np
-    from PIL import Image
-
-    from geotoken import assets
-
     photo = Image.open(assets.sample_image()).convert("RGB")
     rng = np.random.default_rng(0)
     w, h = photo.size
@@ -44,13 +48,6 @@ def bench_extract(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """{label: {forward_images_per_s, end_to_end_images_per_s, ratio}} for each (backbone, options)."""
-    import numpy as np
-    import torch
-
-    from geotoken.data.manifest import Manifest
-    from geotoken.encoders import load_backbone
-    from geotoken.features import embed
-
     torch.set_num_threads(threads)
     backbones = backbones or [("efficientnet-lite0", {"image_size": s}) for s in (224, 128, 64)]
     results = {}

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from geotoken.data.images import open_image as default_open_image
 from geotoken.errors import GeoTokenError
 from geotoken.features.store import SKIPPED, FeatureStore
 from geotoken.io import atomic_open, read_json, write_json
@@ -181,7 +182,7 @@ def embed(
     each process embeds its share of the chunks into the same store.
     """
     if open_image is None:
-        from geotoken.data.images import open_image
+        open_image = default_open_image
     if batch_size < 1:
         raise GeoTokenError(f"batch size must be >= 1, got {batch_size}")
     out_dir = Path(out_dir)

@@ -211,10 +211,24 @@ class FeatureStore(Mapping):
         return f"FeatureStore({str(self.root)!r}, rows={self.rows}, arrays=[{arrays}])"
 
 
-def read_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """float32 copy of `array[rows]`, reading a memmap in row order (sorted) for locality."""
+def read_rows(array: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
+    """`array[rows]` as a new float32 C-contiguous array: the one reader of stored feature rows.
+
+    array: (N, *F) of any numeric dtype: a store's float16 memmap, or an array in memory.
+    rows: integer row indices of any shape (...,) (unsorted, repeated and negative indices allowed), giving
+        (..., *F); or a slice, giving (len, *F). A 1-d index (n,) gives (n, *F).
+    A memmap is read in sorted row order, for disk locality, and the rows are put back in the order asked;
+    an in-memory array is gathered directly. The values are the same either way: those of `array[rows]`,
+    converted to float32. The result never shares memory with `array` (`torch.from_numpy` of it is safe).
+    """
+    if isinstance(rows, slice):
+        return np.array(array[rows], dtype=np.float32, order="C")  # one contiguous read, copied
     rows = np.asarray(rows, dtype=np.int64)
-    order = np.argsort(rows, kind="stable")
-    out = np.empty((len(rows), *array.shape[1:]), dtype=np.float32)
-    out[order] = array[rows[order]]
-    return out
+    flat = rows.reshape(-1)
+    if isinstance(array, np.memmap):
+        order = np.argsort(flat, kind="stable")
+        out = np.empty((flat.size, *array.shape[1:]), dtype=np.float32)
+        out[order] = array[flat[order]]
+    else:
+        out = np.ascontiguousarray(array[flat], dtype=np.float32)
+    return out.reshape(*rows.shape, *array.shape[1:])

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from geotoken.errors import GeoTokenError
+from geotoken.features.store import read_rows
 from geotoken.io import atomic_path, read_json, write_json
 
 KINDS = ("flat", "ivfpq", "hnsw")
@@ -46,11 +47,6 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise GeoTokenError(f"index kind {self.kind!r} is not one of {', '.join(KINDS)}")
-
-
-def _rows_f32(x: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
-    """float32 C-contiguous copy of x[rows] (FAISS wants float32; stores hold float16)."""
-    return np.ascontiguousarray(x[rows], dtype=np.float32)
 
 
 def _ivfpq_shape(config: IndexConfig, n: int, dim: int) -> tuple[int, int, int]:
@@ -124,13 +120,13 @@ class NeighbourIndex:
             rng = np.random.default_rng(config.seed)
             sample = np.sort(rng.choice(rows, size=min(len(rows), config.train_rows), replace=False))
             base.cp.seed = base.pq.cp.seed = config.seed
-            base.train(_rows_f32(embeddings, sample))
+            base.train(read_rows(embeddings, sample))
         index = faiss.IndexIDMap(base)
         for start in tqdm(
             range(0, len(rows), batch_size), desc=f"index {kind}", unit="batch", disable=not progress
         ):
             chunk = rows[start : start + batch_size]
-            index.add_with_ids(_rows_f32(embeddings, chunk), chunk)
+            index.add_with_ids(read_rows(embeddings, chunk), chunk)
         meta = {"kind": kind, "dim": dim, "gallery_rows": n, "indexed": len(rows), **info, **(meta or {})}
         return cls(index, config, meta)
 
@@ -158,10 +154,10 @@ class NeighbourIndex:
         sims = np.empty((n, k), dtype=np.float32)
         for start in tqdm(range(0, n, batch_size), desc="search", unit="batch", disable=not progress):
             stop = min(n, start + batch_size)
-            q = _rows_f32(queries, slice(start, stop))  # (B, D)
+            q = read_rows(queries, slice(start, stop))  # (B, D)
             s, r = self.index.search(q, depth)  # (B, depth)
             if depth > k:
-                cand = np.asarray(exact[np.maximum(r, 0).ravel()], dtype=np.float32).reshape(*r.shape, dim)
+                cand = read_rows(exact, np.maximum(r, 0))  # (B, depth, D)
                 s = np.einsum("bd,bkd->bk", q, cand)
                 s[r < 0] = -np.inf
                 order = np.argsort(-s, axis=1, kind="stable")[:, :k]

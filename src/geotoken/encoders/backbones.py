@@ -1,0 +1,29 @@
+"""The image backbones by name: `BACKBONES` (name -> class) and `load_backbone(name, **options)`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from geotoken.encoders.base import ImageBackbone
+from geotoken.encoders.clip import CLIPBackbone
+from geotoken.encoders.efficientnet import EfficientNetLite0
+from geotoken.errors import GeoTokenError
+
+# name -> class. Each class imports its heavy package (efficientnet_lite_pytorch, transformers) only when
+# built, so `clip` never loads transformers for EfficientNet.
+BACKBONES: dict[str, type[ImageBackbone]] = {
+    "efficientnet-lite0": EfficientNetLite0,
+    "clip": CLIPBackbone,
+}
+
+
+def load_backbone(name: str, **options: Any) -> ImageBackbone:
+    """Build a backbone by registry name; `options` are its constructor arguments (see each class)."""
+    if name not in BACKBONES:
+        raise GeoTokenError(f"unknown image backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    backbone_cls = BACKBONES[name]
+    try:
+        backbone = backbone_cls(**options)
+    except TypeError as e:  # an unknown option name: a user error, not a bug
+        raise GeoTokenError(f"backbone {name!r}: bad options {sorted(options)}: {e}") from None
+    return backbone.eval()
