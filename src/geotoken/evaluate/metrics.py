@@ -13,6 +13,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 from geotoken.errors import GeoTokenError
 from geotoken.geo import THRESHOLDS_KM
@@ -270,9 +272,6 @@ def print_tables(
     results: Mapping[str, MethodMetrics], pairs: Sequence[PairedComparison] = (), console=None
 ) -> None:
     """Print the tables with rich."""
-    from rich.console import Console
-    from rich.table import Table
-
     tables = [("accuracy (%) [95% CI]", table_rows(results)), ("paired a - b", paired_rows(pairs))]
     for title, (header, rows) in tables:
         if not rows:
