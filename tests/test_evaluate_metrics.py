@@ -6,6 +6,7 @@ import pytest
 from geotoken.errors import GeoTokenError
 from geotoken.evaluate.metrics import (
     MethodMetrics,
+    PairedComparison,
     bootstrap_metrics,
     markdown_table,
     metrics_markdown,
@@ -114,3 +115,17 @@ def test_tables_and_json_round_trip():
     md = metrics_markdown({"nn": m}, [paired_comparison(np.zeros(4), np.ones(4), ("a", "b"), T, n_boot=20)])
     assert "| nn | 4 | 25.0 [" in md and "| a - b | 4 |" in md
     assert markdown_table(["x", "y"], [["1", "2"]]) == "| x | y |\n|---|---|\n| 1 | 2 |\n"
+
+
+def test_from_dict_round_trips_and_names_the_bad_field():
+    p = paired_comparison(np.zeros(4), np.ones(4), ("a", "b"), T, n_boot=20)
+    assert PairedComparison.from_dict(p.to_dict()) == p
+    entry = bootstrap_metrics(np.array([0.5, 10, 300, 5000.0]), T, n_boot=20).to_dict()
+    del entry["mean_km"]
+    with pytest.raises(GeoTokenError, match=r"missing field 'methods\.nn\.mean_km'"):
+        MethodMetrics.from_dict(entry, "methods.nn")
+    entry["mean_km"] = {"value": 1.0, "lo": None, "hi": 2.0}
+    with pytest.raises(GeoTokenError, match=r"field 'methods\.nn\.mean_km\.lo' should be a number"):
+        MethodMetrics.from_dict(entry, "methods.nn")
+    with pytest.raises(GeoTokenError, match=r"missing field 'paired\[0\]\.a'"):
+        PairedComparison.from_dict({"b": "x"}, "paired[0]")
