@@ -6,6 +6,7 @@ import pytest
 from geotoken.errors import GeoTokenError
 from geotoken.evaluate.metrics import (
     MethodMetrics,
+    PairedComparison,
     bootstrap_metrics,
     markdown_table,
     metrics_markdown,
@@ -63,15 +64,12 @@ def test_interval_covers_truth_and_has_binomial_width():
     assert m.mean_km.lo <= scale <= m.mean_km.hi
 
 
-def test_matches_geo_metrics_point_values():
-    from geotoken.geo import geo_metrics
-
+def test_point_values_are_the_plain_statistics():
     e = np.random.default_rng(5).lognormal(5, 2, 777)
     m = bootstrap_metrics(e, T, n_boot=20)
-    g = geo_metrics(e, T)
-    assert all(m.accuracy[t].value == pytest.approx(g.accuracy[t]) for t in T)
-    assert m.median_km.value == pytest.approx(g.median_km)
-    assert m.mean_km.value == pytest.approx(g.mean_km)
+    assert all(m.accuracy[t].value == pytest.approx((e <= t).mean()) for t in T)
+    assert m.median_km.value == pytest.approx(np.median(e))
+    assert m.mean_km.value == pytest.approx(e.mean())
 
 
 def test_bad_errors_name_the_row():
@@ -117,3 +115,17 @@ def test_tables_and_json_round_trip():
     md = metrics_markdown({"nn": m}, [paired_comparison(np.zeros(4), np.ones(4), ("a", "b"), T, n_boot=20)])
     assert "| nn | 4 | 25.0 [" in md and "| a - b | 4 |" in md
     assert markdown_table(["x", "y"], [["1", "2"]]) == "| x | y |\n|---|---|\n| 1 | 2 |\n"
+
+
+def test_from_dict_round_trips_and_names_the_bad_field():
+    p = paired_comparison(np.zeros(4), np.ones(4), ("a", "b"), T, n_boot=20)
+    assert PairedComparison.from_dict(p.to_dict()) == p
+    entry = bootstrap_metrics(np.array([0.5, 10, 300, 5000.0]), T, n_boot=20).to_dict()
+    del entry["mean_km"]
+    with pytest.raises(GeoTokenError, match=r"missing field 'methods\.nn\.mean_km'"):
+        MethodMetrics.from_dict(entry, "methods.nn")
+    entry["mean_km"] = {"value": 1.0, "lo": None, "hi": 2.0}
+    with pytest.raises(GeoTokenError, match=r"field 'methods\.nn\.mean_km\.lo' should be a number"):
+        MethodMetrics.from_dict(entry, "methods.nn")
+    with pytest.raises(GeoTokenError, match=r"missing field 'paired\[0\]\.a'"):
+        PairedComparison.from_dict({"b": "x"}, "paired[0]")

@@ -32,13 +32,16 @@ def write_eval(folder, n=12, plots=True, seed=0):
             )
         acc = {f"{t:g}": {"value": float((err <= t).mean()), "lo": 0.0, "hi": 1.0} for t in THRESHOLDS}
         med = float(np.median(err))
+        mean = float(err.mean())
         methods[label] = {"method": label.split()[0], "strategy": strategy, "n": n, "seconds": 0.5 + k,
-                          "accuracy": acc, "median_km": {"value": med, "lo": med / 2, "hi": med * 2}}  # fmt: skip
+                          "accuracy": acc, "median_km": {"value": med, "lo": med / 2, "hi": med * 2},
+                          "mean_km": {"value": mean, "lo": mean / 2, "hi": mean * 2}}  # fmt: skip
     (folder / "predictions.csv").write_text("\n".join(lines) + "\n")
     methods["geotoken beam5+logp"]["calibration"] = {
         "within_200km": {"accuracy": 0.25, "mean_confidence": 0.5, "ece": 0.125}
     }
     paired = [{"a": "geotoken beam5+logp", "b": "knn", "n": n, "median_km_diff": {"value": -12.0, "lo": -20.0, "hi": -4.0},
+               "mean_km_diff": {"value": -10.0, "lo": -30.0, "hi": 10.0},
                "accuracy_diff": {f"{t:g}": {"value": 0.05, "lo": 0.01, "hi": 0.09} for t in THRESHOLDS}}]  # fmt: skip
     metrics = {"queries": {"rows": n}, "gallery": {"rows": 100}, "thresholds_km": THRESHOLDS,
                "bootstrap": {"n_boot": 10}, "methods": methods, "paired": paired}  # fmt: skip

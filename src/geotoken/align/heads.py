@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from geotoken.errors import GeoTokenError
@@ -103,8 +104,6 @@ class AlignHeads(nn.Module):
 
     def save(self, out_dir: str | os.PathLike, **info: Any) -> Path:
         """`model.safetensors` + `config.json` (the HeadsConfig, plus `info`, e.g. training metrics)."""
-        from safetensors.torch import save_file
-
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
@@ -115,8 +114,6 @@ class AlignHeads(nn.Module):
 
     @classmethod
     def load(cls, heads_dir: str | os.PathLike, device: str | torch.device = "cpu") -> AlignHeads:
-        from safetensors.torch import load_file
-
         heads_dir = Path(heads_dir)
         if not (heads_dir / CONFIG).is_file() or not (heads_dir / WEIGHTS).is_file():
             raise GeoTokenError(f"{heads_dir}: not an alignment-heads folder (needs {CONFIG} and {WEIGHTS})")

@@ -23,10 +23,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from geotoken.align.heads import AlignHeads, HeadsConfig
+from geotoken.assets import mp16_coordinates_csv
+from geotoken.encoders import load_gps_encoder, load_text_encoder
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore, read_rows
 from geotoken.geo import THRESHOLDS_KM, haversine_km
 from geotoken.io import write_json
+from geotoken.places import describe
 
 
 @dataclass
@@ -74,8 +77,6 @@ def text_targets(
     The descriptions are `texts` (one per row) if given, else offline place names of the coordinates.
     """
     if texts is None:
-        from geotoken.places import describe
-
         texts = describe(coords[:, 0], coords[:, 1], template=template)
     if len(texts) != len(coords):
         raise GeoTokenError(f"{len(texts)} texts for {len(coords)} rows")
@@ -236,12 +237,8 @@ def train_heads(
     )
     overrides.setdefault("text_encoder", default_text)
     if text_encoder is None:
-        from geotoken.encoders import load_text_encoder
-
         text_encoder = load_text_encoder(**overrides["text_encoder"])
     if gps_encoder is None:
-        from geotoken.encoders import load_gps_encoder
-
         gps_encoder = load_gps_encoder()
     hc = HeadsConfig(
         in_dim=features.shape[1],
@@ -310,8 +307,6 @@ def train_heads(
     bar.close()
 
     if gallery_coords is None:
-        from geotoken.assets import mp16_coordinates_csv
-
         gallery_coords = np.loadtxt(mp16_coordinates_csv(), delimiter=",", skiprows=1, dtype=np.float64)
     gallery_coords = np.asarray(gallery_coords, dtype=np.float64)
     gallery_gps = gps_table(gps_encoder, gallery_coords, progress=progress)

@@ -19,9 +19,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
 
+from geotoken.assets import mp16_coordinates_csv
+from geotoken.data.manifest import read_manifest
+from geotoken.encoders import load_gps_encoder
 from geotoken.errors import GeoTokenError
 from geotoken.geo import haversine_km
+from geotoken.s2 import cell_parent, latlon_to_cell_ids
 
 # --------------------------------------------------------------------------------------- data holders
 
@@ -115,8 +122,6 @@ def exact_neighbours(
     Brute force in float32 chunks: exact, simple, and fast enough for evaluation-size galleries; a
     FAISS neighbour table from `geotoken index` can be passed to the methods instead.
     """
-    import torch
-
     g = torch.from_numpy(l2_normalize(gallery))  # (N, D)
     k = min(k, g.shape[0])
     rows, sims = [], []
@@ -133,8 +138,6 @@ def exact_neighbours(
 
 def densest_location(lat: np.ndarray, lon: np.ndarray, level: int = 7) -> tuple[float, float]:
     """Mean position of the training points in the most populated S2 cell at `level` (level 7: ~70 km)."""
-    from geotoken.s2 import cell_parent, latlon_to_cell_ids
-
     cells = cell_parent(latlon_to_cell_ids(lat, lon, level=30), level)
     uniq, inv, counts = np.unique(cells, return_inverse=True, return_counts=True)
     members = inv == np.argmax(counts)
@@ -266,8 +269,6 @@ def adaptive_cells(
 ) -> AdaptiveCells:
     """Split S2 cells while they hold more than `max_count` points (down to `max_level`), then drop cells
     with fewer than `min_count` points: dense regions get small cells, empty ones none."""
-    from geotoken.s2 import cell_parent, latlon_to_cell_ids
-
     if not 0 <= min_level <= max_level <= 30:
         raise GeoTokenError(f"cells: need 0 <= min_level <= max_level <= 30, got {min_level}, {max_level}")
     if min_count < 1 or max_count < min_count:
@@ -324,9 +325,6 @@ class CellClassifier:
         self.progress = progress
 
     def fit(self, gallery: Split) -> CellClassifier:
-        import torch
-        from torch import nn
-
         c = self.config
         self.cells = adaptive_cells(
             gallery.lat, gallery.lon, c.max_count, c.min_count, c.min_level, c.max_level
@@ -351,8 +349,6 @@ class CellClassifier:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=steps)
         gen = torch.Generator().manual_seed(c.seed)
         self.head.train()
-        from tqdm import tqdm
-
         for _ in tqdm(range(c.epochs), desc="cells: train head", disable=not self.progress, leave=False):
             order = torch.randperm(len(x), generator=gen)
             for start in range(0, len(x), c.batch_size):
@@ -367,8 +363,6 @@ class CellClassifier:
 
     def predict_proba(self, features: np.ndarray, batch: int = 4096) -> np.ndarray:
         """(B, F) features -> (B, C) class probabilities."""
-        import torch
-
         out = []
         with torch.no_grad():
             for start in range(0, len(features), batch):
@@ -387,8 +381,6 @@ class CellClassifier:
 
 def embed_gps(encoder: Callable, lat: np.ndarray, lon: np.ndarray, batch: int = 8192) -> np.ndarray:
     """GPS-encoder embeddings (M, D) of coordinates, L2-normalised, float32 (computed once per gallery)."""
-    import torch
-
     out = []
     with torch.no_grad():
         for start in range(0, len(lat), batch):
@@ -426,9 +418,6 @@ class GPSGallery:
         if self.config.gallery == "train":
             self.lat, self.lon = gallery.lat, gallery.lon
         elif self.config.gallery == "mp16":
-            from geotoken.assets import mp16_coordinates_csv
-            from geotoken.data.manifest import read_manifest
-
             m = read_manifest(mp16_coordinates_csv())
             self.lat, self.lon = m.lat, m.lon
         else:
@@ -436,8 +425,6 @@ class GPSGallery:
                 f"gps-gallery: gallery must be 'train' or 'mp16', got {self.config.gallery!r}"
             )
         if self.encoder is None:
-            from geotoken.encoders import load_gps_encoder
-
             self.encoder = load_gps_encoder().eval()
         self.gallery_emb = embed_gps(self.encoder, self.lat, self.lon)  # (M, D)
         return self

@@ -14,7 +14,7 @@ Outputs in OUT_DIR, each written atomically:
 from __future__ import annotations
 
 import csv
-import re
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from geotoken.data.manifest import read_manifest
 from geotoken.errors import GeoTokenError
 from geotoken.evaluate.baselines import (
     CellClassifier,
@@ -29,22 +30,23 @@ from geotoken.evaluate.baselines import (
     GPSGallery,
     GPSGalleryConfig,
     NearestNeighbour,
-    Predictions,
     Prior,
     PriorConfig,
     RetrievalConfig,
     Split,
 )
-from geotoken.evaluate.geotoken_method import calibration_from_arrays
+from geotoken.evaluate.geotoken_method import calibration_from_arrays, row_label, run_geotoken
 from geotoken.evaluate.metrics import (
-    MethodMetrics,
     PairedComparison,
     bootstrap_metrics,
     metrics_markdown,
     paired_comparison,
 )
+from geotoken.evaluate.plots import plot_error_cdf, plot_world_map
+from geotoken.evaluate.runs import MethodRun, load_cached, save_cached, slug
+from geotoken.features import FeatureStore
 from geotoken.geo import THRESHOLDS_KM, haversine_km
-from geotoken.io import atomic_open, atomic_path, sha256_json, write_json
+from geotoken.io import atomic_open, read_json, sha256_json, write_json
 
 BASELINES = ("prior", "nn", "knn", "cells", "gps-gallery")
 METHODS = (*BASELINES, "geotoken")
@@ -59,19 +61,13 @@ def load_split(store_dir: str | Path, manifest: str | Path | None = None, name: 
     `manifest` (optional) supplies the true coordinates instead of the store's copy; its ids must be the
     store's ids in the same order. A model bundle folder (bundle.json) stands for its gallery store.
     """
-    from geotoken.features import FeatureStore
-
     if (Path(store_dir) / "bundle.json").is_file():
-        from geotoken.io import read_json
-
         store_dir = Path(store_dir) / read_json(Path(store_dir) / "bundle.json").get("gallery", "gallery")
     store = FeatureStore.open(store_dir)
     ids = np.asarray(store.ids, dtype=str)
     coords = np.asarray(store.coords, dtype=np.float64)
     images = None
     if manifest is not None:
-        from geotoken.data.manifest import read_manifest
-
         m = read_manifest(manifest)
         if len(m) != len(ids):
             raise GeoTokenError(
@@ -129,21 +125,6 @@ class EvalConfig:
 
 
 @dataclass
-class MethodRun:
-    """One evaluated method (or one strategy x selector of the model): its predictions and scores."""
-
-    label: str
-    method: str
-    strategy: str
-    config: dict
-    pred: Predictions
-    errors_km: np.ndarray
-    metrics: MethodMetrics | None = None
-    seconds: float = 0.0
-    cached: bool = False
-
-
-@dataclass
 class EvalResult:
     runs: dict[str, MethodRun]
     pairs: list[PairedComparison]
@@ -186,34 +167,9 @@ def build_baseline(method: str, cfg: EvalConfig, neighbours=None, gps_encoder=No
     raise GeoTokenError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
-
-
-def _load_cached(path: Path, n: int) -> Predictions | None:
-    if not path.is_file():
-        return None
-    with np.load(path, allow_pickle=False) as z:
-        if z["lat"].shape != (n,):
-            return None
-        extra = {k[2:]: z[k] for k in z.files if k.startswith("x_")}
-        return Predictions(z["lat"], z["lon"], z["score"] if "score" in z else None, extra)
-
-
-def _save_cached(path: Path, pred: Predictions) -> None:
-    arrays = {"lat": pred.lat, "lon": pred.lon}
-    if pred.score is not None:
-        arrays["score"] = pred.score
-    arrays.update({f"x_{k}": np.asarray(v) for k, v in pred.extra.items()})  # numeric arrays only: no pickles
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-
-
 def _inputs_hash(gallery: Split, queries: Split, neighbours=None, chunk_rows: int = 16384) -> str:
     """Identity of the evaluation inputs for the prediction cache: ids, coordinates and every array's
     bytes on both sides (re-embedding with another backbone must not reuse old predictions)."""
-    import hashlib
-
     h = hashlib.sha256()
     for s in (gallery, queries):
         h.update("\n".join(s.ids.tolist()).encode())
@@ -251,15 +207,13 @@ def run_methods(
         if method not in METHODS:
             raise GeoTokenError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         if method == "geotoken":
-            from geotoken.evaluate.geotoken_method import run_geotoken
-
             for run in run_geotoken(gallery, queries, cfg.geotoken, cache, inputs, log, geolocator):
                 runs[run.label] = run
             continue
         conf = _method_config(method, cfg)
         key = sha256_json({"method": method, "config": conf, "inputs": inputs})[:16]
-        path = cache / f"{_slug(method)}.{key}.npz" if cache is not None else None
-        pred = _load_cached(path, len(queries)) if path is not None else None
+        path = cache / f"{slug(method)}.{key}.npz" if cache is not None else None
+        pred = load_cached(path, len(queries)) if path is not None else None
         t0 = time.perf_counter()
         cached = pred is not None
         if pred is None:
@@ -267,7 +221,7 @@ def run_methods(
             model = build_baseline(method, cfg, neighbours, gps_encoder, progress).fit(gallery)
             pred = model.predict(queries)
             if path is not None:
-                _save_cached(path, pred)
+                save_cached(path, pred)
         seconds = time.perf_counter() - t0
         errors = haversine_km(queries.lat, queries.lon, pred.lat, pred.lon)
         runs[method] = MethodRun(
@@ -287,8 +241,6 @@ def score_runs(runs: Mapping[str, MethodRun], cfg: EvalConfig) -> list[PairedCom
     """Bootstrap metrics for each run, and paired comparisons: every run against the reference, then every
     other row of the model against its greedy row (the paper's question: do search and selection beat
     greedy decoding?)."""
-    from geotoken.evaluate.geotoken_method import row_label
-
     for run in runs.values():
         run.metrics = bootstrap_metrics(run.errors_km, cfg.thresholds, cfg.n_boot, cfg.seed, cfg.level)
     labels = list(runs)
@@ -367,7 +319,7 @@ def evaluate(
         "paired": [p.to_dict() for p in pairs],
     }
     for label, r in runs.items():  # the model's confidences: expected calibration error, reliability plots
-        plot = out / f"reliability_{_slug(label)}.png" if cfg.plots else None
+        plot = out / f"reliability_{slug(label)}.png" if cfg.plots else None
         cal = calibration_from_arrays(r.pred.extra, plot)
         if cal is not None:
             report["methods"][label]["calibration"] = cal
@@ -387,10 +339,8 @@ def write_plots(
     out: Path, queries: Split, runs: Mapping[str, MethodRun], thresholds: Sequence[float]
 ) -> list[Path]:
     """Error CDF of all runs, a world map per run, and reliability plots where a run has calibrated scores."""
-    from geotoken.evaluate.plots import plot_error_cdf, plot_world_map
-
     files = [plot_error_cdf({k: r.errors_km for k, r in runs.items()}, out / "error_cdf.png", thresholds)]
     for label, r in runs.items():
-        files.append(plot_world_map(queries.lat, queries.lon, r.pred.lat, r.pred.lon, out / f"map_{_slug(label)}.png",
+        files.append(plot_world_map(queries.lat, queries.lon, r.pred.lat, r.pred.lon, out / f"map_{slug(label)}.png",
                                     title=f"{label}: predictions vs truth ({len(queries)} images)"))  # fmt: skip
     return files

@@ -15,10 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
+from geotoken.data.images import open_image
 from geotoken.errors import GeoTokenError
 from geotoken.evaluate.baselines import Predictions, Split
+from geotoken.evaluate.runs import MethodRun, load_cached, save_cached, slug
 from geotoken.geo import haversine_km
 from geotoken.io import sha256_file, sha256_json
+from geotoken.predict import Geolocator
+from geotoken.s2 import latlon_to_tokens
+from geotoken.search.calibration import Calibration, calibration_data, calibration_report
 
 
 def row_label(strategy: str, select: str, cfg) -> str:
@@ -56,8 +61,6 @@ def _bundle_identity(path: Path) -> dict:
 
 def _calibration_arrays(geo, res, queries: Split) -> dict[str, np.ndarray]:
     """Raw confidences and outcomes of the run (see geotoken.search.calibration.calibration_data), as arrays."""
-    from geotoken.s2 import latlon_to_tokens
-    from geotoken.search.calibration import Calibration, calibration_data
 
     cfg = geo.model.cfg
     true_tokens = latlon_to_tokens(queries.lat, queries.lon, cfg.level, cfg.group)
@@ -80,8 +83,6 @@ def calibration_from_arrays(extra: dict, plot: str | Path | None = None) -> dict
     """ECE report (and optionally a reliability PNG) from the arrays `_calibration_arrays` stored."""
     if "cal_radii" not in extra:
         return None
-    from geotoken.search.calibration import Calibration, calibration_report
-
     radii = [float(r) for r in extra["cal_radii"]]
     data = {
         "within": {
@@ -97,8 +98,6 @@ def calibration_from_arrays(extra: dict, plot: str | Path | None = None) -> dict
 
 
 def _images(queries: Split) -> list:
-    from geotoken.data.images import open_image
-
     if getattr(queries, "images", None) is None:
         raise GeoTokenError("--select mllm sends the photos: give --queries-manifest with image references")
     return [open_image(ref) for ref in queries.images]
@@ -114,8 +113,6 @@ def run_geotoken(
     geolocator=None,
 ):
     """Yield one `MethodRun` per strategy x selector. `geolocator` overrides loading `cfg.model` (a bundle)."""
-    from geotoken.evaluate.evaluate import MethodRun, _load_cached, _save_cached, _slug
-
     if geolocator is None and not cfg.model:
         raise GeoTokenError("--method geotoken needs --model BUNDLE (a folder with bundle.json)")
     bundle = None if geolocator is not None else Path(cfg.model)
@@ -128,14 +125,12 @@ def run_geotoken(
                    "retrieved": cfg.retrieved}  # fmt: skip
         conf = {"model": cfg.model, **options}
         key = sha256_json({"method": "geotoken", "config": conf, "bundle": identity, "inputs": inputs})[:16]
-        path = cache / f"{_slug(label)}.{key}.npz" if cache is not None and identity is not None else None
-        pred = _load_cached(path, len(queries)) if path is not None else None
+        path = cache / f"{slug(label)}.{key}.npz" if cache is not None and identity is not None else None
+        pred = load_cached(path, len(queries)) if path is not None else None
         t0 = time.perf_counter()
         cached = pred is not None
         if pred is None:
             if geo is None:
-                from geotoken.predict import Geolocator
-
                 log(f"geotoken: loading bundle {bundle}")
                 geo = Geolocator.from_bundle(bundle)
             if embeddings is None:
@@ -150,7 +145,7 @@ def run_geotoken(
             extra = _calibration_arrays(geo, res, queries)
             pred = Predictions(res.selection.lat, res.selection.lon, score, extra)
             if path is not None:
-                _save_cached(path, pred)
+                save_cached(path, pred)
         errors = haversine_km(queries.lat, queries.lon, pred.lat, pred.lon)
         strategy_text = "greedy" if strategy == "greedy" else f"{strategy}+{select}"
         yield MethodRun(

@@ -13,11 +13,46 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 from geotoken.errors import GeoTokenError
 from geotoken.geo import THRESHOLDS_KM
 
 _CHUNK_ELEMENTS = 4_000_000  # index-matrix elements per chunk: bounds memory to ~32 MB of int64
+
+
+def _name(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _field(d, key: str, where: str = "", kind: str = "any"):
+    """d[key] as read from metrics.json, checked to be `kind` ("number", "object" or "any"); otherwise a
+    GeoTokenError naming the field by its path in the file (`where.key`, e.g. 'methods.knn.median_km')."""
+    if not isinstance(d, Mapping):
+        raise GeoTokenError(f"field {where or 'metrics'!r} should be an object, got {d!r:.80}")
+    name = _name(where, key)
+    if key not in d:
+        raise GeoTokenError(f"missing field {name!r}")
+    value = d[key]
+    if kind == "number" and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+        raise GeoTokenError(f"field {name!r} should be a number, got {value!r:.80}")
+    if kind == "object" and not isinstance(value, Mapping):
+        raise GeoTokenError(f"field {name!r} should be an object, got {value!r:.80}")
+    return value
+
+
+def _estimates(d, key: str, where: str = "") -> dict[float, Estimate]:
+    """{threshold km: Estimate} from an object keyed by threshold ('25', '0.5')."""
+    obj, name = _field(d, key, where, "object"), _name(where, key)
+    out = {}
+    for t, e in obj.items():
+        try:
+            km = float(t)
+        except ValueError:
+            raise GeoTokenError(f"field {name!r}: key {t!r} is not a distance in km") from None
+        out[km] = Estimate.from_dict(e, f"{name}.{t}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -32,8 +67,9 @@ class Estimate:
         return {"value": self.value, "lo": self.lo, "hi": self.hi}
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> Estimate:
-        return cls(float(d["value"]), float(d["lo"]), float(d["hi"]))
+    def from_dict(cls, d: Mapping, where: str = "") -> Estimate:
+        """The inverse of `to_dict`; a malformed entry is a GeoTokenError naming the field (`where`)."""
+        return cls(*(float(_field(d, key, where, "number")) for key in ("value", "lo", "hi")))
 
 
 @dataclass(frozen=True)
@@ -58,12 +94,14 @@ class MethodMetrics:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> MethodMetrics:
+    def from_dict(cls, d: Mapping, where: str = "") -> MethodMetrics:
+        """The inverse of `to_dict` (one method entry of metrics.json; other keys are ignored). A malformed
+        entry is a GeoTokenError naming the field, prefixed by `where` (e.g. 'methods.knn')."""
         return cls(
-            n=int(d["n"]),
-            accuracy={float(t): Estimate.from_dict(e) for t, e in d["accuracy"].items()},
-            median_km=Estimate.from_dict(d["median_km"]),
-            mean_km=Estimate.from_dict(d["mean_km"]),
+            n=int(_field(d, "n", where, "number")),
+            accuracy=_estimates(d, "accuracy", where),
+            median_km=Estimate.from_dict(_field(d, "median_km", where), _name(where, "median_km")),
+            mean_km=Estimate.from_dict(_field(d, "mean_km", where), _name(where, "mean_km")),
             level=float(d.get("level", 0.95)),
             n_boot=int(d.get("n_boot", 1000)),
         )
@@ -89,6 +127,18 @@ class PairedComparison:
             "median_km_diff": self.median_km.to_dict(),
             "mean_km_diff": self.mean_km.to_dict(),
         }
+
+    @classmethod
+    def from_dict(cls, d: Mapping, where: str = "") -> PairedComparison:
+        """The inverse of `to_dict` (one entry of metrics.json's `paired`); errors name the field (`where`)."""
+        return cls(
+            a=str(_field(d, "a", where)),
+            b=str(_field(d, "b", where)),
+            n=int(_field(d, "n", where, "number")),
+            accuracy=_estimates(d, "accuracy_diff", where),
+            median_km=Estimate.from_dict(_field(d, "median_km_diff", where), _name(where, "median_km_diff")),
+            mean_km=Estimate.from_dict(_field(d, "mean_km_diff", where), _name(where, "mean_km_diff")),
+        )
 
 
 def _key(t: float) -> str:
@@ -270,9 +320,6 @@ def print_tables(
     results: Mapping[str, MethodMetrics], pairs: Sequence[PairedComparison] = (), console=None
 ) -> None:
     """Print the tables with rich."""
-    from rich.console import Console
-    from rich.table import Table
-
     tables = [("accuracy (%) [95% CI]", table_rows(results)), ("paired a - b", paired_rows(pairs))]
     for title, (header, rows) in tables:
         if not rows:

@@ -10,7 +10,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from geotoken.assets import basemap_image
 from geotoken.geo import THRESHOLDS_KM
 from geotoken.io import atomic_path
 
@@ -69,10 +71,6 @@ def plot_error_cdf(
 @functools.lru_cache(maxsize=2)
 def basemap(width: int = 900, name: str = "bmng") -> np.ndarray:
     """The Blue Marble image (equirectangular, 2:1), decoded at reduced size: (width / 2, width, 3) uint8."""
-    from PIL import Image
-
-    from geotoken.assets import basemap_image
-
     with Image.open(basemap_image(name)) as img:
         img.draft("RGB", (width, width // 2))  # JPEG decodes at 1/2, 1/4 or 1/8 scale: fast
         return np.asarray(img.convert("RGB").resize((width, width // 2), Image.Resampling.BILINEAR))

@@ -8,6 +8,7 @@ real method can recover part of the location and the prior cannot.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from geotoken.evaluate.baselines import Split, from_xyz, l2_normalize, to_xyz
 
@@ -35,7 +36,6 @@ def fourier_features(lat: np.ndarray, lon: np.ndarray, dim: int, scale: float, s
 
 def gps_encoder(dim: int = 64, scale: float = 30.0, seed: int = 7):
     """A stand-in GPS encoder with the GeoCLIP interface: (B, 2) lat/lon tensor -> (B, dim) tensor."""
-    import torch
 
     def encode(latlon: torch.Tensor) -> torch.Tensor:
         ll = latlon.double().numpy()

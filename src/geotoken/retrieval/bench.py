@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from geotoken.retrieval.index import NeighbourIndex, recall_at_k
+
 BLOCK = 65536
 
 
@@ -74,8 +76,6 @@ def bench_index(
     their exact vectors (skipped above 1M rows, where the benchmark cannot hold the vectors in RAM).
     """
     import faiss
-
-    from geotoken.retrieval.index import NeighbourIndex, recall_at_k
 
     if threads:
         faiss.omp_set_num_threads(threads)
