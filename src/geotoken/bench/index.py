@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import faiss
 import numpy as np
 
 from geotoken.retrieval.index import KINDS, NeighbourIndex, recall_at_k
@@ -79,8 +80,6 @@ def bench_index(
     With `refine`, an extra row "ivfpq+refine": the same IVF-PQ index re-ranking refine * k candidates by
     their exact vectors (skipped above 1M rows, where the benchmark cannot hold the vectors in RAM).
     """
-    import faiss
-
     if threads:
         faiss.omp_set_num_threads(threads)
     gallery = RandomUnitVectors(rows, dim, seed, data, centre_seed=seed)
