@@ -37,11 +37,11 @@ bench: install
 	$(VENV)/bin/geotoken bench tokens --json
 	$(PY) benchmarks/bench_train.py --runs small:32,paper:16 --threads 2
 	$(PY) benchmarks/bench_train.py --runs small:32,paper:16 --threads 2 --dtype bf16
-	$(VENV)/bin/geotoken bench decode --preset small --batch 16 --threads 2 --json
-	$(VENV)/bin/geotoken bench decode --preset paper --batch 8 --threads 2 --json
-	$(VENV)/bin/geotoken bench decode --preset small --batch 16 --threads 2 --dtype bf16 --json
-	$(VENV)/bin/geotoken bench decode --preset paper --batch 8 --threads 2 --dtype bf16 --json
-	$(VENV)/bin/geotoken bench index --rows 100000 --kinds flat ivfpq hnsw --data clustered --json
+	$(VENV)/bin/geotoken bench decode --preset small --batch-size 16 --threads 2 --json
+	$(VENV)/bin/geotoken bench decode --preset paper --batch-size 8 --threads 2 --json
+	$(VENV)/bin/geotoken bench decode --preset small --batch-size 16 --threads 2 --dtype bf16 --json
+	$(VENV)/bin/geotoken bench decode --preset paper --batch-size 8 --threads 2 --dtype bf16 --json
+	$(VENV)/bin/geotoken bench index --rows 100000 --kinds flat ivfpq hnsw --data clustered --threads 2 --json
 	$(VENV)/bin/geotoken bench extract --sizes 64 224 --threads 2 --json
 
 clean:

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from geotoken.evaluate.evaluate import load_split
+from geotoken.features import FeatureStore
+from geotoken.geo import haversine_km
+from geotoken.predict import Geolocator
+
 
 def _density(lat: np.ndarray, lon: np.ndarray, gallery: np.ndarray, km: float = 200.0) -> np.ndarray:
-    from geotoken.geo import haversine_km
-
     out = np.empty(len(lat), dtype=np.int64)
     for s in range(0, len(lat), 256):  # (256, G) distances at a time
         d = haversine_km(
@@ -31,8 +34,6 @@ def _density(lat: np.ndarray, lon: np.ndarray, gallery: np.ndarray, km: float = 
 
 def _errors(pool, scores: np.ndarray, queries) -> np.ndarray:
     """km error of each image's candidate with the highest score (scores (B, N))."""
-    from geotoken.geo import haversine_km
-
     rows, best = np.arange(len(scores)), scores.argmax(1)
     return haversine_km(queries.lat, queries.lon, pool.lat[rows, best], pool.lon[rows, best])
 
@@ -50,11 +51,6 @@ def main() -> None:
     args = p.parse_args()
 
     import pandas as pd
-
-    from geotoken.evaluate.evaluate import load_split
-    from geotoken.features import FeatureStore
-    from geotoken.geo import haversine_km
-    from geotoken.predict import Geolocator
 
     run = Path(args.run_dir)
     summary = json.loads((run / "run.json").read_text())

@@ -1,6 +1,6 @@
 """Decoding speed, cached vs uncached, beside the reference figures: the same as `geotoken bench decode`.
 
-python benchmarks/bench_decode.py --preset small --batch 16 --threads 2 --json
+python benchmarks/bench_decode.py --preset small --batch-size 16 --threads 2 --json
 """
 
 import sys

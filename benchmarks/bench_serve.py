@@ -24,7 +24,12 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
+from PIL import Image
+
+from geotoken.io import read_json, write_json
+from geotoken.testing import random_bundle
 
 
 def free_port() -> int:
@@ -34,8 +39,6 @@ def free_port() -> int:
 
 
 def photo_bytes(seed: int = 0) -> bytes:
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     im = Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8))
     buf = io.BytesIO()
@@ -44,17 +47,12 @@ def photo_bytes(seed: int = 0) -> bytes:
 
 
 def small_bundle(directory: Path, image_size: int) -> Path:
-    from geotoken.io import read_json, write_json
-    from geotoken.testing import random_bundle
-
     bundle = random_bundle(directory / "bundle", gallery_rows=256, k=5)
     write_json(bundle / "backbone.json", {**read_json(bundle / "backbone.json"), "image_size": image_size})
     return bundle
 
 
 def start_server(bundle: Path, port: int, threads: int, concurrency: int, max_batch: int) -> subprocess.Popen:
-    import httpx
-
     cmd = [sys.executable, "-m", "geotoken", "serve", "--model", str(bundle), "--host", "127.0.0.1",
            "--port", str(port), "--threads", str(threads), "--concurrency", str(concurrency),
            "--max-batch", str(max_batch)]  # fmt: skip
@@ -74,8 +72,6 @@ def start_server(bundle: Path, port: int, threads: int, concurrency: int, max_ba
 
 def load(url: str, clients: int, requests: int, seconds: float, body: bytes, options: dict) -> dict:
     """`requests` POSTs from `clients` threads, stopping new sends after `seconds`; every one accounted for."""
-    import httpx
-
     latencies: list[float] = []
     failures: list[str] = []
     next_index = iter(range(requests))

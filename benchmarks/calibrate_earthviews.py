@@ -19,8 +19,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
 from geotoken.data import earthviews as ev
+from geotoken.encoders import load_backbone
+from geotoken.evaluate.baselines import densest_location, exact_neighbours, to_xyz
+from geotoken.geo import THRESHOLDS_KM, haversine_km
 from geotoken.io import sha256_json, write_json
 
 NORTH_UP = dataclasses.replace(ev.GALLERY_STYLE, rotation_deg=0.0)
@@ -38,9 +43,6 @@ SETTINGS = {
 
 def embed_views(split: ev.Split, cfg: ev.EarthViewsConfig, backbone, cache: Path, batch: int = 256):
     """(n, 1280) float32 features of every view of `split`, cached by everything that decides its pixels."""
-    import torch
-    from PIL import Image
-
     key = sha256_json(
         {
             "split": split.name,
@@ -74,24 +76,16 @@ def embed_views(split: ev.Split, cfg: ev.EarthViewsConfig, backbone, cache: Path
 
 
 def accuracies(errors_km: np.ndarray) -> list[float]:
-    from geotoken.geo import THRESHOLDS_KM
-
     return [float(np.mean(errors_km <= t) * 100) for t in THRESHOLDS_KM]
 
 
 def one_nn_errors(gallery: ev.Split, g_feat: np.ndarray, split: ev.Split, q_feat: np.ndarray) -> np.ndarray:
-    from geotoken.evaluate.baselines import exact_neighbours
-    from geotoken.geo import haversine_km
-
     rows, _ = exact_neighbours(g_feat, q_feat, 1)
     return haversine_km(split.lat, split.lon, gallery.lat[rows[:, 0]], gallery.lon[rows[:, 0]])
 
 
 def baseline_errors(gallery: ev.Split, split: ev.Split) -> dict[str, np.ndarray]:
     """Coordinate-only prior and the ceiling (the nearest gallery coordinate): no pixels involved."""
-    from geotoken.evaluate.baselines import densest_location, exact_neighbours, to_xyz
-    from geotoken.geo import haversine_km
-
     plat, plon = densest_location(gallery.lat, gallery.lon)
     rows, _ = exact_neighbours(to_xyz(gallery.lat, gallery.lon), to_xyz(split.lat, split.lon), 1)
     return {
@@ -103,9 +97,6 @@ def baseline_errors(gallery: ev.Split, split: ev.Split) -> dict[str, np.ndarray]
 def geometry_rows(gallery: ev.Split, splits: dict, view_kms: list[float], image_size: int) -> list[str]:
     """Why the view size: km per output pixel against Blue Marble's own resolution, and how often a test point
     has a gallery point within half a view width (a heavily overlapping gallery view)."""
-    from geotoken.evaluate.baselines import exact_neighbours, to_xyz
-    from geotoken.geo import haversine_km
-
     source_km = 2 * np.pi * ev.EARTH_RADIUS_KM / ev.load_layer("bmng").shape[1]  # per pixel at the equator
     nearest = {}
     for name in ("test", "test_disjoint"):
@@ -137,10 +128,6 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default="runs/calibrate_earthviews")
     args = p.parse_args()
-
-    import torch
-
-    from geotoken.encoders import load_backbone
 
     torch.set_num_threads(args.threads)
     backbone = load_backbone("efficientnet-lite0", image_size=args.image_size)

@@ -144,7 +144,7 @@ def test_bench_decode_reports_every_figure(capsys):
                 "decode",
                 "--preset",
                 "small",
-                "--batch",
+                "--batch-size",
                 "1",
                 "--threads",
                 "1",

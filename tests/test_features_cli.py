@@ -37,7 +37,7 @@ def test_embed_command(tmp_path, capsys):
 
 
 def test_bench_extract_small():
-    from geotoken.features.bench import bench_extract
+    from geotoken.bench.extract import bench_extract
 
     result = bench_extract([("efficientnet-lite0", {"image_size": 32})], batch_size=4, images=8, workers=0,
                            threads=1, iters=1)  # fmt: skip

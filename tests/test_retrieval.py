@@ -211,7 +211,7 @@ def test_training_queries_of_gallery_places_never_see_that_place(tmp_path):
 
 
 def test_bench_index_small():
-    from geotoken.retrieval.bench import RandomUnitVectors, bench_index
+    from geotoken.bench.index import RandomUnitVectors, bench_index
 
     gen = RandomUnitVectors(70_000, 4, seed=3)
     rows = np.array([69_999, 5, 65_536, 5])

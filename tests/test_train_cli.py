@@ -76,7 +76,7 @@ def test_train_command(tmp_path, capsys):
 
 
 def test_bench_train_prints_one_json_object(capsys):
-    args = ["bench", "train", "--preset", "tiny", "--batch", "2", "--iters", "1", "--threads", "1"]
+    args = ["bench", "train", "--preset", "tiny", "--batch-size", "2", "--iters", "1", "--threads", "1"]
     assert main(args + ["--gallery-rows", "300", "--json", "--reference"]) == 0
     res = json.loads(capsys.readouterr().out)
     for key in (

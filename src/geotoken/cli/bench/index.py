@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+from geotoken.bench.index import DATA, bench_index
+from geotoken.retrieval.index import KINDS
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -15,9 +18,9 @@ def register(subparsers) -> None:
     p.add_argument("--rows", type=int, default=100_000, help="gallery vectors (default 100000)")
     p.add_argument("--dim", type=int, default=768, help="dimension (default 768, the paper's embeddings)")
     p.add_argument("--queries", type=int, default=1000, help="query vectors (default 1000)")
-    p.add_argument("-k", type=int, default=15, help="neighbours per query (default 15)")
-    p.add_argument("--kinds", nargs="+", default=["flat", "ivfpq", "hnsw"], choices=["flat", "ivfpq", "hnsw"])
-    p.add_argument("--data", default="random", choices=["random", "clustered"],
+    p.add_argument("-k", "--k", type=int, default=15, help="neighbours per query (default 15)")
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--data", default=DATA[0], choices=DATA,
                    help="uniform random unit vectors (worst case) or clustered ones (closer to real embeddings)")  # fmt: skip
     p.add_argument("--nlist", type=int, help="ivfpq lists (default ~4 sqrt(rows))")
     p.add_argument("--pq-m", type=int, help="ivfpq bytes per vector (default dim/8)")
@@ -25,14 +28,12 @@ def register(subparsers) -> None:
     p.add_argument("--ef-search", type=int, help="hnsw search beam (default 128)")
     p.add_argument("--refine", type=int, default=4,
                    help="also time ivfpq re-ranking REFINE x k candidates by exact vectors (0: skip; default 4)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=2, help="FAISS threads (default 2)")
+    p.add_argument("--threads", type=int, default=0, help="FAISS threads (default 0: FAISS's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from geotoken.retrieval.bench import bench_index
-
     result = bench_index(
         args.rows, args.dim, args.queries, args.k, tuple(args.kinds), args.threads, args.data, progress=not args.json,
         refine=args.refine,

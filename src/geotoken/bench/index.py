@@ -11,11 +11,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import faiss
 import numpy as np
 
-from geotoken.retrieval.index import NeighbourIndex, recall_at_k
+from geotoken.retrieval.index import KINDS, NeighbourIndex, recall_at_k
 
 BLOCK = 65536
+DATA = ("random", "clustered")  # what `RandomUnitVectors` draws: uniform unit vectors, or around centres
 
 
 class RandomUnitVectors:
@@ -62,21 +64,22 @@ def bench_index(
     dim: int = 768,
     queries: int = 1000,
     k: int = 15,
-    kinds: tuple[str, ...] = ("flat", "ivfpq", "hnsw"),
-    threads: int | None = None,
+    kinds: tuple[str, ...] = KINDS,
+    threads: int = 0,
     data: str = "random",
     seed: int = 0,
     progress: bool = False,
     refine: int = 4,
     **options: Any,
 ) -> dict[str, Any]:
-    """One row per index kind: build seconds, index bytes, queries/s, recall@k against flat.
+    """{rows, dim, queries, k, data, threads, kinds: {kind: {build_s, index_mb, queries_per_s, recall@<k>,
+    and nlist / pq_m / pq_bits where the index has them}}}: recall@k against flat (always built, reported
+    only when in `kinds`). threads 0: FAISS's current setting; options: index build/search options (None
+    values dropped).
 
     With `refine`, an extra row "ivfpq+refine": the same IVF-PQ index re-ranking refine * k candidates by
     their exact vectors (skipped above 1M rows, where the benchmark cannot hold the vectors in RAM).
     """
-    import faiss
-
     if threads:
         faiss.omp_set_num_threads(threads)
     gallery = RandomUnitVectors(rows, dim, seed, data, centre_seed=seed)

@@ -1,7 +1,7 @@
 """A re-implementation of the structure of the authors' training step, for side-by-side timing only.
 
 Written from the description of the public code (reference-notes.md), not copied: same sizes and the
-same loss, and the same costly habits, so `bench_train.py` measures the ratio on one machine in one run:
+same loss, and the same costly habits, so `geotoken.bench.train` measures the ratio on one machine in one run:
   - a Python loop over the k neighbours, each gathering its rows from NumPy arrays on the CPU inside
     forward() and running the three modality MLPs on B rows at a time;
   - a Python loop over the T token positions for the neighbour-token, decoder-input and output-head
@@ -19,6 +19,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from geotoken.bench.common import GALLERY_ROWS, PAPER_INPUTS, random_data, time_steps
+from geotoken.model import preset
 
 
 class ReferenceGeoToken(nn.Module):
@@ -103,12 +106,10 @@ class ReferenceGeoToken(nn.Module):
 
 
 def bench_reference(
-    name: str, batch: int, iters: int = 3, warmup: int = 1, seed: int = 0, rows: int = 20_000
+    name: str, batch_size: int, iters: int = 3, warmup: int = 1, seed: int = 0, rows: int = GALLERY_ROWS
 ) -> dict:
-    """Samples/s of the reference-style step on the same random inputs as `geotoken.train.bench`."""
-    from geotoken.model import preset
-    from geotoken.train.bench import PAPER_INPUTS, random_data, time_steps
-
+    """{seconds_per_step, train_samples_per_s} of the reference-style step (fp32) on the same random inputs
+    as `geotoken.bench.train.bench_ours`."""
     cfg = preset(name, **PAPER_INPUTS)
     torch.manual_seed(seed)
     model = ReferenceGeoToken(
@@ -118,13 +119,13 @@ def bench_reference(
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=1e-6)
     data = random_data(cfg, rows, seed)
     gal = [
-        np.asarray(data.gallery[m], dtype=np.float32) for m in ("visual", "gps", "text")
+        np.asarray(data.gallery.embeddings[m], dtype=np.float32) for m in ("visual", "gps", "text")
     ]  # its own .npy files
-    table = torch.from_numpy(data.gallery_tokens)
+    table = torch.from_numpy(data.gallery.tokens)
     rng = np.random.default_rng(seed)
 
     def step(_: int) -> None:
-        rows = rng.integers(0, data.rows, batch)
+        rows = rng.integers(0, data.rows, batch_size)
         q = [torch.from_numpy(g[rows]) for g in gal]
         loss = model(
             *q,
@@ -139,4 +140,4 @@ def bench_reference(
         opt.step()
 
     sec = time_steps(step, iters, warmup)
-    return {"seconds_per_step": sec, "train_samples_per_s": batch / sec}
+    return {"seconds_per_step": sec, "train_samples_per_s": batch_size / sec}

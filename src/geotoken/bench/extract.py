@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 
 from geotoken import assets
-from geotoken.data.table import Manifest
+from geotoken.bench.common import set_threads
+from geotoken.data.manifest import Manifest
 from geotoken.encoders import load_backbone
-from geotoken.features.embed import embed
+from geotoken.features import embed
 
 
 def _jpegs(folder: Path, n: int, side: int = 320) -> list[str]:
@@ -43,12 +44,15 @@ def bench_extract(
     batch_size: int = 32,
     images: int = 256,
     workers: int = 2,
-    threads: int = 2,
+    threads: int = 0,
     iters: int = 3,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """{label: {forward_images_per_s, end_to_end_images_per_s, ratio}} for each (backbone, options)."""
-    torch.set_num_threads(threads)
+    """{batch_size, images, workers, threads, device, backbones: {label: {dim, image_size,
+    forward_images_per_s, end_to_end_images_per_s, end_to_end_over_forward}}}, one label per (backbone name,
+    options) ("efficientnet-lite0 image_size=224"); backbones None: efficientnet-lite0 at 224, 128 and 64 px.
+    threads 0: torch's current setting."""
+    threads = set_threads(threads)
     backbones = backbones or [("efficientnet-lite0", {"image_size": s}) for s in (224, 128, 64)]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

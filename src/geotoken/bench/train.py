@@ -1,0 +1,189 @@
+"""Training-speed benchmark on random inputs shaped like the paper's (three 768-d embeddings per image,
+k 15, level 20, g 2, a 20,000-row gallery): one forward + backward + AdamW step per iteration, with the
+batch assembled from the gallery arrays by indexing, as in real training.
+
+Also measures this machine's matmul peak (2048 x 2048, fp32 and bf16) and the share of it the training
+step achieves, from the FLOPs `torch.utils.flop_counter` counts for one step, and times the reference-style
+step (`geotoken.bench.reference`) on the same inputs in the same process.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from geotoken.bench.common import GALLERY_ROWS, PAPER_INPUTS, random_data, set_threads, time_steps
+from geotoken.bench.reference import bench_reference
+from geotoken.model import GeoToken, precision, preset
+from geotoken.train.loop import TrainConfig, make_optimizer
+
+# The authors' code on this machine type: 2 threads, fp32, random inputs (see issue 5).
+REFERENCE_SAMPLES_PER_S = {("small", 32): 14.2, ("paper", 16): 2.35}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, min_seconds: float = 0.5) -> float:
+    """Achieved GFLOP/s of an n x n matmul (the machine's practical peak for this dtype).
+
+    A CPU without native bf16 (no AVX-512 BF16 / AMX) runs bf16 matmuls orders of magnitude slower;
+    there a 512 x 512 probe stands in for the 2048 one, which would take minutes.
+    """
+    p = torch.randn(512, 512).to(dtype)
+    t0 = time.perf_counter()
+    p @ p
+    if (time.perf_counter() - t0) * (n / 512) ** 3 > 5.0:
+        n = 512
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    reps, t0 = 0, time.perf_counter()
+    while (dt := time.perf_counter() - t0) < min_seconds or reps < 2:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / dt / 1e9
+
+
+def matmul_peaks() -> dict[str, float]:
+    """{"fp32": GFLOP/s, "bf16": GFLOP/s}: `matmul_gflops` of both dtypes, as every training figure uses them."""
+    return {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16, min_seconds=0.2)}
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def bench_ours(
+    name: str,
+    batch_size: int,
+    dtype: str = "fp32",
+    iters: int = 5,
+    warmup: int = 2,
+    seed: int = 0,
+    rows: int = GALLERY_ROWS,
+    compile: bool = False,
+) -> dict:
+    """{seconds_per_step, train_samples_per_s, flops_per_step, n_params} of our training step at preset
+    `name` (compiled: `torch.compile`, whose compilation happens in the warm-up steps, at least two; FLOPs
+    are counted on the eager model)."""
+    cfg = preset(name, **PAPER_INPUTS)
+    torch.manual_seed(seed)
+    model = GeoToken(cfg).train()
+    opt = make_optimizer(model, TrainConfig())
+    data = random_data(cfg, rows, seed)
+    rng = np.random.default_rng(seed)
+    net = torch.compile(model) if compile else model
+    if compile:
+        warmup = max(warmup, 2)
+
+    def step(_: int, net: torch.nn.Module = net) -> None:
+        b = data.batch(rng.integers(0, data.rows, batch_size), cfg)
+        with precision(dtype):
+            _, loss = net(b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    sec = time_steps(step, iters, warmup)
+    flops = count_flops(lambda: step(0, model))
+    return {
+        "seconds_per_step": sec,
+        "train_samples_per_s": batch_size / sec,
+        "flops_per_step": flops,
+        "n_params": model.n_params(),
+    }
+
+
+def bench_train(
+    name: str = "small",
+    batch_size: int = 32,
+    threads: int = 0,
+    dtype: str = "fp32",
+    compile: bool = False,
+    iters: int = 5,
+    warmup: int = 1,
+    rows: int = GALLERY_ROWS,
+    reference: bool = False,
+) -> dict:
+    """{preset, batch, threads, dtype, compile, gallery_rows, torch, cpu, matmul_gflops_fp32,
+    matmul_gflops_bf16, <bench_ours' figures>, peak_rss_mb, achieved_gflops, share_of_matmul_peak,
+    reference_published_samples_per_s, ratio_to_published (None without a published figure) and, with
+    `reference`, reference_samples_per_s and ratio_side_by_side (the reference-style step timed after ours).
+
+    threads 0: torch's current setting. peak_rss_mb is read before the reference-style step runs."""
+    threads = set_threads(threads)
+    res = {"preset": name, "batch": batch_size, "threads": threads, "dtype": dtype}
+    res["compile"] = compile
+    res["gallery_rows"] = rows
+    res["torch"], res["cpu"] = torch.__version__, platform.processor() or platform.machine()
+    peaks = matmul_peaks()
+    res["matmul_gflops_fp32"], res["matmul_gflops_bf16"] = peaks["fp32"], peaks["bf16"]
+    ours = bench_ours(name, batch_size, dtype, iters, warmup, rows=rows, compile=compile)
+    res.update(ours)
+    res["peak_rss_mb"] = peak_rss_mb()  # before the reference runs in this process
+    peak = res["matmul_gflops_bf16" if dtype == "bf16" else "matmul_gflops_fp32"]
+    res["achieved_gflops"] = ours["flops_per_step"] / ours["seconds_per_step"] / 1e9
+    res["share_of_matmul_peak"] = res["achieved_gflops"] / peak
+    published = REFERENCE_SAMPLES_PER_S.get((name, batch_size))
+    res["reference_published_samples_per_s"] = published  # authors' code, 2 threads fp32, their machine
+    res["ratio_to_published"] = ours["train_samples_per_s"] / published if published else None
+    if reference:
+        ref = bench_reference(name, batch_size, iters, warmup, rows=rows)
+        res["reference_samples_per_s"] = ref["train_samples_per_s"]
+        res["ratio_side_by_side"] = ours["train_samples_per_s"] / ref["train_samples_per_s"]
+    return res
+
+
+def side_by_side(
+    name: str,
+    batch_size: int,
+    threads: int = 0,
+    dtype: str = "fp32",
+    compile: bool = False,
+    iters: int = 3,
+    rounds: int = 2,
+    peaks: dict[str, float] | None = None,
+) -> dict:
+    """Ours and the reference-style step alternating `rounds` times in this process (so machine load hits
+    both alike), the best round of each kept: {preset, batch, threads, dtype, compile, train_samples_per_s,
+    reference_samples_per_s, ratio_side_by_side, ratio_to_published (None without a published figure),
+    matmul_gflops_fp32, matmul_gflops_bf16, share_of_matmul_peak}.
+
+    peaks: `matmul_peaks()` measured once for several calls (None: measured here); threads 0: torch's
+    current setting."""
+    threads = set_threads(threads)
+    peaks = peaks or matmul_peaks()
+    ours, ref = [], []
+    for _ in range(rounds):
+        ours.append(bench_ours(name, batch_size, dtype, iters, warmup=1, compile=compile))
+        ref.append(bench_reference(name, batch_size, iters, warmup=1)["train_samples_per_s"])
+    best = max(ours, key=lambda r: r["train_samples_per_s"])
+    published = REFERENCE_SAMPLES_PER_S.get((name, batch_size))
+    return {
+        "preset": name,
+        "batch": batch_size,
+        "threads": threads,
+        "dtype": dtype,
+        "compile": compile,
+        "train_samples_per_s": best["train_samples_per_s"],
+        "reference_samples_per_s": max(ref),
+        "ratio_side_by_side": best["train_samples_per_s"] / max(ref),
+        "ratio_to_published": best["train_samples_per_s"] / published if published else None,
+        "matmul_gflops_fp32": peaks["fp32"],
+        "matmul_gflops_bf16": peaks["bf16"],
+        "share_of_matmul_peak": best["flops_per_step"]
+        * best["train_samples_per_s"]
+        / batch_size
+        / 1e9
+        / peaks[dtype],
+    }
