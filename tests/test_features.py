@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,37 +16,9 @@ from PIL import Image
 from geotoken.data.manifest import Manifest
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore, embed, read_rows
+from helpers import TinyBackbone
 
 torch.set_num_threads(1)
-
-
-class TinyBackbone(torch.nn.Module):
-    """A deterministic stand-in for an image backbone (same interface as geotoken.encoders)."""
-
-    name = "tiny"
-    dim = 24
-
-    def __init__(self, fail_after: int | None = None):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, self.dim, 3, stride=2)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g))
-            self.conv.bias.copy_(torch.randn(self.dim, generator=g))
-        self.calls, self.fail_after = 0, fail_after
-
-    def config(self) -> dict:
-        return {"name": self.name, "image_size": 16}
-
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        x = np.asarray(image.resize((16, 16)), dtype=np.float32) / 255.0
-        return torch.from_numpy(x).permute(2, 0, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.fail_after is not None and self.calls > self.fail_after:
-            raise RuntimeError("simulated crash")
-        return self.conv(x).mean(dim=(2, 3))
 
 
 def make_manifest(folder: Path, n: int, bad: dict[int, str] | None = None) -> Manifest:
@@ -143,7 +114,7 @@ import torch
 from PIL import Image
 from geotoken.data.manifest import Manifest
 sys.path.insert(0, {tests!r})
-from test_features import TinyBackbone
+from helpers import TinyBackbone
 from geotoken.features import embed
 torch.set_num_threads(1)
 m = Manifest(**json.load(open({manifest!r})))
@@ -159,14 +130,8 @@ json.dump(backbone.calls, open({out!r} + f".calls-{{rank}}.json", "w"))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_processes_crash_resume_and_match_one(tmp_path):
+def test_two_processes_crash_resume_and_match_one(tmp_path, free_port):
     """2 gloo processes (as under torchrun) embed into one store, crash, resume: same bytes as 1 process."""
     manifest = make_manifest(tmp_path / "img", 13)
     one = run_embed(manifest, tmp_path / "one", batch_size=3)
@@ -177,7 +142,7 @@ def test_two_processes_crash_resume_and_match_one(tmp_path):
     code = WORKER.format(
         tests=str(Path(__file__).parent), manifest=str(tmp_path / "manifest.json"), out=str(out)
     )
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port)}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code],

@@ -5,67 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image
 
-from geotoken import assets, s2
-from geotoken.bundle import SearchOptions
+from geotoken import s2
 from geotoken.errors import GeoTokenError
-from geotoken.gallery import Gallery
-from geotoken.model import GeoToken, preset
-from geotoken.predict import Geolocator
 from geotoken.search.calibration import Calibration
+from helpers import DIMS, make_geolocator
 
 torch.set_num_threads(1)
-DIMS = {"visual": 16, "gps": 16, "text": 8}
-
-
-class Heads(nn.Module):
-    """Stand-in for geotoken.align.AlignHeads: features -> L2-normalised embeddings per modality."""
-
-    def __init__(self, features: int):
-        super().__init__()
-        self.lin = nn.ModuleDict({m: nn.Linear(features, d) for m, d in DIMS.items()})
-
-    def forward(self, f):
-        return {m: F.normalize(lin(f), dim=-1) for m, lin in self.lin.items()}
-
-
-class DotIndex:
-    """Stand-in for geotoken.retrieval.NeighbourIndex: exact inner-product search."""
-
-    def __init__(self, x):
-        self.x = x
-
-    def search(self, q, k):
-        s = q @ self.x.T
-        rows = np.argsort(-s, axis=1, kind="stable")[:, :k]
-        return rows, np.take_along_axis(s, rows, 1).astype(np.float32)
-
-
-def make_geolocator(backbone=None, calibration=None, **options):
-    torch.manual_seed(0)
-    cfg = preset("tiny", modalities=DIMS, k=3, dropout=0.0, level=10, group=2)
-    model = GeoToken(cfg).eval()
-    with torch.no_grad():
-        model.head_w.normal_(0, 0.5)
-    rng = np.random.default_rng(0)
-    n = 60
-    coords = np.c_[rng.uniform(-60, 60, n), rng.uniform(-180, 180, n)]
-    gallery = {m: rng.standard_normal((n, d)).astype(np.float16) for m, d in DIMS.items()}
-    tokens = s2.latlon_to_tokens(coords[:, 0], coords[:, 1], cfg.level, cfg.group)
-    heads = Heads(backbone.dim).eval() if backbone is not None else None
-    return Geolocator(
-        model,
-        Gallery(gallery, tokens, coords),
-        index=DotIndex(gallery["visual"].astype(np.float32)),
-        query_modalities=["visual"],
-        backbone=backbone,
-        heads=heads,
-        calibration=calibration,
-        options=SearchOptions(**options),
-    )
 
 
 def embeddings(b=3, seed=1):
@@ -141,11 +87,10 @@ def test_unconstrained_and_calibrated():
     assert abs(a.probability - 0.5) >= abs(b.probability - 0.5) - 1e-12
 
 
-def test_predict_images_with_real_backbone():
+def test_predict_images_with_real_backbone(photo):
     from geotoken.encoders import load_backbone
 
     geo = make_geolocator(backbone=load_backbone("efficientnet-lite0"))
-    photo = Image.open(assets.sample_image())
     preds = geo.predict([photo, photo.convert("L")], top_k=2)
     assert len(preds) == 2 and "embed" in preds[0].timings_ms
     assert preds[0].to_dict()["candidates"][0]["cell"]

@@ -5,7 +5,7 @@ import torch
 
 from geotoken.fit import reward_candidates, train_reward
 from geotoken.search.reward import RewardConfig, RewardScorer, select_reward
-from test_predict import make_geolocator
+from helpers import make_geolocator
 
 torch.set_num_threads(1)
 

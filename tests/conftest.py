@@ -1,0 +1,97 @@
+"""Shared fixtures. The builders behind them live in helpers.py (plain functions, importable by tests).
+
+feature_store(name, arrays, ...)   a complete FeatureStore under tmp_path (helpers.write_store)
+tiny_model(modalities, k, ...)     a seeded `tiny`-preset GeoToken in eval mode (helpers.tiny_model)
+random_bundle(gallery_rows, k, image_size)
+                                   path of a small untrained bundle, built once per session per arguments
+jpeg_data, png_data                bytes of a small JPEG (noise) and PNG (solid colour)
+jpeg_image, png_image              the same images opened with PIL
+photo                              the real sample photograph (GeoCLIP's Kauai PNG), opened with PIL
+free_port                          a free TCP port on 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import helpers
+from geotoken import assets, testing
+from geotoken.io import read_json, write_json
+
+
+@pytest.fixture
+def feature_store(tmp_path):
+    """Factory: feature_store(name, arrays, *, ids=None, coords=None, skipped=(), **info) -> FeatureStore
+    written at tmp_path / name (an absolute path is used as is); see helpers.write_store."""
+
+    def build(name, arrays, **kw):
+        return helpers.write_store(tmp_path / name, arrays, **kw)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """Factory: tiny_model(modalities=helpers.DIMS, k=3, *, head_std=None, seed=0, **config) -> GeoToken."""
+    return helpers.tiny_model
+
+
+@pytest.fixture(scope="session")
+def random_bundle(tmp_path_factory):
+    """Factory: random_bundle(gallery_rows=64, k=5, image_size=None) -> Path of an untrained bundle
+    (geotoken.testing.random_bundle, seed 0), built once per session for each set of arguments.
+    `image_size` rewrites the backbone's input size (32 makes a CPU forward pass quick). Shared between
+    test modules: read it, or copy it before changing anything."""
+    built: dict[tuple, Path] = {}
+
+    def get(gallery_rows: int = 64, k: int = 5, image_size: int | None = None) -> Path:
+        key = (gallery_rows, k, image_size)
+        if key not in built:
+            bundle = testing.random_bundle(
+                tmp_path_factory.mktemp("bundle") / "b", gallery_rows=gallery_rows, k=k
+            )
+            if image_size is not None:
+                write_json(
+                    bundle / "backbone.json",
+                    {**read_json(bundle / "backbone.json"), "image_size": image_size},
+                )
+            built[key] = bundle
+        return built[key]
+
+    return get
+
+
+@pytest.fixture
+def jpeg_data() -> bytes:
+    """helpers.jpeg_bytes(): 24 x 16 uniform noise, seed 0, quality 95."""
+    return helpers.jpeg_bytes()
+
+
+@pytest.fixture
+def png_data() -> bytes:
+    """helpers.png_bytes(): 64 x 48, one solid colour."""
+    return helpers.png_bytes()
+
+
+@pytest.fixture
+def jpeg_image(jpeg_data) -> Image.Image:
+    return Image.open(io.BytesIO(jpeg_data))
+
+
+@pytest.fixture
+def png_image(png_data) -> Image.Image:
+    return Image.open(io.BytesIO(png_data))
+
+
+@pytest.fixture
+def photo() -> Image.Image:
+    return Image.open(assets.sample_image())
+
+
+@pytest.fixture
+def free_port() -> int:
+    return helpers.free_port()
