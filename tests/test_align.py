@@ -13,6 +13,7 @@ from geotoken.align import AlignConfig, AlignHeads, HeadsConfig, apply_heads, in
 from geotoken.align.train import Queue, unique_rows
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
+from helpers import write_store
 
 torch.set_num_threads(1)
 
@@ -59,14 +60,11 @@ def synthetic_store(root, n=480, dim=48, skipped=(3,)) -> FeatureStore:
         directions[city] + rng.standard_normal((n, dim)) + 5.0
     )  # an offset: standardisation must remove it
     feats[list(skipped)] = np.nan
-    store = FeatureStore.create(
-        root, [f"p{i}" for i in range(n)], coords, {"features": dim}, backbone={"name": "fake"}
-    )
-    with store.writer("features") as w:
-        w.write(0, feats.astype(np.float16))
-    store.header["skipped"] = [{"row": r, "id": f"p{r}", "reason": "test"} for r in skipped]
-    store.mark_complete("features")
-    return FeatureStore.open(root)
+    ids = [f"p{i}" for i in range(n)]
+    return write_store(
+        root, {"features": feats.astype(np.float16)}, ids=ids, coords=coords, skipped=skipped,
+        backbone={"name": "fake"},
+    )  # fmt: skip
 
 
 def test_info_nce_masks_same_group_and_uses_queue():

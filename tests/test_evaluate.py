@@ -10,20 +10,9 @@ from geotoken.cli import main
 from geotoken.evaluate.evaluate import BASELINES, METHODS
 from geotoken.evaluate.synthetic import synthetic_splits
 from geotoken.features import FeatureStore
+from helpers import write_store
 
 ARGS = ["--n-boot", "200", "--cells-epochs", "12", "--cells-hidden", "64", "--cells-max-count", "100"]
-
-
-def _write_store(root, split, arrays=None):
-    arrays = arrays if arrays is not None else split.arrays
-    store = FeatureStore.create(
-        root, split.ids, np.stack([split.lat, split.lon], 1), {k: a.shape[1] for k, a in arrays.items()}
-    )
-    for key, a in arrays.items():
-        with store.writer(key) as w:
-            w.write(0, a)
-        store.mark_complete(key)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +31,13 @@ def stores(tmp_path_factory):
     with torch.no_grad():
         gps = torch.nn.functional.normalize(load_gps_encoder().eval()(jitter), dim=1).numpy()
     queries.arrays = {**queries.arrays, "gps": gps}
-    return _write_store(root / "gallery", gallery), _write_store(root / "queries", queries), queries
+    g = write_store(
+        root / "gallery", gallery.arrays, ids=gallery.ids, coords=np.stack([gallery.lat, gallery.lon], 1)
+    )
+    q = write_store(
+        root / "queries", queries.arrays, ids=queries.ids, coords=np.stack([queries.lat, queries.lon], 1)
+    )
+    return g.root, q.root, queries
 
 
 def test_method_names_match_cli():

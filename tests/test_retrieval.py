@@ -7,7 +7,6 @@ import pytest
 
 import geotoken.retrieval.neighbours as nb
 from geotoken.errors import GeoTokenError
-from geotoken.features import FeatureStore
 from geotoken.retrieval import (
     NeighbourIndex,
     NeighbourTable,
@@ -40,20 +39,6 @@ def brute_force(queries, gallery, k, allowed=None):
         sims = np.where(allowed, sims, -np.inf)
     rows = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     return rows, np.take_along_axis(sims, rows, axis=1)
-
-
-def make_store(root, arrays: dict[str, np.ndarray], ids=None, skipped=(), coords=None) -> FeatureStore:
-    n = len(next(iter(arrays.values())))
-    ids = ids or [f"g{i}" for i in range(n)]
-    coords = np.zeros((n, 2)) if coords is None else coords
-    store = FeatureStore.create(root, ids, coords, {k: v.shape[1] for k, v in arrays.items()})
-    for name, values in arrays.items():
-        with store.writer(name) as w:
-            w.write(0, values.astype(np.float16))
-        store.mark_complete(name)
-    store.header["skipped"] = [{"row": r, "id": ids[r], "reason": "test"} for r in skipped]
-    store.save_header()
-    return FeatureStore.open(root)
 
 
 def test_flat_is_exact_and_skips_invalid_rows(tmp_path):
@@ -129,9 +114,9 @@ def test_search_excluding_self_and_duplicates():
     assert set(rows[0, :2]) == {11, 12} and 10 not in rows[0]
 
 
-def test_store_embeddings_concatenation(tmp_path):
+def test_store_embeddings_concatenation(feature_store):
     vis, gps = clustered(20, 8), clustered(20, 4, seed=3)
-    store = make_store(tmp_path / "s", {"visual": vis, "gps": gps})
+    store = feature_store("s", {"visual": vis, "gps": gps})
     both = StoreEmbeddings(store, "visual+gps")
     assert both.shape == (20, 12)
     np.testing.assert_allclose(np.linalg.norm(both[3:7], axis=1), 1, atol=2e-3)
@@ -142,10 +127,10 @@ def test_store_embeddings_concatenation(tmp_path):
         StoreEmbeddings(store, "visual+text")
 
 
-def test_neighbour_table_excludes_self_resumes_and_matches_brute_force(tmp_path, monkeypatch):
+def test_neighbour_table_excludes_self_resumes_and_matches_brute_force(tmp_path, monkeypatch, feature_store):
     g = clustered(260, 16)
     g[30] = g[31]  # a duplicate pair
-    store = make_store(tmp_path / "gallery", {"gps": g}, skipped=[5])
+    store = feature_store("gallery", {"gps": g}, skipped=[5])
     index = NeighbourIndex.build(StoreEmbeddings(store, "gps"), "flat", valid=store.valid, progress=False,
                                  meta={"store": str(store.root), "embedding": "gps"})  # fmt: skip
     table = neighbour_table(store, index, 6, tmp_path / "whole", batch_size=64, progress=False)
@@ -181,24 +166,24 @@ def test_neighbour_table_excludes_self_resumes_and_matches_brute_force(tmp_path,
         assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
 
     # queries from another store: test-time queries keep every hit; with exclusion, copies of them go
-    queries = make_store(tmp_path / "queries", {"gps": g[:4]}, ids=["q0", "q1", "q2", "q3"])
+    queries = feature_store("queries", {"gps": g[:4]}, ids=["q0", "q1", "q2", "q3"])
     table = neighbour_table(queries, index, 3, tmp_path / "test", exclude_self_ids=False, progress=False)
     np.testing.assert_array_equal(table.rows[:, 0], [0, 1, 2, 3])
     table = neighbour_table(queries, index, 3, tmp_path / "train", progress=False)
     np.testing.assert_array_equal(table.rows, want[:4, :3])
 
 
-def test_training_queries_of_gallery_places_never_see_that_place(tmp_path):
+def test_training_queries_of_gallery_places_never_see_that_place(tmp_path, feature_store):
     rng = np.random.default_rng(4)
     places = rng.uniform(-60, 60, (40, 2)).round(4)
     g = clustered(200, 16, seed=5)
     gcoords = places[np.arange(200) % 40]  # five gallery views per place
-    gallery = make_store(tmp_path / "g", {"gps": g}, coords=gcoords)
+    gallery = feature_store("g", {"gps": g}, coords=gcoords)
     index = NeighbourIndex.build(StoreEmbeddings(gallery, "gps"), "flat", progress=False,
                                  meta={"store": str(gallery.root), "embedding": "gps"})  # fmt: skip
     # training queries: near-copies of gallery views (other photos of the same places), other ids
     q = unit(g[:30] + 0.05 * rng.standard_normal((30, 16))).astype(np.float32)
-    queries = make_store(tmp_path / "q", {"gps": q}, ids=[f"t{i}" for i in range(30)], coords=gcoords[:30])
+    queries = feature_store("q", {"gps": q}, ids=[f"t{i}" for i in range(30)], coords=gcoords[:30])
     table = neighbour_table(queries, index, 4, tmp_path / "t", exclude_same_place=True, progress=False)
     q16, g16 = queries["gps"].astype(np.float32), gallery["gps"].astype(np.float32)
     allowed = (gcoords[None, :, :] != gcoords[:30, None, :]).any(-1)  # (30, 200): another place

@@ -7,24 +7,17 @@ import json
 import numpy as np
 
 from geotoken.cli import main
-from geotoken.features import FeatureStore
 from geotoken.retrieval import NeighbourIndex, NeighbourTable
 
 
-def test_index_commands(tmp_path, capsys):
+def test_index_commands(tmp_path, capsys, feature_store):
     rng = np.random.default_rng(0)
     n = 3000
     arrays = {}
     for name, dim in (("visual", 16), ("gps", 8)):
         x = rng.standard_normal((n, dim))
         arrays[name] = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
-    store = FeatureStore.create(
-        tmp_path / "s", [f"i{r}" for r in range(n)], np.zeros((n, 2)), {"visual": 16, "gps": 8}
-    )
-    for name, values in arrays.items():
-        with store.writer(name) as w:
-            w.write(0, values)
-        store.mark_complete(name)
+    feature_store("s", arrays, ids=[f"i{r}" for r in range(n)])
 
     assert main(["index", "build", str(tmp_path / "s"), "-o", str(tmp_path / "flat"), "--threads", "1"]) == 0
     flat = NeighbourIndex.load(tmp_path / "flat")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from geotoken.cli import main
-from geotoken.features import FeatureStore
 from geotoken.model import GeoToken
+from helpers import write_store
 
 
 def make_store(root, n=64, seed=0):
@@ -16,14 +16,13 @@ def make_store(root, n=64, seed=0):
     centres = np.array([[48.8, 2.3], [40.7, -74.0], [-33.9, 151.2], [35.7, 139.7]])
     cluster = np.arange(n) % 4
     coords = centres[cluster] + rng.normal(0, 0.5, (n, 2))
-    dims = {"visual": 16, "gps": 8}
-    store = FeatureStore.create(root, [f"r{i}" for i in range(n)], coords, dims)
-    for name, dim in dims.items():
+    arrays = {}
+    for name, dim in {"visual": 16, "gps": 8}.items():
         x = rng.normal(0, 0.3, (n, dim))
         x[np.arange(n), cluster] += 1.0
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        store.writer(name).write(0, x.astype(np.float16))
-        store.mark_complete(name)
+        arrays[name] = x.astype(np.float16)
+    write_store(root, arrays, ids=[f"r{i}" for i in range(n)], coords=coords)
     return cluster
 
 
