@@ -5,19 +5,19 @@ import pytest
 import torch
 
 from geotoken.errors import GeoTokenError
-from geotoken.model import Batch, GeoToken, preset
+from geotoken.model import Batch
 from geotoken.search.decode import PrefixConstraint, beam_search, generate, greedy, sample, score_sequences
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    cfg = preset("tiny", modalities={"visual": 16, "gps": 16, "text": 8}, k=3, dropout=0.0, level=10, group=2)
-    model = GeoToken(cfg).eval()
-    with torch.no_grad():  # untrained heads are all-zero: give the distributions some shape
-        model.head_w.normal_(0, 0.5)
+def setup(tiny_model):
+    # untrained heads are all-zero: head_std gives the distributions some shape
+    model = tiny_model(
+        {"visual": 16, "gps": 16, "text": 8}, k=3, head_std=0.5, dropout=0.0, level=10, group=2
+    )
+    cfg = model.cfg
     B, T = 4, cfg.n_tokens
     g = torch.Generator().manual_seed(1)
     batch = Batch(

@@ -15,18 +15,16 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def geolocator_and_splits():
+def geolocator_and_splits(tiny_model):
     from geotoken.bundle import SearchOptions
     from geotoken.gallery import Gallery
-    from geotoken.model import GeoToken, preset
     from geotoken.predict import Geolocator
     from geotoken.retrieval import NeighbourIndex
 
     gallery, queries = synthetic_splits(n_gallery=400, n_queries=40, seed=5)
     dims = {"visual": gallery.arrays["visual"].shape[1], "gps": gallery.arrays["gps"].shape[1]}
-    torch.manual_seed(0)
-    cfg = preset("tiny", modalities=dims, k=3, dropout=0.0, level=10, group=2)
-    model = GeoToken(cfg).eval()
+    model = tiny_model(dims, k=3, dropout=0.0, level=10, group=2)
+    cfg = model.cfg
     coords = np.stack([gallery.lat, gallery.lon], 1)
     tokens = s2.latlon_to_tokens(gallery.lat, gallery.lon, cfg.level, cfg.group)
     index = NeighbourIndex.build(gallery.arrays["visual"], kind="flat", progress=False)

@@ -17,6 +17,7 @@ from geotoken.model import (
     preset,
     token_loss,
 )
+from helpers import tiny_model
 
 torch.set_num_threads(1)
 MODS = {"visual": 24, "gps": 16, "text": 8}
@@ -36,8 +37,7 @@ def make_batch(cfg: ModelConfig, B: int = 3, k_store: int = 5, seed: int = 0) ->
 
 
 def tiny(**kw) -> GeoToken:
-    torch.manual_seed(0)
-    return GeoToken(preset("tiny", modalities=MODS, k=4, **kw)).eval()
+    return tiny_model(MODS, k=4, **kw)
 
 
 def test_presets_match_the_paper():
