@@ -6,13 +6,13 @@ page's file input, and checks that the candidates are listed and drawn on the ma
 
 import os
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
+
+from helpers import free_port, speckle_image
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -34,24 +34,15 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(random_bundle):
     """uvicorn in a thread on 127.0.0.1:<free port>; yields the base URL."""
     import uvicorn
 
-    from geotoken.io import read_json, write_json
     from geotoken.predict import Geolocator
     from geotoken.serve import ServeConfig, create_app
-    from geotoken.testing import random_bundle
 
-    bundle = random_bundle(tmp_path_factory.mktemp("bundle") / "b", gallery_rows=64, k=5)
-    write_json(bundle / "backbone.json", {**read_json(bundle / "backbone.json"), "image_size": 32})
+    bundle = random_bundle(gallery_rows=64, k=5, image_size=32)
     app = create_app(Geolocator.from_bundle(bundle), ServeConfig(basemap_width=1024))
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -69,7 +60,7 @@ def server(tmp_path_factory):
 def test_upload_shows_candidates_on_the_map(server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     photo = tmp_path / "photo.jpg"
-    Image.effect_noise((120, 80), 60).convert("RGB").save(photo)
+    speckle_image((120, 80), 60).save(photo)
     external = []
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(

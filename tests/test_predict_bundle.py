@@ -5,36 +5,32 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
 
 from geotoken import assets
 from geotoken.cli import main
 from geotoken.errors import GeoTokenError
 from geotoken.predict import Geolocator
-from geotoken.testing import random_bundle
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return random_bundle(tmp_path_factory.mktemp("bundle") / "b", gallery_rows=64, k=3)
+def bundle(random_bundle):
+    return random_bundle(gallery_rows=64, k=3)
 
 
-def test_from_bundle_predicts(bundle):
+def test_from_bundle_predicts(bundle, photo):
     geo = Geolocator.from_bundle(bundle)
     info = geo.info()
     assert info["gallery_rows"] == 64 and info["query_modalities"] == ["visual"]
     json.dumps(info)
-    photo = Image.open(assets.sample_image())
     [pred] = geo.predict([photo], top_k=3, strategy="sample", num_samples=6, select="consensus")
     assert 1 <= len(pred.candidates) <= 3 and pred.select == "consensus"
     assert -90 <= pred.lat <= 90 and len(pred.candidates[0].cell) == 11  # level-20 token
 
 
-def test_bf16_predictions_follow_fp32(bundle):
+def test_bf16_predictions_follow_fp32(bundle, photo):
     geo = Geolocator.from_bundle(bundle)
-    photo = Image.open(assets.sample_image())
     [fp32] = geo.predict([photo], top_k=3, strategy="beam", beam_width=3)
     [bf16] = geo.predict([photo], top_k=3, strategy="beam", beam_width=3, dtype="bf16")
     assert bf16.candidates[0].cell[:4] == fp32.candidates[0].cell[:4]  # same coarse cell
@@ -82,7 +78,7 @@ def test_bad_bundles(bundle, tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
-def test_train_reward_and_calibrate_commands(bundle, tmp_path, capsys):
+def test_train_reward_and_calibrate_commands(bundle, tmp_path, capsys, photo):
     from geotoken.features import FeatureStore
     from geotoken.retrieval import NeighbourIndex, neighbour_table
 
@@ -121,10 +117,8 @@ def test_train_reward_and_calibrate_commands(bundle, tmp_path, capsys):
     assert spec["reward"] == "reward" and spec["calibration"] == "calibration.json"
     geo = Geolocator.from_bundle(work)
     assert geo.reward is not None and geo.calibration is not None
-    [pred] = geo.predict([Image.open(assets.sample_image())], top_k=2, strategy="beam", select="reward")
+    [pred] = geo.predict([photo], top_k=2, strategy="beam", select="reward")
     assert pred.select == "reward" and 0 <= pred.candidates[0].probability <= 1
-    [pooled] = geo.predict(
-        [Image.open(assets.sample_image())], top_k=4, strategy="sample+retrieval", num_samples=2, retrieved=2
-    )
+    [pooled] = geo.predict([photo], top_k=4, strategy="sample+retrieval", num_samples=2, retrieved=2)
     assert pooled.strategy == "sample+retrieval" and len(pooled.candidates) <= 4
     assert main(["train-reward", *args, "--neighbours", str(tmp_path / "nbrs"), "--retrieved", "-1"]) == 2

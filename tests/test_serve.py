@@ -13,34 +13,13 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from geotoken.io import read_json, write_json  # noqa: E402
 from geotoken.predict import Candidate, Geolocator, Prediction  # noqa: E402
 from geotoken.serve import ServeConfig, create_app  # noqa: E402
-from geotoken.testing import random_bundle  # noqa: E402
-
-
-def small_geolocator(directory) -> Geolocator:
-    """A real bundle (random weights, 64 gallery rows) whose backbone reads 32 px images: fast on a CPU."""
-    import torch
-
-    torch.set_num_threads(1)
-    bundle = random_bundle(directory, gallery_rows=64, k=5)
-    backbone = read_json(bundle / "backbone.json")
-    write_json(bundle / "backbone.json", {**backbone, "image_size": 32})
-    return Geolocator.from_bundle(bundle)
-
-
-def png_bytes(size=(64, 48), color=(20, 120, 200)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
-    return buf.getvalue()
+from helpers import encode, png_bytes, speckle_image  # noqa: E402
 
 
 def jpeg_bytes(size=(96, 64)) -> bytes:
-    im = Image.effect_noise(size, 60).convert("RGB")  # noise: the JPEG has real entropy-coded data
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+    return encode(speckle_image(size, 60), "JPEG", quality=90)  # noise: real entropy-coded data
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -52,8 +31,12 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def geolocator(tmp_path_factory):
-    return small_geolocator(tmp_path_factory.mktemp("bundle") / "b")
+def geolocator(random_bundle):
+    """A real bundle (random weights, 64 gallery rows) whose backbone reads 32 px images: fast on a CPU."""
+    import torch
+
+    torch.set_num_threads(1)
+    return Geolocator.from_bundle(random_bundle(gallery_rows=64, k=5, image_size=32))
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import hashlib
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -189,12 +188,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_processes_stay_identical(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_ddp_two_processes_stay_identical(tmp_path, free_port):
     torch.multiprocessing.start_processes(
-        _ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="fork"
+        _ddp_worker, args=(2, free_port, str(tmp_path)), nprocs=2, start_method="fork"
     )
     h0, h1 = (tmp_path / "rank0.sha").read_text(), (tmp_path / "rank1.sha").read_text()
     assert h0 == h1
