@@ -1,7 +1,6 @@
 """`geotoken data download` against a small HTTP server on 127.0.0.1 started by the test (no network)."""
 
 import csv
-import io
 import sys
 import threading
 import time
@@ -9,20 +8,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from geotoken.cli import main
 from geotoken.data.download import DownloadConfig, download, find_url_column
 from geotoken.data.images import open_image
 from geotoken.data.manifest import read_manifest
 from geotoken.errors import GeoTokenError
-
-
-def jpeg(seed, width, height):
-    rgb = (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG")
-    return buf.getvalue()
+from helpers import jpeg_bytes
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -32,10 +24,10 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.startswith("/img/"):
             seed, size = self.path[5:-4].split("-")
             w, h = map(int, size.split("x"))
-            self.reply(200, "image/jpeg", jpeg(int(seed), w, h))
+            self.reply(200, "image/jpeg", jpeg_bytes(int(seed), (w, h), quality=None))
         elif self.path == "/slow":
             time.sleep(3)
-            self.reply(200, "image/jpeg", jpeg(0, 10, 10))
+            self.reply(200, "image/jpeg", jpeg_bytes(0, (10, 10), quality=None))
         elif self.path == "/text":
             self.reply(200, "text/html", b"<html>not an image</html>")
         else:

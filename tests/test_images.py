@@ -18,13 +18,7 @@ from geotoken.data.images import (
 )
 from geotoken.data.manifest import Manifest, manifest_from_shards, read_manifest
 from geotoken.errors import GeoTokenError
-
-
-def jpeg_bytes(seed, size=(24, 16)):
-    rgb = (np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
+from helpers import jpeg_bytes
 
 
 def add(tar, name, data):
@@ -202,8 +196,8 @@ def test_manifest_from_shards_bad_samples(tmp_path):
         manifest_from_shards(tmp_path / "empty")
 
 
-def test_read_manifest_check_images(tmp_path, shard):
-    (tmp_path / "a.jpg").write_bytes(jpeg_bytes(0))
+def test_read_manifest_check_images(tmp_path, shard, jpeg_data):
+    (tmp_path / "a.jpg").write_bytes(jpeg_data)
     (tmp_path / "b.jpg").write_bytes(b"garbage")
     p = tmp_path / "m.csv"
     p.write_text(

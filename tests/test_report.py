@@ -11,6 +11,7 @@ from PIL import Image
 from geotoken.cli import main
 from geotoken.errors import GeoTokenError
 from geotoken.report import build_report, write_report
+from helpers import speckle_image
 
 THRESHOLDS = [1, 25, 200, 750, 2500]
 METHODS = {"knn": "15-NN vote", "geotoken beam5+logp": "beam+logp"}
@@ -57,7 +58,7 @@ def write_eval(folder, n=12, plots=True, seed=0):
 def write_run(root, old_root="/no/such/old/run"):
     """A run folder as `geotoken demo` leaves it; its paths name where it was first written (old_root)."""
     write_eval(root / "eval-abc" / "test")
-    Image.effect_noise((48, 32), 50).convert("RGB").save(root / "photo.jpg")
+    speckle_image((48, 32), 50).save(root / "photo.jpg")
     cand = {"lat": 48.85, "lon": 2.35, "probability": 0.4, "cell": "47e66e", "place": {"city": "Paris", "country": "France"},
             "polygon": [[48.8, 2.3], [48.8, 2.4], [48.9, 2.4], [48.9, 2.3]], "level_confidence": [0.9, 0.7, 0.5]}  # fmt: skip
     summary = {
