@@ -134,6 +134,7 @@ def test_generate_dispatch(setup):
         generate(model, batch, "best")
 
 
+@pytest.mark.slow  # timed loops
 def test_bench_decode_reports_every_figure(capsys):
     from geotoken.cli import main
 

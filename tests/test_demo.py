@@ -8,6 +8,8 @@ import pytest
 from geotoken.cli import main
 from geotoken.pipeline import DemoConfig, demo_config
 
+pytestmark = pytest.mark.slow  # the whole method, twice
+
 
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory):

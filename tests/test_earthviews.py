@@ -233,6 +233,7 @@ def read_shard(path):
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 
+@pytest.mark.slow  # workers=2: a process pool
 def test_build_is_byte_identical_resumable_and_a_rerun_is_a_no_op(tmp_path):
     a = ev.build_earthviews(tmp_path / "a", TINY, workers=1)
     b = ev.build_earthviews(tmp_path / "b", TINY, workers=2)

@@ -36,6 +36,7 @@ def test_every_weight_is_loaded_exactly(net):
         assert torch.equal(ours[key], value), key
 
 
+@pytest.mark.slow  # two more loads of the weights
 def test_interface_and_config_round_trip(net):
     assert (net.name, net.dim, net.image_size) == ("efficientnet-lite0", 1280, 224)
     assert not net.training and not any(p.requires_grad for p in net.parameters())
@@ -57,6 +58,7 @@ def test_input_scaling_matches_the_weights(net):
     assert 0.6 < ratio < 1.6, ratio  # ImageNet mean/std scaling would give ~5
 
 
+@pytest.mark.slow
 def test_predicts_sane_imagenet_classes(net):
     im = photos()
     x = torch.stack([net.preprocess(im["kauai"]), net.preprocess(im["hopper"])])
@@ -66,6 +68,7 @@ def test_predicts_sane_imagenet_classes(net):
     assert top5[1][0] in PORTRAIT and 652 in top5[1], top5[1]
 
 
+@pytest.mark.slow
 def test_pretrained_features_separate_images_better_than_random(net):
     kauai, hopper = (im.convert("RGB") for im in photos().values())
     views = [

@@ -81,6 +81,7 @@ def test_output_shape_and_bad_rows(encoder):
         encoder(torch.zeros(3))
 
 
+@pytest.mark.slow
 def test_bit_identical_to_geoclips_own_code(encoder):
     """Run GeoCLIP's location encoder from the wheel's source files (never `import geoclip`: that pulls in
     torchvision), with its weights, and compare: our rewrite gives exactly the same numbers."""

@@ -22,6 +22,7 @@ def minilm() -> TextEncoder:
     return load_text_encoder("minilm", batch_size=3)  # batch 3 < 4 sentences: exercises batching
 
 
+@pytest.mark.slow
 def test_matches_sentence_transformers(minilm, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -46,6 +46,7 @@ def test_method_names_match_cli():
     assert cli.METHODS == METHODS and cli.BASELINES == BASELINES
 
 
+@pytest.mark.slow
 def test_evaluate_all_baselines_writes_everything(stores, tmp_path, capsys):
     g, q, queries = stores
     out = tmp_path / "eval"

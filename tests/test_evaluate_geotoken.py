@@ -52,6 +52,7 @@ def test_rows_and_labels():
     assert row_label("sample+retrieval", "reward", cfg) == "geotoken sample10+nbr5+reward"
 
 
+@pytest.mark.slow
 def test_geotoken_rows_in_one_table(geolocator_and_splits, tmp_path):
     geo, gallery, queries = geolocator_and_splits
     cfg = EvalConfig(
@@ -93,6 +94,7 @@ def test_geotoken_rows_in_one_table(geolocator_and_splits, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_reliability_plot_written(geolocator_and_splits, tmp_path):
     geo, gallery, queries = geolocator_and_splits
     cfg = EvalConfig(methods=("geotoken",), n_boot=10, geotoken=GeoTokenMethodConfig(strategies=("beam",)))

@@ -90,6 +90,7 @@ def test_resume_after_crash_is_byte_identical(tmp_path):
         run_embed(manifest, tmp_path / "whole")
 
 
+@pytest.mark.slow  # num_workers=1: a DataLoader worker process
 def test_bad_images_raise_or_are_recorded(tmp_path):
     manifest = make_manifest(tmp_path / "img", 9, bad={2: "corrupt", 7: "missing"})
     with pytest.raises(GeoTokenError, match=r"row 2 \(id 'id2'\).*img002.png.*--skip-bad"):

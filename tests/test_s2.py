@@ -44,6 +44,7 @@ def edge_points() -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([lat, points[:, 0]]), np.concatenate([lon, points[:, 1]])
 
 
+@pytest.mark.slow
 def test_a_million_random_points_match_s2geometry_bit_for_bit():
     lat, lon = random_points(1_000_000, seed=0)
     ids = gs2.latlon_to_cell_ids(lat, lon)

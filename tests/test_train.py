@@ -188,6 +188,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # 2 processes (gloo)
 def test_ddp_two_processes_stay_identical(tmp_path, free_port):
     torch.multiprocessing.start_processes(
         _ddp_worker, args=(2, free_port, str(tmp_path)), nprocs=2, start_method="fork"

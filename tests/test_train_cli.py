@@ -74,6 +74,7 @@ def test_train_command(tmp_path, capsys):
     assert "row 3 column 1 is 999" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # timed loops
 def test_bench_train_prints_one_json_object(capsys):
     args = ["bench", "train", "--preset", "tiny", "--batch-size", "2", "--iters", "1", "--threads", "1"]
     assert main(args + ["--gallery-rows", "300", "--json", "--reference"]) == 0
