@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from geotoken import assets
@@ -181,8 +182,6 @@ def garbage(path):
 def wrong_key(path):  # a well-formed file that claims the key but holds other coordinates
     tensors = load_file(path)
     tensors["latlon"] = tensors["latlon"] + 1
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     save_file(tensors, path, metadata=meta)
