@@ -92,6 +92,7 @@ def image_paths(tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 def test_same_top5_as_geoclips_own_model(tiny_clip, files, image_paths, tmp_path):
     from geoclip import GeoCLIP
     from geoclip.model.misc import load_gps_data
