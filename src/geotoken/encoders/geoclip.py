@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from geotoken import assets
-from geotoken.encoders.base import ImageBackbone, load_backbone
+from geotoken.encoders.backbones import load_backbone
+from geotoken.encoders.base import ImageBackbone
 from geotoken.encoders.clip import PAPER_MODEL
 from geotoken.encoders.gps import GPSEncoder, check_latlon, load_gps_encoder
 from geotoken.errors import GeoTokenError
