@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from geotoken.io import read_json, write_json  # noqa: E402
 from geotoken.predict import Geolocator, Prediction, random_bundle  # noqa: E402
-from geotoken.serve import ServeConfig, create_app  # noqa: E402
+from geotoken.select import SELECTORS, STRATEGIES  # noqa: E402
+from geotoken.serve import Runner, ServeConfig, ServiceRate, ShuttingDown, create_app  # noqa: E402
 
 
 def small_geolocator(directory) -> Geolocator:
@@ -57,7 +58,7 @@ def geolocator(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(geolocator):
-    config = ServeConfig(max_upload_mb=0.25, max_pixels=1_000_000, concurrency=8, basemap_width=512)
+    config = ServeConfig(max_upload_mb=0.25, max_pixels=1_000_000, basemap_width=512)
     return TestClient(create_app(geolocator, config))
 
 
@@ -170,6 +171,7 @@ def test_health_model_openapi_page(client, geolocator):
     assert client.get("/healthz").json()["status"] == "ok"
     m = client.get("/v1/model").json()
     assert m["model"]["gallery_rows"] == 64 and m["limits"]["max_pixels"] == 1_000_000
+    assert m["limits"]["max_queue_wait_s"] == ServeConfig().max_queue_wait_s == 10.0
     assert "/v1/geolocate" in client.get("/openapi.json").json()["paths"]
     page = client.get("/")
     assert page.status_code == 200 and "/static/app.js" in page.text
@@ -217,9 +219,27 @@ def wait_until(condition, seconds=10):
     assert condition()
 
 
+class FakeClock:
+    """time.monotonic stand-in: time moves only when a test says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def queue_app(predictor, seconds_per_image: float, budget_s: float, max_batch: int = 8, clock=None):
+    """An app whose admission uses a fixed service-rate estimate and a fake clock (nothing is timed)."""
+    rate = ServiceRate(seconds_per_image, alpha=0)  # alpha 0: measurements never move it
+    runner = Runner(predictor, budget_s, max_batch, rate=rate, clock=clock or FakeClock())
+    return create_app(predictor, ServeConfig(max_queue_wait_s=budget_s, max_batch=max_batch), runner)
+
+
 def test_full_server_answers_503_at_once():
     predictor = BlockingPredictor()
-    client = TestClient(create_app(predictor, ServeConfig(concurrency=1)))
+    # 1 s per image, 0.5 s budget: the running image alone puts the next one over the budget
+    client = TestClient(queue_app(predictor, seconds_per_image=1.0, budget_s=0.5))
     runner = client.app.state.runner
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(post, client, png_bytes())
@@ -233,9 +253,140 @@ def test_full_server_answers_503_at_once():
     assert runner.rejected == 1 and runner.served == 1
 
 
+def test_a_request_over_the_wait_budget_gets_503_with_retry_after():
+    predictor, clock = BlockingPredictor(), FakeClock()
+    client = TestClient(queue_app(predictor, seconds_per_image=4.0, budget_s=10.0, clock=clock))
+    runner = client.app.state.runner
+    with ThreadPoolExecutor(3) as pool:
+        admitted = [pool.submit(post, client, png_bytes())]
+        wait_until(lambda: predictor.calls == [1])  # running: 4 s left of it
+        admitted.append(pool.submit(post, client, png_bytes()))  # expected wait 4 s
+        wait_until(lambda: runner.in_flight == 2)
+        admitted.append(pool.submit(post, client, png_bytes()))  # 4 + 4 = 8 s
+        wait_until(lambda: runner.in_flight == 3)
+        assert client.get("/healthz").json()["expected_wait_s"] == 12.0
+        r = post(client, png_bytes())  # 4 + 2 x 4 = 12 s > 10 s
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "2"  # 12 - 10 s, when the wait would fit again
+        assert "12.0 s" in r.json()["error"] and "10 s budget" in r.json()["error"]
+        clock.now += 30  # the model stalls: the running image took 30 s so far, so >= 30 s per image
+        r = post(client, png_bytes())  # 0 s left of the running one (unknown), 2 queued x 30 s = 60 s
+        assert r.status_code == 503 and r.headers["retry-after"] == "50"
+        assert client.get("/healthz").json()["expected_wait_s"] == 60.0
+        predictor.release.set()
+        responses = [f.result() for f in admitted]
+    assert [r.status_code for r in responses] == [200] * 3  # everything admitted is answered
+    assert predictor.calls == [1, 2]
+    assert runner.rejected == 2 and runner.served == 3 and runner.in_flight == 0
+
+
+def test_within_the_budget_many_concurrent_requests_all_succeed():
+    predictor = BlockingPredictor()
+    # 0.1 s per image, 10 s budget: 64 images (at most 6.4 s of queue) all fit
+    app = queue_app(predictor, seconds_per_image=0.1, budget_s=10.0, max_batch=8)
+    runner = app.state.runner
+    with TestClient(app) as client, ThreadPoolExecutor(64) as pool:
+        futures = [pool.submit(post, client, png_bytes(color=(i, 0, 0)), top_k="1") for i in range(64)]
+        wait_until(lambda: runner.in_flight == 64)  # all admitted while the model is held
+        assert runner.rejected == 0
+        predictor.release.set()
+        responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [200] * 64
+    assert sum(predictor.calls) == 64 and max(predictor.calls) <= 8  # micro-batched, max_batch at most
+    assert runner.served == 64 and runner.rejected == 0 and runner.in_flight == 0
+
+
+def test_expected_wait_from_the_measured_rate_and_the_queue():
+    rate = ServiceRate(alpha=0.5)
+    assert rate.value is None
+    rate.observe(2.0, 4)  # the first batch sets it: 0.5 s per image
+    assert rate.value == 0.5
+    rate.observe(1.0, 1)  # then an exponentially weighted mean
+    assert rate.value == 0.75
+    predictor, clock = BlockingPredictor(), FakeClock()
+    runner = Runner(predictor, max_queue_wait_s=10, rate=rate, clock=clock)
+    assert runner.expected_wait_s() == 0.0  # idle
+    first = runner.submit("image")
+    wait_until(lambda: predictor.calls == [1])
+    assert runner.expected_wait_s() == 0.75  # what is left of the running image
+    clock.now += 0.5
+    assert runner.expected_wait_s() == 0.25
+    rest = [runner.submit("image"), runner.submit("image")]
+    assert runner.queued == 2 and runner.expected_wait_s() == 0.25 + 2 * 0.75
+    clock.now += 2.0  # running for 2.5 s: more than the mean said, so 2.5 s per image at least
+    assert runner.seconds_per_image == 2.5 and runner.expected_wait_s() == 2 * 2.5
+    predictor.release.set()
+    assert [f.result()[2] for f in [first, *rest]] == [1, 2, 2]  # batch sizes
+    assert rate.value == 0.8125  # 0.75 -> 1.625 (2.5 s for 1 image) -> 0.8125 (0 s for 2: fake clock)
+    runner.close()
+
+
+def test_shutdown_answers_every_admitted_request_first():
+    predictor = BlockingPredictor()
+    runner = Runner(predictor, max_queue_wait_s=10, rate=ServiceRate(0.1, alpha=0), clock=FakeClock())
+    futures = [runner.submit("image")]
+    wait_until(lambda: predictor.calls == [1])  # one running, two queued
+    futures += [runner.submit("image"), runner.submit("image")]
+    closer = threading.Thread(target=runner.close)
+    closer.start()
+    wait_until(lambda: runner.closing)
+    with pytest.raises(ShuttingDown):
+        runner.submit("image")  # nothing new once closing
+    assert closer.is_alive()  # still answering what it admitted
+    predictor.release.set()
+    closer.join(10)
+    assert not closer.is_alive() and not runner._thread.is_alive()
+    assert [f.result()[0].candidates[0]["lat"] for f in futures] == [1.0] * 3
+    assert predictor.calls == [1, 2] and runner.in_flight == 0
+
+
+def test_graceful_shutdown_over_http_finishes_admitted_requests():
+    """uvicorn stops listening at once, answers the requests it admitted, then the app stops the model."""
+    import socket
+
+    import httpx
+    import uvicorn
+
+    predictor = BlockingPredictor()
+    app = queue_app(predictor, seconds_per_image=0.1, budget_s=10.0)
+    runner = app.state.runner
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    wait_until(lambda: srv.started)
+    url = f"http://127.0.0.1:{port}/v1/geolocate"
+
+    def send(i):
+        with httpx.Client(timeout=30) as c:
+            return c.post(url, files={"image": ("p.png", png_bytes(color=(i, 0, 0)), "image/png")})
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return False
+        except OSError:
+            return True
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(send, i) for i in range(4)]
+        wait_until(lambda: runner.in_flight == 4)
+        srv.should_exit = True  # what SIGINT / SIGTERM do
+        wait_until(refused)  # no longer listening: nothing new gets in
+        assert not any(f.done() for f in futures) and thread.is_alive()
+        predictor.release.set()
+        responses = [f.result() for f in futures]
+    thread.join(10)
+    assert [r.status_code for r in responses] == [200] * 4
+    assert not thread.is_alive() and runner.closing and not runner._thread.is_alive()
+    assert runner.served == 4
+
+
 def test_requests_that_wait_together_are_one_batch():
     predictor = BlockingPredictor()
-    client = TestClient(create_app(predictor, ServeConfig(concurrency=8, max_batch=8)))
+    client = TestClient(queue_app(predictor, seconds_per_image=0.1, budget_s=10.0, max_batch=8))
     runner = client.app.state.runner
     with ThreadPoolExecutor(4) as pool:
         first = pool.submit(post, client, png_bytes(), top_k="2")
@@ -250,10 +401,45 @@ def test_requests_that_wait_together_are_one_batch():
     assert runner.batches == 2 and runner.served == 4 and runner.in_flight == 0
 
 
+def test_null_form_fields_mean_not_given(client):
+    """Multipart has no null; the schema says these fields are nullable, so "null" / "" mean the default."""
+    r = post(client, png_bytes(), top_k="null", strategy="null", select="")
+    assert r.status_code == 200, r.text
+    assert 1 <= len(r.json()["candidates"]) <= 5
+
+
+def test_options_the_model_cannot_run_are_not_offered(client):
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["Body_geolocate_v1_geolocate_post"]
+    enum = {name: schema["properties"][name]["anyOf"][0]["enum"] for name in ("strategy", "select")}
+    assert enum["strategy"] == list(STRATEGIES)
+    assert enum["select"] == ["logp", "consensus"]  # no reward scorer in the bundle, no MLLM endpoint
+    for fields in ({"select": "reward"}, {"select": "mllm"}):
+        r = post(client, png_bytes(), **fields)
+        assert r.status_code == 422 and "not available on this server" in r.json()["error"]
+    r = client.post("/v1/geolocate?select=reward", files={"image": ("a.png", png_bytes(), "image/png")})
+    assert r.status_code == 422 and "reward scorer" in r.json()["error"]
+
+
+def test_cli_defaults_are_the_library_defaults():
+    from geotoken.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "b"])
+    cfg = ServeConfig()
+    assert (args.max_queue_wait_s, args.max_batch, args.max_upload_mb, args.max_pixels) == (
+        cfg.max_queue_wait_s,
+        cfg.max_batch,
+        cfg.max_upload_mb,
+        cfg.max_pixels,
+    )
+    assert (
+        build_parser().parse_args(["serve", "--model", "b", "--max-queue-wait-s", "2.5"]).max_queue_wait_s
+        == 2.5
+    )
+
+
 def test_the_page_offers_every_strategy_and_selector():
     import re
 
-    from geotoken.select import SELECTORS, STRATEGIES
     from geotoken.serve.app import STATIC_DIR
 
     page = (STATIC_DIR / "index.html").read_text()
