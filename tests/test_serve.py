@@ -335,9 +335,22 @@ def test_shutdown_answers_every_admitted_request_first():
     assert closer.is_alive()  # still answering what it admitted
     predictor.release.set()
     closer.join(10)
-    assert not closer.is_alive() and not runner._thread.is_alive()
+    assert not closer.is_alive() and not runner.alive
     assert [f.result()[0].candidates[0]["lat"] for f in futures] == [1.0] * 3
     assert predictor.calls == [1, 2] and runner.in_flight == 0
+
+
+def test_the_app_serves_again_after_a_restart():
+    """Each lifespan's shutdown stops the model thread; the next startup starts it again."""
+    predictor = BlockingPredictor()
+    predictor.release.set()
+    app = create_app(predictor, ServeConfig())
+    for _ in range(2):
+        with TestClient(app) as client:
+            assert app.state.runner.alive
+            assert post(client, png_bytes()).status_code == 200
+        assert not app.state.runner.alive and app.state.runner.closing
+    assert app.state.runner.served == 2
 
 
 def test_graceful_shutdown_over_http_finishes_admitted_requests():
@@ -380,7 +393,7 @@ def test_graceful_shutdown_over_http_finishes_admitted_requests():
         responses = [f.result() for f in futures]
     thread.join(10)
     assert [r.status_code for r in responses] == [200] * 4
-    assert not thread.is_alive() and runner.closing and not runner._thread.is_alive()
+    assert not thread.is_alive() and runner.closing and not runner.alive
     assert runner.served == 4
 
 

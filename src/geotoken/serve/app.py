@@ -279,6 +279,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
 
     @asynccontextmanager
     async def lifespan(app):
+        await run_in_threadpool(runner.start)  # no-op unless a previous lifespan closed it
         yield
         await run_in_threadpool(runner.close)  # answers every admitted request first
 

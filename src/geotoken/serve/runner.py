@@ -105,8 +105,13 @@ class Runner:
         self._started = 0.0  # clock() when it started
         self.served = self.rejected = self.batches = 0
         self.closing = False
-        self._thread = threading.Thread(target=self._loop, name="geotoken-model", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the model thread runs (False once `close` has answered everything)."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def in_flight(self) -> int:
@@ -161,6 +166,21 @@ class Runner:
     def run(self, image, **options) -> tuple[Any, float, int]:
         """`submit` and wait (for callers without an event loop)."""
         return self.submit(image, **options).result()
+
+    def start(self) -> None:
+        """Start the model thread (again, after `close`: an app may go through several lifespans)."""
+        with self._lock:
+            old = self._thread
+            if old is not None and old.is_alive() and not self.closing:
+                return
+        if old is not None:
+            old.join()  # a close in progress answers what it admitted first
+        with self._lock:
+            if self._thread is not old:  # another start() won
+                return
+            self.closing = False
+            self._thread = threading.Thread(target=self._loop, name="geotoken-model", daemon=True)
+            self._thread.start()
 
     def close(self, timeout: float | None = None) -> None:
         """Refuse new requests, answer every admitted one, stop the model thread."""
