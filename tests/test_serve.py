@@ -301,8 +301,13 @@ def test_expected_wait_from_the_measured_rate_and_the_queue():
     assert rate.value is None
     rate.observe(2.0, 4)  # the first batch sets it: 0.5 s per image
     assert rate.value == 0.5
-    rate.observe(1.0, 1)  # then an exponentially weighted mean
+    rate.observe(1.0, 1)  # then an exponentially weighted mean, each image with weight alpha
     assert rate.value == 0.75
+    cold = ServiceRate()  # default alpha
+    cold.observe(3.0, 1)  # a slow first call (lazy initialisation)
+    for _ in range(6):
+        cold.observe(8 * 0.03, 8)  # then full batches at 30 ms per image
+    assert 0.03 < cold.value < 2 * 0.03
     predictor, clock = BlockingPredictor(), FakeClock()
     runner = Runner(predictor, max_queue_wait_s=10, rate=rate, clock=clock)
     assert runner.expected_wait_s() == 0.0  # idle
@@ -317,7 +322,8 @@ def test_expected_wait_from_the_measured_rate_and_the_queue():
     assert runner.seconds_per_image == 2.5 and runner.expected_wait_s() == 2 * 2.5
     predictor.release.set()
     assert [f.result()[2] for f in [first, *rest]] == [1, 2, 2]  # batch sizes
-    assert rate.value == 0.8125  # 0.75 -> 1.625 (2.5 s for 1 image) -> 0.8125 (0 s for 2: fake clock)
+    # 0.75 -> 1.625 (2.5 s for 1 image, weight 0.5) -> 0.40625 (0 s for 2 images: fake clock; weight 0.75)
+    assert rate.value == 0.40625
     runner.close()
 
 

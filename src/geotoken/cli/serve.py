@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from PIL import Image
+
 from geotoken.serve import ServeConfig
 
 DEFAULTS = ServeConfig()
@@ -68,6 +70,9 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     geolocator = Geolocator.from_bundle(args.model, device=args.device)
+    # one prediction before listening: lazy initialisation is paid here, not by the first request, and
+    # the service-rate estimate behind admission starts from a warm model
+    geolocator.predict([Image.new("RGB", (64, 64))], top_k=1)
     app = create_app(geolocator, config)
     print(f"geotoken serve: {args.model} on http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -4,7 +4,7 @@ A request is admitted while its expected wait in the queue fits `max_queue_wait_
 
     expected wait = (what is left of the batch now running) + seconds_per_image x (images queued)
 
-`seconds_per_image` is an exponentially weighted mean over recent batches (`ServiceRate`); while a batch
+`seconds_per_image` is an exponentially weighted mean over recent images (`ServiceRate`); while a batch
 runs longer than that mean says, its elapsed time / its images is used instead (a lower bound on the
 real figure), so a stalled or suddenly slow model fills the budget as well. Refused requests get
 `Busy` with `retry_after_s`: the seconds until the expected wait would fit again if nothing else came,
@@ -63,13 +63,16 @@ class ShuttingDown(Busy):
 
 
 class ServiceRate:
-    """Seconds per image: exponentially weighted mean over batches, the newest with weight `alpha`.
+    """Seconds per image: an exponentially weighted mean over recent images.
 
+    A batch of n images that took t seconds counts as n observations of t / n, each with weight `alpha`
+    (together 1 - (1 - alpha)^n): busy periods, when batches are full and admission matters, move the
+    estimate fastest, and a slow first call (lazy initialisation) is forgotten within a few batches.
     `value` is None until the first batch is measured, unless `initial` is given; `alpha=0` keeps it at
     `initial` for good (tests).
     """
 
-    def __init__(self, initial: float | None = None, alpha: float = 0.2):
+    def __init__(self, initial: float | None = None, alpha: float = 0.1):
         if not 0 <= alpha <= 1:
             raise GeoTokenError(f"ServiceRate alpha must be in [0, 1], got {alpha}")
         if initial is not None and initial < 0:
@@ -78,7 +81,10 @@ class ServiceRate:
 
     def observe(self, seconds: float, images: int) -> None:
         per_image = max(seconds, 0.0) / images
-        self.value = per_image if self.value is None else self.value + self.alpha * (per_image - self.value)
+        if self.value is None:
+            self.value = per_image
+        else:
+            self.value += (1 - (1 - self.alpha) ** images) * (per_image - self.value)
 
 
 _STOP = object()
