@@ -229,9 +229,12 @@ class FakeClock:
         return self.now
 
 
-def queue_app(predictor, seconds_per_image: float, budget_s: float, max_batch: int = 8, clock=None):
-    """An app whose admission uses a fixed service-rate estimate and a fake clock (nothing is timed)."""
-    rate = ServiceRate(seconds_per_image, alpha=0)  # alpha 0: measurements never move it
+def queue_app(
+    predictor, seconds_per_image: float, budget_s: float, max_batch: int = 8, clock=None, alpha: float = 0
+):
+    """An app whose admission starts from a given service-rate estimate and uses a fake clock (nothing is
+    timed); with alpha 0 (the default here) measurements never move the estimate."""
+    rate = ServiceRate(seconds_per_image, alpha=alpha)
     runner = Runner(predictor, budget_s, max_batch, rate=rate, clock=clock or FakeClock())
     return create_app(predictor, ServeConfig(max_queue_wait_s=budget_s, max_batch=max_batch), runner)
 
@@ -255,7 +258,7 @@ def test_full_server_answers_503_at_once():
 
 def test_a_request_over_the_wait_budget_gets_503_with_retry_after():
     predictor, clock = BlockingPredictor(), FakeClock()
-    client = TestClient(queue_app(predictor, seconds_per_image=4.0, budget_s=10.0, clock=clock))
+    client = TestClient(queue_app(predictor, seconds_per_image=4.0, budget_s=10.0, clock=clock, alpha=0.5))
     runner = client.app.state.runner
     with ThreadPoolExecutor(3) as pool:
         admitted = [pool.submit(post, client, png_bytes())]
@@ -269,10 +272,10 @@ def test_a_request_over_the_wait_budget_gets_503_with_retry_after():
         assert r.status_code == 503
         assert r.headers["retry-after"] == "2"  # 12 - 10 s, when the wait would fit again
         assert "12.0 s" in r.json()["error"] and "10 s budget" in r.json()["error"]
-        clock.now += 30  # the model stalls: the running image took 30 s so far, so >= 30 s per image
-        r = post(client, png_bytes())  # 0 s left of the running one (unknown), 2 queued x 30 s = 60 s
-        assert r.status_code == 503 and r.headers["retry-after"] == "50"
-        assert client.get("/healthz").json()["expected_wait_s"] == 60.0
+        clock.now += 30  # the model stalls: 30 s so far for the running image, counted as if done now:
+        r = post(client, png_bytes())  # 4 + 0.5 x (30 - 4) = 17 s per image, 2 queued: 34 s
+        assert r.status_code == 503 and r.headers["retry-after"] == "24"
+        assert client.get("/healthz").json()["expected_wait_s"] == 34.0
         predictor.release.set()
         responses = [f.result() for f in admitted]
     assert [r.status_code for r in responses] == [200] * 3  # everything admitted is answered
@@ -318,8 +321,9 @@ def test_expected_wait_from_the_measured_rate_and_the_queue():
     assert runner.expected_wait_s() == 0.25
     rest = [runner.submit("image"), runner.submit("image")]
     assert runner.queued == 2 and runner.expected_wait_s() == 0.25 + 2 * 0.75
-    clock.now += 2.0  # running for 2.5 s: more than the mean said, so 2.5 s per image at least
-    assert runner.seconds_per_image == 2.5 and runner.expected_wait_s() == 2 * 2.5
+    clock.now += 2.0  # running for 2.5 s, more than the estimate said: counted as if it finished now
+    assert runner.seconds_per_image == 1.625 and runner.expected_wait_s() == 2 * 1.625
+    assert rate.value == 0.75  # provisionally: nothing is recorded before the batch ends
     predictor.release.set()
     assert [f.result()[2] for f in [first, *rest]] == [1, 2, 2]  # batch sizes
     # 0.75 -> 1.625 (2.5 s for 1 image, weight 0.5) -> 0.40625 (0 s for 2 images: fake clock; weight 0.75)

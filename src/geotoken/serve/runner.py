@@ -4,13 +4,13 @@ A request is admitted while its expected wait in the queue fits `max_queue_wait_
 
     expected wait = (what is left of the batch now running) + seconds_per_image x (images queued)
 
-`seconds_per_image` is an exponentially weighted mean over recent images (`ServiceRate`); while a batch
-runs longer than that mean says, its elapsed time / its images is used instead (a lower bound on the
-real figure), so a stalled or suddenly slow model fills the budget as well. Refused requests get
-`Busy` with `retry_after_s`: the seconds until the expected wait would fit again if nothing else came,
-rounded up (at least 1). Requests that wait together with the same options are predicted as one batch of
-up to `max_batch` images (micro-batching). `close()` refuses new requests and returns once every
-admitted one has been answered.
+`seconds_per_image` is an exponentially weighted mean over recent images (`ServiceRate`). A batch that
+runs longer than the estimate says counts, provisionally, as if it finished now, so a stalled or suddenly
+slow model fills the budget too (before the first batch has finished, that is the only measurement).
+Refused requests get `Busy` with `retry_after_s`: the seconds until the expected wait would fit again if
+nothing else came, rounded up (at least 1). Requests that wait together with the same options are
+predicted as one batch of up to `max_batch` images (micro-batching). `close()` refuses new requests and
+returns once every admitted one has been answered.
 
 The clock and the service-rate estimate are injectable, so tests decide the numbers instead of timing
 real work.
@@ -80,11 +80,14 @@ class ServiceRate:
         self.value, self.alpha = initial, alpha
 
     def observe(self, seconds: float, images: int) -> None:
+        self.value = self.peek(seconds, images)
+
+    def peek(self, seconds: float, images: int) -> float:
+        """What `value` would become if a batch of `images` took `seconds` (nothing is changed)."""
         per_image = max(seconds, 0.0) / images
         if self.value is None:
-            self.value = per_image
-        else:
-            self.value += (1 - (1 - self.alpha) ** images) * (per_image - self.value)
+            return per_image
+        return self.value + (1 - (1 - self.alpha) ** images) * (per_image - self.value)
 
 
 _STOP = object()
@@ -137,8 +140,10 @@ class Runner:
 
     def _seconds_per_image(self, now: float) -> float:
         per_image = self.rate.value or 0.0
-        if self.running:  # a batch running longer than the mean says: its elapsed time is a lower bound
-            per_image = max(per_image, (now - self._started) / self.running)
+        elapsed = now - self._started
+        if self.running and elapsed > per_image * self.running:
+            # running longer than the estimate says: counted as if it finished now (provisionally)
+            per_image = self.rate.peek(elapsed, self.running)
         return per_image
 
     def _expected_wait(self, now: float) -> float:
