@@ -230,11 +230,14 @@ class FakeClock:
 
 
 def queue_app(
-    predictor, seconds_per_image: float, budget_s: float, max_batch: int = 8, clock=None, alpha: float = 0
+    predictor, seconds_per_image: float, budget_s: float, max_batch: int = 8, clock=None, window=None
 ):
     """An app whose admission starts from a given service-rate estimate and uses a fake clock (nothing is
-    timed); with alpha 0 (the default here) measurements never move the estimate."""
-    rate = ServiceRate(seconds_per_image, alpha=alpha)
+    timed); without a window the estimate is frozen: measurements never move it."""
+    if window is None:
+        rate = ServiceRate(seconds_per_image, frozen=True)
+    else:
+        rate = ServiceRate(seconds_per_image, window=window)
     runner = Runner(predictor, budget_s, max_batch, rate=rate, clock=clock or FakeClock())
     return create_app(predictor, ServeConfig(max_queue_wait_s=budget_s, max_batch=max_batch), runner)
 
@@ -258,7 +261,8 @@ def test_full_server_answers_503_at_once():
 
 def test_a_request_over_the_wait_budget_gets_503_with_retry_after():
     predictor, clock = BlockingPredictor(), FakeClock()
-    client = TestClient(queue_app(predictor, seconds_per_image=4.0, budget_s=10.0, clock=clock, alpha=0.5))
+    # 4 s per image so far (counting as one image, halved by each new one: window 2)
+    client = TestClient(queue_app(predictor, seconds_per_image=4.0, budget_s=10.0, clock=clock, window=2))
     runner = client.app.state.runner
     with ThreadPoolExecutor(3) as pool:
         admitted = [pool.submit(post, client, png_bytes())]
@@ -272,10 +276,10 @@ def test_a_request_over_the_wait_budget_gets_503_with_retry_after():
         assert r.status_code == 503
         assert r.headers["retry-after"] == "2"  # 12 - 10 s, when the wait would fit again
         assert "12.0 s" in r.json()["error"] and "10 s budget" in r.json()["error"]
-        clock.now += 30  # the model stalls: 30 s so far for the running image, counted as if done now:
-        r = post(client, png_bytes())  # 4 + 0.5 x (30 - 4) = 17 s per image, 2 queued: 34 s
-        assert r.status_code == 503 and r.headers["retry-after"] == "24"
-        assert client.get("/healthz").json()["expected_wait_s"] == 34.0
+        clock.now += 25  # the model stalls: 25 s so far for the running image, counted as if done now:
+        r = post(client, png_bytes())  # (4 / 2 + 25) s / (1 / 2 + 1) images = 18 s per image, 2 queued: 36 s
+        assert r.status_code == 503 and r.headers["retry-after"] == "26"
+        assert client.get("/healthz").json()["expected_wait_s"] == 36.0
         predictor.release.set()
         responses = [f.result() for f in admitted]
     assert [r.status_code for r in responses] == [200] * 3  # everything admitted is answered
@@ -300,40 +304,49 @@ def test_within_the_budget_many_concurrent_requests_all_succeed():
 
 
 def test_expected_wait_from_the_measured_rate_and_the_queue():
-    rate = ServiceRate(alpha=0.5)
+    rate = ServiceRate(window=2)  # what came before halves with each new image
     assert rate.value is None
     rate.observe(2.0, 4)  # the first batch sets it: 0.5 s per image
     assert rate.value == 0.5
-    rate.observe(1.0, 1)  # then an exponentially weighted mean, each image with weight alpha
-    assert rate.value == 0.75
-    cold = ServiceRate()  # default alpha
-    cold.observe(3.0, 1)  # a slow first call (lazy initialisation)
-    for _ in range(6):
-        cold.observe(8 * 0.03, 8)  # then full batches at 30 ms per image
-    assert 0.03 < cold.value < 2 * 0.03
+    rate.observe(2.0, 1)  # then decayed sums: (2 s x 0.5 + 2 s) / (4 x 0.5 + 1) images
+    assert rate.value == (2.0 * 0.5 + 2.0) / (4 * 0.5 + 1) == 1.0
     predictor, clock = BlockingPredictor(), FakeClock()
     runner = Runner(predictor, max_queue_wait_s=10, rate=rate, clock=clock)
     assert runner.expected_wait_s() == 0.0  # idle
     first = runner.submit("image")
     wait_until(lambda: predictor.calls == [1])
-    assert runner.expected_wait_s() == 0.75  # what is left of the running image
+    assert runner.expected_wait_s() == 1.0  # what is left of the running image
     clock.now += 0.5
-    assert runner.expected_wait_s() == 0.25
+    assert runner.expected_wait_s() == 0.5
     rest = [runner.submit("image"), runner.submit("image")]
-    assert runner.queued == 2 and runner.expected_wait_s() == 0.25 + 2 * 0.75
+    assert runner.queued == 2 and runner.expected_wait_s() == 0.5 + 2 * 1.0
     clock.now += 2.0  # running for 2.5 s, more than the estimate said: counted as if it finished now
-    assert runner.seconds_per_image == 1.625 and runner.expected_wait_s() == 2 * 1.625
-    assert rate.value == 0.75  # provisionally: nothing is recorded before the batch ends
+    assert runner.seconds_per_image == (3 * 0.5 + 2.5) / (3 * 0.5 + 1) == 1.6
+    assert runner.expected_wait_s() == 2 * 1.6  # nothing left of the running one; 2 queued
+    assert rate.value == 1.0  # provisionally: nothing is recorded before the batch ends
     predictor.release.set()
     assert [f.result()[2] for f in [first, *rest]] == [1, 2, 2]  # batch sizes
-    # 0.75 -> 1.625 (2.5 s for 1 image, weight 0.5) -> 0.40625 (0 s for 2 images: fake clock; weight 0.75)
-    assert rate.value == 0.40625
+    # 2.5 s for 1 image: (4 s, 2.5 images); then 0 s for 2 (fake clock): (4 x 0.25) / (2.5 x 0.25 + 2)
+    assert rate.value == pytest.approx(1 / 2.625)
     runner.close()
+
+
+def test_the_service_rate_shrugs_off_a_slow_call():
+    cold = ServiceRate()  # the default window: 64 images
+    cold.observe(3.0, 1)  # a slow first call (lazy initialisation)
+    for _ in range(8):
+        cold.observe(8 * 0.03, 8)  # then full batches at 30 ms per image
+    assert 0.03 < cold.value < 2 * 0.03
+    steady = ServiceRate(0.05)
+    for _ in range(16):
+        steady.observe(8 * 0.05, 8)
+    steady.observe(8 * 0.3, 8)  # one batch 6x slower (another process took the cores)
+    assert steady.value < 2 * 0.05
 
 
 def test_shutdown_answers_every_admitted_request_first():
     predictor = BlockingPredictor()
-    runner = Runner(predictor, max_queue_wait_s=10, rate=ServiceRate(0.1, alpha=0), clock=FakeClock())
+    runner = Runner(predictor, max_queue_wait_s=10, rate=ServiceRate(0.1, frozen=True), clock=FakeClock())
     futures = [runner.submit("image")]
     wait_until(lambda: predictor.calls == [1])  # one running, two queued
     futures += [runner.submit("image"), runner.submit("image")]

@@ -4,7 +4,7 @@ A request is admitted while its expected wait in the queue fits `max_queue_wait_
 
     expected wait = (what is left of the batch now running) + seconds_per_image x (images queued)
 
-`seconds_per_image` is an exponentially weighted mean over recent images (`ServiceRate`). A batch that
+`seconds_per_image` is busy seconds per image over the recent images (`ServiceRate`). A batch that
 runs longer than the estimate says counts, provisionally, as if it finished now, so a stalled or suddenly
 slow model fills the budget too (before the first batch has finished, that is the only measurement).
 Refused requests get `Busy` with `retry_after_s`: the seconds until the expected wait would fit again if
@@ -63,31 +63,41 @@ class ShuttingDown(Busy):
 
 
 class ServiceRate:
-    """Seconds per image: an exponentially weighted mean over recent images.
+    """Seconds per image of recent work: busy seconds / images served, over roughly the last `window` images.
 
-    A batch of n images that took t seconds counts as n observations of t / n, each with weight `alpha`
-    (together 1 - (1 - alpha)^n): busy periods, when batches are full and admission matters, move the
-    estimate fastest, and a slow first call (lazy initialisation) is forgotten within a few batches.
-    `value` is None until the first batch is measured, unless `initial` is given; `alpha=0` keeps it at
-    `initial` for good (tests).
+    Each batch adds its seconds and its images; what came before decays by (1 - 1 / window) per image
+    added. A slow batch weighs by its share of the work, so a single slow call (lazy initialisation, a
+    burst of load from another process) moves the estimate little, and a sustained change takes over
+    within about `window` images. `value` is None until something was measured; `initial` counts as one
+    image measured at that many seconds. `frozen` keeps `value` at `initial` for good (tests).
     """
 
-    def __init__(self, initial: float | None = None, alpha: float = 0.1):
-        if not 0 <= alpha <= 1:
-            raise GeoTokenError(f"ServiceRate alpha must be in [0, 1], got {alpha}")
+    def __init__(self, initial: float | None = None, window: float = 64.0, frozen: bool = False):
+        if not window >= 1:
+            raise GeoTokenError(f"ServiceRate window must be >= 1 image, got {window}")
         if initial is not None and initial < 0:
             raise GeoTokenError(f"ServiceRate initial must be >= 0, got {initial}")
-        self.value, self.alpha = initial, alpha
+        self.window, self.frozen = window, frozen
+        self._seconds, self._images = (initial, 1.0) if initial is not None else (0.0, 0.0)
+
+    @property
+    def value(self) -> float | None:
+        return self._seconds / self._images if self._images else None
 
     def observe(self, seconds: float, images: int) -> None:
-        self.value = self.peek(seconds, images)
+        if not self.frozen:
+            self._seconds, self._images = self._after(seconds, images)
 
     def peek(self, seconds: float, images: int) -> float:
         """What `value` would become if a batch of `images` took `seconds` (nothing is changed)."""
-        per_image = max(seconds, 0.0) / images
-        if self.value is None:
-            return per_image
-        return self.value + (1 - (1 - self.alpha) ** images) * (per_image - self.value)
+        if self.frozen:
+            return self.value or 0.0
+        total, count = self._after(seconds, images)
+        return total / count
+
+    def _after(self, seconds: float, images: int) -> tuple[float, float]:
+        keep = (1 - 1 / self.window) ** images
+        return self._seconds * keep + max(seconds, 0.0), self._images * keep + images
 
 
 _STOP = object()
