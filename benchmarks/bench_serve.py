@@ -6,9 +6,10 @@
 
 Starts `geotoken serve` as a subprocess on 127.0.0.1 (a free port), warms it up, then for each client count
 sends a bounded number of POST /v1/geolocate requests from that many threads (each its own HTTP
-connection, one request at a time: closed loop), within a time bound, --repeats times (the fastest run is
-shown; failures of all runs count). Every request is accounted for: ok (200), failed (any other status or a
-transport error; 503s are counted apart) or lost (never sent because the time bound ran out).
+connection, one request at a time: closed loop; after a 503 a client waits Retry-After seconds before its
+next request), within a time bound, --repeats times (the fastest run is shown; failures of all runs count).
+Every request is accounted for: ok (200), failed (any other status or a transport error; 503s are counted
+apart) or lost (never sent because the time bound ran out).
 
 The server admits a request while its expected wait in the queue fits --max-queue-wait-s. With N closed-loop
 clients at most N - 1 requests wait in front of one, so the offered load fits the budget when
@@ -103,7 +104,10 @@ def load(url: str, clients: int, requests: int, seconds: float, body: bytes, opt
                     ok = r.status_code == 200 and bool(r.json().get("candidates"))
                     why = f"HTTP {r.status_code}"
                     if r.status_code == 503:
-                        why += f" (Retry-After {r.headers.get('retry-after')})"
+                        retry = r.headers.get("retry-after", "1")
+                        why += f" (Retry-After {retry})"
+                        # a polite client: waits as told before its next request (within the time bound)
+                        time.sleep(max(0.0, min(float(retry), t_end - time.monotonic())))
                     if ok:
                         queued = r.json()["timings_ms"]["queue"]
                 except httpx.HTTPError as exc:
