@@ -442,6 +442,10 @@ def test_null_form_fields_mean_not_given(client):
     r = post(client, png_bytes(), top_k="null", strategy="null", select="")
     assert r.status_code == 200, r.text
     assert 1 <= len(r.json()["candidates"]) <= 5
+    r = client.post(
+        "/v1/geolocate?top_k=null&select=null", files={"image": ("a.png", png_bytes(), "image/png")}
+    )
+    assert r.status_code == 200, r.text
 
 
 def test_options_the_model_cannot_run_are_not_offered(client):

@@ -358,9 +358,16 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
         ] = None,
         strategy: Annotated[offered(strategies), Form(description="decoding (default: the bundle's)")] = None,
         select: Annotated[offered(selectors), Form(description="selector (default: the bundle's)")] = None,
-        top_k_q: int | None = Query(None, alias="top_k", include_in_schema=False),
-        strategy_q: str | None = Query(None, alias="strategy", include_in_schema=False),
-        select_q: str | None = Query(None, alias="select", include_in_schema=False),
+        # the same fields in the query string (older clients; not in the schema), "null" alike
+        top_k_q: Annotated[
+            int | None, BeforeValidator(nullish), Query(alias="top_k", include_in_schema=False)
+        ] = None,
+        strategy_q: Annotated[
+            str | None, BeforeValidator(nullish), Query(alias="strategy", include_in_schema=False)
+        ] = None,
+        select_q: Annotated[
+            str | None, BeforeValidator(nullish), Query(alias="select", include_in_schema=False)
+        ] = None,
     ):
         t0 = time.perf_counter()
         try:
