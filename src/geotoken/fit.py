@@ -25,6 +25,10 @@ from geotoken.search.calibration import calibration_data, calibration_report, fi
 from geotoken.search.candidates import Candidates, from_scores, select_logp
 from geotoken.search.decode import beam_search, sample, score_sequences
 from geotoken.search.reward import RewardConfig, RewardScorer
+from geotoken.search.select import SELECTORS
+
+# selectors a calibration can use: the MLLM selector sends photos, calibration reads feature stores
+CALIBRATION_SELECTORS = tuple(s for s in SELECTORS if s != "mllm")
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -43,6 +47,8 @@ def calibrate_bundle(
     geo: a `Geolocator` loaded from the bundle. Returns the calibration report (ECE before and after, on
     the same images: held-out figures come from `geotoken evaluate`).
     """
+    if select is not None and select not in CALIBRATION_SELECTORS:
+        raise GeoTokenError(f"calibration: select {select!r}: choose from {', '.join(CALIBRATION_SELECTORS)}")
     emb, nbrs, lat, lon = load_queries(queries_dir, list(geo.model.cfg.modalities), neighbours_dir)
     res = geo.search(emb, nbrs, progress=progress, strategy=strategy, select=select)
     cfg = geo.model.cfg
