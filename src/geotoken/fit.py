@@ -21,7 +21,7 @@ from geotoken.gallery import load_queries
 from geotoken.geo import haversine_km
 from geotoken.predict import Geolocator
 from geotoken.s2 import latlon_to_tokens
-from geotoken.search.calibration import calibration_data, calibration_report, fit_calibration
+from geotoken.search.calibration import RADII_KM, calibration_data, calibration_report, fit_calibration
 from geotoken.search.candidates import Candidates, from_scores, select_logp
 from geotoken.search.decode import beam_search, sample, score_sequences
 from geotoken.search.reward import RewardConfig, RewardScorer
@@ -38,7 +38,7 @@ def calibrate_bundle(
     neighbours_dir: str | Path | None = None,
     strategy: str | None = None,
     select: str | None = None,
-    radii_km: Sequence[float] = (25.0, 200.0, 750.0),
+    radii_km: Sequence[float] = RADII_KM,
     plot: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
