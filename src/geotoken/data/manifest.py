@@ -478,3 +478,26 @@ def manifest_from_shards(
         skip_report=skip_report,
         check_images=check_images,
     )
+
+
+def read_annotations(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    image_root: str | os.PathLike | None = None,
+    check_images: bool | str = False,
+    on_error: str = "raise",
+    skip_report: str | os.PathLike | None = None,
+) -> Manifest:
+    """A validated `Manifest` of one annotation CSV (`read_manifest`) or of img2dataset shards: .tar files, or
+    one folder of them (`manifest_from_shards`). The options are `read_manifest`'s; image_root is CSV-only."""
+    paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
+    if not paths:
+        raise GeoTokenError("no input: give one annotation CSV, or .tar shards / a folder of them")
+    first, options = paths[0], dict(check_images=check_images, on_error=on_error, skip_report=skip_report)
+    if first.is_dir() or first.suffix == ".tar":
+        if image_root is not None:
+            raise GeoTokenError("image_root applies to CSV input, not to shards")
+        return manifest_from_shards(paths if len(paths) > 1 or first.suffix == ".tar" else first, **options)
+    if len(paths) > 1:
+        raise GeoTokenError(f"give one annotation CSV (got {len(paths)} inputs), or several .tar shards")
+    return read_manifest(first, image_root=image_root, **options)
