@@ -147,3 +147,9 @@ def test_bad_inputs(tmp_path):
         apply_heads(heads, store, progress=False)
     with pytest.raises(GeoTokenError, match="at least that many"):
         heads.fit_input(np.zeros((3, 9)))
+    with pytest.raises(
+        GeoTokenError, match="clip text encoder needs a store embedded with the clip backbone"
+    ):
+        train_heads(
+            store, None, AlignConfig(epochs=1), {"text_encoder": "clip"}, gps_encoder=FakeGPSEncoder()
+        )

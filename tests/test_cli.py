@@ -50,3 +50,19 @@ def test_version(capsys):
         main(["--version"])
     assert exc.value.code == 0
     assert "geotoken" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "tokens", "--points", "0"], "points must be >= 1, got 0"),
+        (["bench", "tokens", "--s2sphere-points", "-1"], "s2sphere_points must be >= 0, got -1"),
+        (["bench", "decode", "--iters", "0"], "iters must be >= 1, got 0"),
+        (["bench", "train", "--threads", "-1"], "threads must be >= 0, got -1"),
+        (["bench", "train", "--gallery-rows", "0"], "rows must be >= 1, got 0"),
+    ],
+)
+def test_bench_counts_are_checked_by_the_library(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"geotoken {argv[0]}: error:") and message in err and "\n" not in err

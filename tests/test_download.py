@@ -101,7 +101,7 @@ def test_download_end_to_end(tmp_path, server):
     urls = write_urls(tmp_path / "urls.csv", good[:3] + broken + good[3:])
     out = tmp_path / "shards"
     argv = ["data", "download", str(urls), "-o", str(out), "--image-size", "20", "--processes", "1"]
-    argv += ["--threads", "4", "--samples-per-shard", "4", "--retries", "0", "--timeout", "1"]
+    argv += ["--threads-per-process", "4", "--samples-per-shard", "4", "--retries", "0", "--timeout", "1"]
     assert main(argv) == 0
 
     m = read_manifest(out / "manifest.csv", check_images="decode")

@@ -12,6 +12,8 @@ from geotoken.evaluate.synthetic import synthetic_splits
 from geotoken.features import FeatureStore
 from helpers import write_store
 
+# marks a folder of index.npy + sims.npy as a finished neighbour table (what `geotoken index neighbours` writes)
+NEIGHBOURS_JSON = json.dumps({"format": "geotoken.neighbours", "version": 1, "config": {}})
 ARGS = ["--n-boot", "200", "--cells-epochs", "12", "--cells-hidden", "64", "--cells-max-count", "100"]
 
 
@@ -94,6 +96,7 @@ def test_evaluate_subset_reference_and_neighbour_table(stores, tmp_path):
     nb.mkdir()
     np.save(nb / "index.npy", rows)
     np.save(nb / "sims.npy", sims)
+    (nb / "neighbours.json").write_text(NEIGHBOURS_JSON)
     out = tmp_path / "eval"
     argv = ["evaluate", "--method", "nn", "knn", "--gallery", str(g), "--queries", str(q), "-o", str(out)]
     assert (
@@ -170,6 +173,7 @@ def test_bad_inputs_are_one_line_errors(stores, tmp_path, capsys):
     nb.mkdir()
     np.save(nb / "index.npy", np.zeros((7, 3), dtype=np.int64))
     np.save(nb / "sims.npy", np.zeros((7, 3), dtype=np.float32))
+    (nb / "neighbours.json").write_text(NEIGHBOURS_JSON)
     assert (
         main(
             [
@@ -234,3 +238,34 @@ def test_load_split_from_store_manifest_and_bundle(stores, tmp_path):
     shutil.copytree(g, bundle / "gal")
     (bundle / "bundle.json").write_text(json.dumps({"gallery": "gal"}))
     assert len(load_split(bundle)) == 800
+
+
+def test_config_and_neighbour_table_are_checked_by_the_library(tmp_path):
+    from geotoken.errors import GeoTokenError
+    from geotoken.evaluate import EvalConfig, GeoTokenMethodConfig, load_neighbours
+    from geotoken.evaluate.baselines import RetrievalConfig
+    from geotoken.evaluate.geotoken_method import rows_to_run
+
+    for kwargs, field in [
+        ({"n_boot": 0}, "n_boot"),
+        ({"limit": 0}, "limit"),
+        ({"retrieval": RetrievalConfig(k=0)}, "retrieval.k"),
+        ({"geotoken": GeoTokenMethodConfig(beam_width=0)}, "geotoken.beam_width"),
+    ]:
+        with pytest.raises(GeoTokenError, match=f"{field} must be >= 1, got 0"):
+            EvalConfig(**kwargs)
+    with pytest.raises(GeoTokenError, match="beam\\+sample"):
+        rows_to_run(GeoTokenMethodConfig(strategies=("beam+sample",)))
+    gallery, queries = synthetic_splits(n_gallery=30, n_queries=4, seed=1)
+    nb = tmp_path / "nb"
+    nb.mkdir()
+    np.save(nb / "index.npy", np.zeros((4, 2), dtype=np.int64))
+    np.save(nb / "sims.npy", np.zeros((4, 2), dtype=np.float32))
+    with pytest.raises(GeoTokenError, match="not a neighbour table"):
+        load_neighbours(nb, gallery, queries)
+    (nb / "neighbours.json").write_text(NEIGHBOURS_JSON)
+    rows, sims = load_neighbours(nb, gallery, queries)
+    assert rows.shape == sims.shape == (4, 2)
+    queries.skipped = 1
+    with pytest.raises(GeoTokenError, match="skipped rows"):
+        load_neighbours(nb, gallery, queries)

@@ -55,3 +55,22 @@ def test_manifest_command_from_shards(tmp_path):
     assert main(["manifest", str(tmp_path), "-o", str(out), "--check-images", "decode"]) == 0
     m = read_manifest(out)
     assert m.ids.tolist() == ["x1"] and m.images[0] == f"{tmp_path / '00000.tar'}#000000.jpg"
+
+
+def test_manifest_command_input_kinds_are_checked_by_the_library(tmp_path, capsys):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    for p in (a, b):
+        p.write_text("id,lat,lon\nx,1,2\n")
+    assert main(["manifest", str(a), str(b), "-o", str(tmp_path / "m.csv")]) == 2
+    assert "give one annotation CSV (got 2 inputs)" in capsys.readouterr().err
+    (tmp_path / "shards").mkdir()
+    argv = [
+        "manifest",
+        str(tmp_path / "shards"),
+        "-o",
+        str(tmp_path / "m.csv"),
+        "--image-root",
+        str(tmp_path),
+    ]
+    assert main(argv) == 2
+    assert "image_root applies to CSV input" in capsys.readouterr().err

@@ -173,6 +173,31 @@ def test_neighbour_table_excludes_self_resumes_and_matches_brute_force(tmp_path,
     np.testing.assert_array_equal(table.rows, want[:4, :3])
 
 
+def test_neighbour_table_open_and_check_name_the_file(tmp_path):
+    root = tmp_path / "t"
+    root.mkdir()
+    (root / nb.META).write_text('{"format": "geotoken.neighbours", "version": 1, "config": {}}')
+    np.save(root / "index.npy", np.array([[0, 1], [2, 3]], dtype=np.int64))
+    with pytest.raises(GeoTokenError, match="neighbour table has no sims.npy"):
+        NeighbourTable.open(root)
+    np.save(root / "sims.npy", np.zeros((2, 3), dtype=np.float32))
+    with pytest.raises(GeoTokenError, match=r"sims.npy: shape \(2, 3\), index.npy has \(2, 2\)"):
+        NeighbourTable.open(root)
+    np.save(root / "sims.npy", np.zeros((2, 2), dtype=np.float32))
+    table = NeighbourTable.open(root)
+    assert table.check(2, 4) is table
+    with pytest.raises(GeoTokenError, match="2 neighbour rows for 3 queries"):
+        table.check(3)
+    with pytest.raises(GeoTokenError, match=r"index.npy: gallery row 3 out of range \(3 rows\)"):
+        table.check(2, 3)
+    np.save(root / "index.npy", np.array([[0, -1], [2, 3]], dtype=np.int64))
+    with pytest.raises(GeoTokenError, match="gallery row -1 out of range"):
+        NeighbourTable.open(root).check(2, 4)
+    np.save(root / "index.npy", np.zeros((2, 2), dtype=np.int32))
+    with pytest.raises(GeoTokenError, match="index.npy: int32 .* expected int64"):
+        NeighbourTable.open(root)
+
+
 def test_training_queries_of_gallery_places_never_see_that_place(tmp_path, feature_store):
     rng = np.random.default_rng(4)
     places = rng.uniform(-60, 60, (40, 2)).round(4)

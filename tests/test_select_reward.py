@@ -1,8 +1,10 @@
 """The learned reward scorer: training on a tiny Geolocator, save/load, selection through search."""
 
 import numpy as np
+import pytest
 import torch
 
+from geotoken.errors import GeoTokenError
 from geotoken.fit import reward_candidates, train_reward
 from geotoken.search.reward import RewardConfig, RewardScorer, select_reward
 from helpers import make_geolocator
@@ -64,3 +66,13 @@ def test_training_pools_hold_beams_samples_and_the_retrieved_cells():
         geo, emb, nbrs, rows, RewardConfig(beam_width=2, num_samples=3, retrieved=0), progress=False
     )
     assert none.tokens.shape[1] == 5
+
+
+def test_config_checks_its_counts():
+    with pytest.raises(GeoTokenError, match="beam_width must be >= 1, got 0"):
+        RewardConfig(beam_width=0)
+    with pytest.raises(GeoTokenError, match="retrieved must be >= 0, got -1"):
+        RewardConfig(retrieved=-1)
+    with pytest.raises(GeoTokenError, match="radius_km must be > 0"):
+        RewardConfig(radius_km=0.0)
+    assert RewardConfig(num_samples=0, retrieved=0).num_samples == 0

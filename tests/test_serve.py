@@ -14,7 +14,8 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from geotoken.predict import Candidate, Geolocator, Prediction  # noqa: E402
-from geotoken.serve import ServeConfig, create_app  # noqa: E402
+from geotoken.search import SELECTORS, STRATEGIES  # noqa: E402
+from geotoken.serve import Runner, ServeConfig, ServiceRate, ShuttingDown, create_app  # noqa: E402
 from helpers import encode, png_bytes, speckle_image  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def geolocator(random_bundle):
 
 @pytest.fixture(scope="module")
 def client(geolocator):
-    config = ServeConfig(max_upload_mb=0.25, max_pixels=1_000_000, concurrency=8, basemap_width=512)
+    config = ServeConfig(max_upload_mb=0.25, max_pixels=1_000_000, basemap_width=512)
     return TestClient(create_app(geolocator, config))
 
 
@@ -154,6 +155,7 @@ def test_health_model_openapi_page(client, geolocator):
     assert client.get("/healthz").json()["status"] == "ok"
     m = client.get("/v1/model").json()
     assert m["model"]["gallery_rows"] == 64 and m["limits"]["max_pixels"] == 1_000_000
+    assert m["limits"]["max_queue_wait_s"] == ServeConfig().max_queue_wait_s == 10.0
     assert "/v1/geolocate" in client.get("/openapi.json").json()["paths"]
     page = client.get("/")
     assert page.status_code == 200 and "/static/app.js" in page.text
@@ -201,9 +203,33 @@ def wait_until(condition, seconds=10):
     assert condition()
 
 
+class FakeClock:
+    """time.monotonic stand-in: time moves only when a test says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def queue_app(
+    predictor, seconds_per_image: float, budget_s: float, max_batch: int = 8, clock=None, window=None
+):
+    """An app whose admission starts from a given service-rate estimate and uses a fake clock (nothing is
+    timed); without a window the estimate is frozen: measurements never move it."""
+    if window is None:
+        rate = ServiceRate(seconds_per_image, frozen=True)
+    else:
+        rate = ServiceRate(seconds_per_image, window=window)
+    runner = Runner(predictor, budget_s, max_batch, rate=rate, clock=clock or FakeClock())
+    return create_app(predictor, ServeConfig(max_queue_wait_s=budget_s, max_batch=max_batch), runner)
+
+
 def test_full_server_answers_503_at_once():
     predictor = BlockingPredictor()
-    client = TestClient(create_app(predictor, ServeConfig(concurrency=1)))
+    # 1 s per image, 0.5 s budget: the running image alone puts the next one over the budget
+    client = TestClient(queue_app(predictor, seconds_per_image=1.0, budget_s=0.5))
     runner = client.app.state.runner
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(post, client, png_bytes())
@@ -217,9 +243,170 @@ def test_full_server_answers_503_at_once():
     assert runner.rejected == 1 and runner.served == 1
 
 
+def test_a_request_over_the_wait_budget_gets_503_with_retry_after():
+    predictor, clock = BlockingPredictor(), FakeClock()
+    # 4 s per image so far (counting as one image, halved by each new one: window 2)
+    client = TestClient(queue_app(predictor, seconds_per_image=4.0, budget_s=10.0, clock=clock, window=2))
+    runner = client.app.state.runner
+    with ThreadPoolExecutor(3) as pool:
+        admitted = [pool.submit(post, client, png_bytes())]
+        wait_until(lambda: predictor.calls == [1])  # running: 4 s left of it
+        admitted.append(pool.submit(post, client, png_bytes()))  # expected wait 4 s
+        wait_until(lambda: runner.in_flight == 2)
+        admitted.append(pool.submit(post, client, png_bytes()))  # 4 + 4 = 8 s
+        wait_until(lambda: runner.in_flight == 3)
+        assert client.get("/healthz").json()["expected_wait_s"] == 12.0
+        r = post(client, png_bytes())  # 4 + 2 x 4 = 12 s > 10 s
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "2"  # 12 - 10 s, when the wait would fit again
+        assert "12.0 s" in r.json()["error"] and "10 s budget" in r.json()["error"]
+        clock.now += 25  # the model stalls: 25 s so far for the running image, counted as if done now:
+        r = post(client, png_bytes())  # (4 / 2 + 25) s / (1 / 2 + 1) images = 18 s per image, 2 queued: 36 s
+        assert r.status_code == 503 and r.headers["retry-after"] == "26"
+        assert client.get("/healthz").json()["expected_wait_s"] == 36.0
+        predictor.release.set()
+        responses = [f.result() for f in admitted]
+    assert [r.status_code for r in responses] == [200] * 3  # everything admitted is answered
+    assert predictor.calls == [1, 2]
+    assert runner.rejected == 2 and runner.served == 3 and runner.in_flight == 0
+
+
+def test_within_the_budget_many_concurrent_requests_all_succeed():
+    predictor = BlockingPredictor()
+    # 0.1 s per image, 10 s budget: 64 images (at most 6.4 s of queue) all fit
+    app = queue_app(predictor, seconds_per_image=0.1, budget_s=10.0, max_batch=8)
+    runner = app.state.runner
+    with TestClient(app) as client, ThreadPoolExecutor(64) as pool:
+        futures = [pool.submit(post, client, png_bytes(color=(i, 0, 0)), top_k="1") for i in range(64)]
+        wait_until(lambda: runner.in_flight == 64)  # all admitted while the model is held
+        assert runner.rejected == 0
+        predictor.release.set()
+        responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [200] * 64
+    assert sum(predictor.calls) == 64 and max(predictor.calls) <= 8  # micro-batched, max_batch at most
+    assert runner.served == 64 and runner.rejected == 0 and runner.in_flight == 0
+
+
+def test_expected_wait_from_the_measured_rate_and_the_queue():
+    rate = ServiceRate(window=2)  # what came before halves with each new image
+    assert rate.value is None
+    rate.observe(2.0, 4)  # the first batch sets it: 0.5 s per image
+    assert rate.value == 0.5
+    rate.observe(2.0, 1)  # then decayed sums: (2 s x 0.5 + 2 s) / (4 x 0.5 + 1) images
+    assert rate.value == (2.0 * 0.5 + 2.0) / (4 * 0.5 + 1) == 1.0
+    predictor, clock = BlockingPredictor(), FakeClock()
+    runner = Runner(predictor, max_queue_wait_s=10, rate=rate, clock=clock)
+    assert runner.expected_wait_s() == 0.0  # idle
+    first = runner.submit("image")
+    wait_until(lambda: predictor.calls == [1])
+    assert runner.expected_wait_s() == 1.0  # what is left of the running image
+    clock.now += 0.5
+    assert runner.expected_wait_s() == 0.5
+    rest = [runner.submit("image"), runner.submit("image")]
+    assert runner.queued == 2 and runner.expected_wait_s() == 0.5 + 2 * 1.0
+    clock.now += 2.0  # running for 2.5 s, more than the estimate said: counted as if it finished now
+    assert runner.seconds_per_image == (3 * 0.5 + 2.5) / (3 * 0.5 + 1) == 1.6
+    assert runner.expected_wait_s() == 2 * 1.6  # nothing left of the running one; 2 queued
+    assert rate.value == 1.0  # provisionally: nothing is recorded before the batch ends
+    predictor.release.set()
+    assert [f.result()[2] for f in [first, *rest]] == [1, 2, 2]  # batch sizes
+    # 2.5 s for 1 image: (4 s, 2.5 images); then 0 s for 2 (fake clock): (4 x 0.25) / (2.5 x 0.25 + 2)
+    assert rate.value == pytest.approx(1 / 2.625)
+    runner.close()
+
+
+def test_the_service_rate_shrugs_off_a_slow_call():
+    cold = ServiceRate()  # the default window: 64 images
+    cold.observe(3.0, 1)  # a slow first call (lazy initialisation)
+    for _ in range(8):
+        cold.observe(8 * 0.03, 8)  # then full batches at 30 ms per image
+    assert 0.03 < cold.value < 2 * 0.03
+    steady = ServiceRate(0.05)
+    for _ in range(16):
+        steady.observe(8 * 0.05, 8)
+    steady.observe(8 * 0.3, 8)  # one batch 6x slower (another process took the cores)
+    assert steady.value < 2 * 0.05
+
+
+def test_shutdown_answers_every_admitted_request_first():
+    predictor = BlockingPredictor()
+    runner = Runner(predictor, max_queue_wait_s=10, rate=ServiceRate(0.1, frozen=True), clock=FakeClock())
+    futures = [runner.submit("image")]
+    wait_until(lambda: predictor.calls == [1])  # one running, two queued
+    futures += [runner.submit("image"), runner.submit("image")]
+    closer = threading.Thread(target=runner.close)
+    closer.start()
+    wait_until(lambda: runner.closing)
+    with pytest.raises(ShuttingDown):
+        runner.submit("image")  # nothing new once closing
+    assert closer.is_alive()  # still answering what it admitted
+    predictor.release.set()
+    closer.join(10)
+    assert not closer.is_alive() and not runner.alive
+    assert [f.result()[0].candidates[0]["lat"] for f in futures] == [1.0] * 3
+    assert predictor.calls == [1, 2] and runner.in_flight == 0
+
+
+def test_the_app_serves_again_after_a_restart():
+    """Each lifespan's shutdown stops the model thread; the next startup starts it again."""
+    predictor = BlockingPredictor()
+    predictor.release.set()
+    app = create_app(predictor, ServeConfig())
+    for _ in range(2):
+        with TestClient(app) as client:
+            assert app.state.runner.alive
+            assert post(client, png_bytes()).status_code == 200
+        assert not app.state.runner.alive and app.state.runner.closing
+    assert app.state.runner.served == 2
+
+
+def test_graceful_shutdown_over_http_finishes_admitted_requests():
+    """uvicorn stops listening at once, answers the requests it admitted, then the app stops the model."""
+    import socket
+
+    import httpx
+    import uvicorn
+
+    predictor = BlockingPredictor()
+    app = queue_app(predictor, seconds_per_image=0.1, budget_s=10.0)
+    runner = app.state.runner
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    wait_until(lambda: srv.started)
+    url = f"http://127.0.0.1:{port}/v1/geolocate"
+
+    def send(i):
+        with httpx.Client(timeout=30) as c:
+            return c.post(url, files={"image": ("p.png", png_bytes(color=(i, 0, 0)), "image/png")})
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return False
+        except OSError:
+            return True
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(send, i) for i in range(4)]
+        wait_until(lambda: runner.in_flight == 4)
+        srv.should_exit = True  # what SIGINT / SIGTERM do
+        wait_until(refused)  # no longer listening: nothing new gets in
+        assert not any(f.done() for f in futures) and thread.is_alive()
+        predictor.release.set()
+        responses = [f.result() for f in futures]
+    thread.join(10)
+    assert [r.status_code for r in responses] == [200] * 4
+    assert not thread.is_alive() and runner.closing and not runner.alive
+    assert runner.served == 4
+
+
 def test_requests_that_wait_together_are_one_batch():
     predictor = BlockingPredictor()
-    client = TestClient(create_app(predictor, ServeConfig(concurrency=8, max_batch=8)))
+    client = TestClient(queue_app(predictor, seconds_per_image=0.1, budget_s=10.0, max_batch=8))
     runner = client.app.state.runner
     with ThreadPoolExecutor(4) as pool:
         first = pool.submit(post, client, png_bytes(), top_k="2")
@@ -234,10 +421,49 @@ def test_requests_that_wait_together_are_one_batch():
     assert runner.batches == 2 and runner.served == 4 and runner.in_flight == 0
 
 
+def test_null_form_fields_mean_not_given(client):
+    """Multipart has no null; the schema says these fields are nullable, so "null" / "" mean the default."""
+    r = post(client, png_bytes(), top_k="null", strategy="null", select="")
+    assert r.status_code == 200, r.text
+    assert 1 <= len(r.json()["candidates"]) <= 5
+    r = client.post(
+        "/v1/geolocate?top_k=null&select=null", files={"image": ("a.png", png_bytes(), "image/png")}
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_options_the_model_cannot_run_are_not_offered(client):
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["Body_geolocate_v1_geolocate_post"]
+    enum = {name: schema["properties"][name]["anyOf"][0]["enum"] for name in ("strategy", "select")}
+    assert enum["strategy"] == list(STRATEGIES)
+    assert enum["select"] == ["logp", "consensus"]  # no reward scorer in the bundle, no MLLM endpoint
+    for fields in ({"select": "reward"}, {"select": "mllm"}):
+        r = post(client, png_bytes(), **fields)
+        assert r.status_code == 422 and "not available on this server" in r.json()["error"]
+    r = client.post("/v1/geolocate?select=reward", files={"image": ("a.png", png_bytes(), "image/png")})
+    assert r.status_code == 422 and "reward scorer" in r.json()["error"]
+
+
+def test_cli_defaults_are_the_library_defaults():
+    from geotoken.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "b"])
+    cfg = ServeConfig()
+    assert (args.max_queue_wait_s, args.max_batch, args.max_upload_mb, args.max_pixels) == (
+        cfg.max_queue_wait_s,
+        cfg.max_batch,
+        cfg.max_upload_mb,
+        cfg.max_pixels,
+    )
+    assert (
+        build_parser().parse_args(["serve", "--model", "b", "--max-queue-wait-s", "2.5"]).max_queue_wait_s
+        == 2.5
+    )
+
+
 def test_the_page_offers_every_strategy_and_selector():
     import re
 
-    from geotoken.search import SELECTORS, STRATEGIES
     from geotoken.serve.app import STATIC_DIR
 
     page = (STATIC_DIR / "index.html").read_text()

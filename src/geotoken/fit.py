@@ -21,10 +21,14 @@ from geotoken.gallery import load_queries
 from geotoken.geo import haversine_km
 from geotoken.predict import Geolocator
 from geotoken.s2 import latlon_to_tokens
-from geotoken.search.calibration import calibration_data, calibration_report, fit_calibration
+from geotoken.search.calibration import RADII_KM, calibration_data, calibration_report, fit_calibration
 from geotoken.search.candidates import Candidates, from_scores, select_logp
 from geotoken.search.decode import beam_search, sample, score_sequences
 from geotoken.search.reward import RewardConfig, RewardScorer
+from geotoken.search.select import SELECTORS
+
+# selectors a calibration can use: the MLLM selector sends photos, calibration reads feature stores
+CALIBRATION_SELECTORS = tuple(s for s in SELECTORS if s != "mllm")
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -34,7 +38,7 @@ def calibrate_bundle(
     neighbours_dir: str | Path | None = None,
     strategy: str | None = None,
     select: str | None = None,
-    radii_km: Sequence[float] = (25.0, 200.0, 750.0),
+    radii_km: Sequence[float] = RADII_KM,
     plot: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
@@ -43,6 +47,8 @@ def calibrate_bundle(
     geo: a `Geolocator` loaded from the bundle. Returns the calibration report (ECE before and after, on
     the same images: held-out figures come from `geotoken evaluate`).
     """
+    if select is not None and select not in CALIBRATION_SELECTORS:
+        raise GeoTokenError(f"calibration: select {select!r}: choose from {', '.join(CALIBRATION_SELECTORS)}")
     emb, nbrs, lat, lon = load_queries(queries_dir, list(geo.model.cfg.modalities), neighbours_dir)
     res = geo.search(emb, nbrs, progress=progress, strategy=strategy, select=select)
     cfg = geo.model.cfg

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from geotoken import DTYPES
 from geotoken.errors import GeoTokenError
@@ -469,8 +470,6 @@ class GeoToken(nn.Module):
     # ---------------------------------------------------------------- files
     def save(self, directory: str | Path) -> None:
         """`model.safetensors` + `config.json`, each written atomically."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -480,8 +479,6 @@ class GeoToken(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> GeoToken:
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         for name in ("config.json", "model.safetensors"):
             if not (directory / name).is_file():

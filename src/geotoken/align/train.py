@@ -215,7 +215,8 @@ def train_heads(
 ) -> tuple[AlignHeads, dict[str, Any]]:
     """Train AlignHeads on `store["features"]` with the store's coordinates; return (heads, metrics).
 
-    heads_config: HeadsConfig fields to override (visual_dim, hidden, dropout, text_encoder, template).
+    heads_config: HeadsConfig fields to override (visual_dim, hidden, dropout, text_encoder, template);
+        text_encoder may be a name of TEXT_ENCODERS: "clip" then reads the store's CLIP backbone model.
     texts: one description per store row (e.g. MP16-Pro captions); default: offline place names.
     gallery_coords: (M, 2) GPS gallery for the image->GPS metric (default: GeoCLIP's 100K MP16 points).
     With `out_dir`, the heads are saved there and the metrics written to `metrics.json`.
@@ -235,6 +236,15 @@ def train_heads(
     default_text = (
         {"name": "clip", "model": backbone["model"]} if backbone.get("name") == "clip" else {"name": "minilm"}
     )
+    name = overrides.get("text_encoder")
+    if name == "clip":
+        if backbone.get("name") != "clip":
+            raise GeoTokenError(
+                f"{store.root}: the clip text encoder needs a store embedded with the clip backbone"
+            )
+        overrides["text_encoder"] = default_text
+    elif isinstance(name, str):
+        overrides["text_encoder"] = {"name": name}
     overrides.setdefault("text_encoder", default_text)
     if text_encoder is None:
         text_encoder = load_text_encoder(**overrides["text_encoder"])

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from geotoken.errors import GeoTokenError
 from geotoken.gallery import Gallery
 from geotoken.model import ModelConfig
 from geotoken.train.data import TrainData
@@ -38,8 +39,16 @@ def time_steps(step: Callable[[int], None], iters: int, warmup: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
+def check_at_least(minimum: int, **values: int | None) -> None:
+    """A GeoTokenError naming the first of `values` (None: not given) below `minimum`."""
+    for name, value in values.items():
+        if value is not None and value < minimum:
+            raise GeoTokenError(f"{name} must be >= {minimum}, got {value}")
+
+
 def set_threads(threads: int) -> int:
     """torch's intra-op threads: `threads`, or torch's current setting for 0; returns the count in use."""
+    check_at_least(0, threads=threads)
     if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()

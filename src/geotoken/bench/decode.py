@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from geotoken.bench.common import PAPER_INPUTS, set_threads
+from geotoken.bench.common import PAPER_INPUTS, check_at_least, set_threads
 from geotoken.model import Batch, GeoToken, precision
 from geotoken.model import preset as model_preset
 from geotoken.search.decode import beam_search, sample
@@ -42,6 +42,7 @@ def bench_decode(
     ratio_vs_reference {s}, ratio_vs_uncached {s} (uncached), share_of_encoder_bound {s}}.
 
     batch_size None: the reference's (16 small / 8 paper); threads 0: torch's current setting."""
+    check_at_least(1, batch_size=batch_size, iters=iters)
     threads = set_threads(threads)
     torch.manual_seed(seed)
     batch_size = batch_size or REFERENCE[preset]["batch"]

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from geotoken import s2
+from geotoken.errors import GeoTokenError
 
 TARGET_POINTS_PER_S = 5_000_000
 TARGET_SPEEDUP_VS_S2GEOMETRY = 20.0
@@ -41,6 +42,11 @@ def bench_tokens(
     """{points, level, group, clock, points_per_s, <baseline>_points, <baseline>_points_per_s,
     speedup_vs_<baseline> (baseline s2geometry, s2sphere), baseline_tokens_identical, target_points_per_s,
     target_speedup_vs_s2geometry, meets_targets}; a baseline that is not installed gets None figures."""
+    minimum = {"points": (points, 1), "repeats": (repeats, 1), "s2geometry_points": (s2geometry_points, 0),
+               "s2sphere_points": (s2sphere_points, 0)}  # fmt: skip
+    for name, (value, low) in minimum.items():
+        if value < low:
+            raise GeoTokenError(f"{name} must be >= {low}, got {value}")
     tick = CLOCKS[clock]
     rng = np.random.default_rng(seed)
     lat = np.degrees(np.arcsin(rng.uniform(-1, 1, points)))

@@ -18,7 +18,14 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from geotoken.bench.common import GALLERY_ROWS, PAPER_INPUTS, random_data, set_threads, time_steps
+from geotoken.bench.common import (
+    GALLERY_ROWS,
+    PAPER_INPUTS,
+    check_at_least,
+    random_data,
+    set_threads,
+    time_steps,
+)
 from geotoken.bench.reference import bench_reference
 from geotoken.model import GeoToken, precision, preset
 from geotoken.train.loop import TrainConfig, make_optimizer
@@ -121,6 +128,7 @@ def bench_train(
     `reference`, reference_samples_per_s and ratio_side_by_side (the reference-style step timed after ours).
 
     threads 0: torch's current setting. peak_rss_mb is read before the reference-style step runs."""
+    check_at_least(1, batch_size=batch_size, iters=iters, rows=rows)
     threads = set_threads(threads)
     res = {"preset": name, "batch": batch_size, "threads": threads, "dtype": dtype}
     res["compile"] = compile

@@ -3,8 +3,18 @@
 Every module in this package (and every module of a group package such as `bench/` or `data/`)
 defines `register(subparsers)`, which adds its sub-command and sets `func` on the parser to a
 function taking the parsed args and returning an exit status. Modules are discovered, so adding a
-command is adding a file. Heavy imports (torch, faiss, ...) belong inside the `func`, not at module
-top level, so that `geotoken --help` stays fast.
+command is adding a file.
+
+A command module parses arguments and calls library functions; it checks nothing the library checks
+and computes nothing a stage needs. It imports the library (and torch, numpy) at module top, so
+`geotoken --help` imports torch once, like every command; only optional or heavy third-party packages
+(uvicorn, ...) are imported inside a `func`.
+
+One vocabulary across commands (tests/test_cli_vocabulary.py walks every parser): `-o/--out` for every
+output path, `-k/--k`, `--batch-size`, `--group-size`, `--skip-bad`, `--beam-width`, `--num-samples`,
+`--threads` with default 0 (the library's own choice); choices come from the library's registries
+(`geotoken.search.STRATEGIES` / `SELECTORS`, `geotoken.DTYPES`, presets, ...) and defaults from its
+config dataclasses.
 """
 
 from __future__ import annotations

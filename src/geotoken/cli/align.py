@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+import torch
+
+from geotoken.align import AlignConfig, AlignHeads, HeadsConfig, apply_heads, train_heads
+from geotoken.data.manifest import read_manifest
+from geotoken.encoders.text import TEXT_ENCODERS
+from geotoken.features import FeatureStore
+
 HELP = "train alignment heads (visual / GPS / text embeddings) on a feature store, or apply them to one"
 
 EPILOG = """\
@@ -34,26 +42,54 @@ def register(subparsers) -> None:
     t.add_argument(
         "-o", "--out", required=True, help="heads folder (model.safetensors, config.json, metrics.json)"
     )
-    t.add_argument("--epochs", type=int, default=20, help="passes over the training rows (default 20)")
-    t.add_argument("--batch-size", type=int, default=512, help="contrastive batch size (default 512)")
-    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, cosine decay (default 1e-3)")
-    t.add_argument("--queue-size", type=int, default=4096, help="extra GPS negatives (default 4096)")
-    t.add_argument("--text-weight", type=float, default=1.0, help="weight of the image-text loss (default 1)")
-    t.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of rows (default 0.1)")
+    c, h = AlignConfig, HeadsConfig
     t.add_argument(
-        "--visual-dim", type=int, default=512, help="PCA dimension of the visual embedding (default 512)"
+        "--epochs", type=int, default=c.epochs, help="passes over the training rows (default %(default)s)"
     )
     t.add_argument(
-        "--hidden", type=int, default=1024, help="hidden width of the GPS and text heads (default 1024)"
+        "--batch-size", type=int, default=c.batch_size, help="contrastive batch size (default %(default)s)"
     )
-    t.add_argument("--text-encoder", choices=["minilm", "clip"],
-                   help="text encoder of place descriptions (default: clip for a clip backbone, else minilm)")  # fmt: skip
+    t.add_argument(
+        "--lr", type=float, default=c.lr, help="AdamW learning rate, cosine decay (default %(default)s)"
+    )
+    t.add_argument(
+        "--queue-size", type=int, default=c.queue_size, help="extra GPS negatives (default %(default)s)"
+    )
+    t.add_argument(
+        "--text-weight",
+        type=float,
+        default=c.text_weight,
+        help="weight of the image-text loss (default %(default)s)",
+    )
+    t.add_argument(
+        "--val-fraction",
+        type=float,
+        default=c.val_fraction,
+        help="held-out share of rows (default %(default)s)",
+    )
+    t.add_argument(
+        "--visual-dim",
+        type=int,
+        default=h.visual_dim,
+        help="PCA dimension of the visual embedding (default %(default)s)",
+    )
+    t.add_argument(
+        "--hidden",
+        type=int,
+        default=h.hidden,
+        help="hidden width of the GPS and text heads (default %(default)s)",
+    )
+    t.add_argument(
+        "--text-encoder",
+        choices=list(TEXT_ENCODERS),
+        help="text encoder of place descriptions (default: clip for a clip backbone, else minilm)",
+    )
     t.add_argument(
         "--gallery", help="CSV with LAT,LON columns: GPS gallery for the metric (default: MP16 100K)"
     )
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=c.seed)
     t.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     t.set_defaults(func=run_train)
 
     a = sub.add_parser("apply", help="write visual/gps/text arrays into a store", description=HELP)
@@ -61,7 +97,7 @@ def register(subparsers) -> None:
     a.add_argument("store", help="feature store with `features` from the same backbone")
     a.add_argument("--batch-size", type=int, default=8192, help="rows per step (default 8192)")
     a.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    a.add_argument("--threads", type=int, help="torch CPU threads")
+    a.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     a.set_defaults(func=run_apply)
 
 
@@ -78,30 +114,16 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def run_train(args) -> int:
-    import numpy as np
-    import torch
-
-    from geotoken.align import AlignConfig, train_heads
-    from geotoken.features import FeatureStore
-
     if args.threads:
         torch.set_num_threads(args.threads)
     store = FeatureStore.open(args.store)
     gallery = None
     if args.gallery:
-        from geotoken.data.manifest import read_manifest
-
         m = read_manifest(args.gallery)
         gallery = np.stack([m.lat, m.lon], axis=1)
     heads_config = {"visual_dim": args.visual_dim, "hidden": args.hidden}
-    if args.text_encoder == "minilm":
-        heads_config["text_encoder"] = {"name": "minilm"}
-    elif args.text_encoder == "clip":
-        if store.header.get("backbone", {}).get("name") != "clip":
-            from geotoken.errors import GeoTokenError
-
-            raise GeoTokenError("--text-encoder clip needs a store embedded with --backbone clip")
-        heads_config["text_encoder"] = {"name": "clip", "model": store.header["backbone"]["model"]}
+    if args.text_encoder:
+        heads_config["text_encoder"] = args.text_encoder
     config = AlignConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -120,11 +142,6 @@ def run_train(args) -> int:
 
 
 def run_apply(args) -> int:
-    import torch
-
-    from geotoken.align import AlignHeads, apply_heads
-    from geotoken.features import FeatureStore
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

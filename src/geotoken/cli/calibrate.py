@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from geotoken.fit import calibrate_bundle
+from geotoken.fit import CALIBRATION_SELECTORS, calibrate_bundle
 from geotoken.predict import Geolocator
-from geotoken.search import SELECTORS, STRATEGIES
+from geotoken.search import STRATEGIES
 from geotoken.search.calibration import RADII_KM
 
 
@@ -32,9 +32,7 @@ def register(subparsers) -> None:
         choices=STRATEGIES,
         help="decoding (default: the bundle's)",
     )
-    p.add_argument(
-        "--select", choices=[s for s in SELECTORS if s != "mllm"], help="selector (default: the bundle's)"
-    )
+    p.add_argument("--select", choices=CALIBRATION_SELECTORS, help="selector (default: the bundle's)")
     p.add_argument("--radii-km", type=float, nargs="+", default=list(RADII_KM), help="events to calibrate")
     p.add_argument("--plot", metavar="PNG", help="also write a reliability plot here")
     p.add_argument("--device", default="cpu")

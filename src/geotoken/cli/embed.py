@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import time
+
+import torch
+
+from geotoken.data.manifest import read_manifest
+from geotoken.encoders import BACKBONES, load_backbone
+from geotoken.features import embed
 
 HELP = "embed the images of a manifest with an image backbone into a feature store (float16 memmaps)"
 
@@ -29,7 +37,10 @@ def register(subparsers) -> None:
     p.add_argument("manifest", help="manifest CSV (id,lat,lon,image or a known dataset layout)")
     p.add_argument("-o", "--out", required=True, help="feature store folder (created, or resumed if present)")
     p.add_argument(
-        "--backbone", default="efficientnet-lite0", help="image backbone (efficientnet-lite0, clip)"
+        "--backbone",
+        default="efficientnet-lite0",
+        choices=list(BACKBONES),
+        help="image backbone (default %(default)s)",
     )
     p.add_argument("--image-size", type=int, help="efficientnet-lite0: input side in pixels (default 224)")
     p.add_argument("--model", help="clip: local folder or hub id of the CLIP model")
@@ -38,20 +49,11 @@ def register(subparsers) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="record unreadable images (store.json, skipped.csv) and continue, instead of stopping")  # fmt: skip
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    import os
-    import time
-
-    import torch
-
-    from geotoken.data.manifest import read_manifest
-    from geotoken.encoders import load_backbone
-    from geotoken.features import embed
-
     if args.threads:
         torch.set_num_threads(args.threads)
     options = {"image_size": args.image_size, "model": args.model}

@@ -5,11 +5,25 @@ from __future__ import annotations
 import argparse
 
 from geotoken import DTYPES
-from geotoken.search import STRATEGIES
-
-# the same names as geotoken.evaluate.METHODS (a test checks); kept here so `--help` imports nothing heavy
-BASELINES = ("prior", "nn", "knn", "cells", "gps-gallery")
-METHODS = (*BASELINES, "geotoken")
+from geotoken.evaluate import (
+    BASELINES,
+    EVAL_STRATEGIES,
+    METHODS,
+    EvalConfig,
+    GeoTokenMethodConfig,
+    evaluate,
+    load_neighbours,
+    load_split,
+)
+from geotoken.evaluate.baselines import (
+    GPS_GALLERIES,
+    CellsConfig,
+    GPSGalleryConfig,
+    PriorConfig,
+    RetrievalConfig,
+)
+from geotoken.evaluate.metrics import print_tables
+from geotoken.search import SELECTORS
 
 HELP = "evaluate methods (baselines, the model) on a query set: accuracy table with 95% CIs, CSV, plots"
 
@@ -54,68 +68,88 @@ def register(subparsers) -> None:
     p.add_argument("--reference", help="paired comparisons: every method minus this one (default: the first)")
     p.add_argument("--limit", type=int, help="evaluate only the first N queries")
     g = p.add_argument_group("statistics")
+    g.add_argument("--thresholds", type=float, nargs="+", default=list(EvalConfig.thresholds),
+                   help="accuracy thresholds in km (default %(default)s)")  # fmt: skip
     g.add_argument(
-        "--thresholds", type=float, nargs="+", help="accuracy thresholds in km (default 1 25 200 750 2500)"
+        "--n-boot", type=int, default=EvalConfig.n_boot, help="bootstrap replicates (default %(default)s)"
     )
-    g.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default 1000)")
-    g.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    g.add_argument("--seed", type=int, default=EvalConfig.seed, help="bootstrap seed (default %(default)s)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    r, c = RetrievalConfig, CellsConfig
     g = p.add_argument_group("baselines")
     g.add_argument(
-        "--embedding", default="visual", help="store array for nn/knn cosine search (default visual)"
+        "--embedding", default=r.embedding, help="store array for nn/knn cosine search (default %(default)s)"
     )
-    g.add_argument("--k", type=int, default=15, help="knn: neighbours voting (default 15)")
-    g.add_argument("--radius-km", type=float, default=100.0, help="knn: cluster radius (default 100)")
+    g.add_argument("-k", "--k", type=int, default=r.k, help="knn: neighbours voting (default %(default)s)")
     g.add_argument(
-        "--temperature", type=float, default=0.1, help="knn: softmax temperature of similarities (0.1)"
-    )
-    g.add_argument(
-        "--prior-level", type=int, default=7, help="prior: S2 level of the densest cell (default 7)"
+        "--radius-km", type=float, default=r.radius_km, help="knn: cluster radius (default %(default)s)"
     )
     g.add_argument(
-        "--cells-features", default="features", help="cells: store array the head reads (default features)"
+        "--temperature",
+        type=float,
+        default=r.temperature,
+        help="knn: softmax temperature of similarities (default %(default)s)",
     )
     g.add_argument(
-        "--cells-max-count", type=int, default=100, help="cells: split a cell above this many points"
+        "--prior-level",
+        type=int,
+        default=PriorConfig.level,
+        help="prior: S2 level of the densest cell (default %(default)s)",
     )
-    g.add_argument("--cells-min-count", type=int, default=5, help="cells: drop cells below this many points")
-    g.add_argument("--cells-hidden", type=int, default=512, help="cells: MLP hidden size, 0 = linear head")
-    g.add_argument("--cells-epochs", type=int, default=15, help="cells: training epochs (default 15)")
-    g.add_argument("--gps-gallery", default="train", choices=["train", "mp16"],
-                   help="gps-gallery: coordinates to score (the gallery split, or GeoCLIP's 100K MP16)")  # fmt: skip
+    g.add_argument(
+        "--cells-features", default=c.features, help="cells: store array the head reads (default %(default)s)"
+    )
+    g.add_argument(
+        "--cells-max-count", type=int, default=c.max_count, help="cells: split a cell above this many points"
+    )
+    g.add_argument(
+        "--cells-min-count", type=int, default=c.min_count, help="cells: drop cells below this many points"
+    )
+    g.add_argument(
+        "--cells-hidden", type=int, default=c.hidden, help="cells: MLP hidden size, 0 = linear head"
+    )
+    g.add_argument(
+        "--cells-epochs", type=int, default=c.epochs, help="cells: training epochs (default %(default)s)"
+    )
+    g.add_argument(
+        "--gps-gallery",
+        default=GPSGalleryConfig.gallery,
+        choices=GPS_GALLERIES,
+        help="gps-gallery: coordinates to score (the gallery split, or GeoCLIP's 100K MP16)",
+    )
+    m = GeoTokenMethodConfig
     g = p.add_argument_group("geotoken (the model)")
     g.add_argument("--model", help="model bundle folder (bundle.json), required for --method geotoken")
-    g.add_argument("--strategy", nargs="+", default=["greedy"], choices=[s for s in STRATEGIES if s != "beam+sample"],
-                   help="decoding strategies to evaluate, each a row of the table")  # fmt: skip
-    g.add_argument("--select", nargs="+", default=["logp"], choices=["logp", "consensus", "reward", "mllm"],
-                   help="selectors applied to beam / sample pools, each a row of the table")  # fmt: skip
-    g.add_argument("--num-samples", type=int, default=10, help="samples per image for --strategy sample")
-    g.add_argument("--beam-width", type=int, default=5, help="beam width for --strategy beam")
-    g.add_argument("--retrieved", type=int, default=5, help="neighbours' cells pooled for sample+retrieval")
-    g.add_argument("--sample-temperature", type=float, default=1.0, help="sampling temperature")
-    g.add_argument("--dtype", default="fp32", choices=DTYPES, help="model precision (default fp32)")
+    g.add_argument(
+        "--strategy",
+        nargs="+",
+        default=list(m.strategies),
+        choices=EVAL_STRATEGIES,
+        help="decoding strategies to evaluate, each a row of the table",
+    )
+    g.add_argument(
+        "--select",
+        nargs="+",
+        default=list(m.selectors),
+        choices=SELECTORS,
+        help="selectors applied to beam / sample pools, each a row of the table",
+    )
+    g.add_argument(
+        "--num-samples", type=int, default=m.num_samples, help="samples per image for --strategy sample"
+    )
+    g.add_argument("--beam-width", type=int, default=m.beam_width, help="beam width for --strategy beam")
+    g.add_argument(
+        "--retrieved", type=int, default=m.retrieved, help="neighbours' cells pooled for sample+retrieval"
+    )
+    g.add_argument("--sample-temperature", type=float, default=m.temperature, help="sampling temperature")
+    g.add_argument("--dtype", default=m.dtype, choices=DTYPES, help="model precision (default %(default)s)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    import numpy as np
-
-    from geotoken.errors import GeoTokenError
-    from geotoken.evaluate.baselines import CellsConfig, GPSGalleryConfig, PriorConfig, RetrievalConfig
-    from geotoken.evaluate.evaluate import EvalConfig, GeoTokenMethodConfig, evaluate, load_split
-    from geotoken.evaluate.metrics import print_tables
-    from geotoken.geo import THRESHOLDS_KM
-
-    if "geotoken" in args.method and not args.model:
-        raise GeoTokenError("--method geotoken needs --model BUNDLE (a folder with bundle.json)")
-    for name in ("n_boot", "k", "cells_epochs", "num_samples", "beam_width", "retrieved"):
-        if getattr(args, name) < 1:
-            raise GeoTokenError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.limit is not None and args.limit < 1:
-        raise GeoTokenError(f"--limit must be >= 1, got {args.limit}")
     cfg = EvalConfig(
         methods=tuple(dict.fromkeys(args.method)),
-        thresholds=tuple(args.thresholds or THRESHOLDS_KM),
+        thresholds=tuple(args.thresholds),
         n_boot=args.n_boot,
         seed=args.seed,
         reference=args.reference,
@@ -129,7 +163,7 @@ def run(args) -> int:
             min_count=args.cells_min_count,
             hidden=args.cells_hidden,
             epochs=args.cells_epochs,
-        ),  # fmt: skip
+        ),
         gps_gallery=GPSGalleryConfig(gallery=args.gps_gallery),
         geotoken=GeoTokenMethodConfig(
             model=args.model,
@@ -140,32 +174,11 @@ def run(args) -> int:
             retrieved=args.retrieved,
             temperature=args.sample_temperature,
             dtype=args.dtype,
-        ),  # fmt: skip
+        ),
     )
     gallery = load_split(args.gallery, args.gallery_manifest, name="gallery")
     queries = load_split(args.queries, args.queries_manifest, name="queries")
-    neighbours = None
-    if args.neighbours:
-        from pathlib import Path
-
-        folder = Path(args.neighbours)
-        for f in ("index.npy", "sims.npy"):
-            if not (folder / f).is_file():
-                raise GeoTokenError(f"{folder}: neighbour table has no {f}")
-        neighbours = (
-            np.load(folder / "index.npy", mmap_mode="r"),
-            np.load(folder / "sims.npy", mmap_mode="r"),
-        )
-        if queries.skipped or gallery.skipped:  # dropped rows would shift the table's row numbers
-            raise GeoTokenError(
-                f"{folder}: a neighbour table cannot be used when the stores have skipped rows"
-            )
-        if len(neighbours[0]) != len(queries):
-            raise GeoTokenError(f"{folder}: {len(neighbours[0])} neighbour rows for {len(queries)} queries")
-        if int(neighbours[0].min()) < 0 or int(neighbours[0].max()) >= len(gallery):
-            raise GeoTokenError(
-                f"{folder}: gallery row {int(neighbours[0].max())} out of range ({len(gallery)} rows)"
-            )
+    neighbours = load_neighbours(args.neighbours, gallery, queries) if args.neighbours else None
     result = evaluate(gallery, queries, args.out, cfg, neighbours=neighbours)
     print_tables({k: r.metrics for k, r in result.runs.items()}, result.pairs)
     print(f"wrote {len(result.files)} files to {result.out_dir}")

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import time
+
+import faiss
+
+from geotoken.features import FeatureStore
+from geotoken.retrieval import (
+    DEFAULT_EMBEDDING,
+    KINDS,
+    IndexConfig,
+    NeighbourIndex,
+    StoreEmbeddings,
+    measure_recall,
+    neighbour_table,
+)
 
 HELP = "build a FAISS index over a feature store's aligned embeddings, or write neighbour tables with it"
-
-DEFAULT_EMBEDDING = "visual+gps"
 
 EPILOG = f"""\
 examples:
@@ -39,17 +51,20 @@ def register(subparsers) -> None:
     b.add_argument(
         "--embedding", default=DEFAULT_EMBEDDING, help=f"array(s) to index (default {DEFAULT_EMBEDDING})"
     )
-    b.add_argument(
-        "--kind", default="flat", choices=["flat", "ivfpq", "hnsw"], help="index kind (default flat)"
-    )
+    c = IndexConfig
+    b.add_argument("--kind", default=c.kind, choices=KINDS, help="index kind (default %(default)s)")
     b.add_argument("--nlist", type=int, help="ivfpq: inverted lists (default ~4 sqrt(N))")
     b.add_argument("--pq-m", type=int, help="ivfpq: bytes per vector (default D/8)")
-    b.add_argument("--nprobe", type=int, default=32, help="ivfpq: lists searched per query (default 32)")
-    b.add_argument("--hnsw-m", type=int, default=32, help="hnsw: graph degree (default 32)")
-    b.add_argument("--ef-search", type=int, default=128, help="hnsw: search beam (default 128)")
-    b.add_argument("-k", type=int, default=15, help="k of the reported recall@k (default 15)")
+    b.add_argument(
+        "--nprobe", type=int, default=c.nprobe, help="ivfpq: lists searched per query (default %(default)s)"
+    )
+    b.add_argument("--hnsw-m", type=int, default=c.hnsw_m, help="hnsw: graph degree (default %(default)s)")
+    b.add_argument(
+        "--ef-search", type=int, default=c.ef_search, help="hnsw: search beam (default %(default)s)"
+    )
+    b.add_argument("-k", "--k", type=int, default=15, help="k of the reported recall@k (default 15)")
     b.add_argument("--recall-queries", type=int, default=1000, help="store rows sampled to measure recall")
-    b.add_argument("--threads", type=int, help="FAISS threads")
+    b.add_argument("--threads", type=int, default=0, help="FAISS threads (default 0: FAISS's choice)")
     b.set_defaults(func=run_build)
 
     n = sub.add_parser(
@@ -58,7 +73,7 @@ def register(subparsers) -> None:
     n.add_argument("index", help="index folder (geotoken index build)")
     n.add_argument("queries", help="query feature store (the gallery itself for training neighbours)")
     n.add_argument("-o", "--out", required=True, help="output folder (neighbours.json, index.npy, sims.npy)")
-    n.add_argument("-k", type=int, default=15, help="neighbours per query (default 15, as the paper)")
+    n.add_argument("-k", "--k", type=int, default=15, help="neighbours per query (default 15, as the paper)")
     n.add_argument("--keep-self", action="store_true",
                    help="test-time queries: do not drop the query's own id and exact duplicates")  # fmt: skip
     n.add_argument("--exclude-same-place", action="store_true",
@@ -70,19 +85,11 @@ def register(subparsers) -> None:
                    help="ivfpq: re-rank REFINE x k candidates by exact vectors read from the gallery store")  # fmt: skip
     n.add_argument("--nprobe", type=int, help="ivfpq: override the index's nprobe")
     n.add_argument("--ef-search", type=int, help="hnsw: override the index's search beam")
-    n.add_argument("--threads", type=int, help="FAISS threads")
+    n.add_argument("--threads", type=int, default=0, help="FAISS threads (default 0: FAISS's choice)")
     n.set_defaults(func=run_neighbours)
 
 
 def run_build(args) -> int:
-    import time
-
-    import faiss
-    import numpy as np
-
-    from geotoken.features import FeatureStore
-    from geotoken.retrieval import NeighbourIndex, StoreEmbeddings, recall_at_k
-
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
     store = FeatureStore.open(args.store)
@@ -94,19 +101,7 @@ def run_build(args) -> int:
     index = NeighbourIndex.build(emb, args.kind, valid=store.valid, meta=meta, **options)
     index.meta["build_seconds"] = round(time.perf_counter() - t0, 3)
     if args.kind != "flat":
-        rows = np.flatnonzero(store.valid)
-        sample = np.sort(
-            np.random.default_rng(0).choice(rows, min(len(rows), args.recall_queries), replace=False)
-        )
-        queries = emb[sample]
-        exact, _ = NeighbourIndex.build(emb, "flat", valid=store.valid, progress=False).search(
-            queries, args.k
-        )
-        index.meta[f"recall@{args.k}"] = recall_at_k(index.search(queries, args.k)[0], exact)
-        if args.kind == "ivfpq":  # the same index re-ranking 4k candidates by exact vectors (--refine 4)
-            refined = index.search(queries, args.k, exact=emb, refine=4)[0]
-            index.meta[f"recall@{args.k}_refine4"] = recall_at_k(refined, exact)
-        index.meta["recall_queries"] = len(sample)
+        index.meta.update(measure_recall(index, emb, store.valid, args.k, args.recall_queries))
     index.save(args.out)
     summary = {k: index.meta[k] for k in index.meta if k not in ("store",)}
     print(f"{args.out}: {summary}")
@@ -114,11 +109,6 @@ def run_build(args) -> int:
 
 
 def run_neighbours(args) -> int:
-    import faiss
-
-    from geotoken.features import FeatureStore
-    from geotoken.retrieval import NeighbourIndex, neighbour_table
-
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
     index = NeighbourIndex.load(args.index, nprobe=args.nprobe, ef_search=args.ef_search)

@@ -12,6 +12,7 @@ from geotoken.data.images import open_image
 from geotoken.errors import GeoTokenError
 from geotoken.predict import Geolocator
 from geotoken.search import SELECTORS, STRATEGIES
+from geotoken.search.mllm import MODES as MLLM_MODES
 
 
 def register(subparsers) -> None:
@@ -42,7 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--radius-km", type=float, help="consensus radius in km")
     p.add_argument("--no-constrain", action="store_true", help="allow cells that do not occur in the gallery")
     p.add_argument(
-        "--mllm-mode", choices=["pool", "free"], help="MLLM selection mode (endpoint from GEOTOKEN_MLLM_*)"
+        "--mllm-mode", choices=MLLM_MODES, help="MLLM selection mode (endpoint from GEOTOKEN_MLLM_*)"
     )
     p.add_argument("--batch-size", type=int, default=16, help="photos per forward pass (default 16)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -74,8 +75,6 @@ def _text(path: str, pred) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.top_k < 1:
-        raise GeoTokenError(f"--top-k must be >= 1, got {args.top_k}")
     geo = Geolocator.from_bundle(args.model, device=args.device)
     options = {
         "beam_width": args.beam_width,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from geotoken.report import write_report
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -17,13 +19,11 @@ def register(subparsers) -> None:
     p.add_argument(
         "run_dir", metavar="RUN_DIR", help="run folder (run.json) or evaluation folder (metrics.json)"
     )
-    p.add_argument("-o", "--output", metavar="HTML", help="output file (default RUN_DIR/report.html)")
+    p.add_argument("-o", "--out", metavar="HTML", help="output file (default RUN_DIR/report.html)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from geotoken.report import write_report
-
-    path = write_report(args.run_dir, args.output)
+    path = write_report(args.run_dir, args.out)
     print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0

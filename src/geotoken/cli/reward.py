@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from geotoken.errors import GeoTokenError
 from geotoken.fit import train_bundle_reward
 from geotoken.predict import Geolocator
 from geotoken.search.reward import RewardConfig
@@ -53,18 +52,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if (
-        args.epochs < 1
-        or args.max_images < 1
-        or args.beam_width < 1
-        or min(args.num_samples, args.retrieved) < 0
-    ):
-        raise GeoTokenError(
-            "--epochs, --max-images, --beam-width must be >= 1, --num-samples, --retrieved >= 0"
-        )
-    if not args.radius_km > 0:
-        raise GeoTokenError(f"--radius-km must be > 0, got {args.radius_km}")
-    geo = Geolocator.from_bundle(args.model, device=args.device)
     cfg = RewardConfig(
         radius_km=args.radius_km,
         epochs=args.epochs,
@@ -74,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         retrieved=args.retrieved,
         seed=args.seed,
     )
+    geo = Geolocator.from_bundle(args.model, device=args.device)
     metrics = train_bundle_reward(geo, args.queries, args.neighbours, cfg)
     print(json.dumps(metrics, indent=2))
     return 0

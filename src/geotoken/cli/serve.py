@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from PIL import Image
+
+from geotoken.serve import ServeConfig
+
+DEFAULTS = ServeConfig()
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -9,21 +15,39 @@ def register(subparsers) -> None:
         help="HTTP API + web page (upload a photo, see candidates on a world map)",
         description="Load a model bundle once and serve it: POST /v1/geolocate (multipart 'image'; fields "
         "top_k, strategy, select), GET /v1/model, GET /healthz, the OpenAPI schema at /docs, and a web page "
-        "at / with an offline Blue Marble map. One model thread; requests that wait together are batched; "
-        "requests beyond --concurrency get 503. Listens on loopback unless --host says otherwise.",
+        "at / with an offline Blue Marble map. One model thread; requests that wait together are batched. "
+        "A request is admitted while its expected wait in the queue (measured seconds per image x images "
+        "queued) fits --max-queue-wait-s; beyond it, 503 with Retry-After. On Ctrl-C / SIGTERM the server "
+        "stops accepting and answers every admitted request before it exits. Listens on loopback unless "
+        "--host says otherwise.",
     )
     p.add_argument("--model", required=True, metavar="BUNDLE", help="model bundle folder (has bundle.json)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="request size limit in MB (default 10)")
     p.add_argument(
-        "--max-pixels", type=int, default=40_000_000, help="image size limit, width x height (default 40e6)"
+        "--max-upload-mb",
+        type=float,
+        default=DEFAULTS.max_upload_mb,
+        help=f"request size limit in MB (default {DEFAULTS.max_upload_mb:g})",
     )
     p.add_argument(
-        "--concurrency", type=int, default=8, help="requests admitted at once; more get 503 (default 8)"
+        "--max-pixels",
+        type=int,
+        default=DEFAULTS.max_pixels,
+        help=f"image size limit, width x height (default {DEFAULTS.max_pixels:,})",
     )
     p.add_argument(
-        "--max-batch", type=int, default=8, help="images predicted together when requests wait (default 8)"
+        "--max-queue-wait-s",
+        type=float,
+        default=DEFAULTS.max_queue_wait_s,
+        help="admit a request while its expected wait in the queue fits this many seconds; beyond, 503 "
+        f"with Retry-After (default {DEFAULTS.max_queue_wait_s:g})",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULTS.max_batch,
+        help=f"images predicted together when requests wait (default {DEFAULTS.max_batch})",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -35,17 +59,20 @@ def run(args) -> int:
     import uvicorn
 
     from geotoken.predict import Geolocator
-    from geotoken.serve import ServeConfig, create_app
+    from geotoken.serve import create_app
 
     config = ServeConfig(
         max_upload_mb=args.max_upload_mb,
         max_pixels=args.max_pixels,
-        concurrency=args.concurrency,
+        max_queue_wait_s=args.max_queue_wait_s,
         max_batch=args.max_batch,
     )
     if args.threads:
         torch.set_num_threads(args.threads)
     geolocator = Geolocator.from_bundle(args.model, device=args.device)
+    # one prediction before listening: lazy initialisation is paid here, not by the first request, and
+    # the service-rate estimate behind admission starts from a warm model
+    geolocator.predict([Image.new("RGB", (64, 64))], top_k=1)
     app = create_app(geolocator, config)
     print(f"geotoken serve: {args.model} on http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

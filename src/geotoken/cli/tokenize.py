@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+
+from geotoken.data.manifest import manifest_tokens, read_manifest
+from geotoken.geo import haversine_km
+from geotoken.io import atomic_open
+from geotoken.model import ModelConfig
+from geotoken.s2 import tokens_to_latlon, vocab_sizes
+
 HELP = "turn the coordinates of an annotation CSV into hierarchical S2 location tokens (.npy, int64)"
 
 EPILOG = """\
@@ -14,8 +22,6 @@ not a multiple of group-size). The paper's setting is level 20, group size 2: 11
 
   geotoken tokenize mp16_places365.csv -o mp16_tokens.npy --level 20 --group-size 2
 """
-
-_BLOCK = 1 << 20  # rows per progress-bar step
 
 
 def register(subparsers) -> None:
@@ -30,44 +36,17 @@ def register(subparsers) -> None:
         "annotations", help="annotation CSV (MP16, Im2GPS3k, YFCC4k, OSV-5M, id,lat,lon[,image] or LAT,LON)"
     )
     p.add_argument("-o", "--out", required=True, help="output .npy file (written atomically)")
-    p.add_argument("--level", type=int, default=20, help="S2 cell level 0..30 (default 20, ~10 m cells)")
-    p.add_argument(
-        "--group-size", type=int, default=2, help="child indices per token (default 2: vocabulary 16)"
-    )
+    p.add_argument("--level", type=int, default=ModelConfig.level,
+                   help="S2 cell level 0..30 (default %(default)s, ~10 m cells)")  # fmt: skip
+    p.add_argument("--group-size", type=int, default=ModelConfig.group,
+                   help="child indices per token (default %(default)s: vocabulary 16)")  # fmt: skip
     p.set_defaults(func=run)
 
 
-def tokenize_manifest(lat, lon, level: int, group: int, progress: bool = True):
-    """Tokens (N, T) int64 of coordinate arrays, in blocks so that long inputs show a progress bar."""
-    import numpy as np
-    from tqdm import tqdm
-
-    from geotoken.s2 import latlon_to_tokens, vocab_sizes
-
-    tokens = np.empty((len(lat), len(vocab_sizes(level, group))), dtype=np.int64)
-    with tqdm(
-        total=len(lat), unit="pt", unit_scale=True, desc="tokenize", disable=not progress or None
-    ) as bar:
-        for start in range(0, len(lat), _BLOCK):
-            block = slice(start, start + _BLOCK)
-            tokens[block] = latlon_to_tokens(lat[block], lon[block], level, group)
-            bar.update(len(tokens[block]))
-    return tokens
-
-
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from geotoken.data.manifest import read_manifest
-    from geotoken.geo import haversine_km
-    from geotoken.io import atomic_open
-    from geotoken.s2 import tokens_to_latlon, vocab_sizes
-
     sizes = vocab_sizes(args.level, args.group_size)  # checks both before the (slow) read
     manifest = read_manifest(args.annotations)
-    tokens = tokenize_manifest(
-        manifest.lat, manifest.lon, args.level, args.group_size, progress=len(manifest) > _BLOCK
-    )
+    tokens = manifest_tokens(manifest, args.level, args.group_size)
     with atomic_open(args.out, "wb") as f:
         np.save(f, tokens)
     print(f"wrote {args.out}: {tokens.shape[0]} x {tokens.shape[1]} int64 tokens (level {args.level}, "

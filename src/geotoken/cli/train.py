@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from geotoken import DTYPES
 from geotoken.errors import GeoTokenError
+from geotoken.model import PRESETS, ModelConfig, preset
+from geotoken.train import SCHEDULES, TrainConfig, TrainData, holdout_rows, train
 
 
 def register(subparsers) -> None:
@@ -36,16 +41,17 @@ def register(subparsers) -> None:
         "--val-fraction", type=float, default=0.05, help="share of training rows held out for validation"
     )
     p.add_argument("--val-max", type=int, default=2000, help="validate on at most this many rows")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last exactly")
     p.add_argument("--stop-at", type=int, help="end this run after this step (resume later with --resume)")
 
+    mc, tc = ModelConfig, TrainConfig
     m = p.add_argument_group("model")
-    m.add_argument("--preset", default="small", choices=["tiny", "small", "paper"], help="model size")
+    m.add_argument("--preset", default="small", choices=list(PRESETS), help="model size")
     m.add_argument("--modalities", default="visual,gps,text", help="comma-separated store arrays to use")
-    m.add_argument("--k", type=int, default=15, help="neighbours per query (0 = no retrieval)")
-    m.add_argument("--level", type=int, default=20, help="S2 level of the target cell")
-    m.add_argument("--group", type=int, default=2, help="child tokens per token (vocabulary 4^g)")
+    m.add_argument("-k", "--k", type=int, default=mc.k, help="neighbours per query (0 = no retrieval)")
+    m.add_argument("--level", type=int, default=mc.level, help="S2 level of the target cell")
+    m.add_argument("--group-size", type=int, default=mc.group, help="child tokens per token (vocabulary 4^g)")
     m.add_argument("--dropout", type=float, help="override the preset's dropout")
     m.add_argument(
         "--no-neighbour-tokens", action="store_true", help="ablation: neighbours without their tokens"
@@ -53,45 +59,41 @@ def register(subparsers) -> None:
     m.add_argument("--no-neighbour-embeddings", action="store_true", help="ablation: neighbours' tokens only")
 
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--epochs", type=int, default=tc.epochs)
     t.add_argument(
-        "--max-steps", type=int, default=0, help="> 0: stop after this many steps (overrides --epochs)"
+        "--max-steps",
+        type=int,
+        default=tc.max_steps,
+        help="> 0: stop after this many steps (overrides --epochs)",
     )
-    t.add_argument("--batch-size", type=int, default=256, help="per process")
-    t.add_argument("--lr", type=float, default=3e-4)
-    t.add_argument("--warmup-steps", type=int, default=100)
-    t.add_argument(
-        "--schedule", default="cosine", choices=["cosine", "step"], help="step: x0.9 per epoch (paper)"
-    )
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--label-smoothing", type=float, default=0.0)
-    t.add_argument("--dtype", default="fp32", choices=DTYPES, help="bf16 autocast (GPU or CPU)")
+    t.add_argument("--batch-size", type=int, default=tc.batch_size, help="per process")
+    t.add_argument("--lr", type=float, default=tc.lr)
+    t.add_argument("--warmup-steps", type=int, default=tc.warmup_steps)
+    t.add_argument("--schedule", default=tc.schedule, choices=SCHEDULES, help="step: x0.9 per epoch (paper)")
+    t.add_argument("--weight-decay", type=float, default=tc.weight_decay)
+    t.add_argument("--grad-clip", type=float, default=tc.grad_clip)
+    t.add_argument("--label-smoothing", type=float, default=tc.label_smoothing)
+    t.add_argument("--dtype", default=tc.dtype, choices=DTYPES, help="bf16 autocast (GPU or CPU)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--checkpoint-every", type=int, default=500, help="steps")
-    t.add_argument("--val-every", type=int, default=1, help="epochs (0: never)")
-    t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.add_argument("--seed", type=int, default=tc.seed)
+    t.add_argument("--checkpoint-every", type=int, default=tc.checkpoint_every, help="steps")
+    t.add_argument("--val-every", type=int, default=tc.val_every, help="epochs (0: never)")
+    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     t.add_argument("--no-tensorboard", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    import numpy as np
-    import torch
-
-    from geotoken.model import preset
-    from geotoken.train import TrainConfig, TrainData, train
-
     if args.resume and not (Path(args.out) / "last").exists():
         raise GeoTokenError(f"--resume: {Path(args.out) / 'last'} does not exist (drop --resume to start)")
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [s for s in args.modalities.split(",") if s]
-    data = TrainData.load(args.features, args.neighbours, args.gallery, names, args.level, args.group)
+    level, group = args.level, args.group_size
+    data = TrainData.load(args.features, args.neighbours, args.gallery, names, level, group)
     dims = {m: data.query[m].shape[1] for m in names}
-    overrides = dict(modalities=dims, k=args.k, level=args.level, group=args.group)
+    overrides = dict(modalities=dims, k=args.k, level=level, group=group)
     overrides.update(use_neighbour_tokens=not args.no_neighbour_tokens)
     overrides.update(use_neighbour_embeddings=not args.no_neighbour_embeddings)
     if args.dropout is not None:
@@ -120,16 +122,11 @@ def run(args) -> int:
             raise GeoTokenError(
                 "--val-features needs --val-neighbours (its neighbour folder into the gallery)"
             )
-        val = TrainData.load(
-            args.val_features, args.val_neighbours, data.gallery, names, args.level, args.group
-        )
+        val = TrainData.load(args.val_features, args.val_neighbours, data.gallery, names, level, group)
         train_rows, val_rows = np.arange(data.rows), np.arange(min(val.rows, args.val_max))
     else:
-        if not 0.0 <= args.val_fraction < 1.0:
-            raise GeoTokenError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
-        order = np.random.default_rng(args.seed).permutation(data.rows)
-        n_val = min(int(round(args.val_fraction * data.rows)), args.val_max)
-        val, val_rows, train_rows = data, np.sort(order[:n_val]), np.sort(order[n_val:])
+        val = data
+        train_rows, val_rows = holdout_rows(data.rows, args.val_fraction, args.val_max, args.seed)
 
     sources = {
         "features": args.features,

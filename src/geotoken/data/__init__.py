@@ -6,13 +6,14 @@ files and shards into a validated `Manifest`; `download` fetches URL lists into 
 """
 
 from geotoken.data.images import iter_images, open_image, read_shard_index
-from geotoken.data.manifest import Manifest, manifest_from_shards, read_manifest
+from geotoken.data.manifest import Manifest, manifest_from_shards, read_annotations, read_manifest
 
 __all__ = [
     "Manifest",
     "iter_images",
     "manifest_from_shards",
     "open_image",
+    "read_annotations",
     "read_manifest",
     "read_shard_index",
 ]

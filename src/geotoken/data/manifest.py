@@ -39,6 +39,7 @@ from geotoken.data.images import check_images as find_bad_images
 from geotoken.data.table import Manifest
 from geotoken.errors import GeoTokenError
 from geotoken.io import atomic_open
+from geotoken.s2 import latlon_to_tokens, vocab_sizes
 
 # Role -> accepted header names (compared after lower-casing and mapping ' ' and '-' to '_'), in priority order.
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
@@ -61,6 +62,8 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
 _OSV5M_COLUMNS = {"thumb_original_url", "sequence", "captured_at", "land_cover"}
 COORD_TOLERANCE = 1e-6  # degrees
 ON_ERROR = ("raise", "skip")
+
+TOKEN_BLOCK = 1 << 20  # rows per progress step of `manifest_tokens`
 
 csv.field_size_limit(sys.maxsize)
 
@@ -478,3 +481,40 @@ def manifest_from_shards(
         skip_report=skip_report,
         check_images=check_images,
     )
+
+
+def read_annotations(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    image_root: str | os.PathLike | None = None,
+    check_images: bool | str = False,
+    on_error: str = "raise",
+    skip_report: str | os.PathLike | None = None,
+) -> Manifest:
+    """A validated `Manifest` of one annotation CSV (`read_manifest`) or of img2dataset shards: .tar files, or
+    one folder of them (`manifest_from_shards`). The options are `read_manifest`'s; image_root is CSV-only."""
+    paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
+    if not paths:
+        raise GeoTokenError("no input: give one annotation CSV, or .tar shards / a folder of them")
+    first, options = paths[0], dict(check_images=check_images, on_error=on_error, skip_report=skip_report)
+    if first.is_dir() or first.suffix == ".tar":
+        if image_root is not None:
+            raise GeoTokenError("image_root applies to CSV input, not to shards")
+        return manifest_from_shards(paths if len(paths) > 1 or first.suffix == ".tar" else first, **options)
+    if len(paths) > 1:
+        raise GeoTokenError(f"give one annotation CSV (got {len(paths)} inputs), or several .tar shards")
+    return read_manifest(first, image_root=image_root, **options)
+
+
+def manifest_tokens(manifest: Manifest, level: int = 20, group: int = 2, progress: bool = True) -> np.ndarray:
+    """The S2 location tokens (N, T) int64 of every row, in row order (`geotoken.s2.latlon_to_tokens`),
+    computed in blocks of TOKEN_BLOCK rows so that inputs longer than one block show a progress bar."""
+    lat, lon = manifest.lat, manifest.lon
+    tokens = np.empty((len(lat), len(vocab_sizes(level, group))), dtype=np.int64)
+    disable = not progress or len(lat) <= TOKEN_BLOCK or None
+    with tqdm(total=len(lat), unit="pt", unit_scale=True, desc="tokenize", disable=disable) as bar:
+        for start in range(0, len(lat), TOKEN_BLOCK):
+            block = slice(start, start + TOKEN_BLOCK)
+            tokens[block] = latlon_to_tokens(lat[block], lon[block], level, group)
+            bar.update(len(tokens[block]))
+    return tokens

@@ -1,11 +1,21 @@
 """Evaluation: the baselines, accuracy tables with bootstrap confidence intervals, paired comparisons, plots.
 
-Library entry points: `load_split`, `evaluate` (everything `geotoken evaluate` writes), the baselines in
-`geotoken.evaluate.baselines` and the statistics in `geotoken.evaluate.metrics`.
+Library entry points: `load_split`, `load_neighbours`, `evaluate` (everything `geotoken evaluate` writes),
+the baselines in `geotoken.evaluate.baselines` and the statistics in `geotoken.evaluate.metrics`.
 """
 
 from geotoken.evaluate.baselines import Predictions, Split
-from geotoken.evaluate.evaluate import BASELINES, METHODS, EvalConfig, EvalResult, evaluate, load_split
+from geotoken.evaluate.evaluate import (
+    BASELINES,
+    METHODS,
+    EvalConfig,
+    EvalResult,
+    GeoTokenMethodConfig,
+    evaluate,
+    load_neighbours,
+    load_split,
+)
+from geotoken.evaluate.geotoken_method import EVAL_STRATEGIES
 from geotoken.evaluate.metrics import (
     Estimate,
     MethodMetrics,
@@ -16,16 +26,19 @@ from geotoken.evaluate.metrics import (
 
 __all__ = [
     "BASELINES",
+    "EVAL_STRATEGIES",
     "METHODS",
     "Estimate",
     "EvalConfig",
     "EvalResult",
+    "GeoTokenMethodConfig",
     "MethodMetrics",
     "PairedComparison",
     "Predictions",
     "Split",
     "bootstrap_metrics",
     "evaluate",
+    "load_neighbours",
     "load_split",
     "paired_comparison",
 ]

@@ -399,10 +399,14 @@ def best_gallery_match(
     return rows[:, 0], sims[:, 0]
 
 
+# coordinates the gps-gallery baseline scores: the gallery split's, or GeoCLIP's 100K MP16 ones
+GPS_GALLERIES = ("train", "mp16")
+
+
 @dataclass
 class GPSGalleryConfig:
     embedding: str = "gps"  # the image's GPS-aligned embedding in the query store
-    gallery: str = "train"  # "train" (the gallery split's coordinates) or "mp16" (GeoCLIP's 100K MP16)
+    gallery: str = "train"  # one of GPS_GALLERIES
 
 
 class GPSGallery:
@@ -422,7 +426,7 @@ class GPSGallery:
             self.lat, self.lon = m.lat, m.lon
         else:
             raise GeoTokenError(
-                f"gps-gallery: gallery must be 'train' or 'mp16', got {self.config.gallery!r}"
+                f"gps-gallery: gallery must be one of {GPS_GALLERIES}, got {self.config.gallery!r}"
             )
         if self.encoder is None:
             self.encoder = load_gps_encoder().eval()

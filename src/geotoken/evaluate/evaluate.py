@@ -47,6 +47,7 @@ from geotoken.evaluate.runs import MethodRun, load_cached, save_cached, slug
 from geotoken.features import FeatureStore
 from geotoken.geo import THRESHOLDS_KM, haversine_km
 from geotoken.io import atomic_open, read_json, sha256_json, write_json
+from geotoken.retrieval import NeighbourTable
 
 BASELINES = ("prior", "nn", "knn", "cells", "gps-gallery")
 METHODS = (*BASELINES, "geotoken")
@@ -92,6 +93,16 @@ def load_split(store_dir: str | Path, manifest: str | Path | None = None, name: 
     )
 
 
+def load_neighbours(folder: str | Path, gallery: Split, queries: Split) -> tuple[np.ndarray, np.ndarray]:
+    """The (rows, sims) memmaps of a neighbour table of `queries` in `gallery` (`geotoken index neighbours`),
+    checked against both splits: one row per query, every entry a gallery row."""
+    table = NeighbourTable.open(folder)
+    if queries.skipped or gallery.skipped:  # dropped rows would shift the table's row numbers
+        raise GeoTokenError(f"{folder}: a neighbour table cannot be used when the stores have skipped rows")
+    table.check(len(queries), len(gallery))
+    return table.rows, table.sims
+
+
 @dataclass
 class GeoTokenMethodConfig:
     """How the project's model is run: a model bundle and every strategy x selector to evaluate."""
@@ -122,6 +133,21 @@ class EvalConfig:
     cells: CellsConfig = field(default_factory=CellsConfig)
     gps_gallery: GPSGalleryConfig = field(default_factory=GPSGalleryConfig)
     geotoken: GeoTokenMethodConfig = field(default_factory=GeoTokenMethodConfig)
+
+    def __post_init__(self) -> None:
+        g = self.geotoken
+        counts = {
+            "n_boot": self.n_boot,
+            "retrieval.k": self.retrieval.k,
+            "cells.epochs": self.cells.epochs,
+            "geotoken.num_samples": g.num_samples,
+            "geotoken.beam_width": g.beam_width,
+            "geotoken.retrieved": g.retrieved,
+            "limit": 1 if self.limit is None else self.limit,
+        }
+        for name, value in counts.items():
+            if value < 1:
+                raise GeoTokenError(f"evaluation: {name} must be >= 1, got {value}")
 
 
 @dataclass
@@ -286,6 +312,8 @@ def evaluate(
 ) -> EvalResult:
     """Run, score and write everything for one gallery/query pair (see the module docstring)."""
     cfg = cfg or EvalConfig()
+    if "geotoken" in cfg.methods and geolocator is None and not cfg.geotoken.model:
+        raise GeoTokenError("--method geotoken needs --model BUNDLE (a folder with bundle.json)")
     out = Path(out_dir)
     if cfg.limit is not None:
         q, n = queries, cfg.limit

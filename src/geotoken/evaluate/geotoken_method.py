@@ -23,7 +23,11 @@ from geotoken.geo import haversine_km
 from geotoken.io import sha256_file, sha256_json
 from geotoken.predict import Geolocator
 from geotoken.s2 import latlon_to_tokens
+from geotoken.search import STRATEGIES
 from geotoken.search.calibration import Calibration, calibration_data, calibration_report
+
+# strategies evaluated as table rows (a row label names one pool size, and beam+sample has two)
+EVAL_STRATEGIES = tuple(s for s in STRATEGIES if s != "beam+sample")
 
 
 def row_label(strategy: str, select: str, cfg) -> str:
@@ -38,6 +42,9 @@ def row_label(strategy: str, select: str, cfg) -> str:
 
 def rows_to_run(cfg) -> list[tuple[str, str]]:
     """(strategy, selector) pairs: greedy has one candidate, so selection does not apply to it."""
+    unknown = [s for s in cfg.strategies if s not in EVAL_STRATEGIES]
+    if unknown:
+        raise GeoTokenError(f"evaluation strategies {unknown}: choose from {', '.join(EVAL_STRATEGIES)}")
     pairs = []
     for strategy in dict.fromkeys(cfg.strategies):
         for select in ["logp"] if strategy == "greedy" else dict.fromkeys(cfg.selectors):

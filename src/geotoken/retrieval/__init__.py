@@ -1,16 +1,18 @@
 """Retrieval: FAISS indexes over aligned embeddings and neighbour tables (top-k gallery rows per query)."""
 
-from geotoken.retrieval.embeddings import StoreEmbeddings, join_embeddings
-from geotoken.retrieval.index import KINDS, IndexConfig, NeighbourIndex, recall_at_k
+from geotoken.retrieval.embeddings import DEFAULT_EMBEDDING, StoreEmbeddings, join_embeddings
+from geotoken.retrieval.index import KINDS, IndexConfig, NeighbourIndex, measure_recall, recall_at_k
 from geotoken.retrieval.neighbours import NeighbourTable, neighbour_table, search_excluding
 
 __all__ = [
+    "DEFAULT_EMBEDDING",
     "KINDS",
     "IndexConfig",
     "NeighbourIndex",
     "NeighbourTable",
     "StoreEmbeddings",
     "join_embeddings",
+    "measure_recall",
     "neighbour_table",
     "recall_at_k",
     "search_excluding",

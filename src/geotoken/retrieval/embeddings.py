@@ -11,6 +11,10 @@ import numpy as np
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
 
+# what an index searches unless told otherwise: the most robust for 1-NN geolocation on EarthViews
+# (`geotoken index --help` has the numbers)
+DEFAULT_EMBEDDING = "visual+gps"
+
 
 def join_embeddings(parts: list[np.ndarray]) -> np.ndarray:
     """float32 (..., sum D) concatenation of unit-vector parts, scaled by 1/sqrt(p) to stay unit-norm."""

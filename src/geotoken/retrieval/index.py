@@ -197,3 +197,24 @@ def recall_at_k(rows: np.ndarray, exact_rows: np.ndarray) -> float:
     """Mean share of the exact top-k found in the approximate top-k: (B, k) each."""
     hits = (rows[:, :, None] == exact_rows[:, None, :]) & (exact_rows[:, None, :] >= 0)  # (B, k, k)
     return float(hits.any(axis=1).sum() / max(1, (exact_rows >= 0).sum()))
+
+
+def measure_recall(
+    index: NeighbourIndex, embeddings, valid: np.ndarray, k: int, queries: int, seed: int = 0
+) -> dict[str, Any]:
+    """recall@k of `index` against exact search over the same `embeddings` (N, D), on `queries` rows drawn
+    (seeded) from the `valid` ones; an ivfpq index also with re-ranking 4k candidates by exact vectors.
+
+    Returns {"recall@K": .., ["recall@K_refine4": ..,] "recall_queries": n}, what `geotoken index build`
+    records in index.json for compressed kinds.
+    """
+    rows = np.flatnonzero(valid)
+    sample = np.sort(np.random.default_rng(seed).choice(rows, min(len(rows), queries), replace=False))
+    q = embeddings[sample]
+    exact, _ = NeighbourIndex.build(embeddings, "flat", valid=valid, progress=False).search(q, k)
+    out: dict[str, Any] = {f"recall@{k}": recall_at_k(index.search(q, k)[0], exact)}
+    if index.config.kind == "ivfpq":
+        refined = index.search(q, k, exact=embeddings, refine=4)[0]
+        out[f"recall@{k}_refine4"] = recall_at_k(refined, exact)
+    out["recall_queries"] = len(sample)
+    return out

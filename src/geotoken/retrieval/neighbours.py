@@ -203,7 +203,33 @@ class NeighbourTable:
         if not (root / META).is_file():
             state = "unfinished (rerun to resume)" if (root / PROGRESS).is_file() else "not a neighbour table"
             raise GeoTokenError(f"{root}: {state}: no {META}")
-        return cls(root, read_json(root / META))
+        for name in ("index.npy", "sims.npy"):
+            if not (root / name).is_file():
+                raise GeoTokenError(f"{root}: neighbour table has no {name}")
+        table = cls(root, read_json(root / META))
+        if table.rows.ndim != 2 or table.rows.dtype != np.int64:
+            raise GeoTokenError(
+                f"{root / 'index.npy'}: {table.rows.dtype} {table.rows.shape}, expected int64 (queries, k)"
+            )
+        if table.sims.shape != table.rows.shape:
+            raise GeoTokenError(
+                f"{root / 'sims.npy'}: shape {table.sims.shape}, index.npy has {table.rows.shape}"
+            )
+        return table
+
+    def check(self, queries: int, gallery: int | None = None) -> NeighbourTable:
+        """Raise unless the table has one row per query and, given the gallery's row count, every entry is
+        a gallery row (a missing neighbour, -1, counts as out of range). Returns the table."""
+        if self.rows.shape[0] != queries:
+            raise GeoTokenError(f"{self.root}: {self.rows.shape[0]} neighbour rows for {queries} queries")
+        if gallery is not None and self.rows.size:
+            low, high = int(self.rows.min()), int(self.rows.max())
+            if low < 0 or high >= gallery:
+                raise GeoTokenError(
+                    f"{self.root / 'index.npy'}: gallery row {low if low < 0 else high} out of range "
+                    f"({gallery} rows)"
+                )
+        return self
 
     @property
     def k(self) -> int:

@@ -46,6 +46,14 @@ class RewardConfig:
     holdout: float = 0.1  # share of those images kept for validation
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        minimum = {"epochs": 1, "max_images": 1, "beam_width": 1, "num_samples": 0, "retrieved": 0}
+        for name, low in minimum.items():
+            if getattr(self, name) < low:
+                raise GeoTokenError(f"reward scorer: {name} must be >= {low}, got {getattr(self, name)}")
+        if not self.radius_km > 0:
+            raise GeoTokenError(f"reward scorer: radius_km must be > 0, got {self.radius_km}")
+
 
 _RENAMED = {"beams": "beam_width", "samples": "num_samples"}
 

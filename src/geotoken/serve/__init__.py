@@ -1,5 +1,6 @@
 """`geotoken serve`: the HTTP API and the web page with a map (see `geotoken.serve.app`)."""
 
 from geotoken.serve.app import ServeConfig, create_app
+from geotoken.serve.runner import Busy, Runner, ServiceRate, ShuttingDown
 
-__all__ = ["ServeConfig", "create_app"]
+__all__ = ["Busy", "Runner", "ServeConfig", "ServiceRate", "ShuttingDown", "create_app"]

@@ -1,6 +1,6 @@
 """The HTTP API and web page around a loaded `Geolocator`.
 
-    app = create_app(Geolocator.from_bundle("runs/demo/bundle"), ServeConfig(concurrency=4))
+    app = create_app(Geolocator.from_bundle("runs/demo/bundle"), ServeConfig(max_queue_wait_s=5))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Routes:
@@ -13,127 +13,61 @@ Routes:
 
 The model runs on one worker thread fed by a queue (PyTorch modules are not safe to call concurrently,
 and on a CPU a second concurrent forward pass only competes for the same cores); requests that wait at
-the same time are predicted together as one batch (micro-batching). At most `concurrency` requests are
-admitted (running + queued); the next gets 503 with Retry-After at once, so a burst never piles up
-unbounded work. Uploads are checked before any pixel is decoded: body size
+the same time are predicted together as one batch (micro-batching). Admission is on a wait budget
+(`max_queue_wait_s`, `geotoken serve --max-queue-wait-s`): a request is admitted while its expected wait
+in the queue, from the measured seconds per image of recent batches and the images already queued, fits
+the budget; beyond it, 503 with Retry-After (integer seconds, from the same estimate), checked before the
+upload is even decoded (see `geotoken.serve.runner`). On shutdown the server takes nothing new and
+answers every request it admitted. Uploads are checked before any pixel is decoded: body size
 (413), image header dimensions against `max_pixels` (413, decompression bombs), then a full decode
 (non-images 415, truncated or corrupt files 422). The client sends bytes only: no path it names is
-ever opened.
+ever opened. The OpenAPI schema offers only the strategies and selectors the loaded model can run
+(no `reward` without a reward scorer, no `mllm` without an endpoint); multipart has no null, so a form
+field sent as "null" or "" counts as not given.
 """
 
 import asyncio
 import io
 import json
 import math
-import queue
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
+from geotoken import __version__, assets
 from geotoken.errors import GeoTokenError
 from geotoken.search import SELECTORS, STRATEGIES
+from geotoken.search.mllm import MLLMConfig
+from geotoken.serve.runner import Busy, Predictor, Runner
 
 STATIC_DIR = Path(__file__).parent / "static"
-
-
-class Predictor(Protocol):
-    """What the server needs: `geotoken.predict.Geolocator`, or anything with the same two methods."""
-
-    def predict(
-        self, images: list, top_k: int = 5, strategy: str | None = None, select: str | None = None
-    ): ...
-
-    def info(self) -> dict: ...
 
 
 @dataclass
 class ServeConfig:
     max_upload_mb: float = 10.0  # request body limit (413 above it)
     max_pixels: int = 40_000_000  # width x height limit, read from the header before decoding (413)
-    concurrency: int = 8  # requests admitted at once (1 running + the rest waiting); more get 503
+    max_queue_wait_s: float = 10.0  # admit while the expected wait in the queue fits; beyond, 503
     max_top_k: int = 20
     max_batch: int = 8  # images predicted together when requests wait at the same time
     basemap_width: int = 2048  # width of the served Blue Marble image (height = width / 2)
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_mb", "max_pixels", "concurrency", "max_top_k", "max_batch", "basemap_width"):
+        for name in (
+            "max_upload_mb",
+            "max_pixels",
+            "max_queue_wait_s",
+            "max_top_k",
+            "max_batch",
+            "basemap_width",
+        ):
             if not getattr(self, name) > 0:
                 raise GeoTokenError(f"serve option {name} must be > 0, got {getattr(self, name)!r}")
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
-
-
-class Busy(Exception):
-    """All `concurrency` slots are taken."""
-
-
-class Runner:
-    """One model thread fed by a queue; at most `concurrency` requests admitted (queued + running).
-
-    Requests that wait together with the same options are predicted as one batch of up to `max_batch`
-    images (micro-batching: one backbone pass and one decode for all of them instead of one each).
-    """
-
-    def __init__(self, predictor: Predictor, concurrency: int, max_batch: int = 8):
-        self.predictor, self.capacity, self.max_batch = predictor, concurrency, max_batch
-        self._slots = threading.BoundedSemaphore(concurrency)
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._count = threading.Lock()
-        self.in_flight = self.served = self.rejected = self.batches = 0
-        threading.Thread(target=self._loop, name="geotoken-model", daemon=True).start()
-
-    def submit(self, image, **options) -> Future:
-        """Queue one image -> Future of (Prediction, ms waited in the queue, batch size). Busy when full."""
-        if not self._slots.acquire(blocking=False):
-            with self._count:
-                self.rejected += 1
-            raise Busy()
-        with self._count:
-            self.in_flight += 1
-        future: Future = Future()
-        self._queue.put((image, options, future, time.perf_counter()))
-        return future
-
-    def run(self, image, **options) -> tuple[Any, float, int]:
-        """`submit` and wait (for callers without an event loop)."""
-        return self.submit(image, **options).result()
-
-    def _loop(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < self.max_batch:  # whatever else is already waiting
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            groups: dict[tuple, list] = {}
-            for item in batch:
-                groups.setdefault(tuple(sorted(item[1].items())), []).append(item)
-            for options, items in groups.items():
-                self._predict(dict(options), items)
-
-    def _predict(self, options: dict, items: list) -> None:
-        t0 = time.perf_counter()
-        try:
-            preds = self.predictor.predict([it[0] for it in items], **options)
-            results = [(p, 1e3 * (t0 - it[3]), len(items)) for p, it in zip(preds, items, strict=True)]
-        except Exception as exc:  # the same options fail the same way for every image of the group
-            results = [exc] * len(items)
-        with self._count:
-            self.batches += 1
-            self.served += sum(not isinstance(r, Exception) for r in results)
-            self.in_flight -= len(items)
-        for it, r in zip(items, results):
-            self._slots.release()
-            if isinstance(r, Exception):
-                it[2].set_exception(r)
-            else:
-                it[2].set_result(r)
 
 
 class BadImage(Exception):
@@ -235,8 +169,6 @@ def basemap_jpeg(width: int, name: str = "bmng") -> bytes:
     """The whole-Earth image resized to width x width/2, as JPEG bytes."""
     from PIL import Image
 
-    from geotoken import assets
-
     with Image.open(assets.basemap_image(name)) as im:
         im.draft("RGB", (width, width // 2))  # JPEG: decode at a reduced scale directly
         small = im.convert("RGB").resize((width, width // 2), Image.Resampling.LANCZOS)
@@ -245,44 +177,144 @@ def basemap_jpeg(width: int, name: str = "bmng") -> bytes:
     return buf.getvalue()
 
 
-def create_app(predictor: Predictor, config: ServeConfig | None = None):
-    """A FastAPI app serving `predictor` (already loaded: the model is loaded once, by the caller)."""
+def nullish(value):
+    """Multipart has no null: a form field sent as "null" or "" counts as not given."""
+    return None if isinstance(value, str) and value in ("", "null") else value
+
+
+def unavailable_options(info: dict) -> dict[str, str]:
+    """{strategy or selector: why this predictor cannot run it}, from its `info()` (empty if it says
+    nothing): `reward` without a reward scorer, `mllm` without an endpoint (config or environment)."""
+    out = {}
+    if info.get("reward_scorer") is False:
+        out["reward"] = "needs a reward scorer in the bundle (geotoken train-reward)"
+    mllm = (info.get("search") or {}).get("mllm")
+    if isinstance(mllm, dict):
+        try:
+            MLLMConfig(**mllm).resolved()
+        except (GeoTokenError, TypeError) as exc:
+            out["mllm"] = f"needs an MLLM endpoint ({exc})"
+    return out
+
+
+def api_models(max_top_k: int):
+    """The pydantic models of the API's schema (built here: pydantic comes with fastapi)."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class ErrorBody(BaseModel):
+        error: str = Field(description="what was wrong, naming the field or the upload")
+
+    class Candidate(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        lat: float
+        lon: float
+        probability: float | None = Field(description="calibrated P(within probability_within_km)")
+        cell: str = Field(description="S2 cell token")
+        polygon: list[list[float]] = Field(description="the cell's corners, [lat, lon] x 4")
+        place: dict = Field(description="nearest city, region, country")
+
+    class UploadInfo(BaseModel):
+        name: str
+        width: int
+        height: int
+        bytes: int
+
+    class Answer(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        lat: float
+        lon: float
+        candidates: list[Candidate] = Field(max_length=max_top_k, description="best first")
+        strategy: str
+        select: str
+        timings_ms: dict[str, float]
+        image: UploadInfo
+
+    return ErrorBody, Answer
+
+
+def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: Runner | None = None):
+    """A FastAPI app serving `predictor` (already loaded: the model is loaded once, by the caller).
+
+    `runner` (tests) replaces the model thread built from `config`, e.g. one with a fake clock."""
+    from contextlib import asynccontextmanager
+    from typing import Annotated, Literal
+
     from fastapi import FastAPI, File, Form, Query, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
+    from pydantic import BeforeValidator, Field
     from starlette.concurrency import run_in_threadpool
 
-    from geotoken import __version__
-
     cfg = config or ServeConfig()
-    runner = Runner(predictor, cfg.concurrency, cfg.max_batch)
+    runner = runner or Runner(predictor, cfg.max_queue_wait_s, cfg.max_batch)
     info = json_safe(predictor.info())
+    missing = unavailable_options(info)
+    strategies = [s for s in STRATEGIES if s not in missing]
+    selectors = [s for s in SELECTORS if s not in missing]
     basemap: dict[str, bytes] = {}
     basemap_lock = threading.Lock()
+    ErrorBody, Answer = api_models(cfg.max_top_k)
+
+    def not_available(value: str) -> str:
+        return f"{value!r} is not available on this server: it {missing[value]}"
+
+    def option_error(field: str, value, choices: list[str]) -> str | None:
+        if value is None or value in choices:
+            return None
+        if value in missing:
+            return f"field {field!r}: {not_available(value)}"
+        return f"field {field!r} must be one of {choices}, got {value!r}"
+
+    def offered(choices: list[str]):
+        """An optional form field whose schema lists `choices`; refusals of the others say why."""
+
+        def check(value):
+            value = nullish(value)
+            if value in missing:
+                raise ValueError(not_available(value))
+            return value
+
+        return Annotated[Literal[tuple(choices)] | None, BeforeValidator(check)]
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await run_in_threadpool(runner.start)  # no-op unless a previous lifespan closed it
+        yield
+        await run_in_threadpool(runner.close)  # answers every admitted request first
 
     app = FastAPI(
         title="GeoToken",
         version=__version__,
         description="Where was this photo taken? Hierarchical S2-token geolocalization.",
+        lifespan=lifespan,
     )
     app.state.runner, app.state.config = runner, cfg
 
     def error(status: int, message: str, headers: dict | None = None):
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
+    def busy(exc: Busy):
+        return error(503, exc.message, {"Retry-After": str(exc.retry_after_s)})
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, exc: RequestValidationError):
         """FastAPI's own 422s in the same {"error": "..."} shape, naming the field."""
-        parts = [f"field {str(e['loc'][-1])!r}: {e['msg']}" for e in exc.errors()]
+        parts = [
+            f"field {str(e['loc'][-1])!r}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+        ]
         return error(422, "; ".join(parts) or "invalid request")
 
-    @app.get("/healthz", summary="liveness")
+    @app.get("/healthz", summary="liveness, and the queue")
     def healthz() -> dict:
         return {
-            "status": "ok",
+            "status": "shutting down" if runner.closing else "ok",
             "in_flight": runner.in_flight,
+            "queued": runner.queued,
+            "expected_wait_s": round(runner.expected_wait_s(), 3),
+            "seconds_per_image": round(runner.seconds_per_image, 4),
             "served": runner.served,
+            "rejected": runner.rejected,
             "batches": runner.batches,
         }
 
@@ -290,35 +322,65 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
     def model() -> dict:
         return {"model": info, "limits": asdict(cfg), "strategies": STRATEGIES, "selectors": SELECTORS}
 
+    def described(text: str) -> dict:
+        return {"model": ErrorBody, "description": text}
+
     @app.post(
         "/v1/geolocate",
         summary="geolocate one uploaded photo",
         responses={
-            400: {"description": "bad request"},
-            413: {"description": "upload or image too large"},
-            415: {"description": "not an image"},
-            422: {"description": "bad option, or a truncated / corrupt image"},
-            503: {"description": "server busy; retry after a second"},
+            200: {"model": Answer, "description": "candidates, best first"},
+            400: described("bad request"),
+            413: described("upload or image too large"),
+            415: described("not an image"),
+            422: described("bad option, or a truncated / corrupt image"),
+            503: {
+                **described(
+                    f"busy: the expected wait in the queue is over {cfg.max_queue_wait_s:g} s "
+                    "(or the server is shutting down)"
+                ),
+                "headers": {
+                    "Retry-After": {
+                        "description": "seconds until the expected wait would fit again",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 1},
+                    }
+                },
+            },
         },
     )
     async def geolocate(
-        image: UploadFile = File(..., description="the photo (JPEG, PNG, WebP, ...)"),
-        top_k: int | None = Form(None, description="candidates to return (default 5)"),
-        strategy: str | None = Form(None, description=f"one of {STRATEGIES} (default: the bundle's)"),
-        select: str | None = Form(None, description=f"one of {SELECTORS} (default: the bundle's)"),
-        top_k_q: int | None = Query(None, alias="top_k", include_in_schema=False),
-        strategy_q: str | None = Query(None, alias="strategy", include_in_schema=False),
-        select_q: str | None = Query(None, alias="select", include_in_schema=False),
+        image: UploadFile = File(..., description="the photo (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)"),
+        top_k: Annotated[
+            Annotated[int, Field(ge=1, le=cfg.max_top_k)] | None,
+            BeforeValidator(nullish),
+            Form(description="candidates to return (default 5)"),
+        ] = None,
+        strategy: Annotated[offered(strategies), Form(description="decoding (default: the bundle's)")] = None,
+        select: Annotated[offered(selectors), Form(description="selector (default: the bundle's)")] = None,
+        # the same fields in the query string (older clients; not in the schema), "null" alike
+        top_k_q: Annotated[
+            int | None, BeforeValidator(nullish), Query(alias="top_k", include_in_schema=False)
+        ] = None,
+        strategy_q: Annotated[
+            str | None, BeforeValidator(nullish), Query(alias="strategy", include_in_schema=False)
+        ] = None,
+        select_q: Annotated[
+            str | None, BeforeValidator(nullish), Query(alias="select", include_in_schema=False)
+        ] = None,
     ):
         t0 = time.perf_counter()
+        try:
+            runner.check()  # before reading and decoding the upload: a refusal costs next to nothing
+        except Busy as exc:
+            return busy(exc)
         top_k = top_k if top_k is not None else (top_k_q if top_k_q is not None else 5)
         strategy, select = strategy or strategy_q, select or select_q
         if not 1 <= top_k <= cfg.max_top_k:
             return error(422, f"field 'top_k' must be between 1 and {cfg.max_top_k}, got {top_k}")
-        if strategy is not None and strategy not in STRATEGIES:
-            return error(422, f"field 'strategy' must be one of {list(STRATEGIES)}, got {strategy!r}")
-        if select is not None and select not in SELECTORS:
-            return error(422, f"field 'select' must be one of {list(SELECTORS)}, got {select!r}")
+        bad = option_error("strategy", strategy, strategies) or option_error("select", select, selectors)
+        if bad:
+            return error(422, bad)
         name = image.filename or "image"
         data = await image.read(cfg.max_upload_bytes + 1)
         if len(data) > cfg.max_upload_bytes:
@@ -331,10 +393,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
         try:
             future = runner.submit(im, top_k=top_k, strategy=strategy, select=select)
             pred, waited, batch = await asyncio.wrap_future(future)
-        except Busy:
-            return error(
-                503, f"busy: {runner.capacity} requests in flight; retry shortly", {"Retry-After": "1"}
-            )
+        except Busy as exc:
+            return busy(exc)
         except GeoTokenError as exc:
             return error(422, str(exc))
         out = pred.to_dict()

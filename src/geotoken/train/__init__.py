@@ -1,13 +1,23 @@
 """Training GeoToken models: data assembly by indexing, the resumable loop, validation, DDP."""
 
-from geotoken.train.data import TrainData, batch_rows, epoch_order, steps_per_epoch
-from geotoken.train.loop import TrainConfig, load_checkpoint, lr_at, save_checkpoint, train, validate
+from geotoken.train.data import TrainData, batch_rows, epoch_order, holdout_rows, steps_per_epoch
+from geotoken.train.loop import (
+    SCHEDULES,
+    TrainConfig,
+    load_checkpoint,
+    lr_at,
+    save_checkpoint,
+    train,
+    validate,
+)
 
 __all__ = [
+    "SCHEDULES",
     "TrainConfig",
     "TrainData",
     "batch_rows",
     "epoch_order",
+    "holdout_rows",
     "load_checkpoint",
     "lr_at",
     "save_checkpoint",

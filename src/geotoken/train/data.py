@@ -142,6 +142,16 @@ class TrainData:
         return cls(q.embeddings, g, index, q.tokens, q.coords, source=f"{features} + {neighbours}")
 
 
+def holdout_rows(n: int, fraction: float, max_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows), both sorted: a seeded random `fraction` of n rows, at most
+    `max_rows` of them, held out for validation."""
+    if not 0.0 <= fraction < 1.0:
+        raise GeoTokenError(f"validation fraction {fraction} must be in [0, 1)")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = min(int(round(fraction * n)), max_rows)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The permutation of n training rows used in `epoch` (a pure function: resumable, same on every rank)."""
     return np.random.default_rng([seed, epoch]).permutation(n)

@@ -34,6 +34,8 @@ from geotoken.s2 import tokens_to_latlon
 from geotoken.search.decode import greedy
 from geotoken.train.data import TrainData, batch_rows, epoch_order, steps_per_epoch
 
+SCHEDULES = ("cosine", "step")  # learning-rate decay after warm-up (see `lr_at`)
+
 
 @dataclass
 class TrainConfig:
@@ -59,8 +61,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "step"):
-            raise GeoTokenError(f"schedule {self.schedule!r}: choose 'cosine' or 'step'")
+        if self.schedule not in SCHEDULES:
+            raise GeoTokenError(f"schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.dtype not in DTYPES:
             raise GeoTokenError(f"dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.batch_size < 1:

@@ -11,7 +11,6 @@ import json
 
 from geotoken import DTYPES
 from geotoken.bench.decode import DECODERS, REFERENCE, bench_decode
-from geotoken.errors import GeoTokenError
 
 
 def register(subparsers) -> None:
@@ -35,8 +34,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size is not None and args.batch_size < 1 or args.threads < 0 or args.iters < 1:
-        raise GeoTokenError("--batch-size and --iters must be >= 1, --threads >= 0")
     res = bench_decode(
         args.preset,
         args.batch_size,

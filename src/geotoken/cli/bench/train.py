@@ -8,7 +8,6 @@ import json
 from geotoken import DTYPES
 from geotoken.bench.common import GALLERY_ROWS
 from geotoken.bench.train import bench_train
-from geotoken.errors import GeoTokenError
 from geotoken.model import PRESETS
 
 
@@ -39,8 +38,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    if min(args.batch_size, args.iters, args.gallery_rows) < 1 or args.threads < 0:
-        raise GeoTokenError("--batch-size, --iters and --gallery-rows must be >= 1, --threads >= 0")
     res = bench_train(
         args.preset,
         args.batch_size,

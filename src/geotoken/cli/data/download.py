@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from geotoken.data.download import RESIZE_MODES, DownloadConfig, download
+
 HELP = "download images of a URL list (MP16, OSV-5M, Im2GPS3k, YFCC4k, ...) into WebDataset shards"
 
 
 def register(subparsers) -> None:
-    from geotoken.data.download import RESIZE_MODES, DownloadConfig
-
     d = DownloadConfig()
     p = subparsers.add_parser(
         "download",
@@ -19,7 +19,7 @@ def register(subparsers) -> None:
         "folder. Rerun the same command to resume.",
     )
     p.add_argument("urls", help="CSV with url + lat/lon (+ id) columns")
-    p.add_argument("-o", "--output", required=True, help="output folder for the shards")
+    p.add_argument("-o", "--out", required=True, help="output folder for the shards")
     p.add_argument(
         "--image-size", type=int, default=d.image_size, help="target size in pixels (default %(default)s)"
     )
@@ -27,33 +27,36 @@ def register(subparsers) -> None:
     p.add_argument(
         "--processes", type=int, default=d.processes, help="download processes (default %(default)s)"
     )
-    p.add_argument("--threads", type=int, default=d.threads, help="threads per process (default %(default)s)")
+    p.add_argument(
+        "--threads-per-process",
+        type=int,
+        default=d.threads,
+        help="download threads per process (default %(default)s)",
+    )
     p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard, help="default %(default)s")
     p.add_argument("--retries", type=int, default=d.retries, help="retries per URL (default %(default)s)")
     p.add_argument("--timeout", type=int, default=d.timeout, help="seconds per request (default %(default)s)")
     p.add_argument(
-        "--skip-bad-rows",
+        "--skip-bad",
         action="store_true",
-        help="drop invalid rows of the URL list (written to OUTPUT/skipped_rows.csv) instead of stopping",
+        help="drop invalid rows of the URL list (written to OUT/skipped_rows.csv) instead of stopping",
     )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from geotoken.data.download import DownloadConfig, download
-
     config = DownloadConfig(
         image_size=args.image_size,
         resize_mode=args.resize_mode,
         processes=args.processes,
-        threads=args.threads,
+        threads=args.threads_per_process,
         samples_per_shard=args.samples_per_shard,
         retries=args.retries,
         timeout=args.timeout,
     )
-    r = download(args.urls, args.output, config, on_error="skip" if args.skip_bad_rows else "raise")
+    r = download(args.urls, args.out, config, on_error="skip" if args.skip_bad else "raise")
     print(
-        f"downloaded {r.downloaded} of {r.requested} images into {args.output}; {r.failed} failed (see {r.failed_csv})"
+        f"downloaded {r.downloaded} of {r.requested} images into {args.out}; {r.failed} failed (see {r.failed_csv})"
     )
     print(f"manifest: {r.manifest_csv}")
     return 0

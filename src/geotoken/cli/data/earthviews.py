@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+
+from tqdm import tqdm
+
+from geotoken.data.earthviews import PRESETS, TEST_STYLES, build_earthviews
+from geotoken.errors import GeoTokenError
 
 HELP = "build EarthViews, the offline dataset of Blue Marble views at real MP16 photo coordinates"
 
@@ -19,25 +25,25 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "earthviews", help=HELP, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--out", required=True, help="output folder (created; must be empty or hold this build)")
     p.add_argument(
-        "--preset", default="demo", help="named sizes: demo (20K gallery, 64 px), full (100K, 96 px), tiny"
+        "-o", "--out", required=True, help="output folder (created; must be empty or hold this build)"
     )
+    p.add_argument("--preset", default="demo", choices=list(PRESETS),
+                   help="named sizes: demo (20K gallery, 64 px), full (100K, 96 px), tiny")  # fmt: skip
     p.add_argument("--size", type=int, help="gallery/train views (default: the preset's)")
     p.add_argument("--n-val", type=int, help="validation views")
     p.add_argument("--n-test", type=int, help="random test views (coordinates disjoint from the gallery's)")
     p.add_argument("--n-test-disjoint", type=int, help="spatially disjoint test views (0 skips the split)")
     p.add_argument("--image-size", type=int, help="pixels per side")
     p.add_argument("--view-km", type=float, help="view width in km before the per-view scale (default 400)")
-    p.add_argument("--test-style", help="test-time changes: medium (default), light, strong, cross-layer")
+    styles = ", ".join(TEST_STYLES)
+    p.add_argument("--test-style", help=f"test-time changes: one of {styles} (default medium)")
     p.add_argument(
         "--train-views",
         type=int,
         help="photo-like training query views per gallery place (default 2; 0: none)",
     )
-    p.add_argument(
-        "--train-style", help="changes of the train views: medium (default), light, strong, cross-layer"
-    )
+    p.add_argument("--train-style", help=f"changes of the train views: one of {styles} (default medium)")
     p.add_argument("--holdout-deg", type=float, help="lat/lon bin size of the spatially disjoint split (5)")
     p.add_argument("--holdout-fraction", type=float, help="share of bins held out of the gallery (0.2)")
     p.add_argument("--seed", type=int, help="changes every random choice (default 0)")
@@ -50,13 +56,6 @@ def register(subparsers) -> None:
 
 def config_from_args(args):
     """The preset, with every option the user gave replacing its field."""
-    import dataclasses
-
-    from geotoken.data.earthviews import PRESETS, TEST_STYLES
-    from geotoken.errors import GeoTokenError
-
-    if args.preset not in PRESETS:
-        raise GeoTokenError(f"--preset {args.preset!r}: choose from {sorted(PRESETS)}")
     changes = {
         name: getattr(args, name)
         for name in (
@@ -83,10 +82,6 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
-    from geotoken.data.earthviews import build_earthviews
-
     cfg = config_from_args(args)
     bar = tqdm(total=None, unit="view", desc="earthviews", disable=None)
 
