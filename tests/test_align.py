@@ -138,6 +138,26 @@ def test_train_save_load_apply(tmp_path):
     np.testing.assert_allclose(out["gps"][:8].astype(np.float32), heads(x)["gps"].detach().numpy(), atol=2e-3)
 
 
+def test_apply_into_a_new_store_leaves_the_source_untouched(tmp_path):
+    store = synthetic_store(tmp_path / "store", n=40, dim=8, skipped=(5,))
+    heads = AlignHeads(HeadsConfig(in_dim=8, visual_dim=4, hidden=8, gps_dim=4, text_dim=4)).eval()
+    heads.fit_input(np.nan_to_num(np.asarray(store["features"], dtype=np.float32)))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "store").iterdir()}
+    out = apply_heads(
+        heads, store, batch_size=16, progress=False, out=tmp_path / "aligned", info={"heads": "h"}
+    )
+    assert {p.name: p.read_bytes() for p in (tmp_path / "store").iterdir()} == before
+    assert sorted(out) == ["gps", "text", "visual"] and out.ids == store.ids
+    assert out.header["backbone"] == {"name": "fake"} and out.header["heads"] == "h"
+    assert (
+        out.header["aligned_from"] == str(tmp_path / "store") and not out.valid[5] and out.valid.sum() == 39
+    )
+    np.testing.assert_array_equal(out.coords, store.coords)
+    in_place = apply_heads(heads, FeatureStore.open(tmp_path / "store"), batch_size=16, progress=False)
+    for name in ("visual", "gps", "text"):  # the same float16 bytes either way
+        assert np.asarray(out[name]).tobytes() == np.asarray(in_place[name]).tobytes()
+
+
 def test_bad_inputs(tmp_path):
     store = synthetic_store(tmp_path / "store", n=40, dim=8)
     with pytest.raises(GeoTokenError, match="not an alignment-heads folder"):

@@ -3,9 +3,11 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from geotoken.cli import main
+from geotoken.features import FeatureStore
 from geotoken.pipeline import DemoConfig, demo_config
 
 pytestmark = pytest.mark.slow  # the whole method, twice
@@ -53,6 +55,21 @@ def test_changing_training_redoes_only_what_depends_on_it(fast_run, capsys):
         assert f"[{stage}] running" in out
 
 
+def test_stages_only_write_their_own_folders(fast_run):
+    """The aligned arrays live in the align stage's stores; the feature stores keep only what embed wrote."""
+    stages = json.loads((fast_run / "run.json").read_text())["stages"]
+    feats, aligned = fast_run / stages["features"]["folder"], fast_run / stages["align"]["folder"]
+    splits = ["gallery", "test", "test_disjoint", "train", "val"]
+    assert sorted(p.name for p in feats.iterdir() if p.is_dir()) == splits
+    for split in splits:
+        assert list(FeatureStore.open(feats / split)) == ["features"]
+        assert not (feats / split / "aligned_by.json").exists()
+        store = FeatureStore.open(aligned / split)
+        assert sorted(store) == ["gps", "text", "visual"] and store.header["aligned_from"] == str(
+            feats / split
+        )
+
+
 def test_unknown_options_are_rejected():
     with pytest.raises(ValueError, match="unknown demo preset"):
         demo_config("huge")
@@ -66,31 +83,27 @@ def test_bundle_command_assembles_the_stages_for_predict(fast_run, tmp_path, cap
     stage = {name: fast_run / info["folder"] for name, info in summary["stages"].items()}
     out = tmp_path / "bundle"
     args = ["bundle", "--model", str(stage["model"] / "best"), "--align", str(stage["align"] / "heads"),
-            "--gallery", str(stage["features"] / "gallery"), "--index", str(stage["index"] / "index"), "-o", str(out)]  # fmt: skip
+            "--gallery", str(stage["align"] / "gallery"), "--index", str(stage["index"] / "index"), "-o", str(out)]  # fmt: skip
     assert main(args) == 0
     image = summary["samples"][0]["image"]
     capsys.readouterr()
     assert main(["predict", image, "--model", str(out), "--top-k", "2", "--json"]) == 0
     assert '"candidates"' in capsys.readouterr().out
     wrong = [*args[:-1], str(tmp_path / "b2")]
-    wrong[wrong.index("--gallery") + 1] = str(
-        stage["features"] / "test"
-    )  # a store the index was not built on
+    wrong[wrong.index("--gallery") + 1] = str(stage["align"] / "test")  # a store the index was not built on
     assert main(wrong) == 2
 
 
 def test_the_model_trains_on_photo_like_views_that_never_see_their_own_place(fast_run):
-    import numpy as np
-
-    from geotoken.features import FeatureStore
-
     stages = json.loads((fast_run / "run.json").read_text())["stages"]
     feats, index = fast_run / stages["features"]["folder"], fast_run / stages["index"]["folder"]
-    train, gallery = FeatureStore.open(feats / "train"), FeatureStore.open(feats / "gallery")
+    aligned = fast_run / stages["align"]["folder"]
+    train, gallery = FeatureStore.open(aligned / "train"), FeatureStore.open(aligned / "gallery")
     assert train.rows == 2 * gallery.rows  # two views of every gallery place
     assert sorted({i.rsplit("-t", 1)[0] for i in train.ids}) == sorted(gallery.ids)
+    assert train.ids == FeatureStore.open(feats / "train").ids
     config = json.loads((index / "train" / "neighbours.json").read_text())["config"]
-    assert config["exclude_same_place"] and config["queries"]["store"] == str(feats / "train")
+    assert config["exclude_same_place"] and config["queries"]["store"] == str(aligned / "train")
     rows = np.load(index / "train" / "index.npy")
     own = np.asarray(train.coords)[:, None, :] == np.asarray(gallery.coords)[rows]
     assert (rows >= 0).all() and not own.all(axis=-1).any()

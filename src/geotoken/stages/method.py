@@ -1,0 +1,266 @@
+"""The method's stages as library functions, one per stage, each writing only its own folder `out`.
+
+    kind      reads                            writes into `out`
+    data      -                                EarthViews shards + SPLIT.csv manifests + dataset.json
+    features  data                             SPLIT/: feature store of raw backbone features, every split
+    align     features                         heads/ (trained on the gallery) and SPLIT/: aligned stores
+                                               (ids, coords, skipped rows, visual/gps/text), every split
+    index     align                            index/ (FAISS over the gallery) and SPLIT/: neighbour tables
+    model     align, index                     the trained GeoToken model (best/, last/, run.json, log)
+    bundle    model, align, index              a `geotoken predict` bundle + reward scorer + calibration
+    evaluate  data, features, align, index,    SPLIT/: `geotoken evaluate` outputs (metrics.md, ...) on
+              bundle                           each test split
+
+Earlier stages' folders are only read: the aligned arrays live in the align stage's own stores, not in the
+feature stores they were computed from. Split names are EarthViews' (`GALLERY` is searched; `TRAIN`
+queries are photo-like views of gallery places, so their neighbour tables drop their own place).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from geotoken.align import AlignConfig, AlignHeads, apply_heads, train_heads
+from geotoken.bundle import assemble_bundle
+from geotoken.data.earthviews import SPLITS, EarthViewsConfig, build_earthviews
+from geotoken.data.manifest import read_manifest
+from geotoken.encoders import load_backbone
+from geotoken.evaluate import BASELINES, EvalConfig, Split, evaluate, load_split
+from geotoken.evaluate.evaluate import GeoTokenMethodConfig
+from geotoken.features import FeatureStore, embed
+from geotoken.fit import calibrate_bundle, train_bundle_reward
+from geotoken.io import read_json
+from geotoken.model import preset
+from geotoken.predict import Geolocator
+from geotoken.retrieval import NeighbourIndex, StoreEmbeddings, neighbour_table
+from geotoken.search.reward import RewardConfig
+from geotoken.stages.runner import runtime_field, stage_kind
+from geotoken.train import TrainConfig, TrainData, train
+
+GALLERY, TRAIN = "gallery", "train"
+TEST_SPLITS = ("test", "test_disjoint")
+Log = Callable[[str], None]
+
+
+def dataset_splits(data: Path) -> list[str]:
+    """The non-empty splits of a data stage folder (dataset.json), in EarthViews' order."""
+    sizes = read_json(data / "dataset.json")["sizes"]
+    return [s for s in sizes if sizes[s] > 0]
+
+
+def store_splits(folder: Path) -> list[str]:
+    """The splits of a features or align stage folder: its sub-folders that are feature stores."""
+    names = [p.name for p in folder.iterdir() if (p / "store.json").is_file()]
+    return sorted(names, key=lambda n: (SPLITS.index(n) if n in SPLITS else len(SPLITS), n))
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class DataStageConfig:
+    earthviews: EarthViewsConfig = field(default_factory=EarthViewsConfig)  # decides the dataset's bytes
+    workers: int = runtime_field(1)  # rendering processes
+
+
+@stage_kind("data", DataStageConfig)
+def build_data(config: DataStageConfig, out: Path, *, log: Log = print) -> dict:
+    """Render EarthViews into `out` (resumable shard by shard)."""
+    info = build_earthviews(out, config.earthviews, workers=max(1, config.workers))
+    return {"sizes": config.earthviews.sizes(), "content_hash": info.get("content_hash")}
+
+
+# ---------------------------------------------------------------------------------------------- features
+@dataclass(frozen=True)
+class FeaturesStageConfig:
+    backbone: str = "efficientnet-lite0"
+    image_size: int | None = None  # backbone input pixels (None: the backbone's default)
+    batch_size: int = 64  # images per forward pass (recorded in each store, which resumes on it)
+    workers: int = runtime_field(2)  # image-decoding processes
+
+
+@stage_kind("features", FeaturesStageConfig)
+def embed_features(config: FeaturesStageConfig, out: Path, *, data: Path, log: Log = print) -> dict:
+    """Embed every split of the dataset with the frozen backbone: `out/SPLIT/` feature stores."""
+    options = {} if config.image_size is None else {"image_size": config.image_size}
+    backbone = load_backbone(config.backbone, **options).eval()
+    for split in dataset_splits(data):
+        manifest = read_manifest(data / f"{split}.csv")
+        log(f"  embedding {split} ({len(manifest)} images)")
+        embed(manifest, backbone, out / split, batch_size=config.batch_size, num_workers=config.workers)
+    return {"backbone": backbone.config()}
+
+
+# ---------------------------------------------------------------------------------------------- align
+@dataclass(frozen=True)
+class AlignStageConfig:
+    epochs: int = 20
+    seed: int = 0
+
+
+@stage_kind("align", AlignStageConfig)
+def align_features(config: AlignStageConfig, out: Path, *, features: Path, log: Log = print) -> dict:
+    """Train the heads on the gallery's features, then write an aligned store `out/SPLIT/` for every split."""
+    gallery = FeatureStore.open(features / GALLERY)
+    cfg = AlignConfig(epochs=config.epochs, seed=config.seed)
+    # the held-out image->GPS metric scores against the gallery's own coordinates (not MP16's 100K)
+    _, metrics = train_heads(gallery, out / "heads", cfg, gallery_coords=np.asarray(gallery.coords))
+    heads = AlignHeads.load(out / "heads")
+    for split in store_splits(features):
+        apply_heads(heads, FeatureStore.open(features / split), out=out / split, info={"heads": "../heads"})
+    return {"metrics": metrics}
+
+
+# ---------------------------------------------------------------------------------------------- index
+@dataclass(frozen=True)
+class IndexStageConfig:
+    embedding: str = "visual+gps"  # what retrieval searches (a store array or a '+' concatenation)
+    k: int = 15  # neighbours per query
+    kind: str = "flat"  # FAISS index kind (geotoken.retrieval.KINDS)
+
+
+@stage_kind("index", IndexStageConfig)
+def index_gallery(config: IndexStageConfig, out: Path, *, align: Path, log: Log = print) -> dict:
+    """A FAISS index over the aligned gallery (`out/index/`) and the neighbour table of every split."""
+    stores = {split: FeatureStore.open(align / split) for split in store_splits(align)}
+    gallery = stores[GALLERY]
+    index = NeighbourIndex.build(
+        StoreEmbeddings(gallery, config.embedding),
+        kind=config.kind,
+        valid=gallery.valid,
+        meta={"store": str(gallery.root), "embedding": config.embedding},
+    )
+    index.save(out / "index")
+    for (
+        split,
+        store,
+    ) in stores.items():  # training queries: without their own id, exact duplicates, (train) own place
+        neighbour_table(
+            store, index, config.k, out / split,
+            exclude_self_ids=(split in (GALLERY, TRAIN)), exclude_same_place=(split == TRAIN),
+            gallery_store=gallery, embedding=config.embedding,
+        )  # fmt: skip
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------- model
+@dataclass(frozen=True)
+class ModelStageConfig:
+    preset: str = "small"  # geotoken.model preset
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 3e-4
+    dtype: str = "fp32"  # training precision; "bf16": autocast
+    seed: int = 0
+    modalities: tuple[str, ...] = ("visual", "gps", "text")
+    queries: str = TRAIN  # the training queries' split (GALLERY: train on gallery views, as on MP16)
+    val: str = "val"  # the validation split
+    k: int | None = None  # neighbours the model reads (None: the index's k)
+    warmup_steps: int | None = None  # None: min(100, steps // 10)
+    checkpoint_every: int | None = None  # None: max(50, steps // 4)
+
+
+@stage_kind("model", ModelStageConfig)
+def train_model(config: ModelStageConfig, out: Path, *, align: Path, index: Path, log: Log = print) -> dict:
+    """Train GeoToken on the training queries against the gallery, validated on the validation split."""
+    modalities = list(config.modalities)
+    q = config.queries
+    data = TrainData.load(align / q, index / q, align / GALLERY, modalities)
+    val = TrainData.load(align / config.val, index / config.val, align / GALLERY, modalities)
+    dims = {m: data.query[m].shape[1] for m in modalities}
+    model_cfg = preset(config.preset, modalities=dims, k=data.k_store if config.k is None else config.k)
+    steps = max(1, config.epochs * int(np.ceil(data.rows / config.batch_size)))
+    warmup = min(100, steps // 10) if config.warmup_steps is None else config.warmup_steps
+    every = max(50, steps // 4) if config.checkpoint_every is None else config.checkpoint_every
+    tcfg = TrainConfig(
+        lr=config.lr, batch_size=config.batch_size, epochs=config.epochs, seed=config.seed, dtype=config.dtype,
+        warmup_steps=warmup, checkpoint_every=every, tensorboard=False,
+    )  # fmt: skip
+    sources = {"queries": q, "gallery": GALLERY, "neighbours": f"{index.name}/{q}"}
+    train(
+        model_cfg, tcfg, data, out, np.arange(data.rows), val, np.arange(val.rows), resume=True,
+        sources=sources,
+    )  # fmt: skip
+    return {"model": model_cfg.to_dict()}
+
+
+# ---------------------------------------------------------------------------------------------- bundle
+@dataclass(frozen=True)
+class BundleStageConfig:
+    reward_images: int = 2000  # training images of the reward scorer (0: no scorer)
+    reward_queries: str = TRAIN  # the split the reward scorer trains on
+    calibration: str = "val"  # the split the confidences are calibrated on
+    seed: int = 0
+
+
+@stage_kind("bundle", BundleStageConfig)
+def make_bundle(
+    config: BundleStageConfig, out: Path, *, model: Path, align: Path, index: Path, log: Log = print
+) -> dict:
+    """Everything `geotoken predict` needs in `out`, plus the reward scorer and the calibrated confidences."""
+    assemble_bundle(
+        out, model=model / "best", align=align / "heads", gallery=align / GALLERY, index=index / "index"
+    )
+    info = {}
+    if config.reward_images:  # the learned candidate scorer (select=reward), trained on training queries
+        reward_cfg = RewardConfig(max_images=config.reward_images, seed=config.seed)
+        q = config.reward_queries
+        info["reward"] = train_bundle_reward(Geolocator.from_bundle(out), align / q, index / q, reward_cfg)
+    # calibrated confidences, fitted on the validation split (held-out figures come from the evaluation)
+    c = config.calibration
+    info["calibration"] = calibrate_bundle(Geolocator.from_bundle(out), align / c, index / c)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+@dataclass(frozen=True)
+class EvalStageConfig:
+    splits: tuple[str, ...] = TEST_SPLITS  # query splits, each evaluated against the gallery
+    baselines: tuple[str, ...] = BASELINES
+    strategies: tuple[str, ...] = ("greedy", "beam", "sample", "sample+retrieval")
+    selectors: tuple[str, ...] = ("logp", "consensus", "reward")
+    n_boot: int = 1000
+    seed: int = 0
+
+
+def evaluation_split(data: Path, features: Path, align: Path, split: str) -> Split:
+    """A split as the evaluation sees it: the raw features and the aligned arrays, true coordinates."""
+    aligned = load_split(align / split, data / f"{split}.csv", name=split)
+    raw = load_split(features / split, data / f"{split}.csv", name=split)
+    return dataclasses.replace(aligned, arrays={**raw.arrays, **aligned.arrays})
+
+
+@stage_kind("evaluate", EvalStageConfig)
+def evaluate_bundle(
+    config: EvalStageConfig,
+    out: Path,
+    *,
+    data: Path,
+    features: Path,
+    align: Path,
+    index: Path,
+    bundle: Path,
+    log: Log = print,
+) -> dict:
+    """Baselines and the bundle's model (every strategy x selector) on each query split: `out/SPLIT/`."""
+    geolocator = Geolocator.from_bundle(bundle)
+    ecfg = EvalConfig(
+        methods=(*config.baselines, "geotoken"),
+        n_boot=config.n_boot,
+        seed=config.seed,
+        reference="knn" if "knn" in config.baselines else None,
+        geotoken=GeoTokenMethodConfig(
+            model=str(bundle), strategies=config.strategies, selectors=config.selectors
+        ),
+    )
+    gallery = evaluation_split(data, features, align, GALLERY)
+    for split in config.splits:
+        queries = evaluation_split(data, features, align, split)
+        nb = index / split
+        neighbours = (np.load(nb / "index.npy", mmap_mode="r"), np.load(nb / "sims.npy", mmap_mode="r"))
+        log(f"  evaluating on {split} ({len(queries)} images)")
+        evaluate(gallery, queries, out / split, ecfg, neighbours=neighbours, geolocator=geolocator, log=log)
+    return {"splits": list(config.splits)}

@@ -1,0 +1,249 @@
+"""The generic part: stage kinds, a pipeline of stage specs, and the run folder that executes them.
+
+A stage kind is a library function `run(config, out, *, <inputs>, log)` registered with its config dataclass;
+its inputs are the keyword-only parameters of the function (paths of the stage folders it reads). A
+`StageSpec` names one use of a kind in a pipeline: its folder prefix, its config, and which earlier stage
+provides each input. A `Pipeline` is a checked list of specs; it is plain data (`to_dict` / `from_dict`).
+
+A stage's identity is derived, never written by hand: the fields of its config (less those marked
+`runtime_field`, e.g. worker counts, that cannot change what it writes) plus, for each input, the folder
+name of the stage that provides it (`NAME-HASH`, itself a hash of that stage's identity). `Run` names each
+stage folder after the hash of its identity, writes `stage.json` last, and reuses a finished folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from geotoken.errors import GeoTokenError
+from geotoken.io import read_json, sha256_json, write_json
+
+RUNTIME = "runtime"  # dataclass field metadata key: the field is not part of the stage's identity
+
+
+def runtime_field(default: Any) -> Any:
+    """A config field that does not change a stage's outputs (processes, threads): left out of its identity."""
+    return field(default=default, metadata={RUNTIME: True})
+
+
+# ---------------------------------------------------------------------------------------------- kinds
+@dataclass(frozen=True)
+class StageKind:
+    """What a stage does: `run(config, out, *, <inputs>: Path, log) -> info dict`, and its config class."""
+
+    name: str
+    run: Callable[..., dict | None]
+    config: type
+    inputs: tuple[str, ...]  # the stage folders it reads: run's keyword-only parameters (less `log`)
+
+
+STAGES: dict[str, StageKind] = {}
+
+
+def stage_kind(name: str, config: type) -> Callable[[Callable], Callable]:
+    """Decorator: register a stage function under `name` with its config dataclass."""
+
+    def register(run: Callable) -> Callable:
+        params = inspect.signature(run).parameters.values()
+        inputs = tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "log")
+        STAGES[name] = StageKind(name, run, config, inputs)
+        return run
+
+    return register
+
+
+# ---------------------------------------------------------------------------------------------- identity
+def config_identity(config: Any) -> dict[str, Any]:
+    """The config's fields as JSON-able values, less the runtime fields."""
+    values = dataclasses.asdict(config)
+    return {f.name: values[f.name] for f in dataclasses.fields(config) if not f.metadata.get(RUNTIME)}
+
+
+def stage_identity(config: Any, inputs: Mapping[str, str]) -> dict[str, Any]:
+    """A stage's identity: its config fields plus {input: folder name of the stage providing it}."""
+    own = config_identity(config)
+    clash = sorted(set(own) & set(inputs))
+    if clash:
+        raise GeoTokenError(f"{type(config).__name__}: field(s) {clash} have the names of stage inputs")
+    return {**own, **inputs}
+
+
+# ---------------------------------------------------------------------------------------------- specs
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of a pipeline: its name (folder prefix), kind (a key of STAGES), config and inputs.
+
+    inputs: {input of the kind: name of an earlier stage}; None wires each input to the stage of that name.
+    """
+
+    name: str
+    kind: str
+    config: Any
+    inputs: Mapping[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in STAGES:
+            raise GeoTokenError(
+                f"stage {self.name!r}: unknown kind {self.kind!r}; choose from {sorted(STAGES)}"
+            )
+        kind = STAGES[self.kind]
+        if not isinstance(self.config, kind.config):
+            raise GeoTokenError(
+                f"stage {self.name!r}: config is a {type(self.config).__name__}, kind {self.kind!r} takes a "
+                f"{kind.config.__name__}"
+            )
+        inputs = dict(self.inputs) if self.inputs is not None else {i: i for i in kind.inputs}
+        if set(inputs) != set(kind.inputs):
+            raise GeoTokenError(
+                f"stage {self.name!r}: inputs {sorted(inputs)}, kind {self.kind!r} reads {sorted(kind.inputs)}"
+            )
+        object.__setattr__(self, "inputs", {i: inputs[i] for i in kind.inputs})
+
+    @property
+    def stage_kind(self) -> StageKind:
+        return STAGES[self.kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "config": dataclasses.asdict(self.config),
+                "inputs": dict(self.inputs)}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StageSpec:
+        """{"name", "kind" (default: the name), "config": {field: value} (default: all defaults),
+        "inputs": {input: stage} or [stage, ...] (same names) (default: same names)}."""
+        unknown = sorted(set(d) - {"name", "kind", "config", "inputs"})
+        if unknown or "name" not in d:
+            raise GeoTokenError(f"stage {dict(d)}: needs 'name'; unknown key(s) {unknown}")
+        name, kind = d["name"], d.get("kind", d["name"])
+        if kind not in STAGES:
+            raise GeoTokenError(f"stage {name!r}: unknown kind {kind!r}; choose from {sorted(STAGES)}")
+        inputs = d.get("inputs")
+        if isinstance(inputs, list | tuple):
+            inputs = {i: i for i in inputs}
+        config = config_from_dict(STAGES[kind].config, d.get("config") or {}, where=f"stage {name!r}")
+        return cls(name, kind, config, inputs)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Stages in the order they run; every input names an earlier stage."""
+
+    stages: tuple[StageSpec, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+        seen: set[str] = set()
+        for spec in self.stages:
+            if spec.name in seen:
+                raise GeoTokenError(f"pipeline: two stages named {spec.name!r}")
+            missing = sorted(src for src in spec.inputs.values() if src not in seen)
+            if missing:
+                raise GeoTokenError(
+                    f"pipeline: stage {spec.name!r} reads {missing}, which no earlier stage is"
+                )
+            seen.add(spec.name)
+
+    def __getitem__(self, name: str) -> StageSpec:
+        for spec in self.stages:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stages": [s.to_dict() for s in self.stages]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Pipeline:
+        if not isinstance(d.get("stages"), list):
+            raise GeoTokenError("pipeline: needs a list 'stages'")
+        return cls(tuple(StageSpec.from_dict(s) for s in d["stages"]))
+
+
+def config_from_dict(cls: type, d: Mapping[str, Any], where: str = "config") -> Any:
+    """A config dataclass from plain values (JSON / YAML): nested dataclasses from dicts, tuples from lists."""
+    if not isinstance(d, Mapping):
+        raise GeoTokenError(f"{where}: expected a mapping of {cls.__name__} fields, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise GeoTokenError(f"{where}: unknown {cls.__name__} field(s) {unknown}; known: {sorted(names)}")
+    return cls(**{k: _value(hints[k], v, f"{where}.{k}") for k, v in d.items()})
+
+
+def _value(hint: Any, value: Any, where: str) -> Any:
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = typing.get_args(hint) if union else (hint,)
+    for option in options:
+        if dataclasses.is_dataclass(option) and isinstance(value, Mapping):
+            return config_from_dict(option, value, where)
+        if typing.get_origin(option) is tuple and isinstance(value, list | tuple):
+            return tuple(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- running
+class Run:
+    """A run folder: stage folders named by content hash, a log of timings, reuse of finished stages."""
+
+    def __init__(self, root: str | Path, log: Callable[[str], None] = print):
+        self.root = Path(root).resolve()  # run.json records absolute paths; the report re-roots a moved run
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        self.timings: dict[str, float] = {}
+        self.stages: dict[str, dict] = {}
+
+    def stage(self, name: str, identity: dict, build: Callable[[Path], dict | None]) -> tuple[Path, dict]:
+        """Run `build(folder)` unless the stage with this identity is finished; return (folder, its record)."""
+        digest = sha256_json(identity)[:12]
+        folder = self.root / f"{name}-{digest}"
+        marker = folder / "stage.json"
+        t0 = time.perf_counter()
+        if marker.exists():
+            record = read_json(marker)
+            self.log(f"[{name}] reused {folder.name}")
+        else:
+            self.log(f"[{name}] running -> {folder.name}")
+            folder.mkdir(parents=True, exist_ok=True)
+            info = build(folder) or {}
+            seconds = round(time.perf_counter() - t0, 2)
+            record = {"stage": name, "hash": digest, "identity": identity, "seconds": seconds, "info": info}
+            write_json(marker, record)
+        self.timings[name] = round(time.perf_counter() - t0, 2)
+        self.stages[name] = {"folder": folder.name, "hash": digest, "built_seconds": record["seconds"]}
+        return folder, record
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A finished stage: its folder and its stage.json record (identity, seconds, the function's info)."""
+
+    folder: Path
+    record: dict
+
+    @property
+    def info(self) -> dict:
+        return self.record["info"]
+
+
+def run_pipeline(pipeline: Pipeline, run: Run) -> dict[str, StageResult]:
+    """Run every stage of `pipeline` in `run` (reusing finished ones); return {stage name: its result}."""
+    done: dict[str, StageResult] = {}
+    for spec in pipeline.stages:
+        folders = {i: done[src].folder for i, src in spec.inputs.items()}
+        identity = stage_identity(spec.config, {i: f.name for i, f in folders.items()})
+        kind = spec.stage_kind
+
+        def build(out: Path, kind=kind, spec=spec, folders=folders) -> dict | None:
+            return kind.run(spec.config, out, **folders, log=run.log)
+
+        done[spec.name] = StageResult(*run.stage(spec.name, identity, build))
+    return done
