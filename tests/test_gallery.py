@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from geotoken.errors import GeoTokenError
-from geotoken.features import FeatureStore
 from geotoken.gallery import Gallery, load_queries
 from geotoken.model import GeoToken, preset
 from geotoken.predict import Geolocator
 from geotoken.retrieval import NeighbourIndex, neighbour_table
 from geotoken.train import TrainData
+from helpers import write_store
 
 DIMS = {"visual": 12, "gps": 8, "text": 4}
 
@@ -18,12 +18,8 @@ DIMS = {"visual": 12, "gps": 8, "text": 4}
 def store(root, n, seed):
     rng = np.random.default_rng(seed)
     coords = np.c_[rng.uniform(-70, 70, n), rng.uniform(-180, 180, n)]
-    s = FeatureStore.create(root, [f"{root.name}{i}" for i in range(n)], coords, DIMS)
-    for m, d in DIMS.items():
-        with s.writer(m) as w:
-            w.write(0, rng.standard_normal((n, d)).astype(np.float32))
-        s.mark_complete(m)
-    return FeatureStore.open(root)
+    arrays = {m: rng.standard_normal((n, d)).astype(np.float32) for m, d in DIMS.items()}
+    return write_store(root, arrays, ids=[f"{root.name}{i}" for i in range(n)], coords=coords)
 
 
 @pytest.fixture(scope="module")

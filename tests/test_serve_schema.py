@@ -20,16 +20,11 @@ from hypothesis import strategies as st  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import positive_data_acceptance  # noqa: E402
 
+from geotoken.predict import Geolocator  # noqa: E402
 from geotoken.serve import ServeConfig, create_app  # noqa: E402
-from test_serve import small_geolocator  # noqa: E402
+from helpers import encode  # noqa: E402
 
 EXAMPLES = 40  # per operation and property
-
-
-def encoded(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def photos() -> list[bytes]:
@@ -40,17 +35,17 @@ def photos() -> list[bytes]:
     gif = io.BytesIO()
     frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
     return [
-        encoded(rgb, "JPEG", quality=90),
-        encoded(rgb, "PNG"),
-        encoded(rgb.convert("RGBA"), "PNG"),
-        encoded(rgb.convert("L"), "PNG"),
-        encoded(rgb.convert("CMYK"), "JPEG"),
-        encoded(Image.new("I;16", (40, 30), 40000), "PNG"),
-        encoded(rgb.convert("P"), "BMP"),
-        encoded(rgb, "TIFF"),
-        encoded(rgb, "WEBP"),
-        encoded(Image.new("RGB", (1, 1), (255, 0, 0)), "PNG"),
-        encoded(Image.new("RGB", (2000, 1), (0, 0, 255)), "PNG"),
+        encode(rgb, "JPEG", quality=90),
+        encode(rgb, "PNG"),
+        encode(rgb.convert("RGBA"), "PNG"),
+        encode(rgb.convert("L"), "PNG"),
+        encode(rgb.convert("CMYK"), "JPEG"),
+        encode(Image.new("I;16", (40, 30), 40000), "PNG"),
+        encode(rgb.convert("P"), "BMP"),
+        encode(rgb, "TIFF"),
+        encode(rgb, "WEBP"),
+        encode(Image.new("RGB", (1, 1), (255, 0, 0)), "PNG"),
+        encode(Image.new("RGB", (2000, 1), (0, 0, 255)), "PNG"),
         gif.getvalue(),
     ]
 
@@ -66,9 +61,13 @@ SETTINGS = settings(
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(random_bundle):
+    """A real bundle (random weights, 64 gallery rows) whose backbone reads 32 px images: fast on a CPU."""
+    import torch
+
+    torch.set_num_threads(1)
     config = ServeConfig(max_upload_mb=1, max_pixels=4_000_000, basemap_width=256)
-    return create_app(small_geolocator(tmp_path_factory.mktemp("bundle") / "b"), config)
+    return create_app(Geolocator.from_bundle(random_bundle(gallery_rows=64, k=5, image_size=32)), config)
 
 
 @pytest.fixture(scope="module")
