@@ -111,20 +111,9 @@ def vocabulary_problems(parser: argparse.ArgumentParser, at: tuple[str, ...] = (
 PARSER = build_parser()
 COMMANDS = [name for action in PARSER._actions if isinstance(action, argparse._SubParsersAction)
             for name in action.choices]  # fmt: skip
-# demo.py is being changed elsewhere (its --k lacks -k, its --threads defaults to None, its --model-preset
-# choices are a literal): strict, so the marker has to go once that lands
-PENDING = {"demo"}
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="demo.py: pending"))
-        if c in PENDING
-        else c
-        for c in COMMANDS
-    ],
-)
+@pytest.mark.parametrize("command", COMMANDS)
 def test_command_speaks_the_vocabulary(command):
     sub = next(a for a in PARSER._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
     assert vocabulary_problems(sub, (command,)) == []

@@ -9,6 +9,7 @@
 """
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -51,10 +52,15 @@ def top_level(body: list[ast.stmt]):
                 yield from top_level(block)
 
 
+@functools.cache
+def parse(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), str(path))
+
+
 def imports(module: str):
     """(imported module, names, at module top?, line) for every import statement of a module."""
     path = MODULES[module]
-    tree = ast.parse(path.read_text(), str(path))
+    tree = parse(path)
     top = {id(n) for n in top_level(tree.body)}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from geotoken import DTYPES
+from geotoken.model import PRESETS as MODEL_PRESETS
+from geotoken.pipeline import PRESETS, demo_config, print_summary, run_demo
 
 HELP = "run the whole method offline: dataset, features, alignment, retrieval, training, search, evaluation"
 
@@ -29,9 +31,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--run-dir", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--fast", action="store_true", help="tiny sizes: a smoke run of every stage")
-    p.add_argument(
-        "--preset", choices=["demo", "fast", "full"], help="named sizes (default demo; --fast = fast)"
-    )
+    p.add_argument("--preset", choices=list(PRESETS), help="named sizes (default demo; --fast = fast)")
     p.add_argument("--dataset-size", type=int, help="EarthViews gallery views")
     p.add_argument("--n-test", type=int, help="views per val / test split")
     p.add_argument("--image-size", type=int, help="EarthViews pixels per side")
@@ -40,21 +40,21 @@ def register(subparsers) -> None:
         type=int,
         help="photo-like training queries per gallery place (default 2; 0: train on gallery views, as on MP16)",
     )
-    p.add_argument("--model-preset", choices=["tiny", "small", "paper"], help="GeoToken model size")
+    p.add_argument("--model-preset", choices=list(MODEL_PRESETS), help="GeoToken model size")
     p.add_argument("--epochs", type=int, help="training epochs")
     p.add_argument("--batch-size", type=int, help="training batch size")
     p.add_argument("--dtype", choices=DTYPES, help="training precision (bf16: autocast; default fp32)")
-    p.add_argument("--k", type=int, help="retrieved neighbours per image")
+    p.add_argument("-k", "--k", type=int, help="retrieved neighbours per image")
     p.add_argument("--seed", type=int, help="seed of every random choice (dataset, training, bootstrap)")
-    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads (default 0: torch's choice, all cores)"
+    )
     p.add_argument("--workers", type=int, help="image-decoding / rendering processes")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from geotoken.pipeline import demo_config, print_summary, run_demo
-
     name = args.preset or ("fast" if args.fast else "demo")
     cfg = demo_config(
         name,
