@@ -360,7 +360,7 @@ def test_the_app_serves_again_after_a_restart():
     assert app.state.runner.served == 2
 
 
-def test_graceful_shutdown_over_http_finishes_admitted_requests():
+def test_graceful_shutdown_over_http_finishes_admitted_requests(free_port):
     """uvicorn stops listening at once, answers the requests it admitted, then the app stops the model."""
     import socket
 
@@ -370,9 +370,7 @@ def test_graceful_shutdown_over_http_finishes_admitted_requests():
     predictor = BlockingPredictor()
     app = queue_app(predictor, seconds_per_image=0.1, budget_s=10.0)
     runner = app.state.runner
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
