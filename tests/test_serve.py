@@ -343,7 +343,7 @@ def test_shutdown_answers_every_admitted_request_first():
     predictor.release.set()
     closer.join(10)
     assert not closer.is_alive() and not runner.alive
-    assert [f.result()[0].candidates[0]["lat"] for f in futures] == [1.0] * 3
+    assert [f.result()[0].candidates[0].lat for f in futures] == [1.0] * 3
     assert predictor.calls == [1, 2] and runner.in_flight == 0
 
 
