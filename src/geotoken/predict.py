@@ -346,6 +346,8 @@ class Geolocator:
         memory stays bounded however many. Each candidate is a `Candidate`: coordinate, calibrated
         probabilities, cell, place, level confidences.
         """
+        if top_k < 1:
+            raise GeoTokenError(f"top_k must be >= 1, got {top_k}")
         items = as_image_list(images)
         opt = self.options.replace(**options)
         preds: list[Prediction] = []
@@ -473,8 +475,16 @@ class GeoCLIPPredictor:
         if not 1 <= level <= s2.MAX_LEVEL or batch_size < 1:
             raise GeoTokenError(f"geoclip: level must be in 1..{s2.MAX_LEVEL} and batch_size >= 1")
         self.model, self.level, self.batch_size = model.eval(), level, batch_size
-        lat = torch.deg2rad(model.latlon[:, 0].double())
-        self._lat, self._lon, self._cos = lat, torch.deg2rad(model.latlon[:, 1].double()), torch.cos(lat)
+        self.to(self.device)
+
+    def to(self, device: str | torch.device) -> GeoCLIPPredictor:
+        """Move the model (and the gallery's radians used for `within`) to `device` ("auto" resolves)."""
+        self.model.to(resolve_device(device) if isinstance(device, str) else device)
+        latlon = self.model.latlon
+        exact = torch.float32 if latlon.device.type == "mps" else torch.float64  # MPS has no float64
+        lat, lon = torch.deg2rad(latlon.to(exact)).unbind(1)
+        self._lat, self._lon, self._cos = lat, lon, torch.cos(lat)
+        return self
 
     @classmethod
     def load(
@@ -490,7 +500,7 @@ class GeoCLIPPredictor:
         """clip: CLIP ViT-L/14 as a folder or hub id (default openai/clip-vit-large-patch14: about 1.7 GB,
         downloaded once into the hub cache); files: GeoCLIP's weights (default: the `geoclip` wheel's)."""
         model = GeoCLIPGeolocator.load(clip or PAPER_MODEL, files=files, cache_dir=cache_dir)
-        return cls(model.to(resolve_device(device)), level, batch_size)
+        return cls(model, level, batch_size).to(device)
 
     @property
     def device(self) -> torch.device:
@@ -603,7 +613,7 @@ class GeoCLIPPredictor:
                 torch.sin((self._lat[None, :] - self._lat[rows, None]) / 2) ** 2
                 + self._cos[rows, None] * self._cos[None, :] * torch.sin((self._lon[None, :] - self._lon[rows, None]) / 2) ** 2
             )  # (k, N)  # fmt: skip
-            p = probs[b].double()
+            p = probs[b].to(a.dtype)
             for i, limit in enumerate(limits.tolist()):
                 out[i, b] = ((a <= limit) * p).sum(dim=1).cpu().numpy()
         return {f"{r:g}km": out[i].clip(0, 1) for i, r in enumerate(self.radii_km)}

@@ -3,9 +3,11 @@ Face Hub repo id holding one, or `geoclip`)."""
 
 from __future__ import annotations
 
+import torch
 from PIL import Image
 
-from geotoken.serve import ServeConfig
+from geotoken.predict import Geolocator
+from geotoken.serve import ServeConfig, create_app
 
 DEFAULTS = ServeConfig()
 
@@ -69,11 +71,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import torch
     import uvicorn
-
-    from geotoken.predict import Geolocator
-    from geotoken.serve import create_app
 
     config = ServeConfig(
         max_upload_mb=args.max_upload_mb,
