@@ -10,22 +10,30 @@ A bundle folder (`save_bundle` writes it, `bundle.json` last so a half-written b
     model/             `geotoken.model.GeoToken`
     calibration.json   optional `geotoken.search.calibration.Calibration`
     reward/            optional `geotoken.search.reward.RewardScorer`
+    README.md          the model card (YAML front matter for the Hugging Face Hub), written at save time
+
+`bundle.json` also records where the image backbone's weights come from (`backbone_source`: a hub id or a
+local folder for CLIP, the installed package for EfficientNet-Lite0). Bundles travel through the Hugging Face
+Hub: `push_to_hub(directory, repo_id)` uploads one, `hub_snapshot(repo_id)` fetches one into the local hub
+cache (`huggingface_hub.snapshot_download`: its cache, `HF_HUB_OFFLINE` honoured).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from geotoken.align import AlignHeads
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
-from geotoken.io import read_json, write_json
+from geotoken.io import atomic_open, read_json, write_json
 from geotoken.model import GeoToken
 from geotoken.retrieval import NeighbourIndex
 from geotoken.s2 import latlon_to_tokens
@@ -35,6 +43,9 @@ BUNDLE_FORMAT = "geotoken.bundle"
 BUNDLE_VERSION = 1
 _RENAMED = {"width": "beam_width", "samples": "num_samples"}  # search option names before one vocabulary
 PARTS = ("backbone", "align", "gallery", "index", "model", "calibration", "reward")
+CARD = "README.md"
+CARD_REPO_PLACEHOLDER = "ORG/NAME"  # the card's usage lines; `push_to_hub` fills in the repo id
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hugging Face Hub repo id, ORG/NAME
 
 
 @dataclass
@@ -77,6 +88,129 @@ class SearchOptions:
         return cls().replace(**d, mllm=mllm)
 
 
+@dataclass
+class CardInfo:
+    """What the model card says beyond what the bundle itself records (`save_bundle(card=...)`)."""
+
+    license: str = "other"  # a Hugging Face license id (mit, apache-2.0, cc-by-4.0, ...)
+    datasets: list[str] = field(default_factory=list)  # training / gallery data, e.g. hub dataset ids
+    tags: list[str] = field(default_factory=list)  # added to geotoken's own tags
+    evaluation: str | None = None  # a Markdown table, e.g. the metrics.md of `geotoken evaluate`
+    description: str = ""  # a paragraph under the title
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether `name` has the form of a Hugging Face Hub repo id (ORG/NAME; no path of more parts)."""
+    return bool(REPO_ID.fullmatch(str(name))) and ".." not in str(name)
+
+
+def backbone_source(config: dict[str, Any]) -> dict[str, str]:
+    """Where a backbone config's weights come from: {"kind": "hub", "repo_id"} or {"kind": "folder",
+    "path"} (absolute) for CLIP, {"kind": "package"} for backbones whose weights ship in a pip package."""
+    if config.get("name") != "clip":
+        return {"kind": "package"}
+    model = str(config.get("model", ""))
+    if Path(model).is_dir():
+        return {"kind": "folder", "path": str(Path(model).resolve())}
+    return {"kind": "hub", "repo_id": model}
+
+
+def bundle_backbone_config(root: str | os.PathLike, spec: dict, clip: str | None = None) -> dict[str, Any]:
+    """The backbone config to load a bundle with: a CLIP folder recorded at save time is found by its
+    absolute path (from any working directory); `clip` (a folder or hub id) replaces the recorded one."""
+    root = Path(root)
+    config = read_json(root / spec["backbone"])
+    if clip is not None:
+        if config.get("name") != "clip":
+            raise GeoTokenError(
+                f"{root}: its backbone is {config.get('name')!r}, not clip; drop the clip option"
+            )
+        return {**config, "model": str(clip)}
+    source = spec.get("backbone_source") or {}
+    if source.get("kind") == "folder" and not Path(config.get("model", "")).is_dir():
+        if not Path(source["path"]).is_dir():
+            raise GeoTokenError(
+                f"{root}: its CLIP backbone is the local folder {source['path']}, which does not exist here; "
+                "pass the CLIP folder or hub id it was built with (clip=..., --clip)"
+            )
+        config = {**config, "model": source["path"]}
+    return config
+
+
+def _yaml_list(values) -> list[str]:
+    return list(dict.fromkeys(str(v) for v in values if str(v)))  # unique, in order
+
+
+def model_card(
+    spec: dict, backbone_config: dict[str, Any], model_cfg, gallery_rows: int, card: CardInfo
+) -> str:
+    """README.md of a bundle: YAML front matter for the Hub, then what it is, how to use it, its evaluation."""
+    source = backbone_source(backbone_config)
+    meta: dict[str, Any] = {
+        "library_name": "geotoken",
+        "license": card.license,
+        "pipeline_tag": "other",  # the Hub has no geolocation task
+        "tags": _yaml_list(["geotoken", "image-geolocalization", "geolocation", "s2-cells", *card.tags]),
+    }
+    if card.datasets:
+        meta["datasets"] = _yaml_list(card.datasets)
+    if source["kind"] == "hub":
+        meta["base_model"] = source["repo_id"]
+    where = {"hub": f"hub: {source.get('repo_id')}", "folder": "a local folder", "package": "its pip package"}
+    search = spec.get("search", {})
+    rows = [
+        ("image backbone", f"{backbone_config.get('name')} ({where[source['kind']]})"),
+        ("query embedding", " + ".join(spec["query_modalities"])),
+        ("gallery", f"{gallery_rows:,} located images"),
+        (
+            "model",
+            f"S2 level {model_cfg.level}, {model_cfg.group} levels per token, {model_cfg.k} neighbours",
+        ),
+        (
+            "default search",
+            f"{search.get('strategy')} (beam width {search.get('beam_width')}), select {search.get('select')}",
+        ),  # fmt: skip
+        ("calibrated", "yes" if spec.get("calibration") else "no"),
+        ("reward scorer", "yes" if spec.get("reward") else "no"),
+    ]
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        "",
+        "# GeoToken model bundle",
+        "",
+        *([card.description.strip(), ""] if card.description.strip() else []),
+        "A [GeoToken](https://arxiv.org/abs/2511.01082) geolocator: where on Earth was a photo taken? The "
+        "photo's geo-aligned embeddings and its retrieved gallery neighbours go into a transformer that "
+        "predicts the location's S2-cell tokens, coarse to fine; a search and a selection step pick the answer.",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        "pip install geotoken",
+        f"geotoken predict photo.jpg --model {CARD_REPO_PLACEHOLDER} --top-k 5",
+        "```",
+        "",
+        "```python",
+        "from geotoken.predict import Geolocator",
+        "",
+        f'geo = Geolocator.from_pretrained("{CARD_REPO_PLACEHOLDER}")',
+        'best = geo.predict(["photo.jpg"], top_k=5)[0].candidates[0]  # lat, lon, probability, cell, place',
+        "```",
+        "",
+        "## What is inside",
+        "",
+        "| part | |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in rows),
+        "",
+    ]
+    if card.evaluation:
+        lines += ["## Evaluation", "", card.evaluation.strip(), ""]
+    return "\n".join(lines)
+
+
 def read_bundle(root: str | os.PathLike) -> dict:
     """bundle.json of a bundle folder, checked: its format, required fields, and that every part it names exists."""
     root = Path(root)
@@ -108,8 +242,9 @@ def save_bundle(
     reward=None,
     options: SearchOptions | None = None,
     chunk_rows: int = 65536,
+    card: CardInfo | None = None,
 ) -> Path:
-    """Write a self-contained bundle that `Geolocator.from_bundle` loads.
+    """Write a self-contained bundle that `Geolocator.from_bundle` loads, with its model card (README.md).
 
     gallery_store: a `geotoken.features.FeatureStore` with the gallery's aligned arrays (those the model
     reads are copied) and coordinates; its tokens are computed here at the model's level and group.
@@ -160,6 +295,7 @@ def save_bundle(
         "reward": None,
         "probability_radius_km": 200.0,
         "search": (options or SearchOptions()).to_dict(),
+        "backbone_source": backbone_source(backbone_config),
     }
     if calibration is not None:
         calibration.save(root / "calibration.json")
@@ -167,6 +303,8 @@ def save_bundle(
     if reward is not None:
         reward.save(root / "reward")
         spec["reward"] = "reward"
+    with atomic_open(root / CARD) as f:
+        f.write(model_card(spec, backbone_config, cfg, gallery_store.rows, card or CardInfo()))
     write_json(root / "bundle.json", spec)
     return root
 
@@ -179,6 +317,7 @@ def assemble_bundle(
     gallery: str | os.PathLike,
     index: str | os.PathLike,
     options: SearchOptions | None = None,
+    card: CardInfo | None = None,
 ) -> Path:
     """`save_bundle` from the folders the stages wrote: a model, alignment heads, the gallery's aligned
     store (its backbone is the one recorded there) and the index over it (its query embedding is the one
@@ -202,6 +341,7 @@ def assemble_bundle(
         index=idx,
         query_modalities=embedding.split("+"),
         options=options,
+        card=card,
     )
 
 
@@ -215,3 +355,61 @@ def set_bundle_part(directory: str | os.PathLike, key: str, relative_path: str |
         raise GeoTokenError(f"{root / relative_path} does not exist")
     spec[key] = relative_path
     write_json(root / "bundle.json", spec)
+
+
+def push_to_hub(
+    directory: str | os.PathLike,
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    allow_local_backbone: bool = False,
+) -> str:
+    """Upload a bundle folder to the Hugging Face Hub model repo `repo_id` (created if missing); returns
+    the commit URL. Its model card's usage lines are filled in with `repo_id` first (in the folder).
+
+    A bundle whose CLIP backbone is a local folder is refused unless `allow_local_backbone` (its users
+    then pass the CLIP weights themselves: `from_pretrained(..., clip=...)`, `--clip`)."""
+    from huggingface_hub import HfApi
+
+    root = Path(directory)
+    spec = read_bundle(root)
+    if not is_repo_id(repo_id):
+        raise GeoTokenError(f"{repo_id!r} is not a Hugging Face Hub repo id (ORG/NAME)")
+    if (spec.get("backbone_source") or {}).get("kind") == "folder" and not allow_local_backbone:
+        raise GeoTokenError(
+            f"{root}: its CLIP backbone is the local folder {spec['backbone_source']['path']}, which nobody "
+            "else has; save the bundle with a hub id as the CLIP model before pushing it"
+        )
+    card = root / CARD
+    if card.is_file() and CARD_REPO_PLACEHOLDER in (text := card.read_text(encoding="utf-8")):
+        with atomic_open(card) as f:
+            f.write(text.replace(CARD_REPO_PLACEHOLDER, repo_id))
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(root),
+        repo_type="model",
+        revision=revision,
+        commit_message=commit_message or "Upload GeoToken bundle",
+    )
+    return str(getattr(info, "commit_url", info))
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """The local folder of a Hub repo's snapshot (`huggingface_hub.snapshot_download`: downloaded into its
+    cache once; with HF_HUB_OFFLINE=1 or no network, only the cache is read)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision))
+    except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OSError) as e:
+        reason = " ".join(str(e).split())
+        raise GeoTokenError(
+            f"{repo_id!r}: not a local folder, and the Hugging Face Hub could not provide it"
+            f"{f' (revision {revision})' if revision else ''}: {reason}"
+        ) from None

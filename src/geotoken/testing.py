@@ -1,11 +1,13 @@
-"""Test and benchmark fixtures that need the library itself: a small untrained bundle built in seconds.
+"""Test and benchmark fixtures that need the library itself: a small untrained bundle built in seconds, a
+tiny random CLIP folder, and GeoCLIP's shipped weights over a slice of its gallery.
 
 Used by the test suite, `benchmarks/bench_serve.py` and anyone who wants to exercise the inference path
-(server, CLI, web page) without training a model first.
+(server, CLI, web page) without training a model first or downloading anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 from geotoken import assets
 from geotoken.align import AlignHeads, HeadsConfig
 from geotoken.bundle import save_bundle
+from geotoken.encoders.geoclip import GeoCLIPFiles
 from geotoken.features import FeatureStore
 from geotoken.model import GeoToken, preset
 from geotoken.retrieval import NeighbourIndex
@@ -56,3 +59,38 @@ def random_bundle(directory: str | os.PathLike, gallery_rows: int = 256, k: int 
             index=index,
             query_modalities=["visual"],
         )
+
+
+def tiny_clip(
+    directory: str | os.PathLike, projection_dim: int = 768, image_size: int = 32, seed: int = 0
+) -> Path:
+    """A random 2-layer `transformers` CLIPModel (`image_size` px images, `projection_dim`-d projection: 768
+    is CLIP ViT-L/14's, which GeoCLIP's head reads) saved to `directory` with its CLIPImageProcessor: the
+    interface of CLIP ViT-L/14 in a few MB, loaded like any CLIP folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder = Path(directory)
+    tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    text = dict(tower, vocab_size=64, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
+    config = CLIPConfig(
+        text_config=text,
+        vision_config=dict(tower, image_size=image_size, patch_size=8),
+        projection_dim=projection_dim,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).eval().save_pretrained(folder)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size + 4}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor.save_pretrained(folder)
+    return folder
+
+
+def small_geoclip_files(directory: str | os.PathLike, every: int = 1000) -> GeoCLIPFiles:
+    """GeoCLIP's shipped weights with every `every`-th row of its 100K-coordinate gallery (a CSV written to
+    `directory`, lines copied verbatim): encoding the gallery takes milliseconds instead of a minute."""
+    lines = assets.mp16_coordinates_csv().read_text().splitlines()
+    path = Path(directory) / f"coordinates_every_{every}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([lines[0], *lines[1::every]]) + "\n")
+    return dataclasses.replace(GeoCLIPFiles.shipped(), gallery=path)

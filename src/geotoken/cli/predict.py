@@ -1,4 +1,7 @@
-"""`geotoken predict PHOTO... --model BUNDLE`: where were these photos taken?"""
+"""`geotoken predict PHOTO... --model MODEL`: where were these photos taken?
+
+MODEL is a bundle folder, a Hugging Face Hub repo id holding one, or `geoclip` (GeoCLIP's pretrained
+weights). A photo whose EXIF carries GPS shows it beside the prediction, with the distance."""
 
 from __future__ import annotations
 
@@ -8,8 +11,9 @@ import json
 import sys
 
 from geotoken import DTYPES
-from geotoken.data.images import open_image
+from geotoken.data.images import exif_gps, open_image
 from geotoken.errors import GeoTokenError
+from geotoken.geo import haversine_km
 from geotoken.predict import Geolocator
 from geotoken.search import SELECTORS, STRATEGIES
 from geotoken.search.mllm import MODES as MLLM_MODES
@@ -26,7 +30,20 @@ def register(subparsers) -> None:
     p.add_argument(
         "photos", nargs="+", metavar="PHOTO", help="image files (JPEG, PNG, ...) or SHARD.tar#MEMBER"
     )
-    p.add_argument("--model", required=True, metavar="BUNDLE", help="model bundle folder (has bundle.json)")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="MODEL",
+        help="model bundle folder (has bundle.json), a Hugging Face Hub repo id (ORG/NAME) holding one, or "
+        "geoclip (GeoCLIP's pretrained weights; the first run downloads CLIP ViT-L/14, about 1.7 GB)",
+    )
+    p.add_argument(
+        "--clip",
+        metavar="PATH_OR_ID",
+        help="CLIP ViT-L/14 weights, a folder or hub id (default: openai/clip-vit-large-patch14 for geoclip, "
+        "the bundle's own for a bundle)",
+    )
+    p.add_argument("--revision", help="branch, tag or commit of a Hugging Face Hub MODEL (default main)")
     p.add_argument("--top-k", type=int, default=5, help="candidates to print per photo (default 5)")
     p.add_argument(
         "--strategy",
@@ -46,7 +63,7 @@ def register(subparsers) -> None:
         "--mllm-mode", choices=MLLM_MODES, help="MLLM selection mode (endpoint from GEOTOKEN_MLLM_*)"
     )
     p.add_argument("--batch-size", type=int, default=16, help="photos per forward pass (default 16)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="auto", help="torch device (default auto: CUDA, then MPS, then CPU)")
     p.add_argument(
         "--dtype", choices=DTYPES, help="model precision (bf16: ~2x faster on CPUs with bf16 units)"
     )
@@ -62,20 +79,34 @@ def _open(ref: str):
         return None, str(exc)
 
 
-def _text(path: str, pred) -> str:
+def _exif_gps(image, pred) -> dict | None:
+    """The photo's own EXIF GPS and its distance to the top candidate, if it has one."""
+    gps = exif_gps(image)
+    if gps is None:
+        return None
+    km = float(haversine_km(gps[0], gps[1], pred.lat, pred.lon))
+    return {"lat": gps[0], "lon": gps[1], "distance_km": round(km, 3)}
+
+
+def _text(path: str, pred, gps: dict | None = None) -> str:
     lines = [f"{path}  ({pred.strategy}, {pred.select}{'; ' + pred.note if pred.note else ''})"]
     for i, c in enumerate(pred.candidates, 1):
         place = ", ".join(x for x in (c.place.get("city"), c.place.get("country")) if x)
         levels = " ".join(f"{v:.2f}" for v in c.level_confidence or [])
+        p = f"p(<{c.probability_within_km:g} km)" if c.probability_within_km else "p"
         lines.append(
-            f"  {i}. {c.lat:9.5f} {c.lon:10.5f}  p(<{c.probability_within_km:g} km)={c.probability:.3f}  "
+            f"  {i}. {c.lat:9.5f} {c.lon:10.5f}  {p}={c.probability:.3f}  "
             f"cell {c.cell}  {place or '-'}" + (f"  levels {levels}" if levels else "")
+        )
+    if gps:
+        lines.append(
+            f"  EXIF GPS {gps['lat']:9.5f} {gps['lon']:10.5f}  {gps['distance_km']:.1f} km from the top candidate"
         )
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    geo = Geolocator.from_bundle(args.model, device=args.device)
+    geo = Geolocator.from_pretrained(args.model, clip=args.clip, revision=args.revision, device=args.device)
     options = {
         "beam_width": args.beam_width,
         "num_samples": args.num_samples,
@@ -87,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.no_constrain:
         options["constrain"] = False
-    if args.mllm_mode:
-        options["mllm"] = dataclasses.replace(geo.options.mllm, mode=args.mllm_mode)
+    if args.mllm_mode:  # (GeoCLIP has no search options: it refuses this one by name)
+        mllm = getattr(geo, "options", None)
+        options["mllm"] = dataclasses.replace(mllm.mllm, mode=args.mllm_mode) if mllm else args.mllm_mode
 
     results, failed = [], 0
     for start in range(0, len(args.photos), args.batch_size):
@@ -105,10 +137,11 @@ def run(args: argparse.Namespace) -> int:
         preds = geo.predict(
             [im for _, im in good], top_k=args.top_k, strategy=args.strategy, select=args.select, **options
         )
-        for (p, _), pred in zip(good, preds):
-            results.append({"file": p, **pred.to_dict()})
+        for (p, im), pred in zip(good, preds):
+            gps = _exif_gps(im, pred)
+            results.append({"file": p, **pred.to_dict(), **({"exif_gps": gps} if gps else {})})
             if not args.json:
-                print(_text(p, pred))
+                print(_text(p, pred, gps))
     if args.json:
         json.dump(results, sys.stdout, indent=2)
         sys.stdout.write("\n")

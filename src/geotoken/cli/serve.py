@@ -1,10 +1,13 @@
-"""`geotoken serve --model BUNDLE`: the HTTP API and the web page with a map."""
+"""`geotoken serve --model MODEL`: the HTTP API and the web page with a map (MODEL: a bundle folder, a Hugging
+Face Hub repo id holding one, or `geoclip`)."""
 
 from __future__ import annotations
 
+import torch
 from PIL import Image
 
-from geotoken.serve import ServeConfig
+from geotoken.predict import Geolocator
+from geotoken.serve import ServeConfig, create_app
 
 DEFAULTS = ServeConfig()
 
@@ -21,7 +24,20 @@ def register(subparsers) -> None:
         "stops accepting and answers every admitted request before it exits. Listens on loopback unless "
         "--host says otherwise.",
     )
-    p.add_argument("--model", required=True, metavar="BUNDLE", help="model bundle folder (has bundle.json)")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="MODEL",
+        help="model bundle folder (has bundle.json), a Hugging Face Hub repo id (ORG/NAME) holding one, or "
+        "geoclip (GeoCLIP's pretrained weights)",
+    )
+    p.add_argument(
+        "--clip",
+        metavar="PATH_OR_ID",
+        help="CLIP ViT-L/14 weights, a folder or hub id (default: openai/clip-vit-large-patch14 for geoclip, "
+        "the bundle's own for a bundle)",
+    )
+    p.add_argument("--revision", help="branch, tag or commit of a Hugging Face Hub MODEL (default main)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
@@ -50,16 +66,12 @@ def register(subparsers) -> None:
         help=f"images predicted together when requests wait (default {DEFAULTS.max_batch})",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="auto", help="torch device (default auto: CUDA, then MPS, then CPU)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    import torch
     import uvicorn
-
-    from geotoken.predict import Geolocator
-    from geotoken.serve import create_app
 
     config = ServeConfig(
         max_upload_mb=args.max_upload_mb,
@@ -69,7 +81,9 @@ def run(args) -> int:
     )
     if args.threads:
         torch.set_num_threads(args.threads)
-    geolocator = Geolocator.from_bundle(args.model, device=args.device)
+    geolocator = Geolocator.from_pretrained(
+        args.model, clip=args.clip, revision=args.revision, device=args.device
+    )
     # one prediction before listening: lazy initialisation is paid here, not by the first request, and
     # the service-rate estimate behind admission starts from a warm model
     geolocator.predict([Image.new("RGB", (64, 64))], top_k=1)

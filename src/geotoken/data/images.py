@@ -14,7 +14,7 @@ import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from geotoken.data.table import Manifest
@@ -99,6 +99,82 @@ def open_image(ref: str | os.PathLike) -> Image.Image:
     """An image reference -> decoded RGB PIL image. Missing, corrupt or truncated -> GeoTokenError naming `ref`."""
     ref = os.fspath(ref)
     return decode_image(read_bytes(ref), ref)
+
+
+def as_image(source, name: str = "image") -> Image.Image:
+    """One photo in any of the forms people pass -> RGB PIL image, EXIF orientation applied.
+
+    source: a path (str / PathLike, or SHARD.tar#MEMBER), encoded bytes (JPEG, PNG, ...), a PIL image, or a
+    NumPy array (H, W), (H, W, 3) or (H, W, 4) of uint8, or of floats in [0, 1]. `name` names it in errors.
+    """
+    if isinstance(source, Image.Image):
+        return ImageOps.exif_transpose(source).convert("RGB")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(source), name)
+    if isinstance(source, (str, os.PathLike)):
+        return open_image(source)
+    if isinstance(source, np.ndarray):
+        return _array_image(source, name)
+    raise GeoTokenError(
+        f"{name}: expected a path, bytes, a PIL image or a NumPy array, got {type(source).__name__}"
+    )
+
+
+def as_image_list(images) -> list:
+    """A list of photos for `as_image`: one photo (a path, bytes, a PIL image, an (H, W[, C]) array) becomes
+    a list of one, an (N, H, W, C) array a list of N arrays, any other iterable a list (items not read yet)."""
+    if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)):
+        return [images]
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    return list(images)
+
+
+def _array_image(array: np.ndarray, name: str) -> Image.Image:
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)) or 0 in array.shape:
+        raise GeoTokenError(
+            f"{name}: an image array must be (H, W), (H, W, 3) or (H, W, 4), got {array.shape}"
+        )
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise GeoTokenError(f"{name}: an image array must be uint8 or float in [0, 1], got {array.dtype}")
+        if not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
+            raise GeoTokenError(f"{name}: a float image array must hold values in [0, 1]")
+        array = np.round(array * 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
+
+
+def _dms_degrees(value, ref) -> float | None:
+    """EXIF (degrees, minutes, seconds) + N/S/E/W reference -> signed degrees (None if malformed)."""
+    try:
+        d, m, s = (float(x) for x in value)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    ref = ref.decode("ascii", "replace") if isinstance(ref, bytes) else str(ref or "")
+    degrees = d + m / 60 + s / 3600
+    return -degrees if ref.strip().upper() in ("S", "W") else degrees
+
+
+def exif_gps(image: Image.Image | bytes) -> tuple[float, float] | None:
+    """(lat, lon) degrees from a photo's EXIF GPS tags, or None when it has none (or they are malformed).
+
+    image: a PIL image as opened or decoded here (`open_image` keeps the EXIF), or the file's bytes."""
+    try:
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            with Image.open(io.BytesIO(bytes(image))) as im:
+                exif = im.getexif()
+        else:
+            exif = image.getexif()
+        gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError):
+        return None
+    if not gps:
+        return None
+    lat = _dms_degrees(gps.get(ExifTags.GPS.GPSLatitude), gps.get(ExifTags.GPS.GPSLatitudeRef))
+    lon = _dms_degrees(gps.get(ExifTags.GPS.GPSLongitude), gps.get(ExifTags.GPS.GPSLongitudeRef))
+    if lat is None or lon is None or not (abs(lat) <= 90 and abs(lon) <= 180):
+        return None
+    return lat, lon
 
 
 def _references(source: Manifest | Sequence[str]) -> np.ndarray:

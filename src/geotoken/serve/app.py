@@ -182,10 +182,21 @@ def nullish(value):
     return None if isinstance(value, str) and value in ("", "null") else value
 
 
+def offered_options(info: dict) -> tuple[list[str], list[str]]:
+    """The strategies and selectors a predictor has: those its `info()` lists (GeoCLIP: its own one each),
+    else GeoToken's."""
+    return list(info.get("strategies") or STRATEGIES), list(info.get("selectors") or SELECTORS)
+
+
 def unavailable_options(info: dict) -> dict[str, str]:
     """{strategy or selector: why this predictor cannot run it}, from its `info()` (empty if it says
-    nothing): `reward` without a reward scorer, `mllm` without an endpoint (config or environment)."""
-    out = {}
+    nothing): `reward` without a reward scorer, `mllm` without an endpoint (config or environment), and
+    GeoToken's search options on a predictor whose `info()` lists its own."""
+    strategies, selectors = offered_options(info)
+    name = info.get("name") or "loaded"
+    out = {o: f"is not an option of the {name} model" for o in (*STRATEGIES, *SELECTORS)}
+    for o in (*strategies, *selectors):
+        out.pop(o, None)
     if info.get("reward_scorer") is False:
         out["reward"] = "needs a reward scorer in the bundle (geotoken train-reward)"
     mllm = (info.get("search") or {}).get("mllm")
@@ -248,8 +259,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
     runner = runner or Runner(predictor, cfg.max_queue_wait_s, cfg.max_batch)
     info = json_safe(predictor.info())
     missing = unavailable_options(info)
-    strategies = [s for s in STRATEGIES if s not in missing]
-    selectors = [s for s in SELECTORS if s not in missing]
+    strategies, selectors = ([o for o in offered if o not in missing] for offered in offered_options(info))
     basemap: dict[str, bytes] = {}
     basemap_lock = threading.Lock()
     ErrorBody, Answer = api_models(cfg.max_top_k)
@@ -318,7 +328,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
 
     @app.get("/v1/model", summary="what is loaded, and the server's limits")
     def model() -> dict:
-        return {"model": info, "limits": asdict(cfg), "strategies": STRATEGIES, "selectors": SELECTORS}
+        offered = offered_options(info)
+        return {"model": info, "limits": asdict(cfg), "strategies": offered[0], "selectors": offered[1]}
 
     def described(text: str) -> dict:
         return {"model": ErrorBody, "description": text}

@@ -107,7 +107,7 @@ function listCandidates(result) {
     const levels = (c.level_confidence || [])
       .map((v, l) => `<span title="level ${l}: ${fmtPct(v)}"><i style="height:${Math.max(4, 100 * v)}%"></i></span>`).join("");
     li.innerHTML =
-      `<span class="prob" title="calibrated P(within ${c.probability_within_km} km)">${fmtPct(c.probability)}</span>` +
+      `<span class="prob" title="${c.probability_within_km ? `calibrated P(within ${c.probability_within_km} km)` : "probability of this coordinate"}">${fmtPct(c.probability)}</span>` +
       `<span class="where"></span><br><span class="muted">${c.lat.toFixed(4)}, ${c.lon.toFixed(4)} · cell ${c.cell}</span>` +
       `<div class="levels" title="per-level confidence, coarse to fine">${levels}</div>`;
     li.querySelector(".where").textContent = placeText(c.place) || "(no place name)";
@@ -182,9 +182,19 @@ function setupMap() {
   window.addEventListener("resize", () => setView(view));
 }
 
+function offer(id, values) { // the options the loaded model has (GeoCLIP: its own one), if not the page's
+  const sel = $(id);
+  const have = [...sel.options].slice(1).map((o) => o.value);
+  if (!Array.isArray(values) || [...values].sort().join() === [...have].sort().join()) return;
+  const options = values.map((v) => Object.assign(document.createElement("option"), { value: v, textContent: v }));
+  sel.replaceChildren(sel.options[0], ...options);
+}
+
 async function showModel() {
   try {
-    const m = (await (await fetch("/v1/model")).json()).model;
+    const r = await (await fetch("/v1/model")).json();
+    const m = r.model;
+    offer("strategy", r.strategies); offer("select", r.selectors);
     const b = m.backbone ? m.backbone.name : "?";
     $("model").textContent = `${b} · ${m.parameters ? (m.parameters / 1e6).toFixed(1) + "M params" : ""} · gallery ${m.gallery_rows ?? "?"}`;
   } catch (e) { /* the page still works without it */ }
