@@ -22,7 +22,6 @@ format is `geotoken.bundle`; fitting a bundle's calibration and reward scorer is
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -37,14 +36,13 @@ from geotoken.align import AlignHeads
 from geotoken.bundle import SearchOptions, bundle_backbone_config, hub_snapshot, is_repo_id, read_bundle
 from geotoken.data.images import as_image, as_image_list
 from geotoken.encoders import load_backbone
-from geotoken.encoders.clip import PAPER_MODEL
-from geotoken.encoders.geoclip import GeoCLIPFiles, GeoCLIPGeolocator
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
 from geotoken.gallery import Gallery
-from geotoken.geo import EARTH_RADIUS_KM
 from geotoken.model import Batch, GeoToken
 from geotoken.places import place_names
+from geotoken.prediction import Candidate, Prediction, resolve_device
+from geotoken.pretrained import GeoCLIPPredictor
 from geotoken.retrieval import NeighbourIndex, join_embeddings
 from geotoken.search.calibration import Calibration, apply_temperature, within_confidence
 from geotoken.search.candidates import Candidates, Selection
@@ -53,72 +51,6 @@ from geotoken.search.reward import RewardScorer
 from geotoken.search.select import select
 
 BUILTIN_MODELS = ("geoclip",)
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> str:
-    """ "auto" (or None): CUDA if available, then Apple MPS, then CPU; anything else is checked and kept."""
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps is not None and mps.is_available() else "cpu"
-    try:
-        return str(torch.device(device))
-    except (RuntimeError, TypeError) as e:
-        raise GeoTokenError(
-            f"device {device!r}: not a torch device (auto, cpu, cuda, cuda:1, mps): {e}"
-        ) from None
-
-
-@dataclass
-class Candidate:
-    """One ranked answer for an image (`to_dict()` is its JSON form)."""
-
-    lat: float
-    lon: float
-    probability: float  # calibrated P(true location within `probability_within_km`)
-    probability_within_km: float  # 0 (GeoCLIP): `probability` is the softmax probability of this coordinate
-    within: dict[str, float]  # {"25km": p, "200km": p, "750km": p}
-    logp: float | None  # the model's log-probability of the cell (None: an MLLM answer outside the pool)
-    cell: str  # S2 cell token at `level`
-    level: int
-    polygon: list[list[float]]  # the cell's 4 vertices [[lat, lon] x 4]
-    place: dict  # {city, region, country, country_code, distance_km}
-    level_confidence: list[float] | None  # calibrated probability of the prefix up to each token level
-    source: str  # "pool", "mllm" or "geoclip"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class Prediction:
-    """The answer for one image: `candidates` best first, timings in ms."""
-
-    candidates: list[Candidate]
-    timings_ms: dict[str, float]
-    strategy: str
-    select: str
-    note: str = ""  # e.g. why the MLLM selector fell back
-
-    @property
-    def lat(self) -> float:
-        return self.candidates[0].lat
-
-    @property
-    def lon(self) -> float:
-        return self.candidates[0].lon
-
-    def to_dict(self) -> dict:
-        return {
-            "lat": self.lat,
-            "lon": self.lon,
-            "candidates": [c.to_dict() for c in self.candidates],
-            "strategy": self.strategy,
-            "select": self.select,
-            "note": self.note,
-            "timings_ms": self.timings_ms,
-        }
 
 
 @dataclass
@@ -454,166 +386,12 @@ class Geolocator:
         return apply_temperature(np.stack(cols, axis=1), temps.get(radius_km, 1.0))
 
 
-class GeoCLIPPredictor:
-    """GeoCLIP (Vivanco et al., NeurIPS 2023; its weights are MIT-licensed) behind `Geolocator`'s `predict`
-    and `info`: CLIP ViT-L/14 -> GeoCLIP's image head -> softmax over its 100K MP16 gallery coordinates.
-
-    Each candidate is a gallery coordinate, best first: `probability` is GeoCLIP's softmax probability of it
-    (`probability_within_km` 0), `logp` its log, `within` the softmax mass within 25 / 200 / 750 km of it
-    (uncalibrated), plus its S2 cell and polygon at `level` and the nearest place. No strategy or selector
-    applies (the `Prediction` says "geoclip", "softmax"). Build with `load(clip=...)` or
-    `Geolocator.from_pretrained("geoclip")`.
-    """
-
-    name = "geoclip"
-    strategy, select = "geoclip", "softmax"
-    radii_km = (25.0, 200.0, 750.0)
-
-    def __init__(self, model: GeoCLIPGeolocator, level: int = 20, batch_size: int = 16):
-        if model.backbone is None:
-            raise GeoTokenError("GeoCLIPPredictor needs a GeoCLIPGeolocator with its CLIP backbone")
-        if not 1 <= level <= s2.MAX_LEVEL or batch_size < 1:
-            raise GeoTokenError(f"geoclip: level must be in 1..{s2.MAX_LEVEL} and batch_size >= 1")
-        self.model, self.level, self.batch_size = model.eval(), level, batch_size
-        self.to(self.device)
-
-    def to(self, device: str | torch.device) -> GeoCLIPPredictor:
-        """Move the model (and the gallery's radians used for `within`) to `device` ("auto" resolves)."""
-        self.model.to(resolve_device(device) if isinstance(device, str) else device)
-        latlon = self.model.latlon
-        exact = torch.float32 if latlon.device.type == "mps" else torch.float64  # MPS has no float64
-        lat, lon = torch.deg2rad(latlon.to(exact)).unbind(1)
-        self._lat, self._lon, self._cos = lat, lon, torch.cos(lat)
-        return self
-
-    @classmethod
-    def load(
-        cls,
-        clip: str | os.PathLike | None = None,
-        device: str = "auto",
-        *,
-        files: GeoCLIPFiles | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        level: int = 20,
-        batch_size: int = 16,
-    ) -> GeoCLIPPredictor:
-        """clip: CLIP ViT-L/14 as a folder or hub id (default openai/clip-vit-large-patch14: about 1.7 GB,
-        downloaded once into the hub cache); files: GeoCLIP's weights (default: the `geoclip` wheel's)."""
-        model = GeoCLIPGeolocator.load(clip or PAPER_MODEL, files=files, cache_dir=cache_dir)
-        return cls(model, level, batch_size).to(device)
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.gallery.device
-
-    def info(self) -> dict:
-        """What is loaded (for `geotoken serve` and logs)."""
-        return {
-            "name": self.name,
-            "bundle": None,
-            "model": "GeoCLIP (Vivanco et al., NeurIPS 2023), pretrained weights of the geoclip package (MIT)",
-            "backbone": self.model.backbone.config(),
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "gallery_rows": len(self.model),
-            "gallery_cache": str(self.model.cache_path),
-            "level": self.level,
-            "device": str(self.device),
-            "strategies": [self.strategy],
-            "selectors": [self.select],
-            "calibrated": False,
-        }
-
-    def predict(
-        self,
-        images,
-        top_k: int = 5,
-        strategy: str | None = None,
-        select: str | None = None,
-        batch_size: int | None = None,
-        progress: bool = False,
-        **options,
-    ) -> list[Prediction]:
-        """Photos (paths, bytes, PIL images or NumPy arrays; EXIF orientation applied) -> one `Prediction`
-        each, read and run `batch_size` at a time. GeoToken's search options are refused, not ignored."""
-        own = {"strategy": self.strategy, "select": self.select}
-        asked = {"strategy": strategy, "select": select, **options}
-        given = sorted(k for k, v in asked.items() if v is not None and v != own.get(k))
-        if given:
-            raise GeoTokenError(
-                f"geoclip: {', '.join(given)} apply to GeoToken bundles only; GeoCLIP ranks its "
-                "gallery by softmax"
-            )
-        if top_k < 1:
-            raise GeoTokenError(f"top_k must be >= 1, got {top_k}")
-        batch_size = batch_size or self.batch_size
-        items = as_image_list(images)
-        starts = range(0, len(items), batch_size)
-        preds: list[Prediction] = []
-        for s in tqdm(starts, desc="geoclip", unit="batch", disable=not progress or len(starts) < 2):
-            t0 = time.perf_counter()
-            chunk = [as_image(x, f"image {s + i}") for i, x in enumerate(items[s : s + batch_size])]
-            features = self.model.embed_images(chunk, batch_size)
-            preds += self.predict_features(features, top_k, {"embed": 1e3 * (time.perf_counter() - t0)})
-        return preds
-
-    @torch.no_grad()
-    def predict_features(
-        self, features: torch.Tensor, top_k: int = 5, extra_ms: dict | None = None
-    ) -> list[Prediction]:
-        """(B, 768) projected CLIP image features -> one `Prediction` per row."""
-        t0 = time.perf_counter()
-        k = min(top_k, len(self.model))
-        probs = self.model(features).softmax(dim=-1)  # (B, N): exactly GeoCLIPGeolocator.predict_features
-        top = torch.topk(probs, k, dim=1)
-        within = self._within(probs, top.indices)  # {name: (B, k)}
-        t1 = time.perf_counter()
-        latlon = self.model.latlon[top.indices].cpu().numpy()  # (B, k, 2) float32 degrees
-        prob = top.values.cpu().numpy()
-        lat, lon = latlon[..., 0].astype(np.float64), latlon[..., 1].astype(np.float64)
-        ids = s2.latlon_to_cell_ids(lat.ravel(), lon.ravel(), self.level)
-        hexes = np.asarray(s2.cell_ids_to_hex(ids)).reshape(lat.shape)
-        polys = np.asarray(s2.cell_vertices(ids)).reshape(*lat.shape, 4, 2)
-        places = np.array(place_names(lat.ravel(), lon.ravel()), dtype=object).reshape(lat.shape)
-        timings = {**(extra_ms or {}), "rank": 1e3 * (t1 - t0), "describe": 1e3 * (time.perf_counter() - t1)}
-        timings["total"] = sum(timings.values())
-        B = len(prob)
-        per_image = {name: round(v / max(B, 1), 3) for name, v in timings.items()}
-        out = []
-        for b in range(B):
-            cands = [
-                Candidate(
-                    lat=float(latlon[b, j, 0]),
-                    lon=float(latlon[b, j, 1]),
-                    probability=float(prob[b, j]),
-                    probability_within_km=0.0,
-                    within={name: float(v[b, j]) for name, v in within.items()},
-                    logp=float(np.log(prob[b, j])) if prob[b, j] > 0 else float("-inf"),
-                    cell=str(hexes[b, j]),
-                    level=self.level,
-                    polygon=polys[b, j].round(6).tolist(),
-                    place=places[b, j],
-                    level_confidence=None,
-                    source="geoclip",
-                )
-                for j in range(k)
-            ]
-            out.append(Prediction(cands, dict(per_image), self.strategy, self.select))
-        return out
-
-    def _within(self, probs: torch.Tensor, index: torch.Tensor) -> dict[str, np.ndarray]:
-        """{"25km": (B, k), ...}: the softmax mass of the gallery within each radius of each candidate."""
-        # haversine: distance <= r  <=>  sin^2(dlat/2) + cos(lat1) cos(lat2) sin^2(dlon/2) <= sin^2(r / 2R)
-        limits = torch.tensor(
-            [np.sin(r / (2 * EARTH_RADIUS_KM)) ** 2 for r in self.radii_km], dtype=torch.float64
-        )
-        out = np.zeros((len(self.radii_km), *index.shape))
-        for b in range(len(index)):
-            rows = index[b]
-            a = (
-                torch.sin((self._lat[None, :] - self._lat[rows, None]) / 2) ** 2
-                + self._cos[rows, None] * self._cos[None, :] * torch.sin((self._lon[None, :] - self._lon[rows, None]) / 2) ** 2
-            )  # (k, N)  # fmt: skip
-            p = probs[b].to(a.dtype)
-            for i, limit in enumerate(limits.tolist()):
-                out[i, b] = ((a <= limit) * p).sum(dim=1).cpu().numpy()
-        return {f"{r:g}km": out[i].clip(0, 1) for i, r in enumerate(self.radii_km)}
+__all__ = [
+    "BUILTIN_MODELS",
+    "Candidate",
+    "GeoCLIPPredictor",
+    "Geolocator",
+    "Prediction",
+    "SearchResult",
+    "resolve_device",
+]

@@ -1,0 +1,80 @@
+"""What every predictor returns: a `Prediction` per photo holding ranked `Candidate`s, and where it runs.
+
+`geotoken.predict.Geolocator` (a GeoToken bundle) and `geotoken.pretrained.GeoCLIPPredictor` (GeoCLIP's
+weights) both answer with these, so the CLI, the server and the web page serve either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from geotoken.errors import GeoTokenError
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> str:
+    """ "auto" (or None): CUDA if available, then Apple MPS, then CPU; anything else is checked and kept."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    try:
+        return str(torch.device(device))
+    except (RuntimeError, TypeError) as e:
+        raise GeoTokenError(
+            f"device {device!r}: not a torch device (auto, cpu, cuda, cuda:1, mps): {e}"
+        ) from None
+
+
+@dataclass
+class Candidate:
+    """One ranked answer for an image (`to_dict()` is its JSON form)."""
+
+    lat: float
+    lon: float
+    probability: float  # calibrated P(true location within `probability_within_km`)
+    probability_within_km: float  # 0 (GeoCLIP): `probability` is the softmax probability of this coordinate
+    within: dict[str, float]  # {"25km": p, "200km": p, "750km": p}
+    logp: float | None  # the model's log-probability of the cell (None: an MLLM answer outside the pool)
+    cell: str  # S2 cell token at `level`
+    level: int
+    polygon: list[list[float]]  # the cell's 4 vertices [[lat, lon] x 4]
+    place: dict  # {city, region, country, country_code, distance_km}
+    level_confidence: list[float] | None  # calibrated probability of the prefix up to each token level
+    source: str  # "pool", "mllm" or "geoclip"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Prediction:
+    """The answer for one image: `candidates` best first, timings in ms."""
+
+    candidates: list[Candidate]
+    timings_ms: dict[str, float]
+    strategy: str
+    select: str
+    note: str = ""  # e.g. why the MLLM selector fell back
+
+    @property
+    def lat(self) -> float:
+        return self.candidates[0].lat
+
+    @property
+    def lon(self) -> float:
+        return self.candidates[0].lon
+
+    def to_dict(self) -> dict:
+        return {
+            "lat": self.lat,
+            "lon": self.lon,
+            "candidates": [c.to_dict() for c in self.candidates],
+            "strategy": self.strategy,
+            "select": self.select,
+            "note": self.note,
+            "timings_ms": self.timings_ms,
+        }
