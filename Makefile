@@ -46,6 +46,7 @@ bench: install
 	$(VENV)/bin/geotoken bench decode --preset paper --batch-size 8 --threads 2 --dtype bf16 --json
 	$(VENV)/bin/geotoken bench index --rows 100000 --kinds flat ivfpq hnsw --data clustered --threads 2 --json
 	$(VENV)/bin/geotoken bench extract --sizes 64 224 --threads 2 --json
+	$(VENV)/bin/geotoken bench predict --model geoclip --batch-sizes 1 16 --images 16 --reference-images 2 --threads 2 --json
 
 clean:
 	rm -rf $(VENV) runs build dist
