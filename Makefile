@@ -15,7 +15,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install -e ".[test]"
 	# geoclip ships 100K real MP16 coordinates and the GPS-encoder weights; its own deps (torchvision) are not wanted.
-	$(PY) -m pip install --no-deps "geoclip>=1.2"
+	$(PY) -m pip install --no-deps "geoclip>=1.3"
 	touch $(STAMP)
 
 install: $(STAMP)
