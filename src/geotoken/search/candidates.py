@@ -13,8 +13,9 @@ import numpy as np
 
 from geotoken.errors import GeoTokenError
 
-# How a pool is made (`geotoken.decode.generate`): "beam+sample" pools `width` beams and `n` samples;
-# "sample+retrieval" pools `n` samples and the cells of the first `retrieved` retrieved neighbours.
+# How a pool is made (`geotoken.search.decode.generate`): "beam+sample" pools `beam_width` beams and
+# `num_samples` samples; "sample+retrieval" pools `num_samples` samples and the cells of the first `retrieved`
+# retrieved neighbours.
 STRATEGIES = ("greedy", "beam", "sample", "beam+sample", "sample+retrieval")
 
 
