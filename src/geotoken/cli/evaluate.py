@@ -30,11 +30,14 @@ HELP = "evaluate methods (baselines, the model) on a query set: accuracy table w
 EPILOG = """\
 inputs are feature stores (folders with store.json, written by `geotoken embed` / `geotoken align`):
 the gallery is what methods fit on (training split), the queries are scored (test split). Works the
-same for an EarthViews split and for Im2GPS3k / YFCC4k / OSV-5M stores.
+same for an EarthViews split and for Im2GPS3k / YFCC4k / OSV-5M stores. `geoclip` is GeoCLIP's
+pretrained model on query stores embedded with `--backbone clip` (CLIP ViT-L/14): check a preparation
+against GeoCLIP's published numbers before training anything.
 
 examples:
   geotoken evaluate --gallery runs/demo/gallery --queries runs/demo/test -o runs/demo/eval
   geotoken evaluate --method nn knn cells --gallery G --queries Q --embedding visual -o OUT
+  geotoken evaluate --method nn knn geoclip --gallery G --queries Q -o OUT   # Q: embed --backbone clip
   geotoken evaluate --method knn geotoken --model BUNDLE --strategy greedy beam sample \\
       --select logp consensus --gallery G --queries Q -o OUT --reference knn
 """

@@ -1,4 +1,4 @@
-"""`geotoken predict PHOTO... --model MODEL`: where were these photos taken?
+"""`geotoken predict PHOTO... --model MODEL [-o predictions.csv]`: where were these photos taken?
 
 MODEL is a bundle folder, a Hugging Face Hub repo id holding one, or `geoclip` (GeoCLIP's pretrained
 weights). A photo whose EXIF carries GPS shows it beside the prediction, with the distance."""
@@ -9,12 +9,11 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from geotoken import DTYPES
-from geotoken.data.images import exif_gps, open_image
 from geotoken.errors import GeoTokenError
-from geotoken.geo import haversine_km
-from geotoken.predict import Geolocator
+from geotoken.predict import PREDICTION_FORMATS, Geolocator, predict_photos, write_predictions
 from geotoken.search import SELECTORS, STRATEGIES
 from geotoken.search.mllm import MODES as MLLM_MODES
 
@@ -25,10 +24,27 @@ def register(subparsers) -> None:
         help="geolocate photos with a trained model bundle",
         description="Geolocate photos: embed, retrieve neighbours, decode S2 tokens, select, and print the "
         "top-k candidates (lat, lon, calibrated probability, S2 cell, nearest place, per-level confidence). "
-        "Unreadable files get a one-line error and the others still run; the exit status is 1 if any failed.",
+        "With -o FILE (.csv or .jsonl) every photo gets a row, written at the end; an unreadable file stops it "
+        "(exit status 2, nothing written) unless --skip-bad. On the terminal, unreadable files get a one-line "
+        "error and the others still run; the exit status is 1 if any failed (0 with --skip-bad).",
     )
     p.add_argument(
-        "photos", nargs="+", metavar="PHOTO", help="image files (JPEG, PNG, ...) or SHARD.tar#MEMBER"
+        "photos",
+        nargs="+",
+        metavar="PHOTO",
+        help="image files (JPEG, PNG, ...), SHARD.tar#MEMBER, or folders (every image under them, recursively)",
+    )
+    p.add_argument(
+        "-o",
+        "--out",
+        help="write one prediction per photo to this file instead of printing: .csv (the top candidate, "
+        "EXIF GPS, error) or .jsonl (everything --json prints, one object a line), with a progress bar",
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="record unreadable photos (reported on stderr, an error row in the output) and go on; without "
+        "it, -o stops at the first one with an error naming it and writes nothing",
     )
     p.add_argument(
         "--model",
@@ -71,23 +87,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _open(ref: str):
-    """The decoded image, or the one-line reason it cannot be read. Accepts SHARD.tar#MEMBER too."""
-    try:
-        return open_image(ref), None
-    except (GeoTokenError, OSError) as exc:
-        return None, str(exc)
-
-
-def _exif_gps(image, pred) -> dict | None:
-    """The photo's own EXIF GPS and its distance to the top candidate, if it has one."""
-    gps = exif_gps(image)
-    if gps is None:
-        return None
-    km = float(haversine_km(gps[0], gps[1], pred.lat, pred.lon))
-    return {"lat": gps[0], "lon": gps[1], "distance_km": round(km, 3)}
-
-
 def _text(path: str, pred, gps: dict | None = None) -> str:
     lines = [f"{path}  ({pred.strategy}, {pred.select}{'; ' + pred.note if pred.note else ''})"]
     for i, c in enumerate(pred.candidates, 1):
@@ -106,6 +105,8 @@ def _text(path: str, pred, gps: dict | None = None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out and Path(args.out).suffix.lower() not in PREDICTION_FORMATS:
+        raise GeoTokenError(f"{args.out}: -o/--out must end in {' or '.join(PREDICTION_FORMATS)}")
     geo = Geolocator.from_pretrained(args.model, clip=args.clip, revision=args.revision, device=args.device)
     options = {
         "beam_width": args.beam_width,
@@ -113,7 +114,6 @@ def run(args: argparse.Namespace) -> int:
         "retrieved": args.retrieved,
         "temperature": args.temperature,
         "radius_km": args.radius_km,
-        "batch_size": args.batch_size,
         "dtype": args.dtype,
     }
     if args.no_constrain:
@@ -122,27 +122,24 @@ def run(args: argparse.Namespace) -> int:
         mllm = getattr(geo, "options", None)
         options["mllm"] = dataclasses.replace(mllm.mllm, mode=args.mllm_mode) if mllm else args.mllm_mode
 
+    def report(path: str, error: str) -> None:
+        print(f"geotoken predict: error: {error}", file=sys.stderr)
+
+    search = dict(strategy=args.strategy, select=args.select, on_error=report, **options)
+    if args.out:
+        done = write_predictions(geo, args.photos, args.out, args.top_k, args.batch_size,
+                                 skip_bad=args.skip_bad, progress=True, **search)  # fmt: skip
+        print(f"wrote {done['photos']} predictions ({done['failed']} unreadable) to {done['path']}")
+        return 0
+    # on the terminal: unreadable files are reported and the others still run (exit status 1 without --skip-bad)
     results, failed = [], 0
-    for start in range(0, len(args.photos), args.batch_size):
-        paths = args.photos[start : start + args.batch_size]
-        opened = [_open(p) for p in paths]
-        for p, (_, err) in zip(paths, opened):
-            if err:
-                failed += 1
-                print(f"geotoken predict: error: {err}", file=sys.stderr)
-                results.append({"file": p, "error": err})
-        good = [(p, im) for p, (im, err) in zip(paths, opened) if im is not None]
-        if not good:
-            continue
-        preds = geo.predict(
-            [im for _, im in good], top_k=args.top_k, strategy=args.strategy, select=args.select, **options
-        )
-        for (p, im), pred in zip(good, preds):
-            gps = _exif_gps(im, pred)
-            results.append({"file": p, **pred.to_dict(), **({"exif_gps": gps} if gps else {})})
-            if not args.json:
-                print(_text(p, pred, gps))
+    for result in predict_photos(geo, args.photos, args.top_k, args.batch_size, skip_bad=True, **search):
+        results.append(result.to_dict())
+        if result.error:
+            failed += 1
+        elif not args.json:
+            print(_text(result.file, result.prediction, result.exif_gps))
     if args.json:
         json.dump(results, sys.stdout, indent=2)
         sys.stdout.write("\n")
-    return 1 if failed else 0
+    return 1 if failed and not args.skip_bad else 0

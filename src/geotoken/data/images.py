@@ -130,6 +130,30 @@ def as_image_list(images) -> list:
     return list(images)
 
 
+def list_images(sources: Iterable[str | os.PathLike]) -> list[str]:
+    """Photo arguments -> image references: a folder stands for every image file under it (recursively,
+    extensions `IMAGE_EXTENSIONS` in any case, sorted by path, hidden files and folders skipped); anything
+    else (a file, SHARD.tar#MEMBER) is kept as given. A folder without images -> GeoTokenError."""
+    out: list[str] = []
+    for source in sources:
+        ref = os.fspath(source)
+        if not os.path.isdir(ref):
+            out.append(ref)
+            continue
+        found = []
+        for root, dirs, files in os.walk(ref):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            found += [
+                os.path.join(root, f)
+                for f in files
+                if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+            ]
+        if not found:
+            raise GeoTokenError(f"{ref}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+        out += sorted(found)
+    return out
+
+
 def _array_image(array: np.ndarray, name: str) -> Image.Image:
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)) or 0 in array.shape:
         raise GeoTokenError(

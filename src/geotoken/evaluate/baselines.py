@@ -8,6 +8,8 @@
   small MLP head trained with cross-entropy; the answer is the mean of the training points of the cell.
 - `gps-gallery`: GeoCLIP: the image's GPS-aligned embedding scored against the GPS encoder's embeddings
   of a gallery of coordinates; the best-scoring coordinate is the answer.
+- `geoclip`: GeoCLIP's own pretrained model (not fitted here): its image head on the queries' projected
+  CLIP ViT-L/14 features, softmax over its 100K MP16 gallery; the most probable coordinate is the answer.
 
 Everything below is a function over arrays (vectorized over queries); the small classes only hold what
 `fit` learned, so `geotoken evaluate` can run any of them through one `fit(gallery) / predict(queries)`.
@@ -15,8 +17,10 @@ Everything below is a function over arrays (vectorized over queries); the small 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +30,7 @@ from tqdm import tqdm
 from geotoken.assets import mp16_coordinates_csv
 from geotoken.data.manifest import read_manifest
 from geotoken.encoders import load_gps_encoder
+from geotoken.encoders.geoclip import IMAGE_DIM, GeoCLIPFiles, GeoCLIPGeolocator
 from geotoken.errors import GeoTokenError
 from geotoken.geo import haversine_km
 from geotoken.s2 import cell_parent, latlon_to_cell_ids
@@ -45,6 +50,7 @@ class Split:
     name: str = "split"
     images: np.ndarray | None = None  # image references (only the MLLM selector needs the photos)
     skipped: int = 0  # rows dropped because their image could not be embedded
+    backbone: dict | None = None  # the store's backbone config ({"name": "clip", "model": ...}), if known
 
     def __post_init__(self) -> None:
         self.lat = np.asarray(self.lat, dtype=np.float64)
@@ -436,3 +442,53 @@ class GPSGallery:
     def predict(self, queries: Split) -> Predictions:
         rows, sims = best_gallery_match(queries.array(self.config.embedding), self.gallery_emb)
         return Predictions(self.lat[rows], self.lon[rows], sims.astype(np.float64))
+
+
+@dataclass
+class GeoCLIPConfig:
+    features: str = "features"  # projected CLIP ViT-L/14 image features (`geotoken embed --backbone clip`)
+    gallery: str | None = None  # GeoCLIP's gallery CSV (LAT,LON); None: the one in the geoclip wheel
+    batch_size: int = 256
+
+
+def check_geoclip_features(queries: Split, config: GeoCLIPConfig | None = None) -> None:
+    """GeoCLIP's head reads 768-d projected CLIP ViT-L/14 image features: anything else is a clear error."""
+    config = config or GeoCLIPConfig()
+    backbone = queries.backbone or {}
+    dim = queries.array(config.features).shape[1]
+    if backbone.get("name") != "clip" or dim != IMAGE_DIM:
+        raise GeoTokenError(
+            f"geoclip: needs queries embedded with `geotoken embed --backbone clip` (CLIP ViT-L/14, "
+            f"{IMAGE_DIM}-d projected image features in {config.features!r}); {queries.name} has backbone "
+            f"{backbone.get('name') or 'unknown'} with {dim}-d features"
+        )
+
+
+class GeoCLIP:
+    """GeoCLIP's pretrained geolocator on stored CLIP features: nothing is fitted on the gallery split."""
+
+    name = "geoclip"
+
+    def __init__(self, config: GeoCLIPConfig | None = None, model: GeoCLIPGeolocator | None = None):
+        self.config = config or GeoCLIPConfig()
+        self.model = model
+
+    def fit(self, gallery: Split) -> GeoCLIP:
+        if self.model is None:
+            files = GeoCLIPFiles.shipped()
+            if self.config.gallery is not None:
+                files = dataclasses.replace(files, gallery=Path(self.config.gallery))
+            self.model = GeoCLIPGeolocator(files)
+        return self
+
+    def predict(self, queries: Split) -> Predictions:
+        check_geoclip_features(queries, self.config)
+        features = queries.array(self.config.features)
+        lat, lon, prob = (np.zeros(len(queries)) for _ in range(3))
+        for s in range(0, len(queries), self.config.batch_size):
+            x = torch.from_numpy(np.asarray(features[s : s + self.config.batch_size], dtype=np.float32))
+            top = self.model.predict_features(x, k=1)
+            latlon = top.latlon[:, 0].double().cpu().numpy()
+            lat[s : s + len(x)], lon[s : s + len(x)] = latlon[:, 0], latlon[:, 1]
+            prob[s : s + len(x)] = top.prob[:, 0].double().cpu().numpy()
+        return Predictions(lat, lon, prob)

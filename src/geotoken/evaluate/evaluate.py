@@ -27,6 +27,8 @@ from geotoken.errors import GeoTokenError
 from geotoken.evaluate.baselines import (
     CellClassifier,
     CellsConfig,
+    GeoCLIP,
+    GeoCLIPConfig,
     GPSGallery,
     GPSGalleryConfig,
     NearestNeighbour,
@@ -34,6 +36,7 @@ from geotoken.evaluate.baselines import (
     PriorConfig,
     RetrievalConfig,
     Split,
+    check_geoclip_features,
 )
 from geotoken.evaluate.geotoken_method import calibration_from_arrays, row_label, run_geotoken
 from geotoken.evaluate.metrics import (
@@ -50,7 +53,7 @@ from geotoken.io import atomic_open, read_json, sha256_json, write_json
 from geotoken.retrieval import NeighbourTable
 
 BASELINES = ("prior", "nn", "knn", "cells", "gps-gallery")
-METHODS = (*BASELINES, "geotoken")
+METHODS = (*BASELINES, "geoclip", "geotoken")  # geoclip: GeoCLIP's pretrained model on CLIP query stores
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -88,9 +91,8 @@ def load_split(store_dir: str | Path, manifest: str | Path | None = None, name: 
         arrays = {key: a[rows] for key, a in arrays.items()}
         ids, coords = ids[rows], coords[rows]
         images = None if images is None else images[rows]
-    return Split(
-        ids, coords[:, 0], coords[:, 1], arrays, f"{name} ({store_dir})", images, int((~valid).sum())
-    )
+    return Split(ids, coords[:, 0], coords[:, 1], arrays, f"{name} ({store_dir})", images,
+                 int((~valid).sum()), store.header.get("backbone"))  # fmt: skip
 
 
 def load_neighbours(folder: str | Path, gallery: Split, queries: Split) -> tuple[np.ndarray, np.ndarray]:
@@ -132,6 +134,7 @@ class EvalConfig:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     cells: CellsConfig = field(default_factory=CellsConfig)
     gps_gallery: GPSGalleryConfig = field(default_factory=GPSGalleryConfig)
+    geoclip: GeoCLIPConfig = field(default_factory=GeoCLIPConfig)
     geotoken: GeoTokenMethodConfig = field(default_factory=GeoTokenMethodConfig)
 
     def __post_init__(self) -> None:
@@ -171,12 +174,13 @@ def _strategy_text(method: str, cfg: EvalConfig, table: bool = False) -> str:
         "cells": f"{'MLP' if cfg.cells.hidden else 'linear'} head on {cfg.cells.features}, "
         f"cells max {cfg.cells.max_count} / min {cfg.cells.min_count}",
         "gps-gallery": f"{cfg.gps_gallery.embedding} vs GPS encoder on {cfg.gps_gallery.gallery} gallery",
+        "geoclip": f"GeoCLIP's pretrained head on CLIP {cfg.geoclip.features}, softmax over its MP16 gallery",
     }[method]
 
 
 def _method_config(method: str, cfg: EvalConfig) -> dict:
     part = {"prior": cfg.prior, "nn": cfg.retrieval, "knn": cfg.retrieval, "cells": cfg.cells,
-            "gps-gallery": cfg.gps_gallery}[method]  # fmt: skip
+            "gps-gallery": cfg.gps_gallery, "geoclip": cfg.geoclip}[method]  # fmt: skip
     return asdict(part)
 
 
@@ -190,6 +194,8 @@ def build_baseline(method: str, cfg: EvalConfig, neighbours=None, gps_encoder=No
         return CellClassifier(cfg.cells, progress=progress)
     if method == "gps-gallery":
         return GPSGallery(cfg.gps_gallery, encoder=gps_encoder)
+    if method == "geoclip":
+        return GeoCLIP(cfg.geoclip)
     raise GeoTokenError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
@@ -318,11 +324,13 @@ def evaluate(
     if cfg.limit is not None:
         q, n = queries, cfg.limit
         queries = Split(q.ids[:n], q.lat[:n], q.lon[:n], {k: a[:n] for k, a in q.arrays.items()}, q.name,
-                        None if q.images is None else q.images[:n], q.skipped)  # fmt: skip
+                        None if q.images is None else q.images[:n], q.skipped, q.backbone)  # fmt: skip
         if neighbours is not None:
             neighbours = tuple(np.asarray(a)[: cfg.limit] for a in neighbours)
     if len(queries) == 0:
         raise GeoTokenError(f"{queries.name}: no queries to evaluate")
+    if "geoclip" in cfg.methods:  # before any method runs
+        check_geoclip_features(queries, cfg.geoclip)
     inputs = _inputs_hash(gallery, queries, neighbours)
     runs = run_methods(gallery, queries, cfg, out, neighbours, gps_encoder, progress, log, geolocator, inputs)
     pairs = score_runs(runs, cfg)

@@ -1,0 +1,75 @@
+"""`geotoken evaluate --method geoclip`: GeoCLIP's pretrained head + gallery softmax on a query store embedded
+with `--backbone clip` (768-d projected features), as a row beside the baselines; other stores are refused."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from geotoken.cli import main
+from geotoken.encoders.geoclip import GeoCLIPFiles, GeoCLIPGeolocator
+from geotoken.evaluate import EvalConfig, evaluate, load_split
+from geotoken.testing import small_geoclip_files
+from helpers import write_store
+
+torch.set_num_threads(1)
+CLIP = {"name": "clip", "model": "openai/clip-vit-large-patch14", "dtype": "float32"}
+
+
+@pytest.fixture(autouse=True)
+def shipped(monkeypatch, tmp_path):
+    """GeoCLIP's weights with a 100-row gallery, its embeddings cached under tmp_path."""
+    monkeypatch.setenv("GEOTOKEN_CACHE", str(tmp_path / "cache"))
+    files = small_geoclip_files(tmp_path / "gallery-csv", every=1000)
+    monkeypatch.setattr(GeoCLIPFiles, "shipped", classmethod(lambda cls: files))
+    return files
+
+
+def stores(root, backbone=CLIP, dim=768, n=24):
+    rng = np.random.default_rng(0)
+    coords = np.stack([rng.uniform(-60, 60, n), rng.uniform(-180, 180, n)], 1)
+    features = rng.standard_normal((n, dim)).astype(np.float32)
+    g = write_store(root / "g", {"features": features}, coords=coords, backbone=backbone)
+    q = write_store(root / "q", {"features": features[::-1].copy()}, ids=[f"q{i}" for i in range(n)],
+                    coords=coords[::-1].copy(), backbone=backbone)  # fmt: skip
+    return g.root, q.root
+
+
+def test_evaluate_geoclip_beside_baselines(tmp_path, shipped, capsys):
+    g, q = stores(tmp_path)
+    out = tmp_path / "eval"
+    args = ["evaluate", "--method", "nn", "geoclip", "--gallery", str(g), "--queries", str(q), "-o", str(out)]
+    assert main([*args, "--embedding", "features", "--n-boot", "50", "--no-plots"]) == 0
+    assert "geoclip" in capsys.readouterr().out
+    report = json.loads((out / "metrics.json").read_text())
+    assert list(report["methods"]) == ["nn", "geoclip"]
+    assert "GeoCLIP" in report["methods"]["geoclip"]["strategy"]
+    assert "geoclip" in (out / "metrics.md").read_text()
+
+    # the row is exactly GeoCLIP's top-1 on the stored (float16) features
+    queries = load_split(q)
+    model = GeoCLIPGeolocator(shipped)
+    top = model.predict_features(
+        torch.from_numpy(np.asarray(queries.arrays["features"], dtype=np.float32)), 1
+    )
+    with open(out / "predictions.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["method"] == "geoclip"]
+    assert [r["id"] for r in rows] == list(queries.ids)
+    got = np.array([[float(r["pred_lat"]), float(r["pred_lon"])] for r in rows])
+    np.testing.assert_allclose(got, top.latlon[:, 0].numpy(), atol=1e-5)
+    gap = np.abs(got[:, None, :] - model.latlon.numpy()[None]).max(axis=2).min(axis=1)
+    assert (gap < 1e-5).all()  # every answer is one of GeoCLIP's gallery coordinates
+
+
+def test_evaluate_geoclip_refuses_other_backbones(tmp_path, capsys):
+    g, q = stores(tmp_path / "eff", backbone={"name": "efficientnet-lite0", "image_size": 224}, dim=1280)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--method", "prior", "geoclip", "--gallery", str(g), "--queries", str(q), "-o", str(out)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "geoclip: needs queries embedded with `geotoken embed --backbone clip`" in err
+    assert "efficientnet-lite0 with 1280-d features" in err and not out.exists()
+    g, q = stores(tmp_path / "small", dim=512)  # a CLIP with another projection (e.g. ViT-B/32)
+    with pytest.raises(ValueError, match="clip with 512-d features"):
+        evaluate(load_split(g), load_split(q), tmp_path / "e2", EvalConfig(methods=("geoclip",)))

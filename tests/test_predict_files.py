@@ -1,0 +1,177 @@
+"""`geotoken predict DIR/ -o predictions.csv|.jsonl`: folders walked recursively, one row per photo, written
+atomically; unreadable files stop it (exit 2, nothing written) or, with --skip-bad, are recorded; memory
+stays bounded over 1,000 photos (`predict_photos` streams). GeoCLIP on a tiny random CLIP, and a bundle."""
+
+import csv
+import io
+import json
+import tracemalloc
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from PIL import ExifTags, Image
+
+from geotoken.cli import main
+from geotoken.data.images import list_images
+from geotoken.encoders.geoclip import GeoCLIPFiles
+from geotoken.errors import GeoTokenError
+from geotoken.predict import CSV_COLUMNS, GeoCLIPPredictor, predict_photos, write_predictions
+from geotoken.testing import small_geoclip_files, tiny_clip
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("GEOTOKEN_CACHE", str(tmp_path / "geotoken-cache"))
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return tiny_clip(tmp_path_factory.mktemp("tiny-clip-768"))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return small_geoclip_files(tmp_path_factory.mktemp("gallery"), every=1000)
+
+
+@pytest.fixture
+def shipped(monkeypatch, files):
+    monkeypatch.setattr(GeoCLIPFiles, "shipped", classmethod(lambda cls: files))
+    return files
+
+
+@pytest.fixture(scope="module")
+def geo(clip_dir, files, tmp_path_factory):
+    return GeoCLIPPredictor.load(clip_dir, device="cpu", files=files, cache_dir=tmp_path_factory.mktemp("c"))
+
+
+def jpeg(seed: int, gps: tuple[float, float] | None = None) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    if gps:
+        ifd = exif.get_ifd(ExifTags.IFD.GPSInfo)
+        ifd[ExifTags.GPS.GPSLatitudeRef], ifd[ExifTags.GPS.GPSLatitude] = "N", (48.0, 51.0, 24.0)
+        ifd[ExifTags.GPS.GPSLongitudeRef], ifd[ExifTags.GPS.GPSLongitude] = "E", (2.0, 21.0, 0.0)
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90, exif=exif)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """photos/ with nested JPEGs (one with EXIF GPS), a non-image file, a hidden file and a corrupt JPEG."""
+    root = tmp_path / "photos"
+    for rel, seed in (("b.jpg", 1), ("a/z.JPG", 2), ("a/deeper/m.jpeg", 3), ("c/x.jpg", 4)):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(jpeg(seed, gps=(48.8567, 2.35) if rel == "b.jpg" else None))
+    (root / "notes.txt").write_text("not a photo")
+    (root / ".hidden.jpg").write_bytes(b"x")
+    (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return root
+
+
+def test_list_images_walks_folders_sorted(folder, tmp_path):
+    refs = list_images([folder, "shard.tar#k.jpg"])
+    rel = [str(p)[len(str(folder)) + 1 :] for p in refs[:-1]]
+    assert rel == ["a/broken.jpg", "a/deeper/m.jpeg", "a/z.JPG", "b.jpg", "c/x.jpg"]
+    assert refs[-1] == "shard.tar#k.jpg" and list_images([folder]) == refs[:-1]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GeoTokenError, match="empty: no image files"):
+        list_images([tmp_path / "empty"])
+
+
+def test_cli_folder_to_csv_and_jsonl_geoclip(shipped, clip_dir, folder, tmp_path, capsys):
+    base = ["predict", str(folder), "--model", "geoclip", "--clip", str(clip_dir), "--top-k", "3"]
+    out = tmp_path / "out" / "predictions.csv"
+    # without --skip-bad: a clear error naming the corrupt file, exit 2, nothing written
+    assert main([*base, "-o", str(out)]) == 2
+    [err] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert err.startswith("geotoken predict: error:") and "broken.jpg" in err and "--skip-bad" in err
+    assert not out.exists() and not list(out.parent.glob("*"))
+
+    assert main([*base, "-o", str(out), "--skip-bad"]) == 0
+    captured = capsys.readouterr()
+    assert "broken.jpg" in captured.err and "wrote 5 predictions (1 unreadable)" in captured.out
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(CSV_COLUMNS)
+    assert [r["file"] for r in rows] == list_images([folder])
+    bad = [r for r in rows if r["error"]]
+    assert [r["file"] for r in bad] == [str(folder / "a" / "broken.jpg")] and bad[0]["lat"] == ""
+    good = {r["file"]: r for r in rows if not r["error"]}
+    assert len(good) == 4 and all(
+        -90 <= float(r["lat"]) <= 90 and len(r["cell"]) == 11 for r in good.values()
+    )
+    assert all(0 < float(r["probability"]) <= 1 and r["country"] for r in good.values())
+    tagged = good[str(folder / "b.jpg")]
+    assert (
+        float(tagged["exif_lat"]) == pytest.approx(48.8567, abs=1e-3)
+        and float(tagged["exif_distance_km"]) >= 0
+    )
+    assert good[str(folder / "c" / "x.jpg")]["exif_lat"] == ""
+
+    jl = tmp_path / "predictions.jsonl"
+    assert main([*base, "-o", str(jl), "--skip-bad"]) == 0
+    capsys.readouterr()
+    objs = [json.loads(line) for line in jl.read_text().splitlines()]
+    assert [o["file"] for o in objs] == [r["file"] for r in rows]
+    by_file = {o["file"]: o for o in objs}
+    assert set(by_file[str(folder / "a" / "broken.jpg")]) == {"file", "error"}
+    first = by_file[str(folder / "b.jpg")]
+    assert first["strategy"] == "geoclip" and len(first["candidates"]) == 3 and "exif_gps" in first
+    assert first["lat"] == pytest.approx(float(tagged["lat"]), abs=1e-6)
+
+    assert main([*base, "-o", str(tmp_path / "p.txt")]) == 2
+    assert "must end in .csv or .jsonl" in capsys.readouterr().err
+
+
+def test_cli_folder_with_a_bundle(random_bundle, folder, tmp_path, capsys):
+    bundle = random_bundle(gallery_rows=64, k=3, image_size=32)
+    (folder / "a" / "broken.jpg").unlink()
+    out = tmp_path / "bundle.jsonl"
+    args = ["predict", str(folder), "--model", str(bundle), "--top-k", "2", "--strategy", "greedy"]
+    assert main([*args, "-o", str(out), "--batch-size", "3"]) == 0
+    assert "wrote 4 predictions (0 unreadable)" in capsys.readouterr().out
+    objs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [o["file"] for o in objs] == list_images([folder]) and len(objs) == 4
+    assert all(o["strategy"] == "greedy" and 1 <= len(o["candidates"]) <= 2 for o in objs)
+    # on the terminal, a folder works the same way
+    assert main([*args, "--json"]) == 0
+    assert [r["file"] for r in json.loads(capsys.readouterr().out)] == [o["file"] for o in objs]
+
+
+def test_write_predictions_library(geo, folder, tmp_path):
+    seen = []
+    done = write_predictions(geo, [folder], tmp_path / "p.csv", 2, 2, skip_bad=True, on_error=lambda p, e: seen.append(p))  # fmt: skip
+    assert done["photos"] == 5 and done["failed"] == 1 and seen == [str(folder / "a" / "broken.jpg")]
+    with pytest.raises(GeoTokenError, match="broken.jpg"):
+        list(predict_photos(geo, [folder], 2, 2))
+
+
+def test_predicting_1000_photos_keeps_memory_bounded(geo, tmp_path):
+    """Peak Python allocations while predicting 1,000 files into a CSV are not ~10x those for 100 files."""
+    paths = []
+    for i in range(1000):
+        paths.append(tmp_path / "many" / f"{i:04d}.png")
+        paths[-1].parent.mkdir(exist_ok=True)
+        Image.new("RGB", (16, 12), (i % 256, (7 * i) % 256, (13 * i) % 256)).save(paths[-1])
+
+    def peak(n: int) -> int:
+        tracemalloc.start()
+        try:
+            done = write_predictions(geo, paths[:n], tmp_path / f"p{n}.csv", 1, 32)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            assert done["photos"] == n
+
+    write_predictions(geo, paths[:40], tmp_path / "warm.csv", 1, 32)  # lazy initialisation out of the way
+    small, large = peak(100), peak(1000)
+    assert large < 2 * small, (small, large)
