@@ -17,7 +17,8 @@ from geotoken.cli import main
 from geotoken.data.images import list_images
 from geotoken.encoders.geoclip import GeoCLIPFiles
 from geotoken.errors import GeoTokenError
-from geotoken.predict import CSV_COLUMNS, GeoCLIPPredictor, predict_photos, write_predictions
+from geotoken.photos import CSV_COLUMNS, predict_photos, write_predictions
+from geotoken.predict import GeoCLIPPredictor
 from geotoken.testing import small_geoclip_files, tiny_clip
 
 torch.set_num_threads(1)

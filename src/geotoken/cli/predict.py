@@ -13,7 +13,8 @@ from pathlib import Path
 
 from geotoken import DTYPES
 from geotoken.errors import GeoTokenError
-from geotoken.predict import PREDICTION_FORMATS, Geolocator, predict_photos, write_predictions
+from geotoken.photos import PREDICTION_FORMATS, predict_photos, write_predictions
+from geotoken.predict import Geolocator
 from geotoken.search import SELECTORS, STRATEGIES
 from geotoken.search.mllm import MODES as MLLM_MODES
 

@@ -1,0 +1,145 @@
+"""Photo files in, one answer per file out: folders walked for images, streamed a batch at a time, written
+as CSV or JSON lines (`geotoken predict DIR/ -o predictions.csv`), for any predictor (a GeoToken
+`Geolocator` or the built-in `GeoCLIPPredictor`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from geotoken.data.images import exif_gps, list_images, open_image
+from geotoken.errors import GeoTokenError
+from geotoken.geo import haversine_km
+from geotoken.io import atomic_open
+from geotoken.predict import Geolocator
+from geotoken.prediction import Prediction
+from geotoken.pretrained import GeoCLIPPredictor
+
+PREDICTION_FORMATS = (".csv", ".jsonl")  # `write_predictions`: by the output's extension
+CSV_COLUMNS = ("file", "lat", "lon", "probability", "probability_within_km", "cell", "city", "country",
+               "exif_lat", "exif_lon", "exif_distance_km", "error")  # fmt: skip
+
+
+@dataclass
+class PhotoResult:
+    """One photo file's answer: its `Prediction` and EXIF GPS (with the distance to the top candidate) if it
+    has one, or the one-line reason it could not be read."""
+
+    file: str
+    prediction: Prediction | None = None
+    exif_gps: dict | None = None  # {"lat", "lon", "distance_km"}
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        """The JSON form: {"file", **Prediction.to_dict(), "exif_gps"?} or {"file", "error"}."""
+        if self.prediction is None:
+            return {"file": self.file, "error": self.error}
+        gps = {"exif_gps": self.exif_gps} if self.exif_gps else {}
+        return {"file": self.file, **self.prediction.to_dict(), **gps}
+
+    def csv_row(self) -> list:
+        """One row under `CSV_COLUMNS`: the top candidate (empty fields for an unreadable file)."""
+        if self.prediction is None:
+            return [self.file, *[""] * (len(CSV_COLUMNS) - 2), self.error]
+        c, gps = self.prediction.candidates[0], self.exif_gps or {}
+        return [self.file, f"{c.lat:.6f}", f"{c.lon:.6f}", f"{c.probability:.6f}", f"{c.probability_within_km:g}",
+                c.cell, c.place.get("city") or "", c.place.get("country") or "",
+                *(gps.get(key, "") for key in ("lat", "lon", "distance_km")), ""]  # fmt: skip
+
+
+def photo_gps(image, prediction: Prediction) -> dict | None:
+    """The photo's own EXIF GPS and its distance in km to the top candidate, if it has one."""
+    gps = exif_gps(image)
+    if gps is None:
+        return None
+    km = float(haversine_km(gps[0], gps[1], prediction.lat, prediction.lon))
+    return {"lat": gps[0], "lon": gps[1], "distance_km": round(km, 3)}
+
+
+def predict_photos(
+    geo: Geolocator | GeoCLIPPredictor,
+    photos: Iterable[str | os.PathLike],
+    top_k: int = 5,
+    batch_size: int = 16,
+    *,
+    skip_bad: bool = False,
+    on_error: Callable[[str, str], None] | None = None,
+    progress: bool = False,
+    strategy: str | None = None,
+    select: str | None = None,
+    **options,
+) -> Iterator[PhotoResult]:
+    """Photo files (folders stand for the images under them, see `list_images`) -> one `PhotoResult` each,
+    in order, read and predicted `batch_size` at a time: nothing is held beyond one batch.
+
+    An unreadable file raises GeoTokenError naming it, unless `skip_bad`: then it yields a result with its
+    `error` (and calls `on_error(file, error)`) and the others still run. `options` go to `geo.predict`."""
+    if batch_size < 1:
+        raise GeoTokenError(f"batch_size must be >= 1, got {batch_size}")
+    refs = list_images(photos)
+    with tqdm(total=len(refs), desc="predict", unit="photo", disable=not progress) as bar:
+        for start in range(0, len(refs), batch_size):
+            paths = refs[start : start + batch_size]
+            images: list = []
+            for p in paths:
+                try:
+                    images.append(open_image(p))
+                except (GeoTokenError, OSError) as exc:
+                    if not skip_bad:
+                        raise GeoTokenError(
+                            f"{exc} (pass --skip-bad to record unreadable photos and go on)"
+                        ) from None
+                    images.append(str(exc))
+                    if on_error is not None:
+                        on_error(p, str(exc))
+            good = [im for im in images if not isinstance(im, str)]
+            preds = iter(
+                geo.predict(
+                    good, top_k=top_k, strategy=strategy, select=select, batch_size=batch_size, **options
+                )
+                if good
+                else []
+            )
+            for p, im in zip(paths, images, strict=True):
+                if isinstance(im, str):
+                    yield PhotoResult(p, error=im)
+                else:
+                    pred = next(preds)
+                    yield PhotoResult(p, pred, photo_gps(im, pred))
+            bar.update(len(paths))
+
+
+def write_predictions(
+    geo: Geolocator | GeoCLIPPredictor,
+    photos: Iterable[str | os.PathLike],
+    out: str | os.PathLike,
+    top_k: int = 5,
+    batch_size: int = 16,
+    **kwargs,
+) -> dict:
+    """Predict photo files (`predict_photos`, same keywords) into `out`, written atomically: `.csv` (one row
+    per photo, `CSV_COLUMNS`: the top candidate, EXIF GPS, error) or `.jsonl` (one `PhotoResult.to_dict()`
+    per line). Returns {"path", "photos", "failed"}. An unreadable file without `skip_bad` leaves no file."""
+    out = Path(out)
+    kind = out.suffix.lower()
+    if kind not in PREDICTION_FORMATS:
+        raise GeoTokenError(f"{out}: the output must end in {' or '.join(PREDICTION_FORMATS)}")
+    photos_done = failed = 0
+    with atomic_open(out, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f) if kind == ".csv" else None
+        if writer is not None:
+            writer.writerow(CSV_COLUMNS)
+        for result in predict_photos(geo, photos, top_k, batch_size, **kwargs):
+            photos_done += 1
+            failed += result.error is not None
+            if writer is not None:
+                writer.writerow(result.csv_row())
+            else:
+                f.write(json.dumps(result.to_dict()) + "\n")
+    return {"path": out, "photos": photos_done, "failed": failed}
