@@ -84,8 +84,11 @@ def option_problems(path: tuple[str, ...], action: argparse.Action) -> list[str]
     for name in sorted(names & set(SECOND_SPELLINGS)):
         out.append(f"{where}: {name} is a second spelling of {SECOND_SPELLINGS[name]}")
     longs = [s for s in action.option_strings if s.startswith("--")]
-    if longs != ["--" + dest.replace("_", "-")]:
-        out.append(f"{where}: dest {dest!r} is not spelled --{dest.replace('_', '-')} (and only that)")
+    spelled = ["--" + dest.replace("_", "-")]
+    if isinstance(action, argparse.BooleanOptionalAction):  # the pair --NAME / --no-NAME, nothing else
+        spelled.append("--no-" + spelled[0][2:])
+    if longs != spelled:
+        out.append(f"{where}: dest {dest!r} is not spelled {' / '.join(spelled)} (and only that)")
     for short, canonical in (("-o", "out"), ("-k", "k")):
         if (dest == canonical) != (short in names):
             out.append(f"{where}: {short} and --{canonical} go together (-{short[1:]}/--{canonical})")
@@ -147,6 +150,7 @@ def _wrong_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--width", dest="beam_width", type=int)
     cmd.add_argument("-n", "--num-samples", type=int)
     cmd.add_argument("--skip-bad-rows", action="store_true")
+    cmd.add_argument("--gallery-only", dest="constrain", action=argparse.BooleanOptionalAction)
     return root
 
 
@@ -164,6 +168,7 @@ def test_the_walker_finds_every_kind_of_wrong_option():
         "geotoken group cmd --width: dest 'beam_width' is not spelled --beam-width",
         "geotoken group cmd -n/--num-samples: -n is a second spelling of --num-samples",
         "geotoken group cmd --skip-bad-rows: --skip-bad-rows is a second spelling of --skip-bad",
+        "geotoken group cmd --gallery-only/--no-gallery-only: dest 'constrain' is not spelled --constrain / --no-constrain",
     ]
     for message in expected:
         assert sum(p.startswith(message) for p in problems) == 1, (message, problems)
@@ -181,4 +186,5 @@ def test_the_walker_accepts_the_canonical_spellings():
     cmd.add_argument("--dtype", choices=sorted(DTYPES))
     cmd.add_argument("--batch-size", type=int)
     cmd.add_argument("--beam-width", type=int)
+    cmd.add_argument("--constrain", action=argparse.BooleanOptionalAction)
     assert vocabulary_problems(p) == []

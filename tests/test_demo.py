@@ -28,12 +28,24 @@ def test_fast_demo_runs_every_stage_and_writes_the_report(fast_run):
     for split, folder in summary["eval"].items():
         metrics = json.loads((Path(folder) / "metrics.json").read_text())
         labels = set(metrics["methods"])
-        assert {"prior", "nn", "knn", "cells", "gps-gallery", "geotoken greedy"} <= labels, split
+        assert {
+            "prior",
+            "nn",
+            "knn",
+            "cells",
+            "gps-gallery",
+            "geotoken greedy",
+            "geotoken greedy+gallery",
+        } <= labels
         assert any(label.startswith("geotoken beam") for label in labels)
-        assert any(label.endswith("+reward") for label in labels)
+        assert any(label.endswith("+reward+gallery") for label in labels)
+        # greedy both ways (free, as the paper's authors decode, and gallery-constrained); search rows constrained
+        free = {lab for lab in labels if lab.startswith("geotoken") and not lab.endswith("+gallery")}
+        assert free == {"geotoken greedy"}, split
+        assert metrics["methods"]["geotoken greedy"]["config"]["constrain"] is False
     assert len(summary["samples"]) == 2 and all(s["candidates"] for s in summary["samples"])
     html = (fast_run / "report.html").read_text()
-    assert "geotoken greedy" in html and "https://" not in html
+    assert "geotoken greedy+gallery" in html and "https://" not in html
     assert "Accuracy" in html or "accuracy" in html
     assert "field 'eval'" not in html and "Missing" not in html  # the evaluation was found and rendered
 

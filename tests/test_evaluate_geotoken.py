@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from geotoken import s2
+from geotoken.cli import build_parser, main
+from geotoken.errors import GeoTokenError
 from geotoken.evaluate.evaluate import EvalConfig, GeoTokenMethodConfig, evaluate
 from geotoken.evaluate.geotoken_method import row_label, rows_to_run
 from geotoken.evaluate.synthetic import synthetic_splits
@@ -40,16 +42,67 @@ def test_rows_and_labels():
         strategies=("greedy", "beam", "sample", "beam"), selectors=("logp", "consensus")
     )
     assert rows_to_run(cfg) == [
-        ("greedy", "logp"),
-        ("beam", "logp"),
-        ("beam", "consensus"),
-        ("sample", "logp"),
-        ("sample", "consensus"),
+        ("greedy", "logp", True),
+        ("beam", "logp", True),
+        ("beam", "consensus", True),
+        ("sample", "logp", True),
+        ("sample", "consensus", True),
     ]
-    assert row_label("beam", "consensus", cfg) == "geotoken beam5+consensus"
-    assert row_label("sample", "logp", cfg) == "geotoken sample10+logp"
-    assert row_label("greedy", "logp", cfg) == "geotoken greedy"
-    assert row_label("sample+retrieval", "reward", cfg) == "geotoken sample10+nbr5+reward"
+    # the gallery-prefix constraint is in the label: "+gallery"; free decoding has no suffix
+    assert row_label("beam", "consensus", cfg) == "geotoken beam5+consensus+gallery"
+    assert row_label("sample", "logp", cfg) == "geotoken sample10+logp+gallery"
+    assert row_label("greedy", "logp", cfg) == "geotoken greedy+gallery"
+    assert row_label("sample+retrieval", "reward", cfg) == "geotoken sample10+nbr5+reward+gallery"
+    assert row_label("beam", "consensus", cfg, constrain=False) == "geotoken beam5+consensus"
+    assert row_label("greedy", "logp", cfg, constrain=False) == "geotoken greedy"
+    assert row_label("sample+retrieval", "reward", cfg, False) == "geotoken sample10+nbr5+reward"
+
+
+def test_rows_free_and_constrained():
+    both = GeoTokenMethodConfig(strategies=("greedy", "beam"), constrain=(True, False))
+    assert rows_to_run(both) == [
+        ("greedy", "logp", False),
+        ("greedy", "logp", True),
+        ("beam", "logp", False),
+        ("beam", "logp", True),
+    ]
+    # the demo's rows: the search rows constrained, greedy both ways (free first)
+    demo = GeoTokenMethodConfig(strategies=("greedy", "beam"), free_strategies=("greedy",))
+    assert rows_to_run(demo) == [("greedy", "logp", False), ("greedy", "logp", True), ("beam", "logp", True)]
+    free = GeoTokenMethodConfig(strategies=("beam",), constrain=(False,), free_strategies=("greedy",))
+    assert rows_to_run(free) == [("beam", "logp", False), ("greedy", "logp", False)]
+    with pytest.raises(GeoTokenError, match="constrain"):
+        rows_to_run(GeoTokenMethodConfig(constrain=()))
+    with pytest.raises(GeoTokenError, match="beam\\+sample"):
+        rows_to_run(GeoTokenMethodConfig(free_strategies=("beam+sample",)))
+
+
+def test_free_and_constrained_rows_in_one_table(geolocator_and_splits, tmp_path):
+    geo, gallery, queries = geolocator_and_splits
+    cfg = EvalConfig(
+        methods=("geotoken",), n_boot=10, plots=False, limit=8,
+        geotoken=GeoTokenMethodConfig(strategies=("greedy",), constrain=(True, False)),
+    )  # fmt: skip
+    res = evaluate(gallery, queries, tmp_path, cfg, geolocator=geo, log=lambda *a: None)
+    assert list(res.runs) == ["geotoken greedy", "geotoken greedy+gallery"]
+    assert res.runs["geotoken greedy"].config["constrain"] is False
+    assert res.runs["geotoken greedy+gallery"].config["constrain"] is True
+    assert res.runs["geotoken greedy+gallery"].strategy == "greedy+gallery"
+    assert res.runs["geotoken greedy"].strategy == "greedy"
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["methods"]["geotoken greedy"]["config"]["constrain"] is False
+    # the free row is compared with the constrained greedy row, the decoding of the search rows
+    assert [(p["a"], p["b"]) for p in report["paired"]] == [("geotoken greedy+gallery", "geotoken greedy")]
+    # constrained answers are gallery cells; free decoding of a random model leaves the gallery
+    cfg_m = geo.model.cfg
+
+    def cells(lat, lon):
+        return {tuple(t) for t in s2.latlon_to_tokens(lat, lon, cfg_m.level, cfg_m.group).tolist()}
+
+    in_gallery = cells(gallery.lat, gallery.lon)
+    free, constrained = res.runs["geotoken greedy"].pred, res.runs["geotoken greedy+gallery"].pred
+    assert cells(constrained.lat, constrained.lon) <= in_gallery
+    assert cells(free.lat, free.lon) - in_gallery
 
 
 @pytest.mark.slow
@@ -65,13 +118,15 @@ def test_geotoken_rows_in_one_table(geolocator_and_splits, tmp_path):
     )
     res = evaluate(gallery, queries, tmp_path, cfg, geolocator=geo, log=lambda *a: None)
     assert not list(tmp_path.glob("*.png"))
-    labels = ["nn", "geotoken greedy", "geotoken beam5+logp", "geotoken beam5+consensus",
-              "geotoken sample4+logp", "geotoken sample4+consensus"]  # fmt: skip
+    labels = ["nn", "geotoken greedy+gallery", "geotoken beam5+logp+gallery", "geotoken beam5+consensus+gallery",
+              "geotoken sample4+logp+gallery", "geotoken sample4+consensus+gallery"]  # fmt: skip
     assert list(res.runs) == labels
     report = json.loads((tmp_path / "metrics.json").read_text())
     # paired: every row minus the reference (nn), then every search row minus greedy
     pairs = [(p["a"], p["b"]) for p in report["paired"]]
-    assert pairs == [(lab, "nn") for lab in labels[1:]] + [(lab, "geotoken greedy") for lab in labels[2:]]
+    assert pairs == [(lab, "nn") for lab in labels[1:]] + [
+        (lab, "geotoken greedy+gallery") for lab in labels[2:]
+    ]
     for label in labels[1:]:
         m = report["methods"][label]
         assert m["method"] == "geotoken" and m["n"] == len(queries)
@@ -86,12 +141,11 @@ def test_geotoken_rows_in_one_table(geolocator_and_splits, tmp_path):
     with torch.no_grad():
         pool, _ = generate(geo.model, batch, "greedy", constraint=geo.constraint)
     lat, lon = s2.tokens_to_latlon(pool.tokens[:, 0], geo.model.cfg.level, geo.model.cfg.group)
-    np.testing.assert_allclose(res.runs["geotoken greedy"].pred.lat, lat)
-    np.testing.assert_allclose(res.runs["geotoken greedy"].pred.lon, lon)
+    np.testing.assert_allclose(res.runs["geotoken greedy+gallery"].pred.lat, lat)
+    np.testing.assert_allclose(res.runs["geotoken greedy+gallery"].pred.lon, lon)
     # beam search keeps the most likely of its beams: never less likely than greedy
-    assert np.all(
-        res.runs["geotoken beam5+logp"].pred.score >= res.runs["geotoken greedy"].pred.score * (1 - 1e-6)
-    )
+    beam, greedy = res.runs["geotoken beam5+logp+gallery"], res.runs["geotoken greedy+gallery"]
+    assert np.all(beam.pred.score >= greedy.pred.score * (1 - 1e-6))
 
 
 @pytest.mark.slow
@@ -99,4 +153,37 @@ def test_reliability_plot_written(geolocator_and_splits, tmp_path):
     geo, gallery, queries = geolocator_and_splits
     cfg = EvalConfig(methods=("geotoken",), n_boot=10, geotoken=GeoTokenMethodConfig(strategies=("beam",)))
     evaluate(gallery, queries, tmp_path, cfg, geolocator=geo, log=lambda *a: None)
-    assert (tmp_path / "reliability_geotoken_beam5_logp.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "reliability_geotoken_beam5_logp_gallery.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_no_constrain_labels_and_cache_keys(random_bundle, tmp_path):
+    bundle, out = random_bundle(gallery_rows=64, k=3), tmp_path / "eval"
+    base = ["evaluate", "--method", "geotoken", "--model", str(bundle), "--gallery", str(bundle),
+            "--queries", str(bundle), "-o", str(out), "--n-boot", "10", "--no-plots", "--limit", "16"]  # fmt: skip
+
+    def methods(*flags):
+        assert main([*base, *flags]) == 0
+        return json.loads((out / "metrics.json").read_text())["methods"]
+
+    free = methods("--no-constrain")
+    assert list(free) == ["geotoken greedy"] and free["geotoken greedy"]["config"]["constrain"] is False
+    constrained = methods()  # the default: gallery-constrained, as before
+    assert (
+        list(constrained) == ["geotoken greedy+gallery"]
+        and not constrained["geotoken greedy+gallery"]["cached"]
+    )
+    # the decoding is part of the cache key: one entry each, and a rerun of either reuses its own
+    assert len(list((out / "cache").glob("geotoken_greedy*.npz"))) == 2
+    assert methods("--no-constrain")["geotoken greedy"]["cached"]
+    both = methods("--constrain", "--free-strategy", "greedy")
+    assert list(both) == ["geotoken greedy", "geotoken greedy+gallery"]
+    assert all(m["cached"] for m in both.values())
+
+
+def test_constrain_flags_parse():
+    parser = build_parser()
+    for command in (["evaluate", "--gallery", "G", "--queries", "Q", "-o", "O"], ["predict", "x.jpg", "--model", "M"],
+                    ["calibrate", "--model", "M", "--queries", "Q"]):  # fmt: skip
+        assert parser.parse_args(command).constrain is None  # the default: the bundle's / the config's
+        assert parser.parse_args([*command, "--constrain"]).constrain is True
+        assert parser.parse_args([*command, "--no-constrain"]).constrain is False

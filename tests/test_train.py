@@ -11,7 +11,16 @@ import torch
 from geotoken.errors import GeoTokenError
 from geotoken.gallery import Gallery
 from geotoken.model import GeoToken, preset
-from geotoken.train import TrainConfig, TrainData, batch_rows, epoch_order, lr_at, steps_per_epoch, train
+from geotoken.train import (
+    VAL_DECODER,
+    TrainConfig,
+    TrainData,
+    batch_rows,
+    epoch_order,
+    lr_at,
+    steps_per_epoch,
+    train,
+)
 
 torch.set_num_threads(1)
 MODS = {"visual": 12, "gps": 8}
@@ -177,6 +186,10 @@ def test_validation_reports_km_accuracy(tmp_path):
         json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if "val_loss" in line
     ]
     assert 0.0 <= val[-1]["val_acc_2500km"] <= 1.0 and val[-1]["val_median_km"] > 0
+    # which decoder validation uses is written beside its figures (free greedy, unlike +gallery rows)
+    assert val[-1]["val_decoder"] == VAL_DECODER == "greedy, unconstrained"
+    assert json.loads((tmp_path / "best" / "metrics.json").read_text())["val_decoder"] == VAL_DECODER
+    assert json.loads((tmp_path / "run.json").read_text())["val_decoder"] == VAL_DECODER
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:

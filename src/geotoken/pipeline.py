@@ -14,7 +14,8 @@ option redoes only what depends on it:
               gallery view of their own place, as test photos never do)
     model     the GeoToken encoder-decoder, trained on the train queries against the gallery, validated on val
     bundle    everything `geotoken predict` / `geotoken serve` need, in one folder
-    eval      baselines and the model (greedy, beam, sampling + selectors) on both test splits
+    eval      baselines and the model (greedy, beam, sampling + selectors) on both test splits, decoded
+              under the gallery constraint (+gallery rows), greedy also free
     report    one self-contained HTML file
 
 A stage is finished when its `stage.json` exists (written last, atomically); stages that are resumable by
@@ -96,6 +97,9 @@ class DemoConfig:
     dtype: str = "fp32"
     strategies: tuple[str, ...] = ("greedy", "beam", "sample", "sample+retrieval")
     selectors: tuple[str, ...] = ("logp", "consensus", "reward")
+    # every strategy gallery-constrained (rows labelled +gallery), greedy also free (the authors' decoding)
+    constrain: tuple[bool, ...] = (True,)
+    free_strategies: tuple[str, ...] = ("greedy",)
     reward_images: int = 2000  # training images of the reward scorer (0: no scorer)
     baselines: tuple[str, ...] = ("prior", "nn", "knn", "cells", "gps-gallery")
     n_boot: int = 1000
@@ -174,7 +178,7 @@ def demo_pipeline(cfg: DemoConfig) -> Pipeline:
             reward_images=cfg.reward_images, reward_queries=queries, seed=cfg.seed)),
         StageSpec("eval", "evaluate", EvalStageConfig(
             splits=TEST_SPLITS, baselines=cfg.baselines, strategies=cfg.strategies, selectors=cfg.selectors,
-            n_boot=cfg.n_boot, seed=cfg.seed)),
+            constrain=cfg.constrain, free_strategies=cfg.free_strategies, n_boot=cfg.n_boot, seed=cfg.seed)),
     ))  # fmt: skip
 
 

@@ -33,6 +33,12 @@ def register(subparsers) -> None:
         help="decoding (default: the bundle's)",
     )
     p.add_argument("--select", choices=CALIBRATION_SELECTORS, help="selector (default: the bundle's)")
+    p.add_argument(
+        "--constrain",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode only cells that occur in the gallery, or freely with --no-constrain (default: the bundle's)",
+    )
     p.add_argument("--radii-km", type=float, nargs="+", default=list(RADII_KM), help="events to calibrate")
     p.add_argument("--plot", metavar="PNG", help="also write a reliability plot here")
     p.add_argument("--device", default="cpu")
@@ -42,7 +48,14 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     geo = Geolocator.from_bundle(args.model, device=args.device)
     report = calibrate_bundle(
-        geo, args.queries, args.neighbours, args.strategy, args.select, args.radii_km, plot=args.plot
+        geo,
+        args.queries,
+        args.neighbours,
+        args.strategy,
+        args.select,
+        args.radii_km,
+        plot=args.plot,
+        constrain=args.constrain,
     )
     print(json.dumps(report, indent=2))
     return 0

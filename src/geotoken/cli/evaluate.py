@@ -40,6 +40,10 @@ examples:
   geotoken evaluate --method nn knn geoclip --gallery G --queries Q -o OUT   # Q: embed --backbone clip
   geotoken evaluate --method knn geotoken --model BUNDLE --strategy greedy beam sample \\
       --select logp consensus --gallery G --queries Q -o OUT --reference knn
+  geotoken evaluate --method geotoken --model BUNDLE --no-constrain --gallery G --queries Q -o OUT
+
+geotoken rows decoded under the gallery-prefix constraint are labelled "+gallery" (e.g.
+"geotoken greedy+gallery"); free rows are not ("geotoken greedy").
 """
 
 
@@ -146,6 +150,20 @@ def register(subparsers) -> None:
     )
     g.add_argument("--sample-temperature", type=float, default=m.temperature, help="sampling temperature")
     g.add_argument("--dtype", default=m.dtype, choices=DTYPES, help="model precision (default %(default)s)")
+    g.add_argument(
+        "--constrain",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode under the gallery-prefix constraint (every answer a gallery photo's cell; rows labelled "
+        "+gallery), or freely with --no-constrain as the paper's authors do (default: constrained)",
+    )
+    g.add_argument(
+        "--free-strategy",
+        nargs="+",
+        default=list(m.free_strategies),
+        choices=EVAL_STRATEGIES,
+        help="strategies also decoded freely, beside the --constrain rows (e.g. greedy: both decodings)",
+    )
     p.set_defaults(func=run)
 
 
@@ -177,6 +195,8 @@ def run(args) -> int:
             retrieved=args.retrieved,
             temperature=args.sample_temperature,
             dtype=args.dtype,
+            constrain=GeoTokenMethodConfig.constrain if args.constrain is None else (args.constrain,),
+            free_strategies=tuple(args.free_strategy),
         ),
     )
     gallery = load_split(args.gallery, args.gallery_manifest, name="gallery")

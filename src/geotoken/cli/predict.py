@@ -75,7 +75,12 @@ def register(subparsers) -> None:
     )
     p.add_argument("--temperature", type=float, help="sampling temperature")
     p.add_argument("--radius-km", type=float, help="consensus radius in km")
-    p.add_argument("--no-constrain", action="store_true", help="allow cells that do not occur in the gallery")
+    p.add_argument(
+        "--constrain",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode only cells that occur in the gallery, or freely with --no-constrain (default: the bundle's)",
+    )
     p.add_argument(
         "--mllm-mode", choices=MLLM_MODES, help="MLLM selection mode (endpoint from GEOTOKEN_MLLM_*)"
     )
@@ -117,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
         "radius_km": args.radius_km,
         "dtype": args.dtype,
     }
-    if args.no_constrain:
-        options["constrain"] = False
+    if args.constrain is not None:  # (GeoCLIP has no search options: it refuses this one by name)
+        options["constrain"] = args.constrain
     if args.mllm_mode:  # (GeoCLIP has no search options: it refuses this one by name)
         mllm = getattr(geo, "options", None)
         options["mllm"] = dataclasses.replace(mllm.mllm, mode=args.mllm_mode) if mllm else args.mllm_mode

@@ -118,6 +118,10 @@ class GeoTokenMethodConfig:
     temperature: float = 1.0
     batch_size: int = 64
     dtype: str = "fp32"  # model precision (bf16: autocast)
+    # decodings of every strategy's rows: True = gallery-prefix constrained (every answer the cell of a
+    # gallery photo; labels end in "+gallery"), False = free (the paper's authors' decoding)
+    constrain: tuple[bool, ...] = (True,)
+    free_strategies: tuple[str, ...] = ()  # strategies also decoded free, beside `constrain`'s rows
 
 
 @dataclass
@@ -280,7 +284,8 @@ def score_runs(runs: Mapping[str, MethodRun], cfg: EvalConfig) -> list[PairedCom
     if ref not in runs:
         raise GeoTokenError(f"reference method {ref!r} was not evaluated (evaluated: {', '.join(labels)})")
     pairs = [(lab, ref) for lab in labels if lab != ref]
-    greedy = row_label("greedy", "logp", cfg.geotoken)
+    # the greedy row of the same decoding as the search rows (gallery-constrained, unless only free)
+    greedy = row_label("greedy", "logp", cfg.geotoken, constrain=True in cfg.geotoken.constrain)
     if greedy in runs and greedy != ref:
         pairs += [
             (lab, greedy) for lab in labels if runs[lab].method == "geotoken" and lab not in (greedy, ref)

@@ -6,6 +6,10 @@ beam vs N samples, each with logp / consensus / reward / MLLM selection) are one
 carries what calibration reporting needs (raw "within X km" confidences and per-level prefix
 confidences with their outcomes, and the bundle's temperatures), so `metrics.json` reports expected
 calibration error and a reliability plot per row.
+
+Each row is decoded either under the gallery-prefix constraint (every answer is the cell of a gallery
+photo; the label ends in `+gallery`, e.g. 'geotoken greedy+gallery') or freely, as the paper's authors
+decode (no suffix, e.g. 'geotoken greedy'); the decoding is part of the row's config and cache key.
 """
 
 from __future__ import annotations
@@ -30,26 +34,43 @@ from geotoken.search.calibration import Calibration, calibration_data, calibrati
 EVAL_STRATEGIES = tuple(s for s in STRATEGIES if s != "beam+sample")
 
 
-def row_label(strategy: str, select: str, cfg) -> str:
-    """Table label of one strategy x selector, e.g. 'geotoken beam5+consensus'."""
+# the label suffix of a row decoded under the gallery-prefix constraint (every answer a gallery photo's cell)
+GALLERY_SUFFIX = "+gallery"
+
+
+def row_label(strategy: str, select: str, cfg, constrain: bool = True) -> str:
+    """Table label of one strategy x selector x decoding, e.g. 'geotoken beam5+consensus+gallery'
+    (gallery-constrained) or 'geotoken greedy' (free decoding, as the paper's authors decode)."""
+    suffix = GALLERY_SUFFIX if constrain else ""
     if strategy == "greedy":
-        return "geotoken greedy"
-    if strategy == "sample+retrieval":  # e.g. 'geotoken sample10+nbr5+reward'
-        return f"geotoken sample{cfg.num_samples}+nbr{cfg.retrieved}+{select}"
+        return f"geotoken greedy{suffix}"
+    if strategy == "sample+retrieval":  # e.g. 'geotoken sample10+nbr5+reward+gallery'
+        return f"geotoken sample{cfg.num_samples}+nbr{cfg.retrieved}+{select}{suffix}"
     size = cfg.beam_width if strategy == "beam" else cfg.num_samples
-    return f"geotoken {strategy}{size}+{select}"
+    return f"geotoken {strategy}{size}+{select}{suffix}"
 
 
-def rows_to_run(cfg) -> list[tuple[str, str]]:
-    """(strategy, selector) pairs: greedy has one candidate, so selection does not apply to it."""
-    unknown = [s for s in cfg.strategies if s not in EVAL_STRATEGIES]
+def rows_to_run(cfg) -> list[tuple[str, str, bool]]:
+    """(strategy, selector, constrain) rows: greedy has one candidate, so selection does not apply to it.
+
+    Every strategy is decoded with each of `cfg.constrain` (True: gallery-constrained, False: free), and
+    the strategies of `cfg.free_strategies` also free; free rows come first within a strategy."""
+    strategies = (*cfg.strategies, *cfg.free_strategies)
+    unknown = [s for s in strategies if s not in EVAL_STRATEGIES]
     if unknown:
         raise GeoTokenError(f"evaluation strategies {unknown}: choose from {', '.join(EVAL_STRATEGIES)}")
-    pairs = []
-    for strategy in dict.fromkeys(cfg.strategies):
-        for select in ["logp"] if strategy == "greedy" else dict.fromkeys(cfg.selectors):
-            pairs.append((strategy, select))
-    return pairs
+    if not cfg.constrain:
+        raise GeoTokenError(
+            "evaluation: constrain needs at least one of True (gallery-constrained), False (free)"
+        )
+    rows = []
+    for strategy in dict.fromkeys(strategies):
+        variants = set(cfg.constrain) if strategy in cfg.strategies else set()
+        variants |= {False} if strategy in cfg.free_strategies else set()
+        for constrain in sorted(variants):  # False (free) before True (+gallery)
+            for select in ["logp"] if strategy == "greedy" else dict.fromkeys(cfg.selectors):
+                rows.append((strategy, select, constrain))
+    return rows
 
 
 def _bundle_identity(path: Path) -> dict:
@@ -125,11 +146,11 @@ def run_geotoken(
     bundle = None if geolocator is not None else Path(cfg.model)
     identity = _bundle_identity(bundle) if bundle is not None else None
     geo, neighbours, embeddings = geolocator, None, None
-    for strategy, select in rows_to_run(cfg):
-        label = row_label(strategy, select, cfg)
+    for strategy, select, constrain in rows_to_run(cfg):
+        label = row_label(strategy, select, cfg, constrain)
         options = {"strategy": strategy, "select": select, "beam_width": cfg.beam_width, "num_samples": cfg.num_samples,
                    "temperature": cfg.temperature, "batch_size": cfg.batch_size, "dtype": cfg.dtype,
-                   "retrieved": cfg.retrieved}  # fmt: skip
+                   "retrieved": cfg.retrieved, "constrain": constrain}  # fmt: skip
         conf = {"model": cfg.model, **options}
         key = sha256_json({"method": "geotoken", "config": conf, "bundle": identity, "inputs": inputs})[:16]
         path = cache / f"{slug(label)}.{key}.npz" if cache is not None and identity is not None else None
@@ -155,6 +176,7 @@ def run_geotoken(
                 save_cached(path, pred)
         errors = haversine_km(queries.lat, queries.lon, pred.lat, pred.lon)
         strategy_text = "greedy" if strategy == "greedy" else f"{strategy}+{select}"
+        strategy_text += GALLERY_SUFFIX if constrain else ""
         yield MethodRun(
             label,
             "geotoken",

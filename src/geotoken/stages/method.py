@@ -222,6 +222,9 @@ class EvalStageConfig:
     baselines: tuple[str, ...] = BASELINES
     strategies: tuple[str, ...] = ("greedy", "beam", "sample", "sample+retrieval")
     selectors: tuple[str, ...] = ("logp", "consensus", "reward")
+    # decodings (True: gallery-constrained, rows labelled +gallery; False: free, as the paper's authors)
+    constrain: tuple[bool, ...] = (True,)
+    free_strategies: tuple[str, ...] = ("greedy",)  # also decoded free: the authors' decoding beside ours
     n_boot: int = 1000
     seed: int = 0
 
@@ -253,7 +256,11 @@ def evaluate_bundle(
         seed=config.seed,
         reference="knn" if "knn" in config.baselines else None,
         geotoken=GeoTokenMethodConfig(
-            model=str(bundle), strategies=config.strategies, selectors=config.selectors
+            model=str(bundle),
+            strategies=config.strategies,
+            selectors=config.selectors,
+            constrain=config.constrain,
+            free_strategies=config.free_strategies,
         ),
     )
     gallery = evaluation_split(data, features, align, GALLERY)

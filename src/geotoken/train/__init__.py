@@ -3,6 +3,7 @@
 from geotoken.train.data import TrainData, batch_rows, epoch_order, holdout_rows, steps_per_epoch
 from geotoken.train.loop import (
     SCHEDULES,
+    VAL_DECODER,
     TrainConfig,
     load_checkpoint,
     lr_at,
@@ -14,6 +15,7 @@ from geotoken.train.loop import (
 __all__ = [
     "SCHEDULES",
     "TrainConfig",
+    "VAL_DECODER",
     "TrainData",
     "batch_rows",
     "epoch_order",

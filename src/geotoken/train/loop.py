@@ -179,11 +179,16 @@ def load_checkpoint(folder: Path, model: GeoToken, opt: torch.optim.Optimizer, d
 
 
 # ------------------------------------------------------------------------------------------ validation
+# how validation decodes, written with its metrics (log.jsonl, best/metrics.json) and in run.json: free
+# greedy decoding, while `geotoken evaluate` rows labelled +gallery decode under the gallery constraint
+VAL_DECODER = "greedy, unconstrained"
+
+
 @torch.no_grad()
 def validate(
     model: GeoToken, data: TrainData, rows: np.ndarray, cfg: TrainConfig, device: torch.device
 ) -> dict:
-    """Greedy decoding of `rows`: teacher-forced loss, token accuracy, and accuracy within each km threshold."""
+    """Greedy decoding of `rows` (free: no gallery constraint, `VAL_DECODER`): teacher-forced loss, token accuracy, and accuracy within each km threshold."""
     model.eval()
     T = model.cfg.n_tokens
     losses, pred = [], []
@@ -267,6 +272,7 @@ def train(
             "train": dataclasses.asdict(cfg),
             "world": d.world,
             "sources": sources or {},
+            "val_decoder": VAL_DECODER,
         }
         write_json(out / "run.json", run)
 
@@ -320,6 +326,7 @@ def train(
                         "step": step,
                         "epoch": (step - 1) // per_epoch,
                         **validate(model, val_data, val_rows, cfg, dev),
+                        "val_decoder": VAL_DECODER,
                     }
                     log.write(metrics)
                     if state["best_score"] is None or metrics["val_score"] > state["best_score"]:
