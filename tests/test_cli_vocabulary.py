@@ -12,6 +12,7 @@ import argparse
 import pytest
 
 from geotoken import DTYPES
+from geotoken.align import GPS_HEADS
 from geotoken.bench.decode import REFERENCE
 from geotoken.cli import build_parser
 from geotoken.data.earthviews import PRESETS as EARTHVIEWS_PRESETS
@@ -53,6 +54,7 @@ REGISTRIES = {
     "backbone": tuple(BACKBONES),
     "text_encoder": tuple(TEXT_ENCODERS),
     "gps_gallery": GPS_GALLERIES,
+    "gps_head": GPS_HEADS,
 }
 # (command path, dest) -> the registry it must equal instead: a documented part of a registry, or the
 # registry of that command's own presets

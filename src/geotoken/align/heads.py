@@ -1,6 +1,9 @@
 """Alignment heads: frozen backbone features (B, F) -> three L2-normalised embeddings per image.
 
-- `gps` (512): an MLP trained so an image lands next to GeoCLIP's embedding of where it was taken.
+- `gps` (512): an MLP trained so an image lands next to GeoCLIP's embedding of where it was taken; on a
+  CLIP ViT-L/14 store it can instead be GeoCLIP's own pretrained image head (`gps_head`, see GPS_HEADS),
+  which was trained against the same location encoder, frozen or fine-tuned. That head reads the raw
+  projected CLIP features, as GeoCLIP does, not the standardised ones.
 - `text` (Dt): an MLP trained so an image lands next to the text embedding of its place description.
 - `visual` (Dv): a fixed PCA projection of the standardised features, not trained against any label.
 
@@ -26,10 +29,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from geotoken.encoders.geoclip import IMAGE_DIM, image_head
 from geotoken.errors import GeoTokenError
 from geotoken.io import atomic_path, read_json, write_json
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+# how the GPS-aligned head is made: "train" an MLP from scratch, or start from GeoCLIP's pretrained image
+# head (CLIP ViT-L/14 stores only) and keep it frozen ("geoclip") or fine-tune it ("geoclip-finetune")
+GPS_HEADS = ("train", "geoclip", "geoclip-finetune")
 
 
 @dataclass
@@ -45,6 +52,14 @@ class HeadsConfig:
     backbone: dict[str, Any] = field(default_factory=dict)  # the image backbone's config()
     text_encoder: dict[str, Any] = field(default_factory=lambda: {"name": "minilm"})
     template: str = "a photo taken in {city}, {region}, {country}"
+    gps_head: str = "train"  # one of GPS_HEADS
+
+
+def uses_geoclip_head(config: HeadsConfig) -> bool:
+    """Whether the GPS head is GeoCLIP's image architecture (raw 768-d CLIP features -> 512)."""
+    if config.gps_head not in GPS_HEADS:
+        raise GeoTokenError(f"gps_head must be one of {', '.join(GPS_HEADS)}, got {config.gps_head!r}")
+    return config.gps_head != "train"
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -64,7 +79,15 @@ class AlignHeads(nn.Module):
         self.register_buffer("mean", torch.zeros(f))
         self.register_buffer("std", torch.ones(f))
         self.register_buffer("pca", torch.eye(f, config.visual_dim))  # (F, Dv)
-        self.gps = mlp(f, config.hidden, config.gps_dim, config.dropout)
+        if uses_geoclip_head(config):
+            if f != IMAGE_DIM or config.gps_dim != 512:
+                raise GeoTokenError(
+                    f"gps_head {config.gps_head!r} maps {IMAGE_DIM}-d CLIP features to 512, "
+                    f"got in_dim {f} and gps_dim {config.gps_dim}"
+                )
+            self.gps = image_head()  # weights: GeoCLIP's, set by the trainer, or from the saved file
+        else:
+            self.gps = mlp(f, config.hidden, config.gps_dim, config.dropout)
         self.text = mlp(f, config.hidden, config.text_dim, config.dropout)
         # learned inverse temperatures of the two contrastive losses, CLIP's init (1 / 0.07)
         self.gps_logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
@@ -91,9 +114,10 @@ class AlignHeads(nn.Module):
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self.standardise(features)  # (B, F)
+        gps_in = features.float() if uses_geoclip_head(self.config) else z  # GeoCLIP's head: raw features
         return {
             "visual": F.normalize(z @ self.pca, dim=-1),  # (B, Dv)
-            "gps": F.normalize(self.gps(z), dim=-1),  # (B, 512)
+            "gps": F.normalize(self.gps(gps_in), dim=-1),  # (B, 512)
             "text": F.normalize(self.text(z), dim=-1),  # (B, Dt)
         }
 

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from geotoken.align.heads import AlignHeads, HeadsConfig
+from geotoken.align.heads import GPS_HEADS, AlignHeads, HeadsConfig
 from geotoken.assets import mp16_coordinates_csv
 from geotoken.encoders import load_gps_encoder, load_text_encoder
+from geotoken.encoders.geoclip import IMAGE_DIM, GeoCLIPFiles, load_image_head
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore, read_rows
 from geotoken.geo import THRESHOLDS_KM, haversine_km
@@ -212,11 +213,15 @@ def train_heads(
     texts: list[str] | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    geoclip_files: GeoCLIPFiles | None = None,
 ) -> tuple[AlignHeads, dict[str, Any]]:
     """Train AlignHeads on `store["features"]` with the store's coordinates; return (heads, metrics).
 
-    heads_config: HeadsConfig fields to override (visual_dim, hidden, dropout, text_encoder, template);
-        text_encoder may be a name of TEXT_ENCODERS: "clip" then reads the store's CLIP backbone model.
+    heads_config: HeadsConfig fields to override (visual_dim, hidden, dropout, text_encoder, template,
+        gps_head); text_encoder may be a name of TEXT_ENCODERS: "clip" then reads the store's CLIP backbone
+        model. gps_head "geoclip" / "geoclip-finetune" (a 768-d clip store only) starts the GPS head from
+        GeoCLIP's pretrained image head (`geoclip_files`, default the shipped ones) and keeps it frozen /
+        fine-tunes it with the other heads; the weights are saved with the heads like any other.
     texts: one description per store row (e.g. MP16-Pro captions); default: offline place names.
     gallery_coords: (M, 2) GPS gallery for the image->GPS metric (default: GeoCLIP's 100K MP16 points).
     With `out_dir`, the heads are saved there and the metrics written to `metrics.json`.
@@ -246,6 +251,14 @@ def train_heads(
     elif isinstance(name, str):
         overrides["text_encoder"] = {"name": name}
     overrides.setdefault("text_encoder", default_text)
+    gps_head = overrides.get("gps_head", "train")
+    if gps_head not in GPS_HEADS:
+        raise GeoTokenError(f"gps_head must be one of {', '.join(GPS_HEADS)}, got {gps_head!r}")
+    if gps_head != "train" and (backbone.get("name") != "clip" or features.shape[1] != IMAGE_DIM):
+        raise GeoTokenError(
+            f"{store.root}: gps_head {gps_head!r} needs a store of {IMAGE_DIM}-d CLIP ViT-L/14 features "
+            f"(backbone 'clip'), got {features.shape[1]}-d features of backbone {backbone.get('name')!r}"
+        )
     if text_encoder is None:
         text_encoder = load_text_encoder(**overrides["text_encoder"])
     if gps_encoder is None:
@@ -259,6 +272,10 @@ def train_heads(
     )
     hc.visual_dim = min(hc.visual_dim, hc.in_dim, len(train_rows))
     heads = AlignHeads(hc)
+    if gps_head != "train":
+        pretrained = load_image_head((geoclip_files or GeoCLIPFiles.shipped()).image_head)
+        heads.gps.load_state_dict(pretrained.state_dict(), strict=True)
+        heads.gps.requires_grad_(gps_head == "geoclip-finetune")
     sample = np.sort(np.random.default_rng(config.seed).permutation(train_rows)[: config.pca_rows])
     heads.fit_input(read_rows(features, sample))
     heads.to(device)

@@ -7,7 +7,7 @@ import argparse
 import numpy as np
 import torch
 
-from geotoken.align import AlignConfig, AlignHeads, HeadsConfig, apply_heads, train_heads
+from geotoken.align import GPS_HEADS, AlignConfig, AlignHeads, HeadsConfig, apply_heads, train_heads
 from geotoken.data.manifest import read_manifest
 from geotoken.encoders.text import TEXT_ENCODERS
 from geotoken.features import FeatureStore
@@ -17,6 +17,7 @@ HELP = "train alignment heads (visual / GPS / text embeddings) on a feature stor
 EPILOG = """\
 examples:
   geotoken align train runs/demo/gallery -o runs/demo/align --epochs 20
+  geotoken align train runs/clip/gallery -o runs/clip/align --gps-head geoclip
   geotoken align apply runs/demo/align runs/demo/gallery
   geotoken align apply runs/demo/align runs/demo/test
 
@@ -80,6 +81,13 @@ def register(subparsers) -> None:
         help="hidden width of the GPS and text heads (default %(default)s)",
     )
     t.add_argument(
+        "--gps-head",
+        choices=list(GPS_HEADS),
+        default=h.gps_head,
+        help="GPS head: train one from scratch, or (768-d clip stores) GeoCLIP's pretrained image head, "
+        "frozen (geoclip) or fine-tuned (geoclip-finetune) (default %(default)s)",
+    )
+    t.add_argument(
         "--text-encoder",
         choices=list(TEXT_ENCODERS),
         help="text encoder of place descriptions (default: clip for a clip backbone, else minilm)",
@@ -121,7 +129,7 @@ def run_train(args) -> int:
     if args.gallery:
         m = read_manifest(args.gallery)
         gallery = np.stack([m.lat, m.lon], axis=1)
-    heads_config = {"visual_dim": args.visual_dim, "hidden": args.hidden}
+    heads_config = {"visual_dim": args.visual_dim, "hidden": args.hidden, "gps_head": args.gps_head}
     if args.text_encoder:
         heads_config["text_encoder"] = args.text_encoder
     config = AlignConfig(
