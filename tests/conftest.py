@@ -15,12 +15,16 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 from PIL import Image
 
 import helpers
 from geotoken import assets, testing
+from geotoken.encoders.geoclip import GeoCLIPFiles
 from geotoken.io import read_json, write_json
+from geotoken.predict import GeoCLIPPredictor
+from geotoken.testing import small_geoclip_files, tiny_clip
 
 
 @pytest.fixture
@@ -95,3 +99,37 @@ def photo() -> Image.Image:
 @pytest.fixture
 def free_port() -> int:
     return helpers.free_port()
+
+
+# ------------------------------------------------------------------ GeoCLIP on a tiny random CLIP, offline
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """No hub access, and a fresh geotoken cache (the GeoCLIP gallery embeddings) per test."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("GEOTOKEN_CACHE", str(tmp_path / "geotoken-cache"))
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny random CLIP (projection 768) saved as a transformers folder."""
+    return tiny_clip(tmp_path_factory.mktemp("tiny-clip-768"))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """GeoCLIP's shipped heads with a 100-coordinate slice of its gallery."""
+    return small_geoclip_files(tmp_path_factory.mktemp("gallery"), every=1000)
+
+
+@pytest.fixture
+def shipped(monkeypatch, files):
+    """The built-in model's weights, with the small gallery (as if the wheel shipped 100 coordinates)."""
+    monkeypatch.setattr(GeoCLIPFiles, "shipped", classmethod(lambda cls: files))
+    return files
+
+
+@pytest.fixture(scope="module")
+def geo(clip_dir, files, tmp_path_factory):
+    """The GeoCLIP predictor on the tiny CLIP and the small gallery."""
+    return GeoCLIPPredictor.load(clip_dir, device="cpu", files=files, cache_dir=tmp_path_factory.mktemp("c"))

@@ -7,7 +7,6 @@ import io
 import json
 import tracemalloc
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -15,41 +14,13 @@ from PIL import ExifTags, Image
 
 from geotoken.cli import main
 from geotoken.data.images import list_images
-from geotoken.encoders.geoclip import GeoCLIPFiles
 from geotoken.errors import GeoTokenError
 from geotoken.photos import CSV_COLUMNS, predict_photos, write_predictions
-from geotoken.predict import GeoCLIPPredictor
-from geotoken.testing import small_geoclip_files, tiny_clip
 
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("GEOTOKEN_CACHE", str(tmp_path / "geotoken-cache"))
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    return tiny_clip(tmp_path_factory.mktemp("tiny-clip-768"))
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return small_geoclip_files(tmp_path_factory.mktemp("gallery"), every=1000)
-
-
-@pytest.fixture
-def shipped(monkeypatch, files):
-    monkeypatch.setattr(GeoCLIPFiles, "shipped", classmethod(lambda cls: files))
-    return files
-
-
-@pytest.fixture(scope="module")
-def geo(clip_dir, files, tmp_path_factory):
-    return GeoCLIPPredictor.load(clip_dir, device="cpu", files=files, cache_dir=tmp_path_factory.mktemp("c"))
+pytestmark = pytest.mark.usefixtures("offline_hub")  # GeoCLIP fixtures: tests/conftest.py
 
 
 def jpeg(seed: int, gps: tuple[float, float] | None = None) -> bytes:

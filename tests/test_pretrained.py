@@ -10,7 +10,6 @@ import io
 import json
 import weakref
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -20,42 +19,14 @@ from geotoken import assets
 from geotoken import predict as predict_module
 from geotoken.cli import main
 from geotoken.data.images import exif_gps
-from geotoken.encoders.geoclip import GeoCLIPFiles
 from geotoken.errors import GeoTokenError
 from geotoken.geo import haversine_km
 from geotoken.predict import GeoCLIPPredictor, Geolocator, Prediction, resolve_device
-from geotoken.testing import small_geoclip_files, tiny_clip
 
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("GEOTOKEN_CACHE", str(tmp_path / "geotoken-cache"))
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    return tiny_clip(tmp_path_factory.mktemp("tiny-clip-768"))
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return small_geoclip_files(tmp_path_factory.mktemp("gallery"), every=1000)
-
-
-@pytest.fixture
-def shipped(monkeypatch, files):
-    """The built-in model's weights, with the small gallery (as if the wheel shipped 100 coordinates)."""
-    monkeypatch.setattr(GeoCLIPFiles, "shipped", classmethod(lambda cls: files))
-    return files
-
-
-@pytest.fixture(scope="module")
-def geo(clip_dir, files, tmp_path_factory):
-    return GeoCLIPPredictor.load(clip_dir, device="cpu", files=files, cache_dir=tmp_path_factory.mktemp("c"))
+pytestmark = pytest.mark.usefixtures("offline_hub")  # GeoCLIP fixtures: tests/conftest.py
 
 
 def photo(seed: int, size=(60, 40)) -> Image.Image:
