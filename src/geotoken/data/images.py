@@ -1,7 +1,7 @@
 """The images behind a manifest: plain files, or members of WebDataset tar shards, read in place.
 
-An image reference is a file path or `SHARD.tar#MEMBER` (img2dataset writes `KEY.jpg` + `KEY.json` (+ `KEY.txt`)
-per sample). Shards are never unpacked: the first access to a shard reads its headers once (`read_shard_index`,
+An image reference is a file path, `SHARD.tar#MEMBER` (img2dataset writes `KEY.jpg` + `KEY.json` (+ `KEY.txt`)
+per sample) or `ARCHIVE.zip#MEMBER` (archives as downloaded, e.g. OSV-5M's `images/test/00.zip`). Shards are never unpacked: the first access to a shard reads its headers once (`read_shard_index`,
 cached per process) and every later member is one seek + read, so `open_image` is cheap to call repeatedly,
 e.g. from DataLoader workers. `iter_images` streams many rows, reading each shard once, front to back.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -22,12 +23,47 @@ from geotoken.errors import GeoTokenError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 _SHARD_INDEX: dict[str, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}
+_ZIPS: dict[str, tuple[tuple[int, int], zipfile.ZipFile]] = {}
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
-    """'a/b.tar#KEY.jpg' -> ('a/b.tar', 'KEY.jpg'); a plain path -> (path, None)."""
-    i = ref.find(".tar#")
-    return (ref[: i + 4], ref[i + 5 :]) if i >= 0 else (ref, None)
+    """'a/b.tar#KEY.jpg' -> ('a/b.tar', 'KEY.jpg'), 'a/b.zip#x/1.jpg' -> ('a/b.zip', 'x/1.jpg'); a plain path
+    -> (path, None)."""
+    for ext in (".tar#", ".zip#"):
+        i = ref.find(ext)
+        if i >= 0:
+            return ref[: i + 4], ref[i + 5 :]
+    return ref, None
+
+
+def is_zip(path: str) -> bool:
+    return path.lower().endswith(".zip")
+
+
+def open_zip(path: str | os.PathLike) -> zipfile.ZipFile:
+    """A zip archive opened once per process (keyed by size and mtime, like shard indexes)."""
+    key = os.path.abspath(path)
+    try:
+        st = os.stat(key)
+    except OSError:
+        raise GeoTokenError(f"{path}: archive not found") from None
+    stamp = (st.st_size, st.st_mtime_ns)
+    cached = _ZIPS.get(key)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    try:
+        archive = zipfile.ZipFile(key)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise GeoTokenError(f"{path}: not a readable zip archive: {exc}") from None
+    _ZIPS[key] = (stamp, archive)
+    return archive
+
+
+def archive_members(path: str | os.PathLike) -> list[str]:
+    """The regular files of a tar shard or a zip archive, in archive order."""
+    if is_zip(os.fspath(path)):
+        return [i.filename for i in open_zip(path).infolist() if not i.is_dir()]
+    return list(read_shard_index(path))
 
 
 def read_shard_index(tar_path: str | os.PathLike) -> dict[str, tuple[int, int]]:
@@ -62,6 +98,13 @@ def read_bytes(ref: str) -> bytes:
             f"{ref}: remote image references are not read directly; fetch them first (geotoken data download)"
         )
     path, member = split_ref(ref)
+    if member is not None and is_zip(path):
+        try:
+            return open_zip(path).read(member)
+        except KeyError:
+            raise GeoTokenError(f"{ref}: no member {member!r} in archive {path}") from None
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise GeoTokenError(f"{ref}: cannot read archive member: {exc}") from None
     if member is None:
         try:
             with open(path, "rb") as f:
@@ -219,7 +262,7 @@ def iter_images(
     for row in rows.tolist():
         ref = str(refs[row])
         path, member = split_ref(ref)
-        if member is None:
+        if member is None or is_zip(path):
             try:
                 data = read_bytes(ref)
                 yield row, decode_image(data, ref) if decode else data
@@ -282,6 +325,13 @@ def check_images(
             elif member is None:
                 if not os.path.isfile(path):
                     yield row, f"{ref}: image file not found"
+            elif is_zip(path):
+                try:
+                    open_zip(path).getinfo(member)
+                except KeyError:
+                    yield row, f"{ref}: no member {member!r} in archive {path}"
+                except GeoTokenError as exc:
+                    yield row, str(exc)
             else:
                 try:
                     if member not in read_shard_index(path):

@@ -4,9 +4,19 @@
 evaluate), each with a typed config dataclass, reading the folders of earlier stages and writing only its
 own. `geotoken.stages.runner` holds the generic part: `StageSpec` / `Pipeline` (a graph that is plain data,
 `Pipeline.from_dict`), `Run` (content-hashed stage folders, `stage.json` written last, reuse of finished
-stages) and `run_pipeline`. `geotoken.pipeline` declares the demo's graph on top of these.
+stages) and `run_pipeline`. `geotoken.stages.datasets` adds the kinds for real datasets (`dataset`: files on
+disk -> manifests; `table`: the paper's Table I) and `geotoken.stages.config` reads a run config (YAML,
+`geotoken run`) and plans it. `geotoken.pipeline` declares the demo's graph on top of these.
 """
 
+from geotoken.stages.datasets import (
+    DatasetStageConfig,
+    HoldoutConfig,
+    TableStageConfig,
+    paper_figures,
+    paper_table,
+    read_datasets,
+)
 from geotoken.stages.method import (
     GALLERY,
     TEST_SPLITS,
@@ -45,6 +55,12 @@ from geotoken.stages.runner import (
 )
 
 __all__ = [
+    "DatasetStageConfig",
+    "HoldoutConfig",
+    "TableStageConfig",
+    "paper_figures",
+    "paper_table",
+    "read_datasets",
     "GALLERY",
     "STAGES",
     "TEST_SPLITS",

@@ -3,7 +3,7 @@
     kind      reads                            writes into `out`
     data      -                                EarthViews shards + SPLIT.csv manifests + dataset.json
     features  data                             SPLIT/: feature store of raw backbone features, every split
-    align     features                         heads/ (trained on the gallery) and SPLIT/: aligned stores
+    align     data, features                   heads/ (trained on the gallery) and SPLIT/: aligned stores
                                                (ids, coords, skipped rows, visual/gps/text), every split
     index     align                            index/ (FAISS over the gallery) and SPLIT/: neighbour tables
     model     align, index                     the trained GeoToken model (best/, last/, run.json, log)
@@ -27,9 +27,11 @@ import numpy as np
 
 from geotoken.align import AlignConfig, AlignHeads, apply_heads, train_heads
 from geotoken.bundle import assemble_bundle
+from geotoken.data.datasets import read_texts
 from geotoken.data.earthviews import SPLITS, EarthViewsConfig, build_earthviews
 from geotoken.data.manifest import read_manifest
 from geotoken.encoders import load_backbone
+from geotoken.errors import GeoTokenError
 from geotoken.evaluate import BASELINES, EvalConfig, Split, evaluate, load_split
 from geotoken.evaluate.evaluate import GeoTokenMethodConfig
 from geotoken.features import FeatureStore, embed
@@ -80,17 +82,24 @@ class FeaturesStageConfig:
     image_size: int | None = None  # backbone input pixels (None: the backbone's default)
     batch_size: int = 64  # images per forward pass (recorded in each store, which resumes on it)
     workers: int = runtime_field(2)  # image-decoding processes
+    model: str | None = None  # clip: a hub id or a local folder (None: the backbone's default)
+    skip_bad: bool = False  # unreadable images: recorded and skipped (their rows NaN) instead of an error
 
 
 @stage_kind("features", FeaturesStageConfig)
 def embed_features(config: FeaturesStageConfig, out: Path, *, data: Path, log: Log = print) -> dict:
     """Embed every split of the dataset with the frozen backbone: `out/SPLIT/` feature stores."""
     options = {} if config.image_size is None else {"image_size": config.image_size}
+    if config.model is not None:
+        options["model"] = config.model
     backbone = load_backbone(config.backbone, **options).eval()
     for split in dataset_splits(data):
         manifest = read_manifest(data / f"{split}.csv")
         log(f"  embedding {split} ({len(manifest)} images)")
-        embed(manifest, backbone, out / split, batch_size=config.batch_size, num_workers=config.workers)
+        embed(
+            manifest, backbone, out / split, batch_size=config.batch_size, num_workers=config.workers,
+            skip_bad=config.skip_bad,
+        )  # fmt: skip
     return {"backbone": backbone.config()}
 
 
@@ -99,15 +108,50 @@ def embed_features(config: FeaturesStageConfig, out: Path, *, data: Path, log: L
 class AlignStageConfig:
     epochs: int = 20
     seed: int = 0
+    # text-aligned targets: "auto" (the data stage's place texts of the gallery when it wrote them, e.g.
+    # MP16-Pro's city / state / country, else offline place names), "dataset" (those texts, required),
+    # "places" (offline place names of the coordinates)
+    texts: str = "auto"
+    text_encoder: str | None = None  # None: clip for a clip backbone, else minilm (align train's default)
+    gps_head: str = "train"  # geotoken.align.GPS_HEADS
+
+
+TEXT_SOURCES = ("auto", "dataset", "places")
+
+
+def texts_path(data: Path, split: str) -> Path:
+    """Where a data stage keeps the place texts of a split (`id,text`; absent when its layout has none)."""
+    return data / f"{split}.texts.csv"
+
+
+def gallery_texts(config: AlignStageConfig, data: Path, store: FeatureStore) -> list[str] | None:
+    """The gallery's text targets by `config.texts`, in store order (None: offline place names)."""
+    if config.texts not in TEXT_SOURCES:
+        raise GeoTokenError(f"align: texts must be one of {TEXT_SOURCES}, got {config.texts!r}")
+    path = texts_path(data, GALLERY)
+    if config.texts == "places" or (config.texts == "auto" and not path.is_file()):
+        return None
+    if not path.is_file():
+        raise GeoTokenError(f"{path}: texts 'dataset', but the data stage wrote no texts for the gallery")
+    return read_texts(path, store.ids)
 
 
 @stage_kind("align", AlignStageConfig)
-def align_features(config: AlignStageConfig, out: Path, *, features: Path, log: Log = print) -> dict:
+def align_features(
+    config: AlignStageConfig, out: Path, *, data: Path, features: Path, log: Log = print
+) -> dict:
     """Train the heads on the gallery's features, then write an aligned store `out/SPLIT/` for every split."""
     gallery = FeatureStore.open(features / GALLERY)
     cfg = AlignConfig(epochs=config.epochs, seed=config.seed)
+    heads_config: dict = {"gps_head": config.gps_head}
+    if config.text_encoder is not None:
+        heads_config["text_encoder"] = config.text_encoder
+    texts = gallery_texts(config, data, gallery)
+    log("  text targets: " + ("the data stage's place texts" if texts else "offline place names"))
     # the held-out image->GPS metric scores against the gallery's own coordinates (not MP16's 100K)
-    _, metrics = train_heads(gallery, out / "heads", cfg, gallery_coords=np.asarray(gallery.coords))
+    _, metrics = train_heads(
+        gallery, out / "heads", cfg, heads_config, gallery_coords=np.asarray(gallery.coords), texts=texts
+    )
     heads = AlignHeads.load(out / "heads")
     for split in store_splits(features):
         apply_heads(heads, FeatureStore.open(features / split), out=out / split, info={"heads": "../heads"})

@@ -186,6 +186,12 @@ def _value(hint: Any, value: Any, where: str) -> Any:
         if dataclasses.is_dataclass(option) and isinstance(value, Mapping):
             return config_from_dict(option, value, where)
         if typing.get_origin(option) is tuple and isinstance(value, list | tuple):
+            item = typing.get_args(option)[0] if typing.get_args(option) else None
+            if dataclasses.is_dataclass(item):  # tuple[Config, ...]: each item from its mapping
+                return tuple(
+                    config_from_dict(item, v, f"{where}[{i}]") if isinstance(v, Mapping) else v
+                    for i, v in enumerate(value)
+                )
             return tuple(value)
     return value
 

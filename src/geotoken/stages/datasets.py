@@ -1,0 +1,229 @@
+"""Stage kinds for real datasets: `dataset` (annotation files and images on disk -> the SPLIT.csv manifests
+the features stage reads) and `table` (the evaluation as the paper's Table I, beside the paper's figures).
+
+    kind      reads              writes into its folder
+    dataset   -                  SPLIT.csv manifests (images referenced where they are), SPLIT.texts.csv
+                                 (place texts, when the layout has them), SPLIT.report.csv (every row or
+                                 image left out, with its reason), dataset.json (sizes, counts, hashes)
+    table     data, evaluate     table.md / table.json: both test sets side by side, 95% CIs, n per split,
+                                 and the paper's own rows (`geotoken/configs/paper_table1.yaml`)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from geotoken.data.datasets import DatasetSource, read_source, write_report, write_texts
+from geotoken.errors import GeoTokenError
+from geotoken.evaluate.metrics import MethodMetrics, markdown_table
+from geotoken.geo import THRESHOLDS_KM
+from geotoken.io import atomic_open, read_json, write_json
+from geotoken.stages.method import GALLERY, Log, texts_path
+from geotoken.stages.runner import stage_kind
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # package data: named run configs, paper figures
+PAPER_TABLE = CONFIGS / "paper_table1.yaml"
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+@dataclass(frozen=True)
+class HoldoutConfig:
+    """Move `size` seeded random rows of split `source` into a new split `split` (e.g. a validation split
+    carved out of the MP16 gallery, which then never sees them)."""
+
+    split: str = "val"
+    source: str = GALLERY
+    size: int = 1000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DatasetStageConfig:
+    sources: tuple[DatasetSource, ...] = ()
+    holdout: HoldoutConfig | None = None
+
+
+@stage_kind("dataset", DatasetStageConfig)
+def read_datasets(config: DatasetStageConfig, out: Path, *, log: Log = print) -> dict:
+    """Read every source from disk into `out/SPLIT.csv` (+ texts, + report); images stay where they are."""
+    if not config.sources:
+        raise GeoTokenError("dataset stage: no sources")
+    splits = [s.split for s in config.sources]
+    if len(set(splits)) != len(splits):
+        raise GeoTokenError(f"dataset stage: split names must be unique, got {splits}")
+    results = {}
+    for source in config.sources:
+        log(f"  reading {source.split} ({source.format}: {source.annotations or source.images})")
+        results[source.split] = read_source(source, out)
+    if config.holdout is not None:
+        _holdout(config.holdout, results)
+    info: dict[str, Any] = {"sizes": {}, "sources": {}, "content_hash": {}}
+    for split, r in results.items():
+        if len(r.manifest) == 0:
+            raise GeoTokenError(f"dataset stage: split {split!r} has no row with an image (see its report)")
+        r.manifest.write_csv(out / f"{split}.csv")
+        if r.texts is not None:
+            write_texts(texts_path(out, split), r.manifest.ids, r.texts)
+        write_report(out / f"{split}.report.csv", r.report)
+        info["sizes"][split] = len(r.manifest)
+        info["sources"][split] = {**r.counts, "left_out": len(r.report), "texts": r.texts is not None}
+        info["content_hash"][split] = r.manifest.content_hash()
+        log(f"  {split}: {len(r.manifest):,} rows with an image; {len(r.report):,} rows/images left out "
+            f"({split}.report.csv)")  # fmt: skip
+    write_json(out / "dataset.json", info)
+    return info
+
+
+def _holdout(h: HoldoutConfig, results: dict) -> None:
+    if h.source not in results:
+        raise GeoTokenError(f"dataset stage: holdout from {h.source!r}, which is not a source split")
+    if h.split in results:
+        raise GeoTokenError(f"dataset stage: holdout split {h.split!r} is already a source split")
+    src = results[h.source]
+    n = len(src.manifest)
+    if not 0 < h.size < n:
+        raise GeoTokenError(
+            f"dataset stage: holdout size {h.size} must be in 1..{n - 1} (rows of {h.source!r})"
+        )
+    held = np.sort(np.random.default_rng(h.seed).choice(n, h.size, replace=False))
+    keep = np.setdiff1d(np.arange(n), held)
+    texts = None if src.texts is None else np.asarray(src.texts, dtype=object)
+    results[h.split] = dataclasses.replace(
+        src,
+        manifest=src.manifest.subset(held),
+        texts=None if texts is None else texts[held].tolist(),
+        report=[],
+        counts={"held_out_of": h.source, "kept": h.size},
+    )
+    results[h.source] = dataclasses.replace(
+        src, manifest=src.manifest.subset(keep), texts=None if texts is None else texts[keep].tolist(),
+        counts={**src.counts, "kept": len(keep), "held_out": h.size},
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- table
+@dataclass(frozen=True)
+class TableStageConfig:
+    """Which evaluated splits (columns, side by side) and methods (rows; empty: every evaluated row)."""
+
+    splits: tuple[str, ...] = ("im2gps3k", "yfcc4k")
+    methods: tuple[str, ...] = ()
+    paper: bool = True  # add the paper's own rows (PAPER_TABLE) under ours
+
+
+def paper_figures(path: Path = PAPER_TABLE) -> dict:
+    """The paper's Table I / II figures (% within THRESHOLDS_KM per system and test set) and their source."""
+    with open(path, encoding="utf-8") as f:
+        table = yaml.safe_load(f)
+    if list(table.get("thresholds_km", [])) != list(THRESHOLDS_KM):
+        raise GeoTokenError(f"{path}: thresholds_km must be {list(THRESHOLDS_KM)}")
+    return table
+
+
+def table_markdown(
+    results: dict[str, dict[str, MethodMetrics]],
+    names: dict[str, str],
+    notes: list[str],
+    paper: dict | None,
+) -> str:
+    """Table I's layout: one row per method, each test set's five accuracies side by side; ours with their
+    bootstrap CI, the paper's as published (no CI)."""
+    splits = list(results)
+    header = ["method"] + [f"{names[s]} {t:g} km" for s in splits for t in THRESHOLDS_KM]
+    rows = []
+    methods = list(dict.fromkeys(m for s in splits for m in results[s]))
+    for m in methods:
+        cells = [m]
+        for s in splits:
+            r = results[s].get(m)
+            for t in THRESHOLDS_KM:
+                e = None if r is None else r.accuracy.get(float(t))
+                cells.append(
+                    "-" if e is None else f"{100 * e.value:.1f} [{100 * e.lo:.1f}, {100 * e.hi:.1f}]"
+                )
+        rows.append(cells)
+    if paper:
+        for row in paper["rows"]:
+            cells = [f"{row['system']} (paper)"]
+            for s in splits:
+                values = row.get(s)
+                cells += ["-"] * len(THRESHOLDS_KM) if values is None else [f"{v:.1f}" for v in values]
+            rows.append(cells)
+    level = next((r.level for s in splits for r in results[s].values()), 0.95)
+    out = [
+        f"% of images within each distance; ours with {100 * level:.0f}% bootstrap confidence intervals."
+        + (" Rows marked (paper) are the published figures (no CI): " + paper["source"] if paper else ""),
+        "",
+        markdown_table(header, rows),
+        *notes,
+    ]
+    return "\n".join(out).rstrip() + "\n"
+
+
+@stage_kind("table", TableStageConfig)
+def paper_table(config: TableStageConfig, out: Path, *, data: Path, evaluate: Path, log: Log = print) -> dict:
+    """The evaluation of every split in `config.splits` as one table (`out/table.md`, `out/table.json`)."""
+    dataset = read_json(data / "dataset.json")
+    paper = paper_figures() if config.paper else None
+    names = {s: (paper or {}).get("test_sets", {}).get(s, s) for s in config.splits}
+    results: dict[str, dict[str, MethodMetrics]] = {}
+    notes = []
+    for split in config.splits:
+        path = evaluate / split / "metrics.json"
+        if not path.is_file():
+            raise GeoTokenError(
+                f"{path}: no evaluation of split {split!r} (is it in the evaluate stage's splits?)"
+            )
+        metrics = read_json(path)
+        wanted = config.methods or tuple(metrics["methods"])
+        missing = sorted(set(wanted) - set(metrics["methods"]))
+        if missing:
+            raise GeoTokenError(f"{path}: no method(s) {missing}; evaluated: {sorted(metrics['methods'])}")
+        results[split] = {m: MethodMetrics.from_dict(metrics["methods"][m], f"methods.{m}") for m in wanted}
+        n = metrics["queries"]["rows"]
+        names[split] = f"{names[split]} (n = {n:,})"
+        notes.append(_split_note(split, n, metrics, dataset.get("sources", {}).get(split, {})))
+    text = table_markdown(results, names, [""] + notes, paper)
+    with atomic_open(out / "table.md", "w", encoding="utf-8") as f:
+        f.write(text)
+    write_json(out / "table.json", {
+        "splits": {s: {"name": names[s], "methods": {m: r.to_dict() for m, r in results[s].items()}}
+                   for s in results},
+        "paper": paper,
+    })  # fmt: skip
+    log(f"  wrote {out / 'table.md'}")
+    return {"splits": list(config.splits)}
+
+
+def _split_note(split: str, n: int, metrics: dict, counts: dict) -> str:
+    """Where each split's n comes from: rows listed, rows without an image, images without a label."""
+    parts = [f"- {split}: n = {n:,} images evaluated"]
+    if counts.get("rows"):
+        parts.append(f"of {counts['rows']:,} annotation rows")
+    if counts.get("rows_without_image"):
+        parts.append(f"{counts['rows_without_image']:,} rows without an image left out")
+    if counts.get("images_without_label"):
+        parts.append(f"{counts['images_without_label']:,} images without a label left out")
+    if metrics["queries"].get("skipped"):
+        parts.append(f"{metrics['queries']['skipped']:,} unreadable images skipped at embedding")
+    return "; ".join(parts) + f" (details: {split}.report.csv in the dataset stage's folder)"
+
+
+__all__ = [
+    "CONFIGS",
+    "PAPER_TABLE",
+    "DatasetStageConfig",
+    "HoldoutConfig",
+    "TableStageConfig",
+    "paper_figures",
+    "paper_table",
+    "read_datasets",
+    "table_markdown",
+    "texts_path",
+]

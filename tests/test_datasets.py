@@ -1,0 +1,140 @@
+"""Real dataset layouts (MP16, MP16-Pro, Im2GPS3k, YFCC4k, OSV-5M, img2dataset shards) -> manifests,
+place texts and reports of what was left out; the `dataset` stage that writes them for the features stage."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+import pytest
+
+import realdata
+from geotoken.data.datasets import DatasetSource, ImageIndex, fill_template, read_source, read_texts
+from geotoken.data.images import check_images, open_image
+from geotoken.data.manifest import read_manifest
+from geotoken.errors import GeoTokenError
+from geotoken.stages import DatasetStageConfig, HoldoutConfig, read_datasets
+from geotoken.stages.method import texts_path
+
+
+def report_reasons(result) -> list[str]:
+    return [r[2] for r in result.report]
+
+
+def test_mp16_nested_folders_keep_rows_with_an_image_and_report_the_rest(tmp_path):
+    path, images, ids = realdata.mp16(tmp_path / "mp16", 8, missing=2)
+    r = read_source(DatasetSource("gallery", "mp16", str(path), str(images)), tmp_path / "work")
+    assert r.manifest.ids.tolist() == ids[:6]
+    assert r.manifest.images.tolist() == [str(images / i) for i in ids[:6]]
+    assert r.counts["rows_without_image"] == 2 and r.counts["kept"] == 6 and r.texts is None
+    assert [row[1] for row in r.report] == ids[6:] and all("no image" in x for x in report_reasons(r))
+    assert open_image(r.manifest.images[0]).size == (32, 32)
+
+
+@pytest.mark.parametrize("layout", ["shards", "flat-tar"])
+def test_mp16_images_in_tar_archives_are_found_by_img_id(tmp_path, layout):
+    """img2dataset shards (KEY.jpg + KEY.json with the IMG_ID) and one tar of flattened names (G3's)."""
+    path, images, ids = realdata.mp16(tmp_path / "mp16", 6, layout=layout, missing=1)
+    r = read_source(DatasetSource("gallery", "mp16", str(path), str(images)), tmp_path / "work")
+    assert r.manifest.ids.tolist() == ids[:5] and r.counts["rows_without_image"] == 1
+    assert all(".tar#" in ref for ref in r.manifest.images.tolist())
+    assert list(check_images(r.manifest)) == []
+    # every row reads the image of its own id (the colour encodes the coordinates)
+    for ref, lat in zip(r.manifest.images.tolist(), r.manifest.lat.tolist()):
+        red = np.asarray(open_image(ref))[..., 0].mean()
+        assert abs(red - (lat + 90) / 180 * 255) < 25
+
+
+def test_mp16_pro_place_columns_become_texts_as_g3_builds_them(tmp_path):
+    path, images, ids = realdata.mp16(tmp_path / "pro", 6, pro=True)
+    r = read_source(DatasetSource("gallery", "mp16-pro", str(path), str(images)), tmp_path / "work")
+    assert r.texts[:3] == ["a photo taken in Paris, Ile-de-France, France", "a photo taken in Texas, United States",
+                           "a photo taken in Kyoto, Japan"]  # fmt: skip
+    # the same texts from the annotation file itself (what `geotoken align train --texts` reads)
+    assert read_texts(path, r.manifest.ids[::-1]) == r.texts[::-1]
+    assert fill_template("x {a}, {b}", {"a": "nan", "b": ""}) == "x"
+    with pytest.raises(GeoTokenError, match="no row with IMG_ID 'nope'"):
+        read_texts(path, ["nope"])
+
+
+def test_im2gps3k_reports_images_without_a_label(tmp_path):
+    """Real Im2GPS3k: 3,000 images, 2,997 labels. Here 5 labelled rows, 2 images without a row."""
+    path, images, ids = realdata.places365_test_set(tmp_path / "im2gps3k", "im2gps3k", 5, 5, extra_images=2)
+    r = read_source(DatasetSource("im2gps3k", "im2gps3k", str(path), str(images)), tmp_path / "work")
+    assert len(r.manifest) == 5 and r.counts["images_without_label"] == 2
+    assert sorted(row[1] for row in r.report) == sorted(ids[5:]) and report_reasons(r)[0].startswith(
+        "image without"
+    )
+
+
+def test_yfcc_rows_whose_image_is_absent_are_left_out_and_counted(tmp_path):
+    """yfcc25600_places365.csv lists 25,600 rows for YFCC4k's 4,536 images: keep the rows with an image."""
+    path, images, ids = realdata.places365_test_set(tmp_path / "yfcc", "yfcc25600", 12, 4)
+    r = read_source(DatasetSource("yfcc4k", "yfcc4k", str(path), str(images)), tmp_path / "work")
+    assert r.manifest.ids.tolist() == ids[:4]
+    assert r.counts == {
+        "rows": 12,
+        "bad_rows": 0,
+        "rows_without_image": 8,
+        "images_without_label": 0,
+        "kept": 4,
+    }
+
+
+@pytest.mark.parametrize("zipped", [False, True])
+def test_osv5m_nested_folders_and_zip_archives(tmp_path, zipped):
+    path, images, ids = realdata.osv5m(tmp_path / "osv5m", "test", 6, zipped=zipped)
+    r = read_source(DatasetSource("osv5m", "osv5m", str(path), str(images)), tmp_path / "work")
+    assert r.manifest.ids.tolist() == ids and r.counts["rows_without_image"] == 0
+    refs = r.manifest.images.tolist()
+    assert all((".zip#" in x) == zipped for x in refs) and refs[4].endswith(f"01/{ids[4]}.jpg")
+    assert list(check_images(r.manifest, decode=True)) == []
+    assert open_image(refs[0]).size == (32, 32)
+
+
+def test_a_bad_row_is_reported_with_its_line(tmp_path):
+    path, images, ids = realdata.mp16(tmp_path / "mp16", 4)
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2].replace(lines[2].split(",")[2], "123.0", 1)  # latitude out of range
+    path.write_text("\n".join(lines) + "\n")
+    r = read_source(DatasetSource("gallery", "mp16", str(path), str(images)), tmp_path / "work")
+    assert len(r.manifest) == 3 and r.counts["bad_rows"] == 1
+    assert r.report[0][0].endswith("line 3") and "outside [-90, 90]" in r.report[0][2]
+
+
+def test_image_index_refuses_what_is_not_images(tmp_path):
+    (tmp_path / "x.txt").write_text("no")
+    with pytest.raises(GeoTokenError, match="must be a folder, a .tar or a .zip"):
+        ImageIndex.scan(tmp_path / "x.txt")
+    with pytest.raises(GeoTokenError, match="not found"):
+        ImageIndex.scan(tmp_path / "nowhere")
+    with pytest.raises(GeoTokenError, match="unknown format"):
+        DatasetSource("a", "mp17", "x.csv")
+
+
+def test_the_dataset_stage_writes_manifests_texts_and_reports(tmp_path):
+    pro, pro_images, _ = realdata.mp16(tmp_path / "pro", 10, pro=True, missing=1)
+    yf, yf_images, _ = realdata.places365_test_set(tmp_path / "yfcc", "yfcc25600", 6, 3)
+    config = DatasetStageConfig(
+        sources=(DatasetSource("gallery", "mp16-pro", str(pro), str(pro_images)),
+                 DatasetSource("yfcc4k", "yfcc4k", str(yf), str(yf_images))),
+        holdout=HoldoutConfig("val", "gallery", size=2, seed=0),
+    )  # fmt: skip
+    out = tmp_path / "data"
+    out.mkdir()
+    info = read_datasets(config, out, log=lambda s: None)
+    assert info["sizes"] == {"gallery": 7, "yfcc4k": 3, "val": 2}
+    gallery, val = read_manifest(out / "gallery.csv"), read_manifest(out / "val.csv")
+    assert not set(gallery.ids) & set(val.ids) and all(os.path.isfile(x) for x in gallery.images)
+    with open(texts_path(out, "gallery"), newline="") as f:
+        texts = list(csv.DictReader(f))
+    assert [t["id"] for t in texts] == gallery.ids.tolist() and texts[0]["text"].startswith(
+        "a photo taken in"
+    )
+    assert read_texts(texts_path(out, "val"), val.ids) == read_texts(pro, val.ids)
+    with open(out / "yfcc4k.report.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    assert info["sources"]["yfcc4k"]["rows_without_image"] == 3 and not (out / "yfcc4k.texts.csv").exists()
+    with pytest.raises(GeoTokenError, match="holdout size"):
+        read_datasets(DatasetStageConfig(config.sources, HoldoutConfig(size=100)), tmp_path, log=print)
