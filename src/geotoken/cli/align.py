@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from geotoken.align import GPS_HEADS, AlignConfig, AlignHeads, HeadsConfig, apply_heads, train_heads
+from geotoken.data.datasets import read_texts
 from geotoken.data.manifest import read_manifest
 from geotoken.encoders.text import TEXT_ENCODERS
 from geotoken.features import FeatureStore
@@ -18,6 +19,7 @@ EPILOG = """\
 examples:
   geotoken align train runs/demo/gallery -o runs/demo/align --epochs 20
   geotoken align train runs/clip/gallery -o runs/clip/align --gps-head geoclip
+  geotoken align train feats/mp16 -o align/ --texts MP16_Pro_places365.csv   # MP16-Pro's place names
   geotoken align apply runs/demo/align runs/demo/gallery
   geotoken align apply runs/demo/align runs/demo/test
 
@@ -93,6 +95,11 @@ def register(subparsers) -> None:
         help="text encoder of place descriptions (default: clip for a clip backbone, else minilm)",
     )
     t.add_argument(
+        "--texts",
+        help="the text-aligned targets: an id,text CSV (geotoken manifest --format mp16-pro writes one) or "
+        "MP16-Pro's annotation file (city, state, country columns); default: offline place names",
+    )
+    t.add_argument(
         "--gallery", help="CSV with LAT,LON columns: GPS gallery for the metric (default: MP16 100K)"
     )
     t.add_argument("--seed", type=int, default=c.seed)
@@ -141,8 +148,9 @@ def run_train(args) -> int:
         val_fraction=args.val_fraction,
         seed=args.seed,
     )
+    texts = read_texts(args.texts, store.ids) if args.texts else None
     _, metrics = train_heads(
-        store, args.out, config, heads_config, gallery_coords=gallery, device=args.device
+        store, args.out, config, heads_config, gallery_coords=gallery, device=args.device, texts=texts
     )
     _print_metrics(metrics)
     print(f"heads and metrics.json written to {args.out}")

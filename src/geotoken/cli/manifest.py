@@ -3,6 +3,9 @@ standard `id,lat,lon,image` CSV that every later command reads."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from geotoken.data.datasets import FORMATS, DatasetSource, read_source, write_report, write_texts
 from geotoken.data.manifest import read_annotations
 
 HELP = "validate an annotation CSV or WebDataset shards and write the standard manifest CSV"
@@ -23,6 +26,13 @@ def register(subparsers) -> None:
         "--image-root", help="folder relative image paths are resolved against (default: the CSV's)"
     )
     p.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="a real dataset's layout (docs/datasets.md): images found under --image-root (a folder, .tar / "
+        ".zip archives), rows without an image and images without a row left out and listed in the skip "
+        "report (default OUT's name + .report.csv), place texts (mp16-pro) written to OUT's name + .texts.csv",
+    )
+    p.add_argument(
         "--check-images",
         choices=["no", "exists", "decode"],
         default="no",
@@ -34,7 +44,29 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def run_format(args) -> int:
+    """A real dataset layout through `geotoken.data.datasets` (what the `dataset` stage of `geotoken run` does)."""
+    out = Path(args.out)
+    stem = out.with_suffix("")
+    annotations, images = (
+        (None, args.inputs[0]) if args.format == "shards" else (args.inputs[0], args.image_root)
+    )
+    result = read_source(DatasetSource(stem.name, args.format, annotations, images), out.parent)
+    result.manifest.write_csv(out)
+    report = Path(args.skip_report) if args.skip_report else Path(f"{stem}.report.csv")
+    write_report(report, result.report)
+    print(
+        f"wrote {len(result.manifest)} rows to {out}; {len(result.report)} rows / images left out (see {report})"
+    )
+    if result.texts is not None:
+        write_texts(f"{stem}.texts.csv", result.manifest.ids, result.texts)
+        print(f"wrote the place texts to {stem}.texts.csv (geotoken align train --texts)")
+    return 0
+
+
 def run(args) -> int:
+    if args.format:
+        return run_format(args)
     m = read_annotations(
         args.inputs,
         image_root=args.image_root,

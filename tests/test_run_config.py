@@ -1,0 +1,168 @@
+"""Run configs (`geotoken run CONFIG`): YAML stage graphs, ${NAME} variables, the dry-run plan, the packaged
+configs (the demo's graph, the paper's), and the Table I layout of the `table` stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+import realdata
+from geotoken.cli import main
+from geotoken.errors import GeoTokenError
+from geotoken.evaluate.metrics import Estimate, MethodMetrics
+from geotoken.pipeline import demo_config, demo_pipeline
+from geotoken.stages import AlignStageConfig, ModelStageConfig, Run, run_pipeline
+from geotoken.stages.config import (
+    find_config,
+    load_run_config,
+    parse_assignments,
+    pipeline_yaml,
+    plan_run,
+    plan_text,
+)
+from geotoken.stages.datasets import CONFIGS, paper_figures, table_markdown
+from geotoken.stages.method import gallery_texts, texts_path
+
+IM2GPS = """\
+run_dir: {run_dir}
+variables:
+  ROOT: null
+  N: 3
+stages:
+- name: data
+  kind: dataset
+  config:
+    sources:
+    - {{split: im2gps3k, format: im2gps3k, annotations: "${{ROOT}}/im2gps3k_places365.csv",
+       images: "${{ROOT}}/images", limit: "${{N}}"}}
+"""
+
+
+def test_the_demo_config_is_the_demo_graph():
+    cfg = load_run_config("demo")
+    assert cfg.path == CONFIGS / "demo.yaml" and cfg.run_dir == "runs/demo"
+    assert cfg.pipeline == demo_pipeline(demo_config("demo")), (
+        "src/geotoken/configs/demo.yaml is not demo_pipeline(demo_config('demo')); regenerate it (see its header)"
+    )
+    assert load_run_config("configs/demo.yaml").pipeline == cfg.pipeline  # the packaged file by name
+
+
+def test_pipeline_yaml_round_trips(tmp_path):
+    fast = demo_pipeline(demo_config("fast", k=7, epochs=3))
+    (tmp_path / "fast.yaml").write_text(pipeline_yaml(fast))
+    assert load_run_config(tmp_path / "fast.yaml").pipeline == fast
+
+
+def test_variables_come_from_set_then_environment_then_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(IM2GPS.format(run_dir=tmp_path / "run"))
+    cfg = load_run_config(path, {"ROOT": "/a"}, environ={"ROOT": "/env", "N": "5"})
+    source = cfg.pipeline["data"].config.sources[0]
+    assert source.annotations == "/a/im2gps3k_places365.csv" and source.limit == 5  # a whole scalar: YAML
+    assert cfg.variables == {"N": "5", "ROOT": "/a"}
+    assert load_run_config(path, environ={"ROOT": "/env"}).pipeline["data"].config.sources[0].limit == 3
+    with pytest.raises(
+        GeoTokenError, match=r"variable\(s\) \['ROOT'\] have no value; give them: --set ROOT="
+    ):
+        load_run_config(path, environ={})
+    with pytest.raises(GeoTokenError, match="--set \\['ROTO'\\]: no such variable"):
+        load_run_config(path, {"ROOT": "/a", "ROTO": "/b"}, environ={})
+    assert parse_assignments(["A=1", "B=x=y"]) == {"A": "1", "B": "x=y"}
+    with pytest.raises(GeoTokenError, match="expected NAME=VALUE"):
+        parse_assignments(["A"])
+    with pytest.raises(GeoTokenError, match="no such config file"):
+        find_config(tmp_path / "nope.yaml")
+
+
+def test_the_plan_names_the_folders_the_run_writes_and_checks_paths(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(IM2GPS.format(run_dir=tmp_path / "run"))
+    root = tmp_path / "im2gps3k"
+    realdata.places365_test_set(root, "im2gps3k", 6, 5, extra_images=1)
+    cfg = load_run_config(path, {"ROOT": str(root)})
+    (plan,) = plan_run(cfg)
+    assert not plan.done and plan.rows == {"im2gps3k": 3} and not plan.problems
+    results = run_pipeline(cfg.pipeline, Run(cfg.run_dir, log=lambda s: None))
+    assert results["data"].folder.name == plan.folder
+    assert plan_run(cfg)[0].done and "done (reused)" in plan_text(cfg, plan_run(cfg))
+    info = json.loads((results["data"].folder / "dataset.json").read_text())
+    assert info["sizes"] == {"im2gps3k": 3} and info["sources"]["im2gps3k"]["images_without_label"] == 1
+
+    assert main(["run", str(path), "--set", f"ROOT={tmp_path / 'missing'}", "--dry-run"]) == 2
+    assert "PROBLEM: im2gps3k: annotations" in capsys.readouterr().out
+    assert main(["run", str(path), "--set", f"ROOT={tmp_path / 'missing'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_paper_config_is_the_papers_setting():
+    raw = yaml.safe_load(find_config("paper").read_text())
+    stages = {s["name"]: s for s in raw["stages"]}
+    assert stages["features"]["config"]["model"] == "${CLIP_MODEL}"
+    assert raw["variables"]["CLIP_MODEL"] == "openai/clip-vit-large-patch14"
+    assert stages["data"]["config"]["sources"][0]["format"] == "mp16-pro"
+    model = stages["model"]["config"]
+    assert (model["preset"], model["k"], model["arch"], model["recipe"]) == ("paper", 15, "authors", "paper")
+    assert stages["index"]["config"]["k"] == 15 and stages["align"]["config"]["texts"] == "dataset"
+    assert stages["eval"]["config"]["splits"] == ["im2gps3k", "yfcc4k"] == stages["table"]["config"]["splits"]
+    fields = {f.name for f in dataclasses.fields(ModelStageConfig)}
+    if not {"arch", "recipe"} <= fields:
+        pytest.skip("ModelStageConfig.arch / .recipe arrive with the model helper's branch")
+    cfg = load_run_config(
+        "paper", {"MP16_ROOT": "/m", "IM2GPS3K_ROOT": "/i", "YFCC4K_ROOT": "/y"}, environ={}
+    )
+    assert [s.kind for s in cfg.pipeline.stages][-2:] == ["evaluate", "table"]
+
+
+def test_the_papers_figures_are_the_reference_notes():
+    table = paper_figures()
+    rows = {r["system"]: r for r in table["rows"]}
+    assert rows["GeoToken, no MLLM"]["im2gps3k"] == [16.8, 39.6, 53.8, 70.8, 85.0]
+    assert rows["GeoToken, no MLLM"]["yfcc4k"] == [24.3, 35.3, 46.6, 64.2, 78.6]
+    assert rows["GeoCLIP"]["im2gps3k"] == [14.1, 34.5, 50.7, 69.7, 83.8]
+    assert rows["GeoToken + MLLM, free generation"]["yfcc4k"] == [25.4, 38.5, 51.4, 68.0, 81.0]
+    assert len(rows) == 6 and "2511.01082" in table["source"]
+
+
+def test_table_one_layout_puts_both_test_sets_side_by_side():
+    def metrics(share):
+        acc = {float(t): Estimate(share, share - 0.01, share + 0.02) for t in (1, 25, 200, 750, 2500)}
+        return MethodMetrics(10, acc, Estimate(5, 4, 6), Estimate(7, 6, 8))
+
+    results = {"im2gps3k": {"geotoken greedy": metrics(0.5)}, "yfcc4k": {"geotoken greedy": metrics(0.25)}}
+    names = {"im2gps3k": "Im2GPS3k (n = 10)", "yfcc4k": "YFCC4k (n = 10)"}
+    text = table_markdown(results, names, ["- note"], paper_figures())
+    header, _, ours, *paper = [line for line in text.splitlines() if line.startswith("|")]
+    assert header.split(" | ")[1] == "Im2GPS3k (n = 10) 1 km" and "YFCC4k (n = 10) 2500 km" in header
+    assert (
+        ours.split(" | ")[1:3] == ["50.0 [49.0, 52.0]", "50.0 [49.0, 52.0]"] and "25.0 [24.0, 27.0]" in ours
+    )
+    assert paper[2].startswith("| GeoToken, no MLLM (paper) | 16.8 | 39.6") and "95% bootstrap" in text
+    assert text.rstrip().endswith("- note")
+
+
+def test_align_takes_the_data_stages_texts(tmp_path):
+    store = SimpleNamespace(ids=["b", "a"])
+    (tmp_path / "gallery.texts.csv").write_text("id,text\na,in Paris\nb,in Kyoto\n")
+    assert texts_path(tmp_path, "gallery").is_file()
+    assert gallery_texts(AlignStageConfig(), tmp_path, store) == ["in Kyoto", "in Paris"]
+    assert gallery_texts(AlignStageConfig(texts="places"), tmp_path, store) is None
+    assert gallery_texts(AlignStageConfig(), tmp_path / "x", store) is None  # auto: none written
+    with pytest.raises(GeoTokenError, match="wrote no texts"):
+        gallery_texts(AlignStageConfig(texts="dataset"), tmp_path / "x", store)
+
+
+def test_manifest_format_writes_manifest_texts_and_report(tmp_path, capsys):
+    path, images, ids = realdata.mp16(tmp_path / "pro", 5, pro=True, missing=1)
+    out = tmp_path / "out" / "gallery.csv"
+    out.parent.mkdir()
+    assert (
+        main(["manifest", str(path), "--format", "mp16-pro", "--image-root", str(images), "-o", str(out)])
+        == 0
+    )
+    assert "wrote 4 rows" in capsys.readouterr().out
+    assert (tmp_path / "out" / "gallery.texts.csv").read_text().count("a photo taken in") == 4
+    assert ids[4] in (tmp_path / "out" / "gallery.report.csv").read_text()

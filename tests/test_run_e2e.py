@@ -1,0 +1,77 @@
+"""`geotoken run` end to end on miniature real datasets in their downloaded layouts: MP16-Pro as img2dataset
+shards (gallery, training set, validation held out of it), Im2GPS3k (an image without a label) and YFCC4k
+(rows without an image), a tiny random CLIP saved locally; the last stage prints Table I."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import realdata
+from geotoken.cli import main
+from geotoken.testing import tiny_clip
+
+CONFIG = """\
+run_dir: ${RUN}
+stages:
+- name: data
+  kind: dataset
+  config:
+    sources:
+    - {split: gallery, format: mp16-pro, annotations: "${MP16_ROOT}/MP16_Pro_places365.csv", images: "${MP16_ROOT}/shards"}
+    - {split: im2gps3k, format: im2gps3k, annotations: "${IM2GPS3K_ROOT}/im2gps3k_places365.csv",
+       images: "${IM2GPS3K_ROOT}/images"}
+    - {split: yfcc4k, format: yfcc4k, annotations: "${YFCC4K_ROOT}/yfcc25600_places365.csv", images: "${YFCC4K_ROOT}/images"}
+    holdout: {split: val, source: gallery, size: 24}
+- name: features
+  config: {backbone: clip, model: "${CLIP}", batch_size: 64, workers: 0}
+- name: align
+  config: {epochs: 2, texts: dataset, text_encoder: minilm}
+- name: index
+  config: {k: 5}
+- name: model
+  config: {preset: tiny, epochs: 1, batch_size: 64, queries: gallery}
+- name: bundle
+  config: {reward_images: 40, reward_queries: gallery}
+- name: eval
+  kind: evaluate
+  config: {splits: [im2gps3k, yfcc4k], baselines: [nn, knn], strategies: [greedy, sample], selectors: [logp],
+           n_boot: 20}
+- name: table
+  inputs: {data: data, evaluate: eval}
+"""
+
+
+@pytest.mark.slow
+def test_geotoken_run_from_real_layouts_to_table_one(tmp_path, capsys, offline_hub):
+    realdata.mp16(tmp_path / "mp16pro", 160, pro=True, layout="shards", missing=3)
+    realdata.places365_test_set(tmp_path / "im2gps3k", "im2gps3k", 20, 20, extra_images=1)
+    realdata.places365_test_set(tmp_path / "yfcc4k", "yfcc25600", 40, 15, seed=3)
+    clip = tiny_clip(tmp_path / "clip")
+    (tmp_path / "run.yaml").write_text(CONFIG)
+    args = ["run", str(tmp_path / "run.yaml"), "--set", f"RUN={tmp_path / 'run'}", "--set", f"CLIP={clip}",
+            "--set", f"MP16_ROOT={tmp_path / 'mp16pro'}", "--set", f"IM2GPS3K_ROOT={tmp_path / 'im2gps3k'}",
+            "--set", f"YFCC4K_ROOT={tmp_path / 'yfcc4k'}"]  # fmt: skip
+    assert main([*args, "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "rows (at most): gallery 136, im2gps3k 20, yfcc4k 40, val 24" in plan and "PROBLEM" not in plan
+
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "Im2GPS3k (n = 20) 1 km" in out and "YFCC4k (n = 15) 2500 km" in out
+    assert "| GeoToken, no MLLM (paper) | 16.8 | 39.6 | 53.8 | 70.8 | 85.0 | 24.3 |" in out
+    assert "25 rows without an image left out" in out and "1 images without a label left out" in out
+    rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ")]
+    assert {"| knn", "| geotoken greedy+gallery", "| geotoken sample10+logp+gallery"} <= set(rows)
+
+    run = tmp_path / "run"
+    data = next(run.glob("data-*"))
+    assert json.loads((data / "dataset.json").read_text())["sizes"] == {"gallery": 133, "im2gps3k": 20,
+                                                                         "yfcc4k": 15, "val": 24}  # fmt: skip
+    align = json.loads((next(run.glob("align-*")) / "heads" / "metrics.json").read_text())
+    assert align["targets"]["unique_texts"] == 3  # MP16-Pro's three places, not offline place names
+
+    assert main([*args]) == 0  # every stage reused, the same table
+    again = capsys.readouterr().out
+    assert again.split("\n\n", 1)[1] == out.split("\n\n", 1)[1]
