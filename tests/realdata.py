@@ -132,7 +132,14 @@ def flickr_ids(n: int, seed: int) -> list[str]:
 
 
 def places365_test_set(
-    root: Path, name: str, n_rows: int, n_images: int, *, extra_images: int = 0, seed: int = 1
+    root: Path,
+    name: str,
+    n_rows: int,
+    n_images: int,
+    *,
+    extra_images: int = 0,
+    seed: int = 1,
+    zipped: bool = False,
 ):
     """A test set as TIBHannover's GeoEstimation ships it: `NAME_places365.csv` (IMG_ID, AUTHOR, LAT, LON,
     scene labels) and an images/ folder. The first `n_images` rows have an image; `extra_images` more
@@ -141,9 +148,16 @@ def places365_test_set(
     rows = [[ids[i], f"{i}@N00", repr(float(c[i][0])), repr(float(c[i][1])), 0, 1, 2, 0.2, 0.5, 0.3]
             for i in range(n_rows)]  # fmt: skip
     path = _write_csv(root / f"{name}_places365.csv", MP16_COLUMNS, rows)
+    have = [*range(n_images), *range(n_rows, n_rows + extra_images)]
+    if zipped:  # the archive as downloaded (im2gps3ktest.zip: one folder of the files)
+        images = root / "images.zip"
+        with zipfile.ZipFile(images, "w") as z:
+            for i in have:
+                z.writestr(f"im2gps3ktest/{ids[i]}", jpeg(*c[i], seed=100 + i))
+        return path, images, ids
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
-    for i in [*range(n_images), *range(n_rows, n_rows + extra_images)]:
+    for i in have:
         (images / ids[i]).write_bytes(jpeg(*c[i], seed=100 + i))
     return path, images, ids
 

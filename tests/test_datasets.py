@@ -58,12 +58,18 @@ def test_mp16_pro_place_columns_become_texts_as_g3_builds_them(tmp_path):
         read_texts(path, ["nope"])
 
 
-def test_im2gps3k_reports_images_without_a_label(tmp_path):
-    """Real Im2GPS3k: 3,000 images, 2,997 labels. Here 5 labelled rows, 2 images without a row."""
-    path, images, ids = realdata.places365_test_set(tmp_path / "im2gps3k", "im2gps3k", 5, 5, extra_images=2)
+@pytest.mark.parametrize("zipped", [False, True])
+def test_im2gps3k_reports_images_without_a_label(tmp_path, zipped):
+    """Real Im2GPS3k: 3,000 images, 2,997 labels. Here 5 labelled rows, 2 images without a row; the images
+    in a folder or in the zip as downloaded (read in place)."""
+    path, images, ids = realdata.places365_test_set(
+        tmp_path / "im2gps3k", "im2gps3k", 5, 5, extra_images=2, zipped=zipped
+    )
     r = read_source(DatasetSource("im2gps3k", "im2gps3k", str(path), str(images)), tmp_path / "work")
     assert len(r.manifest) == 5 and r.counts["images_without_label"] == 2
-    assert sorted(row[1] for row in r.report) == sorted(ids[5:]) and report_reasons(r)[0].startswith(
+    assert all((".zip#im2gps3ktest/" in x) == zipped for x in r.manifest.images.tolist())
+    assert list(check_images(r.manifest, decode=True)) == []
+    assert sorted(row[1].split("/")[-1] for row in r.report) == sorted(ids[5:]) and report_reasons(r)[0].startswith(
         "image without"
     )
 

@@ -166,3 +166,13 @@ def test_manifest_format_writes_manifest_texts_and_report(tmp_path, capsys):
     assert "wrote 4 rows" in capsys.readouterr().out
     assert (tmp_path / "out" / "gallery.texts.csv").read_text().count("a photo taken in") == 4
     assert ids[4] in (tmp_path / "out" / "gallery.report.csv").read_text()
+
+
+def test_the_config_in_docs_datasets_md_loads(tmp_path):
+    text = (CONFIGS.parents[2] / "docs" / "datasets.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "osv.yaml").write_text(block)
+    cfg = load_run_config(tmp_path / "osv.yaml", {"OSV": "/data/osv5m"}, environ={})
+    assert [s.kind for s in cfg.pipeline.stages] == ["dataset", "features", "align", "index", "model", "bundle",
+                                                     "evaluate"]  # fmt: skip
+    assert cfg.pipeline["data"].config.sources[1].images == "/data/osv5m/images/test"
