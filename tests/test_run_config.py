@@ -12,6 +12,7 @@ import yaml
 
 import realdata
 from geotoken.cli import main
+from geotoken.data.manifest import read_manifest
 from geotoken.errors import GeoTokenError
 from geotoken.evaluate.metrics import Estimate, MethodMetrics
 from geotoken.pipeline import demo_config, demo_pipeline
@@ -156,23 +157,13 @@ def test_align_takes_the_data_stages_texts(tmp_path):
 
 
 def test_manifest_format_writes_manifest_texts_and_report(tmp_path, capsys):
-    path, images, ids = realdata.mp16(tmp_path / "pro", 5, pro=True, missing=1)
-    out = tmp_path / "out" / "gallery.csv"
-    out.parent.mkdir()
-    assert (
-        main(["manifest", str(path), "--format", "mp16-pro", "--image-root", str(images), "-o", str(out)])
-        == 0
-    )
-    assert "wrote 4 rows" in capsys.readouterr().out
-    assert (tmp_path / "out" / "gallery.texts.csv").read_text().count("a photo taken in") == 4
-    assert ids[4] in (tmp_path / "out" / "gallery.report.csv").read_text()
-
-
-def test_the_config_in_docs_datasets_md_loads(tmp_path):
-    text = (CONFIGS.parents[2] / "docs" / "datasets.md").read_text()
-    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
-    (tmp_path / "osv.yaml").write_text(block)
-    cfg = load_run_config(tmp_path / "osv.yaml", {"OSV": "/data/osv5m"}, environ={})
-    assert [s.kind for s in cfg.pipeline.stages] == ["dataset", "features", "align", "index", "model", "bundle",
-                                                     "evaluate"]  # fmt: skip
-    assert cfg.pipeline["data"].config.sources[1].images == "/data/osv5m/images/test"
+    path, images, ids = realdata.mp16(tmp_path / "pro", 8, pro=True, missing=1)
+    out = tmp_path / "out" / "mp16.csv"
+    args = ["manifest", str(path), "--format", "mp16-pro", "--image-root", str(images), "-o", str(out)]
+    assert main([*args, "--holdout", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 5 rows to" in printed and "wrote 2 rows to" in printed
+    assert (tmp_path / "out" / "mp16.texts.csv").read_text().count("a photo taken in") == 5
+    assert len(read_manifest(tmp_path / "out" / "val.csv")) == 2
+    assert ids[7] in (tmp_path / "out" / "mp16.report.csv").read_text()
+    assert main([*args, "--skip-report", str(tmp_path / "r.csv")]) == 2

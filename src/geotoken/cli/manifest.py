@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from geotoken.data.datasets import FORMATS, DatasetSource, read_source, write_report, write_texts
+from geotoken.data.datasets import FORMATS, DatasetSource
 from geotoken.data.manifest import read_annotations
+from geotoken.errors import GeoTokenError
+from geotoken.stages import DatasetStageConfig, HoldoutConfig, read_datasets
 
 HELP = "validate an annotation CSV or WebDataset shards and write the standard manifest CSV"
 
@@ -30,8 +32,16 @@ def register(subparsers) -> None:
         choices=FORMATS,
         help="a real dataset's layout (docs/datasets.md): images found under --image-root (a folder, .tar / "
         ".zip archives), rows without an image and images without a row left out and listed in the skip "
-        "report (default OUT's name + .report.csv), place texts (mp16-pro) written to OUT's name + .texts.csv",
+        "report (OUT's name + .report.csv), place texts (mp16-pro) written to OUT's name + .texts.csv",
     )
+    p.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        help="with --format: move N seeded random rows into a held-out split",
+    )
+    p.add_argument("--holdout-name", default="val", help="the held-out split's name (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out rows (default %(default)s)")
     p.add_argument(
         "--check-images",
         choices=["no", "exists", "decode"],
@@ -45,22 +55,23 @@ def register(subparsers) -> None:
 
 
 def run_format(args) -> int:
-    """A real dataset layout through `geotoken.data.datasets` (what the `dataset` stage of `geotoken run` does)."""
+    """A real dataset layout, exactly as the `dataset` stage of `geotoken run` reads it (one source)."""
     out = Path(args.out)
-    stem = out.with_suffix("")
+    if out.suffix != ".csv" or args.skip_report:
+        raise GeoTokenError(
+            "with --format, -o names SPLIT.csv and the report is SPLIT.report.csv (no --skip-report)"
+        )
     annotations, images = (
         (None, args.inputs[0]) if args.format == "shards" else (args.inputs[0], args.image_root)
     )
-    result = read_source(DatasetSource(stem.name, args.format, annotations, images), out.parent)
-    result.manifest.write_csv(out)
-    report = Path(args.skip_report) if args.skip_report else Path(f"{stem}.report.csv")
-    write_report(report, result.report)
-    print(
-        f"wrote {len(result.manifest)} rows to {out}; {len(result.report)} rows / images left out (see {report})"
-    )
-    if result.texts is not None:
-        write_texts(f"{stem}.texts.csv", result.manifest.ids, result.texts)
-        print(f"wrote the place texts to {stem}.texts.csv (geotoken align train --texts)")
+    source = DatasetSource(out.stem, args.format, annotations, images)
+    holdout = HoldoutConfig(args.holdout_name, out.stem, args.holdout, args.seed) if args.holdout else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = read_datasets(DatasetStageConfig((source,), holdout), out.parent)
+    for split, n in info["sizes"].items():
+        texts = " + .texts.csv" if info["sources"][split]["texts"] else ""
+        print(f"wrote {n} rows to {out.parent / split}.csv{texts}; "
+              f"{info['sources'][split]['left_out']} rows / images left out ({split}.report.csv)")  # fmt: skip
     return 0
 
 

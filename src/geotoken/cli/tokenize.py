@@ -20,6 +20,9 @@ face (0..5), then groups of child indices (vocabulary 4**group-size; a shorter l
 not a multiple of group-size). The paper's setting is level 20, group size 2: 11 tokens, vocabularies
 [6, 16 x 10]. Also prints how far the decoded cell centres are from the original points.
 
+The file is for inspection and other tools: no geotoken command reads it (training, bundles and evaluation
+compute the tokens from the coordinates themselves).
+
   geotoken tokenize mp16_places365.csv -o mp16_tokens.npy --level 20 --group-size 2
 """
 
