@@ -60,12 +60,21 @@ def mp16_ids(n: int, seed: int = 0) -> list[str]:
     ]
 
 
-def mp16(root: Path, n: int, *, pro: bool = False, seed: int = 0, missing: int = 0, layout: str = "folders"):
+def mp16(
+    root: Path,
+    n: int,
+    *,
+    pro: bool = False,
+    seed: int = 0,
+    missing: int = 0,
+    layout: str = "folders",
+    corrupt=(),
+):
     """`mp16_places365.csv` (or MP16-Pro's `MP16_Pro_places365.csv`) + images.
 
     layout: "folders" (images/8a/4c/ID.jpg), "shards" (img2dataset tar shards whose KEY.json holds the
     IMG_ID), "flat-tar" (one tar of 8a_4c_ID.jpg files, as G3's mp-16-images.tar). The last `missing`
-    rows get no image. Returns (csv path, images path, ids)."""
+    rows get no image; the rows in `corrupt` (shards) get bytes that do not decode. Returns (csv path, images path, ids)."""
     c, ids = coords(n, seed), mp16_ids(n, seed)
     rows = []
     for i, (img, (lat, lon)) in enumerate(zip(ids, c)):
@@ -108,7 +117,7 @@ def mp16(root: Path, n: int, *, pro: bool = False, seed: int = 0, missing: int =
                         "key": key,
                         "status": "success",
                     }
-                    _add(tar, f"{key}.jpg", jpeg(*c[i], seed=i))
+                    _add(tar, f"{key}.jpg", b"not a jpeg" if i in corrupt else jpeg(*c[i], seed=i))
                     _add(tar, f"{key}.json", json.dumps(meta).encode())
         return path, shards, ids
     if layout == "flat-tar":

@@ -7,6 +7,7 @@ import dataclasses
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import yaml
 
@@ -26,7 +27,7 @@ from geotoken.stages.config import (
     plan_text,
 )
 from geotoken.stages.datasets import CONFIGS, paper_figures, table_markdown
-from geotoken.stages.method import gallery_texts, texts_path
+from geotoken.stages.method import compact_neighbours, gallery_texts, texts_path
 
 IM2GPS = """\
 run_dir: {run_dir}
@@ -167,3 +168,12 @@ def test_manifest_format_writes_manifest_texts_and_report(tmp_path, capsys):
     assert len(read_manifest(tmp_path / "out" / "val.csv")) == 2
     assert ids[7] in (tmp_path / "out" / "mp16.report.csv").read_text()
     assert main([*args, "--skip-report", str(tmp_path / "r.csv")]) == 2
+
+
+def test_neighbour_tables_follow_the_splits_without_their_unreadable_images():
+    rows = np.array([[0, 3], [2, -1], [3, 0]])
+    sims = np.array([[0.9, 0.8], [0.7, -np.inf], [0.6, 0.5]], dtype=np.float32)
+    query_valid, gallery_valid = np.array([True, False, True]), np.array([True, False, True, True])
+    r, s = compact_neighbours(rows, sims, query_valid, gallery_valid)
+    assert r.tolist() == [[0, 2], [2, 0]] and s.tolist() == sims[[0, 2]].tolist()
+    assert compact_neighbours(rows, sims, np.ones(3, bool), np.ones(4, bool))[0] is rows

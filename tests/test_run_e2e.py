@@ -1,5 +1,5 @@
 """`geotoken run` end to end on miniature real datasets in their downloaded layouts: MP16-Pro as img2dataset
-shards (gallery, training set, validation held out of it), Im2GPS3k (an image without a label) and YFCC4k
+shards (gallery, training set, validation held out of it), Im2GPS3k (an image without a label, an unreadable one) and YFCC4k
 (rows without an image), a tiny random CLIP saved locally; the last stage prints Table I."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ stages:
     - {split: yfcc4k, format: yfcc4k, annotations: "${YFCC4K_ROOT}/yfcc25600_places365.csv", images: "${YFCC4K_ROOT}/images"}
     holdout: {split: val, source: gallery, size: 24}
 - name: features
-  config: {backbone: clip, model: "${CLIP}", batch_size: 64, workers: 0}
+  config: {backbone: clip, model: "${CLIP}", batch_size: 64, workers: 0, skip_bad: true}
 - name: align
   config: {epochs: 2, texts: dataset, text_encoder: minilm}
 - name: index
@@ -45,8 +45,9 @@ stages:
 
 @pytest.mark.slow
 def test_geotoken_run_from_real_layouts_to_table_one(tmp_path, capsys, offline_hub):
-    realdata.mp16(tmp_path / "mp16pro", 160, pro=True, layout="shards", missing=3)
-    realdata.places365_test_set(tmp_path / "im2gps3k", "im2gps3k", 20, 20, extra_images=1)
+    realdata.mp16(tmp_path / "mp16pro", 160, pro=True, layout="shards", missing=3, corrupt=(7, 90))
+    _, images, ids = realdata.places365_test_set(tmp_path / "im2gps3k", "im2gps3k", 20, 20, extra_images=1)
+    (images / ids[3]).write_bytes(b"truncated")  # unreadable: skipped at embedding, and said so
     realdata.places365_test_set(tmp_path / "yfcc4k", "yfcc25600", 40, 15, seed=3)
     clip = tiny_clip(tmp_path / "clip")
     (tmp_path / "run.yaml").write_text(CONFIG)
@@ -59,7 +60,8 @@ def test_geotoken_run_from_real_layouts_to_table_one(tmp_path, capsys, offline_h
 
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "Im2GPS3k (n = 20) 1 km" in out and "YFCC4k (n = 15) 2500 km" in out
+    assert "Im2GPS3k (n = 19) 1 km" in out and "YFCC4k (n = 15) 2500 km" in out
+    assert "1 unreadable images skipped at embedding" in out
     assert "| GeoToken, no MLLM (paper) | 16.8 | 39.6 | 53.8 | 70.8 | 85.0 | 24.3 |" in out
     assert "25 rows without an image left out" in out and "1 images without a label left out" in out
     rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ")]

@@ -273,6 +273,17 @@ class EvalStageConfig:
     seed: int = 0
 
 
+def compact_neighbours(rows, sims, query_valid: np.ndarray, gallery_valid: np.ndarray):
+    """A neighbour table for the splits as the evaluation loads them, without their skipped (unreadable)
+    images: the skipped queries' rows dropped, gallery row numbers shifted past the skipped gallery rows
+    (which no table points to: the index holds valid rows only)."""
+    if query_valid.all() and gallery_valid.all():
+        return rows, sims
+    remap = np.cumsum(gallery_valid) - 1
+    rows = np.asarray(rows)[query_valid]
+    return np.where(rows >= 0, remap[np.maximum(rows, 0)], -1), np.asarray(sims)[query_valid]
+
+
 def evaluation_split(data: Path, features: Path, align: Path, split: str) -> Split:
     """A split as the evaluation sees it: the raw features and the aligned arrays, true coordinates."""
     aligned = load_split(align / split, data / f"{split}.csv", name=split)
@@ -311,7 +322,10 @@ def evaluate_bundle(
     for split in config.splits:
         queries = evaluation_split(data, features, align, split)
         nb = index / split
-        neighbours = (np.load(nb / "index.npy", mmap_mode="r"), np.load(nb / "sims.npy", mmap_mode="r"))
+        neighbours = compact_neighbours(
+            np.load(nb / "index.npy", mmap_mode="r"), np.load(nb / "sims.npy", mmap_mode="r"),
+            FeatureStore.open(align / split).valid, FeatureStore.open(align / GALLERY).valid,
+        )  # fmt: skip
         log(f"  evaluating on {split} ({len(queries)} images)")
         evaluate(gallery, queries, out / split, ecfg, neighbours=neighbours, geolocator=geolocator, log=log)
     return {"splits": list(config.splits)}
