@@ -6,9 +6,12 @@ Each problem either raises a `GeoTokenError` naming the file, the line and the v
 the row and writes it to a CSV skip report. Nothing is dropped silently.
 
 Supported layouts (columns are found by name, case-insensitively, from the aliases in `COLUMN_ALIASES`):
-- MP16 / MP16-Pro, Im2GPS3k (`im2gps3k_places365.csv`), YFCC4k (`yfcc4k_places365.csv`): `IMG_ID, ..., LAT, LON`.
-  The image file name is the id.
-- OSV-5M: `id, latitude, longitude, ...`; the image file is `{id}.jpg`.
+- MP16 / MP16-Pro, Im2GPS3k (`im2gps3k_places365.csv`), YFCC4k (`yfcc25600_places365.csv`, `yfcc4k_places365.csv`):
+  `IMG_ID, ..., LAT, LON`. The image's path relative to `image_root` is the id.
+- OSV-5M: `id, latitude, longitude, ...`; the image file is `{id}.jpg` directly under `image_root`.
+Real downloads put images elsewhere (OSV-5M's `images/test/00/<id>.jpg` or its zip archives, MP16 in tar
+shards, YFCC4k's 4,536 images for 25,600 rows): `geotoken.data.datasets` finds each row's image in those
+layouts and reports rows without an image and images without a row (`geotoken manifest --format`).
 - plain: `id,lat,lon,image` or `id,lat,lon,path` (what `Manifest.write_csv` writes).
 - `LAT,LON` without ids (GeoCLIP's gallery): ids are the 0-based data row numbers, no images.
 - img2dataset WebDataset shards (`manifest_from_shards`): lat/lon (and the id) from each sample's `KEY.json`.

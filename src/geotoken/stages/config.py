@@ -279,7 +279,11 @@ def plan_run(cfg: RunConfig) -> list[StagePlan]:
             )
         elif spec.kind == "align":
             p.rows = rows
-            text_dim = 768 if "clip" in (c.text_encoder or "clip") else 384
+            features = next((s for s in cfg.pipeline.stages if s.kind == "features"), None)
+            clip = c.text_encoder == "clip" or (
+                c.text_encoder is None and features and features.config.backbone == "clip"
+            )
+            text_dim = 768 if clip else 384  # CLIP ViT-L/14's text projection, or MiniLM's
             p.disk_bytes = total * (512 + 512 + text_dim) * 2
             p.work = f"{c.epochs} epochs over {rows.get(GALLERY, 0):,} gallery rows, then apply to {total:,}"
         elif spec.kind == "index":
