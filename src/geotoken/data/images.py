@@ -23,7 +23,7 @@ from geotoken.errors import GeoTokenError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 _SHARD_INDEX: dict[str, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}
-_ZIPS: dict[str, tuple[tuple[int, int], zipfile.ZipFile]] = {}
+_ZIPS: dict[str, tuple[tuple[int, int, int], zipfile.ZipFile]] = {}
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
@@ -41,13 +41,14 @@ def is_zip(path: str) -> bool:
 
 
 def open_zip(path: str | os.PathLike) -> zipfile.ZipFile:
-    """A zip archive opened once per process (keyed by size and mtime, like shard indexes)."""
+    """A zip archive opened once per process (keyed by size and mtime, like shard indexes, and by process:
+    a DataLoader worker forked from a parent that opened it must not share its file offset)."""
     key = os.path.abspath(path)
     try:
         st = os.stat(key)
     except OSError:
         raise GeoTokenError(f"{path}: archive not found") from None
-    stamp = (st.st_size, st.st_mtime_ns)
+    stamp = (st.st_size, st.st_mtime_ns, os.getpid())
     cached = _ZIPS.get(key)
     if cached is not None and cached[0] == stamp:
         return cached[1]
