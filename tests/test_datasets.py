@@ -9,11 +9,13 @@ import os
 import numpy as np
 import pytest
 
+import helpers
 import realdata
 from geotoken.data.datasets import DatasetSource, ImageIndex, fill_template, read_source, read_texts
 from geotoken.data.images import check_images, open_image
 from geotoken.data.manifest import read_manifest
 from geotoken.errors import GeoTokenError
+from geotoken.features import embed
 from geotoken.stages import DatasetStageConfig, HoldoutConfig, read_datasets
 from geotoken.stages.method import texts_path
 
@@ -143,3 +145,16 @@ def test_the_dataset_stage_writes_manifests_texts_and_reports(tmp_path):
     assert info["sources"]["yfcc4k"]["rows_without_image"] == 3 and not (out / "yfcc4k.texts.csv").exists()
     with pytest.raises(GeoTokenError, match="holdout size"):
         read_datasets(DatasetStageConfig(config.sources, HoldoutConfig(size=100)), tmp_path, log=print)
+
+
+@pytest.mark.slow
+def test_zip_members_embed_the_same_in_forked_workers(tmp_path):
+    """Zip members read by forked DataLoader workers (after the main process opened the archive, as the
+    dataset stage does) embed exactly as in the main process. Each process opens its own handle."""
+    path, images, ids = realdata.osv5m(tmp_path / "osv5m", "test", 24, zipped=True)
+    r = read_source(DatasetSource("test", "osv5m", str(path), str(images)), tmp_path / "work")
+    assert list(check_images(r.manifest, decode=True)) == []  # opens the zips here, before the fork
+    backbone = helpers.TinyBackbone().eval()
+    one = embed(r.manifest, backbone, tmp_path / "w0", batch_size=4, num_workers=0)
+    two = embed(r.manifest, backbone, tmp_path / "w2", batch_size=4, num_workers=2)
+    assert np.array_equal(np.asarray(one["features"]), np.asarray(two["features"]))
