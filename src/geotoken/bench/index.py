@@ -1,23 +1,37 @@
-"""Index benchmark: build time, memory, queries/s and recall@k of flat vs IVF-PQ vs HNSW, side by side.
+"""Index benchmark: build time, peak memory, queries/s and recall@k of flat vs IVF-PQ vs HNSW, side by side.
 
 The gallery is random unit vectors (default 100K x 768, the paper's embedding size; `rows=4_700_000`
 simulates MP16), generated block by block from a seed so a 4.7M gallery never exists twice in memory.
 Uniform random vectors are the hardest case for approximate search (no cluster structure to exploit),
 so `data="clustered"` is offered as a closer stand-in for real embeddings.
+
+With `vectors=FILE` (automatic above 1M rows) the gallery is written once to FILE as a float16 `.npy`, as
+a feature store holds it, and every index is built and re-ranked from that file through a memmap opened
+per block: memory stays at a block plus the index, which is what `peak_rss_mb` then shows. The recall
+reference is an exact brute-force search streamed over the same blocks (no 14 GB flat index needed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
+from tqdm import tqdm
 
+from geotoken.features.store import read_rows
+from geotoken.io import atomic_path, read_json, write_json
 from geotoken.retrieval.index import KINDS, NeighbourIndex, recall_at_k
 
 BLOCK = 65536
 DATA = ("random", "clustered")  # what `RandomUnitVectors` draws: uniform unit vectors, or around centres
+IN_MEMORY_ROWS = 1_000_000  # above this the gallery goes to a float16 file unless one is named
 
 
 class RandomUnitVectors:
@@ -59,6 +73,81 @@ class RandomUnitVectors:
         return out
 
 
+class DiskVectors:
+    """A generator's vectors as a float16 `.npy` at `path`, written block by block (kept, and reused while
+    `path.json` records the same generator), read through a memmap opened per read so that the pages a
+    read touched leave the process with it: the resident set stays at one block however large the file."""
+
+    def __init__(self, path: str | os.PathLike, source: RandomUnitVectors, progress: bool = False):
+        self.path, self.shape = Path(path), source.shape
+        identity = {"rows": source.shape[0], "dim": source.shape[1], "seed": source.seed, "data": source.data}
+        meta = self.path.with_name(self.path.name + ".json")
+        self.generate_s, self.reused = 0.0, True
+        if self.path.is_file() and meta.is_file() and read_json(meta) == identity:
+            return
+        t0 = time.perf_counter()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=source.shape)
+            del out  # header written; blocks go in through fresh maps below
+            for b in tqdm(
+                range(-(-source.shape[0] // BLOCK)), desc="vectors", unit="block", disable=not progress
+            ):
+                out = np.load(tmp, mmap_mode="r+")
+                out[b * BLOCK : b * BLOCK + BLOCK] = source.block(b)
+                out.flush()
+                del out
+        write_json(meta, identity)
+        self.generate_s, self.reused = time.perf_counter() - t0, False
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        """float32 rows (a slice or an index array), read from the file."""
+        array = np.load(self.path, mmap_mode="r")
+        try:
+            return read_rows(array, rows)
+        finally:
+            del array
+
+
+def exact_search(vectors, queries: np.ndarray, k: int, block: int = 32768) -> np.ndarray:
+    """Exact top-k rows (Q, k) by inner product, streamed over blocks of `vectors` (N, D): the recall
+    reference without holding the gallery (or a flat index of it) in memory."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+    best_r = np.full((len(q), k), -1, dtype=np.int64)
+    for start in range(0, len(vectors), block):
+        s = q @ vectors[start : start + block].T  # (Q, m)
+        kk = min(k, s.shape[1])
+        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]  # the block's own top-k first
+        cand_s = np.concatenate([best_s, np.take_along_axis(s, top, axis=1)], axis=1)  # (Q, k + kk)
+        cand_r = np.concatenate([best_r, top + start], axis=1)
+        keep = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
+        best_s, best_r = np.take_along_axis(cand_s, keep, axis=1), np.take_along_axis(cand_r, keep, axis=1)
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    return np.take_along_axis(best_r, order, axis=1)
+
+
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter of this process (Linux >= 4.0); False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set of this process since the last reset (VmHWM), or since it started."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def bench_index(
     rows: int = 100_000,
     dim: int = 768,
@@ -70,22 +159,54 @@ def bench_index(
     seed: int = 0,
     progress: bool = False,
     refine: int = 4,
+    vectors: str | os.PathLike | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """{rows, dim, queries, k, data, threads, kinds: {kind: {build_s, index_mb, queries_per_s, recall@<k>,
-    and nlist / pq_m / pq_bits where the index has them}}}: recall@k against flat (always built, reported
-    only when in `kinds`). threads 0: FAISS's current setting; options: index build/search options (None
-    values dropped).
+    """{rows, dim, queries, k, data, threads, storage, [generate_s,] exact_s, kinds: {kind: {build_s,
+    index_mb, peak_rss_mb, queries_per_s, recall@<k>, and nlist / pq_m / pq_bits where the index has them}}}:
+    recall@k against exact brute-force search. threads 0: FAISS's current setting; options: index
+    build/search options (None values dropped).
 
+    vectors: a float16 `.npy` file to hold the gallery (see `DiskVectors`); above 1M rows a temporary one
+    is used (and removed) when none is named. peak_rss_mb: the process's peak resident set while that index
+    was built and searched (the kernel's counter is reset before each kind where Linux allows it).
     With `refine`, an extra row "ivfpq+refine": the same IVF-PQ index re-ranking refine * k candidates by
-    their exact vectors (skipped above 1M rows, where the benchmark cannot hold the vectors in RAM).
+    their exact vectors (from the file, or from memory up to 1M rows).
     """
     if threads:
         faiss.omp_set_num_threads(threads)
-    gallery = RandomUnitVectors(rows, dim, seed, data, centre_seed=seed)
+    source = RandomUnitVectors(rows, dim, seed, data, centre_seed=seed)
     q = RandomUnitVectors(queries, dim, seed + 1, data, centre_seed=seed)[:]  # same clusters, other draws
-    results, exact = {}, None
-    for kind in ("flat", *[k_ for k_ in kinds if k_ != "flat"]):
+    with contextlib.ExitStack() as stack:
+        if vectors is None and rows > IN_MEMORY_ROWS:
+            vectors = (
+                Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-index-"))) / "gallery.npy"
+            )
+        gallery = source if vectors is None else DiskVectors(vectors, source, progress)
+        head: dict[str, Any] = {"storage": "generated" if vectors is None else "float16 file"}
+        if vectors is not None:
+            head["generate_s"] = None if gallery.reused else round(gallery.generate_s, 1)
+            head["vectors_gb"] = round(os.path.getsize(vectors) / 1e9, 2)
+        t0 = time.perf_counter()
+        exact = exact_search(gallery, q, k)
+        head["exact_s"] = round(time.perf_counter() - t0, 1)
+        results = _bench_kinds(gallery, q, exact, k, kinds, refine, progress, vectors is not None, options)
+    return {
+        "rows": rows,
+        "dim": dim,
+        "queries": queries,
+        "k": k,
+        "data": data,
+        "threads": threads or faiss.omp_get_max_threads(),
+        **head,
+        "kinds": results,
+    }
+
+
+def _bench_kinds(gallery, q, exact, k, kinds, refine, progress, on_disk, options) -> dict[str, Any]:
+    results = {}
+    for kind in kinds:
+        _reset_peak_rss()
         t0 = time.perf_counter()
         index = NeighbourIndex.build(gallery, kind, batch_size=BLOCK, progress=progress,
                                      **{key: v for key, v in options.items() if v is not None})  # fmt: skip
@@ -94,36 +215,25 @@ def bench_index(
         t0 = time.perf_counter()
         found, _ = index.search(q, k)
         search = time.perf_counter() - t0
-        if kind == "flat":
-            exact = found
-        if kind in kinds:
-            results[kind] = {
-                "build_s": round(build, 3),
-                "index_mb": round(index.nbytes() / 2**20, 1),
-                "queries_per_s": round(queries / search, 1),
-                f"recall@{k}": round(recall_at_k(found, exact), 4),
-                **{key: index.meta[key] for key in ("nlist", "pq_m", "pq_bits") if key in index.meta},
-            }
-        if (
-            kind == "ivfpq" and refine and rows <= 1_000_000
-        ):  # re-rank from exact vectors (RAM here, disk in use)
-            vectors = gallery[:]
+        results[kind] = {
+            "build_s": round(build, 3),
+            "index_mb": round(index.nbytes() / 2**20, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "queries_per_s": round(len(q) / search, 1),
+            f"recall@{k}": round(recall_at_k(found, exact), 4),
+            **{key: index.meta[key] for key in ("nlist", "pq_m", "pq_bits") if key in index.meta},
+        }
+        if kind == "ivfpq" and refine and (on_disk or len(gallery) <= IN_MEMORY_ROWS):
+            vectors = gallery if on_disk else gallery[:]  # exact re-ranking from the file (or RAM)
             t0 = time.perf_counter()
             found, _ = index.search(q, k, exact=vectors, refine=refine)
             results["ivfpq+refine"] = {
                 **results["ivfpq"],
-                "queries_per_s": round(queries / (time.perf_counter() - t0), 1),
+                "peak_rss_mb": round(peak_rss_mb(), 1),
+                "queries_per_s": round(len(q) / (time.perf_counter() - t0), 1),
                 f"recall@{k}": round(recall_at_k(found, exact), 4),
                 "refine": refine,
             }
             del vectors
         del index
-    return {
-        "rows": rows,
-        "dim": dim,
-        "queries": queries,
-        "k": k,
-        "data": data,
-        "threads": threads or faiss.omp_get_max_threads(),
-        "kinds": results,
-    }
+    return results
