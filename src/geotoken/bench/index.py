@@ -112,13 +112,16 @@ class DiskVectors:
             del array
 
 
-def exact_search(vectors, queries: np.ndarray, k: int, block: int = 32768) -> np.ndarray:
+def exact_search(
+    vectors, queries: np.ndarray, k: int, block: int = 32768, progress: bool = False
+) -> np.ndarray:
     """Exact top-k rows (Q, k) by inner product, streamed over blocks of `vectors` (N, D): the recall
     reference without holding the gallery (or a flat index of it) in memory."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
     best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
     best_r = np.full((len(q), k), -1, dtype=np.int64)
-    for start in range(0, len(vectors), block):
+    starts = range(0, len(vectors), block)
+    for start in tqdm(starts, desc="exact search", unit="block", disable=not progress):
         s = q @ vectors[start : start + block].T  # (Q, m)
         kk = min(k, s.shape[1])
         top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]  # the block's own top-k first
@@ -168,7 +171,8 @@ def bench_index(
     build/search options (None values dropped).
 
     vectors: a float16 `.npy` file to hold the gallery (see `DiskVectors`); above 1M rows a temporary one
-    is used (and removed) when none is named. peak_rss_mb: the process's peak resident set while that index
+    is used (and removed) when none is named. A named file also keeps the exact search's answer beside it
+    (`exact_s` None: reused). peak_rss_mb: the process's peak resident set while that index
     was built and searched (the kernel's counter is reset before each kind where Linux allows it).
     With `refine`, an extra row "ivfpq+refine": the same IVF-PQ index re-ranking refine * k candidates by
     their exact vectors (from the file, or from memory up to 1M rows).
@@ -188,8 +192,19 @@ def bench_index(
             head["generate_s"] = None if gallery.reused else round(gallery.generate_s, 1)
             head["vectors_gb"] = round(os.path.getsize(vectors) / 1e9, 2)
         t0 = time.perf_counter()
-        exact = exact_search(gallery, q, k)
-        head["exact_s"] = round(time.perf_counter() - t0, 1)
+        cache = (
+            None if vectors is None else Path(f"{vectors}.exact-q{queries}-k{k}.npy")
+        )  # same file, same queries
+        if cache is not None and cache.is_file() and not gallery.reused:
+            cache.unlink()
+        if cache is not None and cache.is_file():
+            exact, head["exact_s"] = np.load(cache), None
+        else:
+            exact = exact_search(gallery, q, k, progress=progress)
+            head["exact_s"] = round(time.perf_counter() - t0, 1)
+            if cache is not None:
+                with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+                    np.save(f, exact)
         results = _bench_kinds(gallery, q, exact, k, kinds, refine, progress, vectors is not None, options)
     return {
         "rows": rows,

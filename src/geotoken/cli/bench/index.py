@@ -26,6 +26,9 @@ def register(subparsers) -> None:
                    help="uniform random unit vectors (worst case) or clustered ones (closer to real embeddings)")  # fmt: skip
     p.add_argument("--nlist", type=int, help="ivfpq lists (default ~4 sqrt(rows))")
     p.add_argument("--pq-m", type=int, help="ivfpq bytes per vector (default dim/8)")
+    p.add_argument(
+        "--train-rows", type=int, help="ivfpq: rows sampled to train the quantisers (default 262144)"
+    )
     p.add_argument("--nprobe", type=int, help="ivfpq lists searched (default 32)")
     p.add_argument("--ef-search", type=int, help="hnsw search beam (default 128)")
     p.add_argument("--refine", type=int, default=4,
@@ -44,13 +47,13 @@ def run(args) -> int:
     result = bench_index(
         args.rows, args.dim, args.queries, args.k, tuple(args.kinds), args.threads, args.data, progress=not args.json,
         refine=args.refine, vectors=args.vectors,
-        nlist=args.nlist, pq_m=args.pq_m, nprobe=args.nprobe, ef_search=args.ef_search,
+        nlist=args.nlist, pq_m=args.pq_m, train_rows=args.train_rows, nprobe=args.nprobe, ef_search=args.ef_search,
     )  # fmt: skip
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"{result['rows']} x {result['dim']} {result['data']} vectors, {result['queries']} queries, "
-          f"k={result['k']}, {result['threads']} threads, {result['storage']}, exact search {result['exact_s']} s")  # fmt: skip
+          f"k={result['k']}, {result['threads']} threads, {result['storage']}, exact search {result['exact_s'] if result['exact_s'] is not None else 'reused'} s")  # fmt: skip
     print(
         f"{'kind':<14}{'build s':>9}{'index MB':>10}{'peak RSS MB':>12}{'queries/s':>11}{'recall@' + str(args.k):>11}"
     )
