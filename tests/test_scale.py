@@ -107,3 +107,36 @@ def test_neighbour_table_under_torchrun_resumes_and_matches_one_process(tmp_path
     table = NeighbourTable.open(tmp_path / "two")
     assert table.meta == one.meta and not (tmp_path / "two" / nb.RANKS).exists()
     assert (table.rows[3] == -1).all() and (table.rows[store.valid] >= 0).all()
+
+
+def test_bench_index_from_a_float16_file(tmp_path):
+    from geotoken.bench.index import DiskVectors, RandomUnitVectors, bench_index, exact_search
+
+    source = RandomUnitVectors(70_000, 8, seed=2, data="clustered")
+    disk = DiskVectors(tmp_path / "v.npy", source)
+    stored = np.load(tmp_path / "v.npy")
+    assert stored.dtype == np.float16 and stored.shape == (70_000, 8) and not disk.reused
+    np.testing.assert_array_equal(stored[65_530:65_540], source[65_530:65_540].astype(np.float16))
+    np.testing.assert_array_equal(disk[np.array([69_999, 3, 3])], stored[[69_999, 3, 3]].astype(np.float32))
+    assert DiskVectors(tmp_path / "v.npy", source).reused  # same generator: the file is kept
+    assert not DiskVectors(tmp_path / "v.npy", RandomUnitVectors(70_000, 8, seed=3)).reused
+
+    q = clustered(20, 8, seed=5)
+    g = np.load(tmp_path / "v.npy").astype(np.float32)
+    want = np.argsort(-(q @ g.T), axis=1, kind="stable")[:, :7]
+    got = exact_search(
+        DiskVectors(tmp_path / "v.npy", RandomUnitVectors(70_000, 8, seed=3)), q, 7, block=5000
+    )
+    np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(want, axis=1))
+
+    args = dict(
+        rows=3000, dim=16, queries=40, k=5, kinds=("flat", "ivfpq"), threads=1, data="clustered", pq_m=8
+    )
+    result = bench_index(**args, vectors=tmp_path / "b.npy")
+    assert result["storage"] == "float16 file" and result["exact_s"] is not None
+    assert set(result["kinds"]) == {"flat", "ivfpq", "ivfpq+refine"}
+    assert result["kinds"]["flat"]["recall@5"] == 1.0 and result["kinds"]["ivfpq+refine"]["refine"] == 4
+    assert all(r["peak_rss_mb"] > 0 for r in result["kinds"].values())
+    again = bench_index(**args, vectors=tmp_path / "b.npy")  # file and exact answer reused
+    assert again["generate_s"] is None and again["exact_s"] is None
+    assert again["kinds"]["flat"]["recall@5"] == 1.0
