@@ -177,13 +177,13 @@ class NeighbourIndex:
             rng = np.random.default_rng(config.seed)
             sample = np.sort(rng.choice(rows, size=min(len(rows), config.train_rows), replace=False))
             base.cp.seed = base.pq.cp.seed = config.seed
-            on_gpu = faiss_gpus() > 0
-            if on_gpu:  # the coarse k-means' nearest-centroid search, the bulk of training, on the GPU
-                base.clustering_index, res = _gpu_flat(dim)
+            assign = faiss_gpus() > 0 and _gpu_flat(dim)  # (GPU index, its resources), held while training
+            if assign:  # the coarse k-means' nearest-centroid search, the bulk of training, on the GPU
+                base.clustering_index = assign[0]  # FAISS keeps a bare pointer: `assign` keeps it alive
             base.train(read_rows(embeddings, sample))
-            if on_gpu:
+            if assign:
                 base.clustering_index = None
-                del res
+            del assign
         index = faiss.IndexIDMap(base)
         for start in tqdm(
             range(0, len(rows), batch_size), desc=f"index {kind}", unit="batch", disable=not progress
