@@ -54,11 +54,9 @@ def run(args) -> int:
         return 0
     print(f"{result['rows']} x {result['dim']} {result['data']} vectors, {result['queries']} queries, "
           f"k={result['k']}, {result['threads']} threads, {result['storage']}, exact search {result['exact_s'] if result['exact_s'] is not None else 'reused'} s")  # fmt: skip
-    print(
-        f"{'kind':<14}{'build s':>9}{'index MB':>10}{'peak RSS MB':>12}{'queries/s':>11}{'recall@' + str(args.k):>11}"
-    )
+    print(f"{'kind':<14}{'build s':>9}{'index MB':>10}{'peak RSS MB':>12}{'private MB':>11}{'queries/s':>11}"
+          f"{'recall@' + str(args.k):>11}{'sim ratio':>10}")  # fmt: skip
     for kind, r in result["kinds"].items():
-        print(
-            f"{kind:<14}{r['build_s']:>9.1f}{r['index_mb']:>10.1f}{r['peak_rss_mb']:>12.0f}{r['queries_per_s']:>11.0f}{r[f'recall@{args.k}']:>11.3f}"
-        )
+        print(f"{kind:<14}{r['build_s']:>9.1f}{r['index_mb']:>10.1f}{r['peak_rss_mb']:>12.0f}{r['peak_anon_mb']:>11.0f}"
+              f"{r['queries_per_s']:>11.0f}{r[f'recall@{args.k}']:>11.3f}{r['sim_ratio']:>10.4f}")  # fmt: skip
     return 0
