@@ -153,6 +153,10 @@ def run_train(args) -> int:
 def run_apply(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    store = apply_heads(AlignHeads.load(args.heads, resolve_device(args.device)), FeatureStore.open(args.store), args.batch_size)
+    store = apply_heads(
+        AlignHeads.load(args.heads, resolve_device(args.device)),
+        FeatureStore.open(args.store),
+        args.batch_size,
+    )
     print(store)
     return 0

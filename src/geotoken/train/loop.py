@@ -89,7 +89,8 @@ def make_optimizer(model: GeoToken, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 # ------------------------------------------------------------------------------------------ distributed
-init_distributed = distributed  # rank/world of the torchrun job; pins the process to its GPU (geotoken.devices)
+# rank/world of the torchrun job; pins the process to its GPU (geotoken.devices)
+init_distributed = distributed
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
