@@ -12,6 +12,13 @@ A bundle folder (`save_bundle` writes it, `bundle.json` last so a half-written b
     reward/            optional `geotoken.search.reward.RewardScorer`
     README.md          the model card (YAML front matter for the Hugging Face Hub), written at save time
 
+With `link_gallery=True` (`geotoken bundle --link-gallery`) the bundle refers to the gallery's aligned store
+where it already is instead of copying it (MP16's is ~17 GB): `gallery` is then that store's path relative
+to the bundle folder and `gallery_absolute` its absolute path (used when the relative one does not resolve,
+e.g. after the bundle folder alone was moved); the tokens go to `gallery_tokens.npy` and the index to
+`index/` in the bundle; loading checks the store still has the rows the bundle was made with. Copying stays
+the default: only a copied bundle travels (`push_to_hub` refuses a linked one).
+
 `bundle.json` also records where the image backbone's weights come from (`backbone_source`: a hub id or a
 local folder for CLIP, the installed package for EfficientNet-Lite0). Bundles travel through the Hugging Face
 Hub: `push_to_hub(directory, repo_id)` uploads one, `hub_snapshot(repo_id)` fetches one into the local hub
@@ -33,7 +40,7 @@ import yaml
 from geotoken.align import AlignHeads
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
-from geotoken.io import atomic_open, read_json, write_json
+from geotoken.io import atomic_open, atomic_path, read_json, write_json
 from geotoken.model import GeoToken
 from geotoken.retrieval import NeighbourIndex
 from geotoken.s2 import latlon_to_tokens
@@ -224,9 +231,44 @@ def read_bundle(root: str | os.PathLike) -> dict:
         if key not in spec:
             raise GeoTokenError(f"{path}: missing field {key!r}")
     for key in PARTS:
-        if spec.get(key) and not (root / spec[key]).exists():
+        if key != "gallery" and spec.get(key) and not (root / spec[key]).exists():
             raise GeoTokenError(f"{path}: field {key!r} names {spec[key]!r}, which does not exist in {root}")
+    gallery_dir(root, spec)  # raises unless the gallery store (copied or linked) is there
+    tokens = gallery_tokens_path(root, spec)
+    if not tokens.is_file():
+        raise GeoTokenError(f"{path}: the gallery's tokens {tokens} do not exist")
     return spec
+
+
+def gallery_dir(root: str | os.PathLike, spec: dict) -> Path:
+    """The gallery's feature store of a bundle: its own `gallery/`, or the store a linked bundle refers to
+    (by its relative path, else its absolute one), checked to hold the rows it was linked with."""
+    root = Path(root)
+    tried = [root / spec["gallery"]] + (
+        [Path(spec["gallery_absolute"])] if spec.get("gallery_absolute") else []
+    )
+    found = next((p for p in tried if (p / "store.json").is_file()), None)
+    if found is None:
+        raise GeoTokenError(
+            f"{root / 'bundle.json'}: field 'gallery' names {spec['gallery']!r}, which is not a feature store"
+            + (f" (nor is {spec['gallery_absolute']})" if spec.get("gallery_absolute") else f" in {root}")
+        )
+    linked = spec.get("gallery_link")
+    if linked:
+        have = read_json(found / "store.json")
+        rows, want_rows = have.get("rows"), linked.get("rows")
+        if rows != want_rows or have.get("manifest_hash") != linked.get("manifest_hash"):
+            raise GeoTokenError(
+                f"{root / 'bundle.json'}: the linked gallery store {found} has {rows} rows and manifest_hash "
+                f"{have.get('manifest_hash')!r}; the bundle was made with {want_rows} rows and "
+                f"{linked.get('manifest_hash')!r}"
+            )
+    return found
+
+
+def gallery_tokens_path(root: str | os.PathLike, spec: dict) -> Path:
+    """The gallery's location tokens (N, T) at the model's level: in the bundle either way."""
+    return Path(root) / spec.get("gallery_tokens", f"{spec['gallery']}/tokens.npy")
 
 
 def save_bundle(
@@ -243,12 +285,14 @@ def save_bundle(
     options: SearchOptions | None = None,
     chunk_rows: int = 65536,
     card: CardInfo | None = None,
+    link_gallery: bool = False,
 ) -> Path:
     """Write a self-contained bundle that `Geolocator.from_bundle` loads, with its model card (README.md).
 
     gallery_store: a `geotoken.features.FeatureStore` with the gallery's aligned arrays (those the model
     reads are copied) and coordinates; its tokens are computed here at the model's level and group.
     index: a `NeighbourIndex` over `query_modalities` of that gallery (concatenated in this order).
+    link_gallery: refer to `gallery_store` where it is instead of copying it (see the module docstring).
     """
     if index.meta.get("gallery_rows") not in (None, gallery_store.rows):
         raise GeoTokenError(
@@ -263,22 +307,38 @@ def save_bundle(
     if missing and cfg.k and cfg.use_neighbour_embeddings:
         raise GeoTokenError(f"{gallery_store.root}: no aligned array(s) {missing} for the model's neighbours")
     coords = np.asarray(gallery_store.coords, dtype=np.float64)
-    gallery = FeatureStore.create(
-        root / "gallery",
-        gallery_store.ids,
-        coords,
-        {m: gallery_store.dims[m] for m in names},
-        source=str(gallery_store.root),
-    )
-    for m in names:
-        src = gallery_store[m]
-        with gallery.writer(m) as w:
-            for s in range(0, len(src), chunk_rows):
-                w.write(s, np.asarray(src[s : s + chunk_rows]))
-        gallery.mark_complete(m)
+    if link_gallery:
+        target = Path(gallery_store.root).resolve()
+        paths = {
+            "gallery": os.path.relpath(target, root.resolve()),
+            "gallery_absolute": str(target),
+            "gallery_link": {
+                "rows": gallery_store.rows,
+                "manifest_hash": gallery_store.header.get("manifest_hash"),
+            },
+            "gallery_tokens": "gallery_tokens.npy",
+            "index": "index",
+        }
+    else:
+        paths = {"gallery": "gallery", "index": "gallery/index"}
+        gallery = FeatureStore.create(
+            root / "gallery",
+            gallery_store.ids,
+            coords,
+            {m: gallery_store.dims[m] for m in names},
+            source=str(gallery_store.root),
+        )
+        for m in names:
+            src = gallery_store[m]
+            with gallery.writer(m) as w:
+                for s in range(0, len(src), chunk_rows):
+                    w.write(s, np.asarray(src[s : s + chunk_rows]))
+            gallery.mark_complete(m)
     tokens = latlon_to_tokens(coords[:, 0], coords[:, 1], cfg.level, cfg.group)
-    np.save(root / "gallery" / "tokens.npy", tokens)
-    index.save(root / "gallery" / "index")
+    tokens_path = root / paths.get("gallery_tokens", "gallery/tokens.npy")
+    with atomic_path(tokens_path) as tmp, open(tmp, "wb") as f:
+        np.save(f, tokens)
+    index.save(root / paths["index"])
     heads.save(root / "align")
     model.save(root / "model")
     write_json(root / "backbone.json", backbone_config)
@@ -287,8 +347,7 @@ def save_bundle(
         "version": BUNDLE_VERSION,
         "backbone": "backbone.json",
         "align": "align",
-        "gallery": "gallery",
-        "index": "gallery/index",
+        **paths,
         "model": "model",
         "query_modalities": list(query_modalities),
         "calibration": None,
@@ -318,10 +377,11 @@ def assemble_bundle(
     index: str | os.PathLike,
     options: SearchOptions | None = None,
     card: CardInfo | None = None,
+    link_gallery: bool = False,
 ) -> Path:
     """`save_bundle` from the folders the stages wrote: a model, alignment heads, the gallery's aligned
     store (its backbone is the one recorded there) and the index over it (its query embedding is the one
-    the index was built on)."""
+    the index was built on). link_gallery: refer to the gallery store instead of copying it."""
     store = FeatureStore.open(gallery)
     backbone = store.header.get("backbone")
     if not backbone:
@@ -342,6 +402,7 @@ def assemble_bundle(
         query_modalities=embedding.split("+"),
         options=options,
         card=card,
+        link_gallery=link_gallery,
     )
 
 
@@ -382,6 +443,11 @@ def push_to_hub(
         raise GeoTokenError(
             f"{root}: its CLIP backbone is the local folder {spec['backbone_source']['path']}, which nobody "
             "else has; save the bundle with a hub id as the CLIP model before pushing it"
+        )
+    if spec.get("gallery_link"):
+        raise GeoTokenError(
+            f"{root}: its gallery is a link to {spec.get('gallery_absolute')}, which would not be uploaded; "
+            "assemble the bundle again without --link-gallery (a copy) before pushing it"
         )
     card = root / CARD
     if card.is_file() and CARD_REPO_PLACEHOLDER in (text := card.read_text(encoding="utf-8")):

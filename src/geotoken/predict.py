@@ -33,7 +33,15 @@ from tqdm import tqdm
 
 from geotoken import s2
 from geotoken.align import AlignHeads
-from geotoken.bundle import SearchOptions, bundle_backbone_config, hub_snapshot, is_repo_id, read_bundle
+from geotoken.bundle import (
+    SearchOptions,
+    bundle_backbone_config,
+    gallery_dir,
+    gallery_tokens_path,
+    hub_snapshot,
+    is_repo_id,
+    read_bundle,
+)
 from geotoken.data.images import as_image, as_image_list
 from geotoken.encoders import load_backbone
 from geotoken.errors import GeoTokenError
@@ -133,8 +141,8 @@ class Geolocator:
         spec = read_bundle(root)
         device = resolve_device(device)
         model = GeoToken.load(root / spec["model"], device=device)
-        store = FeatureStore.open(root / spec["gallery"])
-        tokens = np.load(root / spec["gallery"] / "tokens.npy", mmap_mode="r")
+        store = FeatureStore.open(gallery_dir(root, spec))  # its own copy, or the store it links to
+        tokens = np.load(gallery_tokens_path(root, spec), mmap_mode="r")
         names = [m for m in model.cfg.modalities if m in store]
         gallery = Gallery.from_store(store, names, tokens=np.asarray(tokens))
         return cls(

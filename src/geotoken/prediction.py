@@ -1,4 +1,5 @@
-"""What every predictor returns: a `Prediction` per photo holding ranked `Candidate`s, and where it runs.
+"""What every predictor returns: a `Prediction` per photo holding ranked `Candidate`s, and where it runs
+(`resolve_device`, from `geotoken.devices`).
 
 `geotoken.predict.Geolocator` (a GeoToken bundle) and `geotoken.pretrained.GeoCLIPPredictor` (GeoCLIP's
 weights) both answer with these, so the CLI, the server and the web page serve either.
@@ -9,24 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
-
-from geotoken.errors import GeoTokenError
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> str:
-    """ "auto" (or None): CUDA if available, then Apple MPS, then CPU; anything else is checked and kept."""
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps is not None and mps.is_available() else "cpu"
-    try:
-        return str(torch.device(device))
-    except (RuntimeError, TypeError) as e:
-        raise GeoTokenError(
-            f"device {device!r}: not a torch device (auto, cpu, cuda, cuda:1, mps): {e}"
-        ) from None
+from geotoken.devices import resolve_device as resolve_device  # re-exported: predictors take it from here
 
 
 @dataclass

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from geotoken.align.heads import GPS_HEADS, AlignHeads, HeadsConfig
 from geotoken.assets import mp16_coordinates_csv
+from geotoken.devices import torch_device
 from geotoken.encoders import load_gps_encoder, load_text_encoder
 from geotoken.encoders.geoclip import IMAGE_DIM, GeoCLIPFiles, load_image_head
 from geotoken.errors import GeoTokenError
@@ -58,16 +59,28 @@ def unique_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
+def _device_of(module) -> torch.device:
+    """Where a module's weights live (CPU for one without parameters, or a plain callable)."""
+    params = getattr(module, "parameters", None)
+    first = next(iter(params()), None) if callable(params) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _move(module, device: torch.device):
+    """`module.to(device)` for torch modules; other callables (test doubles) are left as they are."""
+    return module.to(device) if isinstance(module, torch.nn.Module) else module
+
+
+@torch.no_grad()
 def gps_table(encoder, coords: np.ndarray, batch: int = 8192, progress: bool = False) -> torch.Tensor:
-    """L2-normalised GPS embeddings (M, 512) of coordinates (M, 2) lat/lon degrees."""
+    """L2-normalised GPS embeddings (M, 512) of coordinates (M, 2) lat/lon degrees, computed (and
+    returned) on the encoder's device."""
+    device = _device_of(encoder)
     out = []
     for start in tqdm(range(0, len(coords), batch), desc="gps targets", disable=not progress):
-        out.append(
-            F.normalize(
-                encoder(torch.tensor(np.asarray(coords[start : start + batch]), dtype=torch.float32)), dim=-1
-            )
-        )
-    return torch.cat(out) if out else torch.zeros(0, encoder.dim)
+        latlon = torch.tensor(np.asarray(coords[start : start + batch]), dtype=torch.float32, device=device)
+        out.append(F.normalize(encoder(latlon), dim=-1))
+    return torch.cat(out) if out else torch.zeros(0, encoder.dim, device=device)
 
 
 def text_targets(
@@ -227,7 +240,7 @@ def train_heads(
     With `out_dir`, the heads are saved there and the metrics written to `metrics.json`.
     """
     config = config or AlignConfig()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch_device(device)
     torch.manual_seed(config.seed)
     features, coords = store["features"], np.asarray(store.coords)
     train_rows, val_rows = split_rows(store, config.val_fraction, config.seed)
@@ -280,8 +293,10 @@ def train_heads(
     heads.fit_input(read_rows(features, sample))
     heads.to(device)
 
-    # frozen targets, once: unique coordinates and unique descriptions of all valid rows
+    # frozen targets, once: unique coordinates and unique descriptions of all valid rows, computed on
+    # the training device (4M MP16 coordinates through GeoCLIP's encoder, millions of captions)
     t0 = time.perf_counter()
+    gps_encoder, text_encoder = _move(gps_encoder, device), _move(text_encoder, device)
     uniq_coords, coord_group = unique_rows(coords)
     # float16 tables: MP16 has ~4M distinct coordinates, 4 GB in half precision
     gps_targets = gps_table(gps_encoder, uniq_coords, progress=progress).half().to(device)  # (Ug, 512)

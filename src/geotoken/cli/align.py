@@ -10,6 +10,7 @@ import torch
 from geotoken.align import GPS_HEADS, AlignConfig, AlignHeads, HeadsConfig, apply_heads, train_heads
 from geotoken.data.datasets import read_texts
 from geotoken.data.manifest import read_manifest
+from geotoken.devices import resolve_device
 from geotoken.encoders.text import TEXT_ENCODERS
 from geotoken.features import FeatureStore
 
@@ -103,7 +104,7 @@ def register(subparsers) -> None:
         "--gallery", help="CSV with LAT,LON columns: GPS gallery for the metric (default: MP16 100K)"
     )
     t.add_argument("--seed", type=int, default=c.seed)
-    t.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    t.add_argument("--device", help="torch device (default auto: this rank's GPU if any, else cpu)")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     t.set_defaults(func=run_train)
 
@@ -111,7 +112,7 @@ def register(subparsers) -> None:
     a.add_argument("heads", help="heads folder written by `geotoken align train`")
     a.add_argument("store", help="feature store with `features` from the same backbone")
     a.add_argument("--batch-size", type=int, default=8192, help="rows per step (default 8192)")
-    a.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    a.add_argument("--device", help="torch device (default auto: this rank's GPU if any, else cpu)")
     a.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     a.set_defaults(func=run_apply)
 
@@ -160,7 +161,10 @@ def run_train(args) -> int:
 def run_apply(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    store = apply_heads(AlignHeads.load(args.heads, device), FeatureStore.open(args.store), args.batch_size)
+    store = apply_heads(
+        AlignHeads.load(args.heads, resolve_device(args.device)),
+        FeatureStore.open(args.store),
+        args.batch_size,
+    )
     print(store)
     return 0

@@ -17,6 +17,7 @@ Hugging Face Hub model repo (logged in with `hf auth login` or HF_TOKEN), from w
 
 example:
   geotoken bundle --model model/best --align align/ --gallery feats/mp16 --index index/ -o bundle/
+  geotoken bundle --model model/best --align align/ --gallery feats/mp16 --index index/ -o b/ --link-gallery
   geotoken bundle ... -o bundle/ --license mit --dataset mp16 --push-to-hub me/geotoken-mp16
 """
 
@@ -36,6 +37,14 @@ def register(subparsers) -> None:
         "--index", required=True, help="FAISS index folder over that gallery (`geotoken index build`)"
     )
     p.add_argument("-o", "--out", required=True, help="bundle folder to write")
+    p.add_argument(
+        "--link-gallery",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="refer to the --gallery store where it is (relative and absolute path) instead of copying it "
+        "(MP16's is ~17 GB); such a bundle only works where that store is, and cannot be pushed to the Hub "
+        "(default: copy)",
+    )
     p.add_argument("--license", default="other", help="the model card's license id (default other)")
     p.add_argument(
         "--dataset",
@@ -58,7 +67,13 @@ def run(args) -> int:
             evaluation = f.read()
     card = CardInfo(license=args.license, datasets=args.dataset, evaluation=evaluation)
     out = assemble_bundle(
-        args.out, model=args.model, align=args.align, gallery=args.gallery, index=args.index, card=card
+        args.out,
+        model=args.model,
+        align=args.align,
+        gallery=args.gallery,
+        index=args.index,
+        card=card,
+        link_gallery=args.link_gallery,
     )
     print(f"bundle written to {out}")
     if args.push_to_hub:

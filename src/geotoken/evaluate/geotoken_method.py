@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from geotoken.bundle import gallery_dir, gallery_tokens_path, read_bundle
 from geotoken.data.images import open_image
 from geotoken.errors import GeoTokenError
 from geotoken.evaluate.baselines import Predictions, Split
@@ -78,13 +79,16 @@ def _bundle_identity(path: Path) -> dict:
     scorer, and gallery (store header and tokens; the large embedding arrays are covered by the header)."""
     if not (path / "bundle.json").is_file():
         raise GeoTokenError(f"{path}: not a model bundle (no bundle.json)")
-    files = [path / "bundle.json", path / "calibration.json", path / "gallery" / "store.json"]
-    files += [
-        path / "gallery" / "tokens.npy",
-        *sorted((path / "model").glob("*")),
-        *sorted((path / "reward").glob("*")),
-    ]
-    return {str(f.relative_to(path)): sha256_file(f) for f in files if f.is_file()}
+    spec = read_bundle(path)
+    files = {  # named as in a copied bundle, whether the gallery is copied or linked
+        "bundle.json": path / "bundle.json",
+        "calibration.json": path / "calibration.json",
+        "gallery/store.json": gallery_dir(path, spec) / "store.json",
+        "gallery/tokens.npy": gallery_tokens_path(path, spec),
+    }
+    for f in [*sorted((path / "model").glob("*")), *sorted((path / "reward").glob("*"))]:
+        files[str(f.relative_to(path))] = f
+    return {name: sha256_file(f) for name, f in files.items() if f.is_file()}
 
 
 def _calibration_arrays(geo, res, queries: Split) -> dict[str, np.ndarray]:

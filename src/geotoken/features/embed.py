@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from geotoken.data.images import open_image as default_open_image
+from geotoken.devices import distributed, on_cuda, torch_device
 from geotoken.errors import GeoTokenError
 from geotoken.features.store import SKIPPED, FeatureStore
 from geotoken.io import atomic_open, read_json, write_json
@@ -72,30 +72,6 @@ def _collate(items):
     rows = torch.tensor([r for r, _ in good], dtype=torch.int64)
     images = torch.stack([x for _, x in good]) if good else None
     return rows, images, bad
-
-
-# ------------------------------------------------------------------------------------------------- ranks
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def _dist() -> _Dist:
-    """This process's rank and world size: from an initialised process group, or RANK/WORLD_SIZE (torchrun),
-    in which case a gloo group is initialised here."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return _Dist(dist.get_rank(), dist.get_world_size())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        dist.init_process_group("gloo")
-        return _Dist(dist.get_rank(), dist.get_world_size())
-    return _Dist()
 
 
 # ------------------------------------------------------------------------------------------------- progress
@@ -179,15 +155,16 @@ def embed(
     backbone: `.dim`, `.config()`, `.preprocess(PIL) -> (3, H, W)`, `.forward((B, 3, H, W)) -> (B, dim)`.
     An unreadable image raises GeoTokenError naming its row, id and reason; with `skip_bad=True` it is
     recorded in the header and in `skipped.csv`, and its row is NaN. Under torchrun (or RANK/WORLD_SIZE),
-    each process embeds its share of the chunks into the same store.
+    each process embeds its share of the chunks into the same store, on its own GPU (LOCAL_RANK) when
+    `device` is None / "auto".
     """
     if open_image is None:
         open_image = default_open_image
     if batch_size < 1:
         raise GeoTokenError(f"batch size must be >= 1, got {batch_size}")
     out_dir = Path(out_dir)
-    dist = _dist()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dist = distributed()  # under torchrun: joins the job, this process on GPU LOCAL_RANK
+    device = torch_device(device)
     identity = _identity(manifest, backbone, batch_size)
 
     if dist.rank == 0:
@@ -213,7 +190,7 @@ def embed(
         collate_fn=_collate,
     )
     model = backbone.to(device).eval() if hasattr(backbone, "to") else backbone
-    amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    amp = torch.bfloat16 if on_cuda(device) and torch.cuda.is_bf16_supported() else torch.float16
     ids = store.ids
     total = int(sum(min(batch_size, store.rows - c * batch_size) for c in mine))
     desc = f"embed[{dist.rank}]" if dist.world > 1 else "embed"
@@ -232,7 +209,7 @@ def embed(
             start = int(chunk) * batch_size
             block = np.full((min(batch_size, store.rows - start), backbone.dim), np.nan, dtype=np.float16)
             if images is not None:
-                with torch.autocast(device.type, dtype=amp, enabled=device.type == "cuda"):
+                with torch.autocast(device.type, dtype=amp, enabled=on_cuda(device)):
                     out = model.forward(images.to(device, non_blocking=True))  # (n, dim)
                 block[rows.numpy() - start] = out.float().cpu().numpy().astype(np.float16)
             writer.write(start, block)

@@ -2,7 +2,14 @@
 
 Folder layout: `index.npy` int64 (N, k) gallery rows and `sims.npy` float32 (N, k), best first, plus
 `neighbours.json` (written last: its presence means the table is complete). While running, `progress.json`
-records how many query rows are done, so a killed job continues where it stopped.
+holds the job (its config and the fixed grid of query chunks, `chunk_rows` rows each) and `progress/rank-R.json`
+the chunks process R has written, so a killed job continues where it stopped.
+
+Under torchrun (RANK / WORLD_SIZE) the chunks not yet done are split between the processes; each searches
+its own (on its own GPU when FAISS has one) and writes its rows into the one pair of arrays, and rank 0
+writes `neighbours.json` when every chunk is done. A chunk is the same batch of queries whichever process
+searches it, so the table is byte-identical to a single process's, and a resumed job may use another
+process count.
 
 For training queries that are themselves in the gallery, the query's own row (matched by id) and exact
 duplicates of its embedding (the same photo uploaded twice) are removed, rather than blindly skipping
@@ -21,13 +28,14 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
+from geotoken.devices import distributed
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore, RowWriter
 from geotoken.io import read_json, write_json
 from geotoken.retrieval.embeddings import StoreEmbeddings
 from geotoken.retrieval.index import NeighbourIndex
 
-META, PROGRESS = "neighbours.json", "progress.json"
+META, PROGRESS, RANKS = "neighbours.json", "progress.json", "progress"
 
 
 def first_k_kept(rows: np.ndarray, sims: np.ndarray, drop: np.ndarray, k: int):
@@ -113,7 +121,8 @@ def neighbour_table(
     refine: int = 1,
     exclude_same_place: bool = False,
 ) -> NeighbourTable:
-    """Write the top-k gallery rows of every query row to `out_dir` (resumes a killed run).
+    """Write the top-k gallery rows of every query row to `out_dir` (resumes a killed run; shared between
+    the processes of a torchrun job, see the module docstring).
 
     The query embedding is the one the index was built from unless `embedding` says otherwise. With
     `exclude_self_ids`, the gallery store (default: the one recorded in the index) supplies the ids and
@@ -153,20 +162,25 @@ def neighbour_table(
     }
     if (out_dir / META).is_file() and read_json(out_dir / META)["config"] == config:
         return NeighbourTable.open(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / META).unlink(missing_ok=True)
-    state = read_json(out_dir / PROGRESS) if (out_dir / PROGRESS).is_file() else None
-    if state is None or state["config"] != config:
-        open_memmap(out_dir / "index.npy", mode="w+", dtype=np.int64, shape=(query_store.rows, k)).flush()
-        open_memmap(out_dir / "sims.npy", mode="w+", dtype=np.float32, shape=(query_store.rows, k)).flush()
-        state = {"config": config, "done": 0}
-        write_json(out_dir / PROGRESS, state)
+    d = distributed()
+    if d.main:
+        _start(out_dir, config, query_store.rows, k, batch_size)
+    d.barrier()  # the arrays and the job exist from here on
+    state = read_json(out_dir / PROGRESS)
+    chunk_rows = state["chunk_rows"]  # a resumed job keeps its grid: the same batches, the same bytes
+    n_chunks = -(-query_store.rows // chunk_rows)
+    todo = np.flatnonzero(~_done_chunks(out_dir, n_chunks))
+    mine = np.array_split(todo, d.world)[d.rank]
+    record_path = out_dir / RANKS / f"rank-{d.rank}.json"
+    record = read_json(record_path) if record_path.is_file() else {"chunks": []}
+    d.barrier()  # every process has read the records before any writes its own
 
     valid = query_store.valid
+    desc = f"neighbours[{d.rank}]" if d.world > 1 else "neighbours"
     with RowWriter(out_dir / "index.npy") as row_out, RowWriter(out_dir / "sims.npy") as sim_out:
-        starts = range(state["done"], query_store.rows, batch_size)
-        for start in tqdm(starts, desc="neighbours", unit="batch", disable=not progress):
-            stop = min(query_store.rows, start + batch_size)
+        for chunk in tqdm(mine, desc=desc, unit="batch", disable=not progress):
+            start = int(chunk) * chunk_rows
+            stop = min(query_store.rows, start + chunk_rows)
             ok = np.flatnonzero(valid[start:stop])
             rows = np.full((stop - start, k), -1, dtype=np.int64)
             sims = np.full((stop - start, k), -np.inf, dtype=np.float32)
@@ -182,11 +196,49 @@ def neighbour_table(
             )
             row_out.write(start, rows)
             sim_out.write(start, sims)
-            state["done"] = stop
-            write_json(out_dir / PROGRESS, state)
-    write_json(out_dir / META, {"format": "geotoken.neighbours", "version": 1, "config": config})
-    (out_dir / PROGRESS).unlink()
+            row_out.sync()
+            sim_out.sync()
+            record["chunks"].append(int(chunk))  # commit: this chunk is on disk
+            write_json(record_path, record)
+    d.barrier()
+    if d.main:
+        missing = np.flatnonzero(~_done_chunks(out_dir, n_chunks))
+        if len(missing):
+            raise GeoTokenError(
+                f"{out_dir}: {len(missing)} query chunks not searched (first: {missing[0]}); rerun to resume"
+            )
+        write_json(out_dir / META, {"format": "geotoken.neighbours", "version": 1, "config": config})
+        for path in (out_dir / RANKS).glob("*.json"):
+            path.unlink()
+        (out_dir / RANKS).rmdir()
+        (out_dir / PROGRESS).unlink()
+    d.barrier()
     return NeighbourTable.open(out_dir)
+
+
+def _start(out_dir: Path, config: dict[str, Any], rows: int, k: int, chunk_rows: int) -> None:
+    """Rank 0: keep an unfinished job with the same config (resume), or lay out a new one."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / META).unlink(missing_ok=True)
+    state = read_json(out_dir / PROGRESS) if (out_dir / PROGRESS).is_file() else None
+    if state is not None and state.get("config") == config and "chunk_rows" in state:
+        (out_dir / RANKS).mkdir(exist_ok=True)
+        return
+    (out_dir / PROGRESS).unlink(missing_ok=True)
+    for path in (out_dir / RANKS).glob("*.json"):
+        path.unlink()
+    (out_dir / RANKS).mkdir(exist_ok=True)
+    open_memmap(out_dir / "index.npy", mode="w+", dtype=np.int64, shape=(rows, k)).flush()
+    open_memmap(out_dir / "sims.npy", mode="w+", dtype=np.float32, shape=(rows, k)).flush()
+    write_json(out_dir / PROGRESS, {"config": config, "chunk_rows": int(chunk_rows)})
+
+
+def _done_chunks(out_dir: Path, n_chunks: int) -> np.ndarray:
+    """(n_chunks,) bool: chunks some process has recorded as written."""
+    done = np.zeros(n_chunks, dtype=bool)
+    for path in sorted((out_dir / RANKS).glob("rank-*.json")):
+        done[np.asarray(read_json(path)["chunks"], dtype=np.int64)] = True
+    return done
 
 
 class NeighbourTable:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from geotoken.devices import Dist, distributed, torch_device
 from geotoken.errors import GeoTokenError
 from geotoken.geo import THRESHOLDS_KM, haversine_km
 from geotoken.io import atomic_path, read_json, write_json
@@ -88,26 +89,8 @@ def make_optimizer(model: GeoToken, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 # ------------------------------------------------------------------------------------------ distributed
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    """Rank/world from an initialised process group or from torchrun's environment (gloo on CPU, nccl on GPU)."""
-    if dist.is_available() and dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size())
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        return Dist(dist.get_rank(), dist.get_world_size())
-    return Dist()
+# rank/world of the torchrun job; pins the process to its GPU (geotoken.devices)
+init_distributed = distributed
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -243,9 +226,7 @@ def train(
     """
     out = Path(out)
     d = init_distributed()
-    dev = torch.device(
-        device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    )
+    dev = torch_device(device)  # this rank's GPU under torchrun
     data.check(model_cfg)
     val_data = val_data if val_data is not None else data
     if val_rows is not None and len(val_rows):
