@@ -43,7 +43,7 @@ from geotoken.stages.runner import runtime_field, stage_kind
 from geotoken.train import TrainConfig, TrainData, train
 
 GALLERY, TRAIN = "gallery", "train"
-TEST_SPLITS = ("test", "test_disjoint")
+TEST_SPLITS = ("test", "test_disjoint", "test_shift")  # random, spatially disjoint, distribution shift
 Log = Callable[[str], None]
 
 
