@@ -94,6 +94,9 @@ class DemoConfig:
     epochs: int = 6
     batch_size: int = 128
     lr: float = 1e-3
+    label_smoothing: float = 0.0  # training: over each token's siblings
+    drop_near_km: float = 0.0  # training: a share of queries lose their neighbours within this many km
+    drop_near_share: float = 0.5
     # training precision; "bf16": autocast (fast on GPUs and on CPUs with AVX-512 BF16 / AMX)
     dtype: str = "fp32"
     strategies: tuple[str, ...] = ("greedy", "beam", "sample", "sample+retrieval")
@@ -178,7 +181,9 @@ def demo_pipeline(cfg: DemoConfig) -> Pipeline:
         StageSpec("index", "index", IndexStageConfig(embedding=cfg.index_embedding, k=cfg.k)),
         StageSpec("model", "model", ModelStageConfig(
             preset=cfg.model_preset, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, dtype=cfg.dtype,
-            seed=cfg.seed, queries=queries)),
+            seed=cfg.seed, queries=queries,
+            label_smoothing=cfg.label_smoothing,
+            drop_near_km=cfg.drop_near_km, drop_near_share=cfg.drop_near_share)),
         StageSpec("bundle", "bundle", BundleStageConfig(
             reward_images=cfg.reward_images, reward_queries=queries, seed=cfg.seed)),
         StageSpec("eval", "evaluate", EvalStageConfig(
