@@ -173,6 +173,7 @@ def train_model(config: ModelStageConfig, out: Path, *, align: Path, index: Path
     modalities = list(config.modalities)
     q = config.queries
     table = index / q
+    k = np.load(table / "index.npy", mmap_mode="r").shape[1] if config.k is None else config.k  # the index's
     if config.drop_near_km > 0:  # a deeper table, so that k neighbours are left after the near ones go
         table = out / "neighbours"
         neighbour_table(
@@ -183,7 +184,7 @@ def train_model(config: ModelStageConfig, out: Path, *, align: Path, index: Path
     data = TrainData.load(align / q, table, align / GALLERY, modalities)
     val = TrainData.load(align / config.val, index / config.val, align / GALLERY, modalities)
     dims = {m: data.query[m].shape[1] for m in modalities}
-    model_cfg = preset(config.preset, modalities=dims, k=data.k_store if config.k is None else config.k)
+    model_cfg = preset(config.preset, modalities=dims, k=k)
     steps = max(1, config.epochs * int(np.ceil(data.rows / config.batch_size)))
     warmup = min(100, steps // 10) if config.warmup_steps is None else config.warmup_steps
     every = max(50, steps // 4) if config.checkpoint_every is None else config.checkpoint_every
