@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from geotoken.align import AlignHeads, apply_heads
 from geotoken.bundle import assemble_bundle
@@ -73,7 +74,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=DEMO_MODEL.epochs, help="training epochs of every variant")
     p.add_argument("--splits", nargs="+", default=list(SPLITS))
     p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
 

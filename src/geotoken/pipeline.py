@@ -243,7 +243,7 @@ def _predict_samples(geolocator, manifest, rows) -> list[dict]:
 
 
 def print_summary(summary: dict) -> None:
-    """The evaluation tables of both test splits, the sample predictions and where everything is."""
+    """The evaluation tables of every test split, the sample predictions and where everything is."""
     console = Console() if Console().is_terminal else Console(width=150)
     for split, folder in summary["eval"].items():
         metrics = read_json(Path(folder) / "metrics.json")
