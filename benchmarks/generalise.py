@@ -17,6 +17,7 @@ variant and against kNN. Finished models and evaluations are reused by a rerun.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -65,6 +66,16 @@ def extend_split(split: str, data: Path, features: Path, align: Path, index: Pat
     return extra
 
 
+def read_errors(path: Path) -> dict[str, np.ndarray]:
+    """{method label: km errors in query order} from an evaluation's predictions.csv."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        out.setdefault(r["method"], []).append(float(r["error_km"]))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in ("data", "features", "align", "index"):
@@ -75,6 +86,8 @@ def main() -> None:
     p.add_argument("--splits", nargs="+", default=list(SPLITS))
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
+    p.add_argument("--models", nargs="*", default=[], metavar="NAME=DIR",
+                   help="a finished model stage folder to use for a variant (e.g. the run's own model for default)")  # fmt: skip
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,10 +111,18 @@ def main() -> None:
         neighbours[s] = (np.load(i / s / "index.npy"), np.load(i / s / "sims.npy"))
 
     errors: dict[str, dict[str, np.ndarray]] = {s: {} for s in args.splits}
+    given = dict(m.split("=", 1) for m in args.models)
     for name in args.variants:
         cfg = dataclasses.replace(DEMO_MODEL, epochs=args.epochs, **VARIANTS[name])
-        model = out / f"model-{name}"
-        if not (model / "done.json").is_file():
+        model = Path(given[name]) if name in given else out / f"model-{name}"
+        if name in given:  # trained elsewhere: it must be this variant's training
+            trained = json.loads((model / "run.json").read_text())["train"]
+            want = {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed}
+            want.update(label_smoothing=cfg.label_smoothing, drop_near_km=cfg.drop_near_km)
+            bad = {k: (trained.get(k, 0.0), v) for k, v in want.items() if trained.get(k, 0.0) != v}
+            if bad:
+                raise SystemExit(f"{model}: not the {name} variant's training: {bad}")
+        elif not (model / "done.json").is_file():
             print(
                 f"training {name}: {VARIANTS[name] or 'the demo defaults'}, {args.epochs} epochs", flush=True
             )
@@ -111,18 +132,24 @@ def main() -> None:
         if not (bundle / "bundle.json").is_file():
             assemble_bundle(bundle, model=model / "best", align=args.align / "heads",
                             gallery=args.align / "gallery", index=args.index / "index")  # fmt: skip
-        geo = Geolocator.from_bundle(bundle)
+        geo = (
+            Geolocator.from_bundle(bundle)
+            if not all((out / f"eval-{name}" / s / "metrics.json").is_file() for s in args.splits)
+            else None
+        )
         ecfg = EvalConfig(
             methods=("knn", "ceiling", "geotoken"), n_boot=args.n_boot, reference="knn", plots=False,
             geotoken=GeoTokenMethodConfig(model=str(bundle), strategies=("greedy",), selectors=("logp",),
                                           constrain=(True,), free_strategies=("greedy",)),
         )  # fmt: skip
         for s in args.splits:
-            res = evaluate(gallery, queries[s], out / f"eval-{name}" / s, ecfg, neighbours=neighbours[s],
-                           geolocator=geo, progress=False, log=lambda *_: None)  # fmt: skip
-            for label, run in res.runs.items():
+            folder = out / f"eval-{name}" / s
+            if not (folder / "metrics.json").is_file():  # a finished evaluation is read back, not redone
+                evaluate(gallery, queries[s], folder, ecfg, neighbours=neighbours[s], geolocator=geo,
+                         progress=False, log=lambda *_: None)  # fmt: skip
+            for label, err in read_errors(folder / "predictions.csv").items():
                 key = label if label in ("knn", "ceiling") else f"{name}: {label}"
-                errors[s][key] = run.errors_km
+                errors[s][key] = err
 
     lines, report = [], {}
     for s in args.splits:

@@ -58,8 +58,8 @@ def test_drop_near_removes_exactly_the_neighbours_within_the_radius():
     changed = (half != table[:, :k]).any(axis=1)
     assert 0 < changed.sum() < 40 and (half[changed] == out[changed]).all()
     np.testing.assert_array_equal(half, drop_near_neighbours(table, query, gallery, k, km, 0.5, seed=1))
-    with pytest.raises(GeoTokenError, match="fewer than k"):
-        drop_near_neighbours(table[:, :3], query, gallery, k, km, 1.0)
+    with pytest.raises(GeoTokenError, match="more than k=5"):
+        drop_near_neighbours(table[:, :5], query, gallery, k, km, 1.0)
 
 
 def test_the_demo_evaluates_the_shift_split_with_the_ceiling_and_passes_training_options():

@@ -172,8 +172,11 @@ def drop_near_neighbours(
     if km < 0 or not 0.0 <= share <= 1.0:
         raise GeoTokenError(f"drop_near_km {km} must be >= 0 and drop_near_share {share} in [0, 1]")
     table = np.asarray(neighbours)
-    if table.ndim != 2 or table.shape[1] < k:
-        raise GeoTokenError(f"neighbour table of shape {table.shape} has fewer than k={k} columns")
+    if table.ndim != 2 or table.shape[1] <= k:  # k columns would only reorder the same neighbours
+        raise GeoTokenError(
+            f"neighbour table of shape {table.shape}: dropping near neighbours needs more than k={k} columns "
+            "(a deeper table: geotoken index neighbours ... -k 64)"
+        )
     picked = np.random.default_rng([seed, 0xD509]).random(len(table)) < share  # (N,) queries that drop
     out = np.ascontiguousarray(table[:, :k], dtype=np.int64)
     for start in range(0, len(table), chunk):
