@@ -71,7 +71,7 @@ def test_stages_only_write_their_own_folders(fast_run):
     """The aligned arrays live in the align stage's stores; the feature stores keep only what embed wrote."""
     stages = json.loads((fast_run / "run.json").read_text())["stages"]
     feats, aligned = fast_run / stages["features"]["folder"], fast_run / stages["align"]["folder"]
-    splits = ["gallery", "test", "test_disjoint", "train", "val"]
+    splits = ["gallery", "test", "test_disjoint", "test_shift", "train", "val"]
     assert sorted(p.name for p in feats.iterdir() if p.is_dir()) == splits
     for split in splits:
         assert list(FeatureStore.open(feats / split)) == ["features"]

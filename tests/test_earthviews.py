@@ -172,7 +172,7 @@ def test_splits_are_disjoint_and_the_disjoint_split_is_held_out():
     g, t = splits["gallery"], splits["train"]
     np.testing.assert_array_equal(t.ids, [f"{i}-t{j}" for i in g.ids for j in range(2)])
     np.testing.assert_array_equal(t.coord_rows, np.repeat(g.coord_rows, 2))
-    rows = [set(splits[s].coord_rows.tolist()) for s in ev.SPLITS if s != "train"]
+    rows = [set(splits[s].coord_rows.tolist()) for s in ev.SPLITS if s not in ("train", "test_shift")]
     assert [len(r) for r in rows] == [5000, 300, 300, 300]
     for i in range(4):
         for j in range(i + 1, 4):
@@ -183,6 +183,46 @@ def test_splits_are_disjoint_and_the_disjoint_split_is_held_out():
     # a different seed holds out different bins
     other = ev.holdout_mask(coords.lat, coords.lon, cfg.holdout_deg, cfg.holdout_fraction, 1)
     assert (held != other).mean() > 0.05
+
+
+def test_the_shift_split_comes_from_geonames_country_balanced_and_is_deterministic():
+    coords = ev.load_coordinates()
+    cfg = ev.EarthViewsConfig(size=5000, n_val=300, n_test=300, n_test_disjoint=300, n_test_shift=500)
+    splits = ev.make_splits(coords, cfg)
+    shift, places = splits["test_shift"], ev.geonames_coordinates()
+    np.testing.assert_array_equal(shift.ids, places.ids[shift.coord_rows])
+    np.testing.assert_array_equal(shift.lat, places.lat[shift.coord_rows])
+    np.testing.assert_array_equal(shift.lon, places.lon[shift.coord_rows])
+    assert len(set(shift.ids.tolist())) == 500
+    # never an MP16 coordinate, and not MP16's distribution: far more countries, little of North America
+    mp16 = set(zip(coords.lat.tolist(), coords.lon.tolist()))
+    assert not mp16 & set(zip(shift.lat.tolist(), shift.lon.tolist()))
+    countries = places.country[shift.coord_rows]
+    assert len(set(countries.tolist())) > 150 and np.mean(countries == "US") < 0.02
+    g = splits["gallery"]
+    us_box = lambda lat, lon: ((lat > 24) & (lat < 50) & (lon > -125) & (lon < -66)).mean()  # noqa: E731
+    assert us_box(g.lat, g.lon) > 0.15 and us_box(shift.lat, shift.lon) < 0.05
+    # the other splits do not depend on it; it depends only on (seed, n)
+    none = ev.make_splits(coords, dataclasses.replace(cfg, n_test_shift=0))
+    for name in ("gallery", "train", "val", "test", "test_disjoint"):
+        np.testing.assert_array_equal(none[name].ids, splits[name].ids)
+    assert len(none["test_shift"].ids) == 0
+    np.testing.assert_array_equal(ev.make_splits(coords, cfg)["test_shift"].ids, shift.ids)
+    other = ev.make_splits(coords, dataclasses.replace(cfg, seed=1))["test_shift"]
+    assert len(set(other.ids.tolist()) & set(shift.ids.tolist())) < 50
+
+
+def test_shift_rows_weighs_every_country_alike_and_avoids_given_coordinates():
+    lat = np.arange(1100, dtype=np.float64) / 100
+    country = np.array(["AA"] * 1000 + ["BB"] * 100)
+    places = ev.Coordinates(np.array([f"p{i}" for i in range(1100)]), lat, lat.copy(), {}, country)
+    rows = ev.shift_rows(places, 200, seed=0)
+    share_b = np.mean(country[rows] == "BB")
+    assert 0.35 < share_b < 0.65  # by place count it would be 0.09
+    avoid = ev.Coordinates(np.array(["x"]), lat[1000:1050], lat[1000:1050], {})
+    assert not set(ev.shift_rows(places, 200, 0, avoid=avoid).tolist()) & set(range(1000, 1050))
+    with pytest.raises(GeoTokenError, match="n-test-shift"):
+        ev.shift_rows(places, 1060, 0, avoid=avoid)
 
 
 def write_coords(path, rows, header="id,lat,lon"):
@@ -225,7 +265,9 @@ def test_bad_coordinates_name_the_file_row_field_and_value(tmp_path, rows, heade
 # ---------------------------------------------------------------- the build
 
 
-TINY = dataclasses.replace(ev.PRESETS["tiny"], size=60, n_val=6, n_test=6, n_test_disjoint=6, shard_size=25)
+TINY = dataclasses.replace(
+    ev.PRESETS["tiny"], size=60, n_val=6, n_test=6, n_test_disjoint=6, n_test_shift=6, shard_size=25
+)
 
 
 def read_shard(path):
@@ -238,7 +280,14 @@ def test_build_is_byte_identical_resumable_and_a_rerun_is_a_no_op(tmp_path):
     a = ev.build_earthviews(tmp_path / "a", TINY, workers=1)
     b = ev.build_earthviews(tmp_path / "b", TINY, workers=2)
     assert a["content_hash"] == b["content_hash"] and a["files"] == b["files"]
-    assert a["sizes"] == {"gallery": 60, "train": 120, "val": 6, "test": 6, "test_disjoint": 6}
+    assert a["sizes"] == {
+        "gallery": 60,
+        "train": 120,
+        "val": 6,
+        "test": 6,
+        "test_disjoint": 6,
+        "test_shift": 6,
+    }
     for name in a["files"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     # a complete build is a no-op
@@ -256,7 +305,7 @@ def test_build_is_byte_identical_resumable_and_a_rerun_is_a_no_op(tmp_path):
         ev.build_earthviews(tmp_path / "c", TINY, progress=stop_after_first_shard)
     assert (tmp_path / "c" / "build.json").exists() and not (tmp_path / "c" / "dataset.json").exists()
     c = ev.build_earthviews(tmp_path / "c", TINY)
-    assert c["timings"]["rendered_views"] == 198 - 25
+    assert c["timings"]["rendered_views"] == 204 - 25
     assert c["content_hash"] == a["content_hash"]
     # another config does not silently mix with an existing build
     with pytest.raises(GeoTokenError, match="another config"):
@@ -315,10 +364,19 @@ def test_cli_builds_from_a_coords_file_and_reports_bad_input_in_one_line(tmp_pat
     ]
     coords = write_coords(tmp_path / "sites.csv", rows)
     argv = ["data", "earthviews", "--out", str(tmp_path / "ev"), "--preset", "tiny", "--coords", str(coords)]
-    argv += ["--size", "30", "--n-val", "4", "--n-test", "4", "--n-test-disjoint", "4", "--workers", "1"]
+    argv += ["--size", "30", "--n-val", "4", "--n-test", "4", "--n-test-disjoint", "4", "--n-test-shift", "3"]
+    argv += ["--workers", "1"]
     assert main(argv) == 0
     info = json.loads((tmp_path / "ev" / "dataset.json").read_text())
-    assert info["sizes"] == {"gallery": 30, "train": 60, "val": 4, "test": 4, "test_disjoint": 4}
+    assert info["sizes"] == {
+        "gallery": 30,
+        "train": 60,
+        "val": 4,
+        "test": 4,
+        "test_disjoint": 4,
+        "test_shift": 3,
+    }
+    assert info["sources"]["shift_coordinates"]["name"] == "geonames"
     assert info["sources"]["coordinates"]["file"] == "sites.csv"
     assert (tmp_path / "ev" / "test.csv").read_text().count("\nsite_") == 4
     assert main(argv) == 0 and "nothing to do" in capsys.readouterr().out

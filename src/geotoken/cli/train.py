@@ -73,6 +73,11 @@ def register(subparsers) -> None:
     t.add_argument("--weight-decay", type=float, default=tc.weight_decay)
     t.add_argument("--grad-clip", type=float, default=tc.grad_clip)
     t.add_argument("--label-smoothing", type=float, default=tc.label_smoothing)
+    t.add_argument("--drop-near-km", type=float, default=tc.drop_near_km,
+                   help="> 0: a share of queries lose their neighbours within this many km of their place (the "
+                   "spatially disjoint condition); give a deeper --neighbours table than -k")  # fmt: skip
+    t.add_argument("--drop-near-share", type=float, default=tc.drop_near_share,
+                   help="the share of queries --drop-near-km applies to")  # fmt: skip
     t.add_argument("--dtype", default=tc.dtype, choices=DTYPES, help="bf16 autocast (GPU or CPU)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--seed", type=int, default=tc.seed)
@@ -109,6 +114,8 @@ def run(args) -> int:
         epochs=args.epochs,
         max_steps=args.max_steps,
         label_smoothing=args.label_smoothing,
+        drop_near_km=args.drop_near_km,
+        drop_near_share=args.drop_near_share,
         dtype=args.dtype,
         compile=args.compile,
         seed=args.seed,

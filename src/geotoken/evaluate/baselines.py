@@ -8,6 +8,8 @@
   small MLP head trained with cross-entropy; the answer is the mean of the training points of the cell.
 - `gps-gallery`: GeoCLIP: the image's GPS-aligned embedding scored against the GPS encoder's embeddings
   of a gallery of coordinates; the best-scoring coordinate is the answer.
+- `ceiling`: not a method but an oracle bound: the gallery coordinate nearest to the query's true place
+  (it reads the answer), the best that any method answering with gallery coordinates can do.
 - `geoclip`: GeoCLIP's own pretrained model (not fitted here): its image head on the queries' projected
   CLIP ViT-L/14 features, softmax over its 100K MP16 gallery; the most probable coordinate is the answer.
 
@@ -171,6 +173,36 @@ class Prior:
     def predict(self, queries: Split) -> Predictions:
         n = len(queries)
         return Predictions(np.full(n, self.location[0]), np.full(n, self.location[1]))
+
+
+# ---------------------------------------------------------------------------------------------- ceiling
+
+
+def nearest_coordinate(
+    gallery_lat: np.ndarray, gallery_lon: np.ndarray, lat: np.ndarray, lon: np.ndarray, batch: int = 2048
+) -> np.ndarray:
+    """(N,) int64: the gallery row nearest (great circle) to each point (largest dot product of unit vectors)."""
+    g = to_xyz(np.asarray(gallery_lat, dtype=np.float64), np.asarray(gallery_lon, dtype=np.float64))  # (G, 3)
+    q = to_xyz(np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64))  # (N, 3)
+    out = np.empty(len(q), dtype=np.int64)
+    for start in range(0, len(q), batch):
+        out[start : start + batch] = np.argmax(q[start : start + batch] @ g.T, axis=1)
+    return out
+
+
+class Ceiling:
+    """The nearest gallery coordinate to each query's true place: an oracle, the bound on every method that
+    answers with gallery coordinates (retrieval; GeoToken under the gallery constraint)."""
+
+    name = "ceiling"
+
+    def fit(self, gallery: Split) -> Ceiling:
+        self.gallery = gallery
+        return self
+
+    def predict(self, queries: Split) -> Predictions:
+        rows = nearest_coordinate(self.gallery.lat, self.gallery.lon, queries.lat, queries.lon)
+        return Predictions(self.gallery.lat[rows], self.gallery.lon[rows])
 
 
 # ------------------------------------------------------------------------------------- nn and knn

@@ -45,7 +45,8 @@ from geotoken.stages.runner import runtime_field, stage_kind
 from geotoken.train import TrainConfig, TrainData, train
 
 GALLERY, TRAIN = "gallery", "train"
-TEST_SPLITS = ("test", "test_disjoint")
+DROP_NEAR_DEPTH = 64  # neighbours searched per training query when the near ones are dropped
+TEST_SPLITS = ("test", "test_disjoint", "test_shift")  # random, spatially disjoint, distribution shift
 Log = Callable[[str], None]
 
 
@@ -205,6 +206,9 @@ class ModelStageConfig:
     k: int | None = None  # neighbours the model reads (None: the index's k)
     warmup_steps: int | None = None  # None: min(100, steps // 10)
     checkpoint_every: int | None = None  # None: max(50, steps // 4)
+    label_smoothing: float = 0.0  # over each token's siblings (its position's vocabulary)
+    drop_near_km: float = 0.0  # > 0: a share of training queries lose their neighbours within this many km
+    drop_near_share: float = 0.5
 
 
 @stage_kind("model", ModelStageConfig)
@@ -212,18 +216,29 @@ def train_model(config: ModelStageConfig, out: Path, *, align: Path, index: Path
     """Train GeoToken on the training queries against the gallery, validated on the validation split."""
     modalities = list(config.modalities)
     q = config.queries
-    data = TrainData.load(align / q, index / q, align / GALLERY, modalities)
+    table = index / q
+    k = np.load(table / "index.npy", mmap_mode="r").shape[1] if config.k is None else config.k  # the index's
+    if config.drop_near_km > 0:  # a deeper table, so that k neighbours are left after the near ones go
+        table = out / "neighbours"
+        neighbour_table(
+            FeatureStore.open(align / q), NeighbourIndex.load(index / "index"), DROP_NEAR_DEPTH, table,
+            exclude_self_ids=q in (GALLERY, TRAIN), exclude_same_place=q == TRAIN,
+            gallery_store=FeatureStore.open(align / GALLERY), progress=False,
+        )  # fmt: skip
+    data = TrainData.load(align / q, table, align / GALLERY, modalities)
     val = TrainData.load(align / config.val, index / config.val, align / GALLERY, modalities)
     dims = {m: data.query[m].shape[1] for m in modalities}
-    model_cfg = preset(config.preset, modalities=dims, k=data.k_store if config.k is None else config.k)
+    model_cfg = preset(config.preset, modalities=dims, k=k)
     steps = max(1, config.epochs * int(np.ceil(data.rows / config.batch_size)))
     warmup = min(100, steps // 10) if config.warmup_steps is None else config.warmup_steps
     every = max(50, steps // 4) if config.checkpoint_every is None else config.checkpoint_every
     tcfg = TrainConfig(
         lr=config.lr, batch_size=config.batch_size, epochs=config.epochs, seed=config.seed, dtype=config.dtype,
         warmup_steps=warmup, checkpoint_every=every, tensorboard=False,
+        label_smoothing=config.label_smoothing,
+        drop_near_km=config.drop_near_km, drop_near_share=config.drop_near_share,
     )  # fmt: skip
-    sources = {"queries": q, "gallery": GALLERY, "neighbours": f"{index.name}/{q}"}
+    sources = {"queries": q, "gallery": GALLERY, "neighbours": str(table.relative_to(table.parents[1]))}
     train(
         model_cfg, tcfg, data, out, np.arange(data.rows), val, np.arange(val.rows), resume=True,
         sources=sources,

@@ -11,6 +11,7 @@ needs the step number, and every rank sees disjoint rows, like `DistributedSampl
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
 from geotoken.features.store import read_rows
 from geotoken.gallery import Gallery
+from geotoken.geo import haversine_km
 from geotoken.model import Batch, ModelConfig
 
 IN_MEMORY_BYTES = 2 << 30  # stores smaller than this are read into RAM once
@@ -96,6 +98,17 @@ class TrainData:
         neighbours = np.asarray(self.neighbours[rows, : cfg.k])  # (B, k) gallery rows
         return self.gallery.batch(query, neighbours, cfg, targets=self.query_tokens[rows])
 
+    def drop_near(self, km: float, share: float, k: int, seed: int = 0) -> TrainData:
+        """The same data with a (k-column) neighbour table in which a seeded `share` of the queries lose
+        every neighbour within `km` of their own place (`drop_near_neighbours`): training queries that see
+        what a photo of a region the gallery never saw gets. Needs the query and gallery coordinates."""
+        if self.query_coords is None or self.gallery.coords is None:
+            raise GeoTokenError(f"{self.source}: drop_near_km needs query and gallery coordinates")
+        table = drop_near_neighbours(
+            self.neighbours, np.asarray(self.query_coords), self.gallery.coords, k, km, share, seed
+        )
+        return dataclasses.replace(self, neighbours=table)
+
     # ------------------------------------------------------------------------------ from the pipeline's folders
     @classmethod
     def load(
@@ -140,6 +153,43 @@ class TrainData:
             g = q if gstore is qstore else in_memory(Gallery.from_store(gstore, names, level, group))
         index = np.ascontiguousarray(index) if index.nbytes < IN_MEMORY_BYTES else index
         return cls(q.embeddings, g, index, q.tokens, q.coords, source=f"{features} + {neighbours}")
+
+
+def drop_near_neighbours(
+    neighbours: np.ndarray,
+    query_coords: np.ndarray,
+    gallery_coords: np.ndarray,
+    k: int,
+    km: float,
+    share: float,
+    seed: int = 0,
+    chunk: int = 8192,
+) -> np.ndarray:
+    """(N, k) int64 neighbour rows: for a seeded `share` of the N queries, the neighbours (table (N, K), best
+    first, K >= k) whose gallery place lies within `km` of the query's own place are dropped and the first
+    k left are kept, best first; where fewer than k are left, the best-ranked dropped ones fill the end.
+    The other queries keep their first k. A deeper table (K > k) leaves more to choose from."""
+    if km < 0 or not 0.0 <= share <= 1.0:
+        raise GeoTokenError(f"drop_near_km {km} must be >= 0 and drop_near_share {share} in [0, 1]")
+    table = np.asarray(neighbours)
+    if table.ndim != 2 or table.shape[1] <= k:  # k columns would only reorder the same neighbours
+        raise GeoTokenError(
+            f"neighbour table of shape {table.shape}: dropping near neighbours needs more than k={k} columns "
+            "(a deeper table: geotoken index neighbours ... -k 64)"
+        )
+    picked = np.random.default_rng([seed, 0xD509]).random(len(table)) < share  # (N,) queries that drop
+    out = np.ascontiguousarray(table[:, :k], dtype=np.int64)
+    for start in range(0, len(table), chunk):
+        rows = start + np.flatnonzero(picked[start : start + chunk])
+        if not len(rows):
+            continue
+        nb = np.asarray(table[rows], dtype=np.int64)  # (b, K)
+        g = gallery_coords[np.maximum(nb, 0)]  # (b, K, 2); -1 (skipped rows) is never near
+        q = query_coords[rows]
+        near = (haversine_km(q[:, None, 0], q[:, None, 1], g[..., 0], g[..., 1]) <= km) & (nb >= 0)
+        order = np.argsort(near, axis=1, kind="stable")[:, :k]  # far ones first, each group best first
+        out[rows] = np.take_along_axis(nb, order, axis=1)
+    return out
 
 
 def holdout_rows(n: int, fraction: float, max_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

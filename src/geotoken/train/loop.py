@@ -51,6 +51,8 @@ class TrainConfig:
     epochs: int = 10
     max_steps: int = 0  # > 0: stop after this many steps (overrides epochs)
     label_smoothing: float = 0.0
+    drop_near_km: float = 0.0  # > 0: a share of training queries lose their neighbours within this many km
+    drop_near_share: float = 0.5  # ... this share (train.data.drop_near_neighbours)
     dtype: str = "fp32"  # "bf16": autocast (GPU or CPU); weights and optimizer stay fp32
     compile: bool = False
     seed: int = 0
@@ -229,6 +231,8 @@ def train(
     dev = torch_device(device)  # this rank's GPU under torchrun
     data.check(model_cfg)
     val_data = val_data if val_data is not None else data
+    if cfg.drop_near_km > 0:  # after val_data: validation keeps the neighbours test photos would see
+        data = data.drop_near(cfg.drop_near_km, cfg.drop_near_share, model_cfg.k, cfg.seed)
     if val_rows is not None and len(val_rows):
         val_data.check(model_cfg)
     train_rows = np.arange(data.rows) if train_rows is None else np.asarray(train_rows, dtype=np.int64)

@@ -15,9 +15,10 @@ HELP = "build EarthViews, the offline dataset of Blue Marble views at real MP16 
 DESCRIPTION = """\
 Build EarthViews: square views of NASA Blue Marble imagery, a few hundred km wide, around the ~100K real MP16
 photo coordinates (or your own --coords), as WebDataset tar shards plus one manifest CSV per split
-(gallery, val, test, test_disjoint) and dataset.json. Test views carry strong changes (rotation, scale,
+(gallery, train, val, test, test_disjoint, test_shift) and dataset.json. Test views carry strong changes (rotation, scale,
 season-like colours, haze, clouds, blur, other imagery layers, JPEG). test_disjoint comes from lat/lon bins held
-out of the gallery: the headline split. Same command, same bytes; a complete build is a no-op, an interrupted
+out of the gallery: the headline split; test_shift takes its places from GeoNames towns drawn country-balanced,
+not from MP16's photo coordinates. Same command, same bytes; a complete build is a no-op, an interrupted
 one resumes. A proxy task on satellite-scale views: numbers are not comparable with Im2GPS3k / YFCC4k."""
 
 
@@ -34,6 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--n-val", type=int, help="validation views")
     p.add_argument("--n-test", type=int, help="random test views (coordinates disjoint from the gallery's)")
     p.add_argument("--n-test-disjoint", type=int, help="spatially disjoint test views (0 skips the split)")
+    p.add_argument("--n-test-shift", type=int,
+                   help="distribution-shift test views: GeoNames places, country-balanced (0 skips the split)")  # fmt: skip
     p.add_argument("--image-size", type=int, help="pixels per side")
     p.add_argument("--view-km", type=float, help="view width in km before the per-view scale (default 400)")
     styles = ", ".join(TEST_STYLES)
@@ -63,6 +66,7 @@ def config_from_args(args):
             "n_val",
             "n_test",
             "n_test_disjoint",
+            "n_test_shift",
             "image_size",
             "view_km",
             "seed",

@@ -7,8 +7,9 @@ patch of the Earth, a few hundred km wide, around one coordinate, reprojected in
 equidistant projection (so it wraps at the antimeridian and is not stretched near the poles). The true
 point sits at a random offset inside the view. Test views get strong changes (full rotation, scale,
 season-like colour shifts, haze, clouds, blur, other imagery layers, JPEG quality), and a spatially
-disjoint test split holds whole lat/lon bins out of the gallery. The `train` split renders every gallery
-place again, `train_views` times, as photo-like query views `ID-tJ` (their own random draws, the test-time
+disjoint test split holds whole lat/lon bins out of the gallery; a distribution-shift test split
+(`test_shift`) takes its places from another source, GeoNames towns drawn country-balanced. The `train`
+split renders every gallery place again, `train_views` times, as photo-like query views `ID-tJ` (their own random draws, the test-time
 kinds of change): the model learns from queries that look like the photos it will be asked about, while
 the gallery holds clean reference views.
 
@@ -38,10 +39,12 @@ from geotoken.data.earthviews.config import (
 from geotoken.data.earthviews.geometry import (
     Coordinates,
     Split,
+    geonames_coordinates,
     holdout_mask,
     load_coordinates,
     make_splits,
     sample_equirect,
+    shift_rows,
     view_latlon,
     view_offsets_to_pixel,
 )
@@ -71,6 +74,7 @@ __all__ = [
     "build_earthviews",
     "draw_view_params",
     "encode_jpeg",
+    "geonames_coordinates",
     "holdout_mask",
     "iter_views",
     "load_coordinates",
@@ -78,6 +82,7 @@ __all__ = [
     "make_splits",
     "render_views",
     "sample_equirect",
+    "shift_rows",
     "view_latlon",
     "view_metadata",
     "view_offsets_to_pixel",

@@ -18,13 +18,19 @@ import numpy as np
 
 from geotoken import assets
 from geotoken.data.earthviews.config import SPLITS, EarthViewsConfig
-from geotoken.data.earthviews.geometry import Coordinates, Split, load_coordinates, make_splits
+from geotoken.data.earthviews.geometry import (
+    Coordinates,
+    Split,
+    geonames_coordinates,
+    load_coordinates,
+    make_splits,
+)
 from geotoken.data.earthviews.render import iter_views, load_layer
 from geotoken.errors import GeoTokenError
 from geotoken.io import atomic_open, atomic_path, read_json, sha256_file, sha256_json, write_json
 
 FORMAT_VERSION = 1
-_SHARD_RE = re.compile(r"(gallery|train|val|test|test_disjoint)-\d{5}\.tar")
+_SHARD_RE = re.compile(r"(gallery|train|val|test|test_disjoint|test_shift)-\d{5}\.tar")
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -66,7 +72,10 @@ def _preload_layers(cfg: EarthViewsConfig) -> None:
 
 def _sources(coords: Coordinates, cfg: EarthViewsConfig) -> dict:
     layers = [cfg.layer, *cfg.other_layers]
-    return {"coordinates": coords.source, "layers": {n: sha256_file(assets.basemap_image(n)) for n in layers}}
+    out = {"coordinates": coords.source, "layers": {n: sha256_file(assets.basemap_image(n)) for n in layers}}
+    if cfg.n_test_shift:  # the distribution-shift split's places
+        out["shift_coordinates"] = geonames_coordinates().source
+    return out
 
 
 def _own_files(out: Path) -> list[Path]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from geotoken.errors import GeoTokenError
 
-SPLITS = ("gallery", "train", "val", "test", "test_disjoint")
+SPLITS = ("gallery", "train", "val", "test", "test_disjoint", "test_shift")
 LAYERS = ("bmng", "shadedrelief", "etopo1")
 
 
@@ -86,6 +86,8 @@ class EarthViewsConfig:
     n_val: int = 1000
     n_test: int = 1000  # random test split: coordinates disjoint from the gallery's
     n_test_disjoint: int = 1000  # spatially disjoint test split: from held-out lat/lon bins
+    # distribution-shift test split: GeoNames places drawn country-balanced, not MP16's photo coordinates
+    n_test_shift: int = 1000
     image_size: int = 64  # pixels per side
     view_km: float = 400.0  # view width before the per-view scale
     max_offset: float = 0.25  # the true point is up to this fraction of the width from the centre, per axis
@@ -111,6 +113,7 @@ class EarthViewsConfig:
             "val": self.n_val,
             "test": self.n_test,
             "test_disjoint": self.n_test_disjoint,
+            "test_shift": self.n_test_shift,
         }
 
     def to_dict(self) -> dict:
@@ -143,6 +146,10 @@ class EarthViewsConfig:
 # Named sizes. "demo" fits the 15-minute demo on 2 cores (the demo also embeds and trains on these views).
 PRESETS: dict[str, EarthViewsConfig] = {
     "demo": EarthViewsConfig(),
-    "full": EarthViewsConfig(size=100_000, n_val=2000, n_test=2000, n_test_disjoint=2000, image_size=96),
-    "tiny": EarthViewsConfig(size=200, n_val=20, n_test=20, n_test_disjoint=20, image_size=32, shard_size=64),
+    "full": EarthViewsConfig(
+        size=100_000, n_val=2000, n_test=2000, n_test_disjoint=2000, n_test_shift=2000, image_size=96
+    ),
+    "tiny": EarthViewsConfig(
+        size=200, n_val=20, n_test=20, n_test_disjoint=20, n_test_shift=20, image_size=32, shard_size=64
+    ),
 }

