@@ -234,3 +234,14 @@ def test_model_stage_applies_arch_recipe_and_its_own_fields():
     assert model_train_config(ModelStageConfig(recipe="paper", lr=1e-4, dtype="fp32"), 1000).lr == 1e-4
     ours = model_train_config(plain, rows=20_000)
     assert (ours.lr, ours.warmup_steps, ours.grad_clip, ours.checkpoint_every) == (1e-3, 94, 1.0, 235)
+
+
+@pytest.mark.slow  # timed loops
+def test_bench_train_times_both_archs_side_by_side(capsys):
+    args = ["bench", "train", "--preset", "tiny", "--batch-size", "2", "--iters", "1", "--threads", "1"]
+    assert main([*args, "--gallery-rows", "300", "--arch", "authors", "--compare-archs", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["arch"] == "authors" and set(res["arch_samples_per_s"]) == {"ours", "authors"}
+    assert res["ratio_authors_to_ours"] == pytest.approx(
+        res["arch_samples_per_s"]["authors"] / res["arch_samples_per_s"]["ours"]
+    )
