@@ -245,3 +245,30 @@ def test_bench_train_times_both_archs_side_by_side(capsys):
     assert res["ratio_authors_to_ours"] == pytest.approx(
         res["arch_samples_per_s"]["authors"] / res["arch_samples_per_s"]["ours"]
     )
+
+
+def test_demo_passes_arch_and_recipe_to_the_model_stage():
+    from geotoken.pipeline import demo_config, demo_pipeline
+
+    plain = demo_pipeline(demo_config("demo"))["model"].config
+    assert (plain.arch, plain.recipe, plain.lr, plain.dtype) == ("ours", "", 1e-3, "fp32")  # as before
+    paper = demo_pipeline(demo_config("demo", arch="authors", recipe="paper", epochs=2))["model"].config
+    assert (paper.arch, paper.recipe, paper.lr, paper.dtype, paper.epochs) == (
+        "authors",
+        "paper",
+        None,
+        None,
+        2,
+    )
+    cfg = model_train_config(
+        paper, rows=20_000
+    )  # the recipe's lr and bf16, the demo's epochs and micro-batch
+    assert (cfg.lr, cfg.dtype, cfg.epochs, cfg.batch_size, grad_accum_for(cfg, 20_000)) == (
+        5e-5,
+        "bf16",
+        2,
+        128,
+        16,
+    )
+    own = demo_pipeline(demo_config("demo", recipe="paper", lr=1e-3, dtype="fp32"))["model"].config
+    assert model_train_config(own, 20_000).lr == 1e-3 and model_train_config(own, 20_000).dtype == "fp32"
