@@ -159,7 +159,11 @@ def run(args) -> int:
         dims = None
         if args.features:
             store = FeatureStore.open(args.features)
-            dims = {m: store.dims[m] for m in args.modalities.split(",") if m and m in store.dims}
+            names = [m for m in args.modalities.split(",") if m]
+            absent = [m for m in names if m not in store.dims]
+            if absent:
+                raise GeoTokenError(f"{args.features}: no array(s) {absent} (has {sorted(store.dims)})")
+            dims = {m: store.dims[m] for m in names}
         model_cfg, cfg = resolve(args, dims)
         print(
             json.dumps(
