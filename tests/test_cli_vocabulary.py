@@ -21,12 +21,13 @@ from geotoken.encoders.text import TEXT_ENCODERS
 from geotoken.evaluate import EVAL_STRATEGIES
 from geotoken.evaluate.baselines import GPS_GALLERIES
 from geotoken.fit import CALIBRATION_SELECTORS
+from geotoken.model import ARCHS
 from geotoken.model import PRESETS as MODEL_PRESETS
 from geotoken.pipeline import PRESETS as DEMO_PRESETS
 from geotoken.retrieval import KINDS
 from geotoken.search import SELECTORS, STRATEGIES
 from geotoken.search.mllm import MODES as MLLM_MODES
-from geotoken.train import SCHEDULES
+from geotoken.train import SCHEDULES, WEIGHT_DECAY_ON
 
 # canonical spelling -> second spellings that must not exist anywhere in the CLI
 FORBIDDEN = {
@@ -50,6 +51,8 @@ REGISTRIES = {
     "kinds": KINDS,
     "mllm_mode": MLLM_MODES,
     "schedule": SCHEDULES,
+    "arch": ARCHS,
+    "weight_decay_on": WEIGHT_DECAY_ON,
     "model_preset": tuple(MODEL_PRESETS),
     "backbone": tuple(BACKBONES),
     "text_encoder": tuple(TEXT_ENCODERS),

@@ -7,6 +7,7 @@ import torch
 
 from geotoken.errors import GeoTokenError
 from geotoken.model import (
+    ARCHS,
     Batch,
     Dropout,
     GeoToken,
@@ -40,6 +41,9 @@ def tiny(**kw) -> GeoToken:
     return tiny_model(MODS, k=4, **kw)
 
 
+BOTH = pytest.mark.parametrize("arch", ARCHS)  # the equivalences hold for both layer designs
+
+
 def test_presets_match_the_paper():
     p = preset("paper")
     assert (p.d_model, p.n_encoder_layers, p.n_decoder_layers, p.n_heads, p.d_ff) == (512, 10, 10, 8, 1024)
@@ -54,8 +58,9 @@ def test_presets_match_the_paper():
         ModelConfig(k=31)
 
 
-def test_logits_are_padded_with_minus_inf_beyond_each_vocabulary():
-    m = tiny(level=6, group=3)  # vocabularies [6, 64, 64]
+@BOTH
+def test_logits_are_padded_with_minus_inf_beyond_each_vocabulary(arch):
+    m = tiny(level=6, group=3, arch=arch)  # vocabularies [6, 64, 64]
     logits, loss = m(make_batch(m.cfg))
     assert logits.shape == (3, 3, 64)
     assert torch.isinf(logits[:, 0, 6:]).all() and torch.isfinite(logits[:, 0, :6]).all()
@@ -79,8 +84,9 @@ def test_encoder_length_follows_the_ablation_flags():
     assert torch.isfinite(m0(b)[1])
 
 
-def test_only_the_first_k_neighbours_are_read():
-    m = tiny()
+@BOTH
+def test_only_the_first_k_neighbours_are_read(arch):
+    m = tiny(arch=arch)
     b = make_batch(m.cfg, k_store=6)
     b2 = make_batch(m.cfg, k_store=6)
     b2 = Batch(
@@ -103,8 +109,9 @@ def test_too_few_neighbours_is_a_clear_error():
         m.encode(Batch(b.query, targets=b.targets))
 
 
-def test_samples_do_not_see_each_other():
-    m = tiny()
+@BOTH
+def test_samples_do_not_see_each_other(arch):
+    m = tiny(arch=arch)
     b = make_batch(m.cfg, B=4)
     one = Batch(
         {x: v[:1] for x, v in b.query.items()},
@@ -115,8 +122,9 @@ def test_samples_do_not_see_each_other():
     torch.testing.assert_close(m(b)[0][:1], m(one)[0], atol=1e-5, rtol=0)
 
 
-def test_decoder_is_causal():
-    m = tiny()
+@BOTH
+def test_decoder_is_causal(arch):
+    m = tiny(arch=arch)
     b = make_batch(m.cfg)
     memory = m.encode(b)
     logits = m.decode(memory, b.targets)
@@ -129,9 +137,10 @@ def test_decoder_is_causal():
     torch.testing.assert_close(m.decode(memory, b.targets[:, :4]), logits[:, :4], atol=1e-5, rtol=0)
 
 
+@BOTH
 @pytest.mark.parametrize("copies", [1, 3])
-def test_cached_step_equals_full_decode(copies):
-    m = tiny()
+def test_cached_step_equals_full_decode(copies, arch):
+    m = tiny(arch=arch)
     b = make_batch(m.cfg)
     memory = m.encode(b)
     full = m.decode(memory, b.targets).repeat_interleave(copies, 0)  # (B*n, T, V)
@@ -146,8 +155,9 @@ def test_cached_step_equals_full_decode(copies):
     assert cache["layers"][0]["kv"][0].shape[0] == 3  # memory keys are per image, not per copy
 
 
-def test_reorder_cache_follows_the_chosen_rows():
-    m = tiny()
+@BOTH
+def test_reorder_cache_follows_the_chosen_rows(arch):
+    m = tiny(arch=arch)
     b = make_batch(m.cfg, B=1)
     memory = m.encode(b)
     seqs = torch.tensor([[0, 1, 2, 3], [5, 15, 0, 9]])  # two different prefixes of one image
@@ -179,9 +189,10 @@ def test_loss_weights_and_definition():
     torch.testing.assert_close(ls, expected)
 
 
-def test_training_step_reduces_loss_and_gradients_are_finite():
+@BOTH
+def test_training_step_reduces_loss_and_gradients_are_finite(arch):
     torch.manual_seed(0)
-    m = GeoToken(preset("tiny", modalities=MODS, k=4, dropout=0.0))
+    m = GeoToken(preset("tiny", modalities=MODS, k=4, dropout=0.0, arch=arch))
     b = make_batch(m.cfg, B=8)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     first = None
@@ -195,8 +206,9 @@ def test_training_step_reduces_loss_and_gradients_are_finite():
     assert loss.item() < 0.5 * first
 
 
-def test_save_load_roundtrip(tmp_path):
-    m = tiny()
+@BOTH
+def test_save_load_roundtrip(tmp_path, arch):
+    m = tiny(arch=arch)
     b = make_batch(m.cfg)
     m.save(tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
@@ -207,10 +219,11 @@ def test_save_load_roundtrip(tmp_path):
         GeoToken.load(tmp_path)
 
 
-def test_greedy_matches_argmax_of_full_decode():
+@BOTH
+def test_greedy_matches_argmax_of_full_decode(arch):
     from geotoken.search.decode import greedy
 
-    m = tiny()
+    m = tiny(arch=arch)
     b = make_batch(m.cfg)
     tokens, logp = greedy(m, b)
     assert tokens.shape == (3, 11) and tokens.dtype == torch.long
@@ -228,9 +241,12 @@ def test_vocabularies_match_the_s2_tokens(level, group):
     assert cfg.n_tokens == s2.latlon_to_tokens([10.0], [20.0], level, group).shape[-1]
 
 
-def test_bf16_autocast_step_on_cpu_is_close_to_fp32():
+@BOTH
+def test_bf16_autocast_step_on_cpu_is_close_to_fp32(arch):
     torch.manual_seed(0)
-    m = GeoToken(preset("tiny", d_model=32, n_heads=2, d_ff=64, modalities=MODS, k=2, level=6, dropout=0.0))
+    m = GeoToken(
+        preset("tiny", d_model=32, n_heads=2, d_ff=64, modalities=MODS, k=2, level=6, dropout=0.0, arch=arch)
+    )
     b = make_batch(m.cfg, B=2)
     _, ref = m(b)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -287,8 +303,9 @@ def test_precision_names():
         precision("fp16")
 
 
-def test_a_cache_made_in_bf16_steps_in_fp32_and_back():
-    m = tiny()
+@BOTH
+def test_a_cache_made_in_bf16_steps_in_fp32_and_back(arch):
+    m = tiny(arch=arch)
     b = make_batch(m.cfg)
     memory = m.encode(b)
     ref = m.step(m.init_cache(memory), None, 0)
@@ -298,3 +315,109 @@ def test_a_cache_made_in_bf16_steps_in_fp32_and_back():
     cache = m.init_cache(memory)  # fp32 keys/values, stepped in bf16
     with precision("bf16"):
         torch.testing.assert_close(m.step(cache, None, 0).float(), ref, atol=0.05, rtol=0.05)
+
+
+# ------------------------------------------------------------------------------ arch "authors"
+def test_arch_config_defaults_round_trip_and_old_configs():
+    ours, authors = ModelConfig(), ModelConfig(arch="authors")
+    assert (ours.arch, ours.attn_dropout) == ("ours", 0.0)
+    assert (authors.attn_dropout, authors.dropout) == (
+        0.1,
+        0.1,
+    )  # nn.Transformer: attention dropout = dropout
+    assert ModelConfig(arch="authors", dropout=0.2).attn_dropout == 0.2
+    assert ModelConfig(arch="authors", attn_dropout=0.0).attn_dropout == 0.0  # an explicit value stays
+    for cfg in (ours, authors):
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    old = ours.to_dict()
+    del old["arch"]  # a config.json written before the field existed
+    assert ModelConfig.from_dict(old) == ours
+    with pytest.raises(GeoTokenError, match="arch 'pre-ln'"):
+        ModelConfig(arch="pre-ln")
+
+
+def test_authors_checkpoint_round_trip_keeps_the_arch(tmp_path):
+    m = tiny(arch="authors")
+    m.save(tmp_path / "m")
+    m2 = GeoToken.load(tmp_path / "m")
+    assert m2.cfg.arch == "authors" and not hasattr(m2, "slot_emb")
+    b = make_batch(m.cfg)
+    torch.testing.assert_close(m2(b)[0], m(b)[0], atol=0, rtol=0)
+    ours = tiny()  # the two designs' checkpoints do not load into each other
+    ours.save(tmp_path / "o")
+    (tmp_path / "o" / "config.json").write_text((tmp_path / "m" / "config.json").read_text())
+    with pytest.raises(GeoTokenError, match="does not match"):
+        GeoToken.load(tmp_path / "o")
+
+
+def _torch_layers(m: GeoToken):
+    """nn.TransformerEncoderLayer / DecoderLayer (the authors' modules) holding layer 0's weights of `m`."""
+    cfg = m.cfg
+    kw = dict(
+        d_model=cfg.d_model,
+        nhead=cfg.n_heads,
+        dim_feedforward=cfg.d_ff,
+        dropout=cfg.dropout,
+        batch_first=True,
+    )
+    enc, dec = torch.nn.TransformerEncoderLayer(**kw).eval(), torch.nn.TransformerDecoderLayer(**kw).eval()
+    ours_e, ours_d = m.encoder[0], m.decoder[0]
+    with torch.no_grad():
+        for ref, mine in ((enc, ours_e), (dec, ours_d)):
+            ref.self_attn.in_proj_weight.copy_(mine.attn.qkv.weight)
+            ref.self_attn.in_proj_bias.copy_(mine.attn.qkv.bias)
+            ref.self_attn.out_proj.load_state_dict(mine.attn.proj.state_dict())
+            ref.linear1.load_state_dict(mine.mlp.fc.state_dict())
+            ref.linear2.load_state_dict(mine.mlp.proj.state_dict())
+            for i in (1, 2, 3) if ref is dec else (1, 2):
+                getattr(ref, f"norm{i}").load_state_dict(getattr(mine, f"ln{i}").state_dict())
+        cross = ours_d.cross
+        dec.multihead_attn.in_proj_weight.copy_(torch.cat([cross.q.weight, cross.kv.weight]))
+        dec.multihead_attn.in_proj_bias.copy_(torch.cat([cross.q.bias, cross.kv.bias]))
+        dec.multihead_attn.out_proj.load_state_dict(cross.proj.state_dict())
+    return enc, dec
+
+
+def test_authors_layers_are_torch_transformer_layers():
+    """Post-LN, ReLU, the same residual order: outputs equal nn.Transformer*Layer's (eval mode)."""
+    m = tiny(arch="authors")
+    enc, dec = _torch_layers(m)
+    g = torch.Generator().manual_seed(0)
+    x, mem, y = (torch.randn(2, n, 128, generator=g) for n in (9, 9, 5))
+    torch.testing.assert_close(m.encoder[0](x), enc(x), atol=1e-5, rtol=1e-5)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(5)
+    kv = m.decoder[0].cross.memory_kv(mem)
+    torch.testing.assert_close(m.decoder[0](y, kv), dec(y, mem, tgt_mask=mask), atol=1e-5, rtol=1e-5)
+    ours = tiny()  # and "ours" is not (pre-LN, GELU): the check can fail
+    enc_o, _ = _torch_layers(ours)
+    assert not torch.allclose(ours.encoder[0](x), enc_o(x), atol=1e-3)
+
+
+def test_authors_decoder_reads_sinusoidal_positions_at_the_absolute_position():
+    m = tiny(arch="authors")
+    b = make_batch(m.cfg, B=2)
+    memory = m.encode(b)
+    ref = m.decode(memory, b.targets)
+    with torch.no_grad():
+        m.dec_pos[4] += 1.0  # position 4's input changes: logits 0..3 stay, 4.. move (full and cached)
+    full = m.decode(memory, b.targets)
+    cache = m.init_cache(memory)
+    steps = torch.stack(
+        [m.step(cache, b.targets[:, p - 1] if p else None, p) for p in range(m.cfg.n_tokens)], 1
+    )
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(full[:, :4], ref[:, :4], atol=0, rtol=0)
+    assert not torch.allclose(full[:, 4:][fin[:, 4:]], ref[:, 4:][fin[:, 4:]])
+    torch.testing.assert_close(steps[fin], full[fin], atol=1e-5, rtol=0)
+
+
+def test_authors_attention_dropout_is_on_in_training_only():
+    m = tiny(arch="authors")
+    b = make_batch(m.cfg)
+    assert m.encoder[0].attn.p == 0.1 and tiny().encoder[0].attn.p == 0.0
+    torch.testing.assert_close(m(b)[0], m(b)[0], atol=0, rtol=0)  # eval: deterministic
+    m.train()
+    torch.manual_seed(1)
+    a = m(b)[1]
+    torch.manual_seed(2)
+    assert a.item() != m(b)[1].item()

@@ -12,9 +12,21 @@ shared table, each position owning a slice of it, so the position is encoded by 
 self-attention, cross-attention to the encoder memory, and one output head per position (vocabulary 6,
 then 4^g). Logits come as one padded tensor (B, T, Vmax) with -inf beyond each position's vocabulary.
 
-Layers are written out (pre-LayerNorm, `F.scaled_dot_product_attention`) so that training (`decode`, all
-positions at once) and generation (`init_cache` + `step`, one position at a time with a key/value cache)
-run the same modules on the same weights.
+Layers are written out (`F.scaled_dot_product_attention`) so that training (`decode`, all positions at
+once) and generation (`init_cache` + `step`, one position at a time with a key/value cache) run the same
+modules on the same weights. Two layer designs (`ModelConfig.arch`, `ARCHS`), same file, same cache:
+
+    ours      pre-LayerNorm, GELU, no attention dropout, final LayerNorms on encoder and decoder, slot-type
+              embeddings, modality vectors scaled by sqrt(d), the decoder position encoded by its own slice
+              of the token table; nanoGPT initialisation
+    authors   the paper's checkpoint: `torch.nn.TransformerEncoder/DecoderLayer` defaults (post-LayerNorm,
+              ReLU, dropout inside the feed-forward, attention dropout = dropout), no final LayerNorm (the
+              authors' `TransformerEncoder/Decoder` have none), unit modality vectors, no slot embeddings,
+              sinusoidal positions added to the encoder inputs and to the decoder inputs (at the absolute
+              position, also when decoding one position at a time); PyTorch's default initialisation
+
+Post-LayerNorm needs nothing else in the cache: a layer's keys/values are projections of its (un-normalised)
+input at each position, which depends on earlier positions only, so the cached keys/values are exact.
 """
 
 from __future__ import annotations
@@ -34,6 +46,8 @@ from geotoken import DTYPES
 from geotoken.errors import GeoTokenError
 from geotoken.io import atomic_path, write_json
 
+ARCHS = ("ours", "authors")  # layer designs, see the module docstring
+
 
 @dataclass
 class ModelConfig:
@@ -43,17 +57,23 @@ class ModelConfig:
     n_heads: int = 8
     d_ff: int = 1024
     dropout: float = 0.1  # on embeddings, residual branches (attention output, feed-forward)
-    # Dropout on attention probabilities (the paper's nn.Transformer layers use `dropout` there too). Off by
-    # default: it forces the unfused (B, h, S, S) attention path and its random masks, most of a CPU step.
-    attn_dropout: float = 0.0
+    # Dropout on attention probabilities. None: the arch's choice, 0 for "ours" (it forces the unfused
+    # (B, h, S, S) attention path and its random masks, most of a CPU step), `dropout` for "authors" (as
+    # nn.Transformer's layers). Resolved in __post_init__, so config.json holds the number.
+    attn_dropout: float | None = None
     level: int = 20  # S2 level of the target cell
     group: int = 2  # child tokens merged into one token (vocabulary 4^group)
     k: int = 15  # neighbours read by the encoder (0 = no retrieval)
     modalities: dict[str, int] = field(default_factory=lambda: {"visual": 768, "gps": 768, "text": 768})
     use_neighbour_embeddings: bool = True
     use_neighbour_tokens: bool = True
+    arch: str = "ours"  # layer design (ARCHS); configs written before it existed are "ours"
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise GeoTokenError(f"model arch {self.arch!r}: choose one of {', '.join(ARCHS)}")
+        if self.attn_dropout is None:
+            self.attn_dropout = self.dropout if self.arch == "authors" else 0.0
         if self.d_model % self.n_heads:
             raise GeoTokenError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if not 1 <= self.level <= 30 or self.group < 1:
@@ -249,12 +269,19 @@ class CrossAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """Feed-forward: GELU ("ours"), or ReLU with dropout before the second linear ("authors", as
+    nn.TransformerEncoderLayer)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.authors = cfg.arch == "authors"
+        self.drop = Dropout(cfg.dropout if self.authors else 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.authors:
+            return self.proj(self.drop(F.relu(self.fc(x))))
         return self.proj(F.gelu(self.fc(x)))
 
 
@@ -264,8 +291,12 @@ class EncoderLayer(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
         self.attn, self.mlp = SelfAttention(cfg, causal=False), MLP(cfg)
         self.drop = Dropout(cfg.dropout)
+        self.post_ln = cfg.arch == "authors"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.post_ln:  # x = norm(x + sublayer(x)), nn.TransformerEncoderLayer(norm_first=False)
+            x = self.ln1(x + self.drop(self.attn(x)))
+            return self.ln2(x + self.drop(self.mlp(x)))
         x = x + self.drop(self.attn(self.ln1(x)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
@@ -276,12 +307,22 @@ class DecoderLayer(nn.Module):
         self.ln1, self.ln2, self.ln3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
         self.attn, self.cross, self.mlp = SelfAttention(cfg, causal=True), CrossAttention(cfg), MLP(cfg)
         self.drop = Dropout(cfg.dropout)
+        self.post_ln = cfg.arch == "authors"
 
     def forward(
         self, x: torch.Tensor, kv: tuple, cache: dict | None = None, pos: int = 0, copies: int = 1
     ) -> torch.Tensor:
-        """x (B * copies, L, d); kv holds B images' memory keys/values, shared by each image's copies."""
+        """x (B * copies, L, d); kv holds B images' memory keys/values, shared by each image's copies.
+
+        With a cache, self-attention stores the keys/values of this call's positions: projections of the
+        layer input `x` in both designs (post-LN normalises after the residual sum, not before attention).
+        """
         N, L, d = x.shape
+        if self.post_ln:  # nn.TransformerDecoderLayer(norm_first=False)
+            x = self.ln1(x + self.drop(self.attn(x, cache, pos)))
+            y = self.cross(x.view(N // copies, copies * L, d), kv)  # copies become query rows
+            x = self.ln2(x + self.drop(y.view(N, L, d)))
+            return self.ln3(x + self.drop(self.mlp(x)))
         x = x + self.drop(self.attn(self.ln1(x), cache, pos))
         y = self.cross(self.ln2(x).view(N // copies, copies * L, d), kv)  # copies become query rows
         x = x + self.drop(y.view(N, L, d))
@@ -303,6 +344,7 @@ class GeoToken(nn.Module):
         )  # (T, Vmax)
 
         # encoder inputs
+        self.authors = cfg.arch == "authors"
         self.modality_mlp = nn.ModuleDict(
             {
                 m: nn.Sequential(nn.Linear(dim, d), nn.ReLU(), nn.Linear(d, d))
@@ -311,22 +353,28 @@ class GeoToken(nn.Module):
         )
         self.cls = nn.Parameter(torch.randn(d))
         self.retrieval_emb = nn.Embedding(int(vocab.sum()), d)  # neighbours' tokens, per-position slices
-        self.slot_emb = nn.Embedding(1 + 2 * M + T, d)  # CLS, query m, neighbour m, neighbour token t
-        self.register_buffer("slot_ids", self._slot_ids(), persistent=False)  # (S,)
+        if not self.authors:  # the authors' encoder knows a slot by its sinusoidal position only
+            self.slot_emb = nn.Embedding(1 + 2 * M + T, d)  # CLS, query m, neighbour m, neighbour token t
+            self.register_buffer("slot_ids", self._slot_ids(), persistent=False)  # (S,)
         self.register_buffer("enc_pos", sinusoid(cfg.seq_len, d), persistent=False)  # (S, d)
         self.enc_drop = Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
-        self.enc_ln = nn.LayerNorm(d)
+        self.enc_ln = nn.Identity() if self.authors else nn.LayerNorm(d)
 
         # decoder
         self.start = nn.Parameter(torch.randn(d))
         self.token_emb = nn.Embedding(int(vocab.sum()), d)
+        if self.authors:  # sinusoidal positions on the decoder inputs, indexed by absolute position
+            self.register_buffer("dec_pos", sinusoid(T, d), persistent=False)  # (T, d)
         self.dec_drop = Dropout(cfg.dropout)
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
-        self.dec_ln = nn.LayerNorm(d)
+        self.dec_ln = nn.Identity() if self.authors else nn.LayerNorm(d)
         self.head_w = nn.Parameter(torch.zeros(T, vmax, d))  # one head per position, padded to Vmax
         self.head_b = nn.Parameter(torch.zeros(T, vmax))
-        self._init_weights()
+        if self.authors:
+            self._init_authors()
+        else:
+            self._init_weights()
 
     def _slot_ids(self) -> torch.Tensor:
         cfg, M, T = self.cfg, len(self.cfg.modalities), self.cfg.n_tokens
@@ -351,6 +399,31 @@ class GeoToken(nn.Module):
         nn.init.normal_(self.head_w, std=0.02)
         self.head_w.data[~self.valid] = 0.0
 
+    @torch.no_grad()
+    def _init_authors(self) -> None:
+        """PyTorch's defaults, as the authors' modules get them: nn.Linear's own init for the modality MLPs,
+        feed-forward and attention output projections; nn.MultiheadAttention's Xavier-uniform over the
+        stacked (3d, d) input projection with zero biases (zero output bias too); N(0, 1) embeddings; each
+        position's head as an nn.Linear(d, vocabulary)."""
+        d = self.cfg.d_model
+        bound = math.sqrt(6.0 / (d + 3 * d))  # Xavier-uniform of a (3d, d) matrix
+        for layer in [*self.encoder, *self.decoder]:
+            projections = [layer.attn.qkv] + (
+                [layer.cross.q, layer.cross.kv] if hasattr(layer, "cross") else []
+            )
+            for lin in projections:
+                nn.init.uniform_(lin.weight, -bound, bound)
+                nn.init.zeros_(lin.bias)
+            for attn in [layer.attn] + ([layer.cross] if hasattr(layer, "cross") else []):
+                nn.init.zeros_(attn.proj.bias)
+        b = 1.0 / math.sqrt(
+            d
+        )  # nn.Linear(d, v): kaiming_uniform(a=sqrt(5)) and its bias bound, 1/sqrt(fan_in)
+        nn.init.uniform_(self.head_w, -b, b)
+        nn.init.uniform_(self.head_b, -b, b)
+        self.head_w[~self.valid] = 0.0
+        self.head_b[~self.valid] = 0.0
+
     # ---------------------------------------------------------------- encoder
     def encode(self, batch: Batch) -> torch.Tensor:
         """Encoder memory (B, S, d)."""
@@ -371,7 +444,8 @@ class GeoToken(nn.Module):
             x = batch.query[m][:, None]  # (B, 1, D_m)
             if use_nbr_emb:
                 x = torch.cat([x, batch.nbr[m][:, :k].to(x.dtype)], dim=1)  # (B, 1 + k, D_m)
-            mods.append(F.normalize(self.modality_mlp[m](x), dim=-1) * math.sqrt(d))
+            unit = F.normalize(self.modality_mlp[m](x), dim=-1)  # the authors' encoder reads unit vectors
+            mods.append(unit if self.authors else unit * math.sqrt(d))
         mods = torch.stack(mods, dim=2)  # (B, 1 + k', M, d)
         parts = [self.cls.expand(B, 1, d), mods[:, 0]]  # (B, 1, d), (B, M, d)
         if k > 0:
@@ -381,7 +455,8 @@ class GeoToken(nn.Module):
                 nbr.append(self.retrieval_emb(tok))  # (B, k, T, d)
             parts.append(torch.cat(nbr, dim=2).reshape(B, k * cfg.n_neighbour_slots, d))
         x = torch.cat(parts, dim=1)  # (B, S, d)
-        x = self.enc_drop(x + self.enc_pos + self.slot_emb(self.slot_ids))
+        x = x + self.enc_pos if self.authors else x + self.enc_pos + self.slot_emb(self.slot_ids)
+        x = self.enc_drop(x)
         for layer in self.encoder:
             x = layer(x)
         return self.enc_ln(x)
@@ -389,6 +464,12 @@ class GeoToken(nn.Module):
     # ---------------------------------------------------------------- decoder, all positions
     def _dec_input(self, tokens_prev: torch.Tensor | None, pos: int, n: int) -> torch.Tensor:
         """Decoder inputs (n, t, d) for positions pos..pos+t-1, given the tokens before each: (n, t) or None."""
+        x = self._dec_embed(tokens_prev, pos, n)
+        if self.authors:  # the absolute position, also when one position is decoded at a time
+            x = x + self.dec_pos[pos : pos + x.shape[1]].to(x.dtype)
+        return x
+
+    def _dec_embed(self, tokens_prev: torch.Tensor | None, pos: int, n: int) -> torch.Tensor:
         if pos == 0:
             start = self.start.expand(n, 1, -1)  # (n, 1, d)
             if tokens_prev is None or tokens_prev.shape[1] == 0:

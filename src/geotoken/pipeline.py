@@ -91,14 +91,19 @@ class DemoConfig:
     index_embedding: str = "visual+gps"  # what retrieval searches (a store array or a '+' concatenation)
     k: int = 5  # neighbours per query (the paper: 15; 5 keeps CPU training inside the demo's budget)
     model_preset: str = "tiny"
+    arch: str = "ours"  # model layers (geotoken.model.ARCHS); "authors": the paper's nn.Transformer layers
+    # training recipe (geotoken.train.recipes: "paper" = the authors' AdamW, StepLR, batch 2048, bf16); ""
+    # none. The demo's epochs and batch size (the micro-batch) still apply; lr and dtype below, when set.
+    recipe: str = ""
     epochs: int = 6
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float | None = None  # None: 1e-3, or the recipe's
+    # training precision; "bf16": autocast (fast on GPUs and on CPUs with AVX-512 BF16 / AMX); None: fp32,
+    # or the recipe's
+    dtype: str | None = None
     label_smoothing: float = 0.0  # training: over each token's siblings
     drop_near_km: float = 0.0  # training: a share of queries lose their neighbours within this many km
     drop_near_share: float = 0.5
-    # training precision; "bf16": autocast (fast on GPUs and on CPUs with AVX-512 BF16 / AMX)
-    dtype: str = "fp32"
     strategies: tuple[str, ...] = ("greedy", "beam", "sample", "sample+retrieval")
     selectors: tuple[str, ...] = ("logp", "consensus", "reward")
     # every strategy gallery-constrained (rows labelled +gallery), greedy also free (the authors' decoding)
@@ -173,6 +178,8 @@ def demo_pipeline(cfg: DemoConfig) -> Pipeline:
     ev = demo_earthviews(cfg)
     queries = "train" if cfg.train_views else "gallery"  # the model's (and reward scorer's) training queries
     splits = tuple(s for s in TEST_SPLITS if ev.sizes()[s])  # the test splits the build has
+    lr = cfg.lr if cfg.lr is not None or cfg.recipe else 1e-3  # None with a recipe: the recipe's
+    dtype = cfg.dtype if cfg.dtype is not None or cfg.recipe else "fp32"
     return Pipeline((
         StageSpec("data", "data", DataStageConfig(ev, workers=max(1, cfg.workers))),
         StageSpec("features", "features", FeaturesStageConfig(
@@ -180,8 +187,8 @@ def demo_pipeline(cfg: DemoConfig) -> Pipeline:
         StageSpec("align", "align", AlignStageConfig(epochs=cfg.align_epochs, seed=cfg.seed)),
         StageSpec("index", "index", IndexStageConfig(embedding=cfg.index_embedding, k=cfg.k)),
         StageSpec("model", "model", ModelStageConfig(
-            preset=cfg.model_preset, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, dtype=cfg.dtype,
-            seed=cfg.seed, queries=queries,
+            preset=cfg.model_preset, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=lr, dtype=dtype,
+            seed=cfg.seed, queries=queries, arch=cfg.arch, recipe=cfg.recipe,
             label_smoothing=cfg.label_smoothing,
             drop_near_km=cfg.drop_near_km, drop_near_share=cfg.drop_near_share)),
         StageSpec("bundle", "bundle", BundleStageConfig(

@@ -27,7 +27,7 @@ from geotoken.bench.common import (
     time_steps,
 )
 from geotoken.bench.reference import bench_reference
-from geotoken.model import GeoToken, precision, preset
+from geotoken.model import ARCHS, GeoToken, precision, preset
 from geotoken.train.loop import TrainConfig, make_optimizer
 
 # The authors' code on this machine type: 2 threads, fp32, random inputs (see issue 5).
@@ -78,11 +78,12 @@ def bench_ours(
     seed: int = 0,
     rows: int = GALLERY_ROWS,
     compile: bool = False,
+    arch: str = "ours",
 ) -> dict:
     """{seconds_per_step, train_samples_per_s, flops_per_step, n_params} of our training step at preset
-    `name` (compiled: `torch.compile`, whose compilation happens in the warm-up steps, at least two; FLOPs
-    are counted on the eager model)."""
-    cfg = preset(name, **PAPER_INPUTS)
+    `name` with layers `arch` (compiled: `torch.compile`, whose compilation happens in the warm-up steps, at
+    least two; FLOPs are counted on the eager model)."""
+    cfg = preset(name, **PAPER_INPUTS, arch=arch)
     torch.manual_seed(seed)
     model = GeoToken(cfg).train()
     opt = make_optimizer(model, TrainConfig())
@@ -121,22 +122,26 @@ def bench_train(
     warmup: int = 1,
     rows: int = GALLERY_ROWS,
     reference: bool = False,
+    arch: str = "ours",
+    compare_archs: bool = False,
 ) -> dict:
-    """{preset, batch, threads, dtype, compile, gallery_rows, torch, cpu, matmul_gflops_fp32,
+    """{preset, arch, batch, threads, dtype, compile, gallery_rows, torch, cpu, matmul_gflops_fp32,
     matmul_gflops_bf16, <bench_ours' figures>, peak_rss_mb, achieved_gflops, share_of_matmul_peak,
     reference_published_samples_per_s, ratio_to_published (None without a published figure) and, with
-    `reference`, reference_samples_per_s and ratio_side_by_side (the reference-style step timed after ours).
+    `reference`, reference_samples_per_s and ratio_side_by_side (the reference-style step timed after ours);
+    with `compare_archs`, arch_samples_per_s {arch: samples/s} of every layer design (`ARCHS`), timed
+    alternately in `rounds` of `iters` steps, best round each, and ratio_authors_to_ours.
 
     threads 0: torch's current setting. peak_rss_mb is read before the reference-style step runs."""
     check_at_least(1, batch_size=batch_size, iters=iters, rows=rows)
     threads = set_threads(threads)
-    res = {"preset": name, "batch": batch_size, "threads": threads, "dtype": dtype}
+    res = {"preset": name, "arch": arch, "batch": batch_size, "threads": threads, "dtype": dtype}
     res["compile"] = compile
     res["gallery_rows"] = rows
     res["torch"], res["cpu"] = torch.__version__, platform.processor() or platform.machine()
     peaks = matmul_peaks()
     res["matmul_gflops_fp32"], res["matmul_gflops_bf16"] = peaks["fp32"], peaks["bf16"]
-    ours = bench_ours(name, batch_size, dtype, iters, warmup, rows=rows, compile=compile)
+    ours = bench_ours(name, batch_size, dtype, iters, warmup, rows=rows, compile=compile, arch=arch)
     res.update(ours)
     res["peak_rss_mb"] = peak_rss_mb()  # before the reference runs in this process
     peak = res["matmul_gflops_bf16" if dtype == "bf16" else "matmul_gflops_fp32"]
@@ -149,6 +154,14 @@ def bench_train(
         ref = bench_reference(name, batch_size, iters, warmup, rows=rows)
         res["reference_samples_per_s"] = ref["train_samples_per_s"]
         res["ratio_side_by_side"] = ours["train_samples_per_s"] / ref["train_samples_per_s"]
+    if compare_archs:
+        best = {a: 0.0 for a in ARCHS}
+        for _ in range(2):  # alternating rounds: machine load hits both designs alike
+            for a in ARCHS:
+                run = bench_ours(name, batch_size, dtype, iters, warmup, rows=rows, compile=compile, arch=a)
+                best[a] = max(best[a], run["train_samples_per_s"])
+        res["arch_samples_per_s"] = best
+        res["ratio_authors_to_ours"] = best["authors"] / best["ours"]
     return res
 
 

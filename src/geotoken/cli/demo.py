@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 
 from geotoken import DTYPES
+from geotoken.model import ARCHS
 from geotoken.model import PRESETS as MODEL_PRESETS
 from geotoken.pipeline import PRESETS, demo_config, print_summary, run_demo
+from geotoken.train.recipes import RECIPES
 
 HELP = "run the whole method offline: dataset, features, alignment, retrieval, training, search, evaluation"
 
@@ -18,6 +20,7 @@ examples:
   geotoken demo
   geotoken demo --fast --run-dir runs/smoke
   geotoken demo --epochs 20 --model-preset small --dataset-size 50000
+  geotoken demo --recipe paper --arch authors   # the paper's layers and training recipe, demo sizes
 """
 
 
@@ -41,6 +44,16 @@ def register(subparsers) -> None:
         help="photo-like training queries per gallery place (default 2; 0: train on gallery views, as on MP16)",
     )
     p.add_argument("--model-preset", choices=list(MODEL_PRESETS), help="GeoToken model size")
+    p.add_argument(
+        "--arch",
+        choices=ARCHS,
+        help="model layers: ours (default) or authors (the paper's nn.Transformer layers)",
+    )
+    p.add_argument(
+        "--recipe",
+        help=f"training recipe ({', '.join(RECIPES)}, or a YAML file); --epochs, --batch-size (the micro-batch) "
+        "and --dtype still apply",
+    )
     p.add_argument("--epochs", type=int, help="training epochs")
     p.add_argument("--batch-size", type=int, help="training batch size")
     p.add_argument("--dtype", choices=DTYPES, help="training precision (bf16: autocast; default fp32)")
@@ -67,6 +80,8 @@ def run(args) -> int:
         image_size=args.image_size,
         train_views=args.train_views,
         model_preset=args.model_preset,
+        arch=args.arch,
+        recipe=args.recipe,
         epochs=args.epochs,
         batch_size=args.batch_size,
         dtype=args.dtype,

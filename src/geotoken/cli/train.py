@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +13,24 @@ import torch
 
 from geotoken import DTYPES
 from geotoken.errors import GeoTokenError
-from geotoken.model import PRESETS, ModelConfig, preset
-from geotoken.train import SCHEDULES, TrainConfig, TrainData, holdout_rows, train
+from geotoken.features import FeatureStore
+from geotoken.model import ARCHS, PRESETS, ModelConfig, preset
+from geotoken.train import SCHEDULES, WEIGHT_DECAY_ON, TrainConfig, TrainData, holdout_rows, train
+from geotoken.train.recipes import RECIPES, resolve_train_config
+
+# the training options a recipe may set: flags default to None ("not given") so that defaults < recipe < flags
+RECIPE_FLAGS = (
+    "epochs", "max_steps", "batch_size", "grad_accum", "effective_batch_size", "lr", "betas", "warmup_steps",
+    "schedule", "weight_decay", "weight_decay_on", "grad_clip", "label_smoothing", "drop_near_km",
+    "drop_near_share", "dtype", "seed", "checkpoint_every", "val_every",
+)  # fmt: skip
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None: a training flag left out takes the recipe's value or the library's."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def register(subparsers) -> None:
@@ -22,12 +41,16 @@ def register(subparsers) -> None:
             "Train the retrieval-conditioned encoder-decoder on aligned embeddings (visual/gps/text arrays of a "
             "feature store), a neighbour table and S2 target tokens made from the store's coordinates. "
             "Writes OUT/last (resume point), OUT/best (best validation), OUT/log.jsonl and OUT/tb. "
-            "Run several processes with `torchrun --nproc-per-node N -m geotoken train ...`."
+            "Run several processes with `torchrun --nproc-per-node N -m geotoken train ...`. "
+            "Training options: the library's defaults, then --recipe (e.g. paper: the authors' optimizer, schedule "
+            "and batch 2048), then the flags given; --print-config shows the result as JSON."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Formatter,
     )
-    p.add_argument("--features", required=True, help="feature store of the training queries")
-    p.add_argument("--neighbours", required=True, help="neighbour folder of the training queries (index.npy)")
+    p.add_argument("--features", help="feature store of the training queries (required to train)")
+    p.add_argument(
+        "--neighbours", help="neighbour folder of the training queries (index.npy; required to train)"
+    )
     p.add_argument(
         "--gallery", help="feature store of the gallery the neighbour rows point into (default: --features)"
     )
@@ -41,7 +64,13 @@ def register(subparsers) -> None:
         "--val-fraction", type=float, default=0.05, help="share of training rows held out for validation"
     )
     p.add_argument("--val-max", type=int, default=2000, help="validate on at most this many rows")
-    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("-o", "--out", help="output folder (required to train)")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved model and training configuration as JSON and exit (modalities' dims from "
+        "--features if given, else the model's defaults)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/last exactly")
     p.add_argument("--stop-at", type=int, help="end this run after this step (resume later with --resume)")
 
@@ -54,42 +83,104 @@ def register(subparsers) -> None:
     m.add_argument("--group-size", type=int, default=mc.group, help="child tokens per token (vocabulary 4^g)")
     m.add_argument("--dropout", type=float, help="override the preset's dropout")
     m.add_argument(
+        "--arch",
+        default=mc.arch,
+        choices=ARCHS,
+        help="layer design: ours (pre-LN, GELU) or authors (the paper's nn.Transformer layers: post-LN, ReLU, "
+        "attention dropout, sinusoidal decoder positions)",
+    )
+    m.add_argument(
         "--no-neighbour-tokens", action="store_true", help="ablation: neighbours without their tokens"
     )
     m.add_argument("--no-neighbour-embeddings", action="store_true", help="ablation: neighbours' tokens only")
 
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=tc.epochs)
+    t = p.add_argument_group("training (defaults: the library's, or the recipe's)")
     t.add_argument(
-        "--max-steps",
-        type=int,
-        default=tc.max_steps,
-        help="> 0: stop after this many steps (overrides --epochs)",
+        "--recipe",
+        help=f"named training recipe ({', '.join(RECIPES)}) or a YAML file of TrainConfig fields; flags override it",
     )
-    t.add_argument("--batch-size", type=int, default=tc.batch_size, help="per process")
-    t.add_argument("--lr", type=float, default=tc.lr)
-    t.add_argument("--warmup-steps", type=int, default=tc.warmup_steps)
-    t.add_argument("--schedule", default=tc.schedule, choices=SCHEDULES, help="step: x0.9 per epoch (paper)")
-    t.add_argument("--weight-decay", type=float, default=tc.weight_decay)
-    t.add_argument("--grad-clip", type=float, default=tc.grad_clip)
-    t.add_argument("--label-smoothing", type=float, default=tc.label_smoothing)
-    t.add_argument("--drop-near-km", type=float, default=tc.drop_near_km,
+    t.add_argument("--epochs", type=int, help=f"default {tc.epochs}")
+    t.add_argument(
+        "--max-steps", type=int, help="> 0: stop after this many optimizer steps (overrides --epochs)"
+    )
+    t.add_argument("--batch-size", type=int, help=f"per process and micro-batch (default {tc.batch_size})")
+    t.add_argument(
+        "--grad-accum",
+        type=int,
+        help="micro-batches per optimizer step: N give the update of one N times larger",
+    )
+    t.add_argument(
+        "--effective-batch-size",
+        type=int,
+        help="global batch per optimizer step (batch-size x grad-accum x processes); derives --grad-accum",
+    )
+    t.add_argument("--lr", type=float, help=f"default {tc.lr}")
+    t.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), help=f"AdamW's (default {tc.betas})")
+    t.add_argument("--warmup-steps", type=int, help=f"default {tc.warmup_steps}")
+    t.add_argument("--schedule", choices=SCHEDULES, help="cosine (default) or step: x0.9 per epoch (paper)")
+    t.add_argument("--weight-decay", type=float, help=f"default {tc.weight_decay}")
+    t.add_argument(
+        "--weight-decay-on",
+        choices=WEIGHT_DECAY_ON,
+        help="decayed parameters: matrices (default) or all (paper)",
+    )
+    t.add_argument("--grad-clip", type=float, help=f"max gradient norm, 0: off (default {tc.grad_clip})")
+    t.add_argument("--label-smoothing", type=float, help=f"default {tc.label_smoothing}")
+    t.add_argument("--drop-near-km", type=float,
                    help="> 0: a share of queries lose their neighbours within this many km of their place (the "
-                   "spatially disjoint condition); give a deeper --neighbours table than -k")  # fmt: skip
-    t.add_argument("--drop-near-share", type=float, default=tc.drop_near_share,
-                   help="the share of queries --drop-near-km applies to")  # fmt: skip
-    t.add_argument("--dtype", default=tc.dtype, choices=DTYPES, help="bf16 autocast (GPU or CPU)")
+                   "spatially disjoint condition); give a deeper --neighbours table than -k (default 0: off)")  # fmt: skip
+    t.add_argument("--drop-near-share", type=float,
+                   help="the share of queries --drop-near-km applies to (default 0.5)")  # fmt: skip
+    t.add_argument("--dtype", choices=DTYPES, help="fp32 (default) or bf16 autocast (GPU or CPU)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
-    t.add_argument("--seed", type=int, default=tc.seed)
-    t.add_argument("--checkpoint-every", type=int, default=tc.checkpoint_every, help="steps")
-    t.add_argument("--val-every", type=int, default=tc.val_every, help="epochs (0: never)")
+    t.add_argument("--seed", type=int, help=f"default {tc.seed}")
+    t.add_argument("--checkpoint-every", type=int, help=f"steps (default {tc.checkpoint_every})")
+    t.add_argument("--val-every", type=int, help=f"epochs, 0: never (default {tc.val_every})")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     t.add_argument("--no-tensorboard", action="store_true")
     p.set_defaults(func=run)
 
 
+def resolve(args, dims: dict[str, int] | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training configs of a command line: defaults < --recipe < flags."""
+    names = [s for s in args.modalities.split(",") if s]
+    modalities = dims or {m: ModelConfig().modalities.get(m, 768) for m in names}
+    overrides = dict(modalities=modalities, k=args.k, level=args.level, group=args.group_size, arch=args.arch)
+    overrides.update(use_neighbour_tokens=not args.no_neighbour_tokens)
+    overrides.update(use_neighbour_embeddings=not args.no_neighbour_embeddings)
+    if args.dropout is not None:
+        overrides["dropout"] = args.dropout
+    model_cfg = preset(args.preset, **overrides)
+    given = {name: getattr(args, name) for name in RECIPE_FLAGS}
+    cfg = resolve_train_config(
+        args.recipe, **given, compile=args.compile, tensorboard=not args.no_tensorboard
+    )
+    return model_cfg, cfg
+
+
 def run(args) -> int:
+    if args.print_config:
+        dims = None
+        if args.features:
+            store = FeatureStore.open(args.features)
+            names = [m for m in args.modalities.split(",") if m]
+            absent = [m for m in names if m not in store.dims]
+            if absent:
+                raise GeoTokenError(f"{args.features}: no array(s) {absent} (has {sorted(store.dims)})")
+            dims = {m: store.dims[m] for m in names}
+        model_cfg, cfg = resolve(args, dims)
+        print(
+            json.dumps(
+                {"model": model_cfg.to_dict(), "train": dataclasses.asdict(cfg), "recipe": args.recipe}
+            )
+        )
+        if dims is None:
+            print("modalities' dims are the model's defaults: give --features to read them", file=sys.stderr)
+        return 0
+    missing = [f"--{n}" for n in ("features", "neighbours", "out") if getattr(args, n) is None]
+    if missing:
+        raise GeoTokenError(f"training needs {', '.join(missing)} (or --print-config)")
     if args.resume and not (Path(args.out) / "last").exists():
         raise GeoTokenError(f"--resume: {Path(args.out) / 'last'} does not exist (drop --resume to start)")
     if args.threads:
@@ -97,32 +188,7 @@ def run(args) -> int:
     names = [s for s in args.modalities.split(",") if s]
     level, group = args.level, args.group_size
     data = TrainData.load(args.features, args.neighbours, args.gallery, names, level, group)
-    dims = {m: data.query[m].shape[1] for m in names}
-    overrides = dict(modalities=dims, k=args.k, level=level, group=group)
-    overrides.update(use_neighbour_tokens=not args.no_neighbour_tokens)
-    overrides.update(use_neighbour_embeddings=not args.no_neighbour_embeddings)
-    if args.dropout is not None:
-        overrides["dropout"] = args.dropout
-    model_cfg = preset(args.preset, **overrides)
-    cfg = TrainConfig(
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        schedule=args.schedule,
-        weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        label_smoothing=args.label_smoothing,
-        drop_near_km=args.drop_near_km,
-        drop_near_share=args.drop_near_share,
-        dtype=args.dtype,
-        compile=args.compile,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        val_every=args.val_every,
-        tensorboard=not args.no_tensorboard,
-    )
+    model_cfg, cfg = resolve(args, {m: data.query[m].shape[1] for m in names})
 
     if args.val_features:
         if not args.val_neighbours:
@@ -133,7 +199,7 @@ def run(args) -> int:
         train_rows, val_rows = np.arange(data.rows), np.arange(min(val.rows, args.val_max))
     else:
         val = data
-        train_rows, val_rows = holdout_rows(data.rows, args.val_fraction, args.val_max, args.seed)
+        train_rows, val_rows = holdout_rows(data.rows, args.val_fraction, args.val_max, cfg.seed)
 
     sources = {
         "features": args.features,

@@ -41,8 +41,9 @@ from geotoken.model import preset
 from geotoken.predict import Geolocator
 from geotoken.retrieval import NeighbourIndex, StoreEmbeddings, neighbour_table
 from geotoken.search.reward import RewardConfig
-from geotoken.stages.runner import runtime_field, stage_kind
-from geotoken.train import TrainConfig, TrainData, train
+from geotoken.stages.runner import added_field, runtime_field, stage_kind
+from geotoken.train import TrainData, grad_accum_for, train
+from geotoken.train.recipes import load_recipe, resolve_train_config
 
 GALLERY, TRAIN = "gallery", "train"
 DROP_NEAR_DEPTH = 64  # neighbours searched per training query when the near ones are dropped
@@ -194,11 +195,17 @@ def index_gallery(config: IndexStageConfig, out: Path, *, align: Path, log: Log 
 # ---------------------------------------------------------------------------------------------- model
 @dataclass(frozen=True)
 class ModelStageConfig:
+    """The model stage's options. Training options: TrainConfig's defaults, then `recipe` (a name of
+    `geotoken.train.recipes.RECIPES` or a YAML path; "" none), then the fields below that are set (None:
+    not set). `epochs` always applies (the run's size decides how long to train), and `batch_size` is the
+    micro-batch: a recipe's `effective_batch_size` is reached by gradient accumulation, at most one step
+    over all training rows per epoch (`geotoken.train.grad_accum_for`)."""
+
     preset: str = "small"  # geotoken.model preset
     epochs: int = 10
     batch_size: int = 256
-    lr: float = 3e-4
-    dtype: str = "fp32"  # training precision; "bf16": autocast
+    lr: float | None = None  # None: the recipe's, else TrainConfig's (3e-4)
+    dtype: str | None = None  # training precision, "bf16": autocast; None: the recipe's, else "fp32"
     seed: int = 0
     modalities: tuple[str, ...] = ("visual", "gps", "text")
     queries: str = TRAIN  # the training queries' split (GALLERY: train on gallery views, as on MP16)
@@ -206,9 +213,13 @@ class ModelStageConfig:
     k: int | None = None  # neighbours the model reads (None: the index's k)
     warmup_steps: int | None = None  # None: min(100, steps // 10)
     checkpoint_every: int | None = None  # None: max(50, steps // 4)
-    label_smoothing: float = 0.0  # over each token's siblings (its position's vocabulary)
-    drop_near_km: float = 0.0  # > 0: a share of training queries lose their neighbours within this many km
-    drop_near_share: float = 0.5
+    label_smoothing: float = added_field(0.0)  # over each token's siblings (its position's vocabulary)
+    drop_near_km: float = added_field(
+        0.0
+    )  # > 0: a share of training queries lose neighbours within this many km
+    drop_near_share: float = added_field(0.5)
+    arch: str = added_field("ours")  # geotoken.model.ARCHS: "authors" = the paper's nn.Transformer layers
+    recipe: str = added_field("")  # training recipe ("" none; "paper": the authors' optimizer and batch)
 
 
 @stage_kind("model", ModelStageConfig)
@@ -228,22 +239,30 @@ def train_model(config: ModelStageConfig, out: Path, *, align: Path, index: Path
     data = TrainData.load(align / q, table, align / GALLERY, modalities)
     val = TrainData.load(align / config.val, index / config.val, align / GALLERY, modalities)
     dims = {m: data.query[m].shape[1] for m in modalities}
-    model_cfg = preset(config.preset, modalities=dims, k=k)
-    steps = max(1, config.epochs * int(np.ceil(data.rows / config.batch_size)))
-    warmup = min(100, steps // 10) if config.warmup_steps is None else config.warmup_steps
-    every = max(50, steps // 4) if config.checkpoint_every is None else config.checkpoint_every
-    tcfg = TrainConfig(
-        lr=config.lr, batch_size=config.batch_size, epochs=config.epochs, seed=config.seed, dtype=config.dtype,
-        warmup_steps=warmup, checkpoint_every=every, tensorboard=False,
-        label_smoothing=config.label_smoothing,
-        drop_near_km=config.drop_near_km, drop_near_share=config.drop_near_share,
-    )  # fmt: skip
+    model_cfg = preset(config.preset, modalities=dims, k=k, arch=config.arch)
+    tcfg = model_train_config(config, data.rows)
     sources = {"queries": q, "gallery": GALLERY, "neighbours": str(table.relative_to(table.parents[1]))}
     train(
         model_cfg, tcfg, data, out, np.arange(data.rows), val, np.arange(val.rows), resume=True,
         sources=sources,
     )  # fmt: skip
     return {"model": model_cfg.to_dict()}
+
+
+def model_train_config(config: ModelStageConfig, rows: int):
+    """The stage's `TrainConfig` for `rows` training queries: defaults < recipe < the stage's fields;
+    warm-up and checkpoint interval scale with the run when neither the stage nor the recipe sets them."""
+    recipe = load_recipe(config.recipe) if config.recipe else {}
+    given = dict(lr=config.lr, dtype=config.dtype, batch_size=config.batch_size, epochs=config.epochs)
+    given.update(label_smoothing=config.label_smoothing, drop_near_km=config.drop_near_km)
+    given.update(drop_near_share=config.drop_near_share)
+    tcfg = resolve_train_config(config.recipe or None, **given, seed=config.seed, tensorboard=False)
+    steps = max(1, config.epochs * int(np.ceil(rows / (config.batch_size * grad_accum_for(tcfg, rows)))))
+    warmup = config.warmup_steps
+    if warmup is None:
+        warmup = recipe.get("warmup_steps", min(100, steps // 10))
+    every = max(50, steps // 4) if config.checkpoint_every is None else config.checkpoint_every
+    return dataclasses.replace(tcfg, warmup_steps=warmup, checkpoint_every=every)
 
 
 # ---------------------------------------------------------------------------------------------- bundle

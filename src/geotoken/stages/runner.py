@@ -27,11 +27,18 @@ from geotoken.errors import GeoTokenError
 from geotoken.io import read_json, sha256_json, write_json
 
 RUNTIME = "runtime"  # dataclass field metadata key: the field is not part of the stage's identity
+ADDED = "added"  # metadata key: the field joins the identity only when it differs from its default
 
 
 def runtime_field(default: Any) -> Any:
     """A config field that does not change a stage's outputs (processes, threads): left out of its identity."""
     return field(default=default, metadata={RUNTIME: True})
+
+
+def added_field(default: Any) -> Any:
+    """A config field added after runs exist: left out of the identity while it holds its default, so the
+    stages finished before it existed keep their folders (and are reused)."""
+    return field(default=default, metadata={ADDED: True})
 
 
 # ---------------------------------------------------------------------------------------------- kinds
@@ -62,9 +69,14 @@ def stage_kind(name: str, config: type) -> Callable[[Callable], Callable]:
 
 # ---------------------------------------------------------------------------------------------- identity
 def config_identity(config: Any) -> dict[str, Any]:
-    """The config's fields as JSON-able values, less the runtime fields."""
+    """The config's fields as JSON-able values, less the runtime fields and the added fields at their
+    defaults."""
     values = dataclasses.asdict(config)
-    return {f.name: values[f.name] for f in dataclasses.fields(config) if not f.metadata.get(RUNTIME)}
+    return {
+        f.name: values[f.name]
+        for f in dataclasses.fields(config)
+        if not f.metadata.get(RUNTIME) and not (f.metadata.get(ADDED) and values[f.name] == f.default)
+    }
 
 
 def stage_identity(config: Any, inputs: Mapping[str, str]) -> dict[str, Any]:

@@ -1,5 +1,10 @@
 """The training loop: AdamW, warm-up + cosine (or the paper's per-epoch step) schedule, clipping, bf16
-autocast, checkpoints that resume to the bit, validation with greedy decoding, DDP under torchrun.
+autocast, gradient accumulation, checkpoints that resume to the bit, validation with greedy decoding, DDP
+under torchrun. Named recipes (the paper's: `geotoken.train.recipes`) are sets of `TrainConfig` fields.
+
+One optimizer step reads one global batch of `batch_size * grad_accum * world` rows: each process takes
+its `batch_size * grad_accum` rows and runs them as `grad_accum` micro-batches of `batch_size`, each
+micro-batch's loss weighted by its share of the rows, so the update equals one batch that large.
 
 Output folder:
     run.json            model + training config, data sources
@@ -11,6 +16,7 @@ Output folder:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -36,6 +42,7 @@ from geotoken.search.decode import greedy
 from geotoken.train.data import TrainData, batch_rows, epoch_order, steps_per_epoch
 
 SCHEDULES = ("cosine", "step")  # learning-rate decay after warm-up (see `lr_at`)
+WEIGHT_DECAY_ON = ("matrices", "all")  # which parameters AdamW decays (see `make_optimizer`)
 
 
 @dataclass
@@ -45,9 +52,14 @@ class TrainConfig:
     schedule: str = "cosine"  # "cosine" to min_lr_ratio * lr, or "step": x step_gamma per epoch (the paper)
     min_lr_ratio: float = 0.05
     step_gamma: float = 0.9
-    weight_decay: float = 0.01  # on matrices only (not biases, norms, embeddings)
-    grad_clip: float = 1.0
-    batch_size: int = 256  # per process
+    weight_decay: float = 0.01
+    weight_decay_on: str = "matrices"  # "matrices" (not biases, norms, embeddings) or "all" (the paper)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW's; the paper: PyTorch's default (0.9, 0.999)
+    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping (the norm is still logged)
+    batch_size: int = 256  # per process and micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    # > 0: the global batch to reach; grad_accum is then derived from it (`grad_accum_for`)
+    effective_batch_size: int = 0
     epochs: int = 10
     max_steps: int = 0  # > 0: stop after this many steps (overrides epochs)
     label_smoothing: float = 0.0
@@ -70,6 +82,37 @@ class TrainConfig:
             raise GeoTokenError(f"dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.batch_size < 1:
             raise GeoTokenError(f"batch_size {self.batch_size} must be >= 1")
+        if self.weight_decay_on not in WEIGHT_DECAY_ON:
+            raise GeoTokenError(
+                f"weight_decay_on {self.weight_decay_on!r}: choose one of {', '.join(WEIGHT_DECAY_ON)}"
+            )
+        if not self.grad_clip >= 0:  # NaN too
+            raise GeoTokenError(f"grad_clip {self.grad_clip} must be >= 0 (0: no clipping)")
+        if self.grad_accum < 1 or self.effective_batch_size < 0:
+            raise GeoTokenError(
+                f"grad_accum {self.grad_accum} must be >= 1 and effective_batch_size "
+                f"{self.effective_batch_size} >= 0"
+            )
+        if self.effective_batch_size and self.grad_accum != 1:
+            raise GeoTokenError(
+                f"grad_accum {self.grad_accum} and effective_batch_size {self.effective_batch_size}: set one "
+                "(effective_batch_size derives grad_accum from batch_size and the process count)"
+            )
+        betas = tuple(float(b) for b in self.betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise GeoTokenError(f"betas {self.betas}: two numbers in [0, 1)")
+        self.betas = betas
+
+
+def grad_accum_for(cfg: TrainConfig, rows: int, world: int = 1) -> int:
+    """Micro-batches per optimizer step: `cfg.grad_accum`, or, with `effective_batch_size`, enough to reach
+    it (rounded up to whole micro-batches of `batch_size` on each of `world` processes) but never more than
+    the `rows` training rows fill: a recipe's 2048 on a smaller set gives one step per epoch over the
+    largest whole number of micro-batches."""
+    if cfg.effective_batch_size <= 0:
+        return cfg.grad_accum
+    per = cfg.batch_size * world
+    return max(1, min(-(-cfg.effective_batch_size // per), rows // per))
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int, per_epoch: int) -> float:
@@ -83,11 +126,24 @@ def lr_at(cfg: TrainConfig, step: int, total: int, per_epoch: int) -> float:
 
 
 def make_optimizer(model: GeoToken, cfg: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    """AdamW decaying the matrices only (biases, norms, embeddings not), or every parameter (the paper's
+    `AdamW(model.parameters(), weight_decay=1e-6)`)."""
+    if cfg.weight_decay_on == "all":
+        groups = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+    else:
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
+        rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     # fused: one kernel per parameter group instead of a dozen element-wise passes per tensor (CPU and GPU)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8, fused=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8, fused=True)
+
+
+def clip_gradients(model: GeoToken, max_norm: float) -> torch.Tensor:
+    """Clip to `max_norm` (global L2 norm) and return the norm before clipping; 0 leaves them as they are
+    (`clip_grad_norm_` with 0 would scale every gradient to zero)."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 # ------------------------------------------------------------------------------------------ distributed
@@ -244,7 +300,9 @@ def train(
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = GeoToken(model_cfg).to(dev)
     opt = make_optimizer(model, cfg)
-    per_epoch = steps_per_epoch(len(train_rows), cfg.batch_size, d.world)
+    accum = grad_accum_for(cfg, len(train_rows), d.world)
+    step_rows = cfg.batch_size * accum  # this process's rows per optimizer step
+    per_epoch = steps_per_epoch(len(train_rows), step_rows, d.world)
     total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch
     state = {"step": 0, "best_score": None, "best_step": None}
     if resume and ((out / "last").exists() or (out / ".last.old").exists()):
@@ -256,6 +314,8 @@ def train(
             "model": model_cfg.to_dict(),
             "train": dataclasses.asdict(cfg),
             "world": d.world,
+            "grad_accum": accum,
+            "effective_batch_size": step_rows * d.world,
             "sources": sources or {},
             "val_decoder": VAL_DECODER,
         }
@@ -265,6 +325,7 @@ def train(
     if d.world > 1:
         unused = model_cfg.k == 0 or not model_cfg.use_neighbour_tokens  # retrieval table never read
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
+    ddp = net if d.world > 1 else None  # its no_sync() skips the all-reduce of all but the last micro-batch
     if cfg.compile:
         net = torch.compile(net)
 
@@ -277,20 +338,27 @@ def train(
     while step < end:
         epoch, i = divmod(step, per_epoch)
         rows = train_rows[
-            batch_rows(epoch_order(len(train_rows), cfg.seed, epoch), i, cfg.batch_size, d.rank, d.world)
+            batch_rows(epoch_order(len(train_rows), cfg.seed, epoch), i, step_rows, d.rank, d.world)
         ]
-        batch = data.batch(rows, model_cfg).to(dev, non_blocking=True)
         lr = lr_at(cfg, step, total, per_epoch)
         for g in opt.param_groups:
             g["lr"] = lr
-        with precision(cfg.dtype, dev):
-            _, loss = net(batch, cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        loss = torch.zeros((), device=dev)  # this step's loss: the mean over all its rows
+        for j in range(accum):
+            part = rows[j * cfg.batch_size : (j + 1) * cfg.batch_size]
+            batch = data.batch(part, model_cfg).to(dev, non_blocking=True)
+            share = len(part) / len(rows)
+            sync = ddp is None or j == accum - 1
+            with contextlib.nullcontext() if sync else ddp.no_sync():
+                with precision(cfg.dtype, dev):
+                    _, micro = net(batch, cfg.label_smoothing)
+                (micro if accum == 1 else micro * share).backward()
+            loss += micro.detach().float() * share
+        gnorm = clip_gradients(model, cfg.grad_clip)
         opt.step()
         step += 1
-        seen += batch.size * d.world
+        seen += len(rows) * d.world
 
         if step % cfg.log_every == 0 or step == total:
             dt = time.perf_counter() - t0

@@ -8,7 +8,7 @@ import json
 from geotoken import DTYPES
 from geotoken.bench.common import GALLERY_ROWS
 from geotoken.bench.train import bench_train
-from geotoken.model import PRESETS
+from geotoken.model import ARCHS, PRESETS
 
 
 def register(subparsers) -> None:
@@ -25,6 +25,12 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    p.add_argument("--arch", default="ours", choices=ARCHS, help="model layers (authors: the paper's)")
+    p.add_argument(
+        "--compare-archs",
+        action="store_true",
+        help="also time every layer design side by side (ours, authors)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="bf16: CPU autocast")
@@ -48,6 +54,8 @@ def run(args) -> int:
         args.warmup,
         rows=args.gallery_rows,
         reference=args.reference,
+        arch=args.arch,
+        compare_archs=args.compare_archs,
     )
     if args.json:
         print(json.dumps(res))
@@ -56,7 +64,7 @@ def run(args) -> int:
         f"matmul 2048x2048: {res['matmul_gflops_fp32']:.1f} GFLOP/s fp32, {res['matmul_gflops_bf16']:.1f} bf16"
     )
     print(
-        f"geotoken {res['preset']} batch {res['batch']} {res['dtype']}{' compiled' * res['compile']} "
+        f"geotoken {res['preset']} ({res['arch']}) batch {res['batch']} {res['dtype']}{' compiled' * res['compile']} "
         f"{res['threads']} threads: "
         f"{res['train_samples_per_s']:.2f} samples/s, {res['achieved_gflops']:.1f} GFLOP/s "
         f"({100 * res['share_of_matmul_peak']:.0f}% of matmul peak), peak RSS {res['peak_rss_mb']:.0f} MB"
@@ -70,5 +78,10 @@ def run(args) -> int:
         print(
             f"reference-style step, same run: {res['reference_samples_per_s']:.2f} samples/s -> "
             f"ratio {res['ratio_side_by_side']:.2f}x"
+        )
+    if args.compare_archs:
+        figures = ", ".join(f"{a} {v:.2f}" for a, v in res["arch_samples_per_s"].items())
+        print(
+            f"layer designs, same run: {figures} samples/s -> authors / ours {res['ratio_authors_to_ours']:.2f}x"
         )
     return 0
