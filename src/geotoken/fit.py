@@ -42,17 +42,21 @@ def calibrate_bundle(
     plot: str | Path | None = None,
     progress: bool = True,
     constrain: bool | None = None,
+    **options,
 ) -> dict:
     """Fit a bundle's confidence temperatures on validation images and register them in bundle.json.
 
     geo: a `Geolocator` loaded from the bundle; strategy, select and constrain (decode under the
-    gallery-prefix constraint or freely) default to the bundle's search options. Returns the calibration report (ECE before and after, on
-    the same images: held-out figures come from `geotoken evaluate`).
+    gallery-prefix constraint or freely) default to the bundle's search options, as do `options` (other
+    `SearchOptions` fields: temperature, logp_kind, ...). Returns the calibration report (ECE before and
+    after, on the same images: held-out figures come from `geotoken evaluate`).
     """
     if select is not None and select not in CALIBRATION_SELECTORS:
         raise GeoTokenError(f"calibration: select {select!r}: choose from {', '.join(CALIBRATION_SELECTORS)}")
     emb, nbrs, lat, lon = load_queries(queries_dir, list(geo.model.cfg.modalities), neighbours_dir)
-    res = geo.search(emb, nbrs, progress=progress, strategy=strategy, select=select, constrain=constrain)
+    res = geo.search(
+        emb, nbrs, progress=progress, strategy=strategy, select=select, constrain=constrain, **options
+    )
     cfg = geo.model.cfg
     tokens = latlon_to_tokens(lat, lon, cfg.level, cfg.group)
     data = calibration_data(

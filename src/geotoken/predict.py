@@ -252,6 +252,8 @@ class Geolocator:
         )
 
     def _select_args(self, opt: SearchOptions, memory, part: slice, images, neighbours) -> dict:
+        if opt.select == "logp":
+            return {"logp_kind": opt.logp_kind}
         if opt.select == "consensus":
             return {"radius_km": opt.radius_km, "medoid": opt.medoid}
         if opt.select == "reward":
@@ -371,6 +373,7 @@ class Geolocator:
                     place=places[b, j],
                     level_confidence=levels[b, j - offset].round(6).tolist() if in_pool else None,
                     source="pool" if in_pool else "mllm",
+                    logp_scaled=float(top.logp_scaled[b, j - offset]) if in_pool else None,
                 )
                 cands.append(c)
             out.append(Prediction(cands[:top_k], {}, opt.strategy, opt.select, sel.notes[b]))

@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 from geotoken import DTYPES
+from geotoken.bundle import PAPER_TEMPERATURE, sampling_temperature
 from geotoken.errors import GeoTokenError
 from geotoken.photos import PREDICTION_FORMATS, predict_photos, write_predictions
 from geotoken.predict import Geolocator
-from geotoken.search import SELECTORS, STRATEGIES
+from geotoken.search import LOGP_KINDS, SELECTORS, STRATEGIES
 from geotoken.search.mllm import MODES as MLLM_MODES
 
 
@@ -73,7 +74,12 @@ def register(subparsers) -> None:
     p.add_argument(
         "--retrieved", type=int, help="neighbours' cells pooled with the samples (sample+retrieval)"
     )
-    p.add_argument("--temperature", type=float, help="sampling temperature")
+    p.add_argument("--temperature", type=sampling_temperature, metavar="T",
+                   help=f"sampling temperature, a number or 'paper' ({PAPER_TEMPERATURE}, the authors'; "
+                   "default: the bundle's)")  # fmt: skip
+    p.add_argument("--logp-kind", choices=LOGP_KINDS,
+                   help="select logp by the model's own log-probability (t1) or the temperature-scaled one "
+                   "of the samples (scaled, the authors'); default: the bundle's")  # fmt: skip
     p.add_argument("--radius-km", type=float, help="consensus radius in km")
     p.add_argument(
         "--constrain",
@@ -119,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         "num_samples": args.num_samples,
         "retrieved": args.retrieved,
         "temperature": args.temperature,
+        "logp_kind": args.logp_kind,
         "radius_km": args.radius_km,
         "dtype": args.dtype,
     }
