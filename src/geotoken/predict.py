@@ -267,7 +267,8 @@ class Geolocator:
             if images is None:
                 raise GeoTokenError("select='mllm' needs the images")
             nbr = None if neighbours is None else self.gallery.coords[neighbours[part]]  # (b, k, 2)
-            return {"images": images[part], "config": opt.mllm, "neighbours_latlon": nbr}
+            best = 0 if opt.strategy in ("greedy", "greedy+sample", "beam", "beam+sample") else None
+            return {"images": images[part], "config": opt.mllm, "neighbours_latlon": nbr, "best_index": best}
         return {}
 
     # ------------------------------------------------------------------------------------------ predictions
@@ -334,7 +335,8 @@ class Geolocator:
         B, N = pool.shape
         cfg = self.model.cfg
         order = np.argsort(-sel.scores, axis=1, kind="stable")  # (B, N), duplicates (-inf) last
-        finite = np.take_along_axis(np.isfinite(sel.scores) & np.isfinite(pool.logp), order, axis=1)
+        # (a selector may rank its choice +inf: only -inf, repeats and impossible paths, are left out)
+        finite = np.take_along_axis((sel.scores > -np.inf) & np.isfinite(pool.logp), order, axis=1)
         free = sel.index < 0  # MLLM free answers go first, outside the pool
         M = min(top_k, N)
         top = pool.take(order[:, :M])  # (B, M)

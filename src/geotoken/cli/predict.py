@@ -18,6 +18,7 @@ from geotoken.photos import PREDICTION_FORMATS, predict_photos, write_prediction
 from geotoken.predict import Geolocator
 from geotoken.search import LOGP_KINDS, SELECTORS, STRATEGIES
 from geotoken.search.mllm import MODES as MLLM_MODES
+from geotoken.search.mllm import TEMPLATES as MLLM_TEMPLATES
 
 
 def register(subparsers) -> None:
@@ -90,6 +91,13 @@ def register(subparsers) -> None:
     p.add_argument(
         "--mllm-mode", choices=MLLM_MODES, help="MLLM selection mode (endpoint from GEOTOKEN_MLLM_*)"
     )
+    p.add_argument("--mllm-template", choices=MLLM_TEMPLATES,
+                   help="MLLM prompt: paper (the authors': best guess + other guesses) or geotoken")  # fmt: skip
+    p.add_argument(
+        "--mllm-temperature", type=float, help="the MLLM's sampling temperature (paper template: 0.7)"
+    )
+    p.add_argument("--mllm-strict", action=argparse.BooleanOptionalAction, default=None,
+                   help="pool mode: refuse an answer that is none of the candidates (fall back to logp)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16, help="photos per forward pass (default 16)")
     p.add_argument("--device", default="auto", help="torch device (default auto: CUDA, then MPS, then CPU)")
     p.add_argument(
@@ -131,9 +139,12 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.constrain is not None:  # (GeoCLIP has no search options: it refuses this one by name)
         options["constrain"] = args.constrain
-    if args.mllm_mode:  # (GeoCLIP has no search options: it refuses this one by name)
+    mllm_changes = {"mode": args.mllm_mode, "template": args.mllm_template,
+                    "temperature": args.mllm_temperature, "strict": args.mllm_strict}  # fmt: skip
+    mllm_changes = {k: v for k, v in mllm_changes.items() if v is not None}
+    if mllm_changes:  # (GeoCLIP has no search options: it refuses this one by name)
         mllm = getattr(geo, "options", None)
-        options["mllm"] = dataclasses.replace(mllm.mllm, mode=args.mllm_mode) if mllm else args.mllm_mode
+        options["mllm"] = dataclasses.replace(mllm.mllm, **mllm_changes) if mllm else mllm_changes
 
     def report(path: str, error: str) -> None:
         print(f"geotoken predict: error: {error}", file=sys.stderr)

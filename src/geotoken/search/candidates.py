@@ -17,9 +17,10 @@ import numpy as np
 from geotoken.errors import GeoTokenError
 
 # How a pool is made (`geotoken.search.decode.generate`): "beam+sample" pools `beam_width` beams and
-# `num_samples` samples; "sample+retrieval" pools `num_samples` samples and the cells of the first `retrieved`
-# retrieved neighbours.
-STRATEGIES = ("greedy", "beam", "sample", "beam+sample", "sample+retrieval")
+# `num_samples` samples; "greedy+sample" the greedy answer (first) and `num_samples` samples (the authors'
+# MLLM pool: their best guess and their other guesses); "sample+retrieval" pools `num_samples` samples and
+# the cells of the first `retrieved` retrieved neighbours.
+STRATEGIES = ("greedy", "beam", "sample", "beam+sample", "greedy+sample", "sample+retrieval")
 
 
 @dataclass

@@ -282,7 +282,7 @@ def generate(
 ) -> tuple[Candidates, torch.Tensor]:
     """Encode once, search with `strategy`; returns (candidates, memory) so selectors can reuse the memory.
 
-    "sample+retrieval" adds the cells of the first `retrieved` neighbours in `batch` to the samples, with
+    "greedy+sample" puts the greedy answer first, before the samples. "sample+retrieval" adds the cells of the first `retrieved` neighbours in `batch` to the samples, with
     the model's own probabilities of them: retrieval and generation compete in one pool.
 
     dtype "bf16" runs the model's matmuls in bfloat16 (autocast; about 2x faster on CPUs with bf16 units,
@@ -296,7 +296,7 @@ def generate(
             pool = sample(model, memory, 1, temperature=0.0, constraint=constraint, cached=cached)
         elif strategy == "beam":
             pool = beam_search(model, memory, beam_width, constraint=constraint, cached=cached)
-        else:  # sample, beam+sample, sample+retrieval
+        else:  # sample, beam+sample, greedy+sample, sample+retrieval
             gen = torch.Generator().manual_seed(seed)
             pool = sample(
                 model,
@@ -311,6 +311,9 @@ def generate(
             )
             if strategy == "beam+sample":
                 pool = Candidates.concat([beam_search(model, memory, beam_width, constraint, cached), pool])
+            if strategy == "greedy+sample":  # the greedy answer first
+                best = sample(model, memory, 1, temperature=0.0, constraint=constraint, cached=cached)
+                pool = Candidates.concat([best, pool])
             if strategy == "sample+retrieval":
                 pool = Candidates.concat([pool, score_sequences(model, memory, _retrieved(batch, retrieved))])
     return pool, memory
