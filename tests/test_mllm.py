@@ -138,10 +138,16 @@ def test_timeout_falls_back(server):
 
 def test_pool_mode_rejects_answer_outside_pool_free_mode_keeps_it(server):
     srv, url = server
-    sel = select_mllm(make_pool(), IMAGES, cfg(url, "free"))
+    sel = select_mllm(make_pool(), IMAGES, cfg(url, "free", strict=True))
     assert sel.index.tolist() == [0, 0] and "not a candidate" in sel.notes[0]
+    # not strict (the paper's prompt asks for its own guess when no candidate fits): the answer is kept
+    sel = select_mllm(make_pool(), IMAGES, cfg(url, "free"))
+    assert sel.index.tolist() == [-1, -1] and "its own guess" in sel.notes[0]
+    np.testing.assert_allclose(np.c_[sel.lat, sel.lon], [[10.5, -20.25]] * 2)
     nbrs = np.array([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]])
-    sel = select_mllm(make_pool(), IMAGES, cfg(url, "free", mode="free"), neighbours_latlon=nbrs)
+    sel = select_mllm(
+        make_pool(), IMAGES, cfg(url, "free", mode="free", template="geotoken"), neighbours_latlon=nbrs
+    )
     assert sel.index.tolist() == [-1, -1]
     np.testing.assert_allclose(np.c_[sel.lat, sel.lon], [[10.5, -20.25]] * 2)
     assert "(3.0000, 4.0000)" in srv.requests[-1][2]["messages"][1]["content"][0]["text"]
@@ -153,7 +159,8 @@ def test_config_from_environment(server, monkeypatch):
     monkeypatch.setenv("GEOTOKEN_MLLM_MODEL", "good")
     monkeypatch.setenv("GEOTOKEN_MLLM_API_KEY", "secret-key")
     select_mllm(make_pool(), IMAGES)
-    assert srv.requests[0][1]["Authorization"] == "Bearer secret-key"
+    headers = {k.lower(): v for k, v in srv.requests[0][1].items()}
+    assert headers["authorization"] == "Bearer secret-key"
     monkeypatch.delenv("GEOTOKEN_MLLM_MODEL")
     with pytest.raises(GeoTokenError, match="GEOTOKEN_MLLM_MODEL"):
         select_mllm(make_pool(), IMAGES)

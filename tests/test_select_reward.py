@@ -69,8 +69,10 @@ def test_training_pools_hold_beams_samples_and_the_retrieved_cells():
 
 
 def test_config_checks_its_counts():
-    with pytest.raises(GeoTokenError, match="beam_width must be >= 1, got 0"):
-        RewardConfig(beam_width=0)
+    with pytest.raises(GeoTokenError, match="beam_width must be >= 0, got -1"):
+        RewardConfig(beam_width=-1)
+    with pytest.raises(GeoTokenError, match="must be >= 1"):
+        RewardConfig(beam_width=0, num_samples=0, retrieved=0)
     with pytest.raises(GeoTokenError, match="retrieved must be >= 0, got -1"):
         RewardConfig(retrieved=-1)
     with pytest.raises(GeoTokenError, match="radius_km must be > 0"):

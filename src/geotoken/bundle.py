@@ -44,6 +44,7 @@ from geotoken.io import atomic_open, atomic_path, read_json, write_json
 from geotoken.model import GeoToken
 from geotoken.retrieval import NeighbourIndex
 from geotoken.s2 import latlon_to_tokens
+from geotoken.search.candidates import LOGP_KINDS
 from geotoken.search.mllm import MLLMConfig
 
 BUNDLE_FORMAT = "geotoken.bundle"
@@ -55,6 +56,24 @@ CARD_REPO_PLACEHOLDER = "ORG/NAME"  # the card's usage lines; `push_to_hub` fill
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hugging Face Hub repo id, ORG/NAME
 
 
+PAPER_TEMPERATURE = 0.7  # the authors' sampling temperature (their runs' file names)
+
+
+def sampling_temperature(value) -> float:
+    """A sampling temperature from a number or "paper" (the authors' 0.7); for configs and the CLIs."""
+    if isinstance(value, str) and value.strip().lower() == "paper":
+        return PAPER_TEMPERATURE
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise GeoTokenError(
+            f"temperature {value!r}: a number >= 0 or 'paper' ({PAPER_TEMPERATURE})"
+        ) from None
+    if not t >= 0:
+        raise GeoTokenError(f"temperature {value!r}: must be >= 0")
+    return t
+
+
 @dataclass
 class SearchOptions:
     """How to decode and select. Defaults: beam 5, gallery-constrained, most likely candidate."""
@@ -63,17 +82,23 @@ class SearchOptions:
     beam_width: int = 5
     num_samples: int = 10  # samples per image
     retrieved: int = 5  # sample+retrieval: neighbours' cells added to the pool
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling temperature; "paper" = PAPER_TEMPERATURE (the authors' 0.7)
     sample_top_k: int = 0  # 0 = off
     top_p: float = 1.0
     seed: int = 0
     constrain: bool = True  # only cells that occur in the gallery
     select: str = "logp"  # one of geotoken.search.SELECTORS
+    logp_kind: str = "t1"  # logp selection by the model's own log-probability, or "scaled" (the authors')
     radius_km: float = 200.0  # consensus radius
     medoid: bool = False
     batch_size: int = 32
     dtype: str = "fp32"  # matmul precision of the model; "bf16" is ~2x faster on CPUs with AVX-512 BF16, GPUs
     mllm: MLLMConfig = field(default_factory=MLLMConfig)
+
+    def __post_init__(self) -> None:
+        self.temperature = sampling_temperature(self.temperature)
+        if self.logp_kind not in LOGP_KINDS:
+            raise GeoTokenError(f"search option logp_kind {self.logp_kind!r}: choose one of {LOGP_KINDS}")
 
     def replace(self, **changes) -> SearchOptions:
         """A copy with `changes` applied; None values are ignored; unknown names are an error."""

@@ -7,6 +7,7 @@ training images for the reward scorer), save their result into the bundle folder
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from geotoken.s2 import latlon_to_tokens
 from geotoken.search.calibration import RADII_KM, calibration_data, calibration_report, fit_calibration
 from geotoken.search.candidates import Candidates, from_scores, select_logp
 from geotoken.search.decode import beam_search, sample, score_sequences
-from geotoken.search.reward import RewardConfig, RewardScorer
+from geotoken.search.reward import DecoderRewardScorer, RewardConfig, RewardScorer
 from geotoken.search.select import SELECTORS
 
 # selectors a calibration can use: the MLLM selector sends photos, calibration reads feature stores
@@ -42,17 +43,21 @@ def calibrate_bundle(
     plot: str | Path | None = None,
     progress: bool = True,
     constrain: bool | None = None,
+    **options,
 ) -> dict:
     """Fit a bundle's confidence temperatures on validation images and register them in bundle.json.
 
     geo: a `Geolocator` loaded from the bundle; strategy, select and constrain (decode under the
-    gallery-prefix constraint or freely) default to the bundle's search options. Returns the calibration report (ECE before and after, on
-    the same images: held-out figures come from `geotoken evaluate`).
+    gallery-prefix constraint or freely) default to the bundle's search options, as do `options` (other
+    `SearchOptions` fields: temperature, logp_kind, ...). Returns the calibration report (ECE before and
+    after, on the same images: held-out figures come from `geotoken evaluate`).
     """
     if select is not None and select not in CALIBRATION_SELECTORS:
         raise GeoTokenError(f"calibration: select {select!r}: choose from {', '.join(CALIBRATION_SELECTORS)}")
     emb, nbrs, lat, lon = load_queries(queries_dir, list(geo.model.cfg.modalities), neighbours_dir)
-    res = geo.search(emb, nbrs, progress=progress, strategy=strategy, select=select, constrain=constrain)
+    res = geo.search(
+        emb, nbrs, progress=progress, strategy=strategy, select=select, constrain=constrain, **options
+    )
     cfg = geo.model.cfg
     tokens = latlon_to_tokens(lat, lon, cfg.level, cfg.group)
     data = calibration_data(
@@ -66,26 +71,34 @@ def calibrate_bundle(
 
 # ----------------------------------------------------------------------------- reward scorer
 def reward_candidates(geo: Geolocator, embeddings, neighbours, rows, cfg: RewardConfig, progress: bool):
-    """Beam + sample + retrieved candidates of the images `rows`: tokens (n, N, T), logp, lat, lon (n, N)."""
+    """Beam + sample + retrieved candidates of the images `rows` (as many of each as `cfg` says, samples at
+    `cfg.temperature`, under the gallery constraint if `cfg.constrain`, None: the bundle's choice)."""
+    constrain = geo.options.constrain if cfg.constrain is None else cfg.constrain
+    constraint = geo.constraint if constrain else None
     out = []
     for s in tqdm(range(0, len(rows), cfg.batch_size), desc="reward: candidates", disable=not progress):
         part = rows[s : s + cfg.batch_size]
-        batch = geo.batch(
-            {m: v[part] for m, v in embeddings.items()}, None if neighbours is None else neighbours[part]
-        )
+        batch = _batch(geo, embeddings, neighbours, part)
         with torch.no_grad():
             memory = geo.model.encode(batch)
-            pools = [beam_search(geo.model, memory, cfg.beam_width, constraint=geo.constraint)]
+            pools = []
+            if cfg.beam_width:
+                pools.append(beam_search(geo.model, memory, cfg.beam_width, constraint=constraint))
             if cfg.num_samples:
                 g = torch.Generator().manual_seed(cfg.seed + s)
-                pools.append(
-                    sample(geo.model, memory, cfg.num_samples, generator=g, constraint=geo.constraint)
-                )
+                pools.append(sample(geo.model, memory, cfg.num_samples, cfg.temperature, generator=g,
+                                    constraint=constraint))  # fmt: skip
             r = min(cfg.retrieved, geo.model.cfg.k)
             if r > 0:
                 pools.append(score_sequences(geo.model, memory, batch.nbr_tokens[:, :r]))
         out.append(Candidates.concat(pools))
     return Candidates.join(out)
+
+
+def _batch(geo: Geolocator, embeddings, neighbours, rows):
+    return geo.batch(
+        {m: v[rows] for m, v in embeddings.items()}, None if neighbours is None else neighbours[rows]
+    )
 
 
 def train_reward(
@@ -96,9 +109,10 @@ def train_reward(
     lon: np.ndarray,
     config: RewardConfig | None = None,
     progress: bool = True,
-) -> tuple[RewardScorer, dict]:
-    """Train a scorer on training images (aligned embeddings {m: (N, D)}, neighbour rows (N, k) that
-    exclude each image itself, true lat/lon (N,)); the GeoToken model stays frozen.
+) -> tuple[RewardScorer | DecoderRewardScorer, dict]:
+    """Train a scorer of `config.kind` on training images (aligned embeddings {m: (N, D)}, neighbour rows
+    (N, k) that exclude each image itself, true lat/lon (N,)). The head kind leaves the GeoToken model
+    frozen; the decoder kind fine-tunes a copy of all of it (`geo.model` itself is not changed).
 
     Returns the scorer and metrics on the held-out images: accuracy within the radius of the `logp`
     choice vs the reward choice, and the scorer's log-loss.
@@ -123,53 +137,70 @@ def train_reward(
 
     train_pool, train_y = labelled(train_rows)
     model = geo.model
-    scorer = RewardScorer(model.cfg.d_model, model.cfg.vocab_sizes, cfg).to(geo.device)
+    if cfg.kind == "decoder":
+        scorer = DecoderRewardScorer(copy.deepcopy(model), cfg).to(geo.device).train()
+    else:
+        scorer = RewardScorer(model.cfg.d_model, model.cfg.vocab_sizes, cfg).to(geo.device)
     opt = torch.optim.AdamW(scorer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     tokens = torch.as_tensor(train_pool.tokens, dtype=torch.long)
     level_logp = torch.as_tensor(np.log(np.maximum(train_pool.level_probs, 1e-300)), dtype=torch.float32)
     y = torch.as_tensor(train_y, dtype=torch.float32)
-    pos_weight = torch.tensor((1 - y.mean().item()) / max(y.mean().item(), 1e-3)).clamp(0.1, 10.0)
-    losses = []
+    share = y.mean().item()
+    # the rarer outcome weighs more (clamped), so neither kind learns to call every candidate far
+    pos_weight = torch.tensor((1 - share) / max(share, 1e-3)).clamp(0.1, 10.0)
+    bin_weight = torch.stack([pos_weight, torch.tensor(1.0)]).to(geo.device)  # bin 0: within, bin 1: not
+    losses, steps = [], 0
     for epoch in range(cfg.epochs):
         order = rng.permutation(len(train_rows))
         bar = tqdm(
             range(0, len(order), cfg.batch_size), desc=f"reward: epoch {epoch + 1}", disable=not progress
         )
-        total = 0.0
+        total, seen = 0.0, 0
         for s in bar:
+            if cfg.max_steps and steps >= cfg.max_steps:
+                break
             idx = order[s : s + cfg.batch_size]
-            part = train_rows[idx]
-            batch = geo.batch(
-                {m: v[part] for m, v in embeddings.items()}, None if neighbours is None else neighbours[part]
-            )
-            with torch.no_grad():
-                memory = model.encode(batch).float()  # (b, S, d), frozen
-            logits = scorer(memory, tokens[idx].to(geo.device), level_logp[idx].to(geo.device))
-            loss = F.binary_cross_entropy_with_logits(logits, y[idx].to(geo.device), pos_weight=pos_weight)
+            batch = _batch(geo, embeddings, neighbours, train_rows[idx])
+            target = y[idx].to(geo.device)
+            if cfg.kind == "decoder":
+                logits = scorer(batch, tokens[idx].to(geo.device))  # (b, N, 2)
+                bins = (1 - target).long()  # bin 0 = within the radius
+                loss = F.cross_entropy(logits.reshape(-1, 2), bins.reshape(-1), weight=bin_weight)
+            else:
+                with torch.no_grad():
+                    memory = model.encode(batch).float()  # (b, S, d), frozen
+                logits = scorer(memory, tokens[idx].to(geo.device), level_logp[idx].to(geo.device))
+                loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
-        losses.append(total / len(order))
+            steps += 1
+            total, seen = total + loss.item() * len(idx), seen + len(idx)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if seen:
+            losses.append(total / seen)
     scorer.eval()
     metrics = {
+        "kind": cfg.kind,
         "train_images": int(len(train_rows)),
+        "train_candidates_per_image": int(tokens.shape[1]),
+        "train_steps": steps,
         "train_loss": losses,
-        "train_positive_share": float(y.mean()),
+        "train_positive_share": float(share),
     }
     if n_val:
         pool, within = labelled(val_rows)
-        scores = []
+        probs, ranks = [], []
         for s in range(0, len(val_rows), cfg.batch_size):
             part = val_rows[s : s + cfg.batch_size]
-            batch = geo.batch(
-                {m: v[part] for m, v in embeddings.items()}, None if neighbours is None else neighbours[part]
-            )
+            batch, sub = _batch(geo, embeddings, neighbours, part), pool.images(s, s + len(part))
             with torch.no_grad():
-                scores.append(scorer.score(model.encode(batch), pool.images(s, s + len(part))))
-        p = np.concatenate(scores)  # (n_val, N)
+                memory = model.encode(batch) if cfg.kind == "head" else None
+                probs.append(scorer.score(memory, sub) if cfg.kind == "head" else scorer.score(batch, sub))
+                ranks.append(scorer.selection_scores(sub, memory, batch))
+        p = np.concatenate(probs)  # (n_val, N) P(within)
         r = np.arange(n_val)
-        by_reward = from_scores(pool, p).index
+        by_reward = from_scores(pool, np.concatenate(ranks)).index
         by_logp = select_logp(pool).index
         eps = 1e-7
         metrics.update(
@@ -178,6 +209,7 @@ def train_reward(
             val_within_reward=float(within[r, by_reward].mean()),
             val_within_oracle=float(within.any(1).mean()),
             val_log_loss=float(-(within * np.log(p + eps) + (~within) * np.log(1 - p + eps)).mean()),
+            val_bin_accuracy=float(((p >= 0.5) == within).mean()),
         )
     return scorer, metrics
 

@@ -486,17 +486,23 @@ class GeoToken(nn.Module):
         logits = torch.einsum("btd,tvd->btv", h, w.to(h.dtype)) + b.to(h.dtype)
         return logits.masked_fill(~self.valid[pos : pos + t], float("-inf"))
 
+    def decoder_states(self, memory: torch.Tensor, tokens: torch.Tensor, copies: int = 1) -> torch.Tensor:
+        """Final decoder states (B * copies, t + 1, d) over the start vector and `tokens` (B * copies, t),
+        t <= T, causal: state i has read tokens[:, :i], so the last one has read the whole sequence (the
+        authors' reward scorer classifies it). Rows are image-major: `copies` sequences per image of
+        memory (B, S, d) share its keys/values. `decode` puts the heads on these states."""
+        kvs = [layer.cross.memory_kv(memory) for layer in self.decoder]
+        x = self.dec_drop(self._dec_input(tokens, 0, tokens.shape[0]))  # (B * copies, t + 1, d)
+        for layer, kv in zip(self.decoder, kvs):
+            x = layer(x, kv, copies=copies)
+        return self.dec_ln(x)
+
     def decode(self, memory: torch.Tensor, tokens_in: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, t, Vmax): logits[:, i] is token i's distribution given tokens_in[:, :i].
 
         tokens_in (B, t) int64 with t <= T (usually the targets; the last column is not read).
         """
-        B, t = tokens_in.shape
-        kvs = [layer.cross.memory_kv(memory) for layer in self.decoder]
-        x = self.dec_drop(self._dec_input(tokens_in[:, : t - 1], 0, B))  # (B, t, d)
-        for layer, kv in zip(self.decoder, kvs):
-            x = layer(x, kv)
-        return self._logits(self.dec_ln(x), 0)
+        return self._logits(self.decoder_states(memory, tokens_in[:, :-1]), 0)
 
     def forward(self, batch: Batch, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits (B, T, Vmax), weighted loss or None without targets)."""

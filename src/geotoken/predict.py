@@ -55,7 +55,7 @@ from geotoken.retrieval import NeighbourIndex, join_embeddings
 from geotoken.search.calibration import Calibration, apply_temperature, within_confidence
 from geotoken.search.candidates import Candidates, Selection
 from geotoken.search.decode import PrefixConstraint, generate
-from geotoken.search.reward import RewardScorer
+from geotoken.search.reward import DecoderRewardScorer, RewardScorer, load_reward
 from geotoken.search.select import select
 
 BUILTIN_MODELS = ("geoclip",)
@@ -83,7 +83,7 @@ class Geolocator:
         backbone=None,
         heads: AlignHeads | None = None,
         calibration: Calibration | None = None,
-        reward: RewardScorer | None = None,
+        reward: RewardScorer | DecoderRewardScorer | None = None,
         options: SearchOptions | None = None,
         probability_radius_km: float = 200.0,
         root: str | os.PathLike | None = None,
@@ -153,7 +153,7 @@ class Geolocator:
             backbone=load_backbone(**bundle_backbone_config(root, spec, clip)).to(device),
             heads=AlignHeads.load(root / spec["align"]).to(device).eval(),
             calibration=Calibration.load(root / spec["calibration"]) if spec.get("calibration") else None,
-            reward=RewardScorer.load(root / spec["reward"], device=device) if spec.get("reward") else None,
+            reward=load_reward(root / spec["reward"], device=device) if spec.get("reward") else None,
             options=SearchOptions.from_dict(spec.get("search", {})),
             probability_radius_km=float(spec.get("probability_radius_km", 200.0)),
             root=root,
@@ -172,6 +172,7 @@ class Geolocator:
             "query_modalities": self.query_modalities,
             "calibrated": self.calibration is not None,
             "reward_scorer": self.reward is not None,
+            "reward_kind": None if self.reward is None else self.reward.kind,
             "search": self.options.to_dict(),
         }
 
@@ -248,7 +249,7 @@ class Geolocator:
                 )
             t1 = time.perf_counter()
             selections.append(
-                select(pool, opt.select, **self._select_args(opt, memory, part, images, neighbours))
+                select(pool, opt.select, **self._select_args(opt, memory, part, images, neighbours, batch))
             )
             t_decode, t_select = t_decode + t1 - t0, t_select + time.perf_counter() - t1
             pools.append(pool)
@@ -259,7 +260,9 @@ class Geolocator:
             timings_ms={"retrieve": 1e3 * t_retrieve, "decode": 1e3 * t_decode, "select": 1e3 * t_select},
         )
 
-    def _select_args(self, opt: SearchOptions, memory, part: slice, images, neighbours) -> dict:
+    def _select_args(self, opt: SearchOptions, memory, part: slice, images, neighbours, batch=None) -> dict:
+        if opt.select == "logp":
+            return {"logp_kind": opt.logp_kind}
         if opt.select == "consensus":
             return {"radius_km": opt.radius_km, "medoid": opt.medoid}
         if opt.select == "reward":
@@ -267,12 +270,13 @@ class Geolocator:
                 raise GeoTokenError(
                     "select='reward' needs a reward scorer in the bundle (geotoken train-reward)"
                 )
-            return {"scorer": self.reward, "memory": memory}
+            return {"scorer": self.reward, "memory": memory, "batch": batch}
         if opt.select == "mllm":
             if images is None:
                 raise GeoTokenError("select='mllm' needs the images")
             nbr = None if neighbours is None else self.gallery.coords[neighbours[part]]  # (b, k, 2)
-            return {"images": images[part], "config": opt.mllm, "neighbours_latlon": nbr}
+            best = 0 if opt.strategy in ("greedy", "greedy+sample", "beam", "beam+sample") else None
+            return {"images": images[part], "config": opt.mllm, "neighbours_latlon": nbr, "best_index": best}
         return {}
 
     # ------------------------------------------------------------------------------------------ predictions
@@ -339,7 +343,8 @@ class Geolocator:
         B, N = pool.shape
         cfg = self.model.cfg
         order = np.argsort(-sel.scores, axis=1, kind="stable")  # (B, N), duplicates (-inf) last
-        finite = np.take_along_axis(np.isfinite(sel.scores) & np.isfinite(pool.logp), order, axis=1)
+        # (a selector may rank its choice +inf: only -inf, repeats and impossible paths, are left out)
+        finite = np.take_along_axis((sel.scores > -np.inf) & np.isfinite(pool.logp), order, axis=1)
         free = sel.index < 0  # MLLM free answers go first, outside the pool
         M = min(top_k, N)
         top = pool.take(order[:, :M])  # (B, M)
@@ -379,6 +384,7 @@ class Geolocator:
                     place=places[b, j],
                     level_confidence=levels[b, j - offset].round(6).tolist() if in_pool else None,
                     source="pool" if in_pool else "mllm",
+                    logp_scaled=float(top.logp_scaled[b, j - offset]) if in_pool else None,
                 )
                 cands.append(c)
             out.append(Prediction(cands[:top_k], {}, opt.strategy, opt.select, sel.notes[b]))

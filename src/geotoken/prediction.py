@@ -29,6 +29,8 @@ class Candidate:
     place: dict  # {city, region, country, country_code, distance_km}
     level_confidence: list[float] | None  # calibrated probability of the prefix up to each token level
     source: str  # "pool", "mllm" or "geoclip"
+    # the log-probability under the distribution it was sampled from (temperature-scaled; = logp for beams)
+    logp_scaled: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

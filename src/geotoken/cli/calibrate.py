@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from geotoken.bundle import PAPER_TEMPERATURE, sampling_temperature
 from geotoken.fit import CALIBRATION_SELECTORS, calibrate_bundle
 from geotoken.predict import Geolocator
-from geotoken.search import STRATEGIES
+from geotoken.search import LOGP_KINDS, STRATEGIES
 from geotoken.search.calibration import RADII_KM
 
 
@@ -39,6 +40,12 @@ def register(subparsers) -> None:
         default=None,
         help="decode only cells that occur in the gallery, or freely with --no-constrain (default: the bundle's)",
     )
+    p.add_argument("--temperature", type=sampling_temperature, metavar="T",
+                   help=f"sampling temperature, a number or 'paper' ({PAPER_TEMPERATURE}, the authors'; "
+                   "default: the bundle's)")  # fmt: skip
+    p.add_argument("--logp-kind", choices=LOGP_KINDS,
+                   help="logp selection by the model's own (t1) or the temperature-scaled log-probability "
+                   "(scaled, the authors'); default: the bundle's")  # fmt: skip
     p.add_argument("--radii-km", type=float, nargs="+", default=list(RADII_KM), help="events to calibrate")
     p.add_argument("--plot", metavar="PNG", help="also write a reliability plot here")
     p.add_argument("--device", default="cpu")
@@ -56,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         args.radii_km,
         plot=args.plot,
         constrain=args.constrain,
+        temperature=args.temperature,
+        logp_kind=args.logp_kind,
     )
     print(json.dumps(report, indent=2))
     return 0

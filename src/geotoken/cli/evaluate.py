@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from geotoken import DTYPES
+from geotoken.bundle import PAPER_TEMPERATURE, sampling_temperature
 from geotoken.evaluate import (
     BASELINES,
     EVAL_STRATEGIES,
@@ -23,7 +24,7 @@ from geotoken.evaluate.baselines import (
     RetrievalConfig,
 )
 from geotoken.evaluate.metrics import print_tables
-from geotoken.search import SELECTORS
+from geotoken.search import LOGP_KINDS, SELECTORS
 
 HELP = "evaluate methods (baselines, the model) on a query set: accuracy table with 95% CIs, CSV, plots"
 
@@ -92,7 +93,7 @@ def register(subparsers) -> None:
         "--radius-km", type=float, default=r.radius_km, help="knn: cluster radius (default %(default)s)"
     )
     g.add_argument(
-        "--temperature",
+        "--knn-temperature",
         type=float,
         default=r.temperature,
         help="knn: softmax temperature of similarities (default %(default)s)",
@@ -148,7 +149,12 @@ def register(subparsers) -> None:
     g.add_argument(
         "--retrieved", type=int, default=m.retrieved, help="neighbours' cells pooled for sample+retrieval"
     )
-    g.add_argument("--sample-temperature", type=float, default=m.temperature, help="sampling temperature")
+    g.add_argument("--temperature", type=sampling_temperature, default=m.temperature, metavar="T",
+                   help=f"sampling temperature, a number or 'paper' ({PAPER_TEMPERATURE}, the authors'); "
+                   "default %(default)s")  # fmt: skip
+    g.add_argument("--logp-kind", choices=LOGP_KINDS, default=m.logp_kind,
+                   help="logp selection by the model's own log-probability (t1) or by the temperature-scaled "
+                   "one of the samples (scaled, the authors'; rows 'logp-scaled'); default %(default)s")  # fmt: skip
     g.add_argument("--dtype", default=m.dtype, choices=DTYPES, help="model precision (default %(default)s)")
     g.add_argument(
         "--constrain",
@@ -177,7 +183,7 @@ def run(args) -> int:
         limit=args.limit,
         plots=not args.no_plots,
         prior=PriorConfig(level=args.prior_level),
-        retrieval=RetrievalConfig(args.embedding, args.k, args.radius_km, args.temperature),
+        retrieval=RetrievalConfig(args.embedding, args.k, args.radius_km, args.knn_temperature),
         cells=CellsConfig(
             features=args.cells_features,
             max_count=args.cells_max_count,
@@ -193,7 +199,8 @@ def run(args) -> int:
             num_samples=args.num_samples,
             beam_width=args.beam_width,
             retrieved=args.retrieved,
-            temperature=args.sample_temperature,
+            temperature=args.temperature,
+            logp_kind=args.logp_kind,
             dtype=args.dtype,
             constrain=GeoTokenMethodConfig.constrain if args.constrain is None else (args.constrain,),
             free_strategies=tuple(args.free_strategy),

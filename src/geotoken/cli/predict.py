@@ -12,11 +12,13 @@ import sys
 from pathlib import Path
 
 from geotoken import DTYPES
+from geotoken.bundle import PAPER_TEMPERATURE, sampling_temperature
 from geotoken.errors import GeoTokenError
 from geotoken.photos import PREDICTION_FORMATS, predict_photos, write_predictions
 from geotoken.predict import Geolocator
-from geotoken.search import SELECTORS, STRATEGIES
+from geotoken.search import LOGP_KINDS, SELECTORS, STRATEGIES
 from geotoken.search.mllm import MODES as MLLM_MODES
+from geotoken.search.mllm import TEMPLATES as MLLM_TEMPLATES
 
 
 def register(subparsers) -> None:
@@ -73,7 +75,12 @@ def register(subparsers) -> None:
     p.add_argument(
         "--retrieved", type=int, help="neighbours' cells pooled with the samples (sample+retrieval)"
     )
-    p.add_argument("--temperature", type=float, help="sampling temperature")
+    p.add_argument("--temperature", type=sampling_temperature, metavar="T",
+                   help=f"sampling temperature, a number or 'paper' ({PAPER_TEMPERATURE}, the authors'; "
+                   "default: the bundle's)")  # fmt: skip
+    p.add_argument("--logp-kind", choices=LOGP_KINDS,
+                   help="select logp by the model's own log-probability (t1) or the temperature-scaled one "
+                   "of the samples (scaled, the authors'); default: the bundle's")  # fmt: skip
     p.add_argument("--radius-km", type=float, help="consensus radius in km")
     p.add_argument(
         "--constrain",
@@ -84,6 +91,13 @@ def register(subparsers) -> None:
     p.add_argument(
         "--mllm-mode", choices=MLLM_MODES, help="MLLM selection mode (endpoint from GEOTOKEN_MLLM_*)"
     )
+    p.add_argument("--mllm-template", choices=MLLM_TEMPLATES,
+                   help="MLLM prompt: paper (the authors': best guess + other guesses) or geotoken")  # fmt: skip
+    p.add_argument(
+        "--mllm-temperature", type=float, help="the MLLM's sampling temperature (paper template: 0.7)"
+    )
+    p.add_argument("--mllm-strict", action=argparse.BooleanOptionalAction, default=None,
+                   help="pool mode: refuse an answer that is none of the candidates (fall back to logp)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16, help="photos per forward pass (default 16)")
     p.add_argument("--device", default="auto", help="torch device (default auto: CUDA, then MPS, then CPU)")
     p.add_argument(
@@ -119,14 +133,18 @@ def run(args: argparse.Namespace) -> int:
         "num_samples": args.num_samples,
         "retrieved": args.retrieved,
         "temperature": args.temperature,
+        "logp_kind": args.logp_kind,
         "radius_km": args.radius_km,
         "dtype": args.dtype,
     }
     if args.constrain is not None:  # (GeoCLIP has no search options: it refuses this one by name)
         options["constrain"] = args.constrain
-    if args.mllm_mode:  # (GeoCLIP has no search options: it refuses this one by name)
+    mllm_changes = {"mode": args.mllm_mode, "template": args.mllm_template,
+                    "temperature": args.mllm_temperature, "strict": args.mllm_strict}  # fmt: skip
+    mllm_changes = {k: v for k, v in mllm_changes.items() if v is not None}
+    if mllm_changes:  # (GeoCLIP has no search options: it refuses this one by name)
         mllm = getattr(geo, "options", None)
-        options["mllm"] = dataclasses.replace(mllm.mllm, mode=args.mllm_mode) if mllm else args.mllm_mode
+        options["mllm"] = dataclasses.replace(mllm.mllm, **mllm_changes) if mllm else mllm_changes
 
     def report(path: str, error: str) -> None:
         print(f"geotoken predict: error: {error}", file=sys.stderr)

@@ -118,7 +118,8 @@ class GeoTokenMethodConfig:
     num_samples: int = 10
     beam_width: int = 5
     retrieved: int = 5  # sample+retrieval: neighbours' cells pooled with the samples
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling temperature (or "paper": the authors' 0.7)
+    logp_kind: str = "t1"  # logp rows rank by the model's own log-probability, or "scaled" (the authors')
     batch_size: int = 64
     dtype: str = "fp32"  # model precision (bf16: autocast)
     # decodings of every strategy's rows: True = gallery-prefix constrained (every answer the cell of a

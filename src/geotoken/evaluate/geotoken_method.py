@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geotoken.bundle import gallery_dir, gallery_tokens_path, read_bundle
+from geotoken.bundle import gallery_dir, gallery_tokens_path, read_bundle, sampling_temperature
 from geotoken.data.images import open_image
 from geotoken.errors import GeoTokenError
 from geotoken.evaluate.baselines import Predictions, Split
@@ -43,6 +43,8 @@ def row_label(strategy: str, select: str, cfg, constrain: bool = True) -> str:
     """Table label of one strategy x selector x decoding, e.g. 'geotoken beam5+consensus+gallery'
     (gallery-constrained) or 'geotoken greedy' (free decoding, as the paper's authors decode)."""
     suffix = GALLERY_SUFFIX if constrain else ""
+    if select == "logp" and getattr(cfg, "logp_kind", "t1") == "scaled":
+        select = "logp-scaled"  # the authors' ranking: the temperature-scaled log-probability
     if strategy == "greedy":
         return f"geotoken greedy{suffix}"
     if strategy == "sample+retrieval":  # e.g. 'geotoken sample10+nbr5+reward+gallery'
@@ -153,8 +155,9 @@ def run_geotoken(
     for strategy, select, constrain in rows_to_run(cfg):
         label = row_label(strategy, select, cfg, constrain)
         options = {"strategy": strategy, "select": select, "beam_width": cfg.beam_width, "num_samples": cfg.num_samples,
-                   "temperature": cfg.temperature, "batch_size": cfg.batch_size, "dtype": cfg.dtype,
-                   "retrieved": cfg.retrieved, "constrain": constrain}  # fmt: skip
+                   "temperature": sampling_temperature(cfg.temperature), "batch_size": cfg.batch_size,
+                   "dtype": cfg.dtype, "retrieved": cfg.retrieved, "constrain": constrain,
+                   "logp_kind": cfg.logp_kind}  # fmt: skip
         conf = {"model": cfg.model, **options}
         key = sha256_json({"method": "geotoken", "config": conf, "bundle": identity, "inputs": inputs})[:16]
         path = cache / f"{slug(label)}.{key}.npz" if cache is not None and identity is not None else None
@@ -179,7 +182,8 @@ def run_geotoken(
             if path is not None:
                 save_cached(path, pred)
         errors = haversine_km(queries.lat, queries.lon, pred.lat, pred.lon)
-        strategy_text = "greedy" if strategy == "greedy" else f"{strategy}+{select}"
+        shown = "logp-scaled" if select == "logp" and cfg.logp_kind == "scaled" else select
+        strategy_text = "greedy" if strategy == "greedy" else f"{strategy}+{shown}"
         strategy_text += GALLERY_SUFFIX if constrain else ""
         yield MethodRun(
             label,

@@ -6,7 +6,7 @@
 - `calibration`: calibrated "within X km" and per-level confidences
 """
 
-from geotoken.search.candidates import STRATEGIES, Candidates, Selection
+from geotoken.search.candidates import LOGP_KINDS, STRATEGIES, Candidates, Selection
 from geotoken.search.select import SELECTORS, select
 
-__all__ = ["SELECTORS", "STRATEGIES", "Candidates", "Selection", "select"]
+__all__ = ["LOGP_KINDS", "SELECTORS", "STRATEGIES", "Candidates", "Selection", "select"]

@@ -1,7 +1,10 @@
 """The candidate pool of test-time search and a selector's choice: what decoding makes and selection reads.
 
 A `Candidates` pool holds, per image, N token sequences with their log-probabilities, cell-centre
-coordinates and the per-level probabilities of each path. A selector turns a pool into a `Selection`:
+coordinates and the per-level probabilities of each path. Two log-probabilities: `logp`, the model's own
+(temperature 1, what beams rank by and what consensus weighs), and `logp_scaled`, under the distribution
+each candidate was drawn from (a sample at temperature 0.7: the sum of log softmax(logits / 0.7), what the
+authors rank samples by; beams, greedy answers and retrieved cells: the model's own, equal to `logp`). A selector turns a pool into a `Selection`:
 a score per candidate (higher is better, used to rank the pool), the chosen index and its coordinate.
 """
 
@@ -14,9 +17,10 @@ import numpy as np
 from geotoken.errors import GeoTokenError
 
 # How a pool is made (`geotoken.search.decode.generate`): "beam+sample" pools `beam_width` beams and
-# `num_samples` samples; "sample+retrieval" pools `num_samples` samples and the cells of the first `retrieved`
-# retrieved neighbours.
-STRATEGIES = ("greedy", "beam", "sample", "beam+sample", "sample+retrieval")
+# `num_samples` samples; "greedy+sample" the greedy answer (first) and `num_samples` samples (the authors'
+# MLLM pool: their best guess and their other guesses); "sample+retrieval" pools `num_samples` samples and
+# the cells of the first `retrieved` retrieved neighbours.
+STRATEGIES = ("greedy", "beam", "sample", "beam+sample", "greedy+sample", "sample+retrieval")
 
 
 @dataclass
@@ -28,10 +32,13 @@ class Candidates:
     lat: np.ndarray  # (B, N) float64 degrees, centre of the decoded cell
     lon: np.ndarray  # (B, N) float64 degrees
     level_probs: np.ndarray  # (B, N, T) float64 P(token_t | tokens_<t) along each path
+    logp_scaled: np.ndarray | None = None  # (B, N) float64 under the sampling distribution (None: = logp)
 
     def __post_init__(self) -> None:
         B, N, T = self.tokens.shape
-        for name in ("logp", "lat", "lon"):
+        if self.logp_scaled is None:
+            self.logp_scaled = np.asarray(self.logp, dtype=np.float64).copy()
+        for name in ("logp", "lat", "lon", "logp_scaled"):
             if getattr(self, name).shape != (B, N):
                 raise GeoTokenError(
                     f"Candidates.{name} has shape {getattr(self, name).shape}, expected {(B, N)}"
@@ -54,6 +61,7 @@ class Candidates:
             self.lat[rows, order],
             self.lon[rows, order],
             self.level_probs[rows, order],
+            self.logp_scaled[rows, order],
         )
 
     def images(self, start: int, stop: int) -> Candidates:
@@ -73,7 +81,10 @@ class Candidates:
         return Candidates(*(np.concatenate([getattr(p, f) for p in pools], axis=0) for f in _FIELDS))
 
 
-_FIELDS = ("tokens", "logp", "lat", "lon", "level_probs")
+_FIELDS = ("tokens", "logp", "lat", "lon", "level_probs", "logp_scaled")
+# which log-probability `logp` selection ranks by: "t1" the model's own (temperature 1), "scaled" the
+# sampling distribution's (the authors' sum of temperature-scaled log-probabilities)
+LOGP_KINDS = ("t1", "scaled")
 
 
 @dataclass
@@ -123,6 +134,10 @@ def from_scores(pool: Candidates, scores: np.ndarray, notes: list[str] | None = 
     )
 
 
-def select_logp(pool: Candidates) -> Selection:
-    """The most likely candidate."""
-    return from_scores(pool, pool.logp.astype(np.float64))
+def select_logp(pool: Candidates, logp_kind: str = "t1") -> Selection:
+    """The most likely candidate, by the model's own log-probability ("t1") or by the one under the
+    distribution it was sampled from ("scaled", as the authors rank samples; ties: higher T=1 logp)."""
+    if logp_kind not in LOGP_KINDS:
+        raise GeoTokenError(f"logp_kind {logp_kind!r}: choose one of {', '.join(LOGP_KINDS)}")
+    scores = pool.logp if logp_kind == "t1" else pool.logp_scaled
+    return from_scores(pool, scores.astype(np.float64))

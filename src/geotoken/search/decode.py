@@ -129,8 +129,11 @@ def _log_probs(logits: torch.Tensor, allowed: torch.Tensor | None, renormalize: 
     return logp.masked_fill(logp.isnan(), float("-inf"))
 
 
-def _pool(model, tokens: torch.Tensor, level_logp: torch.Tensor) -> Candidates:
-    """tokens (B, N, T), level_logp (B, N, T) -> Candidates with coordinates (cell centres)."""
+def _pool(
+    model, tokens: torch.Tensor, level_logp: torch.Tensor, scaled_logp: torch.Tensor | None = None
+) -> Candidates:
+    """tokens (B, N, T), level_logp (B, N, T) -> Candidates with coordinates (cell centres); scaled_logp
+    (B, N, T): per-level log-probabilities under the sampling distribution (None: the model's own)."""
     B, N, T = tokens.shape
     tok = tokens.cpu().numpy()
     lat, lon = tokens_to_latlon(tok.reshape(B * N, T), model.cfg.level, model.cfg.group)
@@ -141,6 +144,7 @@ def _pool(model, tokens: torch.Tensor, level_logp: torch.Tensor) -> Candidates:
         lat=np.asarray(lat, dtype=np.float64).reshape(B, N),
         lon=np.asarray(lon, dtype=np.float64).reshape(B, N),
         level_probs=np.exp(level_logp),
+        logp_scaled=None if scaled_logp is None else scaled_logp.double().sum(-1).cpu().numpy(),
     )
 
 
@@ -221,9 +225,11 @@ def sample(
 ) -> Candidates:
     """`num_samples` sequences per image, drawn from the (reshaped) model distribution, all images and samples batched.
 
-    temperature 0 means argmax (greedy). Returned log-probabilities and per-level probabilities are the
-    model's own (temperature 1; see `PrefixConstraint` on renormalisation), so samples compare with beams.
-    With a constraint, samples are drawn from the distribution renormalised over the allowed tokens.
+    temperature 0 means argmax (greedy). `logp` and the per-level probabilities are the model's own
+    (temperature 1; see `PrefixConstraint` on renormalisation), so samples compare with beams;
+    `logp_scaled` is the log-probability under the distribution sampled from (temperature, top-k, top-p
+    applied; at temperature 0 the model's own). With a constraint, samples are drawn from the
+    distribution renormalised over the allowed tokens.
     """
     n = num_samples
     if n < 1 or temperature < 0 or not 0 < top_p <= 1 or sample_top_k < 0:
@@ -237,6 +243,7 @@ def sample(
     dev = memory.device
     tokens = torch.zeros(R, 0, dtype=torch.long, device=dev)
     level_logp = torch.zeros(R, 0, device=dev)
+    scaled_logp = torch.zeros(R, 0, device=dev)
     codes = torch.zeros(R, dtype=torch.long, device=dev)
     for t in range(T):
         logits = step(tokens)  # (R, V)
@@ -244,14 +251,17 @@ def sample(
         logp = _log_probs(logits, allowed, constraint is not None and constraint.renormalize)  # (R, V)
         if temperature == 0:
             tok = logp.argmax(-1)
+            scaled = logp
         else:
-            probs = _sampling_logits(logp, temperature, sample_top_k, top_p).softmax(-1)
-            tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            shaped = _sampling_logits(logp, temperature, sample_top_k, top_p)
+            tok = torch.multinomial(shaped.softmax(-1), 1, generator=generator)[:, 0]
+            scaled = shaped.log_softmax(-1)
         level_logp = torch.cat([level_logp, logp.gather(1, tok[:, None])], dim=1)
+        scaled_logp = torch.cat([scaled_logp, scaled.gather(1, tok[:, None])], dim=1)
         tokens = torch.cat([tokens, tok[:, None]], dim=1)
         if constraint is not None:
             codes = constraint.extend(codes, t, tok)
-    return _pool(model, tokens.view(B, n, T), level_logp.view(B, n, T))
+    return _pool(model, tokens.view(B, n, T), level_logp.view(B, n, T), scaled_logp.view(B, n, T))
 
 
 @torch.no_grad()
@@ -272,7 +282,7 @@ def generate(
 ) -> tuple[Candidates, torch.Tensor]:
     """Encode once, search with `strategy`; returns (candidates, memory) so selectors can reuse the memory.
 
-    "sample+retrieval" adds the cells of the first `retrieved` neighbours in `batch` to the samples, with
+    "greedy+sample" puts the greedy answer first, before the samples. "sample+retrieval" adds the cells of the first `retrieved` neighbours in `batch` to the samples, with
     the model's own probabilities of them: retrieval and generation compete in one pool.
 
     dtype "bf16" runs the model's matmuls in bfloat16 (autocast; about 2x faster on CPUs with bf16 units,
@@ -286,7 +296,7 @@ def generate(
             pool = sample(model, memory, 1, temperature=0.0, constraint=constraint, cached=cached)
         elif strategy == "beam":
             pool = beam_search(model, memory, beam_width, constraint=constraint, cached=cached)
-        else:  # sample, beam+sample, sample+retrieval
+        else:  # sample, beam+sample, greedy+sample, sample+retrieval
             gen = torch.Generator().manual_seed(seed)
             pool = sample(
                 model,
@@ -301,6 +311,9 @@ def generate(
             )
             if strategy == "beam+sample":
                 pool = Candidates.concat([beam_search(model, memory, beam_width, constraint, cached), pool])
+            if strategy == "greedy+sample":  # the greedy answer first
+                best = sample(model, memory, 1, temperature=0.0, constraint=constraint, cached=cached)
+                pool = Candidates.concat([best, pool])
             if strategy == "sample+retrieval":
                 pool = Candidates.concat([pool, score_sequences(model, memory, _retrieved(batch, retrieved))])
     return pool, memory

@@ -1,15 +1,25 @@
 """Selection by a multimodal LLM behind any OpenAI-compatible chat-completions endpoint.
 
-Works with vLLM (`vllm serve ... --api-key`), Ollama (`http://localhost:11434/v1`) or a hosted service.
-The image goes as a base64 data URL; the prompt lists the model's candidates. Two modes, as in the paper:
+Works with vLLM (`vllm serve ... --api-key`), Ollama (`http://localhost:11434/v1`) or a hosted service
+(the paper used Gemini 2.0 Flash), through the `openai` client package (`pip install geotoken[mllm]`):
+the one client every such endpoint is tested against, its request and response types kept up to date by
+others. The image goes as a base64 data URL; the prompt lists the model's candidates. Two modes, as in
+the paper:
 
-- `pool`: the answer must be one of the candidates (matched within `match_km`);
-- `free`: any coordinate; candidates and the retrieved neighbours' coordinates are context.
+- `pool`: choose among the candidates. The `paper` template (the authors' prompt) names the model's best
+  guess (the greedy answer of a `greedy+sample` pool) and its other guesses, and asks for the MLLM's own
+  guess if none seems correct: an answer within `match_km` of a candidate selects it, any other answer is
+  kept as the MLLM's own (`strict=True` refuses it instead and falls back to `logp`);
+- `free`: any coordinate; the candidates (and, in the `geotoken` template, the retrieved neighbours'
+  coordinates) are context.
 
-The answer must be JSON {"latitude": float, "longitude": float} (a ```json fence is accepted). Transport
-errors, HTTP 429/5xx and timeouts are retried with exponential backoff; a request that still fails, or an
-answer that does not parse or is out of range, falls back to the `logp` choice for that image and the
-reason is kept in `Selection.notes`. Requests run on a thread pool of `concurrency` workers.
+Templates (`TEMPLATES`): `paper` (the authors' two prompts, `PAPER_PROMPTS`; MLLM temperature 0.7 unless
+set) and `geotoken` (candidates with their probabilities; temperature 0 unless set). The answer must be
+JSON {"latitude": float, "longitude": float} (a ```json fence is accepted). Connection errors, HTTP
+429/5xx and timeouts are retried with exponential backoff (the client's own retries are off, so
+`retries` / `backoff_s` mean what they say); a request that still fails, or an answer that does not parse
+or is out of range, falls back to the `logp` choice for that image and the reason is kept in
+`Selection.notes`. Requests run on a thread pool of `concurrency` workers.
 """
 
 from __future__ import annotations
@@ -24,7 +34,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import httpx
 import numpy as np
 from PIL import Image
 
@@ -34,6 +43,8 @@ from geotoken.search.candidates import Candidates, Selection, select_logp
 
 ENV_PREFIX = "GEOTOKEN_MLLM_"
 MODES = ("pool", "free")
+TEMPLATES = ("paper", "geotoken")
+DEFAULT_TEMPERATURE = {"paper": 0.7, "geotoken": 0.0}  # the authors sampled their MLLM at 0.7
 
 
 @dataclass
@@ -44,14 +55,16 @@ class MLLMConfig:
     model: str = ""
     api_key: str = ""
     mode: str = "pool"  # "pool" or "free"
+    template: str = "paper"  # the prompt's wording: "paper" (the authors') or "geotoken"
+    strict: bool = False  # pool mode: refuse (fall back to logp) an answer not within match_km of a candidate
     timeout_s: float = 60.0
     retries: int = 3  # extra attempts after the first
     backoff_s: float = 1.0  # first wait; doubles each retry
     concurrency: int = 4
-    temperature: float = 0.0
+    temperature: float | None = None  # the MLLM's sampling temperature; None: DEFAULT_TEMPERATURE[template]
     max_tokens: int = 256
     max_image_side: int = 768  # images are downscaled to this before upload
-    match_km: float = 1.0  # pool mode: how close an answer must be to a candidate
+    match_km: float = 1.0  # pool mode: how close an answer must be to a candidate to select it
 
     def resolved(self) -> MLLMConfig:
         """A copy with empty fields filled from the environment; errors name the missing variable."""
@@ -67,8 +80,14 @@ class MLLMConfig:
                 )
         if values["mode"] not in MODES:
             raise GeoTokenError(f"MLLM mode must be one of {MODES}, got {values['mode']!r}")
+        if values["template"] not in TEMPLATES:
+            raise GeoTokenError(f"MLLM template must be one of {TEMPLATES}, got {values['template']!r}")
         if values["concurrency"] < 1:
             raise GeoTokenError(f"MLLM concurrency must be >= 1, got {values['concurrency']}")
+        if values["temperature"] is None:
+            values["temperature"] = DEFAULT_TEMPERATURE[values["template"]]
+        if not values["temperature"] >= 0:
+            raise GeoTokenError(f"MLLM temperature must be >= 0, got {values['temperature']}")
         return MLLMConfig(**values)
 
 
@@ -78,10 +97,44 @@ SYSTEM_PROMPT = (
 )
 
 
+# The authors' two prompts (our wording of what they ask): {best} is the model's best guess (the greedy
+# answer), {others} its other guesses, one "(lat, lon)" a line.
+PAPER_PROMPTS = {
+    "pool": (
+        "A geolocation model looked at this photo.\n"
+        "Its best guess (latitude, longitude): {best}\n"
+        "Its other guesses:\n{others}\n"
+        "Which of these locations was the photo taken at? Answer with the coordinates of the one that best "
+        "matches the photo. If none of them seems correct, give your own best guess instead.\n"
+        'Reply with JSON only: {{"latitude": <float>, "longitude": <float>}}'
+    ),
+    "free": (
+        "A geolocation model looked at this photo.\n"
+        "Its best guess (latitude, longitude): {best}\n"
+        "Its other guesses:\n{others}\n"
+        "Using the photo, with these guesses as hints, where was it taken? You may answer any coordinate, "
+        "one of the guesses or not.\n"
+        'Reply with JSON only: {{"latitude": <float>, "longitude": <float>}}'
+    ),
+}
+
+
 def build_prompt(
-    cand_latlon: np.ndarray, cand_prob: np.ndarray, mode: str, nbr_latlon: np.ndarray | None = None
+    cand_latlon: np.ndarray,
+    cand_prob: np.ndarray,
+    mode: str,
+    nbr_latlon: np.ndarray | None = None,
+    template: str = "geotoken",
 ) -> str:
-    """The user message for one image: candidates (N, 2) best first with probabilities, neighbours (k, 2)."""
+    """The user message for one image: candidates (N, 2) best first with probabilities, neighbours (k, 2).
+
+    template "paper": the first candidate is the model's best guess, the rest its other guesses
+    (probabilities and neighbours are not shown); "geotoken": all with probabilities, neighbours in free mode.
+    """
+    if template == "paper":
+        others = "\n".join(f"- ({lat:.4f}, {lon:.4f})" for lat, lon in cand_latlon[1:]) or "- (none)"
+        best = f"({cand_latlon[0][0]:.4f}, {cand_latlon[0][1]:.4f})"
+        return PAPER_PROMPTS[mode].format(best=best, others=others)
     lines = [
         f"{i + 1}. ({lat:.4f}, {lon:.4f}) p={p:.3f}"
         for i, ((lat, lon), p) in enumerate(zip(cand_latlon, cand_prob))
@@ -137,39 +190,50 @@ def parse_answer(text: str) -> tuple[float, float]:
     return out[0], out[1]
 
 
-class _Retryable(Exception):
-    pass
+def make_client(cfg: MLLMConfig):
+    """An `openai.OpenAI` client for the endpoint, its own retries off (`_chat` retries with our backoff)."""
+    try:
+        from openai import OpenAI
+    except ImportError:
+        raise GeoTokenError(
+            "MLLM selection needs the openai package: pip install 'geotoken[mllm]' (or openai>=1.0)"
+        ) from None
+    # an endpoint without keys (a local vLLM or Ollama) ignores the header the client insists on sending
+    return OpenAI(base_url=cfg.base_url, api_key=cfg.api_key or "none", timeout=cfg.timeout_s, max_retries=0)
 
 
 def _chat(client, cfg: MLLMConfig, messages: list[dict]) -> str:
-    """POST one chat completion with retries; return the message text or raise RuntimeError with the reason."""
-    url = cfg.base_url.rstrip("/") + "/chat/completions"
-    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    body = {
-        "model": cfg.model,
-        "messages": messages,
-        "temperature": cfg.temperature,
-        "max_tokens": cfg.max_tokens,
-    }
+    """One chat completion with retries; return the message text or raise RuntimeError with the reason."""
+    import openai
+
     reason = ""
     for attempt in range(cfg.retries + 1):
         if attempt:
             time.sleep(cfg.backoff_s * 2 ** (attempt - 1))
         try:
-            r = client.post(url, json=body, headers=headers, timeout=cfg.timeout_s)
-            if r.status_code == 429 or r.status_code >= 500:
-                raise _Retryable(f"HTTP {r.status_code}")
-            if r.status_code >= 400:
-                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:120]}")
-            return r.json()["choices"][0]["message"]["content"]
-        except _Retryable as exc:
-            reason = str(exc)
-        except httpx.TimeoutException:
+            response = client.chat.completions.create(
+                model=cfg.model, messages=messages, temperature=cfg.temperature, max_tokens=cfg.max_tokens
+            )
+        except (openai.RateLimitError, openai.InternalServerError) as exc:
+            reason = f"HTTP {exc.status_code}"
+            continue
+        except openai.APITimeoutError:
             reason = f"timeout after {cfg.timeout_s:g} s"
-        except httpx.TransportError as exc:
+            continue
+        except openai.APIConnectionError as exc:
             reason = f"connection error: {exc}"
-        except (KeyError, IndexError, TypeError, json.JSONDecodeError) as exc:
-            raise RuntimeError(f"malformed response: {exc!r}") from exc
+            continue
+        except openai.APIStatusError as exc:
+            raise RuntimeError(f"HTTP {exc.status_code}: {str(exc.message)[:120]}") from None
+        except (openai.APIResponseValidationError, json.JSONDecodeError) as exc:
+            raise RuntimeError(f"malformed response: {exc!r}") from None
+        try:
+            content = response.choices[0].message.content
+        except (AttributeError, IndexError, TypeError) as exc:
+            raise RuntimeError(f"malformed response: {exc!r}") from None
+        if not isinstance(content, str):
+            raise RuntimeError("malformed response: no message content")
+        return content
     raise RuntimeError(f"{reason} ({cfg.retries + 1} attempts)")
 
 
@@ -177,12 +241,31 @@ def ask_one(
     client, cfg: MLLMConfig, image, cand_latlon: np.ndarray, cand_prob: np.ndarray, nbr_latlon=None
 ) -> tuple[float, float]:
     """One image: the MLLM's (lat, lon), or RuntimeError/ValueError saying why there is none."""
+    text = build_prompt(cand_latlon, cand_prob, cfg.mode, nbr_latlon, cfg.template)
     content = [
-        {"type": "text", "text": build_prompt(cand_latlon, cand_prob, cfg.mode, nbr_latlon)},
+        {"type": "text", "text": text},
         {"type": "image_url", "image_url": {"url": image_data_url(image, cfg.max_image_side)}},
     ]
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
     return parse_answer(_chat(client, cfg, messages))
+
+
+def shown_candidates(pool: Candidates, max_candidates: int = 10, best_index: int | None = None) -> list:
+    """Per image, the candidate indices the prompt lists: the best guess first (`best_index`, e.g. 0 for
+    the greedy answer of a `greedy+sample` pool; None: the most likely), then the other distinct ones by
+    log-probability, `max_candidates` in all."""
+    base = select_logp(pool)
+    order = np.argsort(-base.scores, axis=1, kind="stable")  # distinct first, best first
+    ok = np.take_along_axis(np.isfinite(base.scores), order, axis=1)
+    out = []
+    for b in range(pool.shape[0]):
+        idx = order[b][ok[b]]
+        if best_index is not None and 0 <= best_index < pool.shape[1]:
+            first = best_index if np.isfinite(pool.logp[b, best_index]) or not len(idx) else idx[0]
+            same = (pool.tokens[b, idx] == pool.tokens[b, first]).all(-1)  # its repeats (samples often are)
+            idx = np.concatenate([[first], idx[~same]])
+        out.append(idx[:max_candidates].astype(np.int64))
+    return out
 
 
 def select_mllm(
@@ -191,23 +274,23 @@ def select_mllm(
     config: MLLMConfig | None = None,
     neighbours_latlon: np.ndarray | None = None,
     max_candidates: int = 10,
+    best_index: int | None = None,
 ) -> Selection:
     """Ask the MLLM for each image (concurrently); fall back to `logp` per image on any failure.
 
-    images: B PIL images or encoded bytes; neighbours_latlon: optional (B, k, 2) context for free mode.
-    Candidates shown are the `max_candidates` most likely distinct ones.
+    images: B PIL images or encoded bytes; neighbours_latlon: optional (B, k, 2) context for free mode
+    (geotoken template). Candidates shown: `shown_candidates(pool, max_candidates, best_index)`.
     """
     cfg = (config or MLLMConfig()).resolved()
     B, N = pool.shape
     if len(images) != B:
         raise GeoTokenError(f"select_mllm: {len(images)} images for a pool of {B}")
     base = select_logp(pool)
-    shown = np.argsort(-base.scores, axis=1, kind="stable")[:, :max_candidates]  # (B, M) distinct, best first
-    shown_ok = np.take_along_axis(np.isfinite(base.scores), shown, axis=1)
+    shown = shown_candidates(pool, max_candidates, best_index)
     prob = np.exp(pool.logp)
 
     def work(b: int):
-        idx = shown[b][shown_ok[b]]
+        idx = shown[b]
         latlon = np.stack([pool.lat[b, idx], pool.lon[b, idx]], axis=1)
         nbr = None if neighbours_latlon is None else neighbours_latlon[b]
         try:
@@ -215,8 +298,12 @@ def select_mllm(
         except (RuntimeError, ValueError, OSError) as exc:
             return None, idx, f"mllm failed ({exc}); fell back to logp"
 
-    with httpx.Client() as client, ThreadPoolExecutor(max_workers=cfg.concurrency) as executor:
-        results = list(executor.map(work, range(B)))
+    client = make_client(cfg)
+    try:
+        with ThreadPoolExecutor(max_workers=cfg.concurrency) as executor:
+            results = list(executor.map(work, range(B)))
+    finally:
+        client.close()
 
     index, lat, lon = base.index.copy(), base.lat.copy(), base.lon.copy()
     scores, notes = base.scores.copy(), []
@@ -224,12 +311,15 @@ def select_mllm(
         if answer is not None:
             d = haversine_km(answer[0], answer[1], pool.lat[b, idx], pool.lon[b, idx])
             j = int(np.argmin(d))
-            if cfg.mode == "pool" and d[j] > cfg.match_km:
+            outside = d[j] > cfg.match_km
+            if cfg.mode == "pool" and outside and cfg.strict:
                 note = f"mllm answer ({answer[0]:.4f}, {answer[1]:.4f}) is not a candidate; fell back to logp"
-            elif cfg.mode == "pool":
+            elif cfg.mode == "pool" and not outside:
                 index[b], lat[b], lon[b] = idx[j], pool.lat[b, idx[j]], pool.lon[b, idx[j]]
                 scores[b, idx[j]] = np.inf  # the chosen one ranks first, the rest keep their logp order
-            else:
+            else:  # free mode, or no candidate fits and the MLLM gave its own guess
                 index[b], (lat[b], lon[b]) = -1, answer
+                if cfg.mode == "pool":
+                    note = "mllm answer is none of the candidates: its own guess"
         notes.append(note)
     return Selection(index=index, lat=lat, lon=lon, scores=scores, notes=notes)

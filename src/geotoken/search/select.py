@@ -3,7 +3,9 @@
 A selector turns a `geotoken.search.candidates.Candidates` pool into a `Selection`: a score per
 candidate (higher is better, used to rank the pool), the chosen index and its coordinate.
 
-- `logp`: the most likely candidate (what the model alone would answer).
+- `logp`: the most likely candidate (what the model alone would answer), by the model's own log-probability
+  (`logp_kind="t1"`) or by the sampling distribution's (`"scaled"`, the authors' sum of temperature-scaled
+  log-probabilities).
 - `consensus`: the candidate with the most probability mass within R km, or the geometric medoid;
   several beams or samples that agree on a region outvote one sharp but isolated guess.
 - `reward` (`geotoken.search.reward`): a learned scorer of "is this candidate within X km".
@@ -48,9 +50,10 @@ def select_consensus(pool: Candidates, radius_km: float = 200.0, medoid: bool = 
 
 
 def select(pool: Candidates, method: str = "logp", **options) -> Selection:
-    """Dispatch by name. `reward` needs `scorer=`, `memory=`; `mllm` needs `images=` (see those modules)."""
+    """Dispatch by name. `logp` takes `logp_kind=` ("t1" or "scaled"); `reward` needs `scorer=`, `memory=`
+    (and `batch=` for the decoder scorer); `mllm` needs `images=` (see those modules)."""
     if method == "logp":
-        return select_logp(pool)
+        return select_logp(pool, **options)
     if method == "consensus":
         return select_consensus(pool, **options)
     if method == "reward":

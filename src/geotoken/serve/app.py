@@ -4,7 +4,7 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Routes:
-    POST /v1/geolocate   multipart `image` (+ form or query fields top_k, strategy, select) -> JSON
+    POST /v1/geolocate   multipart `image` (+ form or query fields top_k, strategy, select, constrain) -> JSON
     GET  /v1/model       what is loaded, and the server's limits
     GET  /healthz        liveness
     GET  /               the page (package static files; nothing from a CDN)
@@ -260,6 +260,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
     info = json_safe(predictor.info())
     missing = unavailable_options(info)
     strategies, selectors = ([o for o in offered if o not in missing] for offered in offered_options(info))
+    searchable = "constrain" in (info.get("search") or {})  # GeoToken's decoding options (not GeoCLIP's)
     basemap: dict[str, bytes] = {}
     basemap_lock = threading.Lock()
     ErrorBody, Answer = api_models(cfg.max_top_k)
@@ -367,6 +368,14 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
         ] = None,
         strategy: Annotated[offered(strategies), Form(description="decoding (default: the bundle's)")] = None,
         select: Annotated[offered(selectors), Form(description="selector (default: the bundle's)")] = None,
+        constrain: Annotated[
+            bool | None,
+            BeforeValidator(nullish),
+            Form(
+                description="decode only cells of gallery photos (true) or freely (false, as the paper's "
+                "authors); default: the bundle's"
+            ),
+        ] = None,
         # the same fields in the query string (older clients; not in the schema), "null" alike
         top_k_q: Annotated[
             int | None, BeforeValidator(nullish), Query(alias="top_k", include_in_schema=False)
@@ -377,6 +386,9 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
         select_q: Annotated[
             str | None, BeforeValidator(nullish), Query(alias="select", include_in_schema=False)
         ] = None,
+        constrain_q: Annotated[
+            bool | None, BeforeValidator(nullish), Query(alias="constrain", include_in_schema=False)
+        ] = None,
     ):
         t0 = time.perf_counter()
         try:
@@ -385,6 +397,11 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
             return busy(exc)
         top_k = top_k if top_k is not None else (top_k_q if top_k_q is not None else 5)
         strategy, select = strategy or strategy_q, select or select_q
+        constrain = constrain if constrain is not None else constrain_q
+        if constrain is not None and not searchable:
+            return error(
+                422, f"field 'constrain': the {info.get('name') or 'loaded'} model has no gallery decoding"
+            )
         if not 1 <= top_k <= cfg.max_top_k:
             return error(422, f"field 'top_k' must be between 1 and {cfg.max_top_k}, got {top_k}")
         bad = option_error("strategy", strategy, strategies) or option_error("select", select, selectors)
@@ -400,7 +417,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
             return error(exc.status, exc.message)
         t_decode = 1e3 * (time.perf_counter() - t0)
         try:
-            future = runner.submit(im, top_k=top_k, strategy=strategy, select=select)
+            options = {} if constrain is None else {"constrain": constrain}  # None: the bundle's
+            future = runner.submit(im, top_k=top_k, strategy=strategy, select=select, **options)
             pred, waited, batch = await asyncio.wrap_future(future)
         except Busy as exc:
             return busy(exc)

@@ -137,6 +137,7 @@ async function upload(file) {
   form.append("top_k", $("top_k").value || "5");
   if ($("strategy").value) form.append("strategy", $("strategy").value);
   if ($("select").value) form.append("select", $("select").value);
+  if (!$("constrain").disabled) form.append("constrain", $("constrain").checked ? "true" : "false");
   try {
     const resp = await fetch("/v1/geolocate", { method: "POST", body: form });
     const body = await resp.json();
@@ -195,6 +196,9 @@ async function showModel() {
     const r = await (await fetch("/v1/model")).json();
     const m = r.model;
     offer("strategy", r.strategies); offer("select", r.selectors);
+    const search = m.search || {}; // the bundle's default decoding; a model without one (GeoCLIP): no box
+    if (typeof search.constrain === "boolean") $("constrain").checked = search.constrain;
+    else { $("constrain").checked = false; $("constrain").disabled = true; }
     const b = m.backbone ? m.backbone.name : "?";
     $("model").textContent = `${b} · ${m.parameters ? (m.parameters / 1e6).toFixed(1) + "M params" : ""} · gallery ${m.gallery_rows ?? "?"}`;
   } catch (e) { /* the page still works without it */ }
