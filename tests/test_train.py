@@ -192,6 +192,32 @@ def test_validation_reports_km_accuracy(tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["val_decoder"] == VAL_DECODER
 
 
+def test_validation_can_use_the_test_decoder(tmp_path):
+    """val_constrain: validation greedy-decodes under the gallery constraint, as evaluate's +gallery rows."""
+    from geotoken.s2 import latlon_to_tokens, vocab_sizes
+    from geotoken.search.decode import PrefixConstraint, greedy, sample
+    from geotoken.train import VAL_DECODERS
+
+    data = synthetic(coords=True)
+    data.query_tokens = data.gallery.tokens = latlon_to_tokens(
+        data.query_coords[:, 0], data.query_coords[:, 1], 6, 2
+    )  # 64 gallery cells of the 24,576 at level 6: free greedy leaves them, constrained greedy cannot
+    cfg = quiet(max_steps=4, val_every=1, val_constrain=True)
+    train(model_cfg(), cfg, data, tmp_path, train_rows=np.arange(48), val_rows=np.arange(48, 64))
+    val = [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines() if "val_loss" in s]
+    assert val[-1]["val_decoder"] == VAL_DECODERS[True] == "greedy, gallery-constrained"
+    model = GeoToken.load(tmp_path / "last").eval()
+    constraint = PrefixConstraint(data.gallery.tokens, vocab_sizes(6, 2))
+    with torch.no_grad():
+        batch = data.batch(np.arange(48, 64), model.cfg)
+        free, _ = greedy(model, batch)
+        tokens, logp = greedy(model, batch, constraint)
+        pool = sample(model, model.encode(batch), 1, temperature=0.0, constraint=constraint)
+    assert constraint.contains(tokens.numpy()).all() and not constraint.contains(free.numpy()).all()
+    np.testing.assert_array_equal(tokens.numpy(), pool.tokens[:, 0])
+    np.testing.assert_allclose(logp.numpy(), pool.logp[:, 0], rtol=1e-5, atol=1e-5)
+
+
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)

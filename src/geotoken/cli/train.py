@@ -22,7 +22,7 @@ from geotoken.train.recipes import RECIPES, resolve_train_config
 RECIPE_FLAGS = (
     "epochs", "max_steps", "batch_size", "grad_accum", "effective_batch_size", "lr", "betas", "warmup_steps",
     "schedule", "weight_decay", "weight_decay_on", "grad_clip", "label_smoothing", "drop_near_km",
-    "drop_near_share", "dtype", "seed", "checkpoint_every", "val_every",
+    "drop_near_share", "dtype", "seed", "checkpoint_every", "val_every", "val_constrain",
 )  # fmt: skip
 
 
@@ -136,6 +136,9 @@ def register(subparsers) -> None:
     t.add_argument("--seed", type=int, help=f"default {tc.seed}")
     t.add_argument("--checkpoint-every", type=int, help=f"steps (default {tc.checkpoint_every})")
     t.add_argument("--val-every", type=int, help=f"epochs, 0: never (default {tc.val_every})")
+    t.add_argument("--val-constrain", action=argparse.BooleanOptionalAction,
+                   help="validate with the gallery-constrained greedy decoder (evaluate's +gallery rows; "
+                   "default: free greedy, the authors' decoder)")  # fmt: skip
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     t.add_argument("--no-tensorboard", action="store_true")

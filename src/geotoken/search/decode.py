@@ -345,18 +345,27 @@ def score_sequences(model, memory: torch.Tensor, tokens: torch.Tensor, cached: b
 
 
 @torch.no_grad()
-def greedy(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy(model, batch, constraint: PrefixConstraint | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Most likely token at each position: (tokens (B, T) int64, summed log-probability (B,)). Tensors stay
-    on the model's device (the training loop validates with this)."""
+    on the model's device (the training loop validates with this). With a `constraint`, the most likely
+    allowed token (the `+gallery` decoder of `geotoken evaluate`); log-probabilities stay the model's."""
     memory = model.encode(batch)  # (B, S, d)
     cache = model.init_cache(memory)
     B, T = memory.shape[0], model.cfg.n_tokens
     tokens = torch.zeros(B, T, dtype=torch.long, device=memory.device)
     logp = torch.zeros(B, device=memory.device)
+    codes = torch.zeros(B, dtype=torch.long, device=memory.device)  # prefix codes, for the constraint
     for p in range(T):  # the autoregressive loop: one cached step per position
         lp = torch.log_softmax(
             model.step(cache, tokens[:, p - 1] if p else None, p).float(), dim=-1
         )  # (B, V)
-        best, tokens[:, p] = lp.max(dim=-1)
-        logp += best
+        choose = (
+            lp
+            if constraint is None
+            else lp.masked_fill(~constraint.allowed(codes, p, lp.shape[-1]), -torch.inf)
+        )
+        tokens[:, p] = choose.argmax(dim=-1)
+        logp += lp.gather(1, tokens[:, p : p + 1])[:, 0]
+        if constraint is not None:
+            codes = constraint.extend(codes, p, tokens[:, p])
     return tokens, logp

@@ -219,6 +219,7 @@ class ModelStageConfig:
     )  # > 0: a share of training queries lose neighbours within this many km
     drop_near_share: float = added_field(0.5)
     arch: str = added_field("ours")  # geotoken.model.ARCHS: "authors" = the paper's nn.Transformer layers
+    val_constrain: bool = added_field(False)  # validate with the +gallery (constrained) greedy decoder
     recipe: str = added_field("")  # training recipe ("" none; "paper": the authors' optimizer and batch)
 
 
@@ -255,7 +256,7 @@ def model_train_config(config: ModelStageConfig, rows: int):
     recipe = load_recipe(config.recipe) if config.recipe else {}
     given = dict(lr=config.lr, dtype=config.dtype, batch_size=config.batch_size, epochs=config.epochs)
     given.update(label_smoothing=config.label_smoothing, drop_near_km=config.drop_near_km)
-    given.update(drop_near_share=config.drop_near_share)
+    given.update(drop_near_share=config.drop_near_share, val_constrain=config.val_constrain)
     tcfg = resolve_train_config(config.recipe or None, **given, seed=config.seed, tensorboard=False)
     steps = max(1, config.epochs * int(np.ceil(rows / (config.batch_size * grad_accum_for(tcfg, rows)))))
     warmup = config.warmup_steps

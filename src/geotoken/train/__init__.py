@@ -4,6 +4,7 @@ from geotoken.train.data import TrainData, batch_rows, epoch_order, holdout_rows
 from geotoken.train.loop import (
     SCHEDULES,
     VAL_DECODER,
+    VAL_DECODERS,
     WEIGHT_DECAY_ON,
     TrainConfig,
     clip_gradients,
@@ -19,6 +20,7 @@ __all__ = [
     "SCHEDULES",
     "TrainConfig",
     "VAL_DECODER",
+    "VAL_DECODERS",
     "WEIGHT_DECAY_ON",
     "clip_gradients",
     "grad_accum_for",

@@ -37,8 +37,8 @@ from geotoken.errors import GeoTokenError
 from geotoken.geo import THRESHOLDS_KM, haversine_km
 from geotoken.io import atomic_path, read_json, write_json
 from geotoken.model import DTYPES, GeoToken, ModelConfig, precision
-from geotoken.s2 import tokens_to_latlon
-from geotoken.search.decode import greedy
+from geotoken.s2 import tokens_to_latlon, vocab_sizes
+from geotoken.search.decode import PrefixConstraint, greedy
 from geotoken.train.data import TrainData, batch_rows, epoch_order, steps_per_epoch
 
 SCHEDULES = ("cosine", "step")  # learning-rate decay after warm-up (see `lr_at`)
@@ -71,6 +71,9 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps; and at the end
     val_every: int = 1  # epochs (0: never)
     val_batch_size: int = 512
+    val_constrain: bool = (
+        False  # validate with the gallery-constrained greedy decoder (evaluate's +gallery rows)
+    )
     log_every: int = 20
     tensorboard: bool = True
     progress: bool = True
@@ -221,23 +224,31 @@ def load_checkpoint(folder: Path, model: GeoToken, opt: torch.optim.Optimizer, d
 
 # ------------------------------------------------------------------------------------------ validation
 # how validation decodes, written with its metrics (log.jsonl, best/metrics.json) and in run.json: free
-# greedy decoding, while `geotoken evaluate` rows labelled +gallery decode under the gallery constraint
-VAL_DECODER = "greedy, unconstrained"
+# greedy decoding by default (the authors'), or with `val_constrain` the gallery-constrained greedy decoder
+# of `geotoken evaluate`'s +gallery rows, so validation and test figures can come from the same decoder
+VAL_DECODERS = {False: "greedy, unconstrained", True: "greedy, gallery-constrained"}
+VAL_DECODER = VAL_DECODERS[False]
 
 
 @torch.no_grad()
 def validate(
     model: GeoToken, data: TrainData, rows: np.ndarray, cfg: TrainConfig, device: torch.device
 ) -> dict:
-    """Greedy decoding of `rows` (free: no gallery constraint, `VAL_DECODER`): teacher-forced loss, token accuracy, and accuracy within each km threshold."""
+    """Greedy decoding of `rows` (free, or under the gallery constraint with `cfg.val_constrain`: see
+    `VAL_DECODERS`): teacher-forced loss, token accuracy, and accuracy within each km threshold."""
     model.eval()
     T = model.cfg.n_tokens
+    constraint = None
+    if cfg.val_constrain:
+        constraint = PrefixConstraint(
+            np.asarray(data.gallery.tokens), vocab_sizes(model.cfg.level, model.cfg.group)
+        )
     losses, pred = [], []
     for s in range(0, len(rows), cfg.val_batch_size):
         batch = data.batch(rows[s : s + cfg.val_batch_size], model.cfg).to(device)
         with precision(cfg.dtype, device):
             _, loss = model(batch)
-            tokens, _ = greedy(model, batch)
+            tokens, _ = greedy(model, batch, constraint)
         losses.append(loss.float().item() * batch.size)
         pred.append(tokens.cpu())
     pred = torch.cat(pred).numpy()  # (V, T)
@@ -317,7 +328,7 @@ def train(
             "grad_accum": accum,
             "effective_batch_size": step_rows * d.world,
             "sources": sources or {},
-            "val_decoder": VAL_DECODER,
+            "val_decoder": VAL_DECODERS[cfg.val_constrain],
         }
         write_json(out / "run.json", run)
 
@@ -379,7 +390,7 @@ def train(
                         "step": step,
                         "epoch": (step - 1) // per_epoch,
                         **validate(model, val_data, val_rows, cfg, dev),
-                        "val_decoder": VAL_DECODER,
+                        "val_decoder": VAL_DECODERS[cfg.val_constrain],
                     }
                     log.write(metrics)
                     if state["best_score"] is None or metrics["val_score"] > state["best_score"]:
