@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 import realdata
@@ -77,3 +78,42 @@ def test_geotoken_run_from_real_layouts_to_table_one(tmp_path, capsys, offline_h
     assert main([*args]) == 0  # every stage reused, the same table
     again = capsys.readouterr().out
     assert again.split("\n\n", 1)[1] == out.split("\n\n", 1)[1]
+
+
+RETRIEVAL_ONLY = """\
+run_dir: ${RUN}
+stages:
+- name: data
+  kind: dataset
+  config:
+    sources:
+    - {split: gallery, format: mp16, annotations: "${MP16_ROOT}/mp16_places365.csv", images: "${MP16_ROOT}/images"}
+    - {split: osv5m, format: osv5m, annotations: "${OSV_ROOT}/test.csv", images: "${OSV_ROOT}/images/test"}
+- name: features
+  config: {backbone: clip, model: "${CLIP}", batch_size: 64, workers: 0}
+- name: align
+  config: {epochs: 1, text_encoder: minilm}
+- name: index
+  config: {k: 4}
+"""
+
+
+@pytest.mark.slow
+def test_geotoken_run_from_mp16_folders_and_osv5m_zips_to_neighbours(tmp_path, capsys, offline_hub):
+    """The two layouts the Table I run above does not read, through the same stages up to retrieval:
+    MP16 as nested folders (images/8a/4c/ID.jpg), OSV-5M's test split as the downloaded zip archives."""
+    realdata.mp16(tmp_path / "mp16", 40, layout="folders", missing=2)
+    _, _, osv_ids = realdata.osv5m(tmp_path / "osv5m", "test", 6, zipped=True)
+    clip = tiny_clip(tmp_path / "clip")
+    (tmp_path / "run.yaml").write_text(RETRIEVAL_ONLY)
+    args = ["run", str(tmp_path / "run.yaml"), "--set", f"RUN={tmp_path / 'run'}", "--set", f"CLIP={clip}",
+            "--set", f"MP16_ROOT={tmp_path / 'mp16'}", "--set", f"OSV_ROOT={tmp_path / 'osv5m'}"]  # fmt: skip
+    assert main(args) == 0
+    run = tmp_path / "run"
+    sizes = json.loads((next(run.glob("data-*")) / "dataset.json").read_text())["sizes"]
+    assert sizes == {"gallery": 38, "osv5m": 6}  # the two MP16 rows without an image left out
+    table = next(run.glob("index-*")) / "osv5m"
+    index = np.load(table / "index.npy")
+    assert index.shape == (6, 4) and ((0 <= index) & (index < 38)).all()
+    ids = json.loads((next(run.glob("align-*")) / "osv5m" / "store.json").read_text())["ids"]
+    assert ids == osv_ids
