@@ -41,7 +41,7 @@ def test_auto_precision_follows_the_machine(monkeypatch):
     monkeypatch.setattr(clip, "cpu_has_bf16", lambda: True)
     assert resolve_precision("auto") == "bf16"
     monkeypatch.setattr(clip, "cpu_has_bf16", lambda: False)
-    assert resolve_precision("auto") == "int8" and resolve_precision("auto", "cuda") == "fp32"
+    assert resolve_precision("auto") == "fp32" and resolve_precision("auto", "cuda") == "fp32"
     assert [resolve_precision(p) for p in PRECISIONS[1:]] == list(PRECISIONS[1:])
     with pytest.raises(GeoTokenError, match="precision"):
         resolve_precision("fp16")
@@ -51,7 +51,9 @@ def test_cpu_flags_are_read(monkeypatch, tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor : 0\nflags\t\t: fpu avx2 avx512f\n")
     real_open = open
-    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k))
+    monkeypatch.setattr(
+        "builtins.open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k)
+    )
     assert base.cpu_has_bf16() is False
     info.write_text("processor : 0\nflags\t\t: fpu avx2 avx512f amx_bf16\n")
     assert base.cpu_has_bf16() is True

@@ -110,7 +110,7 @@ class Geolocator:
         openai/clip-vit-large-patch14) or of a bundle with a CLIP backbone (default: the one it records).
         device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda:1", ...
         backbone_precision: how a CLIP backbone runs (`geotoken.encoders.clip.PRECISIONS`; "auto": bf16 on
-        CPUs with bf16 units, int8 on other CPUs, fp32 on GPUs).
+        CPUs with bf16 units, else fp32; int8 is an explicit choice).
         """
         name = os.fspath(name_or_path)
         if name == "geoclip":

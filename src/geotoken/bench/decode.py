@@ -63,6 +63,7 @@ def bench_decode(
     model = GeoToken(cfg).eval()
     with torch.no_grad():  # untrained heads are zero; random ones make beams and samples differ
         model.head_w.normal_(0, 0.05)
+    model.requires_grad_(False)  # inference only (and FLOP counting's module hooks expect no grad leaves)
     g = torch.Generator().manual_seed(seed)
     B, k, T = batch_size, cfg.k, cfg.n_tokens
     inputs = Batch(

@@ -218,6 +218,7 @@ def bench_predict(
     gallery_rows: int = GALLERY_ROWS,
     index_rows: int = 0,
     agreement: int = 0,
+    rounds: int = 1,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
 ) -> dict:
@@ -225,11 +226,14 @@ def bench_predict(
     the mean time per stage, and GeoCLIP's package predict on the same weights and images, in one run.
 
     `ratio_vs_geoclip[precision][decoder][batch]` = our images/s / GeoCLIP's predict's;
-    `speedup_vs_fp32[precision][decoder][batch]` = images/s / fp32's. `agreement` > 0: also
+    `speedup_vs_fp32[precision][decoder][batch]` = images/s / fp32's, each the best of `rounds`
+    interleaved rounds. `agreement` > 0: also
     `backbone_agreement` of every precision on that many fixed images. `index_rows` > 0: the search time
     of an IVF-PQ index of that many rows on the same queries (`big_index`).
     """
-    check_at_least(1, images=images, reference_images=reference_images, gallery_rows=gallery_rows)
+    check_at_least(
+        1, images=images, reference_images=reference_images, gallery_rows=gallery_rows, rounds=rounds
+    )
     check_at_least(0, index_rows=index_rows, agreement=agreement)
     if not batch_sizes or min(batch_sizes) < 1 or reference_images > images:
         raise GeoTokenError(f"bench predict: batch sizes >= 1 and reference_images <= images, got "
@@ -260,16 +264,22 @@ def bench_predict(
             gallery = paper_gallery(gallery_rows, seed)
             index = NeighbourIndex.build(gallery.embeddings["visual"], "flat", progress=False)
             res["setup_s"] = time.perf_counter() - t0
-            ours: dict = {}
-            for precision in precisions:
-                geo = paper_geolocator(tmp / "clip", precision, gallery, index, seed)
+            geos = {p: paper_geolocator(tmp / "clip", p, gallery, index, seed) for p in precisions}
+            for geo in geos.values():
                 geo.predict(pics[:1], top_k=1, strategy="greedy")  # warm-up
-                ours[precision] = {
-                    d: {str(b): time_predict(geo, pics, b, **DECODERS[d]) for b in batch_sizes}
-                    for d in decoders
-                }
-                last_geo = geo
-            res["ours"] = ours
+            # rounds visit every (precision, decoder, batch) in turn, so a busy spell of a shared machine
+            # hits all alike; the fastest round of each is kept
+            ours: dict = {p: {d: {} for d in decoders} for p in precisions}
+            for _ in range(rounds):
+                for d in decoders:
+                    for b in batch_sizes:
+                        for p, geo in geos.items():
+                            run = time_predict(geo, pics, b, **DECODERS[d])
+                            best = ours[p][d].get(str(b))
+                            if best is None or run["images_per_s"] > best["images_per_s"]:
+                                ours[p][d][str(b)] = run
+            last_geo = geos[precisions[-1]]
+            res["ours"], res["rounds"] = ours, rounds
             if index_rows:
                 big, build_s, status = big_index(index_rows, seed=seed, cache_dir=cache_dir)
                 queries = last_geo.embed(pics)["visual"]

@@ -72,8 +72,9 @@ def register(subparsers) -> None:
         "--backbone-precision",
         choices=PRECISIONS,
         default="auto",
-        help="how a CLIP backbone runs (default auto: bf16 on CPUs with AVX-512 BF16 / AMX, int8 Linear layers on "
-        "other CPUs, fp32 on GPUs; geotoken bench predict --agreement checks them against fp32)",
+        help="how a CLIP backbone runs (default auto: bf16 autocast on CPUs with AVX-512 BF16 / AMX, else fp32; "
+        "int8: Linear layers quantised, ~2.5x faster ViT-L/14 forward on CPUs, features within cosine 0.9995; "
+        "geotoken bench predict --agreement checks them against fp32)",
     )
     p.set_defaults(func=run)
 

@@ -8,15 +8,17 @@ The ViT-L/14 forward is most of a prediction's time on a CPU, so the tower runs 
 attention (`attention="sdpa"`, the same features as the eager path to ~1e-7) and an inference
 `precision` (`PRECISIONS`): fp32; bf16 autocast (pays only with AVX-512 BF16 / AMX or on GPUs); int8
 dynamic quantisation of every Linear layer (CPU only: int8 weights, activations quantised per batch);
-"auto" picks per machine (`resolve_precision`). `geotoken bench predict --agreement` checks them
+"auto" picks per machine (`resolve_precision`: bf16 where the CPU has bf16 units, else fp32). `geotoken bench predict --agreement` checks them
 against fp32 eager on a fixed image set.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
+import torch.ao.quantization
 from PIL import Image
 
 from geotoken.encoders.base import ImageBackbone, cpu_has_bf16, resize_center_crop, to_tensor
@@ -32,28 +34,27 @@ ATTENTIONS = ("sdpa", "eager")  # transformers' attention implementations the to
 
 
 def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
-    """ "auto" -> fp32 off the CPU; on a CPU bf16 where it has bf16 units (AVX-512 BF16 / AMX), else int8
-    (the fastest path that keeps the features within cosine 0.999 of fp32's); others unchanged."""
+    """The precision to run: "auto" is bf16 on a CPU with bf16 units (AVX-512 BF16 / AMX), else fp32.
+
+    int8 is ~2.5x faster than fp32 in the ViT-L/14 forward on 2 cores and keeps cosine 0.9995, but "auto"
+    does not choose it: on random weights it changed GeoCLIP's (near-tied) top-1 gallery coordinate on 3 of
+    16 fixed images (`geotoken bench predict --agreement`, BENCHMARKS.md), so it stays an explicit choice."""
     if precision not in PRECISIONS:
         raise GeoTokenError(f"clip: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
     if torch.device(device).type != "cpu":
         return "fp32"
-    return "bf16" if cpu_has_bf16() else "int8"
+    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 def quantize_int8(net: torch.nn.Module) -> torch.nn.Module:
     """Every nn.Linear of `net` as a dynamically quantised int8 Linear (weights int8 per tensor,
     activations quantised on the fly), through PyTorch's eager dynamic quantisation (CPU kernels)."""
-    import warnings
-
-    from torch.ao.quantization import quantize_dynamic
-
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao on every call
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
-        return quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def _side(value: Any, field: str, source: str) -> tuple[int, int] | int:

@@ -74,6 +74,12 @@ def register(subparsers) -> None:
         f"{AGREEMENT_IMAGES} when given without a value): feature cosine >= {MIN_COSINE}, top-1 GeoCLIP "
         f"coordinate and GeoToken greedy cell agreement >= {MIN_TOP1:.0%}",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="geotoken: interleaved timing rounds, the fastest kept (default 1)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -129,6 +135,7 @@ def run(args) -> int:
         gallery_rows=args.gallery_rows,
         index_rows=args.index_rows,
         agreement=args.agreement,
+        rounds=args.rounds,
         seed=args.seed,
     )
     if args.json:
