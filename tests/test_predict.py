@@ -92,7 +92,10 @@ def test_predict_images_with_real_backbone(photo):
 
     geo = make_geolocator(backbone=load_backbone("efficientnet-lite0"))
     preds = geo.predict([photo, photo.convert("L")], top_k=2)
-    assert len(preds) == 2 and "embed" in preds[0].timings_ms
+    assert len(preds) == 2
+    stages = preds[0].timings_ms  # the embedding's stages, each timed
+    assert {"read", "preprocess", "backbone", "heads", "retrieve", "decode", "describe"} <= set(stages)
+    assert stages["total"] == pytest.approx(sum(v for k, v in stages.items() if k != "total"), abs=0.01)
     assert preds[0].to_dict()["candidates"][0]["cell"]
     with pytest.raises(GeoTokenError, match="backbone"):
         make_geolocator().predict([photo])

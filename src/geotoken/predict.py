@@ -44,6 +44,7 @@ from geotoken.bundle import (
 )
 from geotoken.data.images import as_image, as_image_list
 from geotoken.encoders import load_backbone
+from geotoken.encoders.clip import resolve_precision
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
 from geotoken.gallery import Gallery
@@ -107,6 +108,7 @@ class Geolocator:
         clip: str | os.PathLike | None = None,
         revision: str | None = None,
         device: str = "auto",
+        backbone_precision: str = "auto",
     ) -> Geolocator | GeoCLIPPredictor:
         """A model by name: "geoclip" (built in: GeoCLIP's pretrained weights, `GeoCLIPPredictor`), a bundle
         folder, or a Hugging Face Hub repo id (ORG/NAME) holding a bundle, fetched at `revision` into the hub
@@ -115,31 +117,49 @@ class Geolocator:
         clip: the CLIP ViT-L/14 weights (a folder or hub id) of "geoclip" (default
         openai/clip-vit-large-patch14) or of a bundle with a CLIP backbone (default: the one it records).
         device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda:1", ...
+        backbone_precision: how a CLIP backbone runs (`geotoken.encoders.clip.PRECISIONS`; "auto": bf16 on
+        CPUs with bf16 units, else fp32; int8 is an explicit choice).
         """
         name = os.fspath(name_or_path)
         if name == "geoclip":
             if revision is not None:
                 raise GeoTokenError("revision applies to Hugging Face Hub repos, not to the built-in geoclip")
-            return GeoCLIPPredictor.load(clip=clip, device=device)
+            return GeoCLIPPredictor.load(clip=clip, device=device, precision=backbone_precision)
         if Path(name).exists():
             if revision is not None:
                 raise GeoTokenError(f"{name}: a local folder has no revision (revision={revision!r})")
-            return cls.from_bundle(name, device=device, clip=clip)
+            return cls.from_bundle(name, device=device, clip=clip, backbone_precision=backbone_precision)
         if not is_repo_id(name):
             raise GeoTokenError(
                 f"{name}: no such folder; a model is a bundle folder (has bundle.json), a Hugging Face Hub "
                 f"repo id (ORG/NAME) or one of the built-in models {', '.join(BUILTIN_MODELS)}"
             )
-        return cls.from_bundle(hub_snapshot(name, revision), device=device, clip=clip)
+        return cls.from_bundle(
+            hub_snapshot(name, revision), device=device, clip=clip, backbone_precision=backbone_precision
+        )
 
     @classmethod
     def from_bundle(
-        cls, directory: str | os.PathLike, device: str = "cpu", clip: str | os.PathLike | None = None
+        cls,
+        directory: str | os.PathLike,
+        device: str = "cpu",
+        clip: str | os.PathLike | None = None,
+        backbone_precision: str = "auto",
     ) -> Geolocator:
-        """Load everything named by `directory/bundle.json` (`clip`: other CLIP weights for its backbone)."""
+        """Load everything named by `directory/bundle.json` (`clip`: other CLIP weights for its backbone;
+        `backbone_precision`: see `from_pretrained`; other backbones run in fp32)."""
         root = Path(directory)
         spec = read_bundle(root)
         device = resolve_device(device)
+        backbone_config = bundle_backbone_config(root, spec, clip)
+        precision = resolve_precision(backbone_precision, device)
+        if backbone_config.get("name") == "clip":
+            backbone_config["precision"] = precision
+        elif backbone_precision not in ("auto", "fp32"):
+            raise GeoTokenError(
+                f"{root}: backbone_precision {backbone_precision!r} applies to CLIP backbones; this bundle's "
+                f"is {backbone_config.get('name')!r} (fp32)"
+            )
         model = GeoToken.load(root / spec["model"], device=device)
         store = FeatureStore.open(gallery_dir(root, spec))  # its own copy, or the store it links to
         tokens = np.load(gallery_tokens_path(root, spec), mmap_mode="r")
@@ -150,7 +170,7 @@ class Geolocator:
             gallery,
             index=NeighbourIndex.load(root / spec["index"]),
             query_modalities=spec["query_modalities"],
-            backbone=load_backbone(**bundle_backbone_config(root, spec, clip)).to(device),
+            backbone=load_backbone(**backbone_config).to(device),
             heads=AlignHeads.load(root / spec["align"]).to(device).eval(),
             calibration=Calibration.load(root / spec["calibration"]) if spec.get("calibration") else None,
             reward=load_reward(root / spec["reward"], device=device) if spec.get("reward") else None,
@@ -181,14 +201,22 @@ class Geolocator:
     def device(self):
         return next(self.model.parameters()).device
 
-    def embed(self, images: list) -> dict[str, np.ndarray]:
-        """PIL images -> aligned embeddings {modality: float32 (B, D)}."""
+    def embed(self, images: list, timings_ms: dict | None = None) -> dict[str, np.ndarray]:
+        """PIL images -> aligned embeddings {modality: float32 (B, D)}; `timings_ms` (if given) gets the
+        milliseconds of "preprocess" (resize, crop, normalise), "backbone" and "heads"."""
         if self.backbone is None or self.heads is None:
             raise GeoTokenError("this Geolocator has no backbone/align heads; use predict_embeddings")
+        t0 = time.perf_counter()
         with torch.no_grad():
             x = torch.stack([self.backbone.preprocess(im.convert("RGB")) for im in images]).to(self.device)
-            out = self.heads(self.backbone(x).float())
-        return {m: v.float().cpu().numpy() for m, v in out.items()}
+            t1 = time.perf_counter()
+            features = self.backbone(x).float()
+            t2 = time.perf_counter()
+            out = {m: v.float().cpu().numpy() for m, v in self.heads(features).items()}
+        if timings_ms is not None:
+            t3 = time.perf_counter()
+            timings_ms.update(preprocess=1e3 * (t1 - t0), backbone=1e3 * (t2 - t1), heads=1e3 * (t3 - t2))
+        return out
 
     def neighbours(self, embeddings: dict[str, np.ndarray]) -> np.ndarray:
         """(B, k) gallery rows of the nearest neighbours (hits 0..k-1: queries are not in the gallery)."""
@@ -298,8 +326,8 @@ class Geolocator:
         for s in range(0, len(items), opt.batch_size):
             t0 = time.perf_counter()
             chunk = [as_image(x, f"image {s + i}") for i, x in enumerate(items[s : s + opt.batch_size])]
-            embeddings = self.embed(chunk)
-            t_embed = time.perf_counter() - t0
+            stages = {"read": 1e3 * (time.perf_counter() - t0)}  # open and decode the image files
+            embeddings = self.embed(chunk, stages)
             preds += self.predict_embeddings(
                 embeddings,
                 None,
@@ -307,7 +335,7 @@ class Geolocator:
                 strategy,
                 select,
                 images=chunk,
-                extra_ms={"embed": 1e3 * t_embed},
+                extra_ms=stages,
                 **{**options, "seed": opt.seed + s},  # the same draws as one call over all photos
             )
         return preds

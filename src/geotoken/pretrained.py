@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from geotoken import s2
 from geotoken.data.images import as_image, as_image_list
-from geotoken.encoders.clip import PAPER_MODEL
+from geotoken.encoders.clip import PAPER_MODEL, resolve_precision
 from geotoken.encoders.geoclip import GeoCLIPFiles, GeoCLIPGeolocator
 from geotoken.errors import GeoTokenError
 from geotoken.geo import EARTH_RADIUS_KM
@@ -62,10 +62,15 @@ class GeoCLIPPredictor:
         cache_dir: str | os.PathLike | None = None,
         level: int = 20,
         batch_size: int = 16,
+        precision: str = "auto",
     ) -> GeoCLIPPredictor:
         """clip: CLIP ViT-L/14 as a folder or hub id (default openai/clip-vit-large-patch14: about 1.7 GB,
-        downloaded once into the hub cache); files: GeoCLIP's weights (default: the `geoclip` wheel's)."""
-        model = GeoCLIPGeolocator.load(clip or PAPER_MODEL, files=files, cache_dir=cache_dir)
+        downloaded once into the hub cache); files: GeoCLIP's weights (default: the `geoclip` wheel's);
+        precision: how CLIP runs (`geotoken.encoders.clip.PRECISIONS`, "auto" chosen for `device`)."""
+        precision = resolve_precision(precision, resolve_device(device))
+        model = GeoCLIPGeolocator.load(
+            clip or PAPER_MODEL, files=files, cache_dir=cache_dir, precision=precision
+        )
         return cls(model, level, batch_size).to(device)
 
     @property

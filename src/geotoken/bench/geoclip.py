@@ -62,6 +62,42 @@ def bench_images(n: int, seed: int = 0) -> list[Image.Image]:
     return images[:n]
 
 
+def save_random_vit_l14(folder: Path, seed: int = 0):
+    """A randomly initialised CLIP ViT-L/14 vision tower (with projection) saved to `folder` with
+    openai/clip-vit-large-patch14's preprocessor: the real model's shape and loading path, nothing
+    downloaded. Returns the model (eval mode)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_L14)).eval()
+    vision.save_pretrained(folder)
+    (Path(folder) / "preprocessor_config.json").write_text(json.dumps(VIT_L14_PREPROCESSOR))
+    return vision
+
+
+def geoclip_package_predict(vision, images: list[Image.Image], tmp: Path, k: int = 5) -> dict:
+    """The `geoclip` package's own `GeoCLIP.predict` (its shipped heads and 100K gallery, `vision`'s CLIP
+    weights), one lossless PNG path per call as it takes them: {seconds, gps [(k, 2)], prob [(k,)]}."""
+    from geoclip import GeoCLIP
+
+    theirs = GeoCLIP(clip_pretrained=False).eval()  # shipped heads; random ViT-L/14 replaced below
+    clip = theirs.image_encoder.CLIP
+    if clip.config.vision_config.hidden_act != VIT_L14["hidden_act"] or clip.config.vision_config.image_size != VIT_L14["image_size"]:  # fmt: skip
+        raise GeoTokenError("bench: GeoCLIP's own CLIP ViT-L/14 configuration differs from ours")
+    clip.vision_model.load_state_dict(vision.vision_model.state_dict(), strict=True)
+    clip.visual_projection.load_state_dict(vision.visual_projection.state_dict(), strict=True)
+    seconds, gps, prob = 0.0, [], []
+    for i, image in enumerate(images):
+        path = Path(tmp) / f"geoclip-image-{i}.png"
+        image.save(path)  # lossless: GeoCLIP reads the same pixels
+        start = time.perf_counter()
+        g, p = theirs.predict(str(path), top_k=k)
+        seconds += time.perf_counter() - start
+        gps.append(g)
+        prob.append(p)
+    return {"seconds": seconds, "gps": gps, "prob": prob}
+
+
 def bench_predict_geoclip(
     batch_sizes: tuple[int, ...] = (1, 16),
     threads: int = 2,
@@ -79,9 +115,6 @@ def bench_predict_geoclip(
     cache goes to `cache_dir` (default: the usual cache folder); `ours_setup_s` includes encoding it if
     it was not cached yet (`cache_status`).
     """
-    from geoclip import GeoCLIP
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
     if images < 1 or not 1 <= reference_images <= images or not batch_sizes or min(batch_sizes) < 1:
         raise GeoTokenError(
             f"bench: need images >= 1, 1 <= reference_images <= images, batch sizes >= 1; got "
@@ -93,11 +126,7 @@ def bench_predict_geoclip(
     try:
         with tempfile.TemporaryDirectory(prefix="geotoken-geoclip-bench-") as tmp:
             tmp = Path(tmp)
-            torch.manual_seed(seed)
-            vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_L14)).eval()
-            vision.save_pretrained(tmp / "clip")
-            (tmp / "clip" / "preprocessor_config.json").write_text(json.dumps(VIT_L14_PREPROCESSOR))
-
+            vision = save_random_vit_l14(tmp / "clip", seed)
             start = time.perf_counter()
             ours = GeoCLIPGeolocator.load(tmp / "clip", cache_dir=cache_dir)
             setup_s = time.perf_counter() - start
@@ -109,24 +138,12 @@ def bench_predict_geoclip(
                 top = ours.predict_images(pics, k, batch_size=batch_size)
                 seconds = time.perf_counter() - start
                 per_batch[str(batch_size)] = {"seconds": seconds, "images_per_s": images / seconds}
-
-            theirs = GeoCLIP(clip_pretrained=False).eval()  # shipped heads; random ViT-L/14 replaced below
-            clip = theirs.image_encoder.CLIP
-            if clip.config.vision_config.hidden_act != VIT_L14["hidden_act"] or clip.config.vision_config.image_size != VIT_L14["image_size"]:  # fmt: skip
-                raise GeoTokenError("bench: GeoCLIP's own CLIP ViT-L/14 configuration differs from ours")
-            clip.vision_model.load_state_dict(vision.vision_model.state_dict(), strict=True)
-            clip.visual_projection.load_state_dict(vision.visual_projection.state_dict(), strict=True)
+            theirs = geoclip_package_predict(vision, pics[:reference_images], tmp, k)
             del vision
-            ref_seconds, same_top1, same_topk, prob_diff = 0.0, [], [], 0.0
-            for i, image in enumerate(pics[:reference_images]):
-                path = tmp / f"image-{i}.png"
-                image.save(path)  # lossless: GeoCLIP reads the same pixels
-                start = time.perf_counter()
-                gps, prob = theirs.predict(str(path), top_k=k)
-                ref_seconds += time.perf_counter() - start
-                same_top1.append(bool(torch.equal(gps[0], top.latlon[i, 0])))
-                same_topk.append(bool(torch.equal(gps, top.latlon[i])))
-                prob_diff = max(prob_diff, float((prob - top.prob[i]).abs().max()))
+            ref_seconds = theirs["seconds"]
+            same_top1 = [bool(torch.equal(g[0], top.latlon[i, 0])) for i, g in enumerate(theirs["gps"])]
+            same_topk = [bool(torch.equal(g, top.latlon[i])) for i, g in enumerate(theirs["gps"])]
+            prob_diff = max(float((p - top.prob[i]).abs().max()) for i, p in enumerate(theirs["prob"]))
     finally:
         torch.set_num_threads(previous_threads)
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from geotoken.bench.common import GALLERY_ROWS, PAPER_INPUTS, random_data, time_steps
-from geotoken.model import preset
+from geotoken.model import precision, preset
 
 
 class ReferenceGeoToken(nn.Module):
@@ -106,10 +106,17 @@ class ReferenceGeoToken(nn.Module):
 
 
 def bench_reference(
-    name: str, batch_size: int, iters: int = 3, warmup: int = 1, seed: int = 0, rows: int = GALLERY_ROWS
+    name: str,
+    batch_size: int,
+    iters: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+    rows: int = GALLERY_ROWS,
+    dtype: str = "fp32",
 ) -> dict:
-    """{seconds_per_step, train_samples_per_s} of the reference-style step (fp32) on the same random inputs
-    as `geotoken.bench.train.bench_ours`."""
+    """{seconds_per_step, train_samples_per_s, dtype} of the reference-style step on the same random inputs
+    as `geotoken.bench.train.bench_ours`, under the same precision as ours (`dtype`: fp32, or bf16
+    autocast of its forward, as `geotoken.model.precision` does for ours), so a ratio compares like with like."""
     cfg = preset(name, **PAPER_INPUTS)
     torch.manual_seed(seed)
     model = ReferenceGeoToken(
@@ -127,17 +134,79 @@ def bench_reference(
     def step(_: int) -> None:
         rows = rng.integers(0, data.rows, batch_size)
         q = [torch.from_numpy(g[rows]) for g in gal]
-        loss = model(
-            *q,
-            *gal,
-            torch.from_numpy(data.neighbours[rows]),
-            table,
-            torch.from_numpy(data.query_tokens[rows]),
-        )
+        with precision(dtype):
+            loss = model(
+                *q,
+                *gal,
+                torch.from_numpy(data.neighbours[rows]),
+                table,
+                torch.from_numpy(data.query_tokens[rows]),
+            )
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
     sec = time_steps(step, iters, warmup)
-    return {"seconds_per_step": sec, "train_samples_per_s": batch_size / sec}
+    return {"seconds_per_step": sec, "train_samples_per_s": batch_size / sec, "dtype": dtype}
+
+
+# ------------------------------------------------------------------ reference-style decoding (uncached)
+def reference_encode(
+    model: ReferenceGeoToken, query: dict, nbr: dict, nbr_tokens: torch.Tensor
+) -> torch.Tensor:
+    """Memory (S, B, d) of already-gathered inputs (query {visual, gps, text}: (B, D), nbr: (B, k, D),
+    nbr_tokens (B, k, T)) with the reference's structure: per-neighbour and per-position loops."""
+    B, k, T = nbr_tokens.shape
+    neighbours = []
+    for j in range(k):  # per-neighbour loop
+        e = [model._unit(proj(nbr[m][:, j])) for proj, m in zip(
+            (model.image_proj, model.loc_proj, model.text_proj), ("visual", "gps", "text"))]  # fmt: skip
+        emb = [model.retrieval_embedding(nbr_tokens[:, j, p] + model.offsets[p]) for p in range(T)]
+        neighbours.append(torch.cat([x[:, None] for x in e] + [torch.stack(emb, 1)], 1))
+    nbr_seq = torch.stack(neighbours, 1).view(B, -1, model.d).transpose(0, 1)
+    q = [model._unit(model.image_proj(query["visual"])), model._unit(model.loc_proj(query["gps"])),
+         model._unit(model.text_proj(query["text"]))]  # fmt: skip
+    src = torch.cat([model.cls.expand(B, -1)[None]] + [x[None] for x in q] + [nbr_seq], 0)
+    return model.encoder(src + model.pe[: src.size(0)])
+
+
+def reference_next_logp(model: ReferenceGeoToken, memory: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (N, V_t) of token t = prefix.shape[1]: the whole decoder re-run on the prefix."""
+    N, t = prefix.shape
+    dec = [model.start.expand(N, -1)] + [model.embedding(prefix[:, i] + model.offsets[i]) for i in range(t)]
+    dec = torch.stack(dec, 0) + model.pe[: t + 1]
+    out = model.decoder(dec, memory, tgt_mask=nn.Transformer.generate_square_subsequent_mask(t + 1))
+    return F.log_softmax(model.output_layers[t](out[-1]).float(), -1)
+
+
+def reference_decode(
+    model: ReferenceGeoToken, memory: torch.Tensor, strategy: str, width: int = 1, generator=None
+) -> torch.Tensor:
+    """Tokens (B, width, T) by "greedy" (width 1), "beam" (width beams) or "sample" (width samples), each
+    step re-running the decoder over every beam's / sample's whole prefix, as the reference code does."""
+    B, T = memory.size(1), len(model.vocab)
+    n = 1 if strategy == "greedy" else width
+    mem = memory.repeat_interleave(n, 1)  # (S, B * n, d)
+    tokens = torch.zeros(B * n, 0, dtype=torch.long)
+    scores = torch.zeros(B, n)
+    scores[:, 1:] = -float("inf")  # beams start as one
+    for t in range(T):
+        logp = reference_next_logp(model, mem, tokens)  # (B * n, V)
+        if strategy == "beam":
+            V = logp.size(1)
+            total = (scores[..., None] + logp.view(B, n, V)).view(B, -1)
+            scores, idx = total.topk(min(n, total.size(1)), 1)
+            if scores.size(1) < n:  # fewer candidates than beams at the first step
+                pad = n - scores.size(1)
+                scores = torch.cat([scores, torch.full((B, pad), -float("inf"))], 1)
+                idx = torch.cat([idx, idx[:, :1].expand(-1, pad)], 1)
+            beam, tok = idx // V, idx % V
+            prev = tokens.view(B, n, t).gather(1, beam[..., None].expand(-1, -1, t))
+            tokens = torch.cat([prev, tok[..., None]], 2).view(B * n, t + 1)
+        elif strategy == "sample":
+            tok = torch.multinomial(logp.exp(), 1, generator=generator)
+            tokens = torch.cat([tokens, tok], 1)
+        else:
+            tokens = torch.cat([tokens, logp.argmax(-1, keepdim=True)], 1)
+    return tokens.view(B, n, T)

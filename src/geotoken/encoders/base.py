@@ -40,6 +40,20 @@ class ImageBackbone(nn.Module):
         return self(x.to(device=param.device, dtype=param.dtype)).float()
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 matmul units (AVX-512 BF16 or AMX-BF16), from /proc/cpuinfo's flags.
+
+    Without them bf16 runs emulated, far slower than fp32. (`torch.backends.cpu.get_cpu_capability()`
+    says only "AVX512" or "AVX2", which does not tell.) False where /proc/cpuinfo cannot be read.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
 def resize_center_crop(
     image: Image.Image, resize: int, crop: tuple[int, int], resample: int = Image.BICUBIC
 ) -> Image.Image:

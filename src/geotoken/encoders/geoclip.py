@@ -264,9 +264,14 @@ class GeoCLIPGeolocator(nn.Module):
         dtype: str = "float32",
         files: GeoCLIPFiles | None = None,
         cache_dir: str | os.PathLike | None = None,
+        precision: str = "fp32",
+        attention: str = "sdpa",
     ) -> GeoCLIPGeolocator:
-        """With geotoken's CLIP backbone (`clip_model`: a local folder or hub id of CLIP ViT-L/14)."""
-        backbone = load_backbone("clip", model=str(clip_model), dtype=dtype)
+        """With geotoken's CLIP backbone (`clip_model`: a local folder or hub id of CLIP ViT-L/14;
+        `precision`, `attention`: see `geotoken.encoders.clip.CLIPBackbone`)."""
+        backbone = load_backbone(
+            "clip", model=str(clip_model), dtype=dtype, precision=precision, attention=attention
+        )
         return cls(files, backbone=backbone, cache_dir=cache_dir)
 
     def __len__(self) -> int:

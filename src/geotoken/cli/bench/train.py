@@ -69,15 +69,16 @@ def run(args) -> int:
         f"{res['train_samples_per_s']:.2f} samples/s, {res['achieved_gflops']:.1f} GFLOP/s "
         f"({100 * res['share_of_matmul_peak']:.0f}% of matmul peak), peak RSS {res['peak_rss_mb']:.0f} MB"
     )
-    published = res["reference_published_samples_per_s"]
-    if published:
-        print(
-            f"published reference: {published} samples/s (their machine) -> ratio {res['ratio_to_published']:.2f}x"
-        )
     if args.reference:
         print(
-            f"reference-style step, same run: {res['reference_samples_per_s']:.2f} samples/s -> "
-            f"ratio {res['ratio_side_by_side']:.2f}x"
+            f"reference-style step, same run, {res['reference_dtype']}: {res['reference_samples_per_s']:.2f} "
+            f"samples/s -> ratio {res['ratio_side_by_side']:.2f}x"
+        )
+    context = res["published_context"]
+    if context:
+        print(
+            f"context (not measured here): the authors' published {context['samples_per_s']} samples/s, fp32, "
+            f"on the issue's machine; ours is {context['ours_over_published']:.2f}x that"
         )
     if args.compare_archs:
         figures = ", ".join(f"{a} {v:.2f}" for a, v in res["arch_samples_per_s"].items())
