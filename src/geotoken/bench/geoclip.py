@@ -22,6 +22,7 @@ from geotoken import assets
 from geotoken.encoders.clip import OPENAI_MEAN, OPENAI_STD
 from geotoken.encoders.geoclip import GeoCLIPGeolocator
 from geotoken.errors import GeoTokenError
+from geotoken.pretrained import GeoCLIPPredictor
 
 # openai/clip-vit-large-patch14's vision tower and preprocessing (its public config.json and
 # preprocessor_config.json); GeoCLIP builds the same tower when it is not given pretrained CLIP weights.
@@ -108,7 +109,9 @@ def bench_predict_geoclip(
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
 ) -> dict:
-    """Images/s of `GeoCLIPGeolocator.predict_images` per batch size and of GeoCLIP's own `predict`.
+    """Images/s of `GeoCLIPGeolocator.predict_images` (arrays) and of the whole predictor a user calls
+    (`GeoCLIPPredictor.predict`: `Prediction`s with place names and cells, `predictor`, `ratio_predictor`)
+    per batch size, beside GeoCLIP's own `predict`, all fp32.
 
     `ratio[b]` = ours at batch b / GeoCLIP's; `top1_identical`: the same best coordinate on each of the
     first `reference_images` images (GeoCLIP's top-k are compared with ours on those images). The gallery
@@ -138,6 +141,23 @@ def bench_predict_geoclip(
                 top = ours.predict_images(pics, k, batch_size=batch_size)
                 seconds = time.perf_counter() - start
                 per_batch[str(batch_size)] = {"seconds": seconds, "images_per_s": images / seconds}
+            # the whole predictor a user calls (Geolocator.from_pretrained("geoclip")): the same arrays plus
+            # Prediction objects, place names and S2 cells; fp32 like the package
+            predictor = GeoCLIPPredictor(ours, level=20)
+            predictor.predict(pics[:1], top_k=k)  # warm-up
+            per_batch_predictor = {}
+            for batch_size in batch_sizes:
+                start = time.perf_counter()
+                answers = predictor.predict(pics, top_k=k, batch_size=batch_size)
+                seconds = time.perf_counter() - start
+                per_batch_predictor[str(batch_size)] = {"seconds": seconds, "images_per_s": images / seconds}
+            predictor_top1 = [
+                bool(
+                    np.isclose(a.lat, float(top.latlon[i, 0, 0]))
+                    and np.isclose(a.lon, float(top.latlon[i, 0, 1]))
+                )
+                for i, a in enumerate(answers)
+            ]
             theirs = geoclip_package_predict(vision, pics[:reference_images], tmp, k)
             del vision
             ref_seconds = theirs["seconds"]
@@ -159,6 +179,9 @@ def bench_predict_geoclip(
         "ours": per_batch,
         "geoclip": {"seconds": ref_seconds, "images_per_s": ref_ips, "seconds_per_image": 1 / ref_ips},
         "ratio": {b: v["images_per_s"] / ref_ips for b, v in per_batch.items()},
+        "predictor": per_batch_predictor,
+        "ratio_predictor": {b: v["images_per_s"] / ref_ips for b, v in per_batch_predictor.items()},
+        "predictor_top1_identical": all(predictor_top1),
         "top1_identical": all(same_top1),
         "topk_identical": all(same_topk),
         "max_prob_diff": prob_diff,

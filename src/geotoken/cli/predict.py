@@ -104,14 +104,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--dtype", choices=DTYPES, help="model precision (bf16: ~2x faster on CPUs with bf16 units)"
     )
-    p.add_argument(
-        "--backbone-precision",
-        choices=PRECISIONS,
-        default="auto",
-        help="how a CLIP backbone runs (default auto: bf16 autocast on CPUs with AVX-512 BF16 / AMX, else fp32; "
-        "int8: Linear layers quantised, ~2.5x faster ViT-L/14 forward on CPUs, features within cosine 0.9995; "
-        "geotoken bench predict --agreement checks them against fp32)",
-    )
+    add_backbone_precision(p)
     p.add_argument("--json", action="store_true", help="print one JSON array instead of text")
     p.set_defaults(func=run)
 
@@ -182,3 +175,15 @@ def run(args: argparse.Namespace) -> int:
         json.dump(results, sys.stdout, indent=2)
         sys.stdout.write("\n")
     return 1 if failed and not args.skip_bad else 0
+
+
+def add_backbone_precision(p) -> None:
+    """`--backbone-precision`, shared by predict and serve."""
+    p.add_argument(
+        "--backbone-precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="how a CLIP backbone runs (default auto: bf16 autocast on CPUs with AVX-512 BF16 / AMX, else fp32; "
+        "int8: Linear layers quantised, ~2.5x faster ViT-L/14 forward on CPUs, features within cosine 0.9995; "
+        "geotoken bench predict --agreement checks them against fp32)",
+    )

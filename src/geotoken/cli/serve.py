@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from geotoken.encoders.clip import PRECISIONS
+from geotoken.cli.predict import add_backbone_precision
 from geotoken.predict import Geolocator
 from geotoken.serve import ServeConfig, create_app
 
@@ -68,14 +68,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto", help="torch device (default auto: CUDA, then MPS, then CPU)")
-    p.add_argument(
-        "--backbone-precision",
-        choices=PRECISIONS,
-        default="auto",
-        help="how a CLIP backbone runs (default auto: bf16 autocast on CPUs with AVX-512 BF16 / AMX, else fp32; "
-        "int8: Linear layers quantised, ~2.5x faster ViT-L/14 forward on CPUs, features within cosine 0.9995; "
-        "geotoken bench predict --agreement checks them against fp32)",
-    )
+    add_backbone_precision(p)
     p.set_defaults(func=run)
 
 
