@@ -27,6 +27,10 @@ def test_from_bundle_predicts(bundle, photo):
     [pred] = geo.predict([photo], top_k=3, strategy="sample", num_samples=6, select="consensus")
     assert 1 <= len(pred.candidates) <= 3 and pred.select == "consensus"
     assert -90 <= pred.lat <= 90 and len(pred.candidates[0].cell) == 11  # level-20 token
+    [vote] = geo.predict(
+        [photo], top_k=3, strategy="sample+retrieval", num_samples=4, retrieved=3, select="vote"
+    )
+    assert vote.select == "vote" and -90 <= vote.lat <= 90
 
 
 def test_bf16_predictions_follow_fp32(bundle, photo):

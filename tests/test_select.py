@@ -38,6 +38,19 @@ def test_consensus_prefers_the_agreeing_cluster():
     assert select(PARIS, "consensus", radius_km=25000.0).index.tolist() == [0]
 
 
+def test_vote_lets_the_neighbours_overrule_the_model_prior():
+    sydney = np.array([[[-33.87, 151.21], [-33.9, 151.1], [-34.0, 151.0]]])  # all 3 neighbours near Sydney
+    sel = select(PARIS, "vote", neighbours_latlon=sydney, radius_km=200.0)
+    assert sel.index.tolist() == [4]  # the least likely candidate, the only one the neighbours back
+    tokyo = np.array([[[35.7, 139.7], [35.6, 139.6], [35.0, 139.0]]])
+    assert select(PARIS, "vote", neighbours_latlon=tokyo).index.tolist() == [0]
+    # neighbours far from every candidate back them alike: the model's own choice (logp) stands
+    pole = np.array([[[-89.0, 0.0], [-89.5, 10.0], [-88.0, 20.0]]])
+    assert select(PARIS, "vote", neighbours_latlon=pole, radius_km=25000.0).index.tolist() == [0]
+    with pytest.raises(GeoTokenError, match="needs the retrieved neighbours"):
+        select(PARIS, "vote", neighbours_latlon=None)
+
+
 def test_medoid():
     sel = select(PARIS, "consensus", medoid=True)
     assert sel.index.tolist() == [1] or sel.index.tolist() == [2]

@@ -89,7 +89,7 @@ class SearchOptions:
     constrain: bool = True  # only cells that occur in the gallery
     select: str = "logp"  # one of geotoken.search.SELECTORS
     logp_kind: str = "t1"  # logp selection by the model's own log-probability, or "scaled" (the authors')
-    radius_km: float = 200.0  # consensus radius
+    radius_km: float = 200.0  # consensus radius; the width of the vote kernel
     medoid: bool = False
     batch_size: int = 32
     dtype: str = "fp32"  # matmul precision of the model; "bf16" is ~2x faster on CPUs with AVX-512 BF16, GPUs

@@ -293,6 +293,9 @@ class Geolocator:
             return {"logp_kind": opt.logp_kind}
         if opt.select == "consensus":
             return {"radius_km": opt.radius_km, "medoid": opt.medoid}
+        if opt.select == "vote":
+            nbr = None if neighbours is None else self.gallery.coords[neighbours[part, : self.model.cfg.k]]
+            return {"neighbours_latlon": nbr, "radius_km": opt.radius_km}
         if opt.select == "reward":
             if self.reward is None:
                 raise GeoTokenError(

@@ -8,6 +8,9 @@ candidate (higher is better, used to rank the pool), the chosen index and its co
   log-probabilities).
 - `consensus`: the candidate with the most probability mass within R km, or the geometric medoid;
   several beams or samples that agree on a region outvote one sharp but isolated guess.
+- `vote`: the model's probability times the retrieved neighbours' support (how close the k neighbours lie,
+  a kernel of width R km): a candidate the model likes and the neighbours back wins, so on places unlike the
+  gallery's the retrieval evidence corrects the model's prior (pair it with `sample+retrieval` pools).
 - `reward` (`geotoken.search.reward`): a learned scorer of "is this candidate within X km".
 - `mllm` (`geotoken.search.mllm`): a multimodal LLM behind an OpenAI-compatible endpoint.
 """
@@ -22,9 +25,18 @@ from geotoken.search.candidates import Candidates, Selection, from_scores, pool_
 from geotoken.search.mllm import select_mllm
 from geotoken.search.reward import select_reward
 
-__all__ = ["SELECTORS", "select", "select_consensus", "select_logp", "consensus_mass", "pairwise_km"]
+__all__ = [
+    "SELECTORS",
+    "select",
+    "select_consensus",
+    "select_vote",
+    "neighbour_support",
+    "select_logp",
+    "consensus_mass",
+    "pairwise_km",
+]
 
-SELECTORS = ("logp", "consensus", "reward", "mllm")
+SELECTORS = ("logp", "consensus", "vote", "reward", "mllm")
 
 
 def pairwise_km(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
@@ -49,6 +61,29 @@ def select_consensus(pool: Candidates, radius_km: float = 200.0, medoid: bool = 
     return from_scores(pool, consensus_mass(pool, radius_km))
 
 
+def neighbour_support(pool: Candidates, neighbours_latlon: np.ndarray, radius_km: float) -> np.ndarray:
+    """(B, N) mean over the k neighbours (B, k, 2) of exp(-distance / radius_km) to each candidate."""
+    d = haversine_km(
+        pool.lat[:, :, None],
+        pool.lon[:, :, None],
+        neighbours_latlon[:, None, :, 0],
+        neighbours_latlon[:, None, :, 1],
+    )  # (B, N, k)
+    return np.exp(-d / radius_km).mean(axis=2)
+
+
+def select_vote(
+    pool: Candidates, neighbours_latlon: np.ndarray | None, radius_km: float = 200.0
+) -> Selection:
+    """The candidate maximising log P_model + log support: the model's probability times its neighbours'."""
+    if neighbours_latlon is None:
+        raise GeoTokenError("select='vote' needs the retrieved neighbours (a model with k > 0)")
+    if not radius_km > 0:
+        raise GeoTokenError(f"vote radius_km must be > 0, got {radius_km}")
+    support = neighbour_support(pool, np.asarray(neighbours_latlon, dtype=np.float64), radius_km)
+    return from_scores(pool, pool.logp + np.log(support + 1e-300))
+
+
 def select(pool: Candidates, method: str = "logp", **options) -> Selection:
     """Dispatch by name. `logp` takes `logp_kind=` ("t1" or "scaled"); `reward` needs `scorer=`, `memory=`
     (and `batch=` for the decoder scorer); `mllm` needs `images=` (see those modules)."""
@@ -56,6 +91,8 @@ def select(pool: Candidates, method: str = "logp", **options) -> Selection:
         return select_logp(pool, **options)
     if method == "consensus":
         return select_consensus(pool, **options)
+    if method == "vote":
+        return select_vote(pool, **options)
     if method == "reward":
         return select_reward(pool, **options)
     if method == "mllm":
