@@ -105,7 +105,7 @@ class DemoConfig:
     drop_near_km: float = 0.0  # training: a share of queries lose their neighbours within this many km
     drop_near_share: float = 0.5
     strategies: tuple[str, ...] = ("greedy", "beam", "sample", "sample+retrieval")
-    selectors: tuple[str, ...] = ("logp", "consensus", "reward")
+    selectors: tuple[str, ...] = ("logp", "consensus", "vote", "reward")
     # every strategy gallery-constrained (rows labelled +gallery), greedy also free (the authors' decoding)
     constrain: tuple[bool, ...] = (True,)
     free_strategies: tuple[str, ...] = ("greedy",)
