@@ -471,3 +471,11 @@ def test_the_page_offers_every_strategy_and_selector():
     }
     assert menus["strategy"] == list(STRATEGIES)
     assert menus["select"] == list(SELECTORS)
+
+
+def test_vote_is_not_offered_without_retrieval():
+    from geotoken.serve.app import unavailable_options
+
+    assert "vote" in unavailable_options({"model": {"k": 0}})
+    assert "vote" not in unavailable_options({"model": {"k": 5}})
+    assert "vote" in unavailable_options({"name": "geoclip", "model": "GeoCLIP", "selectors": ["logp"]})

@@ -190,8 +190,8 @@ def offered_options(info: dict) -> tuple[list[str], list[str]]:
 
 def unavailable_options(info: dict) -> dict[str, str]:
     """{strategy or selector: why this predictor cannot run it}, from its `info()` (empty if it says
-    nothing): `reward` without a reward scorer, `vote` on a model without retrieval, `mllm` without an endpoint (config or environment), and
-    GeoToken's search options on a predictor whose `info()` lists its own."""
+    nothing): `reward` without a reward scorer, `vote` on a model without retrieval, `mllm` without an
+    endpoint (config or environment), and GeoToken's search options on a predictor whose `info()` lists its own."""
     strategies, selectors = offered_options(info)
     name = info.get("name") or "loaded"
     out = {o: f"is not an option of the {name} model" for o in (*STRATEGIES, *SELECTORS)}
@@ -199,7 +199,8 @@ def unavailable_options(info: dict) -> dict[str, str]:
         out.pop(o, None)
     if info.get("reward_scorer") is False:
         out["reward"] = "needs a reward scorer in the bundle (geotoken train-reward)"
-    if (info.get("model") or {}).get("k") == 0:
+    model = info.get("model")
+    if isinstance(model, dict) and model.get("k") == 0:  # a GeoToken model without retrieval
         out["vote"] = "needs retrieved neighbours (the model reads none: k = 0)"
     mllm = (info.get("search") or {}).get("mllm")
     if isinstance(mllm, dict):
