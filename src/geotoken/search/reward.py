@@ -139,21 +139,7 @@ class RewardScorer(nn.Module):
         return self.score(memory, pool)
 
     def save(self, directory: str | os.PathLike, **info) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / "model.safetensors") as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
-        write_json(
-            directory / "config.json",
-            {
-                "kind": self.kind,
-                "d_model": self.d_model,
-                "vocab_sizes": self.vocab_sizes,
-                "reward": dataclasses.asdict(self.config),
-                **info,
-            },
-        )
-        return directory
+        return _save_scorer(self, directory, {"d_model": self.d_model, "vocab_sizes": self.vocab_sizes}, info)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str = "cpu") -> RewardScorer:
@@ -218,20 +204,7 @@ class DecoderRewardScorer(nn.Module):
 
     def save(self, directory: str | os.PathLike, **info) -> Path:
         """model.safetensors (the fine-tuned GeoToken weights as model.*, the head as head.*) + config.json."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / "model.safetensors") as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
-        write_json(
-            directory / "config.json",
-            {
-                "kind": self.kind,
-                "model_config": self.model.cfg.to_dict(),
-                "reward": dataclasses.asdict(self.config),
-                **info,
-            },
-        )
-        return directory
+        return _save_scorer(self, directory, {"model_config": self.model.cfg.to_dict()}, info)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str = "cpu") -> DecoderRewardScorer:
@@ -243,6 +216,18 @@ class DecoderRewardScorer(nn.Module):
         except (KeyError, TypeError, RuntimeError) as exc:
             raise GeoTokenError(f"{directory}: broken decoder reward scorer: {exc}") from None
         return scorer.to(device).eval()
+
+
+def _save_scorer(scorer: nn.Module, directory: str | os.PathLike, shape: dict, info: dict) -> Path:
+    """A scorer folder of either kind: its weights (safetensors) and config.json (kind, what rebuilds its
+    modules (`shape`), the reward config, `info`)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in scorer.state_dict().items()}, str(tmp))
+    config = {"kind": scorer.kind, **shape, "reward": dataclasses.asdict(scorer.config), **info}
+    write_json(directory / "config.json", config)
+    return directory
 
 
 def _read_config(directory: Path) -> dict:
