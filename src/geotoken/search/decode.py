@@ -348,7 +348,7 @@ def score_sequences(model, memory: torch.Tensor, tokens: torch.Tensor, cached: b
 def greedy(model, batch, constraint: PrefixConstraint | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Most likely token at each position: (tokens (B, T) int64, summed log-probability (B,)). Tensors stay
     on the model's device (the training loop validates with this). With a `constraint`, the most likely
-    allowed token (the `+gallery` decoder of `geotoken evaluate`); log-probabilities stay the model's."""
+    allowed token (the `+gallery` decoder of `geotoken evaluate`), scored as beams and samples are."""
     memory = model.encode(batch)  # (B, S, d)
     cache = model.init_cache(memory)
     B, T = memory.shape[0], model.cfg.n_tokens
@@ -356,16 +356,13 @@ def greedy(model, batch, constraint: PrefixConstraint | None = None) -> tuple[to
     logp = torch.zeros(B, device=memory.device)
     codes = torch.zeros(B, dtype=torch.long, device=memory.device)  # prefix codes, for the constraint
     for p in range(T):  # the autoregressive loop: one cached step per position
-        lp = torch.log_softmax(
-            model.step(cache, tokens[:, p - 1] if p else None, p).float(), dim=-1
-        )  # (B, V)
-        choose = (
-            lp
-            if constraint is None
-            else lp.masked_fill(~constraint.allowed(codes, p, lp.shape[-1]), -torch.inf)
-        )
-        tokens[:, p] = choose.argmax(dim=-1)
-        logp += lp.gather(1, tokens[:, p : p + 1])[:, 0]
+        logits = model.step(cache, tokens[:, p - 1] if p else None, p)  # (B, V)
+        allowed = constraint.allowed(codes, p, logits.shape[-1]) if constraint is not None else None
+        lp = _log_probs(
+            logits, allowed, constraint is not None and constraint.renormalize
+        )  # as beams, samples
+        best, tokens[:, p] = lp.max(dim=-1)
+        logp += best
         if constraint is not None:
             codes = constraint.extend(codes, p, tokens[:, p])
     return tokens, logp
