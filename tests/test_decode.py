@@ -217,3 +217,9 @@ def test_sample_plus_retrieval_pools_samples_and_neighbour_cells(setup):
     np.testing.assert_allclose(pool.logp[:, 4:], score_sequences(model, memory, batch.nbr_tokens[:, :2]).logp)
     with pytest.raises(GeoTokenError, match="pools 9 neighbours"):
         generate(model, batch, "sample+retrieval", retrieved=9)
+    # greedy+sample+retrieval: the greedy answer first, then the same samples and neighbour cells
+    full, _ = generate(model, batch, "greedy+sample+retrieval", num_samples=4, retrieved=2, seed=1)
+    greedy, _ = generate(model, batch, "greedy")
+    assert full.tokens.shape[:2] == (4, 7)
+    assert (full.tokens[:, :1] == greedy.tokens).all() and (full.tokens[:, 1:] == pool.tokens).all()
+    np.testing.assert_allclose(full.logp[:, 1:], pool.logp)

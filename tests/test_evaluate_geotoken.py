@@ -56,6 +56,7 @@ def test_rows_and_labels():
     assert row_label("beam", "consensus", cfg, constrain=False) == "geotoken beam5+consensus"
     assert row_label("greedy", "logp", cfg, constrain=False) == "geotoken greedy"
     assert row_label("sample+retrieval", "reward", cfg, False) == "geotoken sample10+nbr5+reward"
+    assert row_label("greedy+sample+retrieval", "gate", cfg) == "geotoken greedy+sample10+nbr5+gate+gallery"
 
 
 def test_rows_free_and_constrained():

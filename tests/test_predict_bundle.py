@@ -31,6 +31,11 @@ def test_from_bundle_predicts(bundle, photo):
         [photo], top_k=3, strategy="sample+retrieval", num_samples=4, retrieved=3, select="vote"
     )
     assert vote.select == "vote" and -90 <= vote.lat <= 90
+    # what a new bundle runs by default (`default_search`): greedy + samples + neighbours' cells, gate
+    assert (geo.options.strategy, geo.options.select) == ("greedy+sample+retrieval", "gate")
+    assert geo.options.retrieved == geo.model.cfg.k
+    [gate] = geo.predict([photo], top_k=3)
+    assert gate.select == "gate" and gate.note in ("model sure of the region", "neighbours voted")
 
 
 def test_bf16_predictions_follow_fp32(bundle, photo):

@@ -51,6 +51,33 @@ def test_vote_lets_the_neighbours_overrule_the_model_prior():
         select(PARIS, "vote", neighbours_latlon=None)
 
 
+def test_gate_keeps_the_model_answer_only_where_it_is_sure_of_the_region():
+    sydney = np.array([[[-33.87, 151.21], [-33.9, 151.1], [-34.0, 151.0]]])  # the neighbours back candidate 4
+    level = np.ones(PARIS.tokens.shape)
+    level[0, 0, :2] = [0.9, 0.5]  # the model's own answer (first): P(first 2 tokens) = 0.45
+    pool = Candidates(PARIS.tokens, PARIS.logp, PARIS.lat, PARIS.lon, level)
+    args = {"neighbours_latlon": sydney, "radius_km": 200.0, "gate_tokens": 2}
+    sure = select(pool, "gate", gate_p=0.4, **args)
+    assert sure.index.tolist() == [0] and sure.notes == ["model sure of the region"]
+    assert np.argmax(sure.scores[0]) == 0
+    unsure = select(pool, "gate", gate_p=0.5, **args)
+    assert unsure.index.tolist() == [4] and unsure.notes == ["neighbours voted"]
+    assert unsure.index.tolist() == select(pool, "vote", neighbours_latlon=sydney).index.tolist()
+    # one token (the cube face, 0.9) is enough at 0.5; gate_p 0 always keeps the model's answer
+    assert select(pool, "gate", gate_p=0.5, **{**args, "gate_tokens": 1}).index.tolist() == [0]
+    assert select(pool, "gate", gate_p=0.0, **args).index.tolist() == [0]
+    # own_index names where the pool holds the model's answer; None: its most likely candidate
+    level[0, 2, :2] = 1.0
+    assert select(pool, "gate", gate_p=0.9, own_index=2, **args).index.tolist() == [2]
+    assert select(pool, "gate", gate_p=0.9, own_index=None, **args).index.tolist() == [4]
+    # without neighbours there is nothing to vote with: the model's own answer
+    assert select(pool, "gate", neighbours_latlon=None, gate_p=1.0).index.tolist() == [0]
+    for bad, match in (({"gate_p": 1.5}, "gate_p"), ({"gate_tokens": 4}, "gate_tokens"),
+                       ({"own_index": 7}, "own_index 7")):  # fmt: skip
+        with pytest.raises(GeoTokenError, match=match):
+            select(pool, "gate", **{**args, **bad})
+
+
 def test_medoid():
     sel = select(PARIS, "consensus", medoid=True)
     assert sel.index.tolist() == [1] or sel.index.tolist() == [2]

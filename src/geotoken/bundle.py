@@ -90,6 +90,8 @@ class SearchOptions:
     select: str = "logp"  # one of geotoken.search.SELECTORS
     logp_kind: str = "t1"  # logp selection by the model's own log-probability, or "scaled" (the authors')
     radius_km: float = 200.0  # consensus radius; the width of the vote kernel
+    gate_p: float = 0.3  # gate: keep the model's own answer where P(first gate_tokens tokens) >= gate_p
+    gate_tokens: int = 2
     medoid: bool = False
     batch_size: int = 32
     dtype: str = "fp32"  # matmul precision of the model; "bf16" is ~2x faster on CPUs with AVX-512 BF16, GPUs
@@ -296,6 +298,15 @@ def gallery_tokens_path(root: str | os.PathLike, spec: dict) -> Path:
     return Path(root) / spec.get("gallery_tokens", f"{spec['gallery']}/tokens.npy")
 
 
+def default_search(k: int) -> SearchOptions:
+    """The search a new bundle is written with: what won on all three EarthViews test splits
+    (`benchmarks/selection.py`, README "Three test splits"): the greedy answer, 10 samples and the
+    neighbours' cells, chosen by `gate`; a model without retrieval (k 0): greedy."""
+    if k == 0:
+        return SearchOptions(strategy="greedy")
+    return SearchOptions(strategy="greedy+sample+retrieval", select="gate", retrieved=k)
+
+
 def save_bundle(
     directory: str | os.PathLike,
     *,
@@ -378,7 +389,7 @@ def save_bundle(
         "calibration": None,
         "reward": None,
         "probability_radius_km": 200.0,
-        "search": (options or SearchOptions()).to_dict(),
+        "search": (options or default_search(cfg.k)).to_dict(),
         "backbone_source": backbone_source(backbone_config),
     }
     if calibration is not None:

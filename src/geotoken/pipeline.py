@@ -104,8 +104,8 @@ class DemoConfig:
     label_smoothing: float = 0.0  # training: over each token's siblings
     drop_near_km: float = 0.0  # training: a share of queries lose their neighbours within this many km
     drop_near_share: float = 0.5
-    strategies: tuple[str, ...] = ("greedy", "beam", "sample", "sample+retrieval")
-    selectors: tuple[str, ...] = ("logp", "consensus", "vote", "reward")
+    strategies: tuple[str, ...] = ("greedy", "beam", "sample", "sample+retrieval", "greedy+sample+retrieval")
+    selectors: tuple[str, ...] = ("logp", "consensus", "vote", "gate", "reward")
     # every strategy gallery-constrained (rows labelled +gallery), greedy also free (the authors' decoding)
     constrain: tuple[bool, ...] = (True,)
     free_strategies: tuple[str, ...] = ("greedy",)

@@ -54,7 +54,7 @@ from geotoken.prediction import Candidate, Prediction, resolve_device
 from geotoken.pretrained import GeoCLIPPredictor
 from geotoken.retrieval import NeighbourIndex, join_embeddings
 from geotoken.search.calibration import Calibration, apply_temperature, within_confidence
-from geotoken.search.candidates import Candidates, Selection
+from geotoken.search.candidates import OWN_ANSWER_FIRST, Candidates, Selection
 from geotoken.search.decode import PrefixConstraint, generate
 from geotoken.search.reward import DecoderRewardScorer, RewardScorer, load_reward
 from geotoken.search.select import select
@@ -293,9 +293,13 @@ class Geolocator:
             return {"logp_kind": opt.logp_kind}
         if opt.select == "consensus":
             return {"radius_km": opt.radius_km, "medoid": opt.medoid}
-        if opt.select == "vote":
+        own = 0 if opt.strategy in OWN_ANSWER_FIRST else None  # where the pool holds the model's answer
+        if opt.select in ("vote", "gate"):
             nbr = None if neighbours is None else self.gallery.coords[neighbours[part, : self.model.cfg.k]]
-            return {"neighbours_latlon": nbr, "radius_km": opt.radius_km}
+            args = {"neighbours_latlon": nbr, "radius_km": opt.radius_km}
+            if opt.select == "gate":
+                args.update(gate_p=opt.gate_p, gate_tokens=opt.gate_tokens, own_index=own)
+            return args
         if opt.select == "reward":
             if self.reward is None:
                 raise GeoTokenError(
@@ -306,8 +310,7 @@ class Geolocator:
             if images is None:
                 raise GeoTokenError("select='mllm' needs the images")
             nbr = None if neighbours is None else self.gallery.coords[neighbours[part]]  # (b, k, 2)
-            best = 0 if opt.strategy in ("greedy", "greedy+sample", "beam", "beam+sample") else None
-            return {"images": images[part], "config": opt.mllm, "neighbours_latlon": nbr, "best_index": best}
+            return {"images": images[part], "config": opt.mllm, "neighbours_latlon": nbr, "best_index": own}
         return {}
 
     # ------------------------------------------------------------------------------------------ predictions

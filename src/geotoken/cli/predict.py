@@ -82,7 +82,13 @@ def register(subparsers) -> None:
     p.add_argument("--logp-kind", choices=LOGP_KINDS,
                    help="select logp by the model's own log-probability (t1) or the temperature-scaled one "
                    "of the samples (scaled, the authors'); default: the bundle's")  # fmt: skip
-    p.add_argument("--radius-km", type=float, help="consensus radius in km")
+    p.add_argument("--radius-km", type=float, help="consensus radius, vote kernel width, in km")
+    p.add_argument("--gate-p", type=float, metavar="P",
+                   help="select gate: keep the model's own answer where P(its first --gate-tokens tokens) "
+                   ">= P, else let the neighbours vote (default: the bundle's)")  # fmt: skip
+    p.add_argument(
+        "--gate-tokens", type=int, help="select gate: tokens of the region the model must be sure of"
+    )
     p.add_argument(
         "--constrain",
         action=argparse.BooleanOptionalAction,
@@ -143,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
         "temperature": args.temperature,
         "logp_kind": args.logp_kind,
         "radius_km": args.radius_km,
+        "gate_p": args.gate_p,
+        "gate_tokens": args.gate_tokens,
         "dtype": args.dtype,
     }
     if args.constrain is not None:  # (GeoCLIP has no search options: it refuses this one by name)

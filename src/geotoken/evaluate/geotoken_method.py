@@ -47,8 +47,9 @@ def row_label(strategy: str, select: str, cfg, constrain: bool = True) -> str:
         select = "logp-scaled"  # the authors' ranking: the temperature-scaled log-probability
     if strategy == "greedy":
         return f"geotoken greedy{suffix}"
-    if strategy == "sample+retrieval":  # e.g. 'geotoken sample10+nbr5+reward+gallery'
-        return f"geotoken sample{cfg.num_samples}+nbr{cfg.retrieved}+{select}{suffix}"
+    if strategy.endswith("sample+retrieval"):  # e.g. 'geotoken sample10+nbr5+reward+gallery'
+        first = "greedy+" if strategy.startswith("greedy+") else ""
+        return f"geotoken {first}sample{cfg.num_samples}+nbr{cfg.retrieved}+{select}{suffix}"
     size = cfg.beam_width if strategy == "beam" else cfg.num_samples
     return f"geotoken {strategy}{size}+{select}{suffix}"
 

@@ -19,8 +19,19 @@ from geotoken.errors import GeoTokenError
 # How a pool is made (`geotoken.search.decode.generate`): "beam+sample" pools `beam_width` beams and
 # `num_samples` samples; "greedy+sample" the greedy answer (first) and `num_samples` samples (the authors'
 # MLLM pool: their best guess and their other guesses); "sample+retrieval" pools `num_samples` samples and
-# the cells of the first `retrieved` retrieved neighbours.
-STRATEGIES = ("greedy", "beam", "sample", "beam+sample", "greedy+sample", "sample+retrieval")
+# the cells of the first `retrieved` retrieved neighbours; "greedy+sample+retrieval" the greedy answer
+# (first), the samples and the retrieved cells (the `gate` selector's pool).
+STRATEGIES = (
+    "greedy",
+    "beam",
+    "sample",
+    "beam+sample",
+    "greedy+sample",
+    "sample+retrieval",
+    "greedy+sample+retrieval",
+)
+# strategies whose pool starts with the model's own answer (greedy, or the best beam)
+OWN_ANSWER_FIRST = ("greedy", "beam", "beam+sample", "greedy+sample", "greedy+sample+retrieval")
 
 
 @dataclass

@@ -282,8 +282,9 @@ def generate(
 ) -> tuple[Candidates, torch.Tensor]:
     """Encode once, search with `strategy`; returns (candidates, memory) so selectors can reuse the memory.
 
-    "greedy+sample" puts the greedy answer first, before the samples. "sample+retrieval" adds the cells of the first `retrieved` neighbours in `batch` to the samples, with
-    the model's own probabilities of them: retrieval and generation compete in one pool.
+    "greedy+sample" puts the greedy answer first, before the samples. "sample+retrieval" adds the cells of
+    the first `retrieved` neighbours in `batch` to the samples, with the model's own probabilities of them:
+    retrieval and generation compete in one pool. "greedy+sample+retrieval": the greedy answer, then both.
 
     dtype "bf16" runs the model's matmuls in bfloat16 (autocast; about 2x faster on CPUs with bf16 units,
     and on GPUs); log-probabilities are still computed in fp32.
@@ -296,7 +297,7 @@ def generate(
             pool = sample(model, memory, 1, temperature=0.0, constraint=constraint, cached=cached)
         elif strategy == "beam":
             pool = beam_search(model, memory, beam_width, constraint=constraint, cached=cached)
-        else:  # sample, beam+sample, greedy+sample, sample+retrieval
+        else:  # sample, beam+sample, greedy+sample, sample+retrieval, greedy+sample+retrieval
             gen = torch.Generator().manual_seed(seed)
             pool = sample(
                 model,
@@ -311,11 +312,11 @@ def generate(
             )
             if strategy == "beam+sample":
                 pool = Candidates.concat([beam_search(model, memory, beam_width, constraint, cached), pool])
-            if strategy == "greedy+sample":  # the greedy answer first
+            if strategy.endswith("+retrieval"):
+                pool = Candidates.concat([pool, score_sequences(model, memory, _retrieved(batch, retrieved))])
+            if strategy.startswith("greedy+"):  # the greedy answer first
                 best = sample(model, memory, 1, temperature=0.0, constraint=constraint, cached=cached)
                 pool = Candidates.concat([best, pool])
-            if strategy == "sample+retrieval":
-                pool = Candidates.concat([pool, score_sequences(model, memory, _retrieved(batch, retrieved))])
     return pool, memory
 
 
@@ -323,7 +324,7 @@ def _retrieved(batch, r: int) -> torch.Tensor:
     """The first r neighbours' token sequences (B, r, T) of a batch."""
     if batch.nbr_tokens is None or r < 1 or batch.nbr_tokens.shape[1] < r:
         have = 0 if batch.nbr_tokens is None else batch.nbr_tokens.shape[1]
-        raise GeoTokenError(f"strategy 'sample+retrieval' pools {r} neighbours (>= 1); the batch has {have}")
+        raise GeoTokenError(f"a '+retrieval' strategy pools {r} neighbours (>= 1); the batch has {have}")
     return batch.nbr_tokens[:, :r]
 
 

@@ -11,6 +11,11 @@ candidate (higher is better, used to rank the pool), the chosen index and its co
 - `vote`: the model's probability times the retrieved neighbours' support (how close the k neighbours lie,
   a kernel of width R km): a candidate the model likes and the neighbours back wins, so on places unlike the
   gallery's the retrieval evidence corrects the model's prior (pair it with `sample+retrieval` pools).
+- `gate`: the model's own answer (the greedy one of a `greedy+sample+retrieval` pool) where the model is
+  sure of the region, `vote` elsewhere: sure means P(its first `gate_tokens` tokens) >= `gate_p` (2 tokens:
+  a cube face and a cell of ~2,500 km). On places like the training data the model's coarse guess is
+  better than its neighbours' (kNN), on places unlike them worse: the model's own confidence tells which
+  (`benchmarks/selection.py`: tuned on `val`, at least greedy on all three EarthViews test splits).
 - `reward` (`geotoken.search.reward`): a learned scorer of "is this candidate within X km".
 - `mllm` (`geotoken.search.mllm`): a multimodal LLM behind an OpenAI-compatible endpoint.
 """
@@ -30,13 +35,14 @@ __all__ = [
     "select",
     "select_consensus",
     "select_vote",
+    "select_gate",
     "neighbour_support",
     "select_logp",
     "consensus_mass",
     "pairwise_km",
 ]
 
-SELECTORS = ("logp", "consensus", "vote", "reward", "mllm")
+SELECTORS = ("logp", "consensus", "vote", "gate", "reward", "mllm")
 
 
 def pairwise_km(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
@@ -84,6 +90,45 @@ def select_vote(
     return from_scores(pool, pool.logp + np.log(support + 1e-300))
 
 
+def select_gate(
+    pool: Candidates,
+    neighbours_latlon: np.ndarray | None,
+    radius_km: float = 200.0,
+    gate_p: float = 0.3,
+    gate_tokens: int = 2,
+    own_index: int | None = 0,
+) -> Selection:
+    """The model's own answer where P(its first `gate_tokens` tokens) >= `gate_p`, else `select_vote`.
+
+    own_index: the pool's position of the model's own answer (0 in greedy-first pools); None: its most
+    likely candidate. Without neighbours (a model with k 0) there is nothing to vote with: the own answer.
+    """
+    if not 0.0 <= gate_p <= 1.0:
+        raise GeoTokenError(f"gate_p must be in [0, 1], got {gate_p}")
+    if not 1 <= gate_tokens <= pool.tokens.shape[-1]:
+        raise GeoTokenError(f"gate_tokens must be in 1..{pool.tokens.shape[-1]}, got {gate_tokens}")
+    own = select_logp(pool) if own_index is None else from_scores(pool, _one_hot(pool, own_index))
+    if neighbours_latlon is None:
+        return own
+    vote = select_vote(pool, neighbours_latlon, radius_km)
+    rows = np.arange(len(own.index))
+    sure = np.prod(pool.level_probs[rows, own.index, :gate_tokens], axis=1) >= gate_p  # (B,)
+    index = np.where(sure, own.index, vote.index)
+    scores = np.where(sure[:, None], own.scores, vote.scores)
+    notes = ["model sure of the region" if s else "neighbours voted" for s in sure]
+    return Selection(index, pool.lat[rows, index], pool.lon[rows, index], scores, notes)
+
+
+def _one_hot(pool: Candidates, index: int) -> np.ndarray:
+    """(B, N) scores that rank candidate `index` first, the rest by log-probability."""
+    B, N = pool.shape
+    if not 0 <= index < N:
+        raise GeoTokenError(f"own_index {index} is outside the pool of {N} candidates")
+    scores = pool.logp.astype(np.float64).copy()
+    scores[:, index] = np.inf
+    return scores
+
+
 def select(pool: Candidates, method: str = "logp", **options) -> Selection:
     """Dispatch by name. `logp` takes `logp_kind=` ("t1" or "scaled"); `reward` needs `scorer=`, `memory=`
     (and `batch=` for the decoder scorer); `mllm` needs `images=` (see those modules)."""
@@ -93,6 +138,8 @@ def select(pool: Candidates, method: str = "logp", **options) -> Selection:
         return select_consensus(pool, **options)
     if method == "vote":
         return select_vote(pool, **options)
+    if method == "gate":
+        return select_gate(pool, **options)
     if method == "reward":
         return select_reward(pool, **options)
     if method == "mllm":

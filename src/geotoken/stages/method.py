@@ -299,8 +299,8 @@ def make_bundle(
 class EvalStageConfig:
     splits: tuple[str, ...] = TEST_SPLITS  # query splits, each evaluated against the gallery
     baselines: tuple[str, ...] = BASELINES
-    strategies: tuple[str, ...] = ("greedy", "beam", "sample", "sample+retrieval")
-    selectors: tuple[str, ...] = ("logp", "consensus", "vote", "reward")
+    strategies: tuple[str, ...] = ("greedy", "beam", "sample", "sample+retrieval", "greedy+sample+retrieval")
+    selectors: tuple[str, ...] = ("logp", "consensus", "vote", "gate", "reward")
     # decodings (True: gallery-constrained, rows labelled +gallery; False: free, as the paper's authors)
     constrain: tuple[bool, ...] = (True,)
     free_strategies: tuple[str, ...] = ("greedy",)  # also decoded free: the authors' decoding beside ours
