@@ -116,7 +116,7 @@ def test_geolocator_search_logp_kind_and_prediction_fields(random_bundle):
     geo = Geolocator.from_bundle(random_bundle())
     rng = np.random.default_rng(0)
     emb = {m: rng.normal(size=(3, d)).astype(np.float32) for m, d in geo.model.cfg.modalities.items()}
-    kw = dict(strategy="sample", num_samples=8, temperature="paper", constrain=False)
+    kw = dict(strategy="sample", num_samples=8, temperature="paper", constrain=False, select="logp")
     t1 = geo.search(emb, **kw, logp_kind="t1")
     scaled = geo.search(emb, **kw, logp_kind="scaled")
     np.testing.assert_array_equal(t1.pool.tokens, scaled.pool.tokens)  # same draws

@@ -434,7 +434,12 @@ def test_options_the_model_cannot_run_are_not_offered(client):
     schema = client.get("/openapi.json").json()["components"]["schemas"]["Body_geolocate_v1_geolocate_post"]
     enum = {name: schema["properties"][name]["anyOf"][0]["enum"] for name in ("strategy", "select")}
     assert enum["strategy"] == list(STRATEGIES)
-    assert enum["select"] == ["logp", "consensus", "vote"]  # no reward scorer in the bundle, no MLLM endpoint
+    assert enum["select"] == [
+        "logp",
+        "consensus",
+        "vote",
+        "gate",
+    ]  # no reward scorer in the bundle, no MLLM endpoint
     for fields in ({"select": "reward"}, {"select": "mllm"}):
         r = post(client, png_bytes(), **fields)
         assert r.status_code == 422 and "not available on this server" in r.json()["error"]
