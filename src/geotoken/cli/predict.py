@@ -193,7 +193,7 @@ def add_backbone_precision(p) -> None:
         "--backbone-precision",
         choices=PRECISIONS,
         default="auto",
-        help="how a CLIP backbone runs (default auto: bf16 autocast on CPUs with AVX-512 BF16 / AMX, else fp32; "
+        help="how a CLIP backbone runs (default auto: bf16 autocast on CPUs with AVX-512 BF16 / AMX, else fp32 (fp32 under --backbone-runtime onnx); "
         "int8: Linear layers quantised, ~2.5x faster ViT-L/14 forward on CPUs, features within cosine 0.9995; "
         "geotoken bench predict --agreement checks them against fp32)",
     )
