@@ -101,6 +101,14 @@ def free_port() -> int:
     return helpers.free_port()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """The geotoken cache (CLIP's ONNX exports, GeoCLIP galleries) in a session folder, never ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GEOTOKEN_CACHE", str(tmp_path_factory.mktemp("geotoken-cache")))
+        yield
+
+
 # ------------------------------------------------------------------ GeoCLIP on a tiny random CLIP, offline
 @pytest.fixture
 def offline_hub(monkeypatch, tmp_path):

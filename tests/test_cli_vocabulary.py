@@ -18,6 +18,7 @@ from geotoken.cli import build_parser
 from geotoken.data.earthviews import PRESETS as EARTHVIEWS_PRESETS
 from geotoken.encoders import BACKBONES
 from geotoken.encoders.clip import PRECISIONS
+from geotoken.encoders.ort import RUNTIMES
 from geotoken.encoders.text import TEXT_ENCODERS
 from geotoken.evaluate import EVAL_STRATEGIES
 from geotoken.evaluate.baselines import GPS_GALLERIES
@@ -60,6 +61,8 @@ REGISTRIES = {
     "gps_gallery": GPS_GALLERIES,
     "gps_head": GPS_HEADS,
     "backbone_precision": PRECISIONS,
+    "backbone_runtime": RUNTIMES,
+    "backbone_runtimes": RUNTIMES,
 }
 # (command path, dest) -> the registry it must equal instead: a documented part of a registry, or the
 # registry of that command's own presets

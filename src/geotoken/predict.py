@@ -45,6 +45,7 @@ from geotoken.bundle import (
 from geotoken.data.images import as_image, as_image_list
 from geotoken.encoders import load_backbone
 from geotoken.encoders.clip import resolve_precision
+from geotoken.encoders.ort import resolve_runtime
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
 from geotoken.gallery import Gallery
@@ -109,6 +110,7 @@ class Geolocator:
         revision: str | None = None,
         device: str = "auto",
         backbone_precision: str = "auto",
+        backbone_runtime: str = "auto",
     ) -> Geolocator | GeoCLIPPredictor:
         """A model by name: "geoclip" (built in: GeoCLIP's pretrained weights, `GeoCLIPPredictor`), a bundle
         folder, or a Hugging Face Hub repo id (ORG/NAME) holding a bundle, fetched at `revision` into the hub
@@ -118,24 +120,39 @@ class Geolocator:
         openai/clip-vit-large-patch14) or of a bundle with a CLIP backbone (default: the one it records).
         device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda:1", ...
         backbone_precision: how a CLIP backbone runs (`geotoken.encoders.clip.PRECISIONS`; "auto": bf16 on
-        CPUs with bf16 units, else fp32; int8 is an explicit choice).
+        CPUs with bf16 units, else fp32, and fp32 under backbone_runtime "onnx"; int8 is an explicit choice).
+        backbone_runtime: what runs a CLIP backbone (`geotoken.encoders.ort.RUNTIMES`: torch, onnx = ONNX
+        Runtime on the CPU for fp32/int8, exported once into the cache; "auto": onnx on the CPU at fp32 when
+        onnxruntime is installed, else torch).
         """
         name = os.fspath(name_or_path)
         if name == "geoclip":
             if revision is not None:
                 raise GeoTokenError("revision applies to Hugging Face Hub repos, not to the built-in geoclip")
-            return GeoCLIPPredictor.load(clip=clip, device=device, precision=backbone_precision)
+            return GeoCLIPPredictor.load(
+                clip=clip, device=device, precision=backbone_precision, runtime=backbone_runtime
+            )
         if Path(name).exists():
             if revision is not None:
                 raise GeoTokenError(f"{name}: a local folder has no revision (revision={revision!r})")
-            return cls.from_bundle(name, device=device, clip=clip, backbone_precision=backbone_precision)
+            return cls.from_bundle(
+                name,
+                device=device,
+                clip=clip,
+                backbone_precision=backbone_precision,
+                backbone_runtime=backbone_runtime,
+            )
         if not is_repo_id(name):
             raise GeoTokenError(
                 f"{name}: no such folder; a model is a bundle folder (has bundle.json), a Hugging Face Hub "
                 f"repo id (ORG/NAME) or one of the built-in models {', '.join(BUILTIN_MODELS)}"
             )
         return cls.from_bundle(
-            hub_snapshot(name, revision), device=device, clip=clip, backbone_precision=backbone_precision
+            hub_snapshot(name, revision),
+            device=device,
+            clip=clip,
+            backbone_precision=backbone_precision,
+            backbone_runtime=backbone_runtime,
         )
 
     @classmethod
@@ -145,20 +162,28 @@ class Geolocator:
         device: str = "cpu",
         clip: str | os.PathLike | None = None,
         backbone_precision: str = "auto",
+        backbone_runtime: str = "auto",
     ) -> Geolocator:
         """Load everything named by `directory/bundle.json` (`clip`: other CLIP weights for its backbone;
-        `backbone_precision`: see `from_pretrained`; other backbones run in fp32)."""
+        `backbone_precision`, `backbone_runtime`: see `from_pretrained`; other backbones run in fp32 on torch)."""
         root = Path(directory)
         spec = read_bundle(root)
         device = resolve_device(device)
         backbone_config = bundle_backbone_config(root, spec, clip)
-        precision = resolve_precision(backbone_precision, device)
+        precision = resolve_precision(backbone_precision, device, backbone_runtime)
         if backbone_config.get("name") == "clip":
             backbone_config["precision"] = precision
+            dtype = backbone_config.get("dtype", "float32")
+            backbone_config["runtime"] = resolve_runtime(backbone_runtime, precision, device, dtype)
         elif backbone_precision not in ("auto", "fp32"):
             raise GeoTokenError(
                 f"{root}: backbone_precision {backbone_precision!r} applies to CLIP backbones; this bundle's "
                 f"is {backbone_config.get('name')!r} (fp32)"
+            )
+        elif backbone_runtime not in ("auto", "torch"):
+            raise GeoTokenError(
+                f"{root}: backbone_runtime {backbone_runtime!r} applies to CLIP backbones; this bundle's "
+                f"is {backbone_config.get('name')!r} (torch)"
             )
         model = GeoToken.load(root / spec["model"], device=device)
         store = FeatureStore.open(gallery_dir(root, spec))  # its own copy, or the store it links to
@@ -185,6 +210,8 @@ class Geolocator:
         return {
             "bundle": None if self.root is None else str(self.root),
             "backbone": None if self.backbone is None else self.backbone.config(),
+            "backbone_precision": getattr(self.backbone, "precision", None),  # CLIP's; None: fp32
+            "backbone_runtime": getattr(self.backbone, "runtime", None),  # CLIP's; None: torch
             "model": cfg.to_dict(),
             "parameters": self.model.n_params(),
             "gallery_rows": self.gallery.rows,

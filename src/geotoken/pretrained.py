@@ -14,6 +14,7 @@ from geotoken import s2
 from geotoken.data.images import as_image, as_image_list
 from geotoken.encoders.clip import PAPER_MODEL, resolve_precision
 from geotoken.encoders.geoclip import GeoCLIPFiles, GeoCLIPGeolocator
+from geotoken.encoders.ort import resolve_runtime
 from geotoken.errors import GeoTokenError
 from geotoken.geo import EARTH_RADIUS_KM
 from geotoken.places import place_names
@@ -63,13 +64,18 @@ class GeoCLIPPredictor:
         level: int = 20,
         batch_size: int = 16,
         precision: str = "auto",
+        runtime: str = "auto",
     ) -> GeoCLIPPredictor:
         """clip: CLIP ViT-L/14 as a folder or hub id (default openai/clip-vit-large-patch14: about 1.7 GB,
         downloaded once into the hub cache); files: GeoCLIP's weights (default: the `geoclip` wheel's);
-        precision: how CLIP runs (`geotoken.encoders.clip.PRECISIONS`, "auto" chosen for `device`)."""
-        precision = resolve_precision(precision, resolve_device(device))
+        precision: how CLIP runs (`geotoken.encoders.clip.PRECISIONS`, "auto" chosen for `device`);
+        runtime: what runs it (`geotoken.encoders.ort.RUNTIMES`; "auto": ONNX Runtime on the CPU at fp32
+        when installed, else torch)."""
+        device = resolve_device(device)
+        precision = resolve_precision(precision, device, runtime)
+        runtime = resolve_runtime(runtime, precision, device)
         model = GeoCLIPGeolocator.load(
-            clip or PAPER_MODEL, files=files, cache_dir=cache_dir, precision=precision
+            clip or PAPER_MODEL, files=files, cache_dir=cache_dir, precision=precision, runtime=runtime
         )
         return cls(model, level, batch_size).to(device)
 
@@ -84,6 +90,8 @@ class GeoCLIPPredictor:
             "bundle": None,
             "model": "GeoCLIP (Vivanco et al., NeurIPS 2023), pretrained weights of the geoclip package (MIT)",
             "backbone": self.model.backbone.config(),
+            "backbone_precision": self.model.backbone.precision,
+            "backbone_runtime": self.model.backbone.runtime,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "gallery_rows": len(self.model),
             "gallery_cache": str(self.model.cache_path),

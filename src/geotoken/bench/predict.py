@@ -11,9 +11,9 @@ runs on the same CLIP weights and images in the same run (`geotoken.bench.geocli
 Optionally (`index_rows`) a large IVF-PQ index over random vectors stands in for a 4.7M-row MP16 gallery:
 its search is timed on the same queries (built once, cached on disk by its parameters).
 
-`backbone_agreement` is the check behind `--backbone-precision`: each precision's features against fp32
-eager attention on a fixed image set (cosine), and the top-1 answers they lead to (GeoCLIP's gallery
-coordinate, GeoToken's greedy cell).
+`backbone_agreement` is the check behind `--backbone-precision` and `--backbone-runtime`: each
+"precision/runtime" variant's features against fp32 eager attention on torch on a fixed image set
+(cosine), and the top-1 answers they lead to (GeoCLIP's gallery coordinate, GeoToken's greedy cell).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from geotoken.encoders import load_backbone
 from geotoken.encoders.base import cpu_has_bf16
 from geotoken.encoders.clip import resolve_precision
 from geotoken.encoders.geoclip import GeoCLIPGeolocator, default_cache_dir
+from geotoken.encoders.ort import resolve_runtime
 from geotoken.errors import GeoTokenError
 from geotoken.gallery import Gallery
 from geotoken.model import GeoToken
@@ -69,9 +70,44 @@ def paper_gallery(rows: int = GALLERY_ROWS, seed: int = 0) -> Gallery:
     return Gallery(emb, tokens, coords)
 
 
+def split_variant(variant: str) -> tuple[str, str]:
+    """A "precision/runtime" key (e.g. "fp32/onnx") -> (precision, runtime); a bare precision: "auto"."""
+    precision, _, runtime = variant.partition("/")
+    return precision, runtime or "auto"
+
+
+def resolve_variant(variant: str) -> tuple[str, str]:
+    """The (precision, runtime) a "precision/runtime" key runs as on this machine (GeoTokenError if none)."""
+    precision, runtime = split_variant(variant)
+    precision = resolve_precision(precision, runtime=runtime)
+    return precision, resolve_runtime(runtime, precision)
+
+
+def backbone_variants(precisions: tuple[str, ...], runtimes: tuple[str, ...]) -> tuple[list[str], dict]:
+    """The "precision/runtime" keys to time, one per distinct resolved (precision, runtime) on this
+    machine (the first asked for wins), and {key: why it is left out} for the others."""
+    keep, seen, skipped = [], {}, {}
+    for p in precisions:
+        for r in runtimes:
+            key = f"{p}/{r}"
+            try:
+                resolved = resolve_variant(key)
+            except GeoTokenError as e:
+                skipped[key] = str(e)
+                continue
+            if resolved in seen:
+                skipped[key] = f"runs as {seen[resolved]}"
+            else:
+                seen[resolved] = key
+                keep.append(key)
+    return keep, skipped
+
+
 def paper_geolocator(clip_folder: Path, precision: str, gallery: Gallery, index, seed: int = 0) -> Geolocator:
-    """The paper-sized method on random weights: CLIP (`precision`) -> heads -> `index` -> `paper` GeoToken."""
-    backbone = load_backbone("clip", model=str(clip_folder), precision=precision)
+    """The paper-sized method on random weights: CLIP (`precision`, or "precision/runtime") -> heads ->
+    `index` -> `paper` GeoToken."""
+    precision, runtime = split_variant(precision)
+    backbone = load_backbone("clip", model=str(clip_folder), precision=precision, runtime=runtime)
     torch.manual_seed(seed)
     dims = PAPER_INPUTS["modalities"]
     heads = AlignHeads(
@@ -160,14 +196,17 @@ def backbone_agreement(
     geo: Geolocator | None = None,
     geoclip: GeoCLIPGeolocator | None = None,
 ) -> dict:
-    """Each precision against fp32 with eager attention on `images`: {precision: {cosine_min,
-    cosine_mean, geoclip_top1_agreement, geotoken_top1_cell_agreement, passes}}.
+    """Each precision (or "precision/runtime", `split_variant`) against fp32 with eager attention on torch
+    on `images`: {variant: {resolved, runtime, cosine_min, cosine_mean, geoclip_top1_agreement,
+    geotoken_top1_cell_agreement, passes}}.
 
     geoclip: GeoCLIP's head and gallery (top-1 coordinate); geo: a Geolocator whose heads, index and
     model turn the features into a greedy top-1 cell. `passes`: cosine_min >= 0.999 and each top-1
     agreement >= 99 %.
     """
-    reference = load_backbone("clip", model=str(clip_folder), precision="fp32", attention="eager")
+    reference = load_backbone(
+        "clip", model=str(clip_folder), precision="fp32", attention="eager", runtime="torch"
+    )
     ref = reference.embed(images)
     del reference
 
@@ -184,12 +223,15 @@ def backbone_agreement(
 
     ref_answers = answers(ref)
     result = {}
-    for precision in precisions:
-        backbone = load_backbone("clip", model=str(clip_folder), precision=precision)
+    for variant in precisions:
+        precision, runtime = split_variant(variant)
+        backbone = load_backbone("clip", model=str(clip_folder), precision=precision, runtime=runtime)
         feats = backbone.embed(images)
+        resolved = {"resolved": backbone.precision, "runtime": backbone.runtime}
+        del backbone
         cos = F.cosine_similarity(feats, ref, dim=1)
         row = {
-            "resolved": backbone.precision,
+            **resolved,
             "cosine_min": float(cos.min()),
             "cosine_mean": float(cos.mean()),
         }
@@ -203,7 +245,7 @@ def backbone_agreement(
         row["passes"] = row["cosine_min"] >= MIN_COSINE and all(
             row[k] >= MIN_TOP1 for k in ("geoclip_top1_agreement", "geotoken_top1_cell_agreement") if k in row
         )
-        result[precision] = row
+        result[variant] = row
     return result
 
 
@@ -214,6 +256,7 @@ def bench_predict(
     reference_images: int = 1,
     *,
     precisions: tuple[str, ...] = ("fp32", "auto"),
+    runtimes: tuple[str, ...] = ("torch", "auto"),
     decoders: tuple[str, ...] = tuple(DECODERS),
     gallery_rows: int = GALLERY_ROWS,
     index_rows: int = 0,
@@ -222,13 +265,14 @@ def bench_predict(
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
 ) -> dict:
-    """Images/s and p50/p95 latency of `Geolocator.predict` per backbone precision, decoder and batch size,
-    the mean time per stage, and GeoCLIP's package predict on the same weights and images, in one run.
+    """Images/s and p50/p95 latency of `Geolocator.predict` per backbone variant ("precision/runtime": each
+    of `precisions` on each of `runtimes`, one per distinct resolved pair, `backbone_variants`), decoder and
+    batch size, the mean time per stage, and GeoCLIP's package predict on the same weights and images.
 
-    `ratio_vs_geoclip[precision][decoder][batch]` = our images/s / GeoCLIP's predict's;
-    `speedup_vs_fp32[precision][decoder][batch]` = images/s / fp32's, each the best of `rounds`
+    `ratio_vs_geoclip[variant][decoder][batch]` = our images/s / GeoCLIP's predict's;
+    `speedup_vs_fp32[variant][decoder][batch]` = images/s / fp32/torch's, each the best of `rounds`
     interleaved rounds. `agreement` > 0: also
-    `backbone_agreement` of every precision on that many fixed images. `index_rows` > 0: the search time
+    `backbone_agreement` of every variant on that many fixed images. `index_rows` > 0: the search time
     of an IVF-PQ index of that many rows on the same queries (`big_index`).
     """
     check_at_least(
@@ -255,6 +299,12 @@ def bench_predict(
         "k": PAPER_INPUTS["k"],
         "resolved_precisions": {p: resolve_precision(p) for p in precisions},
     }
+    variants, res["skipped_variants"] = backbone_variants(precisions, runtimes)
+    if not variants:
+        raise GeoTokenError(f"bench predict: no backbone variant runs here: {res['skipped_variants']}")
+    res["variants"] = {
+        v: dict(zip(("precision", "runtime"), resolve_variant(v), strict=True)) for v in variants
+    }
     try:
         with tempfile.TemporaryDirectory(prefix="geotoken-predict-bench-") as tmp:
             tmp = Path(tmp)
@@ -264,12 +314,12 @@ def bench_predict(
             gallery = paper_gallery(gallery_rows, seed)
             index = NeighbourIndex.build(gallery.embeddings["visual"], "flat", progress=False)
             res["setup_s"] = time.perf_counter() - t0
-            geos = {p: paper_geolocator(tmp / "clip", p, gallery, index, seed) for p in precisions}
+            geos = {v: paper_geolocator(tmp / "clip", v, gallery, index, seed) for v in variants}
             for geo in geos.values():
                 geo.predict(pics[:1], top_k=1, strategy="greedy")  # warm-up
             # rounds visit every (precision, decoder, batch) in turn, so a busy spell of a shared machine
             # hits all alike; the fastest round of each is kept
-            ours: dict = {p: {d: {} for d in decoders} for p in precisions}
+            ours: dict = {v: {d: {} for d in decoders} for v in variants}
             for _ in range(rounds):
                 for d in decoders:
                     for b in batch_sizes:
@@ -278,7 +328,7 @@ def bench_predict(
                             best = ours[p][d].get(str(b))
                             if best is None or run["images_per_s"] > best["images_per_s"]:
                                 ours[p][d][str(b)] = run
-            last_geo = geos[precisions[-1]]
+            last_geo = geos[variants[-1]]
             res["ours"], res["rounds"] = ours, rounds
             if index_rows:
                 big, build_s, status = big_index(index_rows, seed=seed, cache_dir=cache_dir)
@@ -301,9 +351,7 @@ def bench_predict(
             if agreement:
                 fixed = bench_images(agreement, seed + 1)
                 geoclip = GeoCLIPGeolocator(cache_dir=cache_dir)
-                res["agreement"] = backbone_agreement(
-                    tmp / "clip", tuple(precisions), fixed, last_geo, geoclip
-                )
+                res["agreement"] = backbone_agreement(tmp / "clip", tuple(variants), fixed, last_geo, geoclip)
             theirs = geoclip_package_predict(vision, pics[:reference_images], tmp)
     finally:
         torch.set_num_threads(previous)
@@ -317,10 +365,11 @@ def bench_predict(
         p: {d: {b: v["images_per_s"] / ref_ips for b, v in per.items()} for d, per in by.items()}
         for p, by in ours.items()
     }
-    if "fp32" in ours:
+    base = ours.get("fp32/torch")
+    if base is not None:
         res["speedup_vs_fp32"] = {
             p: {
-                d: {b: v["images_per_s"] / ours["fp32"][d][b]["images_per_s"] for b, v in per.items()}
+                d: {b: v["images_per_s"] / base[d][b]["images_per_s"] for b, v in per.items()}
                 for d, per in by.items()
             }  # fmt: skip
             for p, by in ours.items()

@@ -89,6 +89,7 @@ def run(args) -> int:
         revision=args.revision,
         device=args.device,
         backbone_precision=args.backbone_precision,
+        backbone_runtime=args.backbone_runtime,
     )
     # one prediction before listening: lazy initialisation is paid here, not by the first request, and
     # the service-rate estimate behind admission starts from a warm model

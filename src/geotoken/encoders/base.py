@@ -6,6 +6,8 @@ its weights expect; `config()` is enough to re-create it with `load_backbone(**c
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +40,11 @@ class ImageBackbone(nn.Module):
         x = torch.stack([self.preprocess(im) for im in images])  # (B, 3, H, W)
         param = next(self.parameters())
         return self(x.to(device=param.device, dtype=param.dtype)).float()
+
+
+def default_cache_dir() -> Path:
+    """`$GEOTOKEN_CACHE`, else `~/.cache/geotoken` (GeoCLIP's gallery embeddings, CLIP's ONNX graphs)."""
+    return Path(os.environ.get("GEOTOKEN_CACHE") or Path.home() / ".cache" / "geotoken")
 
 
 def cpu_has_bf16() -> bool:

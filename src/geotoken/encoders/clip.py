@@ -9,7 +9,8 @@ attention (`attention="sdpa"`, the same features as the eager path to ~1e-7) and
 `precision` (`PRECISIONS`): fp32; bf16 autocast (pays only with AVX-512 BF16 / AMX or on GPUs); int8
 dynamic quantisation of every Linear layer (CPU only: int8 weights, activations quantised per batch);
 "auto" picks per machine (`resolve_precision`: bf16 where the CPU has bf16 units, else fp32). `geotoken bench predict --agreement` checks them
-against fp32 eager on a fixed image set.
+against fp32 eager on a fixed image set. A `runtime` (`RUNTIMES`) runs fp32 and int8 through ONNX Runtime
+instead of torch (`geotoken.encoders.ort`); "auto" does so on the CPU at fp32 when it is installed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.ao.quantization
 from PIL import Image
 
 from geotoken.encoders.base import ImageBackbone, cpu_has_bf16, resize_center_crop, to_tensor
+from geotoken.encoders.ort import OnnxTower, resolve_runtime
 from geotoken.errors import GeoTokenError
 from geotoken.io import read_json
 
@@ -33,8 +35,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "int8")  # inference precision of the visi
 ATTENTIONS = ("sdpa", "eager")  # transformers' attention implementations the tower accepts
 
 
-def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
-    """The precision to run: "auto" is bf16 on a CPU with bf16 units (AVX-512 BF16 / AMX), else fp32.
+def resolve_precision(precision: str, device: torch.device | str = "cpu", runtime: str = "auto") -> str:
+    """The precision to run: "auto" is bf16 on a CPU with bf16 units (AVX-512 BF16 / AMX), else fp32; fp32
+    under an explicit `runtime` "onnx" (ONNX Runtime runs fp32 and int8; bf16 stays on torch).
 
     int8 is ~2.5x faster than fp32 in the ViT-L/14 forward on 2 cores and keeps cosine 0.9995, but "auto"
     does not choose it: on random weights it changed GeoCLIP's (near-tied) top-1 gallery coordinate on 3 of
@@ -43,7 +46,7 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str
         raise GeoTokenError(f"clip: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
-    if torch.device(device).type != "cpu":
+    if torch.device(device).type != "cpu" or runtime == "onnx":
         return "fp32"
     return "bf16" if cpu_has_bf16() else "fp32"
 
@@ -111,10 +114,14 @@ class CLIPBackbone(ImageBackbone):
         dtype: str = "float32",
         precision: str = "fp32",
         attention: str = "sdpa",
+        runtime: str = "auto",
     ):
         """dtype: the weights' storage dtype; precision: how the forward runs (`PRECISIONS`; "auto" is
         resolved for the CPU here: a model moved to a GPU afterwards should be built with "fp32"/"bf16");
-        attention: "sdpa" (fused) or "eager" (transformers' reference path, for agreement checks)."""
+        attention: "sdpa" (fused) or "eager" (transformers' reference path, for agreement checks);
+        runtime: what runs the tower (`RUNTIMES`): "torch", "onnx" (ONNX Runtime on the CPU, fp32 or int8,
+        exported once into the cache, `geotoken.encoders.ort`) or "auto" (onnx on the CPU at fp32 when
+        onnxruntime and onnx are installed, else torch). The resolved one is `self.runtime`."""
         super().__init__()
         from transformers import CLIPVisionModelWithProjection
 
@@ -122,7 +129,7 @@ class CLIPBackbone(ImageBackbone):
             raise GeoTokenError(f"clip: dtype must be float32, float16 or bfloat16, got {dtype!r}")
         if attention not in ATTENTIONS:
             raise GeoTokenError(f"clip: attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
-        precision = resolve_precision(precision)
+        precision = resolve_precision(precision, runtime=runtime)
         if precision == "int8" and dtype != "float32":
             raise GeoTokenError(f"clip: precision int8 quantises float32 weights, not dtype {dtype!r}")
         self.model = str(model)
@@ -139,8 +146,11 @@ class CLIPBackbone(ImageBackbone):
         except OSError as e:
             raise GeoTokenError(f"clip: cannot load model {self.model!r} (a folder or hub id): {e}") from None
         check_loading(info, f"clip: {self.model!r} vision tower")
+        self.runtime = resolve_runtime(runtime, precision, "cpu", dtype)
+        self.runtime_asked = runtime
         self.precision, self.attention = precision, attention
-        self.net, self.dtype_name = (quantize_int8(net.eval()) if precision == "int8" else net), dtype
+        torch_int8 = precision == "int8" and self.runtime == "torch"
+        self.net, self.dtype_name = (quantize_int8(net.eval()) if torch_int8 else net), dtype
         self.dim = int(net.config.projection_dim)
 
         pre = read_json(pre_path) if pre_path else {}
@@ -160,6 +170,12 @@ class CLIPBackbone(ImageBackbone):
         self.mean = tuple(pre.get("image_mean", OPENAI_MEAN))
         self.std = tuple(pre.get("image_std", OPENAI_STD))
         self.requires_grad_(False)
+        # onnx: an ONNX Runtime session over the exported tower (`self.net` stays, for .to() and devices)
+        self.onnx = (
+            OnnxTower(net.eval(), self.crop, precision, label=f"clip {self.model!r}")
+            if self.runtime == "onnx"
+            else None
+        )
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         if isinstance(self.resize, tuple):  # fixed (h, w) resize, then crop
@@ -171,6 +187,8 @@ class CLIPBackbone(ImageBackbone):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, 3, H, W) -> projected image embedding (B, projection_dim), not normalised
+        if self.onnx is not None and (x.device.type == "cpu" or self.runtime_asked == "onnx"):
+            return self.onnx.run(x)  # (a tower moved off the CPU under runtime "auto" runs on torch)
         if self.precision == "int8" and x.device.type != "cpu":
             raise GeoTokenError(f"clip: precision int8 runs on the CPU only, not on {x.device}")
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
@@ -178,5 +196,5 @@ class CLIPBackbone(ImageBackbone):
         return out.float() if self.precision == "bf16" else out
 
     def config(self) -> dict[str, Any]:
-        # precision and attention are run-time choices of the machine, not part of what the features are
+        # precision, attention and runtime are choices of the machine, not part of what the features are
         return {"name": self.name, "model": self.model, "dtype": self.dtype_name}

@@ -31,7 +31,7 @@ from torch import nn
 
 from geotoken import assets
 from geotoken.encoders.backbones import load_backbone
-from geotoken.encoders.base import ImageBackbone
+from geotoken.encoders.base import ImageBackbone, default_cache_dir
 from geotoken.encoders.clip import PAPER_MODEL
 from geotoken.encoders.gps import GPSEncoder, check_latlon, load_gps_encoder
 from geotoken.errors import GeoTokenError
@@ -73,11 +73,6 @@ class GeoCLIPTopK(NamedTuple):
     latlon: torch.Tensor  # (B, k, 2) float32 degrees, best first
     prob: torch.Tensor  # (B, k) softmax probability over the whole gallery
     index: torch.Tensor  # (B, k) int64 gallery rows
-
-
-def default_cache_dir() -> Path:
-    """`$GEOTOKEN_CACHE`, else `~/.cache/geotoken`."""
-    return Path(os.environ.get("GEOTOKEN_CACHE") or Path.home() / ".cache" / "geotoken")
 
 
 def one_line(error: BaseException) -> str:
@@ -266,11 +261,17 @@ class GeoCLIPGeolocator(nn.Module):
         cache_dir: str | os.PathLike | None = None,
         precision: str = "fp32",
         attention: str = "sdpa",
+        runtime: str = "auto",
     ) -> GeoCLIPGeolocator:
         """With geotoken's CLIP backbone (`clip_model`: a local folder or hub id of CLIP ViT-L/14;
-        `precision`, `attention`: see `geotoken.encoders.clip.CLIPBackbone`)."""
+        `precision`, `attention`, `runtime`: see `geotoken.encoders.clip.CLIPBackbone`)."""
         backbone = load_backbone(
-            "clip", model=str(clip_model), dtype=dtype, precision=precision, attention=attention
+            "clip",
+            model=str(clip_model),
+            dtype=dtype,
+            precision=precision,
+            attention=attention,
+            runtime=runtime,
         )
         return cls(files, backbone=backbone, cache_dir=cache_dir)
 

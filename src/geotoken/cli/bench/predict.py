@@ -13,6 +13,7 @@ import json
 from geotoken.bench.geoclip import bench_predict_geoclip
 from geotoken.bench.predict import DECODERS, GALLERY_ROWS, MIN_COSINE, MIN_TOP1, STAGES, bench_predict
 from geotoken.encoders.clip import PRECISIONS
+from geotoken.encoders.ort import RUNTIMES
 from geotoken.predict import BUILTIN_MODELS
 
 MODELS = ("geotoken", *BUILTIN_MODELS)
@@ -45,6 +46,14 @@ def register(subparsers) -> None:
         choices=PRECISIONS,
         default=["fp32", "auto"],
         help="geotoken: CLIP precisions to time (default fp32 auto)",
+    )
+    p.add_argument(
+        "--backbone-runtimes",
+        nargs="+",
+        choices=RUNTIMES,
+        default=["torch", "auto"],
+        help="geotoken: CLIP runtimes to time each precision on (default torch auto: fp32 eager torch beside "
+        "what auto picks here); rows are precision/runtime, one per distinct resolved pair",
     )
     p.add_argument(
         "--decoders", nargs="+", choices=tuple(DECODERS), default=list(DECODERS), help="geotoken: decoders"
@@ -93,15 +102,18 @@ def _print_geotoken(res: dict) -> None:
     )
     geoclip = res["geoclip_predict"]["images_per_s"]
     print(f"  GeoCLIP's own predict: {geoclip:.4f} images/s ({1 / geoclip:.1f} s per image)")
+    for variant, why in res.get("skipped_variants", {}).items():
+        print(f"  (backbone {variant} left out: {why})")
     for precision, by in res["ours"].items():
-        print(f"  backbone {precision} ({res['resolved_precisions'][precision]}):")
+        resolved = res["variants"][precision]
+        print(f"  backbone {precision} ({resolved['precision']}/{resolved['runtime']}):")
         for decoder, per in by.items():
             for b, v in per.items():
                 speed = res.get("speedup_vs_fp32", {}).get(precision, {}).get(decoder, {}).get(b)
                 line = (f"    {decoder:<9} batch {b:>3}: {v['images_per_s']:8.3f}  p50 {v['p50_ms']:9.1f}  "
                         f"p95 {v['p95_ms']:9.1f}  x{res['ratio_vs_geoclip'][precision][decoder][b]:.1f} GeoCLIP")  # fmt: skip
-                if speed is not None and precision != "fp32":
-                    line += f"  x{speed:.2f} fp32"
+                if speed is not None and precision != "fp32/torch":
+                    line += f"  x{speed:.2f} fp32/torch"
                 print(line)
                 total = sum(v["stages_ms"].values()) or 1.0
                 split = ", ".join(
@@ -114,7 +126,7 @@ def _print_geotoken(res: dict) -> None:
               f"(flat {res['gallery_rows']:,}: {big['flat_search_ms_per_image']:.2f})")  # fmt: skip
     for precision, row in res.get("agreement", {}).items():
         agree = ", ".join(f"{k} {v:.1%}" for k, v in row.items() if k.endswith("agreement"))
-        print(f"  agreement {precision} ({row['resolved']}) vs fp32 eager: cosine min {row['cosine_min']:.5f}, "
+        print(f"  agreement {precision} ({row['resolved']}/{row['runtime']}) vs fp32 eager torch: cosine min {row['cosine_min']:.5f}, "
               f"{agree}: {'passes' if row['passes'] else 'FAILS'}")  # fmt: skip
 
 
@@ -131,6 +143,7 @@ def run(args) -> int:
         args.images,
         args.reference_images or 1,
         precisions=tuple(args.backbone_precisions),
+        runtimes=tuple(args.backbone_runtimes),
         decoders=tuple(args.decoders),
         gallery_rows=args.gallery_rows,
         index_rows=args.index_rows,
