@@ -34,6 +34,7 @@ from geotoken import assets, s2
 from geotoken.align import AlignHeads, HeadsConfig
 from geotoken.bench.common import PAPER_INPUTS, check_at_least, set_threads
 from geotoken.bench.geoclip import bench_images, geoclip_package_predict, save_random_vit_l14
+from geotoken.bench.train import count_flops, matmul_gflops
 from geotoken.encoders import load_backbone
 from geotoken.encoders.base import cpu_has_bf16
 from geotoken.encoders.clip import resolve_precision
@@ -249,6 +250,24 @@ def backbone_agreement(
     return result
 
 
+def backbone_compute(geos: dict, ours: dict, decoder: str, batch: str, image) -> dict:
+    """The backbone stage against the machine: GFLOP per image (counted on the torch tower), torch's fp32
+    matmul rate (2048^2, `matmul_gflops`), and per variant the achieved GFLOP/s and its share of that rate,
+    from the `decoder` runs at `batch`. A share near 1 means fp32 torch has little left to gain here."""
+    geo = next(iter(geos.values()))
+    x = geo.backbone.preprocess(image)[None]
+    with torch.no_grad():
+        flops = count_flops(lambda: geo.backbone.net(pixel_values=x))
+    peak = matmul_gflops(torch.float32)
+    per = {}
+    for variant, by in ours.items():
+        ms = by[decoder][batch]["stages_ms"]["backbone"]
+        gflops = flops / 1e9 / (ms / 1e3) if ms > 0 else float("nan")
+        per[variant] = {"backbone_ms_per_image": ms, "gflops": gflops, "share_of_fp32_matmul": gflops / peak}
+    return {"gflop_per_image": flops / 1e9, "fp32_matmul_gflops": peak, "decoder": decoder, "batch": int(batch),
+            "variants": per}  # fmt: skip
+
+
 def bench_predict(
     batch_sizes: tuple[int, ...] = (1, 16),
     threads: int = 2,
@@ -352,6 +371,9 @@ def bench_predict(
                 fixed = bench_images(agreement, seed + 1)
                 geoclip = GeoCLIPGeolocator(cache_dir=cache_dir)
                 res["agreement"] = backbone_agreement(tmp / "clip", tuple(variants), fixed, last_geo, geoclip)
+            res["backbone_compute"] = backbone_compute(
+                geos, ours, decoders[0], str(max(batch_sizes)), pics[0]
+            )
             theirs = geoclip_package_predict(vision, pics[:reference_images], tmp)
     finally:
         torch.set_num_threads(previous)

@@ -81,7 +81,7 @@ def register(subparsers) -> None:
         default=0,
         help=f"geotoken: check every precision against fp32 eager on this many fixed images (default "
         f"{AGREEMENT_IMAGES} when given without a value): feature cosine >= {MIN_COSINE}, top-1 GeoCLIP "
-        f"coordinate and GeoToken greedy cell agreement >= {MIN_TOP1:.0%}%",
+        f"coordinate and GeoToken greedy cell agreement >= {MIN_TOP1:.0%}",
     )
     p.add_argument(
         "--rounds",
@@ -124,6 +124,13 @@ def _print_geotoken(res: dict) -> None:
         big = res["big_index"]
         print(f"  IVF-PQ over {big['rows']:,} rows ({big['cache']}): {big['search_ms_per_image']:.2f} ms per image "
               f"(flat {res['gallery_rows']:,}: {big['flat_search_ms_per_image']:.2f})")  # fmt: skip
+    bc = res.get("backbone_compute")
+    if bc:
+        print(f"  backbone: {bc['gflop_per_image']:.1f} GFLOP per image; torch fp32 matmul {bc['fp32_matmul_gflops']:.0f} "
+              f"GFLOP/s here; achieved ({bc['decoder']}, batch {bc['batch']}):")  # fmt: skip
+        for variant, row in bc["variants"].items():
+            print(f"    {variant:<12} {row['backbone_ms_per_image']:8.0f} ms per image  {row['gflops']:6.0f} GFLOP/s  "
+                  f"({row['share_of_fp32_matmul']:.0%} of the fp32 matmul rate)")  # fmt: skip
     for precision, row in res.get("agreement", {}).items():
         agree = ", ".join(f"{k} {v:.1%}" for k, v in row.items() if k.endswith("agreement"))
         print(f"  agreement {precision} ({row['resolved']}/{row['runtime']}) vs fp32 eager torch: cosine min {row['cosine_min']:.5f}, "
