@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from geotoken.bench.geoclip import bench_images
-from geotoken.bench.predict import backbone_agreement, backbone_variants
+from geotoken.bench.predict import backbone_agreement, backbone_compute, backbone_variants
 from geotoken.cli import main
 from geotoken.encoders import load_backbone, ort
 from geotoken.encoders.clip import resolve_precision
@@ -193,6 +193,21 @@ def test_bench_variants_are_one_per_resolved_pair(monkeypatch):
     assert keep == ["fp32/torch", "fp32/auto", "bf16/torch"]
     assert skipped["auto/torch"] == "runs as fp32/torch" and skipped["fp32/onnx"] == "runs as fp32/auto"
     assert "bf16 runs on torch" in skipped["bf16/onnx"]
+
+
+def test_backbone_compute_counts_the_tower_and_rates_each_variant(clip_dir, images, cache):
+    class Geo:  # what backbone_compute reads of a Geolocator
+        backbone = clip(clip_dir, precision="fp32", runtime="torch")
+
+    timed = {v: {"greedy": {"4": {"stages_ms": {"backbone": ms}}}} for v, ms in (("a", 10.0), ("b", 5.0))}
+    res = backbone_compute({"a": Geo()}, timed, "greedy", "4", images[0])
+    cfg = Geo.backbone.net.config
+    tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    per_layer = 2 * tokens * cfg.hidden_size * (4 * cfg.hidden_size + 2 * cfg.intermediate_size)
+    assert res["gflop_per_image"] * 1e9 >= cfg.num_hidden_layers * per_layer  # at least the Linear layers
+    a, b = res["variants"]["a"], res["variants"]["b"]
+    assert b["gflops"] == pytest.approx(2 * a["gflops"]) and res["fp32_matmul_gflops"] > 0
+    assert a["share_of_fp32_matmul"] == pytest.approx(a["gflops"] / res["fp32_matmul_gflops"])
 
 
 def test_cli_predict_takes_a_backbone_runtime(shipped, clip_dir, tmp_path, capsys, offline_hub):
