@@ -52,6 +52,16 @@ def test_the_demo_config_is_the_demo_graph():
     assert load_run_config("configs/demo.yaml").pipeline == cfg.pipeline  # the packaged file by name
 
 
+def test_the_small_demo_config_differs_from_the_demo_in_index_k_and_model_only():
+    demo, small = load_run_config("demo"), load_run_config("demo-small")
+    assert small.run_dir == demo.run_dir  # shares the demo's data, features and alignment folders
+    a, b = ({s.name: s for s in c.pipeline.stages} for c in (demo, small))
+    assert a.keys() == b.keys()
+    changed = sorted(n for n in a if a[n] != b[n])
+    assert changed == ["index", "model"]
+    assert (b["index"].config.k, b["model"].config.preset, b["model"].config.dtype) == (15, "small", "bf16")
+
+
 def test_pipeline_yaml_round_trips(tmp_path):
     fast = demo_pipeline(demo_config("fast", k=7, epochs=3))
     (tmp_path / "fast.yaml").write_text(pipeline_yaml(fast))
