@@ -92,6 +92,8 @@ def test_model_card_is_written_at_save_time(bundle, tmp_path):
     )
     spec = read_bundle(bundle)
     assert spec["backbone_source"] == {"kind": "package"}
+    k = spec["search"]["retrieved"]  # the default search, described by what it pools
+    assert f"greedy+sample+retrieval (10 samples, {k} retrieved cells), select gate" in card
 
     table = "| method | 25 km |\n|---|---|\n| geotoken | 12.3 |"
     info = CardInfo(license="mit", datasets=["mp16", "im2gps3k"], tags=["clip"], evaluation=table)

@@ -202,7 +202,7 @@ def model_card(
         ),
         (
             "default search",
-            f"{search.get('strategy')} (beam width {search.get('beam_width')}), select {search.get('select')}",
+            f"{describe_search(search)}, select {search.get('select')}",
         ),  # fmt: skip
         ("calibrated", "yes" if spec.get("calibration") else "no"),
         ("reward scorer", "yes" if spec.get("reward") else "no"),
@@ -296,6 +296,15 @@ def gallery_dir(root: str | os.PathLike, spec: dict) -> Path:
 def gallery_tokens_path(root: str | os.PathLike, spec: dict) -> Path:
     """The gallery's location tokens (N, T) at the model's level: in the bundle either way."""
     return Path(root) / spec.get("gallery_tokens", f"{spec['gallery']}/tokens.npy")
+
+
+def describe_search(search: dict) -> str:
+    """One line for the model card, e.g. "greedy+sample+retrieval (10 samples, 15 retrieved cells)"."""
+    strategy = str(search.get("strategy"))
+    parts = [f"width {search.get('beam_width')}"] if "beam" in strategy else []
+    parts += [f"{search.get('num_samples')} samples"] if "sample" in strategy else []
+    parts += [f"{search.get('retrieved')} retrieved cells"] if "retrieval" in strategy else []
+    return strategy + (f" ({', '.join(parts)})" if parts else "")
 
 
 def default_search(k: int) -> SearchOptions:
