@@ -81,7 +81,7 @@ def register(subparsers) -> None:
         default=0,
         help=f"geotoken: check every precision against fp32 eager on this many fixed images (default "
         f"{AGREEMENT_IMAGES} when given without a value): feature cosine >= {MIN_COSINE}, top-1 GeoCLIP "
-        f"coordinate and GeoToken greedy cell agreement >= {MIN_TOP1:.0%}",
+        f"coordinate and GeoToken greedy cell agreement >= {MIN_TOP1:.0%}%",  # %% for argparse
     )
     p.add_argument(
         "--rounds",
