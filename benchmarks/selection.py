@@ -35,9 +35,9 @@ import torch
 from geotoken.evaluate import paired_comparison
 from geotoken.geo import haversine_km
 from geotoken.predict import Geolocator
-from geotoken.search.candidates import Candidates, duplicate_mask
+from geotoken.search.candidates import Candidates, duplicate_mask, from_scores
 from geotoken.search.decode import generate
-from geotoken.search.select import select
+from geotoken.search.select import neighbour_support, select
 from geotoken.stages.method import evaluation_split
 
 SPLITS = ("val", "test", "test_disjoint", "test_shift")
@@ -80,15 +80,13 @@ def decode_pools(geo: Geolocator, split, seed: int = 0, batch_size: int = 64) ->
 
 
 def support(p: dict, R: float) -> np.ndarray:
-    """(B, N) mean over the k neighbours of exp(-distance / R) to each candidate."""
-    n = p["neighbours"]
-    d = haversine_km(p["lat"][:, :, None], p["lon"][:, :, None], n[:, None, :, 0], n[:, None, :, 1])
-    return np.exp(-d / R).mean(axis=2)
+    """(B, N) the `vote` selector's support: mean over the k neighbours of exp(-distance / R)."""
+    return neighbour_support(as_pool(p), p["neighbours"], R)
 
 
 def choose(p: dict, scores: np.ndarray) -> np.ndarray:
-    """(B,) index of the best distinct candidate; ties to the earlier one (greedy is first)."""
-    return np.argmax(np.where(p["duplicate"], -np.inf, scores), axis=1)
+    """(B,) the best distinct candidate, as the library's selectors pick it (ties: higher log-probability)."""
+    return from_scores(as_pool(p), scores).index
 
 
 def as_pool(p: dict) -> Candidates:
