@@ -104,11 +104,12 @@ class DemoConfig:
     label_smoothing: float = 0.0  # training: over each token's siblings
     drop_near_km: float = 0.0  # training: a share of queries lose their neighbours within this many km
     drop_near_share: float = 0.5
-    strategies: tuple[str, ...] = ("greedy", "beam", "sample", "sample+retrieval", "greedy+sample+retrieval")
-    selectors: tuple[str, ...] = ("logp", "consensus", "vote", "gate", "reward")
-    # every strategy gallery-constrained (rows labelled +gallery), greedy also free (the authors' decoding)
-    constrain: tuple[bool, ...] = (True,)
-    free_strategies: tuple[str, ...] = ("greedy",)
+    # the evaluation stage's rows: every strategy x selector gallery-constrained (labelled +gallery),
+    # greedy also free (the authors' decoding)
+    strategies: tuple[str, ...] = EvalStageConfig.strategies
+    selectors: tuple[str, ...] = EvalStageConfig.selectors
+    constrain: tuple[bool, ...] = EvalStageConfig.constrain
+    free_strategies: tuple[str, ...] = EvalStageConfig.free_strategies
     reward_images: int = 2000  # training images of the reward scorer (0: no scorer)
     # ceiling: the nearest gallery coordinate to the true place (an oracle bound, not a method)
     baselines: tuple[str, ...] = ("prior", "nn", "knn", "cells", "gps-gallery", "ceiling")
