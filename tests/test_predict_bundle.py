@@ -73,6 +73,18 @@ def test_cli_predict_reports_bad_files_and_keeps_going(bundle, tmp_path, capsys)
     assert "good.png" in out and "cell" in out
 
 
+def test_cli_gate_options_reach_the_selector(bundle, capsys):
+    photo = str(assets.sample_image())
+    notes = {}
+    for p in ("0", "1"):  # gate_p 0: always sure of the region; 1: only a certain model is
+        args = ["predict", photo, "--model", str(bundle), "--select", "gate", "--gate-p", p, "--json"]
+        assert main([*args, "--gate-tokens", "3"]) == 0
+        notes[p] = json.loads(capsys.readouterr().out)[0]["note"]
+    assert notes == {"0": "model sure of the region", "1": "neighbours voted"}
+    assert main(["predict", photo, "--model", str(bundle), "--select", "gate", "--gate-p", "1.5"]) != 0
+    assert "gate_p must be in [0, 1]" in capsys.readouterr().err
+
+
 def test_bad_bundles(bundle, tmp_path, capsys):
     with pytest.raises(GeoTokenError, match="no bundle.json"):
         Geolocator.from_bundle(tmp_path)
