@@ -10,6 +10,7 @@ from geotoken.model import (
     ARCHS,
     Batch,
     Dropout,
+    FoldedMemory,
     GeoToken,
     ModelConfig,
     attention,
@@ -138,13 +139,15 @@ def test_decoder_is_causal(arch):
 
 
 @BOTH
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("copies", [1, 3])
-def test_cached_step_equals_full_decode(copies, arch):
+def test_cached_step_equals_full_decode(copies, fold, arch):
     m = tiny(arch=arch)
     b = make_batch(m.cfg)
     memory = m.encode(b)
     full = m.decode(memory, b.targets).repeat_interleave(copies, 0)  # (B*n, T, V)
-    cache = m.init_cache(memory, copies=copies)
+    cache = m.init_cache(memory, copies=copies, fold=fold)
+    assert isinstance(cache["layers"][0]["kv"], FoldedMemory) == fold
     targets = b.targets.repeat_interleave(copies, 0)
     steps = torch.stack(
         [m.step(cache, targets[:, p - 1] if p else None, p) for p in range(m.cfg.n_tokens)], 1
@@ -153,6 +156,17 @@ def test_cached_step_equals_full_decode(copies, arch):
     fin = torch.isfinite(full)
     torch.testing.assert_close(steps[fin], full[fin], atol=1e-5, rtol=0)
     assert cache["layers"][0]["kv"][0].shape[0] == 3  # memory keys are per image, not per copy
+
+
+def test_init_cache_folds_the_memory_for_few_rows_in_full_precision_only():
+    """T*copies*(h - 1) < d: greedy folds on the presets, 10 samples project, autocast projects."""
+    for name in ("small", "paper"):
+        m = GeoToken(preset(name, level=20, group=2, k=1)).eval()
+        memory = torch.randn(2, m.cfg.seq_len, m.cfg.d_model)
+        kinds = {n: type(m.init_cache(memory, copies=n)["layers"][0]["kv"]) for n in (1, 10)}
+        assert kinds == {1: FoldedMemory, 10: tuple}, name
+        with precision("bf16"):
+            assert not isinstance(m.init_cache(memory)["layers"][0]["kv"], FoldedMemory)
 
 
 @BOTH

@@ -36,6 +36,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -243,6 +244,14 @@ class SelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, L, d))  # (B, L, d)
 
 
+class FoldedMemory(NamedTuple):
+    """The encoder memory as `CrossAttention.folded` reads it: states (B, S, d) and their transpose
+    (B, d, S), both dense (a batched matmul reads either operand ~2x faster dense than transposed)."""
+
+    states: torch.Tensor
+    transposed: torch.Tensor
+
+
 class CrossAttention(nn.Module):
     """Queries from the decoder, keys/values from the encoder memory (computed once per image)."""
 
@@ -253,19 +262,42 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def memory_kv(self, memory: torch.Tensor, dense: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, h, S, hd) of the memory (B, S, d): strided views of one projection, or
+        `dense` copies (CPU attention kernels read those ~3x faster, worth it when read at every step)."""
         B, S, d = memory.shape
         k, v = self.kv(memory).view(B, S, 2, self.h, d // self.h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, S, hd)
-        return k, v
+        return (k.contiguous(), v.contiguous()) if dense else (k, v)
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | FoldedMemory) -> torch.Tensor:
         # x (B, L, d). Attention to the memory has no mask, so L may hold several decoding positions or
         # several beams/samples of the same image: they share the image's keys/values without a copy.
+        # kv: the memory's keys/values from `memory_kv`, or the memory itself (`folded`).
+        if isinstance(kv, FoldedMemory):
+            return self.folded(x, kv)
         B, L, d = x.shape
         q = self.q(x).view(B, L, self.h, d // self.h).transpose(1, 2)  # (B, h, L, hd)
         k, v = (t.to(q.dtype) for t in kv)  # no-ops unless the memory was projected in another precision
         y = attention(q, k, v, dropout_p=self.p if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, L, d))
+
+    def folded(self, x: torch.Tensor, memory: FoldedMemory) -> torch.Tensor:
+        """The same attention with the keys' and values' projections folded into the queries and outputs:
+        q.(W_k m + b_k) = (W_k^T q).m + q.b_k, and the q.b_k term is the same for every memory position,
+        so softmax drops it; softmax(s) @ (W_v m + b_v) = W_v (softmax(s) @ m) + b_v. It reads the memory
+        instead of keys/values projected from it: no per-image projection, and one small tensor shared by
+        every layer instead of two per layer. Per call it costs h*L*S*d multiply-adds per image
+        against the projected form's L*S*d, so it wins for few query rows (greedy; see `init_cache`)."""
+        B, L, d = x.shape
+        h, hd = self.h, d // self.h
+        w_k, w_v = self.kv.weight.view(2, h, hd, d)  # rows of `kv`: keys (h, hd), then values (h, hd)
+        q = self.q(x).view(B, L, h, hd)
+        q_mem = torch.einsum("blhe,hed->bhld", q, w_k.to(q.dtype)).reshape(B, h * L, d)  # (B, hL, d)
+        states, transposed = (t.to(q_mem.dtype) for t in memory)  # no-ops unless made in another precision
+        scores = torch.bmm(q_mem * hd**-0.5, transposed)  # (B, hL, S)
+        ctx = torch.bmm(scores.softmax(-1), states).view(B, h, L, d)  # (B, h, L, d)
+        y = torch.einsum("bhld,hed->blhe", ctx, w_v.to(ctx.dtype)).reshape(B, L, d)
+        return self.proj(y + self.kv.bias[d:].to(y.dtype))
 
 
 class MLP(nn.Module):
@@ -514,19 +546,32 @@ class GeoToken(nn.Module):
 
     # ---------------------------------------------------------------- decoder, one position at a time
     @torch.no_grad()
-    def init_cache(self, memory: torch.Tensor, copies: int = 1) -> dict:
+    def init_cache(self, memory: torch.Tensor, copies: int = 1, fold: bool | None = None) -> dict:
         """Generation state for `copies` sequences per image; rows are image-major (B * copies).
 
-        Cross-attention keys/values are computed once per image and layer and shared by its copies;
-        the self-attention cache holds (B * copies, h, T, hd) per layer.
+        Cross-attention reads, per image and layer, either keys/values projected once from the memory
+        and shared by its copies, or (`fold`) the memory itself (`CrossAttention.folded`). Per image and
+        layer, projecting costs S*d*2d multiply-adds once plus T*copies*2*S*d over the T steps; folding
+        costs T*copies*h*2*S*d. fold None picks the cheaper, folding when T*copies*(h - 1) < d (greedy on
+        the presets; beams and samples project), in full precision only: under autocast the projected
+        form keeps the cached search rounding exactly as the uncached one (the same matmuls in bf16).
+        Both give the same logits up to float rounding. The self-attention cache holds
+        (B * copies, h, T, hd) per layer.
         """
         B, S, d = memory.shape
         cfg = self.cfg
+        dev = memory.device.type  # under autocast the keys/values (and so the cache) are in its dtype
+        autocast = torch.is_autocast_enabled(dev)
+        if fold is None:
+            fold = not autocast and cfg.n_tokens * copies * (cfg.n_heads - 1) < d
+        dtype = torch.get_autocast_dtype(dev) if autocast else memory.dtype
         shape = (B * copies, cfg.n_heads, cfg.n_tokens, d // cfg.n_heads)
+        if fold:  # one for all layers; scores read the transpose, the weighted sum the states
+            folded = FoldedMemory(memory.contiguous(), memory.transpose(1, 2).contiguous())
         layers = []
         for layer in self.decoder:
-            kv = layer.cross.memory_kv(memory)  # bf16 under autocast: the self-attention cache follows it
-            layers.append({"kv": kv, "k": kv[0].new_zeros(shape), "v": kv[0].new_zeros(shape)})
+            kv = folded if fold else layer.cross.memory_kv(memory, dense=True)
+            layers.append({"kv": kv, "k": memory.new_zeros(shape, dtype=dtype), "v": memory.new_zeros(shape, dtype=dtype)})
         return {"layers": layers, "batch": B, "copies": copies}
 
     @torch.no_grad()

@@ -83,11 +83,8 @@ class PrefixConstraint:
 class _Cached:
     """One decoder position per call through the model's key/value cache."""
 
-    def __init__(self, model, memory: torch.Tensor, copies: int, contiguous: bool = True):
+    def __init__(self, model, memory: torch.Tensor, copies: int):
         self.model, self.cache = model, model.init_cache(memory, copies=copies)
-        if contiguous:  # the memory's keys/values come as strided views (B, h, S, hd) of one projection;
-            for layer in self.cache["layers"]:  # CPU attention kernels read them ~3x faster when dense
-                layer["kv"] = tuple(x.contiguous() for x in layer["kv"])
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens (R, t) so far -> logits (R, Vmax)
         t = tokens.shape[1]
