@@ -91,4 +91,20 @@ def test_bench_train_prints_one_json_object(capsys):
         res["train_samples_per_s"] / res["reference_samples_per_s"]
     )
     assert res["flops_per_step"] > 2 * 3 * 1e6 * 2  # forward + backward of a ~1M-parameter model on 2 samples
+    assert 0 < res["attention_flops_per_step"] < res["flops_per_step"]
+    peak_s = res["flops_per_step"] / (res["matmul_gflops_fp32"] * 1e9)
+    rest_s = (res["flops_per_step"] - res["attention_flops_per_step"]) / (res["matmul_gflops_fp32"] * 1e9)
+    assert res["share_of_matmul_peak_bound"] == pytest.approx(peak_s / (res["attention_seconds_per_step"] + rest_s))
     assert main(args + ["--gallery-rows", "0"]) == 2
+
+
+def test_attention_cost_counts_every_layer_and_scales_with_the_batch():
+    from geotoken.bench.train import attention_cost
+    from geotoken.model import preset
+
+    one, two = (attention_cost("tiny", b, iters=1) for b in (1, 2))
+    assert two["flops"] == 2 * one["flops"] and one["seconds"] > 0
+    cfg = preset("tiny", level=20, group=2, k=15)
+    hd, S, T = cfg.d_model // cfg.n_heads, cfg.seq_len, cfg.n_tokens
+    forward = 4 * cfg.n_heads * hd * (cfg.n_encoder_layers * S * S + cfg.n_decoder_layers * (T * T + T * S))
+    assert 2 * forward < one["flops"] < 5 * forward  # forward plus a backward of 1-2.5x the forward

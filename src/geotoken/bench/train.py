@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from geotoken.bench.common import (
@@ -27,7 +28,7 @@ from geotoken.bench.common import (
     time_steps,
 )
 from geotoken.bench.reference import bench_reference
-from geotoken.model import ARCHS, GeoToken, precision, preset
+from geotoken.model import ARCHS, GeoToken, attention, precision, preset
 from geotoken.train.loop import TrainConfig, make_optimizer
 
 # The authors' code on the issue's machine type: 2 threads, fp32, random inputs (see issue 5). Context only:
@@ -77,8 +78,26 @@ def matmul_peaks() -> dict[str, float]:
     return {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16, min_seconds=0.2)}
 
 
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's FLOP counter knows the CUDA attention kernels but not the CPU's fused one, which fp32 attention
+# runs on this path: without these, every fp32 attention FLOP would count as zero (bf16's explicit
+# matmuls are counted), and shares of the peak would be understated.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
+
+
 def count_flops(fn: Callable[[], None]) -> int:
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of one call of `fn` (torch's counter, plus the CPU's fused attention)."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         fn()
     return int(counter.get_total_flops())
 
@@ -126,6 +145,42 @@ def bench_ours(
     }
 
 
+def attention_cost(
+    name: str, batch_size: int, dtype: str = "fp32", iters: int = 3, arch: str = "ours"
+) -> dict[str, float]:
+    """{seconds, flops} of one training step's attention alone, forward + backward, through the model's own
+    `attention` at the step's shapes: encoder self-attention (S x S), causal decoder self-attention
+    (T x T) and cross-attention (T x S), once per layer. Its kernels work on head_dim-wide slices (32 at
+    the presets), far from a large GEMM's rate, so this time is a floor no GEMM tuning removes; best of
+    `iters`."""
+    cfg = preset(name, **PAPER_INPUTS, arch=arch)
+    B, h, hd = batch_size, cfg.n_heads, cfg.d_model // cfg.n_heads
+    S, T = cfg.seq_len, cfg.n_tokens
+    g = torch.Generator().manual_seed(0)
+    shapes = [(S, S, False)] * cfg.n_encoder_layers + [(T, T, True), (T, S, False)] * cfg.n_decoder_layers
+    inputs = [
+        [torch.randn(B, h, n, hd, generator=g).requires_grad_() for n in (L, Sk, Sk)] + [causal]
+        for L, Sk, causal in shapes
+    ]
+
+    def step() -> None:
+        for q, k, v, causal in inputs:
+            with precision(dtype):
+                y = attention(q, k, v, causal, dropout_p=cfg.attn_dropout)
+            y.float().sum().backward()
+
+    flops = count_flops(step)
+    step()  # warm-up
+    seconds = min(_timed(step) for _ in range(iters))
+    return {"seconds": seconds, "flops": flops}
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def bench_train(
     name: str = "small",
     batch_size: int = 32,
@@ -141,7 +196,10 @@ def bench_train(
 ) -> dict:
     """{preset, arch, batch, threads, dtype, compile, gallery_rows, torch, cpu, matmul_gflops_fp32,
     matmul_gflops_bf16, <bench_ours' figures>, peak_rss_mb, achieved_gflops, share_of_matmul_peak (of the
-    run's dtype), share_of_fp32_matmul_peak, published_context (labelled; None without a published figure)
+    run's dtype), share_of_fp32_matmul_peak, attention_seconds_per_step and attention_flops_per_step
+    (`attention_cost`), attention_share_of_step, share_of_matmul_peak_bound (the share the step would reach
+    with its attention as measured and every other FLOP at the matmul peak, nothing else costing time: the
+    most that speeding up the GEMMs and elementwise work can give), published_context (labelled; None without a published figure)
     and, with `reference`, reference_samples_per_s, reference_dtype and ratio_side_by_side = ratio_vs_reference
     (the reference-style step timed after ours, at the same precision); with `compare_archs`,
     arch_samples_per_s {arch: samples/s} of every layer design (`ARCHS`), timed alternately in rounds, best
@@ -166,6 +224,12 @@ def bench_train(
     res["achieved_gflops"] = ours["flops_per_step"] / ours["seconds_per_step"] / 1e9
     res["share_of_matmul_peak"] = res["achieved_gflops"] / peak
     res["share_of_fp32_matmul_peak"] = res["achieved_gflops"] / res["matmul_gflops_fp32"]
+    # the bound: the step with everything but attention at the matmul peak and no other cost
+    att = attention_cost(name, batch_size, dtype, arch=arch)
+    res["attention_seconds_per_step"], res["attention_flops_per_step"] = att["seconds"], att["flops"]
+    res["attention_share_of_step"] = att["seconds"] / ours["seconds_per_step"]
+    rest = max(ours["flops_per_step"] - att["flops"], 0) / (peak * 1e9)
+    res["share_of_matmul_peak_bound"] = ours["flops_per_step"] / (peak * 1e9) / (att["seconds"] + rest)
     res["published_context"] = published_context(name, batch_size, ours["train_samples_per_s"])
     if reference:
         ref = bench_reference(name, batch_size, iters, warmup, rows=rows, dtype=dtype)

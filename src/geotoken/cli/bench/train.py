@@ -69,6 +69,11 @@ def run(args) -> int:
         f"{res['train_samples_per_s']:.2f} samples/s, {res['achieved_gflops']:.1f} GFLOP/s "
         f"({100 * res['share_of_matmul_peak']:.0f}% of matmul peak), peak RSS {res['peak_rss_mb']:.0f} MB"
     )
+    print(
+        f"attention alone (forward + backward, the step's shapes): {1e3 * res['attention_seconds_per_step']:.0f} ms, "
+        f"{100 * res['attention_share_of_step']:.0f}% of the step; with it as is and every other FLOP at the "
+        f"matmul peak the step would reach {100 * res['share_of_matmul_peak_bound']:.0f}% of the peak (the bound)"
+    )
     if args.reference:
         print(
             f"reference-style step, same run, {res['reference_dtype']}: {res['reference_samples_per_s']:.2f} "
