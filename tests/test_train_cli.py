@@ -94,7 +94,9 @@ def test_bench_train_prints_one_json_object(capsys):
     assert 0 < res["attention_flops_per_step"] < res["flops_per_step"]
     peak_s = res["flops_per_step"] / (res["matmul_gflops_fp32"] * 1e9)
     rest_s = (res["flops_per_step"] - res["attention_flops_per_step"]) / (res["matmul_gflops_fp32"] * 1e9)
-    assert res["share_of_matmul_peak_bound"] == pytest.approx(peak_s / (res["attention_seconds_per_step"] + rest_s))
+    assert res["share_of_matmul_peak_bound"] == pytest.approx(
+        peak_s / (res["attention_seconds_per_step"] + rest_s)
+    )
     assert main(args + ["--gallery-rows", "0"]) == 2
 
 

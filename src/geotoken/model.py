@@ -571,7 +571,13 @@ class GeoToken(nn.Module):
         layers = []
         for layer in self.decoder:
             kv = folded if fold else layer.cross.memory_kv(memory, dense=True)
-            layers.append({"kv": kv, "k": memory.new_zeros(shape, dtype=dtype), "v": memory.new_zeros(shape, dtype=dtype)})
+            layers.append(
+                {
+                    "kv": kv,
+                    "k": memory.new_zeros(shape, dtype=dtype),
+                    "v": memory.new_zeros(shape, dtype=dtype),
+                }
+            )
         return {"layers": layers, "batch": B, "copies": copies}
 
     @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 from geotoken.align import GPS_HEADS, AlignConfig, AlignHeads, HeadsConfig, apply_heads, train_heads
 from geotoken.data.datasets import read_texts
 from geotoken.data.manifest import read_manifest
-from geotoken.devices import resolve_device
+from geotoken.devices import resolve_device, retain_freed_memory
 from geotoken.encoders.text import TEXT_ENCODERS
 from geotoken.features import FeatureStore
 
@@ -130,6 +130,7 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def run_train(args) -> int:
+    retain_freed_memory()  # a training job: keep freed activations' memory (see there)
     if args.threads:
         torch.set_num_threads(args.threads)
     store = FeatureStore.open(args.store)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from geotoken import DTYPES
+from geotoken.devices import retain_freed_memory
 from geotoken.model import ARCHS
 from geotoken.model import PRESETS as MODEL_PRESETS
 from geotoken.pipeline import PRESETS, demo_config, print_summary, run_demo
@@ -72,6 +73,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    retain_freed_memory()  # a training job: keep freed activations' memory (see there)
     name = args.preset or ("fast" if args.fast else "demo")
     cfg = demo_config(
         name,

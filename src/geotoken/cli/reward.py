@@ -6,6 +6,7 @@ import argparse
 import json
 
 from geotoken.bundle import sampling_temperature
+from geotoken.devices import retain_freed_memory
 from geotoken.fit import train_bundle_reward
 from geotoken.predict import Geolocator
 from geotoken.search.reward import REWARD_KINDS, RewardConfig
@@ -71,6 +72,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    retain_freed_memory()  # a training job: keep freed activations' memory (see there)
     cfg = RewardConfig(
         kind=args.reward_kind,
         radius_km=args.radius_km,

@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from geotoken.devices import retain_freed_memory
 from geotoken.errors import GeoTokenError
 from geotoken.pipeline import Run
 from geotoken.stages import run_pipeline
@@ -50,6 +51,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    retain_freed_memory()  # a training job: keep freed activations' memory (see there)
     cfg = load_run_config(args.config, parse_assignments(args.set), run_dir=args.run_dir)
     plans = plan_run(cfg)
     if args.dry_run:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from geotoken import DTYPES
+from geotoken.devices import retain_freed_memory
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
 from geotoken.model import ARCHS, PRESETS, ModelConfig, preset
@@ -163,6 +164,7 @@ def resolve(args, dims: dict[str, int] | None = None) -> tuple[ModelConfig, Trai
 
 
 def run(args) -> int:
+    retain_freed_memory()  # a training job: keep freed activations' memory (see there)
     if args.print_config:
         dims = None
         if args.features:
