@@ -17,6 +17,7 @@ from geotoken.model import (
     loss_weights,
     precision,
     preset,
+    project_heads,
     token_loss,
 )
 from helpers import tiny_model
@@ -435,3 +436,18 @@ def test_authors_attention_dropout_is_on_in_training_only():
     a = m(b)[1]
     torch.manual_seed(2)
     assert a.item() != m(b)[1].item()
+
+
+def test_project_heads_is_one_projection_with_or_without_gradients():
+    lin = torch.nn.Linear(16, 3 * 16)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    fused = lin(x).view(2, 5, 3, 4, 4).permute(2, 0, 3, 1, 4)  # the single-matmul layout, (3, B, h, L, hd)
+    split = project_heads(lin, x, 3, 4)  # with gradients: one matmul per block of rows
+    g = torch.randn_like(fused)
+    want = torch.autograd.grad(fused, [x, lin.weight, lin.bias], g)
+    got = torch.autograd.grad(torch.stack(split), [x, lin.weight, lin.bias], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack(project_heads(lin, x, 3, 4)), fused.detach())
+    assert [t.shape for t in split] == [(2, 4, 5, 4)] * 3

@@ -219,6 +219,22 @@ def attention(
     return scores.softmax(-1) @ v
 
 
+def project_heads(linear: nn.Linear, x: torch.Tensor, n: int, h: int) -> list[torch.Tensor]:
+    """n stacked projections (queries, keys, values) of x (B, L, d), each as h heads (B, h, L, d / h).
+
+    Without gradients: one matmul, its output viewed per head. With them: one matmul per projection, on
+    row blocks of the same weight: each output (B, L, d) reaches attention as a transposed view of a dense
+    tensor, so attention's backward returns its gradient in that layout and nothing is copied; the single
+    (B, L, n, h, hd) output would need its gradient gathered into place (a copy of the whole activation
+    per layer, ~8 % of an attention block's forward + backward at `paper`)."""
+    B, L, _ = x.shape
+    d = linear.out_features // n
+    if not (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad)):
+        return list(linear(x).view(B, L, n, h, d // h).permute(2, 0, 3, 1, 4))
+    blocks = zip(linear.weight.chunk(n), linear.bias.chunk(n))
+    return [F.linear(x, w, b).view(B, L, h, d // h).transpose(1, 2) for w, b in blocks]
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention; with a cache it appends this call's keys/values at `pos` first."""
 
@@ -230,7 +246,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: dict | None = None, pos: int = 0) -> torch.Tensor:
         B, L, d = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, hd)
+        q, k, v = project_heads(self.qkv, x, 3, self.h)  # 3 x (B, h, L, hd)
         causal = self.causal
         if cache is not None:  # generation: keys/values of positions < pos are already in the cache
             cache["k"][:, :, pos : pos + L] = k
@@ -265,8 +281,7 @@ class CrossAttention(nn.Module):
     def memory_kv(self, memory: torch.Tensor, dense: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, h, S, hd) of the memory (B, S, d): strided views of one projection, or
         `dense` copies (CPU attention kernels read those ~3x faster, worth it when read at every step)."""
-        B, S, d = memory.shape
-        k, v = self.kv(memory).view(B, S, 2, self.h, d // self.h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, S, hd)
+        k, v = project_heads(self.kv, memory, 2, self.h)  # 2 x (B, h, S, hd)
         return (k.contiguous(), v.contiguous()) if dense else (k, v)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | FoldedMemory) -> torch.Tensor:
