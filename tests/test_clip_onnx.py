@@ -26,6 +26,12 @@ def images():
     return bench_images(4, seed=5)
 
 
+@pytest.fixture(autouse=True)
+def amd_cpu(monkeypatch):
+    """These tests exercise ONNX Runtime under "auto": as on a CPU where auto picks it (not Intel's)."""
+    monkeypatch.setattr(ort, "cpu_vendor", lambda: "AuthenticAMD")
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A fresh geotoken cache; the ONNX exports land in cache / clip-onnx."""
@@ -79,6 +85,12 @@ def test_onnx_int8_is_close_to_fp32(clip_dir, images, cache):
 
 def test_auto_runtime_follows_the_machine(clip_dir, cache, monkeypatch):
     assert ort.resolve_runtime("auto", "fp32") == "onnx"
+    monkeypatch.setattr(ort, "cpu_vendor", lambda: "GenuineIntel")  # MKL's fp32 is as fast: no export
+    assert (
+        ort.resolve_runtime("auto", "fp32") == "torch" and clip(clip_dir, precision="fp32").runtime == "torch"
+    )
+    assert ort.resolve_runtime("onnx", "fp32") == "onnx"  # an explicit choice still runs it
+    monkeypatch.setattr(ort, "cpu_vendor", lambda: "AuthenticAMD")
     assert (
         resolve_precision("auto", runtime="onnx") == "fp32"
         and resolve_precision("bf16", runtime="onnx") == "bf16"

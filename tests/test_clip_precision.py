@@ -85,3 +85,15 @@ def test_geoclip_predictor_takes_a_precision(clip_dir, files, images, tmp_path, 
     assert geo.model.backbone.precision == "int8" and geo.info()["backbone"]["name"] == "clip"
     preds = geo.predict(images[:2], top_k=1)
     assert len(preds) == 2 and np.isfinite(preds[0].candidates[0].lat)
+
+
+def test_cpu_vendor_is_read(monkeypatch, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2\n")
+    real_open = open
+    monkeypatch.setattr(
+        "builtins.open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k)
+    )
+    assert base.cpu_vendor() == "AuthenticAMD"
+    info.write_text("processor\t: 0\nflags\t\t: fpu\n")
+    assert base.cpu_vendor() == ""

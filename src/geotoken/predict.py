@@ -122,8 +122,8 @@ class Geolocator:
         backbone_precision: how a CLIP backbone runs (`geotoken.encoders.clip.PRECISIONS`; "auto": bf16 on
         CPUs with bf16 units, else fp32, and fp32 under backbone_runtime "onnx"; int8 is an explicit choice).
         backbone_runtime: what runs a CLIP backbone (`geotoken.encoders.ort.RUNTIMES`: torch, onnx = ONNX
-        Runtime on the CPU for fp32/int8, exported once into the cache; "auto": onnx on the CPU at fp32 when
-        onnxruntime is installed, else torch).
+        Runtime on the CPU for fp32/int8, exported once into the cache; "auto": onnx on a non-Intel CPU at fp32
+        when onnxruntime is installed, else torch).
         """
         name = os.fspath(name_or_path)
         if name == "geoclip":

@@ -202,7 +202,8 @@ def add_backbone_precision(p) -> None:
         "--backbone-runtime",
         choices=RUNTIMES,
         default="auto",
-        help="what runs a CLIP backbone (default auto: ONNX Runtime on the CPU at fp32 when onnxruntime is "
-        "installed, else torch; onnx: fp32 or int8 through ONNX Runtime (ViT-L/14 fp32 2.4x faster than torch "
-        "fp32 on an AMD EPYC, less on Intel), exported once into $GEOTOKEN_CACHE; pip install 'geotoken[onnx]')",
+        help="what runs a CLIP backbone (default auto: ONNX Runtime on a non-Intel CPU at fp32 when onnxruntime "
+        "is installed, else torch; onnx: fp32 or int8 through ONNX Runtime (ViT-L/14 fp32 2.4x faster than "
+        "torch fp32 on an AMD EPYC, the same speed on Intel), exported once into $GEOTOKEN_CACHE; "
+        "pip install 'geotoken[onnx]')",
     )

@@ -47,6 +47,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("GEOTOKEN_CACHE") or Path.home() / ".cache" / "geotoken")
 
 
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD", ...), "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 matmul units (AVX-512 BF16 or AMX-BF16), from /proc/cpuinfo's flags.
 

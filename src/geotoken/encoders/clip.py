@@ -10,7 +10,7 @@ attention (`attention="sdpa"`, the same features as the eager path to ~1e-7) and
 dynamic quantisation of every Linear layer (CPU only: int8 weights, activations quantised per batch);
 "auto" picks per machine (`resolve_precision`: bf16 where the CPU has bf16 units, else fp32). `geotoken bench predict --agreement` checks them
 against fp32 eager on a fixed image set. A `runtime` (`RUNTIMES`) runs fp32 and int8 through ONNX Runtime
-instead of torch (`geotoken.encoders.ort`); "auto" does so on the CPU at fp32 when it is installed.
+instead of torch (`geotoken.encoders.ort`); "auto" does so on a non-Intel CPU at fp32 when it is installed.
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ class CLIPBackbone(ImageBackbone):
         resolved for the CPU here: a model moved to a GPU afterwards should be built with "fp32"/"bf16");
         attention: "sdpa" (fused) or "eager" (transformers' reference path, for agreement checks);
         runtime: what runs the tower (`RUNTIMES`): "torch", "onnx" (ONNX Runtime on the CPU, fp32 or int8,
-        exported once into the cache, `geotoken.encoders.ort`) or "auto" (onnx on the CPU at fp32 when
-        onnxruntime and onnx are installed, else torch). The resolved one is `self.runtime`."""
+        exported once into the cache, `geotoken.encoders.ort`) or "auto" (onnx on a non-Intel CPU at fp32
+        when onnxruntime and onnx are installed, else torch; `resolve_runtime`). The resolved one is `self.runtime`."""
         super().__init__()
         from transformers import CLIPVisionModelWithProjection
 

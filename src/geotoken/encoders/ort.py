@@ -1,8 +1,9 @@
 """The CLIP vision tower through ONNX Runtime (CPUExecutionProvider): exported once, cached on disk.
 
-On CPUs without bf16 units ONNX Runtime runs the ViT-L/14 forward ~2.3x faster than PyTorch eager at the
+On an AMD CPU without bf16 ONNX Runtime ran the ViT-L/14 forward ~2.3x faster than PyTorch eager at the
 same fp32 features (cosine 1.0), and its dynamically quantised int8 copy ~6x. `RUNTIMES`: "torch", "onnx",
-or "auto" (`resolve_runtime`: onnx on the CPU at fp32 when `onnxruntime` and `onnx` are installed).
+or "auto" (`resolve_runtime`: onnx on a non-Intel CPU at fp32 when `onnxruntime` and `onnx` are
+installed; on Intel CPUs torch's MKL runs the fp32 tower as fast).
 
 The graph (pixel_values (B, 3, H, W) -> image_embeds (B, projection_dim)) is exported with
 `torch.onnx.export` into `<cache>/clip-onnx/<key>/` (`default_cache_dir`), the key being the SHA-256 of
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from geotoken.encoders.base import default_cache_dir
+from geotoken.encoders.base import cpu_vendor, default_cache_dir
 from geotoken.errors import GeoTokenError
 from geotoken.io import read_json, sha256_json, write_json
 
@@ -47,14 +48,17 @@ def onnx_available() -> bool:
 def resolve_runtime(
     runtime: str, precision: str, device: torch.device | str = "cpu", dtype: str = "float32"
 ) -> str:
-    """The runtime to use for a resolved `precision`: "auto" is onnx on the CPU at fp32 float32 weights when
-    onnxruntime and onnx are installed, else torch. An explicit "onnx" that cannot run raises GeoTokenError."""
+    """The runtime to use for a resolved `precision`: "auto" is onnx on a CPU that is not Intel's, at fp32
+    with float32 weights, when onnxruntime and onnx are installed; else torch. On Intel CPUs torch's fp32
+    GEMMs (MKL) already run the tower as fast as ONNX Runtime's (614 ms a ViT-L/14 image both ways, box D in
+    BENCHMARKS.md), so a one-off export and a second copy of the weights would buy nothing; on AMD they run
+    at half its rate (2.0-2.1x end to end, box C). An explicit "onnx" that cannot run raises GeoTokenError."""
     if runtime not in RUNTIMES:
         raise GeoTokenError(f"clip: runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     on_cpu = torch.device(device).type == "cpu"
     if runtime == "auto":
-        usable = on_cpu and precision == "fp32" and dtype == "float32" and onnx_available()
-        return "onnx" if usable else "torch"
+        usable = on_cpu and precision == "fp32" and dtype == "float32" and cpu_vendor() != "GenuineIntel"
+        return "onnx" if usable and onnx_available() else "torch"
     if runtime == "onnx":
         if precision not in ONNX_PRECISIONS:
             raise GeoTokenError(
