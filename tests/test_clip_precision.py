@@ -47,15 +47,21 @@ def test_auto_precision_follows_the_machine(monkeypatch):
         resolve_precision("fp16")
 
 
-def test_cpu_flags_are_read(monkeypatch, tmp_path):
+@pytest.fixture
+def cpuinfo(monkeypatch, tmp_path):
+    """A file that stands in for /proc/cpuinfo: write the text to test."""
     info = tmp_path / "cpuinfo"
-    info.write_text("processor : 0\nflags\t\t: fpu avx2 avx512f\n")
     real_open = open
     monkeypatch.setattr(
         "builtins.open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k)
     )
+    return info
+
+
+def test_cpu_flags_are_read(cpuinfo):
+    cpuinfo.write_text("processor : 0\nflags\t\t: fpu avx2 avx512f\n")
     assert base.cpu_has_bf16() is False
-    info.write_text("processor : 0\nflags\t\t: fpu avx2 avx512f amx_bf16\n")
+    cpuinfo.write_text("processor : 0\nflags\t\t: fpu avx2 avx512f amx_bf16\n")
     assert base.cpu_has_bf16() is True
 
 
@@ -87,13 +93,8 @@ def test_geoclip_predictor_takes_a_precision(clip_dir, files, images, tmp_path, 
     assert len(preds) == 2 and np.isfinite(preds[0].candidates[0].lat)
 
 
-def test_cpu_vendor_is_read(monkeypatch, tmp_path):
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2\n")
-    real_open = open
-    monkeypatch.setattr(
-        "builtins.open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k)
-    )
+def test_cpu_vendor_is_read(cpuinfo):
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2\n")
     assert base.cpu_vendor() == "AuthenticAMD"
-    info.write_text("processor\t: 0\nflags\t\t: fpu\n")
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu\n")
     assert base.cpu_vendor() == ""
