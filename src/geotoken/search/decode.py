@@ -2,8 +2,9 @@
 
 The encoder runs once per image. Generation then goes one token position at a time through the model's
 cached path (`init_cache` + `step`): cross-attention keys/values of the memory are computed once per
-image and layer and shared by all beams/samples of that image, and self-attention keys/values of earlier
-positions are kept, so each step costs one decoder position per row. The uncached path (`cached=False`)
+image and layer and shared by all beams/samples of that image (or, for greedy, folded into the queries so
+the memory is read as it is), and self-attention keys/values of earlier positions are kept, so each step
+costs one decoder position per row. The uncached path (`cached=False`)
 re-runs the whole decoder on the prefix at every step, as the reference code does; it exists for the
 equivalence tests and the benchmark, and gives the same results.
 
