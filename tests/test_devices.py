@@ -53,24 +53,26 @@ def test_no_device_string_outside_geotoken_devices():
     assert not found, found
 
 
-_FAULTS = """
-import resource, sys, torch
+_MAPPED = """
+import ctypes, sys, torch
 from geotoken.devices import retain_freed_memory
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split())]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
 applied = retain_freed_memory() if sys.argv[1] == "retain" else False
-def faults():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        torch.empty(4 << 20).fill_(1.0)  # 16 MB, freed at once
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults()  # the heap grows once
-print(applied, faults())
+before = libc.mallinfo2().hblkhd  # bytes in blocks malloc mapped on their own
+block = torch.empty(30 << 18)  # 30 MB
+print(applied, (libc.mallinfo2().hblkhd - before) >> 20)
 """
 
 
-def test_retain_freed_memory_stops_page_faults_on_reused_blocks(monkeypatch):
-    """Freeing and re-allocating 16 MB blocks faults their pages in every time by default (each is a fresh
-    mapping, ~4,100 faults), and not at all once it has run (glibc on Linux); GEOTOKEN_MALLOC=default
-    opts out."""
+def test_retain_freed_memory_serves_large_blocks_from_the_heap(monkeypatch):
+    """By default glibc maps a fresh 30 MB block on its own (so each one freed and allocated again is
+    faulted in anew); once it has run, the block comes from the heap, which keeps freed memory.
+    GEOTOKEN_MALLOC=default opts out."""
+    import ctypes
     import subprocess
     import sys
 
@@ -78,15 +80,13 @@ def test_retain_freed_memory_stops_page_faults_on_reused_blocks(monkeypatch):
 
     monkeypatch.setenv("GEOTOKEN_MALLOC", "default")
     assert retain_freed_memory() is False
-    if not sys.platform.startswith("linux"):
-        return
+    if not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
+        pytest.skip("glibc >= 2.33 only (mallinfo2)")
     monkeypatch.delenv("GEOTOKEN_MALLOC")
     runs = {
         mode: subprocess.run(
-            [sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True
+            [sys.executable, "-c", _MAPPED, mode], capture_output=True, text=True, check=True
         ).stdout.split()
         for mode in ("default", "retain")
     }
-    assert runs["retain"][0] == "True" and runs["default"][0] == "False"
-    assert int(runs["default"][1]) >= 4000  # at least one block's pages faulted in again
-    assert int(runs["retain"][1]) < 100
+    assert runs == {"default": ["False", "30"], "retain": ["True", "0"]}
