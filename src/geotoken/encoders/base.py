@@ -47,13 +47,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("GEOTOKEN_CACHE") or Path.home() / ".cache" / "geotoken")
 
 
-def cpu_vendor() -> str:
-    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD", ...), "" where it cannot be read."""
+def _cpuinfo(field: str) -> str:
+    """The value of /proc/cpuinfo's first `field` line (the first CPU's), "" where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), "")
     except OSError:
         return ""
+
+
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD", ...), "" where it cannot be read."""
+    return _cpuinfo("vendor_id")
 
 
 def cpu_has_bf16() -> bool:
@@ -62,12 +67,7 @@ def cpu_has_bf16() -> bool:
     Without them bf16 runs emulated, far slower than fp32. (`torch.backends.cpu.get_cpu_capability()`
     says only "AVX512" or "AVX2", which does not tell.) False where /proc/cpuinfo cannot be read.
     """
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    return bool({"avx512_bf16", "amx_bf16"} & set(_cpuinfo("flags").split()))
 
 
 def resize_center_crop(
