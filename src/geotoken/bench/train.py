@@ -151,8 +151,8 @@ def attention_cost(
     """{seconds, flops} of one training step's attention alone, forward + backward, through the model's own
     `attention` at the step's shapes: encoder self-attention (S x S), causal decoder self-attention
     (T x T) and cross-attention (T x S), once per layer. Its kernels work on head_dim-wide slices (32 at
-    the presets), far from a large GEMM's rate, so this time is a floor no GEMM tuning removes; best of
-    `iters`."""
+    the presets), far from a large GEMM's rate, so this time is a floor no GEMM tuning removes. Timed as
+    the step itself is (`time_steps`: the mean of `iters` calls after a warm-up)."""
     cfg = preset(name, **PAPER_INPUTS, arch=arch)
     B, h, hd = batch_size, cfg.n_heads, cfg.d_model // cfg.n_heads
     S, T = cfg.seq_len, cfg.n_tokens
@@ -170,15 +170,7 @@ def attention_cost(
             y.float().sum().backward()
 
     flops = count_flops(step)
-    step()  # warm-up
-    seconds = min(_timed(step) for _ in range(iters))
-    return {"seconds": seconds, "flops": flops}
-
-
-def _timed(fn: Callable[[], None]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+    return {"seconds": time_steps(lambda _: step(), iters, warmup=1), "flops": flops}
 
 
 def bench_train(
