@@ -451,3 +451,25 @@ def test_project_heads_is_one_projection_with_or_without_gradients():
     with torch.no_grad():
         torch.testing.assert_close(torch.stack(project_heads(lin, x, 3, 4)), fused.detach())
     assert [t.shape for t in split] == [(2, 4, 5, 4)] * 3
+
+
+@pytest.mark.slow  # a subprocess with its own torch import
+def test_fold_benchmark_times_both_forms_and_finds_the_same_tokens():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "fold.py"
+    args = ["--preset", "small", "--batch-size", "2", "--threads", "1", "--rounds", "1"]
+    res = json.loads(
+        subprocess.run(
+            [sys.executable, str(script), *args], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    rows = res["decoders"]
+    assert {k: r["default_folds"] for k, r in rows.items()} == {"greedy": True, "beam2": True, "beam5": False}
+    assert all(r["same_tokens"] and r["folded_s"] > 0 and r["projected_s"] > 0 for r in rows.values())
+    assert (
+        rows["greedy"]["projected_over_folded"] == rows["greedy"]["projected_s"] / rows["greedy"]["folded_s"]
+    )

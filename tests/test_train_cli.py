@@ -92,6 +92,9 @@ def test_bench_train_prints_one_json_object(capsys):
     )
     assert res["flops_per_step"] > 2 * 3 * 1e6 * 2  # forward + backward of a ~1M-parameter model on 2 samples
     assert 0 < res["attention_flops_per_step"] < res["flops_per_step"]
+    from geotoken.devices import retain_freed_memory
+
+    assert res["malloc_retains_freed_memory"] is retain_freed_memory()  # recorded as this machine applies it
     peak_s = res["flops_per_step"] / (res["matmul_gflops_fp32"] * 1e9)
     rest_s = (res["flops_per_step"] - res["attention_flops_per_step"]) / (res["matmul_gflops_fp32"] * 1e9)
     assert res["share_of_matmul_peak_bound"] == pytest.approx(
