@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import geotoken.model as model_module
 from geotoken.errors import GeoTokenError
 from geotoken.model import (
     ARCHS,
@@ -15,6 +16,7 @@ from geotoken.model import (
     ModelConfig,
     attention,
     loss_weights,
+    one_query_attention,
     precision,
     preset,
     project_heads,
@@ -140,9 +142,11 @@ def test_decoder_is_causal(arch):
 
 
 @BOTH
+@pytest.mark.parametrize("broadcast_rows", [1, 10**9])  # self-attention of the step: both forms
 @pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("copies", [1, 3])
-def test_cached_step_equals_full_decode(copies, fold, arch):
+def test_cached_step_equals_full_decode(copies, fold, broadcast_rows, arch, monkeypatch):
+    monkeypatch.setattr(model_module, "ONE_QUERY_BROADCAST_ROWS", broadcast_rows)
     m = tiny(arch=arch)
     b = make_batch(m.cfg)
     memory = m.encode(b)
@@ -157,6 +161,18 @@ def test_cached_step_equals_full_decode(copies, fold, arch):
     fin = torch.isfinite(full)
     torch.testing.assert_close(steps[fin], full[fin], atol=1e-5, rtol=0)
     assert cache["layers"][0]["kv"][0].shape[0] == 3  # memory keys are per image, not per copy
+
+
+@pytest.mark.parametrize("rows", [5, 40])  # below and above ONE_QUERY_BROADCAST_ROWS
+def test_one_query_attention_equals_the_fused_kernel_on_per_head_views(rows):
+    h, hd, t = 4, 8, 6
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(rows, h * hd, generator=g), *torch.randn(2, rows, t, h * hd, generator=g)
+    heads = lambda x: x.view(rows, -1, h, hd).transpose(1, 2)  # noqa: E731
+    want = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+    got = one_query_attention(q, k, v, h)
+    assert got.shape == (rows, h * hd)
+    torch.testing.assert_close(got, want.reshape(rows, h * hd), atol=1e-6, rtol=0)
 
 
 def test_init_cache_folds_the_memory_for_few_rows_in_full_precision_only():

@@ -235,6 +235,25 @@ def project_heads(linear: nn.Linear, x: torch.Tensor, n: int, h: int) -> list[to
     return [F.linear(x, w, b).view(B, L, h, d // h).transpose(1, 2) for w, b in blocks]
 
 
+ONE_QUERY_BROADCAST_ROWS = 32  # crossover of `one_query_attention`'s two forms (AMD EPYC, 2 threads, fp32)
+
+
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int) -> torch.Tensor:
+    """Attention of one query per row over that row's cached keys: q (N, d), k and v (N, t, d) with the h
+    heads side by side in d -> (N, d).
+
+    For many rows in fp32, broadcast products and sums over the dense (N, t, d) cache: the fused kernel
+    handles N*h tiny problems one by one (2x slower at 160 rows, `small` 10 samples); for few rows (greedy,
+    where it is faster) or in bf16, the kernel on per-head views of the same cache."""
+    N, t, d = k.shape
+    hd = d // h
+    if N >= ONE_QUERY_BROADCAST_ROWS and q.dtype == torch.float32:
+        scores = (k * q[:, None]).view(N, t, h, hd).sum(-1) * hd**-0.5  # (N, t, h)
+        return (v.view(N, t, h, hd) * scores.softmax(1)[..., None]).sum(1).view(N, d)
+    heads = lambda x: x.view(N, -1, h, hd).transpose(1, 2)  # noqa: E731  (N, h, t, hd) views
+    return attention(heads(q), heads(k), heads(v)).reshape(N, d)  # (N, h, 1, hd) -> (N, d)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention; with a cache it appends this call's keys/values at `pos` first."""
 
@@ -245,27 +264,34 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, x: torch.Tensor, cache: dict | None = None, pos: int = 0) -> torch.Tensor:
+        if cache is not None:
+            return self.cached(x, cache, pos)
         B, L, d = x.shape
         q, k, v = project_heads(self.qkv, x, 3, self.h)  # 3 x (B, h, L, hd)
-        causal = self.causal
-        if cache is not None:  # generation: keys/values of positions < pos are already in the cache
-            cache["k"][:, :, pos : pos + L] = k
-            cache["v"][:, :, pos : pos + L] = v
-            k, v = cache["k"][:, :, : pos + L], cache["v"][:, :, : pos + L]  # (B, h, pos+L, hd)
-            k, v = k.to(q.dtype), v.to(q.dtype)  # a cache made inside autocast, read outside (or back)
-            if L > 1:
-                raise ValueError("the cached path decodes one position per call")
-            causal = False  # one query at the newest position sees every cached key
-        y = attention(q, k, v, causal, dropout_p=self.p if self.training else 0.0)
+        y = attention(q, k, v, self.causal, dropout_p=self.p if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, L, d))  # (B, L, d)
+
+    def cached(self, x: torch.Tensor, cache: dict, pos: int) -> torch.Tensor:
+        """Generation, one position per call: x (N, 1, d). The keys/values of positions < pos are in the
+        cache (N, T, d) each; this call's go to `pos`, and its query (the newest position) sees them all."""
+        N, L, d = x.shape
+        if L > 1:
+            raise ValueError("the cached path decodes one position per call")
+        q, k, v = self.qkv(x[:, 0]).chunk(3, dim=-1)  # 3 x (N, d)
+        cache["k"][:, pos] = k
+        cache["v"][:, pos] = v
+        # a cache made inside autocast, read outside (or back): in the query's dtype
+        keys, values = (cache[name][:, : pos + 1].to(q.dtype) for name in ("k", "v"))  # (N, pos+1, d)
+        return self.proj(one_query_attention(q, keys, values, self.h))[:, None]  # (N, 1, d)
 
 
 class FoldedMemory(NamedTuple):
-    """The encoder memory as `CrossAttention.folded` reads it: states (B, S, d) and their transpose
-    (B, d, S), both dense (a batched matmul reads either operand ~2x faster dense than transposed)."""
+    """The encoder memory as `CrossAttention.folded` reads it: the states (B, S, d), one dense tensor shared
+    by every layer. The scores read it through a transposed view: a dense transposed copy makes that one
+    matmul a little faster alone but doubles what every step reads (7 MB per layer at `small` b16), and in
+    the whole greedy decode the smaller working set wins (1.1-1.3x, `benchmarks/fold.py`)."""
 
     states: torch.Tensor
-    transposed: torch.Tensor
 
 
 class CrossAttention(nn.Module):
@@ -306,12 +332,15 @@ class CrossAttention(nn.Module):
         B, L, d = x.shape
         h, hd = self.h, d // self.h
         w_k, w_v = self.kv.weight.view(2, h, hd, d)  # rows of `kv`: keys (h, hd), then values (h, hd)
-        q = self.q(x).view(B, L, h, hd)
-        q_mem = torch.einsum("blhe,hed->bhld", q, w_k.to(q.dtype)).reshape(B, h * L, d)  # (B, hL, d)
-        states, transposed = (t.to(q_mem.dtype) for t in memory)  # no-ops unless made in another precision
-        scores = torch.bmm(q_mem * hd**-0.5, transposed)  # (B, hL, S)
-        ctx = torch.bmm(scores.softmax(-1), states).view(B, h, L, d)  # (B, h, L, d)
-        y = torch.einsum("bhld,hed->blhe", ctx, w_v.to(ctx.dtype)).reshape(B, L, d)
+        q = (self.q(x) * hd**-0.5).view(B * L, h, hd).transpose(0, 1)  # (h, BL, hd), scaled before folding
+        q_mem = torch.bmm(q, w_k.to(q.dtype))  # (h, BL, d): per head W_k^T q
+        q_mem = q_mem.view(h, B, L, d).transpose(0, 1).reshape(B, h * L, d)  # (B, hL, d), image-major
+        states = memory.states.to(q_mem.dtype)  # a no-op unless made in another precision
+        scores = torch.bmm(q_mem, states.transpose(1, 2))  # (B, hL, S)
+        ctx = torch.bmm(scores.softmax(-1), states)  # (B, hL, d)
+        ctx = ctx.view(B, h, L, d).transpose(0, 1).reshape(h, B * L, d)  # (h, BL, d)
+        y = torch.bmm(ctx, w_v.transpose(1, 2).to(ctx.dtype))  # (h, BL, hd): per head W_v ctx
+        y = y.transpose(0, 1).reshape(B, L, d)  # heads back to channels
         return self.proj(y + self.kv.bias[d:].to(y.dtype))
 
 
@@ -570,8 +599,8 @@ class GeoToken(nn.Module):
         costs T*copies*h*2*S*d. fold None picks the cheaper, folding when T*copies*(h - 1) < d (greedy on
         the presets; beams and samples project), in full precision only: under autocast the projected
         form keeps the cached search rounding exactly as the uncached one (the same matmuls in bf16).
-        Both give the same logits up to float rounding. The self-attention cache holds
-        (B * copies, h, T, hd) per layer.
+        Both give the same logits up to float rounding. The self-attention cache holds keys and values
+        (B * copies, T, d) per layer, heads side by side (`one_query_attention`).
         """
         B, S, d = memory.shape
         cfg = self.cfg
@@ -580,9 +609,9 @@ class GeoToken(nn.Module):
         if fold is None:
             fold = not autocast and cfg.n_tokens * copies * (cfg.n_heads - 1) < d
         dtype = torch.get_autocast_dtype(dev) if autocast else memory.dtype
-        shape = (B * copies, cfg.n_heads, cfg.n_tokens, d // cfg.n_heads)
-        if fold:  # one for all layers; scores read the transpose, the weighted sum the states
-            folded = FoldedMemory(memory.contiguous(), memory.transpose(1, 2).contiguous())
+        shape = (B * copies, cfg.n_tokens, d)  # self-attention keys/values, heads side by side
+        if fold:  # one tensor for all layers
+            folded = FoldedMemory(memory.contiguous())
         layers = []
         for layer in self.decoder:
             kv = folded if fold else layer.cross.memory_kv(memory, dense=True)
@@ -604,8 +633,8 @@ class GeoToken(nn.Module):
             logits = self.step({"layers": first, "batch": B, "copies": 1}, None, 0)  # (B, Vmax)
             for c in cache["layers"]:  # then give the other copies the first one's keys/values
                 for key in ("k", "v"):
-                    rows = c[key].view(B, n, *c[key].shape[1:])  # (B, n, h, T, hd)
-                    rows[:, 1:, :, :1] = rows[:, :1, :, :1]
+                    rows = c[key].view(B, n, *c[key].shape[1:])  # (B, n, T, d)
+                    rows[:, 1:, :1] = rows[:, :1, :1]
             return logits.repeat_interleave(n, dim=0)  # (B*n, Vmax)
         prev = None if position == 0 else last_token[:, None]  # (B*n, 1)
         x = self._dec_input(prev, position, B * n)  # (B*n, 1, d)
