@@ -242,12 +242,12 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: in
     """Attention of one query per row over that row's cached keys: q (N, d), k and v (N, t, d) with the h
     heads side by side in d -> (N, d).
 
-    For many rows in fp32, broadcast products and sums over the dense (N, t, d) cache: the fused kernel
-    handles N*h tiny problems one by one (2x slower at 160 rows, `small` 10 samples); for few rows (greedy,
-    where it is faster) or in bf16, the kernel on per-head views of the same cache."""
+    For many rows in fp32 on the CPU, broadcast products and sums over the dense (N, t, d) cache: the CPU's
+    fused kernel handles N*h tiny problems one by one (2x slower at 160 rows, `small` 10 samples); for few
+    rows (greedy, where it is faster), in bf16 or on other devices, the kernel on per-head views."""
     N, t, d = k.shape
     hd = d // h
-    if N >= ONE_QUERY_BROADCAST_ROWS and q.dtype == torch.float32:
+    if N >= ONE_QUERY_BROADCAST_ROWS and q.dtype == torch.float32 and q.device.type == "cpu":
         scores = (k * q[:, None]).view(N, t, h, hd).sum(-1) * hd**-0.5  # (N, t, h)
         return (v.view(N, t, h, hd) * scores.softmax(1)[..., None]).sum(1).view(N, d)
     heads = lambda x: x.view(N, -1, h, hd).transpose(1, 2)  # noqa: E731  (N, h, t, hd) views
@@ -289,7 +289,7 @@ class FoldedMemory(NamedTuple):
     """The encoder memory as `CrossAttention.folded` reads it: the states (B, S, d), one dense tensor shared
     by every layer. The scores read it through a transposed view: a dense transposed copy makes that one
     matmul a little faster alone but doubles what every step reads (7 MB per layer at `small` b16), and in
-    the whole greedy decode the smaller working set wins (1.1-1.3x, `benchmarks/fold.py`)."""
+    the whole greedy decode the smaller working set wins (1.1-1.3x, in-process A/B, BENCHMARKS.md box E)."""
 
     states: torch.Tensor
 
