@@ -28,9 +28,10 @@ lint: install
 test: lint
 	$(PY) -m pytest --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
-# the quick lane while working: the tests not marked slow (the demo, the browser, several processes, > ~5 s)
+# the quick lane while working: the tests not marked slow (the demo, the browser, several processes, > ~5 s),
+# in two processes (pytest-xdist, in the test extra)
 test-fast: lint
-	$(PY) -m pytest -m "not slow" --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+	$(PY) -m pytest -m "not slow" -n 2 --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 demo: install
 	$(VENV)/bin/geotoken demo

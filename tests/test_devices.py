@@ -68,6 +68,7 @@ print(applied, (libc.mallinfo2().hblkhd - before) >> 20)
 """
 
 
+@pytest.mark.slow  # a subprocess allocating and freeing ~1 GB, 3-8 s
 def test_retain_freed_memory_serves_large_blocks_from_the_heap(monkeypatch):
     """By default glibc maps a fresh 30 MB block on its own (so each one freed and allocated again is
     faulted in anew); once it has run, the block comes from the heap, which keeps freed memory.
