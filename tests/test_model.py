@@ -312,6 +312,26 @@ def test_cpu_dropout_keeps_1_minus_p_scales_and_is_seeded():
         Dropout(1.5)
 
 
+def test_residual_dropout_is_the_sum_with_the_same_mask_and_gradients():
+    drop = Dropout(0.25).train()
+    x = torch.randn(3, 7, 11, requires_grad=True)
+    y = torch.randn(3, 7, 11, requires_grad=True)
+    torch.manual_seed(9)
+    out = drop.residual(x, y)
+    torch.manual_seed(9)
+    ref = x.detach() + drop(y.detach())
+    assert torch.allclose(out, ref, atol=1e-6) and not torch.equal(out, x + y)
+    g = torch.randn_like(out)
+    out.backward(g)
+    kept = ref != x.detach()  # where dropout kept y's element
+    assert torch.equal(x.grad, g)  # the stream passes its gradient through
+    assert torch.allclose(y.grad, torch.where(kept, g * drop.scale, 0.0), atol=1e-6)
+    lo = drop.residual(x.detach(), y.detach().bfloat16())  # a bf16 branch joins an fp32 stream
+    assert lo.dtype == torch.float32
+    assert torch.equal(drop.eval().residual(x, y), x + y)
+    assert torch.equal(Dropout(0.0).train().residual(x, y), x + y)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("L", [1, 7, 9])
 def test_bf16_cpu_attention_matches_fused_attention(causal, L):

@@ -92,6 +92,12 @@ def test_bench_train_prints_one_json_object(capsys):
     )
     assert res["flops_per_step"] > 2 * 3 * 1e6 * 2  # forward + backward of a ~1M-parameter model on 2 samples
     assert 0 < res["attention_flops_per_step"] < res["flops_per_step"]
+    shares = [  # one probe after each timed step; the share is the median of the pairs
+        res["flops_per_step"] / s / (p * 1e9) for s, p in zip(res["step_seconds"], res["paired_peaks"])
+    ]
+    assert len(shares) == 1 and res["share_of_matmul_peak"] == pytest.approx(shares[0])
+    assert res["matmul_gflops_fp32"] == pytest.approx(res["paired_peaks"][0])
+    assert 0 < res["share_of_best_probe"] <= res["achieved_gflops"] / res["matmul_gflops_fp32"] + 1e-9
     from geotoken.devices import retain_freed_memory
 
     assert res["malloc_retains_freed_memory"] is retain_freed_memory()  # recorded as this machine applies it

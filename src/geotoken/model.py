@@ -190,15 +190,33 @@ class Dropout(nn.Module):
         self.threshold = -32768 + dropped
         self.scale = 65536 / (65536 - dropped) if dropped < 65536 else 0.0
 
+    @property
+    def active(self) -> bool:
+        return self.training and self.p > 0.0
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """A fresh bool mask shaped like x (CPU): True keeps the element."""
+        n = x.numel()
+        lanes = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None).view(torch.int16)
+        return lanes[:n].view(x.shape) >= self.threshold
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
+        if not self.active:
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
-        n = x.numel()
-        lanes = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None).view(torch.int16)
-        keep = lanes[:n].view(x.shape) >= self.threshold
-        return torch.where(keep, x, 0.0) * self.scale
+        return torch.where(self.keep(x), x, 0.0) * self.scale
+
+    def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x + dropout(y), a residual branch joining the stream. On the CPU one `addcmul` with the bool
+        mask: a pass over the activation forward and one backward, against three and two for `where`,
+        the scale and the sum (in-process A/B: 1-2 ms less per branch at `small` b32, 22 branches a step).
+        """
+        if not self.active:
+            return x + y
+        if y.device.type != "cpu":
+            return x + F.dropout(y, self.p, training=True)
+        return torch.addcmul(x, y, self.keep(y), value=self.scale)
 
 
 def attention(
@@ -371,10 +389,10 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.post_ln:  # x = norm(x + sublayer(x)), nn.TransformerEncoderLayer(norm_first=False)
-            x = self.ln1(x + self.drop(self.attn(x)))
-            return self.ln2(x + self.drop(self.mlp(x)))
-        x = x + self.drop(self.attn(self.ln1(x)))
-        return x + self.drop(self.mlp(self.ln2(x)))
+            x = self.ln1(self.drop.residual(x, self.attn(x)))
+            return self.ln2(self.drop.residual(x, self.mlp(x)))
+        x = self.drop.residual(x, self.attn(self.ln1(x)))
+        return self.drop.residual(x, self.mlp(self.ln2(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -395,14 +413,14 @@ class DecoderLayer(nn.Module):
         """
         N, L, d = x.shape
         if self.post_ln:  # nn.TransformerDecoderLayer(norm_first=False)
-            x = self.ln1(x + self.drop(self.attn(x, cache, pos)))
+            x = self.ln1(self.drop.residual(x, self.attn(x, cache, pos)))
             y = self.cross(x.view(N // copies, copies * L, d), kv)  # copies become query rows
-            x = self.ln2(x + self.drop(y.view(N, L, d)))
-            return self.ln3(x + self.drop(self.mlp(x)))
-        x = x + self.drop(self.attn(self.ln1(x), cache, pos))
+            x = self.ln2(self.drop.residual(x, y.view(N, L, d)))
+            return self.ln3(self.drop.residual(x, self.mlp(x)))
+        x = self.drop.residual(x, self.attn(self.ln1(x), cache, pos))
         y = self.cross(self.ln2(x).view(N // copies, copies * L, d), kv)  # copies become query rows
-        x = x + self.drop(y.view(N, L, d))
-        return x + self.drop(self.mlp(self.ln3(x)))
+        x = self.drop.residual(x, y.view(N, L, d))
+        return self.drop.residual(x, self.mlp(self.ln3(x)))
 
 
 class GeoToken(nn.Module):

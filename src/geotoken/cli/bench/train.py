@@ -72,6 +72,11 @@ def run(args) -> int:
         f"{res['train_samples_per_s']:.2f} samples/s, {res['achieved_gflops']:.1f} GFLOP/s "
         f"({100 * res['share_of_matmul_peak']:.0f}% of matmul peak), peak RSS {res['peak_rss_mb']:.0f} MB"
     )
+    low, high = res["share_of_matmul_peak_range"]
+    print(
+        f"share of peak: median of each step against the probe right after it ({100 * low:.0f}-{100 * high:.0f}% "
+        f"over the steps); against the run's fastest probe {100 * res['share_of_best_probe']:.0f}%"
+    )
     print(
         f"attention alone (forward + backward, the step's shapes): {1e3 * res['attention_seconds_per_step']:.0f} ms, "
         f"{100 * res['attention_share_of_step']:.0f}% of the step; with it as is and every other FLOP at the "
