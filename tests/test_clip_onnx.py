@@ -78,7 +78,7 @@ def test_onnx_int8_is_close_to_fp32(clip_dir, images, cache):
     reference = clip(clip_dir, precision="fp32", runtime="torch").embed(images)
     int8 = clip(clip_dir, precision="int8", runtime="onnx")
     assert int8.runtime == "onnx" and int8.precision == "int8"
-    assert not any("quantized" in type(m).__module__ for m in int8.net.modules())  # ORT quantised, not torch
+    assert int8.net is None  # ORT quantised it, and the session holds the weights: no torch tower kept
     feats = int8.embed(images)
     assert F.cosine_similarity(feats, reference).min() > 0.99 and not torch.equal(feats, reference)
 
@@ -144,6 +144,48 @@ def test_the_export_is_cached_and_rebuilt_when_damaged(clip_dir, images, cache, 
     manifest.unlink()  # an export killed before its manifest was written
     assert clip(clip_dir, precision="int8", runtime="onnx").onnx.cache_status == "re-exported"
     assert exports == {"fp32": 1, "int8": 4}
+
+
+def test_a_cached_graph_loads_without_the_torch_tower(clip_dir, images, cache, monkeypatch):
+    from geotoken.encoders.clip import CLIPBackbone
+
+    built, load = [], CLIPBackbone._load_tower
+    monkeypatch.setattr(CLIPBackbone, "_load_tower", lambda self: built.append(1) or load(self))
+    first = clip(clip_dir, precision="fp32", runtime="onnx")
+    assert first.onnx.cache_status == "exported" and len(built) == 1 and first.net is None  # not kept
+    second = clip(clip_dir, precision="fp32", runtime="onnx")
+    assert second.onnx.cache_status == "loaded" and len(built) == 1 and second.net is None
+    assert second.dim == first.dim and second.crop == first.crop  # from the config, not the tower
+    onnx_features = second.embed(images)
+    tower = second.torch_tower()  # built on demand (a move off the CPU, FLOP counting)
+    assert len(built) == 2 and second.torch_tower() is tower and second.net is tower
+    with torch.no_grad():
+        torch_features = tower(
+            pixel_values=torch.stack([second.preprocess(im) for im in images])
+        ).image_embeds
+    assert torch.allclose(onnx_features, torch_features, atol=1e-5, rtol=1e-4)
+
+
+def test_files_key_follows_the_files_and_remembers_their_hashes(tmp_path, monkeypatch):
+    folder, memo = tmp_path / "model", tmp_path / "memo.json"
+    folder.mkdir()
+    assert ort.files_key(folder, memo) is None  # no weight file: the caller hashes the tower instead
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights")
+    hashed, sha = [], ort.sha256_file
+    monkeypatch.setattr(ort, "sha256_file", lambda path, **kw: hashed.append(path) or sha(path, **kw))
+    key = ort.files_key(folder, memo, dtype="float32", attention="sdpa")
+    assert len(hashed) == 2 and ort.files_key(folder, memo, dtype="float32", attention="sdpa") == key
+    assert len(hashed) == 2  # remembered by path, size and mtime
+    assert ort.files_key(folder, memo, dtype="float32", attention="eager") != key
+    (folder / "model.safetensors").write_bytes(b"other weights")
+    assert ort.files_key(folder, memo, dtype="float32", attention="sdpa") != key and len(hashed) == 3
+    blob = tmp_path / "blobs" / ("ab" * 32)  # an HF cache blob: named by its SHA-256, never read
+    blob.parent.mkdir()
+    blob.write_bytes(b"blob")
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").symlink_to(blob)
+    assert ort.file_sha256(folder / "model.safetensors", memo) == "ab" * 32 and len(hashed) == 3
 
 
 def test_the_key_follows_the_weights(clip_dir, cache):

@@ -23,7 +23,7 @@ def images():
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 def test_precisions_agree_with_fp32_eager(clip_dir, images, precision, offline_hub):
     ref = load_backbone("clip", model=str(clip_dir), attention="eager")
-    assert ref.net.config._attn_implementation == "eager"
+    assert ref.torch_tower().config._attn_implementation == "eager"
     fast = load_backbone("clip", model=str(clip_dir), precision=precision, runtime="torch")
     assert fast.net.config._attn_implementation == "sdpa" and fast.precision == precision
     quantised = [m for m in fast.net.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]

@@ -256,8 +256,9 @@ def backbone_compute(geos: dict, ours: dict, decoder: str, batch: str, image) ->
     from the `decoder` runs at `batch`. A share near 1 means fp32 torch has little left to gain here."""
     geo = next(iter(geos.values()))
     x = geo.backbone.preprocess(image)[None]
+    tower = geo.backbone.torch_tower()  # (built here for an ONNX Runtime backbone)
     with torch.no_grad():
-        flops = count_flops(lambda: geo.backbone.net(pixel_values=x))
+        flops = count_flops(lambda: tower(pixel_values=x))
     peak = matmul_gflops(torch.float32)
     per = {}
     for variant, by in ours.items():

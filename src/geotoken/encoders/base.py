@@ -38,8 +38,10 @@ class ImageBackbone(nn.Module):
     def embed(self, images: list[Image.Image]) -> torch.Tensor:
         """Convenience for a handful of images: preprocess, stack, forward. Batch jobs use `geotoken.features`."""
         x = torch.stack([self.preprocess(im) for im in images])  # (B, 3, H, W)
-        param = next(self.parameters())
-        return self(x.to(device=param.device, dtype=param.dtype)).float()
+        param = next(self.parameters(), None)  # None: the weights live outside torch (ONNX Runtime, CPU fp32)
+        if param is not None:
+            x = x.to(device=param.device, dtype=param.dtype)
+        return self(x).float()
 
 
 def default_cache_dir() -> Path:

@@ -16,6 +16,7 @@ instead of torch (`geotoken.encoders.ort`); "auto" does so on a non-Intel CPU at
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ import torch.ao.quantization
 from PIL import Image
 
 from geotoken.encoders.base import ImageBackbone, cpu_has_bf16, resize_center_crop, to_tensor
-from geotoken.encoders.ort import OnnxTower, resolve_runtime
+from geotoken.encoders.ort import OnnxTower, files_key, resolve_runtime
 from geotoken.errors import GeoTokenError
 from geotoken.io import read_json
 
@@ -78,6 +79,12 @@ def hf_file(model: str, filename: str) -> str | None:
     return cached_file(model, filename, _raise_exceptions_for_missing_entries=False)
 
 
+def _snapshot(model: str) -> Path | None:
+    """The local folder of a hub id's files (its HF cache snapshot), None where its config is not there."""
+    config = hf_file(model, "config.json")
+    return Path(config).parent if config else None
+
+
 def tower_config(model: str, tower: str):
     """Config of one tower ("vision" or "text"); from a full CLIPModel folder, with its projection size.
 
@@ -123,8 +130,6 @@ class CLIPBackbone(ImageBackbone):
         exported once into the cache, `geotoken.encoders.ort`) or "auto" (onnx on a non-Intel CPU at fp32
         when onnxruntime and onnx are installed, else torch; `resolve_runtime`). The resolved one is `self.runtime`."""
         super().__init__()
-        from transformers import CLIPVisionModelWithProjection
-
         if dtype not in ("float32", "float16", "bfloat16"):
             raise GeoTokenError(f"clip: dtype must be float32, float16 or bfloat16, got {dtype!r}")
         if attention not in ATTENTIONS:
@@ -134,28 +139,20 @@ class CLIPBackbone(ImageBackbone):
             raise GeoTokenError(f"clip: precision int8 quantises float32 weights, not dtype {dtype!r}")
         self.model = str(model)
         try:
-            config = tower_config(self.model, "vision")
-            net, info = CLIPVisionModelWithProjection.from_pretrained(
-                self.model,
-                config=config,
-                dtype=getattr(torch, dtype),
-                attn_implementation=attention,
-                output_loading_info=True,
-            )
+            self.tower_config = config = tower_config(self.model, "vision")
             pre_path = hf_file(self.model, "preprocessor_config.json")
         except OSError as e:
             raise GeoTokenError(f"clip: cannot load model {self.model!r} (a folder or hub id): {e}") from None
-        check_loading(info, f"clip: {self.model!r} vision tower")
+        self._load_options = {"dtype": getattr(torch, dtype), "attn_implementation": attention}
         self.runtime = resolve_runtime(runtime, precision, "cpu", dtype)
         self.runtime_asked = runtime
         self.precision, self.attention = precision, attention
-        torch_int8 = precision == "int8" and self.runtime == "torch"
-        self.net, self.dtype_name = (quantize_int8(net.eval()) if torch_int8 else net), dtype
-        self.dim = int(net.config.projection_dim)
+        self.dtype_name = dtype
+        self.dim = int(config.projection_dim)
 
         pre = read_json(pre_path) if pre_path else {}
         source = pre_path or self.model
-        native = int(net.config.image_size)
+        native = int(config.image_size)
         size = _side(pre.get("size", native), "size", source) if pre.get("do_resize", True) else None
         crop = (
             _side(pre.get("crop_size", native), "crop_size", source)
@@ -169,13 +166,39 @@ class CLIPBackbone(ImageBackbone):
         self.image_size = self.crop[0]
         self.mean = tuple(pre.get("image_mean", OPENAI_MEAN))
         self.std = tuple(pre.get("image_std", OPENAI_STD))
+        # onnx: an ONNX Runtime session over the exported tower, keyed by the weight files, so a cached
+        # graph loads without the torch tower (~4 s of start-up and the weights' memory again for ViT-L);
+        # `torch_tower()` builds it only where it runs (a move off the CPU under runtime "auto")
+        self.net = None
+        self.onnx = None
+        if self.runtime == "onnx":
+            folder = Path(self.model) if Path(self.model).is_dir() else _snapshot(self.model)
+            weights = files_key(folder, dtype=dtype, attention=attention) if folder is not None else None
+            label = f"clip {self.model!r}"
+            self.onnx = OnnxTower(self._load_tower, self.crop, precision, label=label, weights=weights)
+        else:
+            net = self._load_tower()
+            self.net = quantize_int8(net) if precision == "int8" else net
         self.requires_grad_(False)
-        # onnx: an ONNX Runtime session over the exported tower (`self.net` stays, for .to() and devices)
-        self.onnx = (
-            OnnxTower(net.eval(), self.crop, precision, label=f"clip {self.model!r}")
-            if self.runtime == "onnx"
-            else None
-        )
+
+    def _load_tower(self) -> torch.nn.Module:
+        from transformers import CLIPVisionModelWithProjection
+
+        try:
+            net, info = CLIPVisionModelWithProjection.from_pretrained(
+                self.model, config=self.tower_config, output_loading_info=True, **self._load_options
+            )
+        except OSError as e:
+            raise GeoTokenError(f"clip: cannot load model {self.model!r} (a folder or hub id): {e}") from None
+        check_loading(info, f"clip: {self.model!r} vision tower")
+        return net.eval().requires_grad_(False)
+
+    def torch_tower(self) -> torch.nn.Module:
+        """The transformers tower (int8-quantised under torch int8). Under runtime onnx it is built here,
+        on first use, from `model` (the ONNX session does not need it)."""
+        if self.net is None:
+            self.net = self._load_tower()
+        return self.net
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         if isinstance(self.resize, tuple):  # fixed (h, w) resize, then crop
@@ -191,8 +214,11 @@ class CLIPBackbone(ImageBackbone):
             return self.onnx.run(x)  # (a tower moved off the CPU under runtime "auto" runs on torch)
         if self.precision == "int8" and x.device.type != "cpu":
             raise GeoTokenError(f"clip: precision int8 runs on the CPU only, not on {x.device}")
+        net = self.torch_tower()
+        if next(net.parameters()).device != x.device:  # a tower built here for a batch off the CPU
+            net.to(x.device)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            out = self.net(pixel_values=x).image_embeds
+            out = net(pixel_values=x).image_embeds
         return out.float() if self.precision == "bf16" else out
 
     def config(self) -> dict[str, Any]:

@@ -6,8 +6,11 @@ or "auto" (`resolve_runtime`: onnx on a non-Intel CPU at fp32 when `onnxruntime`
 installed; on Intel CPUs torch's MKL runs the fp32 tower as fast).
 
 The graph (pixel_values (B, 3, H, W) -> image_embeds (B, projection_dim)) is exported with
-`torch.onnx.export` into `<cache>/clip-onnx/<key>/` (`default_cache_dir`), the key being the SHA-256 of
+`torch.onnx.export` into `<cache>/clip-onnx/<key>/` (`default_cache_dir`), the key being the identity of
 the tower's weights, the image size, the precision and the torch/transformers/onnx/onnxruntime versions.
+The weights' identity is that of the files they load from (`files_key`: an HF cache blob is named by its
+SHA-256; other files are hashed once and remembered by path, size and mtime), so a cached graph loads
+without building the torch tower at all; where the files are unknown it is `weights_sha256` of the tower.
 Each entry is written into a temporary folder and renamed into place with a `manifest.json` last, so a
 killed export is never reused; an entry that does not match its manifest or does not load is rebuilt.
 Nothing is unpickled: the cache holds ONNX protobufs and JSON.
@@ -20,18 +23,20 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from geotoken.encoders.base import cpu_vendor, default_cache_dir
 from geotoken.errors import GeoTokenError
-from geotoken.io import read_json, sha256_json, write_json
+from geotoken.io import read_json, sha256_file, sha256_json, write_json
 
 RUNTIMES = ("auto", "torch", "onnx")  # what runs the CLIP vision tower
 ONNX_PRECISIONS = ("fp32", "int8")  # precisions the onnx runtime has (bf16 stays on torch)
@@ -89,6 +94,45 @@ def weights_sha256(net: torch.nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
     return h.hexdigest()
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.index.json")  # what `from_pretrained` reads weights from
+
+
+def file_sha256(path: Path, memo: Path) -> str:
+    """SHA-256 of a file's bytes. An HF cache blob is named by it; another file is hashed once and its
+    digest kept in the JSON file `memo` against its real path, size and mtime."""
+    real = Path(os.path.realpath(path))
+    if re.fullmatch(r"[0-9a-f]{64}", real.name):
+        return real.name
+    stat = real.stat()
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        known = read_json(memo)
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(str(real))
+    if isinstance(entry, dict) and {k: entry.get(k) for k in stamp} == stamp and "sha256" in entry:
+        return entry["sha256"]
+    digest = sha256_file(real, chunk=16 << 20)
+    known[str(real)] = {**stamp, "sha256": digest}
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_json(memo, known)
+    except OSError:  # a read-only cache: hash again next time
+        pass
+    return digest
+
+
+def files_key(folder: Path, memo: Path | None = None, **choices) -> str | None:
+    """Identity of the weights a model folder holds (its weight files and config.json) with `choices`
+    (dtype, attention): None when the folder has no weight file this can name (then hash the tower).
+    memo: where `file_sha256` keeps its digests (default `<cache>/file-sha256.json`)."""
+    memo = memo or default_cache_dir() / "file-sha256.json"
+    files = sorted({p for pattern in (*WEIGHT_FILES, "config.json") for p in folder.glob(pattern)})
+    if not any(p.suffix in (".safetensors", ".bin") for p in files):
+        return None
+    return sha256_json({"files": {p.name: file_sha256(p, memo) for p in files}, **choices})
 
 
 def graph_key(weights: str, image_size: tuple[int, int], precision: str) -> str:
@@ -154,29 +198,41 @@ def _quantize_int8(source: Path, out: Path) -> None:
 
 
 class OnnxTower:
-    """An ONNX Runtime session over a cached export of `net`. `run(x)` takes and returns CPU float32 tensors.
+    """An ONNX Runtime session over a cached export of a torch tower. `run(x)` takes and returns CPU float32
+    tensors.
 
-    After construction `cache_status` is "loaded" (a valid cached graph), "exported" (none yet) or
-    "re-exported" (the cached one was damaged or did not load); `path` is the .onnx file."""
+    `net` is the tower or a function that builds it; `weights` its identity (`files_key`; None:
+    `weights_sha256` of the tower). A function is called only when there is no valid cached graph to load,
+    and the tower is not kept. After construction `cache_status` is "loaded" (a valid cached graph),
+    "exported" (none yet) or "re-exported" (the cached one was damaged or did not load); `path` is the .onnx
+    file."""
 
     def __init__(
         self,
-        net: torch.nn.Module,
+        net: torch.nn.Module | Callable[[], torch.nn.Module],
         image_size: tuple[int, int],
         precision: str = "fp32",
         cache_dir: str | os.PathLike | None = None,
         threads: int | None = None,
         label: str = "clip",
+        weights: str | None = None,
     ):
         if precision not in ONNX_PRECISIONS:
             raise GeoTokenError(f"clip: runtime onnx runs precision {' or '.join(ONNX_PRECISIONS)}, not {precision!r}")  # fmt: skip
         self.precision, self.image_size, self.label = precision, tuple(image_size), label
         self.root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "clip-onnx"
         self.threads = threads or torch.get_num_threads()
-        self.weights = weights_sha256(net)
-        self.session, self.path, self.cache_status = self._entry(net, precision)
+        self._net = net
+        self.weights = weights or weights_sha256(self._tower())
+        self.session, self.path, self.cache_status = self._entry(precision)
+        self._net = None  # the session holds the weights now
 
-    def _entry(self, net: torch.nn.Module, precision: str):
+    def _tower(self) -> torch.nn.Module:
+        if not isinstance(self._net, torch.nn.Module):
+            self._net = self._net()
+        return self._net
+
+    def _entry(self, precision: str):
         key = graph_key(self.weights, self.image_size, precision)
         folder = self.root / key[:24]
         path = folder / "model.onnx"
@@ -184,8 +240,8 @@ class OnnxTower:
         if session is not None:
             return session, path, "loaded"
         status = "re-exported" if folder.exists() else "exported"
-        source = self._entry(net, "fp32")[1] if precision == "int8" else None  # int8 quantises the fp32 graph
-        self._build(folder, key, net, precision, source)
+        source = self._entry("fp32")[1] if precision == "int8" else None  # int8 quantises the fp32 graph
+        self._build(folder, key, precision, source)
         session = self._load(folder, key)
         if session is None:
             raise GeoTokenError(f"{self.label}: the ONNX export in {folder} does not load")
@@ -202,7 +258,7 @@ class OnnxTower:
         except Exception:  # missing, truncated, not JSON, not a model ONNX Runtime can load: rebuild it
             return None
 
-    def _build(self, folder: Path, key: str, net, precision: str, source: Path | None) -> None:
+    def _build(self, folder: Path, key: str, precision: str, source: Path | None) -> None:
         what = (
             f"quantising the {self.label} ONNX graph to int8" if source else f"exporting {self.label} to ONNX"
         )
@@ -212,7 +268,7 @@ class OnnxTower:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=self.root))
         try:
             if source is None:
-                _export_fp32(net, self.image_size, tmp / "model.onnx")
+                _export_fp32(self._tower(), self.image_size, tmp / "model.onnx")
             else:
                 _quantize_int8(source, tmp / "model.onnx")
             tmp.chmod(0o755)  # (mkdtemp's folder is private; the cache is not)
