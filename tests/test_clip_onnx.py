@@ -153,6 +153,12 @@ def test_a_cached_graph_loads_without_the_torch_tower(clip_dir, images, cache, m
     monkeypatch.setattr(CLIPBackbone, "_load_tower", lambda self: built.append(1) or load(self))
     first = clip(clip_dir, precision="fp32", runtime="onnx")
     assert first.onnx.cache_status == "exported" and len(built) == 1 and first.net is None  # not kept
+    manifest = json.loads((first.onnx.path.parent / "manifest.json").read_text())
+    assert (
+        manifest["weights"]
+        == first.onnx.weights
+        == ort.files_key(clip_dir, dtype="float32", attention="sdpa")
+    )
     second = clip(clip_dir, precision="fp32", runtime="onnx")
     assert second.onnx.cache_status == "loaded" and len(built) == 1 and second.net is None
     assert second.dim == first.dim and second.crop == first.crop  # from the config, not the tower

@@ -272,7 +272,8 @@ class OnnxTower:
             else:
                 _quantize_int8(source, tmp / "model.onnx")
             tmp.chmod(0o755)  # (mkdtemp's folder is private; the cache is not)
-            write_json(tmp / "manifest.json", {"format": CACHE_FORMAT, "key": key, "files": _files(tmp)})
+            manifest = {"format": CACHE_FORMAT, "key": key, "weights": self.weights, "files": _files(tmp)}
+            write_json(tmp / "manifest.json", manifest)
             if folder.exists():
                 shutil.rmtree(folder)
             try:
