@@ -74,6 +74,8 @@ def test_bench_decode_ratio_is_same_run(capsys):
         ours, ref = res[f"{n}_images_per_s"], res[f"reference_{n}_images_per_s"]
         assert res["ratio_vs_reference"][n] == pytest.approx(ours / ref)
         assert 0 < res["share_of_fp32_matmul_peak"][n] < 2
+        (probe,) = res["matmul_probes_gflops"]  # one round, so one probe, paired with it
+        assert res["share_of_fp32_matmul_peak"][n] == pytest.approx(res["achieved_gflops"][n] / probe)
         assert res["share_of_encoder_bound"][n] == pytest.approx(ours / res["encoder_images_per_s"])
     assert "not measured" in res["published_context"]["note"]
     assert main(args + ["--no-uncached", "--no-reference", "--json"]) == 0
