@@ -99,40 +99,42 @@ def weights_sha256(net: torch.nn.Module) -> str:
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.index.json")  # what `from_pretrained` reads weights from
 
 
-def file_sha256(path: Path, memo: Path) -> str:
+def file_sha256(path: Path, known: dict) -> str:
     """SHA-256 of a file's bytes. An HF cache blob is named by it; another file is hashed once and its
-    digest kept in the JSON file `memo` against its real path, size and mtime."""
+    digest kept in `known` (path -> {size, mtime_ns, sha256}) against its real path, size and mtime."""
     real = Path(os.path.realpath(path))
     if re.fullmatch(r"[0-9a-f]{64}", real.name):
         return real.name
     stat = real.stat()
     stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    try:
-        known = read_json(memo)
-    except (OSError, ValueError):
-        known = {}
     entry = known.get(str(real))
     if isinstance(entry, dict) and {k: entry.get(k) for k in stamp} == stamp and "sha256" in entry:
         return entry["sha256"]
-    digest = sha256_file(real, chunk=16 << 20)
-    known[str(real)] = {**stamp, "sha256": digest}
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        write_json(memo, known)
-    except OSError:  # a read-only cache: hash again next time
-        pass
-    return digest
+    known[str(real)] = {**stamp, "sha256": sha256_file(real, chunk=16 << 20)}
+    return known[str(real)]["sha256"]
 
 
 def files_key(folder: Path, memo: Path | None = None, **choices) -> str | None:
     """Identity of the weights a model folder holds (its weight files and config.json) with `choices`
     (dtype, attention): None when the folder has no weight file this can name (then hash the tower).
-    memo: where `file_sha256` keeps its digests (default `<cache>/file-sha256.json`)."""
-    memo = memo or default_cache_dir() / "file-sha256.json"
+    memo: the JSON file where `file_sha256`'s digests are kept (default `<cache>/file-sha256.json`)."""
     files = sorted({p for pattern in (*WEIGHT_FILES, "config.json") for p in folder.glob(pattern)})
     if not any(p.suffix in (".safetensors", ".bin") for p in files):
         return None
-    return sha256_json({"files": {p.name: file_sha256(p, memo) for p in files}, **choices})
+    memo = memo or default_cache_dir() / "file-sha256.json"
+    try:
+        known = read_json(memo)
+    except (OSError, ValueError):
+        known = {}
+    before = dict(known)
+    digests = {p.name: file_sha256(p, known) for p in files}
+    if known != before:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            write_json(memo, known)
+        except OSError:  # a read-only cache: hash again next time
+            pass
+    return sha256_json({"files": digests, **choices})
 
 
 def graph_key(weights: str, image_size: tuple[int, int], precision: str) -> str:
