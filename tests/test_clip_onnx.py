@@ -192,6 +192,10 @@ def test_files_key_follows_the_files_and_remembers_their_hashes(tmp_path, monkey
     (folder / "model.safetensors").unlink()
     (folder / "model.safetensors").symlink_to(blob)
     assert ort.file_sha256(folder / "model.safetensors", {}) == "ab" * 32 and len(hashed) == 3
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").symlink_to(tmp_path / "gone.safetensors")  # an interrupted download
+    with pytest.raises(GeoTokenError, match="cannot read weight file .*gone.safetensors"):
+        ort.files_key(folder, memo)
 
 
 def test_the_key_follows_the_weights(clip_dir, cache):

@@ -127,7 +127,11 @@ def files_key(folder: Path, memo: Path | None = None, **choices) -> str | None:
     except (OSError, ValueError):
         known = {}
     before = dict(known)
-    digests = {p.name: file_sha256(p, known) for p in files}
+    try:
+        digests = {p.name: file_sha256(p, known) for p in files}
+    except OSError as e:  # a broken symlink (an interrupted download) or a file removed meanwhile
+        what = f"model folder {folder}: cannot read weight file {e.filename or ''}"
+        raise GeoTokenError(f"{what}: {e.strerror or e}") from e
     if known != before:
         try:
             memo.parent.mkdir(parents=True, exist_ok=True)
