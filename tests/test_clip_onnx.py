@@ -172,6 +172,23 @@ def test_a_cached_graph_loads_without_the_torch_tower(clip_dir, images, cache, m
     assert torch.allclose(onnx_features, torch_features, atol=1e-5, rtol=1e-4)
 
 
+def test_a_batch_off_the_cpu_runs_on_a_torch_tower_built_and_moved_for_it(clip_dir, images, cache):
+    # runtime auto on a CPU machine chooses ONNX Runtime; a batch on another device (a GPU, here the
+    # "meta" device, which needs none) goes to the torch tower, built on first use and moved to that device
+    backbone = clip(clip_dir, precision="fp32", runtime="auto")
+    assert backbone.runtime == "onnx" and backbone.net is None
+    cpu_features = backbone.embed(images)
+    assert backbone.net is None  # CPU batches stay on the graph
+    with torch.no_grad():
+        out = backbone(torch.zeros(2, 3, *backbone.crop, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, cpu_features.shape[1])
+    assert next(backbone.net.parameters()).device.type == "meta"
+    onnx_only = clip(clip_dir, precision="fp32", runtime="onnx")  # asked for ONNX: never the torch tower
+    with pytest.raises(GeoTokenError, match="runtime onnx runs on the CPU only, not on meta"):
+        onnx_only(torch.zeros(2, 3, *onnx_only.crop, device="meta"))
+    assert onnx_only.net is None
+
+
 def test_files_key_follows_the_files_and_remembers_their_hashes(tmp_path, monkeypatch):
     folder, memo = tmp_path / "model", tmp_path / "memo.json"
     folder.mkdir()

@@ -217,9 +217,10 @@ class CLIPBackbone(ImageBackbone):
         net = self.torch_tower()
         if next(net.parameters()).device != x.device:  # a tower built here for a batch off the CPU
             net.to(x.device)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            out = net(pixel_values=x).image_embeds
-        return out.float() if self.precision == "bf16" else out
+        if self.precision != "bf16":
+            return net(pixel_values=x).image_embeds
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return net(pixel_values=x).image_embeds.float()
 
     def config(self) -> dict[str, Any]:
         # precision, attention and runtime are choices of the machine, not part of what the features are
