@@ -6,7 +6,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from geotoken.data import images
 from geotoken.data.images import (
@@ -217,3 +217,48 @@ def test_read_manifest_check_images(tmp_path, shard, jpeg_data):
 def test_manifest_rows_stream_through_iter_images(tmp_path, shard):
     m = Manifest(["a", "b"], [0, 0], [0, 0], [f"{shard}#000000.jpg", f"{shard}#000001.jpg"])
     assert sorted(row for row, im in iter_images(m) if isinstance(im, Image.Image)) == [0, 1]
+
+
+def test_high_bit_depth_greyscale_is_rescaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")  # a 16-bit greyscale PNG
+    rgb = np.asarray(open_image(tmp_path / "g16.png"), dtype=np.float64)
+    assert (
+        rgb.shape == (48, 64, 3)
+        and abs(rgb.mean() - 127.5) < 1
+        and rgb[0, 0, 0] == 0
+        and rgb[-1, -1, 0] == 255
+    )
+    unit = Image.fromarray(np.linspace(0, 1, 100, dtype=np.float32).reshape(10, 10))  # mode F in 0..1
+    assert abs(np.asarray(images.as_image(unit), dtype=np.float64).mean() - 127.5) < 1
+
+
+def test_a_broken_exif_block_keeps_the_photo(monkeypatch, jpeg_data):
+    import struct
+
+    from geotoken.encoders.base import resize_center_crop
+
+    def broken(image):
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", broken)
+    image = images.decode_image(jpeg_data, "broken-exif.jpg")
+    assert image.mode == "RGB" and resize_center_crop(image, 16, (16, 16)).size == (16, 16)
+
+
+def test_an_extreme_aspect_ratio_is_cropped_before_it_is_resized(monkeypatch):
+    from geotoken.encoders import base
+
+    strip = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1, 40000, 3), dtype=np.uint8))
+    sizes, resize = [], Image.Image.resize
+    monkeypatch.setattr(
+        Image.Image, "resize", lambda self, size, *a, **kw: sizes.append(size) or resize(self, size, *a, **kw)
+    )
+    for crop in ((224, 224), (256, 256)):  # (256, 256): the resized short side (224) is padded
+        out = base.resize_center_crop(strip, 224, crop)
+        assert out.size == crop[::-1] and max(w * h for w, h in sizes) <= crop[0] * crop[1]
+    # within EXACT_ASPECT the whole image is resized, as Hugging Face's processors do
+    photo = Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 90, 3), dtype=np.uint8))
+    sizes.clear()
+    base.resize_center_crop(photo, 16, (16, 16))
+    assert sizes == [(48, 16)]

@@ -484,3 +484,38 @@ def test_vote_is_not_offered_without_retrieval():
     assert "vote" in unavailable_options({"model": {"k": 0}})
     assert "vote" not in unavailable_options({"model": {"k": 5}})
     assert "vote" in unavailable_options({"name": "geoclip", "model": "GeoCLIP", "selectors": ["logp"]})
+
+
+class PoisonPredictor(BlockingPredictor):
+    """Fails any call holding a 7-pixel-wide image, as a model fault on one photo would."""
+
+    def predict(self, images, top_k=5, strategy=None, select=None):
+        out = super().predict(images, top_k, strategy, select)
+        if any(im.width == 7 for im in images):
+            raise RuntimeError("a fault on one photo")
+        return out
+
+
+def test_one_photo_that_fails_does_not_fail_its_batch():
+    predictor = PoisonPredictor()
+    client = TestClient(queue_app(predictor, seconds_per_image=0.1, budget_s=10.0, max_batch=8))
+    runner = client.app.state.runner
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(post, client, png_bytes())
+        wait_until(lambda: predictor.calls == [1])  # the model thread holds the first image
+        good = [pool.submit(post, client, png_bytes()) for _ in range(2)]
+        bad = pool.submit(post, client, png_bytes(size=(7, 9)), name="bad.png")
+        wait_until(lambda: runner.in_flight == 4)
+        predictor.release.set()
+        responses = [first.result()] + [f.result() for f in good]
+        failed = bad.result()
+    assert [r.status_code for r in responses] == [200] * 3
+    assert failed.status_code == 500 and "bad.png" in failed.json()["error"]
+    assert predictor.calls[:2] == [1, 3] and sorted(predictor.calls[2:]) == [1, 1, 1]  # then one by one
+    assert runner.served == 3
+
+
+def test_uploads_that_need_an_interpreter_are_refused(client):
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    r = post(client, eps, name="x.eps", mime="application/postscript")
+    assert r.status_code == 415 and "not an image in JPEG, PNG" in r.json()["error"]

@@ -21,7 +21,17 @@ from tqdm import tqdm
 from geotoken.data.table import Manifest
 from geotoken.errors import GeoTokenError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".webp",
+    ".avif",
+    ".tif",
+    ".tiff",
+    ".bmp",
+    ".gif",
+)  # most used first
 _SHARD_INDEX: dict[str, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}
 _ZIPS: dict[str, tuple[tuple[int, int, int], zipfile.ZipFile]] = {}
 
@@ -125,12 +135,33 @@ def read_bytes(ref: str) -> bytes:
     return data
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied, then 8-bit RGB: what every backbone reads.
+
+    PIL's `convert("RGB")` clips 16-bit, 32-bit and float greyscale at 255 (a 16-bit PNG turns white), so
+    those are rescaled first: integer modes as 16-bit (divided by 257), float ones as 0..1 (times 255) when
+    they fit there, else as 0..255. An EXIF block that cannot be read keeps the stored orientation: the
+    pixels are fine, only a metadata tag is broken."""
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 (struct.error, SyntaxError, KeyError, ... from a malformed EXIF block)
+        pass
+    if image.mode.startswith("I") or image.mode == "F":
+        a = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and np.isfinite(a).all() and a.size and a.min() >= 0 and a.max() <= 1:
+            a = a * 255
+        elif image.mode != "F":
+            a = a / 257
+        image = Image.fromarray(np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8))
+    return image.convert("RGB")
+
+
 def decode_image(data: bytes, ref: str = "<bytes>") -> Image.Image:
     """Fully decode image bytes to RGB (EXIF orientation applied); corrupt or truncated data -> GeoTokenError."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return ImageOps.exif_transpose(im).convert("RGB")
+            return to_rgb(im)
     except UnidentifiedImageError:
         raise GeoTokenError(
             f"{ref}: cannot decode image: not a known image format (starts {data[:8]!r})"
@@ -152,7 +183,7 @@ def as_image(source, name: str = "image") -> Image.Image:
     NumPy array (H, W), (H, W, 3) or (H, W, 4) of uint8, or of floats in [0, 1]. `name` names it in errors.
     """
     if isinstance(source, Image.Image):
-        return ImageOps.exif_transpose(source).convert("RGB")
+        return to_rgb(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return decode_image(bytes(source), name)
     if isinstance(source, (str, os.PathLike)):

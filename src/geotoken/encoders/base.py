@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
+
+from geotoken.data.images import to_rgb
 
 
 class ImageBackbone(nn.Module):
@@ -79,22 +81,53 @@ def resize_center_crop(
 
     Same arithmetic as Hugging Face image processors (new long side = int(resize * long / short),
     crop offset = (size - crop) // 2), so CLIP features match theirs. EXIF rotation is applied first.
+    Beyond `EXACT_ASPECT` (a 1 x 4000 strip would become 256 x 1,024,000 pixels) only the crop's source box
+    is resampled, with the same filter positions; PIL rounds that path differently (on pixel noise, tall
+    strips differ by 0.4 levels on average, up to ~20; wide ones match).
     """
-    image = ImageOps.exif_transpose(image).convert("RGB")
+    image = to_rgb(image)
     w, h = image.size
     if w <= h:
         new_w, new_h = resize, int(resize * h / w)
     else:
         new_w, new_h = int(resize * w / h), resize
+    ch, cw = crop
+    if max(new_w, new_h) > EXACT_ASPECT * max(resize, ch, cw):
+        return _resize_crop_box(image, (new_w, new_h), crop, resample)
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), resample=resample)
-    ch, cw = crop
     if ch > new_h or cw > new_w:  # pad like HF: the crop never fails on a small image
         canvas = Image.new("RGB", (max(cw, new_w), max(ch, new_h)))
         canvas.paste(image, ((canvas.width - new_w) // 2, (canvas.height - new_h) // 2))
         image, new_w, new_h = canvas, canvas.width, canvas.height
     top, left = (new_h - ch) // 2, (new_w - cw) // 2
     return image.crop((left, top, left + cw, top + ch))
+
+
+EXACT_ASPECT = 4  # resized sides up to 4x the crop: resize the whole image, then crop (HF's exact pixels)
+
+
+def _resize_crop_box(image: Image.Image, size: tuple[int, int], crop: tuple[int, int], resample: int):
+    """`resize_center_crop` without the whole resized image: per axis, the crop's interval in source
+    coordinates (or the whole axis, padded, where the crop is longer than the resized side)."""
+
+    def axis(new: int, c: int, source: int) -> tuple[float, float, int, int]:  # box start, end, length, pad
+        scale = source / new
+        if c <= new:
+            offset = (new - c) // 2
+            return offset * scale, (offset + c) * scale, c, 0
+        return 0.0, float(source), new, (c - new) // 2
+
+    (x0, x1, ow, px), (y0, y1, oh, py) = (
+        axis(size[0], crop[1], image.width),
+        axis(size[1], crop[0], image.height),
+    )
+    out = image.resize((ow, oh), resample=resample, box=(x0, y0, x1, y1))
+    if (ow, oh) != (crop[1], crop[0]):
+        canvas = Image.new("RGB", (crop[1], crop[0]))
+        canvas.paste(out, (px, py))
+        out = canvas
+    return out
 
 
 def to_tensor(image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

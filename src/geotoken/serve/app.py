@@ -29,6 +29,7 @@ field sent as "null" or "" counts as not given.
 import asyncio
 import io
 import json
+import logging
 import math
 import threading
 import time
@@ -40,12 +41,14 @@ from typing import Annotated, Literal
 from PIL import Image, UnidentifiedImageError
 
 from geotoken import __version__, assets
+from geotoken.data.images import to_rgb
 from geotoken.errors import GeoTokenError
 from geotoken.search import SELECTORS, STRATEGIES
 from geotoken.search.mllm import MLLMConfig
 from geotoken.serve.runner import Busy, Predictor, Runner
 
 STATIC_DIR = Path(__file__).parent / "static"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,18 +83,21 @@ class BadImage(Exception):
         self.status, self.message = status, message
 
 
+# Raster formats PIL decodes itself. Not EPS / PS / PDF: PIL hands those to Ghostscript, and a server
+# must not run an external interpreter on a client's bytes.
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "PPM", "TGA", "ICO", "JPEG2000")
+
+
 def decode_upload(data: bytes, name: str, max_pixels: int):
     """Bytes -> RGB PIL image; the header's size is checked before any pixel is decoded."""
     if not data:
         raise BadImage(422, f"upload {name!r} is empty")
     try:  # reads the header only; PIL itself refuses > 2 x Image.MAX_IMAGE_PIXELS here
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
     except Image.DecompressionBombError as exc:
         raise BadImage(413, f"upload {name!r}: image too large ({exc})") from None
     except UnidentifiedImageError:
-        raise BadImage(
-            415, f"upload {name!r} is not an image (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)"
-        ) from None
+        raise BadImage(415, f"upload {name!r} is not an image in {', '.join(UPLOAD_FORMATS)}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImage(415, f"upload {name!r} is not a readable image ({exc})") from None
     w, h = im.size
@@ -99,7 +105,7 @@ def decode_upload(data: bytes, name: str, max_pixels: int):
         raise BadImage(413, f"upload {name!r} is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
     try:
         im.load()  # the full decode: truncated or corrupt data fails here
-        return im.convert("RGB")
+        return to_rgb(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise BadImage(422, f"upload {name!r} ({im.format} {w}x{h}) cannot be decoded: {exc}") from None
 
@@ -427,6 +433,9 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
             return busy(exc)
         except GeoTokenError as exc:
             return error(422, str(exc))
+        except Exception as exc:  # noqa: BLE001  a fault of ours: still a JSON answer, and logged
+            log.exception("upload %r failed", name)
+            return error(500, f"upload {name!r}: internal error ({type(exc).__name__}: {exc})")
         out = pred.to_dict()
         out["image"] = {"name": name, "width": im.width, "height": im.height, "bytes": len(data)}
         out["timings_ms"] = {

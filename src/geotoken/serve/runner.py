@@ -232,6 +232,13 @@ class Runner:
             for options, items in groups.items():
                 self._predict(dict(options), items)
 
+    def _predict_one(self, options: dict, item: tuple, t0: float):
+        try:
+            (pred,) = self.predictor.predict([item[0]], **options)
+            return pred, 1e3 * (t0 - item[3]), 1
+        except Exception as exc:  # noqa: BLE001  handed to the request's future
+            return exc
+
     def _predict(self, options: dict, items: list) -> None:
         with self._lock:
             self.queued -= len(items)
@@ -240,10 +247,11 @@ class Runner:
         try:
             preds = self.predictor.predict([it[0] for it in items], **options)
             results = [(p, 1e3 * (t0 - it[3]), len(items)) for p, it in zip(preds, items, strict=True)]
-        except Exception as exc:  # the same options fail the same way for every image of the group
-            results = [exc] * len(items)
+        except Exception as exc:
+            # one bad photo must not fail the others of its batch: each alone, so each gets its own answer
+            results = [exc] if len(items) == 1 else [self._predict_one(options, it, t0) for it in items]
         with self._lock:
-            if not isinstance(results[0], Exception):  # a quick refusal says nothing about the model's speed
+            if not all(isinstance(r, Exception) for r in results):  # refusals say nothing about the speed
                 self.rate.observe(self.clock() - t0, len(items))
             self.batches += 1
             self.served += sum(not isinstance(r, Exception) for r in results)
