@@ -31,3 +31,20 @@ def test_atomic_files_get_normal_permissions(tmp_path):
 def test_sha256_json_ignores_key_order():
     assert sha256_json({"a": 1, "b": [1, 2]}) == sha256_json({"b": [1, 2], "a": 1})
     assert sha256_json({"a": 1}) != sha256_json({"a": 2})
+
+
+def test_atomic_dir_swaps_a_whole_folder_in_and_keeps_the_old_one_on_failure(tmp_path):
+    from geotoken.io import atomic_dir
+
+    target = tmp_path / "model"
+    with atomic_dir(target) as out:
+        (out / "a.txt").write_text("first")
+    assert (target / "a.txt").read_text() == "first"
+    with pytest.raises(RuntimeError), atomic_dir(target) as out:
+        (out / "b.txt").write_text("half")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    with atomic_dir(target) as out:
+        (out / "b.txt").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced whole, not merged
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no .tmp / .old sibling left

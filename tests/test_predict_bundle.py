@@ -143,3 +143,61 @@ def test_train_reward_and_calibrate_commands(bundle, tmp_path, capsys, photo):
     [pooled] = geo.predict([photo], top_k=4, strategy="sample+retrieval", num_samples=2, retrieved=2)
     assert pooled.strategy == "sample+retrieval" and len(pooled.candidates) <= 4
     assert main(["train-reward", *args, "--neighbours", str(tmp_path / "nbrs"), "--retrieved", "-1"]) == 2
+
+
+def test_a_bundle_never_overwrites_other_files_and_a_failed_rebundle_keeps_the_old_one(
+    bundle, tmp_path, monkeypatch
+):
+    from geotoken import testing
+    from geotoken.model import GeoToken
+
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(GeoTokenError, match="not a model bundle"):
+        testing.random_bundle(other, gallery_rows=16)
+    assert [p.name for p in other.iterdir()] == ["holiday.jpg"]
+
+    target = tmp_path / "b"
+    shutil.copytree(bundle, target)
+    before = (target / "bundle.json").read_text()
+
+    def crash(self, directory):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(GeoToken, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        testing.random_bundle(target, gallery_rows=16)
+    assert (target / "bundle.json").read_text() == before
+    assert Geolocator.from_bundle(target) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "photos"]
+
+
+def test_parts_made_for_other_parts_are_refused_at_bundle_time(bundle, tmp_path):
+    from geotoken.align import AlignHeads
+    from geotoken.bundle import save_bundle
+    from geotoken.features import FeatureStore
+    from geotoken.model import GeoToken, preset
+    from geotoken.retrieval import NeighbourIndex
+
+    parts = dict(
+        model=GeoToken.load(bundle / "model"),
+        backbone_config=json.loads((bundle / "backbone.json").read_text()),
+        heads=AlignHeads.load(bundle / "align"),
+        gallery_store=FeatureStore.open(bundle / "gallery"),
+        index=NeighbourIndex.load(bundle / "gallery" / "index"),
+        query_modalities=["visual"],
+    )
+    out = tmp_path / "b"
+    with pytest.raises(GeoTokenError, match="heads were trained on backbone"):
+        save_bundle(out, **{**parts, "backbone_config": {"name": "clip", "model": "elsewhere"}})
+    with pytest.raises(GeoTokenError, match="index holds 32-d vectors, the heads' visual\\+gps is 64-d"):
+        save_bundle(out, **{**parts, "query_modalities": ["visual", "gps"]})
+    with pytest.raises(GeoTokenError, match="'location'"):
+        save_bundle(out, **{**parts, "query_modalities": ["location"]})
+    wide = GeoToken(preset("tiny", modalities={"visual": 48, "gps": 32, "text": 32}, k=5))
+    with pytest.raises(GeoTokenError, match="reads a 48-d 'visual' embedding, the alignment heads give 32-d"):
+        save_bundle(out, **{**parts, "model": wide})
+    assert not out.exists()
+    save_bundle(out, **parts)
+    assert Geolocator.from_bundle(out) is not None

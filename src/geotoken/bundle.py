@@ -40,7 +40,7 @@ import yaml
 from geotoken.align import AlignHeads
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
-from geotoken.io import atomic_open, atomic_path, read_json, write_json
+from geotoken.io import atomic_dir, atomic_open, atomic_path, read_json, write_json
 from geotoken.model import GeoToken
 from geotoken.retrieval import NeighbourIndex
 from geotoken.s2 import latlon_to_tokens
@@ -316,6 +316,51 @@ def default_search(k: int) -> SearchOptions:
     return SearchOptions(strategy="greedy+sample+retrieval", select="gate", retrieved=k)
 
 
+def check_bundle_target(root: Path, *inputs: str | os.PathLike) -> None:
+    """A bundle replaces its folder whole: refuse one that holds other things, or an input it links to."""
+    if root.is_file() or (root.is_dir() and any(root.iterdir()) and not (root / "bundle.json").is_file()):
+        raise GeoTokenError(
+            f"{root}: exists and is not a model bundle; write the bundle to a new or empty folder"
+        )
+    target = root.resolve()
+    for p in inputs:
+        src = Path(p).resolve()
+        if src == target or target in src.parents:
+            raise GeoTokenError(f"{root}: holds the bundle's input {p}; write the bundle to another folder")
+
+
+def check_bundle_parts(model, backbone_config, heads, gallery_store, index, query_modalities) -> None:
+    """Refuse parts that were not made for each other: such a bundle would load and answer nonsense (or
+    fail on the first photo, far from the command that built it)."""
+    if index.meta.get("gallery_rows") not in (None, gallery_store.rows):
+        raise GeoTokenError(
+            f"index built over {index.meta['gallery_rows']} gallery rows, {gallery_store.root} has {gallery_store.rows}"
+        )
+    trained_on = heads.config.backbone
+    if trained_on and trained_on != backbone_config:
+        raise GeoTokenError(
+            f"the alignment heads were trained on backbone {trained_on}, the gallery was embedded with "
+            f"{backbone_config}: embed the gallery with the heads' backbone"
+        )
+    head_dims = heads.dims
+    unknown = [m for m in query_modalities if m not in head_dims]
+    if unknown:
+        raise GeoTokenError(f"query embedding(s) {unknown}: the heads make {', '.join(head_dims)}")
+    query_dim = sum(head_dims[m] for m in query_modalities)
+    if index.dim != query_dim:
+        raise GeoTokenError(
+            f"the index holds {index.dim}-d vectors, the heads' {'+'.join(query_modalities)} is {query_dim}-d"
+        )
+    for m, dim in model.cfg.modalities.items():
+        sources = {
+            "alignment heads": head_dims.get(m),
+            f"gallery {gallery_store.root}": gallery_store.dims.get(m),
+        }
+        for name, have in sources.items():
+            if have is not None and have != dim:
+                raise GeoTokenError(f"the model reads a {dim}-d {m!r} embedding, the {name} give {have}-d")
+
+
 def save_bundle(
     directory: str | os.PathLike,
     *,
@@ -339,77 +384,76 @@ def save_bundle(
     index: a `NeighbourIndex` over `query_modalities` of that gallery (concatenated in this order).
     link_gallery: refer to `gallery_store` where it is instead of copying it (see the module docstring).
     """
-    if index.meta.get("gallery_rows") not in (None, gallery_store.rows):
-        raise GeoTokenError(
-            f"index built over {index.meta['gallery_rows']} gallery rows, {gallery_store.root} has {gallery_store.rows}"
-        )
+    check_bundle_parts(model, backbone_config, heads, gallery_store, index, query_modalities)
     root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "bundle.json").unlink(missing_ok=True)  # the folder is not a bundle until it is complete
-    cfg = model.cfg
-    names = [m for m in cfg.modalities if m in gallery_store]
-    missing = sorted(set(cfg.modalities) - set(names))
-    if missing and cfg.k and cfg.use_neighbour_embeddings:
-        raise GeoTokenError(f"{gallery_store.root}: no aligned array(s) {missing} for the model's neighbours")
-    coords = np.asarray(gallery_store.coords, dtype=np.float64)
-    if link_gallery:
-        target = Path(gallery_store.root).resolve()
-        paths = {
-            "gallery": os.path.relpath(target, root.resolve()),
-            "gallery_absolute": str(target),
-            "gallery_link": {
-                "rows": gallery_store.rows,
-                "manifest_hash": gallery_store.header.get("manifest_hash"),
-            },
-            "gallery_tokens": "gallery_tokens.npy",
-            "index": "index",
+    check_bundle_target(root, *([gallery_store.root] if link_gallery else []))  # a copy is read first
+    with atomic_dir(root) as out:  # written beside, then swapped in: a failure leaves an old bundle whole
+        cfg = model.cfg
+        names = [m for m in cfg.modalities if m in gallery_store]
+        missing = sorted(set(cfg.modalities) - set(names))
+        if missing and cfg.k and cfg.use_neighbour_embeddings:
+            raise GeoTokenError(
+                f"{gallery_store.root}: no aligned array(s) {missing} for the model's neighbours"
+            )
+        coords = np.asarray(gallery_store.coords, dtype=np.float64)
+        if link_gallery:
+            target = Path(gallery_store.root).resolve()
+            paths = {
+                "gallery": os.path.relpath(target, root.resolve().parent / root.name),
+                "gallery_absolute": str(target),
+                "gallery_link": {
+                    "rows": gallery_store.rows,
+                    "manifest_hash": gallery_store.header.get("manifest_hash"),
+                },
+                "gallery_tokens": "gallery_tokens.npy",
+                "index": "index",
+            }
+        else:
+            paths = {"gallery": "gallery", "index": "gallery/index"}
+            gallery = FeatureStore.create(
+                out / "gallery",
+                gallery_store.ids,
+                coords,
+                {m: gallery_store.dims[m] for m in names},
+                source=str(gallery_store.root),
+            )
+            for m in names:
+                src = gallery_store[m]
+                with gallery.writer(m) as w:
+                    for s in range(0, len(src), chunk_rows):
+                        w.write(s, np.asarray(src[s : s + chunk_rows]))
+                gallery.mark_complete(m)
+        tokens = latlon_to_tokens(coords[:, 0], coords[:, 1], cfg.level, cfg.group)
+        tokens_path = out / paths.get("gallery_tokens", "gallery/tokens.npy")
+        with atomic_path(tokens_path) as tmp, open(tmp, "wb") as f:
+            np.save(f, tokens)
+        index.save(out / paths["index"])
+        heads.save(out / "align")
+        model.save(out / "model")
+        write_json(out / "backbone.json", backbone_config)
+        spec = {
+            "format": BUNDLE_FORMAT,
+            "version": BUNDLE_VERSION,
+            "backbone": "backbone.json",
+            "align": "align",
+            **paths,
+            "model": "model",
+            "query_modalities": list(query_modalities),
+            "calibration": None,
+            "reward": None,
+            "probability_radius_km": 200.0,
+            "search": (options or default_search(cfg.k)).to_dict(),
+            "backbone_source": backbone_source(backbone_config),
         }
-    else:
-        paths = {"gallery": "gallery", "index": "gallery/index"}
-        gallery = FeatureStore.create(
-            root / "gallery",
-            gallery_store.ids,
-            coords,
-            {m: gallery_store.dims[m] for m in names},
-            source=str(gallery_store.root),
-        )
-        for m in names:
-            src = gallery_store[m]
-            with gallery.writer(m) as w:
-                for s in range(0, len(src), chunk_rows):
-                    w.write(s, np.asarray(src[s : s + chunk_rows]))
-            gallery.mark_complete(m)
-    tokens = latlon_to_tokens(coords[:, 0], coords[:, 1], cfg.level, cfg.group)
-    tokens_path = root / paths.get("gallery_tokens", "gallery/tokens.npy")
-    with atomic_path(tokens_path) as tmp, open(tmp, "wb") as f:
-        np.save(f, tokens)
-    index.save(root / paths["index"])
-    heads.save(root / "align")
-    model.save(root / "model")
-    write_json(root / "backbone.json", backbone_config)
-    spec = {
-        "format": BUNDLE_FORMAT,
-        "version": BUNDLE_VERSION,
-        "backbone": "backbone.json",
-        "align": "align",
-        **paths,
-        "model": "model",
-        "query_modalities": list(query_modalities),
-        "calibration": None,
-        "reward": None,
-        "probability_radius_km": 200.0,
-        "search": (options or default_search(cfg.k)).to_dict(),
-        "backbone_source": backbone_source(backbone_config),
-    }
-    if calibration is not None:
-        calibration.save(root / "calibration.json")
-        spec["calibration"] = "calibration.json"
-    if reward is not None:
-        reward.save(root / "reward")
-        spec["reward"] = "reward"
-    with atomic_open(root / CARD) as f:
-        f.write(model_card(spec, backbone_config, cfg, gallery_store.rows, card or CardInfo()))
-    write_json(root / "bundle.json", spec)
+        if calibration is not None:
+            calibration.save(out / "calibration.json")
+            spec["calibration"] = "calibration.json"
+        if reward is not None:
+            reward.save(out / "reward")
+            spec["reward"] = "reward"
+        with atomic_open(out / CARD) as f:
+            f.write(model_card(spec, backbone_config, cfg, gallery_store.rows, card or CardInfo()))
+        write_json(out / "bundle.json", spec)
     return root
 
 

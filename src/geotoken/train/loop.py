@@ -20,8 +20,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ from tqdm import tqdm
 from geotoken.devices import Dist, distributed, torch_device
 from geotoken.errors import GeoTokenError
 from geotoken.geo import THRESHOLDS_KM, haversine_km
-from geotoken.io import atomic_path, read_json, write_json
+from geotoken.io import atomic_dir, atomic_path, read_json, write_json
 from geotoken.model import DTYPES, GeoToken, ModelConfig, precision
 from geotoken.s2 import tokens_to_latlon, vocab_sizes
 from geotoken.search.decode import PrefixConstraint, greedy
@@ -173,23 +171,18 @@ def save_checkpoint(
     folder: Path, model: GeoToken, opt: torch.optim.Optimizer, state: dict, rngs: list
 ) -> None:
     """Write a complete checkpoint beside `folder`, then swap it in: a crash leaves the old one whole."""
-    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp)
-    osd = opt.state_dict()
-    tensors = {f"rng.cpu.{r}": s for r, s in enumerate(rngs)}
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    for i, s in osd["state"].items():
-        for name, t in s.items():
-            tensors[f"opt.{i}.{name}"] = t.detach().cpu().contiguous()
-    with atomic_path(tmp / "state.safetensors") as p:
-        save_file(tensors, str(p))
-    write_json(tmp / "state.json", {**state, "param_groups": osd["param_groups"], "world": len(rngs)})
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(folder) as tmp:
+        model.save(tmp)
+        osd = opt.state_dict()
+        tensors = {f"rng.cpu.{r}": s for r, s in enumerate(rngs)}
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        for i, s in osd["state"].items():
+            for name, t in s.items():
+                tensors[f"opt.{i}.{name}"] = t.detach().cpu().contiguous()
+        with atomic_path(tmp / "state.safetensors") as p:
+            save_file(tensors, str(p))
+        write_json(tmp / "state.json", {**state, "param_groups": osd["param_groups"], "world": len(rngs)})
 
 
 def load_checkpoint(folder: Path, model: GeoToken, opt: torch.optim.Optimizer, d: Dist) -> dict:
