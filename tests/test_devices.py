@@ -30,6 +30,16 @@ def test_cpu_box_and_bad_names(monkeypatch):
     assert resolve_device("auto") in ("cpu", "mps") and not on_cuda("cpu")
     with pytest.raises(GeoTokenError, match="gpu0"):
         resolve_device("gpu0")
+    with pytest.raises(GeoTokenError, match="no CUDA GPU is usable here"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(GeoTokenError, match="has 2 CUDA GPU"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(GeoTokenError, match="MPS is not available"):
+        resolve_device("mps")
 
 
 def test_outside_torchrun_one_process(monkeypatch):

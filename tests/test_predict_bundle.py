@@ -201,3 +201,60 @@ def test_parts_made_for_other_parts_are_refused_at_bundle_time(bundle, tmp_path)
     assert not out.exists()
     save_bundle(out, **parts)
     assert Geolocator.from_bundle(out) is not None
+
+
+def _truncate(path, size=100):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def _edit_spec(**fields):
+    def edit(root):
+        spec = json.loads((root / "bundle.json").read_text())
+        (root / "bundle.json").write_text(json.dumps({**spec, **fields}))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda r: _truncate(r / "model" / "model.safetensors"),
+            "model.safetensors: not a readable safetensors",
+        ),
+        (
+            lambda r: _truncate(r / "align" / "model.safetensors"),
+            "model.safetensors: not a readable safetensors",
+        ),
+        (
+            lambda r: _truncate(r / "gallery" / "index" / "index.faiss"),
+            "index.faiss: not a readable FAISS index",
+        ),
+        (lambda r: (r / "bundle.json").write_text("[1, 2]"), "bundle.json: not a bundle description"),
+        (lambda r: (r / "bundle.json").write_text('{"format": '), "bundle.json: not valid JSON \\(line 1"),
+        (_edit_spec(query_modalities=["location"]), "bundle.json: query embedding\\(s\\) \\['location'\\]"),
+        (_edit_spec(query_modalities=["visual", "gps"]), "bundle.json: the index holds 32-d vectors"),
+    ],
+)
+def test_a_damaged_bundle_is_one_error_naming_the_part(bundle, tmp_path, capsys, damage, message):
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    damage(broken)
+    with pytest.raises(GeoTokenError, match=message):
+        Geolocator.from_bundle(broken)
+    assert main(["predict", str(assets.sample_image()), "--model", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(broken) in err
+
+
+def test_running_out_of_memory_is_one_line_that_says_what_to_lower(bundle, capsys, monkeypatch):
+    def too_big(self, *args, **kwargs):
+        raise RuntimeError(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 563200000000 bytes"
+        )
+
+    monkeypatch.setattr(Geolocator, "predict", too_big)
+    assert main(["predict", str(assets.sample_image()), "--model", str(bundle)]) == 2
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "--batch-size" in err and "Traceback" not in err

@@ -52,7 +52,7 @@ def jpeg(image: Image.Image, gps: tuple[float, float] | None = None, orientation
 
 
 def test_resolve_device(monkeypatch):
-    assert resolve_device("cpu") == "cpu" and resolve_device("cuda:1") == "cuda:1"
+    assert resolve_device("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == resolve_device(None) == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

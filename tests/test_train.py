@@ -1,5 +1,6 @@
 """Training: batch assembly, data order, schedule, checkpoints that resume to the bit, validation, DDP."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -130,6 +131,22 @@ def test_resume_is_bit_identical(tmp_path):
     assert [r["step"] for r in logs] == list(range(1, 9))
     fresh = train(mc, cfg, data, tmp_path / "fresh", resume=True)  # nothing to resume: starts from scratch
     assert weights_hash(fresh) == weights_hash(full)
+
+
+def test_a_resume_continues_the_same_run_only(tmp_path):
+    data, mc = synthetic(), model_cfg()
+    cfg = quiet(max_steps=8, checkpoint_every=4)
+    train(mc, cfg, data, tmp_path / "run", stop_at=4)
+    with pytest.raises(GeoTokenError, match="already holds a training run"):
+        train(mc, cfg, data, tmp_path / "run")  # not silently retrained over
+    with pytest.raises(GeoTokenError, match=r"lr 0.001 -> 0.01.*max_steps 8 -> 16"):
+        train(mc, dataclasses.replace(cfg, lr=1e-2, max_steps=16), data, tmp_path / "run", resume=True)
+    # a kill after step 6's log line but before its checkpoint: the resumed run logs steps 5-8 once
+    with open(tmp_path / "run/log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "loss": 9.0}) + "\n" + json.dumps({"step": 6, "loss": 9.0}) + '\n{"st')
+    train(mc, dataclasses.replace(cfg, checkpoint_every=2), data, tmp_path / "run", resume=True)
+    logs = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == list(range(1, 9)) and 9.0 not in [r["loss"] for r in logs]
 
 
 def test_training_learns_and_keeps_the_best_checkpoint(tmp_path):

@@ -252,6 +252,8 @@ def read_bundle(root: str | os.PathLike) -> dict:
     if not path.is_file():
         raise GeoTokenError(f"{root}: not a model bundle (no bundle.json); `geotoken demo` writes one")
     spec = read_json(path)
+    if not isinstance(spec, dict):
+        raise GeoTokenError(f"{path}: not a bundle description (a JSON object), got {type(spec).__name__}")
     if spec.get("format") != BUNDLE_FORMAT:
         raise GeoTokenError(f"{path}: field 'format' is {spec.get('format')!r}, expected {BUNDLE_FORMAT!r}")
     for key in ("backbone", "align", "gallery", "index", "model", "query_modalities"):
@@ -329,6 +331,15 @@ def check_bundle_target(root: Path, *inputs: str | os.PathLike) -> None:
             raise GeoTokenError(f"{root}: holds the bundle's input {p}; write the bundle to another folder")
 
 
+def check_query(heads, index, query_modalities: list[str]) -> None:
+    """The index must hold the heads' `query_modalities` joined, or every search would fail or mislead."""
+    query_dim = heads.joined_dim(query_modalities)
+    if index is not None and index.dim != query_dim:
+        raise GeoTokenError(
+            f"the index holds {index.dim}-d vectors, the heads' {'+'.join(query_modalities)} is {query_dim}-d"
+        )
+
+
 def check_bundle_parts(model, backbone_config, heads, gallery_store, index, query_modalities) -> None:
     """Refuse parts that were not made for each other: such a bundle would load and answer nonsense (or
     fail on the first photo, far from the command that built it)."""
@@ -342,15 +353,8 @@ def check_bundle_parts(model, backbone_config, heads, gallery_store, index, quer
             f"the alignment heads were trained on backbone {trained_on}, the gallery was embedded with "
             f"{backbone_config}: embed the gallery with the heads' backbone"
         )
+    check_query(heads, index, query_modalities)
     head_dims = heads.dims
-    unknown = [m for m in query_modalities if m not in head_dims]
-    if unknown:
-        raise GeoTokenError(f"query embedding(s) {unknown}: the heads make {', '.join(head_dims)}")
-    query_dim = sum(head_dims[m] for m in query_modalities)
-    if index.dim != query_dim:
-        raise GeoTokenError(
-            f"the index holds {index.dim}-d vectors, the heads' {'+'.join(query_modalities)} is {query_dim}-d"
-        )
     for m, dim in model.cfg.modalities.items():
         sources = {
             "alignment heads": head_dims.get(m),

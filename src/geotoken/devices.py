@@ -63,11 +63,19 @@ def resolve_device(device: str | torch.device | None = "auto") -> str:
         mps = getattr(torch.backends, "mps", None)
         return "mps" if mps is not None and mps.is_available() else "cpu"
     try:
-        return str(torch.device(device))
+        chosen = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise GeoTokenError(
             f"device {device!r}: not a torch device (auto, cpu, cuda, cuda:1, mps): {e}"
         ) from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise GeoTokenError(f"device {device!r}: no CUDA GPU is usable here (use cpu or auto)")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise GeoTokenError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    mps = getattr(torch.backends, "mps", None)
+    if chosen.type == "mps" and not (mps is not None and mps.is_available()):
+        raise GeoTokenError(f"device {device!r}: Apple MPS is not available here (use cpu or auto)")
+    return str(chosen)
 
 
 def torch_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -16,6 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from geotoken.errors import GeoTokenError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -60,6 +65,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def read_safetensors(path: str | os.PathLike) -> dict[str, Any]:
+    """The tensors of a safetensors file (torch), or an error naming it if it is missing or damaged
+    (a truncated download, another format); safetensors never unpickles, so an untrusted file is safe."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise GeoTokenError(
+            f"{path}: not a readable safetensors file ({exc}); download or save it again"
+        ) from None
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
     """`open()` that writes to a temporary file and renames it onto `path` when the block succeeds."""
@@ -75,8 +91,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON file; invalid JSON or text that is not UTF-8 is an error naming the file (and line)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise GeoTokenError(
+            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise GeoTokenError(f"{path}: not UTF-8 text ({exc})") from None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -41,11 +41,11 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from geotoken import DTYPES
 from geotoken.errors import GeoTokenError
-from geotoken.io import atomic_path, write_json
+from geotoken.io import atomic_path, read_safetensors, write_json
 
 ARCHS = ("ours", "authors")  # layer designs, see the module docstring
 
@@ -689,7 +689,7 @@ class GeoToken(nn.Module):
             raise GeoTokenError(f"{directory / 'config.json'}: {exc}") from None
         model = cls(cfg)
         try:
-            model.load_state_dict(load_file(str(directory / "model.safetensors")))
+            model.load_state_dict(read_safetensors(directory / "model.safetensors"))
         except RuntimeError as exc:
             raise GeoTokenError(
                 f"{directory / 'model.safetensors'} does not match config.json: {exc}"

@@ -36,6 +36,7 @@ from geotoken.align import AlignHeads
 from geotoken.bundle import (
     SearchOptions,
     bundle_backbone_config,
+    check_query,
     gallery_dir,
     gallery_tokens_path,
     hub_snapshot,
@@ -190,13 +191,19 @@ class Geolocator:
         tokens = np.load(gallery_tokens_path(root, spec), mmap_mode="r")
         names = [m for m in model.cfg.modalities if m in store]
         gallery = Gallery.from_store(store, names, tokens=np.asarray(tokens))
+        heads = AlignHeads.load(root / spec["align"]).to(device).eval()
+        index = NeighbourIndex.load(root / spec["index"])
+        try:
+            check_query(heads, index, spec["query_modalities"])
+        except GeoTokenError as exc:
+            raise GeoTokenError(f"{root / 'bundle.json'}: {exc}") from None
         return cls(
             model,
             gallery,
-            index=NeighbourIndex.load(root / spec["index"]),
+            index=index,
             query_modalities=spec["query_modalities"],
             backbone=load_backbone(**backbone_config).to(device),
-            heads=AlignHeads.load(root / spec["align"]).to(device).eval(),
+            heads=heads,
             calibration=Calibration.load(root / spec["calibration"]) if spec.get("calibration") else None,
             reward=load_reward(root / spec["reward"], device=device) if spec.get("reward") else None,
             options=SearchOptions.from_dict(spec.get("search", {})),

@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from geotoken.encoders.geoclip import IMAGE_DIM, image_head
 from geotoken.errors import GeoTokenError
-from geotoken.io import atomic_path, read_json, write_json
+from geotoken.io import atomic_path, read_json, read_safetensors, write_json
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 # how the GPS-aligned head is made: "train" an MLP from scratch, or start from GeoCLIP's pretrained image
@@ -126,6 +126,13 @@ class AlignHeads(nn.Module):
         c = self.config
         return {"visual": c.visual_dim, "gps": c.gps_dim, "text": c.text_dim}
 
+    def joined_dim(self, modalities: list[str]) -> int:
+        """Size of these embeddings joined (what an index over them holds); an unknown name is an error."""
+        unknown = [m for m in modalities if m not in self.dims]
+        if unknown:
+            raise GeoTokenError(f"query embedding(s) {unknown}: the heads make {', '.join(self.dims)}")
+        return sum(self.dims[m] for m in modalities)
+
     def save(self, out_dir: str | os.PathLike, **info: Any) -> Path:
         """`model.safetensors` + `config.json` (the HeadsConfig, plus `info`, e.g. training metrics)."""
         out_dir = Path(out_dir)
@@ -141,6 +148,11 @@ class AlignHeads(nn.Module):
         heads_dir = Path(heads_dir)
         if not (heads_dir / CONFIG).is_file() or not (heads_dir / WEIGHTS).is_file():
             raise GeoTokenError(f"{heads_dir}: not an alignment-heads folder (needs {CONFIG} and {WEIGHTS})")
-        heads = cls(HeadsConfig(**read_json(heads_dir / CONFIG)["heads"]))
-        heads.load_state_dict(load_file(str(heads_dir / WEIGHTS)), strict=True)
+        try:
+            heads = cls(HeadsConfig(**read_json(heads_dir / CONFIG)["heads"]))
+            heads.load_state_dict(read_safetensors(heads_dir / WEIGHTS), strict=True)
+        except (KeyError, TypeError, RuntimeError) as exc:
+            raise GeoTokenError(
+                f"{heads_dir}: {CONFIG} and {WEIGHTS} do not make alignment heads: {exc}"
+            ) from None
         return heads.to(device).eval()

@@ -67,3 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"geotoken {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (RuntimeError, MemoryError) as exc:  # torch's OutOfMemoryError is a RuntimeError
+        text = str(exc)
+        if os.environ.get("GEOTOKEN_DEBUG") or not (
+            isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+        ):
+            raise
+        print(
+            f"geotoken {args.command}: error: out of memory ({text.splitlines()[0][-200:] if text else 'MemoryError'}); "
+            "lower --batch-size, or --beam-width / --num-samples",
+            file=sys.stderr,
+        )
+        return 2

@@ -14,7 +14,6 @@ GeoTokenError naming the file, row and field.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -29,24 +28,12 @@ from geotoken.errors import GeoTokenError
 from geotoken.evaluate.metrics import MethodMetrics, PairedComparison
 from geotoken.evaluate.runs import slug
 from geotoken.geo import THRESHOLDS_KM
+from geotoken.io import read_json
 
 PREDICTION_COLUMNS = ("id", "lat", "lon", "pred_lat", "pred_lon", "error_km", "method", "strategy")
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def read_json(path: Path):
-    """A JSON file; invalid JSON or text that is not UTF-8 is an error naming the file (and line)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as exc:
-        raise GeoTokenError(
-            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-        ) from None
-    except UnicodeDecodeError as exc:
-        raise GeoTokenError(f"{path}: not UTF-8 text ({exc})") from None
-
-
 def _need(obj, key: str, kind: type | tuple, path: Path, where: str = ""):
     """obj[key], checked to be of `kind`; a clear error naming file and field otherwise."""
     name = f"{where}.{key}" if where else key

@@ -252,7 +252,14 @@ class NeighbourIndex:
         for key, value in search_options.items():
             if value is not None:
                 setattr(config, key, value)
-        return cls(faiss.read_index(str(index_dir / INDEX_FILE)), config, meta)
+        try:
+            index = faiss.read_index(str(index_dir / INDEX_FILE))
+        except RuntimeError as exc:  # truncated or not a FAISS file: faiss's message names the C++ check
+            raise GeoTokenError(
+                f"{index_dir / INDEX_FILE}: not a readable FAISS index ({str(exc).splitlines()[0][-160:]}); "
+                "build it again with `geotoken index`"
+            ) from None
+        return cls(index, config, meta)
 
     def nbytes(self) -> int:
         """Size of the serialised index: what it occupies in memory, give or take."""

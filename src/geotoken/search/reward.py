@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from geotoken.errors import GeoTokenError
-from geotoken.io import atomic_path, read_json, write_json
+from geotoken.io import atomic_path, read_json, read_safetensors, write_json
 from geotoken.model import Batch, GeoToken, ModelConfig
 from geotoken.search.candidates import Candidates, Selection, from_scores
 
@@ -152,7 +152,7 @@ class RewardScorer(nn.Module):
         try:
             names = {_RENAMED.get(k, k): v for k, v in d["reward"].items()}  # folders saved before the rename
             scorer = cls(int(d["d_model"]), d["vocab_sizes"], RewardConfig(**names))
-            scorer.load_state_dict(load_file(str(directory / "model.safetensors")))
+            scorer.load_state_dict(read_safetensors(directory / "model.safetensors"))
         except (KeyError, TypeError, RuntimeError) as exc:
             raise GeoTokenError(f"{directory}: broken reward scorer: {exc}") from None
         return scorer.to(device).eval()
@@ -212,7 +212,7 @@ class DecoderRewardScorer(nn.Module):
         d = _read_config(directory)
         try:
             scorer = cls(GeoToken(ModelConfig.from_dict(d["model_config"])), RewardConfig(**d["reward"]))
-            scorer.load_state_dict(load_file(str(directory / "model.safetensors")))
+            scorer.load_state_dict(read_safetensors(directory / "model.safetensors"))
         except (KeyError, TypeError, RuntimeError) as exc:
             raise GeoTokenError(f"{directory}: broken decoder reward scorer: {exc}") from None
         return scorer.to(device).eval()

@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from geotoken.devices import Dist, distributed, torch_device
 from geotoken.errors import GeoTokenError
 from geotoken.geo import THRESHOLDS_KM, haversine_km
-from geotoken.io import atomic_dir, atomic_path, read_json, write_json
+from geotoken.io import atomic_dir, atomic_path, read_json, read_safetensors, write_json
 from geotoken.model import DTYPES, GeoToken, ModelConfig, precision
 from geotoken.s2 import tokens_to_latlon, vocab_sizes
 from geotoken.search.decode import PrefixConstraint, greedy
@@ -185,6 +185,28 @@ def save_checkpoint(
         write_json(tmp / "state.json", {**state, "param_groups": osd["param_groups"], "world": len(rngs)})
 
 
+# training options a resumed run may change: how it is watched and saved, not what it computes
+RESUME_MAY_CHANGE = frozenset(
+    {"compile", "checkpoint_every", "val_every", "val_batch_size", "log_every", "tensorboard", "progress"}
+)
+
+
+def check_resume_config(out: Path, cfg: TrainConfig) -> None:
+    """A resumed run must be the run it continues: refuse changed options that alter the trajectory."""
+    path = out / "run.json"
+    if not path.is_file():
+        return
+    saved = read_json(path).get("train", {})
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as JSON lists, like the saved copy
+    changed = [k for k, v in now.items() if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
+    if changed:
+        diff = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise GeoTokenError(
+            f"cannot resume {out}: training options changed since it started ({diff}); "
+            "resume with the same options, or train into a new folder"
+        )
+
+
 def load_checkpoint(folder: Path, model: GeoToken, opt: torch.optim.Optimizer, d: Dist) -> dict:
     """Restore weights, optimizer and this rank's RNG; returns the JSON state (step, best, ...)."""
     if not (folder / "state.json").is_file() and folder.with_name(f".{folder.name}.old").is_dir():
@@ -198,8 +220,8 @@ def load_checkpoint(folder: Path, model: GeoToken, opt: torch.optim.Optimizer, d
         raise GeoTokenError(
             f"cannot resume: {folder / 'config.json'} differs from the requested model config"
         )
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    tensors = load_file(str(folder / "state.safetensors"))
+    model.load_state_dict(read_safetensors(folder / "model.safetensors"))
+    tensors = read_safetensors(folder / "state.safetensors")
     opt_state: dict = {}
     for key, t in tensors.items():
         if key.startswith("opt."):
@@ -309,7 +331,13 @@ def train(
     per_epoch = steps_per_epoch(len(train_rows), step_rows, d.world)
     total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch
     state = {"step": 0, "best_score": None, "best_step": None}
-    if resume and ((out / "last").exists() or (out / ".last.old").exists()):
+    resuming = (out / "last").exists() or (out / ".last.old").exists()
+    if resuming and not resume:
+        raise GeoTokenError(
+            f"{out}: already holds a training run (last/); resume it (--resume, resume=True) or write to a new folder"
+        )
+    if resuming:
+        check_resume_config(out, cfg)
         state = load_checkpoint(out / "last", model, opt, d)
     else:
         torch.manual_seed(cfg.seed * 1000 + 1 + d.rank)  # dropout streams differ per rank
@@ -333,7 +361,7 @@ def train(
     if cfg.compile:
         net = torch.compile(net)
 
-    log = _Logger(out, cfg, d.main)
+    log = _Logger(out, cfg, d.main, resumed_at=state["step"] if resuming else None)
     model.train()
     step = state["step"]
     bar = _progress(cfg, d, total, step)
@@ -423,12 +451,26 @@ def _progress(cfg: TrainConfig, d: Dist, total: int, step: int):
 class _Logger:
     """JSON lines (appended, so a resumed run continues the same file) and TensorBoard scalars, rank 0 only."""
 
-    def __init__(self, out: Path, cfg: TrainConfig, main: bool):
+    def __init__(self, out: Path, cfg: TrainConfig, main: bool, resumed_at: int | None = None):
+        """resumed_at: the checkpoint's step; records after it (written before a kill) are dropped, so the
+        log holds each step once. None: a new run, a new log."""
         self.f = self.tb = None
         if not main:
             return
         out.mkdir(parents=True, exist_ok=True)
-        self.f = open(out / "log.jsonl", "a", encoding="utf-8")
+        path = out / "log.jsonl"
+        kept = []
+        if resumed_at is not None and path.is_file():
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= resumed_at:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except (json.JSONDecodeError, AttributeError):
+                        break  # a line cut short by the kill: nothing after it was written whole
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(kept), encoding="utf-8")
+        self.f = open(path, "a", encoding="utf-8")
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
