@@ -89,6 +89,25 @@ def test_variables_come_from_set_then_environment_then_defaults(tmp_path):
         find_config(tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("three", "expected int or null, got 'three'"),
+        ('"3"', "expected int or null, got '3'"),
+        ("2.5", "expected int or null, got 2.5"),
+    ],
+)
+def test_a_config_value_of_the_wrong_type_is_an_error_naming_its_field(tmp_path, value, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(IM2GPS.format(run_dir=tmp_path / "run").replace('"${{N}}"'.format(), value))
+    with pytest.raises(GeoTokenError, match=rf"stage 'data'.sources\[0\].limit: {message}"):
+        load_run_config(path, {"ROOT": "/a"}, environ={})
+    model = {"stages": [{"name": "model", "config": {"epochs": "1"}}]}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(model))
+    with pytest.raises(GeoTokenError, match="stage 'model'.epochs: expected int, got '1'"):
+        load_run_config(tmp_path / "t.yaml", environ={})
+
+
 def test_the_plan_names_the_folders_the_run_writes_and_checks_paths(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(IM2GPS.format(run_dir=tmp_path / "run"))

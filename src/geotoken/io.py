@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import tempfile
+import types
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -115,3 +117,35 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def sha256_json(obj: Any) -> str:
     """Hex SHA-256 of a JSON-serialisable object in canonical form (sorted keys): a config's identity."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def value_fits(hint: Any, value: Any) -> bool:
+    """A plain (JSON / YAML) value against a config field's type: an int is a float too, a bool is not a
+    number, a list is a tuple; unions by their members; what it cannot check (Any, item types) passes."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(value_fits(h, value) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is type(None):
+        return value is None
+    kind = origin or hint
+    if kind is tuple:
+        return isinstance(value, list | tuple)
+    return isinstance(value, kind) if isinstance(kind, type) else True
+
+
+def type_name(hint: Any) -> str:
+    """A field's type as a config file's reader would say it: "int or null", "tuple of str"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(h) for h in args)
+    if hint is type(None):
+        return "null"
+    if origin in (tuple, list) and args:
+        return f"{'list' if origin is list else 'tuple'} of {type_name(args[0])}"
+    return getattr(origin or hint, "__name__", str(hint))

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from geotoken.errors import GeoTokenError
-from geotoken.io import read_json, sha256_json, write_json
+from geotoken.io import read_json, sha256_json, type_name, value_fits, write_json
 
 RUNTIME = "runtime"  # dataclass field metadata key: the field is not part of the stage's identity
 ADDED = "added"  # metadata key: the field joins the identity only when it differs from its default
@@ -205,6 +205,8 @@ def _value(hint: Any, value: Any, where: str) -> Any:
                     for i, v in enumerate(value)
                 )
             return tuple(value)
+    if not value_fits(hint, value):
+        raise GeoTokenError(f"{where}: expected {type_name(hint)}, got {value!r}")
     return value
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from geotoken.errors import GeoTokenError
+from geotoken.io import type_name, value_fits
 from geotoken.train.loop import TrainConfig
 
 RECIPE_DIR = resources.files("geotoken") / "configs" / "recipes"
@@ -46,23 +47,13 @@ def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
         raise GeoTokenError(f"{where}: unknown TrainConfig field(s) {unknown}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     for key, v in values.items():
-        if not _fits(hints[key], v):
-            raise GeoTokenError(f"{where}: field {key!r} = {v!r} is not a {hints[key]}")
+        if not value_fits(hints[key], v):
+            raise GeoTokenError(f"{where}: field {key!r} = {v!r} is not a {type_name(hints[key])}")
     try:
         TrainConfig(**values)
     except (TypeError, GeoTokenError) as exc:
         raise GeoTokenError(f"{where}: {exc}") from None
     return values
-
-
-def _fits(hint: Any, value: Any) -> bool:
-    """YAML scalars against a field's type: an int is a float too, a bool is not an int."""
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    origin = typing.get_origin(hint)
-    return isinstance(value, origin or hint)
 
 
 def resolve_train_config(recipe: str | Path | None = None, **overrides: Any) -> TrainConfig:
