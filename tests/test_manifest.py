@@ -198,3 +198,30 @@ def test_numpy_path_is_used_for_clean_files(tmp_path, monkeypatch):
     p = write(tmp_path / "ok.csv", "id,lat,lon,image\na,1,2,x.jpg\n")
     monkeypatch.setattr(manifest_module, "_read_columns_csv", None)  # would fail if called
     assert read_manifest(p).ids.tolist() == ["a"]
+
+
+def test_text_that_is_not_utf8_is_an_error_naming_its_line(tmp_path):
+    from geotoken.data.manifest import read_annotations
+
+    path = tmp_path / "latin1.csv"
+    rows = ["id,lat,lon,image"] + [f"r{i},1.5,2.5,x{i}.jpg" for i in range(20000)]
+    rows[15000] = "Café,1.5,2.5,y.jpg"  # line 15001; the decoder reads far ahead of the csv reader
+    path.write_bytes("\n".join(rows).encode("latin-1"))
+    with pytest.raises(GeoTokenError, match=r"latin1.csv: line 15001: not UTF-8 text \(byte 0xe9"):
+        read_annotations(path)
+    head = tmp_path / "head.csv"
+    head.write_bytes("id,lat,lon,image,légende\na,1,2,a.jpg,x\n".encode("latin-1"))
+    with pytest.raises(GeoTokenError, match="head.csv: line 1: not UTF-8"):
+        read_annotations(head)
+    # a character cut by the 16 MiB read-ahead block is not the error: the bad byte after it is
+    from geotoken.data.manifest import not_utf8
+
+    data = b"id,lat,lon,image\n" + b"r,1.5,2.5,x.jpg\n" * ((1 << 24) // 16 - 2)
+    data += b"r" * ((1 << 24) - 1 - len(data)) + "é,1.5,2.5,a.jpg\n".encode()  # é's two bytes straddle it
+    assert data[(1 << 24) - 1 : (1 << 24) + 1] == "é".encode()
+    data += b"b\xff,1.5,2.5,b.jpg\n"
+    (tmp_path / "big.csv").write_bytes(data)
+    line = data.count(b"\n")  # the bad row is the last line
+    assert f"line {line}: not UTF-8 text (byte 0xff at offset {len(data) - 16})" in str(
+        not_utf8(tmp_path / "big.csv")
+    )

@@ -193,6 +193,11 @@ def test_manifest_format_writes_manifest_texts_and_report(tmp_path, capsys):
     assert len(read_manifest(tmp_path / "out" / "val.csv")) == 2
     assert ids[7] in (tmp_path / "out" / "mp16.report.csv").read_text()
     assert main([*args, "--skip-report", str(tmp_path / "r.csv")]) == 2
+    capsys.readouterr()
+    assert main([*args, "--check-images", "decode"]) == 2  # not silently ignored
+    assert "--check-images is for plain annotation files" in capsys.readouterr().err
+    assert main(["manifest", str(path), "--holdout", "2", "-o", str(tmp_path / "plain.csv")]) == 2
+    assert "--holdout needs --format" in capsys.readouterr().err
 
 
 def test_neighbour_tables_follow_the_splits_without_their_unreadable_images():

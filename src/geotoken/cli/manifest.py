@@ -61,6 +61,12 @@ def run_format(args) -> int:
         raise GeoTokenError(
             "with --format, -o names SPLIT.csv and the report is SPLIT.report.csv (no --skip-report)"
         )
+    if args.check_images != "no":
+        raise GeoTokenError(
+            "--check-images is for plain annotation files: with --format every row's image is found in the "
+            "layout (rows without one are in the report), and `geotoken embed --skip-bad` reports images that "
+            "do not decode"
+        )
     annotations, images = (
         (None, args.inputs[0]) if args.format == "shards" else (args.inputs[0], args.image_root)
     )
@@ -78,6 +84,10 @@ def run_format(args) -> int:
 def run(args) -> int:
     if args.format:
         return run_format(args)
+    if args.holdout:
+        raise GeoTokenError(
+            "--holdout needs --format (a real dataset's layout, read as the dataset stage does)"
+        )
     m = read_annotations(
         args.inputs,
         image_root=args.image_root,

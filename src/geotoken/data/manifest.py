@@ -237,8 +237,35 @@ def _read_header(path: Path) -> list[str]:
             return next(csv.reader(f))
         except StopIteration:
             raise GeoTokenError(f"{path}: file is empty (expected a header line)") from None
-        except (csv.Error, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
+        except csv.Error as exc:
             raise GeoTokenError(f"{path}: line 1: cannot parse the header: {exc}") from None
+
+
+def not_utf8(path: Path) -> GeoTokenError:
+    """The error for a file that is not UTF-8, naming the line and byte of the first bad character (the
+    decoder's own position is in a buffer read ahead, not the line the csv reader stands on)."""
+    line, offset, carry = 1, 0, b""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            data = carry + block
+            try:
+                data.decode("utf-8")
+                carry = b""
+            except UnicodeDecodeError as exc:
+                if exc.reason == "unexpected end of data" and exc.end == len(data):
+                    carry = data[exc.start :]  # a character cut by the block boundary: read on
+                    data = data[: exc.start]
+                else:
+                    line += data.count(b"\n", 0, exc.start)
+                    return GeoTokenError(
+                        f"{path}: line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                        f"{offset + exc.start}); save the file as UTF-8"
+                    )
+            line += data.count(b"\n")
+            offset += len(data)
+    return GeoTokenError(f"{path}: line {line}: not UTF-8 text (the file ends inside a character)")
 
 
 def _read_columns_numpy(path: Path, cols: dict[str, int]) -> dict[str, list[str] | np.ndarray] | None:
@@ -282,7 +309,9 @@ def _read_columns_csv(path: Path, cols: dict[str, int], roles: list[str], width:
             picked = [
                 get(r) if len(r) >= need else too_short(i, r) for i, r in enumerate(filter(None, reader))
             ]
-        except (csv.Error, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
+        except csv.Error as exc:
             raise GeoTokenError(f"{path}: line {reader.line_num + 1}: cannot parse CSV: {exc}") from None
         columns = {r: [p[k] for p in picked] for k, r in enumerate(roles)}
     problems = {i: f"has {count} fields, the header has {width}" for i, count in short}
