@@ -89,6 +89,20 @@ def test_yfcc_rows_whose_image_is_absent_are_left_out_and_counted(tmp_path):
     }
 
 
+@pytest.mark.parametrize("fmt", ["mp16", "osv5m"])
+def test_a_bad_row_is_counted_once_not_again_as_an_image_without_a_label(tmp_path, fmt):
+    make = realdata.mp16 if fmt == "mp16" else lambda root, n: realdata.osv5m(root, "test", n)
+    path, images, ids = make(tmp_path / fmt, 6)
+    lines = path.read_text().splitlines()
+    cells = lines[3].split(",")
+    lat = next(i for i, h in enumerate(lines[0].split(",")) if h.strip().upper() in ("LAT", "LATITUDE"))
+    cells[lat] = "123.0"  # row 3's latitude out of range: a bad row, its image still on disk
+    path.write_text("\n".join([*lines[:3], ",".join(cells), *lines[4:]]) + "\n")
+    r = read_source(DatasetSource(fmt, fmt, str(path), str(images)), tmp_path / "work")
+    assert r.counts["bad_rows"] == 1 and r.counts["images_without_label"] == 0 and r.counts["kept"] == 5
+    assert len(r.report) == 1 and "123.0 is outside" in r.report[0][2]
+
+
 @pytest.mark.parametrize("zipped", [False, True])
 def test_osv5m_nested_folders_and_zip_archives(tmp_path, zipped):
     path, images, ids = realdata.osv5m(tmp_path / "osv5m", "test", 6, zipped=zipped)

@@ -309,8 +309,10 @@ def read_source(source: DatasetSource, workdir: str | os.PathLike) -> SourceResu
     header = _header(annotations)
     id_column = _id_column(source, header)
     norm = {normalize_column(h) for h in header}
+    bad_ids = [r[1] for r in report if r[1]]  # their images are not "without a label": their rows were bad
     if source.format == "osv5m":
         keys = [f"{s}.jpg" for s in manifest.ids.tolist()]
+        bad_ids = [f"{s}.jpg" for s in bad_ids]
     elif source.format == "csv":
         if not norm & set(COLUMN_ALIASES["image"]):
             raise GeoTokenError(f"{annotations}: line 1: format 'csv' needs an image column in {header}")
@@ -326,7 +328,7 @@ def read_source(source: DatasetSource, workdir: str | os.PathLike) -> SourceResu
         index = ImageIndex.scan(images)
         refs = [index.find(k) or "" for k in keys]
         found = np.array([bool(r) for r in refs], dtype=bool)
-        used = {r for r in refs if r}
+        used = {r for r in refs if r} | {r for r in map(index.find, bad_ids) if r}
         unlabelled = sorted(key for key, r in index.refs.items() if r not in used)
         manifest = Manifest(manifest.ids, manifest.lat, manifest.lon, refs, manifest.source)
     report += [
