@@ -163,6 +163,12 @@ def test_write_csv_round_trip_and_hash(tmp_path):
     assert m.subset(np.arange(n)).content_hash() == m.content_hash()
     moved = Manifest(m.ids, m.lat, m.lon + 1e-9, m.images)
     assert moved.content_hash() != m.content_hash()
+    # the same images under another root (a moved dataset) keep the identity; a renamed image does not
+    here = Manifest(m.ids, m.lat, m.lon, [f"/data/mp16/{i // 10:02d}/{i}.jpg" for i in range(n)])
+    there = Manifest(m.ids, m.lat, m.lon, [f"/mnt/disk2/copy/{i // 10:02d}/{i}.jpg" for i in range(n)])
+    assert here.content_hash() == there.content_hash()
+    renamed = [f"/data/mp16/{i // 10:02d}/{i}.jpg" for i in range(n - 1)] + ["/data/mp16/04/x.jpg"]
+    assert Manifest(m.ids, m.lat, m.lon, renamed).content_hash() != here.content_hash()
     np.testing.assert_array_equal(m.coords, np.stack([m.lat, m.lon], 1))
 
 

@@ -73,11 +73,16 @@ class Manifest:
                 f.writelines(f"{i},{a!r},{b!r},{m}\n" for i, a, b, m in rows)
 
     def content_hash(self) -> str:
-        """Hex SHA-256 of ids, coordinates and image references (not of `source`): a dataset's identity."""
+        """Hex SHA-256 of ids, coordinates and image references (not of `source`): a dataset's identity.
+        Images count from the folder they all share, so the same dataset moved elsewhere (another mount,
+        a copied disk) keeps its identity and a killed `embed` of it still resumes."""
         h = hashlib.sha256()
-        for strings in (self.ids, self.images):
+        images = self.images.tolist()
+        shared = os.path.commonprefix(images) if images else ""
+        cut = max(shared.rfind("/"), shared.rfind(os.sep)) + 1  # whole folder names only
+        for strings in (self.ids.tolist(), [r[cut:] for r in images]):
             h.update(len(strings).to_bytes(8, "little"))
-            h.update("\x00".join(strings.tolist()).encode("utf-8"))
+            h.update("\x00".join(strings).encode("utf-8"))
         h.update(np.ascontiguousarray(self.lat, dtype="<f8").tobytes())
         h.update(np.ascontiguousarray(self.lon, dtype="<f8").tobytes())
         return h.hexdigest()
