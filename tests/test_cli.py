@@ -58,7 +58,6 @@ def test_version(capsys):
         (["bench", "tokens", "--points", "0"], "points must be >= 1, got 0"),
         (["bench", "tokens", "--s2sphere-points", "-1"], "s2sphere_points must be >= 0, got -1"),
         (["bench", "decode", "--iters", "0"], "iters must be >= 1, got 0"),
-        (["bench", "train", "--threads", "-1"], "threads must be >= 0, got -1"),
         (["bench", "train", "--gallery-rows", "0"], "rows must be >= 1, got 0"),
     ],
 )

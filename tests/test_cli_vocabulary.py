@@ -14,7 +14,7 @@ import pytest
 from geotoken import DTYPES
 from geotoken.align import GPS_HEADS
 from geotoken.bench.decode import REFERENCE
-from geotoken.cli import build_parser
+from geotoken.cli import build_parser, count
 from geotoken.data.earthviews import PRESETS as EARTHVIEWS_PRESETS
 from geotoken.encoders import BACKBONES
 from geotoken.encoders.clip import PRECISIONS
@@ -104,6 +104,8 @@ def option_problems(path: tuple[str, ...], action: argparse.Action) -> list[str]
             out.append(f"{where}: {short} and --{canonical} go together (-{short[1:]}/--{canonical})")
     if dest == "threads" and action.default != 0:
         out.append(f"{where}: --threads defaults to {action.default!r}, not 0 (the library's own choice)")
+    if dest == "threads" and action.type is not count:
+        out.append(f"{where}: --threads takes geotoken.cli.count (a whole number >= 0), not {action.type}")
     registry = PER_COMMAND.get((path, dest), REGISTRIES.get(dest))
     if action.choices is not None and registry is not None:
         if tuple(action.choices) not in (tuple(registry), tuple(sorted(registry))):
@@ -172,6 +174,7 @@ def test_the_walker_finds_every_kind_of_wrong_option():
         "geotoken group cmd --out: -o and --out go together",
         "geotoken group cmd --k: -k and --k go together",
         "geotoken group cmd --threads: --threads defaults to None, not 0",
+        "geotoken group cmd --threads: --threads takes geotoken.cli.count",
         "geotoken group cmd --strategy: choices ['greedy', 'beam'] are not the registry",
         "geotoken group cmd --batch: --batch is a second spelling of --batch-size",
         "geotoken group cmd --width: --width is a second spelling of --beam-width",
@@ -191,7 +194,7 @@ def test_the_walker_accepts_the_canonical_spellings():
     cmd = p.add_subparsers(dest="command").add_parser("cmd")
     cmd.add_argument("-o", "--out")
     cmd.add_argument("-k", "--k", type=int)
-    cmd.add_argument("--threads", type=int, default=0)
+    cmd.add_argument("--threads", type=count, default=0)
     cmd.add_argument("--strategy", choices=STRATEGIES)
     cmd.add_argument("--dtype", choices=sorted(DTYPES))
     cmd.add_argument("--batch-size", type=int)

@@ -166,6 +166,17 @@ def test_health_model_openapi_page(client, geolocator):
     assert basemap.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(basemap.content)).size == (512, 256)
 
+    # what this server runs, and why not the rest (the bundle has no reward scorer)
+    assert "reward" not in m["selectors"] and "reward scorer" in m["unavailable"]["reward"]
+    # the API reference works offline: rendered here, no script from elsewhere
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "POST /v1/geolocate" in docs.text and "<code>top_k</code>" in docs.text
+    assert "<script" not in docs.text and "cdn" not in docs.text.lower()
+    assert client.get("/redoc").status_code == 404
+    # Starlette's own errors in our shape
+    for r, status in ((client.get("/nowhere"), 404), (client.get("/v1/geolocate"), 405)):
+        assert r.status_code == status and set(r.json()) == {"error"}
+
 
 def test_concurrent_requests_are_all_answered(client):
     served = client.app.state.runner.served
@@ -519,3 +530,21 @@ def test_uploads_that_need_an_interpreter_are_refused(client):
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
     r = post(client, eps, name="x.eps", mime="application/postscript")
     assert r.status_code == 415 and "not an image in JPEG, PNG" in r.json()["error"]
+
+
+def test_the_cli_binds_its_port_before_loading_the_model(free_port, capsys):
+    from geotoken.cli import main
+    from geotoken.cli.serve import listen
+
+    held = listen("127.0.0.1", free_port)
+    held.listen()
+    try:  # "--model nowhere" would fail later: the port is checked first
+        assert main(["serve", "--model", "nowhere", "--port", str(free_port)]) == 2
+        assert "Address already in use" in capsys.readouterr().err
+    finally:
+        held.close()
+    assert main(["serve", "--model", "nowhere", "--port", "99999"]) == 2
+    assert "a TCP port is 1-65535" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", "nowhere", "--threads", "-3"])
+    assert "--threads: must be >= 0" in capsys.readouterr().err

@@ -30,6 +30,17 @@ from types import ModuleType
 from geotoken import __version__
 
 
+def count(text: str) -> int:
+    """argparse type of a number of things (threads, workers, a port): a whole number >= 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
 def register_modules(subparsers: argparse._SubParsersAction, package: ModuleType) -> None:
     """Call `register(subparsers)` of every public module in `package`, in name order."""
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):

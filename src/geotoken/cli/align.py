@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from geotoken.align import GPS_HEADS, AlignConfig, AlignHeads, HeadsConfig, apply_heads, train_heads
+from geotoken.cli import count
 from geotoken.data.datasets import read_texts
 from geotoken.data.manifest import read_manifest
 from geotoken.devices import resolve_device, retain_freed_memory
@@ -105,7 +106,7 @@ def register(subparsers) -> None:
     )
     t.add_argument("--seed", type=int, default=c.seed)
     t.add_argument("--device", help="torch device (default auto: this rank's GPU if any, else cpu)")
-    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
+    t.add_argument("--threads", type=count, default=0, help="torch CPU threads (default 0: torch's choice)")
     t.set_defaults(func=run_train)
 
     a = sub.add_parser("apply", help="write visual/gps/text arrays into a store", description=HELP)
@@ -113,7 +114,7 @@ def register(subparsers) -> None:
     a.add_argument("store", help="feature store with `features` from the same backbone")
     a.add_argument("--batch-size", type=int, default=8192, help="rows per step (default 8192)")
     a.add_argument("--device", help="torch device (default auto: this rank's GPU if any, else cpu)")
-    a.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
+    a.add_argument("--threads", type=count, default=0, help="torch CPU threads (default 0: torch's choice)")
     a.set_defaults(func=run_apply)
 
 

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from geotoken.cli import count
 from geotoken.data.manifest import read_manifest
 from geotoken.encoders import BACKBONES, load_backbone
 from geotoken.features import embed
@@ -49,7 +50,7 @@ def register(subparsers) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="record unreadable images (store.json, skipped.csv) and continue, instead of stopping")  # fmt: skip
     p.add_argument("--device", help="torch device (default auto: this rank's GPU if any, else cpu)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
+    p.add_argument("--threads", type=count, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.set_defaults(func=run)
 
 

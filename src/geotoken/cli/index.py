@@ -7,6 +7,7 @@ import time
 
 import faiss
 
+from geotoken.cli import count
 from geotoken.features import FeatureStore
 from geotoken.retrieval import (
     DEFAULT_EMBEDDING,
@@ -64,7 +65,7 @@ def register(subparsers) -> None:
     )
     b.add_argument("-k", "--k", type=int, default=15, help="k of the reported recall@k (default 15)")
     b.add_argument("--recall-queries", type=int, default=1000, help="store rows sampled to measure recall")
-    b.add_argument("--threads", type=int, default=0, help="FAISS threads (default 0: FAISS's choice)")
+    b.add_argument("--threads", type=count, default=0, help="FAISS threads (default 0: FAISS's choice)")
     b.set_defaults(func=run_build)
 
     n = sub.add_parser(
@@ -85,7 +86,7 @@ def register(subparsers) -> None:
                    help="ivfpq: re-rank REFINE x k candidates by exact vectors read from the gallery store")  # fmt: skip
     n.add_argument("--nprobe", type=int, help="ivfpq: override the index's nprobe")
     n.add_argument("--ef-search", type=int, help="hnsw: override the index's search beam")
-    n.add_argument("--threads", type=int, default=0, help="FAISS threads (default 0: FAISS's choice)")
+    n.add_argument("--threads", type=count, default=0, help="FAISS threads (default 0: FAISS's choice)")
     n.set_defaults(func=run_neighbours)
 
 

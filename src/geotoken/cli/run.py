@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from geotoken.cli import count
 from geotoken.devices import retain_freed_memory
 from geotoken.errors import GeoTokenError
 from geotoken.pipeline import Run
@@ -46,7 +47,7 @@ def register(subparsers) -> None:
         "--dry-run", action="store_true",
         help="print the plan (stages, inputs, folders, estimated rows, disk and work) and stop",
     )  # fmt: skip
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's choice)")
+    p.add_argument("--threads", type=count, default=0, help="torch threads (default 0: torch's choice)")
     p.set_defaults(func=run)
 
 

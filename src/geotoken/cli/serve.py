@@ -3,14 +3,20 @@ Face Hub repo id holding one, or `geoclip`)."""
 
 from __future__ import annotations
 
+import socket
+import time
+
 import torch
 from PIL import Image
 
+from geotoken.cli import count
 from geotoken.cli.predict import add_backbone_precision
+from geotoken.errors import GeoTokenError
 from geotoken.predict import Geolocator
-from geotoken.serve import ServeConfig, create_app
+from geotoken.serve import Runner, ServeConfig, ServiceRate, create_app
 
 DEFAULTS = ServeConfig()
+SHUTDOWN_GRACE_S = 30  # beyond the wait budget, for the last answers to be sent
 
 
 def register(subparsers) -> None:
@@ -18,8 +24,8 @@ def register(subparsers) -> None:
         "serve",
         help="HTTP API + web page (upload a photo, see candidates on a world map)",
         description="Load a model bundle once and serve it: POST /v1/geolocate (multipart 'image'; fields "
-        "top_k, strategy, select), GET /v1/model, GET /healthz, the OpenAPI schema at /docs, and a web page "
-        "at / with an offline Blue Marble map. One model thread; requests that wait together are batched. "
+        "top_k, strategy, select), GET /v1/model, GET /healthz, the API reference at /docs (the schema at "
+        "/openapi.json), and a web page at / with an offline Blue Marble map. One model thread; requests that wait together are batched. "
         "A request is admitted while its expected wait in the queue (measured seconds per image x images "
         "queued) fits --max-queue-wait-s; beyond it, 503 with Retry-After. On Ctrl-C / SIGTERM the server "
         "stops accepting and answers every admitted request before it exits. Listens on loopback unless "
@@ -40,7 +46,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--revision", help="branch, tag or commit of a Hugging Face Hub MODEL (default main)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=count, default=8000, help="port (default 8000)")
     p.add_argument(
         "--max-upload-mb",
         type=float,
@@ -66,10 +72,24 @@ def register(subparsers) -> None:
         default=DEFAULTS.max_batch,
         help=f"images predicted together when requests wait (default {DEFAULTS.max_batch})",
     )
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=count, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto", help="torch device (default auto: CUDA, then MPS, then CPU)")
     add_backbone_precision(p)
     p.set_defaults(func=run)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind the server's socket first, so a port in use (or a bad address) is said before the model loads."""
+    if not 0 < port <= 65535:
+        raise GeoTokenError(f"--port {port}: a TCP port is 1-65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart right after a stop
+        sock.bind(address)
+    except OSError as exc:
+        raise GeoTokenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 def run(args) -> int:
@@ -81,6 +101,7 @@ def run(args) -> int:
         max_queue_wait_s=args.max_queue_wait_s,
         max_batch=args.max_batch,
     )
+    sock = listen(args.host, args.port)
     if args.threads:
         torch.set_num_threads(args.threads)
     geolocator = Geolocator.from_pretrained(
@@ -91,10 +112,20 @@ def run(args) -> int:
         backbone_precision=args.backbone_precision,
         backbone_runtime=args.backbone_runtime,
     )
-    # one prediction before listening: lazy initialisation is paid here, not by the first request, and
-    # the service-rate estimate behind admission starts from a warm model
-    geolocator.predict([Image.new("RGB", (64, 64))], top_k=1)
-    app = create_app(geolocator, config)
+    # one prediction before listening: lazy initialisation is paid here, not by the first request; the
+    # second, timed, is the first estimate of the service rate behind admission
+    warm = [Image.new("RGB", (64, 64))]
+    geolocator.predict(warm, top_k=1)
+    t0 = time.perf_counter()
+    geolocator.predict(warm, top_k=1)
+    rate = ServiceRate(initial=time.perf_counter() - t0)
+    app = create_app(
+        geolocator, config, Runner(geolocator, config.max_queue_wait_s, config.max_batch, rate=rate)
+    )
     print(f"geotoken serve: {args.model} on http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # on Ctrl-C / SIGTERM: admitted requests are answered (they fit the wait budget); a client that stalls
+    # its upload or its read is cut off after the grace time instead of holding the exit forever
+    grace = int(config.max_queue_wait_s) + SHUTDOWN_GRACE_S
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace))
+    server.run(sockets=[sock])
     return 0

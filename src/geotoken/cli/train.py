@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from geotoken import DTYPES
+from geotoken.cli import count
 from geotoken.devices import retain_freed_memory
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
@@ -140,7 +141,7 @@ def register(subparsers) -> None:
     t.add_argument("--val-constrain", action=argparse.BooleanOptionalAction,
                    help="validate with the gallery-constrained greedy decoder (evaluate's +gallery rows; "
                    "default: free greedy, the authors' decoder)")  # fmt: skip
-    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    t.add_argument("--threads", type=count, default=0, help="torch CPU threads (0: torch's choice)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     t.add_argument("--no-tensorboard", action="store_true")
     p.set_defaults(func=run)

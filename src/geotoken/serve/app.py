@@ -9,7 +9,8 @@ Routes:
     GET  /healthz        liveness
     GET  /               the page (package static files; nothing from a CDN)
     GET  /basemap.jpg    the Blue Marble image at a reduced size (equirectangular, made once)
-    GET  /docs, /openapi.json   FastAPI's schema
+    GET  /docs           the API's reference, rendered here from /openapi.json (no CDN script: works offline)
+    GET  /openapi.json   FastAPI's schema
 
 The model runs on one worker thread fed by a queue (PyTorch modules are not safe to call concurrently,
 and on a CPU a second concurrent forward pass only competes for the same cores); requests that wait at
@@ -27,6 +28,7 @@ field sent as "null" or "" counts as not given.
 """
 
 import asyncio
+import html
 import io
 import json
 import logging
@@ -217,6 +219,41 @@ def unavailable_options(info: dict) -> dict[str, str]:
     return out
 
 
+def docs_html(schema: dict) -> str:
+    """The API reference as one static page from the OpenAPI schema: FastAPI's /docs and /redoc load their
+    scripts from a CDN and stay blank on a machine without internet, where this server often runs."""
+    parts = []
+    components = schema.get("components", {}).get("schemas", {})
+    for path, methods in schema.get("paths", {}).items():
+        for method, op in methods.items():
+            rows = [(p["name"], p.get("in", ""), p.get("description", "")) for p in op.get("parameters", [])]
+            for content in (op.get("requestBody") or {}).get("content", {}).values():
+                ref = content.get("schema", {}).get("$ref", "")
+                body = components.get(ref.rsplit("/", 1)[-1], content.get("schema", {}))
+                rows += [(n, "form", f.get("description", "")) for n, f in body.get("properties", {}).items()]
+            fields = "".join(
+                f"<li><code>{html.escape(n)}</code> ({w}) {html.escape(d)}</li>" for n, w, d in rows
+            )
+            answers = "".join(
+                f"<li><code>{c}</code> {html.escape(r.get('description', ''))}</li>"
+                for c, r in op.get("responses", {}).items()
+            )
+            parts.append(
+                f"<h2><code>{method.upper()} {html.escape(path)}</code></h2><p>{html.escape(op.get('summary', ''))}</p>"
+                + (f"<h3>Fields</h3><ul>{fields}</ul>" if fields else "")
+                + f"<h3>Responses</h3><ul>{answers}</ul>"
+            )
+    title = html.escape(f"{schema['info']['title']} {schema['info']['version']}")
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{title} API</title>'
+        '<link rel="stylesheet" href="/static/style.css"></head><body><header><h1>'
+        f'{title} API</h1><span class="muted">{html.escape(schema["info"].get("description", ""))}</span>'
+        '</header><article style="padding: 0 1.2em">'
+        '<p>The machine-readable schema: <a href="/openapi.json">/openapi.json</a>. Errors are '
+        '<code>{"error": "..."}</code>.</p>' + "".join(parts) + "</article></body></html>"
+    )
+
+
 def api_models(max_top_k: int):
     """The pydantic models of the API's schema (built here: pydantic comes with fastapi)."""
     from pydantic import BaseModel, ConfigDict, Field
@@ -259,10 +296,11 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
 
     from fastapi import FastAPI, File, Form, Query, UploadFile
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
     from pydantic import BeforeValidator, Field
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     cfg = config or ServeConfig()
     runner = runner or Runner(predictor, cfg.max_queue_wait_s, cfg.max_batch)
@@ -306,6 +344,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
         version=__version__,
         description="Where was this photo taken? Hierarchical S2-token geolocalization.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load their scripts from a CDN: /docs is rendered here instead
+        redoc_url=None,
     )
     app.state.runner, app.state.config = runner, cfg
 
@@ -323,6 +363,15 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
         ]
         return error(422, "; ".join(parts) or "invalid request")
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        """Starlette's own 400 / 404 / 405 answers in the same {"error": "..."} shape as ours."""
+        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.get("/docs", include_in_schema=False)
+    def docs():
+        return HTMLResponse(docs_html(app.openapi()))
+
     @app.get("/healthz", summary="liveness, and the queue")
     def healthz() -> dict:
         return {
@@ -338,8 +387,13 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
 
     @app.get("/v1/model", summary="what is loaded, and the server's limits")
     def model() -> dict:
-        offered = offered_options(info)
-        return {"model": info, "limits": asdict(cfg), "strategies": offered[0], "selectors": offered[1]}
+        return {
+            "model": info,
+            "limits": asdict(cfg),
+            "strategies": strategies,  # what this server runs; `unavailable` says why the others are not
+            "selectors": selectors,
+            "unavailable": missing,
+        }
 
     def described(text: str) -> dict:
         return {"model": ErrorBody, "description": text}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from geotoken.bench.index import DATA, bench_index
+from geotoken.cli import count
 from geotoken.retrieval.index import KINDS
 
 
@@ -38,7 +39,7 @@ def register(subparsers) -> None:
         help="float16 .npy file holding the gallery (written once, reused while it "
         "matches --rows/--dim/--data; default: in memory up to 1M rows, a temporary file above)",
     )
-    p.add_argument("--threads", type=int, default=0, help="FAISS threads (default 0: FAISS's choice)")
+    p.add_argument("--threads", type=count, default=0, help="FAISS threads (default 0: FAISS's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
