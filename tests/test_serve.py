@@ -548,3 +548,23 @@ def test_the_cli_binds_its_port_before_loading_the_model(free_port, capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--model", "nowhere", "--threads", "-3"])
     assert "--threads: must be >= 0" in capsys.readouterr().err
+
+
+def test_decoded_photos_waiting_are_bounded_in_pixels():
+    from geotoken.serve import Busy
+
+    predictor = BlockingPredictor()
+    runner = Runner(predictor, 100.0, 8, max_queued_pixels=300, rate=ServiceRate(0.0, frozen=True))
+    photo = Image.new("RGB", (10, 10))  # 100 px
+    first = runner.submit(photo)
+    wait_until(lambda: runner.running == 1)  # taken by the model thread: no longer waiting
+    waiting = [runner.submit(photo) for _ in range(3)]
+    assert runner.queued_pixels == 300
+    with pytest.raises(Busy, match="0 MP of photos are waiting, the limit is 0.0003 MP"):
+        runner.submit(photo)
+    predictor.release.set()
+    assert all(f.result(10) for f in [first, *waiting]) and runner.queued_pixels == 0
+    big = Runner(BlockingPredictor(), 100.0, 8, max_queued_pixels=50)
+    big.predictor.release.set()
+    assert big.run(photo)[2] == 1  # a photo over the limit still gets in alone: it can be served
+    runner.close(), big.close()

@@ -13,7 +13,7 @@ from geotoken.cli import count
 from geotoken.cli.predict import add_backbone_precision
 from geotoken.errors import GeoTokenError
 from geotoken.predict import Geolocator
-from geotoken.serve import Runner, ServeConfig, ServiceRate, create_app
+from geotoken.serve import ServeConfig, ServiceRate, create_app
 
 DEFAULTS = ServeConfig()
 SHUTDOWN_GRACE_S = 30  # beyond the wait budget, for the last answers to be sent
@@ -72,6 +72,13 @@ def register(subparsers) -> None:
         default=DEFAULTS.max_batch,
         help=f"images predicted together when requests wait (default {DEFAULTS.max_batch})",
     )
+    p.add_argument(
+        "--max-queued-pixels",
+        type=int,
+        default=DEFAULTS.max_queued_pixels,
+        help="decoded photos waiting in memory, in pixels; beyond, 503 with Retry-After "
+        f"(default {DEFAULTS.max_queued_pixels:,}, about {3 * DEFAULTS.max_queued_pixels / 1e9:.1f} GB)",
+    )
     p.add_argument("--threads", type=count, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto", help="torch device (default auto: CUDA, then MPS, then CPU)")
     add_backbone_precision(p)
@@ -100,6 +107,7 @@ def run(args) -> int:
         max_pixels=args.max_pixels,
         max_queue_wait_s=args.max_queue_wait_s,
         max_batch=args.max_batch,
+        max_queued_pixels=args.max_queued_pixels,
     )
     sock = listen(args.host, args.port)
     if args.threads:
@@ -119,9 +127,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     geolocator.predict(warm, top_k=1)
     rate = ServiceRate(initial=time.perf_counter() - t0)
-    app = create_app(
-        geolocator, config, Runner(geolocator, config.max_queue_wait_s, config.max_batch, rate=rate)
-    )
+    app = create_app(geolocator, config, config.runner(geolocator, rate))
     print(f"geotoken serve: {args.model} on http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
     # on Ctrl-C / SIGTERM: admitted requests are answered (they fit the wait budget); a client that stalls
     # its upload or its read is cut off after the grace time instead of holding the exit forever

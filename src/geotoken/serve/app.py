@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import math
+import os
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -47,9 +48,10 @@ from geotoken.data.images import to_rgb
 from geotoken.errors import GeoTokenError
 from geotoken.search import SELECTORS, STRATEGIES
 from geotoken.search.mllm import MLLMConfig
-from geotoken.serve.runner import Busy, Predictor, Runner
+from geotoken.serve.runner import Busy, Predictor, Runner, ServiceRate
 
 STATIC_DIR = Path(__file__).parent / "static"
+DECODE_SLOTS = max(2, min(8, os.cpu_count() or 2))  # uploads decoded at the same time
 log = logging.getLogger(__name__)
 
 
@@ -60,6 +62,7 @@ class ServeConfig:
     max_queue_wait_s: float = 10.0  # admit while the expected wait in the queue fits; beyond, 503
     max_top_k: int = 20
     max_batch: int = 8  # images predicted together when requests wait at the same time
+    max_queued_pixels: int = 400_000_000  # decoded photos waiting (~1.2 GB as RGB); beyond, 503
     basemap_width: int = 2048  # width of the served Blue Marble image (height = width / 2)
 
     def __post_init__(self) -> None:
@@ -69,10 +72,16 @@ class ServeConfig:
             "max_queue_wait_s",
             "max_top_k",
             "max_batch",
+            "max_queued_pixels",
             "basemap_width",
         ):
             if not getattr(self, name) > 0:
                 raise GeoTokenError(f"serve option {name} must be > 0, got {getattr(self, name)!r}")
+
+    def runner(self, predictor: Predictor, rate: ServiceRate | None = None) -> Runner:
+        """The model thread these limits describe."""
+        return Runner(predictor, self.max_queue_wait_s, self.max_batch, max_queued_pixels=self.max_queued_pixels,
+                      rate=rate)  # fmt: skip
 
     @property
     def max_upload_bytes(self) -> int:
@@ -160,6 +169,12 @@ class BodyLimit:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def decode_bounded(slots: threading.BoundedSemaphore, data: bytes, name: str, max_pixels: int):
+    """`decode_upload` in one of a few slots: each decode may hold max_pixels x 3 bytes and more."""
+    with slots:
+        return decode_upload(data, name, max_pixels)
 
 
 def json_safe(x):
@@ -303,7 +318,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     cfg = config or ServeConfig()
-    runner = runner or Runner(predictor, cfg.max_queue_wait_s, cfg.max_batch)
+    runner = runner or cfg.runner(predictor)
+    decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)  # full-size decodes at once: bounded memory
     info = json_safe(predictor.info())
     missing = unavailable_options(info)
     strategies, selectors = ([o for o in offered if o not in missing] for offered in offered_options(info))
@@ -475,7 +491,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
         if len(data) > cfg.max_upload_bytes:
             return error(413, f"upload {name!r} is larger than the limit of {cfg.max_upload_mb:g} MB")
         try:
-            im = await run_in_threadpool(decode_upload, data, name, cfg.max_pixels)
+            im = await run_in_threadpool(decode_bounded, decode_slots, data, name, cfg.max_pixels)
         except BadImage as exc:
             return error(exc.status, exc.message)
         t_decode = 1e3 * (time.perf_counter() - t0)

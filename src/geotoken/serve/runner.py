@@ -9,8 +9,9 @@ runs longer than the estimate says counts, provisionally, as if it finished now,
 slow model fills the budget too (before the first batch has finished, that is the only measurement).
 Refused requests get `Busy` with `retry_after_s`: the seconds until the expected wait would fit again if
 nothing else came, rounded up (at least 1). Requests that wait together with the same options are
-predicted as one batch of up to `max_batch` images (micro-batching). `close()` refuses new requests and
-returns once every admitted one has been answered.
+predicted as one batch of up to `max_batch` images (micro-batching). Decoded photos wait in memory, so
+their pixels are bounded too (`max_queued_pixels`: beyond it, `Busy`; one photo is always admitted into
+an empty queue). `close()` refuses new requests and returns once every admitted one has been answered.
 
 The clock and the service-rate estimate are injectable, so tests decide the numbers instead of timing
 real work.
@@ -112,10 +113,13 @@ class Runner:
         max_queue_wait_s: float = 10.0,
         max_batch: int = 8,
         *,
+        max_queued_pixels: float = math.inf,
         rate: ServiceRate | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.predictor, self.max_queue_wait_s, self.max_batch = predictor, max_queue_wait_s, max_batch
+        self.max_queued_pixels = max_queued_pixels
+        self.queued_pixels = 0  # of the decoded images waiting: memory, bounded by max_queued_pixels
         self.rate, self.clock = rate or ServiceRate(), clock
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -177,11 +181,21 @@ class Runner:
     def submit(self, image, **options) -> Future:
         """Admit one image -> Future of (Prediction, ms waited in the queue, batch size); else `Busy`."""
         future: Future = Future()
+        pixels = getattr(image, "width", 0) * getattr(image, "height", 0)
         with self._lock:  # check, count and enqueue at once: concurrent arrivals see each other
             now = self.clock()
             self._check(now)
+            if self.queued and self.queued_pixels + pixels > self.max_queued_pixels:
+                self.rejected += 1
+                retry = max(1, math.ceil(self._expected_wait(now)))
+                raise Busy(
+                    f"busy: {self.queued_pixels / 1e6:.0f} MP of photos are waiting, the limit is "
+                    f"{self.max_queued_pixels / 1e6:g} MP; retry after {retry} s",
+                    retry,
+                )
             self.queued += 1
-            self._queue.put((image, options, future, now))
+            self.queued_pixels += pixels
+            self._queue.put((image, options, future, now, pixels))
         return future
 
     def run(self, image, **options) -> tuple[Any, float, int]:
@@ -242,6 +256,7 @@ class Runner:
     def _predict(self, options: dict, items: list) -> None:
         with self._lock:
             self.queued -= len(items)
+            self.queued_pixels -= sum(it[4] for it in items)
             self.running, self._started = len(items), self.clock()
             t0 = self._started
         try:
