@@ -82,6 +82,26 @@ def test_cold_samples_equal_greedy_and_sampling_is_seeded(setup):
     assert len({tuple(s) for s in a.tokens.reshape(-1, a.tokens.shape[-1])}) > 4  # it does explore
 
 
+def test_a_seeded_images_samples_do_not_depend_on_its_batch(setup):
+    model, batch, memory = setup
+    whole = sample(model, memory, 6, seed=7)
+    for b in range(memory.shape[0]):  # image b alone, with seed + b: the same draws
+        alone = sample(model, memory[b : b + 1], 6, seed=7 + b)
+        assert (alone.tokens[0] == whole.tokens[b]).all()
+        np.testing.assert_allclose(alone.logp[0], whole.logp[b], atol=1e-5)
+    other = sample(model, memory, 6, seed=8)
+    assert (other.tokens != whole.tokens).any() and (
+        sample(model, memory, 6, seed=7).tokens == whole.tokens
+    ).all()
+    # the draws follow the distribution: the first token's frequencies over many samples
+    many = sample(model, memory[:1], 4000, seed=0)
+    probs = torch.softmax(
+        model.step(model.init_cache(memory[:1]), None, 0)[0, : model.cfg.vocab_sizes[0]], -1
+    )
+    freq = np.bincount(many.tokens[0, :, 0], minlength=len(probs)) / 4000
+    np.testing.assert_allclose(freq, probs.numpy(), atol=0.03)
+
+
 def test_top_k_1_and_tiny_top_p_are_greedy(setup):
     model, batch, memory = setup
     g_tokens, _ = greedy(model, batch)

@@ -54,6 +54,9 @@ def test_search_batches_equal_one_batch_and_neighbours_can_be_given():
     ).all()
     given = geo.search(e, neighbours=one.neighbours)
     np.testing.assert_allclose(given.pool.logp, one.pool.logp)
+    # samples too: a photo's draws depend on its place in the call, not on how the call is batched
+    drawn = [geo.search(e, batch_size=b, strategy="sample", num_samples=6).pool.tokens for b in (32, 2, 3)]
+    assert (drawn[0] == drawn[1]).all() and (drawn[0] == drawn[2]).all()
     with pytest.raises(GeoTokenError, match="neighbour rows"):
         geo.search(e, neighbours=np.full((5, 3), 999))
 

@@ -220,8 +220,13 @@ def sample(
     generator: torch.Generator | None = None,
     constraint: PrefixConstraint | None = None,
     cached: bool = True,
+    seed: int | None = None,
 ) -> Candidates:
     """`num_samples` sequences per image, drawn from the (reshaped) model distribution, all images and samples batched.
+
+    seed: image b's draws depend on (seed + b, sample, position) only (`row_uniforms`), so a photo's
+    samples are the same whatever else is in its batch and however a list is cut into batches (a caller
+    at row offset s passes seed + s). Without it, one `generator` stream over the batch.
 
     temperature 0 means argmax (greedy). `logp` and the per-level probabilities are the model's own
     (temperature 1; see `PrefixConstraint` on renormalisation), so samples compare with beams;
@@ -252,7 +257,13 @@ def sample(
             scaled = logp
         else:
             shaped = _sampling_logits(logp, temperature, sample_top_k, top_p)
-            tok = torch.multinomial(shaped.softmax(-1), 1, generator=generator)[:, 0]
+            probs = shaped.softmax(-1)
+            if seed is None:
+                tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:  # inverse CDF at this row's own uniform: the first token whose cumulative share passes it
+                cdf = probs.double().cumsum(-1)
+                u = row_uniforms(seed, B, n, t, dev) * cdf[:, -1]
+                tok = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
             scaled = shaped.log_softmax(-1)
         level_logp = torch.cat([level_logp, logp.gather(1, tok[:, None])], dim=1)
         scaled_logp = torch.cat([scaled_logp, scaled.gather(1, tok[:, None])], dim=1)
@@ -260,6 +271,26 @@ def sample(
         if constraint is not None:
             codes = constraint.extend(codes, t, tok)
     return _pool(model, tokens.view(B, n, T), level_logp.view(B, n, T), scaled_logp.view(B, n, T))
+
+
+_MIX = (-7046029254386353131, -4658895280553007687, -7723592293110705685)  # splitmix64's odd constants
+
+
+def _splitmix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping products; logical shifts by masking)."""
+    z = z + _MIX[0]
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _MIX[1]
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _MIX[2]
+    return z ^ ((z >> 31) & ((1 << 33) - 1))
+
+
+def row_uniforms(seed: int, images: int, samples: int, position: int, device=None) -> torch.Tensor:
+    """Uniforms in [0, 1), (images * samples,) float64, rows image-major: a counter-based draw keyed by
+    (seed + image, sample, position), the same on every device and for every batch it is computed in."""
+    image = torch.arange(images, dtype=torch.int64, device=device) + seed
+    sample = torch.arange(samples, dtype=torch.int64, device=device)
+    z = _splitmix64(_splitmix64(_splitmix64(image)[:, None] + sample) + position).reshape(-1)
+    return ((z >> 11) & ((1 << 53) - 1)).double() * 2.0**-53
 
 
 @torch.no_grad()
@@ -296,7 +327,6 @@ def generate(
         elif strategy == "beam":
             pool = beam_search(model, memory, beam_width, constraint=constraint, cached=cached)
         else:  # sample, beam+sample, greedy+sample, sample+retrieval, greedy+sample+retrieval
-            gen = torch.Generator().manual_seed(seed)
             pool = sample(
                 model,
                 memory,
@@ -304,9 +334,9 @@ def generate(
                 temperature,
                 sample_top_k,
                 top_p,
-                gen,
                 constraint=constraint,
                 cached=cached,
+                seed=seed,
             )
             if strategy == "beam+sample":
                 pool = Candidates.concat([beam_search(model, memory, beam_width, constraint, cached), pool])
