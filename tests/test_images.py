@@ -262,3 +262,24 @@ def test_an_extreme_aspect_ratio_is_cropped_before_it_is_resized(monkeypatch):
     sizes.clear()
     base.resize_center_crop(photo, 16, (16, 16))
     assert sizes == [(48, 16)]
+
+
+def test_a_very_large_jpeg_is_decoded_reduced_not_refused(monkeypatch):
+    rng = np.random.default_rng(0)
+    small = Image.fromarray((rng.random((150, 200, 3)) * 255).astype(np.uint8)).resize((2000, 1500))
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    small.save(jpeg, "JPEG", quality=90)
+    small.save(png, "PNG")
+    monkeypatch.setattr(images, "LARGE_JPEG_PIXELS", 1_000_000)
+    monkeypatch.setattr(images, "LARGE_JPEG_SIDE", 300)
+    im = images.decode_image(jpeg.getvalue(), "pano.jpg")
+    assert im.size == (500, 375)  # 1/4 scale: the largest reduction keeping the short side >= 300
+    full = np.asarray(small.resize(im.size, Image.BOX), dtype=np.float64)
+    assert np.abs(np.asarray(im, dtype=np.float64) - full).mean() < 4  # the same picture, reduced
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # 3 MP is over PIL's bomb limit (2x this)
+    assert images.decode_image(jpeg.getvalue(), "pano.jpg").size == (500, 375)
+    with pytest.raises(GeoTokenError, match="big.png: cannot decode image: Image size"):
+        images.decode_image(png.getvalue(), "big.png")  # other formats keep PIL's limit
+    monkeypatch.setattr(images, "MAX_JPEG_PIXELS", 2_000_000)
+    with pytest.raises(GeoTokenError, match="2000 x 1500 px is over 2,000,000 pixels"):
+        images.decode_image(jpeg.getvalue(), "pano.jpg")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -156,12 +157,44 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, ref: str = "<bytes>") -> Image.Image:
-    """Fully decode image bytes to RGB (EXIF orientation applied); corrupt or truncated data -> GeoTokenError."""
+# JPEGs above this many pixels are decoded at a reduced scale (libjpeg's DCT scaling, 1/2 to 1/8) that
+# keeps the short side at least LARGE_JPEG_SIDE: a 200 MP panorama decodes in ~40 MB instead of 600 MB,
+# and is not refused by PIL's decompression-bomb limit (178 MP). Backbones read 224-448 px crops, so the
+# answer does not change; photos below the threshold decode in full, exactly as before.
+LARGE_JPEG_PIXELS = 64_000_000
+LARGE_JPEG_SIDE = 2048
+MAX_JPEG_PIXELS = 4_000_000_000  # even reduced 8x, beyond this a "photo" is a bomb
+
+
+def _open_any(data: bytes) -> Image.Image:
+    """`Image.open`, except that a JPEG over PIL's pixel limit is opened directly (it is decoded reduced)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return to_rgb(im)
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        if data[:2] != b"\xff\xd8":
+            raise
+        from PIL.JpegImagePlugin import JpegImageFile
+
+        return JpegImageFile(io.BytesIO(data))
+
+
+def decode_image(data: bytes, ref: str = "<bytes>") -> Image.Image:
+    """Fully decode image bytes to RGB (EXIF orientation applied); corrupt or truncated data -> GeoTokenError.
+    A JPEG over LARGE_JPEG_PIXELS is decoded at a reduced scale (see there)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _open_any(data) as im:
+                w, h = im.size
+                if im.format == "JPEG" and w * h > LARGE_JPEG_PIXELS:
+                    if w * h > MAX_JPEG_PIXELS:
+                        raise GeoTokenError(
+                            f"{ref}: cannot decode image: {w} x {h} px is over {MAX_JPEG_PIXELS:,} pixels"
+                        )
+                    k = LARGE_JPEG_SIDE / min(w, h)
+                    im.draft("RGB", (max(1, round(w * k)), max(1, round(h * k))))
+                im.load()
+                return to_rgb(im)
     except UnidentifiedImageError:
         raise GeoTokenError(
             f"{ref}: cannot decode image: not a known image format (starts {data[:8]!r})"
