@@ -105,6 +105,8 @@ def test_schedule():
     assert lr_at(cfg, 9, 110, 20) == pytest.approx(1.0)
     assert lr_at(cfg, 60, 110, 20) == pytest.approx(0.55)
     assert lr_at(cfg, 110, 110, 20) == pytest.approx(0.1)
+    short = TrainConfig(lr=1.0)  # default warm-up: a tenth of a short run, at most 100 steps
+    assert lr_at(short, 4, 50, 10) == pytest.approx(1.0) and lr_at(short, 49, 1000, 10) == pytest.approx(0.5)
     step = TrainConfig(lr=1.0, warmup_steps=0, schedule="step", step_gamma=0.9)
     assert lr_at(step, 45, 100, 20) == pytest.approx(0.81)
     with pytest.raises(GeoTokenError, match="schedule"):

@@ -118,7 +118,7 @@ def register(subparsers) -> None:
     )
     t.add_argument("--lr", type=float, help=f"default {tc.lr}")
     t.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), help=f"AdamW's (default {tc.betas})")
-    t.add_argument("--warmup-steps", type=int, help=f"default {tc.warmup_steps}")
+    t.add_argument("--warmup-steps", type=int, help="default: min(100, training steps / 10)")
     t.add_argument("--schedule", choices=SCHEDULES, help="cosine (default) or step: x0.9 per epoch (paper)")
     t.add_argument("--weight-decay", type=float, help=f"default {tc.weight_decay}")
     t.add_argument(

@@ -46,7 +46,7 @@ WEIGHT_DECAY_ON = ("matrices", "all")  # which parameters AdamW decays (see `mak
 @dataclass
 class TrainConfig:
     lr: float = 3e-4
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: min(100, total steps // 10), so a short run still reaches lr
     schedule: str = "cosine"  # "cosine" to min_lr_ratio * lr, or "step": x step_gamma per epoch (the paper)
     min_lr_ratio: float = 0.05
     step_gamma: float = 0.9
@@ -116,13 +116,19 @@ def grad_accum_for(cfg: TrainConfig, rows: int, world: int = 1) -> int:
     return max(1, min(-(-cfg.effective_batch_size // per), rows // per))
 
 
+def warmup_steps(cfg: TrainConfig, total: int) -> int:
+    """The warm-up length: the configured one, or by default min(100, total // 10)."""
+    return cfg.warmup_steps if cfg.warmup_steps is not None else min(100, total // 10)
+
+
 def lr_at(cfg: TrainConfig, step: int, total: int, per_epoch: int) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine or step decay."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    warmup = warmup_steps(cfg, total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "step":
         return cfg.lr * cfg.step_gamma ** (step // per_epoch)
-    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    t = (step - warmup) / max(1, total - warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
