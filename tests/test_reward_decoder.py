@@ -141,8 +141,11 @@ def test_decoder_train_save_load_select(tmp_path):
     assert (sel.index == res.selection.index).all()
     p = again.probs(batch, res.pool)
     expected = np.lexsort((-p.max(-1), p.argmax(-1)), axis=-1)[:, 0]  # lowest bin, then confidence
-    # (ties between duplicate samples go to the first one, as the rule has no preference)
-    np.testing.assert_allclose(p.max(-1)[np.arange(5), sel.index], p.max(-1)[np.arange(5), expected])
+    # (ties between duplicate samples go to the first one, as the rule has no preference; duplicates scored
+    # at different rows of a batch may differ in the last bit)
+    np.testing.assert_allclose(
+        p.max(-1)[np.arange(5), sel.index], p.max(-1)[np.arange(5), expected], rtol=1e-6
+    )
     assert (p.argmax(-1)[np.arange(5), sel.index] == p.argmax(-1)[np.arange(5), expected]).all()
     # the head kind still loads through the same function
     head = RewardScorer(geo.model.cfg.d_model, geo.model.cfg.vocab_sizes, RewardConfig(hidden=8))

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL.JpegImagePlugin import JpegImageFile
 from tqdm import tqdm
 
 from geotoken.data.table import Manifest
@@ -173,8 +174,6 @@ def _open_any(data: bytes) -> Image.Image:
     except Image.DecompressionBombError:
         if data[:2] != b"\xff\xd8":
             raise
-        from PIL.JpegImagePlugin import JpegImageFile
-
         return JpegImageFile(io.BytesIO(data))
 
 
