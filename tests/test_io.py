@@ -48,3 +48,11 @@ def test_atomic_dir_swaps_a_whole_folder_in_and_keeps_the_old_one_on_failure(tmp
         (out / "b.txt").write_text("second")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced whole, not merged
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no .tmp / .old sibling left
+    elsewhere = tmp_path / "disk2" / "model"
+    elsewhere.mkdir(parents=True)
+    link = tmp_path / "linked"
+    link.symlink_to(elsewhere)
+    with atomic_dir(link) as out:
+        (out / "c.txt").write_text("third")
+    assert link.is_symlink() and (link / "c.txt").read_text() == "third"
+    assert sorted(p.name for p in elsewhere.parent.iterdir()) == ["model"]

@@ -403,7 +403,7 @@ def save_bundle(
         if link_gallery:
             target = Path(gallery_store.root).resolve()
             paths = {
-                "gallery": os.path.relpath(target, root.resolve().parent / root.name),
+                "gallery": os.path.relpath(target, root.resolve()),
                 "gallery_absolute": str(target),
                 "gallery_link": {
                     "rows": gallery_store.rows,

@@ -52,6 +52,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     folder there is first renamed `.NAME.old`, then removed). A failure removes the sibling and leaves
     the old folder as it was; a crash between the two renames leaves the old one as `.NAME.old`."""
     path = Path(path)
+    if path.is_symlink():  # a link to a folder elsewhere (another disk): replace the folder, keep the link
+        path = path.resolve()
     tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
