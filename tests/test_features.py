@@ -187,3 +187,15 @@ def test_read_rows_any_index_shape_memmap_or_memory(tmp_path, on_disk):
     np.testing.assert_array_equal(out, values[10:20].astype(np.float32))
     f32 = values.astype(np.float32)
     assert not np.shares_memory(read_rows(f32, slice(0, 5)), f32)  # a copy even when no cast is needed
+
+
+def test_a_missing_array_is_a_one_line_error_and_still_a_key_error(feature_store, capsys):
+    from geotoken.cli import main
+
+    store = feature_store("g", {"visual": np.ones((4, 8), np.float32)})
+    with pytest.raises(GeoTokenError, match="no array 'features' \\(has: visual\\)") as err:
+        store["features"]
+    assert isinstance(err.value, KeyError) and str(err.value).startswith(str(store.root))
+    assert main(["align", "train", str(store.root), "-o", str(store.root.parent / "h"), "--epochs", "1"]) == 2
+    out = capsys.readouterr().err
+    assert "no array 'features'" in out and "Traceback" not in out

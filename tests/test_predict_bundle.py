@@ -235,6 +235,9 @@ def _edit_spec(**fields):
         (lambda r: (r / "bundle.json").write_text('{"format": '), "bundle.json: not valid JSON \\(line 1"),
         (_edit_spec(query_modalities=["location"]), "bundle.json: query embedding\\(s\\) \\['location'\\]"),
         (_edit_spec(query_modalities=["visual", "gps"]), "bundle.json: the index holds 32-d vectors"),
+        (lambda r: _truncate(r / "gallery" / "tokens.npy"), "tokens.npy: damaged"),
+        (lambda r: _truncate(r / "gallery" / "visual.npy", 1000), "visual.npy: damaged"),
+        (lambda r: _truncate(r / "gallery" / "coords.npy", 100), "coords.npy: damaged"),
     ],
 )
 def test_a_damaged_bundle_is_one_error_naming_the_part(bundle, tmp_path, capsys, damage, message):

@@ -48,7 +48,7 @@ from geotoken.encoders import load_backbone
 from geotoken.encoders.clip import resolve_precision
 from geotoken.encoders.ort import resolve_runtime
 from geotoken.errors import GeoTokenError
-from geotoken.features import FeatureStore
+from geotoken.features import FeatureStore, load_array
 from geotoken.gallery import Gallery
 from geotoken.model import Batch, GeoToken
 from geotoken.places import place_names
@@ -188,7 +188,7 @@ class Geolocator:
             )
         model = GeoToken.load(root / spec["model"], device=device)
         store = FeatureStore.open(gallery_dir(root, spec))  # its own copy, or the store it links to
-        tokens = np.load(gallery_tokens_path(root, spec), mmap_mode="r")
+        tokens = load_array(gallery_tokens_path(root, spec), (store.rows, model.cfg.n_tokens))
         names = [m for m in model.cfg.modalities if m in store]
         gallery = Gallery.from_store(store, names, tokens=np.asarray(tokens))
         heads = AlignHeads.load(root / spec["align"]).to(device).eval()

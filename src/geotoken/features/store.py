@@ -33,6 +33,29 @@ COORDS = "coords.npy"
 SKIPPED = "skipped.csv"
 
 
+class MissingArray(GeoTokenError, KeyError):
+    """A store has no (complete) array of that name: a one-line error, and still a KeyError for lookups."""
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0])
+
+
+def load_array(path: Path, shape: tuple[int, ...] | None = None) -> np.memmap:
+    """A store's `.npy` file, memory-mapped, checked to hold `shape`: a truncated or replaced file is an
+    error naming it, not numpy's "mmap length is greater than file size" far from its cause."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise GeoTokenError(
+            f"{path}: missing from its feature store; rerun the command that wrote it"
+        ) from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise GeoTokenError(f"{path}: damaged ({exc}); rerun the command that wrote it") from None
+    if shape is not None and array.shape != shape:
+        raise GeoTokenError(f"{path}: holds an array of shape {array.shape}, its store expects {shape}")
+    return array
+
+
 class RowWriter:
     """Writes row blocks of one float16 `.npy` file in place (pwrite at the row's byte offset)."""
 
@@ -137,13 +160,13 @@ class FeatureStore(Mapping):
         """Read-only memmap of a complete array (an unfinished one raises, naming the store)."""
         meta = self.header["arrays"].get(name)
         if meta is None:
-            raise KeyError(f"{self.root}: no array {name!r} (has: {', '.join(self.header['arrays'])})")
+            raise MissingArray(f"{self.root}: no array {name!r} (has: {', '.join(self.header['arrays'])})")
         if not meta["complete"]:
             raise GeoTokenError(
                 f"{self.root}: array {name!r} is unfinished; rerun the command that writes it"
             )
         if name not in self._arrays:
-            self._arrays[name] = np.load(self.root / f"{name}.npy", mmap_mode="r")
+            self._arrays[name] = load_array(self.root / f"{name}.npy", (self.rows, int(meta["dim"])))
         return self._arrays[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -189,7 +212,7 @@ class FeatureStore(Mapping):
     @property
     def coords(self) -> np.ndarray:
         """float64 (N, 2) latitude, longitude in degrees."""
-        return np.load(self.root / COORDS, mmap_mode="r")
+        return load_array(self.root / COORDS, (self.rows, 2))
 
     @property
     def skipped(self) -> list[dict[str, Any]]:
