@@ -56,3 +56,27 @@ def test_atomic_dir_swaps_a_whole_folder_in_and_keeps_the_old_one_on_failure(tmp
         (out / "c.txt").write_text("third")
     assert link.is_symlink() and (link / "c.txt").read_text() == "third"
     assert sorted(p.name for p in elsewhere.parent.iterdir()) == ["model"]
+
+
+def test_a_full_disk_or_a_folder_as_target_is_one_error_naming_the_file(tmp_path):
+    import errno
+
+    from geotoken.errors import GeoTokenError
+    from geotoken.io import atomic_path
+
+    target = tmp_path / "weights.safetensors"
+    target.write_text("old")
+    for exc in (
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError("write error: No space left on device"),
+    ):
+        with pytest.raises(GeoTokenError, match="weights.safetensors: no space left on the device"):
+            with atomic_path(target):
+                raise exc
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["weights.safetensors"]
+    with pytest.raises(GeoTokenError, match="is a folder; name a file"):
+        with atomic_open(tmp_path):
+            pass
+    with pytest.raises(RuntimeError, match="other"):  # other faults pass through unchanged
+        with atomic_path(target):
+            raise RuntimeError("other")

@@ -7,6 +7,7 @@ never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -30,10 +31,19 @@ def _umask() -> int:
     return mask
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether a write failed for want of space (or quota), whichever library raised it."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto `path` only if the block succeeds."""
     path = Path(path)
+    if path.is_dir():
+        raise GeoTokenError(f"{path}: is a folder; name a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -42,6 +52,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
+    except Exception as exc:
+        if disk_full(exc):  # from any writer (numpy, safetensors, FAISS): said once, naming the file
+            raise GeoTokenError(
+                f"{path}: no space left on the device while writing it; nothing was replaced"
+            ) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
