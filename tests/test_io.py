@@ -80,3 +80,28 @@ def test_a_full_disk_or_a_folder_as_target_is_one_error_naming_the_file(tmp_path
     with pytest.raises(RuntimeError, match="other"):  # other faults pass through unchanged
         with atomic_path(target):
             raise RuntimeError("other")
+
+
+def test_an_output_naming_an_input_is_refused(tmp_path, capsys):
+    from geotoken.cli import main
+    from geotoken.errors import GeoTokenError
+    from geotoken.io import check_outputs_spare_inputs
+
+    csv = tmp_path / "points.csv"
+    csv.write_text("id,lat,lon\na,1,2\n")
+    check_outputs_spare_inputs([csv], tmp_path / "tokens.npy", None)
+    with pytest.raises(GeoTokenError, match="named as an output and as an input"):
+        check_outputs_spare_inputs([str(tmp_path / "." / "points.csv")], csv)
+    with pytest.raises(GeoTokenError, match="named as an output and as an output"):
+        check_outputs_spare_inputs([], tmp_path / "m.csv", tmp_path / "m.csv")
+    for argv in (
+        ["tokenize", str(csv), "-o", str(csv)],
+        ["manifest", str(csv), "-o", str(csv)],
+        ["manifest", str(csv), "-o", str(tmp_path / "m.csv"), "--skip-report", str(csv)],
+        ["predict", str(csv), "--model", "nowhere", "-o", str(csv)],
+    ):
+        assert main(argv) == 2, argv
+        assert "named as an output" in capsys.readouterr().err
+    assert csv.read_text() == "id,lat,lon\na,1,2\n"
+    assert main(["report", str(tmp_path), "-o", str(tmp_path / "metrics.json")]) == 2
+    assert "NAME.html" in capsys.readouterr().err

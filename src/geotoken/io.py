@@ -31,6 +31,22 @@ def _umask() -> int:
     return mask
 
 
+def check_outputs_spare_inputs(inputs, *outputs) -> None:
+    """Refuse an output path that names one of the inputs (or another output): writing it would destroy
+    what the command reads, or one output would overwrite the other."""
+    seen: dict[Path, str] = {}
+    for kind, paths in (("input", inputs), ("output", outputs)):
+        for p in paths:
+            if p is None:
+                continue
+            key = Path(os.path.abspath(os.path.realpath(os.fspath(p).split("#", 1)[0])))
+            if key in seen and (kind == "output"):
+                raise GeoTokenError(
+                    f"{p}: named as an output and as an {seen[key]}; write the output elsewhere"
+                )
+            seen.setdefault(key, kind)
+
+
 def disk_full(exc: BaseException) -> bool:
     """Whether a write failed for want of space (or quota), whichever library raised it."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):

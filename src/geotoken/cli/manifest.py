@@ -8,6 +8,7 @@ from pathlib import Path
 from geotoken.data.datasets import FORMATS, DatasetSource
 from geotoken.data.manifest import read_annotations
 from geotoken.errors import GeoTokenError
+from geotoken.io import check_outputs_spare_inputs
 from geotoken.stages import DatasetStageConfig, HoldoutConfig, read_datasets
 
 HELP = "validate an annotation CSV or WebDataset shards and write the standard manifest CSV"
@@ -82,6 +83,7 @@ def run_format(args) -> int:
 
 
 def run(args) -> int:
+    check_outputs_spare_inputs(args.inputs, args.out, args.skip_report)
     if args.format:
         return run_format(args)
     if args.holdout:

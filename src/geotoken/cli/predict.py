@@ -16,6 +16,7 @@ from geotoken.bundle import PAPER_TEMPERATURE, sampling_temperature
 from geotoken.encoders.clip import PRECISIONS
 from geotoken.encoders.ort import RUNTIMES
 from geotoken.errors import GeoTokenError
+from geotoken.io import check_outputs_spare_inputs
 from geotoken.photos import PREDICTION_FORMATS, predict_photos, write_predictions
 from geotoken.predict import Geolocator
 from geotoken.search import LOGP_KINDS, SELECTORS, STRATEGIES
@@ -136,6 +137,7 @@ def _text(path: str, pred, gps: dict | None = None) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).suffix.lower() not in PREDICTION_FORMATS:
         raise GeoTokenError(f"{args.out}: -o/--out must end in {' or '.join(PREDICTION_FORMATS)}")
+    check_outputs_spare_inputs(args.photos, args.out)
     geo = Geolocator.from_pretrained(
         args.model,
         clip=args.clip,

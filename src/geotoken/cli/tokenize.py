@@ -8,7 +8,7 @@ import numpy as np
 
 from geotoken.data.manifest import manifest_tokens, read_manifest
 from geotoken.geo import haversine_km
-from geotoken.io import atomic_open
+from geotoken.io import atomic_open, check_outputs_spare_inputs
 from geotoken.model import ModelConfig
 from geotoken.s2 import tokens_to_latlon, vocab_sizes
 
@@ -48,6 +48,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     sizes = vocab_sizes(args.level, args.group_size)  # checks both before the (slow) read
+    check_outputs_spare_inputs([args.annotations], args.out)
     manifest = read_manifest(args.annotations)
     tokens = manifest_tokens(manifest, args.level, args.group_size)
     with atomic_open(args.out, "wb") as f:

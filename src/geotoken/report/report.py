@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from geotoken.errors import GeoTokenError
 from geotoken.io import atomic_open
 from geotoken.report.read import read_run
 from geotoken.report.render import render_report
@@ -27,8 +28,10 @@ def build_report(run_dir: str | os.PathLike) -> str:
 
 def write_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
     """Write the report (default RUN_DIR/report.html) atomically; return its path."""
-    text = build_report(run_dir)
     out = Path(output) if output is not None else Path(run_dir) / "report.html"
+    if out.suffix.lower() not in (".html", ".htm"):  # not e.g. the metrics.json it was built from
+        raise GeoTokenError(f"{out}: the report is one HTML file; name it NAME.html")
+    text = build_report(run_dir)
     with atomic_open(out, "w", encoding="utf-8") as f:
         f.write(text)
     return out
