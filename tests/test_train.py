@@ -111,6 +111,17 @@ def test_schedule():
     assert lr_at(step, 45, 100, 20) == pytest.approx(0.81)
     with pytest.raises(GeoTokenError, match="schedule"):
         TrainConfig(schedule="linear")
+    for bad, message in (
+        ({"epochs": 0}, "epochs 0 must be >= 1"),
+        ({"checkpoint_every": 0}, "checkpoint_every 0 must be >= 1"),
+        ({"label_smoothing": 1.5}, "label_smoothing 1.5 must be in"),
+        ({"weight_decay": -1}, "weight_decay -1"),
+        ({"warmup_steps": -5}, "warmup_steps -5"),
+        ({"lr": float("nan")}, "lr nan must be > 0"),
+    ):
+        with pytest.raises(GeoTokenError, match=message):
+            TrainConfig(**bad)
+    assert TrainConfig(epochs=0, max_steps=10).max_steps == 10
 
 
 def test_resume_is_bit_identical(tmp_path):

@@ -103,6 +103,23 @@ class TrainConfig:
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise GeoTokenError(f"betas {self.betas}: two numbers in [0, 1)")
         self.betas = betas
+        ranges = {  # field: (holds, what it must be)
+            "lr": (self.lr > 0, "> 0"),
+            "epochs": (self.epochs >= 1 or self.max_steps > 0, ">= 1 (or max_steps > 0)"),
+            "max_steps": (self.max_steps >= 0, ">= 0 (0: epochs decide)"),
+            "warmup_steps": (self.warmup_steps is None or self.warmup_steps >= 0, ">= 0"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),
+            "checkpoint_every": (self.checkpoint_every >= 1, ">= 1 step"),
+            "val_every": (self.val_every >= 0, ">= 0 epochs (0: never)"),
+            "val_batch_size": (self.val_batch_size >= 1, ">= 1"),
+            "log_every": (self.log_every >= 1, ">= 1 step"),
+            "drop_near_km": (self.drop_near_km >= 0, ">= 0"),
+            "drop_near_share": (0 <= self.drop_near_share <= 1, "in [0, 1]"),
+        }
+        for name, (holds, must) in ranges.items():
+            if not holds:  # NaN fails every comparison, so it lands here too
+                raise GeoTokenError(f"{name} {getattr(self, name)!r} must be {must}")
 
 
 def grad_accum_for(cfg: TrainConfig, rows: int, world: int = 1) -> int:
@@ -315,6 +332,8 @@ def train(
     on a folder without a checkpoint starts from scratch (so a pipeline stage can always pass it).
     """
     out = Path(out)
+    if stop_at is not None and stop_at < 1:
+        raise GeoTokenError(f"stop_at {stop_at} must be >= 1 (a step after which a checkpoint is written)")
     d = init_distributed()
     dev = torch_device(device)  # this rank's GPU under torchrun
     data.check(model_cfg)
