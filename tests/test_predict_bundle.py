@@ -235,6 +235,8 @@ def _edit_spec(**fields):
         (lambda r: (r / "bundle.json").write_text('{"format": '), "bundle.json: not valid JSON \\(line 1"),
         (_edit_spec(query_modalities=["location"]), "bundle.json: query embedding\\(s\\) \\['location'\\]"),
         (_edit_spec(query_modalities=["visual", "gps"]), "bundle.json: the index holds 32-d vectors"),
+        (lambda r: (r / "backbone.json").write_text("{}"), "backbone.json: a backbone description is"),
+        (lambda r: (r / "backbone.json").write_text("[]"), "backbone.json: a backbone description is"),
         (lambda r: _truncate(r / "gallery" / "tokens.npy"), "tokens.npy: damaged"),
         (lambda r: _truncate(r / "gallery" / "visual.npy", 1000), "visual.npy: damaged"),
         (lambda r: _truncate(r / "gallery" / "coords.npy", 100), "coords.npy: damaged"),

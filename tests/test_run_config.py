@@ -102,6 +102,10 @@ def test_a_config_value_of_the_wrong_type_is_an_error_naming_its_field(tmp_path,
     path.write_text(IM2GPS.format(run_dir=tmp_path / "run").replace('"${{N}}"'.format(), value))
     with pytest.raises(GeoTokenError, match=rf"stage 'data'.sources\[0\].limit: {message}"):
         load_run_config(path, {"ROOT": "/a"}, environ={})
+    for stages in (["data", "features"], [5]):
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump({"stages": stages}))
+        with pytest.raises(GeoTokenError, match="pipeline: stage 0 is .*each stage is a mapping with 'name'"):
+            load_run_config(tmp_path / "s.yaml", environ={})
     model = {"stages": [{"name": "model", "config": {"epochs": "1"}}]}
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(model))
     with pytest.raises(GeoTokenError, match="stage 'model'.epochs: expected int, got '1'"):

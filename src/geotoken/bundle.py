@@ -154,6 +154,10 @@ def bundle_backbone_config(root: str | os.PathLike, spec: dict, clip: str | None
     absolute path (from any working directory); `clip` (a folder or hub id) replaces the recorded one."""
     root = Path(root)
     config = read_json(root / spec["backbone"])
+    if not isinstance(config, dict) or "name" not in config:
+        raise GeoTokenError(
+            f"{root / spec['backbone']}: a backbone description is a JSON object with 'name' (and its options)"
+        )
     if clip is not None:
         if config.get("name") != "clip":
             raise GeoTokenError(

@@ -176,6 +176,12 @@ class Pipeline:
     def from_dict(cls, d: Mapping[str, Any]) -> Pipeline:
         if not isinstance(d.get("stages"), list):
             raise GeoTokenError("pipeline: needs a list 'stages'")
+        for i, s in enumerate(d["stages"]):
+            if not isinstance(s, Mapping):
+                raise GeoTokenError(
+                    f"pipeline: stage {i} is {s!r}; each stage is a mapping with 'name' (and 'kind', 'config', "
+                    "'inputs')"
+                )
         return cls(tuple(StageSpec.from_dict(s) for s in d["stages"]))
 
 
