@@ -211,3 +211,10 @@ def test_neighbour_tables_follow_the_splits_without_their_unreadable_images():
     r, s = compact_neighbours(rows, sims, query_valid, gallery_valid)
     assert r.tolist() == [[0, 2], [2, 0]] and s.tolist() == sims[[0, 2]].tolist()
     assert compact_neighbours(rows, sims, np.ones(3, bool), np.ones(4, bool))[0] is rows
+
+
+def test_demo_sizes_are_checked_before_any_stage_runs():
+    for bad in ({"n_test": 0}, {"k": 0}, {"epochs": 0}, {"dataset_size": -1}):
+        with pytest.raises(GeoTokenError, match=f"demo option {next(iter(bad))} .* must be >= "):
+            demo_config("fast", **bad)
+    assert demo_config("full").n_test is None  # None: the dataset preset's own size

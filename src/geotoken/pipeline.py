@@ -118,6 +118,15 @@ class DemoConfig:
     threads: int = 0  # torch threads (0: torch's default)
     workers: int = 2  # image-decoding / rendering processes
 
+    def __post_init__(self) -> None:
+        # checked here, before the first stage runs, not by the stage that would fail an hour later
+        at_least = {"dataset_size": 1, "n_test": 1, "k": 1, "epochs": 1, "batch_size": 1, "align_epochs": 1,
+                    "n_boot": 1, "reward_images": 0, "samples_to_predict": 0, "threads": 0, "workers": 0}  # fmt: skip
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise GeoTokenError(f"demo option {name} {value} must be >= {low}")
+
 
 # Named sizes: `demo` is the README's first command (about 15 minutes on 2 cores: 10K gallery views,
 # the `tiny` model, k = 5); `fast` is the smoke version the test suite runs (about 1 minute); `full` uses a
