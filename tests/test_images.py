@@ -283,3 +283,14 @@ def test_a_very_large_jpeg_is_decoded_reduced_not_refused(monkeypatch):
     monkeypatch.setattr(images, "MAX_JPEG_PIXELS", 2_000_000)
     with pytest.raises(GeoTokenError, match="2000 x 1500 px is over 2,000,000 pixels"):
         images.decode_image(jpeg.getvalue(), "pano.jpg")
+
+
+def test_a_folder_scan_takes_jfif_and_says_what_it_leaves_out(tmp_path):
+    from geotoken.data.images import list_images
+
+    for name in ("a.jfif", "b.JPG", "c.heic", "d.HEIC", "e.dng", "notes.txt"):
+        (tmp_path / name).write_bytes(jpeg_bytes() if name[-4:].lower() in ("jfif", ".jpg") else b"x")
+    with pytest.warns(UserWarning, match=r"left out 1 \.dng, 2 \.heic photo\(s\)"):
+        found = list_images([tmp_path])
+    assert [p.rsplit("/", 1)[-1] for p in found] == ["a.jfif", "b.JPG"]
+    assert images.decode_image((tmp_path / "a.jfif").read_bytes()).size == (24, 16)

@@ -13,6 +13,7 @@ import os
 import tarfile
 import warnings
 import zipfile
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -26,6 +27,8 @@ from geotoken.errors import GeoTokenError
 IMAGE_EXTENSIONS = (
     ".jpg",
     ".jpeg",
+    ".jfif",
+    ".jpe",
     ".png",
     ".webp",
     ".avif",
@@ -34,6 +37,20 @@ IMAGE_EXTENSIONS = (
     ".bmp",
     ".gif",
 )  # most used first
+# camera formats PIL cannot decode (HEIC needs a plugin, raw files a raw converter): a folder scan says how
+# many it left out, instead of silently geolocating only the JPEGs beside them
+UNREADABLE_PHOTO_EXTENSIONS = (
+    ".heic",
+    ".heif",
+    ".dng",
+    ".cr2",
+    ".cr3",
+    ".nef",
+    ".arw",
+    ".raf",
+    ".orf",
+    ".rw2",
+)
 _SHARD_INDEX: dict[str, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}
 _ZIPS: dict[str, tuple[tuple[int, int, int], zipfile.ZipFile]] = {}
 
@@ -247,14 +264,19 @@ def list_images(sources: Iterable[str | os.PathLike]) -> list[str]:
         if not os.path.isdir(ref):
             out.append(ref)
             continue
-        found = []
+        found, unreadable = [], Counter()
         for root, dirs, files in os.walk(ref):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
-            found += [
-                os.path.join(root, f)
-                for f in files
-                if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-            ]
+            for f in files:
+                ext = os.path.splitext(f)[1].lower()
+                if not f.startswith(".") and ext in IMAGE_EXTENSIONS:
+                    found.append(os.path.join(root, f))
+                elif ext in UNREADABLE_PHOTO_EXTENSIONS:
+                    unreadable[ext] += 1
+        if unreadable:
+            kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(unreadable.items()))
+            warnings.warn(f"{ref}: left out {kinds} photo(s), a format this install cannot decode; convert "
+                          "them to JPEG to geolocate them", stacklevel=2)  # fmt: skip
         if not found:
             raise GeoTokenError(f"{ref}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
         out += sorted(found)
