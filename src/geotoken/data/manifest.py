@@ -391,7 +391,7 @@ def finish_manifest(
     if on_error == "raise":
         i = int(bad[0])
         more = (
-            f" ({len(bad) - 1} more bad rows; on_error='skip' drops them with a report)"
+            f" ({len(bad) - 1} more bad rows; --skip-report FILE (library: on_error='skip') drops them and lists them)"
             if len(bad) > 1
             else ""
         )
