@@ -87,6 +87,16 @@ def test_check_names_the_bad_field():
         synthetic().check(model_cfg(k=9))
 
 
+def test_rows_without_k_neighbours_are_counted_and_all_of_them_is_an_error(tmp_path, capsys):
+    data, mc = synthetic(), model_cfg()
+    data.neighbours[:5, 1] = -1
+    train(mc, quiet(max_steps=1), data, tmp_path / "some")
+    assert "5 of 64 training rows have fewer than k = 4 neighbours" in capsys.readouterr().out
+    data.neighbours[:, 3] = -1
+    with pytest.raises(GeoTokenError, match="64 of 64 training rows .* train with a smaller k"):
+        train(mc, quiet(max_steps=1), data, tmp_path / "none")
+
+
 def test_data_order_is_a_disjoint_deterministic_shard_per_rank():
     order = epoch_order(100, seed=3, epoch=2)
     np.testing.assert_array_equal(order, epoch_order(100, seed=3, epoch=2))

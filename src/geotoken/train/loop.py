@@ -343,7 +343,19 @@ def train(
     if val_rows is not None and len(val_rows):
         val_data.check(model_cfg)
     train_rows = np.arange(data.rows) if train_rows is None else np.asarray(train_rows, dtype=np.int64)
+    given = len(train_rows)
     train_rows = train_rows[data.usable(model_cfg.k)[train_rows]]  # drop rows the retrieval stage skipped
+    if len(train_rows) < given:
+        short = (
+            f"{given - len(train_rows)} of {given} training rows have fewer than k = {model_cfg.k} neighbours"
+        )
+        if not len(train_rows):  # on every rank: none may go on alone
+            raise GeoTokenError(
+                f"{short} (the table marks missing ones -1: unreadable images, or a gallery smaller than "
+                "the table's width); train with a smaller k or build the table deeper"
+            )
+        if d.main:
+            print(f"train: {short} (-1 in the table) and are left out", flush=True)
     if val_rows is not None:
         val_rows = np.asarray(val_rows, dtype=np.int64)
         val_rows = val_rows[val_data.usable(model_cfg.k)[val_rows]]
