@@ -131,6 +131,8 @@ def test_train_save_load_apply(tmp_path):
 
     out = apply_heads(loaded, store, batch_size=100, progress=False)
     assert sorted(out) == ["features", "gps", "text", "visual"]
+    assert loaded.fingerprint() == heads.fingerprint()  # the same weights, the same record
+    assert {out.header["arrays"][m]["heads"] for m in heads.dims} == {heads.fingerprint()}
     for name in ("visual", "gps", "text"):
         arr = np.asarray(out[name], dtype=np.float32)
         assert np.isnan(arr[3]).all()

@@ -198,6 +198,13 @@ def test_parts_made_for_other_parts_are_refused_at_bundle_time(bundle, tmp_path)
     wide = GeoToken(preset("tiny", modalities={"visual": 48, "gps": 32, "text": 32}, k=5))
     with pytest.raises(GeoTokenError, match="reads a 48-d 'visual' embedding, the alignment heads give 32-d"):
         save_bundle(out, **{**parts, "model": wide})
+    stale = tmp_path / "stale"  # a gallery aligned by other (say, retrained) heads
+    shutil.copytree(bundle / "gallery", stale)
+    header = json.loads((stale / "store.json").read_text())
+    header["arrays"]["visual"]["heads"] = "0123456789abcdef"
+    (stale / "store.json").write_text(json.dumps(header))
+    with pytest.raises(GeoTokenError, match=r"written by other alignment heads \(0123456789abcdef\)"):
+        save_bundle(out, **{**parts, "gallery_store": FeatureStore.open(stale)})
     assert not out.exists()
     save_bundle(out, **parts)
     assert Geolocator.from_bundle(out) is not None

@@ -358,6 +358,15 @@ def check_bundle_parts(model, backbone_config, heads, gallery_store, index, quer
             f"{backbone_config}: embed the gallery with the heads' backbone"
         )
     check_query(heads, index, query_modalities)
+    made_by = {
+        m: meta.get("heads") for m, meta in gallery_store.header["arrays"].items() if meta.get("heads")
+    }
+    if made_by and set(made_by.values()) != {heads.fingerprint()}:
+        raise GeoTokenError(
+            f"{gallery_store.root}: its arrays {sorted(made_by)} were written by other alignment heads "
+            f"({', '.join(sorted(set(made_by.values())))}) than these ({heads.fingerprint()}); run `geotoken align "
+            "apply` with these heads on the gallery (and rebuild its index)"
+        )
     head_dims = heads.dims
     for m, dim in model.cfg.modalities.items():
         sources = {
@@ -430,6 +439,9 @@ def save_bundle(
                 with gallery.writer(m) as w:
                     for s in range(0, len(src), chunk_rows):
                         w.write(s, np.asarray(src[s : s + chunk_rows]))
+                made_by = gallery_store.header["arrays"][m].get("heads")
+                if made_by:  # the copy keeps the record of which heads wrote it
+                    gallery.header["arrays"][m]["heads"] = made_by
                 gallery.mark_complete(m)
         tokens = latlon_to_tokens(coords[:, 0], coords[:, 1], cfg.level, cfg.group)
         tokens_path = out / paths.get("gallery_tokens", "gallery/tokens.npy")

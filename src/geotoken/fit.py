@@ -18,11 +18,19 @@ from tqdm import tqdm
 
 from geotoken.bundle import set_bundle_part
 from geotoken.errors import GeoTokenError
+from geotoken.features import FeatureStore
 from geotoken.gallery import load_queries
 from geotoken.geo import haversine_km
 from geotoken.predict import Geolocator
+from geotoken.retrieval import check_neighbours
 from geotoken.s2 import latlon_to_tokens
-from geotoken.search.calibration import RADII_KM, calibration_data, calibration_report, fit_calibration
+from geotoken.search.calibration import (
+    RADII_KM,
+    calibration_data,
+    calibration_report,
+    check_radii,
+    fit_calibration,
+)
 from geotoken.search.candidates import Candidates, from_scores, select_logp
 from geotoken.search.decode import beam_search, sample, score_sequences
 from geotoken.search.reward import DecoderRewardScorer, RewardConfig, RewardScorer
@@ -30,6 +38,14 @@ from geotoken.search.select import SELECTORS
 
 # selectors a calibration can use: the MLLM selector sends photos, calibration reads feature stores
 CALIBRATION_SELECTORS = tuple(s for s in SELECTORS if s != "mllm")
+
+
+def _load_queries(geo: Geolocator, queries_dir, neighbours_dir):
+    """`load_queries` of the model's modalities, the neighbour table checked against the query store first
+    (another split's table of the same size would give wrong results silently)."""
+    if neighbours_dir is not None:
+        check_neighbours(neighbours_dir, FeatureStore.open(queries_dir))
+    return load_queries(queries_dir, list(geo.model.cfg.modalities), neighbours_dir)
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -54,15 +70,16 @@ def calibrate_bundle(
     """
     if select is not None and select not in CALIBRATION_SELECTORS:
         raise GeoTokenError(f"calibration: select {select!r}: choose from {', '.join(CALIBRATION_SELECTORS)}")
-    emb, nbrs, lat, lon = load_queries(queries_dir, list(geo.model.cfg.modalities), neighbours_dir)
+    radii_km = check_radii(radii_km)  # before the search, not after it
+    emb, nbrs, lat, lon = _load_queries(geo, queries_dir, neighbours_dir)
+    if len(lat) == 0:
+        raise GeoTokenError(f"{queries_dir}: no usable query rows to calibrate on")
     res = geo.search(
         emb, nbrs, progress=progress, strategy=strategy, select=select, constrain=constrain, **options
     )
     cfg = geo.model.cfg
     tokens = latlon_to_tokens(lat, lon, cfg.level, cfg.group)
-    data = calibration_data(
-        res.pool, res.selection, lat, lon, tokens, radii_km=list(radii_km), group=cfg.group
-    )
+    data = calibration_data(res.pool, res.selection, lat, lon, tokens, radii_km=radii_km, group=cfg.group)
     cal = fit_calibration(data)
     cal.save(geo.root / "calibration.json")
     set_bundle_part(geo.root, "calibration", "calibration.json")
@@ -226,7 +243,7 @@ def train_bundle_reward(
     queries_dir: aligned feature store of training images; neighbours_dir: their neighbour table, which
     must exclude each image itself (as the training tables do). Returns the scorer's held-out metrics.
     """
-    emb, nbrs, lat, lon = load_queries(queries_dir, list(geo.model.cfg.modalities), neighbours_dir)
+    emb, nbrs, lat, lon = _load_queries(geo, queries_dir, neighbours_dir)
     scorer, metrics = train_reward(geo, emb, nbrs, lat, lon, config, progress=progress)
     scorer.save(geo.root / "reward", metrics=metrics, queries=str(queries_dir))
     set_bundle_part(geo.root, "reward", "reward")

@@ -18,6 +18,8 @@ measured, not assumed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,6 +127,15 @@ class AlignHeads(nn.Module):
     def dims(self) -> dict[str, int]:
         c = self.config
         return {"visual": c.visual_dim, "gps": c.gps_dim, "text": c.text_dim}
+
+    def fingerprint(self) -> str:
+        """A short hash of the weights and config: stores record the heads that wrote their arrays, so a
+        bundle can refuse a gallery aligned by other (e.g. retrained) heads than the queries will be."""
+        h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True, default=str).encode())
+        for name, t in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def joined_dim(self, modalities: list[str]) -> int:
         """Size of these embeddings joined (what an index over them holds); an unknown name is an error."""

@@ -50,6 +50,19 @@ class AlignConfig:
     eval_gallery: int = 200_000  # training rows searched by the 1-NN metric (a sample if there are more)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # batch_size 0 divided by zero, a negative queue_size failed inside torch
+        least = {"epochs": 0, "batch_size": 1, "queue_size": 0, "pca_rows": 1, "eval_queries": 1,
+                 "eval_gallery": 1}  # fmt: skip
+        for name, low in least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise GeoTokenError(f"align: {name} must be an integer >= {low}, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise GeoTokenError(f"align: lr must be a finite number > 0, got {self.lr}")
+        if not 0 < self.val_fraction < 1:
+            raise GeoTokenError(f"align: val_fraction must be in (0, 1), got {self.val_fraction}")
+
 
 # ------------------------------------------------------------------------------------------------- targets
 def unique_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -135,6 +148,8 @@ class Queue:
         self.size, self.ptr, self.filled = size, 0, 0
 
     def push(self, items: torch.Tensor, groups: torch.Tensor) -> None:
+        if self.size == 0:  # queue_size 0: in-batch negatives only
+            return
         items, groups = items[-self.size :], groups[-self.size :]
         idx = (self.ptr + torch.arange(len(items), device=items.device)) % self.size
         self.items[idx], self.groups[idx] = items, groups
@@ -407,16 +422,19 @@ def apply_heads(
         )
     heads.eval()
     device = heads.mean.device
+    made_by = heads.fingerprint()  # recorded with each array: bundles refuse a gallery of other heads
     if out is None:
         target = store
         for name, dim in heads.dims.items():
-            target.add_array(name, dim)
+            target.add_array(name, dim, heads=made_by)
     else:
         header = {key: store.header[key] for key in ("backbone", "manifest_hash") if key in store.header}
         target = FeatureStore.create(
             out, store.ids, store.coords, heads.dims, **header, aligned_from=str(store.root), **(info or {})
         )
         target.header["skipped"] = list(store.skipped)
+        for name in heads.dims:
+            target.header["arrays"][name]["heads"] = made_by
         target.save_header()
     writers = {name: target.writer(name) for name in heads.dims}
     valid = store.valid

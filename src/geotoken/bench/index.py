@@ -30,9 +30,10 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from geotoken.errors import GeoTokenError
 from geotoken.features.store import read_rows
 from geotoken.io import atomic_path, read_json, write_json
-from geotoken.retrieval.index import KINDS, NeighbourIndex, recall_at_k
+from geotoken.retrieval.index import KINDS, IndexConfig, NeighbourIndex, recall_at_k
 
 BLOCK = 65536
 DATA = ("random", "clustered")  # what `RandomUnitVectors` draws: uniform unit vectors, or around centres
@@ -227,6 +228,17 @@ def bench_index(
     With `refine`, an extra row "ivfpq+refine": the same IVF-PQ index re-ranking refine * k candidates by
     their exact vectors (from the file, or from memory up to 1M rows).
     """
+    sizes = {"rows": rows, "dim": dim, "queries": queries, "k": k}
+    for name, value in sizes.items():
+        if value < 1:
+            raise GeoTokenError(f"bench index: {name} must be >= 1, got {value}")
+    if refine < 0 or data not in DATA or any(kind not in KINDS for kind in kinds):
+        raise GeoTokenError(
+            f"bench index: need refine >= 0 (got {refine}), data in {DATA} (got {data!r}), "
+            f"kinds in {KINDS} (got {tuple(kinds)})"
+        )
+    for kind in kinds:  # the index options, before minutes of vector generation and exact search
+        IndexConfig(kind=kind, **{key: v for key, v in options.items() if v is not None})
     if threads:
         faiss.omp_set_num_threads(threads)
     source = RandomUnitVectors(rows, dim, seed, data, centre_seed=seed)

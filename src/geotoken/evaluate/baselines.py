@@ -20,6 +20,7 @@ Everything below is a function over arrays (vectorized over queries); the small 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from geotoken.data.manifest import read_manifest
 from geotoken.encoders import load_gps_encoder
 from geotoken.encoders.geoclip import IMAGE_DIM, GeoCLIPFiles, GeoCLIPGeolocator
 from geotoken.errors import GeoTokenError
+from geotoken.features import FeatureStore
 from geotoken.geo import haversine_km
 from geotoken.s2 import cell_parent, latlon_to_cell_ids
 
@@ -53,6 +55,7 @@ class Split:
     images: np.ndarray | None = None  # image references (only the MLLM selector needs the photos)
     skipped: int = 0  # rows dropped because their image could not be embedded
     backbone: dict | None = None  # the store's backbone config ({"name": "clip", "model": ...}), if known
+    store: FeatureStore | None = None  # the store read, if any: neighbour tables are checked against it
 
     def __post_init__(self) -> None:
         self.lat = np.asarray(self.lat, dtype=np.float64)
@@ -247,6 +250,13 @@ class RetrievalConfig:
     radius_km: float = 100.0
     temperature: float = 0.1  # chosen on an EarthViews validation split (k 15, R 100 km)
     answer: str = "centre"
+
+    def __post_init__(self) -> None:
+        # temperature 0 divides by zero in the vote's softmax, a negative radius empties every cluster
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise GeoTokenError(f"knn: temperature must be a finite number > 0, got {self.temperature}")
+        if not (math.isfinite(self.radius_km) and self.radius_km >= 0):
+            raise GeoTokenError(f"knn: radius_km must be a finite number >= 0, got {self.radius_km}")
 
 
 class NearestNeighbour:

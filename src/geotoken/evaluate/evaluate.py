@@ -14,7 +14,9 @@ Outputs in OUT_DIR, each written atomically:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,7 +53,7 @@ from geotoken.evaluate.runs import MethodRun, load_cached, save_cached, slug
 from geotoken.features import FeatureStore
 from geotoken.geo import THRESHOLDS_KM, haversine_km
 from geotoken.io import atomic_open, read_json, sha256_json, write_json
-from geotoken.retrieval import NeighbourTable
+from geotoken.retrieval import NeighbourTable, check_neighbours
 
 BASELINES = ("prior", "nn", "knn", "cells", "gps-gallery")
 # geoclip: GeoCLIP's pretrained model on CLIP query stores; ceiling: the nearest gallery coordinate to the
@@ -95,13 +97,15 @@ def load_split(store_dir: str | Path, manifest: str | Path | None = None, name: 
         ids, coords = ids[rows], coords[rows]
         images = None if images is None else images[rows]
     return Split(ids, coords[:, 0], coords[:, 1], arrays, f"{name} ({store_dir})", images,
-                 int((~valid).sum()), store.header.get("backbone"))  # fmt: skip
+                 int((~valid).sum()), store.header.get("backbone"), store)  # fmt: skip
 
 
 def load_neighbours(folder: str | Path, gallery: Split, queries: Split) -> tuple[np.ndarray, np.ndarray]:
     """The (rows, sims) memmaps of a neighbour table of `queries` in `gallery` (`geotoken index neighbours`),
-    checked against both splits: one row per query, every entry a gallery row."""
+    checked against both splits: computed for their stores, one row per query, every entry a gallery row."""
     table = NeighbourTable.open(folder)
+    if queries.store is not None:
+        check_neighbours(table, queries.store, gallery.store)
     if queries.skipped or gallery.skipped:  # dropped rows would shift the table's row numbers
         raise GeoTokenError(f"{folder}: a neighbour table cannot be used when the stores have skipped rows")
     table.check(len(queries), len(gallery))
@@ -159,6 +163,11 @@ class EvalConfig:
         for name, value in counts.items():
             if value < 1:
                 raise GeoTokenError(f"evaluation: {name} must be >= 1, got {value}")
+        bad = [t for t in self.thresholds if not (math.isfinite(t) and t > 0)]
+        if not self.thresholds or bad:  # NaN or inf would end up in metrics.json
+            raise GeoTokenError(
+                f"evaluation: thresholds must be finite numbers of km > 0, got {list(self.thresholds)}"
+            )
 
 
 @dataclass
@@ -208,6 +217,22 @@ def build_baseline(method: str, cfg: EvalConfig, neighbours=None, gps_encoder=No
     if method == "ceiling":
         return Ceiling()
     raise GeoTokenError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def check_widths(gallery: Split, queries: Split, cfg: EvalConfig, table: bool = False) -> None:
+    """Raise, naming both stores, if an array a method compares across gallery and queries has other
+    widths on the two sides (stores of different backbones): before any method runs, not in torch."""
+    keys = {cfg.cells.features} if "cells" in cfg.methods else set()
+    if not table and {"nn", "knn"} & set(cfg.methods):
+        keys.add(cfg.retrieval.embedding)
+    for key in sorted(keys):
+        if key in gallery.arrays and key in queries.arrays:
+            dg, dq = gallery.arrays[key].shape[1:], queries.arrays[key].shape[1:]
+            if dg != dq:
+                raise GeoTokenError(
+                    f"array {key!r} is {dg[0] if dg else 1}-d in {gallery.name} but {dq[0] if dq else 1}-d in "
+                    f"{queries.name}: embed both with the same backbone and alignment heads"
+                )
 
 
 def _inputs_hash(gallery: Split, queries: Split, neighbours=None, chunk_rows: int = 16384) -> str:
@@ -335,14 +360,16 @@ def evaluate(
     out = Path(out_dir)
     if cfg.limit is not None:
         q, n = queries, cfg.limit
-        queries = Split(q.ids[:n], q.lat[:n], q.lon[:n], {k: a[:n] for k, a in q.arrays.items()}, q.name,
-                        None if q.images is None else q.images[:n], q.skipped, q.backbone)  # fmt: skip
+        queries = dataclasses.replace(q, ids=q.ids[:n], lat=q.lat[:n], lon=q.lon[:n],
+                                      arrays={k: a[:n] for k, a in q.arrays.items()},
+                                      images=None if q.images is None else q.images[:n])  # fmt: skip
         if neighbours is not None:
             neighbours = tuple(np.asarray(a)[: cfg.limit] for a in neighbours)
     if len(queries) == 0:
         raise GeoTokenError(f"{queries.name}: no queries to evaluate")
     if "geoclip" in cfg.methods:  # before any method runs
         check_geoclip_features(queries, cfg.geoclip)
+    check_widths(gallery, queries, cfg, neighbours is not None)
     inputs = _inputs_hash(gallery, queries, neighbours)
     runs = run_methods(gallery, queries, cfg, out, neighbours, gps_encoder, progress, log, geolocator, inputs)
     pairs = score_runs(runs, cfg)

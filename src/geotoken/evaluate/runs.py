@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,14 +41,18 @@ def slug(label: str) -> str:
 
 
 def load_cached(path: Path, n: int) -> Predictions | None:
-    """The predictions `save_cached` wrote to `path`, or None if absent or not for `n` queries."""
+    """The predictions `save_cached` wrote to `path`, or None if absent, not for `n` queries, or unreadable
+    (an empty or truncated file from a crash or a full disk is recomputed, like a missing one)."""
     if not path.is_file():
         return None
-    with np.load(path, allow_pickle=False) as z:
-        if z["lat"].shape != (n,):
-            return None
-        extra = {k[2:]: z[k] for k in z.files if k.startswith("x_")}
-        return Predictions(z["lat"], z["lon"], z["score"] if "score" in z else None, extra)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if z["lat"].shape != (n,) or z["lon"].shape != (n,):
+                return None
+            extra = {k[2:]: z[k] for k in z.files if k.startswith("x_")}
+            return Predictions(z["lat"], z["lon"], z["score"] if "score" in z else None, extra)
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
 
 
 def save_cached(path: Path, pred: Predictions) -> None:

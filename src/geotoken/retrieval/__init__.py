@@ -2,7 +2,12 @@
 
 from geotoken.retrieval.embeddings import DEFAULT_EMBEDDING, StoreEmbeddings, join_embeddings
 from geotoken.retrieval.index import KINDS, IndexConfig, NeighbourIndex, measure_recall, recall_at_k
-from geotoken.retrieval.neighbours import NeighbourTable, neighbour_table, search_excluding
+from geotoken.retrieval.neighbours import (
+    NeighbourTable,
+    check_neighbours,
+    neighbour_table,
+    search_excluding,
+)
 
 __all__ = [
     "DEFAULT_EMBEDDING",
@@ -11,6 +16,7 @@ __all__ = [
     "NeighbourIndex",
     "NeighbourTable",
     "StoreEmbeddings",
+    "check_neighbours",
     "join_embeddings",
     "measure_recall",
     "neighbour_table",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,15 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise GeoTokenError(f"index kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        # FAISS aborts the process (hnsw_m 0), hangs (hnsw_m < 0) or raises from C++ on these
+        least = {"nlist": 1, "pq_m": 1, "nprobe": 1, "train_rows": 1, "hnsw_m": 2, "ef_construction": 1,
+                 "ef_search": 1}  # fmt: skip
+        for name, low in least.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise GeoTokenError(f"index option {name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.pq_bits, int) or not 1 <= self.pq_bits <= 16:
+            raise GeoTokenError(f"index option pq_bits must be an integer in 1..16, got {self.pq_bits!r}")
 
 
 def _ivfpq_shape(config: IndexConfig, n: int, dim: int) -> tuple[int, int, int]:
@@ -209,6 +218,8 @@ class NeighbourIndex:
         at the memory of PQ codes, the vectors staying on disk. Missing hits are row -1, similarity -inf.
         """
         n, dim = queries.shape
+        if k < 1:
+            raise GeoTokenError(f"search: k must be >= 1, got {k}")
         if dim != self.dim:
             raise GeoTokenError(f"queries have dimension {dim}, the index {self.dim}")
         depth = k * refine if exact is not None and self.config.kind != "flat" and refine > 1 else k
@@ -247,11 +258,16 @@ class NeighbourIndex:
         if not (index_dir / META_FILE).is_file() or not (index_dir / INDEX_FILE).is_file():
             raise GeoTokenError(f"{index_dir}: not an index folder (needs {INDEX_FILE} and {META_FILE})")
         meta = read_json(index_dir / META_FILE)
+        saved = meta.pop("config", None) if isinstance(meta, dict) else None
+        if not isinstance(saved, dict):
+            raise GeoTokenError(f"{index_dir / META_FILE}: not an index description (no 'config' object)")
         known = {f.name for f in fields(IndexConfig)}
-        config = IndexConfig(**{k: v for k, v in meta.pop("config").items() if k in known})
-        for key, value in search_options.items():
-            if value is not None:
-                setattr(config, key, value)
+        try:
+            config = IndexConfig(**{k: v for k, v in saved.items() if k in known})
+        except GeoTokenError as exc:
+            raise GeoTokenError(f"{index_dir / META_FILE}: {exc}") from None
+        # replace() runs the checks again on the overrides
+        config = replace(config, **{k: v for k, v in search_options.items() if v is not None})
         try:
             index = faiss.read_index(str(index_dir / INDEX_FILE))
         except RuntimeError as exc:  # truncated or not a FAISS file: faiss's message names the C++ check
@@ -281,6 +297,8 @@ def measure_recall(
     Returns {"recall@K": .., ["recall@K_refine4": ..,] "recall_queries": n}, what `geotoken index build`
     records in index.json for compressed kinds.
     """
+    if k < 1 or queries < 1:
+        raise GeoTokenError(f"recall: k ({k}) and the number of queries ({queries}) must be >= 1")
     rows = np.flatnonzero(valid)
     sample = np.sort(np.random.default_rng(seed).choice(rows, min(len(rows), queries), replace=False))
     q = embeddings[sample]

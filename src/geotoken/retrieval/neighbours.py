@@ -131,6 +131,9 @@ def neighbour_table(
     gallery places; test photos never share a gallery coordinate). Skipped query rows get -1.
     refine > 1 (compressed indexes): re-rank refine x k candidates by exact vectors from the gallery store.
     """
+    for name, value in (("k", k), ("batch_size", batch_size), ("refine", refine)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GeoTokenError(f"neighbour table: {name} must be an integer >= 1, got {value!r}")
     out_dir = Path(out_dir)
     embedding = embedding or gallery_index.meta.get("embedding")
     if not embedding:
@@ -207,7 +210,13 @@ def neighbour_table(
             raise GeoTokenError(
                 f"{out_dir}: {len(missing)} query chunks not searched (first: {missing[0]}); rerun to resume"
             )
-        write_json(out_dir / META, {"format": "geotoken.neighbours", "version": 1, "config": config})
+        meta = {"format": "geotoken.neighbours", "version": 1, "config": config}
+        recorded = gallery_index.meta.get("store")
+        if gallery_store is None and recorded and (Path(recorded) / "store.json").is_file():
+            gallery_store = FeatureStore.open(recorded)
+        if gallery_store is not None:  # outside `config`: a table is reused whatever the gallery's path
+            meta["gallery"] = _identity(gallery_store)  # what `check_neighbours` compares
+        write_json(out_dir / META, meta)
         for path in (out_dir / RANKS).glob("*.json"):
             path.unlink()
         (out_dir / RANKS).rmdir()
@@ -239,6 +248,49 @@ def _done_chunks(out_dir: Path, n_chunks: int) -> np.ndarray:
     for path in sorted((out_dir / RANKS).glob("rank-*.json")):
         done[np.asarray(read_json(path)["chunks"], dtype=np.int64)] = True
     return done
+
+
+def _identity(store: FeatureStore) -> dict[str, Any]:
+    return {"store": str(store.root), "manifest_hash": store.header.get("manifest_hash"), "rows": store.rows}
+
+
+def _described(store: str | None, manifest: str | None) -> str:
+    return f"{store}" + (f" (manifest {manifest[:12]}...)" if manifest else "")
+
+
+def check_neighbours(
+    table: NeighbourTable | str | os.PathLike, queries: FeatureStore, gallery: FeatureStore | None = None
+) -> NeighbourTable:
+    """Raise unless `table` was computed for the store `queries` (manifest hash, where both record one, and
+    row count) and, given, for the store `gallery` (manifest hash and row count, where the table records
+    them). Another split's table of the same size would otherwise give wrong answers silently."""
+    table = table if isinstance(table, NeighbourTable) else NeighbourTable.open(table)
+    where = table.root / META
+    meta = table.meta if isinstance(table.meta, dict) else {}
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    for side, store, rec in (
+        ("queries", queries, config.get("queries")),
+        ("gallery", gallery, meta.get("gallery")),
+    ):
+        if store is None or not isinstance(rec, dict):
+            continue
+        have, want = rec.get("manifest_hash"), store.header.get("manifest_hash")
+        if have and want and have != want:
+            raise GeoTokenError(
+                f"{where}: computed for {side} {_described(rec.get('store'), have)}, "
+                f"not {_described(str(store.root), want)}"
+            )
+        rows = rec.get("rows", config.get("rows") if side == "queries" else None)
+        if rows is not None and rows != store.rows:
+            raise GeoTokenError(
+                f"{where}: computed for {side} {rec.get('store')} ({rows} rows), "
+                f"not {store.root} ({store.rows} rows)"
+            )
+    if table.rows.shape[0] != queries.rows:
+        raise GeoTokenError(
+            f"{table.root}: {table.rows.shape[0]} neighbour rows for {queries.rows} queries ({queries.root})"
+        )
+    return table
 
 
 class NeighbourTable:

@@ -198,6 +198,15 @@ class Calibration:
         return cal
 
 
+def check_radii(radii_km) -> list[float]:
+    """The radii as floats, or a clear error: each must be a finite number of km > 0 (0 divides by zero
+    in `token_position`, a negative one has no logarithm)."""
+    radii = [float(r) for r in radii_km]
+    if not radii or not all(math.isfinite(r) and r > 0 for r in radii):
+        raise GeoTokenError(f"calibration: radii_km must be finite numbers of km > 0, got {radii}")
+    return radii
+
+
 def calibration_data(
     pool, selection, true_lat, true_lon, true_tokens, radii_km=RADII_KM, group: int = 2
 ) -> dict:
@@ -205,6 +214,7 @@ def calibration_data(
 
     Returns {"within": {radius: (conf (B,), outcome (B,))}, "levels": (conf (B, T), outcome (B, T))}.
     """
+    radii_km = check_radii(radii_km)
     err = haversine_km(selection.lat, selection.lon, np.asarray(true_lat), np.asarray(true_lon))
     within = {
         float(r): (within_confidence(pool, selection.lat, selection.lon, r, group), err <= r)

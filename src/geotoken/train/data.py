@@ -23,6 +23,7 @@ from geotoken.features.store import read_rows
 from geotoken.gallery import Gallery
 from geotoken.geo import haversine_km
 from geotoken.model import Batch, ModelConfig
+from geotoken.retrieval import check_neighbours
 
 IN_MEMORY_BYTES = 2 << 30  # stores smaller than this are read into RAM once
 
@@ -137,6 +138,8 @@ class TrainData:
         index_path = Path(neighbours) / "index.npy"
         if not index_path.is_file():
             raise GeoTokenError(f"{index_path} is missing: not a neighbour folder")
+        if (Path(neighbours) / "neighbours.json").is_file():  # a bare index.npy records nothing to check
+            check_neighbours(neighbours, qstore, gstore)
         index = np.load(index_path, mmap_mode="r")
         if index.dtype != np.int64:
             raise GeoTokenError(f"{index_path}: dtype {index.dtype}, expected int64")
