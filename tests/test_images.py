@@ -294,3 +294,17 @@ def test_a_folder_scan_takes_jfif_and_says_what_it_leaves_out(tmp_path):
         found = list_images([tmp_path])
     assert [p.rsplit("/", 1)[-1] for p in found] == ["a.jfif", "b.JPG"]
     assert images.decode_image((tmp_path / "a.jfif").read_bytes()).size == (24, 16)
+
+
+def test_a_pipe_or_device_is_refused_not_read_forever(tmp_path):
+    import os
+
+    from geotoken.data.images import list_images
+
+    fifo = tmp_path / "stream.jpg"
+    os.mkfifo(fifo)
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
+    assert [p.rsplit("/", 1)[-1] for p in list_images([tmp_path])] == ["a.jpg"]  # a scan skips it
+    for ref in (fifo, "/dev/zero"):
+        with pytest.raises(GeoTokenError, match="not a regular file"):
+            images.open_image(ref)  # given by name: refused at once

@@ -136,6 +136,8 @@ def read_bytes(ref: str) -> bytes:
         except (zipfile.BadZipFile, OSError) as exc:
             raise GeoTokenError(f"{ref}: cannot read archive member: {exc}") from None
     if member is None:
+        if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or a device would block or never end
+            raise GeoTokenError(f"{ref}: not a regular file (a folder, pipe or device), not an image")
         try:
             with open(path, "rb") as f:
                 return f.read()
@@ -269,7 +271,11 @@ def list_images(sources: Iterable[str | os.PathLike]) -> list[str]:
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             for f in files:
                 ext = os.path.splitext(f)[1].lower()
-                if not f.startswith(".") and ext in IMAGE_EXTENSIONS:
+                if (
+                    not f.startswith(".")
+                    and ext in IMAGE_EXTENSIONS
+                    and os.path.isfile(os.path.join(root, f))
+                ):
                     found.append(os.path.join(root, f))
                 elif ext in UNREADABLE_PHOTO_EXTENSIONS:
                     unreadable[ext] += 1
