@@ -203,7 +203,8 @@ def embed(
             if bad and not skip_bad:
                 row, why = bad[0]
                 raise GeoTokenError(
-                    f"manifest row {row} (id {ids[row]!r}): cannot read image {manifest.images[row]!r}: {why}"
+                    f"manifest row {row} (id {str(ids[row])!r}): cannot read image {str(manifest.images[row])!r}: "
+                    f"{why}"
                     f" (pass --skip-bad to record and skip unreadable images)"
                 )
             start = int(chunk) * batch_size
