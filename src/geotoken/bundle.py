@@ -361,10 +361,11 @@ def check_bundle_parts(model, backbone_config, heads, gallery_store, index, quer
     made_by = {
         m: meta.get("heads") for m, meta in gallery_store.header["arrays"].items() if meta.get("heads")
     }
-    if made_by and set(made_by.values()) != {heads.fingerprint()}:
+    fingerprint = heads.fingerprint() if made_by else None
+    if made_by and set(made_by.values()) != {fingerprint}:
         raise GeoTokenError(
             f"{gallery_store.root}: its arrays {sorted(made_by)} were written by other alignment heads "
-            f"({', '.join(sorted(set(made_by.values())))}) than these ({heads.fingerprint()}); run `geotoken align "
+            f"({', '.join(sorted(set(made_by.values())))}) than these ({fingerprint}); run `geotoken align "
             "apply` with these heads on the gallery (and rebuild its index)"
         )
     head_dims = heads.dims

@@ -18,11 +18,9 @@ from tqdm import tqdm
 
 from geotoken.bundle import set_bundle_part
 from geotoken.errors import GeoTokenError
-from geotoken.features import FeatureStore
 from geotoken.gallery import load_queries
 from geotoken.geo import haversine_km
 from geotoken.predict import Geolocator
-from geotoken.retrieval import check_neighbours
 from geotoken.s2 import latlon_to_tokens
 from geotoken.search.calibration import (
     RADII_KM,
@@ -38,14 +36,6 @@ from geotoken.search.select import SELECTORS
 
 # selectors a calibration can use: the MLLM selector sends photos, calibration reads feature stores
 CALIBRATION_SELECTORS = tuple(s for s in SELECTORS if s != "mllm")
-
-
-def _load_queries(geo: Geolocator, queries_dir, neighbours_dir):
-    """`load_queries` of the model's modalities, the neighbour table checked against the query store first
-    (another split's table of the same size would give wrong results silently)."""
-    if neighbours_dir is not None:
-        check_neighbours(neighbours_dir, FeatureStore.open(queries_dir))
-    return load_queries(queries_dir, list(geo.model.cfg.modalities), neighbours_dir)
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -71,7 +61,7 @@ def calibrate_bundle(
     if select is not None and select not in CALIBRATION_SELECTORS:
         raise GeoTokenError(f"calibration: select {select!r}: choose from {', '.join(CALIBRATION_SELECTORS)}")
     radii_km = check_radii(radii_km)  # before the search, not after it
-    emb, nbrs, lat, lon = _load_queries(geo, queries_dir, neighbours_dir)
+    emb, nbrs, lat, lon = load_queries(queries_dir, list(geo.model.cfg.modalities), neighbours_dir)
     if len(lat) == 0:
         raise GeoTokenError(f"{queries_dir}: no usable query rows to calibrate on")
     res = geo.search(
@@ -243,7 +233,7 @@ def train_bundle_reward(
     queries_dir: aligned feature store of training images; neighbours_dir: their neighbour table, which
     must exclude each image itself (as the training tables do). Returns the scorer's held-out metrics.
     """
-    emb, nbrs, lat, lon = _load_queries(geo, queries_dir, neighbours_dir)
+    emb, nbrs, lat, lon = load_queries(queries_dir, list(geo.model.cfg.modalities), neighbours_dir)
     scorer, metrics = train_reward(geo, emb, nbrs, lat, lon, config, progress=progress)
     scorer.save(geo.root / "reward", metrics=metrics, queries=str(queries_dir))
     set_bundle_part(geo.root, "reward", "reward")

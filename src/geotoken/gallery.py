@@ -19,7 +19,7 @@ from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
 from geotoken.features.store import read_rows
 from geotoken.model import Batch, ModelConfig
-from geotoken.retrieval import NeighbourTable
+from geotoken.retrieval import check_neighbours
 from geotoken.s2 import latlon_to_tokens
 
 
@@ -149,10 +149,6 @@ def load_queries(
     coords = np.asarray(store.coords)[keep]
     rows = None
     if neighbours_dir is not None:
-        table = NeighbourTable.open(neighbours_dir)
-        if table.rows.shape[0] != store.rows:
-            raise GeoTokenError(
-                f"{neighbours_dir}: {table.rows.shape[0]} rows of neighbours for {store.rows} rows of {store_dir}"
-            )
+        table = check_neighbours(neighbours_dir, store)  # computed for this store, one row per query
         rows = np.asarray(table.rows[keep])
     return emb, rows, coords[:, 0].copy(), coords[:, 1].copy()

@@ -39,8 +39,8 @@ def check_outputs_spare_inputs(inputs, *outputs) -> None:
         for p in paths:
             if p is None:
                 continue
-            key = Path(os.path.abspath(os.path.realpath(os.fspath(p).split("#", 1)[0])))
-            if key in seen and (kind == "output"):
+            key = Path(os.path.realpath(os.fspath(p).split("#", 1)[0]))  # a shard member: its shard
+            if key in seen and kind == "output":
                 raise GeoTokenError(
                     f"{p}: named as an output and as an {seen[key]}; write the output elsewhere"
                 )

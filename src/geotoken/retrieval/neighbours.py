@@ -286,11 +286,7 @@ def check_neighbours(
                 f"{where}: computed for {side} {rec.get('store')} ({rows} rows), "
                 f"not {store.root} ({store.rows} rows)"
             )
-    if table.rows.shape[0] != queries.rows:
-        raise GeoTokenError(
-            f"{table.root}: {table.rows.shape[0]} neighbour rows for {queries.rows} queries ({queries.root})"
-        )
-    return table
+    return table.check(queries.rows)
 
 
 class NeighbourTable:
