@@ -24,7 +24,7 @@ def test_embed_command(tmp_path, capsys):
     assert main(args) == 2
     (err,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert (
-        err.startswith("geotoken embed: error: manifest row 3 (id 'p3')")
+        err.startswith("geotoken embed: error: manifest row 4 of 5 (id 'p3')")
         and "3.jpg" in err
         and "--skip-bad" in err
     )

@@ -144,7 +144,7 @@ def test_index_config_rejects_bad_numbers(options):
         IndexConfig(**options)
 
 
-def test_index_cli_numbers(splits, tmp_path, capsys):
+def test_index_cli_numbers(splits, tmp_path, capsys, monkeypatch):
     root, stores = splits
     gallery = str(root / "gallery")
     for extra in (["--kind", "hnsw", "--hnsw-m", "0"], ["--kind", "hnsw", "--hnsw-m", "-1"]):
@@ -157,6 +157,24 @@ def test_index_cli_numbers(splits, tmp_path, capsys):
         argv = ["index", "neighbours", str(root / "index"), str(root / "test"), "-o", str(tmp_path / "n")]
         assert main([*argv, *extra]) == 2
         assert message in capsys.readouterr().err
+    built = []  # recall's options are refused before the build, not after it
+    monkeypatch.setattr(NeighbourIndex, "build", lambda *a, **kw: built.append(1))
+    for extra in (["-k", "0"], ["--recall-queries", "0"]):
+        argv = [
+            "index",
+            "build",
+            gallery,
+            "-o",
+            str(tmp_path / "r"),
+            "--embedding",
+            "visual",
+            "--kind",
+            "hnsw",
+        ]
+        assert main([*argv, *extra]) == 2
+        assert "recall: k" in capsys.readouterr().err
+    assert not built and not (tmp_path / "r").exists()
+    monkeypatch.undo()
     index = NeighbourIndex.load(root / "index")
     with pytest.raises(GeoTokenError, match="recall: k"):
         measure_recall(index, stores["gallery"]["visual"], stores["gallery"].valid, 0, 10)

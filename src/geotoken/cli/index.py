@@ -15,6 +15,7 @@ from geotoken.retrieval import (
     IndexConfig,
     NeighbourIndex,
     StoreEmbeddings,
+    check_recall,
     measure_recall,
     neighbour_table,
 )
@@ -98,6 +99,8 @@ def run_build(args) -> int:
     options = {"nlist": args.nlist, "pq_m": args.pq_m, "nprobe": args.nprobe, "hnsw_m": args.hnsw_m,
                "ef_search": args.ef_search}  # fmt: skip
     meta = {"store": str(store.root.resolve()), "embedding": args.embedding}
+    if args.kind != "flat":
+        check_recall(args.k, args.recall_queries)
     t0 = time.perf_counter()
     index = NeighbourIndex.build(emb, args.kind, valid=store.valid, meta=meta, **options)
     index.meta["build_seconds"] = round(time.perf_counter() - t0, 3)

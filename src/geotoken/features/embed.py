@@ -203,7 +203,7 @@ def embed(
             if bad and not skip_bad:
                 row, why = bad[0]
                 raise GeoTokenError(
-                    f"manifest row {row} (id {str(ids[row])!r}): cannot read image {str(manifest.images[row])!r}: "
+                    f"manifest row {row + 1} of {store.rows} (id {str(ids[row])!r}): cannot read image {str(manifest.images[row])!r}: "
                     f"{why}"
                     f" (pass --skip-bad to record and skip unreadable images)"
                 )

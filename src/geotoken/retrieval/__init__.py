@@ -1,7 +1,14 @@
 """Retrieval: FAISS indexes over aligned embeddings and neighbour tables (top-k gallery rows per query)."""
 
 from geotoken.retrieval.embeddings import DEFAULT_EMBEDDING, StoreEmbeddings, join_embeddings
-from geotoken.retrieval.index import KINDS, IndexConfig, NeighbourIndex, measure_recall, recall_at_k
+from geotoken.retrieval.index import (
+    KINDS,
+    IndexConfig,
+    NeighbourIndex,
+    check_recall,
+    measure_recall,
+    recall_at_k,
+)
 from geotoken.retrieval.neighbours import (
     NeighbourTable,
     check_neighbours,
@@ -18,6 +25,7 @@ __all__ = [
     "StoreEmbeddings",
     "check_neighbours",
     "join_embeddings",
+    "check_recall",
     "measure_recall",
     "neighbour_table",
     "recall_at_k",

@@ -288,6 +288,12 @@ def recall_at_k(rows: np.ndarray, exact_rows: np.ndarray) -> float:
     return float(hits.any(axis=1).sum() / max(1, (exact_rows >= 0).sum()))
 
 
+def check_recall(k: int, queries: int) -> None:
+    """`measure_recall`'s options, checked before an index is built (not after an hour of building)."""
+    if k < 1 or queries < 1:
+        raise GeoTokenError(f"recall: k ({k}) and the number of queries ({queries}) must be >= 1")
+
+
 def measure_recall(
     index: NeighbourIndex, embeddings, valid: np.ndarray, k: int, queries: int, seed: int = 0
 ) -> dict[str, Any]:
@@ -297,8 +303,7 @@ def measure_recall(
     Returns {"recall@K": .., ["recall@K_refine4": ..,] "recall_queries": n}, what `geotoken index build`
     records in index.json for compressed kinds.
     """
-    if k < 1 or queries < 1:
-        raise GeoTokenError(f"recall: k ({k}) and the number of queries ({queries}) must be >= 1")
+    check_recall(k, queries)
     rows = np.flatnonzero(valid)
     sample = np.sort(np.random.default_rng(seed).choice(rows, min(len(rows), queries), replace=False))
     q = embeddings[sample]
