@@ -93,6 +93,34 @@ def test_bad_options_are_422(client, fields, needle):
     assert needle in r.json()["error"]
 
 
+def test_one_photo_per_request(client):
+    files = [("image", ("a.png", png_bytes(), "image/png")), ("image", ("b.png", png_bytes(), "image/png"))]
+    r = client.post("/v1/geolocate", files=files)
+    assert r.status_code == 422 and "one photo per request, got 2" in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "send, kind",
+    [
+        (dict(json={"image": "aGVsbG8="}), "application/json"),
+        (dict(content=png_bytes(), headers={"content-type": "image/png"}), "image/png"),
+        (dict(data={"image": "photo.png"}), "application/x-www-form-urlencoded"),
+    ],
+)
+def test_photo_not_sent_as_a_file_part_is_told_how(client, send, kind):
+    r = client.post("/v1/geolocate", **send)
+    assert r.status_code == 415, r.text
+    assert "multipart/form-data with the photo as a file in field 'image'" in r.json()["error"]
+    assert f"(got {kind})" in r.json()["error"]
+
+
+def test_multipart_without_the_image_file_is_422(client):
+    r = client.post("/v1/geolocate", files={"photo": ("a.png", png_bytes(), "image/png")})
+    assert r.status_code == 422 and "field 'image'" in r.json()["error"]
+    r = client.post("/v1/geolocate", files={"top_k": (None, "3")}, data={"image": "photo.png"})
+    assert r.status_code == 422 and "send the photo as a file part, not as text" in r.json()["error"]
+
+
 def test_non_image_is_415(client):
     r = post(client, b"%PDF-1.4 definitely not a photo", name="notes.pdf", mime="application/pdf")
     assert r.status_code == 415
@@ -145,7 +173,7 @@ def test_decompression_bomb_is_413_before_decoding(client):
 
 def test_a_path_is_not_a_file(client):
     r = client.post("/v1/geolocate", data={"image": "/etc/passwd"})  # a form string, not an upload
-    assert r.status_code == 422
+    assert r.status_code == 415
     assert "root:" not in r.text and "'image'" in r.json()["error"]
     r = post(client, png_bytes(), top_k="many")
     assert r.status_code == 422 and "'top_k'" in r.json()["error"]

@@ -309,7 +309,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
 
     `runner` (tests) replaces the model thread built from `config`, e.g. one with a fake clock."""
 
-    from fastapi import FastAPI, File, Form, Query, UploadFile
+    from fastapi import FastAPI, File, Form, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
@@ -373,7 +373,17 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, exc: RequestValidationError):
-        """FastAPI's own 422s in the same {"error": "..."} shape, naming the field."""
+        """FastAPI's own 422s in the same {"error": "..."} shape, naming the field; a photo sent as JSON or
+        as a raw body (415) or as a text field is told how to send it instead of "field required"."""
+        image_errors = [e for e in exc.errors() if e["loc"][-1] == "image"]
+        if image_errors and request.url.path == "/v1/geolocate":
+            kind = request.headers.get("content-type", "").split(";")[0].strip() or "no content type"
+            if kind != "multipart/form-data":  # a body this route does not take
+                return error(
+                    415, f"send multipart/form-data with the photo as a file in field 'image' (got {kind})"
+                )
+            if image_errors[0]["type"] != "missing":  # the right body, the photo as a text field
+                return error(422, "field 'image': send the photo as a file part, not as text")
         parts = [
             f"field {str(e['loc'][-1])!r}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
         ]
@@ -439,6 +449,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
         },
     )
     async def geolocate(
+        request: Request,
         image: UploadFile = File(..., description="the photo (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)"),
         top_k: Annotated[
             Annotated[int, Field(ge=1, le=cfg.max_top_k)] | None,
@@ -471,9 +482,12 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
     ):
         t0 = time.perf_counter()
         try:
-            runner.check()  # before reading and decoding the upload: a refusal costs next to nothing
+            runner.check()  # before decoding the upload (FastAPI has read and spooled the body by now)
         except Busy as exc:
             return busy(exc)
+        parts = len((await request.form()).getlist("image"))  # the form FastAPI parsed, cached
+        if parts > 1:  # FastAPI would keep the last one and drop the others without a word
+            return error(422, f"field 'image': one photo per request, got {parts} (send one request each)")
         top_k = top_k if top_k is not None else (top_k_q if top_k_q is not None else 5)
         strategy, select = strategy or strategy_q, select or select_q
         constrain = constrain if constrain is not None else constrain_q
