@@ -24,7 +24,7 @@ def register(subparsers) -> None:
         "serve",
         help="HTTP API + web page (upload a photo, see candidates on a world map)",
         description="Load a model bundle once and serve it: POST /v1/geolocate (multipart 'image'; fields "
-        "top_k, strategy, select), GET /v1/model, GET /healthz, the API reference at /docs (the schema at "
+        "top_k, strategy, select, constrain; one photo per request), GET /v1/model, GET /healthz, the API reference at /docs (the schema at "
         "/openapi.json), and a web page at / with an offline Blue Marble map. One model thread; requests that wait together are batched. "
         "A request is admitted while its expected wait in the queue (measured seconds per image x images "
         "queued) fits --max-queue-wait-s; beyond it, 503 with Retry-After. On Ctrl-C / SIGTERM the server "
