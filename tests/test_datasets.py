@@ -85,6 +85,7 @@ def test_yfcc_rows_whose_image_is_absent_are_left_out_and_counted(tmp_path):
         "bad_rows": 0,
         "rows_without_image": 8,
         "images_without_label": 0,
+        "matched_by_file_name": 0,
         "kept": 4,
     }
 

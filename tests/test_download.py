@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from geotoken.cli import main
-from geotoken.data.download import DownloadConfig, download, find_url_column
+from geotoken.data.download import DownloadConfig, download, find_url_column, read_url_list
 from geotoken.data.images import open_image
 from geotoken.data.manifest import read_manifest
 from geotoken.errors import GeoTokenError
@@ -136,4 +136,51 @@ def test_missing_img2dataset_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "img2dataset", None)  # import now raises ImportError
     urls = write_urls(tmp_path / "u.csv", [("a", "http://127.0.0.1:9/a.jpg", 1, 2)])
     assert main(["data", "download", str(urls), "-o", str(tmp_path / "out")]) == 2
+    assert "pip install 'geotoken[download]'" in capsys.readouterr().err
+
+
+def test_headerless_id_url_list_takes_coordinates_from_annotations(tmp_path, monkeypatch, capsys):
+    """GeoEstimation's mp16_urls.csv: no header, `image_id,url`, no coordinates. It failed with "no URL column
+    in header ['8a/4c/1.jpg', 'http://...']"; now its coordinates come from --annotations, joined by id."""
+    urls = tmp_path / "mp16_urls.csv"
+    urls.write_text(
+        "8a/4c/1.jpg,http://farm1.staticflickr.com/1/1_abc.jpg\n"
+        "\n"
+        "d9/a3/2.jpg,http://farm2.staticflickr.com/1/2_abc.jpg\n"
+        "00/00/3.jpg,http://farm3.staticflickr.com/1/3_abc.jpg\n"
+    )
+    annotations = write_urls(
+        tmp_path / "mp16_places365.csv",
+        [("d9/a3/2.jpg", "x", 40.5, -74.25), ("8a/4c/1.jpg", "y", 48.75, 2.5), ("other.jpg", "z", 1, 1)],
+        header=("IMG_ID", "AUTHOR", "LAT", "LON"),
+    )
+    with pytest.raises(
+        GeoTokenError, match=r"mp16_urls.csv: no header: .*no latitude/longitude; pass --annotations"
+    ):
+        read_url_list(urls)
+    with pytest.raises(
+        GeoTokenError, match=r"mp16_urls.csv: line 4: id '00/00/3.jpg': no row with id '00/00/3.jpg'"
+    ):
+        read_url_list(urls, annotations=annotations)
+    m = read_url_list(urls, annotations=annotations, on_error="skip", skip_report=tmp_path / "skipped.csv")
+    assert m.ids.tolist() == ["8a/4c/1.jpg", "d9/a3/2.jpg"]
+    assert m.lat.tolist() == [48.75, 40.5] and m.lon.tolist() == [2.5, -74.25]
+    assert m.images.tolist() == [
+        "http://farm1.staticflickr.com/1/1_abc.jpg",
+        "http://farm2.staticflickr.com/1/2_abc.jpg",
+    ]
+    assert (tmp_path / "skipped.csv").read_text().splitlines()[1].startswith("4,00/00/3.jpg,")
+    # a list with a header but no coordinates joins the same way
+    named = write_urls(
+        tmp_path / "named.csv", [("8a/4c/1.jpg", "http://h/1.jpg")], header=("image_id", "url")
+    )
+    assert read_url_list(named, annotations=annotations).lat.tolist() == [48.75]
+    with pytest.raises(GeoTokenError, match="has its own coordinates"):
+        read_url_list(write_urls(tmp_path / "u.csv", [("a", "http://h/a", 1, 2)]), annotations=annotations)
+    # the command: --annotations gets the list past validation (here to the missing img2dataset)
+    monkeypatch.setitem(sys.modules, "img2dataset", None)
+    argv = ["data", "download", str(urls), "-o", str(tmp_path / "out"), "--skip-bad"]
+    assert main(argv) == 2
+    assert "--annotations" in capsys.readouterr().err
+    assert main([*argv, "--annotations", str(annotations)]) == 2
     assert "pip install 'geotoken[download]'" in capsys.readouterr().err

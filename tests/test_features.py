@@ -93,7 +93,7 @@ def test_resume_after_crash_is_byte_identical(tmp_path):
 @pytest.mark.slow  # num_workers=1: a DataLoader worker process
 def test_bad_images_raise_or_are_recorded(tmp_path):
     manifest = make_manifest(tmp_path / "img", 9, bad={2: "corrupt", 7: "missing"})
-    with pytest.raises(GeoTokenError, match=r"row 2 \(id 'id2'\).*img002.png.*--skip-bad"):
+    with pytest.raises(GeoTokenError, match=r"row 3 of \d+ \(id 'id2'\).*img002.png.*--skip-bad"):
         run_embed(manifest, tmp_path / "strict")
     store = run_embed(manifest, tmp_path / "lenient", skip_bad=True, num_workers=1)
     assert [(s["row"], s["id"]) for s in store.skipped] == [(2, "id2"), (7, "id7")]

@@ -231,3 +231,29 @@ def test_text_that_is_not_utf8_is_an_error_naming_its_line(tmp_path):
     assert f"line {line}: not UTF-8 text (byte 0xff at offset {len(data) - 16})" in str(
         not_utf8(tmp_path / "big.csv")
     )
+
+
+def test_swapped_lat_lon_columns_are_an_error_naming_them(tmp_path):
+    """The 2018 im2gps3k_places365.csv: header IMG_ID,AUTHOR,LON,LAT over lat,lon values. Read as named, half
+    the rows failed the latitude range and were dropped while the rest were kept with swapped coordinates."""
+    cities = [(48.8566, 2.3522), (35.0116, 135.7681), (40.7128, -74.006), (-33.8688, 151.2093), (1.35, 103.8)]
+    rows = "".join(f"{i}.jpg,x,{lat},{lon}\n" for i, (lat, lon) in enumerate(cities))
+    p = write(tmp_path / "im2gps3k_places365.csv", "IMG_ID,AUTHOR,LON,LAT\n" + rows)
+    message = (
+        r"im2gps3k_places365.csv: the 'LAT' and 'LON' columns look swapped: 3 of 5 rows .*line 3: 135.7681"
+    )
+    for options in ({}, {"on_error": "skip", "skip_report": tmp_path / "skipped.csv"}):
+        with pytest.raises(GeoTokenError, match=message):
+            read_manifest(p, **options)
+    # read with the right header, the same values are fine
+    m = read_manifest(write(tmp_path / "fixed.csv", "IMG_ID,AUTHOR,LAT,LON\n" + rows))
+    assert m.lat.tolist() == [c[0] for c in cities]
+    # one garbled latitude is a bad row, not swapped columns
+    p = write(tmp_path / "one.csv", "id,lat,lon\na,10,20\nb,123,20\nc,30,40\n")
+    with pytest.raises(GeoTokenError, match=r"line 3: id 'b': lat 123.0 is outside"):
+        read_manifest(p)
+
+
+def test_geoclip_img_file_column_is_the_image(tmp_path):
+    p = write(tmp_path / "geoclip.csv", "IMG_FILE,LAT,LON\nphotos/a.jpg,1,2\n")
+    assert read_manifest(p).images.tolist() == [str(tmp_path / "photos" / "a.jpg")]

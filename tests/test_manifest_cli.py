@@ -9,15 +9,38 @@ from geotoken.data.manifest import read_manifest
 
 
 def test_manifest_command_writes_standard_csv(tmp_path, capsys):
-    src = tmp_path / "im2gps3k_places365.csv"
-    src.write_text("IMG_ID,AUTHOR,LAT,LON,S3_Label\na.jpg,x,1.5,2.5,0\nb.jpg,y,-3,4,1\n")
+    src = tmp_path / "points.csv"
+    src.write_text("id,latitude,longitude,file_path\na,1.5,2.5,a.jpg\nb,-3,4,sub/b.jpg\n")
     out = tmp_path / "out" / "manifest.csv"
-    assert main(["manifest", str(src), "-o", str(out), "--image-root", "/data/im2gps3k"]) == 0
+    assert main(["manifest", str(src), "-o", str(out), "--image-root", "/data/photos"]) == 0
     assert "wrote 2 rows" in capsys.readouterr().out
     assert (
         out.read_text()
-        == "id,lat,lon,image\na.jpg,1.5,2.5,/data/im2gps3k/a.jpg\nb.jpg,-3.0,4.0,/data/im2gps3k/b.jpg\n"
+        == "id,lat,lon,image\na,1.5,2.5,/data/photos/a.jpg\nb,-3.0,4.0,/data/photos/sub/b.jpg\n"
     )
+
+
+def test_manifest_without_format_refuses_images_named_by_id(tmp_path, capsys):
+    """An MP16-style IMG_ID joined to --image-root X.tar wrote paths into the tar (X.tar/8a/4c/1.jpg) that
+    exist nowhere, and exited 0: the id-named layouts need --format, and the error names it."""
+    out = tmp_path / "m.csv"
+    cases = [
+        ("mp16_places365.csv", "IMG_ID,AUTHOR,LAT,LON\n8a/4c/1.jpg,x,1,2\n", "--format mp16 "),
+        ("MP16_Pro_places365.csv", "IMG_ID,LAT,LON,city,state,country\na.jpg,1,2,P,I,F\n", "--format mp16-pro"),
+        ("im2gps3k_places365.csv", "IMG_ID,LAT,LON\na.jpg,1,2\n", "--format im2gps3k"),
+        ("yfcc25600_places365.csv", "IMG_ID,LAT,LON\na.jpg,1,2\n", "--format yfcc4k"),
+        ("test.csv", "id,latitude,longitude,thumb_original_url,sequence\n1,1,2,u,s\n", "--format osv5m"),
+    ]  # fmt: skip
+    for name, text, hint in cases:
+        src = tmp_path / name
+        src.write_text(text)
+        assert main(["manifest", str(src), "-o", str(out), "--image-root", str(tmp_path / "x.tar")]) == 2
+        err = capsys.readouterr().err
+        assert f"{name}: line 1: its images are named by the" in err and hint in err, err
+        assert not out.exists()
+    # ids without images (no image column, not an id-named layout) are still plain manifests
+    (tmp_path / "p.csv").write_text("id,lat,lon\na,1,2\n")
+    assert main(["manifest", str(tmp_path / "p.csv"), "-o", str(out)]) == 0
 
 
 def test_manifest_command_bad_input_one_line_exit_2(tmp_path, capsys):

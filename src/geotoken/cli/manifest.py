@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from geotoken.data.datasets import FORMATS, DatasetSource
-from geotoken.data.manifest import read_annotations
+from geotoken.data.datasets import FORMATS, DatasetSource, guess_format
+from geotoken.data.manifest import read_annotations, read_header
 from geotoken.errors import GeoTokenError
 from geotoken.io import check_outputs_spare_inputs
 from geotoken.stages import DatasetStageConfig, HoldoutConfig, read_datasets
@@ -19,8 +19,9 @@ def register(subparsers) -> None:
         "manifest",
         help=HELP,
         description=HELP
-        + ". Reads MP16 / MP16-Pro, Im2GPS3k, YFCC4k, OSV-5M, plain id,lat,lon,image CSVs and "
-        "LAT,LON lists (columns detected by name), or a folder / list of img2dataset .tar shards. Bad rows stop "
+        + ". Reads plain id,lat,lon,image CSVs and LAT,LON lists (columns detected by name), MP16 / "
+        "MP16-Pro, Im2GPS3k, YFCC4k and OSV-5M (their images are named by id: with --format), or a folder / "
+        "list of img2dataset .tar shards. Bad rows stop "
         "the command with the file, line and value, unless --skip-report is given.",
     )
     p.add_argument("inputs", nargs="+", help="annotation CSV, or .tar shards / a folder of them")
@@ -82,6 +83,24 @@ def run_format(args) -> int:
     return 0
 
 
+def check_images_named_by_id(inputs: list[str]) -> None:
+    """Refuse an annotation CSV whose images are named by its id column (MP16's IMG_ID, OSV-5M's id) without
+    --format: joined to --image-root those paths miss images in archives, sub-folders or no longer there,
+    and the manifest would list them all. --format finds each image and reports the rows without one."""
+    path = Path(inputs[0])
+    if len(inputs) != 1 or path.is_dir() or path.suffix == ".tar" or not path.is_file():
+        return  # shards, or an input error read_annotations reports
+    header = read_header(path)
+    fmt = guess_format(path, header)
+    if fmt is not None:
+        column = "id" if fmt == "osv5m" else "IMG_ID"
+        raise GeoTokenError(
+            f"{path}: line 1: its images are named by the {column} column; pass --format {fmt} (with "
+            f"--image-root: the images folder, or its .tar / .zip archives), which finds each row's image "
+            f"and reports the rows without one"
+        )
+
+
 def run(args) -> int:
     check_outputs_spare_inputs(args.inputs, args.out, args.skip_report)
     if args.format:
@@ -90,6 +109,7 @@ def run(args) -> int:
         raise GeoTokenError(
             "--holdout needs --format (a real dataset's layout, read as the dataset stage does)"
         )
+    check_images_named_by_id(args.inputs)
     m = read_annotations(
         args.inputs,
         image_root=args.image_root,

@@ -35,15 +35,24 @@ from pathlib import Path
 import numpy as np
 
 from geotoken.data.images import IMAGE_EXTENSIONS, archive_members, is_zip, read_shard_index, split_ref
-from geotoken.data.manifest import COLUMN_ALIASES, manifest_from_shards, normalize_column, read_manifest
+from geotoken.data.manifest import (
+    COLUMN_ALIASES,
+    detect_columns,
+    image_source,
+    manifest_from_shards,
+    normalize_column,
+    read_manifest,
+)
 from geotoken.data.table import Manifest
 from geotoken.errors import GeoTokenError
 from geotoken.io import atomic_open
 
+BY_NAME_LISTED = 20  # rows matched by file name only (in another folder) that a result lists
 FORMATS = ("mp16", "mp16-pro", "im2gps3k", "yfcc4k", "osv5m", "csv", "shards")
 ARCHIVES = (".tar", ".zip")
-# the place-name text of each row, as G3 builds it from MP16-Pro's columns (city, state, country; empty
-# parts dropped); other layouts with place columns can use their own template
+# the place-name text of each row, from MP16-Pro's city, state and country columns (`fill_template`: empty
+# parts dropped, a part repeating an earlier one dropped). G3's own text differs ("A street view photo taken
+# in " + the parts, repeats kept). Other layouts with place columns can use their own template.
 TEXT_TEMPLATES = {
     "mp16-pro": "a photo taken in {city}, {state}, {country}",
 }
@@ -97,21 +106,32 @@ class SourceResult:
     texts: list[str] | None
     report: list[tuple[str, str, str]] = field(default_factory=list)  # (where, id, reason)
     counts: dict[str, int] = field(default_factory=dict)
+    # rows whose image was found by file name in another folder than the row names (the first of them)
+    matched_by_name: list[tuple[str, str]] = field(default_factory=list)  # (id, image)
+    other_files: list[str] = field(default_factory=list)  # files under the images neither images nor archives
+    other_count: int = 0
 
 
 # ---------------------------------------------------------------------------------------------- images
 class ImageIndex:
     """The images of a source: relative path (posix) -> reference, with a by-file-name view for layouts
-    whose rows name a file but not its folder (OSV-5M's `<id>.jpg`, archives with their own folders)."""
+    whose rows name a file but not its folder (OSV-5M's `<id>.jpg`, archives with their own folders).
 
-    def __init__(self, refs: dict[str, str]):
+    other: the first OTHER_LISTED files that are neither images nor archives (other_count: all of them), so
+    that a root holding no images can say what it holds instead (e.g. the byte-split chunks of a tar)."""
+
+    OTHER_LISTED = 100
+
+    def __init__(self, refs: dict[str, str], other: list[str] | None = None, other_count: int = 0):
         self.refs = refs
-        self._names: dict[str, str] | None = None
+        self.other, self.other_count = other or [], other_count
+        self._names: dict[str, str | None] | None = None
 
     @classmethod
     def scan(cls, source: str | os.PathLike) -> ImageIndex:
-        """Every image file under a folder (recursive, hidden entries skipped) and every image member of the
-        archives (.tar / .zip) in it, or of one archive."""
+        """Every image file under a folder (recursive, following symlinked folders; hidden entries and macOS
+        `__MACOSX` folders skipped) and every image member of the archives (.tar / .zip) in it, or of one
+        archive."""
         source = os.path.abspath(source)
         refs: dict[str, str] = {}
         if os.path.isfile(source):
@@ -121,46 +141,89 @@ class ImageIndex:
             return cls(refs)
         if not os.path.isdir(source):
             raise GeoTokenError(f"{source}: image folder or archive not found")
-        for root, dirs, files in os.walk(source):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        other, other_count = [], 0
+        visited: set[str] = set()  # real paths: a symlink back to a parent folder must not loop forever
+        for root, dirs, files in os.walk(source, followlinks=True):
+            real = os.path.realpath(root)
+            if real in visited:
+                dirs[:] = []
+                continue
+            visited.add(real)
+            dirs[:] = sorted(d for d in dirs if not _junk(d))
             rel = os.path.relpath(root, source)
             for name in sorted(files):
-                if name.startswith("."):
+                if _junk(name):
                     continue
                 path = os.path.join(root, name)
+                key = name if rel == "." else posixpath.join(Path(rel).as_posix(), name)
                 low = name.lower()
                 if low.endswith(ARCHIVES):
                     cls._add_archive(refs, path)
                 elif os.path.splitext(low)[1] in IMAGE_EXTENSIONS:
-                    refs[name if rel == "." else posixpath.join(Path(rel).as_posix(), name)] = path
-        return cls(refs)
+                    refs[key] = path
+                else:
+                    other_count += 1
+                    if len(other) < cls.OTHER_LISTED:
+                        other.append(key)
+        return cls(refs, other, other_count)
 
     @staticmethod
     def _add_archive(refs: dict[str, str], path: str) -> None:
         members = archive_members(path)
         for m in members:
-            if os.path.splitext(m.lower())[1] in IMAGE_EXTENSIONS:
+            if os.path.splitext(m.lower())[1] in IMAGE_EXTENSIONS and not _junk_member(m):
                 refs.setdefault(m, f"{path}#{m}")
         if not is_zip(path):  # img2dataset shards: the dataset's id in KEY.json names the image
             for ref in _shard_ids(path, members):
                 refs.setdefault(*ref)
 
     @property
-    def names(self) -> dict[str, str]:
+    def names(self) -> dict[str, str | None]:
+        """file name -> relative path of the one image with that name; None where several images share it."""
         if self._names is None:
-            names: dict[str, str] = {}
+            names: dict[str, str | None] = {}
             for key, ref in self.refs.items():
-                names.setdefault(posixpath.basename(key), ref)
+                name = posixpath.basename(key)
+                if name in names and names[name] is not None and self.refs[names[name]] != ref:
+                    names[name] = None
+                else:
+                    names.setdefault(name, key)
             self._names = names
         return self._names
 
     def find(self, key: str) -> str | None:
-        """The reference of an image named by a row: its relative path, else (flattened with '_', as some
-        MP16 copies store 8a/4c/1.jpg as 8a_4c_1.jpg) by file name."""
-        ref = self.refs.get(key)
-        if ref is None:
-            ref = self.names.get(posixpath.basename(key)) or self.names.get(key.replace("/", "_"))
-        return ref
+        """The reference of the image a row names (see `match`), or None."""
+        return self.match(key)[0]
+
+    def match(self, key: str) -> tuple[str | None, bool]:
+        """(reference, matched by file name only) of the image a row names: its relative path; else its
+        flattened name (some MP16 copies store 8a/4c/1.jpg as 8a_4c_1.jpg) or its file name, when exactly one
+        image has that name; an id without an extension (YFCC4k's `6000000000`) also as `ID.jpg` etc.
+        "By file name only" means the row names a folder and the image is in another one."""
+        candidates = [key]
+        if not os.path.splitext(posixpath.basename(key))[1]:
+            candidates += [key + ext for ext in IMAGE_EXTENSIONS]
+        for k in candidates:
+            if k in self.refs:
+                return self.refs[k], False
+        for k in candidates:
+            for name in dict.fromkeys((k.replace("/", "_"), posixpath.basename(k))):
+                rel = self.names.get(name)
+                if rel is not None:
+                    elsewhere = "/" in k and name != k.replace("/", "_") and not rel.endswith("/" + k)
+                    return self.refs[rel], elsewhere
+        return None, False
+
+
+def _junk(name: str) -> bool:
+    """Hidden files and folders, and the `__MACOSX` resource-fork folder macOS adds to zips."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _junk_member(member: str) -> bool:
+    """An archive member under `__MACOSX/` or named `._*` (macOS resource forks) or hidden: not a photo."""
+    parts = member.split("/")
+    return "__MACOSX" in parts or parts[-1].startswith(".")
 
 
 def _shard_ids(path: str, members: list[str]) -> list[tuple[str, str]]:
@@ -201,8 +264,12 @@ def fill_template(template: str, values: dict[str, str]) -> str:
     return (head + ", ".join(parts)).strip() if parts else head.strip() or "a photo"
 
 
-def read_columns(path: str | os.PathLike, names: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """(header, {normalized name: values}) for the named columns of a CSV (matched case-insensitively)."""
+def read_columns(
+    path: str | os.PathLike, names: list[str]
+) -> tuple[list[str], dict[str, list[str]], dict[int, tuple[int, str]]]:
+    """(header, {normalized name: values}, {data row: (line, why it is short)}) for the named columns of a CSV
+    (matched case-insensitively). A row too short to hold them (a download cut off mid-row) gets "" values
+    and a reason, so that one bad row does not stop the whole file."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -215,34 +282,50 @@ def read_columns(path: str | os.PathLike, names: list[str]) -> tuple[list[str], 
         index = [norm.index(normalize_column(n)) for n in names]
         width = max(index) + 1
         values: list[list[str]] = [[] for _ in names]
-        for line, row in enumerate(filter(None, reader), start=2):
-            if len(row) < width:
-                raise GeoTokenError(f"{path}: line {line}: has {len(row)} fields, needs {width}")
-            for k, i in enumerate(index):
-                values[k].append(row[i])
-    return header, {normalize_column(n): v for n, v in zip(names, values)}
+        short: dict[int, tuple[int, str]] = {}
+        line = reader.line_num + 1
+        for row in reader:
+            if row:  # blank lines are not rows
+                if len(row) < width:
+                    short[len(values[0])] = (line, f"has {len(row)} fields, needs {width}")
+                for k, i in enumerate(index):
+                    values[k].append(row[i] if i < len(row) else "")
+            line = reader.line_num + 1
+    return header, {normalize_column(n): v for n, v in zip(names, values)}, short
 
 
 def texts_for(
     path: str | os.PathLike, ids, *, id_column: str, template: str | None = None, column: str | None = None
 ) -> list[str]:
     """One text per id (in the order of `ids`) from an annotation CSV: its `column`, or `template` filled
-    from its columns. An id the file does not have -> GeoTokenError."""
+    from its columns. An id the file does not have, or whose row is too short -> GeoTokenError."""
+    texts, bad = _texts(path, ids, id_column, template, column)
+    if bad:
+        line, reason = next(iter(bad.values()))
+        raise GeoTokenError(f"{path}: {f'line {line}: ' if line else ''}{reason}")
+    return texts
+
+
+def _texts(path, ids, id_column: str, template: str | None, column: str | None):
+    """(texts, {position in ids: (line or None, reason)}) for `texts_for`; rows with a reason get ""."""
     if (template is None) == (column is None):
         raise GeoTokenError("texts: give a template or a column (one of them)")
     names = [column] if column else list(dict.fromkeys(_FIELD.findall(template)))
-    _, cols = read_columns(path, [id_column, *names])
-    row_of = {s: i for i, s in enumerate(cols[normalize_column(id_column)])}
-    out = []
-    for s in np.asarray(ids).tolist():
+    _, cols, short = read_columns(path, [id_column, *names])
+    row_of: dict[str, int] = {}
+    for i, s in enumerate(cols[normalize_column(id_column)]):
+        row_of.setdefault(s, i)  # a duplicated id: its first row, the one the manifest keeps
+    texts, bad = [], {}
+    for k, s in enumerate(np.asarray(ids).tolist()):
         i = row_of.get(s)
-        if i is None:
-            raise GeoTokenError(f"{path}: no row with {id_column} {s!r}")
-        if column:
-            out.append(cols[normalize_column(column)][i])
+        if i is None or i in short:
+            bad[k] = (None, f"no row with {id_column} {s!r}") if i is None else short[i]
+            texts.append("")
+        elif column:
+            texts.append(cols[normalize_column(column)][i])
         else:
-            out.append(fill_template(template, {n: cols[normalize_column(n)][i] for n in names}))
-    return out
+            texts.append(fill_template(template, {n: cols[normalize_column(n)][i] for n in names}))
+    return texts, bad
 
 
 def read_texts(path: str | os.PathLike, ids, template: str | None = None) -> list[str]:
@@ -277,6 +360,21 @@ def write_report(path: str | os.PathLike, report: list[tuple[str, str, str]]) ->
 
 
 # ---------------------------------------------------------------------------------------------- reading
+def guess_format(path: str | os.PathLike, header: list[str]) -> str | None:
+    """The format whose reader finds the images of an annotation file that names them by id (IMG_ID, or
+    OSV-5M's id), from its columns and file name; None when its images are not named by id."""
+    kind = image_source(header, detect_columns(header, path))
+    if kind == "osv5m":
+        return "osv5m"
+    if kind != "img_id":
+        return None
+    name = normalize_column(Path(path).name)
+    norm = {normalize_column(h) for h in header}
+    if "mp16_pro" in name or {"city", "state", "country"} <= norm:
+        return "mp16-pro"
+    return next((f for f in ("im2gps3k", "yfcc4k") if f[:4] in name), "mp16")
+
+
 def _id_column(source: DatasetSource, header: list[str]) -> str:
     norm = [normalize_column(h) for h in header]
     for name in ("img_id", "id", "image_id"):
@@ -295,7 +393,7 @@ def read_source(source: DatasetSource, workdir: str | os.PathLike) -> SourceResu
     if source.format == "shards":
         manifest = manifest_from_shards(source.images, on_error="skip", skip_report=skips)
         report = _read_skips(skips, source.images)
-        manifest, report = _limit(manifest, report, source.limit)
+        manifest, _ = _limit(manifest, None, source.limit)
         return SourceResult(manifest, None, report, {"rows": len(manifest) + len(report),
                                                      "kept": len(manifest), "left_out": len(report)})  # fmt: skip
     annotations = Path(source.annotations)
@@ -320,13 +418,21 @@ def read_source(source: DatasetSource, workdir: str | os.PathLike) -> SourceResu
     else:
         keys = manifest.ids.tolist()  # MP16, Im2GPS3k, YFCC4k: the id is the image's relative path
     labelled = len(manifest)
+    by_name: list[tuple[str, str]] = []  # (row's id, image found by its file name in another folder)
+    other, other_count = [], 0
     if keys is None:
         refs = manifest.images.tolist()
         found = np.array([os.path.isfile(split_ref(r)[0]) for r in refs], dtype=bool)
         unlabelled: list[str] = []
     else:
         index = ImageIndex.scan(images)
-        refs = [index.find(k) or "" for k in keys]
+        other, other_count = index.other, index.other_count
+        refs = []
+        for s, k in zip(manifest.ids.tolist(), keys):
+            ref, elsewhere = index.match(k)
+            refs.append(ref or "")
+            if elsewhere:
+                by_name.append((s, ref))
         found = np.array([bool(r) for r in refs], dtype=bool)
         used = {r for r in refs if r} | {r for r in map(index.find, bad_ids) if r}
         unlabelled = sorted(key for key, r in index.refs.items() if r not in used)
@@ -337,20 +443,28 @@ def read_source(source: DatasetSource, workdir: str | os.PathLike) -> SourceResu
     ]
     report += [(images, key, "image without a label in the annotations") for key in unlabelled]
     manifest = manifest.subset(np.flatnonzero(found))
-    manifest, report = _limit(manifest, report, source.limit)
+    rows = labelled + bad_rows
     texts = None
     if source.text_column or source.template:
-        texts = texts_for(annotations, manifest.ids, id_column=id_column,
-                          template=None if source.text_column else source.template,
-                          column=source.text_column)  # fmt: skip
+        template = None if source.text_column else source.template
+        texts, short = _texts(annotations, manifest.ids, id_column, template, source.text_column)
+        if short:  # rows cut short before their place columns: bad rows like any other
+            ids = manifest.ids.tolist()
+            report += [(f"{annotations}: line {line}" if line else str(annotations), ids[k], reason)
+                       for k, (line, reason) in short.items()]  # fmt: skip
+            bad_rows += len(short)
+            keep = np.setdiff1d(np.arange(len(manifest)), list(short))
+            manifest, texts = manifest.subset(keep), [texts[k] for k in keep.tolist()]
+    manifest, texts = _limit(manifest, texts, source.limit)
     counts = {
-        "rows": labelled + bad_rows,
+        "rows": rows,
         "bad_rows": bad_rows,
         "rows_without_image": int((~found).sum()),
         "images_without_label": len(unlabelled),
+        "matched_by_file_name": len(by_name),
         "kept": len(manifest),
     }
-    return SourceResult(manifest, texts, report, counts)
+    return SourceResult(manifest, texts, report, counts, by_name[:BY_NAME_LISTED], other, other_count)
 
 
 def _header(path: Path) -> list[str]:
@@ -368,7 +482,7 @@ def _read_skips(path: Path, where: str) -> list[tuple[str, str, str]]:
     ]
 
 
-def _limit(manifest: Manifest, report, limit: int | None):
+def _limit(manifest: Manifest, texts: list[str] | None, limit: int | None):
     if limit is None or len(manifest) <= limit:
-        return manifest, report
-    return manifest.subset(np.arange(limit)), report
+        return manifest, texts
+    return manifest.subset(np.arange(limit)), None if texts is None else texts[:limit]

@@ -2,6 +2,8 @@
 
 img2dataset does the heavy lifting (process + thread pools, retries, resizing, `KEY.jpg` + `KEY.json` tar
 shards, a parquet of every sample's status, resuming finished shards). Around it we add what it lacks:
+- the URL list may be GeoEstimation's `mp16_urls.csv` (no header, `image_id,url`, no coordinates): the
+  coordinates then come from an annotation file joined by id (`annotations`, `--annotations`);
 - the URL list is validated first like any manifest (coordinates, duplicate ids; errors name the line), then
   handed over as parquet with string ids and float64 coordinates, so pandas' type guessing never turns an id
   like "007" into 7 or rounds a coordinate;
@@ -17,12 +19,22 @@ from __future__ import annotations
 
 import csv
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from geotoken.data.manifest import Manifest, manifest_from_shards, normalize_column, read_manifest
+from geotoken.data.manifest import (
+    COLUMN_ALIASES,
+    Manifest,
+    detect_columns,
+    finish_manifest,
+    manifest_from_shards,
+    normalize_column,
+    read_header,
+    read_manifest,
+)
 from geotoken.errors import GeoTokenError
 from geotoken.io import atomic_open, atomic_path, read_json, sha256_file, write_json
 
@@ -78,16 +90,130 @@ class DownloadResult:
 
 def find_url_column(path: str | os.PathLike) -> str:
     """The header name of the URL column (case-insensitive, from URL_ALIASES)."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f), [])
-    except OSError as exc:
-        raise GeoTokenError(f"{path}: cannot read URL list: {exc.strerror or exc}") from None
+    header = _first_row(path)
     names = [normalize_column(h) for h in header]
     for alias in URL_ALIASES:
         if alias in names:
             return header[names.index(alias)]
     raise GeoTokenError(f"{path}: line 1: no URL column in header {header}; expected one of {URL_ALIASES}")
+
+
+def _first_row(path: str | os.PathLike) -> list[str]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return next(csv.reader(f), [])
+    except OSError as exc:
+        raise GeoTokenError(f"{path}: cannot read URL list: {exc.strerror or exc}") from None
+
+
+def _is_url(value: str) -> bool:
+    return value.strip().lower().startswith(("http://", "https://"))
+
+
+def read_url_list(
+    path: str | os.PathLike,
+    *,
+    annotations: str | os.PathLike | None = None,
+    on_error: str = "raise",
+    skip_report: str | os.PathLike | None = None,
+) -> Manifest:
+    """The rows to download, validated: ids, coordinates and, as images, the URLs.
+
+    The list is a CSV with a URL column and lat/lon (+ id) columns, or GeoEstimation's `mp16_urls.csv`: no
+    header, two columns `image_id,url`, no coordinates. annotations: a CSV (e.g. `mp16_places365.csv`) whose
+    coordinates are joined to the list by id, for lists without them; a list row whose id it lacks is a bad
+    row (see `read_manifest` for on_error and skip_report)."""
+    path = Path(path)
+    first = _first_row(path)
+    headerless = any(_is_url(v) for v in first)
+    if headerless and (len(first) != 2 or not _is_url(first[1])):
+        raise GeoTokenError(
+            f"{path}: line 1 is a row, not a header; a URL list without a header must have two columns, "
+            f"image_id,url (GeoEstimation's mp16_urls.csv); got {len(first)} fields"
+        )
+    names = [normalize_column(h) for h in first]
+    has_coords = not headerless and any(a in names for a in COLUMN_ALIASES["lat"])
+    if annotations is None:
+        if not has_coords:
+            raise GeoTokenError(
+                f"{path}: {'no header: ' if headerless else ''}the URL list has no latitude/longitude; "
+                f"pass --annotations CSV (library: annotations=) to take them from an annotation file with "
+                f"the same ids, e.g. mp16_places365.csv for mp16_urls.csv"
+            )
+        url_column = find_url_column(path)
+        return read_manifest(path, image_column=url_column, on_error=on_error, skip_report=skip_report)
+    if has_coords:
+        raise GeoTokenError(
+            f"{path}: line 1: the URL list has its own coordinates; --annotations is for lists without them"
+        )
+    ids, urls, lines = _ids_and_urls(path, first, headerless)
+    coords, why = _coordinates(Path(annotations), on_error)
+    problems, lat, lon = {}, [], []
+    for i, s in enumerate(ids):
+        c = coords.get(s)
+        if c is None:
+            problems[i] = why.get(s, f"no row with id {s!r} in {annotations}")
+        lat.append("" if c is None else c[0])
+        lon.append("" if c is None else c[1])
+
+    def locate(rows: np.ndarray) -> list[tuple[str, int]]:
+        return [(f"{path}: line {lines[i]}", lines[i]) for i in rows.tolist()]
+
+    return finish_manifest(
+        ids, lat, lon, urls, source=str(path), locations=locate, problems=problems, on_error=on_error,
+        skip_report=skip_report,
+    )  # fmt: skip
+
+
+def _ids_and_urls(path: Path, first: list[str], headerless: bool):
+    """(ids, urls, file line of each row) of a URL list: its id and URL columns, or the headerless two."""
+    if headerless:
+        id_at, url_at = 0, 1
+    else:
+        names = [normalize_column(h) for h in first]
+        url_at = names.index(normalize_column(find_url_column(path)))
+        id_at = next((names.index(a) for a in COLUMN_ALIASES["id"] if a in names), None)
+        if id_at is None:
+            raise GeoTokenError(
+                f"{path}: line 1: no id column in header {first} to join --annotations by; expected one of "
+                f"{COLUMN_ALIASES['id']}"
+            )
+    ids, urls, lines = [], [], []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        if not headerless:
+            next(reader)
+        line = reader.line_num + 1
+        for row in reader:
+            if row:
+                if len(row) <= max(id_at, url_at):
+                    raise GeoTokenError(
+                        f"{path}: line {line}: has {len(row)} fields, needs {max(id_at, url_at) + 1}"
+                    )
+                ids.append(row[id_at].strip())
+                urls.append(row[url_at].strip())
+                lines.append(line)
+            line = reader.line_num + 1
+    return ids, urls, lines
+
+
+def _coordinates(annotations: Path, on_error: str) -> tuple[dict[str, tuple[float, float]], dict[str, str]]:
+    """id -> (lat, lon) of an annotation file, and id -> why, for its bad rows (on_error="skip")."""
+    if "id" not in detect_columns(read_header(annotations), annotations):
+        raise GeoTokenError(
+            f"{annotations}: line 1: no id column to join the URL list by; "
+            f"expected one of {COLUMN_ALIASES['id']}"
+        )
+    why: dict[str, str] = {}
+    if on_error != "skip":
+        m = read_manifest(annotations)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp) / "skipped.csv"
+            m = read_manifest(annotations, on_error="skip", skip_report=report)
+            with open(report, newline="", encoding="utf-8") as f:
+                why = {r["id"]: f"{annotations}: line {r['row']}: {r['reason']}" for r in csv.DictReader(f)}
+    return dict(zip(m.ids.tolist(), zip(m.lat.tolist(), m.lon.tolist()))), why
 
 
 def _require_img2dataset():
@@ -117,8 +243,10 @@ def download(
     config: DownloadConfig | None = None,
     *,
     on_error: str = "raise",
+    annotations: str | os.PathLike | None = None,
 ) -> DownloadResult:
-    """Download every URL of `urls_csv` (columns: url + lat/lon (+ id), detected by name) into `output_dir`.
+    """Download every URL of `urls_csv` (columns: url + lat/lon (+ id), detected by name; or `image_id,url`
+    without a header and coordinates joined by id from `annotations`: `read_url_list`) into `output_dir`.
 
     Writes `NNNNN.tar` shards (+ img2dataset's per-shard parquet and stats), `manifest.csv`, `failed.csv`, and
     `_geotoken/` (the validated URL list as parquet; `download.json`: config, input hash, counts).
@@ -126,18 +254,21 @@ def download(
     refusing the whole list. Rerunning resumes: finished shards are kept, a finished job is not redone."""
     config = config or DownloadConfig()
     urls_csv, output_dir = Path(urls_csv), Path(output_dir)
-    url_column = find_url_column(urls_csv)
+    if not urls_csv.is_file():
+        raise GeoTokenError(f"{urls_csv}: URL list not found")
+    if annotations is not None and not Path(annotations).is_file():
+        raise GeoTokenError(f"{annotations}: annotation file not found")
     state = {
         "input": str(urls_csv.resolve()),
         "input_sha256": sha256_file(urls_csv),
+        "annotations_sha256": sha256_file(annotations) if annotations is not None else None,
         "output": {k: getattr(config, k) for k in _OUTPUT_FIELDS},
     }
     # img2dataset takes every *.json in its output folder for a shard's stats, so our state lives in a sub-folder
     state_json = output_dir / "_geotoken" / "download.json"
     old = read_json(state_json) if state_json.exists() else None
-    if old is not None and {k: old.get(k) for k in ("input_sha256", "output")} != {
-        k: state[k] for k in ("input_sha256", "output")
-    }:
+    same = ("input_sha256", "annotations_sha256", "output")
+    if old is not None and {k: old.get(k) for k in same} != {k: state[k] for k in same}:
         raise GeoTokenError(
             f"{output_dir}: holds a download of another input or config (see {state_json}); "
             f"use a new output folder, or the same URL list and options to resume"
@@ -154,7 +285,7 @@ def download(
         )
 
     skipped = output_dir / "skipped_rows.csv" if on_error == "skip" else None
-    urls = read_manifest(urls_csv, image_column=url_column, on_error=on_error, skip_report=skipped)
+    urls = read_url_list(urls_csv, annotations=annotations, on_error=on_error, skip_report=skipped)
     if len(urls) == 0:
         raise GeoTokenError(f"{urls_csv}: no rows to download")
     img2dataset = _require_img2dataset()

@@ -12,7 +12,8 @@ Supported layouts (columns are found by name, case-insensitively, from the alias
 Real downloads put images elsewhere (OSV-5M's `images/test/00/<id>.jpg` or its zip archives, MP16 in tar
 shards, YFCC4k's 4,536 images for 25,600 rows): `geotoken.data.datasets` finds each row's image in those
 layouts and reports rows without an image and images without a row (`geotoken manifest --format`).
-- plain: `id,lat,lon,image` or `id,lat,lon,path` (what `Manifest.write_csv` writes).
+- plain: `id,lat,lon,image` or `id,lat,lon,path` (what `Manifest.write_csv` writes), GeoCLIP's
+  `IMG_FILE,LAT,LON`.
 - `LAT,LON` without ids (GeoCLIP's gallery): ids are the 0-based data row numbers, no images.
 - img2dataset WebDataset shards (`manifest_from_shards`): lat/lon (and the id) from each sample's `KEY.json`.
 
@@ -59,11 +60,14 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
         "filename",
         "file_name",
         "file",
+        "img_file",  # GeoCLIP's loader
     ),
 }
 # Columns that only OSV-5M's annotation files have: with `id,latitude,longitude` they mean images are `{id}.jpg`.
 _OSV5M_COLUMNS = {"thumb_original_url", "sequence", "captured_at", "land_cover"}
 COORD_TOLERANCE = 1e-6  # degrees
+# at least this share of rows with latitudes out of range (and all fine exchanged): the columns are swapped
+SWAPPED_SHARE = 0.1
 ON_ERROR = ("raise", "skip")
 
 TOKEN_BLOCK = 1 << 20  # rows per progress step of `manifest_tokens`
@@ -133,6 +137,27 @@ def _check_range(x: np.ndarray, field: str, limit: float, wrap: bool, problems: 
     return x
 
 
+def _check_swapped(lat: np.ndarray, lon: np.ndarray, names: dict[str, str], source: str, locations) -> None:
+    """Refuse latitude/longitude columns that look exchanged instead of dropping half the rows as out of range
+    and keeping the rest with swapped coordinates (the 2018 im2gps3k_places365.csv: header LON,LAT over
+    lat,lon values). Guessing the fix could hide a real garbled column, so this is an error."""
+    with np.errstate(invalid="ignore"):
+        off = np.abs(lat) > 90.0 + COORD_TOLERANCE
+        fine = (np.abs(lat) <= 180.0 + COORD_TOLERANCE) & (np.abs(lon) <= 90.0 + COORD_TOLERANCE)
+    numbers = np.isfinite(lat) & np.isfinite(lon)
+    count = int(off.sum())
+    if count < max(2, SWAPPED_SHARE * len(lat)) or not fine[numbers].all():
+        return
+    i = int(np.flatnonzero(off)[0])
+    where = locations(np.array([i])) if callable(locations) else [(locations[i], locations[i])]
+    raise GeoTokenError(
+        f"{source}: the {names['lat']!r} and {names['lon']!r} columns look swapped: {count} of {len(lat)} "
+        f"rows have {names['lat']} outside [-90, 90] (first: {where[0][0]}: {float(lat[i])!r}) and every row "
+        f"fits with the two exchanged; fix the header (or get the current file: TIBHannover/GeoEstimation "
+        f"fixed im2gps3k_places365.csv in 2020)"
+    )
+
+
 def _line_numbers(path: Path, count: int) -> np.ndarray:
     """1-based file line where each data record starts (records with quoted newlines span several lines)."""
     lines = np.empty(count, dtype=np.int64)
@@ -194,7 +219,7 @@ def read_manifest(
     if not path.is_file():
         raise GeoTokenError(f"{path}: annotation file not found")
 
-    header = _read_header(path)
+    header = read_header(path)
     cols = detect_columns(header, path)
     if image_column is not None:
         names = [normalize_column(h) for h in header]
@@ -231,7 +256,8 @@ def read_manifest(
     )
 
 
-def _read_header(path: Path) -> list[str]:
+def read_header(path: Path) -> list[str]:
+    """The first line of a CSV, or a GeoTokenError naming the file (empty, not UTF-8, unparseable)."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         try:
             return next(csv.reader(f))
@@ -350,8 +376,10 @@ def finish_manifest(
     problems = dict(problems or {})
     names = {"id": "id", "lat": "lat", "lon": "lon", **(field_names or {})}
     n = len(ids)
-    lat = _check_range(_parse_floats(lat, names["lat"], problems), names["lat"], 90.0, False, problems)
-    lon = _check_range(_parse_floats(lon, names["lon"], problems), names["lon"], 180.0, True, problems)
+    lat, lon = _parse_floats(lat, names["lat"], problems), _parse_floats(lon, names["lon"], problems)
+    _check_swapped(lat, lon, names, source, locations)
+    lat = _check_range(lat, names["lat"], 90.0, False, problems)
+    lon = _check_range(lon, names["lon"], 180.0, True, problems)
     unique = set(ids)
     if "" in unique:
         empty = [i for i, s in enumerate(ids) if not s]
@@ -413,19 +441,32 @@ def write_skip_report(path: str | os.PathLike, rows, ids, reasons) -> None:
         w.writerows(zip(np.asarray(rows).tolist(), ids, reasons))
 
 
+def image_source(header: list[str], cols: dict[str, int]) -> str | None:
+    """Where a row's image comes from: "image" (a column of paths), "img_id" (MP16, Im2GPS3k, YFCC4k: the
+    id is the path), "osv5m" (`{id}.jpg`), or None (no images)."""
+    if "image" in cols:
+        return "image"
+    if "id" not in cols:
+        return None
+    if normalize_column(header[cols["id"]]) == "img_id":
+        return "img_id"
+    norm = {normalize_column(h) for h in header}
+    if normalize_column(header[cols["lat"]]) == "latitude" and norm & _OSV5M_COLUMNS:
+        return "osv5m"
+    return None
+
+
 def _image_references(path, header, cols, columns, ids, image_root) -> list[str]:
     """Absolute image references per row: the image column, else the id for layouts where it is the file name."""
-    norm = {normalize_column(h) for h in header}
-    if "image" in cols:
-        refs = columns["image"]
-    elif "id" in cols and normalize_column(header[cols["id"]]) == "img_id":  # MP16, Im2GPS3k, YFCC4k
-        refs = ids
-    elif (
-        "id" in cols and normalize_column(header[cols["lat"]]) == "latitude" and norm & _OSV5M_COLUMNS
-    ):  # OSV-5M
-        refs = [f"{s}.jpg" for s in ids]
-    else:
+    kind = image_source(header, cols)
+    if kind is None:
         return [""] * len(ids)
+    if kind == "image":
+        refs = columns["image"]
+    elif kind == "img_id":
+        refs = ids
+    else:
+        refs = [f"{s}.jpg" for s in ids]
     root = os.path.abspath(image_root if image_root is not None else path.parent).rstrip(os.sep) + os.sep
     absolute = os.sep  # what an absolute path starts with (POSIX); remote URLs are kept as they are
     return [r if (not r or r[0] == absolute or "://" in r) else root + r for r in refs]

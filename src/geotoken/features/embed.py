@@ -116,6 +116,33 @@ def _open_or_create(out_dir: Path, manifest, backbone, identity: dict[str, Any])
     return FeatureStore.create(out_dir, manifest.ids, coords, {"features": backbone.dim}, **identity)
 
 
+def _skipped(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted((s for r in records for s in r["skipped"]), key=lambda s: s["row"])
+
+
+def _write_skipped(store: FeatureStore, skipped: list[dict[str, Any]]) -> None:
+    with atomic_open(store.root / SKIPPED, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "row", "reason"])
+        writer.writeheader()
+        writer.writerows(skipped)
+
+
+def _check_some_embedded(store: FeatureStore, manifest, rank: int) -> None:
+    """--skip-bad that skipped every row leaves a store of NaNs that every later step would choke on: stop
+    here, with the first reason (usually a wrong image root), and list them all in skipped.csv."""
+    skipped = _skipped(_load_records(store))
+    if not store.rows or len(skipped) < store.rows:
+        return
+    if rank == 0:
+        _write_skipped(store, skipped)
+    first = skipped[0]
+    raise GeoTokenError(
+        f"{store.root}: every image was unreadable ({store.rows} of {store.rows} skipped, listed in "
+        f"{store.root / SKIPPED}); first: manifest row {first['row'] + 1} (id {str(first['id'])!r}): "
+        f"{str(manifest.images[first['row']])!r}: {first['reason']}; check the manifest's image paths"
+    )
+
+
 def _finish(store: FeatureStore, n_chunks: int) -> None:
     """Rank 0 only: check every chunk is done, merge skipped rows into the header, write skipped.csv."""
     records = _load_records(store)
@@ -124,12 +151,9 @@ def _finish(store: FeatureStore, n_chunks: int) -> None:
         raise GeoTokenError(
             f"{store.root}: {len(missing)} chunks not embedded (first: {missing[0]}); rerun to resume"
         )
-    skipped = sorted((s for r in records for s in r["skipped"]), key=lambda s: s["row"])
+    skipped = _skipped(records)
     if skipped:
-        with atomic_open(store.root / SKIPPED, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=["id", "row", "reason"])
-            writer.writeheader()
-            writer.writerows(skipped)
+        _write_skipped(store, skipped)
     store.header["skipped"] = skipped
     store.mark_complete("features")
     for path in (store.root / PROGRESS).glob("*"):
@@ -225,7 +249,8 @@ def embed(
             write_json(record_path, record)
             bar.update(len(block))
 
-    dist.barrier()
+    dist.barrier()  # every record is written: each process sees the same skipped rows
+    _check_some_embedded(store, manifest, dist.rank)
     if dist.rank == 0:
         _finish(store, n_chunks)
     dist.barrier()

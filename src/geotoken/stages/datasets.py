@@ -12,6 +12,9 @@ the features stage reads) and `table` (the evaluation as the paper's Table I, be
 from __future__ import annotations
 
 import dataclasses
+import os
+import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from geotoken.data.datasets import DatasetSource, read_source, write_report, write_texts
+from geotoken.data.datasets import ARCHIVES, DatasetSource, read_source, write_report, write_texts
 from geotoken.errors import GeoTokenError
 from geotoken.evaluate.metrics import MethodMetrics, markdown_table
 from geotoken.geo import THRESHOLDS_KM
@@ -64,13 +67,18 @@ def read_datasets(config: DatasetStageConfig, out: Path, *, log: Log = print) ->
     if config.holdout is not None:
         _holdout(config.holdout, results)
     info: dict[str, Any] = {"sizes": {}, "sources": {}, "content_hash": {}}
+    sources = {s.split: s for s in config.sources}
     for split, r in results.items():
         if len(r.manifest) == 0:
-            raise GeoTokenError(f"dataset stage: split {split!r} has no row with an image (see its report)")
+            _no_images(split, sources.get(split), r, out)
         r.manifest.write_csv(out / f"{split}.csv")
         if r.texts is not None:
             write_texts(texts_path(out, split), r.manifest.ids, r.texts)
         write_report(out / f"{split}.report.csv", r.report)
+        if r.matched_by_name:
+            s, image = r.matched_by_name[0]
+            log(f"  {split}: {r.counts['matched_by_file_name']:,} rows matched an image by file name in "
+                f"another folder than they name (first: {s!r} -> {image}); check the images")  # fmt: skip
         info["sizes"][split] = len(r.manifest)
         info["sources"][split] = {**r.counts, "left_out": len(r.report), "texts": r.texts is not None}
         info["content_hash"][split] = r.manifest.content_hash()
@@ -78,6 +86,39 @@ def read_datasets(config: DatasetStageConfig, out: Path, *, log: Log = print) ->
             f"({split}.report.csv)")  # fmt: skip
     write_json(out / "dataset.json", info)
     return info
+
+
+# byte-split pieces of one archive: mp-16-images00, mp-16-images01 (the Hub's MP16-Pro), x.tar.001, x.part2
+_CHUNK = re.compile(r"^(?P<stem>.*?\D)(?:[._-]?part)?[._-]?\d{1,3}$")
+
+
+def _no_images(split: str, source, r, out: Path) -> None:
+    """A split without one row that has an image: write its report, then say what the images path holds
+    instead (files that are neither images nor archives, e.g. an archive still in byte-split chunks)."""
+    images = (source.images or os.path.dirname(source.annotations or "")) if source else ""
+    skipped = [
+        (images, name, "neither an image nor a .tar / .zip archive: skipped") for name in r.other_files
+    ]
+    report = out / f"{split}.report.csv"
+    write_report(report, r.report + skipped)
+    message = f"dataset stage: split {split!r} has no row with an image (see {report})"
+    if r.other_count:
+        shown = ", ".join(r.other_files[:5]) + (", ..." if r.other_count > 5 else "")
+        message += (f"; {images} holds no image the rows name, and {r.other_count} files there are neither "
+                    f"images nor .tar / .zip archives: {shown}")  # fmt: skip
+        pieces: dict[str, list[str]] = {}
+        for name in r.other_files:
+            m = _CHUNK.match(posixpath.basename(name))
+            if m:
+                pieces.setdefault(posixpath.join(posixpath.dirname(name), m["stem"]), []).append(name)
+        stem = next((stem for stem, names in pieces.items() if len(names) > 1), None)
+        if stem:
+            target = stem if stem.lower().endswith(ARCHIVES) else stem.rstrip("._-") + ".tar"
+            names = ", ".join(pieces[stem][:3]) + (", ..." if len(pieces[stem]) > 3 else "")
+            message += (f". {names} look like the pieces of one split archive: join them first "
+                        f"(cat {os.path.join(images, stem)}* > {os.path.join(images, target)}) and give that "
+                        f"archive as the images")  # fmt: skip
+    raise GeoTokenError(message)
 
 
 def _holdout(h: HoldoutConfig, results: dict) -> None:
@@ -100,6 +141,7 @@ def _holdout(h: HoldoutConfig, results: dict) -> None:
         texts=None if texts is None else texts[held].tolist(),
         report=[],
         counts={"held_out_of": h.source, "kept": h.size},
+        matched_by_name=[],
     )
     results[h.source] = dataclasses.replace(
         src, manifest=src.manifest.subset(keep), texts=None if texts is None else texts[keep].tolist(),

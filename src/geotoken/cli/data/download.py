@@ -15,10 +15,17 @@ def register(subparsers) -> None:
         description=HELP
         + ". Wraps img2dataset (pip install 'geotoken[download]'). The CSV needs a URL column "
         "(url, image_url, thumb_original_url, ...) and lat/lon columns; an id column (IMG_ID, id, ...) is kept. "
+        "A list without coordinates (GeoEstimation's mp16_urls.csv: no header, image_id,url) takes them from "
+        "--annotations (mp16_places365.csv), joined by id. "
         "Writes NNNNN.tar shards, manifest.csv (id,lat,lon,image), failed.csv and _geotoken/download.json to the output "
         "folder. Rerun the same command to resume.",
     )
-    p.add_argument("urls", help="CSV with url + lat/lon (+ id) columns")
+    p.add_argument("urls", help="CSV with url + lat/lon (+ id) columns, or headerless image_id,url rows")
+    p.add_argument(
+        "--annotations",
+        help="annotation CSV whose lat/lon are joined to the URL list by id (for lists without coordinates, "
+        "e.g. mp16_places365.csv for mp16_urls.csv)",
+    )
     p.add_argument("-o", "--out", required=True, help="output folder for the shards")
     p.add_argument(
         "--image-size", type=int, default=d.image_size, help="target size in pixels (default %(default)s)"
@@ -54,7 +61,13 @@ def run(args) -> int:
         retries=args.retries,
         timeout=args.timeout,
     )
-    r = download(args.urls, args.out, config, on_error="skip" if args.skip_bad else "raise")
+    r = download(
+        args.urls,
+        args.out,
+        config,
+        on_error="skip" if args.skip_bad else "raise",
+        annotations=args.annotations,
+    )
     print(
         f"downloaded {r.downloaded} of {r.requested} images into {args.out}; {r.failed} failed (see {r.failed_csv})"
     )
