@@ -22,7 +22,6 @@ from PIL import Image
 import helpers
 from geotoken import assets, testing
 from geotoken.encoders.geoclip import GeoCLIPFiles
-from geotoken.io import read_json, write_json
 from geotoken.predict import GeoCLIPPredictor
 from geotoken.testing import small_geoclip_files, tiny_clip
 
@@ -48,22 +47,19 @@ def tiny_model():
 def random_bundle(tmp_path_factory):
     """Factory: random_bundle(gallery_rows=64, k=5, image_size=None) -> Path of an untrained bundle
     (geotoken.testing.random_bundle, seed 0), built once per session for each set of arguments.
-    `image_size` rewrites the backbone's input size (32 makes a CPU forward pass quick). Shared between
+    `image_size` is the backbone's input size (32 makes a CPU forward pass quick). Shared between
     test modules: read it, or copy it before changing anything."""
     built: dict[tuple, Path] = {}
 
     def get(gallery_rows: int = 64, k: int = 5, image_size: int | None = None) -> Path:
         key = (gallery_rows, k, image_size)
         if key not in built:
-            bundle = testing.random_bundle(
-                tmp_path_factory.mktemp("bundle") / "b", gallery_rows=gallery_rows, k=k
+            built[key] = testing.random_bundle(
+                tmp_path_factory.mktemp("bundle") / "b",
+                gallery_rows=gallery_rows,
+                k=k,
+                image_size=image_size or 224,
             )
-            if image_size is not None:
-                write_json(
-                    bundle / "backbone.json",
-                    {**read_json(bundle / "backbone.json"), "image_size": image_size},
-                )
-            built[key] = bundle
         return built[key]
 
     return get

@@ -4,10 +4,10 @@ hub cache laid out exactly as `huggingface_hub` lays it out (blobs, snapshots of
 the real library with HF_HUB_OFFLINE=1."""
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
-from pathlib import Path
 
 import huggingface_hub
 import huggingface_hub.constants
@@ -25,12 +25,14 @@ from geotoken.bundle import (
     model_card,
     push_to_hub,
     read_bundle,
+    set_bundle_part,
 )
 from geotoken.cli import main
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
 from geotoken.io import read_json
 from geotoken.predict import Geolocator
+from geotoken.search.calibration import Calibration
 from geotoken.testing import random_bundle
 
 torch.set_num_threads(1)
@@ -143,14 +145,16 @@ class RecordingHfApi:
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
 
-    def upload_folder(self, **kwargs):
-        root = Path(kwargs["folder_path"])
-        files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-        card = (root / "README.md").read_text()
-        self.calls.append(("upload_folder", {**kwargs, "files": files, "card": card}))
-        return type(
-            "CommitInfo", (), {"commit_url": f"https://huggingface.co/{kwargs['repo_id']}/commit/abc"}
-        )()
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        files = sorted(op.path_in_repo for op in operations)
+        [card] = [op.path_or_fileobj for op in operations if op.path_in_repo == "README.md"]
+        self.calls.append(
+            ("create_commit", {"repo_id": repo_id, **kwargs, "files": files, "card": card.decode()})
+        )
+        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
 
 
 @pytest.fixture
@@ -160,24 +164,45 @@ def hf_api(monkeypatch):
     return RecordingHfApi.calls
 
 
-def test_push_to_hub_uploads_the_folder(bundle, tmp_path, hf_api):
+def snapshot(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_push_to_hub_uploads_the_bundle(bundle, tmp_path, hf_api):
     work = tmp_path / "b"
     shutil.copytree(bundle, work)
-    url = push_to_hub(work, "me/geotoken-demo", private=True, token="hf_x", revision="dev")
+    for stray in (".DS_Store", "stage.json", ".README.md.x1y2.tmp", "model/.DS_Store"):
+        (work / stray).write_text("not part of the bundle")
+    before = snapshot(work)
+    url = push_to_hub(
+        work, "me/geotoken-demo", private=True, token="hf_x", revision="dev", commit_message="hi"
+    )
     assert url == "https://huggingface.co/me/geotoken-demo/commit/abc"
-    (_, init), (_, create), (_, upload) = hf_api
+    (_, init), (_, create), (_, branch), (_, commit) = hf_api
     assert init == {"token": "hf_x"}
     assert create == {"repo_id": "me/geotoken-demo", "repo_type": "model", "private": True, "exist_ok": True}
-    assert (
-        upload["repo_id"] == "me/geotoken-demo"
-        and upload["repo_type"] == "model"
-        and upload["revision"] == "dev"
-    )
-    assert upload["folder_path"] == str(work) and {"bundle.json", "README.md", "model/config.json"} <= set(upload["files"])  # fmt: skip
-    assert 'from_pretrained("me/geotoken-demo")' in upload["card"] and "ORG/NAME" not in upload["card"]
+    assert branch == {"repo_id": "me/geotoken-demo", "branch": "dev", "repo_type": "model", "exist_ok": True}
+    assert commit["revision"] == "dev" and commit["repo_type"] == "model" and commit["commit_message"] == "hi"
+    want = sorted(["README.md", *(f for f in snapshot(bundle) if f != "README.md")])
+    assert commit["files"] == want and {
+        "bundle.json",
+        "model/config.json",
+        "gallery/index/index.json",
+    } <= set(want)
+    assert 'from_pretrained("me/geotoken-demo")' in commit["card"] and "ORG/NAME" not in commit["card"]
+
+    # a second repo: its own id in the card; no branch for main; the folder never changes
+    hf_api.clear()
+    push_to_hub(work, "me/second", revision="main")
+    [commit] = [c for name, c in hf_api if name == "create_commit"]
+    assert "create_branch" not in [name for name, _ in hf_api]
+    assert "--model me/second" in commit["card"] and "geotoken-demo" not in commit["card"]
+    assert snapshot(work) == before and "ORG/NAME" in (work / "README.md").read_text()
 
     with pytest.raises(GeoTokenError, match="not a Hugging Face Hub repo id"):
         push_to_hub(work, "not a repo")
+    with pytest.raises(GeoTokenError, match="not a Hugging Face Hub repo id"):
+        push_to_hub(work, "me/a--b")  # huggingface_hub's own rule
     with pytest.raises(GeoTokenError, match="not a model bundle"):
         push_to_hub(tmp_path, "me/x")
     spec = json.loads((work / "bundle.json").read_text())
@@ -186,6 +211,70 @@ def test_push_to_hub_uploads_the_folder(bundle, tmp_path, hf_api):
     with pytest.raises(GeoTokenError, match="local folder /somewhere/clip, which nobody else has"):
         push_to_hub(work, "me/x")
     push_to_hub(work, "me/x", allow_local_backbone=True)
+
+
+def test_a_copied_bundle_records_no_local_path(bundle):
+    assert "source" not in read_json(bundle / "gallery" / "store.json")
+    assert "store" not in read_json(bundle / "gallery" / "index" / "index.json")
+
+
+def test_push_failures_are_one_error_naming_the_repo(bundle, monkeypatch):
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError
+
+    httpx = pytest.importorskip("httpx2")  # the HTTP library under huggingface_hub 2
+    unauthorized = httpx.Response(
+        401, request=httpx.Request("POST", "https://huggingface.co/api/repos/create")
+    )
+
+    # HF_HUB_OFFLINE=1 (the fixture): the real HfApi refuses before any request
+    with pytest.raises(
+        GeoTokenError, match="me/x: pushing .* failed: OfflineModeIsEnabled: .*offline mode is enabled"
+    ):
+        push_to_hub(bundle, "me/x", token="hf_x")
+
+    class Failing(RecordingHfApi):
+        error: Exception
+
+        def create_repo(self, repo_id, **kwargs):
+            raise self.error
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Failing)
+    for error, reason in [
+        (
+            HTTPError("[Errno -2] Name or service not known"),
+            "HTTPError: \\[Errno -2\\] Name or service",
+        ),  # no network
+        (
+            HfHubHTTPError("401 Client Error: Unauthorized", response=unauthorized),
+            "HfHubHTTPError: 401 Client Error",
+        ),
+        (ConnectionResetError("reset by peer"), "ConnectionResetError: reset by peer"),
+    ]:
+        Failing.error = error
+        with pytest.raises(GeoTokenError, match=f"me/x: pushing .* failed \\(revision dev\\): {reason}"):
+            push_to_hub(bundle, "me/x", revision="dev")
+
+
+def test_the_card_follows_calibration_and_reward(bundle, tmp_path):
+    work = tmp_path / "b"
+    shutil.copytree(bundle, work)
+    spec = json.loads((work / "bundle.json").read_text())
+    spec["card"] = {**spec["card"], "license": "mit", "evaluation": "| a | b |"}
+    (work / "bundle.json").write_text(json.dumps(spec))
+    Calibration().save(work / "calibration.json")
+    set_bundle_part(work, "calibration", "calibration.json")
+    (work / "reward").mkdir()  # set_bundle_part only needs the part to exist
+    set_bundle_part(work, "reward", "reward")
+    card = (work / "README.md").read_text()
+    assert "| calibrated | yes |" in card and "| reward scorer | yes |" in card
+    assert front_matter(card)["license"] == "mit" and "## Evaluation\n\n| a | b |" in card
+
+    # a bundle saved before bundle.json kept the card's info: its README's license and evaluation stay
+    del spec["card"]
+    (work / "bundle.json").write_text(json.dumps(spec))
+    set_bundle_part(work, "reward", None)
+    card = (work / "README.md").read_text()
+    assert "| reward scorer | no |" in card and front_matter(card)["license"] == "mit" and "| a | b |" in card
 
 
 def test_cli_bundle_push_to_hub(bundle, tmp_path, hf_api, capsys):
@@ -200,17 +289,70 @@ def test_cli_bundle_push_to_hub(bundle, tmp_path, hf_api, capsys):
         gallery.mark_complete(m)
     metrics = tmp_path / "metrics.md"
     metrics.write_text("| method | 200 km |\n|---|---|\n| geotoken | 1.0 |\n")
-    args = ["bundle", "--model", str(bundle / "model"), "--align", str(bundle / "align"), "--gallery", str(tmp_path / "gallery"),
-            "--index", str(bundle / "gallery" / "index"), "-o", str(tmp_path / "out"), "--license", "mit",
-            "--dataset", "earthviews", "--evaluation", str(metrics), "--push-to-hub", "me/demo", "--private"]  # fmt: skip
+    stages = ["bundle", "--model", str(bundle / "model"), "--align", str(bundle / "align"), "--gallery", str(tmp_path / "gallery"),
+              "--index", str(bundle / "gallery" / "index")]  # fmt: skip
+    args = [*stages, "-o", str(tmp_path / "out"), "--license", "mit", "--dataset", "earthviews", "--evaluation",
+            str(metrics), "--push-to-hub", "me/demo", "--private", "--revision", "dev"]  # fmt: skip
     assert main(args) == 0
     assert "pushed to https://huggingface.co/me/demo" in capsys.readouterr().out
     meta = front_matter((tmp_path / "out" / "README.md").read_text())
     assert meta["license"] == "mit" and meta["datasets"] == ["earthviews"]
     assert "| geotoken | 1.0 |" in (tmp_path / "out" / "README.md").read_text()
-    assert [c[0] for c in hf_api] == ["init", "create_repo", "upload_folder"] and hf_api[1][1][
-        "private"
-    ] is True
+    assert [c[0] for c in hf_api] == ["init", "create_repo", "create_branch", "create_commit"]
+    assert hf_api[1][1]["private"] is True and hf_api[3][1]["revision"] == "dev"
+
+    # what would stop the push is found before the bundle is written
+    for bad, message in [
+        (["--push-to-hub", "me/a b"], "not a Hugging Face Hub repo id"),
+        (["--push-to-hub", "me/x", "--link-gallery"], "--link-gallery with --push-to-hub"),
+        (["--license", "MIT License"], "license 'MIT License'"),
+    ]:
+        assert main([*stages, "-o", str(tmp_path / "never"), *bad]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "never").exists()
+    assert main(stages) == 2 and "pass -o/--out" in capsys.readouterr().err
+
+    # `geotoken bundle push`: an existing bundle, as it is now
+    hf_api.clear()
+    push = [
+        "bundle",
+        "push",
+        str(tmp_path / "out"),
+        "me/other",
+        "--revision",
+        "v2",
+        "--commit-message",
+        "calibrated",
+    ]
+    assert main(push) == 0 and "pushed to https://huggingface.co/me/other" in capsys.readouterr().out
+    [commit] = [c for name, c in hf_api if name == "create_commit"]
+    assert commit["revision"] == "v2" and commit["commit_message"] == "calibrated"
+    assert "--model me/other" in commit["card"] and "| geotoken | 1.0 |" in commit["card"]
+    assert (
+        main(["bundle", "push", str(tmp_path), "me/other"]) == 2
+        and "not a model bundle" in capsys.readouterr().err
+    )
+
+
+def test_from_pretrained_passes_hub_options_and_expands_home(bundle, tmp_path, monkeypatch):
+    seen = {}
+
+    def snapshot_download(repo_id, **kwargs):
+        seen.update(repo_id=repo_id, **kwargs)
+        return str(bundle)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    geo = Geolocator.from_pretrained(
+        "me/private", token="hf_x", cache_dir=tmp_path / "c", local_files_only=True
+    )
+    assert geo.root == bundle
+    assert seen == {"repo_id": "me/private", "revision": None, "token": "hf_x", "cache_dir": tmp_path / "c", "local_files_only": True}  # fmt: skip
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(bundle, tmp_path / "mine")
+    assert Geolocator.from_pretrained("~/mine").root == tmp_path / "mine"
+    assert (
+        inspect.signature(Geolocator.from_bundle).parameters["device"].default == "auto"
+    )  # as from_pretrained
 
 
 def test_from_pretrained_finds_a_bundle_in_the_hub_cache(

@@ -308,3 +308,71 @@ def test_a_pipe_or_device_is_refused_not_read_forever(tmp_path):
     for ref in (fifo, "/dev/zero"):
         with pytest.raises(GeoTokenError, match="not a regular file"):
             images.open_image(ref)  # given by name: refused at once
+
+
+def test_a_folder_scan_follows_linked_folders_once_and_names_broken_links(tmp_path):
+    from geotoken.data.images import list_images
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "b.jpg").write_bytes(jpeg_bytes())
+    root = tmp_path / "photos"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(jpeg_bytes())
+    (root / "linked").symlink_to(tmp_path / "elsewhere")  # a folder on another disk
+    (root / "loop").symlink_to(root)  # a link back up the tree: walked once, not forever
+    (root / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    with pytest.warns(UserWarning, match=r"left out 1 image link\(s\) that point to nothing"):
+        found = list_images([root])
+    assert [p.rsplit("/", 2)[-2:] for p in found] == [["photos", "a.jpg"], ["linked", "b.jpg"]]
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "the file is empty"),
+        (
+            b"photo.jpg".ljust(257, b"\0") + b"ustar\x0000" + b"\0" * 300,
+            "an archive, not a photo: name a member as x.jpg#MEMBER",
+        ),
+        (b"PK\x03\x04" + b"\0" * 100, "an archive, not a photo"),
+    ],
+)
+def test_empty_files_and_archives_are_named_as_such(data, message):
+    with pytest.raises(GeoTokenError, match=message):
+        images.decode_image(data, "x.jpg")
+
+
+def test_a_large_png_names_the_limit_and_the_way_out(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    buf = io.BytesIO()
+    Image.new("RGB", (30, 30)).save(buf, "PNG")  # 900 px: over twice the limit, PIL's error
+    with pytest.raises(
+        GeoTokenError, match=r"over the limit of 100 pixels for formats other than JPEG \(convert"
+    ):
+        images.decode_image(buf.getvalue(), "pano.png")
+
+
+@pytest.mark.parametrize("photos", [None, {"a.jpg": 1}, 3])
+def test_photos_of_the_wrong_type_are_named(photos):
+    with pytest.raises(GeoTokenError, match="expected photos"):
+        images.as_image_list(photos)
+
+
+def test_exif_gps_needs_its_hemisphere_and_a_fix():
+    from PIL import ExifTags
+
+    def tagged(lat_ref, lat, lon_ref, lon):
+        exif = Image.Exif()
+        ifd = exif.get_ifd(ExifTags.IFD.GPSInfo)
+        for tag, ref_tag, ref, v in ((ExifTags.GPS.GPSLatitude, ExifTags.GPS.GPSLatitudeRef, lat_ref, lat),
+                                     (ExifTags.GPS.GPSLongitude, ExifTags.GPS.GPSLongitudeRef, lon_ref, lon)):  # fmt: skip
+            ifd[tag] = (float(v), 0.0, 0.0)
+            if ref:
+                ifd[ref_tag] = ref
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, "JPEG", exif=exif)
+        return buf.getvalue()
+
+    assert images.exif_gps(tagged("S", 22, "W", 43)) == (-22.0, -43.0)
+    assert images.exif_gps(tagged(None, 22, "W", 43)) is None  # which hemisphere? not guessed
+    assert images.exif_gps(tagged("N", 0, "E", 0)) is None  # cameras without a fix write (0, 0)

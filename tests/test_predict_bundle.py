@@ -38,6 +38,36 @@ def test_from_bundle_predicts(bundle, photo):
     assert gate.select == "gate" and gate.note in ("model sure of the region", "neighbours voted")
 
 
+def test_a_photos_samples_follow_the_photo_not_its_place_in_the_list(bundle, photo):
+    geo = Geolocator.from_bundle(bundle)
+    other = photo.transpose(0)  # another photo (mirrored)
+    options = dict(top_k=5, strategy="sample", num_samples=8, select="logp", temperature=2.0)
+
+    def cells(pred):
+        return [c.cell for c in pred.candidates]
+
+    alone = cells(geo.predict([photo], **options)[0])
+    among = [cells(p) for p in geo.predict([other, other, photo, other, photo], batch_size=2, **options)]
+    assert among[2] == among[4] == alone  # the same photo, at rows 2 and 4, in two batches
+    assert among[0] == among[1] == among[3] != alone  # another photo draws its own samples
+    assert cells(geo.predict([photo], seed=1, **options)[0]) != alone  # the seed still moves them
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(top_k=2.5), "top_k must be a whole number"),
+        (dict(top_k=0), "top_k must be a whole number"),
+        (dict(top_k=5000), r"in 1..1000"),
+        (dict(batch_size=0), "batch_size must be"),
+        (dict(batch_size=-1), "batch_size must be"),
+    ],  # fmt: skip
+)
+def test_bad_predict_arguments_are_named(bundle, photo, options, message):
+    with pytest.raises(GeoTokenError, match=message):
+        Geolocator.from_bundle(bundle).predict([photo], **options)
+
+
 def test_bf16_predictions_follow_fp32(bundle, photo):
     geo = Geolocator.from_bundle(bundle)
     [fp32] = geo.predict([photo], top_k=3, strategy="beam", beam_width=3)
@@ -223,6 +253,14 @@ def _edit_spec(**fields):
     return edit
 
 
+def _edit_backbone(**fields):
+    def edit(root):
+        config = json.loads((root / "backbone.json").read_text())
+        (root / "backbone.json").write_text(json.dumps({**config, **fields}))
+
+    return edit
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
@@ -247,6 +285,18 @@ def _edit_spec(**fields):
         (lambda r: _truncate(r / "gallery" / "tokens.npy"), "tokens.npy: damaged"),
         (lambda r: _truncate(r / "gallery" / "visual.npy", 1000), "visual.npy: damaged"),
         (lambda r: _truncate(r / "gallery" / "coords.npy", 100), "coords.npy: damaged"),
+        (
+            _edit_spec(version=2),
+            "bundle version 2 is newer than this geotoken reads \\(1\\); upgrade geotoken",
+        ),
+        (
+            _edit_spec(probability_radius_km="abc"),
+            "field 'probability_radius_km' is 'abc', expected a number",
+        ),
+        (
+            _edit_backbone(image_size=64),
+            "align\\) were trained on backbone .*backbone.json says .*'image_size': 64",
+        ),
     ],
 )
 def test_a_damaged_bundle_is_one_error_naming_the_part(bundle, tmp_path, capsys, damage, message):

@@ -138,7 +138,7 @@ def test_search_options_are_refused_by_name(geo):
     assert geo.predict([im], strategy="geoclip", select="softmax", dtype=None)[0].candidates
     with pytest.raises(GeoTokenError, match="geoclip: beam_width, strategy apply to GeoToken bundles only"):
         geo.predict([im], strategy="beam", beam_width=3)
-    with pytest.raises(GeoTokenError, match="top_k must be >= 1"):
+    with pytest.raises(GeoTokenError, match="top_k must be a whole number in 1..1000"):
         geo.predict([im], top_k=0)
     info = geo.info()
     json.dumps(info)

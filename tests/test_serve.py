@@ -93,6 +93,22 @@ def test_bad_options_are_422(client, fields, needle):
     assert needle in r.json()["error"]
 
 
+def test_the_photos_own_gps_comes_back_with_its_distance(client):
+    from PIL import ExifTags
+
+    exif = Image.Exif()
+    ifd = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    ifd.update({ExifTags.GPS.GPSLatitudeRef: "S", ExifTags.GPS.GPSLatitude: (33.0, 51.0, 24.5),
+                ExifTags.GPS.GPSLongitudeRef: "E", ExifTags.GPS.GPSLongitude: (151.0, 12.0, 55.1)})  # fmt: skip
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(jpeg_bytes())).save(buf, "JPEG", exif=exif)
+    body = post(client, buf.getvalue(), name="sydney.jpg", mime="image/jpeg").json()
+    gps = body["exif_gps"]
+    assert (gps["lat"], gps["lon"]) == pytest.approx((-33.856806, 151.215306), abs=1e-6)
+    assert gps["distance_km"] >= 0
+    assert "exif_gps" not in post(client, jpeg_bytes(), name="plain.jpg", mime="image/jpeg").json()
+
+
 def test_one_photo_per_request(client):
     files = [("image", ("a.png", png_bytes(), "image/png")), ("image", ("b.png", png_bytes(), "image/png"))]
     r = client.post("/v1/geolocate", files=files)

@@ -10,7 +10,7 @@ A bundle folder (`save_bundle` writes it, `bundle.json` last so a half-written b
     model/             `geotoken.model.GeoToken`
     calibration.json   optional `geotoken.search.calibration.Calibration`
     reward/            optional `geotoken.search.reward.RewardScorer`
-    README.md          the model card (YAML front matter for the Hugging Face Hub), written at save time
+    README.md          the model card (YAML front matter for the Hugging Face Hub), rewritten whenever bundle.json is
 
 With `link_gallery=True` (`geotoken bundle --link-gallery`) the bundle refers to the gallery's aligned store
 where it already is instead of copying it (MP16's is ~17 GB): `gallery` is then that store's path relative
@@ -21,13 +21,15 @@ the default: only a copied bundle travels (`push_to_hub` refuses a linked one).
 
 `bundle.json` also records where the image backbone's weights come from (`backbone_source`: a hub id or a
 local folder for CLIP, the installed package for EfficientNet-Lite0). Bundles travel through the Hugging Face
-Hub: `push_to_hub(directory, repo_id)` uploads one, `hub_snapshot(repo_id)` fetches one into the local hub
-cache (`huggingface_hub.snapshot_download`: its cache, `HF_HUB_OFFLINE` honoured).
+Hub: `push_to_hub(directory, repo_id)` uploads one (the files `bundle_files` lists and a card naming the repo),
+`hub_snapshot(repo_id)` fetches one into the local hub cache (`huggingface_hub.snapshot_download`: its cache,
+`HF_HUB_OFFLINE` honoured). A copied bundle records no path of the machine that built it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ from geotoken.align import AlignHeads
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
 from geotoken.io import atomic_dir, atomic_open, atomic_path, read_json, write_json
-from geotoken.model import GeoToken
+from geotoken.model import GeoToken, ModelConfig
 from geotoken.retrieval import NeighbourIndex
 from geotoken.s2 import latlon_to_tokens
 from geotoken.search.candidates import LOGP_KINDS
@@ -54,6 +56,8 @@ PARTS = ("backbone", "align", "gallery", "index", "model", "calibration", "rewar
 CARD = "README.md"
 CARD_REPO_PLACEHOLDER = "ORG/NAME"  # the card's usage lines; `push_to_hub` fills in the repo id
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hugging Face Hub repo id, ORG/NAME
+LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")  # the form of the Hub's license ids (mit, cc-by-4.0, ...)
+RUNTIME_KNOBS = ("precision", "runtime", "attention")  # how a backbone runs, not what its features are
 
 
 PAPER_TEMPERATURE = 0.7  # the authors' sampling temperature (their runs' file names)
@@ -101,6 +105,10 @@ class SearchOptions:
         self.temperature = sampling_temperature(self.temperature)
         if self.logp_kind not in LOGP_KINDS:
             raise GeoTokenError(f"search option logp_kind {self.logp_kind!r}: choose one of {LOGP_KINDS}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise GeoTokenError(
+                f"search option batch_size must be a whole number >= 1, got {self.batch_size!r}"
+            )
 
     def replace(self, **changes) -> SearchOptions:
         """A copy with `changes` applied; None values are ignored; unknown names are an error."""
@@ -132,10 +140,40 @@ class CardInfo:
     evaluation: str | None = None  # a Markdown table, e.g. the metrics.md of `geotoken evaluate`
     description: str = ""  # a paragraph under the title
 
+    def __post_init__(self) -> None:
+        # the Hub rejects a card with another license at push time, after the bundle was written
+        if not LICENSE_ID.fullmatch(str(self.license)):
+            raise GeoTokenError(
+                f"license {self.license!r}: a Hugging Face license id in lower case, e.g. mit, apache-2.0, "
+                "cc-by-4.0, other"
+            )
+
 
 def is_repo_id(name: str) -> bool:
     """Whether `name` has the form of a Hugging Face Hub repo id (ORG/NAME; no path of more parts)."""
     return bool(REPO_ID.fullmatch(str(name))) and ".." not in str(name)
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a name the Hub would refuse, before any work (a bundle written, files hashed for upload)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise GeoTokenError(f"{repo_id!r} is not a Hugging Face Hub repo id (ORG/NAME): {exc}") from None
+    if not is_repo_id(repo_id):
+        raise GeoTokenError(f"{repo_id!r} is not a Hugging Face Hub repo id (ORG/NAME)")
+
+
+def hub_errors() -> tuple[type[Exception], ...]:
+    """What huggingface_hub raises when the Hub refuses or cannot be reached: its HTTP errors, offline
+    mode and network failures (OSError), bad names, and its HTTP library's own errors (httpx's connection
+    errors are no OSError; `huggingface_hub.errors.HTTPError` is that library's base class)."""
+    from huggingface_hub import errors
+
+    return (errors.HfHubHTTPError, errors.HFValidationError, errors.HTTPError, OSError)
 
 
 def backbone_source(config: dict[str, Any]) -> dict[str, str]:
@@ -180,9 +218,15 @@ def _yaml_list(values) -> list[str]:
 
 
 def model_card(
-    spec: dict, backbone_config: dict[str, Any], model_cfg, gallery_rows: int, card: CardInfo
+    spec: dict,
+    backbone_config: dict[str, Any],
+    model_cfg,
+    gallery_rows: int,
+    card: CardInfo,
+    repo_id: str = CARD_REPO_PLACEHOLDER,
 ) -> str:
-    """README.md of a bundle: YAML front matter for the Hub, then what it is, how to use it, its evaluation."""
+    """README.md of a bundle: YAML front matter for the Hub, then what it is, how to use it (loading
+    `repo_id`), its evaluation."""
     source = backbone_source(backbone_config)
     meta: dict[str, Any] = {
         "library_name": "geotoken",
@@ -227,13 +271,13 @@ def model_card(
         "",
         "```bash",
         "pip install geotoken",
-        f"geotoken predict photo.jpg --model {CARD_REPO_PLACEHOLDER} --top-k 5",
+        f"geotoken predict photo.jpg --model {repo_id} --top-k 5",
         "```",
         "",
         "```python",
         "from geotoken.predict import Geolocator",
         "",
-        f'geo = Geolocator.from_pretrained("{CARD_REPO_PLACEHOLDER}")',
+        f'geo = Geolocator.from_pretrained("{repo_id}")',
         'best = geo.predict(["photo.jpg"], top_k=5)[0].candidates[0]  # lat, lon, probability, cell, place',
         "```",
         "",
@@ -249,6 +293,30 @@ def model_card(
     return "\n".join(lines)
 
 
+def card_info(root: str | os.PathLike, spec: dict) -> CardInfo:
+    """What a bundle's card says beyond the bundle: saved in bundle.json; for a bundle saved before that,
+    the license, datasets and evaluation its README.md holds (so rewriting the card keeps them)."""
+    if isinstance(spec.get("card"), dict):
+        return CardInfo(**spec["card"])
+    path = Path(root) / CARD
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    meta = yaml.safe_load(text.split("---\n")[1]) if text.startswith("---\n") else None
+    meta = meta if isinstance(meta, dict) else {}
+    evaluation = text.split("## Evaluation\n", 1)[1].strip() if "## Evaluation\n" in text else None
+    return CardInfo(
+        license=meta.get("license", "other"), datasets=meta.get("datasets", []), evaluation=evaluation
+    )
+
+
+def bundle_card(root: str | os.PathLike, spec: dict, repo_id: str = CARD_REPO_PLACEHOLDER) -> str:
+    """The model card of the bundle as it is now (calibrated? a reward scorer?), loading `repo_id`."""
+    root = Path(root)
+    model_cfg = ModelConfig.from_dict(read_json(root / spec["model"] / "config.json"))
+    rows = read_json(gallery_dir(root, spec) / "store.json")["rows"]
+    backbone = read_json(root / spec["backbone"])
+    return model_card(spec, backbone, model_cfg, rows, card_info(root, spec), repo_id)
+
+
 def read_bundle(root: str | os.PathLike) -> dict:
     """bundle.json of a bundle folder, checked: its format, required fields, and that every part it names exists."""
     root = Path(root)
@@ -260,6 +328,23 @@ def read_bundle(root: str | os.PathLike) -> dict:
         raise GeoTokenError(f"{path}: not a bundle description (a JSON object), got {type(spec).__name__}")
     if spec.get("format") != BUNDLE_FORMAT:
         raise GeoTokenError(f"{path}: field 'format' is {spec.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    version = spec.get("version", BUNDLE_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise GeoTokenError(f"{path}: field 'version' is {version!r}, expected a whole number >= 1")
+    if version > BUNDLE_VERSION:  # a newer layout: read as this one, it would load wrong or half
+        raise GeoTokenError(
+            f"{path}: bundle version {version} is newer than this geotoken reads ({BUNDLE_VERSION}); "
+            "upgrade geotoken (pip install -U geotoken)"
+        )
+    radius = spec.get("probability_radius_km", 200.0)
+    if (
+        isinstance(radius, bool)
+        or not isinstance(radius, int | float)
+        or not (radius > 0 and math.isfinite(radius))
+    ):
+        raise GeoTokenError(
+            f"{path}: field 'probability_radius_km' is {radius!r}, expected a number of km > 0"
+        )
     for key in ("backbone", "align", "gallery", "index", "model", "query_modalities"):
         if key not in spec:
             raise GeoTokenError(f"{path}: missing field {key!r}")
@@ -344,15 +429,36 @@ def check_query(heads, index, query_modalities: list[str]) -> None:
         )
 
 
-def check_bundle_parts(model, backbone_config, heads, gallery_store, index, query_modalities) -> None:
+def _bare(backbone_config: dict) -> dict:
+    return {k: v for k, v in backbone_config.items() if k not in RUNTIME_KNOBS}
+
+
+def check_bundle_parts(
+    model,
+    backbone_config,
+    heads,
+    gallery_store,
+    index,
+    query_modalities,
+    files: tuple[str, str] | None = None,
+) -> None:
     """Refuse parts that were not made for each other: such a bundle would load and answer nonsense (or
-    fail on the first photo, far from the command that built it)."""
+    fail on the first photo, far from the command that built it). Run when a bundle is saved and loaded.
+
+    backbone_config: None skips comparing it with the heads' (a backbone chosen at load time);
+    files: the heads' and the backbone config's files, named in that error (a bundle's).
+    """
     if index.meta.get("gallery_rows") not in (None, gallery_store.rows):
         raise GeoTokenError(
             f"index built over {index.meta['gallery_rows']} gallery rows, {gallery_store.root} has {gallery_store.rows}"
         )
     trained_on = heads.config.backbone
-    if trained_on and trained_on != backbone_config:
+    if trained_on and backbone_config is not None and _bare(trained_on) != _bare(backbone_config):
+        if files:
+            raise GeoTokenError(
+                f"the alignment heads ({files[0]}) were trained on backbone {trained_on}, {files[1]} says "
+                f"{backbone_config}; they must match"
+            )
         raise GeoTokenError(
             f"the alignment heads were trained on backbone {trained_on}, the gallery was embedded with "
             f"{backbone_config}: embed the gallery with the heads' backbone"
@@ -433,7 +539,6 @@ def save_bundle(
                 gallery_store.ids,
                 coords,
                 {m: gallery_store.dims[m] for m in names},
-                source=str(gallery_store.root),
             )
             for m in names:
                 src = gallery_store[m]
@@ -448,6 +553,10 @@ def save_bundle(
         tokens_path = out / paths.get("gallery_tokens", "gallery/tokens.npy")
         with atomic_path(tokens_path) as tmp, open(tmp, "wb") as f:
             np.save(f, tokens)
+        if not link_gallery:  # the copy's index is over the copy: no path to the builder's store
+            index = NeighbourIndex(
+                index.index, index.config, {k: v for k, v in index.meta.items() if k != "store"}
+            )
         index.save(out / paths["index"])
         heads.save(out / "align")
         model.save(out / "model")
@@ -465,6 +574,7 @@ def save_bundle(
             "probability_radius_km": 200.0,
             "search": (options or default_search(cfg.k)).to_dict(),
             "backbone_source": backbone_source(backbone_config),
+            "card": dataclasses.asdict(card or CardInfo()),  # so the card can be rewritten (`bundle_card`)
         }
         if calibration is not None:
             calibration.save(out / "calibration.json")
@@ -472,7 +582,7 @@ def save_bundle(
         if reward is not None:
             reward.save(out / "reward")
             spec["reward"] = "reward"
-        with atomic_open(out / CARD) as f:
+        with atomic_open(out / CARD, encoding="utf-8") as f:
             f.write(model_card(spec, backbone_config, cfg, gallery_store.rows, card or CardInfo()))
         write_json(out / "bundle.json", spec)
     return root
@@ -517,7 +627,8 @@ def assemble_bundle(
 
 
 def set_bundle_part(directory: str | os.PathLike, key: str, relative_path: str | None) -> None:
-    """Point bundle.json's `key` (e.g. "reward", "calibration") at a file or folder inside the bundle."""
+    """Point bundle.json's `key` (e.g. "reward", "calibration") at a file or folder inside the bundle, and
+    rewrite the model card, which says what the bundle holds."""
     root = Path(directory)
     if key not in PARTS:
         raise GeoTokenError(f"bundle part {key!r}: choose one of {', '.join(PARTS)}")
@@ -526,6 +637,28 @@ def set_bundle_part(directory: str | os.PathLike, key: str, relative_path: str |
         raise GeoTokenError(f"{root / relative_path} does not exist")
     spec[key] = relative_path
     write_json(root / "bundle.json", spec)
+    with atomic_open(root / CARD, encoding="utf-8") as f:
+        f.write(bundle_card(root, spec))
+
+
+def bundle_files(root: str | os.PathLike, spec: dict) -> list[str]:
+    """The files a bundle consists of, relative to its folder: bundle.json and the parts it names, without
+    hidden files (.DS_Store, a write's leftover .NAME.tmp) or others beside them (a pipeline's stage.json).
+    README.md is not among them: `push_to_hub` writes the card afresh. A linked gallery is not inside."""
+    root = Path(root)
+    keys = [
+        k
+        for k in (*PARTS, "gallery_tokens")
+        if spec.get(k) and not (k == "gallery" and spec.get("gallery_link"))
+    ]
+    found = {"bundle.json"}
+    for key in keys:
+        part = root / spec[key]
+        for path in [part] if part.is_file() else part.rglob("*"):
+            rel = path.relative_to(root)
+            if path.is_file() and not any(name.startswith(".") for name in rel.parts):
+                found.add(rel.as_posix())
+    return sorted(found)
 
 
 def push_to_hub(
@@ -538,17 +671,17 @@ def push_to_hub(
     commit_message: str | None = None,
     allow_local_backbone: bool = False,
 ) -> str:
-    """Upload a bundle folder to the Hugging Face Hub model repo `repo_id` (created if missing); returns
-    the commit URL. Its model card's usage lines are filled in with `repo_id` first (in the folder).
+    """Upload a bundle folder to the Hugging Face Hub model repo `repo_id` (created if missing, and the
+    branch `revision` too); returns the commit URL. One commit of `bundle_files` and a model card written
+    afresh with `repo_id` in its usage lines; the folder itself is left as it is.
 
     A bundle whose CLIP backbone is a local folder is refused unless `allow_local_backbone` (its users
     then pass the CLIP weights themselves: `from_pretrained(..., clip=...)`, `--clip`)."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     root = Path(directory)
     spec = read_bundle(root)
-    if not is_repo_id(repo_id):
-        raise GeoTokenError(f"{repo_id!r} is not a Hugging Face Hub repo id (ORG/NAME)")
+    check_repo_id(repo_id)
     if (spec.get("backbone_source") or {}).get("kind") == "folder" and not allow_local_backbone:
         raise GeoTokenError(
             f"{root}: its CLIP backbone is the local folder {spec['backbone_source']['path']}, which nobody "
@@ -559,33 +692,52 @@ def push_to_hub(
             f"{root}: its gallery is a link to {spec.get('gallery_absolute')}, which would not be uploaded; "
             "assemble the bundle again without --link-gallery (a copy) before pushing it"
         )
-    card = root / CARD
-    if card.is_file() and CARD_REPO_PLACEHOLDER in (text := card.read_text(encoding="utf-8")):
-        with atomic_open(card) as f:
-            f.write(text.replace(CARD_REPO_PLACEHOLDER, repo_id))
+    card = bundle_card(root, spec, repo_id).encode("utf-8")
+    operations = [
+        CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(root / f)) for f in bundle_files(root, spec)
+    ]
+    operations.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card))
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(root),
-        repo_type="model",
-        revision=revision,
-        commit_message=commit_message or "Upload GeoToken bundle",
-    )
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision not in (None, "main"):  # a commit to a branch that does not exist fails
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        info = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message or "Upload GeoToken bundle",
+            repo_type="model",
+            revision=revision,
+        )
+    except hub_errors() as exc:
+        raise GeoTokenError(
+            f"{repo_id}: pushing {root} to the Hugging Face Hub failed"
+            f"{f' (revision {revision})' if revision else ''}: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        ) from None
     return str(getattr(info, "commit_url", info))
 
 
-def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
-    """The local folder of a Hub repo's snapshot (`huggingface_hub.snapshot_download`: downloaded into its
-    cache once; with HF_HUB_OFFLINE=1 or no network, only the cache is read)."""
+def hub_snapshot(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    token: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """The local folder of a Hub repo's snapshot (`huggingface_hub.snapshot_download`, which the keywords
+    go to: downloaded into its cache once; with HF_HUB_OFFLINE=1, local_files_only or no network, only the
+    cache is read)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision))
-    except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OSError) as e:
+        folder = snapshot_download(
+            repo_id, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+    except hub_errors() as e:
         reason = " ".join(str(e).split())
         raise GeoTokenError(
             f"{repo_id!r}: not a local folder, and the Hugging Face Hub could not provide it"
             f"{f' (revision {revision})' if revision else ''}: {reason}"
         ) from None
+    return Path(folder)

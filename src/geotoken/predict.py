@@ -36,23 +36,24 @@ from geotoken.align import AlignHeads
 from geotoken.bundle import (
     SearchOptions,
     bundle_backbone_config,
-    check_query,
+    check_bundle_parts,
     gallery_dir,
     gallery_tokens_path,
     hub_snapshot,
     is_repo_id,
     read_bundle,
 )
-from geotoken.data.images import as_image, as_image_list
+from geotoken.data.images import as_image, as_image_list, image_key
 from geotoken.encoders import load_backbone
 from geotoken.encoders.clip import resolve_precision
 from geotoken.encoders.ort import resolve_runtime
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore, load_array
 from geotoken.gallery import Gallery
+from geotoken.io import read_json
 from geotoken.model import Batch, GeoToken
 from geotoken.places import place_names
-from geotoken.prediction import Candidate, Prediction, resolve_device
+from geotoken.prediction import Candidate, Prediction, check_top_k, resolve_device
 from geotoken.pretrained import GeoCLIPPredictor
 from geotoken.retrieval import NeighbourIndex, join_embeddings
 from geotoken.search.calibration import Calibration, apply_temperature, within_confidence
@@ -112,10 +113,14 @@ class Geolocator:
         device: str = "auto",
         backbone_precision: str = "auto",
         backbone_runtime: str = "auto",
+        token: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
     ) -> Geolocator | GeoCLIPPredictor:
         """A model by name: "geoclip" (built in: GeoCLIP's pretrained weights, `GeoCLIPPredictor`), a bundle
         folder, or a Hugging Face Hub repo id (ORG/NAME) holding a bundle, fetched at `revision` into the hub
-        cache (`HF_HUB_OFFLINE=1`: the cache only). An existing folder wins over a repo id of the same name.
+        cache (`HF_HUB_OFFLINE=1`: the cache only). An existing folder wins over a repo id of the same name;
+        "~" is the home folder.
 
         clip: the CLIP ViT-L/14 weights (a folder or hub id) of "geoclip" (default
         openai/clip-vit-large-patch14) or of a bundle with a CLIP backbone (default: the one it records).
@@ -125,8 +130,10 @@ class Geolocator:
         backbone_runtime: what runs a CLIP backbone (`geotoken.encoders.ort.RUNTIMES`: torch, onnx = ONNX
         Runtime on the CPU for fp32/int8, exported once into the cache; "auto": onnx on a non-Intel CPU at fp32
         when onnxruntime is installed, else torch).
+        token, cache_dir, local_files_only: how a repo id is fetched (`huggingface_hub.snapshot_download`'s
+        options: an access token for a private repo, another hub cache, the cache only).
         """
-        name = os.fspath(name_or_path)
+        name = os.path.expanduser(os.fspath(name_or_path))
         if name == "geoclip":
             if revision is not None:
                 raise GeoTokenError("revision applies to Hugging Face Hub repos, not to the built-in geoclip")
@@ -149,7 +156,7 @@ class Geolocator:
                 f"repo id (ORG/NAME) or one of the built-in models {', '.join(BUILTIN_MODELS)}"
             )
         return cls.from_bundle(
-            hub_snapshot(name, revision),
+            hub_snapshot(name, revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only),
             device=device,
             clip=clip,
             backbone_precision=backbone_precision,
@@ -160,14 +167,15 @@ class Geolocator:
     def from_bundle(
         cls,
         directory: str | os.PathLike,
-        device: str = "cpu",
+        device: str = "auto",
         clip: str | os.PathLike | None = None,
         backbone_precision: str = "auto",
         backbone_runtime: str = "auto",
     ) -> Geolocator:
         """Load everything named by `directory/bundle.json` (`clip`: other CLIP weights for its backbone;
-        `backbone_precision`, `backbone_runtime`: see `from_pretrained`; other backbones run in fp32 on torch)."""
-        root = Path(directory)
+        `backbone_precision`, `backbone_runtime`, `device`: see `from_pretrained`; other backbones run in fp32
+        on torch)."""
+        root = Path(directory).expanduser()
         spec = read_bundle(root)
         device = resolve_device(device)
         backbone_config = bundle_backbone_config(root, spec, clip)
@@ -193,8 +201,10 @@ class Geolocator:
         gallery = Gallery.from_store(store, names, tokens=np.asarray(tokens))
         heads = AlignHeads.load(root / spec["align"]).to(device).eval()
         index = NeighbourIndex.load(root / spec["index"])
+        recorded = None if clip is not None else read_json(root / spec["backbone"])  # `clip` replaces it
+        files = (str(root / spec["align"]), str(root / spec["backbone"]))
         try:
-            check_query(heads, index, spec["query_modalities"])
+            check_bundle_parts(model, recorded, heads, store, index, spec["query_modalities"], files)
         except GeoTokenError as exc:
             raise GeoTokenError(f"{root / 'bundle.json'}: {exc}") from None
         return cls(
@@ -271,11 +281,14 @@ class Geolocator:
         neighbours: np.ndarray | None = None,
         images: list | None = None,
         progress: bool = False,
+        keys: np.ndarray | None = None,
         **options,
     ) -> SearchResult:
         """Decode and select for B images given aligned embeddings {m: (B, D)}, in batches of `batch_size`.
 
         neighbours: (B, >=k) gallery rows, or None to search the index. images: only for `select="mllm"`.
+        keys: (B,) int64 sampling keys, one per image (`predict`: `image_key` of each photo); None keys
+        image b by its row, seed + b. Either way an image's samples do not depend on the batching.
         options: any `SearchOptions` field (strategy, beam_width, num_samples, select, radius_km, ...).
         """
         opt = self.options.replace(**options)
@@ -304,7 +317,8 @@ class Geolocator:
                     temperature=opt.temperature,
                     sample_top_k=opt.sample_top_k,
                     top_p=opt.top_p,
-                    seed=opt.seed + s,
+                    seed=opt.seed
+                    + (s if keys is None else torch.from_numpy(np.asarray(keys[part], np.int64))),
                     constraint=self.constraint if opt.constrain else None,
                     dtype=opt.dtype,
                     retrieved=opt.retrieved,
@@ -358,8 +372,7 @@ class Geolocator:
         memory stays bounded however many. Each candidate is a `Candidate`: coordinate, calibrated
         probabilities, cell, place, level confidences.
         """
-        if top_k < 1:
-            raise GeoTokenError(f"top_k must be >= 1, got {top_k}")
+        check_top_k(top_k)
         items = as_image_list(images)
         opt = self.options.replace(**options)
         preds: list[Prediction] = []
@@ -376,7 +389,8 @@ class Geolocator:
                 select,
                 images=chunk,
                 extra_ms=stages,
-                **{**options, "seed": opt.seed + s},  # the same draws as one call over all photos
+                keys=np.array([image_key(im) for im in chunk], dtype=np.int64),  # samples follow the photo
+                **options,
             )
         return preds
 
@@ -389,12 +403,15 @@ class Geolocator:
         select: str | None = None,
         images: list | None = None,
         extra_ms: dict | None = None,
+        keys: np.ndarray | None = None,
         **options,
     ) -> list[Prediction]:
-        """Like `predict`, from aligned embeddings {m: (B, D)} and optional neighbour rows (B, k)."""
-        if top_k < 1:
-            raise GeoTokenError(f"top_k must be >= 1, got {top_k}")
-        res = self.search(embeddings, neighbours, images, strategy=strategy, select=select, **options)
+        """Like `predict`, from aligned embeddings {m: (B, D)} and optional neighbour rows (B, k); `keys` as
+        in `search`."""
+        check_top_k(top_k)
+        res = self.search(
+            embeddings, neighbours, images, keys=keys, strategy=strategy, select=select, **options
+        )
         opt = self.options.replace(strategy=strategy, select=select)
         t1 = time.perf_counter()
         preds = self._describe(res, top_k, opt)

@@ -3,6 +3,7 @@ with CLIP ViT-L/14 through `transformers`, answering like a GeoToken bundle (`ge
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 
@@ -18,7 +19,9 @@ from geotoken.encoders.ort import resolve_runtime
 from geotoken.errors import GeoTokenError
 from geotoken.geo import EARTH_RADIUS_KM
 from geotoken.places import place_names
-from geotoken.prediction import Candidate, Prediction, resolve_device
+from geotoken.prediction import Candidate, Prediction, check_top_k, resolve_device
+
+WITHIN_ROWS = 64  # candidates whose probability masses are computed together (64 x 100K doubles: 51 MB)
 
 
 class GeoCLIPPredictor:
@@ -122,9 +125,10 @@ class GeoCLIPPredictor:
                 f"geoclip: {', '.join(given)} apply to GeoToken bundles only; GeoCLIP ranks its "
                 "gallery by softmax"
             )
-        if top_k < 1:
-            raise GeoTokenError(f"top_k must be >= 1, got {top_k}")
-        batch_size = batch_size or self.batch_size
+        check_top_k(top_k)
+        batch_size = self.batch_size if batch_size is None else batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise GeoTokenError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         items = as_image_list(images)
         starts = range(0, len(items), batch_size)
         preds: list[Prediction] = []
@@ -186,13 +190,13 @@ class GeoCLIPPredictor:
             [np.sin(r / (2 * EARTH_RADIUS_KM)) ** 2 for r in self.radii_km], dtype=torch.float64
         )
         out = np.zeros((len(self.radii_km), *index.shape))
-        for b in range(len(index)):
-            rows = index[b]
+        for b, j in itertools.product(range(index.shape[0]), range(0, index.shape[1], WITHIN_ROWS)):
+            rows = index[b, j : j + WITHIN_ROWS]  # a block of candidates: (rows, N) temporaries stay small
             a = (
                 torch.sin((self._lat[None, :] - self._lat[rows, None]) / 2) ** 2
                 + self._cos[rows, None] * self._cos[None, :] * torch.sin((self._lon[None, :] - self._lon[rows, None]) / 2) ** 2
             )  # (k, N)  # fmt: skip
             p = probs[b].to(a.dtype)
             for i, limit in enumerate(limits.tolist()):
-                out[i, b] = ((a <= limit) * p).sum(dim=1).cpu().numpy()
+                out[i, b, j : j + WITHIN_ROWS] = ((a <= limit) * p).sum(dim=1).cpu().numpy()
         return {f"{r:g}km": out[i].clip(0, 1) for i, r in enumerate(self.radii_km)}

@@ -24,15 +24,18 @@ from geotoken.model import GeoToken, preset
 from geotoken.retrieval import NeighbourIndex
 
 
-def random_bundle(directory: str | os.PathLike, gallery_rows: int = 256, k: int = 5, seed: int = 0) -> Path:
+def random_bundle(
+    directory: str | os.PathLike, gallery_rows: int = 256, k: int = 5, seed: int = 0, image_size: int = 224
+) -> Path:
     """An untrained bundle built from the real components (EfficientNet-Lite0 backbone, align heads, FAISS
     index, a `tiny` model) over real MP16 coordinates and random gallery features. Its answers mean
-    nothing; it exists so tests and the server can run the whole inference path in seconds."""
+    nothing; it exists so tests and the server can run the whole inference path in seconds.
+    image_size: the backbone's input size, recorded by the heads too (32 makes a CPU forward pass quick)."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     coords = np.loadtxt(assets.mp16_coordinates_csv(), delimiter=",", skiprows=1, max_rows=20000)
     coords = coords[np.sort(rng.choice(len(coords), gallery_rows, replace=False))]
-    backbone_config = {"name": "efficientnet-lite0", "image_size": 224}
+    backbone_config = {"name": "efficientnet-lite0", "image_size": image_size}
     dims = {"visual": 32, "gps": 32, "text": 32}
     heads = AlignHeads(
         HeadsConfig(in_dim=1280, visual_dim=32, gps_dim=32, text_dim=32, hidden=64, backbone=backbone_config)

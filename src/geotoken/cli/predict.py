@@ -66,7 +66,12 @@ def register(subparsers) -> None:
         "the bundle's own for a bundle)",
     )
     p.add_argument("--revision", help="branch, tag or commit of a Hugging Face Hub MODEL (default main)")
-    p.add_argument("--top-k", type=int, default=5, help="candidates to print per photo (default 5)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=5,
+        help="candidates per photo, up to (default 5; a search may find fewer, e.g. greedy finds one)",
+    )
     p.add_argument(
         "--strategy",
         choices=STRATEGIES,
@@ -137,6 +142,10 @@ def _text(path: str, pred, gps: dict | None = None) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).suffix.lower() not in PREDICTION_FORMATS:
         raise GeoTokenError(f"{args.out}: -o/--out must end in {' or '.join(PREDICTION_FORMATS)}")
+    if args.out and args.json:
+        raise GeoTokenError(
+            f"{args.out}: --json prints to the terminal; with -o, name a .jsonl file for JSON"
+        )
     check_outputs_spare_inputs(args.photos, args.out)
     geo = Geolocator.from_pretrained(
         args.model,

@@ -8,6 +8,7 @@ e.g. from DataLoader workers. `iter_images` streams many rows, reading each shar
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tarfile
@@ -199,6 +200,12 @@ def _open_any(data: bytes) -> Image.Image:
 def decode_image(data: bytes, ref: str = "<bytes>") -> Image.Image:
     """Fully decode image bytes to RGB (EXIF orientation applied); corrupt or truncated data -> GeoTokenError.
     A JPEG over LARGE_JPEG_PIXELS is decoded at a reduced scale (see there)."""
+    if not data:
+        raise GeoTokenError(f"{ref}: cannot decode image: the file is empty (0 bytes)")
+    if data[257:262] == b"ustar" or data[:4] == b"PK\x03\x04":  # tar / zip signatures
+        raise GeoTokenError(
+            f"{ref}: an archive, not a photo: name a member as {ref}#MEMBER (e.g. {ref}#photos/a.jpg)"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -217,7 +224,12 @@ def decode_image(data: bytes, ref: str = "<bytes>") -> Image.Image:
         raise GeoTokenError(
             f"{ref}: cannot decode image: not a known image format (starts {data[:8]!r})"
         ) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # PIL's limit; only JPEGs decode reduced (above)
+        raise GeoTokenError(
+            f"{ref}: cannot decode image: {exc.args[0].split(' could be')[0]}, over the limit of "
+            f"{Image.MAX_IMAGE_PIXELS:,} pixels for formats other than JPEG (convert it to JPEG)"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise GeoTokenError(f"{ref}: cannot decode image: {exc}") from None
 
 
@@ -246,6 +258,15 @@ def as_image(source, name: str = "image") -> Image.Image:
     )
 
 
+def image_key(image: Image.Image) -> int:
+    """A photo's sampling key (`search.decode.row_uniforms`): a 64-bit hash of its size, mode and a 64 x 64
+    nearest-pixel thumbnail (microseconds, even for a large photo), so the same photo gets the same
+    samples wherever it is in a list, in every batch and through the server."""
+    thumb = image.resize((64, 64), Image.Resampling.NEAREST).tobytes()
+    digest = hashlib.blake2b(f"{image.size} {image.mode}".encode() + thumb, digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
 def as_image_list(images) -> list:
     """A list of photos for `as_image`: one photo (a path, bytes, a PIL image, an (H, W[, C]) array) becomes
     a list of one, an (N, H, W, C) array a list of N arrays, any other iterable a list (items not read yet)."""
@@ -253,6 +274,10 @@ def as_image_list(images) -> list:
         return [images]
     if isinstance(images, np.ndarray):
         return list(images) if images.ndim == 4 else [images]
+    if images is None or isinstance(images, dict) or not hasattr(images, "__iter__"):
+        raise GeoTokenError(
+            f"expected photos (a path, bytes, a PIL image, an array, or a list of them), got {type(images).__name__}"
+        )
     return list(images)
 
 
@@ -266,8 +291,13 @@ def list_images(sources: Iterable[str | os.PathLike]) -> list[str]:
         if not os.path.isdir(ref):
             out.append(ref)
             continue
-        found, unreadable = [], Counter()
-        for root, dirs, files in os.walk(ref):
+        found, unreadable, seen = [], Counter(), set()
+        for root, dirs, files in os.walk(ref, followlinks=True):  # a linked folder is part of the tree
+            real = os.path.realpath(root)
+            if real in seen:  # a link back up the tree (or twice to one folder): walked once
+                dirs[:] = []
+                continue
+            seen.add(real)
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             for f in files:
                 ext = os.path.splitext(f)[1].lower()
@@ -279,10 +309,15 @@ def list_images(sources: Iterable[str | os.PathLike]) -> list[str]:
                     found.append(os.path.join(root, f))
                 elif ext in UNREADABLE_PHOTO_EXTENSIONS:
                     unreadable[ext] += 1
+                elif ext in IMAGE_EXTENSIONS and not os.path.exists(os.path.join(root, f)):
+                    unreadable["broken link"] += 1  # a symlink to nothing
+        broken = unreadable.pop("broken link", 0)
         if unreadable:
             kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(unreadable.items()))
             warnings.warn(f"{ref}: left out {kinds} photo(s), a format this install cannot decode; convert "
                           "them to JPEG to geolocate them", stacklevel=2)  # fmt: skip
+        if broken:
+            warnings.warn(f"{ref}: left out {broken} image link(s) that point to nothing", stacklevel=2)
         if not found:
             raise GeoTokenError(f"{ref}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
         out += sorted(found)
@@ -309,9 +344,11 @@ def _dms_degrees(value, ref) -> float | None:
         d, m, s = (float(x) for x in value)
     except (TypeError, ValueError, ZeroDivisionError):
         return None
-    ref = ref.decode("ascii", "replace") if isinstance(ref, bytes) else str(ref or "")
+    ref = (ref.decode("ascii", "replace") if isinstance(ref, bytes) else str(ref or "")).strip().upper()
+    if ref not in ("N", "S", "E", "W"):  # without its hemisphere a coordinate may have the wrong sign
+        return None
     degrees = d + m / 60 + s / 3600
-    return -degrees if ref.strip().upper() in ("S", "W") else degrees
+    return -degrees if ref in ("S", "W") else degrees
 
 
 def exif_gps(image: Image.Image | bytes) -> tuple[float, float] | None:
@@ -333,7 +370,9 @@ def exif_gps(image: Image.Image | bytes) -> tuple[float, float] | None:
     lon = _dms_degrees(gps.get(ExifTags.GPS.GPSLongitude), gps.get(ExifTags.GPS.GPSLongitudeRef))
     if lat is None or lon is None or not (abs(lat) <= 90 and abs(lon) <= 180):
         return None
-    return lat, lon
+    if lat == lon == 0:  # what many cameras write when they have no fix
+        return None
+    return round(lat, 6), round(lon, 6)  # ~0.1 m; no float noise in outputs
 
 
 def _references(source: Manifest | Sequence[str]) -> np.ndarray:

@@ -220,13 +220,14 @@ def sample(
     generator: torch.Generator | None = None,
     constraint: PrefixConstraint | None = None,
     cached: bool = True,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
 ) -> Candidates:
     """`num_samples` sequences per image, drawn from the (reshaped) model distribution, all images and samples batched.
 
-    seed: image b's draws depend on (seed + b, sample, position) only (`row_uniforms`), so a photo's
-    samples are the same whatever else is in its batch and however a list is cut into batches (a caller
-    at row offset s passes seed + s). Without it, one `generator` stream over the batch.
+    seed: image b's draws depend on (its key, sample, position) only (`row_uniforms`): an int keys image b
+    by seed + b (a caller at row offset s passes seed + s), a (B,) int64 tensor gives each image's key
+    (`Geolocator.predict`: from its pixels, so a photo's samples are the same wherever it is in a list
+    and whatever else is in its batch). Without it, one `generator` stream over the batch.
 
     temperature 0 means argmax (greedy). `logp` and the per-level probabilities are the model's own
     (temperature 1; see `PrefixConstraint` on renormalisation), so samples compare with beams;
@@ -284,10 +285,18 @@ def _splitmix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ ((z >> 31) & ((1 << 33) - 1))
 
 
-def row_uniforms(seed: int, images: int, samples: int, position: int, device=None) -> torch.Tensor:
+def row_uniforms(
+    seed: int | torch.Tensor, images: int, samples: int, position: int, device=None
+) -> torch.Tensor:
     """Uniforms in [0, 1), (images * samples,) float64, rows image-major: a counter-based draw keyed by
-    (seed + image, sample, position), the same on every device and for every batch it is computed in."""
-    image = torch.arange(images, dtype=torch.int64, device=device) + seed
+    (image key, sample, position), the same on every device and for every batch it is computed in. The
+    image keys are seed + 0 .. images - 1, or `seed` itself when it is an (images,) int64 tensor."""
+    if isinstance(seed, torch.Tensor):
+        if seed.shape != (images,):
+            raise ValueError(f"{images} images need {images} sampling keys, got shape {tuple(seed.shape)}")
+        image = seed.to(device=device, dtype=torch.int64)
+    else:
+        image = torch.arange(images, dtype=torch.int64, device=device) + seed
     sample = torch.arange(samples, dtype=torch.int64, device=device)
     z = _splitmix64(_splitmix64(_splitmix64(image)[:, None] + sample) + position).reshape(-1)
     return ((z >> 11) & ((1 << 53) - 1)).double() * 2.0**-53
@@ -303,7 +312,7 @@ def generate(
     temperature: float = 1.0,
     sample_top_k: int = 0,
     top_p: float = 1.0,
-    seed: int = 0,
+    seed: int | torch.Tensor = 0,
     constraint: PrefixConstraint | None = None,
     cached: bool = True,
     dtype: str = "fp32",

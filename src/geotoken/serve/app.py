@@ -46,6 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from geotoken import __version__, assets
 from geotoken.data.images import to_rgb
 from geotoken.errors import GeoTokenError
+from geotoken.photos import photo_gps
 from geotoken.search import SELECTORS, STRATEGIES
 from geotoken.search.mllm import MLLMConfig
 from geotoken.serve.runner import Busy, Predictor, Runner, ServiceRate
@@ -300,6 +301,10 @@ def api_models(max_top_k: int):
         select: str
         timings_ms: dict[str, float]
         image: UploadInfo
+        exif_gps: dict[str, float] | None = Field(
+            None,
+            description="the photo's own EXIF GPS (lat, lon) and its distance_km to the answer, if it has one",
+        )
 
     return ErrorBody, Answer
 
@@ -522,6 +527,9 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
             return error(500, f"upload {name!r}: internal error ({type(exc).__name__}: {exc})")
         out = pred.to_dict()
         out["image"] = {"name": name, "width": im.width, "height": im.height, "bytes": len(data)}
+        gps = photo_gps(data, pred)
+        if gps:
+            out["exif_gps"] = gps
         out["timings_ms"] = {
             **out.get("timings_ms", {}),
             "decode_upload": round(t_decode, 3),
