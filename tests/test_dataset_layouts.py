@@ -16,7 +16,7 @@ from geotoken.data.datasets import DatasetSource, ImageIndex, read_source
 from geotoken.data.table import Manifest
 from geotoken.errors import GeoTokenError
 from geotoken.features import embed
-from geotoken.stages import DatasetStageConfig, read_datasets
+from geotoken.stages import DatasetStageConfig, HoldoutConfig, read_datasets
 from helpers import TinyBackbone
 
 
@@ -114,6 +114,9 @@ def test_a_split_archive_left_in_chunks_is_reported_with_the_cat_to_join_it(tmp_
     message = str(e.value)
     assert f"see {out / 'gallery.report.csv'}" in message and "mp-16-images00, mp-16-images01" in message
     assert f"cat {root}/mp-16-images* > {root}/mp-16-images.tar" in message
+    # the paper's config always holds out a validation split: its size check must not hide the hint
+    with pytest.raises(GeoTokenError, match="look like the pieces of one split archive"):
+        read_datasets(DatasetStageConfig((source,), HoldoutConfig("val", "gallery", 2)), out, log=print)
     report = read_csv(out / "gallery.report.csv")
     assert sum("no image" in r["reason"] for r in report) == 4
     assert {r["id"] for r in report if "neither an image" in r["reason"]} >= {

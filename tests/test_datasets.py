@@ -173,3 +173,24 @@ def test_zip_members_embed_the_same_in_forked_workers(tmp_path):
     one = embed(r.manifest, backbone, tmp_path / "w0", batch_size=4, num_workers=0)
     two = embed(r.manifest, backbone, tmp_path / "w2", batch_size=4, num_workers=2)
     assert np.array_equal(np.asarray(one["features"]), np.asarray(two["features"]))
+
+
+def test_a_reused_dataset_stage_whose_annotations_changed_is_refused_naming_the_file(tmp_path):
+    """The annotation files are outside the run, so not in the stage's identity: a csv edited after the
+    stage ran would have been reused (the dry run said "done (reused)" with the new row count)."""
+    from geotoken.stages.config import RunConfig, plan_run, plan_text
+    from geotoken.stages.runner import Pipeline, Run, StageSpec, run_pipeline
+
+    path, images, _ = realdata.mp16(tmp_path / "mp16", 6)
+    source = DatasetSource("gallery", "mp16", str(path), str(images))
+    pipeline = Pipeline((StageSpec("data", "dataset", DatasetStageConfig((source,))),))
+    run = Run(tmp_path / "run", log=lambda s: None)
+    assert run_pipeline(pipeline, run)["data"].info["sizes"] == {"gallery": 6}
+    assert run_pipeline(pipeline, run)["data"].info["sizes"] == {"gallery": 6}  # unchanged: reused
+    plan = RunConfig(pipeline, str(tmp_path / "run"), tmp_path / "x.yaml")
+    assert "PROBLEM" not in plan_text(plan, plan_run(plan))
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:4]) + "\n")  # the user cuts the csv
+    with pytest.raises(GeoTokenError, match=f"changed since: {path} had .* bytes, now"):
+        run_pipeline(pipeline, run)
+    assert f"PROBLEM: changed since this stage ran: {path}" in plan_text(plan, plan_run(plan))

@@ -143,3 +143,16 @@ def test_clip_text_tower(tiny_clip):
         want = model.get_text_features(**tokens)
         want = want.pooler_output if hasattr(want, "pooler_output") else want
     torch.testing.assert_close(got, F.normalize(want, dim=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_towers_load_from_a_full_checkpoint_without_transformers_load_report(tiny_clip, capfd):
+    """Each tower of a full CLIP checkpoint sees the other tower's weights as unexpected: expected, so
+    transformers' UNEXPECTED table (hundreds of lines for ViT-L/14) stays out of the logs."""
+    from transformers.utils import logging as hf_logging
+
+    folder, _ = tiny_clip
+    before = hf_logging.get_verbosity()
+    load_text_encoder("clip", model=str(folder))
+    load_backbone("clip", model=str(folder))
+    assert "UNEXPECTED" not in capfd.readouterr().err
+    assert hf_logging.get_verbosity() == before  # the user's own setting is put back

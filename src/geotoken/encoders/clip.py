@@ -112,6 +112,24 @@ def check_loading(info: dict, what: str) -> None:
         raise GeoTokenError(f"{what}: weights missing or of the wrong shape: {bad[:5]}")
 
 
+def load_tower(cls: Any, model: str, what: str, **options) -> torch.nn.Module:
+    """`cls.from_pretrained(model, **options)`, checked by `check_loading`. transformers' own load report
+    is silenced: from a full CLIP checkpoint it lists every weight of the other tower as UNEXPECTED
+    (hundreds of lines for ViT-L/14 in every log), which is expected; what matters is checked here."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        net, info = cls.from_pretrained(model, output_loading_info=True, **options)
+    except OSError as e:
+        raise GeoTokenError(f"{what}: cannot load {model!r} (a folder or hub id): {e}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    check_loading(info, f"{what}: {model!r}")
+    return net
+
+
 class CLIPBackbone(ImageBackbone):
     name = "clip"
 
@@ -184,13 +202,10 @@ class CLIPBackbone(ImageBackbone):
     def _load_tower(self) -> torch.nn.Module:
         from transformers import CLIPVisionModelWithProjection
 
-        try:
-            net, info = CLIPVisionModelWithProjection.from_pretrained(
-                self.model, config=self.tower_config, output_loading_info=True, **self._load_options
-            )
-        except OSError as e:
-            raise GeoTokenError(f"clip: cannot load model {self.model!r} (a folder or hub id): {e}") from None
-        check_loading(info, f"clip: {self.model!r} vision tower")
+        net = load_tower(
+            CLIPVisionModelWithProjection, self.model, "clip vision tower",
+            config=self.tower_config, **self._load_options,
+        )  # fmt: skip
         return net.eval().requires_grad_(False)
 
     def torch_tower(self) -> torch.nn.Module:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from geotoken import assets
-from geotoken.encoders.clip import check_loading, tower_config
+from geotoken.encoders.clip import load_tower, tower_config
 from geotoken.errors import GeoTokenError
 
 
@@ -86,14 +86,11 @@ class CLIPTextEncoder(TextEncoder):
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model))
             config = tower_config(str(model), "text")
-            net, info = CLIPTextModelWithProjection.from_pretrained(
-                str(model), config=config, output_loading_info=True
-            )
         except OSError as e:
             raise GeoTokenError(
                 f"clip text encoder: cannot load {model!r} (a folder or hub id): {e}"
             ) from None
-        check_loading(info, f"clip text encoder: {model!r} text tower")
+        net = load_tower(CLIPTextModelWithProjection, str(model), "clip text encoder", config=config)
         super().__init__(tokenizer, batch_size)
         self.model = str(model)
         self.net = net.requires_grad_(False).eval()

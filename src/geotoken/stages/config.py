@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from geotoken.errors import GeoTokenError
-from geotoken.io import sha256_json
+from geotoken.io import read_json, sha256_json
 from geotoken.model import GeoToken, preset
 from geotoken.stages.datasets import CONFIGS
 from geotoken.stages.method import GALLERY
@@ -256,6 +256,11 @@ def plan_run(cfg: RunConfig) -> list[StagePlan]:
         c = spec.config
         p = StagePlan(spec.name, spec.kind, folders[spec.name], (root / folders[spec.name] / "stage.json").is_file(),
                       dict(spec.inputs))  # fmt: skip
+        if p.done and spec.stage_kind.changed:
+            record = read_json(root / folders[spec.name] / "stage.json")
+            p.problems += [
+                f"changed since this stage ran: {x}" for x in spec.stage_kind.changed(c, record["info"])
+            ]
         upstream = {i: plans[src] for i, src in spec.inputs.items()}
         rows = next((u.rows for u in upstream.values() if u.rows), {})
         total = sum(rows.values())

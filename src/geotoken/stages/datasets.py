@@ -52,7 +52,25 @@ class DatasetStageConfig:
     holdout: HoldoutConfig | None = None
 
 
-@stage_kind("dataset", DatasetStageConfig)
+def _annotation_bytes(config: DatasetStageConfig) -> dict[str, int]:
+    """{annotation file: its size in bytes}: what the stage records to notice an edited file on reuse (the
+    size, not the time: a dataset copied to another disk keeps its sizes and stays reusable)."""
+    paths = [s.annotations for s in config.sources if s.annotations]
+    return {p: os.path.getsize(p) for p in paths if os.path.isfile(p)}
+
+
+def changed_annotations(config: DatasetStageConfig, info: dict) -> list[str]:
+    """The annotation files whose size differs from when the stage ran (stages from before it: none)."""
+    then = info.get("annotation_bytes") or {}
+    now = _annotation_bytes(config)
+    return [
+        f"{path} had {size:,} bytes, now {now[path]:,}" if path in now else f"{path} is gone"
+        for path, size in then.items()
+        if now.get(path) != size
+    ]
+
+
+@stage_kind("dataset", DatasetStageConfig, changed=changed_annotations)
 def read_datasets(config: DatasetStageConfig, out: Path, *, log: Log = print) -> dict:
     """Read every source from disk into `out/SPLIT.csv` (+ texts, + report); images stay where they are."""
     if not config.sources:
@@ -64,13 +82,13 @@ def read_datasets(config: DatasetStageConfig, out: Path, *, log: Log = print) ->
     for source in config.sources:
         log(f"  reading {source.split} ({source.format}: {source.annotations or source.images})")
         results[source.split] = read_source(source, out)
+        if len(results[source.split].manifest) == 0:  # before the holdout, whose size check would hide it
+            _no_images(source.split, source, results[source.split], out)
     if config.holdout is not None:
         _holdout(config.holdout, results)
     info: dict[str, Any] = {"sizes": {}, "sources": {}, "content_hash": {}}
-    sources = {s.split: s for s in config.sources}
+    info["annotation_bytes"] = _annotation_bytes(config)
     for split, r in results.items():
-        if len(r.manifest) == 0:
-            _no_images(split, sources.get(split), r, out)
         r.manifest.write_csv(out / f"{split}.csv")
         if r.texts is not None:
             write_texts(texts_path(out, split), r.manifest.ids, r.texts)
@@ -130,7 +148,8 @@ def _holdout(h: HoldoutConfig, results: dict) -> None:
     n = len(src.manifest)
     if not 0 < h.size < n:
         raise GeoTokenError(
-            f"dataset stage: holdout size {h.size} must be in 1..{n - 1} (rows of {h.source!r})"
+            f"dataset stage: holdout size {h.size} must be in 1..{n - 1}: split {h.source!r} has {n:,} rows "
+            f"with an image, and some must stay in it"
         )
     held = np.sort(np.random.default_rng(h.seed).choice(n, h.size, replace=False))
     keep = np.setdiff1d(np.arange(n), held)

@@ -212,7 +212,7 @@ class ModelStageConfig:
     val: str = "val"  # the validation split
     k: int | None = None  # neighbours the model reads (None: the index's k)
     warmup_steps: int | None = None  # None: min(100, steps // 10)
-    checkpoint_every: int | None = None  # None: max(50, steps // 4)
+    checkpoint_every: int | None = None  # None: a quarter of the run, at least once an epoch (>= 50 steps)
     label_smoothing: float = added_field(0.0)  # over each token's siblings (its position's vocabulary)
     drop_near_km: float = added_field(
         0.0
@@ -258,11 +258,15 @@ def model_train_config(config: ModelStageConfig, rows: int):
     given.update(label_smoothing=config.label_smoothing, drop_near_km=config.drop_near_km)
     given.update(drop_near_share=config.drop_near_share, val_constrain=config.val_constrain)
     tcfg = resolve_train_config(config.recipe or None, **given, seed=config.seed, tensorboard=False)
-    steps = max(1, config.epochs * int(np.ceil(rows / (config.batch_size * grad_accum_for(tcfg, rows)))))
+    per_epoch = max(1, int(np.ceil(rows / (config.batch_size * grad_accum_for(tcfg, rows)))))
+    steps = max(1, config.epochs * per_epoch)
     warmup = config.warmup_steps
     if warmup is None:
         warmup = recipe.get("warmup_steps", min(100, steps // 10))
-    every = max(50, steps // 4) if config.checkpoint_every is None else config.checkpoint_every
+    # a quarter of the run, but at least once an epoch (a killed 50-epoch MP16 run loses < 1 epoch, not
+    # 12), and not more often than every 50 steps (short runs)
+    every = min(max(50, steps // 4), max(50, per_epoch))
+    every = every if config.checkpoint_every is None else config.checkpoint_every
     return dataclasses.replace(tcfg, warmup_steps=warmup, checkpoint_every=every)
 
 

@@ -50,18 +50,24 @@ class StageKind:
     run: Callable[..., dict | None]
     config: type
     inputs: tuple[str, ...]  # the stage folders it reads: run's keyword-only parameters (less `log`)
+    # (config, info of the finished stage) -> what changed on disk since it ran: files outside the run
+    # (a dataset's annotations) are not in the identity, so reusing the folder needs this check
+    changed: Callable[[Any, dict], list[str]] | None = None
 
 
 STAGES: dict[str, StageKind] = {}
 
 
-def stage_kind(name: str, config: type) -> Callable[[Callable], Callable]:
-    """Decorator: register a stage function under `name` with its config dataclass."""
+def stage_kind(
+    name: str, config: type, changed: Callable[[Any, dict], list[str]] | None = None
+) -> Callable[[Callable], Callable]:
+    """Decorator: register a stage function under `name` with its config dataclass (and `changed`, see
+    `StageKind`)."""
 
     def register(run: Callable) -> Callable:
         params = inspect.signature(run).parameters.values()
         inputs = tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "log")
-        STAGES[name] = StageKind(name, run, config, inputs)
+        STAGES[name] = StageKind(name, run, config, inputs, changed)
         return run
 
     return register
@@ -272,4 +278,15 @@ def run_pipeline(pipeline: Pipeline, run: Run) -> dict[str, StageResult]:
             return kind.run(spec.config, out, **folders, log=run.log)
 
         done[spec.name] = StageResult(*run.stage(spec.name, identity, build))
+        check_unchanged(kind, spec.config, done[spec.name])
     return done
+
+
+def check_unchanged(kind: StageKind, config: Any, result: StageResult) -> None:
+    """Refuse to reuse a finished stage whose files outside the run have changed since it ran."""
+    changed = kind.changed(config, result.info) if kind.changed else []
+    if changed:
+        raise GeoTokenError(
+            f"{result.folder} was built from files that have changed since: {'; '.join(changed)}. "
+            f"Run into a new --run-dir, or delete that folder to rebuild it (and what depends on it)"
+        )
