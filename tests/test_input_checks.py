@@ -16,6 +16,7 @@ from geotoken.errors import GeoTokenError
 from geotoken.evaluate import EvalConfig
 from geotoken.evaluate.baselines import RetrievalConfig
 from geotoken.evaluate.runs import load_cached
+from geotoken.features import FeatureStore
 from geotoken.retrieval import IndexConfig, NeighbourIndex, check_neighbours, measure_recall, neighbour_table
 from geotoken.search.calibration import check_radii
 from geotoken.train.data import TrainData
@@ -63,6 +64,21 @@ def test_check_neighbours_names_both_query_stores(splits):
         check_neighbours(root / "nbr-test", stores["val"])
     with pytest.raises(GeoTokenError, match=r"computed for gallery .*gallery \(manifest gallery-hash"):
         check_neighbours(root / "nbr-test", stores["test"], stores["val"])
+
+
+def test_check_neighbours_refuses_queries_aligned_by_other_heads_than_the_gallery(splits, tmp_path):
+    """A query store re-aligned after `align train` ran again: the table's hashes still match, the space not."""
+    root, stores = splits
+    for name in ("gallery", "test"):
+        shutil.copytree(root / name, tmp_path / name)
+    for name, heads in (("gallery", "a" * 16), ("test", "b" * 16)):
+        header = json.loads((tmp_path / name / "store.json").read_text())
+        header["arrays"]["gps"]["heads"] = heads
+        (tmp_path / name / "store.json").write_text(json.dumps(header))
+    test, gallery = FeatureStore.open(tmp_path / "test"), FeatureStore.open(tmp_path / "gallery")
+    with pytest.raises(GeoTokenError, match=r"its 'gps' embeddings were written by alignment heads bbbb"):
+        check_neighbours(root / "nbr-test", test, gallery)
+    check_neighbours(root / "nbr-test", test, stores["gallery"])  # the gallery without fingerprints: passes
 
 
 def test_check_neighbours_row_count_without_hashes(splits, tmp_path):

@@ -171,7 +171,11 @@ def test_malformed_files_are_errors(tmp_path):
     (folder / "error_cdf.png").write_bytes(b"GIF89a not a png")
     with pytest.raises(GeoTokenError, match="error_cdf.png: not a PNG"):
         build_report(folder)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(GeoTokenError, match="neither run.json"):
+        build_report(tmp_path / "empty")
+    # a `geotoken run` folder: the evaluation folders below it are named
+    with pytest.raises(GeoTokenError, match=f"neither run.json .*evaluation folders below it.*: {folder}"):
         build_report(tmp_path)
 
 

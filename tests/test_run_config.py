@@ -139,13 +139,40 @@ def test_the_paper_config_is_the_papers_setting():
     assert raw["variables"]["CLIP_MODEL"] == "openai/clip-vit-large-patch14"
     assert stages["data"]["config"]["sources"][0]["format"] == "mp16-pro"
     model = stages["model"]["config"]
-    assert (model["preset"], model["k"], model["arch"], model["recipe"]) == ("paper", 15, "authors", "paper")
+    assert (model["k"], model["arch"], model["recipe"]) == (15, "authors", "paper")
     assert stages["index"]["config"]["k"] == 15 and stages["align"]["config"]["texts"] == "dataset"
     assert stages["eval"]["config"]["splits"] == ["im2gps3k", "yfcc4k"] == stages["table"]["config"]["splits"]
     cfg = load_run_config(
         "paper", {"MP16_ROOT": "/m", "IM2GPS3K_ROOT": "/i", "YFCC4K_ROOT": "/y"}, environ={}
     )
     assert [s.kind for s in cfg.pipeline.stages][-2:] == ["evaluate", "table"]
+    stage = {s.name: s.config for s in cfg.pipeline.stages}
+    m = stage["model"]
+    assert (m.preset, m.epochs, m.batch_size, m.dtype, stage["features"].workers) == (
+        "paper",
+        50,
+        2048,
+        "bf16",
+        8,
+    )
+    sources = {s.split: s for s in stage["data"].sources}  # the downloads' own layouts by default
+    assert sources["gallery"].annotations == "/m/metadata/MP16_Pro_places365.csv"
+    assert sources["gallery"].images == "/m/mp-16-images.tar"
+    assert (sources["im2gps3k"].images, sources["yfcc4k"].images) == ("/i/im2gps3ktest.zip", "/y/yfcc4k.zip")
+    # a rehearsal at toy size sets the sizes, typed as the fields they fill
+    small = {"PRESET": "tiny", "EPOCHS": "2", "BATCH_SIZE": "64", "DTYPE": "fp32", "WORKERS": "0"}
+    roots = {"MP16_ROOT": "/m", "IM2GPS3K_ROOT": "/i", "YFCC4K_ROOT": "/y"}
+    stage = {
+        s.name: s.config for s in load_run_config("paper", {**roots, **small}, environ={}).pipeline.stages
+    }
+    m = stage["model"]
+    assert (m.preset, m.epochs, m.batch_size, m.dtype, stage["features"].workers) == (
+        "tiny",
+        2,
+        64,
+        "fp32",
+        0,
+    )
 
 
 def test_the_papers_figures_are_the_reference_notes():

@@ -97,6 +97,19 @@ def test_rows_without_k_neighbours_are_counted_and_all_of_them_is_an_error(tmp_p
         train(mc, quiet(max_steps=1), data, tmp_path / "none")
 
 
+def test_bf16_on_a_cpu_without_bf16_units_is_said(tmp_path, capsys, monkeypatch):
+    import geotoken.train.loop as loop
+
+    data, mc = synthetic(), model_cfg()
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)
+    train(mc, quiet(max_steps=1, dtype="bf16"), data, tmp_path / "emulated")
+    assert "bf16 on a CPU without bf16 units" in capsys.readouterr().out
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
+    train(mc, quiet(max_steps=1, dtype="bf16"), data, tmp_path / "native")
+    train(mc, quiet(max_steps=1), data, tmp_path / "fp32")
+    assert "bf16 units" not in capsys.readouterr().out
+
+
 def test_data_order_is_a_disjoint_deterministic_shard_per_rank():
     order = epoch_order(100, seed=3, epoch=2)
     np.testing.assert_array_equal(order, epoch_order(100, seed=3, epoch=2))

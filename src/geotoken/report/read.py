@@ -352,6 +352,9 @@ def read_run(run_dir: str | os.PathLike) -> RunFolder:
             f"{root / 'run.json'} (an evaluation folder: no run configuration, timings or examples)"
         )
         return run
-    raise GeoTokenError(
-        f"{root}: neither run.json (a `geotoken demo` run) nor metrics.json (`geotoken evaluate`)"
-    )
+    message = f"{root}: neither run.json (a `geotoken demo` run) nor metrics.json (`geotoken evaluate`)"
+    below = sorted(p.parent for pattern in ("*/metrics.json", "*/*/metrics.json") for p in root.glob(pattern))
+    if below:  # a `geotoken run` folder: its evaluation stage holds one folder per split
+        shown = ", ".join(str(p) for p in below[:4]) + (", ..." if len(below) > 4 else "")
+        message += f"; evaluation folders below it, each a report of its own: {shown}"
+    raise GeoTokenError(message)

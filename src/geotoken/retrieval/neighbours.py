@@ -286,7 +286,24 @@ def check_neighbours(
                 f"{where}: computed for {side} {rec.get('store')} ({rows} rows), "
                 f"not {store.root} ({store.rows} rows)"
             )
+    if gallery is not None:
+        check_same_heads(queries, gallery)
     return table.check(queries.rows)
+
+
+def check_same_heads(queries: FeatureStore, gallery: FeatureStore) -> None:
+    """Raise if an aligned array of the queries was written by other alignment heads than the same array of
+    the gallery (a query store re-aligned after `align train` ran again): the neighbours and the model would
+    compare embeddings from two different spaces. Stores from before heads fingerprints pass."""
+    for name, meta in queries.header.get("arrays", {}).items():
+        theirs = gallery.header.get("arrays", {}).get(name, {})
+        mine, other = meta.get("heads"), theirs.get("heads") if isinstance(theirs, dict) else None
+        if mine and other and mine != other:
+            raise GeoTokenError(
+                f"{queries.root}: its {name!r} embeddings were written by alignment heads {mine[:12]}..., "
+                f"the gallery {gallery.root}'s by {other[:12]}...: run `geotoken align apply` with one set "
+                "of heads on both (then rebuild the index and the neighbour tables)"
+            )
 
 
 class NeighbourTable:

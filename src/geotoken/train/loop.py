@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from geotoken.devices import Dist, distributed, torch_device
+from geotoken.encoders.base import cpu_has_bf16
 from geotoken.errors import GeoTokenError
 from geotoken.geo import THRESHOLDS_KM, haversine_km
 from geotoken.io import atomic_dir, atomic_path, read_json, read_safetensors, write_json
@@ -360,6 +361,9 @@ def train(
         val_rows = np.asarray(val_rows, dtype=np.int64)
         val_rows = val_rows[val_data.usable(model_cfg.k)[val_rows]]
 
+    if d.main and cfg.dtype == "bf16" and dev.type == "cpu" and not cpu_has_bf16():
+        print("train: dtype bf16 on a CPU without bf16 units (AVX-512 BF16 / AMX) runs emulated, several "
+              "times slower than fp32: train with dtype fp32 here", flush=True)  # fmt: skip
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = GeoToken(model_cfg).to(dev)
     opt = make_optimizer(model, cfg)
