@@ -223,6 +223,13 @@ def test_manifest_format_writes_manifest_texts_and_report(tmp_path, capsys):
     assert (tmp_path / "out" / "mp16.texts.csv").read_text().count("a photo taken in") == 5
     assert len(read_manifest(tmp_path / "out" / "val.csv")) == 2
     assert ids[7] in (tmp_path / "out" / "mp16.report.csv").read_text()
+    # each call's summary is named after its split: a second split written beside it keeps the first's
+    other = ["manifest", str(path), "--format", "mp16-pro", "--image-root", str(images), "-o"]
+    assert main([*other, str(tmp_path / "out" / "more.csv")]) == 0
+    assert "more.dataset.json" in capsys.readouterr().out
+    first = json.loads((tmp_path / "out" / "mp16.dataset.json").read_text())
+    assert first["sizes"] == {"mp16": 5, "val": 2} and not (tmp_path / "out" / "dataset.json").exists()
+    assert json.loads((tmp_path / "out" / "more.dataset.json").read_text())["sizes"] == {"more": 7}
     assert main([*args, "--skip-report", str(tmp_path / "r.csv")]) == 2
     capsys.readouterr()
     assert main([*args, "--check-images", "decode"]) == 2  # not silently ignored

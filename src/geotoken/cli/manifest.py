@@ -75,11 +75,13 @@ def run_format(args) -> int:
     source = DatasetSource(out.stem, args.format, annotations, images)
     holdout = HoldoutConfig(args.holdout_name, out.stem, args.holdout, args.seed) if args.holdout else None
     out.parent.mkdir(parents=True, exist_ok=True)
-    info = read_datasets(DatasetStageConfig((source,), holdout), out.parent)
+    info_name = f"{out.stem}.dataset.json"  # one per call: manifests of several splits share a folder
+    info = read_datasets(DatasetStageConfig((source,), holdout), out.parent, info_name)
     for split, n in info["sizes"].items():
         texts = " + .texts.csv" if info["sources"][split]["texts"] else ""
         print(f"wrote {n} rows to {out.parent / split}.csv{texts}; "
               f"{info['sources'][split]['left_out']} rows / images left out ({split}.report.csv)")  # fmt: skip
+    print(f"sizes, counts and hashes: {out.parent / info_name}")
     return 0
 
 

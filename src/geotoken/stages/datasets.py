@@ -71,8 +71,12 @@ def changed_annotations(config: DatasetStageConfig, info: dict) -> list[str]:
 
 
 @stage_kind("dataset", DatasetStageConfig, changed=changed_annotations)
-def read_datasets(config: DatasetStageConfig, out: Path, *, log: Log = print) -> dict:
-    """Read every source from disk into `out/SPLIT.csv` (+ texts, + report); images stay where they are."""
+def read_datasets(
+    config: DatasetStageConfig, out: Path, info_name: str = "dataset.json", *, log: Log = print
+) -> dict:
+    """Read every source from disk into `out/SPLIT.csv` (+ texts, + report); images stay where they are.
+    `info_name`: the summary's file (`geotoken manifest` names it after its split, so calls writing into one
+    folder keep each other's)."""
     if not config.sources:
         raise GeoTokenError("dataset stage: no sources")
     splits = [s.split for s in config.sources]
@@ -102,7 +106,7 @@ def read_datasets(config: DatasetStageConfig, out: Path, *, log: Log = print) ->
         info["content_hash"][split] = r.manifest.content_hash()
         log(f"  {split}: {len(r.manifest):,} rows with an image; {len(r.report):,} rows/images left out "
             f"({split}.report.csv)")  # fmt: skip
-    write_json(out / "dataset.json", info)
+    write_json(out / info_name, info)
     return info
 
 
