@@ -199,3 +199,6 @@ def test_a_missing_array_is_a_one_line_error_and_still_a_key_error(feature_store
     assert main(["align", "train", str(store.root), "-o", str(store.root.parent / "h"), "--epochs", "1"]) == 2
     out = capsys.readouterr().err
     assert "no array 'features'" in out and "Traceback" not in out
+    embedded = feature_store("e", {"features": np.ones((4, 8), np.float32)})  # not aligned yet
+    with pytest.raises(GeoTokenError, match="no array 'gps' .*come from `geotoken align apply HEADS STORE`"):
+        embedded["gps"]

@@ -230,6 +230,10 @@ def test_manifest_format_writes_manifest_texts_and_report(tmp_path, capsys):
     first = json.loads((tmp_path / "out" / "mp16.dataset.json").read_text())
     assert first["sizes"] == {"mp16": 5, "val": 2} and not (tmp_path / "out" / "dataset.json").exists()
     assert json.loads((tmp_path / "out" / "more.dataset.json").read_text())["sizes"] == {"more": 7}
+    assert main([*other, str(tmp_path / "out" / "plain.csv")]) == 0 and "hint" not in capsys.readouterr().out
+    other[3] = "mp16"  # MP16-Pro's csv read as plain MP16: its place texts would be dropped without a word
+    assert main([*other, str(tmp_path / "out" / "plain.csv")]) == 0
+    assert "hint: this file has MP16-Pro's place columns" in capsys.readouterr().out
     assert main([*args, "--skip-report", str(tmp_path / "r.csv")]) == 2
     capsys.readouterr()
     assert main([*args, "--check-images", "decode"]) == 2  # not silently ignored

@@ -82,6 +82,9 @@ def run_format(args) -> int:
         print(f"wrote {n} rows to {out.parent / split}.csv{texts}; "
               f"{info['sources'][split]['left_out']} rows / images left out ({split}.report.csv)")  # fmt: skip
     print(f"sizes, counts and hashes: {out.parent / info_name}")
+    if args.format == "mp16" and guess_format(annotations, read_header(annotations)) == "mp16-pro":
+        print("hint: this file has MP16-Pro's place columns (city, state, country); --format mp16-pro also "
+              "writes them as place texts (SPLIT.texts.csv) for the text-aligned head")  # fmt: skip
     return 0
 
 

@@ -33,6 +33,9 @@ COORDS = "coords.npy"
 SKIPPED = "skipped.csv"
 
 
+ALIGNED = ("visual", "gps", "text")  # what `geotoken align apply` writes beside the backbone's "features"
+
+
 class MissingArray(GeoTokenError, KeyError):
     """A store has no (complete) array of that name: a one-line error, and still a KeyError for lookups."""
 
@@ -160,7 +163,10 @@ class FeatureStore(Mapping):
         """Read-only memmap of a complete array (an unfinished one raises, naming the store)."""
         meta = self.header["arrays"].get(name)
         if meta is None:
-            raise MissingArray(f"{self.root}: no array {name!r} (has: {', '.join(self.header['arrays'])})")
+            message = f"{self.root}: no array {name!r} (has: {', '.join(self.header['arrays'])})"
+            if name in ALIGNED and "features" in self.header["arrays"]:  # embedded, not aligned yet
+                message += f"; the aligned {', '.join(ALIGNED)} embeddings come from `geotoken align apply HEADS STORE`"
+            raise MissingArray(message)
         if not meta["complete"]:
             raise GeoTokenError(
                 f"{self.root}: array {name!r} is unfinished; rerun the command that writes it"
