@@ -285,7 +285,8 @@ def run_methods(
         t0 = time.perf_counter()
         cached = pred is not None
         if pred is None:
-            log(f"{method}: fitting on {len(gallery)} gallery rows, predicting {len(queries)} queries")
+            fit = "GeoCLIP's own coordinate gallery" if method == "geoclip" else f"{len(gallery)} gallery rows"
+            log(f"{method}: fitting on {fit}, predicting {len(queries)} queries")
             model = build_baseline(method, cfg, neighbours, gps_encoder, progress).fit(gallery)
             pred = model.predict(queries)
             if path is not None:
