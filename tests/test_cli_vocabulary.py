@@ -14,7 +14,7 @@ import pytest
 from geotoken import DTYPES
 from geotoken.align import GPS_HEADS
 from geotoken.bench.decode import REFERENCE
-from geotoken.cli import build_parser, count
+from geotoken.cli import DEVICE_HELP, build_parser, count
 from geotoken.data.earthviews import PRESETS as EARTHVIEWS_PRESETS
 from geotoken.encoders import BACKBONES
 from geotoken.encoders.clip import PRECISIONS
@@ -106,6 +106,8 @@ def option_problems(path: tuple[str, ...], action: argparse.Action) -> list[str]
         out.append(f"{where}: --threads defaults to {action.default!r}, not 0 (the library's own choice)")
     if dest == "threads" and action.type is not count:
         out.append(f"{where}: --threads takes geotoken.cli.count (a whole number >= 0), not {action.type}")
+    if dest == "device" and path[:1] != ("bench",) and (action.default, action.help) != ("auto", DEVICE_HELP):
+        out.append(f"{where}: --device defaults to {action.default!r}; 'auto' with geotoken.cli.DEVICE_HELP")
     registry = PER_COMMAND.get((path, dest), REGISTRIES.get(dest))
     if action.choices is not None and registry is not None:
         if tuple(action.choices) not in (tuple(registry), tuple(sorted(registry))):
@@ -163,6 +165,7 @@ def _wrong_parser() -> argparse.ArgumentParser:
     cmd.add_argument("-n", "--num-samples", type=int)
     cmd.add_argument("--skip-bad-rows", action="store_true")
     cmd.add_argument("--gallery-only", dest="constrain", action=argparse.BooleanOptionalAction)
+    cmd.add_argument("--device", default="cpu")
     return root
 
 
@@ -182,6 +185,7 @@ def test_the_walker_finds_every_kind_of_wrong_option():
         "geotoken group cmd -n/--num-samples: -n is a second spelling of --num-samples",
         "geotoken group cmd --skip-bad-rows: --skip-bad-rows is a second spelling of --skip-bad",
         "geotoken group cmd --gallery-only/--no-gallery-only: dest 'constrain' is not spelled --constrain / --no-constrain",
+        "geotoken group cmd --device: --device defaults to 'cpu'; 'auto' with geotoken.cli.DEVICE_HELP",
     ]
     for message in expected:
         assert sum(p.startswith(message) for p in problems) == 1, (message, problems)

@@ -81,6 +81,18 @@ def test_check_neighbours_refuses_queries_aligned_by_other_heads_than_the_galler
     check_neighbours(root / "nbr-test", test, stores["gallery"])  # the gallery without fingerprints: passes
 
 
+def test_a_neighbour_table_wider_than_the_gallery_is_refused_before_any_search(splits, tmp_path):
+    root, stores = splits
+    index = NeighbourIndex.load(root / "index")
+    with pytest.raises(
+        GeoTokenError, match=r"k 201 is more neighbours than the index's gallery has \(200 rows\)"
+    ):
+        neighbour_table(stores["test"], index, 201, tmp_path / "wide", exclude_self_ids=False, progress=False)
+    with pytest.raises(GeoTokenError, match=r"200 rows, less the query itself\): choose k <= 199"):
+        neighbour_table(stores["test"], index, 200, tmp_path / "wide", progress=False)
+    assert not (tmp_path / "wide").exists()
+
+
 def test_check_neighbours_row_count_without_hashes(splits, tmp_path):
     root, stores = splits
     rng = np.random.default_rng(1)

@@ -29,6 +29,10 @@ from types import ModuleType
 
 from geotoken import __version__
 
+DEVICE_HELP = (
+    "torch device: auto (default: this rank's CUDA GPU, then Apple MPS, then the CPU), cpu, cuda, cuda:1, mps"
+)
+
 
 def count(text: str) -> int:
     """argparse type of a number of things (threads, workers, a port): a whole number >= 0."""

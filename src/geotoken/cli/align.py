@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from geotoken.align import GPS_HEADS, AlignConfig, AlignHeads, HeadsConfig, apply_heads, train_heads
-from geotoken.cli import count
+from geotoken.cli import DEVICE_HELP, count
 from geotoken.data.datasets import read_texts
 from geotoken.data.manifest import read_manifest
 from geotoken.devices import resolve_device, retain_freed_memory
@@ -105,7 +105,7 @@ def register(subparsers) -> None:
         "--gallery", help="CSV with LAT,LON columns: GPS gallery for the metric (default: MP16 100K)"
     )
     t.add_argument("--seed", type=int, default=c.seed)
-    t.add_argument("--device", help="torch device (default auto: this rank's GPU if any, else cpu)")
+    t.add_argument("--device", default="auto", help=DEVICE_HELP)
     t.add_argument("--threads", type=count, default=0, help="torch CPU threads (default 0: torch's choice)")
     t.set_defaults(func=run_train)
 
@@ -113,7 +113,7 @@ def register(subparsers) -> None:
     a.add_argument("heads", help="heads folder written by `geotoken align train`")
     a.add_argument("store", help="feature store with `features` from the same backbone")
     a.add_argument("--batch-size", type=int, default=8192, help="rows per step (default 8192)")
-    a.add_argument("--device", help="torch device (default auto: this rank's GPU if any, else cpu)")
+    a.add_argument("--device", default="auto", help=DEVICE_HELP)
     a.add_argument("--threads", type=count, default=0, help="torch CPU threads (default 0: torch's choice)")
     a.set_defaults(func=run_apply)
 

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from geotoken.bundle import PAPER_TEMPERATURE, sampling_temperature
+from geotoken.cli import DEVICE_HELP
 from geotoken.fit import CALIBRATION_SELECTORS, calibrate_bundle
 from geotoken.predict import Geolocator
 from geotoken.search import LOGP_KINDS, STRATEGIES
@@ -48,7 +49,7 @@ def register(subparsers) -> None:
                    "(scaled, the authors'); default: the bundle's")  # fmt: skip
     p.add_argument("--radii-km", type=float, nargs="+", default=list(RADII_KM), help="events to calibrate")
     p.add_argument("--plot", metavar="PNG", help="also write a reliability plot here")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=run)
 
 

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from geotoken.cli import count
+from geotoken.cli import DEVICE_HELP, count
 from geotoken.data.manifest import read_manifest
 from geotoken.encoders import BACKBONES, load_backbone
 from geotoken.features import embed
@@ -49,7 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images (default 2)")
     p.add_argument("--skip-bad", action="store_true",
                    help="record unreadable images (store.json, skipped.csv) and continue, instead of stopping")  # fmt: skip
-    p.add_argument("--device", help="torch device (default auto: this rank's GPU if any, else cpu)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=count, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.set_defaults(func=run)
 

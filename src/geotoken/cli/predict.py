@@ -13,6 +13,7 @@ from pathlib import Path
 
 from geotoken import DTYPES
 from geotoken.bundle import PAPER_TEMPERATURE, sampling_temperature
+from geotoken.cli import DEVICE_HELP
 from geotoken.encoders.clip import PRECISIONS
 from geotoken.encoders.ort import RUNTIMES
 from geotoken.errors import GeoTokenError
@@ -113,7 +114,7 @@ def register(subparsers) -> None:
     p.add_argument("--mllm-strict", action=argparse.BooleanOptionalAction, default=None,
                    help="pool mode: refuse an answer that is none of the candidates (fall back to logp)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16, help="photos per forward pass (default 16)")
-    p.add_argument("--device", default="auto", help="torch device (default auto: CUDA, then MPS, then CPU)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--dtype", choices=DTYPES, help="model precision (bf16: ~2x faster on CPUs with bf16 units)"
     )

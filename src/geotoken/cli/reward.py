@@ -6,6 +6,7 @@ import argparse
 import json
 
 from geotoken.bundle import sampling_temperature
+from geotoken.cli import DEVICE_HELP
 from geotoken.devices import retain_freed_memory
 from geotoken.fit import train_bundle_reward
 from geotoken.predict import Geolocator
@@ -67,7 +68,7 @@ def register(subparsers) -> None:
         "--no-constrain (default: the bundle's)",
     )
     p.add_argument("--seed", type=int, default=RewardConfig.seed)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=run)
 
 

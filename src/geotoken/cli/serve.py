@@ -9,7 +9,7 @@ import time
 import torch
 from PIL import Image
 
-from geotoken.cli import count
+from geotoken.cli import DEVICE_HELP, count
 from geotoken.cli.predict import add_backbone_precision
 from geotoken.errors import GeoTokenError
 from geotoken.predict import Geolocator
@@ -80,7 +80,7 @@ def register(subparsers) -> None:
         f"(default {DEFAULTS.max_queued_pixels:,}, about {3 * DEFAULTS.max_queued_pixels / 1e9:.1f} GB)",
     )
     p.add_argument("--threads", type=count, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="auto", help="torch device (default auto: CUDA, then MPS, then CPU)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_backbone_precision(p)
     p.set_defaults(func=run)
 

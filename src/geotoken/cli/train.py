@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from geotoken import DTYPES
-from geotoken.cli import count
+from geotoken.cli import DEVICE_HELP, count
 from geotoken.devices import retain_freed_memory
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
@@ -142,7 +142,7 @@ def register(subparsers) -> None:
                    help="validate with the gallery-constrained greedy decoder (evaluate's +gallery rows; "
                    "default: free greedy, the authors' decoder)")  # fmt: skip
     t.add_argument("--threads", type=count, default=0, help="torch CPU threads (0: torch's choice)")
-    t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    t.add_argument("--device", default="auto", help=DEVICE_HELP)
     t.add_argument("--no-tensorboard", action="store_true")
     p.set_defaults(func=run)
 
@@ -226,5 +226,6 @@ def run(args) -> int:
         sources,
         args.stop_at,
     )
-    print(f"trained model: {args.out}/best (best validation) and {args.out}/last (resume point)")
+    out = Path(args.out)
+    print(f"trained model: {out / 'best'} (best validation) and {out / 'last'} (resume point)")
     return 0

@@ -285,7 +285,9 @@ def run_methods(
         t0 = time.perf_counter()
         cached = pred is not None
         if pred is None:
-            fit = "GeoCLIP's own coordinate gallery" if method == "geoclip" else f"{len(gallery)} gallery rows"
+            fit = (
+                "GeoCLIP's own coordinate gallery" if method == "geoclip" else f"{len(gallery)} gallery rows"
+            )
             log(f"{method}: fitting on {fit}, predicting {len(queries)} queries")
             model = build_baseline(method, cfg, neighbours, gps_encoder, progress).fit(gallery)
             pred = model.predict(queries)

@@ -134,6 +134,12 @@ def neighbour_table(
     for name, value in (("k", k), ("batch_size", batch_size), ("refine", refine)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise GeoTokenError(f"neighbour table: {name} must be an integer >= 1, got {value!r}")
+    rows = gallery_index.size - (1 if exclude_self_ids else 0)  # a query drops its own gallery row
+    if k > rows:  # the table would be padded with -1, rows that training and evaluation cannot use
+        raise GeoTokenError(
+            f"neighbour table: k {k} is more neighbours than the index's gallery has ({gallery_index.size:,} "
+            f"rows{', less the query itself' if exclude_self_ids else ''}): choose k <= {rows}"
+        )
     out_dir = Path(out_dir)
     embedding = embedding or gallery_index.meta.get("embedding")
     if not embedding:
