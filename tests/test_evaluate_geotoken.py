@@ -188,3 +188,21 @@ def test_constrain_flags_parse():
         assert parser.parse_args(command).constrain is None  # the default: the bundle's / the config's
         assert parser.parse_args([*command, "--constrain"]).constrain is True
         assert parser.parse_args([*command, "--no-constrain"]).constrain is False
+
+
+def test_cli_device_reaches_the_bundle(random_bundle, tmp_path, monkeypatch):
+    import geotoken.evaluate.geotoken_method as method
+
+    bundle, seen = random_bundle(gallery_rows=64, k=3), []
+    load = method.Geolocator.from_bundle
+
+    def spy(path, device="auto", **kw):
+        seen.append(device)
+        return load(path, device=device, **kw)
+
+    monkeypatch.setattr(method.Geolocator, "from_bundle", spy)
+    args = ["evaluate", "--method", "geotoken", "--model", str(bundle), "--gallery", str(bundle), "--queries",
+            str(bundle), "--n-boot", "10", "--no-plots", "--limit", "8"]  # fmt: skip
+    assert main([*args, "-o", str(tmp_path / "a")]) == 0
+    assert main([*args, "-o", str(tmp_path / "b"), "--device", "cpu"]) == 0
+    assert seen == ["auto", "cpu"]

@@ -6,6 +6,7 @@ import argparse
 
 from geotoken import DTYPES
 from geotoken.bundle import PAPER_TEMPERATURE, sampling_temperature
+from geotoken.cli import DEVICE_HELP
 from geotoken.evaluate import (
     BASELINES,
     EVAL_STRATEGIES,
@@ -156,6 +157,7 @@ def register(subparsers) -> None:
                    help="logp selection by the model's own log-probability (t1) or by the temperature-scaled "
                    "one of the samples (scaled, the authors'; rows 'logp-scaled'); default %(default)s")  # fmt: skip
     g.add_argument("--dtype", default=m.dtype, choices=DTYPES, help="model precision (default %(default)s)")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument(
         "--constrain",
         action=argparse.BooleanOptionalAction,
@@ -204,6 +206,7 @@ def run(args) -> int:
             dtype=args.dtype,
             constrain=GeoTokenMethodConfig.constrain if args.constrain is None else (args.constrain,),
             free_strategies=tuple(args.free_strategy),
+            device=args.device,
         ),
     )
     gallery = load_split(args.gallery, args.gallery_manifest, name="gallery")

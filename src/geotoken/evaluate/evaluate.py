@@ -130,6 +130,7 @@ class GeoTokenMethodConfig:
     # gallery photo; labels end in "+gallery"), False = free (the paper's authors' decoding)
     constrain: tuple[bool, ...] = (True,)
     free_strategies: tuple[str, ...] = ()  # strategies also decoded free, beside `constrain`'s rows
+    device: str = "auto"  # where the bundle runs (not in the cache key: the answers are the same)
 
 
 @dataclass

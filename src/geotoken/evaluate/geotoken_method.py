@@ -168,7 +168,7 @@ def run_geotoken(
         if pred is None:
             if geo is None:
                 log(f"geotoken: loading bundle {bundle}")
-                geo = Geolocator.from_bundle(bundle)
+                geo = Geolocator.from_bundle(bundle, device=cfg.device)
             if embeddings is None:
                 embeddings = {
                     m: np.asarray(queries.array(m), dtype=np.float32) for m in geo.model.cfg.modalities
