@@ -42,7 +42,7 @@ import yaml
 from geotoken.align import AlignHeads
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
-from geotoken.io import atomic_dir, atomic_open, atomic_path, read_json, write_json
+from geotoken.io import atomic_dir, atomic_open, atomic_path, is_whole, read_json, write_json
 from geotoken.model import GeoToken, ModelConfig
 from geotoken.retrieval import NeighbourIndex
 from geotoken.s2 import latlon_to_tokens
@@ -105,7 +105,7 @@ class SearchOptions:
         self.temperature = sampling_temperature(self.temperature)
         if self.logp_kind not in LOGP_KINDS:
             raise GeoTokenError(f"search option logp_kind {self.logp_kind!r}: choose one of {LOGP_KINDS}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if not is_whole(self.batch_size):
             raise GeoTokenError(
                 f"search option batch_size must be a whole number >= 1, got {self.batch_size!r}"
             )
@@ -329,7 +329,7 @@ def read_bundle(root: str | os.PathLike) -> dict:
     if spec.get("format") != BUNDLE_FORMAT:
         raise GeoTokenError(f"{path}: field 'format' is {spec.get('format')!r}, expected {BUNDLE_FORMAT!r}")
     version = spec.get("version", BUNDLE_VERSION)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+    if not is_whole(version):
         raise GeoTokenError(f"{path}: field 'version' is {version!r}, expected a whole number >= 1")
     if version > BUNDLE_VERSION:  # a newer layout: read as this one, it would load wrong or half
         raise GeoTokenError(

@@ -153,6 +153,17 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def is_whole(value: Any, low: int = 1, high: int | None = None) -> bool:
+    """Whether `value` is an int in low..high (not a bool, a float or a string): the check behind every
+    count a user gives (batch sizes, k, top-k, epochs)."""
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= low
+        and (high is None or value <= high)
+    )
+
+
 def value_fits(hint: Any, value: Any) -> bool:
     """A plain (JSON / YAML) value against a config field's type: an int is a float too, a bool is not a
     number, a list is a tuple; unions by their members; what it cannot check (Any, item types) passes."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from geotoken.devices import resolve_device as resolve_device  # re-exported: predictors take it from here
 from geotoken.errors import GeoTokenError
+from geotoken.io import is_whole
 
 # Candidates a prediction may ask for: beyond this they mean nothing, and GeoCLIP's per-candidate
 # probability masses (candidates x 100K gallery rows each) would only cost memory and minutes.
@@ -20,7 +21,7 @@ MAX_TOP_K = 1000
 
 def check_top_k(top_k) -> None:
     """`top_k` of a predictor's `predict`: a whole number in 1..MAX_TOP_K."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+    if not is_whole(top_k, 1, MAX_TOP_K):
         raise GeoTokenError(f"top_k must be a whole number in 1..{MAX_TOP_K}, got {top_k!r}")
 
 

@@ -18,6 +18,7 @@ from geotoken.encoders.geoclip import GeoCLIPFiles, GeoCLIPGeolocator
 from geotoken.encoders.ort import resolve_runtime
 from geotoken.errors import GeoTokenError
 from geotoken.geo import EARTH_RADIUS_KM
+from geotoken.io import is_whole
 from geotoken.places import place_names
 from geotoken.prediction import Candidate, Prediction, check_top_k, resolve_device
 
@@ -127,7 +128,7 @@ class GeoCLIPPredictor:
             )
         check_top_k(top_k)
         batch_size = self.batch_size if batch_size is None else batch_size
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_whole(batch_size):
             raise GeoTokenError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         items = as_image_list(images)
         starts = range(0, len(items), batch_size)

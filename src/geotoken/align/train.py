@@ -30,7 +30,7 @@ from geotoken.encoders.geoclip import IMAGE_DIM, GeoCLIPFiles, load_image_head
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore, read_rows
 from geotoken.geo import THRESHOLDS_KM, haversine_km
-from geotoken.io import write_json
+from geotoken.io import is_whole, write_json
 from geotoken.places import describe
 
 
@@ -56,7 +56,7 @@ class AlignConfig:
                  "eval_gallery": 1}  # fmt: skip
         for name, low in least.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_whole(value, low):
                 raise GeoTokenError(f"align: {name} must be an integer >= {low}, got {value!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise GeoTokenError(f"align: lr must be a finite number > 0, got {self.lr}")

@@ -41,6 +41,7 @@ from geotoken.data.manifest import (
     image_source,
     manifest_from_shards,
     normalize_column,
+    read_header,
     read_manifest,
 )
 from geotoken.data.table import Manifest
@@ -404,7 +405,7 @@ def read_source(source: DatasetSource, workdir: str | os.PathLike) -> SourceResu
     manifest = read_manifest(annotations, image_root=images, on_error="skip", skip_report=skips)
     report = _read_skips(skips, str(annotations))
     bad_rows = len(report)
-    header = _header(annotations)
+    header = read_header(annotations)
     id_column = _id_column(source, header)
     norm = {normalize_column(h) for h in header}
     bad_ids = [r[1] for r in report if r[1]]  # their images are not "without a label": their rows were bad
@@ -465,11 +466,6 @@ def read_source(source: DatasetSource, workdir: str | os.PathLike) -> SourceResu
         "kept": len(manifest),
     }
     return SourceResult(manifest, texts, report, counts, by_name[:BY_NAME_LISTED], other, other_count)
-
-
-def _header(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        return next(csv.reader(f), [])
 
 
 def _read_skips(path: Path, where: str) -> list[tuple[str, str, str]]:

@@ -90,20 +90,12 @@ class DownloadResult:
 
 def find_url_column(path: str | os.PathLike) -> str:
     """The header name of the URL column (case-insensitive, from URL_ALIASES)."""
-    header = _first_row(path)
+    header = read_header(Path(path))
     names = [normalize_column(h) for h in header]
     for alias in URL_ALIASES:
         if alias in names:
             return header[names.index(alias)]
     raise GeoTokenError(f"{path}: line 1: no URL column in header {header}; expected one of {URL_ALIASES}")
-
-
-def _first_row(path: str | os.PathLike) -> list[str]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            return next(csv.reader(f), [])
-    except OSError as exc:
-        raise GeoTokenError(f"{path}: cannot read URL list: {exc.strerror or exc}") from None
 
 
 def _is_url(value: str) -> bool:
@@ -124,7 +116,7 @@ def read_url_list(
     coordinates are joined to the list by id, for lists without them; a list row whose id it lacks is a bad
     row (see `read_manifest` for on_error and skip_report)."""
     path = Path(path)
-    first = _first_row(path)
+    first = read_header(path)
     headerless = any(_is_url(v) for v in first)
     if headerless and (len(first) != 2 or not _is_url(first[1])):
         raise GeoTokenError(

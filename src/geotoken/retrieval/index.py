@@ -30,7 +30,7 @@ from tqdm import tqdm
 from geotoken.devices import local_rank
 from geotoken.errors import GeoTokenError
 from geotoken.features.store import read_rows
-from geotoken.io import atomic_path, read_json, write_json
+from geotoken.io import atomic_path, is_whole, read_json, write_json
 
 KINDS = ("flat", "ivfpq", "hnsw")
 INDEX_FILE, META_FILE = "index.faiss", "index.json"
@@ -91,7 +91,7 @@ class IndexConfig:
                  "ef_search": 1}  # fmt: skip
         for name, low in least.items():
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            if value is not None and not is_whole(value, low):
                 raise GeoTokenError(f"index option {name} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.pq_bits, int) or not 1 <= self.pq_bits <= 16:
             raise GeoTokenError(f"index option pq_bits must be an integer in 1..16, got {self.pq_bits!r}")

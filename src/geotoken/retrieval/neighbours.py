@@ -31,7 +31,7 @@ from tqdm import tqdm
 from geotoken.devices import distributed
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore, RowWriter
-from geotoken.io import read_json, write_json
+from geotoken.io import is_whole, read_json, write_json
 from geotoken.retrieval.embeddings import StoreEmbeddings
 from geotoken.retrieval.index import NeighbourIndex
 
@@ -132,7 +132,7 @@ def neighbour_table(
     refine > 1 (compressed indexes): re-rank refine x k candidates by exact vectors from the gallery store.
     """
     for name, value in (("k", k), ("batch_size", batch_size), ("refine", refine)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_whole(value):
             raise GeoTokenError(f"neighbour table: {name} must be an integer >= 1, got {value!r}")
     rows = gallery_index.size - (1 if exclude_self_ids else 0)  # a query drops its own gallery row
     if k > rows:  # the table would be padded with -1, rows that training and evaluation cannot use

@@ -114,10 +114,10 @@ def read_datasets(
 _CHUNK = re.compile(r"^(?P<stem>.*?\D)(?:[._-]?part)?[._-]?\d{1,3}$")
 
 
-def _no_images(split: str, source, r, out: Path) -> None:
+def _no_images(split: str, source: DatasetSource, r, out: Path) -> None:
     """A split without one row that has an image: write its report, then say what the images path holds
     instead (files that are neither images nor archives, e.g. an archive still in byte-split chunks)."""
-    images = (source.images or os.path.dirname(source.annotations or "")) if source else ""
+    images = source.images or os.path.dirname(source.annotations or "")
     skipped = [
         (images, name, "neither an image nor a .tar / .zip archive: skipped") for name in r.other_files
     ]

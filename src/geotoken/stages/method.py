@@ -263,10 +263,9 @@ def model_train_config(config: ModelStageConfig, rows: int):
     warmup = config.warmup_steps
     if warmup is None:
         warmup = recipe.get("warmup_steps", min(100, steps // 10))
-    # a quarter of the run, but at least once an epoch (a killed 50-epoch MP16 run loses < 1 epoch, not
-    # 12), and not more often than every 50 steps (short runs)
-    every = min(max(50, steps // 4), max(50, per_epoch))
-    every = every if config.checkpoint_every is None else config.checkpoint_every
+    every = config.checkpoint_every
+    if every is None:  # a quarter of the run, but at least once an epoch (a killed 50-epoch MP16 run
+        every = min(max(50, steps // 4), max(50, per_epoch))  # loses < 1 epoch, not 12), >= 50 steps apart
     return dataclasses.replace(tcfg, warmup_steps=warmup, checkpoint_every=every)
 
 
