@@ -14,7 +14,7 @@ import pytest
 from geotoken import DTYPES
 from geotoken.align import GPS_HEADS
 from geotoken.bench.decode import REFERENCE
-from geotoken.cli import DEVICE_HELP, build_parser, count
+from geotoken.cli import DEVICE_HELP, THREADS_HELP, build_parser, count
 from geotoken.data.earthviews import PRESETS as EARTHVIEWS_PRESETS
 from geotoken.encoders import BACKBONES
 from geotoken.encoders.clip import PRECISIONS
@@ -106,6 +106,8 @@ def option_problems(path: tuple[str, ...], action: argparse.Action) -> list[str]
         out.append(f"{where}: --threads defaults to {action.default!r}, not 0 (the library's own choice)")
     if dest == "threads" and action.type is not count:
         out.append(f"{where}: --threads takes geotoken.cli.count (a whole number >= 0), not {action.type}")
+    if dest == "threads" and action.help != THREADS_HELP and not str(action.help).startswith("FAISS threads"):
+        out.append(f"{where}: --threads help is not geotoken.cli.THREADS_HELP (or 'FAISS threads ...')")
     if dest == "device" and path[:1] != ("bench",) and (action.default, action.help) != ("auto", DEVICE_HELP):
         out.append(f"{where}: --device defaults to {action.default!r}; 'auto' with geotoken.cli.DEVICE_HELP")
     registry = PER_COMMAND.get((path, dest), REGISTRIES.get(dest))
@@ -122,6 +124,9 @@ def vocabulary_problems(parser: argparse.ArgumentParser, at: tuple[str, ...] = (
         for action in p._actions:
             if action.option_strings and not isinstance(action, NOT_OPTIONS):
                 out += option_problems(path, action)
+        dests = {a.dest for a in p._actions}
+        if "device" in dests and "threads" not in dests:  # a torch command: its CPU knob too
+            out.append(f"{' '.join(('geotoken', *path))}: --device without --threads")
     return out
 
 
@@ -152,7 +157,8 @@ def _wrong_parser() -> argparse.ArgumentParser:
     """A parser breaking each rule once, two sub-command levels deep."""
     root = argparse.ArgumentParser(prog="geotoken")
     group = root.add_subparsers(dest="command").add_parser("group")
-    cmd = group.add_subparsers(dest="group_command").add_parser("cmd")
+    commands = group.add_subparsers(dest="group_command")
+    cmd = commands.add_parser("cmd")
     cmd.add_argument("--output")
     cmd.add_argument("-o", "--path")
     cmd.add_argument("--out")
@@ -166,6 +172,8 @@ def _wrong_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--skip-bad-rows", action="store_true")
     cmd.add_argument("--gallery-only", dest="constrain", action=argparse.BooleanOptionalAction)
     cmd.add_argument("--device", default="cpu")
+    cmd2 = commands.add_parser("cmd2")
+    cmd2.add_argument("--device", default="auto", help=DEVICE_HELP)
     return root
 
 
@@ -185,7 +193,9 @@ def test_the_walker_finds_every_kind_of_wrong_option():
         "geotoken group cmd -n/--num-samples: -n is a second spelling of --num-samples",
         "geotoken group cmd --skip-bad-rows: --skip-bad-rows is a second spelling of --skip-bad",
         "geotoken group cmd --gallery-only/--no-gallery-only: dest 'constrain' is not spelled --constrain / --no-constrain",
+        "geotoken group cmd --threads: --threads help is not geotoken.cli.THREADS_HELP",
         "geotoken group cmd --device: --device defaults to 'cpu'; 'auto' with geotoken.cli.DEVICE_HELP",
+        "geotoken group cmd2: --device without --threads",
     ]
     for message in expected:
         assert sum(p.startswith(message) for p in problems) == 1, (message, problems)
@@ -198,7 +208,8 @@ def test_the_walker_accepts_the_canonical_spellings():
     cmd = p.add_subparsers(dest="command").add_parser("cmd")
     cmd.add_argument("-o", "--out")
     cmd.add_argument("-k", "--k", type=int)
-    cmd.add_argument("--threads", type=count, default=0)
+    cmd.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
+    cmd.add_argument("--device", default="auto", help=DEVICE_HELP)
     cmd.add_argument("--strategy", choices=STRATEGIES)
     cmd.add_argument("--dtype", choices=sorted(DTYPES))
     cmd.add_argument("--batch-size", type=int)

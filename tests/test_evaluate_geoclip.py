@@ -73,3 +73,28 @@ def test_evaluate_geoclip_refuses_other_backbones(tmp_path, capsys):
     g, q = stores(tmp_path / "small", dim=512)  # a CLIP with another projection (e.g. ViT-B/32)
     with pytest.raises(ValueError, match="clip with 512-d features"):
         evaluate(load_split(g), load_split(q), tmp_path / "e2", EvalConfig(methods=("geoclip",)))
+
+
+def test_geoclip_refuses_features_of_another_768_d_tower(tmp_path, capsys):
+    """Shape alone lets LAION's ViT-L/14 or a ViT-L/14 at 336 px through: their features are noise to the head."""
+    from transformers import CLIPVisionConfig
+
+    from geotoken.encoders.geoclip import clip_mismatch
+    from geotoken.testing import tiny_clip
+
+    vit_l14 = tmp_path / "vit-l14"  # the architecture only: a config.json is what the check reads
+    CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                     patch_size=14, image_size=224, projection_dim=768).save_pretrained(vit_l14)  # fmt: skip
+    assert clip_mismatch("openai/clip-vit-large-patch14") is None and clip_mismatch(str(vit_l14)) is None
+    assert "is not openai/clip-vit-large-patch14" in clip_mismatch("openai/clip-vit-large-patch14-336")
+    small = tiny_clip(tmp_path / "tiny")
+    assert "hidden_size 32 (not 1024)" in clip_mismatch(str(small))
+    for model, said in [("laion/CLIP-ViT-L-14-laion2B-s32B-b82K", "is not openai/clip-vit-large-patch14"),
+                        (str(small), "patch_size 8 (not 14)")]:  # fmt: skip
+        g, q = stores(tmp_path / model.replace("/", "_"), backbone={**CLIP, "model": model})
+        out = tmp_path / "eval"
+        assert main(["evaluate", "--method", "nn", "geoclip", "--gallery", str(g), "--queries", str(q), "-o", str(out)]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert f"was embedded with CLIP {model!r}: " in err and said in err and not out.exists()
+    with pytest.warns(UserWarning, match="GeoCLIP: CLIP .*: its vision tower has hidden_size 32"):
+        GeoCLIPGeolocator.load(small)

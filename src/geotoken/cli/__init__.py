@@ -27,11 +27,20 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
+import torch
+
 from geotoken import __version__
 
 DEVICE_HELP = (
     "torch device: auto (default: this rank's CUDA GPU, then Apple MPS, then the CPU), cpu, cuda, cuda:1, mps"
 )
+THREADS_HELP = "torch CPU threads (default 0: torch's choice, one per core)"
+
+
+def use_threads(threads: int) -> None:
+    """Apply a command's `--threads` (0 leaves torch's own setting)."""
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def count(text: str) -> int:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
 
 from geotoken.align import GPS_HEADS, AlignConfig, AlignHeads, HeadsConfig, apply_heads, train_heads
-from geotoken.cli import DEVICE_HELP, count
+from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
 from geotoken.data.datasets import read_texts
 from geotoken.data.manifest import read_manifest
 from geotoken.devices import resolve_device, retain_freed_memory
@@ -106,7 +105,7 @@ def register(subparsers) -> None:
     )
     t.add_argument("--seed", type=int, default=c.seed)
     t.add_argument("--device", default="auto", help=DEVICE_HELP)
-    t.add_argument("--threads", type=count, default=0, help="torch CPU threads (default 0: torch's choice)")
+    t.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
     t.set_defaults(func=run_train)
 
     a = sub.add_parser("apply", help="write visual/gps/text arrays into a store", description=HELP)
@@ -114,7 +113,7 @@ def register(subparsers) -> None:
     a.add_argument("store", help="feature store with `features` from the same backbone")
     a.add_argument("--batch-size", type=int, default=8192, help="rows per step (default 8192)")
     a.add_argument("--device", default="auto", help=DEVICE_HELP)
-    a.add_argument("--threads", type=count, default=0, help="torch CPU threads (default 0: torch's choice)")
+    a.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
     a.set_defaults(func=run_apply)
 
 
@@ -132,8 +131,7 @@ def _print_metrics(metrics: dict) -> None:
 
 def run_train(args) -> int:
     retain_freed_memory()  # a training job: keep freed activations' memory (see there)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     store = FeatureStore.open(args.store)
     gallery = None
     if args.gallery:
@@ -161,8 +159,7 @@ def run_train(args) -> int:
 
 
 def run_apply(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     store = apply_heads(
         AlignHeads.load(args.heads, resolve_device(args.device)),
         FeatureStore.open(args.store),

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from geotoken.bundle import PAPER_TEMPERATURE, sampling_temperature
-from geotoken.cli import DEVICE_HELP
+from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
 from geotoken.fit import CALIBRATION_SELECTORS, calibrate_bundle
 from geotoken.predict import Geolocator
 from geotoken.search import LOGP_KINDS, STRATEGIES
@@ -50,10 +50,12 @@ def register(subparsers) -> None:
     p.add_argument("--radii-km", type=float, nargs="+", default=list(RADII_KM), help="events to calibrate")
     p.add_argument("--plot", metavar="PNG", help="also write a reliability plot here")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    use_threads(args.threads)
     geo = Geolocator.from_bundle(args.model, device=args.device)
     report = calibrate_bundle(
         geo,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from geotoken import DTYPES
-from geotoken.cli import count
+from geotoken.cli import THREADS_HELP, count
 from geotoken.devices import retain_freed_memory
 from geotoken.model import ARCHS
 from geotoken.model import PRESETS as MODEL_PRESETS
@@ -65,9 +65,7 @@ def register(subparsers) -> None:
                    help="training: a share of queries lose their neighbours within this many km (0: none)")  # fmt: skip
     p.add_argument("--drop-near-share", type=float, help="training: the share of queries --drop-near-km hits")
     p.add_argument("--seed", type=int, help="seed of every random choice (dataset, training, bootstrap)")
-    p.add_argument(
-        "--threads", type=count, default=0, help="torch threads (default 0: torch's choice, all cores)"
-    )
+    p.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
     p.add_argument("--workers", type=int, help="image-decoding / rendering processes")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     p.set_defaults(func=run)

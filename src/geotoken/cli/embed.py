@@ -6,9 +6,7 @@ import argparse
 import os
 import time
 
-import torch
-
-from geotoken.cli import DEVICE_HELP, count
+from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
 from geotoken.data.manifest import read_manifest
 from geotoken.encoders import BACKBONES, load_backbone
 from geotoken.features import embed
@@ -50,13 +48,12 @@ def register(subparsers) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="record unreadable images (store.json, skipped.csv) and continue, instead of stopping")  # fmt: skip
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--threads", type=count, default=0, help="torch CPU threads (default 0: torch's choice)")
+    p.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     options = {"image_size": args.image_size, "model": args.model}
     backbone = load_backbone(args.backbone, **{k: v for k, v in options.items() if v is not None})
     manifest = read_manifest(args.manifest)

@@ -6,7 +6,7 @@ import argparse
 
 from geotoken import DTYPES
 from geotoken.bundle import PAPER_TEMPERATURE, sampling_temperature
-from geotoken.cli import DEVICE_HELP
+from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
 from geotoken.evaluate import (
     BASELINES,
     EVAL_STRATEGIES,
@@ -158,6 +158,7 @@ def register(subparsers) -> None:
                    "one of the samples (scaled, the authors'; rows 'logp-scaled'); default %(default)s")  # fmt: skip
     g.add_argument("--dtype", default=m.dtype, choices=DTYPES, help="model precision (default %(default)s)")
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
+    g.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
     g.add_argument(
         "--constrain",
         action=argparse.BooleanOptionalAction,
@@ -176,6 +177,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    use_threads(args.threads)
     cfg = EvalConfig(
         methods=tuple(dict.fromkeys(args.method)),
         thresholds=tuple(args.thresholds),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from geotoken import DTYPES
 from geotoken.bundle import PAPER_TEMPERATURE, sampling_temperature
-from geotoken.cli import DEVICE_HELP
+from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
 from geotoken.encoders.clip import PRECISIONS
 from geotoken.encoders.ort import RUNTIMES
 from geotoken.errors import GeoTokenError
@@ -115,6 +115,7 @@ def register(subparsers) -> None:
                    help="pool mode: refuse an answer that is none of the candidates (fall back to logp)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16, help="photos per forward pass (default 16)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
     p.add_argument(
         "--dtype", choices=DTYPES, help="model precision (bf16: ~2x faster on CPUs with bf16 units)"
     )
@@ -141,6 +142,7 @@ def _text(path: str, pred, gps: dict | None = None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    use_threads(args.threads)
     if args.out and Path(args.out).suffix.lower() not in PREDICTION_FORMATS:
         raise GeoTokenError(f"{args.out}: -o/--out must end in {' or '.join(PREDICTION_FORMATS)}")
     if args.out and args.json:

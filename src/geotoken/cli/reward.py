@@ -6,7 +6,7 @@ import argparse
 import json
 
 from geotoken.bundle import sampling_temperature
-from geotoken.cli import DEVICE_HELP
+from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
 from geotoken.devices import retain_freed_memory
 from geotoken.fit import train_bundle_reward
 from geotoken.predict import Geolocator
@@ -69,10 +69,12 @@ def register(subparsers) -> None:
     )
     p.add_argument("--seed", type=int, default=RewardConfig.seed)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    use_threads(args.threads)
     retain_freed_memory()  # a training job: keep freed activations' memory (see there)
     cfg = RewardConfig(
         kind=args.reward_kind,

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from geotoken.cli import count
+from geotoken.cli import THREADS_HELP, count, use_threads
 from geotoken.devices import retain_freed_memory
 from geotoken.errors import GeoTokenError
 from geotoken.pipeline import Run
@@ -47,7 +45,7 @@ def register(subparsers) -> None:
         "--dry-run", action="store_true",
         help="print the plan (stages, inputs, folders, estimated rows, disk and work) and stop",
     )  # fmt: skip
-    p.add_argument("--threads", type=count, default=0, help="torch threads (default 0: torch's choice)")
+    p.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
     p.set_defaults(func=run)
 
 
@@ -63,8 +61,7 @@ def run(args) -> int:
         raise GeoTokenError(
             f"{cfg.path}: " + "; ".join(problems) + " (geotoken run --dry-run shows the plan)"
         )
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     results = run_pipeline(cfg.pipeline, Run(cfg.run_dir))
     for name, result in results.items():
         print(f"{name}: {result.folder}")

@@ -6,10 +6,9 @@ from __future__ import annotations
 import socket
 import time
 
-import torch
 from PIL import Image
 
-from geotoken.cli import DEVICE_HELP, count
+from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
 from geotoken.cli.predict import add_backbone_precision
 from geotoken.errors import GeoTokenError
 from geotoken.predict import Geolocator
@@ -79,7 +78,7 @@ def register(subparsers) -> None:
         help="decoded photos waiting in memory, in pixels; beyond, 503 with Retry-After "
         f"(default {DEFAULTS.max_queued_pixels:,}, about {3 * DEFAULTS.max_queued_pixels / 1e9:.1f} GB)",
     )
-    p.add_argument("--threads", type=count, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_backbone_precision(p)
     p.set_defaults(func=run)
@@ -110,8 +109,7 @@ def run(args) -> int:
         max_queued_pixels=args.max_queued_pixels,
     )
     sock = listen(args.host, args.port)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     geolocator = Geolocator.from_pretrained(
         args.model,
         clip=args.clip,

@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from geotoken import DTYPES
-from geotoken.cli import DEVICE_HELP, count
+from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
 from geotoken.devices import retain_freed_memory
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
@@ -141,7 +140,7 @@ def register(subparsers) -> None:
     t.add_argument("--val-constrain", action=argparse.BooleanOptionalAction,
                    help="validate with the gallery-constrained greedy decoder (evaluate's +gallery rows; "
                    "default: free greedy, the authors' decoder)")  # fmt: skip
-    t.add_argument("--threads", type=count, default=0, help="torch CPU threads (0: torch's choice)")
+    t.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
     t.add_argument("--device", default="auto", help=DEVICE_HELP)
     t.add_argument("--no-tensorboard", action="store_true")
     p.set_defaults(func=run)
@@ -189,8 +188,7 @@ def run(args) -> int:
         raise GeoTokenError(f"training needs {', '.join(missing)} (or --print-config)")
     if args.resume and not (Path(args.out) / "last").exists():
         raise GeoTokenError(f"--resume: {Path(args.out) / 'last'} does not exist (drop --resume to start)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     names = [s for s in args.modalities.split(",") if s]
     level, group = args.level, args.group_size
     data = TrainData.load(args.features, args.neighbours, args.gallery, names, level, group)

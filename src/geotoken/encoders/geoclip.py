@@ -32,15 +32,46 @@ from torch import nn
 from geotoken import assets
 from geotoken.encoders.backbones import load_backbone
 from geotoken.encoders.base import ImageBackbone, default_cache_dir
-from geotoken.encoders.clip import PAPER_MODEL
+from geotoken.encoders.clip import PAPER_MODEL, tower_config
 from geotoken.encoders.gps import GPSEncoder, check_latlon, load_gps_encoder
 from geotoken.errors import GeoTokenError
 from geotoken.io import atomic_path, sha256_file, sha256_json
 
 IMAGE_DIM = 768  # CLIP ViT-L/14's projected image features
+# the vision tower GeoCLIP's image head was trained behind (PAPER_MODEL's config)
+VIT_L14 = {
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "patch_size": 14,
+    "image_size": 224,
+    "projection_dim": 768,
+}
 EMBED_DIM = 512  # GeoCLIP's shared image/location space
 CACHE_FORMAT = "geotoken/geoclip-gallery/1"  # bump when the cached computation changes
 IMAGE_HEAD_KEYS = {"0.weight": (768, 768), "0.bias": (768,), "2.weight": (512, 768), "2.bias": (512,)}
+
+
+def clip_mismatch(model: str) -> str | None:
+    """Why CLIP `model`'s features are not the ones GeoCLIP's image head was trained on (OpenAI's CLIP
+    ViT-L/14 at 224 px), or None. Other 768-d towers (ViT-L/14 at 336 px, LAION's ViT-L/14) give features
+    of the right shape that the head reads as noise. A hub id must be OpenAI's; a local folder, whose
+    weights cannot be told apart, must hold a ViT-L/14 tower at 224 px; a folder that is gone (features
+    embedded on another machine) cannot be checked."""
+    if model == PAPER_MODEL:
+        return None
+    if not Path(model).is_dir():
+        if Path(model).is_absolute() or model.startswith("."):  # a folder of another machine
+            return None
+        return f"it is not {PAPER_MODEL}, the tower GeoCLIP's image head was trained behind"
+    try:
+        config = tower_config(model, "vision")
+    except (OSError, ValueError) as exc:
+        return f"its config cannot be read ({one_line(exc)})"
+    got = {key: getattr(config, key, None) for key in VIT_L14}
+    if got != VIT_L14:
+        differ = ", ".join(f"{k} {got[k]} (not {v})" for k, v in VIT_L14.items() if got[k] != v)
+        return f"its vision tower has {differ}; GeoCLIP's image head reads ViT-L/14 at 224 px"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +296,11 @@ class GeoCLIPGeolocator(nn.Module):
     ) -> GeoCLIPGeolocator:
         """With geotoken's CLIP backbone (`clip_model`: a local folder or hub id of CLIP ViT-L/14;
         `precision`, `attention`, `runtime`: see `geotoken.encoders.clip.CLIPBackbone`)."""
+        problem = clip_mismatch(str(clip_model))
+        if problem:  # a warning, not an error: small towers stand in for ViT-L/14 in tests and rehearsals
+            warnings.warn(
+                f"GeoCLIP: CLIP {str(clip_model)!r}: {problem}; its answers will mean little", stacklevel=2
+            )
         backbone = load_backbone(
             "clip",
             model=str(clip_model),

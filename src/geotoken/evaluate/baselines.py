@@ -33,7 +33,7 @@ from tqdm import tqdm
 from geotoken.assets import mp16_coordinates_csv
 from geotoken.data.manifest import read_manifest
 from geotoken.encoders import load_gps_encoder
-from geotoken.encoders.geoclip import IMAGE_DIM, GeoCLIPFiles, GeoCLIPGeolocator
+from geotoken.encoders.geoclip import IMAGE_DIM, GeoCLIPFiles, GeoCLIPGeolocator, clip_mismatch
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
 from geotoken.geo import haversine_km
@@ -494,7 +494,8 @@ class GeoCLIPConfig:
 
 
 def check_geoclip_features(queries: Split, config: GeoCLIPConfig | None = None) -> None:
-    """GeoCLIP's head reads 768-d projected CLIP ViT-L/14 image features: anything else is a clear error."""
+    """GeoCLIP's head reads 768-d projected features of OpenAI's CLIP ViT-L/14 (`clip_mismatch`): anything else
+    is a clear error (other towers' features have the shape but give meaningless numbers)."""
     config = config or GeoCLIPConfig()
     backbone = queries.backbone or {}
     dim = queries.array(config.features).shape[1]
@@ -503,6 +504,12 @@ def check_geoclip_features(queries: Split, config: GeoCLIPConfig | None = None) 
             f"geoclip: needs queries embedded with `geotoken embed --backbone clip` (CLIP ViT-L/14, "
             f"{IMAGE_DIM}-d projected image features in {config.features!r}); {queries.name} has backbone "
             f"{backbone.get('name') or 'unknown'} with {dim}-d features"
+        )
+    model = str(backbone.get("model", ""))
+    problem = clip_mismatch(model)
+    if problem:
+        raise GeoTokenError(
+            f"geoclip: {queries.name} was embedded with CLIP {model!r}: {problem} (leave geoclip out of the methods)"
         )
 
 

@@ -11,7 +11,7 @@ import json
 
 from geotoken import DTYPES
 from geotoken.bench.decode import DECODERS, REFERENCE, bench_decode
-from geotoken.cli import count
+from geotoken.cli import THREADS_HELP, count
 
 
 def register(subparsers) -> None:
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--batch-size", type=int, help="images per batch (default: the reference's, 16 small / 8 paper)"
     )
-    p.add_argument("--threads", type=count, default=0, help="torch threads (default 0: torch's choice)")
+    p.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
     p.add_argument("--iters", type=int, default=3, help="timed repetitions per figure; the fastest is kept")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="matmul precision (default fp32)")
     p.add_argument("--no-uncached", action="store_true", help="skip the (slow) uncached path")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from geotoken.bench.extract import bench_extract
-from geotoken.cli import count
+from geotoken.cli import THREADS_HELP, count
 
 
 def register(subparsers) -> None:
@@ -23,7 +23,7 @@ def register(subparsers) -> None:
         "--images", type=int, default=256, help="JPEG files for the end-to-end figure (default 256)"
     )
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
-    p.add_argument("--threads", type=count, default=0, help="torch threads (default 0: torch's choice)")
+    p.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
     p.add_argument("--iters", type=int, default=3, help="timed forward passes; the median is kept")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

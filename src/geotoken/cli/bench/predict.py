@@ -12,7 +12,7 @@ import json
 
 from geotoken.bench.geoclip import bench_predict_geoclip
 from geotoken.bench.predict import DECODERS, GALLERY_ROWS, MIN_COSINE, MIN_TOP1, STAGES, bench_predict
-from geotoken.cli import count
+from geotoken.cli import THREADS_HELP, count
 from geotoken.encoders.clip import PRECISIONS
 from geotoken.encoders.ort import RUNTIMES
 from geotoken.predict import BUILTIN_MODELS
@@ -90,7 +90,7 @@ def register(subparsers) -> None:
         default=1,
         help="geotoken: interleaved timing rounds, the fastest kept (default 1)",
     )
-    p.add_argument("--threads", type=count, default=0, help="torch threads (default 0: torch's choice)")
+    p.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)

@@ -8,7 +8,7 @@ import json
 from geotoken import DTYPES
 from geotoken.bench.common import GALLERY_ROWS
 from geotoken.bench.train import bench_train
-from geotoken.cli import count
+from geotoken.cli import THREADS_HELP, count
 from geotoken.devices import retain_freed_memory
 from geotoken.model import ARCHS, PRESETS
 
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
         help="also time every layer design side by side (ours, authors)",
     )
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=count, default=0, help="torch threads (0: torch's choice)")
+    p.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="bf16: CPU autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile our model (warm-up compiles it)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations")
