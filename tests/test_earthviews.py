@@ -394,6 +394,11 @@ def test_cli_builds_from_a_coords_file_and_reports_bad_input_in_one_line(tmp_pat
     assert info["sizes"]["train"] == 0 and info["sizes"]["gallery"] == 30
     assert main([*argv, "--train-style", "sunny"]) == 2 and "--train-style 'sunny'" in capsys.readouterr().err
     assert main([*argv, "--train-views", "-1"]) == 2 and "train_views must be >= 0" in capsys.readouterr().err
+    # too few coordinates for the splits: refused before anything is written, so a fixed command starts clean
+    few = tmp_path / "ev4"
+    assert main([*argv[:3], str(few), *argv[4:], "--n-val", "400"]) == 2
+    assert "lower --n-val/--n-test" in capsys.readouterr().err and not few.exists()
+    assert main([*argv[:3], str(few), *argv[4:]]) == 0 and (few / "dataset.json").exists()
 
 
 def test_train_views_show_gallery_places_in_other_views(tmp_path):

@@ -6,7 +6,8 @@ Layout of a store folder:
     features.npy     float16 (N, F)  raw backbone output                (written by `embed`)
     visual.npy ...   float16 (N, D)  L2-normalised aligned embeddings   (written by `align.apply`)
     coords.npy       float64 (N, 2)  (lat, lon) of every row, copied from the manifest
-    skipped.csv      id,row,reason of images that could not be read (only with --skip-bad)
+    skipped.csv      id,row,reason of images that could not be read (only with --skip-bad); row: the
+                     0-based array row (NaN there), where messages say "manifest row" row + 1
 
 Arrays are opened as read-only memmaps, so a 4.7M-row gallery costs no RAM until rows are touched.
 Rows are written with `os.pwrite` at their byte offset rather than through a shared memmap: several

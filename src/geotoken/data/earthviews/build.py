@@ -112,10 +112,9 @@ def build_earthviews(
         raise GeoTokenError(
             f"{out}: folder is not empty and holds no EarthViews build; choose an empty --out"
         )
-    write_json(out / "build.json", {"config_hash": config_hash, **identity})
-
     t0 = time.perf_counter()
-    splits = make_splits(coords, cfg)
+    splits = make_splits(coords, cfg)  # before build.json: too few coordinates leave nothing behind
+    write_json(out / "build.json", {"config_hash": config_hash, **identity})
     jobs, shards = [], {}
     for name in SPLITS:
         split = splits[name]
