@@ -91,7 +91,7 @@ def register(subparsers) -> None:
     )
     g.add_argument("-k", "--k", type=int, default=r.k, help="knn: neighbours voting (default %(default)s)")
     g.add_argument(
-        "--radius-km", type=float, default=r.radius_km, help="knn: cluster radius (default %(default)s)"
+        "--knn-radius-km", type=float, default=r.radius_km, help="knn: cluster radius (default %(default)s)"
     )
     g.add_argument(
         "--knn-temperature",
@@ -187,7 +187,7 @@ def run(args) -> int:
         limit=args.limit,
         plots=not args.no_plots,
         prior=PriorConfig(level=args.prior_level),
-        retrieval=RetrievalConfig(args.embedding, args.k, args.radius_km, args.knn_temperature),
+        retrieval=RetrievalConfig(args.embedding, args.k, args.knn_radius_km, args.knn_temperature),
         cells=CellsConfig(
             features=args.cells_features,
             max_count=args.cells_max_count,
