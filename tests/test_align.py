@@ -175,3 +175,24 @@ def test_bad_inputs(tmp_path):
         train_heads(
             store, None, AlignConfig(epochs=1), {"text_encoder": "clip"}, gps_encoder=FakeGPSEncoder()
         )
+
+
+def test_the_metric_gallery_gps_table_is_cached_by_encoder_and_coordinates(tmp_path, monkeypatch):
+    from geotoken.align import train as align_train
+
+    monkeypatch.setenv("GEOTOKEN_CACHE", str(tmp_path / "cache"))
+    coords = np.concatenate([CITIES, CITIES + 1.0])
+    encoder, calls = FakeGPSEncoder(), []
+    real = align_train.gps_table
+    monkeypatch.setattr(
+        align_train, "gps_table", lambda enc, c, **kw: calls.append(len(c)) or real(enc, c, **kw)
+    )
+    first = align_train.gallery_gps_table(encoder, coords)
+    again = align_train.gallery_gps_table(encoder, coords)
+    assert calls == [16, 8] and torch.equal(first, again)  # the second: only the 8-row probe is computed
+    assert len(list((tmp_path / "cache" / "gps-tables").iterdir())) == 1
+    other = FakeGPSEncoder()
+    other.b = other.b * 3  # state outside the weights: the key cannot see it, the probe does
+    torch.testing.assert_close(align_train.gallery_gps_table(other, coords), real(other, coords))
+    align_train.gallery_gps_table(encoder, coords[:-1])  # other coordinates: another file
+    assert calls == [16, 8, 8, 16, 15] and len(list((tmp_path / "cache" / "gps-tables").iterdir())) == 2

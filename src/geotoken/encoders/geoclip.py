@@ -220,13 +220,24 @@ def read_cached_gallery(path: Path, key: str, latlon: torch.Tensor) -> torch.Ten
     if (
         set(tensors) != {"embeddings", "latlon"}
         or emb.dtype != torch.float32
-        or tuple(emb.shape) != (len(latlon), EMBED_DIM)
+        or emb.ndim != 2
+        or len(emb) != len(latlon)
         or cached_latlon.dtype != torch.float32
         or not torch.equal(cached_latlon, latlon)
         or meta.get("embeddings_sha256") != _digest(emb)
     ):
         return None
     return emb
+
+
+def module_key(module: nn.Module) -> str:
+    """SHA-256 of a module's weights (names, dtypes, shapes and bytes): the identity of what it computes."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().data if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def write_cached_gallery(path: Path, key: str, latlon: torch.Tensor, embeddings: torch.Tensor) -> None:
