@@ -156,3 +156,14 @@ def test_towers_load_from_a_full_checkpoint_without_transformers_load_report(tin
     load_backbone("clip", model=str(folder))
     assert "UNEXPECTED" not in capfd.readouterr().err
     assert hf_logging.get_verbosity() == before  # the user's own setting is put back
+
+
+def test_a_hub_id_that_cannot_be_fetched_names_the_offline_ways(tmp_path):
+    with pytest.raises(
+        GeoTokenError,
+        match=r"cannot load model 'nobody/no-such-clip'.*name a local CLIP folder.*HF_HUB_OFFLINE=1",
+    ):
+        load_backbone("clip", model="nobody/no-such-clip")  # one line, the offline ways at its end
+    with pytest.raises(GeoTokenError) as folder:  # a folder is not fetched: no network hint
+        load_backbone("clip", model=str(tmp_path))
+    assert "HF_HUB_OFFLINE" not in str(folder.value)

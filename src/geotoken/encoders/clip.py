@@ -159,8 +159,18 @@ class CLIPBackbone(ImageBackbone):
         try:
             self.tower_config = config = tower_config(self.model, "vision")
             pre_path = hf_file(self.model, "preprocessor_config.json")
-        except OSError as e:
-            raise GeoTokenError(f"clip: cannot load model {self.model!r} (a folder or hub id): {e}") from None
+        except GeoTokenError:
+            raise
+        except (OSError, ValueError) as e:  # ValueError: a folder whose config.json names no model type
+            said = " ".join(str(e).split()).rstrip(".")  # transformers' message spans lines
+            if not Path(self.model).is_dir():  # a hub id: say how to do without the network
+                said += (
+                    "; without network, name a local CLIP folder (--clip / model), or set HF_HUB_OFFLINE=1 "
+                    "to use the Hugging Face cache without asking the Hub"
+                )
+            raise GeoTokenError(
+                f"clip: cannot load model {self.model!r} (a folder or hub id): {said}"
+            ) from None
         self._load_options = {"dtype": getattr(torch, dtype), "attn_implementation": attention}
         self.runtime = resolve_runtime(runtime, precision, "cpu", dtype)
         self.runtime_asked = runtime
