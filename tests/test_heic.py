@@ -76,3 +76,24 @@ def test_cli_predict_geoclip_reads_a_heic_photo_and_its_gps(shipped, clip_dir, t
     (row,) = json.loads(capsys.readouterr().out)
     assert row["file"] == str(path) and len(row["candidates"]) == 2
     assert (row["exif_gps"]["lat"], row["exif_gps"]["lon"]) == pytest.approx((48.8582, 2.2945), abs=1e-5)
+
+
+def test_serve_takes_a_heic_upload_and_names_the_extra_without_it(geo, monkeypatch):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from geotoken.serve import ServeConfig, app
+
+    data = heic(gps=(-33.8568, 151.2153))
+    with TestClient(app.create_app(geo, ServeConfig(max_pixels=1_000_000, basemap_width=256))) as client:
+        upload = {"image": ("IMG_0002.HEIC", data, "image/heic")}
+        r = client.post("/v1/geolocate", files=upload, data={"top_k": "2"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["candidates"]) == 2
+        assert (body["exif_gps"]["lat"], body["exif_gps"]["lon"]) == pytest.approx(
+            (-33.8568, 151.2153), abs=1e-5
+        )
+        monkeypatch.setattr(app, "heif_support", lambda: False)  # a server without the heic extra
+        r = client.post("/v1/geolocate", files=upload)
+        assert r.status_code == 415 and "geotoken[heic]" in r.json()["error"]

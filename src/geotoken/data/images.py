@@ -76,7 +76,7 @@ def photo_extensions() -> tuple[str, ...]:
     return IMAGE_EXTENSIONS + HEIF_EXTENSIONS if heif_support() else IMAGE_EXTENSIONS
 
 
-def _is_heif(data: bytes) -> bool:
+def is_heif(data: bytes) -> bool:
     """An ISO media file of a HEIF brand (HEIC, HEIF image and sequence), by its `ftyp` box."""
     return data[4:8] == b"ftyp" and data[8:12] in (
         b"heic",
@@ -243,7 +243,7 @@ def decode_image(data: bytes, ref: str = "<bytes>") -> Image.Image:
         raise GeoTokenError(
             f"{ref}: an archive, not a photo: name a member as {ref}#MEMBER (e.g. {ref}#photos/a.jpg)"
         )
-    if _is_heif(data) and not heif_support():
+    if is_heif(data) and not heif_support():
         raise GeoTokenError(f"{ref}: cannot decode image: a HEIC/HEIF photo; {HEIC_HINT}")
     try:
         with warnings.catch_warnings():
@@ -398,7 +398,7 @@ def exif_gps(image: Image.Image | bytes) -> tuple[float, float] | None:
     image: a PIL image as opened or decoded here (`open_image` keeps the EXIF), or the file's bytes."""
     try:
         if isinstance(image, (bytes, bytearray, memoryview)):
-            if _is_heif(bytes(image[:16])):
+            if is_heif(bytes(image[:16])):
                 heif_support()
             with Image.open(io.BytesIO(bytes(image))) as im:
                 exif = im.getexif()

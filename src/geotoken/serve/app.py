@@ -44,7 +44,7 @@ from typing import Annotated, Literal
 from PIL import Image, UnidentifiedImageError
 
 from geotoken import __version__, assets
-from geotoken.data.images import to_rgb
+from geotoken.data.images import HEIC_HINT, heif_support, is_heif, to_rgb
 from geotoken.errors import GeoTokenError
 from geotoken.photos import photo_gps
 from geotoken.search import SELECTORS, STRATEGIES
@@ -104,8 +104,15 @@ def decode_upload(data: bytes, name: str, max_pixels: int):
     """Bytes -> RGB PIL image; the header's size is checked before any pixel is decoded."""
     if not data:
         raise BadImage(422, f"upload {name!r} is empty")
+    formats = UPLOAD_FORMATS
+    if is_heif(data):  # iPhones' photos: with the heic extra (pillow-heif) only
+        if not heif_support():
+            raise BadImage(
+                415, f"upload {name!r} is a HEIC/HEIF photo; this server cannot read it ({HEIC_HINT})"
+            )
+        formats += ("HEIF",)
     try:  # reads the header only; PIL itself refuses > 2 x Image.MAX_IMAGE_PIXELS here
-        im = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+        im = Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as exc:
         raise BadImage(413, f"upload {name!r}: image too large ({exc})") from None
     except UnidentifiedImageError:
