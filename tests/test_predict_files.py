@@ -1,6 +1,7 @@
-"""`geotoken predict DIR/ -o predictions.csv|.jsonl`: folders walked recursively, one row per photo, written
-atomically; unreadable files stop it (exit 2, nothing written) or, with --skip-bad, are recorded; memory
-stays bounded over 1,000 photos (`predict_photos` streams). GeoCLIP on a tiny random CLIP, and a bundle."""
+"""`geotoken predict DIR/ -o predictions.csv|.jsonl`: folders walked recursively, one row per photo, renamed
+into place when whole and resumed after a kill; unreadable files stop it (exit 2, no output file) or, with
+--skip-bad, are recorded; memory stays bounded over 1,000 photos (`predict_photos` streams). GeoCLIP on a
+tiny random CLIP, and a bundle."""
 
 import csv
 import io
@@ -62,15 +63,18 @@ def test_list_images_walks_folders_sorted(folder, tmp_path):
 def test_cli_folder_to_csv_and_jsonl_geoclip(shipped, clip_dir, folder, tmp_path, capsys):
     base = ["predict", str(folder), "--model", "geoclip", "--clip", str(clip_dir), "--top-k", "3"]
     out = tmp_path / "out" / "predictions.csv"
-    # without --skip-bad: a clear error naming the corrupt file, exit 2, nothing written
+    # without --skip-bad: a clear error naming the corrupt file, exit 2, no output; the rows before it are
+    # kept for the rerun (broken.jpg is the first photo: none here)
     assert main([*base, "-o", str(out)]) == 2
     [err] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert err.startswith("geotoken predict: error:") and "broken.jpg" in err and "--skip-bad" in err
-    assert not out.exists() and not list(out.parent.glob("*"))
+    assert not out.exists() and sorted(p.name for p in out.parent.glob("*")) == [
+        "predictions.csv.partial", "predictions.csv.partial.json"]  # fmt: skip
 
     assert main([*base, "-o", str(out), "--skip-bad"]) == 0
     captured = capsys.readouterr()
     assert "broken.jpg" in captured.err and "wrote 5 predictions (1 unreadable)" in captured.out
+    assert sorted(p.name for p in out.parent.glob("*")) == ["predictions.csv"]
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == list(CSV_COLUMNS)
@@ -147,3 +151,57 @@ def test_predicting_1000_photos_keeps_memory_bounded(geo, tmp_path):
     write_predictions(geo, paths[:40], tmp_path / "warm.csv", 1, 32)  # lazy initialisation out of the way
     small, large = peak(100), peak(1000)
     assert large < 2 * small, (small, large)
+
+
+class Interrupted:
+    """A predictor killed (KeyboardInterrupt) at its `fail_at`-th batch."""
+
+    def __init__(self, geo, fail_at: int):
+        self.geo, self.fail_at, self.calls = geo, fail_at, 0
+
+    def info(self) -> dict:
+        return self.geo.info()
+
+    def predict(self, images, **options):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
+        return self.geo.predict(images, **options)
+
+
+def rows(path) -> list:
+    """The rows of a predictions file, without the timings (which differ from run to run)."""
+    if path.suffix == ".csv":
+        return path.read_text().splitlines()
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "timings_ms"}
+        for line in path.read_text().splitlines()
+    ]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_killed_write_goes_on_where_it_stopped(geo, tmp_path, suffix):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(10):
+        (photos / f"{i:02d}.jpg").write_bytes(jpeg(i, gps=(48.8567, 2.35) if i == 4 else None))
+    whole = tmp_path / f"whole{suffix}"
+    write_predictions(geo, [photos], whole, 2, 3)
+    out = tmp_path / f"p{suffix}"
+    with pytest.raises(KeyboardInterrupt):
+        write_predictions(Interrupted(geo, 3), [photos], out, 2, 3)  # killed in its third batch: 6 rows kept
+    partial = out.with_name(out.name + ".partial")
+    assert not out.exists() and len(partial.read_text().splitlines()) == 6 + (suffix == ".csv")
+    with open(partial, "a") as f:
+        f.write("torn half of a r")  # killed in the middle of a row
+    done = write_predictions(Interrupted(geo, 0), [photos], out, 2, 3)
+    assert done["resumed"] == 6 and done["photos"] == 10 and done["failed"] == 0
+    assert rows(out) == rows(whole) and not partial.exists()
+    # another job does not resume: other options, or other photos before the rows written
+    with pytest.raises(KeyboardInterrupt):
+        write_predictions(Interrupted(geo, 2), [photos], out, 2, 3)
+    assert write_predictions(geo, [photos], out, 1, 3)["resumed"] == 0  # top_k 1 against 2
+    with pytest.raises(KeyboardInterrupt):
+        write_predictions(Interrupted(geo, 2), [photos], out, 2, 3)
+    (photos / "00a.jpg").write_bytes(jpeg(11))  # a new photo among the rows written
+    assert write_predictions(geo, [photos], out, 2, 3)["resumed"] == 0

@@ -1,10 +1,11 @@
 """Photo files in, one answer per file out: folders walked for images, streamed a batch at a time, written
-as CSV or JSON lines (`geotoken predict DIR/ -o predictions.csv`), for any predictor (a GeoToken
-`Geolocator` or the built-in `GeoCLIPPredictor`)."""
+as CSV or JSON lines (`geotoken predict DIR/ -o predictions.csv`, resumable after a kill), for any
+predictor (a GeoToken `Geolocator` or the built-in `GeoCLIPPredictor`)."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -16,7 +17,7 @@ from tqdm import tqdm
 from geotoken.data.images import exif_gps, list_images, open_image
 from geotoken.errors import GeoTokenError
 from geotoken.geo import haversine_km
-from geotoken.io import atomic_open
+from geotoken.io import read_json, write_json
 from geotoken.predict import Geolocator
 from geotoken.prediction import Prediction
 from geotoken.pretrained import GeoCLIPPredictor
@@ -123,23 +124,94 @@ def write_predictions(
     batch_size: int = 16,
     **kwargs,
 ) -> dict:
-    """Predict photo files (`predict_photos`, same keywords) into `out`, written atomically: `.csv` (one row
-    per photo, `CSV_COLUMNS`: the top candidate, EXIF GPS, error) or `.jsonl` (one `PhotoResult.to_dict()`
-    per line). Returns {"path", "photos", "failed"}. An unreadable file without `skip_bad` leaves no file."""
+    """Predict photo files (`predict_photos`, same keywords) into `out`: `.csv` (one row per photo,
+    `CSV_COLUMNS`: the top candidate, EXIF GPS, error) or `.jsonl` (one `PhotoResult.to_dict()` per line).
+    Returns {"path", "photos", "failed", "resumed"}.
+
+    Resumable: rows go to `OUT.partial` as each batch finishes (its job, the model and the options, in
+    `OUT.partial.json`), and the finished file replaces `out` in one rename. Run again after a kill, the same
+    job goes on after the last whole row; another job (other options or model, other photos) starts over.
+    An unreadable file without `skip_bad` stops it with the rows so far kept for the rerun."""
     out = Path(out)
     kind = out.suffix.lower()
     if kind not in PREDICTION_FORMATS:
         raise GeoTokenError(f"{out}: the output must end in {' or '.join(PREDICTION_FORMATS)}")
-    photos_done = failed = 0
-    with atomic_open(out, "w", newline="", encoding="utf-8") as f:
+    refs = list_images(photos)
+    partial, job_file = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
+    search = {k: v for k, v in kwargs.items() if k not in ("skip_bad", "on_error", "progress")}
+    job = {"format": PARTIAL_FORMAT, "model": geo.info(), "top_k": top_k, "search": search}
+    job = json.loads(json.dumps(job, default=str))  # as it reads back from the file
+    done = _resume_point(partial, job_file, job, kind, refs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if done is None:  # a fresh start
+        write_json(job_file, job)
+        with open(partial, "w", newline="", encoding="utf-8") as f:
+            if kind == ".csv":
+                csv.writer(f).writerow(CSV_COLUMNS)
+        done = 0
+    failed = _failed_rows(partial, kind)
+    with open(partial, "a", newline="", encoding="utf-8") as f:
         writer = csv.writer(f) if kind == ".csv" else None
-        if writer is not None:
-            writer.writerow(CSV_COLUMNS)
-        for result in predict_photos(geo, photos, top_k, batch_size, **kwargs):
-            photos_done += 1
+        batch = 0
+        for result in predict_photos(geo, refs[done:], top_k, batch_size, **kwargs):
             failed += result.error is not None
             if writer is not None:
                 writer.writerow(result.csv_row())
             else:
                 f.write(json.dumps(result.to_dict()) + "\n")
-    return {"path": out, "photos": photos_done, "failed": failed}
+            batch += 1
+            if batch == batch_size:  # a batch is whole on disk before the next one is read
+                batch = _sync(f)
+        _sync(f)
+    os.replace(partial, out)
+    job_file.unlink(missing_ok=True)
+    return {"path": out, "photos": len(refs), "failed": failed, "resumed": done}
+
+
+PARTIAL_FORMAT = "geotoken/partial-predictions/1"
+
+
+def _sync(f) -> int:
+    f.flush()
+    os.fsync(f.fileno())
+    return 0
+
+
+def _resume_point(partial: Path, job_file: Path, job: dict, kind: str, refs: list[str]) -> int | None:
+    """How many of `refs` `partial` already holds, in order, for this `job` (a torn last line is cut off),
+    or None to start over (no partial file, another job, or rows of other photos)."""
+    if not partial.is_file() or not job_file.is_file():
+        return None
+    try:
+        same = read_json(job_file) == job
+    except GeoTokenError:
+        same = False
+    if not same:
+        return None
+    data = partial.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]  # rows end in a newline; the last one may be torn
+    try:
+        text = whole.decode("utf-8")
+        if kind == ".csv":
+            rows = list(csv.reader(io.StringIO(text, newline="")))
+            if not rows or tuple(rows[0]) != CSV_COLUMNS or any(len(r) != len(CSV_COLUMNS) for r in rows[1:]):
+                return None
+            files = [r[0] for r in rows[1:]]
+        else:
+            files = [json.loads(line)["file"] for line in text.splitlines()]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    if files != refs[: len(files)]:
+        return None
+    if len(whole) < len(data):
+        with open(partial, "r+b") as f:
+            f.truncate(len(whole))
+    return len(files)
+
+
+def _failed_rows(partial: Path, kind: str) -> int:
+    """Rows of unreadable photos in a partial file (resumed ones count in the total)."""
+    with open(partial, newline="", encoding="utf-8") as f:
+        if kind == ".csv":
+            return sum(1 for i, row in enumerate(csv.reader(f)) if i and row[-1])
+        return sum("error" in json.loads(line) for line in f)

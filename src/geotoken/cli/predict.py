@@ -31,8 +31,9 @@ def register(subparsers) -> None:
         help="geolocate photos with a trained model bundle",
         description="Geolocate photos: embed, retrieve neighbours, decode S2 tokens, select, and print the "
         "top-k candidates (lat, lon, calibrated probability, S2 cell, nearest place, per-level confidence). "
-        "With -o FILE (.csv or .jsonl) every photo gets a row, written at the end; an unreadable file stops it "
-        "(exit status 2, nothing written) unless --skip-bad. On the terminal, unreadable files get a one-line "
+        "With -o FILE (.csv or .jsonl) every photo gets a row, kept in FILE.partial as batches finish and "
+        "renamed to FILE at the end: killed, the same command goes on where it stopped. An unreadable file stops "
+        "it (exit status 2, no FILE) unless --skip-bad. On the terminal, unreadable files get a one-line "
         "error and the others still run; the exit status is 1 if any failed (0 with --skip-bad).",
     )
     p.add_argument(
@@ -51,7 +52,7 @@ def register(subparsers) -> None:
         "--skip-bad",
         action="store_true",
         help="record unreadable photos (reported on stderr, an error row in the output) and go on; without "
-        "it, -o stops at the first one with an error naming it and writes nothing",
+        "it, -o stops at the first one with an error naming it (rerun with --skip-bad to go on from there)",
     )
     p.add_argument(
         "--model",
@@ -185,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         done = write_predictions(geo, args.photos, args.out, args.top_k, args.batch_size,
                                  skip_bad=args.skip_bad, progress=True, **search)  # fmt: skip
-        print(f"wrote {done['photos']} predictions ({done['failed']} unreadable) to {done['path']}")
+        resumed = f"; {done['resumed']} of them from the interrupted run" if done["resumed"] else ""
+        print(f"wrote {done['photos']} predictions ({done['failed']} unreadable{resumed}) to {done['path']}")
         return 0
     # on the terminal: unreadable files are reported and the others still run (exit status 1 without --skip-bad)
     results, failed = [], 0
