@@ -160,21 +160,17 @@ def write_predictions(
             else:
                 f.write(json.dumps(result.to_dict()) + "\n")
             batch += 1
-            if batch == batch_size:  # a batch is whole on disk before the next one is read
-                batch = _sync(f)
-        _sync(f)
+            if batch == batch_size:  # a batch is whole in the file before the next one is read: a kill
+                f.flush()  # loses at most the batch in flight
+                batch = 0
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it the output
     os.replace(partial, out)
     job_file.unlink(missing_ok=True)
     return {"path": out, "photos": len(refs), "failed": failed, "resumed": done}
 
 
 PARTIAL_FORMAT = "geotoken/partial-predictions/1"
-
-
-def _sync(f) -> int:
-    f.flush()
-    os.fsync(f.fileno())
-    return 0
 
 
 def _resume_point(partial: Path, job_file: Path, job: dict, kind: str, refs: list[str]) -> int | None:
