@@ -167,3 +167,13 @@ def test_a_hub_id_that_cannot_be_fetched_names_the_offline_ways(tmp_path):
     with pytest.raises(GeoTokenError) as folder:  # a folder is not fetched: no network hint
         load_backbone("clip", model=str(tmp_path))
     assert "HF_HUB_OFFLINE" not in str(folder.value)
+
+
+def test_a_batch_is_preprocessed_in_threads_exactly_as_one_by_one(tiny_clip):
+    backbone = load_backbone("clip", model=str(tiny_clip[0]))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(300, 400), (64, 33), (500, 120)]]  # fmt: skip
+    images += [images[0].convert("L"), images[1].convert("RGBA")]  # other modes are read as RGB
+    want = torch.stack([backbone.preprocess(im.convert("RGB")) for im in images])
+    assert torch.equal(backbone.preprocess_batch(images), want)
+    assert torch.equal(backbone.preprocess_batch(images[3:4]), want[3:4])

@@ -252,7 +252,7 @@ class Geolocator:
             raise GeoTokenError("this Geolocator has no backbone/align heads; use predict_embeddings")
         t0 = time.perf_counter()
         with torch.no_grad():
-            x = torch.stack([self.backbone.preprocess(im.convert("RGB")) for im in images]).to(self.device)
+            x = self.backbone.preprocess_batch(images).to(self.device)
             t1 = time.perf_counter()
             features = self.backbone(x).float()
             t2 = time.perf_counter()

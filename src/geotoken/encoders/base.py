@@ -6,7 +6,9 @@ its weights expect; `config()` is enough to re-create it with `load_backbone(**c
 
 from __future__ import annotations
 
+import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +38,28 @@ class ImageBackbone(nn.Module):
     def config(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def preprocess_batch(self, images: list[Image.Image]) -> torch.Tensor:
+        """`preprocess` of each image as RGB, stacked (B, 3, H, W): in threads for several images (PIL
+        resizes without the GIL, and bicubic from a 12 MP photo takes ~0.1 s), the same tensor as one by one."""
+        one = lambda im: self.preprocess(im if im.mode == "RGB" else im.convert("RGB"))  # noqa: E731
+        if len(images) < 2:
+            return torch.stack([one(im) for im in images])
+        return torch.stack(list(_preprocess_pool().map(one, images)))
+
     @torch.no_grad()
     def embed(self, images: list[Image.Image]) -> torch.Tensor:
         """Convenience for a handful of images: preprocess, stack, forward. Batch jobs use `geotoken.features`."""
-        x = torch.stack([self.preprocess(im) for im in images])  # (B, 3, H, W)
+        x = self.preprocess_batch(images)  # (B, 3, H, W)
         param = next(self.parameters(), None)  # None: the weights live outside torch (ONNX Runtime, CPU fp32)
         if param is not None:
             x = x.to(device=param.device, dtype=param.dtype)
         return self(x).float()
+
+
+@functools.cache
+def _preprocess_pool() -> ThreadPoolExecutor:
+    """One pool for the process's preprocessing: a thread per core, at most 8."""
+    return ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="preprocess")
 
 
 def default_cache_dir() -> Path:
