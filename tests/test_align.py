@@ -196,3 +196,48 @@ def test_the_metric_gallery_gps_table_is_cached_by_encoder_and_coordinates(tmp_p
     torch.testing.assert_close(align_train.gallery_gps_table(other, coords), real(other, coords))
     align_train.gallery_gps_table(encoder, coords[:-1])  # other coordinates: another file
     assert calls == [16, 8, 8, 16, 15] and len(list((tmp_path / "cache" / "gps-tables").iterdir())) == 2
+
+
+def test_a_killed_align_train_goes_on_from_its_last_epoch(tmp_path, monkeypatch):
+    from geotoken.align import train as align_train
+
+    store = synthetic_store(tmp_path / "store")
+    cfg = AlignConfig(epochs=6, batch_size=64, queue_size=128, lr=3e-3, val_fraction=0.2)
+    common = dict(
+        gallery_coords=CITIES, gps_encoder=FakeGPSEncoder(), text_encoder=FakeTextEncoder(), progress=False
+    )
+    heads_cfg = {
+        "visual_dim": 16,
+        "hidden": 64,
+        "dropout": 0.1,
+    }  # dropout: the torch RNG must be restored too
+    whole, whole_metrics = train_heads(store, tmp_path / "whole", cfg, heads_cfg, **common)
+
+    real, calls = align_train.info_nce, []
+
+    def killed_in_epoch_4(*args, **kwargs):  # 5 steps an epoch, two losses a step
+        calls.append(1)
+        if len(calls) == 2 * 5 * 3 + 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(align_train, "info_nce", killed_in_epoch_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_heads(store, tmp_path / "heads", cfg, heads_cfg, **common)
+    monkeypatch.setattr(align_train, "info_nce", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert (tmp_path / "heads" / "checkpoint" / "state.json").is_file()
+    calls.clear()
+    heads, metrics = train_heads(store, tmp_path / "heads", cfg, heads_cfg, **common)
+    assert len(calls) == 2 * 5 * 3  # epochs 4-6 only
+    assert metrics["history"] == whole_metrics["history"]
+    assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), whole.state_dict().values()))
+    assert not (tmp_path / "heads" / "checkpoint").exists()
+    # a checkpoint of other options is not resumed
+    monkeypatch.setattr(align_train, "info_nce", killed_in_epoch_4)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        train_heads(store, tmp_path / "other", cfg, heads_cfg, **common)
+    monkeypatch.setattr(align_train, "info_nce", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls.clear()
+    train_heads(store, tmp_path / "other", AlignConfig(**{**cfg.__dict__, "lr": 1e-3}), heads_cfg, **common)
+    assert len(calls) == 2 * 5 * 6

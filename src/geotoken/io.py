@@ -112,6 +112,26 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Any]:
         ) from None
 
 
+def optimizer_tensors(opt: Any) -> dict[str, Any]:
+    """A torch optimizer's per-parameter state as flat safetensors entries `opt.{i}.{name}` (CPU copies);
+    its `param_groups` (numbers) go to JSON beside them. `load_optimizer` reads both back."""
+    return {
+        f"opt.{i}.{name}": t.detach().cpu().contiguous()
+        for i, state in opt.state_dict()["state"].items()
+        for name, t in state.items()
+    }
+
+
+def load_optimizer(opt: Any, tensors: dict[str, Any], param_groups: list) -> None:
+    """Restore `opt` from `optimizer_tensors` entries (other keys are ignored) and its `param_groups`."""
+    state: dict = {}
+    for key, t in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = t
+    opt.load_state_dict({"state": state, "param_groups": param_groups})
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
     """`open()` that writes to a temporary file and renames it onto `path` when the block succeeds."""

@@ -11,8 +11,10 @@ as each other's negatives: they are masked out of the softmax rather than counte
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from geotoken.align.heads import GPS_HEADS, AlignHeads, HeadsConfig
@@ -41,7 +44,16 @@ from geotoken.encoders.geoclip import (
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore, read_rows
 from geotoken.geo import THRESHOLDS_KM, haversine_km
-from geotoken.io import is_whole, sha256_json, write_json
+from geotoken.io import (
+    atomic_dir,
+    is_whole,
+    load_optimizer,
+    optimizer_tensors,
+    read_json,
+    read_safetensors,
+    sha256_json,
+    write_json,
+)
 from geotoken.places import describe
 
 
@@ -194,6 +206,63 @@ class Queue:
         return self.items[: self.filled], self.groups[: self.filled]
 
 
+CHECKPOINT = "checkpoint"  # in the heads folder while training: the state after the last whole epoch
+
+
+@dataclass
+class TrainingState:
+    """What an epoch of `train_heads` leaves behind, saved whole after each one (`save`) so that a killed
+    run goes on from the last (`resume`) and ends with the heads an unbroken run would have."""
+
+    heads: AlignHeads
+    opt: torch.optim.Optimizer
+    sched: Any
+    queue: Queue
+    rng: np.random.Generator
+    history: list
+
+    def save(self, folder: Path, identity: dict) -> None:
+        with atomic_dir(folder) as tmp:
+            tensors = {
+                f"heads.{k}": v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()
+            }
+            tensors |= optimizer_tensors(self.opt) | {"rng.torch": torch.get_rng_state()}
+            tensors |= {"queue.items": self.queue.items.cpu(), "queue.groups": self.queue.groups.cpu()}
+            save_file(tensors, str(tmp / "state.safetensors"))
+            write_json(tmp / "state.json", {
+                "identity": identity, "history": self.history, "param_groups": self.opt.state_dict()["param_groups"],
+                "sched": self.sched.state_dict(), "queue": [self.queue.ptr, self.queue.filled],
+                "rng": self.rng.bit_generator.state,
+            })  # fmt: skip
+
+    def resume(self, folder: Path, identity: dict) -> int:
+        """The epoch to start from: the checkpoint's, restored into this state, if it is this run's (same
+        options, heads, store, texts and GPS encoder); else 0 (a checkpoint of another run is dropped)."""
+        if not (folder / "state.json").is_file():
+            return 0
+        try:
+            state = read_json(folder / "state.json")
+            tensors = read_safetensors(folder / "state.safetensors")
+        except GeoTokenError:  # a damaged checkpoint: from the start
+            return 0
+        if state.get("identity") != identity:
+            shutil.rmtree(folder, ignore_errors=True)
+            return 0
+        device = self.queue.items.device
+        self.heads.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("heads.")})
+        load_optimizer(self.opt, tensors, state["param_groups"])
+        self.sched.load_state_dict(state["sched"])
+        self.queue.items, self.queue.groups = (
+            tensors["queue.items"].to(device),
+            tensors["queue.groups"].to(device),
+        )
+        self.queue.ptr, self.queue.filled = state["queue"]
+        torch.set_rng_state(tensors["rng.torch"])
+        self.rng.bit_generator.state = state["rng"]
+        self.history[:] = state["history"]
+        return len(self.history)
+
+
 # ------------------------------------------------------------------------------------------------- metrics
 def accuracy_km(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     """Share of rows within each threshold and the median error: pred, true (N, 2) lat/lon degrees."""
@@ -286,7 +355,9 @@ def train_heads(
         fine-tunes it with the other heads; the weights are saved with the heads like any other.
     texts: one description per store row (e.g. MP16-Pro captions); default: offline place names.
     gallery_coords: (M, 2) GPS gallery for the image->GPS metric (default: GeoCLIP's 100K MP16 points).
-    With `out_dir`, the heads are saved there and the metrics written to `metrics.json`.
+    With `out_dir`, the heads are saved there and the metrics written to `metrics.json`; while it trains,
+    `out_dir/checkpoint` holds the state after the last whole epoch, and a rerun of the same training goes
+    on from there (`TrainingState`) to the heads an unbroken run gives.
     """
     config = config or AlignConfig()
     device = torch_device(device)
@@ -368,8 +439,17 @@ def train_heads(
     queue = Queue(config.queue_size, hc.gps_dim, device)
     rng = np.random.default_rng(config.seed)
     history = []
-    bar = tqdm(total=total, desc="align", unit="step", disable=not progress)
-    for epoch in range(config.epochs):
+    run = TrainingState(heads, opt, sched, queue, rng, history)
+    checkpoint = None if out_dir is None else Path(out_dir) / CHECKPOINT
+    identity = {
+        "config": asdict(config), "heads": asdict(hc), "store": store.header.get("manifest_hash"),
+        "rows": store.rows, "texts": None if texts is None else sha256_json(list(texts)),
+        "gps_encoder": module_key(gps_encoder) if isinstance(gps_encoder, torch.nn.Module) else None,
+    }  # fmt: skip
+    identity = json.loads(json.dumps(identity, default=str))
+    start = run.resume(checkpoint, identity) if checkpoint is not None else 0
+    bar = tqdm(total=total, initial=start * steps_per_epoch, desc="align", unit="step", disable=not progress)
+    for epoch in range(start, config.epochs):
         heads.train()
         perm = rng.permutation(train_rows)
         losses = []
@@ -395,6 +475,8 @@ def train_heads(
         mean = np.mean(losses, axis=0) if losses else [float("nan")] * 2
         history.append({"epoch": epoch + 1, "loss_gps": float(mean[0]), "loss_text": float(mean[1])})
         bar.set_postfix(gps=f"{mean[0]:.3f}", text=f"{mean[1]:.3f}")
+        if checkpoint is not None and epoch + 1 < config.epochs:  # killed later, a rerun goes on from here
+            run.save(checkpoint, identity)
     bar.close()
 
     if gallery_coords is None:
@@ -425,6 +507,7 @@ def train_heads(
             out_dir, store={"root": str(store.root), "manifest_hash": store.header.get("manifest_hash")}
         )
         write_json(Path(out_dir) / "metrics.json", metrics)
+        shutil.rmtree(Path(out_dir) / CHECKPOINT, ignore_errors=True)
     return heads, metrics
 
 

@@ -44,7 +44,11 @@ def register(subparsers) -> None:
     t = sub.add_parser("train", help="train heads on a store's features and coordinates", description=HELP)
     t.add_argument("store", help="feature store with `features` (from geotoken embed)")
     t.add_argument(
-        "-o", "--out", required=True, help="heads folder (model.safetensors, config.json, metrics.json)"
+        "-o",
+        "--out",
+        required=True,
+        help="heads folder (model.safetensors, config.json, metrics.json); "
+        "killed, the same command goes on from the last whole epoch (OUT/checkpoint)",
     )
     c, h = AlignConfig, HeadsConfig
     t.add_argument(

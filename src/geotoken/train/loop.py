@@ -34,7 +34,15 @@ from geotoken.devices import Dist, distributed, torch_device
 from geotoken.encoders.base import cpu_has_bf16
 from geotoken.errors import GeoTokenError
 from geotoken.geo import THRESHOLDS_KM, haversine_km
-from geotoken.io import atomic_dir, atomic_path, read_json, read_safetensors, write_json
+from geotoken.io import (
+    atomic_dir,
+    atomic_path,
+    load_optimizer,
+    optimizer_tensors,
+    read_json,
+    read_safetensors,
+    write_json,
+)
 from geotoken.model import DTYPES, GeoToken, ModelConfig, precision
 from geotoken.s2 import tokens_to_latlon, vocab_sizes
 from geotoken.search.decode import PrefixConstraint, greedy
@@ -197,16 +205,13 @@ def save_checkpoint(
     """Write a complete checkpoint beside `folder`, then swap it in: a crash leaves the old one whole."""
     with atomic_dir(folder) as tmp:
         model.save(tmp)
-        osd = opt.state_dict()
-        tensors = {f"rng.cpu.{r}": s for r, s in enumerate(rngs)}
+        tensors = {f"rng.cpu.{r}": s for r, s in enumerate(rngs)} | optimizer_tensors(opt)
         if torch.cuda.is_available():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
-        for i, s in osd["state"].items():
-            for name, t in s.items():
-                tensors[f"opt.{i}.{name}"] = t.detach().cpu().contiguous()
         with atomic_path(tmp / "state.safetensors") as p:
             save_file(tensors, str(p))
-        write_json(tmp / "state.json", {**state, "param_groups": osd["param_groups"], "world": len(rngs)})
+        groups = opt.state_dict()["param_groups"]
+        write_json(tmp / "state.json", {**state, "param_groups": groups, "world": len(rngs)})
 
 
 # training options a resumed run may change: how it is watched and saved, not what it computes
@@ -246,12 +251,7 @@ def load_checkpoint(folder: Path, model: GeoToken, opt: torch.optim.Optimizer, d
         )
     model.load_state_dict(read_safetensors(folder / "model.safetensors"))
     tensors = read_safetensors(folder / "state.safetensors")
-    opt_state: dict = {}
-    for key, t in tensors.items():
-        if key.startswith("opt."):
-            _, i, name = key.split(".", 2)
-            opt_state.setdefault(int(i), {})[name] = t
-    opt.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+    load_optimizer(opt, tensors, state.pop("param_groups"))
     if state["world"] == d.world:  # same process count: continue every rank's random stream exactly
         torch.set_rng_state(tensors[f"rng.cpu.{d.rank}"])
         if "rng.cuda" in tensors and torch.cuda.is_available():
