@@ -228,6 +228,8 @@ class TrainingState:
             }
             tensors |= optimizer_tensors(self.opt) | {"rng.torch": torch.get_rng_state()}
             tensors |= {"queue.items": self.queue.items.cpu(), "queue.groups": self.queue.groups.cpu()}
+            if torch.cuda.is_available():  # dropout on a GPU draws from its own generator
+                tensors["rng.cuda"] = torch.cuda.get_rng_state()
             save_file(tensors, str(tmp / "state.safetensors"))
             write_json(tmp / "state.json", {
                 "identity": identity, "history": self.history, "param_groups": self.opt.state_dict()["param_groups"],
@@ -258,6 +260,8 @@ class TrainingState:
         )
         self.queue.ptr, self.queue.filled = state["queue"]
         torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
         self.rng.bit_generator.state = state["rng"]
         self.history[:] = state["history"]
         return len(self.history)
