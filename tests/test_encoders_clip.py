@@ -177,3 +177,21 @@ def test_a_batch_is_preprocessed_in_threads_exactly_as_one_by_one(tiny_clip):
     want = torch.stack([backbone.preprocess(im.convert("RGB")) for im in images])
     assert torch.equal(backbone.preprocess_batch(images), want)
     assert torch.equal(backbone.preprocess_batch(images[3:4]), want[3:4])
+
+
+def test_a_forked_child_preprocesses_with_a_pool_of_its_own(tiny_clip):
+    import multiprocessing as mp
+
+    backbone = load_backbone("clip", model=str(tiny_clip[0]))
+    images = [Image.new("RGB", (40, 30), (i, 0, 0)) for i in range(3)]
+    want = backbone.preprocess_batch(images)  # the parent's pool exists now
+    ctx = mp.get_context("fork")  # the child's copy of the parent's pool has no threads
+    queue = ctx.Queue()
+    child = ctx.Process(target=lambda: queue.put(backbone.preprocess_batch(images).numpy()))
+    child.start()
+    try:
+        got = queue.get(timeout=30)  # without its own pool the child waits forever
+    finally:
+        child.join(timeout=5)
+        child.kill()
+    assert np.array_equal(got, want.numpy())

@@ -62,6 +62,10 @@ def _preprocess_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="preprocess")
 
 
+# a forked child (a DataLoader worker) has none of the parent's threads: it makes its own pool
+os.register_at_fork(after_in_child=_preprocess_pool.cache_clear)
+
+
 def default_cache_dir() -> Path:
     """`$GEOTOKEN_CACHE`, else `~/.cache/geotoken` (GeoCLIP's gallery embeddings, CLIP's ONNX graphs)."""
     return Path(os.environ.get("GEOTOKEN_CACHE") or Path.home() / ".cache" / "geotoken")
