@@ -205,3 +205,16 @@ def test_a_killed_write_goes_on_where_it_stopped(geo, tmp_path, suffix):
         write_predictions(Interrupted(geo, 2), [photos], out, 2, 3)
     (photos / "00a.jpg").write_bytes(jpeg(11))  # a new photo among the rows written
     assert write_predictions(geo, [photos], out, 2, 3)["resumed"] == 0
+
+
+def test_unreadable_rows_written_before_a_kill_still_count(geo, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "00.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    for i in range(1, 6):
+        (photos / f"{i:02d}.jpg").write_bytes(jpeg(i))
+    out = tmp_path / "p.csv"
+    with pytest.raises(KeyboardInterrupt):
+        write_predictions(Interrupted(geo, 2), [photos], out, 1, 2, skip_bad=True)  # rows 00 (bad), 01 kept
+    done = write_predictions(geo, [photos], out, 1, 2, skip_bad=True)
+    assert (done["resumed"], done["photos"], done["failed"]) == (2, 6, 1)

@@ -141,15 +141,15 @@ def write_predictions(
     search = {k: v for k, v in kwargs.items() if k not in ("skip_bad", "on_error", "progress")}
     job = {"format": PARTIAL_FORMAT, "model": geo.info(), "top_k": top_k, "search": search}
     job = json.loads(json.dumps(job, default=str))  # as it reads back from the file
-    done = _resume_point(partial, job_file, job, kind, refs)
+    resumed = _resume_point(partial, job_file, job, kind, refs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if done is None:  # a fresh start
+    if resumed is None:  # a fresh start
         write_json(job_file, job)
         with open(partial, "w", newline="", encoding="utf-8") as f:
             if kind == ".csv":
                 csv.writer(f).writerow(CSV_COLUMNS)
-        done = 0
-    failed = _failed_rows(partial, kind)
+        resumed = 0, 0
+    done, failed = resumed
     with open(partial, "a", newline="", encoding="utf-8") as f:
         writer = csv.writer(f) if kind == ".csv" else None
         batch = 0
@@ -173,9 +173,12 @@ def write_predictions(
 PARTIAL_FORMAT = "geotoken/partial-predictions/1"
 
 
-def _resume_point(partial: Path, job_file: Path, job: dict, kind: str, refs: list[str]) -> int | None:
-    """How many of `refs` `partial` already holds, in order, for this `job` (a torn last line is cut off),
-    or None to start over (no partial file, another job, or rows of other photos)."""
+def _resume_point(
+    partial: Path, job_file: Path, job: dict, kind: str, refs: list[str]
+) -> tuple[int, int] | None:
+    """(how many of `refs` `partial` already holds, in order, for this `job`; how many of those are rows of
+    unreadable photos), a torn last line cut off; or None to start over (no partial file, another job, or
+    rows of other photos)."""
     if not partial.is_file() or not job_file.is_file():
         return None
     try:
@@ -192,9 +195,10 @@ def _resume_point(partial: Path, job_file: Path, job: dict, kind: str, refs: lis
             rows = list(csv.reader(io.StringIO(text, newline="")))
             if not rows or tuple(rows[0]) != CSV_COLUMNS or any(len(r) != len(CSV_COLUMNS) for r in rows[1:]):
                 return None
-            files = [r[0] for r in rows[1:]]
+            files, failed = [r[0] for r in rows[1:]], sum(1 for r in rows[1:] if r[-1])
         else:
-            files = [json.loads(line)["file"] for line in text.splitlines()]
+            objs = [json.loads(line) for line in text.splitlines()]
+            files, failed = [o["file"] for o in objs], sum("error" in o for o in objs)
     except (UnicodeDecodeError, ValueError, KeyError, TypeError):
         return None
     if files != refs[: len(files)]:
@@ -202,12 +206,4 @@ def _resume_point(partial: Path, job_file: Path, job: dict, kind: str, refs: lis
     if len(whole) < len(data):
         with open(partial, "r+b") as f:
             f.truncate(len(whole))
-    return len(files)
-
-
-def _failed_rows(partial: Path, kind: str) -> int:
-    """Rows of unreadable photos in a partial file (resumed ones count in the total)."""
-    with open(partial, newline="", encoding="utf-8") as f:
-        if kind == ".csv":
-            return sum(1 for i, row in enumerate(csv.reader(f)) if i and row[-1])
-        return sum("error" in json.loads(line) for line in f)
+    return len(files), failed
