@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from geotoken.cli import main
+from geotoken.data.table import Manifest
 from geotoken.encoders.geoclip import GeoCLIPFiles, GeoCLIPGeolocator
 from geotoken.evaluate import EvalConfig, evaluate, load_split
 from geotoken.testing import small_geoclip_files
@@ -98,3 +100,51 @@ def test_geoclip_refuses_features_of_another_768_d_tower(tmp_path, capsys):
         assert f"was embedded with CLIP {model!r}: " in err and said in err and not out.exists()
     with pytest.warns(UserWarning, match="GeoCLIP: CLIP .*: its vision tower has hidden_size 32"):
         GeoCLIPGeolocator.load(small)
+
+
+def test_a_relative_clip_folder_is_checked_where_it_was_embedded(tmp_path, monkeypatch, capsys):
+    """`embed --clip models/tiny` stores the name as given; read from another working directory it would pass
+    for a hub id (and be refused as "not OpenAI's"): the store's `backbone_source` names the folder."""
+    from geotoken.encoders.geoclip import clip_mismatch
+    from geotoken.features import FeatureStore
+    from geotoken.testing import tiny_clip
+
+    work = tmp_path / "work"
+    tiny_clip(work / "models" / "tiny")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(work / f"{i}.jpg")
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(paths[-1])
+    Manifest([f"p{i}" for i in range(3)], np.arange(3.0), np.arange(3.0), [str(p) for p in paths]).write_csv(
+        work / "m.csv"
+    )
+    monkeypatch.chdir(work)
+    args = [
+        "embed",
+        "m.csv",
+        "-o",
+        "store",
+        "--clip",
+        "models/tiny",
+        "--workers",
+        "0",
+    ]  # --clip: backbone clip
+    for wrong, said in [(["--backbone", "efficientnet-lite0"], "the backbone efficientnet-lite0 has none"),
+                        (["--image-size", "64"], "--image-size is efficientnet-lite0's")]:  # fmt: skip
+        assert main([*args, *wrong]) == 2 and said in capsys.readouterr().err
+    assert main([*args, "--threads", "1"]) == 0
+    header = FeatureStore.open(work / "store").header
+    assert header["backbone"]["model"] == "models/tiny"
+    folder = str((work / "models" / "tiny").resolve())
+    assert header["backbone_source"] == {"kind": "folder", "path": folder}
+
+    monkeypatch.chdir(tmp_path)  # elsewhere: "models/tiny" is no folder here
+    assert "is not openai/clip-vit-large-patch14" in clip_mismatch("models/tiny")
+    assert "hidden_size 32 (not 1024)" in clip_mismatch("models/tiny", folder=folder)
+    assert clip_mismatch("models/tiny", folder=str(tmp_path / "gone")) is None  # another machine's folder
+    query = work / "store"
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--method", "geoclip", "--gallery", str(query), "--queries", str(query), "-o", str(out)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "was embedded with CLIP 'models/tiny': its vision tower has hidden_size 32" in err

@@ -20,7 +20,6 @@ from PIL import Image
 from geotoken import assets
 from geotoken.bundle import (
     CardInfo,
-    backbone_source,
     bundle_backbone_config,
     model_card,
     push_to_hub,
@@ -28,6 +27,7 @@ from geotoken.bundle import (
     set_bundle_part,
 )
 from geotoken.cli import main
+from geotoken.encoders import backbone_source
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
 from geotoken.io import read_json

@@ -40,6 +40,7 @@ import numpy as np
 import yaml
 
 from geotoken.align import AlignHeads
+from geotoken.encoders.backbones import backbone_source
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
 from geotoken.io import atomic_dir, atomic_open, atomic_path, is_whole, read_json, write_json
@@ -174,17 +175,6 @@ def hub_errors() -> tuple[type[Exception], ...]:
     from huggingface_hub import errors
 
     return (errors.HfHubHTTPError, errors.HFValidationError, errors.HTTPError, OSError)
-
-
-def backbone_source(config: dict[str, Any]) -> dict[str, str]:
-    """Where a backbone config's weights come from: {"kind": "hub", "repo_id"} or {"kind": "folder",
-    "path"} (absolute) for CLIP, {"kind": "package"} for backbones whose weights ship in a pip package."""
-    if config.get("name") != "clip":
-        return {"kind": "package"}
-    model = str(config.get("model", ""))
-    if Path(model).is_dir():
-        return {"kind": "folder", "path": str(Path(model).resolve())}
-    return {"kind": "hub", "repo_id": model}
 
 
 def bundle_backbone_config(root: str | os.PathLike, spec: dict, clip: str | None = None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import time
 from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
 from geotoken.data.manifest import read_manifest
 from geotoken.encoders import BACKBONES, load_backbone
+from geotoken.errors import GeoTokenError
 from geotoken.features import embed
 
 HELP = "embed the images of a manifest with an image backbone into a feature store (float16 memmaps)"
@@ -21,7 +22,7 @@ embeds its share of the rows into the same store:
 
   geotoken embed data/gallery.csv -o runs/demo/gallery --backbone efficientnet-lite0 --image-size 160
   torchrun --nproc-per-node 8 -m geotoken embed mp16.csv -o mp16_store --backbone clip \\
-      --model openai/clip-vit-large-patch14 --batch-size 256 --workers 8
+      --clip openai/clip-vit-large-patch14 --batch-size 256 --workers 8
 """
 
 
@@ -37,12 +38,11 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--out", required=True, help="feature store folder (created, or resumed if present)")
     p.add_argument(
         "--backbone",
-        default="efficientnet-lite0",
         choices=list(BACKBONES),
-        help="image backbone (default %(default)s)",
+        help="image backbone (default clip with --clip, else efficientnet-lite0)",
     )
     p.add_argument("--image-size", type=int, help="efficientnet-lite0: input side in pixels (default 224)")
-    p.add_argument("--model", help="clip: local folder or hub id of the CLIP model")
+    p.add_argument("--clip", help="clip: local folder or hub id of the CLIP model (as in predict and serve)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images (default 2)")
     p.add_argument("--skip-bad", action="store_true",
@@ -54,14 +54,19 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     use_threads(args.threads)
-    options = {"image_size": args.image_size, "model": args.model}
-    backbone = load_backbone(args.backbone, **{k: v for k, v in options.items() if v is not None})
+    name = args.backbone or ("clip" if args.clip else "efficientnet-lite0")
+    if args.clip and name != "clip":
+        raise GeoTokenError(f"--clip names a CLIP model; the backbone {name} has none (drop one of them)")
+    if args.image_size and name == "clip":
+        raise GeoTokenError("--image-size is efficientnet-lite0's; a CLIP model's input size is its own")
+    options = {"image_size": args.image_size, "model": args.clip}
+    backbone = load_backbone(name, **{k: v for k, v in options.items() if v is not None})
     manifest = read_manifest(args.manifest)
     t0 = time.perf_counter()
     store = embed(manifest, backbone, args.out, args.batch_size, args.workers, args.skip_bad, args.device)
     seconds = time.perf_counter() - t0
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
-        print(f"{store.root}: {store.rows} rows x {store.dims['features']} ({args.backbone}), "
+        print(f"{store.root}: {store.rows} rows x {store.dims['features']} ({name}), "
               f"{len(store.skipped)} skipped, {seconds:.1f} s")  # fmt: skip
         if store.skipped:
             print(f"unreadable images are listed in {store.root / 'skipped.csv'}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from geotoken.encoders.base import ImageBackbone
@@ -27,3 +28,14 @@ def load_backbone(name: str, **options: Any) -> ImageBackbone:
     except TypeError as e:  # an unknown option name: a user error, not a bug
         raise GeoTokenError(f"backbone {name!r}: bad options {sorted(options)}: {e}") from None
     return backbone.eval()
+
+
+def backbone_source(config: dict[str, Any]) -> dict[str, str]:
+    """Where a backbone config's weights come from: {"kind": "hub", "repo_id"} or {"kind": "folder",
+    "path"} (absolute) for CLIP, {"kind": "package"} for backbones whose weights ship in a pip package."""
+    if config.get("name") != "clip":
+        return {"kind": "package"}
+    model = str(config.get("model", ""))
+    if Path(model).is_dir():
+        return {"kind": "folder", "path": str(Path(model).resolve())}
+    return {"kind": "hub", "repo_id": model}

@@ -51,18 +51,22 @@ CACHE_FORMAT = "geotoken/geoclip-gallery/1"  # bump when the cached computation 
 IMAGE_HEAD_KEYS = {"0.weight": (768, 768), "0.bias": (768,), "2.weight": (512, 768), "2.bias": (512,)}
 
 
-def clip_mismatch(model: str) -> str | None:
+def clip_mismatch(model: str, folder: str | None = None) -> str | None:
     """Why CLIP `model`'s features are not the ones GeoCLIP's image head was trained on (OpenAI's CLIP
     ViT-L/14 at 224 px), or None. Other 768-d towers (ViT-L/14 at 336 px, LAION's ViT-L/14) give features
     of the right shape that the head reads as noise. A hub id must be OpenAI's; a local folder, whose
     weights cannot be told apart, must hold a ViT-L/14 tower at 224 px; a folder that is gone (features
-    embedded on another machine) cannot be checked."""
+    embedded on another machine) cannot be checked. `folder`: where `model` was found when the features
+    were embedded (absolute; a store's `backbone_source`), for a relative folder read from elsewhere."""
     if model == PAPER_MODEL:
         return None
     if not Path(model).is_dir():
-        if Path(model).is_absolute() or model.startswith("."):  # a folder of another machine
-            return None
-        return f"it is not {PAPER_MODEL}, the tower GeoCLIP's image head was trained behind"
+        if folder is not None:
+            model = folder
+        if not Path(model).is_dir():
+            if folder is not None or Path(model).is_absolute() or model.startswith("."):
+                return None  # a folder of another machine
+            return f"it is not {PAPER_MODEL}, the tower GeoCLIP's image head was trained behind"
     try:
         config = tower_config(model, "vision")
     except (OSError, ValueError) as exc:

@@ -506,7 +506,8 @@ def check_geoclip_features(queries: Split, config: GeoCLIPConfig | None = None) 
             f"{backbone.get('name') or 'unknown'} with {dim}-d features"
         )
     model = str(backbone.get("model", ""))
-    problem = clip_mismatch(model)
+    source = (queries.store.header.get("backbone_source") if queries.store is not None else None) or {}
+    problem = clip_mismatch(model, source.get("path") if source.get("kind") == "folder" else None)
     if problem:
         raise GeoTokenError(
             f"geoclip: {queries.name} was embedded with CLIP {model!r}: {problem} (leave geoclip out of the methods)"

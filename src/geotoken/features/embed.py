@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from geotoken.data.images import open_image as default_open_image
 from geotoken.devices import distributed, on_cuda, torch_device
+from geotoken.encoders.backbones import backbone_source
 from geotoken.errors import GeoTokenError
 from geotoken.features.store import SKIPPED, FeatureStore
 from geotoken.io import atomic_open, read_json, write_json
@@ -113,7 +114,12 @@ def _open_or_create(out_dir: Path, manifest, backbone, identity: dict[str, Any])
                 )
         return store
     coords = np.stack([np.asarray(manifest.lat, np.float64), np.asarray(manifest.lon, np.float64)], axis=1)
-    return FeatureStore.create(out_dir, manifest.ids, coords, {"features": backbone.dim}, **identity)
+    # where the weights were (a CLIP folder as an absolute path): a relative folder name read from another
+    # working directory would pass for a hub id
+    source = backbone_source(identity["backbone"])
+    return FeatureStore.create(
+        out_dir, manifest.ids, coords, {"features": backbone.dim}, **identity, backbone_source=source
+    )
 
 
 def _skipped(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
