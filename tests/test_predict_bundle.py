@@ -320,3 +320,26 @@ def test_running_out_of_memory_is_one_line_that_says_what_to_lower(bundle, capsy
     assert main(["predict", str(assets.sample_image()), "--model", str(bundle)]) == 2
     err = capsys.readouterr().err
     assert "out of memory" in err and "--batch-size" in err and "Traceback" not in err
+
+
+def test_a_compressed_index_re_ranks_by_the_gallery_vectors(tmp_path):
+    """Neighbour tables re-rank an IVF-PQ index's REFINE x k candidates by exact vectors; prediction must
+    too, or the model meets at test time neighbours ordered otherwise than those it was trained on."""
+    import numpy as np
+
+    from geotoken import testing
+    from geotoken.retrieval import REFINE, StoreEmbeddings
+
+    root = testing.random_bundle(tmp_path / "b", gallery_rows=512, k=5, index_kind="ivfpq")
+    geo = Geolocator.from_bundle(root)
+    assert isinstance(geo.gallery_vectors, StoreEmbeddings) and geo.gallery_vectors.spec == "visual"
+    rng = np.random.default_rng(1)
+    queries = geo.gallery.embeddings["visual"][:40] + 0.3 * rng.standard_normal((40, 32))
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    got = geo.neighbours({"visual": queries})
+    exact = np.asarray(geo.gallery.embeddings["visual"], dtype=np.float32)
+    want, _ = geo.index.search(queries, 5, exact=exact, refine=REFINE)
+    np.testing.assert_array_equal(got, want)
+    assert (got != geo.index.search(queries, 5)[0]).any()  # the PQ order alone differs here
+    flat = Geolocator.from_bundle(testing.random_bundle(tmp_path / "flat", gallery_rows=64, k=3))
+    assert flat.gallery_vectors is None  # a flat index is exact already

@@ -231,3 +231,29 @@ def test_bench_index_small():
     assert set(result["kinds"]) == {"flat", "ivfpq", "hnsw", "ivfpq+refine"}
     assert result["kinds"]["flat"]["recall@5"] == 1.0 and 0 < result["kinds"]["ivfpq"]["recall@5"] < 1
     assert all(r["queries_per_s"] > 0 and r["index_mb"] > 0 for r in result["kinds"].values())
+
+
+def test_neighbour_tables_re_rank_a_compressed_index_by_default(tmp_path, feature_store):
+    """`REFINE` everywhere: a table over IVF-PQ re-ranks by the gallery's exact vectors unless told
+    refine=1; over a flat index (exact already) it records refine 1, whatever was asked."""
+    from geotoken.retrieval import REFINE
+
+    g = clustered(600, 32)
+    store = feature_store("gallery", {"gps": g})
+    meta = {"store": str(store.root), "embedding": "gps"}
+    queries = feature_store("queries", {"gps": clustered(50, 32, seed=1)}, ids=[f"q{i}" for i in range(50)])
+    q = StoreEmbeddings(queries, "gps")[:]
+    exact = StoreEmbeddings(store, "gps")
+    index = NeighbourIndex.build(exact, "ivfpq", progress=False, meta=meta, pq_m=4)
+    table = neighbour_table(queries, index, 5, tmp_path / "ivfpq", exclude_self_ids=False, progress=False)
+    assert table.meta["config"]["refine"] == REFINE == 4
+    deep = index.search(q, 5 + 8, exact=exact, refine=REFINE)[0]  # search_excluding's margin of 8
+    np.testing.assert_array_equal(table.rows, deep[:, :5])
+    plain = neighbour_table(
+        queries, index, 5, tmp_path / "plain", exclude_self_ids=False, progress=False, refine=1
+    )
+    np.testing.assert_array_equal(plain.rows, index.search(q, 5 + 8)[0][:, :5])
+    assert (plain.rows != table.rows).any()
+    flat = NeighbourIndex.build(exact, "flat", progress=False, meta=meta)
+    table = neighbour_table(queries, flat, 5, tmp_path / "flat", exclude_self_ids=False, progress=False)
+    assert table.meta["config"]["refine"] == 1

@@ -55,7 +55,7 @@ from geotoken.model import Batch, GeoToken
 from geotoken.places import place_names
 from geotoken.prediction import Candidate, Prediction, check_top_k, resolve_device
 from geotoken.pretrained import GeoCLIPPredictor
-from geotoken.retrieval import NeighbourIndex, join_embeddings
+from geotoken.retrieval import REFINE, NeighbourIndex, StoreEmbeddings, join_embeddings
 from geotoken.search.calibration import Calibration, apply_temperature, within_confidence
 from geotoken.search.candidates import OWN_ANSWER_FIRST, Candidates, Selection
 from geotoken.search.decode import PrefixConstraint, generate
@@ -91,8 +91,13 @@ class Geolocator:
         options: SearchOptions | None = None,
         probability_radius_km: float = 200.0,
         root: str | os.PathLike | None = None,
+        gallery_vectors=None,
     ):
+        """gallery_vectors: the (G, D) vectors the index holds (e.g. `StoreEmbeddings` of the gallery), with
+        which a compressed index re-ranks `REFINE` x k candidates, as the neighbour tables the model was
+        trained on do; None: the index's own order."""
         self.model = model.eval()
+        self.gallery_vectors = gallery_vectors
         gallery.check(model.cfg)
         self.gallery = gallery
         self.index, self.query_modalities = index, list(query_modalities or ["visual"])
@@ -201,6 +206,8 @@ class Geolocator:
         gallery = Gallery.from_store(store, names, tokens=np.asarray(tokens))
         heads = AlignHeads.load(root / spec["align"]).to(device).eval()
         index = NeighbourIndex.load(root / spec["index"])
+        joined = "+".join(spec["query_modalities"])
+        rerank = index.config.kind != "flat" and all(m in store for m in spec["query_modalities"])
         recorded = None if clip is not None else read_json(root / spec["backbone"])  # `clip` replaces it
         files = (str(root / spec["align"]), str(root / spec["backbone"]))
         try:
@@ -219,6 +226,7 @@ class Geolocator:
             options=SearchOptions.from_dict(spec.get("search", {})),
             probability_radius_km=float(spec.get("probability_radius_km", 200.0)),
             root=root,
+            gallery_vectors=StoreEmbeddings(store, joined) if rerank else None,
         )
 
     def info(self) -> dict:
@@ -268,7 +276,9 @@ class Geolocator:
         if self.index is None:
             raise GeoTokenError("this Geolocator has no gallery index; pass neighbour rows explicitly")
         # the same construction as the gallery vectors the index holds (StoreEmbeddings)
-        rows, _ = self.index.search(join_embeddings([embeddings[m] for m in self.query_modalities]), k)
+        queries = join_embeddings([embeddings[m] for m in self.query_modalities])
+        rerank = {} if self.gallery_vectors is None else {"exact": self.gallery_vectors, "refine": REFINE}
+        rows, _ = self.index.search(queries, k, **rerank)
         return np.asarray(rows, dtype=np.int64)
 
     def batch(self, embeddings: dict[str, np.ndarray], neighbours: np.ndarray | None) -> Batch:

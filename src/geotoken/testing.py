@@ -25,12 +25,18 @@ from geotoken.retrieval import NeighbourIndex
 
 
 def random_bundle(
-    directory: str | os.PathLike, gallery_rows: int = 256, k: int = 5, seed: int = 0, image_size: int = 224
+    directory: str | os.PathLike,
+    gallery_rows: int = 256,
+    k: int = 5,
+    seed: int = 0,
+    image_size: int = 224,
+    index_kind: str = "flat",
 ) -> Path:
     """An untrained bundle built from the real components (EfficientNet-Lite0 backbone, align heads, FAISS
     index, a `tiny` model) over real MP16 coordinates and random gallery features. Its answers mean
     nothing; it exists so tests and the server can run the whole inference path in seconds.
-    image_size: the backbone's input size, recorded by the heads too (32 makes a CPU forward pass quick)."""
+    image_size: the backbone's input size, recorded by the heads too (32 makes a CPU forward pass quick);
+    index_kind: the FAISS index over the gallery (`geotoken.retrieval.KINDS`)."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     coords = np.loadtxt(assets.mp16_coordinates_csv(), delimiter=",", skiprows=1, max_rows=20000)
@@ -52,7 +58,9 @@ def random_bundle(
                 w.write(0, aligned[m])
             store.mark_complete(m)
         model = GeoToken(preset("tiny", modalities=dims, k=k)).eval()
-        index = NeighbourIndex.build(aligned["visual"], "flat", progress=False, meta={"embedding": "visual"})
+        index = NeighbourIndex.build(
+            aligned["visual"], index_kind, progress=False, meta={"embedding": "visual"}
+        )
         return save_bundle(
             directory,
             model=model,

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from geotoken.errors import GeoTokenError
 from geotoken.features.store import read_rows
 from geotoken.io import atomic_path, read_json, write_json
-from geotoken.retrieval.index import KINDS, IndexConfig, NeighbourIndex, recall_at_k
+from geotoken.retrieval.index import KINDS, REFINE, IndexConfig, NeighbourIndex, recall_at_k
 
 BLOCK = 65536
 DATA = ("random", "clustered")  # what `RandomUnitVectors` draws: uniform unit vectors, or around centres
@@ -211,7 +211,7 @@ def bench_index(
     data: str = "random",
     seed: int = 0,
     progress: bool = False,
-    refine: int = 4,
+    refine: int = REFINE,
     vectors: str | os.PathLike | None = None,
     **options: Any,
 ) -> dict[str, Any]:

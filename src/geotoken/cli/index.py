@@ -12,6 +12,7 @@ from geotoken.features import FeatureStore
 from geotoken.retrieval import (
     DEFAULT_EMBEDDING,
     KINDS,
+    REFINE,
     IndexConfig,
     NeighbourIndex,
     StoreEmbeddings,
@@ -83,8 +84,9 @@ def register(subparsers) -> None:
                    "other photos of gallery places)")  # fmt: skip
     n.add_argument("--gallery", help="gallery store (default: the one the index was built from)")
     n.add_argument("--batch-size", type=int, default=1024, help="queries per search batch (default 1024)")
-    n.add_argument("--refine", type=int, default=1,
-                   help="ivfpq: re-rank REFINE x k candidates by exact vectors read from the gallery store")  # fmt: skip
+    n.add_argument("--refine", type=int, default=REFINE,
+                   help=f"ivfpq/hnsw: re-rank REFINE x k candidates by exact vectors read from the gallery store, "
+                        f"as prediction does (default {REFINE}; 1: the index's own order)")  # fmt: skip
     n.add_argument("--nprobe", type=int, help="ivfpq: override the index's nprobe")
     n.add_argument("--ef-search", type=int, help="hnsw: override the index's search beam")
     n.add_argument("--threads", type=count, default=0, help="FAISS threads (default 0: FAISS's choice)")

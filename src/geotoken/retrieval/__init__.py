@@ -3,6 +3,7 @@
 from geotoken.retrieval.embeddings import DEFAULT_EMBEDDING, StoreEmbeddings, join_embeddings
 from geotoken.retrieval.index import (
     KINDS,
+    REFINE,
     IndexConfig,
     NeighbourIndex,
     check_recall,
@@ -19,6 +20,7 @@ from geotoken.retrieval.neighbours import (
 __all__ = [
     "DEFAULT_EMBEDDING",
     "KINDS",
+    "REFINE",
     "IndexConfig",
     "NeighbourIndex",
     "NeighbourTable",

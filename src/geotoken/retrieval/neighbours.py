@@ -33,7 +33,7 @@ from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore, RowWriter
 from geotoken.io import is_whole, read_json, write_json
 from geotoken.retrieval.embeddings import StoreEmbeddings
-from geotoken.retrieval.index import NeighbourIndex
+from geotoken.retrieval.index import REFINE, NeighbourIndex
 
 META, PROGRESS, RANKS = "neighbours.json", "progress.json", "progress"
 
@@ -63,7 +63,7 @@ def search_excluding(
     self_rows: np.ndarray | None = None,
     gallery: StoreEmbeddings | np.ndarray | None = None,
     margin: int = 8,
-    refine: int = 1,
+    refine: int = REFINE,
     exact: StoreEmbeddings | np.ndarray | None = None,
     places: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +118,7 @@ def neighbour_table(
     embedding: str | None = None,
     batch_size: int = 1024,
     progress: bool = True,
-    refine: int = 1,
+    refine: int = REFINE,
     exclude_same_place: bool = False,
 ) -> NeighbourTable:
     """Write the top-k gallery rows of every query row to `out_dir` (resumes a killed run; shared between
@@ -129,11 +129,13 @@ def neighbour_table(
     embeddings used to drop each query's own row and its exact duplicates. With `exclude_same_place`, gallery
     rows at exactly the query's coordinates are dropped too (training queries that are other views of
     gallery places; test photos never share a gallery coordinate). Skipped query rows get -1.
-    refine > 1 (compressed indexes): re-rank refine x k candidates by exact vectors from the gallery store.
+    refine > 1 (compressed indexes): re-rank refine x k candidates by exact vectors from the gallery store;
+    a flat index is exact already (its table records refine 1).
     """
     for name, value in (("k", k), ("batch_size", batch_size), ("refine", refine)):
         if not is_whole(value):
             raise GeoTokenError(f"neighbour table: {name} must be an integer >= 1, got {value!r}")
+    refine = 1 if gallery_index.config.kind == "flat" else refine
     rows = gallery_index.size - (1 if exclude_self_ids else 0)  # a query drops its own gallery row
     if k > rows:  # the table would be padded with -1, rows that training and evaluation cannot use
         raise GeoTokenError(

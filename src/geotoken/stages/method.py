@@ -39,7 +39,7 @@ from geotoken.fit import calibrate_bundle, train_bundle_reward
 from geotoken.io import read_json
 from geotoken.model import preset
 from geotoken.predict import Geolocator
-from geotoken.retrieval import NeighbourIndex, StoreEmbeddings, neighbour_table
+from geotoken.retrieval import REFINE, NeighbourIndex, NeighbourTable, StoreEmbeddings, neighbour_table
 from geotoken.search.reward import RewardConfig
 from geotoken.stages.runner import added_field, runtime_field, stage_kind
 from geotoken.train import TrainData, grad_accum_for, train
@@ -166,6 +166,7 @@ class IndexStageConfig:
     embedding: str = "visual+gps"  # what retrieval searches (a store array or a '+' concatenation)
     k: int = 15  # neighbours per query
     kind: str = "flat"  # FAISS index kind (geotoken.retrieval.KINDS)
+    refine: int = added_field(REFINE)  # ivfpq / hnsw: tables re-rank refine x k candidates by exact vectors
 
 
 @stage_kind("index", IndexStageConfig)
@@ -187,7 +188,7 @@ def index_gallery(config: IndexStageConfig, out: Path, *, align: Path, log: Log 
         neighbour_table(
             store, index, config.k, out / split,
             exclude_self_ids=(split in (GALLERY, TRAIN)), exclude_same_place=(split == TRAIN),
-            gallery_store=gallery, embedding=config.embedding,
+            gallery_store=gallery, embedding=config.embedding, refine=config.refine,
         )  # fmt: skip
     return {}
 
@@ -231,11 +232,12 @@ def train_model(config: ModelStageConfig, out: Path, *, align: Path, index: Path
     table = index / q
     k = np.load(table / "index.npy", mmap_mode="r").shape[1] if config.k is None else config.k  # the index's
     if config.drop_near_km > 0:  # a deeper table, so that k neighbours are left after the near ones go
+        refine = NeighbourTable.open(table).meta["config"].get("refine", 1)  # as the index stage's tables
         table = out / "neighbours"
         neighbour_table(
             FeatureStore.open(align / q), NeighbourIndex.load(index / "index"), DROP_NEAR_DEPTH, table,
             exclude_self_ids=q in (GALLERY, TRAIN), exclude_same_place=q == TRAIN,
-            gallery_store=FeatureStore.open(align / GALLERY), progress=False,
+            gallery_store=FeatureStore.open(align / GALLERY), progress=False, refine=refine,
         )  # fmt: skip
     data = TrainData.load(align / q, table, align / GALLERY, modalities)
     val = TrainData.load(align / config.val, index / config.val, align / GALLERY, modalities)

@@ -6,7 +6,7 @@ import json
 
 from geotoken.bench.index import DATA, bench_index
 from geotoken.cli import count
-from geotoken.retrieval.index import KINDS
+from geotoken.retrieval.index import KINDS, REFINE
 
 
 def register(subparsers) -> None:
@@ -32,8 +32,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--nprobe", type=int, help="ivfpq lists searched (default 32)")
     p.add_argument("--ef-search", type=int, help="hnsw search beam (default 128)")
-    p.add_argument("--refine", type=int, default=4,
-                   help="also time ivfpq re-ranking REFINE x k candidates by exact vectors (0: skip; default 4)")  # fmt: skip
+    p.add_argument("--refine", type=int, default=REFINE,
+                   help=f"also time ivfpq re-ranking REFINE x k candidates by exact vectors (0: skip; default {REFINE})")  # fmt: skip
     p.add_argument(
         "--vectors",
         help="float16 .npy file holding the gallery (written once, reused while it "
