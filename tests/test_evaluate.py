@@ -269,3 +269,35 @@ def test_config_and_neighbour_table_are_checked_by_the_library(tmp_path):
     queries.skipped = 1
     with pytest.raises(GeoTokenError, match="skipped rows"):
         load_neighbours(nb, gallery, queries)
+
+
+def test_a_neighbour_table_over_stores_with_skipped_rows_is_compacted(tmp_path, feature_store, capsys):
+    """`embed --skip-bad` leaves skipped rows in the stores; the splits drop them, so the table's rows are
+    dropped and its gallery row numbers shifted to match (as `geotoken run` does), in the CLI too."""
+    from geotoken.evaluate import load_neighbours, load_split
+    from geotoken.retrieval import NeighbourIndex, StoreEmbeddings, neighbour_table
+
+    rng = np.random.default_rng(0)
+    vis = rng.standard_normal((14, 8)).astype(np.float32)
+    vis /= np.linalg.norm(vis, axis=1, keepdims=True)
+    coords = np.stack([rng.uniform(-60, 60, 14), rng.uniform(-180, 180, 14)], 1)
+    gallery = feature_store("g", {"visual": vis[:10]}, coords=coords[:10], skipped=[2, 7])
+    queries = feature_store(
+        "q", {"visual": vis[10:]}, ids=[f"q{i}" for i in range(4)], coords=coords[10:], skipped=[1]
+    )
+    index = NeighbourIndex.build(StoreEmbeddings(gallery, "visual"), "flat", valid=gallery.valid, progress=False,
+                                 meta={"store": str(gallery.root), "embedding": "visual"})  # fmt: skip
+    table = neighbour_table(queries, index, 3, tmp_path / "nb", exclude_self_ids=False, progress=False)
+    g, q = load_split(gallery.root), load_split(queries.root)
+    rows, sims = load_neighbours(tmp_path / "nb", g, q)
+    assert rows.shape == (3, 3) and (rows >= 0).all() and (rows < len(g)).all()
+    want = np.asarray(gallery.ids)[table.rows[queries.valid]]  # the same gallery photos, by id
+    np.testing.assert_array_equal(np.asarray(g.ids)[rows], want)
+    np.testing.assert_array_equal(sims, table.sims[queries.valid])
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--method", "nn", "--gallery", str(gallery.root), "--queries", str(queries.root)]
+    assert (
+        main([*argv, "--neighbours", str(tmp_path / "nb"), "-o", str(out), "--no-plots", "--n-boot", "20"])
+        == 0
+    )
+    assert json.loads((out / "metrics.json").read_text())["methods"]["nn"]["n"] == 3

@@ -99,8 +99,15 @@ def test_bad_rows_name_file_line_and_value(tmp_path, row, message):
 
 def test_skip_writes_report_and_keeps_good_rows(tmp_path):
     p = write(tmp_path / "bad.csv", "id,lat,lon\na,0,0\nb,x,0\n\nc,1,200\na,5,5\nd,2,3\n")
-    with pytest.raises(GeoTokenError, match=r"line 3: .*\(2 more bad rows"):
+    with pytest.raises(GeoTokenError, match=r"line 3: .*\(2 more bad rows") as said:
         read_manifest(p)
+    # the hint names a command that has the option, whichever command read the file (tokenize, earthviews)
+    assert "`geotoken manifest FILE -o CLEAN.csv --skip-report REPORT.csv`" in str(said.value)
+    from geotoken.cli import main
+
+    report = tmp_path / "listed.csv"
+    assert main(["manifest", str(p), "-o", str(tmp_path / "clean.csv"), "--skip-report", str(report)]) == 0
+    assert len(report.read_text().splitlines()) == 4  # header + the 3 bad rows
     with pytest.raises(GeoTokenError, match="skip_report"):
         read_manifest(p, on_error="skip")
     report = tmp_path / "skipped.csv"

@@ -129,6 +129,18 @@ def test_write_predictions_library(geo, folder, tmp_path):
     assert done["photos"] == 5 and done["failed"] == 1 and seen == [str(folder / "a" / "broken.jpg")]
     with pytest.raises(GeoTokenError, match="broken.jpg"):
         list(predict_photos(geo, [folder], 2, 2))
+    # a second job on the same output while one runs is refused: resuming it would interleave their rows
+    from geotoken.io import exclusive
+
+    out = tmp_path / "q.jsonl"
+    with exclusive(tmp_path / "q.jsonl.lock", "the first"):
+        with pytest.raises(
+            GeoTokenError, match=r"q.jsonl: another process is writing it \(it holds .*q.jsonl.lock\)"
+        ):
+            write_predictions(geo, [folder], out, 2, 2, skip_bad=True)
+        assert not out.exists() and not (tmp_path / "q.jsonl.partial").exists()
+    assert write_predictions(geo, [folder], out, 2, 2, skip_bad=True)["photos"] == 5
+    assert sorted(p.name for p in tmp_path.glob("q.jsonl*")) == ["q.jsonl"]  # no lock file left
 
 
 def test_predicting_1000_photos_keeps_memory_bounded(geo, tmp_path):
@@ -218,3 +230,25 @@ def test_unreadable_rows_written_before_a_kill_still_count(geo, tmp_path):
         write_predictions(Interrupted(geo, 2), [photos], out, 1, 2, skip_bad=True)  # rows 00 (bad), 01 kept
     done = write_predictions(geo, [photos], out, 1, 2, skip_bad=True)
     assert (done["resumed"], done["photos"], done["failed"]) == (2, 6, 1)
+
+
+def test_missing_photos_are_said_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """A typo in the photo path must not cost loading CLIP ViT-L/14 (or downloading it) first."""
+    from geotoken.predict import Geolocator
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(Geolocator, "from_pretrained", load)
+    here = tmp_path / "a.jpg"
+    here.write_bytes(jpeg(0))
+    gone = str(tmp_path / "typo")
+    for argv, more in [([gone], ""), ([gone, str(tmp_path / "typo2")], " (1 more missing)"),
+                       ([str(here), gone, "-o", str(tmp_path / "p.csv")], "")]:  # fmt: skip
+        assert main(["predict", *argv, "--model", "geoclip"]) == 2
+        assert f"{gone}: no such file or folder{more}" in capsys.readouterr().err
+    # where the job goes on past a missing file (the terminal, or --skip-bad), it is reported in its turn
+    with pytest.raises(AssertionError, match="loaded"):
+        main(["predict", str(here), gone, "--model", "geoclip"])
+    with pytest.raises(AssertionError, match="loaded"):
+        main(["predict", str(here), gone, "--model", "geoclip", "-o", str(tmp_path / "p.csv"), "--skip-bad"])

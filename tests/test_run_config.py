@@ -14,6 +14,7 @@ import realdata
 from geotoken.cli import main
 from geotoken.data.manifest import read_manifest
 from geotoken.errors import GeoTokenError
+from geotoken.evaluate.evaluate import compact_neighbours
 from geotoken.evaluate.metrics import Estimate, MethodMetrics
 from geotoken.pipeline import demo_config, demo_pipeline
 from geotoken.stages import AlignStageConfig, Run, run_pipeline
@@ -26,7 +27,7 @@ from geotoken.stages.config import (
     plan_text,
 )
 from geotoken.stages.datasets import CONFIGS, paper_figures, table_markdown
-from geotoken.stages.method import compact_neighbours, gallery_texts, texts_path
+from geotoken.stages.method import gallery_texts, texts_path
 
 IM2GPS = """\
 run_dir: {run_dir}

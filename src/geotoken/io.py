@@ -19,6 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+try:  # POSIX file locks (`exclusive`)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -52,6 +57,29 @@ def disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold `lock` (a file, created and removed here) for one process at a time: a second job writing the
+    same resumable output would interleave its rows with the first's. Another holder -> GeoTokenError
+    naming `what`. Without POSIX locks (Windows) nothing is checked."""
+    if fcntl is None:  # pragma: no cover - not POSIX
+        yield
+        return
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GeoTokenError(
+                f"{what}: another process is writing it (it holds {lock}); wait for it to end or stop it"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # still held: a waiting process gets the error, not this file
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from geotoken.data.images import exif_gps, list_images, open_image
 from geotoken.errors import GeoTokenError
 from geotoken.geo import haversine_km
-from geotoken.io import read_json, write_json
+from geotoken.io import exclusive, read_json, write_json
 from geotoken.predict import Geolocator
 from geotoken.prediction import Prediction
 from geotoken.pretrained import GeoCLIPPredictor
@@ -141,6 +141,14 @@ def write_predictions(
     search = {k: v for k, v in kwargs.items() if k not in ("skip_bad", "on_error", "progress")}
     job = {"format": PARTIAL_FORMAT, "model": geo.info(), "top_k": top_k, "search": search}
     job = json.loads(json.dumps(job, default=str))  # as it reads back from the file
+    with exclusive(out.with_name(out.name + ".lock"), str(out)):
+        done, failed = _write_rows(geo, refs, out, partial, job_file, job, top_k, batch_size, **kwargs)
+    return {"path": out, "photos": len(refs), "failed": failed, "resumed": done}
+
+
+def _write_rows(geo, refs, out, partial, job_file, job, top_k, batch_size, **kwargs) -> tuple[int, int]:
+    """`write_predictions` under its lock: (rows resumed, unreadable photos in the whole output)."""
+    kind = out.suffix.lower()
     resumed = _resume_point(partial, job_file, job, kind, refs)
     out.parent.mkdir(parents=True, exist_ok=True)
     if resumed is None:  # a fresh start
@@ -167,7 +175,7 @@ def write_predictions(
         os.fsync(f.fileno())  # on disk before the rename makes it the output
     os.replace(partial, out)
     job_file.unlink(missing_ok=True)
-    return {"path": out, "photos": len(refs), "failed": failed, "resumed": done}
+    return done, failed
 
 
 PARTIAL_FORMAT = "geotoken/partial-predictions/1"

@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 from geotoken import DTYPES
 from geotoken.bundle import PAPER_TEMPERATURE, sampling_temperature
 from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
+from geotoken.data.images import list_images, split_ref
 from geotoken.encoders.clip import PRECISIONS
 from geotoken.encoders.ort import RUNTIMES
 from geotoken.errors import GeoTokenError
@@ -151,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
             f"{args.out}: --json prints to the terminal; with -o, name a .jsonl file for JSON"
         )
     check_outputs_spare_inputs(args.photos, args.out)
+    photos = checked_photos(args.photos, stops_at_bad=bool(args.out) and not args.skip_bad)
     geo = Geolocator.from_pretrained(
         args.model,
         clip=args.clip,
@@ -184,14 +187,14 @@ def run(args: argparse.Namespace) -> int:
 
     search = dict(strategy=args.strategy, select=args.select, on_error=report, **options)
     if args.out:
-        done = write_predictions(geo, args.photos, args.out, args.top_k, args.batch_size,
+        done = write_predictions(geo, photos, args.out, args.top_k, args.batch_size,
                                  skip_bad=args.skip_bad, progress=True, **search)  # fmt: skip
         resumed = f"; {done['resumed']} of them from the interrupted run" if done["resumed"] else ""
         print(f"wrote {done['photos']} predictions ({done['failed']} unreadable{resumed}) to {done['path']}")
         return 0
     # on the terminal: unreadable files are reported and the others still run (exit status 1 without --skip-bad)
     results, failed = [], 0
-    for result in predict_photos(geo, args.photos, args.top_k, args.batch_size, skip_bad=True, **search):
+    for result in predict_photos(geo, photos, args.top_k, args.batch_size, skip_bad=True, **search):
         results.append(result.to_dict())
         if result.error:
             failed += 1
@@ -201,6 +204,18 @@ def run(args: argparse.Namespace) -> int:
         json.dump(results, sys.stdout, indent=2)
         sys.stdout.write("\n")
     return 1 if failed and not args.skip_bad else 0
+
+
+def checked_photos(sources: list[str], stops_at_bad: bool) -> list[str]:
+    """The photo arguments as image references (folders listed), checked before the model loads (CLIP
+    ViT-L/14 takes seconds to load, or a download): a missing file ends the job at once when nothing else
+    exists or when the job would stop at it (-o without --skip-bad); else it is reported in its turn."""
+    refs = list_images(sources)
+    missing = [r for r in refs if not os.path.exists(split_ref(r)[0])]
+    if missing and (stops_at_bad or len(missing) == len(refs)):
+        more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise GeoTokenError(f"{missing[0]}: no such file or folder{more}")
+    return refs
 
 
 def add_backbone_precision(p) -> None:

@@ -419,7 +419,8 @@ def finish_manifest(
     if on_error == "raise":
         i = int(bad[0])
         more = (
-            f" ({len(bad) - 1} more bad rows; --skip-report FILE (library: on_error='skip') drops them and lists them)"
+            f" ({len(bad) - 1} more bad rows; `geotoken manifest FILE -o CLEAN.csv --skip-report REPORT.csv` "
+            "writes the file without them and lists them; library: on_error='skip')"
             if len(bad) > 1
             else ""
         )

@@ -13,6 +13,7 @@ Outputs in OUT_DIR, each written atomically:
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -106,10 +107,29 @@ def load_neighbours(folder: str | Path, gallery: Split, queries: Split) -> tuple
     table = NeighbourTable.open(folder)
     if queries.store is not None:
         check_neighbours(table, queries.store, gallery.store)
-    if queries.skipped or gallery.skipped:  # dropped rows would shift the table's row numbers
-        raise GeoTokenError(f"{folder}: a neighbour table cannot be used when the stores have skipped rows")
-    table.check(len(queries), len(gallery))
-    return table.rows, table.sims
+    if not (queries.skipped or gallery.skipped):
+        table.check(len(queries), len(gallery))
+        return table.rows, table.sims
+    if queries.store is None or gallery.store is None:  # the skipped rows cannot be told apart
+        raise GeoTokenError(f"{folder}: a neighbour table needs the stores of splits with skipped rows")
+    table.check(queries.store.rows)  # numbered as the stores, skipped rows included
+    compact = copy.copy(table)
+    compact.rows, compact.sims = compact_neighbours(
+        table.rows, table.sims, queries.store.valid, gallery.store.valid
+    )
+    compact.check(len(queries), len(gallery))  # every kept query's neighbours are photos of the split
+    return compact.rows, compact.sims
+
+
+def compact_neighbours(rows, sims, query_valid: np.ndarray, gallery_valid: np.ndarray):
+    """A neighbour table for the splits as the evaluation loads them, without their skipped (unreadable)
+    images: the skipped queries' rows dropped, gallery row numbers shifted past the skipped gallery rows
+    (which no table points to: the index holds valid rows only)."""
+    if query_valid.all() and gallery_valid.all():
+        return rows, sims
+    remap = np.cumsum(gallery_valid) - 1
+    rows = np.asarray(rows)[query_valid]
+    return np.where(rows >= 0, remap[np.maximum(rows, 0)], -1), np.asarray(sims)[query_valid]
 
 
 @dataclass

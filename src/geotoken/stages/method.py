@@ -32,7 +32,7 @@ from geotoken.data.earthviews import SPLITS, EarthViewsConfig, build_earthviews
 from geotoken.data.manifest import read_manifest
 from geotoken.encoders import load_backbone
 from geotoken.errors import GeoTokenError
-from geotoken.evaluate import BASELINES, EvalConfig, Split, evaluate, load_split
+from geotoken.evaluate import BASELINES, EvalConfig, Split, evaluate, load_neighbours, load_split
 from geotoken.evaluate.evaluate import GeoTokenMethodConfig
 from geotoken.features import FeatureStore, embed
 from geotoken.fit import calibrate_bundle, train_bundle_reward
@@ -313,17 +313,6 @@ class EvalStageConfig:
     seed: int = 0
 
 
-def compact_neighbours(rows, sims, query_valid: np.ndarray, gallery_valid: np.ndarray):
-    """A neighbour table for the splits as the evaluation loads them, without their skipped (unreadable)
-    images: the skipped queries' rows dropped, gallery row numbers shifted past the skipped gallery rows
-    (which no table points to: the index holds valid rows only)."""
-    if query_valid.all() and gallery_valid.all():
-        return rows, sims
-    remap = np.cumsum(gallery_valid) - 1
-    rows = np.asarray(rows)[query_valid]
-    return np.where(rows >= 0, remap[np.maximum(rows, 0)], -1), np.asarray(sims)[query_valid]
-
-
 def evaluation_split(data: Path, features: Path, align: Path, split: str) -> Split:
     """A split as the evaluation sees it: the raw features and the aligned arrays, true coordinates."""
     aligned = load_split(align / split, data / f"{split}.csv", name=split)
@@ -362,10 +351,7 @@ def evaluate_bundle(
     for split in config.splits:
         queries = evaluation_split(data, features, align, split)
         nb = index / split
-        neighbours = compact_neighbours(
-            np.load(nb / "index.npy", mmap_mode="r"), np.load(nb / "sims.npy", mmap_mode="r"),
-            FeatureStore.open(align / split).valid, FeatureStore.open(align / GALLERY).valid,
-        )  # fmt: skip
+        neighbours = load_neighbours(nb, gallery, queries)
         log(f"  evaluating on {split} ({len(queries)} images)")
         evaluate(gallery, queries, out / split, ecfg, neighbours=neighbours, geolocator=geolocator, log=log)
     return {"splits": list(config.splits)}
