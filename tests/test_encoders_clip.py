@@ -158,7 +158,14 @@ def test_towers_load_from_a_full_checkpoint_without_transformers_load_report(tin
     assert hf_logging.get_verbosity() == before  # the user's own setting is put back
 
 
-def test_a_hub_id_that_cannot_be_fetched_names_the_offline_ways(tmp_path):
+def test_a_hub_id_that_cannot_be_fetched_names_the_offline_ways(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # already offline: not in the cache, so fetch it once
+    with pytest.raises(
+        GeoTokenError, match=r"name a local CLIP folder \(--clip / model\) or fetch it once"
+    ) as said:
+        load_backbone("clip", model="nobody/no-such-clip")
+    assert "set HF_HUB_OFFLINE" not in str(said.value)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
     with pytest.raises(
         GeoTokenError,
         match=r"cannot load model 'nobody/no-such-clip'.*name a local CLIP folder.*HF_HUB_OFFLINE=1",

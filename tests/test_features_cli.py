@@ -43,3 +43,26 @@ def test_bench_extract_small():
                            threads=1, iters=1)  # fmt: skip
     r = result["backbones"]["efficientnet-lite0 image_size=32"]
     assert r["dim"] == 1280 and r["forward_images_per_s"] > 0 and r["end_to_end_images_per_s"] > 0
+
+
+def test_a_manifest_without_rows_is_refused(tmp_path, capsys):
+    """A header-only file (or one whose every row is bad) would give an empty manifest and an empty store
+    that every later stage chokes on: both commands say so at once."""
+    from geotoken.cli import main
+
+    (tmp_path / "empty.csv").write_text("id,lat,lon,image\n")
+    assert main(["manifest", str(tmp_path / "empty.csv"), "-o", str(tmp_path / "m.csv")]) == 2
+    assert "empty.csv: no rows to write" in capsys.readouterr().err and not (tmp_path / "m.csv").exists()
+    (tmp_path / "bad.csv").write_text("id,lat,lon,image\na,95,0,x.jpg\n")
+    args = [
+        "manifest",
+        str(tmp_path / "bad.csv"),
+        "-o",
+        str(tmp_path / "m.csv"),
+        "--skip-report",
+        str(tmp_path / "r.csv"),
+    ]
+    assert main(args) == 2 and "every row was bad" in capsys.readouterr().err
+    Manifest([], np.zeros(0), np.zeros(0), [], source="empty.csv").write_csv(tmp_path / "zero.csv")
+    assert main(["embed", str(tmp_path / "zero.csv"), "-o", str(tmp_path / "store"), "--workers", "0"]) == 2
+    assert "no rows to embed" in capsys.readouterr().err and not (tmp_path / "store").exists()

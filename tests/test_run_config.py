@@ -148,6 +148,14 @@ def test_the_paper_config_is_the_papers_setting():
     )
     assert [s.kind for s in cfg.pipeline.stages][-2:] == ["evaluate", "table"]
     stage = {s.name: s.config for s in cfg.pipeline.stages}
+    assert tuple(stage["eval"].baselines) == ("nn", "knn", "geoclip")
+    # a rehearsal with a stand-in CLIP drops GeoCLIP, which reads OpenAI's ViT-L/14 features only
+    rehearsal = load_run_config(
+        "paper",
+        {"MP16_ROOT": "/m", "IM2GPS3K_ROOT": "/i", "YFCC4K_ROOT": "/y", "BASELINES": "[nn, knn]"},
+        environ={},
+    )
+    assert tuple({s.name: s.config for s in rehearsal.pipeline.stages}["eval"].baselines) == ("nn", "knn")
     m = stage["model"]
     assert (m.preset, m.epochs, m.batch_size, m.dtype, stage["features"].workers) == (
         "paper",

@@ -27,7 +27,9 @@ def check_top_k(top_k) -> None:
 
 @dataclass
 class Candidate:
-    """One ranked answer for an image (`to_dict()` is its JSON form)."""
+    """One ranked answer for an image (`to_dict()` is its JSON form). Candidates come in the selector's order
+    (`Prediction.select`: consensus, a vote, the reward scorer, ...); `probability` is each one's calibrated
+    chance, an estimate beside that ranking, so it need not decrease down the list."""
 
     lat: float
     lon: float

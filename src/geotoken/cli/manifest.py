@@ -122,6 +122,9 @@ def run(args) -> int:
         on_error="skip" if args.skip_report else "raise",
         skip_report=args.skip_report,
     )
+    if not len(m):  # every later stage would choke on it, far from here
+        left = f" (every row was bad: {args.skip_report})" if args.skip_report else ""
+        raise GeoTokenError(f"{', '.join(map(str, args.inputs))}: no rows to write{left}")
     m.write_csv(args.out)
     skipped = ""
     if args.skip_report:

@@ -15,6 +15,7 @@ instead of torch (`geotoken.encoders.ort`); "auto" does so on a non-Intel CPU at
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -164,9 +165,12 @@ class CLIPBackbone(ImageBackbone):
         except (OSError, ValueError) as e:  # ValueError: a folder whose config.json names no model type
             said = " ".join(str(e).split()).rstrip(".")  # transformers' message spans lines
             if not Path(self.model).is_dir():  # a hub id: say how to do without the network
-                said += (
-                    "; without network, name a local CLIP folder (--clip / model), or set HF_HUB_OFFLINE=1 "
-                    "to use the Hugging Face cache without asking the Hub"
+                said += "; without network, name a local CLIP folder (--clip / model)"
+                offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+                said += (  # (offline already: the model is just not in the cache)
+                    " or fetch it once where the Hub can be reached"
+                    if offline
+                    else ", or set HF_HUB_OFFLINE=1 to use the Hugging Face cache without asking the Hub"
                 )
             raise GeoTokenError(
                 f"clip: cannot load model {self.model!r} (a folder or hub id): {said}"

@@ -192,6 +192,8 @@ def embed(
         open_image = default_open_image
     if batch_size < 1:
         raise GeoTokenError(f"batch size must be >= 1, got {batch_size}")
+    if not len(manifest.ids):
+        raise GeoTokenError(f"{manifest.source or 'the manifest'}: no rows to embed")
     out_dir = Path(out_dir)
     dist = distributed()  # under torchrun: joins the job, this process on GPU LOCAL_RANK
     device = torch_device(device)

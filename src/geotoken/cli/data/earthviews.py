@@ -30,7 +30,7 @@ def register(subparsers) -> None:
         "-o", "--out", required=True, help="output folder (created; must be empty or hold this build)"
     )
     p.add_argument("--preset", default="demo", choices=list(PRESETS),
-                   help="named sizes: demo (20K gallery, 64 px), full (100K, 96 px), tiny")  # fmt: skip
+                   help="named sizes: demo (20K gallery, 64 px; `geotoken demo` builds 10K), full (100K, 96 px), tiny")  # fmt: skip
     p.add_argument("--size", type=int, help="gallery/train views (default: the preset's)")
     p.add_argument("--n-val", type=int, help="validation views")
     p.add_argument("--n-test", type=int, help="random test views (coordinates disjoint from the gallery's)")
