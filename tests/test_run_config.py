@@ -265,3 +265,22 @@ def test_demo_sizes_are_checked_before_any_stage_runs():
         with pytest.raises(GeoTokenError, match=f"demo option {next(iter(bad))} .* must be >= "):
             demo_config("fast", **bad)
     assert demo_config("full").n_test is None  # None: the dataset preset's own size
+
+
+def test_the_dry_run_flags_a_geoclip_baseline_over_other_clip_features(tmp_path):
+    """GeoCLIP reads OpenAI's ViT-L/14 features only: with another CLIP_MODEL the eval stage would fail after
+    every other stage had run (hours at MP16's size), so the plan says so first."""
+    from geotoken.testing import tiny_clip
+
+    tiny = tiny_clip(tmp_path / "tiny")
+    roots = {"MP16_ROOT": "/m", "IM2GPS3K_ROOT": "/i", "YFCC4K_ROOT": "/y", "CLIP_MODEL": str(tiny)}
+
+    def problems(**more):
+        plans = plan_run(load_run_config("paper", {**roots, **more}, environ={}))
+        return [p for plan in plans if plan.name == "eval" for p in plan.problems]
+
+    assert any(
+        "the geoclip baseline cannot read these features" in p and "hidden_size 32" in p for p in problems()
+    )
+    assert problems(BASELINES="[nn, knn]") == []
+    assert problems(CLIP_MODEL="openai/clip-vit-large-patch14") == []

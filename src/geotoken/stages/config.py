@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import yaml
 
+from geotoken.encoders.clip import PAPER_MODEL
+from geotoken.encoders.geoclip import clip_mismatch
 from geotoken.errors import GeoTokenError
 from geotoken.io import read_json, sha256_json
 from geotoken.model import GeoToken, preset
@@ -314,11 +316,23 @@ def plan_run(cfg: RunConfig) -> list[StagePlan]:
             p.disk_bytes = sum(p.rows.values()) * 2000
         elif spec.kind == "bundle":
             p.rows, p.disk_bytes = rows, rows.get(GALLERY, 0) * (512 + 512 + 768) * 2
-            p.work = f"copy the gallery, train the reward scorer on {c.reward_images:,} images, calibrate"
+            reward = min(c.reward_images, rows.get(c.reward_queries, c.reward_images))  # at most the split
+            p.work = f"copy the gallery, train the reward scorer on {reward:,} images, calibrate"
         if spec.kind in ("align", "index") and rows and GALLERY not in rows:
             p.problems.append(f"{spec.kind} needs a '{GALLERY}' split; the data has {sorted(rows)}")
         if spec.kind == "evaluate" and rows:
             p.problems += [f"evaluate: no split {s!r} in the data" for s in c.splits if s not in rows]
+        if spec.kind == "evaluate" and "geoclip" in c.baselines:  # it would fail after every other stage
+            features = next((s for s in cfg.pipeline.stages if s.kind == "features"), None)
+            clip = (
+                (features.config.model or PAPER_MODEL)
+                if features and features.config.backbone == "clip"
+                else None
+            )
+            problem = clip_mismatch(clip) if clip else "the features are not CLIP's"
+            if problem:
+                p.problems.append(f"evaluate: the geoclip baseline cannot read these features ({clip or 'no CLIP'}: "
+                                  f"{problem}); leave it out of the baselines")  # fmt: skip
         plans[spec.name] = p
     return list(plans.values())
 
