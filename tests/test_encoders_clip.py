@@ -202,3 +202,15 @@ def test_a_forked_child_preprocesses_with_a_pool_of_its_own(tiny_clip):
         child.join(timeout=5)
         child.kill()
     assert np.array_equal(got, want.numpy())
+
+
+def test_a_clip_folder_without_tokenizer_files_is_no_text_encoder(tmp_path, tiny_clip):
+    """transformers builds a CLIP tokenizer of two entries from a folder without its files: every place
+    text would be unknown tokens, and the text head would train on one constant."""
+    from geotoken import testing
+
+    bare = testing.tiny_clip(tmp_path / "bare")  # weights and image preprocessing only
+    with pytest.raises(GeoTokenError, match="has no usable tokenizer .*vocab.json \\+ merges.txt"):
+        load_text_encoder("clip", model=str(bare))
+    folder, _ = tiny_clip
+    assert load_text_encoder("clip", model=str(folder)).dim > 0  # with its tokenizer files it loads

@@ -90,6 +90,13 @@ class CLIPTextEncoder(TextEncoder):
             raise GeoTokenError(
                 f"clip text encoder: cannot load {model!r} (a folder or hub id): {e}"
             ) from None
+        probe = tokenizer("Paris, Ile-de-France, France", add_special_tokens=False)["input_ids"]
+        if not probe or all(i == tokenizer.unk_token_id for i in probe):  # transformers builds one anyway
+            raise GeoTokenError(
+                f"clip text encoder: {model!r} has no usable tokenizer (its vocabulary has {len(tokenizer)} "
+                "entries: tokenizer.json, or vocab.json + merges.txt, are missing); every place text would "
+                "read as unknown tokens"
+            )
         net = load_tower(CLIPTextModelWithProjection, str(model), "clip text encoder", config=config)
         super().__init__(tokenizer, batch_size)
         self.model = str(model)
