@@ -129,3 +129,23 @@ def test_from_dict_round_trips_and_names_the_bad_field():
         MethodMetrics.from_dict(entry, "methods.nn")
     with pytest.raises(GeoTokenError, match=r"missing field 'paired\[0\]\.a'"):
         PairedComparison.from_dict({"b": "x"}, "paired[0]")
+
+
+def test_a_narrow_console_keeps_every_column():
+    """`geotoken demo` prints into a 150-column console when not on a terminal; rich shrank the short `n`
+    column to nothing there rather than wrap a line."""
+    import io
+
+    from rich.console import Console
+
+    from geotoken.evaluate.metrics import print_tables
+
+    results = {
+        f"method-{name}-with-a-long-label": bootstrap_metrics(np.arange(1234.0), T, n_boot=20)
+        for name in "ab"
+    }
+    buffer = io.StringIO()
+    print_tables(results, console=Console(file=buffer, width=60, color_system=None))
+    header = next(line for line in buffer.getvalue().splitlines() if "method" in line)
+    assert "┃┃" not in header and " n " in header
+    assert "1234" in buffer.getvalue() or "1,234" in buffer.getvalue()  # the count is shown

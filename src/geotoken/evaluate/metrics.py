@@ -326,7 +326,11 @@ def print_tables(
             continue
         # one line per method: as wide as the widest cell of each column needs (rich would wrap cells)
         width = sum(max(len(c) for c in col) + 3 for col in zip(header, *rows)) + 1
-        out = console or Console(width=max(Console().width, width))
+        out = console or Console()
+        if out.width < width:  # too narrow: rich would shrink short columns (n) to nothing, not wrap lines
+            out = Console(
+                file=out.file, width=width, color_system=out.color_system, force_terminal=out.is_terminal
+            )
         table = Table(title=title)
         for i, h in enumerate(header):
             table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
