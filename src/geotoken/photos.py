@@ -141,14 +141,13 @@ def write_predictions(
     search = {k: v for k, v in kwargs.items() if k not in ("skip_bad", "on_error", "progress")}
     job = {"format": PARTIAL_FORMAT, "model": geo.info(), "top_k": top_k, "search": search}
     job = json.loads(json.dumps(job, default=str))  # as it reads back from the file
-    with exclusive(out.with_name(out.name + ".lock"), str(out)):
-        done, failed = _write_rows(geo, refs, out, partial, job_file, job, top_k, batch_size, **kwargs)
+    with exclusive(out.with_name(out.name + ".lock"), str(out)):  # one job at a time on `out`
+        done, failed = _write_rows(geo, refs, out, kind, partial, job_file, job, top_k, batch_size, **kwargs)
     return {"path": out, "photos": len(refs), "failed": failed, "resumed": done}
 
 
-def _write_rows(geo, refs, out, partial, job_file, job, top_k, batch_size, **kwargs) -> tuple[int, int]:
+def _write_rows(geo, refs, out, kind, partial, job_file, job, top_k, batch_size, **kwargs) -> tuple[int, int]:
     """`write_predictions` under its lock: (rows resumed, unreadable photos in the whole output)."""
-    kind = out.suffix.lower()
     resumed = _resume_point(partial, job_file, job, kind, refs)
     out.parent.mkdir(parents=True, exist_ok=True)
     if resumed is None:  # a fresh start

@@ -206,7 +206,6 @@ class Geolocator:
         gallery = Gallery.from_store(store, names, tokens=np.asarray(tokens))
         heads = AlignHeads.load(root / spec["align"]).to(device).eval()
         index = NeighbourIndex.load(root / spec["index"])
-        joined = "+".join(spec["query_modalities"])
         rerank = index.config.kind != "flat" and all(m in store for m in spec["query_modalities"])
         recorded = None if clip is not None else read_json(root / spec["backbone"])  # `clip` replaces it
         files = (str(root / spec["align"]), str(root / spec["backbone"]))
@@ -226,7 +225,7 @@ class Geolocator:
             options=SearchOptions.from_dict(spec.get("search", {})),
             probability_radius_km=float(spec.get("probability_radius_km", 200.0)),
             root=root,
-            gallery_vectors=StoreEmbeddings(store, joined) if rerank else None,
+            gallery_vectors=StoreEmbeddings(store, "+".join(spec["query_modalities"])) if rerank else None,
         )
 
     def info(self) -> dict:

@@ -210,12 +210,11 @@ def checked_photos(sources: list[str], stops_at_bad: bool) -> list[str]:
     """The photo arguments as image references (folders listed), checked before the model loads (CLIP
     ViT-L/14 takes seconds to load, or a download): a missing file ends the job at once when nothing else
     exists or when the job would stop at it (-o without --skip-bad); else it is reported in its turn."""
-    refs = list_images(sources)
-    missing = [r for r in refs if not os.path.exists(split_ref(r)[0])]
-    if missing and (stops_at_bad or len(missing) == len(refs)):
+    missing = [s for s in map(os.fspath, sources) if not os.path.exists(split_ref(s)[0])]
+    if missing and (stops_at_bad or len(missing) == len(sources)):
         more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
         raise GeoTokenError(f"{missing[0]}: no such file or folder{more}")
-    return refs
+    return list_images(sources)
 
 
 def add_backbone_precision(p) -> None:

@@ -13,7 +13,6 @@ Outputs in OUT_DIR, each written atomically:
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import hashlib
@@ -54,7 +53,7 @@ from geotoken.evaluate.runs import MethodRun, load_cached, save_cached, slug
 from geotoken.features import FeatureStore
 from geotoken.geo import THRESHOLDS_KM, haversine_km
 from geotoken.io import atomic_open, read_json, sha256_json, write_json
-from geotoken.retrieval import NeighbourTable, check_neighbours
+from geotoken.retrieval.neighbours import NeighbourTable, check_neighbours, check_rows
 
 BASELINES = ("prior", "nn", "knn", "cells", "gps-gallery")
 # geoclip: GeoCLIP's pretrained model on CLIP query stores; ceiling: the nearest gallery coordinate to the
@@ -113,12 +112,9 @@ def load_neighbours(folder: str | Path, gallery: Split, queries: Split) -> tuple
     if queries.store is None or gallery.store is None:  # the skipped rows cannot be told apart
         raise GeoTokenError(f"{folder}: a neighbour table needs the stores of splits with skipped rows")
     table.check(queries.store.rows)  # numbered as the stores, skipped rows included
-    compact = copy.copy(table)
-    compact.rows, compact.sims = compact_neighbours(
-        table.rows, table.sims, queries.store.valid, gallery.store.valid
-    )
-    compact.check(len(queries), len(gallery))  # every kept query's neighbours are photos of the split
-    return compact.rows, compact.sims
+    rows, sims = compact_neighbours(table.rows, table.sims, queries.store.valid, gallery.store.valid)
+    check_rows(rows, len(queries), len(gallery), table.root)  # every kept query's neighbours are in the split
+    return rows, sims
 
 
 def compact_neighbours(rows, sims, query_valid: np.ndarray, gallery_valid: np.ndarray):

@@ -345,17 +345,21 @@ class NeighbourTable:
     def check(self, queries: int, gallery: int | None = None) -> NeighbourTable:
         """Raise unless the table has one row per query and, given the gallery's row count, every entry is
         a gallery row (a missing neighbour, -1, counts as out of range). Returns the table."""
-        if self.rows.shape[0] != queries:
-            raise GeoTokenError(f"{self.root}: {self.rows.shape[0]} neighbour rows for {queries} queries")
-        if gallery is not None and self.rows.size:
-            low, high = int(self.rows.min()), int(self.rows.max())
-            if low < 0 or high >= gallery:
-                raise GeoTokenError(
-                    f"{self.root / 'index.npy'}: gallery row {low if low < 0 else high} out of range "
-                    f"({gallery} rows)"
-                )
+        check_rows(self.rows, queries, gallery, self.root)
         return self
 
     @property
     def k(self) -> int:
         return self.rows.shape[1]
+
+
+def check_rows(rows: np.ndarray, queries: int, gallery: int | None, root: Path) -> None:
+    """`NeighbourTable.check` of the rows (queries, k) of the table at `root`, as stored or compacted."""
+    if rows.shape[0] != queries:
+        raise GeoTokenError(f"{root}: {rows.shape[0]} neighbour rows for {queries} queries")
+    if gallery is not None and rows.size:
+        low, high = int(rows.min()), int(rows.max())
+        if low < 0 or high >= gallery:
+            raise GeoTokenError(
+                f"{root / 'index.npy'}: gallery row {low if low < 0 else high} out of range ({gallery} rows)"
+            )
