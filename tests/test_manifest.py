@@ -263,4 +263,10 @@ def test_swapped_lat_lon_columns_are_an_error_naming_them(tmp_path):
 
 def test_geoclip_img_file_column_is_the_image(tmp_path):
     p = write(tmp_path / "geoclip.csv", "IMG_FILE,LAT,LON\nphotos/a.jpg,1,2\n")
-    assert read_manifest(p).images.tolist() == [str(tmp_path / "photos" / "a.jpg")]
+    m = read_manifest(p)
+    assert m.images.tolist() == [str(tmp_path / "photos" / "a.jpg")]
+    assert m.ids.tolist() == ["photos/a.jpg"]  # no id column: the image reference is the id
+    # so a repeated image is a duplicate row, named by its column
+    p = write(tmp_path / "twice.csv", "IMG_FILE,LAT,LON\nphotos/a.jpg,1,2\nphotos/a.jpg,3,4\n")
+    with pytest.raises(GeoTokenError, match=r"line 3: id 'photos/a.jpg': duplicate IMG_FILE"):
+        read_manifest(p)

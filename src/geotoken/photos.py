@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,15 +186,15 @@ def _resume_point(
 ) -> tuple[int, int] | None:
     """(how many of `refs` `partial` already holds, in order, for this `job`; how many of those are rows of
     unreadable photos), a torn last line cut off; or None to start over (no partial file, another job, or
-    rows of other photos)."""
+    rows of other photos: then a warning says why, and how many rows are given up)."""
     if not partial.is_file() or not job_file.is_file():
         return None
     try:
-        same = read_json(job_file) == job
+        old = read_json(job_file)
     except GeoTokenError:
-        same = False
-    if not same:
-        return None
+        old = None
+    if old != job:
+        return _start_over(partial, f"it was written by another job ({_job_changes(old, job)})")
     data = partial.read_bytes()
     whole = data[: data.rfind(b"\n") + 1]  # rows end in a newline; the last one may be torn
     try:
@@ -201,16 +202,47 @@ def _resume_point(
         if kind == ".csv":
             rows = list(csv.reader(io.StringIO(text, newline="")))
             if not rows or tuple(rows[0]) != CSV_COLUMNS or any(len(r) != len(CSV_COLUMNS) for r in rows[1:]):
-                return None
+                return _start_over(
+                    partial, f"its rows are not this version's columns {','.join(CSV_COLUMNS)}"
+                )
             files, failed = [r[0] for r in rows[1:]], sum(1 for r in rows[1:] if r[-1])
         else:
             objs = [json.loads(line) for line in text.splitlines()]
             files, failed = [o["file"] for o in objs], sum("error" in o for o in objs)
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
-        return None
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        return _start_over(partial, f"it cannot be read ({type(exc).__name__}: {exc})")
     if files != refs[: len(files)]:
-        return None
+        i = next((i for i, (a, b) in enumerate(zip(files, refs)) if a != b), len(refs))
+        now = refs[i] if i < len(refs) else "no photo (fewer photos now)"
+        return _start_over(
+            partial, f"its photos differ from this job's from row {i + 1}: {files[i]} there, {now} now"
+        )
     if len(whole) < len(data):
         with open(partial, "r+b") as f:
             f.truncate(len(whole))
     return len(files), failed
+
+
+def _start_over(partial: Path, why: str) -> None:
+    """Warn that the rows in `partial` are given up, and why (a rerun with other options starts over)."""
+    rows = partial.read_bytes().count(b"\n") - (partial.name.endswith(".csv.partial"))  # less the header
+    warnings.warn(f"{partial}: starting over, {max(rows, 0)} earlier rows given up: {why}", stacklevel=4)
+
+
+def _job_changes(old, new: dict) -> str:
+    """What differs between the job that wrote a partial output and this one, as `key old there, new now`."""
+    if not isinstance(old, dict):
+        return "its job file cannot be read"
+    flat = {}
+    for side, job in (("there", old), ("now", new)):
+        for key, value in job.items():
+            for name, v in value.items() if isinstance(value, dict) and key == "search" else [(key, value)]:
+                flat.setdefault(name, {})[side] = v
+    changes = [
+        "another model"
+        if name == "model"
+        else f"{name} {v.get('there', 'unset')} there, {v.get('now', 'unset')} now"
+        for name, v in flat.items()
+        if v.get("there") != v.get("now")
+    ]
+    return "; ".join(changes) or "another job"

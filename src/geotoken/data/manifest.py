@@ -13,7 +13,7 @@ Real downloads put images elsewhere (OSV-5M's `images/test/00/<id>.jpg` or its z
 shards, YFCC4k's 4,536 images for 25,600 rows): `geotoken.data.datasets` finds each row's image in those
 layouts and reports rows without an image and images without a row (`geotoken manifest --format`).
 - plain: `id,lat,lon,image` or `id,lat,lon,path` (what `Manifest.write_csv` writes), GeoCLIP's
-  `IMG_FILE,LAT,LON`.
+  `IMG_FILE,LAT,LON`. Without an id column the image reference, as the file spells it, is the id.
 - `LAT,LON` without ids (GeoCLIP's gallery): ids are the 0-based data row numbers, no images.
 - img2dataset WebDataset shards (`manifest_from_shards`): lat/lon (and the id) from each sample's `KEY.json`.
 
@@ -234,7 +234,8 @@ def read_manifest(
     if columns is None:
         columns, problems = _read_columns_csv(path, cols, roles, len(header))
     n = len(columns["lat"])
-    ids = columns["id"] if "id" in cols else [str(i) for i in range(n)]
+    id_role = "id" if "id" in cols else "image" if "image" in cols else None
+    ids = list(columns[id_role]) if id_role else [str(i) for i in range(n)]
     images = _image_references(path, header, cols, columns, ids, image_root)
 
     def locate(rows: np.ndarray) -> list[tuple[str, int]]:
@@ -249,7 +250,7 @@ def read_manifest(
         source=str(path),
         locations=locate,
         problems=problems,
-        field_names={r: header[c] for r, c in cols.items()},
+        field_names={r: header[c] for r, c in cols.items()} | ({"id": header[cols[id_role]]} if id_role else {}),
         on_error=on_error,
         skip_report=skip_report,
         check_images=check_images,
