@@ -250,7 +250,7 @@ def read_manifest(
         source=str(path),
         locations=locate,
         problems=problems,
-        field_names={r: header[c] for r, c in cols.items()} | ({"id": header[cols[id_role]]} if id_role else {}),
+        field_names={r: header[c] for r, c in (cols | {"id": cols[id_role]} if id_role else cols).items()},
         on_error=on_error,
         skip_report=skip_report,
         check_images=check_images,
