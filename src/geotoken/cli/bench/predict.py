@@ -123,7 +123,8 @@ def _print_geotoken(res: dict) -> None:
                 print(f"      ms per image: {split}")
     if "big_index" in res:
         big = res["big_index"]
-        print(f"  IVF-PQ over {big['rows']:,} rows ({big['cache']}): {big['search_ms_per_image']:.2f} ms per image "
+        print(f"  IVF-PQ over {big['rows']:,} rows ({big['cache']}): {big['search_ms_per_image']:.2f} ms per image, "
+              f"{big['reranked_search_ms_per_image']:.2f} re-ranking {big['refine']} x k by exact vectors "
               f"(flat {res['gallery_rows']:,}: {big['flat_search_ms_per_image']:.2f})")  # fmt: skip
     bc = res.get("backbone_compute")
     if bc:
