@@ -189,13 +189,13 @@ def _resume_point(
     rows of other photos: then a warning says why, and how many rows are given up)."""
     if not partial.is_file() or not job_file.is_file():
         return None
+    data = partial.read_bytes()
     try:
         old = read_json(job_file)
     except GeoTokenError:
         old = None
     if old != job:
-        return _start_over(partial, f"it was written by another job ({_job_changes(old, job)})")
-    data = partial.read_bytes()
+        return _start_over(partial, data, kind, f"it was written by another job ({_job_changes(old, job)})")
     whole = data[: data.rfind(b"\n") + 1]  # rows end in a newline; the last one may be torn
     try:
         text = whole.decode("utf-8")
@@ -203,19 +203,22 @@ def _resume_point(
             rows = list(csv.reader(io.StringIO(text, newline="")))
             if not rows or tuple(rows[0]) != CSV_COLUMNS or any(len(r) != len(CSV_COLUMNS) for r in rows[1:]):
                 return _start_over(
-                    partial, f"its rows are not this version's columns {','.join(CSV_COLUMNS)}"
+                    partial, data, kind, f"its rows are not this version's columns {','.join(CSV_COLUMNS)}"
                 )
             files, failed = [r[0] for r in rows[1:]], sum(1 for r in rows[1:] if r[-1])
         else:
             objs = [json.loads(line) for line in text.splitlines()]
             files, failed = [o["file"] for o in objs], sum("error" in o for o in objs)
     except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        return _start_over(partial, f"it cannot be read ({type(exc).__name__}: {exc})")
+        return _start_over(partial, data, kind, f"it cannot be read ({type(exc).__name__}: {exc})")
     if files != refs[: len(files)]:
         i = next((i for i, (a, b) in enumerate(zip(files, refs)) if a != b), len(refs))
         now = refs[i] if i < len(refs) else "no photo (fewer photos now)"
         return _start_over(
-            partial, f"its photos differ from this job's from row {i + 1}: {files[i]} there, {now} now"
+            partial,
+            data,
+            kind,
+            f"its photos differ from this job's from row {i + 1}: {files[i]} there, {now} now",
         )
     if len(whole) < len(data):
         with open(partial, "r+b") as f:
@@ -223,9 +226,9 @@ def _resume_point(
     return len(files), failed
 
 
-def _start_over(partial: Path, why: str) -> None:
-    """Warn that the rows in `partial` are given up, and why (a rerun with other options starts over)."""
-    rows = partial.read_bytes().count(b"\n") - (partial.name.endswith(".csv.partial"))  # less the header
+def _start_over(partial: Path, data: bytes, kind: str, why: str) -> None:
+    """Warn that the rows in `partial` (its bytes: `data`) are given up, and why."""
+    rows = data.count(b"\n") - (kind == ".csv")  # less the header
     warnings.warn(f"{partial}: starting over, {max(rows, 0)} earlier rows given up: {why}", stacklevel=4)
 
 
