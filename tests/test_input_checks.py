@@ -17,6 +17,7 @@ from geotoken.evaluate import EvalConfig
 from geotoken.evaluate.baselines import RetrievalConfig
 from geotoken.evaluate.runs import load_cached
 from geotoken.features import FeatureStore
+from geotoken.gallery import Gallery, load_queries
 from geotoken.retrieval import IndexConfig, NeighbourIndex, check_neighbours, measure_recall, neighbour_table
 from geotoken.search.calibration import check_radii
 from geotoken.train.data import TrainData
@@ -79,6 +80,40 @@ def test_check_neighbours_refuses_queries_aligned_by_other_heads_than_the_galler
     with pytest.raises(GeoTokenError, match=r"its 'gps' embeddings were written by alignment heads bbbb"):
         check_neighbours(root / "nbr-test", test, gallery)
     check_neighbours(root / "nbr-test", test, stores["gallery"])  # the gallery without fingerprints: passes
+
+
+def test_every_command_meeting_two_stores_refuses_queries_of_other_alignment_heads(splits, tmp_path, capsys):
+    """`align apply` of retrained heads on a query store: the index, evaluation, calibration and training
+    all compare its embeddings with the gallery's, so each refuses it, naming both fingerprints."""
+    root, stores = splits
+    for name in ("gallery", "test"):
+        shutil.copytree(root / name, tmp_path / name)
+        header = json.loads((tmp_path / name / "store.json").read_text())
+        for array in ("visual", "gps"):
+            header["arrays"][array]["heads"] = ("a" if name == "gallery" else "b") * 16
+        (tmp_path / name / "store.json").write_text(json.dumps(header))
+    gallery, test = str(tmp_path / "gallery"), str(tmp_path / "test")
+    assert main(["index", "build", gallery, "-o", str(tmp_path / "index"), "--embedding", "visual"]) == 0
+    assert json.loads((tmp_path / "index" / "index.json").read_text())["heads"] == {"visual": "a" * 16}
+    refused = "embeddings were written by alignment heads bbbbbbbbbbbb, "
+    capsys.readouterr()
+    for keep_self in ([], ["--keep-self"]):  # with and without the gallery store opened
+        argv = ["index", "neighbours", str(tmp_path / "index"), test, "-o", str(tmp_path / "n"), "-k", "3"]
+        assert main([*argv, *keep_self]) == 2
+        err = capsys.readouterr().err
+        assert refused in err and "aaaaaaaaaaaa" in err, err
+    assert not (tmp_path / "n").exists()
+    argv = ["evaluate", "--method", "nn", "--gallery", gallery, "--queries", test, "-o", str(tmp_path / "e")]
+    assert main([*argv, "--no-plots", "--n-boot", "10"]) == 2
+    assert refused + f"the gallery {gallery}'s by aaaaaaaaaaaa" in capsys.readouterr().err
+    with pytest.raises(GeoTokenError, match=refused):
+        TrainData.load(test, root / "nbr-test", gallery)
+    shared = Gallery.from_store(gallery, ["visual", "gps"])  # a training gallery, shared by validation
+    with pytest.raises(GeoTokenError, match=refused):
+        TrainData.load(test, root / "nbr-test", shared)
+    with pytest.raises(GeoTokenError, match=refused + "the model's alignment heads by aaaa"):
+        load_queries(test, ["visual"], made_by="a" * 16)
+    assert len(load_queries(test, ["visual"], made_by="b" * 16)[2]) == 20
 
 
 def test_a_neighbour_table_wider_than_the_gallery_is_refused_before_any_search(splits, tmp_path):

@@ -233,7 +233,9 @@ def test_parts_made_for_other_parts_are_refused_at_bundle_time(bundle, tmp_path)
     header = json.loads((stale / "store.json").read_text())
     header["arrays"]["visual"]["heads"] = "0123456789abcdef"
     (stale / "store.json").write_text(json.dumps(header))
-    with pytest.raises(GeoTokenError, match=r"written by other alignment heads \(0123456789abcdef\)"):
+    with pytest.raises(
+        GeoTokenError, match=r"'visual' embeddings were written by alignment heads 0123456789ab, the bundle's"
+    ):
         save_bundle(out, **{**parts, "gallery_store": FeatureStore.open(stale)})
     assert not out.exists()
     save_bundle(out, **parts)

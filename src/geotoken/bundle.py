@@ -454,16 +454,9 @@ def check_bundle_parts(
             f"{backbone_config}: embed the gallery with the heads' backbone"
         )
     check_query(heads, index, query_modalities)
-    made_by = {
-        m: meta.get("heads") for m, meta in gallery_store.header["arrays"].items() if meta.get("heads")
-    }
-    fingerprint = heads.fingerprint() if made_by else None
-    if made_by and set(made_by.values()) != {fingerprint}:
-        raise GeoTokenError(
-            f"{gallery_store.root}: its arrays {sorted(made_by)} were written by other alignment heads "
-            f"({', '.join(sorted(set(made_by.values())))}) than these ({fingerprint}); run `geotoken align "
-            "apply` with these heads on the gallery (and rebuild its index)"
-        )
+    gallery_store.check_heads(
+        heads.fingerprint(), f"the bundle's alignment heads{f' ({files[0]})' if files else ''}"
+    )
     head_dims = heads.dims
     for m, dim in model.cfg.modalities.items():
         sources = {

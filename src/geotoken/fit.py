@@ -61,7 +61,9 @@ def calibrate_bundle(
     if select is not None and select not in CALIBRATION_SELECTORS:
         raise GeoTokenError(f"calibration: select {select!r}: choose from {', '.join(CALIBRATION_SELECTORS)}")
     radii_km = check_radii(radii_km)  # before the search, not after it
-    emb, nbrs, lat, lon = load_queries(queries_dir, list(geo.model.cfg.modalities), neighbours_dir)
+    emb, nbrs, lat, lon = load_queries(
+        queries_dir, list(geo.model.cfg.modalities), neighbours_dir, geo.made_by
+    )
     if len(lat) == 0:
         raise GeoTokenError(f"{queries_dir}: no usable query rows to calibrate on")
     res = geo.search(
@@ -233,7 +235,9 @@ def train_bundle_reward(
     queries_dir: aligned feature store of training images; neighbours_dir: their neighbour table, which
     must exclude each image itself (as the training tables do). Returns the scorer's held-out metrics.
     """
-    emb, nbrs, lat, lon = load_queries(queries_dir, list(geo.model.cfg.modalities), neighbours_dir)
+    emb, nbrs, lat, lon = load_queries(
+        queries_dir, list(geo.model.cfg.modalities), neighbours_dir, geo.made_by
+    )
     scorer, metrics = train_reward(geo, emb, nbrs, lat, lon, config, progress=progress)
     scorer.save(geo.root / "reward", metrics=metrics, queries=str(queries_dir))
     set_bundle_part(geo.root, "reward", "reward")

@@ -10,7 +10,7 @@ the neighbours' embeddings).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ class Gallery:
     tokens: np.ndarray
     coords: np.ndarray | None = None
     source: str = "gallery"  # names the files in error messages
+    heads: dict[str, str] = field(default_factory=dict)  # {array: fingerprint of the heads that wrote it}
 
     def __post_init__(self) -> None:
         G = len(self.tokens)
@@ -64,7 +65,9 @@ class Gallery:
         coords = np.asarray(store.coords, dtype=np.float64)
         if tokens is None:
             tokens = latlon_to_tokens(coords[:, 0], coords[:, 1], level, group)
-        return cls({m: store[m] for m in modalities}, np.asarray(tokens), coords, source=str(store.root))
+        arrays = {m: store[m] for m in modalities}
+        heads = {m: h for m, h in store.heads.items() if m in modalities}
+        return cls(arrays, np.asarray(tokens), coords, source=str(store.root), heads=heads)
 
     def check(self, cfg: ModelConfig) -> None:
         """Fail early, naming the field, if this gallery cannot feed a model with config `cfg`."""
@@ -133,13 +136,18 @@ class Gallery:
 
 
 def load_queries(
-    store_dir: str | os.PathLike, modalities: list[str], neighbours_dir: str | os.PathLike | None = None
+    store_dir: str | os.PathLike,
+    modalities: list[str],
+    neighbours_dir: str | os.PathLike | None = None,
+    made_by: str | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray, np.ndarray]:
     """Aligned query embeddings {m: (N, D)} (memmaps), neighbour rows (N, k) or None, true lat, lon (N,).
 
-    Rows the store skipped (unreadable images) are left out of all four.
+    Rows the store skipped (unreadable images) are left out of all four. made_by: the fingerprint of the
+    alignment heads the arrays must come from (a bundle's, `Geolocator.made_by`).
     """
     store = FeatureStore.open(store_dir)
+    store.check_heads(made_by, "the model's alignment heads")
     missing = [m for m in modalities if m not in store]
     if missing:
         raise GeoTokenError(f"{store_dir}: no finished aligned array(s) {missing}; run the alignment first")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,11 @@ class Geolocator:
         self.probability_radius_km = probability_radius_km
         self.root = None if root is None else Path(root)
         self.constraint = PrefixConstraint(gallery.tokens, model.cfg.vocab_sizes)
+
+    @cached_property
+    def made_by(self) -> str | None:
+        """Fingerprint of the alignment heads (None without): stores aligned by other heads are refused."""
+        return None if self.heads is None else self.heads.fingerprint()
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod

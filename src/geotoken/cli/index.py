@@ -100,7 +100,7 @@ def run_build(args) -> int:
     emb = StoreEmbeddings(store, args.embedding)
     options = {"nlist": args.nlist, "pq_m": args.pq_m, "nprobe": args.nprobe, "hnsw_m": args.hnsw_m,
                "ef_search": args.ef_search}  # fmt: skip
-    meta = {"store": str(store.root.resolve()), "embedding": args.embedding}
+    meta = {"store": str(store.root.resolve()), "embedding": args.embedding, "heads": emb.heads}
     if args.kind != "flat":
         check_recall(args.k, args.recall_queries)
     t0 = time.perf_counter()

@@ -236,9 +236,12 @@ def build_baseline(method: str, cfg: EvalConfig, neighbours=None, gps_encoder=No
     raise GeoTokenError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def check_widths(gallery: Split, queries: Split, cfg: EvalConfig, table: bool = False) -> None:
-    """Raise, naming both stores, if an array a method compares across gallery and queries has other
-    widths on the two sides (stores of different backbones): before any method runs, not in torch."""
+def check_splits(gallery: Split, queries: Split, cfg: EvalConfig, table: bool = False) -> None:
+    """Raise, naming both stores, if the queries' aligned arrays come from other alignment heads than the
+    gallery's, or an array a method compares across them has other widths on the two sides (stores of
+    different backbones): before any method runs, not in torch."""
+    if gallery.store is not None and queries.store is not None:
+        queries.store.check_heads(gallery.store.heads, f"the gallery {gallery.store.root}'s")
     keys = {cfg.cells.features} if "cells" in cfg.methods else set()
     if not table and {"nn", "knn"} & set(cfg.methods):
         keys.add(cfg.retrieval.embedding)
@@ -389,7 +392,7 @@ def evaluate(
         raise GeoTokenError(f"{queries.name}: no queries to evaluate")
     if "geoclip" in cfg.methods:  # before any method runs
         check_geoclip_features(queries, cfg.geoclip)
-    check_widths(gallery, queries, cfg, neighbours is not None)
+    check_splits(gallery, queries, cfg, neighbours is not None)
     inputs = _inputs_hash(gallery, queries, neighbours)
     runs = run_methods(gallery, queries, cfg, out, neighbours, gps_encoder, progress, log, geolocator, inputs)
     pairs = score_runs(runs, cfg)

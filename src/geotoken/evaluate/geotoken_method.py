@@ -170,6 +170,8 @@ def run_geotoken(
                 log(f"geotoken: loading bundle {bundle}")
                 geo = Geolocator.from_bundle(bundle, device=cfg.device)
             if embeddings is None:
+                if queries.store is not None:
+                    queries.store.check_heads(geo.made_by, f"the alignment heads of model {cfg.model}")
                 embeddings = {
                     m: np.asarray(queries.array(m), dtype=np.float32) for m in geo.model.cfg.modalities
                 }

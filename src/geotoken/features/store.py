@@ -217,6 +217,27 @@ class FeatureStore(Mapping):
         return {name: meta["dim"] for name, meta in self.header["arrays"].items()}
 
     @property
+    def heads(self) -> dict[str, str]:
+        """{array: fingerprint of the alignment heads that wrote it} for the aligned arrays that record one."""
+        return {n: m["heads"] for n, m in self.header["arrays"].items() if isinstance(m.get("heads"), str)}
+
+    def check_heads(self, made_by: dict[str, str] | str | None, other: str) -> None:
+        """Raise if an aligned array of this store was written by other alignment heads than `made_by` (one
+        fingerprint, or one per array name) says wrote `other`'s: neighbours and the model would compare
+        embeddings from two different spaces (e.g. queries re-aligned after `align train` ran again).
+        Arrays without a fingerprint on either side (stores from before fingerprints) pass."""
+        if not made_by:
+            return
+        for name, mine in self.heads.items():
+            theirs = made_by if isinstance(made_by, str) else made_by.get(name)
+            if theirs and theirs != mine:
+                raise GeoTokenError(
+                    f"{self.root}: its {name!r} embeddings were written by alignment heads {mine[:12]}, "
+                    f"{other} by {theirs[:12]}: run `geotoken align apply` with one set of heads on both "
+                    "(then rebuild the index and the neighbour tables)"
+                )
+
+    @property
     def coords(self) -> np.ndarray:
         """float64 (N, 2) latitude, longitude in degrees."""
         return load_array(self.root / COORDS, (self.rows, 2))

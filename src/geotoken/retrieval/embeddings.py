@@ -39,6 +39,11 @@ class StoreEmbeddings:
         self.shape = (store.rows, sum(p.shape[1] for p in self.parts))
 
     @property
+    def heads(self) -> dict[str, str]:
+        """{part: fingerprint of the alignment heads that wrote it}, for the index to record."""
+        return {n: h for n, h in self.store.heads.items() if n in self.names}
+
+    @property
     def dim(self) -> int:
         return self.shape[1]
 

@@ -147,6 +147,13 @@ def neighbour_table(
     if not embedding:
         raise GeoTokenError("which embedding to search is unknown: pass embedding= (e.g. 'gps')")
     queries = StoreEmbeddings(query_store, embedding)
+    recorded = gallery_index.meta.get("store")
+    made_by = gallery_index.meta.get(
+        "heads"
+    )  # recorded by indexes built since fingerprints; else the store's
+    if made_by is None and recorded and (Path(recorded) / "store.json").is_file():
+        made_by = FeatureStore.open(recorded).heads
+    query_store.check_heads(made_by, f"the index's gallery {recorded}'s")
     if queries.dim != gallery_index.dim:
         raise GeoTokenError(
             f"{query_store.root}: {embedding!r} is {queries.dim}-d, the index {gallery_index.dim}-d"
@@ -159,6 +166,8 @@ def neighbour_table(
             gallery_store = FeatureStore.open(gallery_index.meta["store"])
         self_rows = _self_rows(query_store, gallery_store) if exclude_self_ids else None
         gallery = StoreEmbeddings(gallery_store, embedding)
+    if gallery_store is not None:
+        query_store.check_heads(gallery_store.heads, f"the gallery {gallery_store.root}'s")
     gallery_coords = np.asarray(gallery_store.coords) if exclude_same_place else None
 
     config = {
@@ -219,7 +228,6 @@ def neighbour_table(
                 f"{out_dir}: {len(missing)} query chunks not searched (first: {missing[0]}); rerun to resume"
             )
         meta = {"format": "geotoken.neighbours", "version": 1, "config": config}
-        recorded = gallery_index.meta.get("store")
         if gallery_store is None and recorded and (Path(recorded) / "store.json").is_file():
             gallery_store = FeatureStore.open(recorded)
         if gallery_store is not None:  # outside `config`: a table is reused whatever the gallery's path
@@ -295,23 +303,8 @@ def check_neighbours(
                 f"not {store.root} ({store.rows} rows)"
             )
     if gallery is not None:
-        check_same_heads(queries, gallery)
+        queries.check_heads(gallery.heads, f"the gallery {gallery.root}'s")
     return table.check(queries.rows)
-
-
-def check_same_heads(queries: FeatureStore, gallery: FeatureStore) -> None:
-    """Raise if an aligned array of the queries was written by other alignment heads than the same array of
-    the gallery (a query store re-aligned after `align train` ran again): the neighbours and the model would
-    compare embeddings from two different spaces. Stores from before heads fingerprints pass."""
-    for name, meta in queries.header.get("arrays", {}).items():
-        theirs = gallery.header.get("arrays", {}).get(name, {})
-        mine, other = meta.get("heads"), theirs.get("heads") if isinstance(theirs, dict) else None
-        if mine and other and mine != other:
-            raise GeoTokenError(
-                f"{queries.root}: its {name!r} embeddings were written by alignment heads {mine[:12]}..., "
-                f"the gallery {gallery.root}'s by {other[:12]}...: run `geotoken align apply` with one set "
-                "of heads on both (then rebuild the index and the neighbour tables)"
-            )
 
 
 class NeighbourTable:

@@ -174,11 +174,12 @@ def index_gallery(config: IndexStageConfig, out: Path, *, align: Path, log: Log 
     """A FAISS index over the aligned gallery (`out/index/`) and the neighbour table of every split."""
     stores = {split: FeatureStore.open(align / split) for split in store_splits(align)}
     gallery = stores[GALLERY]
+    embeddings = StoreEmbeddings(gallery, config.embedding)
     index = NeighbourIndex.build(
-        StoreEmbeddings(gallery, config.embedding),
+        embeddings,
         kind=config.kind,
         valid=gallery.valid,
-        meta={"store": str(gallery.root), "embedding": config.embedding},
+        meta={"store": str(gallery.root), "embedding": config.embedding, "heads": embeddings.heads},
     )
     index.save(out / "index")
     for (

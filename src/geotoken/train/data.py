@@ -126,6 +126,7 @@ class TrainData:
         qstore = FeatureStore.open(features)
         if isinstance(gallery, Gallery):
             gstore = None
+            qstore.check_heads(gallery.heads, f"the gallery {gallery.source}'s")
         elif gallery is None or Path(gallery) == Path(features):
             gstore = qstore
         else:
@@ -140,6 +141,8 @@ class TrainData:
             raise GeoTokenError(f"{index_path} is missing: not a neighbour folder")
         if (Path(neighbours) / "neighbours.json").is_file():  # a bare index.npy records nothing to check
             check_neighbours(neighbours, qstore, gstore)
+        elif gstore is not None:
+            qstore.check_heads(gstore.heads, f"the gallery {gstore.root}'s")
         index = np.load(index_path, mmap_mode="r")
         if index.dtype != np.int64:
             raise GeoTokenError(f"{index_path}: dtype {index.dtype}, expected int64")
