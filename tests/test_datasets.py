@@ -11,6 +11,7 @@ import pytest
 
 import helpers
 import realdata
+from geotoken.cli import main
 from geotoken.data.datasets import DatasetSource, ImageIndex, fill_template, read_source, read_texts
 from geotoken.data.images import check_images, open_image
 from geotoken.data.manifest import read_manifest
@@ -123,6 +124,25 @@ def test_a_bad_row_is_reported_with_its_line(tmp_path):
     r = read_source(DatasetSource("gallery", "mp16", str(path), str(images)), tmp_path / "work")
     assert len(r.manifest) == 3 and r.counts["bad_rows"] == 1
     assert r.report[0][0].endswith("line 3") and "outside [-90, 90]" in r.report[0][2]
+
+
+def test_manifest_format_counts_bad_rows_apart_from_missing_images(tmp_path, capsys):
+    """`manifest --format` leaves bad rows out (a real dataset has some) but says so, by kind, not as
+    rows whose image is missing."""
+    path, images, ids = realdata.mp16(tmp_path / "mp16", 6, missing=1)
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2].replace(lines[2].split(",")[2], "95", 1)  # latitude out of range
+    path.write_text("\n".join([*lines, lines[3]]) + "\n")  # and a duplicate id
+    out = tmp_path / "out" / "gallery.csv"
+    assert main(["manifest", str(path), "--format", "mp16", "--image-root", str(images), "-o", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert (
+        "4 rows with an image; left out: bad rows (" in said
+        and "short rows): 2, rows without an image: 1" in said
+    )
+    assert "every row or image left out is in gallery.report.csv" in said
+    report = list(csv.reader(open(out.with_suffix(".report.csv"), encoding="utf-8")))
+    assert report[0] == ["where", "id", "reason"] and len(report) == 4
 
 
 def test_image_index_refuses_what_is_not_images(tmp_path):

@@ -21,8 +21,9 @@ def register(subparsers) -> None:
         description=HELP
         + ". Reads plain id,lat,lon,image CSVs and LAT,LON lists (columns detected by name), MP16 / "
         "MP16-Pro, Im2GPS3k, YFCC4k and OSV-5M (their images are named by id: with --format), or a folder / "
-        "list of img2dataset .tar shards. Bad rows stop "
-        "the command with the file, line and value, unless --skip-report is given.",
+        "list of img2dataset .tar shards. Bad rows (coordinates out of range or unreadable, duplicate ids, short "
+        "rows) stop the command with the file, line and value, unless --skip-report is given; with --format "
+        "they are left out and listed in the report with the rows whose image is missing, counted apart.",
     )
     p.add_argument("inputs", nargs="+", help="annotation CSV, or .tar shards / a folder of them")
     p.add_argument("-o", "--out", required=True, help="manifest CSV to write (id,lat,lon,image)")
@@ -33,8 +34,8 @@ def register(subparsers) -> None:
         "--format",
         choices=FORMATS,
         help="a real dataset's layout (docs/datasets.md): images found under --image-root (a folder, .tar / "
-        ".zip archives), rows without an image and images without a row left out and listed in the skip "
-        "report (OUT's name + .report.csv), place texts (mp16-pro) written to OUT's name + .texts.csv",
+        ".zip archives); bad rows, rows without an image and images without a row left out and listed in "
+        "the report (OUT's name + .report.csv); place texts (mp16-pro) written to OUT's name + .texts.csv",
     )
     p.add_argument(
         "--holdout",
@@ -77,10 +78,10 @@ def run_format(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     info_name = f"{out.stem}.dataset.json"  # one per call: manifests of several splits share a folder
     info = read_datasets(DatasetStageConfig((source,), holdout), out.parent, info_name)
-    for split, n in info["sizes"].items():
-        texts = " + .texts.csv" if info["sources"][split]["texts"] else ""
-        print(f"wrote {n} rows to {out.parent / split}.csv{texts}; "
-              f"{info['sources'][split]['left_out']} rows / images left out ({split}.report.csv)")  # fmt: skip
+    for split, n in info["sizes"].items():  # the stage logged what each split left out, by kind
+        texts = f", {split}.texts.csv" if info["sources"][split]["texts"] else ""
+        print(f"wrote {n:,} rows to {out.parent / split}.csv{texts}; every row or image left out is in "
+              f"{split}.report.csv")  # fmt: skip
     print(f"sizes, counts and hashes: {out.parent / info_name}")
     if args.format == "mp16" and guess_format(annotations, read_header(annotations)) == "mp16-pro":
         print("hint: this file has MP16-Pro's place columns (city, state, country); --format mp16-pro also "

@@ -468,6 +468,18 @@ def read_source(source: DatasetSource, workdir: str | os.PathLike) -> SourceResu
     return SourceResult(manifest, texts, report, counts, by_name[:BY_NAME_LISTED], other, other_count)
 
 
+def describe_left_out(counts: dict) -> str:
+    """What a dataset split left out, by kind: bad rows apart from rows whose image is missing."""
+    kinds = {"bad_rows": "bad rows (values out of range or unreadable, duplicate ids, short rows)",
+             "rows_without_image": "rows without an image", "images_without_label": "images without a row",
+             "left_out": "bad samples"}  # fmt: skip
+    if "bad_rows" in counts:  # annotation formats count by kind; shards only in all
+        kinds.pop("left_out")
+    return (
+        ", ".join(f"{text}: {counts[key]:,}" for key, text in kinds.items() if counts.get(key)) or "nothing"
+    )
+
+
 def _read_skips(path: Path, where: str) -> list[tuple[str, str, str]]:
     """The reader's skip report (row,id,reason) as report rows."""
     with open(path, newline="", encoding="utf-8") as f:

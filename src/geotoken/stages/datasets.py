@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from geotoken.data.datasets import ARCHIVES, DatasetSource, read_source, write_report, write_texts
+from geotoken.data.datasets import (
+    ARCHIVES,
+    DatasetSource,
+    describe_left_out,
+    read_source,
+    write_report,
+    write_texts,
+)
 from geotoken.errors import GeoTokenError
 from geotoken.evaluate.metrics import MethodMetrics, markdown_table
 from geotoken.geo import THRESHOLDS_KM
@@ -104,7 +111,7 @@ def read_datasets(
         info["sizes"][split] = len(r.manifest)
         info["sources"][split] = {**r.counts, "left_out": len(r.report), "texts": r.texts is not None}
         info["content_hash"][split] = r.manifest.content_hash()
-        log(f"  {split}: {len(r.manifest):,} rows with an image; {len(r.report):,} rows/images left out "
+        log(f"  {split}: {len(r.manifest):,} rows with an image; left out: {describe_left_out(r.counts)} "
             f"({split}.report.csv)")  # fmt: skip
     write_json(out / info_name, info)
     return info
@@ -267,14 +274,13 @@ def paper_table(config: TableStageConfig, out: Path, *, data: Path, evaluate: Pa
 
 
 def _split_note(split: str, n: int, metrics: dict, counts: dict) -> str:
-    """Where each split's n comes from: rows listed, rows without an image, images without a label."""
+    """Where each split's n comes from: rows listed, bad rows, rows without an image, images without a row."""
     parts = [f"- {split}: n = {n:,} images evaluated"]
     if counts.get("rows"):
         parts.append(f"of {counts['rows']:,} annotation rows")
-    if counts.get("rows_without_image"):
-        parts.append(f"{counts['rows_without_image']:,} rows without an image left out")
-    if counts.get("images_without_label"):
-        parts.append(f"{counts['images_without_label']:,} images without a label left out")
+    left_out = {k: v for k, v in counts.items() if k != "left_out"}  # the kinds, not their sum
+    if describe_left_out(left_out) != "nothing":
+        parts.append(f"left out: {describe_left_out(left_out)}")
     if metrics["queries"].get("skipped"):
         parts.append(f"{metrics['queries']['skipped']:,} unreadable images skipped at embedding")
     return "; ".join(parts) + f" (details: {split}.report.csv in the dataset stage's folder)"
