@@ -19,6 +19,21 @@ def embeddings(b=3, seed=1):
     return {m: rng.standard_normal((b, d)).astype(np.float32) for m, d in DIMS.items()}
 
 
+def test_fewer_candidates_than_asked_for_are_said_in_the_note():
+    """top_k is an upper bound: the search's distinct cells bound the list, and the note says how."""
+    geo = make_geolocator()
+    [greedy] = geo.predict_embeddings(embeddings(1), top_k=4, strategy="greedy")
+    assert len(greedy.candidates) == 1
+    assert greedy.note == "1 of the 4 candidates asked for: the search (greedy) found no more distinct cells"
+    [beam] = geo.predict_embeddings(embeddings(1), top_k=5, strategy="beam", beam_width=3)
+    assert (
+        len(beam.candidates) == 3
+        and "3 of the 5 candidates asked for: the search (beam (width 3))" in beam.note
+    )
+    [enough] = geo.predict_embeddings(embeddings(1), top_k=3, strategy="beam", beam_width=3)
+    assert enough.note == ""
+
+
 def test_predict_embeddings_candidates_are_complete_and_consistent():
     geo = make_geolocator()
     preds = geo.predict_embeddings(embeddings(), top_k=4, strategy="beam")

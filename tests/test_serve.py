@@ -13,6 +13,8 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from geotoken.cli import main  # noqa: E402
+from geotoken.errors import GeoTokenError  # noqa: E402
 from geotoken.predict import Candidate, Geolocator, Prediction  # noqa: E402
 from geotoken.search import SELECTORS, STRATEGIES  # noqa: E402
 from geotoken.serve import Runner, ServeConfig, ServiceRate, ShuttingDown, create_app  # noqa: E402
@@ -68,6 +70,19 @@ def test_good_image_gives_candidates(client, geolocator):
     assert (body["lat"], body["lon"]) == (cands[0]["lat"], cands[0]["lon"])
     assert body["image"] == {"name": "photo.png", "width": 64, "height": 48, "bytes": len(png_bytes())}
     assert body["timings_ms"]["request"] >= body["timings_ms"]["total"] > 0
+
+
+def test_top_k_above_the_servers_bound_is_refused_and_the_bound_is_an_option(geolocator, capsys):
+    small = TestClient(create_app(geolocator, ServeConfig(max_top_k=2, basemap_width=512)))
+    r = post(small, png_bytes(), top_k="3")
+    assert r.status_code == 422 and "less than or equal to 2" in r.json()["error"]
+    note = post(small, png_bytes(), top_k="2", strategy="greedy").json()["note"]
+    assert "1 of the 2 candidates asked for: the search (greedy)" in note
+    with pytest.raises(GeoTokenError, match="max_top_k must be a whole number in 1..1000"):
+        ServeConfig(max_top_k=5000)
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "--max-top-k" in capsys.readouterr().out
 
 
 def test_options_from_the_query_string(client):

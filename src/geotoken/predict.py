@@ -38,6 +38,7 @@ from geotoken.bundle import (
     SearchOptions,
     bundle_backbone_config,
     check_bundle_parts,
+    describe_search,
     gallery_dir,
     gallery_tokens_path,
     hub_snapshot,
@@ -427,7 +428,7 @@ class Geolocator:
         res = self.search(
             embeddings, neighbours, images, keys=keys, strategy=strategy, select=select, **options
         )
-        opt = self.options.replace(strategy=strategy, select=select)
+        opt = self.options.replace(**{**options, "strategy": strategy, "select": select})
         t1 = time.perf_counter()
         preds = self._describe(res, top_k, opt)
         timings = {**(extra_ms or {}), **res.timings_ms, "describe": 1e3 * (time.perf_counter() - t1)}
@@ -487,7 +488,11 @@ class Geolocator:
                     logp_scaled=float(top.logp_scaled[b, j - offset]) if in_pool else None,
                 )
                 cands.append(c)
-            out.append(Prediction(cands[:top_k], {}, opt.strategy, opt.select, sel.notes[b]))
+            notes = [sel.notes[b]] if sel.notes[b] else []
+            if len(cands) < top_k:  # the search's distinct cells, not the request, bound the list
+                notes.append(f"{len(cands)} of the {top_k} candidates asked for: the search "
+                             f"({describe_search(opt.to_dict())}) found no more distinct cells")  # fmt: skip
+            out.append(Prediction(cands[:top_k], {}, opt.strategy, opt.select, "; ".join(notes)))
         return out
 
     @staticmethod

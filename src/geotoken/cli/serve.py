@@ -23,7 +23,7 @@ def register(subparsers) -> None:
         "serve",
         help="HTTP API + web page (upload a photo, see candidates on a world map)",
         description="Load a model bundle once and serve it: POST /v1/geolocate (multipart 'image'; fields "
-        "top_k, strategy, select, constrain; one photo per request), GET /v1/model, GET /healthz, the API reference at /docs (the schema at "
+        "top_k (1..--max-top-k, default 5), strategy, select, constrain; one photo per request), GET /v1/model, GET /healthz, the API reference at /docs (the schema at "
         "/openapi.json), and a web page at / with an offline Blue Marble map. One model thread; requests that wait together are batched. "
         "A request is admitted while its expected wait in the queue (measured seconds per image x images "
         "queued) fits --max-queue-wait-s; beyond it, 503 with Retry-After. On Ctrl-C / SIGTERM the server "
@@ -66,6 +66,13 @@ def register(subparsers) -> None:
         f"with Retry-After (default {DEFAULTS.max_queue_wait_s:g})",
     )
     p.add_argument(
+        "--max-top-k",
+        type=int,
+        default=DEFAULTS.max_top_k,
+        help="most candidates a request may ask for (field top_k, default 5; a search may find fewer, and "
+        f"the answer's note says so) (default {DEFAULTS.max_top_k})",
+    )
+    p.add_argument(
         "--max-batch",
         type=int,
         default=DEFAULTS.max_batch,
@@ -105,6 +112,7 @@ def run(args) -> int:
         max_upload_mb=args.max_upload_mb,
         max_pixels=args.max_pixels,
         max_queue_wait_s=args.max_queue_wait_s,
+        max_top_k=args.max_top_k,
         max_batch=args.max_batch,
         max_queued_pixels=args.max_queued_pixels,
     )

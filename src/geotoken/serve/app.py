@@ -46,7 +46,9 @@ from PIL import Image, UnidentifiedImageError
 from geotoken import __version__, assets
 from geotoken.data.images import HEIC_HINT, heif_support, is_heif, to_rgb
 from geotoken.errors import GeoTokenError
+from geotoken.io import is_whole
 from geotoken.photos import photo_gps
+from geotoken.prediction import MAX_TOP_K
 from geotoken.search import SELECTORS, STRATEGIES
 from geotoken.search.mllm import MLLMConfig
 from geotoken.serve.runner import Busy, Predictor, Runner, ServiceRate
@@ -78,6 +80,8 @@ class ServeConfig:
         ):
             if not getattr(self, name) > 0:
                 raise GeoTokenError(f"serve option {name} must be > 0, got {getattr(self, name)!r}")
+        if not is_whole(self.max_top_k, 1, MAX_TOP_K):
+            raise GeoTokenError(f"serve option max_top_k must be a whole number in 1..{MAX_TOP_K}")
 
     def runner(self, predictor: Predictor, rate: ServiceRate | None = None) -> Runner:
         """The model thread these limits describe."""
@@ -306,6 +310,7 @@ def api_models(max_top_k: int):
         candidates: list[Candidate] = Field(max_length=max_top_k, description="best first")
         strategy: str
         select: str
+        note: str = Field("", description="e.g. fewer candidates than top_k (the search found no more)")
         timings_ms: dict[str, float]
         image: UploadInfo
         exif_gps: dict[str, float] | None = Field(
