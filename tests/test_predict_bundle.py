@@ -61,6 +61,12 @@ def test_a_photos_samples_follow_the_photo_not_its_place_in_the_list(bundle, pho
         (dict(top_k=5000), r"in 1..1000"),
         (dict(batch_size=0), "batch_size must be"),
         (dict(batch_size=-1), "batch_size must be"),
+        (dict(constrain="no"), "search option constrain must be bool, got 'no'"),  # "no" would be truthy
+        (dict(num_samples=0, strategy="sample"), "num_samples must be a whole number >= 1"),
+        (dict(beam_width=2.5), "beam_width must be int, got 2.5"),
+        (dict(strategy="bem"), "strategy 'bem': choose one of greedy, beam"),
+        (dict(dtype="fp16"), "dtype 'fp16': choose one of fp32, bf16"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     ],  # fmt: skip
 )
 def test_bad_predict_arguments_are_named(bundle, photo, options, message):

@@ -32,6 +32,7 @@ import dataclasses
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,16 +40,27 @@ from typing import Any
 import numpy as np
 import yaml
 
+from geotoken import DTYPES
 from geotoken.align import AlignHeads
 from geotoken.encoders.backbones import backbone_source
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
-from geotoken.io import atomic_dir, atomic_open, atomic_path, is_whole, read_json, write_json
+from geotoken.io import (
+    atomic_dir,
+    atomic_open,
+    atomic_path,
+    is_whole,
+    read_json,
+    type_name,
+    value_fits,
+    write_json,
+)
 from geotoken.model import GeoToken, ModelConfig
 from geotoken.retrieval import NeighbourIndex
 from geotoken.s2 import latlon_to_tokens
-from geotoken.search.candidates import LOGP_KINDS
+from geotoken.search.candidates import LOGP_KINDS, STRATEGIES
 from geotoken.search.mllm import MLLMConfig
+from geotoken.search.select import SELECTORS
 
 BUNDLE_FORMAT = "geotoken.bundle"
 BUNDLE_VERSION = 1
@@ -103,13 +115,37 @@ class SearchOptions:
     mllm: MLLMConfig = field(default_factory=MLLMConfig)
 
     def __post_init__(self) -> None:
+        """Every option checked where it is set (the library, a bundle, the server), not where it is used:
+        constrain="no" would be truthy, num_samples=0 would fail inside the decoder."""
         self.temperature = sampling_temperature(self.temperature)
-        if self.logp_kind not in LOGP_KINDS:
-            raise GeoTokenError(f"search option logp_kind {self.logp_kind!r}: choose one of {LOGP_KINDS}")
-        if not is_whole(self.batch_size):
-            raise GeoTokenError(
-                f"search option batch_size must be a whole number >= 1, got {self.batch_size!r}"
-            )
+        hints = typing.get_type_hints(SearchOptions)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.generic):  # a NumPy scalar from an array of options
+                value = value.item()
+                setattr(self, f.name, value)
+            if not value_fits(hints[f.name], value):
+                raise GeoTokenError(
+                    f"search option {f.name} must be {type_name(hints[f.name])}, got {value!r}"
+                )
+        choices = {"strategy": STRATEGIES, "select": SELECTORS, "logp_kind": LOGP_KINDS, "dtype": DTYPES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise GeoTokenError(
+                    f"search option {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}"
+                )
+        least = {"beam_width": 1, "num_samples": 1, "retrieved": 0, "sample_top_k": 0, "gate_tokens": 1,
+                 "batch_size": 1, "seed": 0}  # fmt: skip
+        for name, low in least.items():
+            if not is_whole(getattr(self, name), low):
+                raise GeoTokenError(
+                    f"search option {name} must be a whole number >= {low}, got {getattr(self, name)!r}"
+                )
+        for name, ok, bounds in (("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+                                 ("gate_p", 0 <= self.gate_p <= 1, "in [0, 1]"),
+                                 ("radius_km", self.radius_km > 0, "> 0")):  # fmt: skip
+            if not ok:
+                raise GeoTokenError(f"search option {name} must be {bounds}, got {getattr(self, name)!r}")
 
     def replace(self, **changes) -> SearchOptions:
         """A copy with `changes` applied; None values are ignored; unknown names are an error."""
