@@ -85,6 +85,15 @@ def test_top_k_above_the_servers_bound_is_refused_and_the_bound_is_an_option(geo
     assert "--max-top-k" in capsys.readouterr().out
 
 
+def test_a_misspelt_field_is_refused_not_dropped(client):
+    for r in (post(client, png_bytes(), topk="3"), client.post("/v1/geolocate?stratgy=beam",
+              files={"image": ("a.png", png_bytes(), "image/png")})):  # fmt: skip
+        assert r.status_code == 422, r.text
+        assert "unknown field(s) [" in r.json()["error"] and "select, strategy, top_k" in r.json()["error"]
+    body = client.get("/openapi.json").json()["components"]["schemas"]
+    assert [b["additionalProperties"] for name, b in body.items() if name.startswith("Body_")] == [False]
+
+
 def test_options_from_the_query_string(client):
     r = client.post(
         "/v1/geolocate?top_k=1&strategy=greedy", files={"image": ("a.jpg", jpeg_bytes(), "image/jpeg")}

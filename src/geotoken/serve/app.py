@@ -281,6 +281,9 @@ def docs_html(schema: dict) -> str:
     )
 
 
+REQUEST_FIELDS = frozenset({"image", "top_k", "strategy", "select", "constrain"})  # of POST /v1/geolocate
+
+
 def api_models(max_top_k: int):
     """The pydantic models of the API's schema (built here: pydantic comes with fastapi)."""
     from pydantic import BaseModel, ConfigDict, Field
@@ -502,7 +505,13 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
             runner.check()  # before decoding the upload (FastAPI has read and spooled the body by now)
         except Busy as exc:
             return busy(exc)
-        parts = len((await request.form()).getlist("image"))  # the form FastAPI parsed, cached
+        form = await request.form()  # the form FastAPI parsed, cached
+        unknown = sorted((set(form) | set(request.query_params)) - REQUEST_FIELDS)
+        if unknown:  # a misspelt option (topk=3) would be dropped and the default used without a word
+            return error(
+                422, f"unknown field(s) {unknown}: the fields are {', '.join(sorted(REQUEST_FIELDS))}"
+            )
+        parts = len(form.getlist("image"))
         if parts > 1:  # FastAPI would keep the last one and drop the others without a word
             return error(422, f"field 'image': one photo per request, got {parts} (send one request each)")
         top_k = top_k if top_k is not None else (top_k_q if top_k_q is not None else 5)
@@ -566,4 +575,18 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
     slack = 64 * 1024  # multipart boundaries and form fields around the image
     message = f"request body is larger than the upload limit of {cfg.max_upload_mb:g} MB"
     app.add_middleware(BodyLimit, limit=cfg.max_upload_bytes + slack, message=message)
+    base_openapi = app.openapi
+
+    def closed_openapi() -> dict:
+        """FastAPI's schema, the upload's form closed to other fields: the server refuses them (a misspelt
+        option), and the schema says so."""
+        if app.openapi_schema is None:
+            schema = base_openapi()
+            form = schema["paths"]["/v1/geolocate"]["post"]["requestBody"]["content"]["multipart/form-data"]
+            schema["components"]["schemas"][form["schema"]["$ref"].rsplit("/", 1)[1]][
+                "additionalProperties"
+            ] = False
+        return app.openapi_schema
+
+    app.openapi = closed_openapi
     return app
