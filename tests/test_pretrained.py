@@ -71,17 +71,20 @@ def test_predictions_are_geoclips_top_k_with_cells_places_and_confidences(geo):
     assert len(preds) == 4 and all(isinstance(p, Prediction) for p in preds)
     for b, pred in enumerate(preds):
         assert (pred.strategy, pred.select) == ("geoclip", "softmax") and len(pred.candidates) == 4
-        assert [c.probability for c in pred.candidates] == pytest.approx(want.prob[b].tolist(), abs=1e-6)
+        assert [np.exp(c.logp) for c in pred.candidates] == pytest.approx(want.prob[b].tolist(), abs=1e-6)
         assert [[c.lat, c.lon] for c in pred.candidates] == want.latlon[b].tolist()
         assert (pred.lat, pred.lon) == (pred.candidates[0].lat, pred.candidates[0].lon)
         for c in pred.candidates:
             assert (
-                c.probability_within_km == 0 and c.level == 20 and len(c.cell) == 11 and c.source == "geoclip"
+                c.probability_within_km == 200
+                and c.level == 20
+                and len(c.cell) == 11
+                and c.source == "geoclip"
             )
-            assert c.logp == pytest.approx(np.log(c.probability), abs=1e-6)
             # the softmax mass around the coordinate: at least its own probability, growing with the radius
             w = c.within
-            assert c.probability - 1e-6 <= w["25km"] <= w["200km"] <= w["750km"] <= 1 + 1e-9
+            assert np.exp(c.logp) - 1e-6 <= w["25km"] <= w["200km"] <= w["750km"] <= 1 + 1e-9
+            assert c.probability == w["200km"]
             assert len(c.polygon) == 4 and max(haversine_km(c.lat, c.lon, *np.array(c.polygon).T)) < 0.05
             assert c.place["country"] and c.level_confidence is None
         json.dumps(pred.to_dict())
@@ -94,7 +97,8 @@ def test_predictions_are_geoclips_top_k_with_cells_places_and_confidences(geo):
     # top_k beyond the gallery: all of it; the probabilities of the whole gallery sum to 1
     [everything] = geo.predict(images[:1], top_k=1000)
     assert len(everything.candidates) == 100
-    assert sum(c.probability for c in everything.candidates) == pytest.approx(1.0, abs=1e-5)
+    assert sum(np.exp(c.logp) for c in everything.candidates) == pytest.approx(1.0, abs=1e-5)
+    assert everything.note == "100 of the 1000 candidates asked for: the gallery has 100 coordinates"
 
 
 def test_paths_bytes_pil_and_arrays_give_the_same_answer_exif_orientation_applied(geo, tmp_path):
@@ -207,7 +211,7 @@ def test_cli_predict_geoclip_shows_exif_gps_and_distance(shipped, clip_dir, tmp_
 
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "sydney.jpg  (geoclip, softmax)" in out and "  p=" in out and "cell " in out
+    assert "sydney.jpg  (geoclip, softmax)" in out and "  p(<200 km)=" in out and "cell " in out
     assert "EXIF GPS -33.85680  151.21530" in out and "km from the top candidate" in out
 
     assert main([*args, "--strategy", "beam"]) == 2
@@ -232,6 +236,9 @@ def test_serve_app_on_geoclip(geo):
         assert body["candidates"][0]["probability"] == pytest.approx(geo.predict([photo(4)], top_k=1)[0].candidates[0].probability, abs=1e-6)  # fmt: skip
         r = client.post("/v1/geolocate", files={"image": ("p.png", buf.getvalue(), "image/png")}, data={"strategy": "beam"})  # fmt: skip
         assert r.status_code == 422 and "not an option of the geoclip model" in r.json()["error"]
+        form = client.get("/openapi.json").json()["components"]["schemas"]
+        [body] = [b for name, b in form.items() if name.startswith("Body_")]
+        assert set(body["properties"]) == {"image", "top_k", "strategy", "select"}  # no constrain to offer
         m = client.get("/v1/model").json()
         assert (
             m["model"]["name"] == "geoclip"

@@ -33,8 +33,8 @@ class Candidate:
 
     lat: float
     lon: float
-    probability: float  # calibrated P(true location within `probability_within_km`)
-    probability_within_km: float  # 0 (GeoCLIP): `probability` is the softmax probability of this coordinate
+    probability: float  # P(true location within `probability_within_km`), calibrated where the model is
+    probability_within_km: float
     within: dict[str, float]  # {"25km": p, "200km": p, "750km": p}
     logp: float | None  # the model's log-probability of the cell (None: an MLLM answer outside the pool)
     cell: str  # S2 cell token at `level`

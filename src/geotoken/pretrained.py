@@ -29,9 +29,10 @@ class GeoCLIPPredictor:
     """GeoCLIP (Vivanco et al., NeurIPS 2023; its weights are MIT-licensed) behind `Geolocator`'s `predict`
     and `info`: CLIP ViT-L/14 -> GeoCLIP's image head -> softmax over its 100K MP16 gallery coordinates.
 
-    Each candidate is a gallery coordinate, best first: `probability` is GeoCLIP's softmax probability of it
-    (`probability_within_km` 0), `logp` its log, `within` the softmax mass within 25 / 200 / 750 km of it
-    (uncalibrated), plus its S2 cell and polygon at `level` and the nearest place. No strategy or selector
+    Each candidate is a gallery coordinate, ranked by GeoCLIP's softmax probability of it (`logp`, its log);
+    `within` is the softmax mass within 25 / 200 / 750 km of it (uncalibrated) and `probability` the 200 km
+    one, as a bundle's candidates give P(within 200 km); plus its S2 cell and polygon at `level` and the
+    nearest place. No strategy or selector
     applies (the `Prediction` says "geoclip", "softmax"). Build with `load(clip=...)` or
     `Geolocator.from_pretrained("geoclip")`.
     """
@@ -39,6 +40,7 @@ class GeoCLIPPredictor:
     name = "geoclip"
     strategy, select = "geoclip", "softmax"
     radii_km = (25.0, 200.0, 750.0)
+    probability_radius_km = 200.0  # `probability` is the mass within it (a bundle's default radius)
 
     def __init__(self, model: GeoCLIPGeolocator, level: int = 20, batch_size: int = 16):
         if model.backbone is None:
@@ -168,8 +170,8 @@ class GeoCLIPPredictor:
                 Candidate(
                     lat=float(latlon[b, j, 0]),
                     lon=float(latlon[b, j, 1]),
-                    probability=float(prob[b, j]),
-                    probability_within_km=0.0,
+                    probability=float(within[f"{self.probability_radius_km:g}km"][b, j]),
+                    probability_within_km=self.probability_radius_km,
                     within={name: float(v[b, j]) for name, v in within.items()},
                     logp=float(np.log(prob[b, j])) if prob[b, j] > 0 else float("-inf"),
                     cell=str(hexes[b, j]),
@@ -181,7 +183,12 @@ class GeoCLIPPredictor:
                 )
                 for j in range(k)
             ]
-            out.append(Prediction(cands, dict(per_image), self.strategy, self.select))
+            note = (
+                ""
+                if k == top_k
+                else f"{k} of the {top_k} candidates asked for: the gallery has {k} coordinates"
+            )
+            out.append(Prediction(cands, dict(per_image), self.strategy, self.select, note))
         return out
 
     def _within(self, probs: torch.Tensor, index: torch.Tensor) -> dict[str, np.ndarray]:

@@ -132,7 +132,7 @@ def _text(path: str, pred, gps: dict | None = None) -> str:
     for i, c in enumerate(pred.candidates, 1):
         place = ", ".join(x for x in (c.place.get("city"), c.place.get("country")) if x)
         levels = " ".join(f"{v:.2f}" for v in c.level_confidence or [])
-        p = f"p(<{c.probability_within_km:g} km)" if c.probability_within_km else "p"
+        p = f"p(<{c.probability_within_km:g} km)"
         lines.append(
             f"  {i}. {c.lat:9.5f} {c.lon:10.5f}  {p}={c.probability:.3f}  "
             f"cell {c.cell}  {place or '-'}" + (f"  levels {levels}" if levels else "")

@@ -583,9 +583,10 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
         if app.openapi_schema is None:
             schema = base_openapi()
             form = schema["paths"]["/v1/geolocate"]["post"]["requestBody"]["content"]["multipart/form-data"]
-            schema["components"]["schemas"][form["schema"]["$ref"].rsplit("/", 1)[1]][
-                "additionalProperties"
-            ] = False
+            body = schema["components"]["schemas"][form["schema"]["$ref"].rsplit("/", 1)[1]]
+            body["additionalProperties"] = False
+            if not searchable:  # GeoCLIP: no gallery decoding to switch, every value is refused
+                body["properties"].pop("constrain", None)
         return app.openapi_schema
 
     app.openapi = closed_openapi

@@ -107,7 +107,7 @@ function listCandidates(result) {
     const levels = (c.level_confidence || [])
       .map((v, l) => `<span title="level ${l}: ${fmtPct(v)}"><i style="height:${Math.max(4, 100 * v)}%"></i></span>`).join("");
     li.innerHTML =
-      `<span class="prob" title="${c.probability_within_km ? `calibrated P(within ${c.probability_within_km} km)` : "probability of this coordinate"}">${fmtPct(c.probability)}</span>` +
+      `<span class="prob" title="P(within ${c.probability_within_km} km)">${fmtPct(c.probability)}</span>` +
       `<span class="where"></span><br><span class="muted">${c.lat.toFixed(4)}, ${c.lon.toFixed(4)} · cell ${c.cell}</span>` +
       `<div class="levels" title="per-level confidence, coarse to fine">${levels}</div>`;
     li.querySelector(".where").textContent = placeText(c.place) || "(no place name)";
