@@ -74,6 +74,8 @@ def test_resume_after_crash_is_byte_identical(tmp_path):
         "features" not in FeatureStore.open(tmp_path / "part")
         and len(FeatureStore.open(tmp_path / "part")) == 0
     )
+    with pytest.raises(GeoTokenError, match="chunk_rows.*--batch-size 4"):  # mid-run, batches are fixed
+        run_embed(manifest, tmp_path / "part", batch_size=5)
     resumed_backbone = TinyBackbone()
     resumed = run_embed(manifest, tmp_path / "part", backbone=resumed_backbone)
     assert resumed_backbone.calls == 1  # only the last chunk (rows 8..10) was computed again
@@ -81,10 +83,11 @@ def test_resume_after_crash_is_byte_identical(tmp_path):
         tmp_path / "whole" / "features.npy"
     ).read_bytes()
     assert resumed.header == {**whole.header}
-    # a finished store is reused as is; a different batch size or manifest is refused, naming the field
+    # a finished store is reused as is, whatever the batch size; another manifest is refused, naming the field
     assert run_embed(manifest, tmp_path / "whole", backbone=TinyBackbone(fail_after=0)).rows == 11
-    with pytest.raises(GeoTokenError, match="chunk_rows.*--batch-size 4"):
-        run_embed(manifest, tmp_path / "whole", batch_size=5)
+    assert (
+        run_embed(manifest, tmp_path / "whole", batch_size=5, backbone=TinyBackbone(fail_after=0)).rows == 11
+    )
     manifest.lat[0] += 1  # the manifest's content hash changes
     with pytest.raises(GeoTokenError, match="manifest_hash"):
         run_embed(manifest, tmp_path / "whole")

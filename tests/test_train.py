@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from geotoken.cli.train import training_summary
 from geotoken.errors import GeoTokenError
 from geotoken.gallery import Gallery
 from geotoken.model import GeoToken, preset
@@ -153,8 +154,11 @@ def test_resume_is_bit_identical(tmp_path):
     full = train(mc, cfg, data, tmp_path / "full")
     part = train(mc, cfg, data, tmp_path / "part", stop_at=4)
     assert json.loads((tmp_path / "part/last/state.json").read_text())["step"] == 4
+    assert training_summary(tmp_path / "part").startswith("stopped at step 4 of 8: ")
+    assert "rerun with --resume" in training_summary(tmp_path / "part")
     assert weights_hash(part) != weights_hash(full)
     resumed = train(mc, cfg, data, tmp_path / "part", resume=True)
+    assert training_summary(tmp_path / "part").startswith("trained model: ")
     assert weights_hash(resumed) == weights_hash(full)
     from safetensors.torch import load_file
 

@@ -15,6 +15,7 @@ from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
 from geotoken.devices import retain_freed_memory
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
+from geotoken.io import read_json
 from geotoken.model import ARCHS, PRESETS, ModelConfig, preset
 from geotoken.train import SCHEDULES, WEIGHT_DECAY_ON, TrainConfig, TrainData, holdout_rows, train
 from geotoken.train.recipes import RECIPES, resolve_train_config
@@ -224,6 +225,17 @@ def run(args) -> int:
         sources,
         args.stop_at,
     )
-    out = Path(args.out)
-    print(f"trained model: {out / 'best'} (best validation) and {out / 'last'} (resume point)")
+    print(training_summary(Path(args.out)))
     return 0
+
+
+def training_summary(out: Path) -> str:
+    """What a run left: finished, or stopped early (--stop-at) with where it resumes; the best checkpoint."""
+    state = read_json(out / "last" / "state.json")
+    step, total, best = state["step"], state.get("total_steps", state["step"]), state.get("best_step")
+    kept = f"{out / 'best'} (best validation, step {best})" if best is not None else "no validation yet"
+    if step < total:
+        return (
+            f"stopped at step {step:,} of {total:,}: {kept}; rerun with --resume to go on from {out / 'last'}"
+        )
+    return f"trained model: {kept} and {out / 'last'} (step {step:,}, the resume point)"

@@ -101,9 +101,10 @@ def _open_or_create(out_dir: Path, manifest, backbone, identity: dict[str, Any])
     """Rank 0 only: reuse a store whose identity matches (resume), or create a new one."""
     if (out_dir / "store.json").is_file():
         store = FeatureStore.open(out_dir)
+        finished = store.header["arrays"].get("features", {}).get("complete")
         for key, want in identity.items():
             have = store.header.get(key)
-            if have != want:
+            if have != want and not (finished and key == "chunk_rows"):  # batches matter mid-run only
                 hint = (
                     f"resume with --batch-size {have} (it fixes which images share a batch) or use a new output folder"
                     if key == "chunk_rows"

@@ -78,7 +78,9 @@ class TrainData:
                     )
         if k > self.k_store:
             raise GeoTokenError(
-                f"{self.source}: neighbour table has {self.k_store} neighbours per row, model needs k={k}"
+                f"{self.source}: neighbour table has {self.k_store} neighbours per row, the model reads k={k}: "
+                f"train with -k {self.k_store} (or fewer), or write a deeper table (geotoken index neighbours "
+                f"... -k {k})"
             )
         bad = self.neighbours[:, :k] >= self.gallery.rows  # -1 marks a skipped row, see `usable`
         if bad.any():

@@ -464,7 +464,7 @@ def train(
         if step % cfg.checkpoint_every == 0 or step == end:
             rngs = _gather_rng(d)
             if d.main:
-                save_checkpoint(out / "last", model, opt, {**state, "step": step}, rngs)
+                save_checkpoint(out / "last", model, opt, {**state, "step": step, "total_steps": total}, rngs)
             if d.world > 1:
                 dist.barrier()
     if bar is not None:
