@@ -20,7 +20,6 @@ from geotoken.encoders import BACKBONES
 from geotoken.encoders.clip import PRECISIONS
 from geotoken.encoders.ort import RUNTIMES
 from geotoken.encoders.text import TEXT_ENCODERS
-from geotoken.evaluate import EVAL_STRATEGIES
 from geotoken.evaluate.baselines import GPS_GALLERIES
 from geotoken.fit import CALIBRATION_SELECTORS
 from geotoken.model import ARCHS
@@ -67,7 +66,6 @@ REGISTRIES = {
 # (command path, dest) -> the registry it must equal instead: a documented part of a registry, or the
 # registry of that command's own presets
 PER_COMMAND = {
-    (("evaluate",), "strategy"): EVAL_STRATEGIES,
     (("calibrate",), "select"): CALIBRATION_SELECTORS,
     (("train",), "preset"): tuple(MODEL_PRESETS),
     (("bench", "train"), "preset"): tuple(MODEL_PRESETS),
@@ -149,7 +147,7 @@ def test_every_command_is_walked():
 
 
 def test_the_narrowed_registries_are_parts_of_the_registries():
-    assert set(EVAL_STRATEGIES) < set(STRATEGIES) and set(CALIBRATION_SELECTORS) < set(SELECTORS)
+    assert set(CALIBRATION_SELECTORS) < set(SELECTORS)
     assert set(REFERENCE) <= set(MODEL_PRESETS)
 
 

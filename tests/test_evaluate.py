@@ -254,8 +254,8 @@ def test_config_and_neighbour_table_are_checked_by_the_library(tmp_path):
     ]:
         with pytest.raises(GeoTokenError, match=f"{field} must be >= 1, got 0"):
             EvalConfig(**kwargs)
-    with pytest.raises(GeoTokenError, match="beam\\+sample"):
-        rows_to_run(GeoTokenMethodConfig(strategies=("beam+sample",)))
+    with pytest.raises(GeoTokenError, match="evaluation strategies \\['beem'\\]: choose from greedy, beam"):
+        rows_to_run(GeoTokenMethodConfig(strategies=("beem",)))
     gallery, queries = synthetic_splits(n_gallery=30, n_queries=4, seed=1)
     nb = tmp_path / "nb"
     nb.mkdir()

@@ -57,6 +57,7 @@ def test_rows_and_labels():
     assert row_label("greedy", "logp", cfg, constrain=False) == "geotoken greedy"
     assert row_label("sample+retrieval", "reward", cfg, False) == "geotoken sample10+nbr5+reward"
     assert row_label("greedy+sample+retrieval", "gate", cfg) == "geotoken greedy+sample10+nbr5+gate+gallery"
+    assert row_label("beam+sample", "vote", cfg) == "geotoken beam5+sample10+vote+gallery"  # both pool sizes
 
 
 def test_rows_free_and_constrained():
@@ -74,8 +75,8 @@ def test_rows_free_and_constrained():
     assert rows_to_run(free) == [("beam", "logp", False), ("greedy", "logp", False)]
     with pytest.raises(GeoTokenError, match="constrain"):
         rows_to_run(GeoTokenMethodConfig(constrain=()))
-    with pytest.raises(GeoTokenError, match="beam\\+sample"):
-        rows_to_run(GeoTokenMethodConfig(free_strategies=("beam+sample",)))
+    with pytest.raises(GeoTokenError, match="choose from greedy, beam, sample, beam\\+sample"):
+        rows_to_run(GeoTokenMethodConfig(free_strategies=("bem",)))
 
 
 def test_free_and_constrained_rows_in_one_table(geolocator_and_splits, tmp_path):
@@ -113,14 +114,17 @@ def test_geotoken_rows_in_one_table(geolocator_and_splits, tmp_path):
         methods=("nn", "geotoken"),
         n_boot=50,
         geotoken=GeoTokenMethodConfig(
-            strategies=("greedy", "beam", "sample"), selectors=("logp", "consensus"), num_samples=4
+            strategies=("greedy", "beam", "sample", "beam+sample"),
+            selectors=("logp", "consensus"),
+            num_samples=4,
         ),
         plots=False,
     )
     res = evaluate(gallery, queries, tmp_path, cfg, geolocator=geo, log=lambda *a: None)
     assert not list(tmp_path.glob("*.png"))
     labels = ["nn", "geotoken greedy+gallery", "geotoken beam5+logp+gallery", "geotoken beam5+consensus+gallery",
-              "geotoken sample4+logp+gallery", "geotoken sample4+consensus+gallery"]  # fmt: skip
+              "geotoken sample4+logp+gallery", "geotoken sample4+consensus+gallery",
+              "geotoken beam5+sample4+logp+gallery", "geotoken beam5+sample4+consensus+gallery"]  # fmt: skip
     assert list(res.runs) == labels
     report = json.loads((tmp_path / "metrics.json").read_text())
     # paired: every row minus the reference (nn), then every search row minus greedy

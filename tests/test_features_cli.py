@@ -59,8 +59,7 @@ def test_a_manifest_without_rows_is_refused(tmp_path, capsys):
         str(tmp_path / "bad.csv"),
         "-o",
         str(tmp_path / "m.csv"),
-        "--skip-report",
-        str(tmp_path / "r.csv"),
+        "--skip-bad",
     ]
     assert main(args) == 2 and "every row was bad" in capsys.readouterr().err
     Manifest([], np.zeros(0), np.zeros(0), [], source="empty.csv").write_csv(tmp_path / "zero.csv")

@@ -97,7 +97,13 @@ def test_an_output_naming_an_input_is_refused(tmp_path, capsys):
     for argv in (
         ["tokenize", str(csv), "-o", str(csv)],
         ["manifest", str(csv), "-o", str(csv)],
-        ["manifest", str(csv), "-o", str(tmp_path / "m.csv"), "--skip-report", str(csv)],
+        [
+            "manifest",
+            str(tmp_path / "a.report.csv"),
+            "-o",
+            str(tmp_path / "a.csv"),
+            "--skip-bad",
+        ],  # its report
         ["predict", str(csv), "--model", "nowhere", "-o", str(csv)],
     ):
         assert main(argv) == 2, argv

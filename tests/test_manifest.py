@@ -102,11 +102,11 @@ def test_skip_writes_report_and_keeps_good_rows(tmp_path):
     with pytest.raises(GeoTokenError, match=r"line 3: .*\(2 more bad rows") as said:
         read_manifest(p)
     # the hint names a command that has the option, whichever command read the file (tokenize, earthviews)
-    assert "`geotoken manifest FILE -o CLEAN.csv --skip-report REPORT.csv`" in str(said.value)
+    assert "`geotoken manifest FILE -o CLEAN.csv --skip-bad`" in str(said.value)
     from geotoken.cli import main
 
-    report = tmp_path / "listed.csv"
-    assert main(["manifest", str(p), "-o", str(tmp_path / "clean.csv"), "--skip-report", str(report)]) == 0
+    report = tmp_path / "clean.report.csv"
+    assert main(["manifest", str(p), "-o", str(tmp_path / "clean.csv"), "--skip-bad"]) == 0
     assert len(report.read_text().splitlines()) == 4  # header + the 3 bad rows
     with pytest.raises(GeoTokenError, match="skip_report"):
         read_manifest(p, on_error="skip")

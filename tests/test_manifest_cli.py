@@ -51,11 +51,13 @@ def test_manifest_command_bad_input_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad.csv: line 3: id 'b': lat 100.0 is outside" in err
     assert not out.exists()
-    report = tmp_path / "skipped.csv"
-    assert main(["manifest", str(src), "-o", str(out), "--skip-report", str(report)]) == 0
-    assert "1 bad rows skipped" in capsys.readouterr().out
+    assert main(["manifest", str(src), "-o", str(out), "--skip-bad"]) == 0
+    assert f"1 bad rows left out (listed in {tmp_path / 'm.report.csv'})" in capsys.readouterr().out
     assert read_manifest(out).ids.tolist() == ["a", "c"]
-    assert report.read_text().splitlines()[1].startswith("3,b,")
+    # the report of --format's layouts: where (file and line), id, reason
+    lines = (tmp_path / "m.report.csv").read_text().splitlines()
+    assert lines[0] == "where,id,reason" and lines[1].startswith(f"{src}: line 3,b,")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "m.csv", "m.report.csv"]
 
 
 def test_manifest_command_from_shards(tmp_path):

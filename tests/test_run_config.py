@@ -243,8 +243,6 @@ def test_manifest_format_writes_manifest_texts_and_report(tmp_path, capsys):
     other[3] = "mp16"  # MP16-Pro's csv read as plain MP16: its place texts would be dropped without a word
     assert main([*other, str(tmp_path / "out" / "plain.csv")]) == 0
     assert "hint: this file has MP16-Pro's place columns" in capsys.readouterr().out
-    assert main([*args, "--skip-report", str(tmp_path / "r.csv")]) == 2
-    capsys.readouterr()
     assert main([*args, "--check-images", "decode"]) == 2  # not silently ignored
     assert "--check-images is for plain annotation files" in capsys.readouterr().err
     assert main(["manifest", str(path), "--holdout", "2", "-o", str(tmp_path / "plain.csv")]) == 2

@@ -41,7 +41,13 @@ def register(subparsers) -> None:
     )
     sub = p.add_subparsers(dest="align_command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train heads on a store's features and coordinates", description=HELP)
+    t = sub.add_parser(
+        "train",
+        help="train heads on a store's features and coordinates",
+        description="Train the alignment heads contrastively on a feature store's backbone features and "
+        "coordinates (GPS head) and place texts (text head); writes OUT (weights, config, metrics.json) and "
+        "resumes a killed run from its last whole epoch. Apply them with `geotoken align apply`.",
+    )
     t.add_argument("store", help="feature store with `features` (from geotoken embed)")
     t.add_argument(
         "-o",
@@ -112,7 +118,13 @@ def register(subparsers) -> None:
     t.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
     t.set_defaults(func=run_train)
 
-    a = sub.add_parser("apply", help="write visual/gps/text arrays into a store", description=HELP)
+    a = sub.add_parser(
+        "apply",
+        help="write visual/gps/text arrays into a store",
+        description="Run trained alignment heads over a store's features and write its visual, gps and text "
+        "arrays, each marked with the heads' fingerprint: the gallery and every query store must be aligned "
+        "by the same heads, and the commands that meet two stores check it.",
+    )
     a.add_argument("heads", help="heads folder written by `geotoken align train`")
     a.add_argument("store", help="feature store with `features` from the same backbone")
     a.add_argument("--batch-size", type=int, default=8192, help="rows per step (default 8192)")

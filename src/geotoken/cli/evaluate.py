@@ -9,7 +9,6 @@ from geotoken.bundle import PAPER_TEMPERATURE, sampling_temperature
 from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
 from geotoken.evaluate import (
     BASELINES,
-    EVAL_STRATEGIES,
     METHODS,
     EvalConfig,
     GeoTokenMethodConfig,
@@ -25,7 +24,7 @@ from geotoken.evaluate.baselines import (
     RetrievalConfig,
 )
 from geotoken.evaluate.metrics import print_tables
-from geotoken.search import LOGP_KINDS, SELECTORS
+from geotoken.search import LOGP_KINDS, SELECTORS, STRATEGIES
 
 HELP = "evaluate methods (baselines, the model) on a query set: accuracy table with 95% CIs, CSV, plots"
 
@@ -89,7 +88,9 @@ def register(subparsers) -> None:
     g.add_argument(
         "--embedding", default=r.embedding, help="store array for nn/knn cosine search (default %(default)s)"
     )
-    g.add_argument("-k", "--k", type=int, default=r.k, help="knn: neighbours voting (default %(default)s)")
+    g.add_argument(
+        "-k", "--k", type=int, default=r.k, help="knn: neighbours per query that vote (default %(default)s)"
+    )
     g.add_argument(
         "--knn-radius-km", type=float, default=r.radius_km, help="knn: cluster radius (default %(default)s)"
     )
@@ -133,7 +134,7 @@ def register(subparsers) -> None:
         "--strategy",
         nargs="+",
         default=list(m.strategies),
-        choices=EVAL_STRATEGIES,
+        choices=STRATEGIES,
         help="decoding strategies to evaluate, each a row of the table",
     )
     g.add_argument(
@@ -170,7 +171,7 @@ def register(subparsers) -> None:
         "--free-strategy",
         nargs="+",
         default=list(m.free_strategies),
-        choices=EVAL_STRATEGIES,
+        choices=STRATEGIES,
         help="strategies also decoded freely, beside the --constrain rows (e.g. greedy: both decodings)",
     )
     p.set_defaults(func=run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from geotoken.data.datasets import FORMATS, DatasetSource, guess_format
+from geotoken.data.datasets import FORMATS, DatasetSource, guess_format, read_skip_report, write_report
 from geotoken.data.manifest import read_annotations, read_header
 from geotoken.errors import GeoTokenError
 from geotoken.io import check_outputs_spare_inputs
@@ -22,8 +22,9 @@ def register(subparsers) -> None:
         + ". Reads plain id,lat,lon,image CSVs and LAT,LON lists (columns detected by name), MP16 / "
         "MP16-Pro, Im2GPS3k, YFCC4k and OSV-5M (their images are named by id: with --format), or a folder / "
         "list of img2dataset .tar shards. Bad rows (coordinates out of range or unreadable, duplicate ids, short "
-        "rows) stop the command with the file, line and value, unless --skip-report is given; with --format "
-        "they are left out and listed in the report with the rows whose image is missing, counted apart.",
+        "rows) stop the command with the file, line and value, unless --skip-bad is given; with --format "
+        "they are left out, as with --skip-bad. The rows left out are listed in OUT's name + .report.csv "
+        "(where,id,reason), with --format beside the rows whose image is missing, counted apart.",
     )
     p.add_argument("inputs", nargs="+", help="annotation CSV, or .tar shards / a folder of them")
     p.add_argument("-o", "--out", required=True, help="manifest CSV to write (id,lat,lon,image)")
@@ -52,7 +53,10 @@ def register(subparsers) -> None:
         help="also check that every image exists, or that it decodes (slow); default %(default)s",
     )
     p.add_argument(
-        "--skip-report", help="drop bad rows instead of stopping, and list them (row,id,reason) here"
+        "--skip-bad",
+        action="store_true",
+        help="leave bad rows out instead of stopping, each listed in OUT's name + .report.csv (always so "
+        "with --format)",
     )
     p.set_defaults(func=run)
 
@@ -60,10 +64,8 @@ def register(subparsers) -> None:
 def run_format(args) -> int:
     """A real dataset layout, exactly as the `dataset` stage of `geotoken run` reads it (one source)."""
     out = Path(args.out)
-    if out.suffix != ".csv" or args.skip_report:
-        raise GeoTokenError(
-            "with --format, -o names SPLIT.csv and the report is SPLIT.report.csv (no --skip-report)"
-        )
+    if out.suffix != ".csv":
+        raise GeoTokenError(f"-o {out}: with --format, -o names SPLIT.csv (the report is SPLIT.report.csv)")
     if args.check_images != "no":
         raise GeoTokenError(
             "--check-images is for plain annotation files: with --format every row's image is found in the "
@@ -108,7 +110,8 @@ def check_images_named_by_id(inputs: list[str]) -> None:
 
 
 def run(args) -> int:
-    check_outputs_spare_inputs(args.inputs, args.out, args.skip_report)
+    report = report_path(args.out)
+    check_outputs_spare_inputs(args.inputs, args.out, report if args.skip_bad or args.format else None)
     if args.format:
         return run_format(args)
     if args.holdout:
@@ -116,20 +119,27 @@ def run(args) -> int:
             "--holdout needs --format (a real dataset's layout, read as the dataset stage does)"
         )
     check_images_named_by_id(args.inputs)
+    skips = report.with_name(f".{report.name}.rows")  # the reader's own (row,id,reason), made a report below
     m = read_annotations(
         args.inputs,
         image_root=args.image_root,
         check_images=False if args.check_images == "no" else args.check_images,
-        on_error="skip" if args.skip_report else "raise",
-        skip_report=args.skip_report,
+        on_error="skip" if args.skip_bad else "raise",
+        skip_report=skips if args.skip_bad else None,
     )
+    left_out = read_skip_report(skips, str(args.inputs[0])) if args.skip_bad else []
+    if args.skip_bad:
+        write_report(report, left_out)
     if not len(m):  # every later stage would choke on it, far from here
-        left = f" (every row was bad: {args.skip_report})" if args.skip_report else ""
+        left = f" (every row was bad: {report})" if args.skip_bad else ""
         raise GeoTokenError(f"{', '.join(map(str, args.inputs))}: no rows to write{left}")
     m.write_csv(args.out)
-    skipped = ""
-    if args.skip_report:
-        with open(args.skip_report, encoding="utf-8") as f:
-            skipped = f"; {sum(1 for _ in f) - 1} bad rows skipped (see {args.skip_report})"
-    print(f"wrote {len(m)} rows to {args.out}{skipped}")
+    skipped = f"; {len(left_out):,} bad rows left out (listed in {report})" if args.skip_bad else ""
+    print(f"wrote {len(m):,} rows to {args.out}{skipped}")
     return 0
+
+
+def report_path(out: str | Path) -> Path:
+    """Where the rows left out are listed: OUT's name + .report.csv (as the dataset stage's SPLIT.report.csv)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.report.csv")

@@ -393,7 +393,7 @@ def read_source(source: DatasetSource, workdir: str | os.PathLike) -> SourceResu
     skips = workdir / f"{source.split}.bad-rows.csv"
     if source.format == "shards":
         manifest = manifest_from_shards(source.images, on_error="skip", skip_report=skips)
-        report = _read_skips(skips, source.images)
+        report = read_skip_report(skips, source.images)
         manifest, _ = _limit(manifest, None, source.limit)
         return SourceResult(manifest, None, report, {"rows": len(manifest) + len(report),
                                                      "kept": len(manifest), "left_out": len(report)})  # fmt: skip
@@ -403,7 +403,7 @@ def read_source(source: DatasetSource, workdir: str | os.PathLike) -> SourceResu
     images = source.images or str(annotations.parent)
     # every row first (coordinates, ids checked; images resolved below), then the images it names
     manifest = read_manifest(annotations, image_root=images, on_error="skip", skip_report=skips)
-    report = _read_skips(skips, str(annotations))
+    report = read_skip_report(skips, str(annotations))
     bad_rows = len(report)
     header = read_header(annotations)
     id_column = _id_column(source, header)
@@ -480,8 +480,9 @@ def describe_left_out(counts: dict) -> str:
     )
 
 
-def _read_skips(path: Path, where: str) -> list[tuple[str, str, str]]:
-    """The reader's skip report (row,id,reason) as report rows."""
+def read_skip_report(path: Path, where: str) -> list[tuple[str, str, str]]:
+    """A reader's skip report (`row,id,reason`, `read_manifest`'s) as report rows (where, id, reason), where
+    "FILE: line N"; the file is removed (its rows live on in the report)."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     path.unlink()

@@ -15,7 +15,6 @@ from geotoken.evaluate.evaluate import (
     load_neighbours,
     load_split,
 )
-from geotoken.evaluate.geotoken_method import EVAL_STRATEGIES
 from geotoken.evaluate.metrics import (
     Estimate,
     MethodMetrics,
@@ -26,7 +25,6 @@ from geotoken.evaluate.metrics import (
 
 __all__ = [
     "BASELINES",
-    "EVAL_STRATEGIES",
     "METHODS",
     "Estimate",
     "EvalConfig",

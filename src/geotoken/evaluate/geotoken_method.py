@@ -31,10 +31,6 @@ from geotoken.s2 import latlon_to_tokens
 from geotoken.search import STRATEGIES
 from geotoken.search.calibration import Calibration, calibration_data, calibration_report
 
-# strategies evaluated as table rows (a row label names one pool size, and beam+sample has two)
-EVAL_STRATEGIES = tuple(s for s in STRATEGIES if s != "beam+sample")
-
-
 # the label suffix of a row decoded under the gallery-prefix constraint (every answer a gallery photo's cell)
 GALLERY_SUFFIX = "+gallery"
 
@@ -50,6 +46,8 @@ def row_label(strategy: str, select: str, cfg, constrain: bool = True) -> str:
     if strategy.endswith("sample+retrieval"):  # e.g. 'geotoken sample10+nbr5+reward+gallery'
         first = "greedy+" if strategy.startswith("greedy+") else ""
         return f"geotoken {first}sample{cfg.num_samples}+nbr{cfg.retrieved}+{select}{suffix}"
+    if strategy == "beam+sample":  # both pool sizes, e.g. 'geotoken beam5+sample10+consensus'
+        return f"geotoken beam{cfg.beam_width}+sample{cfg.num_samples}+{select}{suffix}"
     size = cfg.beam_width if strategy == "beam" else cfg.num_samples
     return f"geotoken {strategy}{size}+{select}{suffix}"
 
@@ -60,9 +58,9 @@ def rows_to_run(cfg) -> list[tuple[str, str, bool]]:
     Every strategy is decoded with each of `cfg.constrain` (True: gallery-constrained, False: free), and
     the strategies of `cfg.free_strategies` also free; free rows come first within a strategy."""
     strategies = (*cfg.strategies, *cfg.free_strategies)
-    unknown = [s for s in strategies if s not in EVAL_STRATEGIES]
+    unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
-        raise GeoTokenError(f"evaluation strategies {unknown}: choose from {', '.join(EVAL_STRATEGIES)}")
+        raise GeoTokenError(f"evaluation strategies {unknown}: choose from {', '.join(STRATEGIES)}")
     if not cfg.constrain:
         raise GeoTokenError(
             "evaluation: constrain needs at least one of True (gallery-constrained), False (free)"
