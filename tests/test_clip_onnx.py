@@ -59,7 +59,7 @@ def exports(monkeypatch):
 
 
 def clip(clip_dir, **options):
-    return load_backbone("clip", model=str(clip_dir), **options)
+    return load_backbone("clip", clip=str(clip_dir), **options)
 
 
 def test_onnx_fp32_matches_torch_fp32(clip_dir, images, cache):

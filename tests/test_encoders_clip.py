@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from geotoken import assets
-from geotoken.encoders import load_backbone, load_text_encoder
+from geotoken.encoders import backbone_source, load_backbone, load_text_encoder
+from geotoken.encoders.base import clip_spelled
 from geotoken.errors import GeoTokenError
 
 MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -68,7 +69,7 @@ def tiny_clip(tmp_path_factory):
 
 def test_image_backbone_matches_transformers(tiny_clip):
     folder, model = tiny_clip
-    backbone = load_backbone("clip", model=str(folder))
+    backbone = load_backbone("clip", clip=str(folder))
     assert (backbone.name, backbone.dim, backbone.image_size) == ("clip", 16, 30)
     x = torch.randn(3, 3, 30, 30)
     with torch.no_grad():
@@ -78,7 +79,11 @@ def test_image_backbone_matches_transformers(tiny_clip):
     assert got.shape == (3, 16)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     again = load_backbone(**backbone.config())
-    assert again.config() == {"name": "clip", "model": str(folder), "dtype": "float32"}
+    assert again.config() == {"name": "clip", "clip": str(folder), "dtype": "float32"}
+    # a store, heads or bundle saved before the weights were spelled `clip` says "model": still loads
+    before = {"name": "clip", "model": str(folder), "dtype": "float32"}
+    assert load_backbone(**before).config() == again.config() and clip_spelled(before) == again.config()
+    assert backbone_source(before) == {"kind": "folder", "path": str(folder.resolve())}
     with torch.no_grad():
         assert torch.equal(again(x), got)
 
@@ -87,7 +92,7 @@ def test_preprocessing_matches_the_hf_image_processor(tiny_clip):
     from transformers import CLIPImageProcessorPil
 
     folder, _ = tiny_clip
-    backbone = load_backbone("clip", model=str(folder))
+    backbone = load_backbone("clip", clip=str(folder))
     hf = CLIPImageProcessorPil(
         size={"shortest_edge": 34}, crop_size={"height": 30, "width": 30}, image_mean=MEAN, image_std=STD
     )
@@ -114,8 +119,8 @@ def test_vision_only_folder(tiny_clip, tmp_path):
     (tmp_path / "preprocessor_config.json").write_bytes((folder / "preprocessor_config.json").read_bytes())
     x = torch.randn(2, 3, 30, 30)
     with torch.no_grad():
-        want = load_backbone("clip", model=str(folder))(x)
-        torch.testing.assert_close(load_backbone("clip", model=str(tmp_path))(x), want)
+        want = load_backbone("clip", clip=str(folder))(x)
+        torch.testing.assert_close(load_backbone("clip", clip=str(tmp_path))(x), want)
 
 
 def test_folder_without_vision_weights_is_an_error(tiny_clip, tmp_path):
@@ -124,16 +129,16 @@ def test_folder_without_vision_weights_is_an_error(tiny_clip, tmp_path):
     folder, model = tiny_clip
     CLIPTextModelWithProjection(model.config.text_config).save_pretrained(tmp_path)
     with pytest.raises(GeoTokenError, match="not a CLIP model with a vision tower"):
-        load_backbone("clip", model=str(tmp_path))
+        load_backbone("clip", clip=str(tmp_path))
     with pytest.raises(GeoTokenError, match="dtype"):
-        load_backbone("clip", model=str(folder), dtype="int8")
+        load_backbone("clip", clip=str(folder), dtype="int8")
     with pytest.raises(GeoTokenError, match="cannot load"):
-        load_backbone("clip", model=str(tmp_path / "missing"))
+        load_backbone("clip", clip=str(tmp_path / "missing"))
 
 
 def test_clip_text_tower(tiny_clip):
     folder, model = tiny_clip
-    encoder = load_text_encoder("clip", model=str(folder))
+    encoder = load_text_encoder("clip", clip=str(folder))
     texts = ["a photo taken in paris, france", "a photo taken in kyoto, japan", "a photo"]
     got = encoder.encode(texts)
     assert got.shape == (3, 16) == (len(texts), encoder.dim)
@@ -152,8 +157,8 @@ def test_towers_load_from_a_full_checkpoint_without_transformers_load_report(tin
 
     folder, _ = tiny_clip
     before = hf_logging.get_verbosity()
-    load_text_encoder("clip", model=str(folder))
-    load_backbone("clip", model=str(folder))
+    load_text_encoder("clip", clip=str(folder))
+    load_backbone("clip", clip=str(folder))
     assert "UNEXPECTED" not in capfd.readouterr().err
     assert hf_logging.get_verbosity() == before  # the user's own setting is put back
 
@@ -161,23 +166,23 @@ def test_towers_load_from_a_full_checkpoint_without_transformers_load_report(tin
 def test_a_hub_id_that_cannot_be_fetched_names_the_offline_ways(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # already offline: not in the cache, so fetch it once
     with pytest.raises(
-        GeoTokenError, match=r"name a local CLIP folder \(--clip / model\) or fetch it once"
+        GeoTokenError, match=r"name a local CLIP folder \(--clip / clip=\) or fetch it once"
     ) as said:
-        load_backbone("clip", model="nobody/no-such-clip")
+        load_backbone("clip", clip="nobody/no-such-clip")
     assert "set HF_HUB_OFFLINE" not in str(said.value)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     with pytest.raises(
         GeoTokenError,
-        match=r"cannot load model 'nobody/no-such-clip'.*name a local CLIP folder.*HF_HUB_OFFLINE=1",
+        match=r"cannot load 'nobody/no-such-clip'.*name a local CLIP folder.*HF_HUB_OFFLINE=1",
     ):
         load_backbone("clip", model="nobody/no-such-clip")  # one line, the offline ways at its end
     with pytest.raises(GeoTokenError) as folder:  # a folder is not fetched: no network hint
-        load_backbone("clip", model=str(tmp_path))
+        load_backbone("clip", clip=str(tmp_path))
     assert "HF_HUB_OFFLINE" not in str(folder.value)
 
 
 def test_a_batch_is_preprocessed_in_threads_exactly_as_one_by_one(tiny_clip):
-    backbone = load_backbone("clip", model=str(tiny_clip[0]))
+    backbone = load_backbone("clip", clip=str(tiny_clip[0]))
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(300, 400), (64, 33), (500, 120)]]  # fmt: skip
     images += [images[0].convert("L"), images[1].convert("RGBA")]  # other modes are read as RGB
@@ -189,7 +194,7 @@ def test_a_batch_is_preprocessed_in_threads_exactly_as_one_by_one(tiny_clip):
 def test_a_forked_child_preprocesses_with_a_pool_of_its_own(tiny_clip):
     import multiprocessing as mp
 
-    backbone = load_backbone("clip", model=str(tiny_clip[0]))
+    backbone = load_backbone("clip", clip=str(tiny_clip[0]))
     images = [Image.new("RGB", (40, 30), (i, 0, 0)) for i in range(3)]
     want = backbone.preprocess_batch(images)  # the parent's pool exists now
     ctx = mp.get_context("fork")  # the child's copy of the parent's pool has no threads
@@ -211,6 +216,6 @@ def test_a_clip_folder_without_tokenizer_files_is_no_text_encoder(tmp_path, tiny
 
     bare = testing.tiny_clip(tmp_path / "bare")  # weights and image preprocessing only
     with pytest.raises(GeoTokenError, match="has no usable tokenizer .*vocab.json \\+ merges.txt"):
-        load_text_encoder("clip", model=str(bare))
+        load_text_encoder("clip", clip=str(bare))
     folder, _ = tiny_clip
-    assert load_text_encoder("clip", model=str(folder)).dim > 0  # with its tokenizer files it loads
+    assert load_text_encoder("clip", clip=str(folder)).dim > 0  # with its tokenizer files it loads

@@ -135,7 +135,7 @@ def test_a_relative_clip_folder_is_checked_where_it_was_embedded(tmp_path, monke
         assert main([*args, *wrong]) == 2 and said in capsys.readouterr().err
     assert main([*args, "--threads", "1"]) == 0
     header = FeatureStore.open(work / "store").header
-    assert header["backbone"]["model"] == "models/tiny"
+    assert header["backbone"]["clip"] == "models/tiny"
     folder = str((work / "models" / "tiny").resolve())
     assert header["backbone_source"] == {"kind": "folder", "path": folder}
 

@@ -178,7 +178,7 @@ def test_long_lists_are_read_and_run_in_chunks(geo, tmp_path, monkeypatch):
 def test_from_pretrained_geoclip(shipped, clip_dir, monkeypatch):
     geo = Geolocator.from_pretrained("geoclip", clip=clip_dir, device="auto")
     assert isinstance(geo, GeoCLIPPredictor) and len(geo.model) == 100
-    assert geo.info()["backbone"]["model"] == str(clip_dir) and geo.device.type == resolve_device("auto")
+    assert geo.info()["backbone"]["clip"] == str(clip_dir) and geo.device.type == resolve_device("auto")
     with pytest.raises(GeoTokenError, match="revision applies to Hugging Face Hub repos"):
         Geolocator.from_pretrained("geoclip", clip=clip_dir, revision="v1")
     with pytest.raises(GeoTokenError, match="no such folder; a model is a bundle folder .* geoclip"):

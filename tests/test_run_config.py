@@ -136,8 +136,8 @@ def test_the_plan_names_the_folders_the_run_writes_and_checks_paths(tmp_path, ca
 def test_the_paper_config_is_the_papers_setting():
     raw = yaml.safe_load(find_config("paper").read_text())
     stages = {s["name"]: s for s in raw["stages"]}
-    assert stages["features"]["config"]["model"] == "${CLIP_MODEL}"
-    assert raw["variables"]["CLIP_MODEL"] == "openai/clip-vit-large-patch14"
+    assert stages["features"]["config"]["clip"] == "${CLIP}"
+    assert raw["variables"]["CLIP"] == "openai/clip-vit-large-patch14"
     assert stages["data"]["config"]["sources"][0]["format"] == "mp16-pro"
     model = stages["model"]["config"]
     assert (model["k"], model["arch"], model["recipe"]) == (15, "authors", "paper")
@@ -266,12 +266,12 @@ def test_demo_sizes_are_checked_before_any_stage_runs():
 
 
 def test_the_dry_run_flags_a_geoclip_baseline_over_other_clip_features(tmp_path):
-    """GeoCLIP reads OpenAI's ViT-L/14 features only: with another CLIP_MODEL the eval stage would fail after
+    """GeoCLIP reads OpenAI's ViT-L/14 features only: with another CLIP the eval stage would fail after
     every other stage had run (hours at MP16's size), so the plan says so first."""
     from geotoken.testing import tiny_clip
 
     tiny = tiny_clip(tmp_path / "tiny")
-    roots = {"MP16_ROOT": "/m", "IM2GPS3K_ROOT": "/i", "YFCC4K_ROOT": "/y", "CLIP_MODEL": str(tiny)}
+    roots = {"MP16_ROOT": "/m", "IM2GPS3K_ROOT": "/i", "YFCC4K_ROOT": "/y", "CLIP": str(tiny)}
 
     def problems(**more):
         plans = plan_run(load_run_config("paper", {**roots, **more}, environ={}))
@@ -281,4 +281,4 @@ def test_the_dry_run_flags_a_geoclip_baseline_over_other_clip_features(tmp_path)
         "the geoclip baseline cannot read these features" in p and "hidden_size 32" in p for p in problems()
     )
     assert problems(BASELINES="[nn, knn]") == []
-    assert problems(CLIP_MODEL="openai/clip-vit-large-patch14") == []
+    assert problems(CLIP="openai/clip-vit-large-patch14") == []

@@ -26,7 +26,7 @@ stages:
     - {split: yfcc4k, format: yfcc4k, annotations: "${YFCC4K_ROOT}/yfcc25600_places365.csv", images: "${YFCC4K_ROOT}/images"}
     holdout: {split: val, source: gallery, size: 24}
 - name: features
-  config: {backbone: clip, model: "${CLIP}", batch_size: 64, workers: 0, skip_bad: true}
+  config: {backbone: clip, clip: "${CLIP}", batch_size: 64, workers: 0, skip_bad: true}
 - name: align
   config: {epochs: 2, texts: dataset, text_encoder: minilm}
 - name: index
@@ -92,7 +92,7 @@ stages:
     - {split: gallery, format: mp16, annotations: "${MP16_ROOT}/mp16_places365.csv", images: "${MP16_ROOT}/images"}
     - {split: osv5m, format: osv5m, annotations: "${OSV_ROOT}/test.csv", images: "${OSV_ROOT}/images/test"}
 - name: features
-  config: {backbone: clip, model: "${CLIP}", batch_size: 64, workers: 0}
+  config: {backbone: clip, clip: "${CLIP}", batch_size: 64, workers: 0}
 - name: align
   config: {epochs: 1, text_encoder: minilm}
 - name: index

@@ -43,6 +43,7 @@ import yaml
 from geotoken import DTYPES
 from geotoken.align import AlignHeads
 from geotoken.encoders.backbones import backbone_source
+from geotoken.encoders.base import clip_spelled
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
 from geotoken.io import (
@@ -227,15 +228,16 @@ def bundle_backbone_config(root: str | os.PathLike, spec: dict, clip: str | None
             raise GeoTokenError(
                 f"{root}: its backbone is {config.get('name')!r}, not clip; drop the clip option"
             )
-        return {**config, "model": str(clip)}
+        return {**clip_spelled(config), "clip": str(clip)}
+    config = clip_spelled(config)
     source = spec.get("backbone_source") or {}
-    if source.get("kind") == "folder" and not Path(config.get("model", "")).is_dir():
+    if source.get("kind") == "folder" and not Path(config.get("clip", "")).is_dir():
         if not Path(source["path"]).is_dir():
             raise GeoTokenError(
                 f"{root}: its CLIP backbone is the local folder {source['path']}, which does not exist here; "
                 "pass the CLIP folder or hub id it was built with (clip=..., --clip)"
             )
-        config = {**config, "model": source["path"]}
+        config = {**config, "clip": source["path"]}
     return config
 
 
@@ -456,7 +458,7 @@ def check_query(heads, index, query_modalities: list[str]) -> None:
 
 
 def _bare(backbone_config: dict) -> dict:
-    return {k: v for k, v in backbone_config.items() if k not in RUNTIME_KNOBS}
+    return {k: v for k, v in clip_spelled(backbone_config).items() if k not in RUNTIME_KNOBS}
 
 
 def check_bundle_parts(

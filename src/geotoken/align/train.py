@@ -31,7 +31,7 @@ from geotoken.align.heads import GPS_HEADS, AlignHeads, HeadsConfig
 from geotoken.assets import mp16_coordinates_csv
 from geotoken.devices import torch_device
 from geotoken.encoders import load_gps_encoder, load_text_encoder
-from geotoken.encoders.base import default_cache_dir
+from geotoken.encoders.base import clip_spelled, default_cache_dir
 from geotoken.encoders.geoclip import (
     CACHE_FORMAT,
     IMAGE_DIM,
@@ -374,9 +374,9 @@ def train_heads(
         )
 
     overrides = dict(heads_config or {})
-    backbone = store.header.get("backbone", {})
+    backbone = clip_spelled(store.header.get("backbone", {}))
     default_text = (
-        {"name": "clip", "model": backbone["model"]} if backbone.get("name") == "clip" else {"name": "minilm"}
+        {"name": "clip", "clip": backbone["clip"]} if backbone.get("name") == "clip" else {"name": "minilm"}
     )
     name = overrides.get("text_encoder")
     if name == "clip":
@@ -536,7 +536,9 @@ def apply_heads(
         raise GeoTokenError(
             f"{store.root}: features are {features.shape[1]}-d, the heads expect {heads.config.in_dim}"
         )
-    if heads.config.backbone and store.header.get("backbone") != heads.config.backbone:
+    if heads.config.backbone and clip_spelled(store.header.get("backbone")) != clip_spelled(
+        heads.config.backbone
+    ):
         raise GeoTokenError(
             f"{store.root}: field 'backbone' is {store.header.get('backbone')}, the heads were trained on "
             f"{heads.config.backbone}"

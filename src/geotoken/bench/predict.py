@@ -109,7 +109,7 @@ def paper_geolocator(clip_folder: Path, precision: str, gallery: Gallery, index,
     """The paper-sized method on random weights: CLIP (`precision`, or "precision/runtime") -> heads ->
     `index` -> `paper` GeoToken."""
     precision, runtime = split_variant(precision)
-    backbone = load_backbone("clip", model=str(clip_folder), precision=precision, runtime=runtime)
+    backbone = load_backbone("clip", clip=str(clip_folder), precision=precision, runtime=runtime)
     torch.manual_seed(seed)
     dims = PAPER_INPUTS["modalities"]
     heads = AlignHeads(
@@ -207,7 +207,7 @@ def backbone_agreement(
     agreement >= 99 %.
     """
     reference = load_backbone(
-        "clip", model=str(clip_folder), precision="fp32", attention="eager", runtime="torch"
+        "clip", clip=str(clip_folder), precision="fp32", attention="eager", runtime="torch"
     )
     ref = reference.embed(images)
     del reference
@@ -227,7 +227,7 @@ def backbone_agreement(
     result = {}
     for variant in precisions:
         precision, runtime = split_variant(variant)
-        backbone = load_backbone("clip", model=str(clip_folder), precision=precision, runtime=runtime)
+        backbone = load_backbone("clip", clip=str(clip_folder), precision=precision, runtime=runtime)
         feats = backbone.embed(images)
         resolved = {"resolved": backbone.precision, "runtime": backbone.runtime}
         del backbone

@@ -59,7 +59,7 @@ def run(args) -> int:
         raise GeoTokenError(f"--clip names a CLIP model; the backbone {name} has none (drop one of them)")
     if args.image_size and name == "clip":
         raise GeoTokenError("--image-size is efficientnet-lite0's; a CLIP model's input size is its own")
-    options = {"image_size": args.image_size, "model": args.clip}
+    options = {"image_size": args.image_size, "clip": args.clip}
     backbone = load_backbone(name, **{k: v for k, v in options.items() if v is not None})
     manifest = read_manifest(args.manifest)
     t0 = time.perf_counter()

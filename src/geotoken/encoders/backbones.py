@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from geotoken.encoders.base import ImageBackbone
+from geotoken.encoders.base import ImageBackbone, clip_spelled
 from geotoken.encoders.clip import CLIPBackbone
 from geotoken.encoders.efficientnet import EfficientNetLite0
 from geotoken.errors import GeoTokenError
@@ -23,6 +23,7 @@ def load_backbone(name: str, **options: Any) -> ImageBackbone:
     if name not in BACKBONES:
         raise GeoTokenError(f"unknown image backbone {name!r}; choose one of {sorted(BACKBONES)}")
     backbone_cls = BACKBONES[name]
+    options = {k: v for k, v in clip_spelled({"name": name, **options}).items() if k != "name"}
     try:
         backbone = backbone_cls(**options)
     except TypeError as e:  # an unknown option name: a user error, not a bug
@@ -35,7 +36,7 @@ def backbone_source(config: dict[str, Any]) -> dict[str, str]:
     "path"} (absolute) for CLIP, {"kind": "package"} for backbones whose weights ship in a pip package."""
     if config.get("name") != "clip":
         return {"kind": "package"}
-    model = str(config.get("model", ""))
-    if Path(model).is_dir():
-        return {"kind": "folder", "path": str(Path(model).resolve())}
-    return {"kind": "hub", "repo_id": model}
+    clip = str(clip_spelled(config).get("clip", ""))
+    if Path(clip).is_dir():
+        return {"kind": "folder", "path": str(Path(clip).resolve())}
+    return {"kind": "hub", "repo_id": clip}

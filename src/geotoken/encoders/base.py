@@ -20,6 +20,19 @@ from torch import nn
 from geotoken.data.images import to_rgb
 
 
+def clip_spelled(config: Any) -> Any:
+    """A saved encoder config (a store's, heads' or bundle's backbone; a text encoder) as today's code spells
+    it: CLIP's weights under `clip`, as `--clip` and `clip=` name them (configs written before say `model`)."""
+    if (
+        isinstance(config, dict)
+        and config.get("name") == "clip"
+        and "model" in config
+        and "clip" not in config
+    ):
+        return {("clip" if k == "model" else k): v for k, v in config.items()}
+    return config
+
+
 class ImageBackbone(nn.Module):
     """A frozen image encoder: PIL image -> `preprocess` -> (3, H, W); batch (B, 3, H, W) -> `forward` -> (B, dim)."""
 

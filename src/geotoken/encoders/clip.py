@@ -1,6 +1,6 @@
 """CLIP vision tower (the paper's setting is ViT-L/14) through Hugging Face `transformers`.
 
-`model` is a local folder or a hub id; a full `CLIPModel` checkpoint works too (only the vision tower
+`clip` (the weights) is a local folder or a hub id; a full `CLIPModel` checkpoint works too (only the vision tower
 and its projection are loaded). Preprocessing follows the folder's `preprocessor_config.json`
 (resize, centre crop, mean/std), reimplemented with PIL/NumPy so torchvision is never needed.
 
@@ -136,13 +136,13 @@ class CLIPBackbone(ImageBackbone):
 
     def __init__(
         self,
-        model: str = PAPER_MODEL,
+        clip: str = PAPER_MODEL,
         dtype: str = "float32",
         precision: str = "fp32",
         attention: str = "sdpa",
         runtime: str = "auto",
     ):
-        """dtype: the weights' storage dtype; precision: how the forward runs (`PRECISIONS`; "auto" is
+        """clip: the CLIP weights, a local folder or hub id; dtype: the weights' storage dtype; precision: how the forward runs (`PRECISIONS`; "auto" is
         resolved for the CPU here: a model moved to a GPU afterwards should be built with "fp32"/"bf16");
         attention: "sdpa" (fused) or "eager" (transformers' reference path, for agreement checks);
         runtime: what runs the tower (`RUNTIMES`): "torch", "onnx" (ONNX Runtime on the CPU, fp32 or int8,
@@ -156,25 +156,23 @@ class CLIPBackbone(ImageBackbone):
         precision = resolve_precision(precision, runtime=runtime)
         if precision == "int8" and dtype != "float32":
             raise GeoTokenError(f"clip: precision int8 quantises float32 weights, not dtype {dtype!r}")
-        self.model = str(model)
+        self.clip = str(clip)
         try:
-            self.tower_config = config = tower_config(self.model, "vision")
-            pre_path = hf_file(self.model, "preprocessor_config.json")
+            self.tower_config = config = tower_config(self.clip, "vision")
+            pre_path = hf_file(self.clip, "preprocessor_config.json")
         except GeoTokenError:
             raise
         except (OSError, ValueError) as e:  # ValueError: a folder whose config.json names no model type
             said = " ".join(str(e).split()).rstrip(".")  # transformers' message spans lines
-            if not Path(self.model).is_dir():  # a hub id: say how to do without the network
-                said += "; without network, name a local CLIP folder (--clip / model)"
+            if not Path(self.clip).is_dir():  # a hub id: say how to do without the network
+                said += "; without network, name a local CLIP folder (--clip / clip=)"
                 offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
                 said += (  # (offline already: the model is just not in the cache)
                     " or fetch it once where the Hub can be reached"
                     if offline
                     else ", or set HF_HUB_OFFLINE=1 to use the Hugging Face cache without asking the Hub"
                 )
-            raise GeoTokenError(
-                f"clip: cannot load model {self.model!r} (a folder or hub id): {said}"
-            ) from None
+            raise GeoTokenError(f"clip: cannot load {self.clip!r} (a folder or hub id): {said}") from None
         self._load_options = {"dtype": getattr(torch, dtype), "attn_implementation": attention}
         self.runtime = resolve_runtime(runtime, precision, "cpu", dtype)
         self.runtime_asked = runtime
@@ -183,7 +181,7 @@ class CLIPBackbone(ImageBackbone):
         self.dim = int(config.projection_dim)
 
         pre = read_json(pre_path) if pre_path else {}
-        source = pre_path or self.model
+        source = pre_path or self.clip
         native = int(config.image_size)
         size = _side(pre.get("size", native), "size", source) if pre.get("do_resize", True) else None
         crop = (
@@ -204,9 +202,9 @@ class CLIPBackbone(ImageBackbone):
         self.net = None
         self.onnx = None
         if self.runtime == "onnx":
-            folder = Path(self.model) if Path(self.model).is_dir() else _snapshot(self.model)
+            folder = Path(self.clip) if Path(self.clip).is_dir() else _snapshot(self.clip)
             weights = files_key(folder, dtype=dtype, attention=attention) if folder is not None else None
-            label = f"clip {self.model!r}"
+            label = f"clip {self.clip!r}"
             self.onnx = OnnxTower(self._load_tower, self.crop, precision, label=label, weights=weights)
         else:
             net = self._load_tower()
@@ -217,14 +215,14 @@ class CLIPBackbone(ImageBackbone):
         from transformers import CLIPVisionModelWithProjection
 
         net = load_tower(
-            CLIPVisionModelWithProjection, self.model, "clip vision tower",
+            CLIPVisionModelWithProjection, self.clip, "clip vision tower",
             config=self.tower_config, **self._load_options,
         )  # fmt: skip
         return net.eval().requires_grad_(False)
 
     def torch_tower(self) -> torch.nn.Module:
         """The transformers tower (int8-quantised under torch int8). Under runtime onnx it is built here,
-        on first use, from `model` (the ONNX session does not need it)."""
+        on first use, from `clip` (the ONNX session does not need it)."""
         if self.net is None:
             self.net = self._load_tower()
         return self.net
@@ -253,4 +251,4 @@ class CLIPBackbone(ImageBackbone):
 
     def config(self) -> dict[str, Any]:
         # precision, attention and runtime are choices of the machine, not part of what the features are
-        return {"name": self.name, "model": self.model, "dtype": self.dtype_name}
+        return {"name": self.name, "clip": self.clip, "dtype": self.dtype_name}

@@ -300,7 +300,7 @@ class GeoCLIPGeolocator(nn.Module):
     @classmethod
     def load(
         cls,
-        clip_model: str | os.PathLike = PAPER_MODEL,
+        clip: str | os.PathLike = PAPER_MODEL,
         *,
         dtype: str = "float32",
         files: GeoCLIPFiles | None = None,
@@ -309,16 +309,16 @@ class GeoCLIPGeolocator(nn.Module):
         attention: str = "sdpa",
         runtime: str = "auto",
     ) -> GeoCLIPGeolocator:
-        """With geotoken's CLIP backbone (`clip_model`: a local folder or hub id of CLIP ViT-L/14;
+        """With geotoken's CLIP backbone (`clip`: a local folder or hub id of CLIP ViT-L/14;
         `precision`, `attention`, `runtime`: see `geotoken.encoders.clip.CLIPBackbone`)."""
-        problem = clip_mismatch(str(clip_model))
+        problem = clip_mismatch(str(clip))
         if problem:  # a warning, not an error: small towers stand in for ViT-L/14 in tests and rehearsals
             warnings.warn(
-                f"GeoCLIP: CLIP {str(clip_model)!r}: {problem}; its answers will mean little", stacklevel=2
+                f"GeoCLIP: CLIP {str(clip)!r}: {problem}; its answers will mean little", stacklevel=2
             )
         backbone = load_backbone(
             "clip",
-            model=str(clip_model),
+            clip=str(clip),
             dtype=dtype,
             precision=precision,
             attention=attention,
@@ -348,7 +348,7 @@ class GeoCLIPGeolocator(nn.Module):
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 16) -> torch.Tensor:
         """PIL images -> (B, 768) float32 projected CLIP features, through the backbone's preprocessing."""
         if self.backbone is None:
-            raise GeoTokenError("GeoCLIP: no image backbone; build with GeoCLIPGeolocator.load(clip_model)")
+            raise GeoTokenError("GeoCLIP: no image backbone; build with GeoCLIPGeolocator.load(clip)")
         if batch_size < 1:
             raise GeoTokenError(f"GeoCLIP: batch_size must be at least 1, got {batch_size}")
         parts = [

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from geotoken import assets
+from geotoken.encoders.base import clip_spelled
 from geotoken.encoders.clip import load_tower, tower_config
 from geotoken.errors import GeoTokenError
 
@@ -80,26 +81,26 @@ class MiniLMTextEncoder(TextEncoder):
 class CLIPTextEncoder(TextEncoder):
     name = "clip"
 
-    def __init__(self, model: str = "openai/clip-vit-large-patch14", batch_size: int = 64):
+    def __init__(self, clip: str = "openai/clip-vit-large-patch14", batch_size: int = 64):
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(model))
-            config = tower_config(str(model), "text")
+            tokenizer = AutoTokenizer.from_pretrained(str(clip))
+            config = tower_config(str(clip), "text")
         except OSError as e:
             raise GeoTokenError(
-                f"clip text encoder: cannot load {model!r} (a folder or hub id): {e}"
+                f"clip text encoder: cannot load {clip!r} (a folder or hub id): {e}"
             ) from None
         probe = tokenizer("Paris, Ile-de-France, France", add_special_tokens=False)["input_ids"]
         if not probe or all(i == tokenizer.unk_token_id for i in probe):  # transformers builds one anyway
             raise GeoTokenError(
-                f"clip text encoder: {model!r} has no usable tokenizer (its vocabulary has {len(tokenizer)} "
+                f"clip text encoder: {clip!r} has no usable tokenizer (its vocabulary has {len(tokenizer)} "
                 "entries: tokenizer.json, or vocab.json + merges.txt, are missing); every place text would "
                 "read as unknown tokens"
             )
-        net = load_tower(CLIPTextModelWithProjection, str(model), "clip text encoder", config=config)
+        net = load_tower(CLIPTextModelWithProjection, str(clip), "clip text encoder", config=config)
         super().__init__(tokenizer, batch_size)
-        self.model = str(model)
+        self.clip = str(clip)
         self.net = net.requires_grad_(False).eval()
         self.dim = int(net.config.projection_dim)
         self.max_length = int(net.config.max_position_embeddings)  # 77 for OpenAI CLIP
@@ -108,16 +109,18 @@ class CLIPTextEncoder(TextEncoder):
         return self.net(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).text_embeds
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "model": self.model}
+        return {"name": self.name, "clip": self.clip}
 
 
 TEXT_ENCODERS = {"minilm": MiniLMTextEncoder, "clip": CLIPTextEncoder}
 
 
 def load_text_encoder(name: str = "minilm", **options: Any) -> TextEncoder:
-    """`minilm` (offline, 384-d) or `clip` (option `model`: the same folder / hub id as the image backbone)."""
+    """`minilm` (offline, 384-d; option `model`: another sentence encoder folder) or `clip` (option `clip`: the
+    same folder / hub id as the image backbone)."""
     if name not in TEXT_ENCODERS:
         raise GeoTokenError(f"unknown text encoder {name!r}; choose one of {sorted(TEXT_ENCODERS)}")
+    options = {k: v for k, v in clip_spelled({"name": name, **options}).items() if k != "name"}
     try:
         return TEXT_ENCODERS[name](**options).eval()
     except TypeError as e:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from geotoken.assets import mp16_coordinates_csv
 from geotoken.data.manifest import read_manifest
 from geotoken.encoders import load_gps_encoder
+from geotoken.encoders.base import clip_spelled
 from geotoken.encoders.geoclip import IMAGE_DIM, GeoCLIPFiles, GeoCLIPGeolocator, clip_mismatch
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
@@ -54,7 +55,7 @@ class Split:
     name: str = "split"
     images: np.ndarray | None = None  # image references (only the MLLM selector needs the photos)
     skipped: int = 0  # rows dropped because their image could not be embedded
-    backbone: dict | None = None  # the store's backbone config ({"name": "clip", "model": ...}), if known
+    backbone: dict | None = None  # the store's backbone config ({"name": "clip", "clip": ...}), if known
     store: FeatureStore | None = None  # the store read, if any: neighbour tables are checked against it
 
     def __post_init__(self) -> None:
@@ -497,7 +498,7 @@ def check_geoclip_features(queries: Split, config: GeoCLIPConfig | None = None) 
     """GeoCLIP's head reads 768-d projected features of OpenAI's CLIP ViT-L/14 (`clip_mismatch`): anything else
     is a clear error (other towers' features have the shape but give meaningless numbers)."""
     config = config or GeoCLIPConfig()
-    backbone = queries.backbone or {}
+    backbone = clip_spelled(queries.backbone or {})
     dim = queries.array(config.features).shape[1]
     if backbone.get("name") != "clip" or dim != IMAGE_DIM:
         raise GeoTokenError(
@@ -505,12 +506,12 @@ def check_geoclip_features(queries: Split, config: GeoCLIPConfig | None = None) 
             f"{IMAGE_DIM}-d projected image features in {config.features!r}); {queries.name} has backbone "
             f"{backbone.get('name') or 'unknown'} with {dim}-d features"
         )
-    model = str(backbone.get("model", ""))
+    clip = str(backbone.get("clip", ""))
     source = (queries.store.header.get("backbone_source") if queries.store is not None else None) or {}
-    problem = clip_mismatch(model, source.get("path") if source.get("kind") == "folder" else None)
+    problem = clip_mismatch(clip, source.get("path") if source.get("kind") == "folder" else None)
     if problem:
         raise GeoTokenError(
-            f"geoclip: {queries.name} was embedded with CLIP {model!r}: {problem} (leave geoclip out of the methods)"
+            f"geoclip: {queries.name} was embedded with CLIP {clip!r}: {problem} (leave geoclip out of the methods)"
         )
 
 

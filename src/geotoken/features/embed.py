@@ -27,6 +27,7 @@ from tqdm import tqdm
 from geotoken.data.images import open_image as default_open_image
 from geotoken.devices import distributed, on_cuda, torch_device
 from geotoken.encoders.backbones import backbone_source
+from geotoken.encoders.base import clip_spelled
 from geotoken.errors import GeoTokenError
 from geotoken.features.store import SKIPPED, FeatureStore
 from geotoken.io import atomic_open, read_json, write_json
@@ -104,6 +105,8 @@ def _open_or_create(out_dir: Path, manifest, backbone, identity: dict[str, Any])
         finished = store.header["arrays"].get("features", {}).get("complete")
         for key, want in identity.items():
             have = store.header.get(key)
+            if key == "backbone":  # a store written before CLIP's weights were spelled `clip`
+                have = clip_spelled(have)
             if have != want and not (finished and key == "chunk_rows"):  # batches matter mid-run only
                 hint = (
                     f"resume with --batch-size {have} (it fixes which images share a batch) or use a new output folder"

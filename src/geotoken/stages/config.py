@@ -233,8 +233,7 @@ def _source_rows(source, problems: list[str]) -> int:
 def _backbone_dim(config) -> int:
     if config.backbone != "clip":
         return 1280  # EfficientNet-Lite0's pooled features
-    model = config.model or "openai/clip-vit-large-patch14"
-    local = Path(model) / "config.json"
+    local = Path(config.clip or "openai/clip-vit-large-patch14") / "config.json"
     if local.is_file():
         d = json.loads(local.read_text())
         return int(d.get("projection_dim") or d.get("vision_config", {}).get("projection_dim") or 768)
@@ -282,7 +281,7 @@ def plan_run(cfg: RunConfig) -> list[StagePlan]:
             p.rows, dim = rows, _backbone_dim(c)
             p.disk_bytes = total * dim * 2
             p.work = (
-                f"{total:,} images through {c.backbone} {c.model or ''}".rstrip() + f" ({dim}-d, fp16 stores)"
+                f"{total:,} images through {c.backbone} {c.clip or ''}".rstrip() + f" ({dim}-d, fp16 stores)"
             )
         elif spec.kind == "align":
             p.rows = rows
@@ -325,7 +324,7 @@ def plan_run(cfg: RunConfig) -> list[StagePlan]:
         if spec.kind == "evaluate" and "geoclip" in c.baselines:  # it would fail after every other stage
             features = next((s for s in cfg.pipeline.stages if s.kind == "features"), None)
             clip = (
-                (features.config.model or PAPER_MODEL)
+                (features.config.clip or PAPER_MODEL)
                 if features and features.config.backbone == "clip"
                 else None
             )

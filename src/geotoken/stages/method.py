@@ -84,7 +84,7 @@ class FeaturesStageConfig:
     image_size: int | None = None  # backbone input pixels (None: the backbone's default)
     batch_size: int = 64  # images per forward pass (recorded in each store, which resumes on it)
     workers: int = runtime_field(2)  # image-decoding processes
-    model: str | None = None  # clip: a hub id or a local folder (None: the backbone's default)
+    clip: str | None = None  # the clip backbone's weights: a hub id or a local folder (None: the default)
     skip_bad: bool = False  # unreadable images: recorded and skipped (their rows NaN) instead of an error
 
 
@@ -92,8 +92,8 @@ class FeaturesStageConfig:
 def embed_features(config: FeaturesStageConfig, out: Path, *, data: Path, log: Log = print) -> dict:
     """Embed every split of the dataset with the frozen backbone: `out/SPLIT/` feature stores."""
     options = {} if config.image_size is None else {"image_size": config.image_size}
-    if config.model is not None:
-        options["model"] = config.model
+    if config.clip is not None:
+        options["clip"] = config.clip
     backbone = load_backbone(config.backbone, **options).eval()
     for split in dataset_splits(data):
         manifest = read_manifest(data / f"{split}.csv")

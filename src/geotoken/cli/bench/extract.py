@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 128, 64],
                    help="efficientnet-lite0 input sizes (default 224 128 64)")  # fmt: skip
-    p.add_argument("--clip-model", help="also measure the clip backbone from this local folder / hub id")
+    p.add_argument("--clip", help="also measure the clip backbone from this local folder / hub id")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument(
         "--images", type=int, default=256, help="JPEG files for the end-to-end figure (default 256)"
@@ -32,8 +32,8 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     backbones = [("efficientnet-lite0", {"image_size": s}) for s in args.sizes]
-    if args.clip_model:
-        backbones.append(("clip", {"model": args.clip_model}))
+    if args.clip:
+        backbones.append(("clip", {"clip": args.clip}))
     result = bench_extract(
         backbones, args.batch_size, args.images, args.workers, args.threads, args.iters, args.device
     )
