@@ -102,7 +102,9 @@ def test_bad_images_raise_or_are_recorded(tmp_path):
     assert [(s["row"], s["id"]) for s in store.skipped] == [(2, "id2"), (7, "id7")]
     assert "FileNotFoundError" in store.skipped[1]["reason"]
     report = (tmp_path / "lenient" / "skipped.csv").read_text().splitlines()
-    assert report[0] == "id,row,reason" and report[1].startswith("id2,2,")
+    assert report[0] == "manifest_row,id,image,reason" and report[1].startswith(
+        f"3,id2,{manifest.images[2]},"
+    )
     feats = np.asarray(store["features"], dtype=np.float32)
     assert np.isnan(feats[[2, 7]]).all() and np.isfinite(feats[store.valid]).all()
     np.testing.assert_array_equal(store.valid, np.isin(np.arange(9), [2, 7], invert=True))

@@ -130,11 +130,13 @@ def _skipped(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted((s for r in records for s in r["skipped"]), key=lambda s: s["row"])
 
 
-def _write_skipped(store: FeatureStore, skipped: list[dict[str, Any]]) -> None:
+def _write_skipped(store: FeatureStore, skipped: list[dict[str, Any]], manifest) -> None:
+    """skipped.csv, for people: the 1-based manifest row the messages name, the id, the image, the reason
+    (store.json's `skipped` keeps the 0-based array rows the code reads)."""
     with atomic_open(store.root / SKIPPED, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["id", "row", "reason"])
-        writer.writeheader()
-        writer.writerows(skipped)
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["manifest_row", "id", "image", "reason"])
+        writer.writerows([s["row"] + 1, s["id"], manifest.images[s["row"]], s["reason"]] for s in skipped)
 
 
 def _check_some_embedded(store: FeatureStore, manifest, rank: int) -> None:
@@ -144,7 +146,7 @@ def _check_some_embedded(store: FeatureStore, manifest, rank: int) -> None:
     if not store.rows or len(skipped) < store.rows:
         return
     if rank == 0:
-        _write_skipped(store, skipped)
+        _write_skipped(store, skipped, manifest)
     first = skipped[0]
     raise GeoTokenError(
         f"{store.root}: every image was unreadable ({store.rows} of {store.rows} skipped, listed in "
@@ -153,7 +155,7 @@ def _check_some_embedded(store: FeatureStore, manifest, rank: int) -> None:
     )
 
 
-def _finish(store: FeatureStore, n_chunks: int) -> None:
+def _finish(store: FeatureStore, n_chunks: int, manifest) -> None:
     """Rank 0 only: check every chunk is done, merge skipped rows into the header, write skipped.csv."""
     records = _load_records(store)
     missing = np.flatnonzero(~_done_mask(records, n_chunks))
@@ -163,7 +165,7 @@ def _finish(store: FeatureStore, n_chunks: int) -> None:
         )
     skipped = _skipped(records)
     if skipped:
-        _write_skipped(store, skipped)
+        _write_skipped(store, skipped, manifest)
     store.header["skipped"] = skipped
     store.mark_complete("features")
     for path in (store.root / PROGRESS).glob("*"):
@@ -264,6 +266,6 @@ def embed(
     dist.barrier()  # every record is written: each process sees the same skipped rows
     _check_some_embedded(store, manifest, dist.rank)
     if dist.rank == 0:
-        _finish(store, n_chunks)
+        _finish(store, n_chunks, manifest)
     dist.barrier()
     return FeatureStore.open(out_dir)

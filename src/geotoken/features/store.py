@@ -6,8 +6,9 @@ Layout of a store folder:
     features.npy     float16 (N, F)  raw backbone output                (written by `embed`)
     visual.npy ...   float16 (N, D)  L2-normalised aligned embeddings   (written by `align.apply`)
     coords.npy       float64 (N, 2)  (lat, lon) of every row, copied from the manifest
-    skipped.csv      id,row,reason of images that could not be read (only with --skip-bad); row: the
-                     0-based array row (NaN there), where messages say "manifest row" row + 1
+    skipped.csv      manifest_row,id,image,reason of images that could not be read (only with
+                     --skip-bad); manifest_row is 1-based, as messages say it (the header's `skipped`
+                     holds the 0-based array rows, NaN there)
 
 Arrays are opened as read-only memmaps, so a 4.7M-row gallery costs no RAM until rows are touched.
 Rows are written with `os.pwrite` at their byte offset rather than through a shared memmap: several
