@@ -150,3 +150,22 @@ def test_the_demo_graph():
     assert pipeline["features"].config.image_size == EV_PRESETS["tiny"].image_size
     assert isinstance(pipeline["data"].config, DataStageConfig)
     assert set(STAGES) >= {"data", "features", "align", "index", "model", "bundle", "evaluate"}
+
+
+def test_a_stage_folder_has_one_builder_at_a_time(tmp_path):
+    """A second run into the same folder, while the first builds a stage, is refused (it would resume the
+    first's half-written files under it), naming the folder; once the first is done, it reuses the stage."""
+    said = []
+
+    def build(out: Path) -> dict:
+        with pytest.raises(
+            GeoTokenError, match=r"stage folder .*s-[0-9a-f]{12}: another process is writing it"
+        ):
+            Run(tmp_path, said.append).stage("s", {"n": 1}, lambda out: {})
+        (out / "part").write_text("half")
+        return {"built": True}
+
+    folder, record = Run(tmp_path, said.append).stage("s", {"n": 1}, build)
+    assert record["info"] == {"built": True} and not list(tmp_path.glob(".*.lock"))
+    again, _ = Run(tmp_path, said.append).stage("s", {"n": 1}, lambda out: 1 / 0)
+    assert again == folder and said[-1] == f"[s] reused {folder.name}"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from geotoken.errors import GeoTokenError
-from geotoken.io import read_json, sha256_json, type_name, value_fits, write_json
+from geotoken.io import exclusive, read_json, sha256_json, type_name, value_fits, write_json
 
 RUNTIME = "runtime"  # dataclass field metadata key: the field is not part of the stage's identity
 ADDED = "added"  # metadata key: the field joins the identity only when it differs from its default
@@ -242,13 +242,16 @@ class Run:
         if marker.exists():
             record = read_json(marker)
             self.log(f"[{name}] reused {folder.name}")
-        else:
-            self.log(f"[{name}] running -> {folder.name}")
-            folder.mkdir(parents=True, exist_ok=True)
-            info = build(folder) or {}
-            seconds = round(time.perf_counter() - t0, 2)
-            record = {"stage": name, "hash": digest, "identity": identity, "seconds": seconds, "info": info}
-            write_json(marker, record)
+        else:  # one builder at a time: a second run into this folder would resume the first's files under it
+            with exclusive(self.root / f".{folder.name}.lock", f"stage folder {folder}"):
+                if marker.exists():  # built while this run waited for an earlier stage
+                    return self.stage(name, identity, build)
+                self.log(f"[{name}] running -> {folder.name}")
+                folder.mkdir(parents=True, exist_ok=True)
+                info = build(folder) or {}
+                seconds = round(time.perf_counter() - t0, 2)
+                record = {"stage": name, "hash": digest, "identity": identity, "seconds": seconds, "info": info}
+                write_json(marker, record)
         self.timings[name] = round(time.perf_counter() - t0, 2)
         self.stages[name] = {"folder": folder.name, "hash": digest, "built_seconds": record["seconds"]}
         return folder, record
