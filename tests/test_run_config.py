@@ -113,6 +113,27 @@ def test_a_config_value_of_the_wrong_type_is_an_error_naming_its_field(tmp_path,
         load_run_config(tmp_path / "t.yaml", environ={})
 
 
+@pytest.mark.parametrize(
+    "stage, config, message",
+    [
+        ("model", {"preset": "huge"}, "preset 'huge': choose from paper, small, tiny"),
+        ("model", {"recipe": "nope"}, "recipe 'nope': neither a YAML file nor one of"),
+        ("align", {"text_encoder": "bogus"}, "text_encoder 'bogus': choose from minilm, clip"),
+        ("index", {"k": -1}, "k must be a whole number >= 1, got -1"),
+        ("index", {"embedding": "visual+gsp"}, "embedding 'visual\\+gsp': aligned arrays"),
+        ("evaluate", {"baselines": ["nn", "knnn"]}, "baselines \\['knnn'\\]: choose from prior, nn"),
+        ("evaluate", {"strategies": ["greedy", "sampel"]}, "strategies \\['sampel'\\]: choose from greedy"),
+        ("features", {"backbone": "resnet"}, "backbone 'resnet': choose from"),
+    ],
+)
+def test_a_value_a_stage_would_refuse_is_refused_when_the_config_is_read(tmp_path, stage, config, message):
+    """--dry-run reads the config: a bad name or number fails there, naming the file, stage and field,
+    not when its stage runs after the earlier ones (days of embedding and training at paper scale)."""
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"stages": [{"name": stage, "config": config}]}))
+    with pytest.raises(GeoTokenError, match=rf"c.yaml: stage '{stage}': {message}"):
+        load_run_config(tmp_path / "c.yaml", environ={})
+
+
 def test_the_plan_names_the_folders_the_run_writes_and_checks_paths(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(IM2GPS.format(run_dir=tmp_path / "run"))

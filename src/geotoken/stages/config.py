@@ -126,7 +126,10 @@ def load_run_config(
         raise GeoTokenError(
             f"{path}: --set {stray}: no such variable in this config (it uses {sorted(used)})"
         )
-    pipeline = Pipeline.from_dict({"stages": body["stages"]})
+    try:
+        pipeline = Pipeline.from_dict({"stages": body["stages"]})
+    except GeoTokenError as exc:
+        raise GeoTokenError(f"{path}: {exc}") from None
     return RunConfig(
         pipeline,
         run_dir or body.get("run_dir") or f"runs/{path.stem}",

@@ -25,21 +25,24 @@ from pathlib import Path
 
 import numpy as np
 
-from geotoken.align import AlignConfig, AlignHeads, apply_heads, train_heads
+from geotoken import DTYPES
+from geotoken.align import GPS_HEADS, AlignConfig, AlignHeads, apply_heads, train_heads
 from geotoken.bundle import assemble_bundle
 from geotoken.data.datasets import read_texts
 from geotoken.data.earthviews import SPLITS, EarthViewsConfig, build_earthviews
 from geotoken.data.manifest import read_manifest
-from geotoken.encoders import load_backbone
+from geotoken.encoders import BACKBONES, load_backbone
+from geotoken.encoders.text import TEXT_ENCODERS
 from geotoken.errors import GeoTokenError
-from geotoken.evaluate import BASELINES, EvalConfig, Split, evaluate, load_neighbours, load_split
+from geotoken.evaluate import BASELINES, METHODS, EvalConfig, Split, evaluate, load_neighbours, load_split
 from geotoken.evaluate.evaluate import GeoTokenMethodConfig
 from geotoken.features import FeatureStore, embed
 from geotoken.fit import calibrate_bundle, train_bundle_reward
-from geotoken.io import read_json
-from geotoken.model import preset
+from geotoken.io import is_whole, read_json
+from geotoken.model import ARCHS, PRESETS, preset
 from geotoken.predict import Geolocator
-from geotoken.retrieval import REFINE, NeighbourIndex, NeighbourTable, StoreEmbeddings, neighbour_table
+from geotoken.retrieval import KINDS, REFINE, NeighbourIndex, NeighbourTable, StoreEmbeddings, neighbour_table
+from geotoken.search import SELECTORS, STRATEGIES
 from geotoken.search.reward import RewardConfig
 from geotoken.stages.runner import added_field, runtime_field, stage_kind
 from geotoken.train import TrainData, grad_accum_for, train
@@ -49,6 +52,23 @@ GALLERY, TRAIN = "gallery", "train"
 DROP_NEAR_DEPTH = 64  # neighbours searched per training query when the near ones are dropped
 TEST_SPLITS = ("test", "test_disjoint", "test_shift")  # random, spatially disjoint, distribution shift
 Log = Callable[[str], None]
+
+
+def check_fields(config, choices: dict | None = None, least: dict | None = None) -> None:
+    """A stage config's own check, run when it is built (so `geotoken run --dry-run` refuses what the stage
+    would refuse hours later): each of `choices` {field: allowed} (a tuple field: each item) and of `least`
+    {field: lowest whole number}; a field left None (the library's default) passes."""
+    for name, allowed in (choices or {}).items():
+        value = getattr(config, name)
+        items = value if isinstance(value, tuple) else () if value is None else (value,)
+        bad = [v for v in items if v not in allowed]
+        if bad:
+            shown = bad if isinstance(value, tuple) else repr(value)
+            raise GeoTokenError(f"{name} {shown}: choose from {', '.join(map(str, allowed))}")
+    for name, low in (least or {}).items():
+        value = getattr(config, name)
+        if value is not None and not is_whole(value, low):
+            raise GeoTokenError(f"{name} must be a whole number >= {low}, got {value!r}")
 
 
 def dataset_splits(data: Path) -> list[str]:
@@ -87,6 +107,11 @@ class FeaturesStageConfig:
     clip: str | None = None  # the clip backbone's weights: a hub id or a local folder (None: the default)
     skip_bad: bool = False  # unreadable images: recorded and skipped (their rows NaN) instead of an error
 
+    def __post_init__(self) -> None:
+        check_fields(self, {"backbone": tuple(BACKBONES)}, {"image_size": 16, "batch_size": 1, "workers": 0})
+        if self.clip is not None and self.backbone != "clip":
+            raise GeoTokenError(f"clip {self.clip!r} names CLIP weights; the backbone is {self.backbone!r}")
+
 
 @stage_kind("features", FeaturesStageConfig)
 def embed_features(config: FeaturesStageConfig, out: Path, *, data: Path, log: Log = print) -> dict:
@@ -116,6 +141,10 @@ class AlignStageConfig:
     texts: str = "auto"
     text_encoder: str | None = None  # None: clip for a clip backbone, else minilm (align train's default)
     gps_head: str = "train"  # geotoken.align.GPS_HEADS
+
+    def __post_init__(self) -> None:
+        choices = {"texts": TEXT_SOURCES, "text_encoder": tuple(TEXT_ENCODERS), "gps_head": GPS_HEADS}
+        check_fields(self, choices, {"epochs": 1})
 
 
 TEXT_SOURCES = ("auto", "dataset", "places")
@@ -167,6 +196,14 @@ class IndexStageConfig:
     k: int = 15  # neighbours per query
     kind: str = "flat"  # FAISS index kind (geotoken.retrieval.KINDS)
     refine: int = added_field(REFINE)  # ivfpq / hnsw: tables re-rank refine x k candidates by exact vectors
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"kind": KINDS}, {"k": 1, "refine": 1})
+        parts = self.embedding.split("+")
+        if not all(parts) or not set(parts) <= {"visual", "gps", "text"}:
+            raise GeoTokenError(
+                f"embedding {self.embedding!r}: aligned arrays visual, gps, text joined by '+'"
+            )
 
 
 @stage_kind("index", IndexStageConfig)
@@ -224,6 +261,19 @@ class ModelStageConfig:
     val_constrain: bool = added_field(False)  # validate with the +gallery (constrained) greedy decoder
     recipe: str = added_field("")  # training recipe ("" none; "paper": the authors' optimizer and batch)
 
+    def __post_init__(self) -> None:
+        choices = {
+            "preset": tuple(PRESETS),
+            "arch": ARCHS,
+            "dtype": DTYPES,
+            "modalities": ("visual", "gps", "text"),
+        }
+        check_fields(
+            self, choices, {"epochs": 1, "batch_size": 1, "k": 0, "checkpoint_every": 1, "warmup_steps": 0}
+        )
+        if self.recipe:
+            load_recipe(self.recipe)  # a name or a YAML file, its fields checked
+
 
 @stage_kind("model", ModelStageConfig)
 def train_model(config: ModelStageConfig, out: Path, *, align: Path, index: Path, log: Log = print) -> dict:
@@ -280,6 +330,9 @@ class BundleStageConfig:
     calibration: str = "val"  # the split the confidences are calibrated on
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_fields(self, least={"reward_images": 0})
+
 
 @stage_kind("bundle", BundleStageConfig)
 def make_bundle(
@@ -312,6 +365,13 @@ class EvalStageConfig:
     free_strategies: tuple[str, ...] = ("greedy",)  # also decoded free: the authors' decoding beside ours
     n_boot: int = 1000
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        choices = {"baselines": tuple(m for m in METHODS if m != "geotoken"), "strategies": STRATEGIES,
+                   "free_strategies": STRATEGIES, "selectors": SELECTORS}  # fmt: skip
+        check_fields(self, choices, {"n_boot": 1})
+        if not self.constrain or not self.splits:
+            raise GeoTokenError("constrain and splits need at least one value each")
 
 
 def evaluation_split(data: Path, features: Path, align: Path, split: str) -> Split:

@@ -200,7 +200,11 @@ def config_from_dict(cls: type, d: Mapping[str, Any], where: str = "config") -> 
     unknown = sorted(set(d) - names)
     if unknown:
         raise GeoTokenError(f"{where}: unknown {cls.__name__} field(s) {unknown}; known: {sorted(names)}")
-    return cls(**{k: _value(hints[k], v, f"{where}.{k}") for k, v in d.items()})
+    values = {k: _value(hints[k], v, f"{where}.{k}") for k, v in d.items()}
+    try:
+        return cls(**values)
+    except GeoTokenError as exc:  # a value its own checks refuse: say where it came from
+        raise GeoTokenError(f"{where}: {exc}") from None
 
 
 def _value(hint: Any, value: Any, where: str) -> Any:
@@ -250,7 +254,13 @@ class Run:
                 folder.mkdir(parents=True, exist_ok=True)
                 info = build(folder) or {}
                 seconds = round(time.perf_counter() - t0, 2)
-                record = {"stage": name, "hash": digest, "identity": identity, "seconds": seconds, "info": info}
+                record = {
+                    "stage": name,
+                    "hash": digest,
+                    "identity": identity,
+                    "seconds": seconds,
+                    "info": info,
+                }
                 write_json(marker, record)
         self.timings[name] = round(time.perf_counter() - t0, 2)
         self.stages[name] = {"folder": folder.name, "hash": digest, "built_seconds": record["seconds"]}
