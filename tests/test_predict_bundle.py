@@ -185,7 +185,9 @@ def test_a_bundle_never_overwrites_other_files_and_a_failed_rebundle_keeps_the_o
     bundle, tmp_path, monkeypatch
 ):
     from geotoken import testing
+    from geotoken.bundle import set_bundle_part
     from geotoken.model import GeoToken
+    from geotoken.search.calibration import Calibration
 
     other = tmp_path / "photos"
     other.mkdir()
@@ -201,9 +203,15 @@ def test_a_bundle_never_overwrites_other_files_and_a_failed_rebundle_keeps_the_o
     def crash(self, directory):
         raise OSError("disk full")
 
+    Calibration().save(target / "calibration.json")
+    set_bundle_part(target, "calibration", "calibration.json")  # fitted into the bundle after it was written
+    with pytest.raises(GeoTokenError, match="holds a model bundle already; replacing it would drop it whole "
+                       "with its calibration: write to a new folder, or pass --overwrite"):  # fmt: skip
+        testing.random_bundle(target, gallery_rows=16)
+    before = (target / "bundle.json").read_text()
     monkeypatch.setattr(GeoToken, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        testing.random_bundle(target, gallery_rows=16)
+        testing.random_bundle(target, gallery_rows=16, overwrite=True)
     assert (target / "bundle.json").read_text() == before
     assert Geolocator.from_bundle(target) is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "photos"]

@@ -435,11 +435,20 @@ def default_search(k: int) -> SearchOptions:
     return SearchOptions(strategy="greedy+sample+retrieval", select="gate", retrieved=k)
 
 
-def check_bundle_target(root: Path, *inputs: str | os.PathLike) -> None:
-    """A bundle replaces its folder whole: refuse one that holds other things, or an input it links to."""
+def check_bundle_target(root: Path, *inputs: str | os.PathLike, overwrite: bool = False) -> None:
+    """A bundle replaces its folder whole: refuse one that holds other things, a bundle unless `overwrite`
+    (its calibration and reward scorer, fitted into it later, would go too), or an input it links to."""
     if root.is_file() or (root.is_dir() and any(root.iterdir()) and not (root / "bundle.json").is_file()):
         raise GeoTokenError(
             f"{root}: exists and is not a model bundle; write the bundle to a new or empty folder"
+        )
+    if (root / "bundle.json").is_file() and not overwrite:
+        spec = read_json(root / "bundle.json")
+        fitted = [part for part in ("calibration", "reward") if spec.get(part)]
+        lost = f" with its {' and '.join(fitted)}" if fitted else ""
+        raise GeoTokenError(
+            f"{root}: holds a model bundle already; replacing it would drop it whole{lost}: write to a new "
+            "folder, or pass --overwrite (overwrite=True)"
         )
     target = root.resolve()
     for p in inputs:
@@ -521,6 +530,7 @@ def save_bundle(
     chunk_rows: int = 65536,
     card: CardInfo | None = None,
     link_gallery: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write a self-contained bundle that `Geolocator.from_bundle` loads, with its model card (README.md).
 
@@ -528,10 +538,11 @@ def save_bundle(
     reads are copied) and coordinates; its tokens are computed here at the model's level and group.
     index: a `NeighbourIndex` over `query_modalities` of that gallery (concatenated in this order).
     link_gallery: refer to `gallery_store` where it is instead of copying it (see the module docstring).
+    overwrite: replace a bundle already in `directory` (else refused, naming what it would lose).
     """
     check_bundle_parts(model, backbone_config, heads, gallery_store, index, query_modalities)
     root = Path(directory)
-    check_bundle_target(root, *([gallery_store.root] if link_gallery else []))  # a copy is read first
+    check_bundle_target(root, *([gallery_store.root] if link_gallery else []), overwrite=overwrite)
     with atomic_dir(root) as out:  # written beside, then swapped in: a failure leaves an old bundle whole
         cfg = model.cfg
         names = [m for m in cfg.modalities if m in gallery_store]
@@ -619,6 +630,7 @@ def assemble_bundle(
     options: SearchOptions | None = None,
     card: CardInfo | None = None,
     link_gallery: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """`save_bundle` from the folders the stages wrote: a model, alignment heads, the gallery's aligned
     store (its backbone is the one recorded there) and the index over it (its query embedding is the one
@@ -644,6 +656,7 @@ def assemble_bundle(
         options=options,
         card=card,
         link_gallery=link_gallery,
+        overwrite=overwrite,
     )
 
 

@@ -31,12 +31,13 @@ def random_bundle(
     seed: int = 0,
     image_size: int = 224,
     index_kind: str = "flat",
+    overwrite: bool = False,
 ) -> Path:
     """An untrained bundle built from the real components (EfficientNet-Lite0 backbone, align heads, FAISS
     index, a `tiny` model) over real MP16 coordinates and random gallery features. Its answers mean
     nothing; it exists so tests and the server can run the whole inference path in seconds.
     image_size: the backbone's input size, recorded by the heads too (32 makes a CPU forward pass quick);
-    index_kind: the FAISS index over the gallery (`geotoken.retrieval.KINDS`)."""
+    index_kind: the FAISS index over the gallery (`geotoken.retrieval.KINDS`); overwrite: as `save_bundle`'s."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     coords = np.loadtxt(assets.mp16_coordinates_csv(), delimiter=",", skiprows=1, max_rows=20000)
@@ -69,6 +70,7 @@ def random_bundle(
             gallery_store=store,
             index=index,
             query_modalities=["visual"],
+            overwrite=overwrite,
         )
 
 

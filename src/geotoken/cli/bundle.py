@@ -65,6 +65,8 @@ def register(subparsers) -> None:
     p.add_argument("--gallery", help="aligned feature store of the gallery")
     p.add_argument("--index", help="FAISS index folder over that gallery (`geotoken index build`)")
     p.add_argument("-o", "--out", help="bundle folder to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a bundle already in --out (its calibration and reward scorer go with it)")  # fmt: skip
     p.add_argument(
         "--link-gallery",
         action=argparse.BooleanOptionalAction,
@@ -131,6 +133,7 @@ def run(args) -> int:
         index=args.index,
         card=card,
         link_gallery=args.link_gallery,
+        overwrite=args.overwrite,
     )
     print(f"bundle written to {out}")
     if args.push_to_hub:

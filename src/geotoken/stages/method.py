@@ -340,7 +340,12 @@ def make_bundle(
 ) -> dict:
     """Everything `geotoken predict` needs in `out`, plus the reward scorer and the calibrated confidences."""
     assemble_bundle(
-        out, model=model / "best", align=align / "heads", gallery=align / GALLERY, index=index / "index"
+        out,
+        model=model / "best",
+        align=align / "heads",
+        gallery=align / GALLERY,
+        index=index / "index",
+        overwrite=True,  # a rerun after a kill: the stage's own folder
     )
     info = {}
     if config.reward_images:  # the learned candidate scorer (select=reward), trained on training queries
