@@ -210,6 +210,18 @@ def test_index_config_rejects_bad_numbers(options):
 def test_index_cli_numbers(splits, tmp_path, capsys, monkeypatch):
     root, stores = splits
     gallery = str(root / "gallery")
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "bundle.json").write_text("{}")  # another kind of folder: refused before the build
+    assert main(["index", "build", gallery, "-o", str(tmp_path / "bundle"), "--embedding", "visual"]) == 2
+    assert (
+        "bundle: holds bundle.json, not an index; write the index to a new or empty folder"
+        in capsys.readouterr().err
+    )
+    assert main(["index", "build", gallery, "-o", str(tmp_path / "ok"), "--embedding", "visual"]) == 0
+    assert "ok: flat index of 200 rows (16-d visual), built in" in capsys.readouterr().out
+    assert (
+        main(["index", "build", gallery, "-o", str(tmp_path / "ok"), "--embedding", "visual"]) == 0
+    )  # rebuilt
     for extra in (["--kind", "hnsw", "--hnsw-m", "0"], ["--kind", "hnsw", "--hnsw-m", "-1"]):
         assert (
             main(["index", "build", gallery, "-o", str(tmp_path / "i"), "--embedding", "visual", *extra]) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import faiss
 
@@ -16,6 +17,7 @@ from geotoken.retrieval import (
     IndexConfig,
     NeighbourIndex,
     StoreEmbeddings,
+    check_index_target,
     check_recall,
     measure_recall,
     neighbour_table,
@@ -107,6 +109,7 @@ def register(subparsers) -> None:
 def run_build(args) -> int:
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
+    check_index_target(Path(args.out))
     store = FeatureStore.open(args.store)
     emb = StoreEmbeddings(store, args.embedding)
     options = {"nlist": args.nlist, "pq_m": args.pq_m, "nprobe": args.nprobe, "hnsw_m": args.hnsw_m,
@@ -120,8 +123,10 @@ def run_build(args) -> int:
     if args.kind != "flat":
         index.meta.update(measure_recall(index, emb, store.valid, args.k, args.recall_queries))
     index.save(args.out)
-    summary = {k: index.meta[k] for k in index.meta if k not in ("store",)}
-    print(f"{args.out}: {summary}")
+    m = index.meta
+    recall = "".join(f", {key} {value:.3f}" for key, value in m.items() if key.startswith("recall@"))
+    print(f"{args.out}: {m['kind']} index of {m['indexed']:,} rows ({m['dim']}-d {m['embedding']}){recall}, "
+          f"built in {m['build_seconds']:.1f} s")  # fmt: skip
     return 0
 
 

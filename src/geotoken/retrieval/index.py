@@ -115,6 +115,24 @@ def _ivfpq_shape(config: IndexConfig, n: int, dim: int) -> tuple[int, int, int]:
     return nlist, m, bits
 
 
+def check_index_target(out_dir: Path) -> None:
+    """An index folder holds index.faiss and index.json only: refuse a file, or a folder with other things
+    (a bundle, a feature store), before an hour of building, not after it."""
+    if out_dir.is_file():
+        raise GeoTokenError(f"{out_dir}: is a file; name a folder for the index")
+    other = (
+        sorted(p.name for p in out_dir.iterdir() if p.name not in (INDEX_FILE, META_FILE))
+        if out_dir.is_dir()
+        else []
+    )
+    other = [name for name in other if not name.startswith(".")]  # a killed save's temporary file
+    if other:
+        raise GeoTokenError(
+            f"{out_dir}: holds {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}, not an index; write the "
+            "index to a new or empty folder"
+        )
+
+
 class NeighbourIndex:
     """A FAISS index whose ids are gallery rows. `search(queries (B, D), k) -> rows int64, sims float32`."""
 
@@ -249,6 +267,7 @@ class NeighbourIndex:
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         out_dir = Path(out_dir)
+        check_index_target(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(out_dir / INDEX_FILE) as tmp:
             faiss.write_index(self.index, str(tmp))
