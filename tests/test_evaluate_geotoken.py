@@ -185,6 +185,23 @@ def test_cli_no_constrain_labels_and_cache_keys(random_bundle, tmp_path):
     assert all(m["cached"] for m in both.values())
 
 
+def test_a_loaded_bundle_shares_a_cache_across_evaluations(random_bundle, tmp_path):
+    """The run's eval stage: the bundle loaded once (geolocator) and named (cfg.model), a cache beside the
+    stage folders: another n_boot (a new stage folder) re-scores the cached decodes, it does not decode."""
+    from geotoken.evaluate import load_split
+    from geotoken.predict import Geolocator
+
+    bundle = random_bundle(gallery_rows=64, k=3)
+    geo, split = Geolocator.from_bundle(bundle), load_split(bundle, name="gallery")
+    model = GeoTokenMethodConfig(model=str(bundle), strategies=("greedy", "beam"))
+    for n_boot, cached in ((10, False), (20, True)):
+        cfg = EvalConfig(methods=("nn", "geotoken"), n_boot=n_boot, limit=8, plots=False, geotoken=model)
+        res = evaluate(split, split, tmp_path / f"eval{n_boot}", cfg, geolocator=geo, log=lambda *a: None,
+                       cache_dir=tmp_path / "cache")  # fmt: skip
+        assert {label: run.cached for label, run in res.runs.items()} == dict.fromkeys(res.runs, cached)
+    assert not (tmp_path / "eval10" / "cache").exists()
+
+
 def test_constrain_flags_parse():
     parser = build_parser()
     for command in (["evaluate", "--gallery", "G", "--queries", "Q", "-o", "O"], ["predict", "x.jpg", "--model", "M"],

@@ -286,10 +286,14 @@ def run_methods(
     log=print,
     geolocator=None,
     inputs: str | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, MethodRun]:
-    """Fit every method on the gallery and predict the queries; reuse cached predictions in OUT/cache."""
+    """Fit every method on the gallery and predict the queries; reuse cached predictions in `cache_dir`
+    (default OUT/cache), keyed by each method's config and a hash of the inputs."""
     inputs = inputs or _inputs_hash(gallery, queries, neighbours)
-    cache = Path(out_dir) / "cache" if out_dir is not None else None
+    cache = (
+        Path(cache_dir) if cache_dir is not None else Path(out_dir) / "cache" if out_dir is not None else None
+    )
     runs: dict[str, MethodRun] = {}
     for method in cfg.methods:
         if method not in METHODS:
@@ -375,8 +379,12 @@ def evaluate(
     progress: bool = True,
     log=print,
     geolocator=None,
+    cache_dir: str | Path | None = None,
 ) -> EvalResult:
-    """Run, score and write everything for one gallery/query pair (see the module docstring)."""
+    """Run, score and write everything for one gallery/query pair (see the module docstring).
+
+    geolocator: `cfg.geotoken.model` already loaded; cache_dir: where predictions are cached (default
+    OUT/cache; one folder may serve several evaluations: the keys hash the config and the inputs)."""
     cfg = cfg or EvalConfig()
     if "geotoken" in cfg.methods and geolocator is None and not cfg.geotoken.model:
         raise GeoTokenError("--method geotoken needs --model BUNDLE (a folder with bundle.json)")
@@ -394,7 +402,9 @@ def evaluate(
         check_geoclip_features(queries, cfg.geoclip)
     check_splits(gallery, queries, cfg, neighbours is not None)
     inputs = _inputs_hash(gallery, queries, neighbours)
-    runs = run_methods(gallery, queries, cfg, out, neighbours, gps_encoder, progress, log, geolocator, inputs)
+    runs = run_methods(
+        gallery, queries, cfg, out, neighbours, gps_encoder, progress, log, geolocator, inputs, cache_dir
+    )
     pairs = score_runs(runs, cfg)
     files = [write_predictions_csv(out / "predictions.csv", queries, runs)]
     report = {

@@ -145,10 +145,11 @@ def run_geotoken(
     log=print,
     geolocator=None,
 ):
-    """Yield one `MethodRun` per strategy x selector. `geolocator` overrides loading `cfg.model` (a bundle)."""
+    """Yield one `MethodRun` per strategy x selector. `geolocator`: `cfg.model` (a bundle) already loaded, or
+    a model of its own (no `cfg.model`: its rows are not cached, having no bundle files to key them by)."""
     if geolocator is None and not cfg.model:
         raise GeoTokenError("--method geotoken needs --model BUNDLE (a folder with bundle.json)")
-    bundle = None if geolocator is not None else Path(cfg.model)
+    bundle = Path(cfg.model) if cfg.model else None
     identity = _bundle_identity(bundle) if bundle is not None else None
     geo, neighbours, embeddings = geolocator, None, None
     for strategy, select, constrain in rows_to_run(cfg):
@@ -164,7 +165,7 @@ def run_geotoken(
         t0 = time.perf_counter()
         cached = pred is not None
         if pred is None:
-            if geo is None:
+            if geo is None:  # (loaded once, on the first row not in the cache)
                 log(f"geotoken: loading bundle {bundle}")
                 geo = Geolocator.from_bundle(bundle, device=cfg.device)
             if embeddings is None:

@@ -419,5 +419,9 @@ def evaluate_bundle(
         nb = index / split
         neighbours = load_neighbours(nb, gallery, queries)
         log(f"  evaluating on {split} ({len(queries)} images)")
-        evaluate(gallery, queries, out / split, ecfg, neighbours=neighbours, geolocator=geolocator, log=log)
+        # the predictions cached beside the stage folders: another n_boot or baseline list re-scores them
+        cache = out.parent / "cache" / "evaluate"
+        evaluate(
+            gallery, queries, out / split, ecfg, neighbours, geolocator=geolocator, log=log, cache_dir=cache
+        )
     return {"splits": list(config.splits)}
