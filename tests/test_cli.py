@@ -45,6 +45,24 @@ def test_user_error_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "t.npy").exists()
 
 
+def test_own_warnings_are_one_line_like_errors():
+    """A geotoken warning (a job starting over, photos left out) reads as one line, not Python's file:line
+    and source echo; other packages' warnings keep theirs (their source is what to look at)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, geotoken.photos as p\n"
+        "from geotoken.cli import said_as_lines\n"
+        "with said_as_lines('predict'):\n"
+        "    warnings.warn_explicit('o.csv.partial: starting over', UserWarning, p.__file__, 146)\n"
+        "    warnings.warn_explicit('deprecated', UserWarning, '/elsewhere/lib.py', 3)\n"
+    )
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert err.splitlines()[0] == "geotoken predict: warning: o.csv.partial: starting over"
+    assert err.splitlines()[1] == "/elsewhere/lib.py:3: UserWarning: deprecated"
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])

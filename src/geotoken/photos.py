@@ -140,7 +140,9 @@ def write_predictions(
     refs = list_images(photos)
     partial, job_file = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
     search = {k: v for k, v in kwargs.items() if k not in ("skip_bad", "on_error", "progress")}
-    job = {"format": PARTIAL_FORMAT, "model": geo.info(), "top_k": top_k, "search": search}
+    job = {"format": PARTIAL_FORMAT, "model": geo.info(), "search": search}
+    if kind == ".jsonl":  # a CSV row is the top candidate only, whatever top_k
+        job["top_k"] = top_k
     job = json.loads(json.dumps(job, default=str))  # as it reads back from the file
     with exclusive(out.with_name(out.name + ".lock"), str(out)):  # one job at a time on `out`
         done, failed = _write_rows(geo, refs, out, kind, partial, job_file, job, top_k, batch_size, **kwargs)

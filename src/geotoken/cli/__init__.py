@@ -20,11 +20,14 @@ config dataclasses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -78,11 +81,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def said_as_lines(command: str):
+    """geotoken's own warnings (a job starting over, photos left out) as one line each, like its errors,
+    not Python's file:line and source echo; other packages' warnings, and GEOTOKEN_DEBUG=1, keep theirs."""
+    own = str(Path(__file__).resolve().parents[1])
+    python_format = warnings.formatwarning
+
+    def line(message, category, filename, lineno, line=None):
+        if os.environ.get("GEOTOKEN_DEBUG") or not str(filename).startswith(own):
+            return python_format(message, category, filename, lineno, line)
+        return f"geotoken {command}: warning: {message}\n"
+
+    warnings.formatwarning = line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_format
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. User errors print one line and return 2; GEOTOKEN_DEBUG=1 shows tracebacks."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with said_as_lines(args.command):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("geotoken: interrupted", file=sys.stderr)
         return 130
