@@ -105,6 +105,10 @@ def test_model_card_is_written_at_save_time(bundle, tmp_path):
     meta = front_matter(text)
     assert meta["license"] == "mit" and meta["datasets"] == ["mp16", "im2gps3k"] and "clip" in meta["tags"]
     assert "## Evaluation\n\n" + table in text
+    # metrics.md's own headings go under the card's (once: a rewritten card reads them back as they are)
+    info.evaluation = "# Evaluation\n\n## im2gps3k\n\n" + table
+    text = model_card(spec, read_json(out / "backbone.json"), Geolocator.from_bundle(out).model.cfg, 32, info)
+    assert "## Evaluation\n\n### Evaluation\n\n### im2gps3k\n\n" + table in text
 
 
 def test_backbone_source_hub_or_folder(tmp_path):

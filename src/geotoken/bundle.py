@@ -317,7 +317,8 @@ def model_card(
         "",
     ]
     if card.evaluation:
-        lines += ["## Evaluation", "", card.evaluation.strip(), ""]
+        # its own headings (metrics.md opens with "# Evaluation") under the card's: level 3 and below
+        lines += ["## Evaluation", "", re.sub(r"^#{1,2} ", "### ", card.evaluation.strip(), flags=re.M), ""]
     return "\n".join(lines)
 
 

@@ -35,7 +35,9 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", help="run config: a YAML file, or a packaged name (paper, demo)")
+    p.add_argument(
+        "config", help=f"run config: a YAML file, or a packaged name ({', '.join(packaged_configs())})"
+    )
     p.add_argument(
         "--set", action="append", metavar="NAME=VALUE", default=[],
         help="fill the config's ${NAME} placeholders (repeatable)",

@@ -46,4 +46,6 @@ def run(args) -> int:
     for label, r in result["backbones"].items():
         print(f"{label:<34}{r['forward_images_per_s']:>15.1f}{r['end_to_end_images_per_s']:>18.1f}"
               f"{r['end_to_end_over_forward']:>8.2f}")  # fmt: skip
+    print("ratio: end-to-end / forward images/s, measured in this run (1.0: decoding JPEGs costs nothing beside "
+          "the forward pass; lower: the input pipeline is the bound, add --workers)")  # fmt: skip
     return 0
