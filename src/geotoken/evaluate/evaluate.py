@@ -291,9 +291,9 @@ def run_methods(
     """Fit every method on the gallery and predict the queries; reuse cached predictions in `cache_dir`
     (default OUT/cache), keyed by each method's config and a hash of the inputs."""
     inputs = inputs or _inputs_hash(gallery, queries, neighbours)
-    cache = (
-        Path(cache_dir) if cache_dir is not None else Path(out_dir) / "cache" if out_dir is not None else None
-    )
+    if cache_dir is None and out_dir is not None:
+        cache_dir = Path(out_dir) / "cache"
+    cache = None if cache_dir is None else Path(cache_dir)
     runs: dict[str, MethodRun] = {}
     for method in cfg.methods:
         if method not in METHODS:

@@ -148,9 +148,8 @@ def neighbour_table(
         raise GeoTokenError("which embedding to search is unknown: pass embedding= (e.g. 'gps')")
     queries = StoreEmbeddings(query_store, embedding)
     recorded = gallery_index.meta.get("store")
-    made_by = gallery_index.meta.get(
-        "heads"
-    )  # recorded by indexes built since fingerprints; else the store's
+    # the heads that wrote the indexed embedding: recorded by indexes built since, else the gallery store's
+    made_by = gallery_index.meta.get("heads")
     if made_by is None and recorded and (Path(recorded) / "store.json").is_file():
         made_by = FeatureStore.open(recorded).heads
     query_store.check_heads(made_by, f"the index's gallery {recorded}'s")
