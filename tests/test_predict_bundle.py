@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -119,6 +120,19 @@ def test_cli_gate_options_reach_the_selector(bundle, capsys):
     assert notes == {"0": "model sure of the region", "1": "neighbours voted"}
     assert main(["predict", photo, "--model", str(bundle), "--select", "gate", "--gate-p", "1.5"]) != 0
     assert "gate_p must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_cli_says_when_an_option_is_not_read_by_the_strategy(bundle, capsys):
+    photo = str(assets.sample_image())
+    args = ["predict", photo, "--model", str(bundle), "--strategy", "beam", "--json"]
+    with pytest.warns(
+        UserWarning, match="--num-samples applies to sample strategies; the search is beam, so it"
+    ):
+        assert main([*args, "--num-samples", "4"]) == 0
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # read by beam: no word
+        assert main([*args, "--beam-width", "3"]) == 0
 
 
 def test_bad_bundles(bundle, tmp_path, capsys):

@@ -92,6 +92,22 @@ def sampling_temperature(value) -> float:
     return t
 
 
+# the part of a strategy's name ("beam+sample" -> beam, sample) that reads each option: set for another
+# strategy, the option changes nothing (`unused_options`)
+STRATEGY_OPTIONS = {
+    "beam_width": "beam",
+    "num_samples": "sample",
+    "temperature": "sample",
+    "retrieved": "retrieval",
+}
+
+
+def unused_options(strategy: str, given) -> list[str]:
+    """The options among `given` (names) that `strategy` does not read, e.g. num_samples under beam."""
+    parts = set(strategy.split("+"))
+    return [name for name in given if name in STRATEGY_OPTIONS and STRATEGY_OPTIONS[name] not in parts]
+
+
 @dataclass
 class SearchOptions:
     """How to decode and select. Defaults: beam 5, gallery-constrained, most likely candidate."""

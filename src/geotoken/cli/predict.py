@@ -10,10 +10,11 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from geotoken import DTYPES
-from geotoken.bundle import PAPER_TEMPERATURE, sampling_temperature
+from geotoken.bundle import PAPER_TEMPERATURE, STRATEGY_OPTIONS, sampling_temperature, unused_options
 from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
 from geotoken.data.images import list_images, split_ref
 from geotoken.encoders.clip import PRECISIONS
@@ -173,6 +174,11 @@ def run(args: argparse.Namespace) -> int:
         "gate_tokens": args.gate_tokens,
         "dtype": args.dtype,
     }
+    strategy = args.strategy or getattr(getattr(geo, "options", None), "strategy", None)
+    given = [name for name, value in options.items() if value is not None]
+    for name in unused_options(strategy, given) if strategy else []:  # (a typo of intent, not an error)
+        warnings.warn(f"--{name.replace('_', '-')} applies to {STRATEGY_OPTIONS[name]} strategies; the search is "
+                      f"{strategy}, so it changes nothing", stacklevel=1)  # fmt: skip
     if args.constrain is not None:  # (GeoCLIP has no search options: it refuses this one by name)
         options["constrain"] = args.constrain
     mllm_changes = {"mode": args.mllm_mode, "template": args.mllm_template,
