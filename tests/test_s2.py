@@ -209,7 +209,7 @@ def test_shapes_are_preserved_and_longitudes_wrap():
         (lambda: gs2.latlon_to_cell_ids([0, 1], [0, 1, 2]), "shape"),
         (lambda: gs2.latlon_to_cell_ids(0, 0, 31), "level = 31"),
         (lambda: gs2.latlon_to_tokens(0, 0, -1), "level = -1"),
-        (lambda: gs2.latlon_to_tokens(0, 0, 20, 0), "group = 0"),
+        (lambda: gs2.latlon_to_tokens(0, 0, 20, 0), "group size \\(child indices per token\\) 0"),
         (lambda: gs2.tokens_to_latlon([[0] * 11, [6] + [0] * 10]), r"tokens\[1, 0\] = 6 .* 0\.\.5"),
         (lambda: gs2.tokens_to_latlon([[0] * 10 + [16]]), r"tokens\[0, 10\] = 16 .* 0\.\.15"),
         (lambda: gs2.tokens_to_latlon([[0] * 12]), "needs 11 tokens"),

@@ -139,7 +139,9 @@ def _check_level(level, name: str = "level") -> int:
 
 def _check_group(group) -> int:
     if isinstance(group, bool) or not isinstance(group, int | np.integer) or not 1 <= group <= MAX_LEVEL:
-        raise GeoTokenError(f"group = {group!r} must be an integer in 1..{MAX_LEVEL}")
+        raise GeoTokenError(
+            f"group size (child indices per token) {group!r} must be an integer in 1..{MAX_LEVEL}"
+        )
     return int(group)
 
 
