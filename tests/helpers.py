@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from geotoken import s2
-from geotoken.bundle import SearchOptions
 from geotoken.features import FeatureStore
 from geotoken.gallery import Gallery
 from geotoken.model import GeoToken, preset
 from geotoken.predict import Geolocator
+from geotoken.search.options import SearchOptions
 
 # the modalities of the small models and galleries below (decode, predict, reward tests)
 DIMS = {"visual": 16, "gps": 16, "text": 8}

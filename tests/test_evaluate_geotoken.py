@@ -18,10 +18,10 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def geolocator_and_splits(tiny_model):
-    from geotoken.bundle import SearchOptions
     from geotoken.gallery import Gallery
     from geotoken.predict import Geolocator
     from geotoken.retrieval import NeighbourIndex
+    from geotoken.search.options import SearchOptions
 
     gallery, queries = synthetic_splits(n_gallery=400, n_queries=40, seed=5)
     dims = {"visual": gallery.arrays["visual"].shape[1], "gps": gallery.arrays["gps"].shape[1]}

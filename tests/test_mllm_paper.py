@@ -14,12 +14,12 @@ from PIL import Image
 
 pytest.importorskip("openai")
 
-from geotoken.bundle import SearchOptions  # noqa: E402
 from geotoken.errors import GeoTokenError  # noqa: E402
 from geotoken.search import STRATEGIES  # noqa: E402
 from geotoken.search.candidates import Candidates  # noqa: E402
 from geotoken.search.decode import generate  # noqa: E402
 from geotoken.search.mllm import PAPER_PROMPTS, MLLMConfig, select_mllm, shown_candidates  # noqa: E402
+from geotoken.search.options import SearchOptions  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from geotoken.bundle import PAPER_TEMPERATURE, SearchOptions, sampling_temperature
 from geotoken.errors import GeoTokenError
 from geotoken.model import Batch
 from geotoken.search.candidates import Candidates, select_logp
 from geotoken.search.decode import generate, sample
+from geotoken.search.options import PAPER_TEMPERATURE, SearchOptions, sampling_temperature
 from geotoken.search.select import select
 
 torch.set_num_threads(1)

@@ -35,10 +35,8 @@ from tqdm import tqdm
 from geotoken import s2
 from geotoken.align import AlignHeads
 from geotoken.bundle import (
-    SearchOptions,
     bundle_backbone_config,
     check_bundle_parts,
-    describe_search,
     gallery_dir,
     gallery_tokens_path,
     hub_snapshot,
@@ -61,6 +59,7 @@ from geotoken.retrieval import REFINE, NeighbourIndex, StoreEmbeddings, join_emb
 from geotoken.search.calibration import Calibration, apply_temperature, within_confidence
 from geotoken.search.candidates import OWN_ANSWER_FIRST, Candidates, Selection
 from geotoken.search.decode import PrefixConstraint, generate
+from geotoken.search.options import SearchOptions, describe_search
 from geotoken.search.reward import DecoderRewardScorer, RewardScorer, load_reward
 from geotoken.search.select import select
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from geotoken.bundle import PAPER_TEMPERATURE, sampling_temperature
 from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
 from geotoken.fit import CALIBRATION_SELECTORS, calibrate_bundle
 from geotoken.predict import Geolocator
 from geotoken.search import LOGP_KINDS, STRATEGIES
 from geotoken.search.calibration import RADII_KM
+from geotoken.search.options import PAPER_TEMPERATURE, sampling_temperature
 
 
 def register(subparsers) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from geotoken import DTYPES
-from geotoken.bundle import PAPER_TEMPERATURE, sampling_temperature
 from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
 from geotoken.evaluate import (
     BASELINES,
@@ -25,6 +24,7 @@ from geotoken.evaluate.baselines import (
 )
 from geotoken.evaluate.metrics import print_tables
 from geotoken.search import LOGP_KINDS, SELECTORS, STRATEGIES
+from geotoken.search.options import PAPER_TEMPERATURE, sampling_temperature
 
 HELP = "evaluate methods (baselines, the model) on a query set: accuracy table with 95% CIs, CSV, plots"
 

@@ -14,7 +14,6 @@ import warnings
 from pathlib import Path
 
 from geotoken import DTYPES
-from geotoken.bundle import PAPER_TEMPERATURE, STRATEGY_OPTIONS, sampling_temperature, unused_options
 from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
 from geotoken.data.images import list_images, split_ref
 from geotoken.encoders.clip import PRECISIONS
@@ -26,6 +25,7 @@ from geotoken.predict import Geolocator
 from geotoken.search import LOGP_KINDS, SELECTORS, STRATEGIES
 from geotoken.search.mllm import MODES as MLLM_MODES
 from geotoken.search.mllm import TEMPLATES as MLLM_TEMPLATES
+from geotoken.search.options import PAPER_TEMPERATURE, STRATEGY_OPTIONS, sampling_temperature, unused_options
 
 
 def register(subparsers) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from geotoken.bundle import sampling_temperature
 from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
 from geotoken.devices import retain_freed_memory
 from geotoken.fit import train_bundle_reward
 from geotoken.predict import Geolocator
+from geotoken.search.options import sampling_temperature
 from geotoken.search.reward import REWARD_KINDS, RewardConfig
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geotoken.bundle import gallery_dir, gallery_tokens_path, read_bundle, sampling_temperature
+from geotoken.bundle import gallery_dir, gallery_tokens_path, read_bundle
 from geotoken.data.images import open_image
 from geotoken.errors import GeoTokenError
 from geotoken.evaluate.baselines import Predictions, Split
@@ -30,6 +30,7 @@ from geotoken.predict import Geolocator
 from geotoken.s2 import latlon_to_tokens
 from geotoken.search import STRATEGIES
 from geotoken.search.calibration import Calibration, calibration_data, calibration_report
+from geotoken.search.options import sampling_temperature
 
 # the label suffix of a row decoded under the gallery-prefix constraint (every answer a gallery photo's cell)
 GALLERY_SUFFIX = "+gallery"

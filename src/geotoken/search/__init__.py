@@ -4,6 +4,7 @@
 - `decode`: cached greedy / beam / sampling / retrieved cells scored by the model, gallery-prefix constraint
 - `select`: `logp`, `consensus`, `reward` (`reward`: the learned scorer), `mllm` (`mllm`)
 - `calibration`: calibrated "within X km" and per-level confidences
+- `options`: `SearchOptions`, how a search runs (strategy, sizes, selector, precision), checked when set
 """
 
 from geotoken.search.candidates import LOGP_KINDS, STRATEGIES, Candidates, Selection
