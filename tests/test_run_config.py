@@ -152,6 +152,15 @@ def test_the_plan_names_the_folders_the_run_writes_and_checks_paths(tmp_path, ca
     assert "PROBLEM: im2gps3k: annotations" in capsys.readouterr().out
     assert main(["run", str(path), "--set", f"ROOT={tmp_path / 'missing'}"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # a holdout as large as its source (the paper's VAL_SIZE on a small copy): said before any stage runs
+    held = yaml.safe_load(path.read_text().replace("${ROOT}", str(root)).replace('"${N}"', "100"))
+    held["stages"][0]["config"]["holdout"] = {"split": "val", "source": "im2gps3k", "size": 5000}
+    (tmp_path / "h.yaml").write_text(yaml.safe_dump(held))
+    assert main(["run", str(tmp_path / "h.yaml"), "--dry-run"]) == 2
+    assert (
+        "PROBLEM: holdout: val size 5,000 leaves nothing of im2gps3k's 6 annotation rows"
+        in capsys.readouterr().out
+    )
 
 
 def test_the_paper_config_is_the_papers_setting():

@@ -16,7 +16,7 @@ HELP = "run the whole method offline: dataset, features, alignment, retrieval, t
 
 EPILOG = """\
 stages are content-hashed folders under --run-dir: a second run reuses every finished stage, and a
-changed option redoes only what depends on it. `--fast` is a ~2-minute smoke version.
+changed option redoes only what depends on it. `--fast` is a ~1-minute smoke version (2 cores).
 
 examples:
   geotoken demo

@@ -276,8 +276,12 @@ def plan_run(cfg: RunConfig) -> list[StagePlan]:
         elif spec.kind == "dataset":
             p.rows = {s.split: _source_rows(s, p.problems) for s in c.sources}
             if c.holdout is not None and c.holdout.source in p.rows:
-                p.rows[c.holdout.source] = max(0, p.rows[c.holdout.source] - c.holdout.size)
-                p.rows[c.holdout.split] = c.holdout.size
+                h, listed = c.holdout, p.rows[c.holdout.source]
+                if listed and h.size >= listed:  # the stage would refuse it, after reading every image
+                    p.problems.append(f"holdout: {h.split} size {h.size:,} leaves nothing of {h.source}'s "
+                                      f"{listed:,} annotation rows; hold out fewer (VAL_SIZE in paper.yaml)")  # fmt: skip
+                p.rows[h.source] = max(0, listed - h.size)
+                p.rows[h.split] = h.size
             p.disk_bytes = sum(p.rows.values()) * 200  # manifests, texts, reports: about 200 B a row
             p.work = f"read {len(c.sources)} annotation file(s), check {sum(p.rows.values()):,} images exist"
         elif spec.kind == "features":
