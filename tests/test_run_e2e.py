@@ -119,3 +119,34 @@ def test_geotoken_run_from_mp16_folders_and_osv5m_zips_to_neighbours(tmp_path, c
     assert index.shape == (6, 4) and ((0 <= index) & (index < 38)).all()
     ids = json.loads((next(run.glob("align-*")) / "osv5m" / "store.json").read_text())["ids"]
     assert ids == osv_ids
+
+
+@pytest.mark.slow
+def test_the_packaged_paper_config_rehearses_end_to_end_on_miniature_layouts(tmp_path, capsys, offline_hub):
+    """`geotoken run paper` itself, as docs/datasets.md says to rehearse it: the paper's stages on small
+    copies of MP16-Pro (one joined image tar, as the Hub's pieces make), Im2GPS3k (a zip) and YFCC4k,
+    with a tiny stand-in CLIP (no tokenizer: TEXT_ENCODER=minilm) and small sizes."""
+    realdata.mp16(tmp_path / "mp16pro", 160, pro=True, layout="flat-tar", missing=3)
+    realdata.places365_test_set(tmp_path / "im2gps3k", "im2gps3k", 20, 20, zipped=True)
+    realdata.places365_test_set(tmp_path / "yfcc4k", "yfcc25600", 40, 15, seed=3)
+    clip = tiny_clip(tmp_path / "clip")
+    sets = {"MP16_ROOT": tmp_path / "mp16pro", "MP16_CSV": "MP16_Pro_places365.csv",
+            "IM2GPS3K_ROOT": tmp_path / "im2gps3k", "IM2GPS3K_IMAGES": "images.zip",
+            "YFCC4K_ROOT": tmp_path / "yfcc4k", "YFCC4K_IMAGES": "images", "CLIP": clip, "TEXT_ENCODER": "minilm",
+            "VAL_SIZE": 24, "PRESET": "tiny", "EPOCHS": 1, "BATCH_SIZE": 64, "DTYPE": "fp32", "WORKERS": 0,
+            "BASELINES": "[nn, knn]"}  # fmt: skip
+    args = ["run", "paper", "--run-dir", str(tmp_path / "run")]
+    for name, value in sets.items():
+        args += ["--set", f"{name}={value}"]
+    assert main([*args, "--dry-run"]) == 0 and "PROBLEM" not in capsys.readouterr().out
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| method | Im2GPS3k (n = 20) 1 km |" in out and "YFCC4k (n = 15) 2500 km |" in out
+    rows = {line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ")}
+    assert {
+        "| nn",
+        "| knn",
+        "| geotoken greedy",
+        "| geotoken beam5+reward",
+        "| geotoken sample10+logp",
+    } <= rows
