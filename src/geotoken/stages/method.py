@@ -108,9 +108,13 @@ class FeaturesStageConfig:
     skip_bad: bool = False  # unreadable images: recorded and skipped (their rows NaN) instead of an error
 
     def __post_init__(self) -> None:
-        check_fields(self, {"backbone": tuple(BACKBONES)}, {"image_size": 16, "batch_size": 1, "workers": 0})
+        check_fields(self, {"backbone": tuple(BACKBONES)}, {"image_size": 32, "batch_size": 1, "workers": 0})
         if self.clip is not None and self.backbone != "clip":
             raise GeoTokenError(f"clip {self.clip!r} names CLIP weights; the backbone is {self.backbone!r}")
+        if self.image_size is not None and self.backbone == "clip":
+            raise GeoTokenError(
+                "image_size: a CLIP backbone's input size is its preprocessor's; leave it out"
+            )
 
 
 @stage_kind("features", FeaturesStageConfig)
