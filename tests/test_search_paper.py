@@ -48,6 +48,16 @@ def test_samples_carry_t1_and_temperature_scaled_logp(setup):
     np.testing.assert_allclose(one.logp_scaled, one.logp, atol=1e-6)
 
 
+def test_a_huge_temperature_samples_the_vocabulary_uniformly_and_never_outside_it(setup):
+    """-inf / inf is NaN: the excluded tokens (beyond a position's vocabulary) must stay excluded."""
+    model, _, memory = setup
+    vocab = np.asarray(model.cfg.vocab_sizes)
+    for t in (1e300, float("inf")):  # 1e300 is inf in float32
+        pool = sample(model, memory, 32, temperature=t, generator=torch.Generator().manual_seed(0))
+        assert (pool.tokens >= 0).all() and (pool.tokens < vocab).all()
+        np.testing.assert_allclose(pool.logp_scaled, -np.log(vocab.astype(float)).sum(), atol=1e-4)
+
+
 def test_beams_and_greedy_scaled_logp_is_the_models_own(setup):
     model, batch, _ = setup
     for strategy in ("greedy", "beam"):

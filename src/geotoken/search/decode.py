@@ -195,8 +195,10 @@ def beam_search(
 
 
 def _sampling_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Reshape a distribution (R, V) logits for sampling: temperature, then top-k, then nucleus top-p."""
-    logits = logits / temperature
+    """Reshape a distribution (R, V) logits for sampling: temperature, then top-k, then nucleus top-p.
+    Excluded tokens (-inf) stay excluded at any temperature (-inf / inf would be NaN): a temperature
+    beyond float32's range samples the allowed tokens uniformly, as its limit does."""
+    logits = torch.where(torch.isneginf(logits), logits, logits / temperature)
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (R, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
