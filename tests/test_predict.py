@@ -19,6 +19,23 @@ def embeddings(b=3, seed=1):
     return {m: rng.standard_normal((b, d)).astype(np.float32) for m, d in DIMS.items()}
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda e: {m: np.full_like(v, np.nan) for m, v in e.items()}, "'visual': row 0 is not finite"),
+        (lambda e: {**e, "gps": e["gps"][:2]}, "different numbers of rows"),
+        (lambda e: {**e, "visual": e["visual"][0]}, r"'visual': float32 of shape \(\d+,\), expected"),
+        (lambda e: {m: v[:0] for m, v in e.items()}, "have no rows"),
+    ],
+)
+def test_bad_query_embeddings_are_named(change, message):
+    """Each would otherwise fail far away: a NaN row gets no neighbours from FAISS, and the error named them."""
+    with pytest.raises(GeoTokenError, match=message):
+        make_geolocator().predict_embeddings(change(embeddings()))
+    with pytest.raises(GeoTokenError, match=r"neighbours: float64 of shape \(3, 3\), expected integer"):
+        make_geolocator().predict_embeddings(embeddings(), neighbours=np.zeros((3, 3)))
+
+
 def test_fewer_candidates_than_asked_for_are_said_in_the_note():
     """top_k is an upper bound: the search's distinct cells bound the list, and the note says how."""
     geo = make_geolocator()

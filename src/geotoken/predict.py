@@ -76,6 +76,40 @@ class SearchResult:
     timings_ms: dict[str, float]
 
 
+def checked_queries(embeddings: dict, neighbours=None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """A search's inputs as arrays, or an error naming the one that is wrong: not (B, D), rows that differ
+    between embeddings or from the neighbour rows, no rows, or a row that is not finite (NaN: an image that
+    could not be read; FAISS would give it no neighbours and the error would come from far away)."""
+    if not isinstance(embeddings, dict) or not embeddings:
+        raise GeoTokenError("query embeddings: a dict {modality: (B, D) array}, e.g. {'visual': ...}")
+    arrays = {m: np.asarray(v) for m, v in embeddings.items()}
+    for m, a in arrays.items():
+        if a.ndim != 2 or not np.issubdtype(a.dtype, np.number):
+            raise GeoTokenError(
+                f"query embedding {m!r}: {a.dtype} of shape {a.shape}, expected numbers (B, D)"
+            )
+    rows = {m: len(a) for m, a in arrays.items()}
+    if len(set(rows.values())) > 1:
+        raise GeoTokenError(f"query embeddings have different numbers of rows: {rows}")
+    B = next(iter(rows.values()))
+    if B == 0:
+        raise GeoTokenError("query embeddings have no rows")
+    for m, a in arrays.items():
+        bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
+        if len(bad):
+            raise GeoTokenError(
+                f"query embedding {m!r}: row {bad[0]} is not finite (NaN or inf; {len(bad)} such rows): an "
+                "image that could not be read? (stores mark those rows skipped)"
+            )
+    if neighbours is not None:
+        neighbours = np.asarray(neighbours)
+        if neighbours.ndim != 2 or len(neighbours) != B or not np.issubdtype(neighbours.dtype, np.integer):
+            raise GeoTokenError(
+                f"neighbours: {neighbours.dtype} of shape {neighbours.shape}, expected integer gallery rows ({B}, k)"
+            )
+    return arrays, neighbours
+
+
 class Geolocator:
     """The loaded method. Build with `from_bundle(dir)`, or from parts (tests, notebooks)."""
 
@@ -307,6 +341,7 @@ class Geolocator:
         options: any `SearchOptions` field (strategy, beam_width, num_samples, select, radius_km, ...).
         """
         opt = self.options.replace(**options)
+        embeddings, neighbours = checked_queries(embeddings, neighbours)
         B = len(next(iter(embeddings.values())))
         if neighbours is None and self.model.cfg.k:
             t0 = time.perf_counter()
