@@ -296,3 +296,20 @@ def test_ddp_two_processes_stay_identical(tmp_path, free_port):
     assert run["world"] == 2
     state = json.loads((tmp_path / "last/state.json").read_text())
     assert state["step"] == 4 and state["world"] == 2
+
+
+def test_non_finite_inputs_stop_training_before_they_reach_the_weights(tmp_path):
+    """A NaN query row (an unreadable image's, say) makes a NaN loss: the run stops at that step, naming
+    the inputs, and the model it checkpointed before stays finite; a finished run is in eval mode."""
+    data, mc = synthetic(), model_cfg()
+    good = train(mc, quiet(max_steps=2), data, tmp_path / "good")
+    assert not good.training
+    data.query["visual"][5] = np.nan  # in a batch of the first epoch (8 batches of 8)
+    with pytest.raises(
+        GeoTokenError, match=r"training step \d+: the loss is nan .* check the inputs for NaN rows"
+    ):
+        train(mc, quiet(max_steps=8, checkpoint_every=1), data, tmp_path / "bad")
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "bad" / "last" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in state.values())

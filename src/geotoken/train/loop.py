@@ -326,7 +326,7 @@ def train(
     sources: dict | None = None,
     stop_at: int | None = None,
 ) -> GeoToken:
-    """Train (or resume) a GeoToken model; returns the model after the last step (unwrapped).
+    """Train (or resume) a GeoToken model; returns the model after the last step (unwrapped, in eval mode).
 
     `stop_at` ends this call early (after a checkpoint) without changing the schedule, which still
     runs to `max_steps` / `epochs`: a later call with `resume=True` continues exactly. `resume=True`
@@ -429,6 +429,12 @@ def train(
                 (micro if accum == 1 else micro * share).backward()
             loss += micro.detach().float() * share
         gnorm = clip_gradients(model, cfg.grad_clip)
+        if not torch.isfinite(gnorm):  # before the step: the weights (and the last checkpoint) stay good
+            raise GeoTokenError(
+                f"training step {step + 1}: the loss is {loss.item()} and the gradient norm {float(gnorm)}: check "
+                f"the inputs for NaN rows ({data.source}) or lower the learning rate ({lr:g}); the last checkpoint "
+                f"({out / 'last'}) is from before it"
+            )
         opt.step()
         step += 1
         seen += len(rows) * d.world
@@ -470,7 +476,7 @@ def train(
     if bar is not None:
         bar.close()
     log.close()
-    return model
+    return model.eval()  # ready to predict with: no dropout
 
 
 def _sync_best(state: dict, d: Dist) -> None:
