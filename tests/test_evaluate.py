@@ -254,6 +254,12 @@ def test_config_and_neighbour_table_are_checked_by_the_library(tmp_path):
     ]:
         with pytest.raises(GeoTokenError, match=f"{field} must be >= 1, got 0"):
             EvalConfig(**kwargs)
+    with pytest.raises(GeoTokenError, match=r"methods is a tuple of names, e.g. \('nn',\)"):
+        EvalConfig(methods="nn")  # not the methods 'n', 'n'
+    with pytest.raises(GeoTokenError, match=r"unknown method\(s\) \['knnn'\]"):
+        EvalConfig(methods=("nn", "knnn"))  # before any work, not inside evaluate()
+    with pytest.raises(GeoTokenError, match="level is a confidence in \\(0, 1\\)"):
+        EvalConfig(level=95)
     with pytest.raises(GeoTokenError, match="evaluation strategies \\['beem'\\]: choose from greedy, beam"):
         rows_to_run(GeoTokenMethodConfig(strategies=("beem",)))
     gallery, queries = synthetic_splits(n_gallery=30, n_queries=4, seed=1)

@@ -32,6 +32,7 @@ def test_bad_query_embeddings_are_named(change, message):
     """Each would otherwise fail far away: a NaN row gets no neighbours from FAISS, and the error named them."""
     with pytest.raises(GeoTokenError, match=message):
         make_geolocator().predict_embeddings(change(embeddings()))
+    assert len(make_geolocator().predict_embeddings(embeddings(), top_k=np.int64(2))[0].candidates) <= 2
     with pytest.raises(GeoTokenError, match=r"neighbours: float64 of shape \(3, 3\), expected integer"):
         make_geolocator().predict_embeddings(embeddings(), neighbours=np.zeros((3, 3)))
 

@@ -62,6 +62,11 @@ def test_flat_is_exact_and_skips_invalid_rows(tmp_path):
     assert again.meta["indexed"] == valid.sum() and again.meta["gallery_rows"] == 500
     with pytest.raises(GeoTokenError, match="dimension 16"):
         index.search(queries[:, :16], 3)
+    # as a user passes them: a NumPy integer k, a list of rows; a bad k named
+    np.testing.assert_array_equal(index.search(queries[:2].tolist(), np.int64(10))[0], rows[:2])
+    for k in (0, 2.5):
+        with pytest.raises(GeoTokenError, match="search: k must be a whole number >= 1"):
+            index.search(queries, k)
 
 
 @pytest.mark.parametrize("kind, options", [("ivfpq", {"nprobe": 16, "pq_m": 16}), ("hnsw", {})])

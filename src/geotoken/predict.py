@@ -422,7 +422,7 @@ class Geolocator:
         memory stays bounded however many. Each candidate is a `Candidate`: coordinate, calibrated
         probabilities, cell, place, level confidences.
         """
-        check_top_k(top_k)
+        top_k = check_top_k(top_k)
         items = as_image_list(images)
         opt = self.options.replace(**options)
         preds: list[Prediction] = []
@@ -458,7 +458,7 @@ class Geolocator:
     ) -> list[Prediction]:
         """Like `predict`, from aligned embeddings {m: (B, D)} and optional neighbour rows (B, k); `keys` as
         in `search`."""
-        check_top_k(top_k)
+        top_k = check_top_k(top_k)
         res = self.search(
             embeddings, neighbours, images, keys=keys, strategy=strategy, select=select, **options
         )

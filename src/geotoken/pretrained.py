@@ -128,7 +128,7 @@ class GeoCLIPPredictor:
                 f"geoclip: {', '.join(given)} apply to GeoToken bundles only; GeoCLIP ranks its "
                 "gallery by softmax"
             )
-        check_top_k(top_k)
+        top_k = check_top_k(top_k)
         batch_size = self.batch_size if batch_size is None else batch_size
         if not is_whole(batch_size):
             raise GeoTokenError(f"batch_size must be a whole number >= 1, got {batch_size!r}")

@@ -167,6 +167,13 @@ class EvalConfig:
     geotoken: GeoTokenMethodConfig = field(default_factory=GeoTokenMethodConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.methods, str):  # "nn" would be read as the methods 'n', 'n'
+            raise GeoTokenError(f"evaluation: methods is a tuple of names, e.g. ({self.methods!r},)")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise GeoTokenError(f"evaluation: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        if not 0 < self.level < 1:
+            raise GeoTokenError(f"evaluation: level is a confidence in (0, 1), e.g. 0.95, got {self.level!r}")
         g = self.geotoken
         counts = {
             "n_boot": self.n_boot,

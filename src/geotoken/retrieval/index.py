@@ -239,9 +239,14 @@ class NeighbourIndex:
         k * refine candidates and re-ranks them by their exact inner product: the recall of PQ codes
         at the memory of PQ codes, the vectors staying on disk. Missing hits are row -1, similarity -inf.
         """
+        if not hasattr(queries, "shape"):  # a list of rows
+            queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim != 2:
+            raise GeoTokenError(f"search: queries must be (B, D), got shape {queries.shape}")
         n, dim = queries.shape
-        if k < 1:
-            raise GeoTokenError(f"search: k must be >= 1, got {k}")
+        k = k.item() if isinstance(k, np.integer) else k  # FAISS takes a Python int
+        if not is_whole(k):
+            raise GeoTokenError(f"search: k must be a whole number >= 1, got {k!r}")
         if dim != self.dim:
             raise GeoTokenError(f"queries have dimension {dim}, the index {self.dim}")
         depth = k * refine if exact is not None and self.config.kind != "flat" and refine > 1 else k
