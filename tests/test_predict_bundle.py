@@ -68,6 +68,7 @@ def test_a_photos_samples_follow_the_photo_not_its_place_in_the_list(bundle, pho
         (dict(strategy="bem"), "strategy 'bem': choose one of greedy, beam"),
         (dict(dtype="fp16"), "dtype 'fp16': choose one of fp32, bf16"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(seed=2**70, strategy="sample"), r"seed must be a whole number in 0..4611686018427387904"),
     ],  # fmt: skip
 )
 def test_bad_predict_arguments_are_named(bundle, photo, options, message):

@@ -313,3 +313,13 @@ def test_non_finite_inputs_stop_training_before_they_reach_the_weights(tmp_path)
 
     state = load_file(tmp_path / "bad" / "last" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_training_leaves_the_callers_random_state_alone(tmp_path):
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    train(
+        model_cfg(), quiet(max_steps=1), synthetic(), tmp_path / "run"
+    )  # seeds its own streams from cfg.seed
+    assert torch.equal(torch.rand(3), want)

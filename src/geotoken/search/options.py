@@ -94,12 +94,20 @@ class SearchOptions:
                 raise GeoTokenError(
                     f"search option {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}"
                 )
-        least = {"beam_width": 1, "num_samples": 1, "retrieved": 0, "sample_top_k": 0, "gate_tokens": 1,
-                 "batch_size": 1, "seed": 0}  # fmt: skip
-        for name, low in least.items():
-            if not is_whole(getattr(self, name), low):
+        ranges = {
+            "beam_width": (1, None),
+            "num_samples": (1, None),
+            "retrieved": (0, None),
+            "sample_top_k": (0, None),
+            "gate_tokens": (1, None),
+            "batch_size": (1, None),
+            "seed": (0, 2**62),
+        }  # fmt: skip  (seed + an image's key is an int64)
+        for name, (low, high) in ranges.items():
+            if not is_whole(getattr(self, name), low, high):
+                within = f">= {low}" if high is None else f"in {low}..{high}"
                 raise GeoTokenError(
-                    f"search option {name} must be a whole number >= {low}, got {getattr(self, name)!r}"
+                    f"search option {name} must be a whole number {within}, got {getattr(self, name)!r}"
                 )
         for name, ok, bounds in (("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
                                  ("gate_p", 0 <= self.gate_p <= 1, "in [0, 1]"),

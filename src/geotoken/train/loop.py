@@ -331,7 +331,18 @@ def train(
     `stop_at` ends this call early (after a checkpoint) without changing the schedule, which still
     runs to `max_steps` / `epochs`: a later call with `resume=True` continues exactly. `resume=True`
     on a folder without a checkpoint starts from scratch (so a pipeline stage can always pass it).
+    The run seeds torch's random generators from `cfg.seed`; the caller's are restored afterwards.
     """
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        return _train(
+            model_cfg, cfg, data, out, train_rows, val_data, val_rows, resume, device, sources, stop_at
+        )
+
+
+def _train(
+    model_cfg, cfg, data, out, train_rows, val_data, val_rows, resume, device, sources, stop_at
+) -> GeoToken:
     out = Path(out)
     if stop_at is not None and stop_at < 1:
         raise GeoTokenError(f"stop_at {stop_at} must be >= 1 (a step after which a checkpoint is written)")
