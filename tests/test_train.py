@@ -146,6 +146,11 @@ def test_schedule():
         with pytest.raises(GeoTokenError, match=message):
             TrainConfig(**bad)
     assert TrainConfig(epochs=0, max_steps=10).max_steps == 10
+    # as a user passes them: NumPy scalars become Python numbers (they go to JSON), a string is named
+    cfg = TrainConfig(lr=np.float32(1e-3), batch_size=np.int64(8))
+    assert type(cfg.lr) is float and type(cfg.batch_size) is int
+    with pytest.raises(GeoTokenError, match="training option lr must be float, got '1e-3'"):
+        TrainConfig(lr="1e-3")
 
 
 def test_resume_is_bit_identical(tmp_path):

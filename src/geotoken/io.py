@@ -7,6 +7,7 @@ never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -24,6 +25,7 @@ try:  # POSIX file locks (`exclusive`)
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
+import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -230,6 +232,19 @@ def value_fits(hint: Any, value: Any) -> bool:
     if kind is tuple:
         return isinstance(value, list | tuple)
     return isinstance(value, kind) if isinstance(kind, type) else True
+
+
+def check_types(config: Any, what: str) -> None:
+    """Each field of the dataclass `config` against its type hint, NumPy scalars made Python ones (so they
+    reach JSON): a value of another type is an error naming the field, not a TypeError deep inside."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, np.generic):  # e.g. a learning rate read from an array
+            value = value.item()
+            object.__setattr__(config, f.name, value)
+        if not value_fits(hints[f.name], value):
+            raise GeoTokenError(f"{what} {f.name} must be {type_name(hints[f.name])}, got {value!r}")
 
 
 def type_name(hint: Any) -> str:

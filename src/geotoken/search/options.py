@@ -4,14 +4,11 @@ where they are set; `sampling_temperature` ("paper" = the authors' 0.7); which o
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from geotoken import DTYPES
 from geotoken.errors import GeoTokenError
-from geotoken.io import is_whole, type_name, value_fits
+from geotoken.io import check_types, is_whole
 from geotoken.search.candidates import LOGP_KINDS, STRATEGIES
 from geotoken.search.mllm import MLLMConfig
 from geotoken.search.select import SELECTORS
@@ -78,16 +75,7 @@ class SearchOptions:
         """Every option checked where it is set (the library, a bundle, the server), not where it is used:
         constrain="no" would be truthy, num_samples=0 would fail inside the decoder."""
         self.temperature = sampling_temperature(self.temperature)
-        hints = typing.get_type_hints(SearchOptions)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, np.generic):  # a NumPy scalar from an array of options
-                value = value.item()
-                setattr(self, f.name, value)
-            if not value_fits(hints[f.name], value):
-                raise GeoTokenError(
-                    f"search option {f.name} must be {type_name(hints[f.name])}, got {value!r}"
-                )
+        check_types(self, "search option")
         choices = {"strategy": STRATEGIES, "select": SELECTORS, "logp_kind": LOGP_KINDS, "dtype": DTYPES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

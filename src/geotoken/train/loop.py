@@ -37,6 +37,7 @@ from geotoken.geo import THRESHOLDS_KM, haversine_km
 from geotoken.io import (
     atomic_dir,
     atomic_path,
+    check_types,
     load_optimizer,
     optimizer_tensors,
     read_json,
@@ -86,6 +87,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_types(self, "training option")
         if self.schedule not in SCHEDULES:
             raise GeoTokenError(f"schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.dtype not in DTYPES:
