@@ -242,7 +242,7 @@ def test_load_split_from_store_manifest_and_bundle(stores, tmp_path):
 
 def test_config_and_neighbour_table_are_checked_by_the_library(tmp_path):
     from geotoken.errors import GeoTokenError
-    from geotoken.evaluate import EvalConfig, GeoTokenMethodConfig, load_neighbours
+    from geotoken.evaluate import EvalConfig, GeoTokenMethodConfig, evaluate, load_neighbours
     from geotoken.evaluate.baselines import RetrievalConfig
     from geotoken.evaluate.geotoken_method import rows_to_run
 
@@ -260,6 +260,12 @@ def test_config_and_neighbour_table_are_checked_by_the_library(tmp_path):
         EvalConfig(methods=("nn", "knnn"))  # before any work, not inside evaluate()
     with pytest.raises(GeoTokenError, match="level is a confidence in \\(0, 1\\)"):
         EvalConfig(level=95)
+    small_gps, q = synthetic_splits(n_gallery=30, n_queries=4, seed=1)  # 64-d gps, not GeoCLIP's 512-d space
+    with pytest.raises(
+        GeoTokenError, match=r"gps-gallery: .*'gps' embeddings are \(64,\), the GPS encoder gives 512-d"
+    ):
+        evaluate(small_gps, q, tmp_path / "g", EvalConfig(methods=("gps-gallery",), n_boot=10))
+    assert not (tmp_path / "g").exists()  # refused before any method ran
     with pytest.raises(GeoTokenError, match="evaluation strategies \\['beem'\\]: choose from greedy, beam"):
         rows_to_run(GeoTokenMethodConfig(strategies=("beem",)))
     gallery, queries = synthetic_splits(n_gallery=30, n_queries=4, seed=1)

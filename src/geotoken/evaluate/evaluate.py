@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from geotoken.data.manifest import read_manifest
+from geotoken.encoders.gps import GPSEncoder
 from geotoken.errors import GeoTokenError
 from geotoken.evaluate.baselines import (
     Ceiling,
@@ -243,12 +244,24 @@ def build_baseline(method: str, cfg: EvalConfig, neighbours=None, gps_encoder=No
     raise GeoTokenError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def check_splits(gallery: Split, queries: Split, cfg: EvalConfig, table: bool = False) -> None:
+def check_splits(
+    gallery: Split, queries: Split, cfg: EvalConfig, table: bool = False, gps_encoder=None
+) -> None:
     """Raise, naming both stores, if the queries' aligned arrays come from other alignment heads than the
     gallery's, or an array a method compares across them has other widths on the two sides (stores of
     different backbones): before any method runs, not in torch."""
     if gallery.store is not None and queries.store is not None:
         queries.store.check_heads(gallery.store.heads, f"the gallery {gallery.store.root}'s")
+    name, gps_dim = (
+        cfg.gps_gallery.embedding,
+        getattr(gps_encoder, "dim", None) if gps_encoder else GPSEncoder.dim,
+    )
+    have = queries.arrays[name].shape[1:] if name in queries.arrays else None
+    if "gps-gallery" in cfg.methods and gps_dim and have is not None and have != (gps_dim,):
+        raise GeoTokenError(
+            f"gps-gallery: {queries.name}'s {name!r} embeddings are {have}, the GPS encoder gives {gps_dim}-d: "
+            "they are not in its location space (leave gps-gallery out)"
+        )
     keys = {cfg.cells.features} if "cells" in cfg.methods else set()
     if not table and {"nn", "knn"} & set(cfg.methods):
         keys.add(cfg.retrieval.embedding)
@@ -407,7 +420,7 @@ def evaluate(
         raise GeoTokenError(f"{queries.name}: no queries to evaluate")
     if "geoclip" in cfg.methods:  # before any method runs
         check_geoclip_features(queries, cfg.geoclip)
-    check_splits(gallery, queries, cfg, neighbours is not None)
+    check_splits(gallery, queries, cfg, neighbours is not None, gps_encoder)
     inputs = _inputs_hash(gallery, queries, neighbours)
     runs = run_methods(
         gallery, queries, cfg, out, neighbours, gps_encoder, progress, log, geolocator, inputs, cache_dir
