@@ -328,3 +328,11 @@ def test_training_leaves_the_callers_random_state_alone(tmp_path):
         model_cfg(), quiet(max_steps=1), synthetic(), tmp_path / "run"
     )  # seeds its own streams from cfg.seed
     assert torch.equal(torch.rand(3), want)
+
+
+def test_lists_and_bad_row_numbers_as_a_user_passes_them(tmp_path):
+    data = synthetic()
+    as_lists = TrainData(data.query, data.gallery, data.neighbours.tolist(), data.query_tokens.tolist())
+    assert as_lists.neighbours.dtype == np.int64 and as_lists.rows == data.rows
+    with pytest.raises(GeoTokenError, match="train_rows: rows 0..99, but arrays has 64 rows"):
+        train(model_cfg(), quiet(max_steps=1), data, tmp_path / "run", train_rows=np.arange(100))

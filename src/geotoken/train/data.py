@@ -44,6 +44,10 @@ class TrainData:
     source: str = "arrays"  # names the files in error messages
 
     def __post_init__(self) -> None:
+        for name in ("neighbours", "query_tokens", "query_coords"):  # lists, as a user may pass them
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, np.ndarray):
+                setattr(self, name, np.asarray(value))
         N = len(self.query_tokens)
         for m, a in self.query.items():
             if len(a) != N:

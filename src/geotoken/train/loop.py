@@ -357,6 +357,11 @@ def _train(
     if val_rows is not None and len(val_rows):
         val_data.check(model_cfg)
     train_rows = np.arange(data.rows) if train_rows is None else np.asarray(train_rows, dtype=np.int64)
+    for name, rows, of in (("train_rows", train_rows, data), ("val_rows", val_rows, val_data)):
+        if rows is not None and len(rows) and not (0 <= np.min(rows) and np.max(rows) < of.rows):
+            raise GeoTokenError(
+                f"{name}: rows {np.min(rows)}..{np.max(rows)}, but {of.source} has {of.rows} rows"
+            )
     given = len(train_rows)
     train_rows = train_rows[data.usable(model_cfg.k)[train_rows]]  # drop rows the retrieval stage skipped
     if len(train_rows) < given:
