@@ -64,6 +64,9 @@ def test_flat_is_exact_and_skips_invalid_rows(tmp_path):
         index.search(queries[:, :16], 3)
     # as a user passes them: a NumPy integer k, a list of rows; a bad k named
     np.testing.assert_array_equal(index.search(queries[:2].tolist(), np.int64(10))[0], rows[:2])
+    assert NeighbourIndex.build(gallery[:20].tolist(), progress=False).size == 20
+    with pytest.raises(GeoTokenError, match=r"index option\(s\) \['nlst'\]: known"):
+        NeighbourIndex.build(gallery, "ivfpq", nlst=4)
     for k in (0, 2.5):
         with pytest.raises(GeoTokenError, match="search: k must be a whole number >= 1"):
             index.search(queries, k)

@@ -190,7 +190,16 @@ class NeighbourIndex:
         `options` are IndexConfig fields (nlist, pq_m, nprobe, hnsw_m, ef_search, ...); `meta` is kept in
         index.json (e.g. which store and embedding this is).
         """
+        unknown = sorted(set(options) - {f.name for f in fields(IndexConfig)})
+        if unknown:
+            raise GeoTokenError(
+                f"index option(s) {unknown}: known {sorted(f.name for f in fields(IndexConfig))}"
+            )
         config = IndexConfig(kind=kind, **options)
+        if not hasattr(embeddings, "shape"):  # a list of rows
+            embeddings = np.asarray(embeddings, dtype=np.float32)
+        if len(embeddings.shape) != 2:
+            raise GeoTokenError(f"index: embeddings must be (N, D), got shape {embeddings.shape}")
         n, dim = embeddings.shape
         rows = np.arange(n, dtype=np.int64) if valid is None else np.flatnonzero(valid).astype(np.int64)
         if len(rows) == 0:
