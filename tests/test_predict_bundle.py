@@ -292,6 +292,17 @@ def _edit_backbone(**fields):
     return edit
 
 
+def test_a_bundle_from_before_one_name_for_the_probability_radius_loads(bundle, tmp_path, photo):
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    spec = json.loads((old / "bundle.json").read_text())
+    spec.pop("probability_within_km", None)
+    spec["probability_radius_km"] = 750.0  # its name then
+    (old / "bundle.json").write_text(json.dumps(spec))
+    [pred] = Geolocator.from_bundle(old).predict([photo], top_k=1)
+    assert pred.candidates[0].probability_within_km == 750.0
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
@@ -321,8 +332,8 @@ def _edit_backbone(**fields):
             "bundle version 2 is newer than this geotoken reads \\(1\\); upgrade geotoken",
         ),
         (
-            _edit_spec(probability_radius_km="abc"),
-            "field 'probability_radius_km' is 'abc', expected a number",
+            _edit_spec(probability_within_km="abc"),
+            "field 'probability_within_km' is 'abc', expected a number",
         ),
         (
             _edit_backbone(image_size=64),

@@ -264,14 +264,16 @@ def read_bundle(root: str | os.PathLike) -> dict:
             f"{path}: bundle version {version} is newer than this geotoken reads ({BUNDLE_VERSION}); "
             "upgrade geotoken (pip install -U geotoken)"
         )
-    radius = spec.get("probability_radius_km", 200.0)
+    if "probability_radius_km" in spec:  # bundles written before one name for it (a Candidate's)
+        spec.setdefault("probability_within_km", spec.pop("probability_radius_km"))
+    radius = spec.get("probability_within_km", 200.0)
     if (
         isinstance(radius, bool)
         or not isinstance(radius, int | float)
         or not (radius > 0 and math.isfinite(radius))
     ):
         raise GeoTokenError(
-            f"{path}: field 'probability_radius_km' is {radius!r}, expected a number of km > 0"
+            f"{path}: field 'probability_within_km' is {radius!r}, expected a number of km > 0"
         )
     for key in ("backbone", "align", "gallery", "index", "model", "query_modalities"):
         if key not in spec:
@@ -494,7 +496,7 @@ def save_bundle(
             "query_modalities": list(query_modalities),
             "calibration": None,
             "reward": None,
-            "probability_radius_km": 200.0,
+            "probability_within_km": 200.0,
             "search": (options or default_search(cfg.k)).to_dict(),
             "backbone_source": backbone_source(backbone_config),
             "card": dataclasses.asdict(card or CardInfo()),  # so the card can be rewritten (`bundle_card`)

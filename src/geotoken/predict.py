@@ -124,7 +124,7 @@ class Geolocator:
         calibration: Calibration | None = None,
         reward: RewardScorer | DecoderRewardScorer | None = None,
         options: SearchOptions | None = None,
-        probability_radius_km: float = 200.0,
+        probability_within_km: float = 200.0,
         root: str | os.PathLike | None = None,
         gallery_vectors=None,
     ):
@@ -139,7 +139,7 @@ class Geolocator:
         self.backbone, self.heads = backbone, heads
         self.calibration, self.reward = calibration, reward
         self.options = options or SearchOptions()
-        self.probability_radius_km = probability_radius_km
+        self.probability_within_km = probability_within_km
         self.root = None if root is None else Path(root)
         self.constraint = PrefixConstraint(gallery.tokens, model.cfg.vocab_sizes)
 
@@ -263,7 +263,7 @@ class Geolocator:
             calibration=Calibration.load(root / spec["calibration"]) if spec.get("calibration") else None,
             reward=load_reward(root / spec["reward"], device=device) if spec.get("reward") else None,
             options=SearchOptions.from_dict(spec.get("search", {})),
-            probability_radius_km=float(spec.get("probability_radius_km", 200.0)),
+            probability_within_km=float(spec.get("probability_within_km", 200.0)),
             root=root,
             gallery_vectors=StoreEmbeddings(store, "+".join(spec["query_modalities"])) if rerank else None,
         )
@@ -492,9 +492,9 @@ class Geolocator:
         cal = self.calibration or Calibration()
         g = cfg.group
         within = {f"{r:g}km": self._within(cal, pool, lat, lon, r, g) for r in cal.radii_km}
-        prob_name = f"{self.probability_radius_km:g}km"
+        prob_name = f"{self.probability_within_km:g}km"
         if prob_name not in within:
-            within[prob_name] = self._within(cal, pool, lat, lon, self.probability_radius_km, g)
+            within[prob_name] = self._within(cal, pool, lat, lon, self.probability_within_km, g)
         levels = cal.level_probs(top.level_probs)  # (B, M, T)
         ids = s2.latlon_to_cell_ids(lat.ravel(), lon.ravel(), cfg.level)
         hexes = np.asarray(s2.cell_ids_to_hex(ids)).reshape(lat.shape)
@@ -510,7 +510,7 @@ class Geolocator:
                     lat=float(lat[b, j]),
                     lon=float(lon[b, j]),
                     probability=float(within[prob_name][b, j]),
-                    probability_within_km=self.probability_radius_km,
+                    probability_within_km=self.probability_within_km,
                     within={name: float(v[b, j]) for name, v in within.items()},
                     logp=float(top.logp[b, j - offset]) if in_pool else None,
                     cell=str(hexes[b, j]),

@@ -40,7 +40,7 @@ class GeoCLIPPredictor:
     name = "geoclip"
     strategy, select = "geoclip", "softmax"
     radii_km = (25.0, 200.0, 750.0)
-    probability_radius_km = 200.0  # `probability` is the mass within it (a bundle's default radius)
+    probability_within_km = 200.0  # `probability` is the mass within it (a bundle's default radius)
 
     def __init__(self, model: GeoCLIPGeolocator, level: int = 20, batch_size: int = 16):
         if model.backbone is None:
@@ -170,8 +170,8 @@ class GeoCLIPPredictor:
                 Candidate(
                     lat=float(latlon[b, j, 0]),
                     lon=float(latlon[b, j, 1]),
-                    probability=float(within[f"{self.probability_radius_km:g}km"][b, j]),
-                    probability_within_km=self.probability_radius_km,
+                    probability=float(within[f"{self.probability_within_km:g}km"][b, j]),
+                    probability_within_km=self.probability_within_km,
                     within={name: float(v[b, j]) for name, v in within.items()},
                     logp=float(np.log(prob[b, j])) if prob[b, j] > 0 else float("-inf"),
                     cell=str(hexes[b, j]),
