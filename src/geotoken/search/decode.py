@@ -196,9 +196,12 @@ def beam_search(
 
 def _sampling_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Reshape a distribution (R, V) logits for sampling: temperature, then top-k, then nucleus top-p.
-    Excluded tokens (-inf) stay excluded at any temperature (-inf / inf would be NaN): a temperature
-    beyond float32's range samples the allowed tokens uniformly, as its limit does."""
-    logits = torch.where(torch.isneginf(logits), logits, logits / temperature)
+    Excluded tokens (-inf) stay excluded at any temperature: one beyond the logits' float range (where
+    -inf / inf would be NaN) samples the allowed tokens uniformly, as its limit does."""
+    if temperature < torch.finfo(logits.dtype).max:
+        logits = logits / temperature
+    else:
+        logits = torch.zeros_like(logits).masked_fill(torch.isneginf(logits), float("-inf"))
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (R, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
