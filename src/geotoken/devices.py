@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -116,3 +117,16 @@ def distributed() -> Dist:
 def on_cuda(device: str | torch.device) -> bool:
     """Whether `device` is a CUDA GPU (what autocast and pinned copies ask)."""
     return torch_device(device).type == "cuda"
+
+
+def own_random_state(fn):
+    """Run `fn` with torch's random generators forked: it seeds its own (from its config), and the caller's
+    stream goes on afterwards as if `fn` had not run."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return fn(*args, **kwargs)
+
+    return run

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from geotoken.bundle import set_bundle_part
+from geotoken.devices import own_random_state
 from geotoken.errors import GeoTokenError
 from geotoken.gallery import load_queries
 from geotoken.geo import haversine_km
@@ -110,6 +111,7 @@ def _batch(geo: Geolocator, embeddings, neighbours, rows):
     )
 
 
+@own_random_state
 def train_reward(
     geo: Geolocator,
     embeddings: dict[str, np.ndarray],

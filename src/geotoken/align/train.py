@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from geotoken.align.heads import GPS_HEADS, AlignHeads, HeadsConfig
 from geotoken.assets import mp16_coordinates_csv
-from geotoken.devices import torch_device
+from geotoken.devices import own_random_state, torch_device
 from geotoken.encoders import load_gps_encoder, load_text_encoder
 from geotoken.encoders.base import clip_spelled, default_cache_dir
 from geotoken.encoders.geoclip import (
@@ -337,6 +337,7 @@ def split_rows(store: FeatureStore, val_fraction: float, seed: int) -> tuple[np.
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+@own_random_state
 def train_heads(
     store: FeatureStore,
     out_dir: str | os.PathLike | None = None,

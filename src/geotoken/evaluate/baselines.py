@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from geotoken.assets import mp16_coordinates_csv
 from geotoken.data.manifest import read_manifest
+from geotoken.devices import own_random_state
 from geotoken.encoders import load_gps_encoder
 from geotoken.encoders.base import clip_spelled
 from geotoken.encoders.geoclip import IMAGE_DIM, GeoCLIPFiles, GeoCLIPGeolocator, clip_mismatch
@@ -373,6 +374,7 @@ class CellClassifier:
         self.config = config or CellsConfig()
         self.progress = progress
 
+    @own_random_state
     def fit(self, gallery: Split) -> CellClassifier:
         c = self.config
         self.cells = adaptive_cells(

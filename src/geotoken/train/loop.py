@@ -30,7 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from geotoken.devices import Dist, distributed, torch_device
+from geotoken.devices import Dist, distributed, own_random_state, torch_device
 from geotoken.encoders.base import cpu_has_bf16
 from geotoken.errors import GeoTokenError
 from geotoken.geo import THRESHOLDS_KM, haversine_km
@@ -315,6 +315,7 @@ def validate(
 
 
 # ------------------------------------------------------------------------------------------ the loop
+@own_random_state
 def train(
     model_cfg: ModelConfig,
     cfg: TrainConfig,
@@ -335,16 +336,6 @@ def train(
     on a folder without a checkpoint starts from scratch (so a pipeline stage can always pass it).
     The run seeds torch's random generators from `cfg.seed`; the caller's are restored afterwards.
     """
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        return _train(
-            model_cfg, cfg, data, out, train_rows, val_data, val_rows, resume, device, sources, stop_at
-        )
-
-
-def _train(
-    model_cfg, cfg, data, out, train_rows, val_data, val_rows, resume, device, sources, stop_at
-) -> GeoToken:
     out = Path(out)
     if stop_at is not None and stop_at < 1:
         raise GeoTokenError(f"stop_at {stop_at} must be >= 1 (a step after which a checkpoint is written)")
