@@ -459,6 +459,8 @@ class Geolocator:
         """Like `predict`, from aligned embeddings {m: (B, D)} and optional neighbour rows (B, k); `keys` as
         in `search`."""
         top_k = check_top_k(top_k)
+        if isinstance(embeddings, dict) and embeddings and all(len(v) == 0 for v in embeddings.values()):
+            return []  # as `predict([])`
         res = self.search(
             embeddings, neighbours, images, keys=keys, strategy=strategy, select=select, **options
         )
