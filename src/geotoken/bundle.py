@@ -394,9 +394,10 @@ def check_bundle_parts(
             f"{backbone_config}: embed the gallery with the heads' backbone"
         )
     check_query(heads, index, query_modalities)
-    gallery_store.check_heads(
-        heads.fingerprint(), f"the bundle's alignment heads{f' ({files[0]})' if files else ''}"
-    )
+    if gallery_store.heads:  # (hashing the heads' weights only when there is a fingerprint to meet)
+        gallery_store.check_heads(
+            heads.fingerprint(), f"the bundle's alignment heads{f' ({files[0]})' if files else ''}"
+        )
     head_dims = heads.dims
     for m, dim in model.cfg.modalities.items():
         sources = {

@@ -234,15 +234,18 @@ def value_fits(hint: Any, value: Any) -> bool:
     return isinstance(value, kind) if isinstance(kind, type) else True
 
 
+def plain(value: Any) -> Any:
+    """A NumPy scalar as the Python number it holds (what JSON, FAISS and `is_whole` take); else `value`."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def check_types(config: Any, what: str) -> None:
     """Each field of the dataclass `config` against its type hint, NumPy scalars made Python ones (so they
     reach JSON): a value of another type is an error naming the field, not a TypeError deep inside."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if isinstance(value, np.generic):  # e.g. a learning rate read from an array
-            value = value.item()
-            object.__setattr__(config, f.name, value)
+        value = plain(getattr(config, f.name))  # e.g. a learning rate read from an array
+        object.__setattr__(config, f.name, value)
         if not value_fits(hints[f.name], value):
             raise GeoTokenError(f"{what} {f.name} must be {type_name(hints[f.name])}, got {value!r}")
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
-
 from geotoken.devices import resolve_device as resolve_device  # re-exported: predictors take it from here
 from geotoken.errors import GeoTokenError
-from geotoken.io import is_whole
+from geotoken.io import is_whole, plain
 
 # Candidates a prediction may ask for: beyond this they mean nothing, and GeoCLIP's per-candidate
 # probability masses (candidates x 100K gallery rows each) would only cost memory and minutes.
@@ -23,7 +21,7 @@ MAX_TOP_K = 1000
 
 def check_top_k(top_k) -> int:
     """`top_k` of a predictor's `predict`: a whole number in 1..MAX_TOP_K (a NumPy integer too), as an int."""
-    top_k = top_k.item() if isinstance(top_k, np.integer) else top_k
+    top_k = plain(top_k)
     if not is_whole(top_k, 1, MAX_TOP_K):
         raise GeoTokenError(f"top_k must be a whole number in 1..{MAX_TOP_K}, got {top_k!r}")
     return top_k

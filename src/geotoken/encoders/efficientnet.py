@@ -22,6 +22,9 @@ MEAN = (127.0 / 255,) * 3
 STD = (128.0 / 255,) * 3
 
 
+IMAGE_SIZES = (32, 1024)  # the input sides the network takes (smallest, largest)
+
+
 class EfficientNetLite0(ImageBackbone):
     """`image_size` may be smaller than the native 224 (cheap CPU embedding of small photos)."""
 
@@ -32,8 +35,11 @@ class EfficientNetLite0(ImageBackbone):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
-        if not 32 <= int(image_size) <= 1024:
-            raise GeoTokenError(f"efficientnet-lite0: image_size must be in 32..1024, got {image_size!r}")
+        low, high = IMAGE_SIZES
+        if not low <= int(image_size) <= high:
+            raise GeoTokenError(
+                f"efficientnet-lite0: image_size must be in {low}..{high}, got {image_size!r}"
+            )
         if not 0.1 <= crop_fraction <= 1.0:
             raise GeoTokenError(f"efficientnet-lite0: crop_fraction must be in 0.1..1, got {crop_fraction!r}")
         self.image_size = int(image_size)

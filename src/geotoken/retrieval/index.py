@@ -30,7 +30,7 @@ from tqdm import tqdm
 from geotoken.devices import local_rank
 from geotoken.errors import GeoTokenError
 from geotoken.features.store import read_rows
-from geotoken.io import atomic_path, is_whole, read_json, write_json
+from geotoken.io import atomic_path, is_whole, plain, read_json, write_json
 
 KINDS = ("flat", "ivfpq", "hnsw")
 INDEX_FILE, META_FILE = "index.faiss", "index.json"
@@ -253,7 +253,7 @@ class NeighbourIndex:
         if queries.ndim != 2:
             raise GeoTokenError(f"search: queries must be (B, D), got shape {queries.shape}")
         n, dim = queries.shape
-        k = k.item() if isinstance(k, np.integer) else k  # FAISS takes a Python int
+        k = plain(k)  # FAISS takes a Python int
         if not is_whole(k):
             raise GeoTokenError(f"search: k must be a whole number >= 1, got {k!r}")
         if dim != self.dim:

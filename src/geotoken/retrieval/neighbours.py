@@ -148,11 +148,12 @@ def neighbour_table(
         raise GeoTokenError("which embedding to search is unknown: pass embedding= (e.g. 'gps')")
     queries = StoreEmbeddings(query_store, embedding)
     recorded = gallery_index.meta.get("store")
-    # the heads that wrote the indexed embedding: recorded by indexes built since, else the gallery store's
-    made_by = gallery_index.meta.get("heads")
-    if made_by is None and recorded and (Path(recorded) / "store.json").is_file():
-        made_by = FeatureStore.open(recorded).heads
-    query_store.check_heads(made_by, f"the index's gallery {recorded}'s")
+    if gallery_store is None and recorded and (Path(recorded) / "store.json").is_file():
+        gallery_store = FeatureStore.open(recorded)  # once: its heads, ids, vectors and identity
+    # the heads that wrote the indexed embedding (recorded by indexes built since), and the gallery's arrays
+    query_store.check_heads(gallery_index.meta.get("heads"), f"the index's gallery {recorded}'s")
+    if gallery_store is not None:
+        query_store.check_heads(gallery_store.heads, f"the gallery {gallery_store.root}'s")
     if queries.dim != gallery_index.dim:
         raise GeoTokenError(
             f"{query_store.root}: {embedding!r} is {queries.dim}-d, the index {gallery_index.dim}-d"
@@ -165,8 +166,6 @@ def neighbour_table(
             gallery_store = FeatureStore.open(gallery_index.meta["store"])
         self_rows = _self_rows(query_store, gallery_store) if exclude_self_ids else None
         gallery = StoreEmbeddings(gallery_store, embedding)
-    if gallery_store is not None:
-        query_store.check_heads(gallery_store.heads, f"the gallery {gallery_store.root}'s")
     gallery_coords = np.asarray(gallery_store.coords) if exclude_same_place else None
 
     config = {
@@ -227,8 +226,6 @@ def neighbour_table(
                 f"{out_dir}: {len(missing)} query chunks not searched (first: {missing[0]}); rerun to resume"
             )
         meta = {"format": "geotoken.neighbours", "version": 1, "config": config}
-        if gallery_store is None and recorded and (Path(recorded) / "store.json").is_file():
-            gallery_store = FeatureStore.open(recorded)
         if gallery_store is not None:  # outside `config`: a table is reused whatever the gallery's path
             meta["gallery"] = _identity(gallery_store)  # what `check_neighbours` compares
         write_json(out_dir / META, meta)

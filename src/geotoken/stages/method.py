@@ -32,6 +32,7 @@ from geotoken.data.datasets import read_texts
 from geotoken.data.earthviews import SPLITS, EarthViewsConfig, build_earthviews
 from geotoken.data.manifest import read_manifest
 from geotoken.encoders import BACKBONES, load_backbone
+from geotoken.encoders.efficientnet import IMAGE_SIZES
 from geotoken.encoders.text import TEXT_ENCODERS
 from geotoken.errors import GeoTokenError
 from geotoken.evaluate import BASELINES, METHODS, EvalConfig, Split, evaluate, load_neighbours, load_split
@@ -108,7 +109,11 @@ class FeaturesStageConfig:
     skip_bad: bool = False  # unreadable images: recorded and skipped (their rows NaN) instead of an error
 
     def __post_init__(self) -> None:
-        check_fields(self, {"backbone": tuple(BACKBONES)}, {"image_size": 32, "batch_size": 1, "workers": 0})
+        check_fields(
+            self,
+            {"backbone": tuple(BACKBONES)},
+            {"image_size": IMAGE_SIZES[0], "batch_size": 1, "workers": 0},
+        )
         if self.clip is not None and self.backbone != "clip":
             raise GeoTokenError(f"clip {self.clip!r} names CLIP weights; the backbone is {self.backbone!r}")
         if self.image_size is not None and self.backbone == "clip":
