@@ -1,5 +1,6 @@
 """`geotoken demo --fast`: every stage of the method on a tiny offline build, then a second run reuses them."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 
 from geotoken.cli import main
 from geotoken.features import FeatureStore
-from geotoken.pipeline import DemoConfig, demo_config
+from geotoken.pipeline import DemoConfig, demo_config, run_demo
 
 pytestmark = pytest.mark.slow  # the whole method, twice
 
@@ -65,6 +66,17 @@ def test_changing_training_redoes_only_what_depends_on_it(fast_run, capsys):
         assert f"[{stage}] reused" in out
     for stage in ("model", "bundle", "eval"):
         assert f"[{stage}] running" in out
+
+
+def test_a_quiet_run_draws_no_progress_bars(fast_run, capfd):
+    """`Run(progress=False)` (here through `run_demo`): the stages that run (training, the reward scorer,
+    calibration, evaluation) say their lines through `log` and draw no progress bar on stderr."""
+    said: list[str] = []
+    cfg = dataclasses.replace(demo_config("fast"), label_smoothing=0.05)  # this test's own model stage on
+    run_demo(cfg, fast_run, report=False, log=said.append, progress=False)
+    assert "[model] running" in "\n".join(said) and "[eval] running" in "\n".join(said)
+    captured = capfd.readouterr()
+    assert "%|" not in captured.err and "it/s" not in captured.err, captured.err[-500:]
 
 
 def test_stages_only_write_their_own_folders(fast_run):

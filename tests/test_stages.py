@@ -41,13 +41,13 @@ class SumConfig:
 CALLS: list[str] = []
 
 
-def count(config: CountConfig, out: Path, *, log=print) -> dict:
-    CALLS.append("count")
+def count(config: CountConfig, out: Path, *, log=print, progress=True) -> dict:
+    CALLS.append("count" if progress else "count quietly")
     (out / "numbers.json").write_text(json.dumps(list(range(config.n))))
     return {"n": config.n}
 
 
-def total(config: SumConfig, out: Path, *, numbers: Path, log=print) -> dict:
+def total(config: SumConfig, out: Path, *, numbers: Path, log=print, progress=True) -> dict:
     CALLS.append("sum")
     value = config.scale * sum(json.loads((numbers / "numbers.json").read_text()))
     (out / "sum.txt").write_text(str(value))
@@ -80,6 +80,17 @@ def test_identity_is_the_config_without_runtime_fields_plus_the_input_folders():
     cfg = demo_config("fast")
     spec = demo_pipeline(cfg)["data"]
     assert stage_identity(spec.config, {}) == {"earthviews": demo_earthviews(cfg).to_dict()}
+
+
+def test_a_quiet_run_tells_every_stage_to_draw_no_progress_bar(toy_kinds, tmp_path):
+    run_pipeline(toy_pipeline(), Run(tmp_path, lambda s: None, progress=False))
+    assert CALLS == ["count quietly", "sum"]
+    with pytest.raises(TypeError, match="'toy-loud': count_loudly must take keyword-only log and progress"):
+
+        def count_loudly(config: CountConfig, out: Path, *, log=print) -> dict:
+            return {}
+
+        stage_kind("toy-loud", CountConfig)(count_loudly)
 
 
 def test_a_run_reuses_finished_stages_and_redoes_what_depends_on_a_change(toy_kinds, tmp_path):

@@ -210,12 +210,16 @@ def demo_pipeline(cfg: DemoConfig) -> Pipeline:
 
 
 def run_demo(
-    cfg: DemoConfig, run_dir: str | Path, report: bool = True, log: Callable[[str], None] = print
+    cfg: DemoConfig,
+    run_dir: str | Path,
+    report: bool = True,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> dict:
     """Run every stage (reusing finished ones) and return a summary with the evaluation tables' paths."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run = Run(run_dir, log)
+    run = Run(run_dir, log, progress)
     t_start = time.perf_counter()
     stages = run_pipeline(demo_pipeline(cfg), run)
     data_dir, bundle, evaluation = stages["data"].folder, stages["bundle"], stages["eval"]

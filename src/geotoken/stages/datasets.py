@@ -79,7 +79,12 @@ def changed_annotations(config: DatasetStageConfig, info: dict) -> list[str]:
 
 @stage_kind("dataset", DatasetStageConfig, changed=changed_annotations)
 def read_datasets(
-    config: DatasetStageConfig, out: Path, info_name: str = "dataset.json", *, log: Log = print
+    config: DatasetStageConfig,
+    out: Path,
+    info_name: str = "dataset.json",
+    *,
+    log: Log = print,
+    progress: bool = True,
 ) -> dict:
     """Read every source from disk into `out/SPLIT.csv` (+ texts, + report); images stay where they are.
     `info_name`: the summary's file (`geotoken manifest` names it after its split, so calls writing into one
@@ -239,7 +244,15 @@ def table_markdown(
 
 
 @stage_kind("table", TableStageConfig)
-def paper_table(config: TableStageConfig, out: Path, *, data: Path, evaluate: Path, log: Log = print) -> dict:
+def paper_table(
+    config: TableStageConfig,
+    out: Path,
+    *,
+    data: Path,
+    evaluate: Path,
+    log: Log = print,
+    progress: bool = True,
+) -> dict:
     """The evaluation of every split in `config.splits` as one table (`out/table.md`, `out/table.json`)."""
     dataset = read_json(data / "dataset.json")
     paper = paper_figures() if config.paper else None

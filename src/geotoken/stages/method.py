@@ -92,7 +92,7 @@ class DataStageConfig:
 
 
 @stage_kind("data", DataStageConfig)
-def build_data(config: DataStageConfig, out: Path, *, log: Log = print) -> dict:
+def build_data(config: DataStageConfig, out: Path, *, log: Log = print, progress: bool = True) -> dict:
     """Render EarthViews into `out` (resumable shard by shard)."""
     info = build_earthviews(out, config.earthviews, workers=max(1, config.workers))
     return {"sizes": config.earthviews.sizes(), "content_hash": info.get("content_hash")}
@@ -123,7 +123,9 @@ class FeaturesStageConfig:
 
 
 @stage_kind("features", FeaturesStageConfig)
-def embed_features(config: FeaturesStageConfig, out: Path, *, data: Path, log: Log = print) -> dict:
+def embed_features(
+    config: FeaturesStageConfig, out: Path, *, data: Path, log: Log = print, progress: bool = True
+) -> dict:
     """Embed every split of the dataset with the frozen backbone: `out/SPLIT/` feature stores."""
     options = {} if config.image_size is None else {"image_size": config.image_size}
     if config.clip is not None:
@@ -134,7 +136,7 @@ def embed_features(config: FeaturesStageConfig, out: Path, *, data: Path, log: L
         log(f"  embedding {split} ({len(manifest)} images)")
         embed(
             manifest, backbone, out / split, batch_size=config.batch_size, num_workers=config.workers,
-            skip_bad=config.skip_bad,
+            skip_bad=config.skip_bad, progress=progress,
         )  # fmt: skip
     return {"backbone": backbone.config()}
 
@@ -178,7 +180,13 @@ def gallery_texts(config: AlignStageConfig, data: Path, store: FeatureStore) -> 
 
 @stage_kind("align", AlignStageConfig)
 def align_features(
-    config: AlignStageConfig, out: Path, *, data: Path, features: Path, log: Log = print
+    config: AlignStageConfig,
+    out: Path,
+    *,
+    data: Path,
+    features: Path,
+    log: Log = print,
+    progress: bool = True,
 ) -> dict:
     """Train the heads on the gallery's features, then write an aligned store `out/SPLIT/` for every split."""
     gallery = FeatureStore.open(features / GALLERY)
@@ -190,11 +198,18 @@ def align_features(
     log("  text targets: " + ("the data stage's place texts" if texts else "offline place names"))
     # the held-out image->GPS metric scores against the gallery's own coordinates (not MP16's 100K)
     _, metrics = train_heads(
-        gallery, out / "heads", cfg, heads_config, gallery_coords=np.asarray(gallery.coords), texts=texts
+        gallery,
+        out / "heads",
+        cfg,
+        heads_config,
+        gallery_coords=np.asarray(gallery.coords),
+        texts=texts,
+        progress=progress,
     )
     heads = AlignHeads.load(out / "heads")
     for split in store_splits(features):
-        apply_heads(heads, FeatureStore.open(features / split), out=out / split, info={"heads": "../heads"})
+        store = FeatureStore.open(features / split)
+        apply_heads(heads, store, out=out / split, info={"heads": "../heads"}, progress=progress)
     return {"metrics": metrics}
 
 
@@ -216,7 +231,9 @@ class IndexStageConfig:
 
 
 @stage_kind("index", IndexStageConfig)
-def index_gallery(config: IndexStageConfig, out: Path, *, align: Path, log: Log = print) -> dict:
+def index_gallery(
+    config: IndexStageConfig, out: Path, *, align: Path, log: Log = print, progress: bool = True
+) -> dict:
     """A FAISS index over the aligned gallery (`out/index/`) and the neighbour table of every split."""
     stores = {split: FeatureStore.open(align / split) for split in store_splits(align)}
     gallery = stores[GALLERY]
@@ -226,6 +243,7 @@ def index_gallery(config: IndexStageConfig, out: Path, *, align: Path, log: Log 
         kind=config.kind,
         valid=gallery.valid,
         meta={"store": str(gallery.root), "embedding": config.embedding, "heads": embeddings.heads},
+        progress=progress,
     )
     index.save(out / "index")
     for (
@@ -235,7 +253,7 @@ def index_gallery(config: IndexStageConfig, out: Path, *, align: Path, log: Log 
         neighbour_table(
             store, index, config.k, out / split,
             exclude_self_ids=(split in (GALLERY, TRAIN)), exclude_same_place=(split == TRAIN),
-            gallery_store=gallery, embedding=config.embedding, refine=config.refine,
+            gallery_store=gallery, embedding=config.embedding, refine=config.refine, progress=progress,
         )  # fmt: skip
     return {}
 
@@ -285,7 +303,9 @@ class ModelStageConfig:
 
 
 @stage_kind("model", ModelStageConfig)
-def train_model(config: ModelStageConfig, out: Path, *, align: Path, index: Path, log: Log = print) -> dict:
+def train_model(
+    config: ModelStageConfig, out: Path, *, align: Path, index: Path, log: Log = print, progress: bool = True
+) -> dict:
     """Train GeoToken on the training queries against the gallery, validated on the validation split."""
     modalities = list(config.modalities)
     q = config.queries
@@ -303,7 +323,7 @@ def train_model(config: ModelStageConfig, out: Path, *, align: Path, index: Path
     val = TrainData.load(align / config.val, index / config.val, align / GALLERY, modalities)
     dims = {m: data.query[m].shape[1] for m in modalities}
     model_cfg = preset(config.preset, modalities=dims, k=k, arch=config.arch)
-    tcfg = model_train_config(config, data.rows)
+    tcfg = dataclasses.replace(model_train_config(config, data.rows), progress=progress)
     sources = {"queries": q, "gallery": GALLERY, "neighbours": str(table.relative_to(table.parents[1]))}
     train(
         model_cfg, tcfg, data, out, np.arange(data.rows), val, np.arange(val.rows), resume=True,
@@ -345,7 +365,14 @@ class BundleStageConfig:
 
 @stage_kind("bundle", BundleStageConfig)
 def make_bundle(
-    config: BundleStageConfig, out: Path, *, model: Path, align: Path, index: Path, log: Log = print
+    config: BundleStageConfig,
+    out: Path,
+    *,
+    model: Path,
+    align: Path,
+    index: Path,
+    log: Log = print,
+    progress: bool = True,
 ) -> dict:
     """Everything `geotoken predict` needs in `out`, plus the reward scorer and the calibrated confidences."""
     assemble_bundle(
@@ -360,10 +387,14 @@ def make_bundle(
     if config.reward_images:  # the learned candidate scorer (select=reward), trained on training queries
         reward_cfg = RewardConfig(max_images=config.reward_images, seed=config.seed)
         q = config.reward_queries
-        info["reward"] = train_bundle_reward(Geolocator.from_bundle(out), align / q, index / q, reward_cfg)
+        info["reward"] = train_bundle_reward(
+            Geolocator.from_bundle(out), align / q, index / q, reward_cfg, progress=progress
+        )
     # calibrated confidences, fitted on the validation split (held-out figures come from the evaluation)
     c = config.calibration
-    info["calibration"] = calibrate_bundle(Geolocator.from_bundle(out), align / c, index / c)
+    info["calibration"] = calibrate_bundle(
+        Geolocator.from_bundle(out), align / c, index / c, progress=progress
+    )
     return info
 
 
@@ -406,6 +437,7 @@ def evaluate_bundle(
     index: Path,
     bundle: Path,
     log: Log = print,
+    progress: bool = True,
 ) -> dict:
     """Baselines and the bundle's model (every strategy x selector) on each query split: `out/SPLIT/`."""
     geolocator = Geolocator.from_bundle(bundle)
@@ -431,6 +463,14 @@ def evaluate_bundle(
         # the predictions cached beside the stage folders: another n_boot or baseline list re-scores them
         cache = out.parent / "cache" / "evaluate"
         evaluate(
-            gallery, queries, out / split, ecfg, neighbours, geolocator=geolocator, log=log, cache_dir=cache
+            gallery,
+            queries,
+            out / split,
+            ecfg,
+            neighbours,
+            geolocator=geolocator,
+            log=log,
+            cache_dir=cache,
+            progress=progress,
         )
     return {"splits": list(config.splits)}

@@ -44,18 +44,20 @@ def added_field(default: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- kinds
 @dataclass(frozen=True)
 class StageKind:
-    """What a stage does: `run(config, out, *, <inputs>: Path, log) -> info dict`, and its config class."""
+    """What a stage does: `run(config, out, *, <inputs>: Path, log, progress) -> info dict`, and its config
+    class."""
 
     name: str
     run: Callable[..., dict | None]
     config: type
-    inputs: tuple[str, ...]  # the stage folders it reads: run's keyword-only parameters (less `log`)
+    inputs: tuple[str, ...]  # the stage folders it reads: run's keyword-only parameters (less `OUTPUT`)
     # (config, info of the finished stage) -> what changed on disk since it ran: files outside the run
     # (a dataset's annotations) are not in the identity, so reusing the folder needs this check
     changed: Callable[[Any, dict], list[str]] | None = None
 
 
 STAGES: dict[str, StageKind] = {}
+OUTPUT = ("log", "progress")  # what a stage says, not what it reads: every stage function takes both
 
 
 def stage_kind(
@@ -66,7 +68,10 @@ def stage_kind(
 
     def register(run: Callable) -> Callable:
         params = inspect.signature(run).parameters.values()
-        inputs = tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "log")
+        keywords = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+        if not set(OUTPUT) <= keywords:
+            raise TypeError(f"stage {name!r}: {run.__name__} must take keyword-only {' and '.join(OUTPUT)}")
+        inputs = tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in OUTPUT)
         STAGES[name] = StageKind(name, run, config, inputs, changed)
         return run
 
@@ -230,10 +235,12 @@ def _value(hint: Any, value: Any, where: str) -> Any:
 class Run:
     """A run folder: stage folders named by content hash, a log of timings, reuse of finished stages."""
 
-    def __init__(self, root: str | Path, log: Callable[[str], None] = print):
+    def __init__(self, root: str | Path, log: Callable[[str], None] = print, progress: bool = True):
+        """`log` takes every line the stages say; `progress=False` turns their progress bars off."""
         self.root = Path(root).resolve()  # run.json records absolute paths; the report re-roots a moved run
         self.root.mkdir(parents=True, exist_ok=True)
         self.log = log
+        self.progress = progress
         self.timings: dict[str, float] = {}
         self.stages: dict[str, dict] = {}
 
@@ -288,7 +295,7 @@ def run_pipeline(pipeline: Pipeline, run: Run) -> dict[str, StageResult]:
         kind = spec.stage_kind
 
         def build(out: Path, kind=kind, spec=spec, folders=folders) -> dict | None:
-            return kind.run(spec.config, out, **folders, log=run.log)
+            return kind.run(spec.config, out, **folders, log=run.log, progress=run.progress)
 
         done[spec.name] = StageResult(*run.stage(spec.name, identity, build))
         check_unchanged(kind, spec.config, done[spec.name])
