@@ -255,6 +255,11 @@ def test_swapped_lat_lon_columns_are_an_error_naming_them(tmp_path):
     # read with the right header, the same values are fine
     m = read_manifest(write(tmp_path / "fixed.csv", "IMG_ID,AUTHOR,LAT,LON\n" + rows))
     assert m.lat.tolist() == [c[0] for c in cities]
+    # a row bad either way (999) does not hide the swap: half the rows were dropped, half kept swapped
+    garbled = rows + "9.jpg,x,12.5,999\n"
+    p = write(tmp_path / "garbled.csv", "IMG_ID,AUTHOR,LON,LAT\n" + garbled)
+    with pytest.raises(GeoTokenError, match=r"3 of 6 rows .* exchanged \(but 1 that fit neither way\)"):
+        read_manifest(p, on_error="skip", skip_report=tmp_path / "skipped.csv")
     # one garbled latitude is a bad row, not swapped columns
     p = write(tmp_path / "one.csv", "id,lat,lon\na,10,20\nb,123,20\nc,30,40\n")
     with pytest.raises(GeoTokenError, match=r"line 3: id 'b': lat 123.0 is outside"):

@@ -142,19 +142,21 @@ def _check_swapped(lat: np.ndarray, lon: np.ndarray, names: dict[str, str], sour
     and keeping the rest with swapped coordinates (the 2018 im2gps3k_places365.csv: header LON,LAT over
     lat,lon values). Guessing the fix could hide a real garbled column, so this is an error."""
     with np.errstate(invalid="ignore"):
-        off = np.abs(lat) > 90.0 + COORD_TOLERANCE
-        fine = (np.abs(lat) <= 180.0 + COORD_TOLERANCE) & (np.abs(lon) <= 90.0 + COORD_TOLERANCE)
-    numbers = np.isfinite(lat) & np.isfinite(lon)
-    count = int(off.sum())
-    if count < max(2, SWAPPED_SHARE * len(lat)) or not fine[numbers].all():
+        as_named = (np.abs(lat) <= 90.0 + COORD_TOLERANCE) & (np.abs(lon) <= 180.0 + COORD_TOLERANCE)
+        exchanged = (np.abs(lat) <= 180.0 + COORD_TOLERANCE) & (np.abs(lon) <= 90.0 + COORD_TOLERANCE)
+    only_exchanged = exchanged & ~as_named
+    count = int(only_exchanged.sum())
+    # a row that fits neither way (a garbled value, NaN) is a bad row either way: it says nothing of the columns
+    if count < max(2, SWAPPED_SHARE * len(lat)) or (as_named & ~exchanged).any():
         return
-    i = int(np.flatnonzero(off)[0])
+    i = int(np.flatnonzero(only_exchanged)[0])
     where = locations(np.array([i])) if callable(locations) else [(locations[i], locations[i])]
+    neither = int((~as_named & ~exchanged).sum())
     raise GeoTokenError(
         f"{source}: the {names['lat']!r} and {names['lon']!r} columns look swapped: {count} of {len(lat)} "
         f"rows have {names['lat']} outside [-90, 90] (first: {where[0][0]}: {float(lat[i])!r}) and every row "
-        f"fits with the two exchanged; fix the header (or get the current file: TIBHannover/GeoEstimation "
-        f"fixed im2gps3k_places365.csv in 2020)"
+        f"fits with the two exchanged{f' (but {neither} that fit neither way)' if neither else ''}; fix the "
+        f"header (or get the current file: TIBHannover/GeoEstimation fixed im2gps3k_places365.csv in 2020)"
     )
 
 
