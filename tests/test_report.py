@@ -174,9 +174,14 @@ def test_malformed_files_are_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(GeoTokenError, match="neither run.json"):
         build_report(tmp_path / "empty")
-    # a `geotoken run` folder: the evaluation folders below it are named
-    with pytest.raises(GeoTokenError, match=f"neither run.json .*evaluation folders below it.*: {folder}"):
+    # a run folder without run.json: the evaluation folders below it are named, not other metrics.json files
+    (tmp_path / "model-1" / "best").mkdir(parents=True)
+    (tmp_path / "model-1" / "best" / "metrics.json").write_text('{"val": {"median_km": 1}}')
+    with pytest.raises(
+        GeoTokenError, match=f"neither run.json .*evaluation folders, .*: {folder} \\(or rerun"
+    ) as e:
         build_report(tmp_path)
+    assert "model-1" not in str(e.value)
 
 
 def test_cli(tmp_path, capsys):

@@ -74,6 +74,12 @@ def test_geotoken_run_from_real_layouts_to_table_one(tmp_path, capsys, offline_h
     data = next(run.glob("data-*"))
     assert json.loads((data / "dataset.json").read_text())["sizes"] == {"gallery": 133, "im2gps3k": 20,
                                                                          "yfcc4k": 15, "val": 24}  # fmt: skip
+    summary = json.loads((run / "run.json").read_text())  # what `geotoken report RUN_DIR` reads
+    assert set(summary["eval"]) == {"im2gps3k", "yfcc4k"} and set(summary["stages"]) >= {"data", "eval"}
+    assert summary["config"]["variables"]["RUN"] == str(run)
+    assert main(["report", str(run)]) == 0 and "report: " in capsys.readouterr().out
+    html = (run / "report.html").read_text()
+    assert "im2gps3k" in html and "yfcc4k" in html and "geotoken greedy+gallery" in html
     align = json.loads((next(run.glob("align-*")) / "heads" / "metrics.json").read_text())
     assert align["targets"]["unique_texts"] == 3  # MP16-Pro's three places, not offline place names
 

@@ -61,6 +61,7 @@ from geotoken.stages import (
     StageSpec,
     run_pipeline,
 )
+from geotoken.stages.config import run_summary
 
 __all__ = [
     "PRESETS",
@@ -221,8 +222,9 @@ def run_demo(
         torch.set_num_threads(cfg.threads)
     run = Run(run_dir, log, progress)
     t_start = time.perf_counter()
-    stages = run_pipeline(demo_pipeline(cfg), run)
-    data_dir, bundle, evaluation = stages["data"].folder, stages["bundle"], stages["eval"]
+    pipeline = demo_pipeline(cfg)
+    stages = run_pipeline(pipeline, run)
+    data_dir, bundle = stages["data"].folder, stages["bundle"]
 
     # a few photos through `predict`
     test = read_manifest(data_dir / "test_disjoint.csv")
@@ -230,13 +232,8 @@ def run_demo(
     samples = _predict_samples(Geolocator.from_bundle(bundle.folder), test, rows)
 
     summary = {
-        "run_dir": str(run.root),
+        **run_summary(pipeline, run, stages, time.perf_counter() - t_start),
         "config": dataclasses.asdict(cfg),
-        "stages": run.stages,
-        "timings_s": run.timings,
-        "total_s": round(time.perf_counter() - t_start, 2),
-        "bundle": str(bundle.folder),
-        "eval": {s: str(evaluation.folder / s) for s in evaluation.info["splits"]},
         "align_metrics": stages["align"].info.get("metrics"),
         "bundle_info": bundle.info,
         "samples": samples,

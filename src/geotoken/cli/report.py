@@ -12,7 +12,7 @@ def register(subparsers) -> None:
         description="Write one HTML file that opens offline (CSS, plots and maps inlined; nothing from a CDN): "
         "the accuracy table at 1/25/200/750/2500 km with median errors per method and strategy, the error "
         "CDF, a world map of predictions vs truth on Blue Marble, example photos with their top-k candidates "
-        "and per-level confidence, and the run's configuration and timings. RUN_DIR is a `geotoken demo` "
+        "and per-level confidence, and the run's configuration and timings. RUN_DIR is a `geotoken demo` or `geotoken run` "
         "run folder (run.json) or a `geotoken evaluate` output folder (metrics.json). Missing optional "
         "parts are listed in the report; malformed files are an error.",
     )

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from geotoken.cli import THREADS_HELP, count, use_threads
 from geotoken.devices import retain_freed_memory
 from geotoken.errors import GeoTokenError
-from geotoken.pipeline import Run
-from geotoken.stages import run_pipeline
-from geotoken.stages.config import load_run_config, packaged_configs, parse_assignments, plan_run, plan_text
+from geotoken.stages.config import (
+    load_run_config,
+    packaged_configs,
+    parse_assignments,
+    plan_run,
+    plan_text,
+    run_stages,
+)
 
 HELP = "run a stage graph from a YAML config (datasets on disk ... evaluation, the paper's Table I)"
 
@@ -64,9 +70,10 @@ def run(args) -> int:
             f"{cfg.path}: " + "; ".join(problems) + " (geotoken run --dry-run shows the plan)"
         )
     use_threads(args.threads)
-    results = run_pipeline(cfg.pipeline, Run(cfg.run_dir))
+    results = run_stages(cfg)
     for name, result in results.items():
         print(f"{name}: {result.folder}")
+    print(f"run.json: {Path(cfg.run_dir).resolve() / 'run.json'} (geotoken report {cfg.run_dir})")
     for spec in cfg.pipeline.stages:
         table = results[spec.name].folder / "table.md"
         if spec.kind == "table" and table.is_file():

@@ -1,7 +1,8 @@
 """Reading a run or evaluation folder for the report: every file the report uses, checked, in one place.
 
 `read_run(RUN_DIR) -> RunFolder` reads either
-    a demo run folder   run.json (config, stage timings, `eval` {split: folder}, `samples`) + those folders
+    a run folder        run.json (config, stage timings, `eval` {split: folder}, `samples` of a demo run)
+                        + those folders (`geotoken demo`, `geotoken run`)
     an eval folder      what `geotoken evaluate` writes: metrics.json, predictions.csv, error_cdf.png,
                         map_<method>.png, reliability_<method>.png
 
@@ -339,7 +340,8 @@ def _read_run_json(root: Path) -> RunFolder:
 
 
 def read_run(run_dir: str | os.PathLike) -> RunFolder:
-    """A demo run folder (run.json) or an evaluation folder (metrics.json), read and checked."""
+    """A run folder (run.json: `geotoken demo`, `geotoken run`) or an evaluation folder (metrics.json), read
+    and checked."""
     root = Path(run_dir)
     if not root.is_dir():
         raise GeoTokenError(f"{root}: no such folder")
@@ -352,9 +354,23 @@ def read_run(run_dir: str | os.PathLike) -> RunFolder:
             f"{root / 'run.json'} (an evaluation folder: no run configuration, timings or examples)"
         )
         return run
-    message = f"{root}: neither run.json (a `geotoken demo` run) nor metrics.json (`geotoken evaluate`)"
+    message = (
+        f"{root}: neither run.json (a `geotoken demo` or `geotoken run` run) nor metrics.json "
+        f"(`geotoken evaluate`)"
+    )
     below = sorted(p.parent for pattern in ("*/metrics.json", "*/*/metrics.json") for p in root.glob(pattern))
-    if below:  # a `geotoken run` folder: its evaluation stage holds one folder per split
-        shown = ", ".join(str(p) for p in below[:4]) + (", ..." if len(below) > 4 else "")
-        message += f"; evaluation folders below it, each a report of its own: {shown}"
+    below = [folder for folder in below if _evaluation(folder)]
+    if below:  # a run folder from before `geotoken run` wrote run.json: its evaluate stage's split folders
+        message += (
+            f"; its evaluation folders, each a report of its own: {', '.join(map(str, below))} (or rerun "
+            f"`geotoken run` on it: every finished stage is reused and it writes run.json)"
+        )
     raise GeoTokenError(message)
+
+
+def _evaluation(folder: Path) -> bool:
+    """Whether `folder` is what `geotoken evaluate` writes (a model checkpoint's metrics.json is not)."""
+    try:
+        return "methods" in read_json(folder / "metrics.json")
+    except (GeoTokenError, TypeError):
+        return False

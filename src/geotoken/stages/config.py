@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +30,11 @@ import yaml
 from geotoken.encoders.clip import PAPER_MODEL
 from geotoken.encoders.geoclip import clip_mismatch
 from geotoken.errors import GeoTokenError
-from geotoken.io import read_json, sha256_json
+from geotoken.io import read_json, sha256_json, write_json
 from geotoken.model import GeoToken, preset
 from geotoken.stages.datasets import CONFIGS
 from geotoken.stages.method import GALLERY
-from geotoken.stages.runner import Pipeline, stage_identity
+from geotoken.stages.runner import Pipeline, Run, StageResult, run_pipeline, stage_identity
 
 VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 KEYS = ("description", "variables", "run_dir", "stages")
@@ -186,6 +187,42 @@ def pipeline_yaml(pipeline: Pipeline) -> str:
             d["config"] = config
         stages.append(d)
     return yaml.safe_dump({"stages": stages}, sort_keys=False, default_flow_style=None, width=100)
+
+
+# ---------------------------------------------------------------------------------------------- run
+def run_summary(pipeline: Pipeline, run: Run, results: Mapping[str, StageResult], seconds: float) -> dict:
+    """What a finished run's run.json says (`geotoken report RUN_DIR` reads it): its stages' folders and
+    timings, the evaluation folders {split: folder} of its evaluate stage(s) ("STAGE/SPLIT" when there are
+    several), and its bundle."""
+    evaluations = [spec.name for spec in pipeline.stages if spec.kind == "evaluate"]
+    bundles = [spec.name for spec in pipeline.stages if spec.kind == "bundle"]
+    summary: dict[str, Any] = {
+        "run_dir": str(run.root),
+        "stages": run.stages,
+        "timings_s": run.timings,
+        "total_s": round(seconds, 2),
+        "eval": {
+            (split if len(evaluations) == 1 else f"{name}/{split}"): str(results[name].folder / split)
+            for name in evaluations
+            for split in results[name].info.get("splits", [])
+        },
+    }
+    if bundles:
+        summary["bundle"] = str(results[bundles[-1]].folder)
+    return summary
+
+
+def run_stages(cfg: RunConfig, log=print, progress: bool = True) -> dict[str, StageResult]:
+    """Run the config's stages in its run folder (reusing finished ones) and write RUN_DIR/run.json: the
+    run's summary, with the config file, its variables and each stage's options."""
+    run = Run(cfg.run_dir, log, progress)
+    t0 = time.perf_counter()
+    results = run_pipeline(cfg.pipeline, run)
+    summary = run_summary(cfg.pipeline, run, results, time.perf_counter() - t0)
+    config = {"file": str(cfg.path), "variables": cfg.variables}
+    summary["config"] = {**config, **{spec.name: sparse_dict(spec.config) for spec in cfg.pipeline.stages}}
+    write_json(run.root / "run.json", summary)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------- plan
