@@ -65,3 +65,37 @@ def test_a_manifest_without_rows_is_refused(tmp_path, capsys):
     Manifest([], np.zeros(0), np.zeros(0), [], source="empty.csv").write_csv(tmp_path / "zero.csv")
     assert main(["embed", str(tmp_path / "zero.csv"), "-o", str(tmp_path / "store"), "--workers", "0"]) == 2
     assert "no rows to embed" in capsys.readouterr().err and not (tmp_path / "store").exists()
+
+
+def test_embed_refuses_an_annotation_file_named_by_id_and_restarts_a_store_that_embedded_nothing(
+    tmp_path, capsys
+):
+    """MP16's own CSV (images named by IMG_ID) goes through `geotoken manifest --format` first, as manifest
+    says; a run that failed on its first batch leaves nothing worth resuming, so the corrected manifest
+    into the same folder starts anew instead of refusing the folder."""
+    (tmp_path / "mp16_places365.csv").write_text("IMG_ID,AUTHOR,LAT,LON\n1/2/a.jpg,x,1.5,2.5\n")
+    args = ["embed", str(tmp_path / "mp16_places365.csv"), "-o", str(tmp_path / "store"), "--workers", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "named by the IMG_ID column" in err and "geotoken manifest" in err and "--format mp16" in err
+    assert not (tmp_path / "store").exists()
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / f"{i}.jpg")
+    ids, coords = [f"p{i}" for i in range(3)], np.arange(3.0)
+    wrong = [str(tmp_path / "elsewhere" / f"{i}.jpg") for i in range(3)]
+    Manifest(ids, coords, coords, wrong).write_csv(tmp_path / "wrong.csv")
+    common = ["-o", str(tmp_path / "store"), "--image-size", "32", "--workers", "0", "--threads", "1"]
+    assert main(["embed", str(tmp_path / "wrong.csv"), *common]) == 2
+    assert "manifest row 1 of 3" in capsys.readouterr().err
+    right = [str(tmp_path / f"{i}.jpg") for i in range(3)]
+    Manifest(ids, coords, coords, right).write_csv(tmp_path / "right.csv")
+    assert main(["embed", str(tmp_path / "right.csv"), *common]) == 0
+    store = FeatureStore.open(tmp_path / "store")
+    assert store.header["manifest_hash"] == Manifest(ids, coords, coords, right).content_hash()
+    assert np.isfinite(store["features"][:]).all()
+    # a store with embedded rows is still protected: another manifest is refused, naming the field
+    Manifest(ids[:2], coords[:2], coords[:2], right[:2]).write_csv(tmp_path / "two.csv")
+    assert main(["embed", str(tmp_path / "two.csv"), *common]) == 2
+    assert "field 'manifest_hash'" in capsys.readouterr().err

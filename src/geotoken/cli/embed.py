@@ -7,6 +7,7 @@ import os
 import time
 
 from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
+from geotoken.data.datasets import images_named_by_id
 from geotoken.data.manifest import read_manifest
 from geotoken.encoders import BACKBONES, load_backbone
 from geotoken.errors import GeoTokenError
@@ -34,7 +35,11 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("manifest", help="manifest CSV (id,lat,lon,image or a known dataset layout)")
+    p.add_argument(
+        "manifest",
+        help="manifest CSV (id,lat,lon,image, as `geotoken manifest` writes; an MP16 / OSV-5M annotation "
+        "file goes through `geotoken manifest --format` first)",
+    )
     p.add_argument("-o", "--out", required=True, help="feature store folder (created, or resumed if present)")
     p.add_argument(
         "--backbone",
@@ -53,6 +58,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    named = images_named_by_id(args.manifest)
+    if named is not None:  # MP16's or OSV-5M's own annotation file: its images are not at the paths it gives
+        fmt, column = named
+        raise GeoTokenError(
+            f"{args.manifest}: line 1: its images are named by the {column} column, not at paths; write a "
+            f"manifest first: geotoken manifest {args.manifest} --format {fmt} --image-root IMAGES -o SPLIT.csv"
+        )
     use_threads(args.threads)
     name = args.backbone or ("clip" if args.clip else "efficientnet-lite0")
     if args.clip and name != "clip":

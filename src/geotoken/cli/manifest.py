@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from geotoken.data.datasets import FORMATS, DatasetSource, guess_format, read_skip_report, write_report
+from geotoken.data.datasets import (
+    FORMATS,
+    DatasetSource,
+    guess_format,
+    images_named_by_id,
+    read_skip_report,
+    write_report,
+)
 from geotoken.data.manifest import read_annotations, read_header
 from geotoken.errors import GeoTokenError
 from geotoken.io import check_outputs_spare_inputs
@@ -92,18 +99,13 @@ def run_format(args) -> int:
 
 
 def check_images_named_by_id(inputs: list[str]) -> None:
-    """Refuse an annotation CSV whose images are named by its id column (MP16's IMG_ID, OSV-5M's id) without
-    --format: joined to --image-root those paths miss images in archives, sub-folders or no longer there,
-    and the manifest would list them all. --format finds each image and reports the rows without one."""
-    path = Path(inputs[0])
-    if len(inputs) != 1 or path.is_dir() or path.suffix == ".tar" or not path.is_file():
-        return  # shards, or an input error read_annotations reports
-    header = read_header(path)
-    fmt = guess_format(path, header)
-    if fmt is not None:
-        column = "id" if fmt == "osv5m" else "IMG_ID"
+    """Refuse an annotation CSV whose images are named by its id column without --format (see
+    `images_named_by_id`): the manifest would list every image at a path that is not there."""
+    named = images_named_by_id(inputs[0]) if len(inputs) == 1 else None
+    if named is not None:
+        fmt, column = named
         raise GeoTokenError(
-            f"{path}: line 1: its images are named by the {column} column; pass --format {fmt} (with "
+            f"{inputs[0]}: line 1: its images are named by the {column} column; pass --format {fmt} (with "
             f"--image-root: the images folder, or its .tar / .zip archives), which finds each row's image "
             f"and reports the rows without one"
         )

@@ -376,6 +376,17 @@ def guess_format(path: str | os.PathLike, header: list[str]) -> str | None:
     return next((f for f in ("im2gps3k", "yfcc4k") if f[:4] in name), "mp16")
 
 
+def images_named_by_id(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(format, column) when `path` is an annotation CSV whose images are named by an id column (MP16's
+    IMG_ID, OSV-5M's id): joined to an image root those paths miss images in archives, sub-folders or no
+    longer there; the dataset reader (`--format`) finds each image and reports the rows without one."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".tar" or not path.is_file():
+        return None  # shards, or an input error the reader reports
+    fmt = guess_format(path, read_header(path))
+    return None if fmt is None else (fmt, "id" if fmt == "osv5m" else "IMG_ID")
+
+
 def _id_column(source: DatasetSource, header: list[str]) -> str:
     norm = [normalize_column(h) for h in header]
     for name in ("img_id", "id", "image_id"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,11 @@ def _open_or_create(out_dir: Path, manifest, backbone, identity: dict[str, Any])
     if (out_dir / "store.json").is_file():
         store = FeatureStore.open(out_dir)
         finished = store.header["arrays"].get("features", {}).get("complete")
+        embedded = "features" in store.header["arrays"] and "manifest_hash" in store.header  # embed's own
+        if embedded and not finished and not any(r["chunks"] for r in _load_records(store)):
+            # a run that stopped before its first batch (a wrong image path, say): nothing to keep
+            shutil.rmtree(store.root / PROGRESS, ignore_errors=True)
+            return _create(out_dir, manifest, backbone, identity)
         for key, want in identity.items():
             have = store.header.get(key)
             if key == "backbone":  # a store written before CLIP's weights were spelled `clip`
@@ -117,6 +123,11 @@ def _open_or_create(out_dir: Path, manifest, backbone, identity: dict[str, Any])
                     f"{out_dir / 'store.json'}: field {key!r} is {have!r}, this run has {want!r}; {hint}"
                 )
         return store
+    return _create(out_dir, manifest, backbone, identity)
+
+
+def _create(out_dir: Path, manifest, backbone, identity: dict[str, Any]) -> FeatureStore:
+    """A new store for `manifest`'s rows, its header recording `identity` (what a resume must match)."""
     coords = np.stack([np.asarray(manifest.lat, np.float64), np.asarray(manifest.lon, np.float64)], axis=1)
     # where the weights were (a CLIP folder as an absolute path): a relative folder name read from another
     # working directory would pass for a hub id
