@@ -102,7 +102,7 @@ def test_skip_writes_report_and_keeps_good_rows(tmp_path):
     with pytest.raises(GeoTokenError, match=r"line 3: .*\(2 more bad rows") as said:
         read_manifest(p)
     # the hint names a command that has the option, whichever command read the file (tokenize, earthviews)
-    assert "`geotoken manifest FILE -o CLEAN.csv --skip-bad`" in str(said.value)
+    assert "`geotoken manifest FILE -o CLEAN.csv --skip-bad` (or --format FORMAT" in str(said.value)
     from geotoken.cli import main
 
     report = tmp_path / "clean.report.csv"

@@ -55,6 +55,22 @@ def test_tokenize_bad_input_is_one_line_and_leaves_no_file(tmp_path, capsys):
     assert main(["tokenize", str(tmp_path / "missing.csv"), "-o", str(out)]) == 2
 
 
+def test_tokenize_skip_bad_leaves_bad_rows_out_and_lists_them(tmp_path, capsys):
+    """An MP16 file with a duplicate id and an out-of-range row: --skip-bad tokenizes the rest (images do not
+    matter here, so no --format is needed) and lists the two rows left out."""
+    rows = [("1/a.jpg", 10, 20), ("1/b.jpg", 95.5, 20), ("1/a.jpg", 1, 2), ("2/c.jpg", -30, 150)]
+    csv = write_csv(tmp_path / "mp16_places365.csv", rows, header="IMG_ID,LAT,LON")
+    out = tmp_path / "tokens.npy"
+    assert main(["tokenize", str(csv), "-o", str(out)]) == 2
+    assert "1 more bad rows" in capsys.readouterr().err
+    assert main(["tokenize", str(csv), "-o", str(out), "--skip-bad"]) == 0
+    assert "2 bad rows left out" in capsys.readouterr().out
+    assert np.array_equal(np.load(out), s2.latlon_to_tokens(np.array([10.0, -30]), np.array([20.0, 150])))
+    report = (tmp_path / "tokens.report.csv").read_text().splitlines()
+    assert report[0] == "where,id,reason" and len(report) == 3
+    assert "line 3" in report[1] and "95.5" in report[1] and "duplicate" in report[2]
+
+
 def test_every_command_has_help(capsys):
     for argv in (["tokenize", "--help"], ["bench", "tokens", "--help"]):
         with pytest.raises(SystemExit) as exit_info:

@@ -10,8 +10,8 @@ from geotoken.data.datasets import (
     DatasetSource,
     guess_format,
     images_named_by_id,
-    read_skip_report,
-    write_report,
+    read_leaving_out_bad_rows,
+    report_path,
 )
 from geotoken.data.manifest import read_annotations, read_header
 from geotoken.errors import GeoTokenError
@@ -121,17 +121,13 @@ def run(args) -> int:
             "--holdout needs --format (a real dataset's layout, read as the dataset stage does)"
         )
     check_images_named_by_id(args.inputs)
-    skips = report.with_name(f".{report.name}.rows")  # the reader's own (row,id,reason), made a report below
-    m = read_annotations(
-        args.inputs,
-        image_root=args.image_root,
-        check_images=False if args.check_images == "no" else args.check_images,
-        on_error="skip" if args.skip_bad else "raise",
-        skip_report=skips if args.skip_bad else None,
+    options = dict(
+        image_root=args.image_root, check_images=False if args.check_images == "no" else args.check_images
     )
-    left_out = read_skip_report(skips, str(args.inputs[0])) if args.skip_bad else []
     if args.skip_bad:
-        write_report(report, left_out)
+        m, left_out = read_leaving_out_bad_rows(args.inputs, report, **options)
+    else:
+        m, left_out = read_annotations(args.inputs, **options), []
     if not len(m):  # every later stage would choke on it, far from here
         left = f" (every row was bad: {report})" if args.skip_bad else ""
         raise GeoTokenError(f"{', '.join(map(str, args.inputs))}: no rows to write{left}")
@@ -139,9 +135,3 @@ def run(args) -> int:
     skipped = f"; {len(left_out):,} bad rows left out (listed in {report})" if args.skip_bad else ""
     print(f"wrote {len(m):,} rows to {args.out}{skipped}")
     return 0
-
-
-def report_path(out: str | Path) -> Path:
-    """Where the rows left out are listed: OUT's name + .report.csv (as the dataset stage's SPLIT.report.csv)."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.report.csv")

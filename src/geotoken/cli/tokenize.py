@@ -6,6 +6,7 @@ import argparse
 
 import numpy as np
 
+from geotoken.data.datasets import read_leaving_out_bad_rows, report_path
 from geotoken.data.manifest import manifest_tokens, read_manifest
 from geotoken.geo import haversine_km
 from geotoken.io import atomic_open, check_outputs_spare_inputs
@@ -43,13 +44,21 @@ def register(subparsers) -> None:
                    help="S2 cell level 0..30 (default %(default)s, ~10 m cells)")  # fmt: skip
     p.add_argument("--group-size", type=int, default=ModelConfig.group,
                    help="child indices per token (default %(default)s: vocabulary 16)")  # fmt: skip
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave bad rows out (listed in OUT.report.csv: where,id,reason) instead of stopping; "
+                   "the output then has a row per row kept")  # fmt: skip
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     sizes = vocab_sizes(args.level, args.group_size)  # checks both before the (slow) read
-    check_outputs_spare_inputs([args.annotations], args.out)
-    manifest = read_manifest(args.annotations)
+    report = report_path(args.out)
+    check_outputs_spare_inputs([args.annotations], args.out, report if args.skip_bad else None)
+    if args.skip_bad:
+        manifest, left_out = read_leaving_out_bad_rows([args.annotations], report)
+        print(f"{len(left_out):,} bad rows left out (listed in {report})")
+    else:
+        manifest = read_manifest(args.annotations)
     tokens = manifest_tokens(manifest, args.level, args.group_size)
     with atomic_open(args.out, "wb") as f:
         np.save(f, tokens)

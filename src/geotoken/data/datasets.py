@@ -31,6 +31,7 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,7 @@ from geotoken.data.manifest import (
     image_source,
     manifest_from_shards,
     normalize_column,
+    read_annotations,
     read_header,
     read_manifest,
 )
@@ -500,6 +502,24 @@ def read_skip_report(path: Path, where: str) -> list[tuple[str, str, str]]:
     return [
         (f"{where}: line {r['row']}" if r["row"].isdigit() else r["row"], r["id"], r["reason"]) for r in rows
     ]
+
+
+def report_path(out: str | os.PathLike) -> Path:
+    """Where a command lists the rows it left out: OUT's name + .report.csv (as a dataset's SPLIT.report.csv)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.report.csv")
+
+
+def read_leaving_out_bad_rows(
+    inputs: list[str], report: Path, **options: Any
+) -> tuple[Manifest, list[tuple[str, str, str]]]:
+    """`read_annotations(inputs, **options)` with every bad row left out and listed in `report`
+    (where,id,reason): the manifest of the good rows and the report's rows."""
+    skips = report.with_name(f".{report.name}.rows")  # the reader's own (row,id,reason), made a report below
+    manifest = read_annotations(inputs, on_error="skip", skip_report=skips, **options)
+    left_out = read_skip_report(skips, str(inputs[0]))
+    write_report(report, left_out)
+    return manifest, left_out
 
 
 def _limit(manifest: Manifest, texts: list[str] | None, limit: int | None):

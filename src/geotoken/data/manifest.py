@@ -422,8 +422,9 @@ def finish_manifest(
     if on_error == "raise":
         i = int(bad[0])
         more = (
-            f" ({len(bad) - 1} more bad rows; `geotoken manifest FILE -o CLEAN.csv --skip-bad` "
-            "writes the file without them and lists them in CLEAN.report.csv; library: on_error='skip')"
+            f" ({len(bad) - 1} more bad rows; `geotoken manifest FILE -o CLEAN.csv --skip-bad` (or "
+            "--format FORMAT, for a dataset whose images are named by id) writes the file without them and "
+            "lists them in CLEAN.report.csv; library: on_error='skip')"
             if len(bad) > 1
             else ""
         )
