@@ -198,7 +198,7 @@ def test_fast_and_csv_paths_agree(tmp_path, monkeypatch, fast):
     p = tmp_path / "t.csv"
     p.write_bytes(TRICKY.encode())
     if not fast:
-        monkeypatch.setattr(manifest_module, "_read_columns_numpy", lambda path, cols: None)
+        monkeypatch.setattr(manifest_module, "_read_columns_numpy", lambda path, cols, width: None)
     m = read_manifest(p)
     assert m.ids.tolist() == ["a.jpg", "b.jpg", "c.jpg"]
     assert m.lat.tolist() == [1.25, -3.0, 0.5] and m.lon.tolist() == [2.5, 40.0, 7.0]
@@ -238,6 +238,21 @@ def test_text_that_is_not_utf8_is_an_error_naming_its_line(tmp_path):
     assert f"line {line}: not UTF-8 text (byte 0xff at offset {len(data) - 16})" in str(
         not_utf8(tmp_path / "big.csv")
     )
+
+
+def test_a_row_with_more_fields_than_the_header_is_a_bad_row(tmp_path):
+    """An unquoted comma in a path made a fifth field that was dropped: the image became `my photos/a`.
+    Quoted commas and empty trailing fields are fine."""
+    p = write(tmp_path / "c.csv", "id,lat,lon,image\np1,48.85,2.35,my photos/a,b.jpg\np2,1,2,x.jpg\n")
+    with pytest.raises(
+        GeoTokenError, match=r"c.csv: line 2: id 'p1': has 5 fields, the header has 4 \(an unquoted"
+    ):
+        read_manifest(p)
+    m = read_manifest(p, on_error="skip", skip_report=tmp_path / "skipped.csv")
+    assert m.ids.tolist() == ["p2"]
+    fine = write(tmp_path / "q.csv", 'id,lat,lon,image\np1,48.85,2.35,"my photos/a,b.jpg"\np2,1,2,x.jpg,\n')
+    m = read_manifest(fine)
+    assert m.images.tolist() == [str(tmp_path / "my photos/a,b.jpg"), str(tmp_path / "x.jpg")]
 
 
 def test_swapped_lat_lon_columns_are_an_error_naming_them(tmp_path):

@@ -232,7 +232,7 @@ def read_manifest(
 
     # Fast path: numpy's C parser, when every row is well formed. Any parse error: the csv module path below,
     # which pins each problem to its row. Both skip blank lines, so data row i is the i-th non-blank record.
-    columns, problems = _read_columns_numpy(path, cols), {}
+    columns, problems = _read_columns_numpy(path, cols, len(header)), {}
     if columns is None:
         columns, problems = _read_columns_csv(path, cols, roles, len(header))
     n = len(columns["lat"])
@@ -297,8 +297,12 @@ def not_utf8(path: Path) -> GeoTokenError:
     return GeoTokenError(f"{path}: line {line}: not UTF-8 text (the file ends inside a character)")
 
 
-def _read_columns_numpy(path: Path, cols: dict[str, int]) -> dict[str, list[str] | np.ndarray] | None:
-    """Columns via np.loadtxt (C parser): string columns as lists, lat/lon as float64. None if any row fails."""
+def _read_columns_numpy(
+    path: Path, cols: dict[str, int], width: int
+) -> dict[str, list[str] | np.ndarray] | None:
+    """Columns via np.loadtxt (C parser): string columns as lists, lat/lon as float64. None if any row fails,
+    or if the file's commas are not `width - 1` a line (loadtxt reads the columns it is given and ignores
+    the rest: a row with more fields, or quoted commas, go to the csv module's path, which tells them apart)."""
     opts = dict(delimiter=",", quotechar='"', skiprows=1, comments=None, encoding="utf-8", ndmin=2)
     text_roles = [r for r in ("id", "image") if r in cols]
     try:
@@ -312,6 +316,8 @@ def _read_columns_numpy(path: Path, cols: dict[str, int]) -> dict[str, list[str]
             )
     except (ValueError, UnicodeDecodeError):
         return None
+    if _count_bytes(path, b",") != (width - 1) * (len(coords) + 1):
+        return None
     columns = {"lat": coords[:, 0].copy(), "lon": coords[:, 1].copy()}
     for k, role in enumerate(text_roles):
         columns[role] = text[:, k].tolist() if len(text) else []
@@ -321,14 +327,17 @@ def _read_columns_numpy(path: Path, cols: dict[str, int]) -> dict[str, list[str]
 
 
 def _read_columns_csv(path: Path, cols: dict[str, int], roles: list[str], width: int):
-    """Columns via the csv module, one pass; rows too short to hold every needed column become problems."""
+    """Columns via the csv module, one pass; rows too short to hold every needed column, and rows with more
+    fields than the header (an unquoted comma cuts a path short), become problems; empty trailing fields
+    (`a,1,2,`) are not more fields."""
     need = max(cols.values()) + 1
     index = [cols[r] for r in roles]
     get = itemgetter(*index)
-    short: list[tuple[int, int]] = []  # (data row, field count)
+    odd: list[tuple[int, int]] = []  # (data row, field count)
 
-    def too_short(i: int, row: list[str]) -> tuple[str, ...]:
-        short.append((i, len(row)))
+    def odd_row(i: int, row: list[str]) -> tuple[str, ...]:
+        if len(row) < need or any(row[width:]):
+            odd.append((i, len(row)))
         return tuple(row[c] if c < len(row) else "" for c in index)
 
     with _gc_paused(), open(path, newline="", encoding="utf-8-sig") as f:
@@ -336,25 +345,39 @@ def _read_columns_csv(path: Path, cols: dict[str, int], roles: list[str], width:
         next(reader)
         try:  # filter(None, ...) drops blank lines (csv yields [] for them): they are not rows
             picked = [
-                get(r) if len(r) >= need else too_short(i, r) for i, r in enumerate(filter(None, reader))
+                get(r) if need <= len(r) <= width else odd_row(i, r)
+                for i, r in enumerate(filter(None, reader))
             ]
         except UnicodeDecodeError:
             raise not_utf8(path) from None
         except csv.Error as exc:
             raise GeoTokenError(f"{path}: line {reader.line_num + 1}: cannot parse CSV: {exc}") from None
         columns = {r: [p[k] for p in picked] for k, r in enumerate(roles)}
-    problems = {i: f"has {count} fields, the header has {width}" for i, count in short}
+    problems = {
+        i: f"has {count} fields, the header has {width}" + (" (an unquoted comma?)" if count > width else "")
+        for i, count in odd
+    }
     return columns, problems
 
 
-def _count_lines(path: Path) -> int:
-    """Number of lines (a last line without a newline counts), by counting newline bytes in 16 MiB blocks."""
-    count, last = 0, b"\n"
+def _count_bytes(path: Path, byte: bytes) -> int:
+    """How often `byte` occurs in the file, counted in 16 MiB blocks."""
+    count = 0
     with open(path, "rb") as f:
         while block := f.read(1 << 24):
-            count += block.count(b"\n")
-            last = block[-1:]
-    return count + (last != b"\n")
+            count += block.count(byte)
+    return count
+
+
+def _count_lines(path: Path) -> int:
+    """Number of lines (a last line without a newline counts)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return 0
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+    return _count_bytes(path, b"\n") + (last != b"\n")
 
 
 def finish_manifest(
