@@ -45,6 +45,17 @@ def test_user_error_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "t.npy").exists()
 
 
+def test_a_file_in_the_way_of_an_output_folder_is_said_in_words(tmp_path, capsys):
+    """Python says "[Errno 17] File exists: 'afile'" when a file stands where an output folder must go."""
+    (tmp_path / "m.csv").write_text("id,lat,lon,image\na,1,2,a.jpg\n")
+    (tmp_path / "afile").write_text("")
+    for out, said in (("afile/x.csv", "afile: is a file, where the output path needs a folder"),
+                      ("afile/y/x.csv", "a part of this path is a file, not a folder")):  # fmt: skip
+        assert main(["manifest", str(tmp_path / "m.csv"), "-o", str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Errno" not in err and len(err.splitlines()) == 1
+
+
 def test_own_warnings_are_one_line_like_errors():
     """A geotoken warning (a job starting over, photos left out) reads as one line, not Python's file:line
     and source echo; other packages' warnings keep theirs (their source is what to look at)."""

@@ -100,6 +100,20 @@ def said_as_lines(command: str):
         warnings.formatwarning = python_format
 
 
+def os_error_text(exc: OSError) -> str:
+    """An OSError as a line that names the path first and says what is in the way ("[Errno 17] File
+    exists: 'out'" is what Python says when a file stands where a folder of the output path must go)."""
+    path = exc.filename
+    if path is None:
+        return str(exc)
+    if isinstance(exc, FileExistsError) and not os.path.isdir(path):
+        return f"{path}: is a file, where the output path needs a folder"
+    if isinstance(exc, NotADirectoryError):
+        return f"{path}: a part of this path is a file, not a folder"
+    target = f" -> {exc.filename2}" if exc.filename2 else ""
+    return f"{path}{target}: {exc.strerror or exc}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. User errors print one line and return 2; GEOTOKEN_DEBUG=1 shows tracebacks."""
     args = build_parser().parse_args(argv)
@@ -112,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as exc:  # GeoTokenError is a ValueError
         if os.environ.get("GEOTOKEN_DEBUG"):
             raise
-        print(f"geotoken {args.command}: error: {exc}", file=sys.stderr)
+        text = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
+        print(f"geotoken {args.command}: error: {text}", file=sys.stderr)
         return 2
     except (RuntimeError, MemoryError) as exc:  # torch's OutOfMemoryError is a RuntimeError
         text = str(exc)
