@@ -157,10 +157,10 @@ def test_the_plan_names_the_folders_the_run_writes_and_checks_paths(tmp_path, ca
     held["stages"][0]["config"]["holdout"] = {"split": "val", "source": "im2gps3k", "size": 5000}
     (tmp_path / "h.yaml").write_text(yaml.safe_dump(held))
     assert main(["run", str(tmp_path / "h.yaml"), "--dry-run"]) == 2
-    assert (
-        "PROBLEM: holdout: val size 5,000 leaves nothing of im2gps3k's 6 annotation rows"
-        in capsys.readouterr().out
-    )
+    out = capsys.readouterr().out
+    assert "PROBLEM: holdout: val size 5,000 leaves nothing of im2gps3k's 6 annotation rows" in out
+    assert "paper.yaml" not in out and "VAL_SIZE" not in out  # this config has no such variable
+    assert "rows (at most): im2gps3k 0, val 6" in out  # not val 5,000 out of 6 rows
 
 
 def test_the_paper_config_is_the_papers_setting():

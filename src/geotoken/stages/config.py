@@ -315,10 +315,12 @@ def plan_run(cfg: RunConfig) -> list[StagePlan]:
             if c.holdout is not None and c.holdout.source in p.rows:
                 h, listed = c.holdout, p.rows[c.holdout.source]
                 if listed and h.size >= listed:  # the stage would refuse it, after reading every image
+                    variable = " (VAL_SIZE)" if "VAL_SIZE" in cfg.variables else ""
                     p.problems.append(f"holdout: {h.split} size {h.size:,} leaves nothing of {h.source}'s "
-                                      f"{listed:,} annotation rows; hold out fewer (VAL_SIZE in paper.yaml)")  # fmt: skip
+                                      f"{listed:,} annotation rows; hold out fewer: the stage's holdout "
+                                      f"size{variable}")  # fmt: skip
                 p.rows[h.source] = max(0, listed - h.size)
-                p.rows[h.split] = h.size
+                p.rows[h.split] = min(h.size, listed)
             p.disk_bytes = sum(p.rows.values()) * 200  # manifests, texts, reports: about 200 B a row
             p.work = f"read {len(c.sources)} annotation file(s), check {sum(p.rows.values()):,} images exist"
         elif spec.kind == "features":
