@@ -10,6 +10,7 @@ import tarfile
 import zipfile
 
 import pytest
+from PIL import Image
 
 import realdata
 from geotoken.data.datasets import DatasetSource, ImageIndex, read_source
@@ -130,6 +131,20 @@ def test_a_split_archive_left_in_chunks_is_reported_with_the_cat_to_join_it(tmp_
     assert tarfile.is_tarfile(root / "mp-16-images.tar")
     source = DatasetSource("gallery", "mp16-pro", source.annotations, str(root / "mp-16-images.tar"))
     assert read_datasets(DatasetStageConfig((source,)), out, log=lambda s: None)["sizes"] == {"gallery": 4}
+
+
+def test_an_empty_images_folder_is_said_to_hold_no_images(tmp_path):
+    path, _, _ = realdata.mp16(tmp_path / "mp16", 3)
+    (tmp_path / "empty").mkdir()
+    source = DatasetSource("gallery", "mp16", str(path), str(tmp_path / "empty"))
+    out = tmp_path / "out"
+    with pytest.raises(GeoTokenError, match="empty holds no image files .* nor .tar / .zip archives at all"):
+        read_datasets(DatasetStageConfig((source,)), out, log=lambda s: None)
+    # a folder of the wrong images (none the rows name) is another case: not "no images at all"
+    Image.new("RGB", (8, 8)).save(tmp_path / "empty" / "other.jpg")
+    with pytest.raises(GeoTokenError) as e:
+        read_datasets(DatasetStageConfig((source,)), out, log=lambda s: None)
+    assert "at all" not in str(e.value)
 
 
 def test_mp16_pro_duplicate_id_takes_the_text_of_the_row_it_keeps(tmp_path):

@@ -136,6 +136,9 @@ def _no_images(split: str, source: DatasetSource, r, out: Path) -> None:
     report = out / f"{split}.report.csv"
     write_report(report, r.report + skipped)
     message = f"dataset stage: split {split!r} has no row with an image (see {report})"
+    images_named_by_id = source.format not in ("csv", "shards")
+    if images_named_by_id and not r.other_count and not r.counts.get("images_without_label"):
+        message += f"; {images} holds no image files (.jpg, .png, ...) nor .tar / .zip archives at all"
     if r.other_count:
         shown = ", ".join(r.other_files[:5]) + (", ..." if r.other_count > 5 else "")
         message += (f"; {images} holds no image the rows name, and {r.other_count} files there are neither "
