@@ -303,6 +303,49 @@ def test_ddp_two_processes_stay_identical(tmp_path, free_port):
     assert state["step"] == 4 and state["world"] == 2
 
 
+def _ddp_half_run(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    train(model_cfg(dropout=0.0), quiet(max_steps=4, checkpoint_every=2), synthetic(), out, stop_at=2)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # 2 processes (gloo)
+def test_a_ddp_run_logs_the_global_loss_and_resumes_in_one_process_at_the_same_global_batch(
+    tmp_path, free_port
+):
+    """2 processes x batch 8 is one process x batch 16: the logged loss is the mean over the global batch
+    (it was rank 0's half), and one process resumes the run only at that global batch (at 8 it silently
+    took twice the steps and reread rows)."""
+    torch.multiprocessing.start_processes(
+        _ddp_half_run, args=(2, free_port, str(tmp_path / "ddp")), nprocs=2, start_method="fork"
+    )
+    mc, data = model_cfg(dropout=0.0), synthetic()
+    one = train(mc, quiet(max_steps=4, checkpoint_every=2, batch_size=16), data, tmp_path / "one")
+    logs = {name: [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+            for name in ("ddp", "one")}  # fmt: skip
+    np.testing.assert_allclose(
+        [r["loss"] for r in logs["ddp"]], [r["loss"] for r in logs["one"][:2]], rtol=1e-5
+    )
+    with pytest.raises(GeoTokenError, match=r"global batches of 16 rows a step \(2 process\(es\) x 8 rows\)"):
+        train(mc, quiet(max_steps=4, checkpoint_every=2), data, tmp_path / "ddp", resume=True)
+    resumed = train(
+        mc, quiet(max_steps=4, checkpoint_every=2, batch_size=16), data, tmp_path / "ddp", resume=True
+    )
+    for a, b in zip(resumed.state_dict().values(), one.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_an_effective_batch_size_that_cannot_be_met_is_said(tmp_path):
+    data, mc = synthetic(), model_cfg()
+    with pytest.warns(
+        UserWarning, match=r"effective batch size 20 asked, 24 taken \(1 process\(es\) x batch size 8 x 3"
+    ):
+        train(mc, quiet(max_steps=1, effective_batch_size=20), data, tmp_path / "a")
+    with pytest.warns(UserWarning, match=r"256 asked, 64 taken .*at most one step over the 64 training rows"):
+        train(mc, quiet(max_steps=1, effective_batch_size=256), data, tmp_path / "b")
+
+
 def test_non_finite_inputs_stop_training_before_they_reach_the_weights(tmp_path):
     """A NaN query row (an unreadable image's, say) makes a NaN loss: the run stops at that step, naming
     the inputs, and the model it checkpointed before stays finite; a finished run is in eval mode."""

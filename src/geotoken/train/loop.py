@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,14 +223,27 @@ RESUME_MAY_CHANGE = frozenset(
 )
 
 
-def check_resume_config(out: Path, cfg: TrainConfig) -> None:
-    """A resumed run must be the run it continues: refuse changed options that alter the trajectory."""
+def check_resume_config(out: Path, cfg: TrainConfig, global_batch: int | None = None, world: int = 1) -> None:
+    """A resumed run must be the run it continues: refuse changed options that alter the trajectory. The
+    global batch (processes x batch_size x grad_accum rows a step) fixes the schedule: another process
+    count may resume with a batch_size / grad_accum that keeps it, and only so."""
     path = out / "run.json"
     if not path.is_file():
         return
-    saved = read_json(path).get("train", {})
+    run = read_json(path)
+    saved = run.get("train", {})
+    was = run.get("effective_batch_size")
+    if global_batch is not None and was is not None and was != global_batch:
+        world_was = run.get("world", 1)
+        raise GeoTokenError(
+            f"cannot resume {out}: it trained on global batches of {was:,} rows a step ({world_was} process(es) "
+            f"x {was // world_was:,} rows), this run would take {global_batch:,} ({world} process(es) x "
+            f"{global_batch // world:,}), which changes its schedule; resume with processes x batch size x "
+            f"gradient accumulation = {was:,}"
+        )
+    may_change = RESUME_MAY_CHANGE | ({"batch_size", "grad_accum"} if global_batch is not None else set())
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as JSON lists, like the saved copy
-    changed = [k for k, v in now.items() if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
+    changed = [k for k, v in now.items() if k in saved and k not in may_change and saved[k] != v]
     if changed:
         diff = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
         raise GeoTokenError(
@@ -378,6 +392,17 @@ def train(
     opt = make_optimizer(model, cfg)
     accum = grad_accum_for(cfg, len(train_rows), d.world)
     step_rows = cfg.batch_size * accum  # this process's rows per optimizer step
+    if d.main and cfg.effective_batch_size and step_rows * d.world != cfg.effective_batch_size:
+        why = (
+            f"at most one step over the {len(train_rows):,} training rows"
+            if step_rows * d.world < cfg.effective_batch_size
+            else f"whole micro-batches: pick a batch size that divides {cfg.effective_batch_size:,} / {d.world}"
+        )
+        warnings.warn(
+            f"train: effective batch size {cfg.effective_batch_size:,} asked, {step_rows * d.world:,} taken "
+            f"({d.world} process(es) x batch size {cfg.batch_size:,} x {accum} micro-batch(es); {why})",
+            stacklevel=2,
+        )
     per_epoch = steps_per_epoch(len(train_rows), step_rows, d.world)
     total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch
     state = {"step": 0, "best_score": None, "best_step": None}
@@ -387,7 +412,7 @@ def train(
             f"{out}: already holds a training run (last/); resume it (--resume, resume=True) or write to a new folder"
         )
     if resuming:
-        check_resume_config(out, cfg)
+        check_resume_config(out, cfg, step_rows * d.world, d.world)
         state = load_checkpoint(out / "last", model, opt, d)
     else:
         torch.manual_seed(cfg.seed * 1000 + 1 + d.rank)  # dropout streams differ per rank
@@ -449,6 +474,9 @@ def train(
         seen += len(rows) * d.world
 
         if step % cfg.log_every == 0 or step == total:
+            if d.world > 1:  # each rank holds the mean over its equal share: the step's is their mean
+                dist.all_reduce(loss)
+                loss /= d.world
             dt = time.perf_counter() - t0
             rec = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr, "grad_norm": float(gnorm)}
             rec["samples_per_s"] = seen / dt
