@@ -171,6 +171,10 @@ class Interrupted:
     def __init__(self, geo, fail_at: int):
         self.geo, self.fail_at, self.calls = geo, fail_at, 0
 
+    @property
+    def root(self):
+        return getattr(self.geo, "root", None)
+
     def info(self) -> dict:
         return self.geo.info()
 
@@ -228,6 +232,36 @@ def test_a_killed_write_goes_on_where_it_stopped(geo, tmp_path, suffix):
         match=r"3 earlier rows given up: its photos differ .* from row 2: \S*01\.jpg there, \S*00a\.jpg now",
     ):
         assert write_predictions(geo, [photos], out, 2, 3)["resumed"] == 0
+
+
+def test_a_bundle_recalibrated_in_place_starts_its_predictions_over(random_bundle, tmp_path):
+    """Resumed after `geotoken calibrate` rewrote the bundle's calibration, the file mixed old and new
+    probabilities for the same photos: the bundle's files are part of the job."""
+    import shutil
+
+    from geotoken.bundle import set_bundle_part
+    from geotoken.predict import Geolocator
+    from geotoken.search.calibration import Calibration
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(random_bundle(gallery_rows=32, k=3, image_size=32), bundle)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        (photos / f"{i:02d}.jpg").write_bytes(jpeg(i))
+    out = tmp_path / "p.csv"
+    with pytest.raises(KeyboardInterrupt):
+        write_predictions(Interrupted(Geolocator.from_bundle(bundle), 2), [photos], out, 1, 2)
+    assert write_predictions(Geolocator.from_bundle(bundle), [photos], out, 1, 2)["resumed"] == 2  # as it was
+    with pytest.raises(KeyboardInterrupt):
+        write_predictions(Interrupted(Geolocator.from_bundle(bundle), 2), [photos], out, 1, 2)
+    Calibration().save(bundle / "calibration.json")
+    set_bundle_part(bundle, "calibration", "calibration.json")
+    with pytest.warns(
+        UserWarning,
+        match=r"given up: .*the bundle's files changed since \(\S*bundle.json, \S*calibration.json\)",
+    ):
+        assert write_predictions(Geolocator.from_bundle(bundle), [photos], out, 1, 2)["resumed"] == 0
 
 
 def test_unreadable_rows_written_before_a_kill_still_count(geo, tmp_path):

@@ -288,6 +288,18 @@ def read_bundle(root: str | os.PathLike) -> dict:
     return spec
 
 
+def bundle_state(root: str | os.PathLike) -> dict[str, list[int]]:
+    """{file: [bytes, modification time in ns]} of every file a bundle reads (`bundle_files`, and a linked
+    gallery store's): what changes when it is recalibrated, given a reward scorer or new weights in place,
+    without hashing gigabytes."""
+    root = Path(root)
+    spec = read_bundle(root)
+    paths = [root / name for name in bundle_files(root, spec)]
+    if spec.get("gallery_link"):
+        paths += sorted(p for p in gallery_dir(root, spec).rglob("*") if p.is_file())
+    return {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}
+
+
 def gallery_dir(root: str | os.PathLike, spec: dict) -> Path:
     """The gallery's feature store of a bundle: its own `gallery/`, or the store a linked bundle refers to
     (by its relative path, else its absolute one), checked to hold the rows it was linked with."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from geotoken.bundle import bundle_state
 from geotoken.data.images import exif_gps, list_images, open_image
 from geotoken.errors import GeoTokenError
 from geotoken.geo import haversine_km
@@ -141,6 +142,8 @@ def write_predictions(
     partial, job_file = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
     search = {k: v for k, v in kwargs.items() if k not in ("skip_bad", "on_error", "progress")}
     job = {"format": PARTIAL_FORMAT, "model": geo.info(), "search": search}
+    if getattr(geo, "root", None) is not None:  # recalibrated or retrained in place: another model
+        job["bundle_files"] = bundle_state(geo.root)
     if kind == ".jsonl":  # a CSV row is the top candidate only, whatever top_k
         job["top_k"] = top_k
     job = json.loads(json.dumps(job, default=str))  # as it reads back from the file
@@ -181,6 +184,14 @@ def _write_rows(geo, refs, out, kind, partial, job_file, job, top_k, batch_size,
 
 
 PARTIAL_FORMAT = "geotoken/partial-predictions/1"
+
+
+def _changed_files(there, now) -> str:
+    """The bundle files that differ between two `bundle_files` listings, named."""
+    there, now = there if isinstance(there, dict) else {}, now if isinstance(now, dict) else {}
+    names = sorted(k for k in set(there) | set(now) if there.get(k) != now.get(k))
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"the bundle's files changed since ({shown})"
 
 
 def _resume_point(
@@ -246,6 +257,8 @@ def _job_changes(old, new: dict) -> str:
     changes = [
         "another model"
         if name == "model"
+        else _changed_files(v.get("there"), v.get("now"))
+        if name == "bundle_files"
         else f"{name} {v.get('there', 'unset')} there, {v.get('now', 'unset')} now"
         for name, v in flat.items()
         if v.get("there") != v.get("now")
