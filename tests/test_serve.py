@@ -76,6 +76,9 @@ def test_top_k_above_the_servers_bound_is_refused_and_the_bound_is_an_option(geo
     small = TestClient(create_app(geolocator, ServeConfig(max_top_k=2, basemap_width=512)))
     r = post(small, png_bytes(), top_k="3")
     assert r.status_code == 422 and "less than or equal to 2" in r.json()["error"]
+    # a request without top_k (the web page's first, any client's) takes the default within the bound
+    r = post(small, png_bytes())
+    assert r.status_code == 200 and 1 <= len(r.json()["candidates"]) <= 2
     note = post(small, png_bytes(), top_k="2", strategy="greedy").json()["note"]
     assert "1 of the 2 candidates asked for: the search (greedy)" in note
     with pytest.raises(GeoTokenError, match="max_top_k must be a whole number in 1..1000"):

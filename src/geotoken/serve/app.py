@@ -281,6 +281,7 @@ def docs_html(schema: dict) -> str:
     )
 
 
+DEFAULT_TOP_K = 5
 REQUEST_FIELDS = frozenset({"image", "top_k", "strategy", "select", "constrain"})  # of POST /v1/geolocate
 
 
@@ -347,6 +348,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
     basemap: dict[str, bytes] = {}
     basemap_lock = threading.Lock()
     ErrorBody, Answer = api_models(cfg.max_top_k)
+    default_top_k = min(DEFAULT_TOP_K, cfg.max_top_k)  # a request without top_k fits any --max-top-k
 
     def not_available(value: str) -> str:
         return f"{value!r} is not available on this server: it {missing[value]}"
@@ -474,7 +476,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
         top_k: Annotated[
             Annotated[int, Field(ge=1, le=cfg.max_top_k)] | None,
             BeforeValidator(nullish),
-            Form(description="candidates to return (default 5)"),
+            Form(description=f"candidates to return (default {default_top_k})"),
         ] = None,
         strategy: Annotated[offered(strategies), Form(description="decoding (default: the bundle's)")] = None,
         select: Annotated[offered(selectors), Form(description="selector (default: the bundle's)")] = None,
@@ -514,7 +516,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
         parts = len(form.getlist("image"))
         if parts > 1:  # FastAPI would keep the last one and drop the others without a word
             return error(422, f"field 'image': one photo per request, got {parts} (send one request each)")
-        top_k = top_k if top_k is not None else (top_k_q if top_k_q is not None else 5)
+        top_k = top_k if top_k is not None else top_k_q if top_k_q is not None else default_top_k
         strategy, select = strategy or strategy_q, select or select_q
         constrain = constrain if constrain is not None else constrain_q
         if constrain is not None and not searchable:

@@ -196,6 +196,8 @@ async function showModel() {
     const r = await (await fetch("/v1/model")).json();
     const m = r.model;
     offer("strategy", r.strategies); offer("select", r.selectors);
+    const most = r.limits && r.limits.max_top_k; // the server's --max-top-k: the box never asks for more
+    if (Number.isInteger(most)) { $("top_k").max = most; $("top_k").value = Math.min(Number($("top_k").value) || 5, most); }
     const search = m.search || {}; // the bundle's default decoding; a model without one (GeoCLIP): no box
     if (typeof search.constrain === "boolean") $("constrain").checked = search.constrain;
     else { $("constrain").checked = false; $("constrain").disabled = true; }
