@@ -209,6 +209,14 @@ def test_decompression_bomb_is_413_before_decoding(client):
     r = post(client, png_claiming(100_000, 100_000), name="bomb.png")
     assert r.status_code == 413
     assert "bomb.png" in r.json()["error"]
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings(record=True) as seen:  # 100 MP: PIL warns (above 89 MP), we refuse it
+        warnings.simplefilter("always")
+        assert post(client, png_claiming(10_000, 10_000), name="wide.png").status_code == 413
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
     r = post(client, png_bytes((1200, 1000)), name="big-pixels.png")  # 1.2 M pixels > 1 M limit
     assert r.status_code == 413
     assert "1200x1000" in r.json()["error"]

@@ -36,6 +36,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -116,7 +117,9 @@ def decode_upload(data: bytes, name: str, max_pixels: int):
             )
         formats += ("HEIF",)
     try:  # reads the header only; PIL itself refuses > 2 x Image.MAX_IMAGE_PIXELS here
-        im = Image.open(io.BytesIO(data), formats=formats)
+        with warnings.catch_warnings():  # its warning above 1x: the size is checked against ours below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as exc:
         raise BadImage(413, f"upload {name!r}: image too large ({exc})") from None
     except UnidentifiedImageError:
