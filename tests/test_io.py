@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+from geotoken.errors import GeoTokenError
 from geotoken.io import atomic_open, read_json, sha256_json, write_json
 
 
@@ -111,3 +112,13 @@ def test_an_output_naming_an_input_is_refused(tmp_path, capsys):
     assert csv.read_text() == "id,lat,lon\na,1,2\n"
     assert main(["report", str(tmp_path), "-o", str(tmp_path / "metrics.json")]) == 2
     assert "NAME.html" in capsys.readouterr().err
+
+
+def test_a_lock_that_cannot_be_made_names_the_output_not_the_lock(tmp_path):
+    from geotoken.io import exclusive
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(GeoTokenError, match=r"afile/p.csv: cannot be written there") as e:
+        with exclusive(tmp_path / "afile" / "p.csv.lock", str(tmp_path / "afile" / "p.csv")):
+            pass
+    assert ".lock" not in str(e.value)

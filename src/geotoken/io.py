@@ -70,8 +70,12 @@ def exclusive(lock: str | os.PathLike, what: str) -> Iterator[None]:
         yield
         return
     lock = Path(lock)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock, "a")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:  # the folder cannot hold `what` either: say it of `what`, not of its lock
+        raise GeoTokenError(f"{what}: cannot be written there ({exc.strerror or exc})") from None
+    with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
