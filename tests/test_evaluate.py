@@ -312,4 +312,20 @@ def test_a_neighbour_table_over_stores_with_skipped_rows_is_compacted(tmp_path, 
         main([*argv, "--neighbours", str(tmp_path / "nb"), "-o", str(out), "--no-plots", "--n-boot", "20"])
         == 0
     )
-    assert json.loads((out / "metrics.json").read_text())["methods"]["nn"]["n"] == 3
+    metrics = json.loads((out / "metrics.json").read_text())["methods"]["nn"]
+    assert metrics["n"] == 3 and metrics["config"]["embedding"] == "neighbour table"  # not "visual"
+    # knn deeper than the table: refused before any method runs (it voted over 3 and said 15)
+    argv = [
+        *argv[:2],
+        "nn",
+        "knn",
+        *argv[3:],
+        "--neighbours",
+        str(tmp_path / "nb"),
+        "-o",
+        str(out),
+        "--no-plots",
+    ]
+    assert main([*argv, "-k", "15"]) == 2
+    assert "knn: k 15 but the neighbour table holds 3 neighbours per query" in capsys.readouterr().err
+    assert main([*argv, "-k", "3", "--n-boot", "20"]) == 0

@@ -282,6 +282,11 @@ class NearestNeighbour:
     def predict(self, queries: Split) -> Predictions:
         k = self.config.k if self.vote else 1
         if self.neighbours is not None:
+            if np.shape(self.neighbours[0])[1] < k:
+                raise GeoTokenError(
+                    f"{self.name}: k {k} but the neighbour table holds {np.shape(self.neighbours[0])[1]} "
+                    "neighbours per query"
+                )
             rows, sims = (np.asarray(a)[:, :k] for a in self.neighbours)
         else:
             rows, sims = exact_neighbours(self.gallery_emb, queries.array(self.config.embedding), k)

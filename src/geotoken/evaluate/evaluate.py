@@ -221,10 +221,13 @@ def _strategy_text(method: str, cfg: EvalConfig, table: bool = False) -> str:
     }[method]
 
 
-def _method_config(method: str, cfg: EvalConfig) -> dict:
+def _method_config(method: str, cfg: EvalConfig, table: bool = False) -> dict:
     part = {"prior": cfg.prior, "nn": cfg.retrieval, "knn": cfg.retrieval, "cells": cfg.cells,
             "gps-gallery": cfg.gps_gallery, "geoclip": cfg.geoclip}.get(method)  # fmt: skip
-    return {} if part is None else asdict(part)
+    conf = {} if part is None else asdict(part)
+    if table and method in ("nn", "knn"):  # the table's own search decides what is compared
+        conf["embedding"] = "neighbour table"
+    return conf
 
 
 def build_baseline(method: str, cfg: EvalConfig, neighbours=None, gps_encoder=None, progress: bool = False):
@@ -245,11 +248,17 @@ def build_baseline(method: str, cfg: EvalConfig, neighbours=None, gps_encoder=No
 
 
 def check_splits(
-    gallery: Split, queries: Split, cfg: EvalConfig, table: bool = False, gps_encoder=None
+    gallery: Split, queries: Split, cfg: EvalConfig, table: int | None = None, gps_encoder=None
 ) -> None:
     """Raise, naming both stores, if the queries' aligned arrays come from other alignment heads than the
     gallery's, or an array a method compares across them has other widths on the two sides (stores of
-    different backbones): before any method runs, not in torch."""
+    different backbones), or knn's k is deeper than the neighbour table (`table`: its columns; None: no
+    table): before any method runs, not in torch."""
+    if table is not None and "knn" in cfg.methods and cfg.retrieval.k > table:
+        raise GeoTokenError(
+            f"knn: k {cfg.retrieval.k} but the neighbour table holds {table} neighbours per query: pass -k "
+            f"{table} or less, or write a deeper table (geotoken index neighbours -k {cfg.retrieval.k})"
+        )
     if gallery.store is not None and queries.store is not None:
         queries.store.check_heads(gallery.store.heads, f"the gallery {gallery.store.root}'s")
     name, gps_dim = (
@@ -263,7 +272,7 @@ def check_splits(
             "they are not in its location space (leave gps-gallery out)"
         )
     keys = {cfg.cells.features} if "cells" in cfg.methods else set()
-    if not table and {"nn", "knn"} & set(cfg.methods):
+    if table is None and {"nn", "knn"} & set(cfg.methods):
         keys.add(cfg.retrieval.embedding)
     for key in sorted(keys):
         if key in gallery.arrays and key in queries.arrays:
@@ -322,7 +331,7 @@ def run_methods(
             for run in run_geotoken(gallery, queries, cfg.geotoken, cache, inputs, log, geolocator):
                 runs[run.label] = run
             continue
-        conf = _method_config(method, cfg)
+        conf = _method_config(method, cfg, neighbours is not None)
         key = sha256_json({"method": method, "config": conf, "inputs": inputs})[:16]
         path = cache / f"{slug(method)}.{key}.npz" if cache is not None else None
         pred = load_cached(path, len(queries)) if path is not None else None
@@ -420,7 +429,9 @@ def evaluate(
         raise GeoTokenError(f"{queries.name}: no queries to evaluate")
     if "geoclip" in cfg.methods:  # before any method runs
         check_geoclip_features(queries, cfg.geoclip)
-    check_splits(gallery, queries, cfg, neighbours is not None, gps_encoder)
+    check_splits(
+        gallery, queries, cfg, None if neighbours is None else np.shape(neighbours[0])[1], gps_encoder
+    )
     inputs = _inputs_hash(gallery, queries, neighbours)
     runs = run_methods(
         gallery, queries, cfg, out, neighbours, gps_encoder, progress, log, geolocator, inputs, cache_dir
