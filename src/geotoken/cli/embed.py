@@ -18,8 +18,9 @@ HELP = "embed the images of a manifest with an image backbone into a feature sto
 EPILOG = """\
 The store folder gets store.json (backbone, dims, ids in manifest order, manifest hash), features.npy
 (float16, N x F) and coords.npy. Killed halfway, the same command continues where it stopped; the result
-is byte-identical to an uninterrupted run (keep the same --batch-size). Under torchrun, every process
-embeds its share of the rows into the same store:
+is byte-identical to an uninterrupted run (keep the same --batch-size, and --threads on a CPU: another
+thread count rounds a few values otherwise). Under torchrun, every process embeds its share of the rows
+into the same store (one thread each, as torchrun sets):
 
   geotoken embed data/gallery.csv -o runs/demo/gallery --backbone efficientnet-lite0 --image-size 160
   torchrun --nproc-per-node 8 -m geotoken embed mp16.csv -o mp16_store --backbone clip \\
