@@ -40,6 +40,11 @@ DEVICE_HELP = (
 THREADS_HELP = "torch CPU threads (default 0: torch's choice, one per core)"
 
 
+def first_process() -> bool:
+    """Whether this is the process that speaks for the job: rank 0 under torchrun, or the only one."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def use_threads(threads: int) -> None:
     """Apply a command's `--threads` (0 leaves torch's own setting)."""
     if threads:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
+from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, first_process, use_threads
 from geotoken.data.datasets import images_named_by_id
 from geotoken.data.manifest import read_manifest
 from geotoken.encoders import BACKBONES, load_backbone
@@ -78,7 +77,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     store = embed(manifest, backbone, args.out, args.batch_size, args.workers, args.skip_bad, args.device)
     seconds = time.perf_counter() - t0
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
+    if first_process():  # under torchrun, one summary
         print(f"{store.root}: {store.rows} rows x {store.dims['features']} ({name}), "
               f"{len(store.skipped)} skipped, {seconds:.1f} s")  # fmt: skip
         if store.skipped:

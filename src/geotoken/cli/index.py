@@ -8,7 +8,7 @@ from pathlib import Path
 
 import faiss
 
-from geotoken.cli import count
+from geotoken.cli import count, first_process
 from geotoken.features import FeatureStore
 from geotoken.retrieval import (
     DEFAULT_EMBEDDING,
@@ -146,7 +146,8 @@ def run_neighbours(args) -> int:
         refine=args.refine,
         exclude_same_place=args.exclude_same_place,
     )
-    print(
-        f"{table.root}: {table.rows.shape[0]} queries x {table.k} neighbours ({index.meta.get('embedding')})"
-    )
+    if first_process():  # under torchrun, one summary
+        print(
+            f"{table.root}: {table.rows.shape[0]} queries x {table.k} neighbours ({index.meta.get('embedding')})"
+        )
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from geotoken import DTYPES
-from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
+from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, first_process, use_threads
 from geotoken.devices import retain_freed_memory
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
@@ -225,7 +225,8 @@ def run(args) -> int:
         sources,
         args.stop_at,
     )
-    print(training_summary(Path(args.out)))
+    if first_process():  # under torchrun, one summary
+        print(training_summary(Path(args.out)))
     return 0
 
 

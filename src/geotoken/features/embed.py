@@ -242,10 +242,10 @@ def embed(
     amp = torch.bfloat16 if on_cuda(device) and torch.cuda.is_bf16_supported() else torch.float16
     ids = store.ids
     total = int(sum(min(batch_size, store.rows - c * batch_size) for c in mine))
-    desc = f"embed[{dist.rank}]" if dist.world > 1 else "embed"
+    desc = f"embed (rank 0's share of {dist.world})" if dist.world > 1 else "embed"  # one bar a terminal
     with (
         store.writer("features") as writer,
-        tqdm(total=total, unit="img", desc=desc, disable=not progress) as bar,
+        tqdm(total=total, unit="img", desc=desc, disable=not progress or dist.rank > 0) as bar,
         torch.no_grad(),
     ):
         for chunk, (rows, images, bad) in zip(mine, loader):

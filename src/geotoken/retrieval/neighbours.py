@@ -194,9 +194,9 @@ def neighbour_table(
     d.barrier()  # every process has read the records before any writes its own
 
     valid = query_store.valid
-    desc = f"neighbours[{d.rank}]" if d.world > 1 else "neighbours"
+    desc = f"neighbours (rank 0's share of {d.world})" if d.world > 1 else "neighbours"  # one bar a terminal
     with RowWriter(out_dir / "index.npy") as row_out, RowWriter(out_dir / "sims.npy") as sim_out:
-        for chunk in tqdm(mine, desc=desc, unit="batch", disable=not progress):
+        for chunk in tqdm(mine, desc=desc, unit="batch", disable=not progress or d.rank > 0):
             start = int(chunk) * chunk_rows
             stop = min(query_store.rows, start + chunk_rows)
             ok = np.flatnonzero(valid[start:stop])
