@@ -204,6 +204,17 @@ def test_a_missing_array_is_a_one_line_error_and_still_a_key_error(feature_store
     assert main(["align", "train", str(store.root), "-o", str(store.root.parent / "h"), "--epochs", "1"]) == 2
     out = capsys.readouterr().err
     assert "no array 'features'" in out and "Traceback" not in out
+    # finished heads in -o are not trained over unasked (the stores aligned with them would be orphaned)
+    done = store.root.parent / "done"
+    done.mkdir()
+    (done / "config.json").write_text(json.dumps({"heads": {}, "store": {"root": "/data/mp16"}}))
+    assert main(["align", "train", str(store.root), "-o", str(done), "--epochs", "1"]) == 2
+    assert (
+        "done: holds trained alignment heads already (of /data/mp16); pass --overwrite"
+        in capsys.readouterr().err
+    )
+    assert main(["align", "train", str(store.root), "-o", str(done), "--epochs", "1", "--overwrite"]) == 2
+    assert "no array 'features'" in capsys.readouterr().err  # asked: it goes on to train (and needs features)
     embedded = feature_store("e", {"features": np.ones((4, 8), np.float32)})  # not aligned yet
     with pytest.raises(GeoTokenError, match="no array 'gps' .*come from `geotoken align apply HEADS STORE`"):
         embedded["gps"]

@@ -219,9 +219,13 @@ def test_index_cli_numbers(splits, tmp_path, capsys, monkeypatch):
     )
     assert main(["index", "build", gallery, "-o", str(tmp_path / "ok"), "--embedding", "visual"]) == 0
     assert "ok: flat index of 200 rows (16-d visual), built in" in capsys.readouterr().out
+    again = ["index", "build", gallery, "-o", str(tmp_path / "ok"), "--embedding", "visual", "--kind", "hnsw"]
+    assert main(again) == 2  # another build over it is asked for, not done silently
     assert (
-        main(["index", "build", gallery, "-o", str(tmp_path / "ok"), "--embedding", "visual"]) == 0
-    )  # rebuilt
+        "ok: holds an index already (flat over 200 rows of visual); pass --overwrite"
+        in capsys.readouterr().err
+    )
+    assert main([*again, "--overwrite"]) == 0 and "hnsw index of 200 rows" in capsys.readouterr().out
     for extra in (["--kind", "hnsw", "--hnsw-m", "0"], ["--kind", "hnsw", "--hnsw-m", "-1"]):
         assert (
             main(["index", "build", gallery, "-o", str(tmp_path / "i"), "--embedding", "visual", *extra]) == 2

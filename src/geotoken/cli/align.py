@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
@@ -12,7 +13,9 @@ from geotoken.data.datasets import read_texts
 from geotoken.data.manifest import read_manifest
 from geotoken.devices import resolve_device, retain_freed_memory
 from geotoken.encoders.text import TEXT_ENCODERS
+from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
+from geotoken.io import read_json
 
 HELP = "train alignment heads (visual / GPS / text embeddings) on a feature store, or apply them to one"
 
@@ -116,6 +119,7 @@ def register(subparsers) -> None:
     t.add_argument("--seed", type=int, default=c.seed)
     t.add_argument("--device", default="auto", help=DEVICE_HELP)
     t.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
+    t.add_argument("--overwrite", action="store_true", help="train again over heads already in --out")
     t.set_defaults(func=run_train)
 
     a = sub.add_parser(
@@ -148,6 +152,13 @@ def _print_metrics(metrics: dict) -> None:
 def run_train(args) -> int:
     retain_freed_memory()  # a training job: keep freed activations' memory (see there)
     use_threads(args.threads)
+    done = Path(args.out) / "config.json"
+    if done.is_file() and not args.overwrite:  # finished heads: the stores aligned with them would orphan
+        was = read_json(done).get("store", {}).get("root", "?")
+        raise GeoTokenError(
+            f"{args.out}: holds trained alignment heads already (of {was}); pass --overwrite to train them "
+            "again, or write to a new folder"
+        )
     store = FeatureStore.open(args.store)
     gallery = None
     if args.gallery:

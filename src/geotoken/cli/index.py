@@ -76,6 +76,7 @@ def register(subparsers) -> None:
     b.add_argument("-k", "--k", type=int, default=15, help="k of the reported recall@k (default 15)")
     b.add_argument("--recall-queries", type=int, default=1000, help="store rows sampled to measure recall")
     b.add_argument("--threads", type=count, default=0, help="FAISS threads (default 0: FAISS's choice)")
+    b.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
     b.set_defaults(func=run_build)
 
     n = sub.add_parser(
@@ -109,7 +110,7 @@ def register(subparsers) -> None:
 def run_build(args) -> int:
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
-    check_index_target(Path(args.out))
+    check_index_target(Path(args.out), overwrite=args.overwrite)
     store = FeatureStore.open(args.store)
     emb = StoreEmbeddings(store, args.embedding)
     options = {"nlist": args.nlist, "pq_m": args.pq_m, "nprobe": args.nprobe, "hnsw_m": args.hnsw_m,

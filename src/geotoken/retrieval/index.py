@@ -115,9 +115,18 @@ def _ivfpq_shape(config: IndexConfig, n: int, dim: int) -> tuple[int, int, int]:
     return nlist, m, bits
 
 
-def check_index_target(out_dir: Path) -> None:
-    """An index folder holds index.faiss and index.json only: refuse a file, or a folder with other things
-    (a bundle, a feature store), before an hour of building, not after it."""
+def check_index_target(out_dir: Path, overwrite: bool = False) -> None:
+    """An index folder holds index.faiss and index.json only: refuse a file, a folder with other things
+    (a bundle, a feature store), or (unless `overwrite`) an index already built (hours of IVF-PQ training
+    at MP16 size), before an hour of building, not after it."""
+    meta = out_dir / META_FILE
+    if meta.is_file() and not overwrite:
+        was = read_json(meta)
+        was = was if isinstance(was, dict) else {}
+        raise GeoTokenError(
+            f"{out_dir}: holds an index already ({was.get('kind', '?')} over {was.get('indexed', '?')} rows of "
+            f"{was.get('embedding', '?')}); pass --overwrite to replace it, or write to a new folder"
+        )
     if out_dir.is_file():
         raise GeoTokenError(f"{out_dir}: is a file; name a folder for the index")
     other = (
@@ -281,7 +290,7 @@ class NeighbourIndex:
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         out_dir = Path(out_dir)
-        check_index_target(out_dir)
+        check_index_target(out_dir, overwrite=True)  # replaces an index (`geotoken index build` asks first)
         out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(out_dir / INDEX_FILE) as tmp:
             faiss.write_index(self.index, str(tmp))
