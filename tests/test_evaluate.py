@@ -84,6 +84,13 @@ def test_evaluate_all_baselines_writes_everything(stores, tmp_path, capsys):
     again = json.loads((out / "metrics.json").read_text())
     assert all(again["methods"][m]["cached"] for m in BASELINES)
     assert again["methods"]["knn"]["accuracy"] == report["methods"]["knn"]["accuracy"]
+    # the first run's plots are gone with it (the report would show maps of this run's methods only)
+    assert not list(out.glob("map_*.png")) and not (out / "error_cdf.png").exists()
+    assert (
+        main(["evaluate", "--gallery", str(g), "--queries", str(q), "-o", str(out), "--method", "nn", *ARGS])
+        == 0
+    )
+    assert sorted(p.name for p in out.glob("map_*.png")) == ["map_nn.png"]
 
 
 def test_evaluate_subset_reference_and_neighbour_table(stores, tmp_path):

@@ -471,7 +471,15 @@ def evaluate(
     files.append(out / "metrics.md")
     if cfg.plots:
         files += write_plots(out, queries, runs, cfg.thresholds)
+    written = {Path(f).resolve() for f in files}
+    for pattern in PLOT_FILES:  # an earlier evaluation's plots (other methods, or --no-plots now) would pass
+        for stale in out.glob(pattern):  # for this one's in the folder and in its report
+            if stale.resolve() not in written:
+                stale.unlink()
     return EvalResult(runs, pairs, out, files)
+
+
+PLOT_FILES = ("error_cdf.png", "map_*.png", "reliability_*.png")  # what an evaluation folder's plots are
 
 
 def write_plots(
