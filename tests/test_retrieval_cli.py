@@ -28,6 +28,13 @@ def test_index_commands(tmp_path, capsys, feature_store):
     meta = json.loads((tmp_path / "hnsw" / "index.json").read_text())
     assert meta["recall_queries"] == 200 and 0.5 < meta["recall@15"] <= 1.0
     capsys.readouterr()
+    # IVF-PQ on too few rows for the lists asked: what was built is said, not only in index.json
+    ivf = ["index", "build", str(tmp_path / "s"), "-o", str(tmp_path / "ivf"), "--kind", "ivfpq", "--nlist", "1000",
+           "--embedding", "gps", "--recall-queries", "50", "--threads", "1"]  # fmt: skip
+    assert main(ivf) == 0
+    said = capsys.readouterr().out
+    nlist = json.loads((tmp_path / "ivf" / "index.json").read_text())["nlist"]
+    assert nlist < 1000 and f"nlist {nlist} (fewer than asked: too few rows to train more), pq " in said
 
     out = tmp_path / "nbrs"
     assert (

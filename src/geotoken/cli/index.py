@@ -126,7 +126,15 @@ def run_build(args) -> int:
     index.save(args.out)
     m = index.meta
     recall = "".join(f", {key} {value:.3f}" for key, value in m.items() if key.startswith("recall@"))
-    print(f"{args.out}: {m['kind']} index of {m['indexed']:,} rows ({m['dim']}-d {m['embedding']}){recall}, "
+    shape = ""
+    if m["kind"] == "ivfpq":  # what was built: fewer lists / bits than asked when the rows cannot train them
+        fewer = (
+            " (fewer than asked: too few rows to train more)"
+            if args.nlist and m["nlist"] < args.nlist
+            else ""
+        )
+        shape = f", nlist {m['nlist']:,}{fewer}, pq {m['pq_m']} x {m['pq_bits']} bits"
+    print(f"{args.out}: {m['kind']} index of {m['indexed']:,} rows ({m['dim']}-d {m['embedding']}){shape}{recall}, "
           f"built in {m['build_seconds']:.1f} s")  # fmt: skip
     return 0
 
