@@ -171,6 +171,11 @@ def test_malformed_files_are_errors(tmp_path):
     (folder / "error_cdf.png").write_bytes(b"GIF89a not a png")
     with pytest.raises(GeoTokenError, match="error_cdf.png: not a PNG"):
         build_report(folder)
+    (tmp_path / "trained").mkdir()  # `geotoken train -o` writes a run.json of its own
+    (tmp_path / "trained" / "run.json").write_text('{"model": {}, "train": {}, "world": 1}')
+    with pytest.raises(GeoTokenError, match="the record of a training run"):
+        build_report(tmp_path / "trained")
+    shutil.rmtree(tmp_path / "trained")
     (tmp_path / "empty").mkdir()
     with pytest.raises(GeoTokenError, match="neither run.json"):
         build_report(tmp_path / "empty")

@@ -303,6 +303,11 @@ def _read_run_json(root: Path) -> RunFolder:
     summary = read_json(path)
     if not isinstance(summary, dict):
         raise GeoTokenError(f"{path}: expected a JSON object, got {type(summary).__name__}")
+    if "train" in summary and "model" in summary and not {"eval", "stages"} & set(summary):
+        raise GeoTokenError(
+            f"{path}: the record of a training run (`geotoken train`: its validation is in log.jsonl), not of "
+            "a `geotoken demo` / `geotoken run` run; evaluate the model (`geotoken evaluate`) and report that"
+        )
     old_root = summary.get("run_dir")
     evals = summary.get("eval")
     if evals is None:
