@@ -93,6 +93,37 @@ def test_evaluate_all_baselines_writes_everything(stores, tmp_path, capsys):
     assert sorted(p.name for p in out.glob("map_*.png")) == ["map_nn.png"]
 
 
+def test_nn_searches_a_concatenation_as_an_index_does(stores, tmp_path, capsys):
+    """--embedding visual+gps: the exact search over the joined unit vectors, which an index of the same
+    spec searches (it was refused: "feature array 'visual+gps' is missing")."""
+    from geotoken.errors import GeoTokenError
+    from geotoken.evaluate.baselines import NearestNeighbour, RetrievalConfig, exact_neighbours
+    from geotoken.retrieval.embeddings import join_embeddings
+
+    gallery, queries = synthetic_splits(n_gallery=200, n_queries=30, seed=1)
+    pred = NearestNeighbour(RetrievalConfig("visual+gps")).fit(gallery).predict(queries)
+    joined = [join_embeddings([s.arrays["visual"], s.arrays["gps"]]) for s in (gallery, queries)]
+    rows, _ = exact_neighbours(*joined, 1)
+    np.testing.assert_array_equal(pred.lat, gallery.lat[rows[:, 0]])
+    with pytest.raises(GeoTokenError, match="feature array 'gsp' is missing"):
+        NearestNeighbour(RetrievalConfig("visual+gsp")).fit(gallery)
+    # a part of other widths on the two sides is named before any method runs (this fixture's gps)
+    g, q, _ = stores
+    argv = [
+        "evaluate",
+        "--method",
+        "nn",
+        "--embedding",
+        "visual+gps",
+        "--gallery",
+        str(g),
+        "--queries",
+        str(q),
+    ]
+    assert main([*argv, "-o", str(tmp_path / "e"), "--no-plots"]) == 2
+    assert "array 'gps' is 64-d in" in capsys.readouterr().err
+
+
 def test_evaluate_subset_reference_and_neighbour_table(stores, tmp_path):
     from geotoken.evaluate.baselines import exact_neighbours
 

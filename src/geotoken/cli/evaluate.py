@@ -86,7 +86,10 @@ def register(subparsers) -> None:
     r, c = RetrievalConfig, CellsConfig
     g = p.add_argument_group("baselines")
     g.add_argument(
-        "--embedding", default=r.embedding, help="store array for nn/knn cosine search (default %(default)s)"
+        "--embedding",
+        default=r.embedding,
+        help="store array for nn/knn cosine search, or a '+' concatenation as `index build` takes "
+        "(visual+gps) (default %(default)s)",
     )
     g.add_argument(
         "-k", "--k", type=int, default=r.k, help="knn: neighbours per query that vote (default %(default)s)"

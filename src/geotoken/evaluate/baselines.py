@@ -39,6 +39,7 @@ from geotoken.encoders.geoclip import IMAGE_DIM, GeoCLIPFiles, GeoCLIPGeolocator
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
 from geotoken.geo import haversine_km
+from geotoken.retrieval.embeddings import join_embeddings
 from geotoken.s2 import cell_parent, latlon_to_cell_ids
 
 # --------------------------------------------------------------------------------------- data holders
@@ -73,10 +74,13 @@ class Split:
         return len(self.ids)
 
     def array(self, key: str) -> np.ndarray:
-        if key not in self.arrays:
+        """One array, or a '+' concatenation of unit-vector arrays as an index searches it ("visual+gps")."""
+        names = key.split("+")
+        missing = [n for n in names if n not in self.arrays]
+        if missing:
             have = ", ".join(sorted(self.arrays)) or "none"
-            raise GeoTokenError(f"{self.name}: feature array {key!r} is missing (available: {have})")
-        return self.arrays[key]
+            raise GeoTokenError(f"{self.name}: feature array {missing[0]!r} is missing (available: {have})")
+        return self.arrays[key] if len(names) == 1 else join_embeddings([self.arrays[n] for n in names])
 
 
 @dataclass

@@ -273,7 +273,7 @@ def check_splits(
         )
     keys = {cfg.cells.features} if "cells" in cfg.methods else set()
     if table is None and {"nn", "knn"} & set(cfg.methods):
-        keys.add(cfg.retrieval.embedding)
+        keys.update(cfg.retrieval.embedding.split("+"))
     for key in sorted(keys):
         if key in gallery.arrays and key in queries.arrays:
             dg, dq = gallery.arrays[key].shape[1:], queries.arrays[key].shape[1:]
