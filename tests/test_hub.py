@@ -218,6 +218,40 @@ def test_push_to_hub_uploads_the_bundle(bundle, tmp_path, hf_api):
     push_to_hub(work, "me/x", allow_local_backbone=True)
 
 
+def test_a_geolocator_saves_and_pushes_itself_as_it_is_now(bundle, tmp_path, hf_api):
+    """`save_pretrained` / `push_to_hub` on a loaded Geolocator: its bundle with the search defaults and
+    calibration set in memory, loaded back by `from_pretrained`; the source bundle stays as it was."""
+    import dataclasses
+
+    before = snapshot(bundle)
+    geo = Geolocator.from_bundle(bundle, device="cpu")
+    geo.options = dataclasses.replace(geo.options, strategy="beam", beam_width=3)
+    geo.calibration = Calibration()
+    saved = geo.save_pretrained(tmp_path / "saved")
+    again = Geolocator.from_pretrained(saved, device="cpu")
+    assert again.options == geo.options and again.calibration is not None and again.reward is None
+    assert read_bundle(saved)["calibration"] == "calibration.json" and snapshot(bundle) == before
+    assert "beam (width 3)" in (saved / "README.md").read_text()
+    for name, param in geo.model.state_dict().items():
+        assert torch.equal(param, again.model.state_dict()[name])
+    with pytest.raises(GeoTokenError, match="holds a model bundle already"):
+        geo.save_pretrained(saved)
+    geo.calibration = None  # dropped in memory: dropped from the copy
+    assert read_bundle(geo.save_pretrained(saved, overwrite=True)).get("calibration") is None
+    with pytest.raises(GeoTokenError, match="is the bundle it would copy"):
+        geo.save_pretrained(bundle, overwrite=True)
+
+    url = again.push_to_hub("me/saved", token="hf_x")
+    assert url == "https://huggingface.co/me/saved/commit/abc"
+    [commit] = [c for name, c in hf_api if name == "create_commit"]
+    assert {"bundle.json", "calibration.json", "model/model.safetensors"} <= set(commit["files"])
+    assert 'from_pretrained("me/saved")' in commit["card"]
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith("tmp")]  # its temporary copy is gone
+    parts = Geolocator(geo.model, geo.gallery, index=geo.index, query_modalities=geo.query_modalities)
+    with pytest.raises(GeoTokenError, match="assembled in memory"):
+        parts.save_pretrained(tmp_path / "x")
+
+
 def test_a_copied_bundle_records_no_local_path(bundle):
     assert "source" not in read_json(bundle / "gallery" / "store.json")
     assert "store" not in read_json(bundle / "gallery" / "index" / "index.json")

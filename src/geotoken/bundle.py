@@ -32,6 +32,7 @@ import dataclasses
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -599,6 +600,66 @@ def bundle_files(root: str | os.PathLike, spec: dict) -> list[str]:
             if path.is_file() and not any(name.startswith(".") for name in rel.parts):
                 found.add(rel.as_posix())
     return sorted(found)
+
+
+def copy_bundle(
+    source: str | os.PathLike,
+    directory: str | os.PathLike,
+    *,
+    search: dict[str, Any],
+    probability_within_km: float,
+    calibration=None,
+    reward=None,
+    keep_reward: bool = False,
+    overwrite: bool = False,
+    hard_links: bool = False,
+) -> Path:
+    """A copy of the bundle `source` in `directory` with these search defaults, confidence radius,
+    calibration (None: none) and reward scorer (`keep_reward`: the source's own folder, with its training
+    record; else `reward.save`, None: none): what `Geolocator.save_pretrained` writes.
+    `hard_links`: link the files instead of copying them where the file system allows (a bundle's files
+    are only ever replaced by renames, never written in place). A linked gallery stays linked."""
+    src = Path(source)
+    spec = read_bundle(src)
+    root = Path(directory)
+    if root.resolve() == src.resolve():
+        raise GeoTokenError(f"{root}: is the bundle it would copy; write to another folder")
+    check_bundle_target(root, overwrite=overwrite)
+    fitted = tuple(
+        spec[k] for k in ("calibration", "reward") if spec.get(k)
+    )  # written below, as they are now
+    with atomic_dir(root) as out:
+        for name in bundle_files(src, spec):
+            if name == "bundle.json" or any(
+                name == f or name.startswith(f.rstrip("/") + "/") for f in fitted
+            ):
+                continue
+            target = out / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                if not hard_links:
+                    raise OSError
+                os.link(src / name, target)
+            except OSError:  # another file system, or asked for a copy
+                shutil.copy2(src / name, target)
+        spec = {**spec, "search": search, "probability_within_km": float(probability_within_km)}
+        if spec.get("gallery_link"):  # the same store, found from the new place
+            spec["gallery"] = os.path.relpath(spec["gallery_absolute"], root.resolve())
+        spec["calibration"] = None
+        if calibration is not None:
+            calibration.save(out / "calibration.json")
+            spec["calibration"] = "calibration.json"
+        had, spec["reward"] = spec.get("reward"), None
+        if keep_reward and had:
+            shutil.copytree(src / had, out / "reward", copy_function=shutil.copy2)
+            spec["reward"] = "reward"
+        elif reward is not None:
+            reward.save(out / "reward")
+            spec["reward"] = "reward"
+        write_json(out / "bundle.json", spec)
+        with atomic_open(out / CARD, encoding="utf-8") as f:
+            f.write(bundle_card(out, spec))
+    return root
 
 
 def push_to_hub(

@@ -23,6 +23,7 @@ format is `geotoken.bundle`; fitting a bundle's calibration and reward scorer is
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -37,12 +38,14 @@ from geotoken.align import AlignHeads
 from geotoken.bundle import (
     bundle_backbone_config,
     check_bundle_parts,
+    copy_bundle,
     gallery_dir,
     gallery_tokens_path,
     hub_snapshot,
     is_repo_id,
     read_bundle,
 )
+from geotoken.bundle import push_to_hub as push_bundle
 from geotoken.data.images import as_image, as_image_list, image_key
 from geotoken.encoders import load_backbone
 from geotoken.encoders.clip import resolve_precision
@@ -141,6 +144,7 @@ class Geolocator:
         self.options = options or SearchOptions()
         self.probability_within_km = probability_within_km
         self.root = None if root is None else Path(root)
+        self.bundle_reward = reward if root is not None else None  # the scorer `root` holds, as loaded
         self.constraint = PrefixConstraint(gallery.tokens, model.cfg.vocab_sizes)
 
     @cached_property
@@ -267,6 +271,34 @@ class Geolocator:
             root=root,
             gallery_vectors=StoreEmbeddings(store, "+".join(spec["query_modalities"])) if rerank else None,
         )
+
+    # ------------------------------------------------------------------------------------------ saving
+    def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write this geolocator as a bundle folder that `from_pretrained` loads: the bundle it was loaded
+        from, with its search defaults (`options`), `probability_within_km`, calibration and reward scorer
+        as they are now. A geolocator assembled in memory from parts: `geotoken.bundle.save_bundle`."""
+        return self._copy(directory, overwrite=overwrite)
+
+    def push_to_hub(self, repo_id: str, **options) -> str:
+        """Upload this geolocator (as `save_pretrained` writes it) to the Hugging Face Hub model repo
+        `repo_id`; `options`: `geotoken.bundle.push_to_hub`'s (revision, private, token, ...). Returns the
+        commit URL."""
+        with tempfile.TemporaryDirectory(dir=self.root.parent if self.root else None) as tmp:
+            folder = self._copy(Path(tmp) / "bundle", hard_links=True)  # no second copy of the gallery
+            return push_bundle(folder, repo_id, **options)
+
+    def _copy(self, directory, overwrite: bool = False, hard_links: bool = False) -> Path:
+        if self.root is None:
+            raise GeoTokenError(
+                "this Geolocator was assembled in memory, not loaded from a bundle: write one from its parts "
+                "with geotoken.bundle.save_bundle"
+            )
+        return copy_bundle(
+            self.root, directory, search=self.options.to_dict(), probability_within_km=self.probability_within_km,
+            calibration=self.calibration, reward=self.reward,
+            keep_reward=self.reward is not None and self.reward is self.bundle_reward,
+            overwrite=overwrite, hard_links=hard_links,
+        )  # fmt: skip
 
     def info(self) -> dict:
         """What is loaded (for `geotoken serve` and logs)."""
