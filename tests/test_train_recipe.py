@@ -120,7 +120,8 @@ def test_effective_batch_size_derives_the_accumulation():
 
 def test_a_recipe_batch_larger_than_the_data_trains_one_step_per_epoch(tmp_path):
     data, mc = synthetic(n=40), model_cfg()
-    train(mc, quiet(batch_size=8, effective_batch_size=2048, epochs=2), data, tmp_path)
+    with pytest.warns(UserWarning, match="effective batch size 2,048 asked, 40 taken"):  # and said so
+        train(mc, quiet(batch_size=8, effective_batch_size=2048, epochs=2), data, tmp_path)
     run = json.loads((tmp_path / "run.json").read_text())
     assert (run["grad_accum"], run["effective_batch_size"]) == (5, 40)
     assert json.loads((tmp_path / "last" / "state.json").read_text())["step"] == 2

@@ -401,7 +401,7 @@ def train(
         warnings.warn(
             f"train: effective batch size {cfg.effective_batch_size:,} asked, {step_rows * d.world:,} taken "
             f"({d.world} process(es) x batch size {cfg.batch_size:,} x {accum} micro-batch(es); {why})",
-            stacklevel=2,
+            stacklevel=3,  # the caller of train (through own_random_state)
         )
     per_epoch = steps_per_epoch(len(train_rows), step_rows, d.world)
     total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch
