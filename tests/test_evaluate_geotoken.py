@@ -227,3 +227,64 @@ def test_cli_device_reaches_the_bundle(random_bundle, tmp_path, monkeypatch):
     assert main([*args, "-o", str(tmp_path / "a")]) == 0
     assert main([*args, "-o", str(tmp_path / "b"), "--device", "cpu"]) == 0
     assert seen == ["auto", "cpu"]
+
+
+def test_mllm_rows_are_keyed_by_the_endpoint_and_count_their_fallbacks(random_bundle, tmp_path, monkeypatch):
+    """select=mllm in evaluate: another MLLM model (set in the environment) decodes afresh instead of
+    reusing the last one's cached answers, and images whose answer could not be used are counted and said
+    (they silently kept their logp choice)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from PIL import Image
+
+    from geotoken.evaluate import load_split
+
+    class Answer(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.server.models.append(body["model"])
+            text = (
+                "somewhere in France"
+                if body["model"] == "nojson"
+                else '{"latitude": 48.85, "longitude": 2.35}'
+            )
+            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    srv.models = []
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setenv("GEOTOKEN_MLLM_BASE_URL", f"http://127.0.0.1:{srv.server_address[1]}/v1")
+    bundle = random_bundle(gallery_rows=64, k=3)
+    split = load_split(bundle, name="gallery")
+    images = []
+    for i in range(len(split)):
+        images.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (32, 32), (10 * i, 50, 90)).save(images[-1])
+    split.images = images
+    model = GeoTokenMethodConfig(
+        model=str(bundle), strategies=("greedy+sample",), selectors=("mllm",), num_samples=3
+    )
+    cfg = EvalConfig(methods=("geotoken",), n_boot=10, plots=False, geotoken=model, limit=len(split))
+    try:
+        monkeypatch.setenv("GEOTOKEN_MLLM_MODEL", "nojson")
+        with pytest.warns(UserWarning, match=rf"{len(split)} of {len(split)} images fell back to logp"):
+            res = evaluate(split, split, tmp_path / "e", cfg, log=lambda *a: None, cache_dir=tmp_path / "c")
+        (run,) = res.runs.values()
+        assert run.config["mllm_fell_back"] == len(split) and run.config["mllm"]["model"] == "nojson"
+        assert "api_key" not in run.config["mllm"]
+        monkeypatch.setenv("GEOTOKEN_MLLM_MODEL", "own")
+        res = evaluate(split, split, tmp_path / "e", cfg, log=lambda *a: None, cache_dir=tmp_path / "c")
+        (run,) = res.runs.values()
+        assert not run.cached and run.config["mllm_fell_back"] == 0 and "own" in srv.models
+    finally:
+        srv.shutdown()
+        srv.server_close()

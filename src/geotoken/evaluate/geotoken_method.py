@@ -15,6 +15,7 @@ decode (no suffix, e.g. 'geotoken greedy'); the decoding is part of the row's co
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,8 @@ from geotoken.predict import Geolocator
 from geotoken.s2 import latlon_to_tokens
 from geotoken.search import STRATEGIES
 from geotoken.search.calibration import Calibration, calibration_data, calibration_report
-from geotoken.search.options import sampling_temperature
+from geotoken.search.mllm import MLLMConfig
+from geotoken.search.options import SearchOptions, sampling_temperature
 
 # the label suffix of a row decoded under the gallery-prefix constraint (every answer a gallery photo's cell)
 GALLERY_SUFFIX = "+gallery"
@@ -74,6 +76,14 @@ def rows_to_run(cfg) -> list[tuple[str, str, bool]]:
             for select in ["logp"] if strategy == "greedy" else dict.fromkeys(cfg.selectors):
                 rows.append((strategy, select, constrain))
     return rows
+
+
+def _mllm_options(bundle: Path | None, geo) -> MLLMConfig:
+    """The MLLM settings a row with select=mllm runs with: the bundle's search defaults' (read from its
+    bundle.json when not loaded yet), or those of the given geolocator."""
+    if geo is not None:
+        return geo.options.mllm
+    return SearchOptions.from_dict(read_bundle(bundle).get("search", {})).mllm
 
 
 def _bundle_identity(path: Path) -> dict:
@@ -160,6 +170,8 @@ def run_geotoken(
                    "dtype": cfg.dtype, "retrieved": cfg.retrieved, "constrain": constrain,
                    "logp_kind": cfg.logp_kind}  # fmt: skip
         conf = {"model": cfg.model, **options}
+        if select == "mllm":  # its endpoint and model (the environment's too) decide the answers
+            conf["mllm"] = _mllm_options(bundle, geo).identity()
         key = sha256_json({"method": "geotoken", "config": conf, "bundle": identity, "inputs": inputs})[:16]
         path = cache / f"{slug(label)}.{key}.npz" if cache is not None and identity is not None else None
         pred = load_cached(path, len(queries)) if path is not None else None
@@ -181,9 +193,23 @@ def run_geotoken(
             res = geo.search(embeddings, neighbours, images, progress=True, **options)
             score = np.exp(res.pool.logp[np.arange(len(queries)), np.maximum(res.selection.index, 0)])
             extra = _calibration_arrays(geo, res, queries)
+            if select == "mllm":  # an answer that could not be used: the image kept its logp choice
+                extra["mllm_fell_back"] = np.array(
+                    ["fell back" in n for n in res.selection.notes], dtype=bool
+                )
             pred = Predictions(res.selection.lat, res.selection.lon, score, extra)
             if path is not None:
                 save_cached(path, pred)
+        if "mllm_fell_back" in pred.extra:
+            fell = pred.extra["mllm_fell_back"]
+            conf = {**conf, "mllm_fell_back": int(fell.sum())}  # in metrics.json, cached or not
+            if fell.any():
+                first = next((n for n in res.selection.notes if "fell back" in n), "") if not cached else ""
+                warnings.warn(
+                    f"{label}: {int(fell.sum())} of {len(fell)} images fell back to logp (the MLLM's answer "
+                    f"could not be used{': ' + first if first else ''})",
+                    stacklevel=2,
+                )
         errors = haversine_km(queries.lat, queries.lon, pred.lat, pred.lon)
         shown = "logp-scaled" if select == "logp" and cfg.logp_kind == "scaled" else select
         strategy_text = "greedy" if strategy == "greedy" else f"{strategy}+{shown}"

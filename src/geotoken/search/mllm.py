@@ -66,6 +66,14 @@ class MLLMConfig:
     max_image_side: int = 768  # images are downscaled to this before upload
     match_km: float = 1.0  # pool mode: how close an answer must be to a candidate to select it
 
+    def identity(self) -> dict:
+        """What decides its answers (the endpoint and model as the environment fills them, the prompt and
+        sampling options), without the API key: for cache keys and records."""
+        values = {k: v for k, v in self.__dict__.items() if k != "api_key"}
+        for name in ("base_url", "model"):
+            values[name] = values[name] or os.environ.get(ENV_PREFIX + name.upper(), "")
+        return values
+
     def resolved(self) -> MLLMConfig:
         """A copy with empty fields filled from the environment; errors name the missing variable."""
         values = dict(self.__dict__)

@@ -459,6 +459,8 @@ def evaluate_bundle(
         queries = evaluation_split(data, features, align, split)
         nb = index / split
         neighbours = load_neighbours(nb, gallery, queries)
+        k = np.shape(neighbours[0])[1]  # knn votes over the index stage's k neighbours
+        split_cfg = dataclasses.replace(ecfg, retrieval=dataclasses.replace(ecfg.retrieval, k=k))
         log(f"  evaluating on {split} ({len(queries)} images)")
         # the predictions cached beside the stage folders: another n_boot or baseline list re-scores them
         cache = out.parent / "cache" / "evaluate"
@@ -466,7 +468,7 @@ def evaluate_bundle(
             gallery,
             queries,
             out / split,
-            ecfg,
+            split_cfg,
             neighbours,
             geolocator=geolocator,
             log=log,
