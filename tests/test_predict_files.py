@@ -264,6 +264,28 @@ def test_a_bundle_recalibrated_in_place_starts_its_predictions_over(random_bundl
         assert write_predictions(Geolocator.from_bundle(bundle), [photos], out, 1, 2)["resumed"] == 0
 
 
+class FellBack(Interrupted):
+    """A predictor whose MLLM answers could not be used: every prediction says so in its note."""
+
+    def predict(self, images, **options):
+        import dataclasses
+
+        note = "mllm failed (HTTP 500 from http://127.0.0.1:9/v1); fell back to logp"
+        return [dataclasses.replace(p, note=note) for p in self.geo.predict(images, **options)]
+
+
+def test_photos_that_fell_back_are_counted_and_their_note_is_in_the_csv(geo, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"{i}.jpg").write_bytes(jpeg(i))
+    done = write_predictions(FellBack(geo, 0), [photos], tmp_path / "p.csv", 1, 2)
+    assert done["fell_back"] == 3
+    with open(tmp_path / "p.csv", newline="") as f:
+        assert all("fell back to logp" in r["note"] and not r["error"] for r in csv.DictReader(f))
+    assert write_predictions(geo, [photos], tmp_path / "q.csv", 1, 2)["fell_back"] == 0
+
+
 def test_unreadable_rows_written_before_a_kill_still_count(geo, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()

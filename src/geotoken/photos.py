@@ -26,7 +26,7 @@ from geotoken.pretrained import GeoCLIPPredictor
 
 PREDICTION_FORMATS = (".csv", ".jsonl")  # `write_predictions`: by the output's extension
 CSV_COLUMNS = ("file", "lat", "lon", "probability", "probability_within_km", "cell", "city", "country",
-               "exif_lat", "exif_lon", "exif_distance_km", "error")  # fmt: skip
+               "exif_lat", "exif_lon", "exif_distance_km", "note", "error")  # fmt: skip
 
 
 @dataclass
@@ -53,7 +53,7 @@ class PhotoResult:
         c, gps = self.prediction.candidates[0], self.exif_gps or {}
         return [self.file, f"{c.lat:.6f}", f"{c.lon:.6f}", f"{c.probability:.6f}", f"{c.probability_within_km:g}",
                 c.cell, c.place.get("city") or "", c.place.get("country") or "",
-                *(gps.get(key, "") for key in ("lat", "lon", "distance_km")), ""]  # fmt: skip
+                *(gps.get(key, "") for key in ("lat", "lon", "distance_km")), self.prediction.note, ""]  # fmt: skip
 
 
 def photo_gps(image, prediction: Prediction) -> dict | None:
@@ -148,12 +148,17 @@ def write_predictions(
         job["top_k"] = top_k
     job = json.loads(json.dumps(job, default=str))  # as it reads back from the file
     with exclusive(out.with_name(out.name + ".lock"), str(out)):  # one job at a time on `out`
-        done, failed = _write_rows(geo, refs, out, kind, partial, job_file, job, top_k, batch_size, **kwargs)
-    return {"path": out, "photos": len(refs), "failed": failed, "resumed": done}
+        done, failed, fell = _write_rows(
+            geo, refs, out, kind, partial, job_file, job, top_k, batch_size, **kwargs
+        )
+    return {"path": out, "photos": len(refs), "failed": failed, "resumed": done, "fell_back": fell}
 
 
-def _write_rows(geo, refs, out, kind, partial, job_file, job, top_k, batch_size, **kwargs) -> tuple[int, int]:
-    """`write_predictions` under its lock: (rows resumed, unreadable photos in the whole output)."""
+def _write_rows(
+    geo, refs, out, kind, partial, job_file, job, top_k, batch_size, **kwargs
+) -> tuple[int, int, int]:
+    """`write_predictions` under its lock: (rows resumed, unreadable photos in the whole output, photos of
+    this run whose MLLM answer could not be used: they kept the model's own choice, their note says why)."""
     resumed = _resume_point(partial, job_file, job, kind, refs)
     out.parent.mkdir(parents=True, exist_ok=True)
     if resumed is None:  # a fresh start
@@ -162,12 +167,13 @@ def _write_rows(geo, refs, out, kind, partial, job_file, job, top_k, batch_size,
             if kind == ".csv":
                 csv.writer(f).writerow(CSV_COLUMNS)
         resumed = 0, 0
-    done, failed = resumed
+    (done, failed), fell = resumed, 0
     with open(partial, "a", newline="", encoding="utf-8") as f:
         writer = csv.writer(f) if kind == ".csv" else None
         batch = 0
         for result in predict_photos(geo, refs[done:], top_k, batch_size, **kwargs):
             failed += result.error is not None
+            fell += result.prediction is not None and "fell back" in result.prediction.note
             if writer is not None:
                 writer.writerow(result.csv_row())
             else:
@@ -180,7 +186,7 @@ def _write_rows(geo, refs, out, kind, partial, job_file, job, top_k, batch_size,
         os.fsync(f.fileno())  # on disk before the rename makes it the output
     os.replace(partial, out)
     job_file.unlink(missing_ok=True)
-    return done, failed
+    return done, failed, fell
 
 
 PARTIAL_FORMAT = "geotoken/partial-predictions/1"

@@ -197,6 +197,9 @@ def run(args: argparse.Namespace) -> int:
                                  skip_bad=args.skip_bad, progress=True, **search)  # fmt: skip
         resumed = f"; {done['resumed']} of them from the interrupted run" if done["resumed"] else ""
         print(f"wrote {done['photos']} predictions ({done['failed']} unreadable{resumed}) to {done['path']}")
+        if done["fell_back"]:
+            warnings.warn(f"{done['fell_back']} photo(s) kept the model's own choice: the MLLM's answer could not "
+                          f"be used (their note says why, e.g. the endpoint's error)", stacklevel=1)  # fmt: skip
         return 0
     # on the terminal: unreadable files are reported and the others still run (exit status 1 without --skip-bad)
     results, failed = [], 0
