@@ -120,6 +120,21 @@ def test_failures_fall_back_to_logp_with_reason(server, behaviour, reason):
     assert all(reason in note and "fell back to logp" in note for note in sel.notes)
     if behaviour == "error500":
         assert len(srv.requests) == 4  # 2 images x (1 try + 1 retry)
+        assert all(f"from {url} (error500), 2 attempts" in note for note in sel.notes)  # which endpoint
+
+
+def test_a_server_asking_to_wait_is_waited_for():
+    from types import SimpleNamespace
+
+    from geotoken.search.mllm import retry_after
+
+    def answer(**headers):
+        return SimpleNamespace(response=SimpleNamespace(headers=headers))
+
+    assert retry_after(answer(**{"retry-after": "3"})) == 3.0
+    assert retry_after(answer(**{"retry-after": "9999"})) == 60.0  # at most a minute
+    assert retry_after(answer(**{"retry-after": "Wed, 21 Oct 2026 07:28:00 GMT"})) is None
+    assert retry_after(answer()) is None and retry_after(ValueError("no response")) is None
 
 
 def test_retries_recover_from_busy_server(server):
@@ -172,6 +187,7 @@ def test_config_from_environment(server, monkeypatch):
         ('{"latitude": 1.5, "longitude": -2}', (1.5, -2.0)),
         ('```json\n{"latitude": -90, "longitude": 180}\n```', (-90.0, 180.0)),
         ('```\n{"latitude": 0, "longitude": 0}```', (0.0, 0.0)),
+        ('I think {"latitude": 48.8566, "longitude": 2.3522}.', (48.8566, 2.3522)),  # prose around it
     ],
 )
 def test_parse_answer_good(text, expected):

@@ -175,6 +175,9 @@ def image_data_url(image, max_side: int = 768) -> str:
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
+_OBJECT = re.compile(r"\{[^{}]*\}")  # a flat JSON object inside other text
+
+
 def parse_answer(text: str) -> tuple[float, float]:
     """Strictly parse {"latitude": float, "longitude": float}; raise ValueError saying what is wrong."""
     if not isinstance(text, str) or not text.strip():
@@ -184,7 +187,13 @@ def parse_answer(text: str) -> tuple[float, float]:
     try:
         obj = json.loads(body)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"answer is not JSON: {body[:80]!r}") from exc
+        inline = _OBJECT.search(body)  # chat models often wrap it: 'I think {"latitude": ...}.'
+        try:
+            obj = json.loads(inline.group(0)) if inline else None
+        except json.JSONDecodeError:
+            obj = None
+        if obj is None:
+            raise ValueError(f"answer is not JSON: {body[:80]!r}") from exc
     if not isinstance(obj, dict):
         raise ValueError(f"answer is not a JSON object: {body[:80]!r}")
     out = []
@@ -210,20 +219,30 @@ def make_client(cfg: MLLMConfig):
     return OpenAI(base_url=cfg.base_url, api_key=cfg.api_key or "none", timeout=cfg.timeout_s, max_retries=0)
 
 
+def retry_after(exc) -> float | None:
+    """Seconds a 429 / 503 answer asks the client to wait (its Retry-After header), at most a minute."""
+    value = getattr(getattr(exc, "response", None), "headers", {}).get("retry-after")
+    try:
+        return min(60.0, max(0.0, float(value))) if value is not None else None
+    except ValueError:  # an HTTP date: not worth parsing here
+        return None
+
+
 def _chat(client, cfg: MLLMConfig, messages: list[dict]) -> str:
-    """One chat completion with retries; return the message text or raise RuntimeError with the reason."""
+    """One chat completion with retries; return the message text or raise RuntimeError with the reason
+    (naming the endpoint and model). Waits double from `backoff_s`, or what the server's Retry-After asks."""
     import openai
 
-    reason = ""
+    reason, asked = "", None
     for attempt in range(cfg.retries + 1):
         if attempt:
-            time.sleep(cfg.backoff_s * 2 ** (attempt - 1))
+            time.sleep(max(cfg.backoff_s * 2 ** (attempt - 1), asked or 0.0))
         try:
             response = client.chat.completions.create(
                 model=cfg.model, messages=messages, temperature=cfg.temperature, max_tokens=cfg.max_tokens
             )
         except (openai.RateLimitError, openai.InternalServerError) as exc:
-            reason = f"HTTP {exc.status_code}"
+            reason, asked = f"HTTP {exc.status_code}", retry_after(exc)
             continue
         except openai.APITimeoutError:
             reason = f"timeout after {cfg.timeout_s:g} s"
@@ -232,7 +251,9 @@ def _chat(client, cfg: MLLMConfig, messages: list[dict]) -> str:
             reason = f"connection error: {exc}"
             continue
         except openai.APIStatusError as exc:
-            raise RuntimeError(f"HTTP {exc.status_code}: {str(exc.message)[:120]}") from None
+            raise RuntimeError(
+                f"HTTP {exc.status_code} from {cfg.base_url} ({cfg.model}): {str(exc.message)[:120]}"
+            ) from None
         except (openai.APIResponseValidationError, json.JSONDecodeError) as exc:
             raise RuntimeError(f"malformed response: {exc!r}") from None
         try:
@@ -242,7 +263,7 @@ def _chat(client, cfg: MLLMConfig, messages: list[dict]) -> str:
         if not isinstance(content, str):
             raise RuntimeError("malformed response: no message content")
         return content
-    raise RuntimeError(f"{reason} ({cfg.retries + 1} attempts)")
+    raise RuntimeError(f"{reason} from {cfg.base_url} ({cfg.model}), {cfg.retries + 1} attempts")
 
 
 def ask_one(
