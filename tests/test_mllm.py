@@ -210,3 +210,16 @@ def test_parse_answer_good(text, expected):
 def test_parse_answer_bad(text):
     with pytest.raises(ValueError):
         parse_answer(text)
+
+
+def test_the_geotoken_prompt_shows_the_models_share_among_the_candidates(server):
+    """The whole sequence's probability of an 11-token cell is ~e^-23: every candidate read p=0.000."""
+    from geotoken.search.mllm import shares
+
+    srv, url = server
+    pool = make_pool()
+    pool.logp[:] = pool.logp - 23.0  # long sequences: tiny probabilities, the same preferences
+    select_mllm(pool, IMAGES, cfg(url, "good", template="geotoken"))
+    text = srv.requests[0][2]["messages"][1]["content"][0]["text"]
+    assert "p=0.000" not in text and ("p=0.500" in text or "p=0.600" in text)
+    np.testing.assert_allclose(shares(np.array([-1.0, -np.inf, -1.0])), [0.5, 0.0, 0.5])

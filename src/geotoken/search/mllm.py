@@ -147,7 +147,7 @@ def build_prompt(
         f"{i + 1}. ({lat:.4f}, {lon:.4f}) p={p:.3f}"
         for i, ((lat, lon), p) in enumerate(zip(cand_latlon, cand_prob))
     ]
-    text = "A geolocation model proposed these candidates (latitude, longitude), most likely first:\n"
+    text = "A geolocation model proposed these candidates (latitude, longitude), most likely first (p: its share of belief among them):\n"
     text += "\n".join(lines) + "\n"
     if mode == "pool":
         text += "Choose the candidate that best matches the photo. Your answer must be one of the coordinates above.\n"
@@ -297,6 +297,17 @@ def shown_candidates(pool: Candidates, max_candidates: int = 10, best_index: int
     return out
 
 
+def shares(logp: np.ndarray) -> np.ndarray:
+    """The model's preference among the candidates shown, summing to 1: a whole sequence's probability is
+    tiny (e^-23 for 11 tokens) and would read p=0.000 for every one of them."""
+    logp = np.asarray(logp, dtype=np.float64)
+    finite = np.isfinite(logp)
+    if not finite.any():
+        return np.full(len(logp), 1.0 / max(1, len(logp)))
+    w = np.where(finite, np.exp(logp - logp[finite].max()), 0.0)
+    return w / w.sum()
+
+
 def select_mllm(
     pool: Candidates,
     images: list,
@@ -316,14 +327,13 @@ def select_mllm(
         raise GeoTokenError(f"select_mllm: {len(images)} images for a pool of {B}")
     base = select_logp(pool)
     shown = shown_candidates(pool, max_candidates, best_index)
-    prob = np.exp(pool.logp)
 
     def work(b: int):
         idx = shown[b]
         latlon = np.stack([pool.lat[b, idx], pool.lon[b, idx]], axis=1)
         nbr = None if neighbours_latlon is None else neighbours_latlon[b]
         try:
-            return ask_one(client, cfg, images[b], latlon, prob[b, idx], nbr), idx, ""
+            return ask_one(client, cfg, images[b], latlon, shares(pool.logp[b, idx]), nbr), idx, ""
         except (RuntimeError, ValueError, OSError) as exc:
             return None, idx, f"mllm failed ({exc}); fell back to logp"
 
