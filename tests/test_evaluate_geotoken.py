@@ -1,5 +1,6 @@
 """The model as an evaluation method: one row per strategy x selector, calibration report, plots."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -285,6 +286,11 @@ def test_mllm_rows_are_keyed_by_the_endpoint_and_count_their_fallbacks(random_bu
         res = evaluate(split, split, tmp_path / "e", cfg, log=lambda *a: None, cache_dir=tmp_path / "c")
         (run,) = res.runs.values()
         assert not run.cached and run.config["mllm_fell_back"] == 0 and "own" in srv.models
+        # free generation (the paper's other MLLM row, --mllm-mode free): its own row and cache entry
+        free = dataclasses.replace(cfg, geotoken=dataclasses.replace(model, mllm={"mode": "free"}))
+        res = evaluate(split, split, tmp_path / "f", free, log=lambda *a: None, cache_dir=tmp_path / "c")
+        ((label, run),) = res.runs.items()
+        assert "+mllm-free" in label and run.config["mllm"]["mode"] == "free" and not run.cached
     finally:
         srv.shutdown()
         srv.server_close()

@@ -40,6 +40,29 @@ DEVICE_HELP = (
 THREADS_HELP = "torch CPU threads (default 0: torch's choice, one per core)"
 
 
+def add_mllm_arguments(p: argparse.ArgumentParser) -> None:
+    """The MLLM selector's options, as predict and evaluate take them (its endpoint: GEOTOKEN_MLLM_*)."""
+    from geotoken.search.mllm import MODES, TEMPLATES
+
+    p.add_argument("--mllm-mode", choices=MODES,
+                   help="MLLM selection: pool (choose among the candidates) or free (answer any place); endpoint "
+                   "from GEOTOKEN_MLLM_BASE_URL / _MODEL / _API_KEY")  # fmt: skip
+    p.add_argument("--mllm-template", choices=TEMPLATES,
+                   help="MLLM prompt: paper (the authors': best guess + other guesses) or geotoken")  # fmt: skip
+    p.add_argument(
+        "--mllm-temperature", type=float, help="the MLLM's sampling temperature (paper template: 0.7)"
+    )
+    p.add_argument("--mllm-strict", action=argparse.BooleanOptionalAction, default=None,
+                   help="pool mode: refuse an answer that is none of the candidates (fall back to logp)")  # fmt: skip
+
+
+def mllm_changes(args: argparse.Namespace) -> dict:
+    """The MLLM options given on the command line, as MLLMConfig fields (the others: the bundle's)."""
+    given = {"mode": args.mllm_mode, "template": args.mllm_template, "temperature": args.mllm_temperature,
+             "strict": args.mllm_strict}  # fmt: skip
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def first_process() -> bool:
     """Whether this is the process that speaks for the job: rank 0 under torchrun, or the only one."""
     return int(os.environ.get("RANK", "0")) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from geotoken import DTYPES
-from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
+from geotoken.cli import DEVICE_HELP, THREADS_HELP, add_mllm_arguments, count, mllm_changes, use_threads
 from geotoken.evaluate import (
     BASELINES,
     METHODS,
@@ -177,6 +177,7 @@ def register(subparsers) -> None:
         choices=STRATEGIES,
         help="strategies also decoded freely, beside the --constrain rows (e.g. greedy: both decodings)",
     )
+    add_mllm_arguments(g)  # --select mllm: pool or free generation, the paper's two MLLM rows
     p.set_defaults(func=run)
 
 
@@ -213,6 +214,7 @@ def run(args) -> int:
             constrain=GeoTokenMethodConfig.constrain if args.constrain is None else (args.constrain,),
             free_strategies=tuple(args.free_strategy),
             device=args.device,
+            mllm=mllm_changes(args),
         ),
     )
     gallery = load_split(args.gallery, args.gallery_manifest, name="gallery")

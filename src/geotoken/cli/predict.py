@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from geotoken import DTYPES
-from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
+from geotoken.cli import DEVICE_HELP, THREADS_HELP, add_mllm_arguments, count, mllm_changes, use_threads
 from geotoken.data.images import list_images, split_ref
 from geotoken.encoders.clip import PRECISIONS
 from geotoken.encoders.ort import RUNTIMES
@@ -23,8 +23,6 @@ from geotoken.io import check_outputs_spare_inputs
 from geotoken.photos import PREDICTION_FORMATS, predict_photos, write_predictions
 from geotoken.predict import Geolocator
 from geotoken.search import LOGP_KINDS, SELECTORS, STRATEGIES
-from geotoken.search.mllm import MODES as MLLM_MODES
-from geotoken.search.mllm import TEMPLATES as MLLM_TEMPLATES
 from geotoken.search.options import PAPER_TEMPERATURE, STRATEGY_OPTIONS, sampling_temperature, unused_options
 
 
@@ -107,16 +105,7 @@ def register(subparsers) -> None:
         default=None,
         help="decode only cells that occur in the gallery, or freely with --no-constrain (default: the bundle's)",
     )
-    p.add_argument(
-        "--mllm-mode", choices=MLLM_MODES, help="MLLM selection mode (endpoint from GEOTOKEN_MLLM_*)"
-    )
-    p.add_argument("--mllm-template", choices=MLLM_TEMPLATES,
-                   help="MLLM prompt: paper (the authors': best guess + other guesses) or geotoken")  # fmt: skip
-    p.add_argument(
-        "--mllm-temperature", type=float, help="the MLLM's sampling temperature (paper template: 0.7)"
-    )
-    p.add_argument("--mllm-strict", action=argparse.BooleanOptionalAction, default=None,
-                   help="pool mode: refuse an answer that is none of the candidates (fall back to logp)")  # fmt: skip
+    add_mllm_arguments(p)
     p.add_argument("--batch-size", type=int, default=16, help="photos per forward pass (default 16)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
@@ -181,12 +170,10 @@ def run(args: argparse.Namespace) -> int:
                       f"{strategy}, so it changes nothing", stacklevel=1)  # fmt: skip
     if args.constrain is not None:  # (GeoCLIP has no search options: it refuses this one by name)
         options["constrain"] = args.constrain
-    mllm_changes = {"mode": args.mllm_mode, "template": args.mllm_template,
-                    "temperature": args.mllm_temperature, "strict": args.mllm_strict}  # fmt: skip
-    mllm_changes = {k: v for k, v in mllm_changes.items() if v is not None}
-    if mllm_changes:  # (GeoCLIP has no search options: it refuses this one by name)
+    changes = mllm_changes(args)
+    if changes:  # (GeoCLIP has no search options: it refuses this one by name)
         mllm = getattr(geo, "options", None)
-        options["mllm"] = dataclasses.replace(mllm.mllm, **mllm_changes) if mllm else mllm_changes
+        options["mllm"] = dataclasses.replace(mllm.mllm, **changes) if mllm else changes
 
     def report(path: str, error: str) -> None:
         print(f"geotoken predict: error: {error}", file=sys.stderr)

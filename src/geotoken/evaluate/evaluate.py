@@ -148,6 +148,7 @@ class GeoTokenMethodConfig:
     constrain: tuple[bool, ...] = (True,)
     free_strategies: tuple[str, ...] = ()  # strategies also decoded free, beside `constrain`'s rows
     device: str = "auto"  # where the bundle runs (not in the cache key: the answers are the same)
+    mllm: dict = field(default_factory=dict)  # select=mllm: MLLMConfig fields over the bundle's (mode "free")
 
 
 @dataclass

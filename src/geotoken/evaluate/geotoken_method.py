@@ -14,6 +14,7 @@ decode (no suffix, e.g. 'geotoken greedy'); the decoding is part of the row's co
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from pathlib import Path
@@ -44,6 +45,8 @@ def row_label(strategy: str, select: str, cfg, constrain: bool = True) -> str:
     suffix = GALLERY_SUFFIX if constrain else ""
     if select == "logp" and getattr(cfg, "logp_kind", "t1") == "scaled":
         select = "logp-scaled"  # the authors' ranking: the temperature-scaled log-probability
+    if select == "mllm" and getattr(cfg, "mllm", {}).get("mode") == "free":  # the paper's two MLLM rows
+        select = "mllm-free"
     if strategy == "greedy":
         return f"geotoken greedy{suffix}"
     if strategy.endswith("sample+retrieval"):  # e.g. 'geotoken sample10+nbr5+reward+gallery'
@@ -171,7 +174,8 @@ def run_geotoken(
                    "logp_kind": cfg.logp_kind}  # fmt: skip
         conf = {"model": cfg.model, **options}
         if select == "mllm":  # its endpoint and model (the environment's too) decide the answers
-            conf["mllm"] = _mllm_options(bundle, geo).identity()
+            mllm = dataclasses.replace(_mllm_options(bundle, geo), **cfg.mllm)
+            options["mllm"], conf["mllm"] = mllm, mllm.identity()
         key = sha256_json({"method": "geotoken", "config": conf, "bundle": identity, "inputs": inputs})[:16]
         path = cache / f"{slug(label)}.{key}.npz" if cache is not None and identity is not None else None
         pred = load_cached(path, len(queries)) if path is not None else None
