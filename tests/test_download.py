@@ -1,6 +1,7 @@
 """`geotoken data download` against a small HTTP server on 127.0.0.1 started by the test (no network)."""
 
 import csv
+import json
 import sys
 import threading
 import time
@@ -130,6 +131,25 @@ def test_download_end_to_end(tmp_path, server):
     # another config into the same folder is refused instead of mixing two datasets
     with pytest.raises(GeoTokenError, match="another input or config"):
         download(urls, out, DownloadConfig(image_size=64, samples_per_shard=4))
+
+
+def test_a_download_that_got_nothing_fails_and_is_retried_by_a_rerun(tmp_path, server, capsys):
+    """Offline (here: every URL a 404), img2dataset still writes an empty shard: the command said
+    "downloaded 0 of 2" with exit 0, marked the job finished, and a rerun never fetched anything again."""
+    pytest.importorskip("img2dataset")
+    urls = write_urls(
+        tmp_path / "urls.csv", [(f"n{i}.jpg", f"{server}/nothing-here-{i}.jpg", 1, 2) for i in range(2)]
+    )
+    out = tmp_path / "shards"
+    argv = ["data", "download", str(urls), "-o", str(out), "--image-size", "20", "--processes", "1",
+            "--threads-per-process", "2", "--retries", "0", "--timeout", "1"]  # fmt: skip
+    for _ in range(2):  # the rerun tries again, rather than returning the empty job as done
+        assert main(argv) == 2
+        assert "none of the 2 images could be downloaded (first: http" in capsys.readouterr().err
+        assert (
+            not list(out.glob("*.tar"))
+            and not json.loads((out / "_geotoken" / "download.json").read_text())["finished"]
+        )
 
 
 def test_missing_img2dataset_is_a_clear_error(tmp_path, monkeypatch, capsys):

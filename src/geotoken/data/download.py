@@ -280,6 +280,7 @@ def download(
     urls = read_url_list(urls_csv, annotations=annotations, on_error=on_error, skip_report=skipped)
     if len(urls) == 0:
         raise GeoTokenError(f"{urls_csv}: no rows to download")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check when img2dataset imports it
     img2dataset = _require_img2dataset()
     import pyarrow as pa  # an img2dataset dependency
     import pyarrow.parquet as pq
@@ -297,7 +298,6 @@ def download(
     with atomic_path(input_parquet) as tmp:
         pq.write_table(table, tmp)
 
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check on import
     img2dataset.download(
         url_list=str(input_parquet),
         input_format="parquet",
@@ -324,15 +324,28 @@ def download(
     failed_csv = output_dir / "failed.csv"
     failed = _collect_failures(output_dir, failed_csv, pq)
     shards = sorted(output_dir.glob("[0-9]*.tar"))
-    if not shards:
-        raise GeoTokenError(f"{output_dir}: no image could be downloaded; see {failed_csv}")
-    manifest = manifest_from_shards(shards)
+    manifest = manifest_from_shards(shards) if shards else None
+    if manifest is None or len(manifest) == 0:  # offline, blocked, a wrong URL column: nothing to keep
+        for leftover in [*shards, *output_dir.glob("[0-9]*.parquet"), *output_dir.glob("[0-9]*_stats.json")]:
+            leftover.unlink()  # img2dataset would take these shards as done and never fetch them again
+        first = _first_error(failed_csv)
+        raise GeoTokenError(
+            f"{output_dir}: none of the {len(urls):,} images could be downloaded (first: {first}; all in "
+            f"{failed_csv}); nothing is kept as done, so the same command retries them all (the network?)"
+        )
     manifest_csv = output_dir / "manifest.csv"
     manifest.write_csv(manifest_csv)
     counts = {"requested": len(urls), "downloaded": len(manifest), "failed": failed}
     finished = len(manifest) + failed == len(urls)  # img2dataset gives up on a shard after max_shard_retry
     write_json(state_json, {**state, "config": asdict(config), "finished": finished, **counts})
     return DownloadResult(manifest, manifest_csv, failed_csv, **counts)
+
+
+def _first_error(failed_csv: Path) -> str:
+    """The first failure `_collect_failures` listed, as "URL: error" (or a placeholder)."""
+    with open(failed_csv, newline="", encoding="utf-8") as f:
+        row = next(csv.DictReader(f), None)
+    return f"{row['url']}: {row['error'] or row['status']}" if row else "no failure recorded"
 
 
 def _collect_failures(output_dir: Path, failed_csv: Path, pq) -> int:
