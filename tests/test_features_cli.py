@@ -43,6 +43,13 @@ def test_bench_extract_small():
                            threads=1, iters=1)  # fmt: skip
     r = result["backbones"]["efficientnet-lite0 image_size=32"]
     assert r["dim"] == 1280 and r["forward_images_per_s"] > 0 and r["end_to_end_images_per_s"] > 0
+    import torch
+
+    if not torch.cuda.is_available():  # asked for a GPU this machine lacks: one line, not an assertion
+        assert (
+            main(["bench", "extract", "--sizes", "32", "--images", "4", "--workers", "0", "--device", "cuda"])
+            == 2
+        )
 
 
 def test_a_manifest_without_rows_is_refused(tmp_path, capsys):

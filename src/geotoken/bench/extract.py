@@ -20,6 +20,7 @@ from PIL import Image
 from geotoken import assets
 from geotoken.bench.common import set_threads
 from geotoken.data.manifest import Manifest
+from geotoken.devices import resolve_device
 from geotoken.encoders import load_backbone
 from geotoken.features import embed
 
@@ -53,6 +54,7 @@ def bench_extract(
     options) ("efficientnet-lite0 image_size=224"); backbones None: efficientnet-lite0 at 224, 128 and 64 px.
     threads 0: torch's current setting."""
     threads = set_threads(threads)
+    device = resolve_device(device)  # a GPU this machine lacks: said in a line, not torch's assertion
     backbones = backbones or [("efficientnet-lite0", {"image_size": s}) for s in (224, 128, 64)]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
