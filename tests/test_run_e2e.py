@@ -145,6 +145,10 @@ def test_the_packaged_paper_config_rehearses_end_to_end_on_miniature_layouts(tmp
     for name, value in sets.items():
         args += ["--set", f"{name}={value}"]
     assert main([*args, "--dry-run"]) == 0 and "PROBLEM" not in capsys.readouterr().out
+    # the paper's BATCH_SIZE on this copy: said by the dry run, not by the model stage after the others
+    assert main([*args, "--set", "BATCH_SIZE=2048", "--dry-run"]) == 2
+    plan = capsys.readouterr().out
+    assert "PROBLEM: batch_size 2,048 is more than the " in plan, plan[-2500:]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "| method | Im2GPS3k (n = 20) 1 km |" in out and "YFCC4k (n = 15) 2500 km |" in out

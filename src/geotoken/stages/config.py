@@ -354,6 +354,9 @@ def plan_run(cfg: RunConfig) -> list[StagePlan]:
             p.disk_bytes = params * 4 * 4  # best + last weights, AdamW's two moments in last/
             n = rows.get(c.queries, 0)
             p.work = f"{c.epochs} epochs x {n:,} queries ({c.preset}: {params / 1e6:.1f}M parameters)"
+            if 0 < n < c.batch_size:  # the stage would refuse it after every stage before it has run
+                p.problems.append(f"batch_size {c.batch_size:,} is more than the {n:,} training queries of split "
+                                  f"{c.queries!r} (at most): lower it (BATCH_SIZE in the packaged configs)")  # fmt: skip
         elif spec.kind == "evaluate":
             p.rows = {s: rows.get(s, 0) for s in c.splits}
             decodes = len(c.strategies) * len(c.constrain) + len(c.free_strategies)
