@@ -300,9 +300,9 @@ def bench_predict(
         1, images=images, reference_images=reference_images, gallery_rows=gallery_rows, rounds=rounds
     )
     check_at_least(0, index_rows=index_rows, agreement=agreement)
-    if not batch_sizes or min(batch_sizes) < 1 or reference_images > images:
-        raise GeoTokenError(f"bench predict: batch sizes >= 1 and reference_images <= images, got "
-                            f"{batch_sizes}, {reference_images} > {images}")  # fmt: skip
+    if not batch_sizes or min(batch_sizes) < 1 or not 1 <= reference_images <= images:
+        raise GeoTokenError(f"bench predict: batch sizes >= 1 and 1 <= reference images <= images (the ratio "
+                            f"to GeoCLIP's predict needs one), got {batch_sizes}, {reference_images} of {images}")  # fmt: skip
     unknown = sorted(set(decoders) - set(DECODERS))
     if unknown:
         raise GeoTokenError(f"bench predict: unknown decoders {unknown}; choose from {', '.join(DECODERS)}")

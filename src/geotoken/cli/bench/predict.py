@@ -142,7 +142,11 @@ def _print_geotoken(res: dict) -> None:
 def run(args) -> int:
     if args.model == "geoclip":
         result = bench_predict_geoclip(
-            tuple(args.batch_sizes), args.threads, args.images, args.reference_images or 2, seed=args.seed
+            tuple(args.batch_sizes),
+            args.threads,
+            args.images,
+            2 if args.reference_images is None else args.reference_images,
+            seed=args.seed,
         )
         print(json.dumps(result, indent=None if args.json else 2))
         return 0
@@ -150,7 +154,7 @@ def run(args) -> int:
         tuple(args.batch_sizes),
         args.threads,
         args.images,
-        args.reference_images or 1,
+        1 if args.reference_images is None else args.reference_images,
         precisions=tuple(args.backbone_precisions),
         runtimes=tuple(args.backbone_runtimes),
         decoders=tuple(args.decoders),
