@@ -312,3 +312,21 @@ def test_the_dry_run_flags_a_geoclip_baseline_over_other_clip_features(tmp_path)
     )
     assert problems(BASELINES="[nn, knn]") == []
     assert problems(CLIP="openai/clip-vit-large-patch14") == []
+
+
+def test_clip_weights_missing_from_the_hub_cache_are_said_by_the_dry_run(tmp_path, monkeypatch):
+    """The features stage would retry the Hub for the weights after the dataset stage read every image."""
+    import huggingface_hub.constants
+
+    from geotoken.stages.config import _hub_note
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    problems: list[str] = []
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    assert "not in the Hugging Face cache: downloaded when the stage starts" in _hub_note(
+        "org/clip", problems
+    )
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert _hub_note("org/clip", problems) == "" and "HF_HUB_OFFLINE is set" in problems[0]
+    (tmp_path / "clip").mkdir()
+    assert _hub_note(str(tmp_path / "clip"), problems) == "" and len(problems) == 1  # a folder: read there

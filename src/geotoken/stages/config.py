@@ -280,6 +280,22 @@ def _backbone_dim(config) -> int:
     return 768  # CLIP ViT-L/14's projection
 
 
+def _hub_note(clip: str, problems: list[str]) -> str:
+    """CLIP weights named by a hub id that are not in the local Hugging Face cache: downloaded when the
+    stage starts, or (offline) a problem now rather than after the stages before it."""
+    if Path(clip).expanduser().exists() or clip.count("/") != 1:
+        return ""  # a local folder (checked where it is read), or not a hub id
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(clip, "config.json"), str):
+        return ""
+    if constants.HF_HUB_OFFLINE:
+        problems.append(f"CLIP {clip!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: download it "
+                        "first, or set CLIP to a local folder")  # fmt: skip
+        return ""
+    return f"; {clip} is not in the Hugging Face cache: downloaded when the stage starts"
+
+
 def _model_params(config, dims: dict[str, int], k: int) -> int:
     """Parameters of the model stage's preset (the model is built once on the CPU: about a second at `paper`)."""
     with torch.no_grad():
@@ -329,6 +345,8 @@ def plan_run(cfg: RunConfig) -> list[StagePlan]:
             p.work = (
                 f"{total:,} images through {c.backbone} {c.clip or ''}".rstrip() + f" ({dim}-d, fp16 stores)"
             )
+            if c.backbone == "clip":
+                p.work += _hub_note(c.clip or PAPER_MODEL, p.problems)
         elif spec.kind == "align":
             p.rows = rows
             features = next((s for s in cfg.pipeline.stages if s.kind == "features"), None)
