@@ -239,6 +239,12 @@ def test_bench_index_small():
     assert set(result["kinds"]) == {"flat", "ivfpq", "hnsw", "ivfpq+refine"}
     assert result["kinds"]["flat"]["recall@5"] == 1.0 and 0 < result["kinds"]["ivfpq"]["recall@5"] < 1
     assert all(r["queries_per_s"] > 0 and r["index_mb"] > 0 for r in result["kinds"].values())
+    from geotoken.errors import GeoTokenError
+
+    with pytest.raises(GeoTokenError, match="k 15 is more than the 10 gallery rows"):
+        bench_index(rows=10, dim=16, queries=5, k=15)
+    with pytest.raises(GeoTokenError, match="pq_m 5 must divide the dimension 32"):
+        bench_index(rows=2000, dim=32, queries=5, k=5, kinds=("ivfpq",), pq_m=5)  # before building flat
 
 
 def test_neighbour_tables_re_rank_a_compressed_index_by_default(tmp_path, feature_store):

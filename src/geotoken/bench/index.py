@@ -237,6 +237,11 @@ def bench_index(
             f"bench index: need refine >= 0 (got {refine}), data in {DATA} (got {data!r}), "
             f"kinds in {KINDS} (got {tuple(kinds)})"
         )
+    if k > rows:
+        raise GeoTokenError(f"bench index: k {k} is more than the {rows} gallery rows (recall@k would be 1)")
+    pq_m = options.get("pq_m")
+    if "ivfpq" in kinds and pq_m and dim % pq_m:
+        raise GeoTokenError(f"bench index: pq_m {pq_m} must divide the dimension {dim}")
     for kind in kinds:  # the index options, before minutes of vector generation and exact search
         IndexConfig(kind=kind, **{key: v for key, v in options.items() if v is not None})
     if threads:

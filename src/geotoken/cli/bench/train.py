@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="bf16: CPU autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile our model (warm-up compiles it)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=count, default=1, help="untimed steps first (default %(default)s)")
     p.add_argument("--gallery-rows", type=int, default=GALLERY_ROWS, help="rows of the random gallery")
     p.add_argument("--reference", action="store_true", help="also time the reference-style step")
     p.add_argument("--json", action="store_true", help="print one JSON object")
