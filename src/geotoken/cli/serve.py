@@ -3,12 +3,13 @@ Face Hub repo id holding one, or `geoclip`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 
 from PIL import Image
 
-from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, use_threads
+from geotoken.cli import DEVICE_HELP, THREADS_HELP, add_mllm_arguments, count, mllm_changes, use_threads
 from geotoken.cli.predict import add_backbone_precision
 from geotoken.errors import GeoTokenError
 from geotoken.predict import Geolocator
@@ -88,6 +89,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_backbone_precision(p)
+    add_mllm_arguments(p)  # select=mllm requests: over the bundle's MLLM settings
     p.set_defaults(func=run)
 
 
@@ -126,6 +128,12 @@ def run(args) -> int:
         backbone_precision=args.backbone_precision,
         backbone_runtime=args.backbone_runtime,
     )
+    changes = mllm_changes(args)
+    if changes:
+        if not hasattr(geolocator, "options"):  # GeoCLIP: no selection step
+            raise GeoTokenError(f"--mllm-*: the {args.model} model has no MLLM selection")
+        options = geolocator.options
+        geolocator.options = dataclasses.replace(options, mllm=dataclasses.replace(options.mllm, **changes))
     # one prediction before listening: lazy initialisation is paid here, not by the first request; the
     # second, timed, is the first estimate of the service rate behind admission
     warm = [Image.new("RGB", (64, 64))]
