@@ -576,6 +576,41 @@ def test_vote_is_not_offered_without_retrieval():
     assert "vote" in unavailable_options({"name": "geoclip", "model": "GeoCLIP", "selectors": ["logp"]})
 
 
+class MLLMSlowPredictor(BlockingPredictor):
+    """select=mllm calls wait for `release` (an MLLM's network round trip); the others answer at once."""
+
+    def info(self) -> dict:
+        return {
+            "name": "stub",
+            "search": {"select": "logp", "mllm": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}},
+        }
+
+    def predict(self, images, top_k=5, strategy=None, select=None):
+        if select != "mllm":
+            cand = Candidate(1.0, 2.0, 0.5, 200.0, {}, None, "", 20, [], {}, None, "pool")
+            return [
+                Prediction([cand], {"total": 1.0}, strategy or "greedy", select or "logp") for _ in images
+            ]
+        return super().predict(images, top_k, strategy, select)
+
+
+def test_a_slow_mllm_request_does_not_hold_up_the_others():
+    """One model thread ran everything: a request behind a 30 s MLLM answer waited 30 s, and the MLLM's
+    latency entered the service rate every request is admitted by. select=mllm has a lane of its own."""
+    predictor = MLLMSlowPredictor()
+    with TestClient(create_app(predictor, ServeConfig(basemap_width=512))) as client:
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(post, client, png_bytes(), select="mllm")
+            wait_until(lambda: client.app.state.mllm_runner.in_flight == 1)
+            fast = post(client, png_bytes(), select="logp")  # answered while the MLLM request waits
+            assert fast.status_code == 200 and not slow.done()
+            health = client.get("/healthz").json()
+            assert health["mllm"]["in_flight"] == 1 and health["in_flight"] == 0
+            predictor.release.set()
+            assert slow.result().status_code == 200
+        assert client.app.state.runner.served == 1 and client.app.state.mllm_runner.served == 1
+
+
 class PoisonPredictor(BlockingPredictor):
     """Fails any call holding a 7-pixel-wide image, as a model fault on one photo would."""
 

@@ -328,10 +328,18 @@ def api_models(max_top_k: int):
     return ErrorBody, Answer
 
 
-def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: Runner | None = None):
+def create_app(
+    predictor: Predictor,
+    config: ServeConfig | None = None,
+    runner: Runner | None = None,
+    mllm_runner: Runner | None = None,
+):
     """A FastAPI app serving `predictor` (already loaded: the model is loaded once, by the caller).
 
-    `runner` (tests) replaces the model thread built from `config`, e.g. one with a fake clock."""
+    `runner` (tests) replaces the model thread built from `config`, e.g. one with a fake clock. Requests
+    that select with the MLLM run in a lane of their own (`mllm_runner`, the same limits): their network
+    round trips, seconds each, would otherwise hold up every other request behind them and enter the
+    service rate the other requests are admitted by."""
 
     from fastapi import FastAPI, File, Form, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
@@ -347,6 +355,10 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
     info = json_safe(predictor.info())
     missing = unavailable_options(info)
     strategies, selectors = ([o for o in offered if o not in missing] for offered in offered_options(info))
+    if "mllm" in selectors:
+        mllm_runner = mllm_runner or cfg.runner(predictor)
+    lanes = [runner, *([mllm_runner] if mllm_runner is not None else [])]
+    default_select = (info.get("search") or {}).get("select")
     searchable = "constrain" in (info.get("search") or {})  # GeoToken's decoding options (not GeoCLIP's)
     basemap: dict[str, bytes] = {}
     basemap_lock = threading.Lock()
@@ -376,9 +388,11 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
 
     @asynccontextmanager
     async def lifespan(app):
-        await run_in_threadpool(runner.start)  # no-op unless a previous lifespan closed it
+        for lane in lanes:
+            await run_in_threadpool(lane.start)  # no-op unless a previous lifespan closed it
         yield
-        await run_in_threadpool(runner.close)  # answers every admitted request first
+        for lane in lanes:
+            await run_in_threadpool(lane.close)  # answers every admitted request first
 
     app = FastAPI(
         title="GeoToken",
@@ -388,7 +402,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
         docs_url=None,  # FastAPI's pages load their scripts from a CDN: /docs is rendered here instead
         redoc_url=None,
     )
-    app.state.runner, app.state.config = runner, cfg
+    app.state.runner, app.state.mllm_runner, app.state.config = runner, mllm_runner, cfg
 
     def error(status: int, message: str, headers: dict | None = None):
         return JSONResponse({"error": message}, status_code=status, headers=headers)
@@ -423,18 +437,23 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
     def docs():
         return HTMLResponse(docs_html(app.openapi()))
 
+    def lane_state(lane: Runner) -> dict:
+        return {
+            "in_flight": lane.in_flight,
+            "queued": lane.queued,
+            "expected_wait_s": round(lane.expected_wait_s(), 3),
+            "seconds_per_image": round(lane.seconds_per_image, 4),
+            "served": lane.served,
+            "rejected": lane.rejected,
+            "batches": lane.batches,
+        }
+
     @app.get("/healthz", summary="liveness, and the queue")
     def healthz() -> dict:
-        return {
-            "status": "shutting down" if runner.closing else "ok",
-            "in_flight": runner.in_flight,
-            "queued": runner.queued,
-            "expected_wait_s": round(runner.expected_wait_s(), 3),
-            "seconds_per_image": round(runner.seconds_per_image, 4),
-            "served": runner.served,
-            "rejected": runner.rejected,
-            "batches": runner.batches,
-        }
+        state = {"status": "shutting down" if runner.closing else "ok", **lane_state(runner)}
+        if mllm_runner is not None:  # select=mllm requests: their own queue
+            state["mllm"] = lane_state(mllm_runner)
+        return state
 
     @app.get("/v1/model", summary="what is loaded, and the server's limits")
     def model() -> dict:
@@ -506,8 +525,10 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
         ] = None,
     ):
         t0 = time.perf_counter()
+        chosen = select or nullish(select_q) or default_select
+        lane = mllm_runner if chosen == "mllm" and mllm_runner is not None else runner
         try:
-            runner.check()  # before decoding the upload (FastAPI has read and spooled the body by now)
+            lane.check()  # before decoding the upload (FastAPI has read and spooled the body by now)
         except Busy as exc:
             return busy(exc)
         form = await request.form()  # the form FastAPI parsed, cached
@@ -542,7 +563,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, runner: 
         t_decode = 1e3 * (time.perf_counter() - t0)
         try:
             options = {} if constrain is None else {"constrain": constrain}  # None: the bundle's
-            future = runner.submit(im, top_k=top_k, strategy=strategy, select=select, **options)
+            future = lane.submit(im, top_k=top_k, strategy=strategy, select=select, **options)
             pred, waited, batch = await asyncio.wrap_future(future)
         except Busy as exc:
             return busy(exc)
