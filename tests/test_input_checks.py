@@ -293,7 +293,7 @@ def test_bench_index_numbers():
     with pytest.raises(GeoTokenError, match="rows must be >= 1"):
         bench_index(rows=0)
     with pytest.raises(GeoTokenError, match="hnsw_m"):
-        bench_index(rows=10, dim=8, queries=2, kinds=("hnsw",), hnsw_m=0)
+        bench_index(rows=10, dim=8, queries=2, k=5, kinds=("hnsw",), hnsw_m=0)
 
 
 # ------------------------------------------------------------------------------ evaluate: widths, cache

@@ -33,6 +33,8 @@ from types import ModuleType
 import torch
 
 from geotoken import __version__
+from geotoken.search.mllm import MODES as MLLM_MODES
+from geotoken.search.mllm import TEMPLATES as MLLM_TEMPLATES
 
 DEVICE_HELP = (
     "torch device: auto (default: this rank's CUDA GPU, then Apple MPS, then the CPU), cpu, cuda, cuda:1, mps"
@@ -41,13 +43,11 @@ THREADS_HELP = "torch CPU threads (default 0: torch's choice, one per core)"
 
 
 def add_mllm_arguments(p: argparse.ArgumentParser) -> None:
-    """The MLLM selector's options, as predict and evaluate take them (its endpoint: GEOTOKEN_MLLM_*)."""
-    from geotoken.search.mllm import MODES, TEMPLATES
-
-    p.add_argument("--mllm-mode", choices=MODES,
+    """The MLLM selector's options, as predict, evaluate and serve take them (its endpoint: GEOTOKEN_MLLM_*)."""
+    p.add_argument("--mllm-mode", choices=MLLM_MODES,
                    help="MLLM selection: pool (choose among the candidates) or free (answer any place); endpoint "
                    "from GEOTOKEN_MLLM_BASE_URL / _MODEL / _API_KEY")  # fmt: skip
-    p.add_argument("--mllm-template", choices=TEMPLATES,
+    p.add_argument("--mllm-template", choices=MLLM_TEMPLATES,
                    help="MLLM prompt: paper (the authors': best guess + other guesses) or geotoken")  # fmt: skip
     p.add_argument(
         "--mllm-temperature", type=float, help="the MLLM's sampling temperature (paper template: 0.7)"
