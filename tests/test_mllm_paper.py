@@ -191,3 +191,14 @@ def test_geolocator_greedy_sample_mllm_names_the_greedy_answer(server, random_bu
     assert f"Its best guess (latitude, longitude): ({c.lat:.4f}, {c.lon:.4f})" in srv.requests[0]["text"]
     first_other = srv.requests[0]["text"].split("Its other guesses:\n- (")[1].split(")")[0]
     assert f"{pred.lat:.4f}, {pred.lon:.4f}" == first_other  # the server picked it, the pool's cell came back
+
+
+def test_mllm_options_may_be_given_as_a_mapping():
+    """SearchOptions(mllm={...}) as JSON / YAML give it (it was refused: "must be MLLMConfig")."""
+    from geotoken.errors import GeoTokenError
+    from geotoken.search.mllm import MLLMConfig
+
+    options = SearchOptions(select="mllm", mllm={"mode": "free", "timeout_s": 5.0})
+    assert options.mllm == MLLMConfig(mode="free", timeout_s=5.0)
+    with pytest.raises(GeoTokenError, match=r"unknown MLLM option\(s\) \['timeout'\]"):
+        SearchOptions(mllm={"timeout": 5})

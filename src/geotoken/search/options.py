@@ -75,6 +75,12 @@ class SearchOptions:
         """Every option checked where it is set (the library, a bundle, the server), not where it is used:
         constrain="no" would be truthy, num_samples=0 would fail inside the decoder."""
         self.temperature = sampling_temperature(self.temperature)
+        if isinstance(self.mllm, dict):  # mllm={"mode": "free"}, as JSON and YAML give it
+            known = {f.name for f in dataclasses.fields(MLLMConfig)}
+            unknown = sorted(set(self.mllm) - known)
+            if unknown:
+                raise GeoTokenError(f"unknown MLLM option(s) {unknown}; known: {sorted(known)}")
+            self.mllm = MLLMConfig(**self.mllm)
         check_types(self, "search option")
         choices = {"strategy": STRATEGIES, "select": SELECTORS, "logp_kind": LOGP_KINDS, "dtype": DTYPES}
         for name, allowed in choices.items():
