@@ -23,6 +23,7 @@ from geotoken.io import exclusive, read_json, write_json
 from geotoken.predict import Geolocator
 from geotoken.prediction import Prediction
 from geotoken.pretrained import GeoCLIPPredictor
+from geotoken.search.mllm import fell_back
 
 PREDICTION_FORMATS = (".csv", ".jsonl")  # `write_predictions`: by the output's extension
 CSV_COLUMNS = ("file", "lat", "lon", "probability", "probability_within_km", "cell", "city", "country",
@@ -173,7 +174,7 @@ def _write_rows(
         batch = 0
         for result in predict_photos(geo, refs[done:], top_k, batch_size, **kwargs):
             failed += result.error is not None
-            fell += result.prediction is not None and "fell back" in result.prediction.note
+            fell += result.prediction is not None and fell_back(result.prediction.note)
             if writer is not None:
                 writer.writerow(result.csv_row())
             else:
@@ -193,7 +194,7 @@ PARTIAL_FORMAT = "geotoken/partial-predictions/1"
 
 
 def _changed_files(there, now) -> str:
-    """The bundle files that differ between two `bundle_files` listings, named."""
+    """The bundle files that differ between two `bundle_state` listings, named."""
     there, now = there if isinstance(there, dict) else {}, now if isinstance(now, dict) else {}
     names = sorted(k for k in set(there) | set(now) if there.get(k) != now.get(k))
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")

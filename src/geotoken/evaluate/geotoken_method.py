@@ -32,7 +32,7 @@ from geotoken.predict import Geolocator
 from geotoken.s2 import latlon_to_tokens
 from geotoken.search import STRATEGIES
 from geotoken.search.calibration import Calibration, calibration_data, calibration_report
-from geotoken.search.mllm import MLLMConfig
+from geotoken.search.mllm import MLLMConfig, fell_back
 from geotoken.search.options import SearchOptions, sampling_temperature
 
 # the label suffix of a row decoded under the gallery-prefix constraint (every answer a gallery photo's cell)
@@ -198,9 +198,7 @@ def run_geotoken(
             score = np.exp(res.pool.logp[np.arange(len(queries)), np.maximum(res.selection.index, 0)])
             extra = _calibration_arrays(geo, res, queries)
             if select == "mllm":  # an answer that could not be used: the image kept its logp choice
-                extra["mllm_fell_back"] = np.array(
-                    ["fell back" in n for n in res.selection.notes], dtype=bool
-                )
+                extra["mllm_fell_back"] = np.array([fell_back(n) for n in res.selection.notes], dtype=bool)
             pred = Predictions(res.selection.lat, res.selection.lon, score, extra)
             if path is not None:
                 save_cached(path, pred)
@@ -208,7 +206,7 @@ def run_geotoken(
             fell = pred.extra["mllm_fell_back"]
             conf = {**conf, "mllm_fell_back": int(fell.sum())}  # in metrics.json, cached or not
             if fell.any():
-                first = next((n for n in res.selection.notes if "fell back" in n), "") if not cached else ""
+                first = next((n for n in res.selection.notes if fell_back(n)), "") if not cached else ""
                 warnings.warn(
                     f"{label}: {int(fell.sum())} of {len(fell)} images fell back to logp (the MLLM's answer "
                     f"could not be used{': ' + first if first else ''})",

@@ -175,6 +175,14 @@ def image_data_url(image, max_side: int = 768) -> str:
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
+FELL_BACK = "fell back to logp"  # ends the note of an image whose MLLM answer could not be used
+
+
+def fell_back(note: str) -> bool:
+    """Whether a selection note says the MLLM's answer was not used (the image kept its logp choice)."""
+    return FELL_BACK in note
+
+
 _OBJECT = re.compile(r"\{[^{}]*\}")  # a flat JSON object inside other text
 
 
@@ -335,7 +343,7 @@ def select_mllm(
         try:
             return ask_one(client, cfg, images[b], latlon, shares(pool.logp[b, idx]), nbr), idx, ""
         except (RuntimeError, ValueError, OSError) as exc:
-            return None, idx, f"mllm failed ({exc}); fell back to logp"
+            return None, idx, f"mllm failed ({exc}); {FELL_BACK}"
 
     client = make_client(cfg)
     try:
@@ -352,7 +360,7 @@ def select_mllm(
             j = int(np.argmin(d))
             outside = d[j] > cfg.match_km
             if cfg.mode == "pool" and outside and cfg.strict:
-                note = f"mllm answer ({answer[0]:.4f}, {answer[1]:.4f}) is not a candidate; fell back to logp"
+                note = f"mllm answer ({answer[0]:.4f}, {answer[1]:.4f}) is not a candidate; {FELL_BACK}"
             elif cfg.mode == "pool" and not outside:
                 index[b], lat[b], lon[b] = idx[j], pool.lat[b, idx[j]], pool.lon[b, idx[j]]
                 scores[b, idx[j]] = np.inf  # the chosen one ranks first, the rest keep their logp order
