@@ -298,7 +298,8 @@ def bundle_state(root: str | os.PathLike) -> dict[str, list[int]]:
     paths = [root / name for name in bundle_files(root, spec)]
     if spec.get("gallery_link"):
         paths += sorted(p for p in gallery_dir(root, spec).rglob("*") if p.is_file())
-    return {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}
+    stats = {str(p): p.stat() for p in paths}
+    return {name: [st.st_size, st.st_mtime_ns] for name, st in stats.items()}
 
 
 def gallery_dir(root: str | os.PathLike, spec: dict) -> Path:
@@ -636,12 +637,13 @@ def copy_bundle(
                 continue
             target = out / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                if not hard_links:
-                    raise OSError
-                os.link(src / name, target)
-            except OSError:  # another file system, or asked for a copy
-                shutil.copy2(src / name, target)
+            if hard_links:
+                try:
+                    os.link(src / name, target)
+                    continue
+                except OSError:  # another file system: a copy
+                    pass
+            shutil.copy2(src / name, target)
         spec = {**spec, "search": search, "probability_within_km": float(probability_within_km)}
         if spec.get("gallery_link"):  # the same store, found from the new place
             spec["gallery"] = os.path.relpath(spec["gallery_absolute"], root.resolve())

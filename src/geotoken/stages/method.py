@@ -455,6 +455,8 @@ def evaluate_bundle(
         ),
     )
     gallery = evaluation_split(data, features, align, GALLERY)
+    # the predictions cached beside the stage folders: another n_boot or baseline list re-scores them
+    cache = out.parent / "cache" / "evaluate"
     for split in config.splits:
         queries = evaluation_split(data, features, align, split)
         nb = index / split
@@ -462,8 +464,6 @@ def evaluate_bundle(
         k = np.shape(neighbours[0])[1]  # knn votes over the index stage's k neighbours
         split_cfg = dataclasses.replace(ecfg, retrieval=dataclasses.replace(ecfg.retrieval, k=k))
         log(f"  evaluating on {split} ({len(queries)} images)")
-        # the predictions cached beside the stage folders: another n_boot or baseline list re-scores them
-        cache = out.parent / "cache" / "evaluate"
         evaluate(
             gallery,
             queries,
