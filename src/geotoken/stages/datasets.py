@@ -212,10 +212,12 @@ def table_markdown(
     notes: list[str],
     paper: dict | None,
 ) -> str:
-    """Table I's layout: one row per method, each test set's five accuracies side by side; ours with their
-    bootstrap CI, the paper's as published (no CI)."""
+    """Table I's layout: one row per method, each test set's five accuracies and median error side by side;
+    ours with their bootstrap CI, the paper's as published (no CI; the paper gives no median)."""
     splits = list(results)
-    header = ["method"] + [f"{names[s]} {t:g} km" for s in splits for t in THRESHOLDS_KM]
+    header = ["method"] + [
+        f"{names[s]} {c}" for s in splits for c in [*(f"{t:g} km" for t in THRESHOLDS_KM), "median km"]
+    ]
     rows = []
     methods = list(dict.fromkeys(m for s in splits for m in results[s]))
     for m in methods:
@@ -227,6 +229,8 @@ def table_markdown(
                 cells.append(
                     "-" if e is None else f"{100 * e.value:.1f} [{100 * e.lo:.1f}, {100 * e.hi:.1f}]"
                 )
+            e = None if r is None else r.median_km
+            cells.append("-" if e is None else f"{e.value:,.0f} [{e.lo:,.0f}, {e.hi:,.0f}]")
         rows.append(cells)
     if paper:
         for row in paper["rows"]:
@@ -234,6 +238,7 @@ def table_markdown(
             for s in splits:
                 values = row.get(s)
                 cells += ["-"] * len(THRESHOLDS_KM) if values is None else [f"{v:.1f}" for v in values]
+                cells.append("-")
             rows.append(cells)
     level = next((r.level for s in splits for r in results[s].values()), 0.95)
     out = [
