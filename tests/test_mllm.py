@@ -223,3 +223,13 @@ def test_the_geotoken_prompt_shows_the_models_share_among_the_candidates(server)
     text = srv.requests[0][2]["messages"][1]["content"][0]["text"]
     assert "p=0.000" not in text and ("p=0.500" in text or "p=0.600" in text)
     np.testing.assert_allclose(shares(np.array([-1.0, -np.inf, -1.0])), [0.5, 0.0, 0.5])
+
+
+def test_mllm_options_are_replaced_by_name_and_checked():
+    cfg = MLLMConfig(base_url="http://x/v1", model="m")
+    assert cfg.replace(match_km=5.0, timeout_s=2.0).resolved().match_km == 5.0
+    with pytest.raises(GeoTokenError, match=r"unknown MLLM option\(s\) \['match'\]; known: .*match_km"):
+        cfg.replace(match=5)
+    for name, bad in (("timeout_s", 0.0), ("match_km", -1.0)):
+        with pytest.raises(GeoTokenError, match=f"MLLM {name} must be"):
+            cfg.replace(**{name: bad}).resolved()

@@ -682,3 +682,26 @@ def test_decoded_photos_waiting_are_bounded_in_pixels():
     big.predictor.release.set()
     assert big.run(photo)[2] == 1  # a photo over the limit still gets in alone: it can be served
     runner.close(), big.close()
+
+
+def test_the_cli_folds_mllm_options_into_the_bundles(random_bundle, free_port, monkeypatch):
+    import uvicorn
+
+    import geotoken.cli.serve as serve_cli
+
+    served = {}
+
+    def app(geolocator, config, runner):
+        served["options"] = geolocator.options
+        return create_app(geolocator, config, runner)
+
+    monkeypatch.setattr(serve_cli, "create_app", app)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: served.setdefault("ran", True))
+    bundle = str(random_bundle(gallery_rows=64, k=5, image_size=32))
+    args = ["serve", "--model", bundle, "--port", str(free_port), "--threads", "1"]
+    assert main([*args, "--mllm-mode", "free", "--mllm-match-km", "25", "--mllm-concurrency", "2"]) == 0
+    mllm = served["options"].mllm
+    assert served["ran"] and (mllm.mode, mllm.match_km, mllm.concurrency) == ("free", 25.0, 2)
+    assert mllm.template == "paper" and mllm.timeout_s == 60.0  # not given: the bundle's
+    with pytest.raises(SystemExit):
+        main([*args, "--mllm-retries", "-1"])

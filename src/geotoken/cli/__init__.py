@@ -54,12 +54,20 @@ def add_mllm_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--mllm-strict", action=argparse.BooleanOptionalAction, default=None,
                    help="pool mode: refuse an answer that is none of the candidates (fall back to logp)")  # fmt: skip
+    p.add_argument("--mllm-match-km", type=float,
+                   help="pool mode: how close an answer must be to a candidate to select it (default 1)")  # fmt: skip
+    p.add_argument("--mllm-timeout-s", type=float, help="seconds to wait for one MLLM answer (default 60)")
+    p.add_argument(
+        "--mllm-retries", type=count, help="extra attempts after a failed MLLM request (default 3)"
+    )
+    p.add_argument("--mllm-concurrency", type=count, help="MLLM requests in flight at once (default 4)")
 
 
 def mllm_changes(args: argparse.Namespace) -> dict:
     """The MLLM options given on the command line, as MLLMConfig fields (the others: the bundle's)."""
     given = {"mode": args.mllm_mode, "template": args.mllm_template, "temperature": args.mllm_temperature,
-             "strict": args.mllm_strict}  # fmt: skip
+             "strict": args.mllm_strict, "match_km": args.mllm_match_km, "timeout_s": args.mllm_timeout_s,
+             "retries": args.mllm_retries, "concurrency": args.mllm_concurrency}  # fmt: skip
     return {k: v for k, v in given.items() if v is not None}
 
 

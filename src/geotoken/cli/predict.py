@@ -6,7 +6,6 @@ weights). A photo whose EXIF carries GPS shows it beside the prediction, with th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -173,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     changes = mllm_changes(args)
     if changes:  # (GeoCLIP has no search options: it refuses this one by name)
         mllm = getattr(geo, "options", None)
-        options["mllm"] = dataclasses.replace(mllm.mllm, **changes) if mllm else changes
+        options["mllm"] = mllm.mllm.replace(**changes) if mllm else changes
 
     def report(path: str, error: str) -> None:
         print(f"geotoken predict: error: {error}", file=sys.stderr)

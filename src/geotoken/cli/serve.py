@@ -133,7 +133,7 @@ def run(args) -> int:
         if not hasattr(geolocator, "options"):  # GeoCLIP: no selection step
             raise GeoTokenError(f"--mllm-*: the {args.model} model has no MLLM selection")
         options = geolocator.options
-        geolocator.options = dataclasses.replace(options, mllm=dataclasses.replace(options.mllm, **changes))
+        geolocator.options = dataclasses.replace(options, mllm=options.mllm.replace(**changes))
     # one prediction before listening: lazy initialisation is paid here, not by the first request; the
     # second, timed, is the first estimate of the service rate behind admission
     warm = [Image.new("RGB", (64, 64))]

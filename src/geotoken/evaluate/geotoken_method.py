@@ -14,7 +14,6 @@ decode (no suffix, e.g. 'geotoken greedy'); the decoding is part of the row's co
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 from pathlib import Path
@@ -174,7 +173,7 @@ def run_geotoken(
                    "logp_kind": cfg.logp_kind}  # fmt: skip
         conf = {"model": cfg.model, **options}
         if select == "mllm":  # its endpoint and model (the environment's too) decide the answers
-            mllm = dataclasses.replace(_mllm_options(bundle, geo), **cfg.mllm)
+            mllm = _mllm_options(bundle, geo).replace(**cfg.mllm)
             options["mllm"], conf["mllm"] = mllm, mllm.identity()
         key = sha256_json({"method": "geotoken", "config": conf, "bundle": identity, "inputs": inputs})[:16]
         path = cache / f"{slug(label)}.{key}.npz" if cache is not None and identity is not None else None

@@ -25,6 +25,7 @@ or is out of range, falls back to the `logp` choice for that image and the reaso
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import math
@@ -66,6 +67,15 @@ class MLLMConfig:
     max_image_side: int = 768  # images are downscaled to this before upload
     match_km: float = 1.0  # pool mode: how close an answer must be to a candidate to select it
 
+    def replace(self, **changes) -> MLLMConfig:
+        """A copy with `changes` applied (a bundle's settings under the command line's); unknown names are an
+        error that lists the known ones."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise GeoTokenError(f"unknown MLLM option(s) {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(self, **changes)
+
     def identity(self) -> dict:
         """What decides its answers (the endpoint and model as the environment fills them, the prompt and
         sampling options), without the API key: for cache keys and records."""
@@ -96,6 +106,10 @@ class MLLMConfig:
             values["temperature"] = DEFAULT_TEMPERATURE[values["template"]]
         if not values["temperature"] >= 0:
             raise GeoTokenError(f"MLLM temperature must be >= 0, got {values['temperature']}")
+        if not values["timeout_s"] > 0:
+            raise GeoTokenError(f"MLLM timeout_s must be > 0, got {values['timeout_s']}")
+        if not values["match_km"] >= 0:
+            raise GeoTokenError(f"MLLM match_km must be >= 0, got {values['match_km']}")
         return MLLMConfig(**values)
 
 

@@ -76,11 +76,7 @@ class SearchOptions:
         constrain="no" would be truthy, num_samples=0 would fail inside the decoder."""
         self.temperature = sampling_temperature(self.temperature)
         if isinstance(self.mllm, dict):  # mllm={"mode": "free"}, as JSON and YAML give it
-            known = {f.name for f in dataclasses.fields(MLLMConfig)}
-            unknown = sorted(set(self.mllm) - known)
-            if unknown:
-                raise GeoTokenError(f"unknown MLLM option(s) {unknown}; known: {sorted(known)}")
-            self.mllm = MLLMConfig(**self.mllm)
+            self.mllm = MLLMConfig().replace(**self.mllm)
         check_types(self, "search option")
         choices = {"strategy": STRATEGIES, "select": SELECTORS, "logp_kind": LOGP_KINDS, "dtype": DTYPES}
         for name, allowed in choices.items():
@@ -125,7 +121,7 @@ class SearchOptions:
     @classmethod
     def from_dict(cls, d: dict) -> SearchOptions:
         d = {_RENAMED.get(k, k): v for k, v in d.items()}  # bundles written before the rename
-        mllm = MLLMConfig(**d.pop("mllm", {}))
+        mllm = MLLMConfig().replace(**d.pop("mllm", {}))
         return cls().replace(**d, mllm=mllm)
 
 
