@@ -237,7 +237,10 @@ def test_table_one_layout_puts_both_test_sets_side_by_side():
     assert (
         ours.split(" | ")[1:3] == ["50.0 [49.0, 52.0]", "50.0 [49.0, 52.0]"] and "25.0 [24.0, 27.0]" in ours
     )
-    assert paper[2].startswith("| GeoToken, no MLLM (paper) | 16.8 | 39.6") and "95% bootstrap" in text
+    assert (
+        paper[2].startswith("| GeoToken, no MLLM (paper) | 16.8 | 39.6")
+        and "95% confidence intervals (accuracy: Wilson" in text
+    )
     assert "Im2GPS3k (n = 10) median km | YFCC4k (n = 10) 1 km" in header
     assert ours.split(" | ")[6] == "5 [4, 6]" and paper[2].split(" | ")[6] == "-"
     assert text.rstrip().endswith("- note")

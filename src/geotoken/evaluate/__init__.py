@@ -1,4 +1,4 @@
-"""Evaluation: the baselines, accuracy tables with bootstrap confidence intervals, paired comparisons, plots.
+"""Evaluation: the baselines, accuracy tables with confidence intervals, paired comparisons, plots.
 
 Library entry points: `load_split`, `load_neighbours`, `evaluate` (everything `geotoken evaluate` writes),
 the baselines in `geotoken.evaluate.baselines` and the statistics in `geotoken.evaluate.metrics`.

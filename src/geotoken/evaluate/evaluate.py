@@ -1,7 +1,7 @@
 """`geotoken evaluate` as a library: run methods on a gallery/query pair, score them, write the outputs.
 
 Outputs in OUT_DIR, each written atomically:
-    metrics.json      per method: accuracy within each threshold, median / mean error, 95% bootstrap CIs;
+    metrics.json      per method: accuracy within each threshold, median / mean error, 95% CIs (Wilson / bootstrap);
                       paired comparisons against the reference method; configs, timings, input hashes
     metrics.md        the same tables in Markdown (like the paper's Table I, plus intervals)
     predictions.csv   id, lat, lon, pred_lat, pred_lon, error_km, method, strategy (one row per image and method)
@@ -44,6 +44,7 @@ from geotoken.evaluate.baselines import (
 )
 from geotoken.evaluate.geotoken_method import calibration_from_arrays, row_label, run_geotoken
 from geotoken.evaluate.metrics import (
+    INTERVALS,
     PairedComparison,
     bootstrap_metrics,
     metrics_markdown,
@@ -395,7 +396,7 @@ def write_predictions_csv(path: str | Path, queries: Split, runs: Mapping[str, M
         for run in runs.values():
             for i in range(len(queries)):  # csv needs rows; formatting is the cost, not the loop
                 w.writerow([queries.ids[i], f"{queries.lat[i]:.6f}", f"{queries.lon[i]:.6f}", f"{run.pred.lat[i]:.6f}",
-                            f"{run.pred.lon[i]:.6f}", f"{run.errors_km[i]:.3f}", run.label, run.strategy])  # fmt: skip
+                            f"{run.pred.lon[i]:.6f}", float(run.errors_km[i]), run.label, run.strategy])  # fmt: skip
     return Path(path)
 
 
@@ -445,6 +446,7 @@ def evaluate(
         "inputs_sha256": inputs,
         "thresholds_km": list(cfg.thresholds),
         "bootstrap": {"n_boot": cfg.n_boot, "seed": cfg.seed, "level": cfg.level},
+        "intervals": INTERVALS,
         "methods": {
             label: {
                 "method": r.method,

@@ -1,16 +1,20 @@
-"""Accuracy tables with 95% bootstrap confidence intervals, and paired comparisons of two methods.
+"""Accuracy tables with 95% confidence intervals, and paired comparisons of two methods.
 
 An accuracy table on 3,000 images moves by a point or two from one random draw of images to the
-next, so a table without intervals cannot say whether one method beats another. The bootstrap
-resamples the images with replacement (fixed seed, vectorized: one (replicates, N) index matrix per
-chunk) and reads the 2.5% / 97.5% quantiles of each statistic. The paired comparison applies the
-same resampled images to both methods, which removes the per-image difficulty from the difference.
+next, so a table without intervals cannot say whether one method beats another. An accuracy is a share of
+hits, so its interval is Wilson's score interval, and a paired difference of two shares on the same images
+is Newcombe's hybrid score interval (his method 10): both keep their coverage at 0 % and 100 %, where a
+percentile bootstrap collapses to [0, 0] on any number of images. The median and mean error have no such
+formula: the bootstrap resamples the images with replacement (fixed seed, vectorized: one (replicates, N)
+index matrix per chunk) and reads the 2.5% / 97.5% quantiles; the paired comparison applies the same
+resampled images to both methods, which removes the per-image difficulty from the difference.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 from rich.console import Console
@@ -19,6 +23,10 @@ from rich.table import Table
 from geotoken.errors import GeoTokenError
 from geotoken.geo import THRESHOLDS_KM
 
+INTERVALS = (
+    "accuracy: Wilson score interval (paired differences: Newcombe's hybrid score interval); "
+    "median and mean error: percentile bootstrap"
+)  # what metrics.json's intervals are, written beside them
 _CHUNK_ELEMENTS = 4_000_000  # index-matrix elements per chunk: bounds memory to ~32 MB of int64
 
 
@@ -176,6 +184,58 @@ def _median_rows(x: np.ndarray) -> np.ndarray:
     return 0.5 * (part[:, hi - 1] + part[:, hi])
 
 
+def _z(level: float) -> float:
+    """The standard normal quantile of a two-sided `level` interval (1.96 at 0.95)."""
+    if not 0 < level < 1:
+        raise GeoTokenError(f"confidence level must be in (0, 1), got {level!r}")
+    return NormalDist().inv_cdf((1 + level) / 2)
+
+
+def wilson_interval(hits: np.ndarray, n: int, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson's score interval of a share hits / n (elementwise over `hits`): within [0, 1], and not of
+    zero width at 0 or n hits (0 of 30 gives [0, 0.114])."""
+    z = _z(level)
+    p = np.asarray(hits, dtype=np.float64) / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return np.where(p > 0, np.clip(centre - half, 0, 1), 0.0), np.where(
+        p < 1, np.clip(centre + half, 0, 1), 1.0
+    )
+
+
+def paired_share_interval(
+    hits_a: np.ndarray, hits_b: np.ndarray, level: float = 0.95
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Difference of two shares of hits on the same images, (n, T) booleans each -> (T,) difference, lo, hi:
+    Newcombe's hybrid score interval (method 10, without continuity correction; Stat. Med. 1998), built
+    from each share's Wilson interval and the correlation of the two methods' hits."""
+    a, b = np.asarray(hits_a, dtype=bool), np.asarray(hits_b, dtype=bool)
+    n = a.shape[0]
+    both, only_a = (a & b).sum(0), (a & ~b).sum(0)  # (T,) counts of the 2 x 2 table
+    only_b, neither = (~a & b).sum(0), (~a & ~b).sum(0)
+    p1, p2 = a.mean(0), b.mean(0)
+    l1, u1 = wilson_interval(a.sum(0), n, level)
+    l2, u2 = wilson_interval(b.sum(0), n, level)
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a zero margin: no correlation to correct for
+        phi = np.where(
+            margins > 0, (both * neither - only_a * only_b) / np.sqrt(margins.astype(np.float64)), 0.0
+        )
+    d = p1 - p2
+    below = (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2
+    above = (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2
+    return (
+        d,
+        np.maximum(d - np.sqrt(np.maximum(below, 0)), -1),
+        np.minimum(d + np.sqrt(np.maximum(above, 0)), 1),
+    )
+
+
+def _check_replicates(n_boot: int) -> None:
+    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 1):
+        raise GeoTokenError(f"n_boot (bootstrap resamples) must be a whole number >= 1, got {n_boot!r}")
+
+
 def _interval(reps: np.ndarray, level: float) -> tuple[float, float]:
     lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
@@ -188,24 +248,25 @@ def bootstrap_metrics(
     seed: int = 0,
     level: float = 0.95,
 ) -> MethodMetrics:
-    """Accuracy within each threshold, median and mean error, each with a percentile bootstrap CI."""
+    """Accuracy within each threshold with its Wilson score CI; median and mean error with a percentile
+    bootstrap CI."""
     e = _check_errors(errors_km)
+    _check_replicates(n_boot)
     n = e.size
-    s = np.sort(e)  # (n,) resampling indices into the sorted errors keeps accuracy a comparison of ints
-    pos = np.searchsorted(s, np.asarray(thresholds, dtype=np.float64), side="right")  # (T,) count <= t
-    acc_reps, med_reps, mean_reps = [], [], []
+    s = np.sort(e)
+    hits = np.searchsorted(s, np.asarray(thresholds, dtype=np.float64), side="right")  # (T,) count <= t
+    lo, hi = wilson_interval(hits, n, level)
+    med_reps, mean_reps = [], []
     for idx in bootstrap_indices(n, n_boot, seed):  # idx (R, n)
-        acc_reps.append(np.stack([(idx < p).mean(axis=1) for p in pos], axis=1))  # (R, T)
         sampled = s[idx]  # (R, n)
         med_reps.append(_median_rows(sampled))
         mean_reps.append(sampled.mean(axis=1))
-    acc = np.concatenate(acc_reps)  # (n_boot, T)
     med, mean = np.concatenate(med_reps), np.concatenate(mean_reps)
     return MethodMetrics(
         n=n,
         accuracy={
-            float(t): Estimate(float(p / n), *_interval(acc[:, i], level))
-            for i, (t, p) in enumerate(zip(thresholds, pos))
+            float(t): Estimate(float(h / n), float(lo[i]), float(hi[i]))
+            for i, (t, h) in enumerate(zip(thresholds, hits))
         },
         median_km=Estimate(float(np.median(e)), *_interval(med, level)),
         mean_km=Estimate(float(e.mean()), *_interval(mean, level)),
@@ -223,7 +284,8 @@ def paired_comparison(
     seed: int = 0,
     level: float = 0.95,
 ) -> PairedComparison:
-    """a minus b on the same images (accuracy share, median and mean error), CIs from shared resamples.
+    """a minus b on the same images: accuracy share (Newcombe's paired score CI), median and mean error (CIs
+    from shared bootstrap resamples).
 
     A positive accuracy difference (or a negative error difference) whose interval excludes 0 means a
     is better than b beyond what the choice of images explains.
@@ -233,25 +295,21 @@ def paired_comparison(
         raise GeoTokenError(
             f"paired comparison needs the same images: {names[0]} has {a.size}, {names[1]} has {b.size}"
         )
+    _check_replicates(n_boot)
     n = a.size
     t = np.asarray(thresholds, dtype=np.float64)
-    hit_diff = (a[:, None] <= t).astype(np.int8) - (b[:, None] <= t).astype(np.int8)  # (n, T) in {-1, 0, 1}
-    acc_reps, med_reps, mean_reps = [], [], []
+    diff, lo, hi = paired_share_interval(a[:, None] <= t, b[:, None] <= t, level)  # (T,) each
+    med_reps, mean_reps = [], []
     for idx in bootstrap_indices(n, n_boot, seed):  # idx (R, n)
-        acc_reps.append(np.stack([hit_diff[:, i][idx].mean(axis=1) for i in range(t.size)], axis=1))  # (R, T)
         sa, sb = a[idx], b[idx]
         med_reps.append(_median_rows(sa) - _median_rows(sb))
         mean_reps.append(sa.mean(axis=1) - sb.mean(axis=1))
-    acc = np.concatenate(acc_reps)
     med, mean = np.concatenate(med_reps), np.concatenate(mean_reps)
     return PairedComparison(
         a=names[0],
         b=names[1],
         n=n,
-        accuracy={
-            float(th): Estimate(float(hit_diff[:, i].mean()), *_interval(acc[:, i], level))
-            for i, th in enumerate(t)
-        },
+        accuracy={float(th): Estimate(float(diff[i]), float(lo[i]), float(hi[i])) for i, th in enumerate(t)},
         median_km=Estimate(float(np.median(a) - np.median(b)), *_interval(med, level)),
         mean_km=Estimate(float(a.mean() - b.mean()), *_interval(mean, level)),
     )
@@ -306,7 +364,9 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def metrics_markdown(results: Mapping[str, MethodMetrics], pairs: Sequence[PairedComparison] = ()) -> str:
     """The Markdown report: the accuracy table and, when given, the paired differences."""
     level = next(iter(results.values())).level
-    out = [f"Accuracy within each distance (%), with {100 * level:.0f}% bootstrap confidence intervals.\n"]
+    out = [
+        f"Accuracy within each distance (%), with {100 * level:.0f}% confidence intervals ({INTERVALS}).\n"
+    ]
     out.append(markdown_table(*table_rows(results)))
     if pairs:
         out.append(

@@ -75,6 +75,7 @@ class Metrics:
     queries_rows: Any = "?"  # as written (the report shows them as text)
     gallery_rows: Any = "?"
     n_boot: Any = "?"
+    intervals: str = "percentile bootstrap"  # metrics.json written before its "intervals" field
 
 
 def _calibration(entry: dict) -> list[tuple[str, list[float | None]]]:
@@ -140,6 +141,7 @@ def read_metrics(path: Path) -> Metrics:
         q.get("rows", "?"),
         g.get("rows", "?"),
         m.get("bootstrap", {}).get("n_boot", "?"),
+        str(m.get("intervals", Metrics.intervals)),
     )
 
 

@@ -124,7 +124,7 @@ def eval_section(page: Page, ev: Evaluation) -> None:
     thresholds = metrics.thresholds
     parts = [
         f'<p class="muted">{esc(ev.folder)} · queries: {esc(metrics.queries_rows)} · gallery: {esc(metrics.gallery_rows)}'
-        f" · bootstrap: {esc(metrics.n_boot)} resamples, 95% intervals in brackets</p>",
+        f" · 95% intervals in brackets: {esc(metrics.intervals)} ({esc(metrics.n_boot)} resamples)</p>",
         accuracy_table(rows, thresholds),
     ]
     figures = []
@@ -183,7 +183,7 @@ def eval_section(page: Page, ev: Evaluation) -> None:
 
 
 def paired_details(pairs: list[PairedComparison], thresholds: list[float]) -> list[str]:
-    """metrics.json `paired`: a - b on the same images, with bootstrap intervals (bold: excludes 0)."""
+    """metrics.json `paired`: a - b on the same images, with 95% intervals (bold: excludes 0)."""
     rows = [
         f"<tr><th>{esc(p.a)} &minus; {esc(p.b)}</th>{''.join(_signed_pct(p.accuracy[t]) for t in thresholds)}"
         f"<td>{p.median_km.value:+,.0f}</td></tr>"

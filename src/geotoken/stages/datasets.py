@@ -31,7 +31,7 @@ from geotoken.data.datasets import (
     write_texts,
 )
 from geotoken.errors import GeoTokenError
-from geotoken.evaluate.metrics import MethodMetrics, markdown_table
+from geotoken.evaluate.metrics import INTERVALS, MethodMetrics, markdown_table
 from geotoken.geo import THRESHOLDS_KM
 from geotoken.io import atomic_open, read_json, write_json
 from geotoken.stages.method import GALLERY, Log, texts_path
@@ -213,7 +213,7 @@ def table_markdown(
     paper: dict | None,
 ) -> str:
     """Table I's layout: one row per method, each test set's five accuracies and median error side by side;
-    ours with their bootstrap CI, the paper's as published (no CI; the paper gives no median)."""
+    ours with their CI, the paper's as published (no CI; the paper gives no median)."""
     splits = list(results)
     header = ["method"] + [
         f"{names[s]} {c}" for s in splits for c in [*(f"{t:g} km" for t in THRESHOLDS_KM), "median km"]
@@ -242,7 +242,7 @@ def table_markdown(
             rows.append(cells)
     level = next((r.level for s in splits for r in results[s].values()), 0.95)
     out = [
-        f"% of images within each distance; ours with {100 * level:.0f}% bootstrap confidence intervals."
+        f"% of images within each distance; ours with {100 * level:.0f}% confidence intervals ({INTERVALS})."
         + (" Rows marked (paper) are the published figures (no CI): " + paper["source"] if paper else ""),
         "",
         markdown_table(header, rows),
