@@ -408,7 +408,11 @@ def _decode_blocks(rows: np.ndarray, lead: tuple[int, ...], level: int, group: i
 
 
 def latlon_to_tokens(lat, lon, level: int = 20, group: int = 2) -> np.ndarray:
-    """Grouped location tokens, int64 of shape lat.shape + (1 + ceil(level / group),), coarse to fine."""
+    """Grouped location tokens, int64 of shape lat.shape + (1 + ceil(level / group),), coarse to fine.
+
+    A latitude outside [-90, 90] or a non-finite value is an error; longitudes outside [-180, 180] wrap (540 is
+    -180). Points on a cell edge take S2's side of it, as s2geometry does: lon 180 and lon -180 are one place
+    but two token sequences (cells about 6 m apart at level 20)."""
     level, group = _check_level(level), _check_group(group)
     lat, lon = _latlon_arrays(lat, lon)
     flat_lat, flat_lon = lat.ravel(), lon.ravel()
