@@ -25,6 +25,8 @@ def embeddings(b=3, seed=1):
         (lambda e: {m: np.full_like(v, np.nan) for m, v in e.items()}, "'visual': row 0 is not finite"),
         (lambda e: {**e, "gps": e["gps"][:2]}, "different numbers of rows"),
         (lambda e: {**e, "visual": e["visual"][0]}, r"'visual': float32 of shape \(\d+,\), expected"),
+        (lambda e: {"visual": e["visual"]}, r"no 'gps' \(this model reads \['gps', 'text', 'visual'\]"),
+        (lambda e: {**e, "text": e["text"][:, :5]}, rf"'text' has width 5; this model's is {DIMS['text']}"),
     ],
 )
 def test_bad_query_embeddings_are_named(change, message):
@@ -37,6 +39,9 @@ def test_bad_query_embeddings_are_named(change, message):
     )  # as predict([])
     with pytest.raises(GeoTokenError, match=r"neighbours: float64 of shape \(3, 3\), expected integer"):
         make_geolocator().predict_embeddings(embeddings(), neighbours=np.zeros((3, 3)))
+    narrow = {m: v[:, :10] for m, v in embeddings().items()}  # (neighbours given: no index search to say it)
+    with pytest.raises(GeoTokenError, match="'visual' has width 10"):
+        make_geolocator().predict_embeddings(narrow, neighbours=np.zeros((3, 3), dtype=np.int64))
 
 
 def test_fewer_candidates_than_asked_for_are_said_in_the_note():

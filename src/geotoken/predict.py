@@ -341,6 +341,22 @@ class Geolocator:
             timings_ms.update(preprocess=1e3 * (t1 - t0), backbone=1e3 * (t2 - t1), heads=1e3 * (t3 - t2))
         return out
 
+    def _check_widths(self, embeddings: dict[str, np.ndarray], searched: bool) -> None:
+        """Every modality the model reads (and the index searches, when it will) given at its width, or an
+        error naming the modality: otherwise a KeyError or a tensor-size error from deep inside."""
+        widths = dict(self.model.cfg.modalities)
+        for m in self.query_modalities if searched else ():
+            widths.setdefault(m, self.gallery.embeddings[m].shape[1] if m in self.gallery.embeddings else None)
+        for m, width in widths.items():
+            if m not in embeddings:
+                raise GeoTokenError(
+                    f"query embeddings: no {m!r} (this model reads {sorted(widths)}; given {sorted(embeddings)})"
+                )
+            if width is not None and embeddings[m].shape[1] != width:
+                raise GeoTokenError(
+                    f"query embedding {m!r} has width {embeddings[m].shape[1]}; this model's is {width}"
+                )
+
     def neighbours(self, embeddings: dict[str, np.ndarray]) -> np.ndarray:
         """(B, k) gallery rows of the nearest neighbours (hits 0..k-1: queries are not in the gallery)."""
         k = self.model.cfg.k
@@ -374,6 +390,7 @@ class Geolocator:
         """
         opt = self.options.replace(**options)
         embeddings, neighbours = checked_queries(embeddings, neighbours)
+        self._check_widths(embeddings, searched=neighbours is None and bool(self.model.cfg.k))
         B = len(next(iter(embeddings.values())))
         if neighbours is None and self.model.cfg.k:
             t0 = time.perf_counter()
