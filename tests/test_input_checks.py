@@ -326,3 +326,20 @@ def test_corrupt_cache_is_recomputed(splits, tmp_path, capsys):
         assert not json.loads((out / "metrics.json").read_text())["methods"]["nn"]["cached"]
         assert load_cached(cached, 20) is not None  # rewritten
     capsys.readouterr()
+
+
+def test_backbone_options_name_a_wrong_value_before_whether_it_applies(random_bundle):
+    from geotoken.predict import Geolocator
+
+    bundle = random_bundle(gallery_rows=64, image_size=32)
+    with pytest.raises(
+        GeoTokenError, match="backbone_runtime must be one of auto, torch, onnx, got 'tensorrt'"
+    ):
+        Geolocator.from_bundle(bundle, backbone_runtime="tensorrt")
+    with pytest.raises(GeoTokenError, match="backbone_runtime 'onnx' applies to CLIP backbones"):
+        Geolocator.from_bundle(bundle, backbone_runtime="onnx")
+    geo = Geolocator.from_bundle(bundle)
+    from PIL import Image
+
+    images = [Image.new("RGB", (32, 32), (i, 80, 160)) for i in range(3)]
+    assert len(geo.predict(images, top_k=1, progress=True, batch_size=2)) == 3  # a bar, as GeoCLIP's predict

@@ -140,8 +140,12 @@ def test_paths_bytes_pil_and_arrays_give_the_same_answer_exif_orientation_applie
 def test_search_options_are_refused_by_name(geo):
     im = photo(0)
     assert geo.predict([im], strategy="geoclip", select="softmax", dtype=None)[0].candidates
-    with pytest.raises(GeoTokenError, match="geoclip: beam_width, strategy apply to GeoToken bundles only"):
+    with pytest.raises(
+        GeoTokenError, match=r"geoclip: search option\(s\) \['beam_width', 'strategy'\] apply to"
+    ):
         geo.predict([im], strategy="beam", beam_width=3)
+    with pytest.raises(GeoTokenError, match=r"geoclip: unknown option\(s\) \['foo'\]"):
+        geo.predict([im], foo=1)
     with pytest.raises(GeoTokenError, match="top_k must be a whole number in 1..1000"):
         geo.predict([im], top_k=0)
     info = geo.info()
@@ -215,7 +219,7 @@ def test_cli_predict_geoclip_shows_exif_gps_and_distance(shipped, clip_dir, tmp_
     assert "EXIF GPS -33.85680  151.21530" in out and "km from the top candidate" in out
 
     assert main([*args, "--strategy", "beam"]) == 2
-    assert "geoclip: strategy apply to GeoToken bundles only" in capsys.readouterr().err
+    assert "geoclip: search option(s) ['strategy'] apply to GeoToken bundles only" in capsys.readouterr().err
 
 
 def test_serve_app_on_geoclip(geo):

@@ -49,7 +49,7 @@ from geotoken.bundle import push_to_hub as push_bundle
 from geotoken.data.images import as_image, as_image_list, image_key
 from geotoken.encoders import load_backbone
 from geotoken.encoders.clip import resolve_precision
-from geotoken.encoders.ort import resolve_runtime
+from geotoken.encoders.ort import RUNTIMES, resolve_runtime
 from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore, load_array
 from geotoken.gallery import Gallery
@@ -228,6 +228,10 @@ class Geolocator:
         spec = read_bundle(root)
         device = resolve_device(device)
         backbone_config = bundle_backbone_config(root, spec, clip)
+        if backbone_runtime not in RUNTIMES:  # (a wrong value first, before whether it applies here)
+            raise GeoTokenError(
+                f"backbone_runtime must be one of {', '.join(RUNTIMES)}, got {backbone_runtime!r}"
+            )
         precision = resolve_precision(backbone_precision, device, backbone_runtime)
         if backbone_config.get("name") == "clip":
             backbone_config["precision"] = precision
@@ -346,7 +350,9 @@ class Geolocator:
         error naming the modality: otherwise a KeyError or a tensor-size error from deep inside."""
         widths = dict(self.model.cfg.modalities)
         for m in self.query_modalities if searched else ():
-            widths.setdefault(m, self.gallery.embeddings[m].shape[1] if m in self.gallery.embeddings else None)
+            widths.setdefault(
+                m, self.gallery.embeddings[m].shape[1] if m in self.gallery.embeddings else None
+            )
         for m, width in widths.items():
             if m not in embeddings:
                 raise GeoTokenError(
@@ -462,20 +468,27 @@ class Geolocator:
 
     # ------------------------------------------------------------------------------------------ predictions
     def predict(
-        self, images, top_k: int = 5, strategy: str | None = None, select: str | None = None, **options
+        self,
+        images,
+        top_k: int = 5,
+        strategy: str | None = None,
+        select: str | None = None,
+        progress: bool = False,
+        **options,
     ) -> list[Prediction]:
         """Photos -> one `Prediction` per photo, candidates best first.
 
         images: paths (or SHARD.tar#MEMBER), encoded bytes, PIL images or NumPy arrays (one, or a list; see
         `geotoken.data.images.as_image`), EXIF orientation applied; read and run `batch_size` at a time, so
         memory stays bounded however many. Each candidate is a `Candidate`: coordinate, calibrated
-        probabilities, cell, place, level confidences.
+        probabilities, cell, place, level confidences. progress: a bar over the batches.
         """
         top_k = check_top_k(top_k)
         items = as_image_list(images)
         opt = self.options.replace(**options)
         preds: list[Prediction] = []
-        for s in range(0, len(items), opt.batch_size):
+        starts = range(0, len(items), opt.batch_size)
+        for s in tqdm(starts, desc="predict", unit="batch", disable=not progress or len(starts) < 2):
             t0 = time.perf_counter()
             chunk = [as_image(x, f"image {s + i}") for i, x in enumerate(items[s : s + opt.batch_size])]
             stages = {"read": 1e3 * (time.perf_counter() - t0)}  # open and decode the image files

@@ -3,6 +3,7 @@ with CLIP ViT-L/14 through `transformers`, answering like a GeoToken bundle (`ge
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import time
@@ -21,6 +22,7 @@ from geotoken.geo import EARTH_RADIUS_KM
 from geotoken.io import is_whole
 from geotoken.places import place_names
 from geotoken.prediction import Candidate, Prediction, check_top_k, resolve_device
+from geotoken.search.options import SearchOptions
 
 WITHIN_ROWS = 64  # candidates whose probability masses are computed together (64 x 100K doubles: 51 MB)
 
@@ -121,11 +123,16 @@ class GeoCLIPPredictor:
         """Photos (paths, bytes, PIL images or NumPy arrays; EXIF orientation applied) -> one `Prediction`
         each, read and run `batch_size` at a time. GeoToken's search options are refused, not ignored."""
         own = {"strategy": self.strategy, "select": self.select}
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(SearchOptions)})
+        if unknown:
+            raise GeoTokenError(
+                f"geoclip: unknown option(s) {unknown} (predict takes top_k, batch_size, progress)"
+            )
         asked = {"strategy": strategy, "select": select, **options}
         given = sorted(k for k, v in asked.items() if v is not None and v != own.get(k))
         if given:
             raise GeoTokenError(
-                f"geoclip: {', '.join(given)} apply to GeoToken bundles only; GeoCLIP ranks its "
+                f"geoclip: search option(s) {given} apply to GeoToken bundles only; GeoCLIP ranks its "
                 "gallery by softmax"
             )
         top_k = check_top_k(top_k)
