@@ -63,6 +63,8 @@ def test_gate_keeps_the_model_answer_only_where_it_is_sure_of_the_region():
     unsure = select(pool, "gate", gate_p=0.5, **args)
     assert unsure.index.tolist() == [4] and unsure.notes == ["neighbours voted"]
     assert unsure.index.tolist() == select(pool, "vote", neighbours_latlon=sydney).index.tolist()
+    alone = pool.take(np.array([[0]]))  # greedy: a pool of one, nothing voted on whatever the gate says
+    assert select(alone, "gate", gate_p=0.5, **args).notes == [""]
     # one token (the cube face, 0.9) is enough at 0.5; gate_p 0 always keeps the model's answer
     assert select(pool, "gate", gate_p=0.5, **{**args, "gate_tokens": 1}).index.tolist() == [0]
     assert select(pool, "gate", gate_p=0.0, **args).index.tolist() == [0]

@@ -115,7 +115,11 @@ def select_gate(
     sure = np.prod(pool.level_probs[rows, own.index, :gate_tokens], axis=1) >= gate_p  # (B,)
     index = np.where(sure, own.index, vote.index)
     scores = np.where(sure[:, None], own.scores, vote.scores)
-    notes = ["model sure of the region" if s else "neighbours voted" for s in sure]
+    choices = np.isfinite(pool.logp).sum(axis=1)  # (B,) a pool of one (greedy) leaves nothing to vote on
+    notes = [
+        "" if c < 2 else "model sure of the region" if s else "neighbours voted"
+        for s, c in zip(sure, choices)
+    ]
     return Selection(index, pool.lat[rows, index], pool.lon[rows, index], scores, notes)
 
 
