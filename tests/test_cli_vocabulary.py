@@ -14,7 +14,7 @@ import pytest
 from geotoken import DTYPES
 from geotoken.align import GPS_HEADS
 from geotoken.bench.decode import REFERENCE
-from geotoken.cli import DEVICE_HELP, THREADS_HELP, build_parser, count
+from geotoken.cli import DEVICE_HELP, THREADS_HELP, build_parser, count, main
 from geotoken.data.earthviews import PRESETS as EARTHVIEWS_PRESETS
 from geotoken.encoders import BACKBONES
 from geotoken.encoders.clip import PRECISIONS
@@ -214,3 +214,16 @@ def test_the_walker_accepts_the_canonical_spellings():
     cmd.add_argument("--beam-width", type=int)
     cmd.add_argument("--constrain", action=argparse.BooleanOptionalAction)
     assert vocabulary_problems(p) == []
+
+
+def test_an_unknown_option_is_said_by_its_command(capsys):
+    for argv, usage in ((["demo", "--fast", "-o", "x"], "geotoken demo"),
+                        (["bench", "decode", "--foo"], "geotoken bench decode")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err
+        assert (
+            f"{usage}: error: unrecognized arguments: {' '.join(argv[-2:] if argv[0] == 'demo' else argv[-1:])}"
+            in err
+        )
+        assert err.startswith(f"usage: {usage} ")

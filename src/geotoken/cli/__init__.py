@@ -150,9 +150,22 @@ def os_error_text(exc: OSError) -> str:
     return f"{path}{target}: {exc.strerror or exc}"
 
 
+def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub-)command `args` ran, e.g. that of `geotoken bench decode`."""
+    while True:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(args, sub.dest, None) if sub is not None else None
+        if name is None:
+            return parser
+        parser = sub.choices[name]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. User errors print one line and return 2; GEOTOKEN_DEBUG=1 shows tracebacks."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser: its usage, not the top level's list of commands
+        command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         with said_as_lines(args.command):
             return int(args.func(args) or 0)
