@@ -380,6 +380,9 @@ def test_cli_builds_from_a_coords_file_and_reports_bad_input_in_one_line(tmp_pat
     assert info["sources"]["coordinates"]["file"] == "sites.csv"
     assert (tmp_path / "ev" / "test.csv").read_text().count("\nsite_") == 4
     assert main(argv) == 0 and "nothing to do" in capsys.readouterr().out
+    few = ["data", "earthviews", "--out", str(tmp_path / "few"), "--coords", str(coords), "--size", "10"]
+    assert main(few) == 2  # the defaults' 1,000 val + 1,000 test from 80 places: every flag that helps, named
+    assert "not enough for --n-val 1000 + --n-test 1000 and a gallery" in capsys.readouterr().err
     write_coords(tmp_path / "bad.csv", [("a", 10, 20), ("b", 10, 200)])
     argv[argv.index(str(coords))] = str(tmp_path / "bad.csv")
     argv[argv.index(str(tmp_path / "ev"))] = str(tmp_path / "ev2")

@@ -143,8 +143,9 @@ def make_splits(coords: Coordinates, cfg: EarthViewsConfig) -> dict[str, Split]:
     n_eval = cfg.n_val + cfg.n_test
     if len(free) <= n_eval:
         raise GeoTokenError(
-            f"{len(free)} coordinates outside held-out bins cannot give {cfg.n_val} val + {cfg.n_test} test "
-            "coordinates and a gallery; lower --n-val/--n-test"
+            f"{len(free)} of the {len(coords.lat)} coordinates lie outside held-out bins (--holdout-deg / "
+            f"--holdout-fraction): not enough for --n-val {cfg.n_val} + --n-test {cfg.n_test} and a gallery; "
+            "lower --n-val / --n-test (0 skips a split; --size views reuse the gallery's coordinates)"
         )
     if cfg.n_test_disjoint > len(pool_held):
         raise GeoTokenError(
