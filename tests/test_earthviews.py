@@ -400,7 +400,7 @@ def test_cli_builds_from_a_coords_file_and_reports_bad_input_in_one_line(tmp_pat
     # too few coordinates for the splits: refused before anything is written, so a fixed command starts clean
     few = tmp_path / "ev4"
     assert main([*argv[:3], str(few), *argv[4:], "--n-val", "400"]) == 2
-    assert "lower --n-val/--n-test" in capsys.readouterr().err and not few.exists()
+    assert "lower --n-val / --n-test" in capsys.readouterr().err and not few.exists()
     assert main([*argv[:3], str(few), *argv[4:]]) == 0 and (few / "dataset.json").exists()
 
 
