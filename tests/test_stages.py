@@ -180,3 +180,33 @@ def test_a_stage_folder_has_one_builder_at_a_time(tmp_path):
     assert record["info"] == {"built": True} and not list(tmp_path.glob(".*.lock"))
     again, _ = Run(tmp_path, said.append).stage("s", {"n": 1}, lambda out: 1 / 0)
     assert again == folder and said[-1] == f"[s] reused {folder.name}"
+
+
+def test_a_stage_that_fails_before_writing_leaves_no_folder_and_one_that_wrote_keeps_it(tmp_path):
+    def fail(out: Path) -> dict:
+        raise GeoTokenError("bad option")
+
+    def half(out: Path) -> dict:
+        (out / "part").write_text("resume me")
+        raise KeyboardInterrupt
+
+    with pytest.raises(GeoTokenError):
+        Run(tmp_path, lambda s: None).stage("s", {"n": 1}, fail)
+    assert not list(tmp_path.glob("s-*"))
+    with pytest.raises(KeyboardInterrupt):
+        Run(tmp_path, lambda s: None).stage("s", {"n": 2}, half)
+    (kept,) = tmp_path.glob("s-*")
+    assert (kept / "part").is_file() and not (kept / "stage.json").exists()
+
+
+def test_the_evaluate_stage_names_a_split_the_data_stage_did_not_make(tmp_path):
+    from geotoken.stages.method import EvalStageConfig, evaluate_bundle
+
+    for split in ("gallery", "test", "test_disjoint"):
+        (tmp_path / "align" / split).mkdir(parents=True)
+        (tmp_path / "align" / split / "store.json").write_text("{}")
+    folders = {k: tmp_path / k for k in ("data", "features", "align", "index", "bundle")}
+    with pytest.raises(
+        GeoTokenError, match=r"no split 'tset'; the data stage made \['test', 'test_disjoint'\]"
+    ):
+        evaluate_bundle(EvalStageConfig(splits=("tset", "test")), tmp_path / "out", **folders, log=print)

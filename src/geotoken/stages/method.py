@@ -440,6 +440,10 @@ def evaluate_bundle(
     progress: bool = True,
 ) -> dict:
     """Baselines and the bundle's model (every strategy x selector) on each query split: `out/SPLIT/`."""
+    have = sorted(p.parent.name for p in align.glob("*/store.json") if p.parent.name != GALLERY)
+    missing = [s for s in config.splits if s not in have]
+    if missing:  # (before an hour of the others: a typo, or a split the data stage does not make)
+        raise GeoTokenError(f"evaluate: no split {', '.join(map(repr, missing))}; the data stage made {have}")
     geolocator = Geolocator.from_bundle(bundle)
     ecfg = EvalConfig(
         methods=(*config.baselines, "geotoken"),

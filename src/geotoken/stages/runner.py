@@ -259,7 +259,12 @@ class Run:
                     return self.stage(name, identity, build)
                 self.log(f"[{name}] running -> {folder.name}")
                 folder.mkdir(parents=True, exist_ok=True)
-                info = build(folder) or {}
+                try:
+                    info = build(folder) or {}
+                except BaseException:  # a stage that failed before writing anything leaves no folder
+                    if not any(folder.iterdir()):
+                        folder.rmdir()
+                    raise
                 seconds = round(time.perf_counter() - t0, 2)
                 record = {
                     "stage": name,
