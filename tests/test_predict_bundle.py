@@ -191,6 +191,13 @@ def test_train_reward_and_calibrate_commands(bundle, tmp_path, capsys, photo):
     assert geo.reward is not None and geo.calibration is not None
     [pred] = geo.predict([photo], top_k=2, strategy="beam", select="reward")
     assert pred.select == "reward" and 0 <= pred.candidates[0].probability <= 1
+    # fitted under greedy (and the bundle's selector): another search says its probabilities are not calibrated
+    fitted = json.loads((work / "calibration.json").read_text())["search"]
+    assert fitted["strategy"] == "greedy" and "num_samples" not in fitted  # (greedy reads no sample options)
+    assert "probabilities not calibrated for this search: strategy 'beam' (calibrated: 'greedy')" in pred.note
+    assert "select 'reward' (calibrated: " in pred.note and "beam_width 5 (calibrated: None)" in pred.note
+    [same] = geo.predict([photo], top_k=2, strategy="greedy", num_samples=3)  # num_samples: no part of greedy
+    assert "not calibrated" not in same.note
     [pooled] = geo.predict([photo], top_k=4, strategy="sample+retrieval", num_samples=2, retrieved=2)
     assert pooled.strategy == "sample+retrieval" and len(pooled.candidates) <= 4
     assert main(["train-reward", *args, "--neighbours", str(tmp_path / "nbrs"), "--retrieved", "-1"]) == 2

@@ -67,13 +67,12 @@ def calibrate_bundle(
     )
     if len(lat) == 0:
         raise GeoTokenError(f"{queries_dir}: no usable query rows to calibrate on")
-    res = geo.search(
-        emb, nbrs, progress=progress, strategy=strategy, select=select, constrain=constrain, **options
-    )
+    searched = {"strategy": strategy, "select": select, "constrain": constrain, **options}
+    res = geo.search(emb, nbrs, progress=progress, **searched)
     cfg = geo.model.cfg
     tokens = latlon_to_tokens(lat, lon, cfg.level, cfg.group)
     data = calibration_data(res.pool, res.selection, lat, lon, tokens, radii_km=radii_km, group=cfg.group)
-    cal = fit_calibration(data)
+    cal = fit_calibration(data, search=geo.options.replace(**searched))
     cal.save(geo.root / "calibration.json")
     set_bundle_part(geo.root, "calibration", "calibration.json")
     return calibration_report(data, cal, plot=plot)

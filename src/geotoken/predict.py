@@ -69,6 +69,14 @@ from geotoken.search.select import select
 BUILTIN_MODELS = ("geoclip",)
 
 
+def describe_other_search(changed: dict) -> str:
+    """The note of a prediction whose search is not the one its bundle's calibration was fitted under."""
+    if not changed:
+        return ""
+    said = ", ".join(f"{k} {now!r} (calibrated: {then!r})" for k, (then, now) in changed.items())
+    return f"probabilities not calibrated for this search: {said}; `geotoken calibrate` with it fits them"
+
+
 @dataclass
 class SearchResult:
     """Array-level output for B images: the candidate pool, the selection, neighbour rows (B, k) or None."""
@@ -554,6 +562,7 @@ class Geolocator:
             lat, lon = np.concatenate([sel.lat[:, None], lat], 1), np.concatenate([sel.lon[:, None], lon], 1)
             keep = np.concatenate([free[:, None], keep], 1)
         cal = self.calibration or Calibration()
+        other = describe_other_search(cal.other_search(opt))
         g = cfg.group
         within = {f"{r:g}km": self._within(cal, pool, lat, lon, r, g) for r in cal.radii_km}
         prob_name = f"{self.probability_within_km:g}km"
@@ -587,6 +596,8 @@ class Geolocator:
                 )
                 cands.append(c)
             notes = [sel.notes[b]] if sel.notes[b] else []
+            if other:
+                notes.append(other)
             if len(cands) < top_k:  # the search's distinct cells, not the request, bound the list
                 notes.append(f"{len(cands)} of the {top_k} candidates asked for: the search "
                              f"({describe_search(opt.to_dict())}) found no more distinct cells")  # fmt: skip

@@ -24,8 +24,12 @@ from geotoken.errors import GeoTokenError
 from geotoken.geo import haversine_km
 from geotoken.io import atomic_path, read_json, write_json
 from geotoken.search.candidates import duplicate_mask
+from geotoken.search.options import unused_options
 
 RADII_KM = (25.0, 200.0, 750.0)
+# the search options that shape the pool and its choice, hence the raw confidences a temperature is fitted to
+POOL_OPTIONS = ("strategy", "beam_width", "num_samples", "temperature", "sample_top_k", "top_p", "retrieved",
+                "constrain", "select")  # fmt: skip
 _EPS = 1e-9
 
 
@@ -160,6 +164,14 @@ class Calibration:
     radii_km: list[float] = field(default_factory=lambda: list(RADII_KM))
     within: list[float] = field(default_factory=lambda: [1.0] * len(RADII_KM))  # one per radius
     levels: list[float] = field(default_factory=list)  # one per token position; empty = identity
+    search: dict = field(default_factory=dict)  # the POOL_OPTIONS it was fitted under; empty: not recorded
+
+    def other_search(self, options) -> dict:
+        """{option: (fitted, now)} where `options` (a SearchOptions) pools or chooses otherwise than the search
+        the temperatures were fitted under: there they do not calibrate (a pool of 5 beams holds less mass
+        than one of 10 samples and neighbours' cells)."""
+        now = _pool_options(options) if self.search else {}
+        return {k: (self.search.get(k), v) for k, v in now.items() if self.search.get(k) != v}
 
     def within_probs(self, pool, lat, lon, group: int = 2) -> dict[str, np.ndarray]:
         """{"25km": (B,), ...} calibrated P(within radius) of answers (lat, lon) (B,)."""
@@ -180,7 +192,10 @@ class Calibration:
         return np.minimum.accumulate(out, axis=-1)  # a longer prefix is never more certain
 
     def save(self, path: str | os.PathLike) -> None:
-        write_json(path, {"radii_km": self.radii_km, "within": self.within, "levels": self.levels})
+        write_json(
+            path,
+            {"radii_km": self.radii_km, "within": self.within, "levels": self.levels, "search": self.search},
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibration:
@@ -190,6 +205,7 @@ class Calibration:
                 radii_km=[float(r) for r in d["radii_km"]],
                 within=[float(t) for t in d["within"]],
                 levels=[float(t) for t in d.get("levels", [])],
+                search=dict(d.get("search", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise GeoTokenError(f"{path}: not a calibration file ({exc})") from None
@@ -229,15 +245,23 @@ def calibration_data(
     return {"within": within, "levels": levels}
 
 
-def fit_calibration(data: dict) -> Calibration:
-    """Temperatures from `calibration_data(...)` of the validation split."""
+def fit_calibration(data: dict, search=None) -> Calibration:
+    """Temperatures from `calibration_data(...)` of the validation split; `search`: the SearchOptions its pools
+    came from (recorded, so that a prediction under another search can say its probabilities are not calibrated)."""
     radii = sorted(data["within"])
     conf, correct = data["levels"]
     return Calibration(
         radii_km=radii,
         within=[fit_temperature(*data["within"][r]) for r in radii],
         levels=[fit_temperature(conf[:, t], correct[:, t]) for t in range(conf.shape[1])],
+        search={} if search is None else _pool_options(search),
     )
+
+
+def _pool_options(search) -> dict:
+    """The POOL_OPTIONS of a SearchOptions that its strategy reads (num_samples is no part of a beam's pool)."""
+    unused = set(unused_options(search.strategy, POOL_OPTIONS))
+    return {k: getattr(search, k) for k in POOL_OPTIONS if k not in unused}
 
 
 def calibration_report(

@@ -38,6 +38,8 @@ STRATEGY_OPTIONS = {
     "beam_width": "beam",
     "num_samples": "sample",
     "temperature": "sample",
+    "sample_top_k": "sample",
+    "top_p": "sample",
     "retrieved": "retrieval",
 }
 
