@@ -10,6 +10,7 @@ import pytest
 
 from geotoken.data.earthviews import PRESETS as EV_PRESETS
 from geotoken.errors import GeoTokenError
+from geotoken.io import sha256_json
 from geotoken.pipeline import demo_config, demo_earthviews, demo_pipeline
 from geotoken.stages import (
     STAGES,
@@ -210,3 +211,17 @@ def test_the_evaluate_stage_names_a_split_the_data_stage_did_not_make(tmp_path):
         GeoTokenError, match=r"no split 'tset'; the data stage made \['test', 'test_disjoint'\]"
     ):
         evaluate_bundle(EvalStageConfig(splits=("tset", "test")), tmp_path / "out", **folders, log=print)
+
+
+def test_a_recipe_file_edited_in_place_changes_the_model_stages_identity(tmp_path):
+    from geotoken.stages.method import ModelStageConfig
+    from geotoken.stages.runner import stage_identity
+
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("weight_decay: 0.01\n")
+    before = sha256_json(stage_identity(ModelStageConfig(recipe=str(recipe)), {"align": "a", "index": "i"}))
+    recipe.write_text("weight_decay: 0.5\n")
+    after = sha256_json(stage_identity(ModelStageConfig(recipe=str(recipe)), {"align": "a", "index": "i"}))
+    assert before != after
+    plain = stage_identity(ModelStageConfig(), {"align": "a", "index": "i"})
+    assert "recipe_fields" not in plain and "recipe" not in plain  # no recipe: the identity of earlier runs

@@ -301,6 +301,10 @@ class ModelStageConfig:
         if self.recipe:
             load_recipe(self.recipe)  # a name or a YAML file, its fields checked
 
+    def content_identity(self) -> dict:
+        """The recipe's fields, not only its name: training redoes when the file changes."""
+        return {"recipe_fields": sorted(load_recipe(self.recipe).items())} if self.recipe else {}
+
 
 @stage_kind("model", ModelStageConfig)
 def train_model(

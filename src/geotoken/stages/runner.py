@@ -81,13 +81,16 @@ def stage_kind(
 # ---------------------------------------------------------------------------------------------- identity
 def config_identity(config: Any) -> dict[str, Any]:
     """The config's fields as JSON-able values, less the runtime fields and the added fields at their
-    defaults."""
+    defaults, plus what the config's `content_identity()` adds (the contents of files it names: a recipe
+    file edited in place must not leave the stage it trained reused)."""
     values = dataclasses.asdict(config)
-    return {
+    own = {
         f.name: values[f.name]
         for f in dataclasses.fields(config)
         if not f.metadata.get(RUNTIME) and not (f.metadata.get(ADDED) and values[f.name] == f.default)
     }
+    contents = config.content_identity() if hasattr(config, "content_identity") else {}
+    return {**own, **contents}
 
 
 def stage_identity(config: Any, inputs: Mapping[str, str]) -> dict[str, Any]:
