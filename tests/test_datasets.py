@@ -209,6 +209,16 @@ def test_a_reused_dataset_stage_whose_annotations_changed_is_refused_naming_the_
     assert run_pipeline(pipeline, run)["data"].info["sizes"] == {"gallery": 6}  # unchanged: reused
     plan = RunConfig(pipeline, str(tmp_path / "run"), tmp_path / "x.yaml")
     assert "PROBLEM" not in plan_text(plan, plan_run(plan))
+    data = path.read_bytes()
+    path.write_bytes(data)  # rewritten with the same bytes (a copy to another disk): still reusable
+    assert run_pipeline(pipeline, run)["data"].info["sizes"] == {"gallery": 6}
+    row = data.splitlines()[1]
+    digit = next(i for i in range(row.index(b",") + 1, len(row)) if chr(row[i]).isdigit())
+    edited = row[:digit] + str((int(chr(row[digit])) + 1) % 10).encode() + row[digit + 1 :]  # the same size
+    path.write_bytes(data.replace(row, edited, 1))
+    with pytest.raises(GeoTokenError, match=f"changed since: {path} was edited \\(same size, other bytes\\)"):
+        run_pipeline(pipeline, run)
+    path.write_bytes(data)
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:4]) + "\n")  # the user cuts the csv
     with pytest.raises(GeoTokenError, match=f"changed since: {path} had .* bytes, now"):

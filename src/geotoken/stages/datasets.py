@@ -33,7 +33,7 @@ from geotoken.data.datasets import (
 from geotoken.errors import GeoTokenError
 from geotoken.evaluate.metrics import INTERVALS, MethodMetrics, markdown_table
 from geotoken.geo import THRESHOLDS_KM
-from geotoken.io import atomic_open, read_json, write_json
+from geotoken.io import atomic_open, read_json, sha256_file, write_json
 from geotoken.stages.method import GALLERY, Log, texts_path
 from geotoken.stages.runner import stage_kind
 
@@ -59,22 +59,41 @@ class DatasetStageConfig:
     holdout: HoldoutConfig | None = None
 
 
-def _annotation_bytes(config: DatasetStageConfig) -> dict[str, int]:
-    """{annotation file: its size in bytes}: what the stage records to notice an edited file on reuse (the
-    size, not the time: a dataset copied to another disk keeps its sizes and stays reusable)."""
-    paths = [s.annotations for s in config.sources if s.annotations]
-    return {p: os.path.getsize(p) for p in paths if os.path.isfile(p)}
+def _annotation_files(config: DatasetStageConfig, then: dict | None = None) -> dict[str, dict]:
+    """{annotation file: {bytes, mtime_ns, sha256}}: what the stage records to notice an edited file on reuse.
+    The hash decides (a one-digit fix keeps the size); a file whose size and time are as recorded is not
+    read again, and one copied to another disk (new time, same bytes) stays reusable."""
+    out = {}
+    for path in (s.annotations for s in config.sources if s.annotations):
+        if not os.path.isfile(path):
+            continue
+        st = os.stat(path)
+        known = (then or {}).get(path) or {}
+        same = known.get("bytes") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns
+        digest = known["sha256"] if same and "sha256" in known else sha256_file(path)
+        out[path] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    return out
 
 
 def changed_annotations(config: DatasetStageConfig, info: dict) -> list[str]:
-    """The annotation files whose size differs from when the stage ran (stages from before it: none)."""
-    then = info.get("annotation_bytes") or {}
-    now = _annotation_bytes(config)
+    """The annotation files whose bytes differ from when the stage ran (stages from before the hash: their
+    size; from before that: none)."""
+    if "annotation_files" not in info:
+        now = {p: f["bytes"] for p, f in _annotation_files(config).items()}
+        return [
+            f"{path} had {size:,} bytes, now {now[path]:,}" if path in now else f"{path} is gone"
+            for path, size in (info.get("annotation_bytes") or {}).items()
+            if now.get(path) != size
+        ]
+    then = info["annotation_files"]
+    now = _annotation_files(config, then)
     return [
-        f"{path} had {size:,} bytes, now {now[path]:,}" if path in now else f"{path} is gone"
-        for path, size in then.items()
-        if now.get(path) != size
-    ]
+        f"{path} is gone" if path not in now
+        else f"{path} had {f['bytes']:,} bytes, now {now[path]['bytes']:,}" if now[path]["bytes"] != f["bytes"]
+        else f"{path} was edited (same size, other bytes)"
+        for path, f in then.items()
+        if path not in now or now[path]["sha256"] != f["sha256"]
+    ]  # fmt: skip
 
 
 @stage_kind("dataset", DatasetStageConfig, changed=changed_annotations)
@@ -103,7 +122,7 @@ def read_datasets(
     if config.holdout is not None:
         _holdout(config.holdout, results)
     info: dict[str, Any] = {"sizes": {}, "sources": {}, "content_hash": {}}
-    info["annotation_bytes"] = _annotation_bytes(config)
+    info["annotation_files"] = _annotation_files(config)
     for split, r in results.items():
         r.manifest.write_csv(out / f"{split}.csv")
         if r.texts is not None:
