@@ -64,7 +64,7 @@ def write_run(root, old_root="/no/such/old/run"):
     summary = {
         "run_dir": old_root,
         "config": {"dataset": "tiny", "model_preset": "tiny", "strategies": ["greedy", "beam"]},
-        "stages": {"eval": {"folder": "eval-abc"}},
+        "stages": {"eval": {"folder": "eval-abc", "built_seconds": 40.5}},
         "timings_s": {"data": 1.5, "eval": 2.25},
         "total_s": 3.75,
         "eval": {"test": f"{old_root}/eval-abc/test"},
@@ -99,6 +99,7 @@ def test_run_report_is_self_contained(tmp_path):
     assert 'class="photo" src="data:image/jpeg;base64,' in text  # the moved run's photo was found
     assert "Paris, France" in text and "40.0%" in text and 'title="level 1: 70.0%"' in text
     assert "model_preset" in text and "3.75" in text and "eval-abc" in text
+    assert "<tr><th>eval</th><td>40.50</td><td>2.25</td>" in text  # built in, and this run (a reuse)
     assert 'id="missing"' not in text
     assert (
         '<td class="sig">+5.0 <small>[+1.0, +9.0]</small></td>' in text and "<td>-12</td>" in text

@@ -302,20 +302,26 @@ def config_section(page: Page, summary: RunSummary) -> None:
         parts.append("<h3>configuration</h3>" + _kv_table(summary.config))
     if summary.timings is not None:
         stages = summary.stages
+        def built(k: str) -> str:  # what building the stage took, the run that reused it or not
+            v = (stages.get(k) or {}).get("built_seconds")
+            return f"{v:,.2f}" if isinstance(v, (int, float)) else ""
+
         body = "".join(
-            f"<tr><th>{esc(k)}</th><td>{v:,.2f}</td><td><code>{esc((stages.get(k) or {}).get('folder', ''))}</code></td></tr>"
+            f"<tr><th>{esc(k)}</th><td>{built(k)}</td><td>{v:,.2f}</td>"
+            f"<td><code>{esc((stages.get(k) or {}).get('folder', ''))}</code></td></tr>"
             for k, v in summary.timings.items()
             if isinstance(v, (int, float))
         )
         total = summary.total
         foot = (
-            f"<tr><th>this run, total</th><td>{total:,.2f}</td><td></td></tr>"
+            f"<tr><th>total</th><td></td><td>{total:,.2f}</td><td></td></tr>"
             if isinstance(total, (int, float))
             else ""
         )
         parts.append(
-            "<h3>stage timings (s, when each stage was built)</h3>"
-            f'<table class="kv"><thead><tr><th>stage</th><th>seconds</th><th>folder</th></tr></thead>{body}{foot}</table>'
+            "<h3>stage timings (s: building each stage, and this run, which reuses finished stages)</h3>"
+            '<table class="kv"><thead><tr><th>stage</th><th>built in</th><th>this run</th><th>folder</th></tr></thead>'
+            f"{body}{foot}</table>"
         )
     if summary.extra:
         parts.append(
