@@ -335,3 +335,13 @@ def test_clip_weights_missing_from_the_hub_cache_are_said_by_the_dry_run(tmp_pat
     assert _hub_note("org/clip", problems) == "" and "HF_HUB_OFFLINE is set" in problems[0]
     (tmp_path / "clip").mkdir()
     assert _hub_note(str(tmp_path / "clip"), problems) == "" and len(problems) == 1  # a folder: read there
+
+
+def test_a_new_run_summary_removes_the_report_of_an_earlier_run(tmp_path):
+    from geotoken.stages.config import write_run_summary
+
+    (tmp_path / "report.html").write_text("<html>the run before</html>")
+    said = []
+    write_run_summary(tmp_path, {"stages": {}}, said.append)
+    assert json.loads((tmp_path / "run.json").read_text()) == {"stages": {}}
+    assert not (tmp_path / "report.html").exists() and "reported an earlier run" in said[0]

@@ -61,7 +61,7 @@ from geotoken.stages import (
     StageSpec,
     run_pipeline,
 )
-from geotoken.stages.config import run_summary
+from geotoken.stages.config import run_summary, write_run_summary
 
 __all__ = [
     "PRESETS",
@@ -238,7 +238,7 @@ def run_demo(
         "bundle_info": bundle.info,
         "samples": samples,
     }
-    write_json(run.root / "run.json", summary)
+    write_run_summary(run.root, summary, run.log)
     if report:
         summary["report"] = str(write_report(run.root))
         write_json(run.root / "run.json", summary)

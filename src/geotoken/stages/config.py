@@ -212,6 +212,16 @@ def run_summary(pipeline: Pipeline, run: Run, results: Mapping[str, StageResult]
     return summary
 
 
+def write_run_summary(root: Path, summary: dict, log=print) -> None:
+    """RUN_DIR/run.json; a report.html of an earlier run beside it is removed (it would show that run's
+    evaluation beside this run's summary), and said."""
+    write_json(root / "run.json", summary)
+    stale = root / "report.html"
+    if stale.is_file():
+        stale.unlink()
+        log(f"removed {stale}: it reported an earlier run (geotoken report {root} writes this run's)")
+
+
 def run_stages(cfg: RunConfig, log=print, progress: bool = True) -> dict[str, StageResult]:
     """Run the config's stages in its run folder (reusing finished ones) and write RUN_DIR/run.json: the
     run's summary, with the config file, its variables and each stage's options."""
@@ -221,7 +231,7 @@ def run_stages(cfg: RunConfig, log=print, progress: bool = True) -> dict[str, St
     summary = run_summary(cfg.pipeline, run, results, time.perf_counter() - t0)
     config = {"file": str(cfg.path), "variables": cfg.variables}
     summary["config"] = {**config, **{spec.name: sparse_dict(spec.config) for spec in cfg.pipeline.stages}}
-    write_json(run.root / "run.json", summary)
+    write_run_summary(run.root, summary, log)
     return results
 
 
