@@ -345,3 +345,20 @@ def test_a_new_run_summary_removes_the_report_of_an_earlier_run(tmp_path):
     write_run_summary(tmp_path, {"stages": {}}, said.append)
     assert json.loads((tmp_path / "run.json").read_text()) == {"stages": {}}
     assert not (tmp_path / "report.html").exists() and "reported an earlier run" in said[0]
+
+
+def test_config_yaml_reads_exponent_floats_and_refuses_a_repeated_key(tmp_path):
+    from geotoken.stages.config import load_run_config
+
+    path = tmp_path / "run.yaml"
+    stages = "stages:\n  - name: features\n    kind: features\n    inputs: {}\n    config: {image_size: 64, image_size: 96}\n"
+    path.write_text(stages)
+    with pytest.raises(
+        GeoTokenError, match=r"run.yaml: not valid YAML: key 'image_size' appears twice \(first on line 5\)"
+    ):
+        load_run_config(path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("lr: 1e-3\nweight_decay: 5e-2\n")
+    from geotoken.train.recipes import load_recipe
+
+    assert load_recipe(recipe) == {"lr": 0.001, "weight_decay": 0.05}  # YAML 1.1 reads these as strings

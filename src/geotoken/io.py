@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import types
@@ -26,6 +27,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 import numpy as np
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -264,3 +266,38 @@ def type_name(hint: Any) -> str:
     if origin in (tuple, list) and args:
         return f"{'list' if origin is list else 'tuple'} of {type_name(args[0])}"
     return getattr(origin or hint, "__name__", str(hint))
+
+
+# ---------------------------------------------------------------------------------------------- YAML
+class _YAMLLoader(yaml.SafeLoader):
+    """safe_load, with YAML 1.2's numbers (1e-3 is a float, not the string '1e-3' of YAML 1.1) and a
+    repeated key an error (YAML takes the last silently: `size: 300` then `size: 500` is 500)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} appears twice (first on line {seen[key] + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str, where: str = "") -> Any:
+    """Parse YAML text (`where`: the file, named in errors with the line)."""
+    try:
+        return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as exc:
+        raise GeoTokenError(f"{where or 'YAML'}: not valid YAML: {exc}") from None

@@ -302,6 +302,7 @@ def config_section(page: Page, summary: RunSummary) -> None:
         parts.append("<h3>configuration</h3>" + _kv_table(summary.config))
     if summary.timings is not None:
         stages = summary.stages
+
         def built(k: str) -> str:  # what building the stage took, the run that reused it or not
             v = (stages.get(k) or {}).get("built_seconds")
             return f"{v:,.2f}" if isinstance(v, (int, float)) else ""

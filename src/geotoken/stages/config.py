@@ -30,7 +30,7 @@ import yaml
 from geotoken.encoders.clip import PAPER_MODEL
 from geotoken.encoders.geoclip import clip_mismatch
 from geotoken.errors import GeoTokenError
-from geotoken.io import read_json, sha256_json, write_json
+from geotoken.io import load_yaml, read_json, sha256_json, write_json
 from geotoken.model import GeoToken, preset
 from geotoken.stages.datasets import CONFIGS
 from geotoken.stages.method import GALLERY
@@ -90,7 +90,7 @@ def substitute(value: Any, values: Mapping[str, str], used: set[str], missing: s
 
     whole = VARIABLE.fullmatch(value)
     out = VARIABLE.sub(fill, value)
-    return yaml.safe_load(out) if whole and out != value and out.strip() else out
+    return load_yaml(out, f"the value {out!r}") if whole and out != value and out.strip() else out
 
 
 def load_run_config(
@@ -101,10 +101,7 @@ def load_run_config(
 ) -> RunConfig:
     """Read a config file (`find_config`), fill its variables and build its pipeline."""
     path = find_config(name)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise GeoTokenError(f"{path}: not valid YAML: {exc}") from None
+    raw = load_yaml(path.read_text(encoding="utf-8"), str(path))
     if not isinstance(raw, Mapping) or "stages" not in raw:
         raise GeoTokenError(f"{path}: a run config is a mapping with a 'stages' list")
     unknown = sorted(set(raw) - set(KEYS))

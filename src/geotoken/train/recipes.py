@@ -12,10 +12,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from geotoken.errors import GeoTokenError
-from geotoken.io import type_name, value_fits
+from geotoken.io import load_yaml, type_name, value_fits
 from geotoken.train.loop import TrainConfig
 
 RECIPE_DIR = resources.files("geotoken") / "configs" / "recipes"
@@ -34,10 +32,7 @@ def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
         where, text = str(name), Path(name).read_text(encoding="utf-8")
     else:
         raise GeoTokenError(f"recipe {name!r}: neither a YAML file nor one of {', '.join(RECIPES)}")
-    try:
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise GeoTokenError(f"{where}: not YAML: {exc}") from None
+    values = load_yaml(text, where)
     values = {} if values is None else values
     if not isinstance(values, dict):
         raise GeoTokenError(f"{where}: expected a mapping of TrainConfig fields, got {type(values).__name__}")
