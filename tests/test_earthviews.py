@@ -437,3 +437,34 @@ def test_a_changed_shard_in_a_complete_build_is_reported_not_reused(tmp_path):
     with pytest.raises(GeoTokenError, match=r"test-00000\.tar: missing or changed"):
         ev.build_earthviews(tmp_path, TINY)
     assert ev.build_earthviews(tmp_path, TINY, overwrite=True)["content_hash"] == info["content_hash"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"scale": (1.3, 0.5)}, r"view style scale must be \(lo, hi\) with 0 < lo <= hi"),
+        ({"haze": -3.0}, r"view style haze must be in \[0, 1\], got -3.0"),
+        (
+            {"jpeg_quality": (40, 200)},
+            r"view style jpeg_quality must be \(lo, hi\) with 1 <= lo <= hi <= 100",
+        ),
+        ({"other_layer_p": 7.0}, r"view style other_layer_p must be in \[0, 1\]"),
+        ({"colour": -1.0}, r"view style colour must be >= 0"),
+    ],
+)
+def test_a_view_style_is_checked_where_it_is_set(change, message):
+    with pytest.raises(GeoTokenError, match=message):
+        ev.ViewStyle(**change)
+
+
+def test_a_config_names_a_style_or_gives_its_fields_and_sizes_are_checked_at_once():
+    from geotoken.stages.runner import config_from_dict
+
+    cfg = config_from_dict(ev.EarthViewsConfig, {"test_style": "strong", "train_style": {"haze": 0.1}}, "s")
+    assert cfg.test_style == ev.TEST_STYLES["strong"] and cfg.train_style.haze == 0.1
+    with pytest.raises(
+        GeoTokenError, match="s.test_style: view style 'strongest': choose from light, medium"
+    ):
+        config_from_dict(ev.EarthViewsConfig, {"test_style": "strongest"}, "s")
+    with pytest.raises(GeoTokenError, match="s: EarthViews config: size of split 'gallery' must be positive"):
+        config_from_dict(ev.EarthViewsConfig, {"size": -5}, "s")  # (a dry run says it, not the build)

@@ -221,6 +221,11 @@ def _value(hint: Any, value: Any, where: str) -> Any:
     for option in options:
         if dataclasses.is_dataclass(option) and isinstance(value, Mapping):
             return config_from_dict(option, value, where)
+        if dataclasses.is_dataclass(option) and isinstance(value, str) and hasattr(option, "named"):
+            try:  # a named value of the type (`test_style: strong`)
+                return option.named(value)
+            except GeoTokenError as exc:
+                raise GeoTokenError(f"{where}: {exc}") from None
         if typing.get_origin(option) is tuple and isinstance(value, list | tuple):
             item = typing.get_args(option)[0] if typing.get_args(option) else None
             if dataclasses.is_dataclass(item):  # tuple[Config, ...]: each item from its mapping

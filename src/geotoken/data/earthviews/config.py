@@ -27,6 +27,48 @@ class ViewStyle:
     other_layer_weight: tuple[float, float] = (0.3, 0.7)  # its blend weight, uniform
     jpeg_quality: tuple[int, int] = (90, 90)  # JPEG quality, uniform integer in [lo, hi]
 
+    def __post_init__(self) -> None:
+        """Each value checked where it is set, naming it: a bad range would fail as numpy's 'high - low < 0'
+        after the gallery's shards were rendered, and an impossible one (jpeg 200) would not fail at all."""
+        shares = {
+            "season": self.season,
+            "haze": self.haze,
+            "cloud": self.cloud,
+            "other_layer_p": self.other_layer_p,
+        }
+        checks = {
+            "rotation_deg": (0 <= self.rotation_deg <= 180, "in [0, 180]"),
+            "colour": (self.colour >= 0, ">= 0"),
+            "brightness": (self.brightness >= 0, ">= 0"),
+            "blur": (self.blur >= 0, ">= 0"),
+            **{k: (0 <= v <= 1, "in [0, 1]") for k, v in shares.items()},
+            "scale": (
+                len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1],
+                "(lo, hi) with 0 < lo <= hi",
+            ),
+            "other_layer_weight": (
+                len(self.other_layer_weight) == 2
+                and 0 <= self.other_layer_weight[0] <= self.other_layer_weight[1] <= 1,
+                "(lo, hi) with 0 <= lo <= hi <= 1",
+            ),
+            "jpeg_quality": (
+                len(self.jpeg_quality) == 2 and 1 <= self.jpeg_quality[0] <= self.jpeg_quality[1] <= 100,
+                "(lo, hi) with 1 <= lo <= hi <= 100",
+            ),
+        }
+        for name, (ok, bounds) in checks.items():
+            if not ok:
+                raise GeoTokenError(f"view style {name} must be {bounds}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def named(cls, name: str) -> ViewStyle:
+        """A named test style (`TEST_STYLES`), as `--test-style strong` and a config's `test_style: strong`."""
+        if name not in TEST_STYLES:
+            raise GeoTokenError(
+                f"view style {name!r}: choose from {', '.join(TEST_STYLES)}, or give its fields"
+            )
+        return TEST_STYLES[name]
+
 
 # Gallery/train views: the true point at a random offset, any orientation, mild scale and colour change.
 GALLERY_STYLE = ViewStyle(rotation_deg=180.0, scale=(0.9, 1.1), colour=0.02, brightness=0.05)
@@ -102,6 +144,9 @@ class EarthViewsConfig:
     # training queries: photo-like views `ID-tJ` of every gallery coordinate (0: no train split)
     train_views: int = 2
     train_style: ViewStyle = field(default_factory=lambda: TEST_STYLES["medium"])
+
+    def __post_init__(self) -> None:
+        self.validate()  # where it is set (a config file's dry run, the library), not at build time only
 
     def style(self, split: str) -> ViewStyle:
         return {"gallery": self.gallery_style, "train": self.train_style}.get(split, self.test_style)
