@@ -705,3 +705,55 @@ def test_the_cli_folds_mllm_options_into_the_bundles(random_bundle, free_port, m
     assert mllm.template == "paper" and mllm.timeout_s == 60.0  # not given: the bundle's
     with pytest.raises(SystemExit):
         main([*args, "--mllm-retries", "-1"])
+
+
+def test_a_request_cancelled_while_queued_is_skipped_and_the_model_thread_goes_on():
+    """A shutdown past its grace (or a gone client) cancels a waiting request's future: answering it raised
+    InvalidStateError in the model thread, which died, and every later request hung."""
+    predictor = BlockingPredictor()
+    runner = Runner(predictor, max_queue_wait_s=100, max_batch=1)
+    first = runner.submit(Image.new("RGB", (8, 8)))
+    wait_until(lambda: runner.running == 1)
+    gone, kept = runner.submit(Image.new("RGB", (8, 8))), runner.submit(Image.new("RGB", (8, 8)))
+    assert gone.cancel()
+    predictor.release.set()
+    assert first.result(5)[0].lat == 1.0 and kept.result(5)[0].lat == 1.0
+    assert runner.alive and runner.in_flight == 0 and predictor.calls == [1, 1]
+    runner.close(5)
+
+
+def test_repeated_fields_infinite_limits_and_internal_faults_are_said_in_json(geolocator, monkeypatch):
+    import geotoken.serve.app as app_module
+
+    app = create_app(geolocator, ServeConfig(basemap_width=256))
+    client = TestClient(app, raise_server_exceptions=False)
+    r = client.post(
+        "/v1/geolocate?top_k=7", files={"image": ("a.png", png_bytes(), "image/png")}, data={"top_k": "3"}
+    )
+    assert r.status_code == 422 and "field 'top_k' is given 2 times" in r.json()["error"]
+    assert client.head("/healthz").status_code == 200
+    assert client.get("/v1/model").json()["model"]["bundle"] == geolocator.root.name  # not the server's path
+    monkeypatch.setattr(app_module, "photo_gps", lambda data, pred: 1 / 0)  # a fault of ours past the model
+    r = post(client, png_bytes())
+    assert (
+        r.status_code == 500 and r.json()["error"] == "internal error (ZeroDivisionError: division by zero)"
+    )
+    for name in ("max_upload_mb", "max_queue_wait_s"):
+        with pytest.raises(GeoTokenError, match=f"serve option {name} must be a finite number > 0, got inf"):
+            ServeConfig(**{name: float("inf")})
+
+
+def test_the_mllm_lane_starts_from_its_timeout_not_from_nothing(geolocator):
+    """Unmeasured, a lane admitted a whole burst at once (an expected wait of 0): five requests then waited
+    minutes on a stalled endpoint. Until measured, each of its concurrent calls counts as one timeout."""
+    import dataclasses
+
+    from geotoken.search.mllm import MLLMConfig
+
+    geolocator = Geolocator.from_bundle(geolocator.root)
+    geolocator.options = dataclasses.replace(
+        geolocator.options,
+        mllm=MLLMConfig(base_url="http://127.0.0.1:9/v1", model="m", timeout_s=20, concurrency=4),
+    )
+    app = create_app(geolocator, ServeConfig(basemap_width=256))
+    assert app.state.mllm_runner.seconds_per_image == 5.0 and app.state.runner.seconds_per_image == 0.0

@@ -4,6 +4,7 @@ Face Hub repo id holding one, or `geoclip`)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import socket
 import time
 
@@ -16,7 +17,6 @@ from geotoken.predict import Geolocator
 from geotoken.serve import ServeConfig, ServiceRate, create_app
 
 DEFAULTS = ServeConfig()
-SHUTDOWN_GRACE_S = 30  # beyond the wait budget, for the last answers to be sent
 
 
 def register(subparsers) -> None:
@@ -86,6 +86,7 @@ def register(subparsers) -> None:
         help="decoded photos waiting in memory, in pixels; beyond, 503 with Retry-After "
         f"(default {DEFAULTS.max_queued_pixels:,}, about {3 * DEFAULTS.max_queued_pixels / 1e9:.1f} GB)",
     )
+    p.add_argument("--access-log", action="store_true", help="log every request (method, path, status)")
     p.add_argument("--threads", type=count, default=0, help=THREADS_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_backbone_precision(p)
@@ -145,7 +146,14 @@ def run(args) -> int:
     print(f"geotoken serve: {args.model} on http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
     # on Ctrl-C / SIGTERM: admitted requests are answered (they fit the wait budget); a client that stalls
     # its upload or its read is cut off after the grace time instead of holding the exit forever
-    grace = int(config.max_queue_wait_s) + SHUTDOWN_GRACE_S
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace))
+    grace = math.ceil(config.shutdown_grace_s)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level="info" if args.access_log else "warning",
+            access_log=args.access_log,
+            timeout_graceful_shutdown=grace,
+        )
+    )
     server.run(sockets=[sock])
     return 0

@@ -79,8 +79,10 @@ class ServeConfig:
             "max_queued_pixels",
             "basemap_width",
         ):
-            if not getattr(self, name) > 0:
-                raise GeoTokenError(f"serve option {name} must be > 0, got {getattr(self, name)!r}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise GeoTokenError(
+                    f"serve option {name} must be a finite number > 0, got {getattr(self, name)!r}"
+                )
         if not is_whole(self.max_top_k, 1, MAX_TOP_K):
             raise GeoTokenError(f"serve option max_top_k must be a whole number in 1..{MAX_TOP_K}")
 
@@ -90,8 +92,16 @@ class ServeConfig:
                       rate=rate)  # fmt: skip
 
     @property
+    def shutdown_grace_s(self) -> float:
+        """How long a shutdown waits for admitted requests: the wait budget, and time to send the answers."""
+        return self.max_queue_wait_s + SHUTDOWN_GRACE_S
+
+    @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+
+SHUTDOWN_GRACE_S = 30.0  # beyond the wait budget, for the last answers to be sent
 
 
 class BadImage(Exception):
@@ -120,10 +130,10 @@ def decode_upload(data: bytes, name: str, max_pixels: int):
         with warnings.catch_warnings():  # its warning above 1x: the size is checked against ours below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=formats)
-    except Image.DecompressionBombError as exc:
-        raise BadImage(413, f"upload {name!r}: image too large ({exc})") from None
+    except Image.DecompressionBombError:  # (PIL's own limit, far above ours: say ours)
+        raise BadImage(413, f"upload {name!r} has more pixels than the limit of {max_pixels}") from None
     except UnidentifiedImageError:
-        raise BadImage(415, f"upload {name!r} is not an image in {', '.join(UPLOAD_FORMATS)}") from None
+        raise BadImage(415, f"upload {name!r} is not an image in {', '.join(formats)}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImage(415, f"upload {name!r} is not a readable image ({exc})") from None
     w, h = im.size
@@ -353,10 +363,14 @@ def create_app(
     runner = runner or cfg.runner(predictor)
     decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)  # full-size decodes at once: bounded memory
     info = json_safe(predictor.info())
+    if info.get("bundle"):  # its folder's name: where the server keeps its files is not the clients' business
+        info["bundle"] = Path(info["bundle"]).name
     missing = unavailable_options(info)
     strategies, selectors = ([o for o in offered if o not in missing] for offered in offered_options(info))
-    if "mllm" in selectors:
-        mllm_runner = mllm_runner or cfg.runner(predictor)
+    if "mllm" in selectors:  # until measured, each of its `concurrency` calls taken to last its timeout
+        mllm = getattr(getattr(predictor, "options", None), "mllm", None)
+        prior = ServiceRate(initial=mllm.timeout_s / max(1, mllm.concurrency)) if mllm is not None else None
+        mllm_runner = mllm_runner or cfg.runner(predictor, prior)
     lanes = [runner, *([mllm_runner] if mllm_runner is not None else [])]
     default_select = (info.get("search") or {}).get("select")
     searchable = "constrain" in (info.get("search") or {})  # GeoToken's decoding options (not GeoCLIP's)
@@ -391,8 +405,8 @@ def create_app(
         for lane in lanes:
             await run_in_threadpool(lane.start)  # no-op unless a previous lifespan closed it
         yield
-        for lane in lanes:
-            await run_in_threadpool(lane.close)  # answers every admitted request first
+        for lane in lanes:  # answers every admitted request first; one stuck on a call is left (a daemon)
+            await run_in_threadpool(lane.close, cfg.shutdown_grace_s)
 
     app = FastAPI(
         title="GeoToken",
@@ -428,6 +442,12 @@ def create_app(
         ]
         return error(422, "; ".join(parts) or "invalid request")
 
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):
+        """A fault of ours anywhere in a route: still the {"error": "..."} JSON the page and clients read."""
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return error(500, f"internal error ({type(exc).__name__}: {exc})")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
         """Starlette's own 400 / 404 / 405 answers in the same {"error": "..."} shape as ours."""
@@ -448,6 +468,7 @@ def create_app(
             "batches": lane.batches,
         }
 
+    @app.head("/healthz", include_in_schema=False)  # (load balancers' probes)
     @app.get("/healthz", summary="liveness, and the queue")
     def healthz() -> dict:
         state = {"status": "shutting down" if runner.closing else "ok", **lane_state(runner)}
@@ -540,6 +561,10 @@ def create_app(
         parts = len(form.getlist("image"))
         if parts > 1:  # FastAPI would keep the last one and drop the others without a word
             return error(422, f"field 'image': one photo per request, got {parts} (send one request each)")
+        for field in sorted(REQUEST_FIELDS - {"image"}):  # likewise top_k=3 and top_k=7: one would be dropped
+            given = len(form.getlist(field)) + len(request.query_params.getlist(field))
+            if given > 1:
+                return error(422, f"field {field!r} is given {given} times (form and query string together)")
         top_k = top_k if top_k is not None else top_k_q if top_k_q is not None else default_top_k
         strategy, select = strategy or strategy_q, select or select_q
         constrain = constrain if constrain is not None else constrain_q

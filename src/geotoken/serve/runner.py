@@ -257,6 +257,11 @@ class Runner:
         with self._lock:
             self.queued -= len(items)
             self.queued_pixels -= sum(it[4] for it in items)
+            # a request cancelled while it waited (its client gone, a shutdown past its grace) is skipped;
+            # the others cannot be cancelled from here on, so answering them cannot fail this thread
+            items = [it for it in items if it[2].set_running_or_notify_cancel()]
+            if not items:
+                return
             self.running, self._started = len(items), self.clock()
             t0 = self._started
         try:
