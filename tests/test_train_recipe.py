@@ -234,10 +234,18 @@ def test_model_stage_applies_arch_recipe_and_its_own_fields():
     assert grad_accum_for(cfg, 20_000) == 16 and cfg.grad_clip == 0.0 and cfg.weight_decay_on == "all"
     assert model_train_config(ModelStageConfig(recipe="paper", lr=1e-4, dtype="fp32"), 1000).lr == 1e-4
     ours = model_train_config(plain, rows=20_000)
-    assert (ours.lr, ours.warmup_steps, ours.grad_clip, ours.checkpoint_every) == (1e-3, 94, 1.0, 157)
-    # a checkpoint at least once an epoch (157 steps here), so a killed run loses less than one
+    assert (ours.lr, ours.warmup_steps, ours.grad_clip, ours.checkpoint_every) == (1e-3, None, 1.0, 156)
+    from geotoken.train.data import steps_per_epoch
+    from geotoken.train.loop import warmup_steps
+
+    assert (
+        warmup_steps(ours, 6 * steps_per_epoch(20_000, 128)) == 93
+    )  # the loop's own count: 156 steps an epoch
+    # a checkpoint at least once an epoch (156 steps here), so a killed run loses less than one
     mp16 = model_train_config(ModelStageConfig(epochs=50, batch_size=2048, dtype="fp32"), rows=4_700_000)
-    assert mp16.checkpoint_every == 2295  # ceil(4.7M / 2048) steps an epoch, not a quarter of 50 epochs
+    assert (
+        mp16.checkpoint_every == 2294
+    )  # 4.7M // 2048 steps an epoch (as the loop), not a quarter of 50 epochs
     short = model_train_config(ModelStageConfig(epochs=2, batch_size=128, dtype="fp32"), rows=1000)
     assert short.checkpoint_every == 50  # short runs: not more often than every 50 steps
 

@@ -47,6 +47,7 @@ from geotoken.search import SELECTORS, STRATEGIES
 from geotoken.search.reward import RewardConfig
 from geotoken.stages.runner import added_field, runtime_field, stage_kind
 from geotoken.train import TrainData, grad_accum_for, train
+from geotoken.train.data import steps_per_epoch
 from geotoken.train.recipes import load_recipe, resolve_train_config
 
 GALLERY, TRAIN = "gallery", "train"
@@ -338,17 +339,16 @@ def train_model(
 
 def model_train_config(config: ModelStageConfig, rows: int):
     """The stage's `TrainConfig` for `rows` training queries: defaults < recipe < the stage's fields;
-    warm-up and checkpoint interval scale with the run when neither the stage nor the recipe sets them."""
-    recipe = load_recipe(config.recipe) if config.recipe else {}
+    warm-up (the loop's default, min(100, steps // 10)) and the checkpoint interval scale with the run when
+    neither the stage nor the recipe sets them, counted as the loop counts its steps (one process)."""
     given = dict(lr=config.lr, dtype=config.dtype, batch_size=config.batch_size, epochs=config.epochs)
     given.update(label_smoothing=config.label_smoothing, drop_near_km=config.drop_near_km)
     given.update(drop_near_share=config.drop_near_share, val_constrain=config.val_constrain)
     tcfg = resolve_train_config(config.recipe or None, **given, seed=config.seed, tensorboard=False)
-    per_epoch = max(1, int(np.ceil(rows / (config.batch_size * grad_accum_for(tcfg, rows)))))
+    step_rows = config.batch_size * grad_accum_for(tcfg, rows)
+    per_epoch = steps_per_epoch(rows, step_rows) if rows >= step_rows else 1  # (too few: the loop says so)
     steps = max(1, config.epochs * per_epoch)
-    warmup = config.warmup_steps
-    if warmup is None:
-        warmup = recipe.get("warmup_steps", min(100, steps // 10))
+    warmup = config.warmup_steps if config.warmup_steps is not None else tcfg.warmup_steps
     every = config.checkpoint_every
     if every is None:  # a quarter of the run, but at least once an epoch (a killed 50-epoch MP16 run
         every = min(max(50, steps // 4), max(50, per_epoch))  # loses < 1 epoch, not 12), >= 50 steps apart
