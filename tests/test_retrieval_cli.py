@@ -48,3 +48,21 @@ def test_index_commands(tmp_path, capsys, feature_store):
         main(["index", "build", str(tmp_path / "s"), "-o", str(tmp_path / "x"), "--embedding", "text"]) == 2
     )
     assert "'text'" in capsys.readouterr().err
+
+
+def test_the_run_stage_builds_its_index_as_the_command_does(tmp_path, feature_store, monkeypatch):
+    """One builder (`build_store_index`): the stage's compressed index records its recall, and either names
+    its gallery by an absolute path (the stage's was relative: it reopened only from the same folder)."""
+    from geotoken.retrieval import build_store_index
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2000, 8))
+    feature_store("g", {"gps": (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)})
+    from geotoken.features import FeatureStore
+
+    monkeypatch.chdir(tmp_path)
+    index = build_store_index(FeatureStore.open("g"), "gps", "hnsw", recall_k=5, recall_queries=100)
+    assert index.meta["store"] == str(tmp_path / "g") and index.meta["recall_queries"] == 100
+    assert 0.5 < index.meta["recall@5"] <= 1 and index.meta["build_seconds"] >= 0
+    flat = build_store_index(FeatureStore.open("g"), "gps")
+    assert "recall@15" not in flat.meta

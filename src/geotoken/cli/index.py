@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import faiss
@@ -16,10 +15,8 @@ from geotoken.retrieval import (
     REFINE,
     IndexConfig,
     NeighbourIndex,
-    StoreEmbeddings,
+    build_store_index,
     check_index_target,
-    check_recall,
-    measure_recall,
     neighbour_table,
 )
 
@@ -111,18 +108,10 @@ def run_build(args) -> int:
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
     check_index_target(Path(args.out), overwrite=args.overwrite)
-    store = FeatureStore.open(args.store)
-    emb = StoreEmbeddings(store, args.embedding)
     options = {"nlist": args.nlist, "pq_m": args.pq_m, "nprobe": args.nprobe, "hnsw_m": args.hnsw_m,
                "ef_search": args.ef_search}  # fmt: skip
-    meta = {"store": str(store.root.resolve()), "embedding": args.embedding, "heads": emb.heads}
-    if args.kind != "flat":
-        check_recall(args.k, args.recall_queries)
-    t0 = time.perf_counter()
-    index = NeighbourIndex.build(emb, args.kind, valid=store.valid, meta=meta, **options)
-    index.meta["build_seconds"] = round(time.perf_counter() - t0, 3)
-    if args.kind != "flat":
-        index.meta.update(measure_recall(index, emb, store.valid, args.k, args.recall_queries))
+    index = build_store_index(FeatureStore.open(args.store), args.embedding, args.kind, recall_k=args.k,
+                              recall_queries=args.recall_queries, progress=True, **options)  # fmt: skip
     index.save(args.out)
     m = index.meta
     recall = "".join(f", {key} {value:.3f}" for key, value in m.items() if key.startswith("recall@"))

@@ -13,6 +13,7 @@ from geotoken.retrieval.index import (
 )
 from geotoken.retrieval.neighbours import (
     NeighbourTable,
+    build_store_index,
     check_neighbours,
     neighbour_table,
     search_excluding,
@@ -26,6 +27,7 @@ __all__ = [
     "NeighbourIndex",
     "NeighbourTable",
     "StoreEmbeddings",
+    "build_store_index",
     "check_index_target",
     "check_neighbours",
     "join_embeddings",

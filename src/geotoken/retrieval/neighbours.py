@@ -21,6 +21,7 @@ gallery row taken at exactly their own coordinates, so that they meet the galler
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore, RowWriter
 from geotoken.io import is_whole, read_json, write_json
 from geotoken.retrieval.embeddings import StoreEmbeddings
-from geotoken.retrieval.index import REFINE, NeighbourIndex
+from geotoken.retrieval.index import REFINE, NeighbourIndex, check_recall, measure_recall
 
 META, PROGRESS, RANKS = "neighbours.json", "progress.json", "progress"
 
@@ -352,3 +353,29 @@ def check_rows(rows: np.ndarray, queries: int, gallery: int | None, root: Path) 
             raise GeoTokenError(
                 f"{root / 'index.npy'}: gallery row {low if low < 0 else high} out of range ({gallery} rows)"
             )
+
+
+def build_store_index(
+    store: FeatureStore,
+    embedding: str,
+    kind: str = "flat",
+    *,
+    recall_k: int = 15,
+    recall_queries: int = 1000,
+    progress: bool = False,
+    **options,
+) -> NeighbourIndex:
+    """A FAISS index over a store's `embedding` rows (`geotoken index build` and the run's index stage):
+    `meta` names the store by its absolute path (it is reopened from anywhere), the build time, and for the
+    compressed kinds their recall@`recall_k` against exact search on `recall_queries` rows (checked before the
+    build, not after an hour of it). `options`: IndexConfig fields (nlist, pq_m, nprobe, hnsw_m, ef_search)."""
+    embeddings = StoreEmbeddings(store, embedding)
+    if kind != "flat":
+        check_recall(recall_k, recall_queries)
+    meta = {"store": str(Path(store.root).resolve()), "embedding": embedding, "heads": embeddings.heads}
+    t0 = time.perf_counter()
+    index = NeighbourIndex.build(embeddings, kind, valid=store.valid, meta=meta, progress=progress, **options)
+    index.meta["build_seconds"] = round(time.perf_counter() - t0, 3)
+    if kind != "flat":
+        index.meta.update(measure_recall(index, embeddings, store.valid, recall_k, recall_queries))
+    return index

@@ -42,7 +42,14 @@ from geotoken.fit import calibrate_bundle, train_bundle_reward
 from geotoken.io import is_whole, read_json
 from geotoken.model import ARCHS, PRESETS, preset
 from geotoken.predict import Geolocator
-from geotoken.retrieval import KINDS, REFINE, NeighbourIndex, NeighbourTable, StoreEmbeddings, neighbour_table
+from geotoken.retrieval import (
+    KINDS,
+    REFINE,
+    NeighbourIndex,
+    NeighbourTable,
+    build_store_index,
+    neighbour_table,
+)
 from geotoken.search import SELECTORS, STRATEGIES
 from geotoken.search.reward import RewardConfig
 from geotoken.stages.runner import added_field, runtime_field, stage_kind
@@ -238,25 +245,20 @@ def index_gallery(
     """A FAISS index over the aligned gallery (`out/index/`) and the neighbour table of every split."""
     stores = {split: FeatureStore.open(align / split) for split in store_splits(align)}
     gallery = stores[GALLERY]
-    embeddings = StoreEmbeddings(gallery, config.embedding)
-    index = NeighbourIndex.build(
-        embeddings,
-        kind=config.kind,
-        valid=gallery.valid,
-        meta={"store": str(gallery.root), "embedding": config.embedding, "heads": embeddings.heads},
-        progress=progress,
-    )
+    index = build_store_index(gallery, config.embedding, config.kind, recall_k=config.k, progress=progress)
     index.save(out / "index")
-    for (
-        split,
-        store,
-    ) in stores.items():  # training queries: without their own id, exact duplicates, (train) own place
+    for split, store in stores.items():
         neighbour_table(
-            store, index, config.k, out / split,
-            exclude_self_ids=(split in (GALLERY, TRAIN)), exclude_same_place=(split == TRAIN),
-            gallery_store=gallery, embedding=config.embedding, refine=config.refine, progress=progress,
+            store, index, config.k, out / split, **excluded(split), gallery_store=gallery,
+            embedding=config.embedding, refine=config.refine, progress=progress,
         )  # fmt: skip
-    return {}
+    return {key: value for key, value in index.meta.items() if key.startswith("recall")}
+
+
+def excluded(split: str) -> dict[str, bool]:
+    """What a split's neighbour table leaves out of the gallery: training queries their own id and exact
+    duplicates (the gallery's rows are the MP16 photos themselves), and photo-like train views their place."""
+    return {"exclude_self_ids": split in (GALLERY, TRAIN), "exclude_same_place": split == TRAIN}
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -321,8 +323,7 @@ def train_model(
         table = out / "neighbours"
         neighbour_table(
             FeatureStore.open(align / q), NeighbourIndex.load(index / "index"), DROP_NEAR_DEPTH, table,
-            exclude_self_ids=q in (GALLERY, TRAIN), exclude_same_place=q == TRAIN,
-            gallery_store=FeatureStore.open(align / GALLERY), progress=False, refine=refine,
+            **excluded(q), gallery_store=FeatureStore.open(align / GALLERY), progress=False, refine=refine,
         )  # fmt: skip
     data = TrainData.load(align / q, table, align / GALLERY, modalities)
     val = TrainData.load(align / config.val, index / config.val, align / GALLERY, modalities)
