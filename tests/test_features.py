@@ -213,6 +213,10 @@ def test_a_missing_array_is_a_one_line_error_and_still_a_key_error(feature_store
         "done: holds trained alignment heads already (of /data/mp16); pass --overwrite"
         in capsys.readouterr().err
     )
+    from geotoken.align import train_heads
+
+    with pytest.raises(GeoTokenError, match=r"holds trained alignment heads already .*overwrite=True"):
+        train_heads(store, done)  # the library refuses as the command does
     assert main(["align", "train", str(store.root), "-o", str(done), "--epochs", "1", "--overwrite"]) == 2
     assert "no array 'features'" in capsys.readouterr().err  # asked: it goes on to train (and needs features)
     embedded = feature_store("e", {"features": np.ones((4, 8), np.float32)})  # not aligned yet

@@ -350,6 +350,7 @@ def train_heads(
     device: str | torch.device | None = None,
     progress: bool = True,
     geoclip_files: GeoCLIPFiles | None = None,
+    overwrite: bool = False,
 ) -> tuple[AlignHeads, dict[str, Any]]:
     """Train AlignHeads on `store["features"]` with the store's coordinates; return (heads, metrics).
 
@@ -362,8 +363,16 @@ def train_heads(
     gallery_coords: (M, 2) GPS gallery for the image->GPS metric (default: GeoCLIP's 100K MP16 points).
     With `out_dir`, the heads are saved there and the metrics written to `metrics.json`; while it trains,
     `out_dir/checkpoint` holds the state after the last whole epoch, and a rerun of the same training goes
-    on from there (`TrainingState`) to the heads an unbroken run gives.
+    on from there (`TrainingState`) to the heads an unbroken run gives. Finished heads in `out_dir` are not
+    replaced unless `overwrite`: the stores aligned with them would be left pointing at other heads.
     """
+    done = Path(out_dir) / "config.json" if out_dir is not None else None
+    if done is not None and done.is_file() and not overwrite:
+        was = read_json(done).get("store", {}).get("root", "?")
+        raise GeoTokenError(
+            f"{out_dir}: holds trained alignment heads already (of {was}); pass --overwrite (overwrite=True) to "
+            "train them again, or write to a new folder"
+        )
     config = config or AlignConfig()
     device = torch_device(device)
     torch.manual_seed(config.seed)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
@@ -13,9 +12,7 @@ from geotoken.data.datasets import read_texts
 from geotoken.data.manifest import read_manifest
 from geotoken.devices import resolve_device, retain_freed_memory
 from geotoken.encoders.text import TEXT_ENCODERS
-from geotoken.errors import GeoTokenError
 from geotoken.features import FeatureStore
-from geotoken.io import read_json
 
 HELP = "train alignment heads (visual / GPS / text embeddings) on a feature store, or apply them to one"
 
@@ -152,13 +149,6 @@ def _print_metrics(metrics: dict) -> None:
 def run_train(args) -> int:
     retain_freed_memory()  # a training job: keep freed activations' memory (see there)
     use_threads(args.threads)
-    done = Path(args.out) / "config.json"
-    if done.is_file() and not args.overwrite:  # finished heads: the stores aligned with them would orphan
-        was = read_json(done).get("store", {}).get("root", "?")
-        raise GeoTokenError(
-            f"{args.out}: holds trained alignment heads already (of {was}); pass --overwrite to train them "
-            "again, or write to a new folder"
-        )
     store = FeatureStore.open(args.store)
     gallery = None
     if args.gallery:
@@ -178,8 +168,9 @@ def run_train(args) -> int:
     )
     texts = read_texts(args.texts, store.ids) if args.texts else None
     _, metrics = train_heads(
-        store, args.out, config, heads_config, gallery_coords=gallery, device=args.device, texts=texts
-    )
+        store, args.out, config, heads_config, gallery_coords=gallery, device=args.device, texts=texts,
+        overwrite=args.overwrite,
+    )  # fmt: skip
     _print_metrics(metrics)
     print(f"heads and metrics.json written to {args.out}")
     return 0

@@ -213,6 +213,7 @@ def align_features(
         gallery_coords=np.asarray(gallery.coords),
         texts=texts,
         progress=progress,
+        overwrite=True,  # (its own folder: heads left by a run killed before the stage was marked done)
     )
     heads = AlignHeads.load(out / "heads")
     for split in store_splits(features):
