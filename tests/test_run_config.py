@@ -362,3 +362,16 @@ def test_config_yaml_reads_exponent_floats_and_refuses_a_repeated_key(tmp_path):
     from geotoken.train.recipes import load_recipe
 
     assert load_recipe(recipe) == {"lr": 0.001, "weight_decay": 0.05}  # YAML 1.1 reads these as strings
+
+
+def test_run_stages_refuses_a_plan_with_problems_before_any_stage(tmp_path):
+    from geotoken.stages.config import RunConfig, run_stages
+    from geotoken.stages.datasets import DatasetSource, DatasetStageConfig
+    from geotoken.stages.runner import Pipeline, StageSpec
+
+    source = DatasetSource("gallery", "csv", str(tmp_path / "nowhere.csv"), str(tmp_path))
+    cfg = RunConfig(Pipeline((StageSpec("data", "dataset", DatasetStageConfig((source,))),)), str(tmp_path / "run"),
+                    tmp_path / "x.yaml")  # fmt: skip
+    with pytest.raises(GeoTokenError, match=r"x.yaml: \[data\] gallery: .*nowhere.csv does not exist"):
+        run_stages(cfg, log=lambda s: None)
+    assert not (tmp_path / "run").exists()  # nothing ran

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from geotoken.cli import THREADS_HELP, count, use_threads
 from geotoken.devices import retain_freed_memory
-from geotoken.errors import GeoTokenError
 from geotoken.stages.config import (
     load_run_config,
     packaged_configs,
@@ -60,17 +59,12 @@ def register(subparsers) -> None:
 def run(args) -> int:
     retain_freed_memory()  # a training job: keep freed activations' memory (see there)
     cfg = load_run_config(args.config, parse_assignments(args.set), run_dir=args.run_dir)
-    plans = plan_run(cfg)
     if args.dry_run:
+        plans = plan_run(cfg)
         print(plan_text(cfg, plans))
         return 2 if any(p.problems for p in plans) else 0
-    problems = [f"[{p.name}] {x}" for p in plans for x in p.problems]
-    if problems:
-        raise GeoTokenError(
-            f"{cfg.path}: " + "; ".join(problems) + " (geotoken run --dry-run shows the plan)"
-        )
     use_threads(args.threads)
-    results = run_stages(cfg)
+    results = run_stages(cfg)  # (refuses a plan with problems first)
     for name, result in results.items():
         print(f"{name}: {result.folder}")
     print(f"run.json: {Path(cfg.run_dir).resolve() / 'run.json'} (geotoken report {cfg.run_dir})")

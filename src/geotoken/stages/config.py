@@ -219,9 +219,19 @@ def write_run_summary(root: Path, summary: dict, log=print) -> None:
         log(f"removed {stale}: it reported an earlier run (geotoken report {root} writes this run's)")
 
 
-def run_stages(cfg: RunConfig, log=print, progress: bool = True) -> dict[str, StageResult]:
+def run_stages(
+    cfg: RunConfig, log=print, progress: bool = True, check: bool = True
+) -> dict[str, StageResult]:
     """Run the config's stages in its run folder (reusing finished ones) and write RUN_DIR/run.json: the
-    run's summary, with the config file, its variables and each stage's options."""
+    run's summary, with the config file, its variables and each stage's options. `check`: first refuse a
+    plan with problems (`plan_run`: a missing file, a holdout larger than its source...), before any stage
+    runs rather than when the stage that meets it comes, hours in."""
+    if check:
+        problems = [f"[{p.name}] {x}" for p in plan_run(cfg) for x in p.problems]
+        if problems:
+            raise GeoTokenError(
+                f"{cfg.path}: " + "; ".join(problems) + " (geotoken run --dry-run shows the plan)"
+            )
     run = Run(cfg.run_dir, log, progress)
     t0 = time.perf_counter()
     results = run_pipeline(cfg.pipeline, run)
