@@ -6,15 +6,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import socket
-import time
-
-from PIL import Image
 
 from geotoken.cli import DEVICE_HELP, THREADS_HELP, add_mllm_arguments, count, mllm_changes, use_threads
 from geotoken.cli.predict import add_backbone_precision
 from geotoken.errors import GeoTokenError
 from geotoken.predict import Geolocator
-from geotoken.serve import ServeConfig, ServiceRate, create_app
+from geotoken.serve import ServeConfig, create_app, warm_up
 
 DEFAULTS = ServeConfig()
 
@@ -135,14 +132,7 @@ def run(args) -> int:
             raise GeoTokenError(f"--mllm-*: the {args.model} model has no MLLM selection")
         options = geolocator.options
         geolocator.options = dataclasses.replace(options, mllm=options.mllm.replace(**changes))
-    # one prediction before listening: lazy initialisation is paid here, not by the first request; the
-    # second, timed, is the first estimate of the service rate behind admission
-    warm = [Image.new("RGB", (64, 64))]
-    geolocator.predict(warm, top_k=1)
-    t0 = time.perf_counter()
-    geolocator.predict(warm, top_k=1)
-    rate = ServiceRate(initial=time.perf_counter() - t0)
-    app = create_app(geolocator, config, config.runner(geolocator, rate))
+    app = create_app(geolocator, config, config.runner(geolocator, warm_up(geolocator)))
     print(f"geotoken serve: {args.model} on http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
     # on Ctrl-C / SIGTERM: admitted requests are answered (they fit the wait budget); a client that stalls
     # its upload or its read is cut off after the grace time instead of holding the exit forever

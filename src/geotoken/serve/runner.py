@@ -25,6 +25,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
 
+from PIL import Image
+
 from geotoken.errors import GeoTokenError
 
 
@@ -99,6 +101,16 @@ class ServiceRate:
     def _after(self, seconds: float, images: int) -> tuple[float, float]:
         keep = (1 - 1 / self.window) ** images
         return self._seconds * keep + max(seconds, 0.0), self._images * keep + images
+
+
+def warm_up(predictor: Predictor) -> ServiceRate:
+    """Two predictions of a blank photo before a server listens: the first pays lazy initialisation (not the
+    first client), the second, timed, is the first estimate of the service rate that admission works from."""
+    warm = [Image.new("RGB", (64, 64))]
+    predictor.predict(warm, top_k=1)
+    t0 = time.perf_counter()
+    predictor.predict(warm, top_k=1)
+    return ServiceRate(initial=time.perf_counter() - t0)
 
 
 _STOP = object()
