@@ -156,6 +156,15 @@ def test_train_data_refuses_another_stores_table(splits):
         TrainData.load(root / "val", root / "nbr-test", root / "gallery", ["visual", "gps"])
 
 
+def test_train_data_refuses_a_bare_table_of_another_row_count(splits, tmp_path):
+    """A bare index.npy (no neighbours.json to check against) of 7 rows for the 20 val queries."""
+    root, _ = splits
+    (tmp_path / "bare").mkdir()
+    np.save(tmp_path / "bare" / "index.npy", np.zeros((7, 5), dtype=np.int64))
+    with pytest.raises(GeoTokenError, match=r"\(7, 5\) neighbour rows for the 20 query rows of .*val"):
+        TrainData.load(root / "val", tmp_path / "bare", root / "gallery", ["visual", "gps"])
+
+
 def test_calibrate_checks_before_decoding(random_bundle, tmp_path):
     from geotoken.fit import calibrate_bundle
     from geotoken.predict import Geolocator

@@ -152,6 +152,11 @@ class TrainData:
         index = np.load(index_path, mmap_mode="r")
         if index.dtype != np.int64:
             raise GeoTokenError(f"{index_path}: dtype {index.dtype}, expected int64")
+        if index.ndim != 2 or len(index) != qstore.rows:  # (what neighbours.json would have said)
+            raise GeoTokenError(
+                f"{index_path}: {index.shape} neighbour rows for the {qstore.rows:,} query rows of {features}: "
+                "the table of another split?"
+            )
 
         def in_memory(g: Gallery) -> Gallery:
             if sum(a.nbytes for a in g.embeddings.values()) < IN_MEMORY_BYTES:
