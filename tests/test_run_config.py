@@ -3,7 +3,9 @@ configs (the demo's graph, the paper's), and the Table I layout of the `table` s
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -375,3 +377,28 @@ def test_run_stages_refuses_a_plan_with_problems_before_any_stage(tmp_path):
     with pytest.raises(GeoTokenError, match=r"x.yaml: \[data\] gallery: .*nowhere.csv does not exist"):
         run_stages(cfg, log=lambda s: None)
     assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_the_dry_run_flags_a_model_k_beyond_the_index_and_an_unknown_split():
+    from geotoken.pipeline import demo_config, demo_pipeline
+    from geotoken.stages.config import RunConfig, plan_run
+    from geotoken.stages.runner import Pipeline, StageSpec
+
+    pipeline = demo_pipeline(demo_config("fast"))
+
+    def problems(**model):
+        stages = tuple(
+            StageSpec(s.name, s.kind, dataclasses.replace(s.config, **model), s.inputs)
+            if s.kind == "model"
+            else s
+            for s in pipeline.stages
+        )
+        plans = plan_run(RunConfig(Pipeline(stages), "/nonexistent/run", Path("x.yaml")))
+        return [x for p in plans if p.kind == "model" for x in p.problems]
+
+    assert problems() == []
+    assert any(
+        "k 50 is more than the" in x and "neighbours per query of the index stage" in x
+        for x in problems(k=50)
+    )
+    assert any("queries 'tarin': no such split" in x for x in problems(queries="tarin"))

@@ -381,10 +381,20 @@ def plan_run(cfg: RunConfig) -> list[StagePlan]:
             )
         elif spec.kind == "model":
             p.rows = rows
-            k = c.k or 15
-            try:
-                params = _model_params(c, {m: 768 for m in c.modalities}, k)
-            except (GeoTokenError, TypeError, RuntimeError):
+            index = next((s.config for s in cfg.pipeline.stages if s.name == spec.inputs.get("index")), None)
+            index_k = getattr(index, "k", 15)
+            k = index_k if c.k is None else c.k
+            if k > index_k:  # the stage would refuse it once the index stage has run
+                p.problems.append(f"k {k} is more than the {index_k} neighbours per query of the index stage: "
+                                  "lower it, or raise the index stage's k")  # fmt: skip
+            for field_name in ("queries", "val"):
+                split = getattr(c, field_name)
+                if rows and split not in rows:
+                    p.problems.append(f"{field_name} {split!r}: no such split (the data has {sorted(rows)})")
+            try:  # (768-d inputs: the size of the estimate, not of the run)
+                params = _model_params(c, {m: 768 for m in c.modalities}, min(k, index_k))
+            except GeoTokenError as exc:
+                p.problems.append(str(exc))
                 params = 0
             p.disk_bytes = params * 4 * 4  # best + last weights, AdamW's two moments in last/
             n = rows.get(c.queries, 0)
