@@ -284,6 +284,12 @@ def test_manifest_format_writes_manifest_texts_and_report(tmp_path, capsys):
     assert "--check-images is for plain annotation files" in capsys.readouterr().err
     assert main(["manifest", str(path), "--holdout", "2", "-o", str(tmp_path / "plain.csv")]) == 2
     assert "--holdout needs --format" in capsys.readouterr().err
+    # the held-out split's files are written beside -o: one that is an input (val.csv here) is refused
+    inside = tmp_path / "pro" / "val.csv"
+    inside.write_bytes(path.read_bytes())
+    argv = ["manifest", str(inside), "--format", "mp16-pro", "--image-root", str(images), "-o"]
+    assert main([*argv, str(tmp_path / "pro" / "train.csv"), "--holdout", "2"]) == 2
+    assert "val.csv: named as an output and as an input" in capsys.readouterr().err
 
 
 def test_neighbour_tables_follow_the_splits_without_their_unreadable_images():

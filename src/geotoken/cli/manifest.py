@@ -84,8 +84,11 @@ def run_format(args) -> int:
     )
     source = DatasetSource(out.stem, args.format, annotations, images)
     holdout = HoldoutConfig(args.holdout_name, out.stem, args.holdout, args.seed) if args.holdout else None
-    out.parent.mkdir(parents=True, exist_ok=True)
     info_name = f"{out.stem}.dataset.json"  # one per call: manifests of several splits share a folder
+    splits = [out.stem] + ([holdout.split] if holdout else [])  # (the held-out split's files beside -o)
+    written = [out.parent / f"{s}{end}" for s in splits for end in (".csv", ".report.csv", ".texts.csv")]
+    check_outputs_spare_inputs([*args.inputs, args.image_root], *written, out.parent / info_name)
+    out.parent.mkdir(parents=True, exist_ok=True)
     info = read_datasets(DatasetStageConfig((source,), holdout), out.parent, info_name)
     for split, n in info["sizes"].items():  # the stage logged what each split left out, by kind
         texts = f", {split}.texts.csv" if info["sources"][split]["texts"] else ""
