@@ -352,3 +352,29 @@ def test_backbone_options_name_a_wrong_value_before_whether_it_applies(random_bu
 
     images = [Image.new("RGB", (32, 32), (i, 80, 160)) for i in range(3)]
     assert len(geo.predict(images, top_k=1, progress=True, batch_size=2)) == 3  # a bar, as GeoCLIP's predict
+
+
+def test_a_neighbour_table_against_another_gallery_than_the_index_is_refused(splits, tmp_path):
+    root, stores = splits
+    index = NeighbourIndex.load(root / "index")
+    with pytest.raises(GeoTokenError, match=r"gallery .*val has 20 rows, the index was built over 200"):
+        neighbour_table(stores["test"], index, 5, tmp_path / "t", gallery_store=stores["val"], progress=False)
+    assert not (tmp_path / "t").exists()
+
+
+def test_training_refuses_the_gallerys_own_table_that_keeps_each_query(splits, tmp_path):
+    """--keep-self on the gallery: every query's first neighbour is itself (100 % of rows), and a model or a
+    reward scorer trained on it learns to copy it (the scorer's held-out oracle read 1.0)."""
+    root, stores = splits
+    index = NeighbourIndex.load(root / "index")
+    neighbour_table(stores["gallery"], index, 5, tmp_path / "keep", exclude_self_ids=False, progress=False)
+    with pytest.raises(GeoTokenError, match=r"own row kept \(--keep-self\): training on it learns to copy"):
+        TrainData.load(root / "gallery", tmp_path / "keep", root / "gallery", ["visual", "gps"])
+    with pytest.raises(GeoTokenError, match="--keep-self"):
+        load_queries(root / "gallery", ["visual", "gps"], tmp_path / "keep", training=True)
+    assert load_queries(root / "gallery", ["visual", "gps"], tmp_path / "keep")[1].shape == (
+        200,
+        5,
+    )  # to read: fine
+    neighbour_table(stores["gallery"], index, 5, tmp_path / "own", progress=False)
+    assert TrainData.load(root / "gallery", tmp_path / "own", root / "gallery", ["visual", "gps"]).rows == 200

@@ -237,7 +237,7 @@ def train_bundle_reward(
     must exclude each image itself (as the training tables do). Returns the scorer's held-out metrics.
     """
     emb, nbrs, lat, lon = load_queries(
-        queries_dir, list(geo.model.cfg.modalities), neighbours_dir, geo.made_by
+        queries_dir, list(geo.model.cfg.modalities), neighbours_dir, geo.made_by, training=True
     )
     scorer, metrics = train_reward(geo, emb, nbrs, lat, lon, config, progress=progress)
     scorer.save(geo.root / "reward", metrics=metrics, queries=str(queries_dir))

@@ -140,11 +140,13 @@ def load_queries(
     modalities: list[str],
     neighbours_dir: str | os.PathLike | None = None,
     made_by: str | None = None,
+    training: bool = False,
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray, np.ndarray]:
     """Aligned query embeddings {m: (N, D)} (memmaps), neighbour rows (N, k) or None, true lat, lon (N,).
 
     Rows the store skipped (unreadable images) are left out of all four. made_by: the fingerprint of the
-    alignment heads the arrays must come from (a bundle's, `Geolocator.made_by`).
+    alignment heads the arrays must come from (a bundle's, `Geolocator.made_by`). training: the rows train
+    something (the reward scorer): see `check_neighbours`.
     """
     store = FeatureStore.open(store_dir)
     store.check_heads(made_by, "the model's alignment heads")
@@ -157,6 +159,6 @@ def load_queries(
     coords = np.asarray(store.coords)[keep]
     rows = None
     if neighbours_dir is not None:
-        table = check_neighbours(neighbours_dir, store)  # computed for this store, one row per query
+        table = check_neighbours(neighbours_dir, store, training=training)  # this store's, a row per query
         rows = np.asarray(table.rows[keep])
     return emb, rows, coords[:, 0].copy(), coords[:, 1].copy()

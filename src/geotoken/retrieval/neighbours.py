@@ -155,6 +155,12 @@ def neighbour_table(
     query_store.check_heads(gallery_index.meta.get("heads"), f"the index's gallery {recorded}'s")
     if gallery_store is not None:
         query_store.check_heads(gallery_store.heads, f"the gallery {gallery_store.root}'s")
+        indexed_over = gallery_index.meta.get("gallery_rows", gallery_index.size)
+        if gallery_store.rows != indexed_over:  # its rows would be read at the index's row numbers
+            raise GeoTokenError(
+                f"gallery {gallery_store.root} has {gallery_store.rows:,} rows, the index was built over "
+                f"{indexed_over:,} ({recorded}): give the store the index was built from"
+            )
     if queries.dim != gallery_index.dim:
         raise GeoTokenError(
             f"{query_store.root}: {embedding!r} is {queries.dim}-d, the index {gallery_index.dim}-d"
@@ -272,15 +278,30 @@ def _described(store: str | None, manifest: str | None) -> str:
 
 
 def check_neighbours(
-    table: NeighbourTable | str | os.PathLike, queries: FeatureStore, gallery: FeatureStore | None = None
+    table: NeighbourTable | str | os.PathLike,
+    queries: FeatureStore,
+    gallery: FeatureStore | None = None,
+    training: bool = False,
 ) -> NeighbourTable:
     """Raise unless `table` was computed for the store `queries` (manifest hash, where both record one, and
     row count) and, given, for the store `gallery` (manifest hash and row count, where the table records
-    them). Another split's table of the same size would otherwise give wrong answers silently."""
+    them). Another split's table of the same size would otherwise give wrong answers silently.
+    `training`: also refuse a table of the gallery's own rows that keeps each query's own row (--keep-self):
+    its first neighbour is the answer, and what learns from it learns to copy it."""
     table = table if isinstance(table, NeighbourTable) else NeighbourTable.open(table)
     where = table.root / META
     meta = table.meta if isinstance(table.meta, dict) else {}
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    asked, searched = config.get("queries") or {}, meta.get("gallery") or {}
+    indexed = (config.get("index") or {}).get("store")
+    of_gallery = (
+        asked.get("manifest_hash") and asked.get("manifest_hash") == searched.get("manifest_hash")
+    ) or (asked.get("store") and indexed and Path(asked["store"]).resolve() == Path(indexed).resolve())
+    if training and config.get("exclude_self_ids") is False and of_gallery:
+        raise GeoTokenError(
+            f"{where}: the gallery's own rows with each one's own row kept (--keep-self): training on it learns "
+            "to copy the first neighbour; write the training table without --keep-self"
+        )
     for side, store, rec in (
         ("queries", queries, config.get("queries")),
         ("gallery", gallery, meta.get("gallery")),

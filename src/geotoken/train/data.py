@@ -146,7 +146,7 @@ class TrainData:
         if not index_path.is_file():
             raise GeoTokenError(f"{index_path} is missing: not a neighbour folder")
         if (Path(neighbours) / "neighbours.json").is_file():  # a bare index.npy records nothing to check
-            check_neighbours(neighbours, qstore, gstore)
+            check_neighbours(neighbours, qstore, gstore, training=True)
         elif gstore is not None:
             qstore.check_heads(gstore.heads, f"the gallery {gstore.root}'s")
         index = np.load(index_path, mmap_mode="r")
