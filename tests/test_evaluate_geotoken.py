@@ -294,3 +294,29 @@ def test_mllm_rows_are_keyed_by_the_endpoint_and_count_their_fallbacks(random_bu
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_rows_searched_otherwise_than_the_calibration_say_so(random_bundle, tmp_path):
+    import shutil
+
+    from geotoken.bundle import set_bundle_part
+    from geotoken.evaluate import load_split
+    from geotoken.search.calibration import Calibration
+
+    bundle = tmp_path / "b"
+    shutil.copytree(random_bundle(gallery_rows=64, k=3), bundle)
+    Calibration(search={"strategy": "greedy", "constrain": True, "select": "gate"}).save(
+        bundle / "calibration.json"
+    )
+    set_bundle_part(bundle, "calibration", "calibration.json")
+    split = load_split(bundle, name="gallery")
+    model = GeoTokenMethodConfig(model=str(bundle), strategies=("greedy", "beam"), selectors=("gate",))
+    cfg = EvalConfig(methods=("geotoken",), n_boot=10, limit=6, plots=False, geotoken=model)
+    res = evaluate(split, split, tmp_path / "e", cfg, log=lambda *a: None, cache_dir=tmp_path / "c")
+    fitted = {label: run.config.get("calibration_fitted_for") for label, run in res.runs.items()}
+    assert fitted["geotoken greedy+gallery"] is None  # the search it was fitted under
+    assert fitted["geotoken beam5+gate+gallery"] == {"strategy": "greedy", "beam_width": None}
+    again = evaluate(split, split, tmp_path / "e2", cfg, log=lambda *a: None, cache_dir=tmp_path / "c")
+    assert (
+        again.runs["geotoken beam5+gate+gallery"].config["calibration_fitted_for"]["strategy"] == "greedy"
+    )  # cached

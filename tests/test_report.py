@@ -41,6 +41,9 @@ def write_eval(folder, n=12, plots=True, seed=0):
     methods["geotoken beam5+logp"]["calibration"] = {
         "within_200km": {"accuracy": 0.25, "mean_confidence": 0.5, "ece": 0.125}
     }
+    methods["geotoken beam5+logp"]["config"] = {
+        "calibration_fitted_for": {"strategy": "greedy+sample+retrieval"}
+    }
     paired = [{"a": "geotoken beam5+logp", "b": "knn", "n": n, "median_km_diff": {"value": -12.0, "lo": -20.0, "hi": -4.0},
                "mean_km_diff": {"value": -10.0, "lo": -30.0, "hi": 10.0},
                "accuracy_diff": {f"{t:g}": {"value": 0.05, "lo": 0.01, "hi": 0.09} for t in THRESHOLDS}}]  # fmt: skip
@@ -105,6 +108,7 @@ def test_run_report_is_self_contained(tmp_path):
         '<td class="sig">+5.0 <small>[+1.0, +9.0]</small></td>' in text and "<td>-12</td>" in text
     )  # paired
     assert "<td>200km</td><td>25.0</td><td>50.0</td><td></td><td>12.5</td>" in text  # calibration
+    assert "geotoken beam5+logp *</th>" in text and "fitted under (strategy greedy+sample+retrieval)" in text
     assert build_report(root) == text  # a function of the files: the same bytes again
 
 

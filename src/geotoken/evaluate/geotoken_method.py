@@ -80,12 +80,25 @@ def rows_to_run(cfg) -> list[tuple[str, str, bool]]:
     return rows
 
 
-def _mllm_options(bundle: Path | None, geo) -> MLLMConfig:
-    """The MLLM settings a row with select=mllm runs with: the bundle's search defaults' (read from its
-    bundle.json when not loaded yet), or those of the given geolocator."""
+def _search_defaults(bundle: Path | None, geo) -> SearchOptions:
+    """The search options a row starts from: the bundle's defaults (read from its bundle.json when not loaded
+    yet), or those of the given geolocator."""
     if geo is not None:
-        return geo.options.mllm
-    return SearchOptions.from_dict(read_bundle(bundle).get("search", {})).mllm
+        return geo.options
+    return SearchOptions.from_dict(read_bundle(bundle).get("search", {}))
+
+
+def _mllm_options(bundle: Path | None, geo) -> MLLMConfig:
+    """The MLLM settings a row with select=mllm runs with."""
+    return _search_defaults(bundle, geo).mllm
+
+
+def _calibration(bundle: Path | None, geo) -> Calibration | None:
+    """The bundle's calibration (None: it has none), read from its file when the bundle is not loaded yet."""
+    if geo is not None:
+        return geo.calibration
+    spec = read_bundle(bundle)
+    return Calibration.load(bundle / spec["calibration"]) if spec.get("calibration") else None
 
 
 def _bundle_identity(path: Path) -> dict:
@@ -201,6 +214,12 @@ def run_geotoken(
             pred = Predictions(res.selection.lat, res.selection.lon, score, extra)
             if path is not None:
                 save_cached(path, pred)
+        calibration = _calibration(bundle, geo) if bundle is not None or geo is not None else None
+        other = (
+            calibration.other_search(_search_defaults(bundle, geo).replace(**options)) if calibration else {}
+        )
+        if other:  # (after the cache key: a fact about the bundle, not an option of the row)
+            conf = {**conf, "calibration_fitted_for": {k: then for k, (then, _) in other.items()}}
         if "mllm_fell_back" in pred.extra:
             fell = pred.extra["mllm_fell_back"]
             conf = {**conf, "mllm_fell_back": int(fell.sum())}  # in metrics.json, cached or not

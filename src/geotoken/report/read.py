@@ -63,6 +63,8 @@ class MethodRow:
     # P(within r km) of the model's rows: (key, e.g. 'within_200km', [accuracy, mean confidence, ECE raw,
     # ECE]); a value that is not a number is None
     calibration: list[tuple[str, list[float | None]]] = field(default_factory=list)
+    # the search the bundle's calibration was fitted under, where this row searched otherwise ({} if alike)
+    calibrated_for: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -117,6 +119,7 @@ def read_metrics(path: Path) -> Metrics:
                 seconds=seconds if isinstance(seconds, (int, float)) else None,
                 metrics=metrics,
                 calibration=_calibration(entry),
+                calibrated_for=dict((entry.get("config") or {}).get("calibration_fitted_for") or {}),
             )
         )
     pairs = m.get("paired") or []

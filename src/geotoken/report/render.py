@@ -203,15 +203,26 @@ def calibration_details(metrics: Metrics) -> list[str]:
     """Per GeoToken row: accuracy vs mean calibrated confidence and ECE of P(within r km)."""
     rows = []
     for r in metrics.rows:
+        mark = " *" if r.calibrated_for else ""
         for key, vals in r.calibration:
             cells = "".join(f"<td>{100 * v:.1f}</td>" if v is not None else "<td></td>" for v in vals)
-            rows.append(f"<tr><th>{esc(r.label)}</th><td>{esc(key.removeprefix('within_'))}</td>{cells}</tr>")
+            rows.append(
+                f"<tr><th>{esc(r.label)}{mark}</th><td>{esc(key.removeprefix('within_'))}</td>{cells}</tr>"
+            )
     if not rows:
         return []
+    fitted = next((r.calibrated_for for r in metrics.rows if r.calibrated_for), None)
+    note = (
+        f'<p class="muted">* searched otherwise than the calibration was fitted under '
+        f"({esc(', '.join(f'{k} {v}' for k, v in fitted.items()))}): its temperatures do not calibrate that "
+        "search (geotoken calibrate with it does)</p>"
+        if fitted
+        else ""
+    )
     return [
         '<details><summary>calibration of P(within r) (%)</summary><table class="metrics"><thead><tr><th>method</th>'
         "<th>r</th><th>accuracy</th><th>mean confidence</th><th>ECE raw</th><th>ECE</th></tr></thead>"
-        f"{''.join(rows)}</table></details>"
+        f"{''.join(rows)}</table>{note}</details>"
     ]
 
 

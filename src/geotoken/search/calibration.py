@@ -259,8 +259,11 @@ def fit_calibration(data: dict, search=None) -> Calibration:
 
 
 def _pool_options(search) -> dict:
-    """The POOL_OPTIONS of a SearchOptions that its strategy reads (num_samples is no part of a beam's pool)."""
-    unused = set(unused_options(search.strategy, POOL_OPTIONS))
+    """The POOL_OPTIONS of a SearchOptions that its strategy reads (num_samples is no part of a beam's pool;
+    greedy's pool of one leaves its selector no choice)."""
+    unused = set(unused_options(search.strategy, POOL_OPTIONS)) | (
+        {"select"} if search.strategy == "greedy" else set()
+    )
     return {k: getattr(search, k) for k in POOL_OPTIONS if k not in unused}
 
 
