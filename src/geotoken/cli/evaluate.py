@@ -72,7 +72,8 @@ def register(subparsers) -> None:
         "-o", "--out", required=True, help="output folder (metrics.json, metrics.md, predictions.csv, PNGs)"
     )
     p.add_argument("--neighbours", help="neighbour table folder (index.npy, sims.npy) of the queries in the gallery, "
-                   "used by nn/knn instead of an exact search")  # fmt: skip
+                   "used by nn/knn instead of an exact search; the geotoken rows search the bundle's own index, "
+                   "as predict does")  # fmt: skip
     p.add_argument("--reference", help="paired comparisons: every method minus this one (default: the first)")
     p.add_argument("--limit", type=int, help="evaluate only the first N queries")
     g = p.add_argument_group("statistics")
