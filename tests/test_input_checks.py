@@ -378,3 +378,18 @@ def test_training_refuses_the_gallerys_own_table_that_keeps_each_query(splits, t
     )  # to read: fine
     neighbour_table(stores["gallery"], index, 5, tmp_path / "own", progress=False)
     assert TrainData.load(root / "gallery", tmp_path / "own", root / "gallery", ["visual", "gps"]).rows == 200
+
+
+def test_a_finished_neighbour_table_of_other_queries_is_not_replaced_unasked(splits, tmp_path):
+    root, stores = splits
+    index = NeighbourIndex.load(root / "index")
+    neighbour_table(stores["test"], index, 5, tmp_path / "t", exclude_self_ids=False, progress=False)
+    same = neighbour_table(stores["test"], index, 5, tmp_path / "t", exclude_self_ids=False, progress=False)
+    assert same.rows.shape == (20, 5)  # the same table again: reused
+    with pytest.raises(
+        GeoTokenError, match=r"holds the neighbour table of .*test \(k 5\) already; pass --overwrite"
+    ):
+        neighbour_table(stores["val"], index, 5, tmp_path / "t", exclude_self_ids=False, progress=False)
+    table = neighbour_table(stores["val"], index, 3, tmp_path / "t", exclude_self_ids=False, progress=False,
+                            overwrite=True)  # fmt: skip
+    assert table.k == 3

@@ -100,6 +100,8 @@ def register(subparsers) -> None:
                         f"as prediction does (default {REFINE}; 1: the index's own order)")  # fmt: skip
     n.add_argument("--nprobe", type=int, help="ivfpq: override the index's nprobe")
     n.add_argument("--ef-search", type=int, help="hnsw: override the index's search beam")
+    n.add_argument("--overwrite", action="store_true",
+                   help="replace a finished table of other queries or options in --out")  # fmt: skip
     n.add_argument("--threads", type=count, default=0, help="FAISS threads (default 0: FAISS's choice)")
     n.set_defaults(func=run_neighbours)
 
@@ -143,6 +145,7 @@ def run_neighbours(args) -> int:
         batch_size=args.batch_size,
         refine=args.refine,
         exclude_same_place=args.exclude_same_place,
+        overwrite=args.overwrite,
     )
     if first_process():  # under torchrun, one summary
         print(

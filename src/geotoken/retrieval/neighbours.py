@@ -121,6 +121,7 @@ def neighbour_table(
     progress: bool = True,
     refine: int = REFINE,
     exclude_same_place: bool = False,
+    overwrite: bool = False,
 ) -> NeighbourTable:
     """Write the top-k gallery rows of every query row to `out_dir` (resumes a killed run; shared between
     the processes of a torchrun job, see the module docstring).
@@ -131,7 +132,8 @@ def neighbour_table(
     rows at exactly the query's coordinates are dropped too (training queries that are other views of
     gallery places; test photos never share a gallery coordinate). Skipped query rows get -1.
     refine > 1 (compressed indexes): re-rank refine x k candidates by exact vectors from the gallery store;
-    a flat index is exact already (its table records refine 1).
+    a flat index is exact already (its table records refine 1). A finished table of other queries or options
+    in `out_dir` is not replaced unless `overwrite` (what trains or evaluates from it would change unseen).
     """
     for name, value in (("k", k), ("batch_size", batch_size), ("refine", refine)):
         if not is_whole(value):
@@ -185,8 +187,15 @@ def neighbour_table(
         "index": {key: gallery_index.meta.get(key) for key in ("kind", "store", "embedding", "indexed")},
         "rows": query_store.rows,
     }
-    if (out_dir / META).is_file() and read_json(out_dir / META)["config"] == config:
-        return NeighbourTable.open(out_dir)
+    if (out_dir / META).is_file():
+        was = read_json(out_dir / META)["config"]
+        if was == config:
+            return NeighbourTable.open(out_dir)
+        if not overwrite:
+            raise GeoTokenError(
+                f"{out_dir}: holds the neighbour table of {was.get('queries', {}).get('store', '?')} (k "
+                f"{was.get('k', '?')}) already; pass --overwrite (overwrite=True) to replace it, or write to a new folder"
+            )
     d = distributed()
     if d.main:
         _start(out_dir, config, query_store.rows, k, batch_size)
