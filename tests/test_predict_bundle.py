@@ -198,6 +198,9 @@ def test_train_reward_and_calibrate_commands(bundle, tmp_path, capsys, photo):
     assert "select 'reward' (calibrated: " in pred.note and "beam_width 5 (calibrated: None)" in pred.note
     [same] = geo.predict([photo], top_k=2, strategy="greedy", num_samples=3)  # num_samples: no part of greedy
     assert "not calibrated" not in same.note
+    with pytest.warns(UserWarning, match="replacing its calibration with this one, fitted on"):
+        assert main(["calibrate", *args, "--strategy", "beam"]) == 0  # (a test split's calibration, say)
+    capsys.readouterr()
     [pooled] = geo.predict([photo], top_k=4, strategy="sample+retrieval", num_samples=2, retrieved=2)
     assert pooled.strategy == "sample+retrieval" and len(pooled.candidates) <= 4
     assert main(["train-reward", *args, "--neighbours", str(tmp_path / "nbrs"), "--retrieved", "-1"]) == 2

@@ -8,6 +8,7 @@ training images for the reward scorer), save their result into the bundle folder
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -73,6 +74,10 @@ def calibrate_bundle(
     tokens = latlon_to_tokens(lat, lon, cfg.level, cfg.group)
     data = calibration_data(res.pool, res.selection, lat, lon, tokens, radii_km=radii_km, group=cfg.group)
     cal = fit_calibration(data, search=geo.options.replace(**searched))
+    if geo.calibration is not None:  # (said: a calibration fitted on the validation split replaced unseen)
+        warnings.warn(
+            f"{geo.root}: replacing its calibration with this one, fitted on {queries_dir}", stacklevel=2
+        )
     cal.save(geo.root / "calibration.json")
     set_bundle_part(geo.root, "calibration", "calibration.json")
     return calibration_report(data, cal, plot=plot)
@@ -240,6 +245,10 @@ def train_bundle_reward(
         queries_dir, list(geo.model.cfg.modalities), neighbours_dir, geo.made_by, training=True
     )
     scorer, metrics = train_reward(geo, emb, nbrs, lat, lon, config, progress=progress)
+    if geo.reward is not None:
+        warnings.warn(
+            f"{geo.root}: replacing its reward scorer with this one, trained on {queries_dir}", stacklevel=2
+        )
     scorer.save(geo.root / "reward", metrics=metrics, queries=str(queries_dir))
     set_bundle_part(geo.root, "reward", "reward")
     return metrics
