@@ -78,9 +78,11 @@ def test_evaluate_all_baselines_writes_everything(stores, tmp_path, capsys):
     md = (out / "metrics.md").read_text()
     assert "| gps-gallery | 120 |" in md
     # a rerun reuses every method's cached predictions and gives the same numbers
+    (out / "report.html").write_text("<html>the report of the evaluation before</html>")
     assert (
         main(["evaluate", "--gallery", str(g), "--queries", str(q), "-o", str(out), "--no-plots", *ARGS]) == 0
     )
+    assert not (out / "report.html").exists()  # it showed the earlier evaluation beside this one's metrics
     again = json.loads((out / "metrics.json").read_text())
     assert all(again["methods"][m]["cached"] for m in BASELINES)
     assert again["methods"]["knn"]["accuracy"] == report["methods"]["knn"]["accuracy"]

@@ -114,8 +114,11 @@ def test_run_report_is_self_contained(tmp_path):
 
 def test_eval_folder_report_regenerates_plots_and_lists_what_is_missing(tmp_path):
     folder = write_eval(tmp_path / "eval", plots=False)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["queries"]["skipped"] = 1  # an image that could not be embedded: said beside n
+    (folder / "metrics.json").write_text(json.dumps(metrics))
     text = build_report(folder)
-    assert '<table class="metrics">' in text
+    assert '<table class="metrics">' in text and "(1 unreadable images left out)" in text
     assert re.search(
         r'<figure class="map"><img src="data:image/jpeg;base64,', text
     )  # drawn from predictions.csv

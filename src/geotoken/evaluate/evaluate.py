@@ -469,20 +469,22 @@ def evaluate(
     write_json(out / "metrics.json", report)
     files.append(out / "metrics.json")
     with atomic_open(out / "metrics.md", "w", encoding="utf-8") as f:
-        f.write(f"# Evaluation: {len(queries)} queries, gallery of {len(gallery)}\n\n")
+        skipped = f" ({queries.skipped:,} unreadable images left out at embedding)" if queries.skipped else ""
+        f.write(f"# Evaluation: {len(queries)} queries{skipped}, gallery of {len(gallery)}\n\n")
         f.write(metrics_markdown({k: r.metrics for k, r in runs.items()}, pairs))
     files.append(out / "metrics.md")
     if cfg.plots:
         files += write_plots(out, queries, runs, cfg.thresholds)
     written = {Path(f).resolve() for f in files}
-    for pattern in PLOT_FILES:  # an earlier evaluation's plots (other methods, or --no-plots now) would pass
+    for pattern in DERIVED_FILES:  # an earlier evaluation's plots (other methods, or --no-plots now) would pass
         for stale in out.glob(pattern):  # for this one's in the folder and in its report
             if stale.resolve() not in written:
                 stale.unlink()
     return EvalResult(runs, pairs, out, files)
 
 
-PLOT_FILES = ("error_cdf.png", "map_*.png", "reliability_*.png")  # what an evaluation folder's plots are
+# what an evaluation folder's plots are, and its report (of an earlier evaluation: `geotoken report` rewrites it)
+DERIVED_FILES = ("error_cdf.png", "map_*.png", "reliability_*.png", "report.html")
 
 
 def write_plots(
