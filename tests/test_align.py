@@ -241,3 +241,16 @@ def test_a_killed_align_train_goes_on_from_its_last_epoch(tmp_path, monkeypatch)
     calls.clear()
     train_heads(store, tmp_path / "other", AlignConfig(**{**cfg.__dict__, "lr": 1e-3}), heads_cfg, **common)
     assert len(calls) == 2 * 5 * 6
+
+
+def test_a_visual_dim_the_data_cannot_give_is_said(tmp_path):
+    store = synthetic_store(tmp_path / "store")  # features of fewer dimensions than asked for
+    cfg = AlignConfig(epochs=1, batch_size=64, queue_size=128, val_fraction=0.2)
+    with pytest.warns(
+        UserWarning, match=r"visual_dim 4096 is more than the \d+-d features or the 383 training rows"
+    ):
+        heads, _ = train_heads(
+            store, None, cfg, {"visual_dim": 4096, "hidden": 32}, gallery_coords=CITIES,
+            gps_encoder=FakeGPSEncoder(), text_encoder=FakeTextEncoder(), progress=False,
+        )  # fmt: skip
+    assert heads.config.visual_dim < 4096

@@ -417,7 +417,14 @@ def train_heads(
         backbone=backbone,
         **overrides,
     )
-    hc.visual_dim = min(hc.visual_dim, hc.in_dim, len(train_rows))
+    fits = min(hc.visual_dim, hc.in_dim, len(train_rows))  # the PCA's components: no more than either
+    if fits < hc.visual_dim and "visual_dim" in overrides:
+        warnings.warn(
+            f"align: visual_dim {hc.visual_dim} is more than the {hc.in_dim}-d features or the {len(train_rows):,} "
+            f"training rows allow; the visual embedding is {fits}-d",
+            stacklevel=2,
+        )
+    hc.visual_dim = fits
     heads = AlignHeads(hc)
     if gps_head != "train":
         pretrained = load_image_head((geoclip_files or GeoCLIPFiles.shipped()).image_head)
