@@ -113,6 +113,14 @@ def test_a_config_value_of_the_wrong_type_is_an_error_naming_its_field(tmp_path,
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(model))
     with pytest.raises(GeoTokenError, match="stage 'model'.epochs: expected int, got '1'"):
         load_run_config(tmp_path / "t.yaml", environ={})
+    (tmp_path / "u.yaml").write_text(
+        yaml.safe_dump({"stages": [{"name": "features", "confg": {"image_size": 64}}]})
+    )
+    with pytest.raises(GeoTokenError, match=r"stage 'features': unknown key\(s\) \['confg'\]; a stage has"):
+        load_run_config(tmp_path / "u.yaml", environ={})
+    (tmp_path / "v.yaml").write_text(yaml.safe_dump({"stage": [{"name": "features"}]}))
+    with pytest.raises(GeoTokenError, match=r"v.yaml: unknown key\(s\) \['stage'\]; a run config has"):
+        load_run_config(tmp_path / "v.yaml", environ={})
 
 
 @pytest.mark.parametrize(

@@ -476,7 +476,9 @@ def evaluate(
     if cfg.plots:
         files += write_plots(out, queries, runs, cfg.thresholds)
     written = {Path(f).resolve() for f in files}
-    for pattern in DERIVED_FILES:  # an earlier evaluation's plots (other methods, or --no-plots now) would pass
+    for (
+        pattern
+    ) in DERIVED_FILES:  # an earlier evaluation's plots (other methods, or --no-plots now) would pass
         for stale in out.glob(pattern):  # for this one's in the folder and in its report
             if stale.resolve() not in written:
                 stale.unlink()

@@ -141,7 +141,9 @@ def read_metrics(path: Path) -> Metrics:
         thresholds,
         rows,
         paired,
-        q.get("rows", "?") if not q.get("skipped") else f"{q.get('rows', '?')} ({q['skipped']} unreadable images left out)",
+        q.get("rows", "?")
+        if not q.get("skipped")
+        else f"{q.get('rows', '?')} ({q['skipped']} unreadable images left out)",
         g.get("rows", "?"),
         m.get("bootstrap", {}).get("n_boot", "?"),
         str(m.get("intervals", Metrics.intervals)),

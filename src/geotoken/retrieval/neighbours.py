@@ -410,7 +410,9 @@ def build_store_index(
     if kind != "flat":
         index.meta.update(measure_recall(index, embeddings, store.valid, recall_k, recall_queries))
         key = next(k for k in (f"recall@{recall_k}_refine{REFINE}", f"recall@{recall_k}") if k in index.meta)
-        if index.meta[key] < 0.9:  # what prediction gets (re-ranked where it re-ranks): said, not only recorded
+        if (
+            index.meta[key] < 0.9
+        ):  # what prediction gets (re-ranked where it re-ranks): said, not only recorded
             warnings.warn(
                 f"{kind} index over {store.rows:,} rows: {key} {index.meta[key]:.3f}, so predictions will miss "
                 f"neighbours an exact search finds; kind flat searches exactly (compressed kinds pay off from "

@@ -102,11 +102,13 @@ def load_run_config(
     """Read a config file (`find_config`), fill its variables and build its pipeline."""
     path = find_config(name)
     raw = load_yaml(path.read_text(encoding="utf-8"), str(path))
-    if not isinstance(raw, Mapping) or "stages" not in raw:
+    if not isinstance(raw, Mapping):
         raise GeoTokenError(f"{path}: a run config is a mapping with a 'stages' list")
     unknown = sorted(set(raw) - set(KEYS))
-    if unknown:
+    if unknown:  # (before 'stages' is missing: `stage:` for `stages:` names the typo)
         raise GeoTokenError(f"{path}: unknown key(s) {unknown}; a run config has {list(KEYS)}")
+    if "stages" not in raw:
+        raise GeoTokenError(f"{path}: a run config is a mapping with a 'stages' list")
     overrides = dict(overrides or {})
     environ = os.environ if environ is None else environ
     defaults = {k: str(v) for k, v in (raw.get("variables") or {}).items() if v is not None}

@@ -145,9 +145,12 @@ class StageSpec:
     def from_dict(cls, d: Mapping[str, Any]) -> StageSpec:
         """{"name", "kind" (default: the name), "config": {field: value} (default: all defaults),
         "inputs": {input: stage} or [stage, ...] (same names) (default: same names)}."""
-        unknown = sorted(set(d) - {"name", "kind", "config", "inputs"})
-        if unknown or "name" not in d:
-            raise GeoTokenError(f"stage {dict(d)}: needs 'name'; unknown key(s) {unknown}")
+        keys = ("name", "kind", "config", "inputs")
+        if "name" not in d:
+            raise GeoTokenError(f"stage {dict(d)}: needs a 'name'")
+        unknown = sorted(set(d) - set(keys))
+        if unknown:
+            raise GeoTokenError(f"stage {d['name']!r}: unknown key(s) {unknown}; a stage has {list(keys)}")
         name, kind = d["name"], d.get("kind", d["name"])
         if kind not in STAGES:
             raise GeoTokenError(f"stage {name!r}: unknown kind {kind!r}; choose from {sorted(STAGES)}")
