@@ -227,3 +227,8 @@ def test_an_unknown_option_is_said_by_its_command(capsys):
             in err
         )
         assert err.startswith(f"usage: {usage} ")
+
+
+def test_demo_fast_and_another_preset_contradict(capsys):
+    assert main(["demo", "--fast", "--preset", "full", "--run-dir", "/nonexistent/x"]) == 2
+    assert "--fast is --preset fast; it contradicts --preset full" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import argparse
 from geotoken import DTYPES
 from geotoken.cli import THREADS_HELP, count
 from geotoken.devices import retain_freed_memory
+from geotoken.errors import GeoTokenError
 from geotoken.model import ARCHS
 from geotoken.model import PRESETS as MODEL_PRESETS
 from geotoken.pipeline import PRESETS, demo_config, print_summary, run_demo
@@ -73,6 +74,8 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     retain_freed_memory()  # a training job: keep freed activations' memory (see there)
+    if args.fast and args.preset not in (None, "fast"):
+        raise GeoTokenError(f"--fast is --preset fast; it contradicts --preset {args.preset} (give one of them)")
     name = args.preset or ("fast" if args.fast else "demo")
     cfg = demo_config(
         name,
