@@ -62,6 +62,10 @@ def write_run(root, old_root="/no/such/old/run"):
     """A run folder as `geotoken demo` leaves it; its paths name where it was first written (old_root)."""
     write_eval(root / "eval-abc" / "test")
     speckle_image((48, 32), 50).save(root / "photo.jpg")
+    (root / "table-abc").mkdir()
+    (root / "table-abc" / "table.md").write_text(
+        "| method | Im2GPS3k (n = 3) 1 km |\n|---|---|\n| knn <b> | 5.0 |\n"
+    )
     cand = {"lat": 48.85, "lon": 2.35, "probability": 0.4, "cell": "47e66e", "place": {"city": "Paris", "country": "France"},
             "polygon": [[48.8, 2.3], [48.8, 2.4], [48.9, 2.4], [48.9, 2.3]], "level_confidence": [0.9, 0.7, 0.5]}  # fmt: skip
     summary = {
@@ -71,6 +75,7 @@ def write_run(root, old_root="/no/such/old/run"):
         "timings_s": {"data": 1.5, "eval": 2.25},
         "total_s": 3.75,
         "eval": {"test": f"{old_root}/eval-abc/test"},
+        "tables": {"table": f"{old_root}/table-abc/table.md"},
         "samples": [
             {
                 "id": "q7",
@@ -102,6 +107,9 @@ def test_run_report_is_self_contained(tmp_path):
     assert 'class="photo" src="data:image/jpeg;base64,' in text  # the moved run's photo was found
     assert "Paris, France" in text and "40.0%" in text and 'title="level 1: 70.0%"' in text
     assert "model_preset" in text and "3.75" in text and "eval-abc" in text
+    assert (
+        '<pre class="table">| method | Im2GPS3k (n = 3) 1 km |' in text and "knn &lt;b&gt;" in text
+    )  # Table I
     assert "<tr><th>eval</th><td>40.50</td><td>2.25</td>" in text  # built in, and this run (a reuse)
     assert 'id="missing"' not in text
     assert (

@@ -416,3 +416,23 @@ def test_the_dry_run_flags_a_model_k_beyond_the_index_and_an_unknown_split():
         for x in problems(k=50)
     )
     assert any("queries 'tarin': no such split" in x for x in problems(queries="tarin"))
+
+
+def test_the_table_of_other_test_sets_has_no_paper_rows_and_points_only_at_reports_that_exist(tmp_path):
+    from geotoken.evaluate.metrics import bootstrap_metrics
+    from geotoken.stages.datasets import TableStageConfig, paper_table
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset.json").write_text(
+        json.dumps({"sizes": {"test": 3}})
+    )  # EarthViews: no reports
+    (tmp_path / "eval" / "test").mkdir(parents=True)
+    knn = bootstrap_metrics(np.array([1.0, 30.0, 3000.0]), n_boot=10).to_dict()
+    (tmp_path / "eval" / "test" / "metrics.json").write_text(
+        json.dumps({"methods": {"knn": knn}, "queries": {"rows": 3}})
+    )
+    paper_table(TableStageConfig(splits=("test",)), tmp_path / "out", data=tmp_path / "data", evaluate=tmp_path / "eval",
+                log=lambda s: None)  # fmt: skip
+    text = (tmp_path / "out" / "table.md").read_text()
+    assert "(paper)" not in text and "| knn |" in text and "test (n = 3) 1 km" in text
+    assert "details:" not in text  # no test.report.csv in that data stage's folder

@@ -75,7 +75,9 @@ def register(subparsers) -> None:
 def run(args) -> int:
     retain_freed_memory()  # a training job: keep freed activations' memory (see there)
     if args.fast and args.preset not in (None, "fast"):
-        raise GeoTokenError(f"--fast is --preset fast; it contradicts --preset {args.preset} (give one of them)")
+        raise GeoTokenError(
+            f"--fast is --preset fast; it contradicts --preset {args.preset} (give one of them)"
+        )
     name = args.preset or ("fast" if args.fast else "demo")
     cfg = demo_config(
         name,

@@ -263,6 +263,7 @@ class RunFolder:
     summary: RunSummary | None = None  # None: an evaluation folder (no run.json)
     examples: list[Example] | None = None  # None: no `samples` in run.json
     missing: list[str] = field(default_factory=list)
+    tables: list[tuple[str, str]] = field(default_factory=list)  # (stage, table.md's text) of `table` stages
 
 
 def _relocate(path: str, old_root: str | None, root: Path) -> Path:
@@ -328,6 +329,12 @@ def _read_run_json(root: Path) -> RunFolder:
         evaluation = read_evaluation(str(name), _relocate(folder, old_root, root), run.missing)
         if evaluation is not None:
             run.evaluations.append(evaluation)
+    for name, table in (summary.get("tables") or {}).items():
+        found = _relocate(str(table), old_root, root)
+        if found.is_file():
+            run.tables.append((str(name), found.read_text(encoding="utf-8")))
+        else:
+            run.missing.append(f"{found} (the {name} stage's Table I)")
     samples = summary.get("samples")
     if samples:
         if not isinstance(samples, list):

@@ -380,6 +380,8 @@ def render_report(run: RunFolder) -> str:
     """The report's HTML text for what `read_run` read."""
     root = run.root
     page = Page(title=f"GeoToken report: {root.resolve().name}")
+    for name, text in run.tables:  # the paper's layout first: both test sets side by side, the paper's rows
+        page.add(f"table-{slug(name)}", f"Table I ({name})", f'<pre class="table">{esc(text)}</pre>')
     for ev in run.evaluations:
         eval_section(page, ev)
     if run.examples is not None:

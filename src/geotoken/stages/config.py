@@ -208,6 +208,13 @@ def run_summary(pipeline: Pipeline, run: Run, results: Mapping[str, StageResult]
     }
     if bundles:
         summary["bundle"] = str(results[bundles[-1]].folder)
+    tables = {
+        spec.name: str(results[spec.name].folder / "table.md")
+        for spec in pipeline.stages
+        if spec.kind == "table"
+    }
+    if tables:  # the paper's Table I layout, which the report shows first
+        summary["tables"] = tables
     return summary
 
 

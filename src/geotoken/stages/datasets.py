@@ -283,6 +283,8 @@ def paper_table(
     """The evaluation of every split in `config.splits` as one table (`out/table.md`, `out/table.json`)."""
     dataset = read_json(data / "dataset.json")
     paper = paper_figures() if config.paper else None
+    if paper and not set(config.splits) & set(paper.get("test_sets", {})):
+        paper = None  # none of the paper's test sets: its rows would be dashes
     names = {s: (paper or {}).get("test_sets", {}).get(s, s) for s in config.splits}
     results: dict[str, dict[str, MethodMetrics]] = {}
     notes = []
@@ -300,7 +302,8 @@ def paper_table(
         results[split] = {m: MethodMetrics.from_dict(metrics["methods"][m], f"methods.{m}") for m in wanted}
         n = metrics["queries"]["rows"]
         names[split] = f"{names[split]} (n = {n:,})"
-        notes.append(_split_note(split, n, metrics, dataset.get("sources", {}).get(split, {})))
+        details = (data / f"{split}.report.csv").is_file()
+        notes.append(_split_note(split, n, metrics, dataset.get("sources", {}).get(split, {}), details))
     text = table_markdown(results, names, [""] + notes, paper)
     with atomic_open(out / "table.md", "w", encoding="utf-8") as f:
         f.write(text)
@@ -313,7 +316,7 @@ def paper_table(
     return {"splits": list(config.splits)}
 
 
-def _split_note(split: str, n: int, metrics: dict, counts: dict) -> str:
+def _split_note(split: str, n: int, metrics: dict, counts: dict, details: bool = True) -> str:
     """Where each split's n comes from: rows listed, bad rows, rows without an image, images without a row."""
     parts = [f"- {split}: n = {n:,} images evaluated"]
     if counts.get("rows"):
@@ -323,7 +326,8 @@ def _split_note(split: str, n: int, metrics: dict, counts: dict) -> str:
         parts.append(f"left out: {describe_left_out(left_out)}")
     if metrics["queries"].get("skipped"):
         parts.append(f"{metrics['queries']['skipped']:,} unreadable images skipped at embedding")
-    return "; ".join(parts) + f" (details: {split}.report.csv in the dataset stage's folder)"
+    where = f" (details: {split}.report.csv in the dataset stage's folder)" if details else ""
+    return "; ".join(parts) + where
 
 
 __all__ = [
