@@ -27,7 +27,7 @@ from geotoken.data.earthviews.geometry import (
 )
 from geotoken.data.earthviews.render import iter_views, load_layer
 from geotoken.errors import GeoTokenError
-from geotoken.io import atomic_open, atomic_path, read_json, sha256_file, sha256_json, write_json
+from geotoken.io import atomic_open, atomic_path, exclusive, read_json, sha256_file, sha256_json, write_json
 
 FORMAT_VERSION = 1
 _SHARD_RE = re.compile(r"(gallery|train|val|test|test_disjoint|test_shift)-\d{5}\.tar")
@@ -99,6 +99,12 @@ def build_earthviews(
     """
     cfg.validate()
     out = Path(out)
+    with exclusive(out.parent / f".{out.name}.lock", f"EarthViews folder {out}"):
+        return _build(out, cfg, coords_path, workers, overwrite, progress)
+
+
+def _build(out: Path, cfg: EarthViewsConfig, coords_path, workers: int, overwrite: bool, progress) -> dict:
+    """`build_earthviews`, under its folder's lock (so a killed build's temporary files are its own)."""
     coords = load_coordinates(coords_path)
     identity = {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "sources": _sources(coords, cfg)}
     config_hash = sha256_json(identity)
@@ -112,6 +118,8 @@ def build_earthviews(
         raise GeoTokenError(
             f"{out}: folder is not empty and holds no EarthViews build; choose an empty --out"
         )
+    for stale in out.glob(".*.tmp"):  # a shard of a build killed while writing it (SIGKILL skips the cleanup)
+        stale.unlink()
     t0 = time.perf_counter()
     splits = make_splits(coords, cfg)  # before build.json: too few coordinates leave nothing behind
     write_json(out / "build.json", {"config_hash": config_hash, **identity})
