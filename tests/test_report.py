@@ -211,3 +211,14 @@ def test_cli(tmp_path, capsys):
     assert main(["report", str(root), "-o", str(out)]) == 0
     assert out.is_file() and str(out) in capsys.readouterr().out
     assert main(["report", str(tmp_path / "nowhere")]) == 2
+
+
+def test_an_example_photo_with_a_hash_in_its_name_is_found(tmp_path):
+    root = write_run(tmp_path / "run")
+    (root / "ph").mkdir()
+    (root / "photo.jpg").rename(root / "ph" / "#1.jpg")  # a plain file: '#' is no archive member here
+    summary = json.loads((root / "run.json").read_text())
+    summary["samples"][0]["image"] = "/no/such/old/run/ph/#1.jpg"
+    (root / "run.json").write_text(json.dumps(summary))
+    text = build_report(root)
+    assert 'class="photo" src="data:image/jpeg;base64,' in text and "example image" not in text

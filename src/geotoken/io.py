@@ -40,6 +40,16 @@ def _umask() -> int:
     return mask
 
 
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """An image reference's file and member: 'a/b.tar#KEY.jpg' -> ('a/b.tar', 'KEY.jpg'), 'a/b.zip#x/1.jpg'
+    -> ('a/b.zip', 'x/1.jpg'); a plain path -> (path, None), '#' and all ('photos/#1.jpg' is a file)."""
+    for ext in (".tar#", ".zip#"):
+        i = ref.find(ext)
+        if i >= 0:
+            return ref[: i + 4], ref[i + 5 :]
+    return ref, None
+
+
 def check_outputs_spare_inputs(inputs, *outputs) -> None:
     """Refuse an output path that names one of the inputs (or another output): writing it would destroy
     what the command reads, or one output would overwrite the other."""
@@ -48,7 +58,7 @@ def check_outputs_spare_inputs(inputs, *outputs) -> None:
         for p in paths:
             if p is None:
                 continue
-            key = Path(os.path.realpath(os.fspath(p).split("#", 1)[0]))  # a shard member: its shard
+            key = Path(os.path.realpath(split_ref(os.fspath(p))[0]))  # a shard member: its shard
             if key in seen and kind == "output":
                 raise GeoTokenError(
                     f"{p}: named as an output and as an {seen[key]}; write the output elsewhere"

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from geotoken.data.table import Manifest
 from geotoken.errors import GeoTokenError
+from geotoken.io import split_ref
 
 IMAGE_EXTENSIONS = (
     ".jpg",
@@ -91,16 +92,6 @@ def is_heif(data: bytes) -> bool:
 
 
 HEIC_HINT = "pip install 'geotoken[heic]' (pillow-heif) to read HEIC/HEIF photos, or convert them to JPEG"
-
-
-def split_ref(ref: str) -> tuple[str, str | None]:
-    """'a/b.tar#KEY.jpg' -> ('a/b.tar', 'KEY.jpg'), 'a/b.zip#x/1.jpg' -> ('a/b.zip', 'x/1.jpg'); a plain path
-    -> (path, None)."""
-    for ext in (".tar#", ".zip#"):
-        i = ref.find(ext)
-        if i >= 0:
-            return ref[: i + 4], ref[i + 5 :]
-    return ref, None
 
 
 def is_zip(path: str) -> bool:

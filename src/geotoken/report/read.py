@@ -29,7 +29,7 @@ from geotoken.errors import GeoTokenError
 from geotoken.evaluate.metrics import MethodMetrics, PairedComparison
 from geotoken.evaluate.runs import slug
 from geotoken.geo import THRESHOLDS_KM
-from geotoken.io import read_json
+from geotoken.io import read_json, split_ref
 
 PREDICTION_COLUMNS = ("id", "lat", "lon", "pred_lat", "pred_lon", "error_km", "method", "strategy")
 
@@ -295,8 +295,8 @@ def read_examples(
         image = None
         ref = s.get("image")
         if ref:
-            file_part, sep, member = str(ref).partition("#")
-            ref = os.fspath(_relocate(file_part, old_root, root)) + sep + member
+            file_part, member = split_ref(str(ref))
+            ref = os.fspath(_relocate(file_part, old_root, root)) + (f"#{member}" if member is not None else "")
             try:
                 image = open_image(ref)
             except GeoTokenError as exc:
