@@ -257,8 +257,6 @@ class GeoCLIPGeolocator(nn.Module):
     (no cache yet) or "recomputed" (the cache was corrupt or for other inputs); `cache_path` is the file.
     """
 
-    image_dim = IMAGE_DIM
-
     def __init__(
         self,
         files: GeoCLIPFiles | None = None,
