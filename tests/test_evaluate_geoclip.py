@@ -131,7 +131,7 @@ def test_a_relative_clip_folder_is_checked_where_it_was_embedded(tmp_path, monke
         "0",
     ]  # --clip: backbone clip
     for wrong, said in [(["--backbone", "efficientnet-lite0"], "the backbone efficientnet-lite0 has none"),
-                        (["--image-size", "64"], "--image-size is efficientnet-lite0's")]:  # fmt: skip
+                        (["--image-size", "64"], "image_size is efficientnet-lite0's")]:  # fmt: skip
         assert main([*args, *wrong]) == 2 and said in capsys.readouterr().err
     assert main([*args, "--threads", "1"]) == 0
     header = FeatureStore.open(work / "store").header

@@ -8,7 +8,7 @@ import time
 from geotoken.cli import DEVICE_HELP, THREADS_HELP, count, first_process, use_threads
 from geotoken.data.datasets import images_named_by_id
 from geotoken.data.manifest import read_manifest
-from geotoken.encoders import BACKBONES, load_backbone
+from geotoken.encoders import BACKBONES, check_backbone_options, load_backbone
 from geotoken.errors import GeoTokenError
 from geotoken.features import embed
 
@@ -67,10 +67,7 @@ def run(args) -> int:
         )
     use_threads(args.threads)
     name = args.backbone or ("clip" if args.clip else "efficientnet-lite0")
-    if args.clip and name != "clip":
-        raise GeoTokenError(f"--clip names a CLIP model; the backbone {name} has none (drop one of them)")
-    if args.image_size and name == "clip":
-        raise GeoTokenError("--image-size is efficientnet-lite0's; a CLIP model's input size is its own")
+    check_backbone_options(name, args.clip, args.image_size)
     options = {"image_size": args.image_size, "clip": args.clip}
     backbone = load_backbone(name, **{k: v for k, v in options.items() if v is not None})
     manifest = read_manifest(args.manifest)

@@ -6,7 +6,7 @@
 - `load_text_encoder(name) -> TextEncoder`: "minilm" (offline default) or "clip"; list[str] -> (B, D).
 """
 
-from geotoken.encoders.backbones import BACKBONES, backbone_source, load_backbone
+from geotoken.encoders.backbones import BACKBONES, backbone_source, check_backbone_options, load_backbone
 from geotoken.encoders.base import ImageBackbone
 from geotoken.encoders.gps import GPSEncoder, load_gps_encoder
 from geotoken.encoders.text import TextEncoder, load_text_encoder
@@ -17,6 +17,7 @@ __all__ = [
     "ImageBackbone",
     "TextEncoder",
     "backbone_source",
+    "check_backbone_options",
     "load_backbone",
     "load_gps_encoder",
     "load_text_encoder",

@@ -18,6 +18,19 @@ BACKBONES: dict[str, type[ImageBackbone]] = {
 }
 
 
+def check_backbone_options(name: str, clip: str | None = None, image_size: int | None = None) -> None:
+    """The options that apply to one backbone only, given to another: an error naming both (the features
+    stage, `geotoken embed`), before any image is read."""
+    if clip is not None and name != "clip":
+        raise GeoTokenError(
+            f"clip {clip!r} names CLIP weights; the backbone {name} has none (drop one of them)"
+        )
+    if image_size is not None and name == "clip":
+        raise GeoTokenError(
+            "image_size is efficientnet-lite0's; a CLIP model's input size is its preprocessor's"
+        )
+
+
 def load_backbone(name: str, **options: Any) -> ImageBackbone:
     """Build a backbone by registry name; `options` are its constructor arguments (see each class)."""
     if name not in BACKBONES:

@@ -296,7 +296,9 @@ def read_examples(
         ref = s.get("image")
         if ref:
             file_part, member = split_ref(str(ref))
-            ref = os.fspath(_relocate(file_part, old_root, root)) + (f"#{member}" if member is not None else "")
+            ref = os.fspath(_relocate(file_part, old_root, root)) + (
+                f"#{member}" if member is not None else ""
+            )
             try:
                 image = open_image(ref)
             except GeoTokenError as exc:

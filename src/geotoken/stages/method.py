@@ -31,7 +31,7 @@ from geotoken.bundle import assemble_bundle
 from geotoken.data.datasets import read_texts
 from geotoken.data.earthviews import SPLITS, EarthViewsConfig, build_earthviews
 from geotoken.data.manifest import read_manifest
-from geotoken.encoders import BACKBONES, load_backbone
+from geotoken.encoders import BACKBONES, check_backbone_options, load_backbone
 from geotoken.encoders.efficientnet import IMAGE_SIZES
 from geotoken.encoders.text import TEXT_ENCODERS
 from geotoken.errors import GeoTokenError
@@ -122,12 +122,7 @@ class FeaturesStageConfig:
             {"backbone": tuple(BACKBONES)},
             {"image_size": IMAGE_SIZES[0], "batch_size": 1, "workers": 0},
         )
-        if self.clip is not None and self.backbone != "clip":
-            raise GeoTokenError(f"clip {self.clip!r} names CLIP weights; the backbone is {self.backbone!r}")
-        if self.image_size is not None and self.backbone == "clip":
-            raise GeoTokenError(
-                "image_size: a CLIP backbone's input size is its preprocessor's; leave it out"
-            )
+        check_backbone_options(self.backbone, self.clip, self.image_size)
 
 
 @stage_kind("features", FeaturesStageConfig)
