@@ -306,7 +306,7 @@ def test_build_is_byte_identical_resumable_and_a_rerun_is_a_no_op(tmp_path):
     assert (tmp_path / "c" / "build.json").exists() and not (tmp_path / "c" / "dataset.json").exists()
     (tmp_path / "c" / ".train-00001.tar.x1y2.tmp").write_bytes(b"half a shard")  # as a SIGKILL leaves it
     c = ev.build_earthviews(tmp_path / "c", TINY)
-    assert not list((tmp_path / "c").glob(".*.tmp")) and not list(tmp_path.glob(".c.lock"))
+    assert not list((tmp_path / "c").glob(".*.tmp")) and not list(tmp_path.glob(".c.*lock"))
     assert c["timings"]["rendered_views"] == 204 - 25
     assert c["content_hash"] == a["content_hash"]
     # another config does not silently mix with an existing build

@@ -99,7 +99,7 @@ def build_earthviews(
     """
     cfg.validate()
     out = Path(out)
-    with exclusive(out.parent / f".{out.name}.lock", f"EarthViews folder {out}"):
+    with exclusive(out.parent / f".{out.name}.earthviews.lock", f"EarthViews folder {out}"):
         return _build(out, cfg, coords_path, workers, overwrite, progress)
 
 
