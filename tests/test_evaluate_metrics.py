@@ -181,3 +181,18 @@ def test_a_narrow_console_keeps_every_column():
     header = next(line for line in buffer.getvalue().splitlines() if "method" in line)
     assert "┃┃" not in header and " n " in header
     assert "1234" in buffer.getvalue() or "1,234" in buffer.getvalue()  # the count is shown
+
+
+def test_paired_intervals_hold_on_a_test_set_of_osv5m_size():
+    """The 2 x 2 table's margin product is ~n^4 / 16: in int64 it wrapped from n ~ 55,000 (OSV-5M's test set
+    is 210,000), giving zero-width intervals. The width shrinks as 1 / sqrt(n), nothing else."""
+    rng = np.random.default_rng(0)
+    n = 200_000
+    a = rng.random(n) * 3000
+    b = np.where(rng.random(n) < 0.05, rng.random(n) * 3000, a)
+    big = paired_comparison(a, b, n_boot=10).accuracy
+    small = paired_comparison(a[: n // 10], b[: n // 10], n_boot=10).accuracy
+    for t in (200.0, 750.0, 2500.0):
+        assert big[t].lo < big[t].value < big[t].hi
+        ratio = (small[t].hi - small[t].lo) / (big[t].hi - big[t].lo)
+        assert 2.5 < ratio < 4.0, (t, ratio)  # sqrt(10) = 3.16

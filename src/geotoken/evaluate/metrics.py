@@ -211,16 +211,15 @@ def paired_share_interval(
     from each share's Wilson interval and the correlation of the two methods' hits."""
     a, b = np.asarray(hits_a, dtype=bool), np.asarray(hits_b, dtype=bool)
     n = a.shape[0]
-    both, only_a = (a & b).sum(0), (a & ~b).sum(0)  # (T,) counts of the 2 x 2 table
-    only_b, neither = (~a & b).sum(0), (~a & ~b).sum(0)
+    # (T,) counts of the 2 x 2 table, as floats: their products reach n^4 / 16, past int64 from n ~ 55,000
+    both, only_a = (a & b).sum(0).astype(np.float64), (a & ~b).sum(0).astype(np.float64)
+    only_b, neither = (~a & b).sum(0).astype(np.float64), (~a & ~b).sum(0).astype(np.float64)
     p1, p2 = a.mean(0), b.mean(0)
     l1, u1 = wilson_interval(a.sum(0), n, level)
     l2, u2 = wilson_interval(b.sum(0), n, level)
     margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
     with np.errstate(invalid="ignore", divide="ignore"):  # a zero margin: no correlation to correct for
-        phi = np.where(
-            margins > 0, (both * neither - only_a * only_b) / np.sqrt(margins.astype(np.float64)), 0.0
-        )
+        phi = np.where(margins > 0, (both * neither - only_a * only_b) / np.sqrt(margins), 0.0)
     d = p1 - p2
     below = (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2
     above = (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2
