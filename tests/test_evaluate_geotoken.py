@@ -320,3 +320,21 @@ def test_rows_searched_otherwise_than_the_calibration_say_so(random_bundle, tmp_
     assert (
         again.runs["geotoken beam5+gate+gallery"].config["calibration_fitted_for"]["strategy"] == "greedy"
     )  # cached
+
+
+def test_each_search_row_is_paired_with_the_greedy_row_of_its_own_decoding():
+    from geotoken.evaluate.baselines import Predictions
+    from geotoken.evaluate.evaluate import score_runs
+    from geotoken.evaluate.runs import MethodRun
+
+    gt = GeoTokenMethodConfig(model="x", strategies=("greedy", "sample"), constrain=(True, False))
+    rng, pred = np.random.default_rng(0), Predictions(np.zeros(50), np.zeros(50))
+    runs = {"knn": MethodRun("knn", "knn", "knn", {}, pred, rng.random(50) * 1e3)}  # the reference
+    for strategy, select, constrain in rows_to_run(gt):
+        label = row_label(strategy, select, gt, constrain)
+        runs[label] = MethodRun(label, "geotoken", strategy, {}, pred, rng.random(50) * 1e3)
+    pairs = {(p.a, p.b) for p in score_runs(runs, EvalConfig(methods=("geotoken",), n_boot=10, geotoken=gt))}
+    assert ("geotoken sample10+logp", "geotoken greedy") in pairs  # free against free
+    assert ("geotoken sample10+logp+gallery", "geotoken greedy+gallery") in pairs
+    assert ("geotoken sample10+logp", "geotoken greedy+gallery") not in pairs
+    assert ("geotoken greedy", "geotoken greedy+gallery") in pairs  # the two decodings, greedy

@@ -42,7 +42,7 @@ from geotoken.evaluate.baselines import (
     Split,
     check_geoclip_features,
 )
-from geotoken.evaluate.geotoken_method import calibration_from_arrays, row_label, run_geotoken
+from geotoken.evaluate.geotoken_method import GALLERY_SUFFIX, calibration_from_arrays, row_label, run_geotoken
 from geotoken.evaluate.metrics import (
     INTERVALS,
     PairedComparison,
@@ -374,12 +374,15 @@ def score_runs(runs: Mapping[str, MethodRun], cfg: EvalConfig) -> list[PairedCom
     if ref not in runs:
         raise GeoTokenError(f"reference method {ref!r} was not evaluated (evaluated: {', '.join(labels)})")
     pairs = [(lab, ref) for lab in labels if lab != ref]
-    # the greedy row of the same decoding as the search rows (gallery-constrained, unless only free)
-    greedy = row_label("greedy", "logp", cfg.geotoken, constrain=True in cfg.geotoken.constrain)
-    if greedy in runs and greedy != ref:
-        pairs += [
-            (lab, greedy) for lab in labels if runs[lab].method == "geotoken" and lab not in (greedy, ref)
-        ]
+    # each search row against the greedy row of its own decoding (gallery-constrained or free): a free row
+    # against the constrained greedy would mix the effect of the search with that of the constraint
+    greedy = {c: row_label("greedy", "logp", cfg.geotoken, constrain=c) for c in (True, False)}
+    for lab in labels:
+        own = greedy[lab.endswith(GALLERY_SUFFIX)]
+        if lab == greedy[False]:  # free greedy (the authors' decoding) against the constrained one
+            own = greedy[True]
+        if runs[lab].method == "geotoken" and own in runs and lab not in (own, ref) and own != ref:
+            pairs.append((lab, own))
     return [
         paired_comparison(
             runs[a].errors_km, runs[b].errors_km, (a, b), cfg.thresholds, cfg.n_boot, cfg.seed, cfg.level
