@@ -395,3 +395,25 @@ def test_a_compressed_index_re_ranks_by_the_gallery_vectors(tmp_path):
     assert (got != geo.index.search(queries, 5)[0]).any()  # the PQ order alone differs here
     flat = Geolocator.from_bundle(testing.random_bundle(tmp_path / "flat", gallery_rows=64, k=3))
     assert flat.gallery_vectors is None  # a flat index is exact already
+
+
+def test_a_calibration_at_other_radii_keeps_the_headline_radius_and_evaluate_scores_its_radii(
+    bundle, tmp_path
+):
+    from geotoken.evaluate import load_split
+    from geotoken.evaluate.evaluate import EvalConfig, GeoTokenMethodConfig, evaluate
+    from geotoken.fit import calibrate_bundle
+
+    work = tmp_path / "b"
+    shutil.copytree(bundle, work)
+    geo = Geolocator.from_bundle(work)
+    calibrate_bundle(geo, work / "gallery", strategy="greedy", radii_km=[100, 500], progress=False)
+    cal = Geolocator.from_bundle(work).calibration
+    assert cal.radii_km == [100.0, 200.0, 500.0]  # 200: the bundle's probability_within_km
+    split = load_split(work, name="gallery")
+    model = GeoTokenMethodConfig(model=str(work), strategies=("greedy",))
+    res = evaluate(split, split, tmp_path / "e", EvalConfig(methods=("geotoken",), n_boot=10, limit=8, plots=False,
+                   geotoken=model), log=lambda *a: None)  # fmt: skip
+    scored = json.loads((tmp_path / "e" / "metrics.json").read_text())["methods"]["geotoken greedy+gallery"]
+    assert {"within_100km", "within_500km", "within_200km", "within_25km"} <= set(scored["calibration"])
+    assert res.runs

@@ -57,12 +57,15 @@ def calibrate_bundle(
 
     geo: a `Geolocator` loaded from the bundle; strategy, select and constrain (decode under the
     gallery-prefix constraint or freely) default to the bundle's search options, as do `options` (other
-    `SearchOptions` fields: temperature, logp_kind, ...). Returns the calibration report (ECE before and
-    after, on the same images: held-out figures come from `geotoken evaluate`).
+    `SearchOptions` fields: temperature, logp_kind, ...). `radii_km`: the "within X km" events fitted, and
+    always the bundle's `probability_within_km` (the probability predict reports first). Returns the
+    calibration report (ECE before and after, on the same images: held-out figures come from `geotoken
+    evaluate`).
     """
     if select is not None and select not in CALIBRATION_SELECTORS:
         raise GeoTokenError(f"calibration: select {select!r}: choose from {', '.join(CALIBRATION_SELECTORS)}")
-    radii_km = check_radii(radii_km)  # before the search, not after it
+    # before the search, not after it; with the bundle's headline radius, whose probability predict reports
+    radii_km = sorted({*check_radii(radii_km), float(geo.probability_within_km)})
     emb, nbrs, lat, lon = load_queries(
         queries_dir, list(geo.model.cfg.modalities), neighbours_dir, geo.made_by
     )

@@ -30,7 +30,7 @@ from geotoken.io import sha256_file, sha256_json
 from geotoken.predict import Geolocator
 from geotoken.s2 import latlon_to_tokens
 from geotoken.search import STRATEGIES
-from geotoken.search.calibration import Calibration, calibration_data, calibration_report
+from geotoken.search.calibration import RADII_KM, Calibration, calibration_data, calibration_report
 from geotoken.search.mllm import MLLMConfig, fell_back
 from geotoken.search.options import SearchOptions, sampling_temperature
 
@@ -123,8 +123,11 @@ def _calibration_arrays(geo, res, queries: Split) -> dict[str, np.ndarray]:
 
     cfg = geo.model.cfg
     true_tokens = latlon_to_tokens(queries.lat, queries.lon, cfg.level, cfg.group)
-    data = calibration_data(res.pool, res.selection, queries.lat, queries.lon, true_tokens)
-    radii = sorted(data["within"])
+    fitted = (
+        geo.calibration.radii_km if geo.calibration is not None else []
+    )  # (scored at the radii it fitted)
+    radii = sorted({*RADII_KM, *map(float, fitted)})
+    data = calibration_data(res.pool, res.selection, queries.lat, queries.lon, true_tokens, radii_km=radii)
     cal = geo.calibration or Calibration(radii_km=radii, within=[1.0] * len(radii))
     temps = dict(zip(cal.radii_km, cal.within))
     return {
