@@ -194,6 +194,33 @@ def test_a_resume_continues_the_same_run_only(tmp_path):
     assert [r["step"] for r in logs] == list(range(1, 9)) and 9.0 not in [r["loss"] for r in logs]
 
 
+def test_a_resume_on_other_rows_is_refused_and_a_validation_set_without_rows_is_validated(tmp_path):
+    """Another holdout (--val-fraction / --val-max) or another store on resume trained on rows that were
+    held out, with exit 0; a `val_data` given without `val_rows` ran no validation, and said nothing."""
+    data, mc = synthetic(), model_cfg()
+    cfg = quiet(max_steps=8, checkpoint_every=4)
+    rows = np.arange(64)
+    train(mc, cfg, data, tmp_path / "run", train_rows=rows[:56], val_rows=rows[56:], stop_at=4)
+    with pytest.raises(GeoTokenError, match="its training rows were others"):
+        train(mc, cfg, data, tmp_path / "run", train_rows=rows[:50], val_rows=rows[50:], resume=True)
+    with pytest.raises(GeoTokenError, match="its training rows were others"):
+        train(
+            mc,
+            cfg,
+            synthetic(seed=1),
+            tmp_path / "run",
+            train_rows=rows[:56],
+            val_rows=rows[56:],
+            resume=True,
+        )
+    train(
+        mc, cfg, data, tmp_path / "run", train_rows=rows[:56], val_rows=rows[56:], resume=True
+    )  # the same: fine
+    train(mc, quiet(max_steps=4, val_every=2), data, tmp_path / "val", val_data=synthetic(n=16, seed=2))
+    logs = [json.loads(line) for line in (tmp_path / "val" / "log.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in logs) and (tmp_path / "val" / "best").is_dir()
+
+
 def test_training_learns_and_keeps_the_best_checkpoint(tmp_path):
     data, mc = synthetic(n=96), model_cfg(dropout=0.0)
     cfg = quiet(max_steps=60, checkpoint_every=1000, val_every=1, lr=3e-3, log_every=10)
@@ -379,3 +406,17 @@ def test_lists_and_bad_row_numbers_as_a_user_passes_them(tmp_path):
     assert as_lists.neighbours.dtype == np.int64 and as_lists.rows == data.rows
     with pytest.raises(GeoTokenError, match="train_rows: rows 0..99, but arrays has 64 rows"):
         train(model_cfg(), quiet(max_steps=1), data, tmp_path / "run", train_rows=np.arange(100))
+
+
+def test_validation_options_that_would_be_ignored_or_swap_the_split_are_refused(capsys):
+    from geotoken.cli import main
+    from geotoken.train.data import holdout_rows
+
+    base = ["train", "--features", "/nonexistent/f", "--neighbours", "/nonexistent/n", "-o", "/nonexistent/o"]
+    with pytest.raises(SystemExit):
+        main([*base, "--val-max", "-5"])  # held out 595 of 600 rows and trained on 5
+    assert "--val-max: must be >= 0" in capsys.readouterr().err
+    with pytest.raises(GeoTokenError, match=r"validation rows at most \(--val-max\) -5 must be >= 0"):
+        holdout_rows(600, 0.05, -5, 0)
+    with pytest.raises(GeoTokenError, match="neither their embeddings nor their tokens are read"):
+        model_cfg(use_neighbour_embeddings=False, use_neighbour_tokens=False)

@@ -83,6 +83,11 @@ class ModelConfig:
             raise GeoTokenError(f"k {self.k} must be in 0..30")
         if not self.modalities:
             raise GeoTokenError("modalities is empty: the encoder needs at least one query embedding")
+        if self.k and not (self.use_neighbour_embeddings or self.use_neighbour_tokens):
+            raise GeoTokenError(
+                f"k {self.k} neighbours, but neither their embeddings nor their tokens are read: use k 0 "
+                "(no retrieval) for that ablation, or keep one of them"
+            )
 
     @property
     def n_tokens(self) -> int:

@@ -63,9 +63,11 @@ def register(subparsers) -> None:
         "--val-neighbours", help="neighbour folder of the validation queries (into the same gallery)"
     )
     p.add_argument(
-        "--val-fraction", type=float, default=0.05, help="share of training rows held out for validation"
+        "--val-fraction",
+        type=float,
+        help="share of training rows held out for validation (default 0.05; not with --val-features)",
     )
-    p.add_argument("--val-max", type=int, default=2000, help="validate on at most this many rows")
+    p.add_argument("--val-max", type=count, default=2000, help="validate on at most this many rows")
     p.add_argument("-o", "--out", help="output folder (required to train)")
     p.add_argument(
         "--print-config",
@@ -195,16 +197,23 @@ def run(args) -> int:
     data = TrainData.load(args.features, args.neighbours, args.gallery, names, level, group)
     model_cfg, cfg = resolve(args, {m: data.query[m].shape[1] for m in names})
 
+    if args.val_neighbours and not args.val_features:
+        raise GeoTokenError("--val-neighbours is the table of --val-features (give both, or neither)")
     if args.val_features:
         if not args.val_neighbours:
             raise GeoTokenError(
                 "--val-features needs --val-neighbours (its neighbour folder into the gallery)"
             )
+        if args.val_fraction is not None:
+            raise GeoTokenError(
+                "--val-fraction holds out training rows; --val-features validates on another store"
+            )
         val = TrainData.load(args.val_features, args.val_neighbours, data.gallery, names, level, group)
         train_rows, val_rows = np.arange(data.rows), np.arange(min(val.rows, args.val_max))
     else:
         val = data
-        train_rows, val_rows = holdout_rows(data.rows, args.val_fraction, args.val_max, cfg.seed)
+        fraction = 0.05 if args.val_fraction is None else args.val_fraction
+        train_rows, val_rows = holdout_rows(data.rows, fraction, args.val_max, cfg.seed)
 
     sources = {
         "features": args.features,

@@ -214,6 +214,8 @@ def holdout_rows(n: int, fraction: float, max_rows: int, seed: int) -> tuple[np.
     `max_rows` of them, held out for validation."""
     if not 0.0 <= fraction < 1.0:
         raise GeoTokenError(f"validation fraction {fraction} must be in [0, 1)")
+    if max_rows < 0:  # (negative: the slices below would swap training and validation)
+        raise GeoTokenError(f"validation rows at most (--val-max) {max_rows} must be >= 0")
     order = np.random.default_rng(seed).permutation(n)
     n_val = min(int(round(fraction * n)), max_rows)
     return np.sort(order[n_val:]), np.sort(order[:n_val])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -223,6 +224,29 @@ RESUME_MAY_CHANGE = frozenset(
 )
 
 
+def rows_identity(data: TrainData, rows: np.ndarray | None) -> str | None:
+    """A short hash of which rows a run trains or validates on, and of their location tokens: a resumed run
+    on other rows (another holdout, another store) would go on from weights that saw its validation rows."""
+    if rows is None:
+        return None
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    h = hashlib.sha256(rows.tobytes())
+    h.update(np.ascontiguousarray(np.asarray(data.query_tokens)[rows], dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_resume_rows(out: Path, rows_seen: dict) -> None:
+    """Refuse to resume on other training or validation rows than the run started with (runs that recorded
+    them: since 2026-12-08)."""
+    was = (read_json(out / "run.json").get("rows") or {}) if (out / "run.json").is_file() else {}
+    for part, what in (("train", "training"), ("val", "validation")):
+        if part in was and was[part] != rows_seen[part]:
+            raise GeoTokenError(
+                f"cannot resume {out}: its {what} rows were others (another --features, --val-fraction, "
+                f"--val-max or --val-features?); resume with the same data and split, or train into a new folder"
+            )
+
+
 def check_resume_config(out: Path, cfg: TrainConfig, global_batch: int | None = None, world: int = 1) -> None:
     """A resumed run must be the run it continues: refuse changed options that alter the trajectory. The
     global batch (processes x batch_size x grad_accum rows a step) fixes the schedule: another process
@@ -356,6 +380,8 @@ def train(
     d = init_distributed()
     dev = torch_device(device)  # this rank's GPU under torchrun
     data.check(model_cfg)
+    if val_data is not None and val_rows is None:  # a validation set given without rows: all of it
+        val_rows = np.arange(val_data.rows)
     val_data = val_data if val_data is not None else data
     if cfg.drop_near_km > 0:  # after val_data: validation keeps the neighbours test photos would see
         data = data.drop_near(cfg.drop_near_km, cfg.drop_near_share, model_cfg.k, cfg.seed)
@@ -411,8 +437,10 @@ def train(
         raise GeoTokenError(
             f"{out}: already holds a training run (last/); resume it (--resume, resume=True) or write to a new folder"
         )
+    rows_seen = {"train": rows_identity(data, train_rows), "val": rows_identity(val_data, val_rows)}
     if resuming:
         check_resume_config(out, cfg, step_rows * d.world, d.world)
+        check_resume_rows(out, rows_seen)
         state = load_checkpoint(out / "last", model, opt, d)
     else:
         torch.manual_seed(cfg.seed * 1000 + 1 + d.rank)  # dropout streams differ per rank
@@ -424,6 +452,7 @@ def train(
             "grad_accum": accum,
             "effective_batch_size": step_rows * d.world,
             "sources": sources or {},
+            "rows": rows_seen,
             "val_decoder": VAL_DECODERS[cfg.val_constrain],
         }
         write_json(out / "run.json", run)
