@@ -420,3 +420,22 @@ def test_validation_options_that_would_be_ignored_or_swap_the_split_are_refused(
         holdout_rows(600, 0.05, -5, 0)
     with pytest.raises(GeoTokenError, match="neither their embeddings nor their tokens are read"):
         model_cfg(use_neighbour_embeddings=False, use_neighbour_tokens=False)
+
+
+def test_best_breaks_a_tie_of_accuracies_by_the_validation_loss_and_refuses_a_nan_one(tmp_path, monkeypatch):
+    import geotoken.train.loop as loop
+
+    data, mc, rows = synthetic(), model_cfg(), np.arange(64)
+    seen = iter([(0.5, 2.0), (0.5, 1.0), (0.5, 1.5)])  # one accuracy three times, the loss best second
+
+    def validate(model, val_data, val_rows, cfg, dev):
+        score, val_loss = next(seen)
+        return {"val_loss": val_loss, "val_score": score}
+
+    monkeypatch.setattr(loop, "validate", validate)
+    cfg = quiet(max_steps=21, checkpoint_every=100, val_every=1, batch_size=8)  # 7 steps an epoch
+    train(mc, cfg, data, tmp_path / "run", train_rows=rows[:56], val_rows=rows[56:])
+    assert json.loads((tmp_path / "run" / "best" / "metrics.json").read_text())["step"] == 14
+    monkeypatch.setattr(loop, "validate", lambda *a: {"val_loss": float("nan"), "val_score": 0.1})
+    with pytest.raises(GeoTokenError, match="the validation loss is nan: check the validation inputs"):
+        train(mc, cfg, data, tmp_path / "nan", train_rows=rows[:56], val_rows=rows[56:])

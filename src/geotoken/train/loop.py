@@ -493,10 +493,15 @@ def train(
             loss += micro.detach().float() * share
         gnorm = clip_gradients(model, cfg.grad_clip)
         if not torch.isfinite(gnorm):  # before the step: the weights (and the last checkpoint) stay good
+            kept = (
+                f"the last checkpoint ({out / 'last'}) is from before it"
+                if (out / "last").exists()
+                else "no checkpoint was written yet"
+            )
             raise GeoTokenError(
                 f"training step {step + 1}: the loss is {loss.item()} and the gradient norm {float(gnorm)}: check "
-                f"the inputs for NaN rows ({data.source}) or lower the learning rate ({lr:g}); the last checkpoint "
-                f"({out / 'last'}) is from before it"
+                f"the inputs for NaN rows ({data.source}, and its gallery) or lower the learning rate ({lr:g}); "
+                f"{kept}"
             )
         opt.step()
         step += 1
@@ -526,8 +531,18 @@ def train(
                         **validate(model, val_data, val_rows, cfg, dev),
                         "val_decoder": VAL_DECODERS[cfg.val_constrain],
                     }
+                    if not math.isfinite(
+                        metrics["val_loss"]
+                    ):  # NaN validation rows would pick `best` blindly
+                        raise GeoTokenError(
+                            f"step {step}: the validation loss is {metrics['val_loss']}: check the validation "
+                            f"inputs for NaN rows ({val_data.source})"
+                        )
                     log.write(metrics)
-                    if state["best_score"] is None or metrics["val_score"] > state["best_score"]:
+                    # ties (coarse accuracies often tie) go to the lower validation loss
+                    key, best = (metrics["val_score"], -metrics["val_loss"]), state["best_score"]
+                    if best is None or key > (best, -state.get("best_loss", math.inf)):
+                        state["best_loss"] = metrics["val_loss"]
                         state["best_score"], state["best_step"] = metrics["val_score"], step
                         model.save(out / "best")
                         write_json(out / "best" / "metrics.json", metrics)
