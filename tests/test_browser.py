@@ -112,3 +112,49 @@ def test_upload_shows_candidates_on_the_map(server, tmp_path):
             browser.close()
     assert external == []  # nothing outside the server: no CDN
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_an_error_clears_the_last_answer_a_photo_can_be_retried_and_candidates_take_the_keyboard(
+    server, tmp_path
+):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    photo, bad = tmp_path / "photo.jpg", tmp_path / "notimage.jpg"
+    speckle_image((120, 80), 60).save(photo)
+    bad.write_text("this is not a jpeg")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium")), args=ARGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            posts = []
+            page.on("request", lambda r: posts.append(r.url) if r.url.endswith("/v1/geolocate") else None)
+            page.goto(server + "/")
+            page.set_input_files("#file", str(photo))
+            page.wait_for_function("document.querySelector('#map').dataset.state === 'done'", timeout=60_000)
+            assert page.locator("#candidates li").count() >= 1
+            # keyboard: a candidate takes focus and Enter zooms onto it
+            before = page.get_attribute("#map", "viewBox")
+            page.focus("#candidates li >> nth=0")
+            page.keyboard.press("Enter")
+            assert page.get_attribute("#map", "viewBox") != before
+            # a bad file: its error, and none of the last photo's candidates or markers under it
+            page.set_input_files("#file", str(bad))
+            page.wait_for_function("document.querySelector('#map').dataset.state === 'error'", timeout=60_000)
+            assert "not an image" in page.inner_text("#status")
+            assert (
+                page.locator("#candidates li").count() == 0 and page.locator("#markers circle").count() == 0
+            )
+            # the same photo picked twice is asked twice (a retry), and an option change asks again
+            page.set_input_files("#file", str(photo))
+            page.wait_for_function("document.querySelector('#map').dataset.state === 'done'", timeout=60_000)
+            page.set_input_files("#file", str(photo))
+            page.wait_for_timeout(300)
+            page.select_option("#strategy", "greedy")
+            page.wait_for_function(
+                "document.querySelector('#status').textContent.includes('greedy')", timeout=60_000
+            )
+            assert len(posts) == 5, posts
+            assert page.locator("#file").is_enabled() and page.get_attribute("#file", "aria-label")
+        finally:
+            browser.close()

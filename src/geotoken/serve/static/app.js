@@ -111,13 +111,17 @@ function listCandidates(result) {
       `<span class="where"></span><br><span class="muted">${c.lat.toFixed(4)}, ${c.lon.toFixed(4)} · cell ${c.cell}</span>` +
       `<div class="levels" title="per-level confidence, coarse to fine">${levels}</div>`;
     li.querySelector(".where").textContent = placeText(c.place) || "(no place name)";
-    li.addEventListener("click", () => { // zoom onto the candidate's cell, outline visible
+    const zoomTo = () => { // zoom onto the candidate's cell, outline visible
       const [x, y] = toXY(c.lat, c.lon);
       const lons = (c.polygon || []).map((v) => v[1]);
       const extent = lons.length ? Math.max(...lons) - Math.min(...lons) : 0;
       const w = Math.min(360, Math.max(0.002, 12 * extent));
       setView({ x: x - w / 2, y: y - w / 4, w });
-    });
+    };
+    li.tabIndex = 0; // by keyboard too: Tab to it, Enter or Space
+    li.setAttribute("role", "button");
+    li.addEventListener("click", zoomTo);
+    li.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); zoomTo(); } });
     ol.appendChild(li);
   });
   const t = result.timings_ms || {};
@@ -126,10 +130,22 @@ function listCandidates(result) {
     `${Math.round(t.request || t.total || 0)} ms` + (result.note ? ` · ${result.note}` : "");
 }
 
+let current = null; // the photo on screen, and the number of its latest request: older answers are dropped
+let requests = 0;
+
+function clearCandidates() {
+  candidates = [];
+  $("candidates").replaceChildren();
+  drawCandidates();
+}
+
 async function upload(file) {
   if (!file) return;
+  current = file;
+  const id = ++requests;
   const status = $("status");
   status.className = ""; status.textContent = "locating…";
+  clearCandidates(); // the last photo's answer is not this one's
   const photo = $("photo");
   photo.src = URL.createObjectURL(file); photo.hidden = false; $("drop-text").hidden = true;
   const form = new FormData();
@@ -140,13 +156,16 @@ async function upload(file) {
   if (!$("constrain").disabled) form.append("constrain", $("constrain").checked ? "true" : "false");
   try {
     const resp = await fetch("/v1/geolocate", { method: "POST", body: form });
-    const body = await resp.json();
+    let body;
+    try { body = await resp.json(); } catch { throw new Error(`HTTP ${resp.status} ${resp.statusText}`); } // a proxy's page
+    if (id !== requests) return; // another photo (or option) was asked for since: its answer decides
     if (!resp.ok) throw new Error(body.error || body.detail || resp.statusText);
     candidates = body.candidates;
     listCandidates(body);
     drawCandidates();
     map.dataset.state = "done";
   } catch (err) {
+    if (id !== requests) return;
     status.className = "error"; status.textContent = `error: ${err.message}`;
     map.dataset.state = "error";
   }
@@ -154,7 +173,13 @@ async function upload(file) {
 
 function setupInput() {
   const drop = $("drop");
-  $("file").addEventListener("change", (e) => upload(e.target.files[0]));
+  $("file").addEventListener("change", (e) => {
+    upload(e.target.files[0]);
+    e.target.value = ""; // the same file picked again (a retry) is a change too
+  });
+  for (const id of ["top_k", "strategy", "select", "constrain"]) { // an option changed: the photo again
+    $(id).addEventListener("change", () => { if (current) upload(current); });
+  }
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); upload(e.dataTransfer.files[0]); });
