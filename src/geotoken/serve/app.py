@@ -36,6 +36,7 @@ import math
 import os
 import threading
 import time
+import uuid
 import warnings
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -102,6 +103,20 @@ class ServeConfig:
 
 
 SHUTDOWN_GRACE_S = 30.0  # beyond the wait budget, for the last answers to be sent
+
+
+def public_info(info: dict) -> dict:
+    """`predictor.info()` as clients see it (/v1/model): folders by their names, no MLLM endpoint. Where the
+    server keeps its files, and which internal endpoint it calls, are not the clients' business."""
+    info = json.loads(json.dumps(info))  # a copy
+    if info.get("bundle"):
+        info["bundle"] = Path(info["bundle"]).name
+    backbone = info.get("backbone") or {}
+    if isinstance(backbone.get("clip"), str) and Path(backbone["clip"]).is_absolute():  # a local CLIP folder
+        backbone["clip"] = Path(backbone["clip"]).name
+    mllm = (info.get("search") or {}).get("mllm") or {}
+    mllm.pop("base_url", None)
+    return info
 
 
 class BadImage(Exception):
@@ -362,9 +377,7 @@ def create_app(
     cfg = config or ServeConfig()
     runner = runner or cfg.runner(predictor)
     decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)  # full-size decodes at once: bounded memory
-    info = json_safe(predictor.info())
-    if info.get("bundle"):  # its folder's name: where the server keeps its files is not the clients' business
-        info["bundle"] = Path(info["bundle"]).name
+    info = json_safe(predictor.info())  # (what the server decides by; clients see `public_info` of it)
     missing = unavailable_options(info)
     strategies, selectors = ([o for o in offered if o not in missing] for offered in offered_options(info))
     if "mllm" in selectors:  # until measured, each of its `concurrency` calls taken to last its timeout
@@ -444,9 +457,11 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc: Exception):
-        """A fault of ours anywhere in a route: still the {"error": "..."} JSON the page and clients read."""
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return error(500, f"internal error ({type(exc).__name__}: {exc})")
+        """A fault of ours anywhere in a route: still the {"error": "..."} JSON the page and clients read; the
+        details (which may name the server's files) go to the log, under an id the answer gives."""
+        ref = uuid.uuid4().hex[:8]
+        log.error("%s %s failed (error %s)", request.method, request.url.path, ref, exc_info=exc)
+        return error(500, f"internal error {ref} ({type(exc).__name__}; details in the server's log)")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
@@ -479,7 +494,7 @@ def create_app(
     @app.get("/v1/model", summary="what is loaded, and the server's limits")
     def model() -> dict:
         return {
-            "model": info,
+            "model": public_info(info),
             "limits": asdict(cfg),
             "strategies": strategies,  # what this server runs; `unavailable` says why the others are not
             "selectors": selectors,
@@ -595,8 +610,12 @@ def create_app(
         except GeoTokenError as exc:
             return error(422, str(exc))
         except Exception as exc:  # noqa: BLE001  a fault of ours: still a JSON answer, and logged
-            log.exception("upload %r failed", name)
-            return error(500, f"upload {name!r}: internal error ({type(exc).__name__}: {exc})")
+            ref = uuid.uuid4().hex[:8]
+            log.exception("upload %r failed (error %s)", name, ref)
+            return error(
+                500,
+                f"upload {name!r}: internal error {ref} ({type(exc).__name__}; details in the server's log)",
+            )
         out = pred.to_dict()
         out["image"] = {"name": name, "width": im.width, "height": im.height, "bytes": len(data)}
         gps = photo_gps(data, pred)
