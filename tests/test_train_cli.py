@@ -72,6 +72,13 @@ def test_train_command(tmp_path, capsys):
     np.save(tmp_path / "nbr/index.npy", bad)
     assert main(args[:-2] + ["--out", str(tmp_path / "bad")]) == 2
     assert "row 3 column 1 is 999" in capsys.readouterr().err
+    np.save(tmp_path / "nbr/index.npy", np.load(tmp_path / "nbr/index.npy").clip(0, 63))
+    # validating on the training store: said (best/ would be chosen by memorisation)
+    same = [*args, "--out", str(tmp_path / "same"), "--val-features", str(tmp_path / "store"),
+            "--val-neighbours", str(tmp_path / "nbr"), "--epochs", "1"]  # fmt: skip
+    same.remove("--val-fraction"), same.remove("0.25")
+    with pytest.warns(UserWarning, match="is the training store: validation measures memorisation"):
+        assert main(same) == 0
 
 
 @pytest.mark.slow  # timed loops

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,9 @@ def register(subparsers) -> None:
     p.add_argument(
         "--val-fraction",
         type=float,
-        help="share of training rows held out for validation (default 0.05; not with --val-features)",
+        help="share of training rows held out for validation (default 0.05; not with --val-features). Rows, not "
+        "places: where a place has several photos (MP16), the others train, so validation reads high; a split of "
+        "other places (--val-features) measures what a test set will",
     )
     p.add_argument("--val-max", type=count, default=2000, help="validate on at most this many rows")
     p.add_argument("-o", "--out", help="output folder (required to train)")
@@ -207,6 +210,12 @@ def run(args) -> int:
         if args.val_fraction is not None:
             raise GeoTokenError(
                 "--val-fraction holds out training rows; --val-features validates on another store"
+            )
+        if Path(args.val_features).resolve() == Path(args.features).resolve():
+            warnings.warn(
+                f"--val-features {args.val_features} is the training store: validation measures memorisation, and "
+                "best/ is chosen by it",
+                stacklevel=1,
             )
         val = TrainData.load(args.val_features, args.val_neighbours, data.gallery, names, level, group)
         train_rows, val_rows = np.arange(data.rows), np.arange(min(val.rows, args.val_max))
