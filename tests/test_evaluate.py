@@ -1,6 +1,7 @@
 """`geotoken evaluate` end to end on small feature stores: files, tables, resume, plots, clear errors."""
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -292,8 +293,18 @@ def test_config_and_neighbour_table_are_checked_by_the_library(tmp_path):
         ({"retrieval": RetrievalConfig(k=0)}, "retrieval.k"),
         ({"geotoken": GeoTokenMethodConfig(beam_width=0)}, "geotoken.beam_width"),
     ]:
-        with pytest.raises(GeoTokenError, match=f"{field} must be >= 1, got 0"):
+        with pytest.raises(GeoTokenError, match=f"{field} must be a whole number >= 1, got 0"):
             EvalConfig(**kwargs)
+    for kwargs, said in [({"n_boot": 10.5}, "n_boot must be a whole number >= 1, got 10.5"),
+                         ({"thresholds": (25, 25.0)}, r"thresholds repeat a distance: \[25, 25.0\]")]:  # fmt: skip
+        with pytest.raises(GeoTokenError, match=said):
+            EvalConfig(**kwargs)
+    assert EvalConfig(limit=np.int64(5)).limit == 5  # a count read from an array
+    gallery, queries = synthetic_splits(n_gallery=20, n_queries=5)
+    empty = dataclasses.replace(gallery, ids=gallery.ids[:0], lat=gallery.lat[:0], lon=gallery.lon[:0],
+                                arrays={k: v[:0] for k, v in gallery.arrays.items()})  # fmt: skip
+    with pytest.raises(GeoTokenError, match="the gallery has no rows"):
+        evaluate(empty, queries, "/nonexistent/out", EvalConfig(methods=("nn",)), log=lambda *a: None)
     with pytest.raises(GeoTokenError, match=r"methods is a tuple of names, e.g. \('nn',\)"):
         EvalConfig(methods="nn")  # not the methods 'n', 'n'
     with pytest.raises(GeoTokenError, match=r"unknown method\(s\) \['knnn'\]"):

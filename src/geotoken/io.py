@@ -223,8 +223,8 @@ def is_whole(value: Any, low: int = 1, high: int | None = None) -> bool:
     """Whether `value` is an int in low..high (not a bool, a float or a string): the check behind every
     count a user gives (batch sizes, k, top-k, epochs)."""
     return (
-        isinstance(value, int)
-        and not isinstance(value, bool)
+        isinstance(value, (int, np.integer))  # (NumPy's too: a count read from an array's shape or a table)
+        and not isinstance(value, (bool, np.bool_))
         and value >= low
         and (high is None or value <= high)
     )

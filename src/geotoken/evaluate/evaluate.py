@@ -54,7 +54,7 @@ from geotoken.evaluate.plots import plot_error_cdf, plot_world_map
 from geotoken.evaluate.runs import MethodRun, load_cached, save_cached, slug
 from geotoken.features import FeatureStore
 from geotoken.geo import THRESHOLDS_KM, haversine_km
-from geotoken.io import atomic_open, read_json, sha256_json, write_json
+from geotoken.io import atomic_open, is_whole, read_json, sha256_json, write_json
 from geotoken.retrieval.neighbours import NeighbourTable, check_neighbours, check_rows
 
 BASELINES = ("prior", "nn", "knn", "cells", "gps-gallery")
@@ -188,13 +188,15 @@ class EvalConfig:
             "limit": 1 if self.limit is None else self.limit,
         }
         for name, value in counts.items():
-            if value < 1:
-                raise GeoTokenError(f"evaluation: {name} must be >= 1, got {value}")
+            if not is_whole(value, 1):  # (10.5 resamples would fail after every method has run)
+                raise GeoTokenError(f"evaluation: {name} must be a whole number >= 1, got {value!r}")
         bad = [t for t in self.thresholds if not (math.isfinite(t) and t > 0)]
         if not self.thresholds or bad:  # NaN or inf would end up in metrics.json
             raise GeoTokenError(
                 f"evaluation: thresholds must be finite numbers of km > 0, got {list(self.thresholds)}"
             )
+        if len({float(t) for t in self.thresholds}) < len(self.thresholds):  # one column would hide the other
+            raise GeoTokenError(f"evaluation: thresholds repeat a distance: {list(self.thresholds)}")
 
 
 @dataclass
@@ -432,6 +434,8 @@ def evaluate(
             neighbours = tuple(np.asarray(a)[: cfg.limit] for a in neighbours)
     if len(queries) == 0:
         raise GeoTokenError(f"{queries.name}: no queries to evaluate")
+    if len(gallery) == 0:  # every baseline would fail inside numpy (argmax of an empty sequence)
+        raise GeoTokenError(f"{gallery.name}: the gallery has no rows")
     if "geoclip" in cfg.methods:  # before any method runs
         check_geoclip_features(queries, cfg.geoclip)
     check_splits(

@@ -12,6 +12,7 @@ resampled images to both methods, which removes the per-image difficulty from th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -251,6 +252,8 @@ def bootstrap_metrics(
     bootstrap CI."""
     e = _check_errors(errors_km)
     _check_replicates(n_boot)
+    if not all(math.isfinite(t) and t > 0 for t in thresholds):
+        raise GeoTokenError(f"thresholds must be finite numbers of km > 0, got {list(thresholds)}")
     n = e.size
     s = np.sort(e)
     hits = np.searchsorted(s, np.asarray(thresholds, dtype=np.float64), side="right")  # (T,) count <= t
@@ -379,7 +382,11 @@ def print_tables(
     results: Mapping[str, MethodMetrics], pairs: Sequence[PairedComparison] = (), console=None
 ) -> None:
     """Print the tables with rich."""
-    tables = [("accuracy (%) [95% CI]", table_rows(results)), ("paired a - b", paired_rows(pairs))]
+    level = next(iter(results.values())).level if results else 0.95
+    tables = [
+        (f"accuracy (%) [{100 * level:g}% CI]", table_rows(results)),
+        ("paired a - b", paired_rows(pairs)),
+    ]
     for title, (header, rows) in tables:
         if not rows:
             continue
