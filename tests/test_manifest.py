@@ -290,3 +290,12 @@ def test_geoclip_img_file_column_is_the_image(tmp_path):
     p = write(tmp_path / "twice.csv", "IMG_FILE,LAT,LON\nphotos/a.jpg,1,2\nphotos/a.jpg,3,4\n")
     with pytest.raises(GeoTokenError, match=r"line 3: id 'photos/a.jpg': duplicate IMG_FILE"):
         read_manifest(p)
+
+
+def test_a_row_cut_inside_a_coordinate_is_a_bad_row(tmp_path):
+    """An interrupted download ends '...,-51.33,166.' for 166.156: every column the reader uses is there, and
+    the row was kept at longitude 166.0 without a word."""
+    path = tmp_path / "a.csv"
+    path.write_text("id,lat,lon,image,country\na,-51.33,166.156,a.jpg,NZ\nb,-51.33,166.")
+    with pytest.raises(GeoTokenError, match=r"line 3: id 'b': has 3 fields, the header has 5 \(cut short"):
+        read_manifest(path)

@@ -327,16 +327,16 @@ def _read_columns_numpy(
 
 
 def _read_columns_csv(path: Path, cols: dict[str, int], roles: list[str], width: int):
-    """Columns via the csv module, one pass; rows too short to hold every needed column, and rows with more
-    fields than the header (an unquoted comma cuts a path short), become problems; empty trailing fields
-    (`a,1,2,`) are not more fields."""
-    need = max(cols.values()) + 1
+    """Columns via the csv module, one pass; rows with fewer fields than the header (cut short: a download
+    that stopped inside a coordinate leaves `...,166.` for 166.156), and rows with more fields than the header
+    (an unquoted comma cuts a path short), become problems; empty trailing fields (`a,1,2,`) are not more
+    fields."""
     index = [cols[r] for r in roles]
     get = itemgetter(*index)
     odd: list[tuple[int, int]] = []  # (data row, field count)
 
     def odd_row(i: int, row: list[str]) -> tuple[str, ...]:
-        if len(row) < need or any(row[width:]):
+        if len(row) < width or any(row[width:]):
             odd.append((i, len(row)))
         return tuple(row[c] if c < len(row) else "" for c in index)
 
@@ -345,8 +345,7 @@ def _read_columns_csv(path: Path, cols: dict[str, int], roles: list[str], width:
         next(reader)
         try:  # filter(None, ...) drops blank lines (csv yields [] for them): they are not rows
             picked = [
-                get(r) if need <= len(r) <= width else odd_row(i, r)
-                for i, r in enumerate(filter(None, reader))
+                get(r) if len(r) == width else odd_row(i, r) for i, r in enumerate(filter(None, reader))
             ]
         except UnicodeDecodeError:
             raise not_utf8(path) from None
@@ -354,7 +353,8 @@ def _read_columns_csv(path: Path, cols: dict[str, int], roles: list[str], width:
             raise GeoTokenError(f"{path}: line {reader.line_num + 1}: cannot parse CSV: {exc}") from None
         columns = {r: [p[k] for p in picked] for k, r in enumerate(roles)}
     problems = {
-        i: f"has {count} fields, the header has {width}" + (" (an unquoted comma?)" if count > width else "")
+        i: f"has {count} fields, the header has {width}"
+        + (" (an unquoted comma?)" if count > width else " (cut short: an interrupted download?)")
         for i, count in odd
     }
     return columns, problems
