@@ -377,3 +377,27 @@ def test_exif_gps_needs_its_hemisphere_and_a_fix():
     assert images.exif_gps(tagged("S", 22, "W", 43)) == (-22.0, -43.0)
     assert images.exif_gps(tagged(None, 22, "W", 43)) is None  # which hemisphere? not guessed
     assert images.exif_gps(tagged("N", 0, "E", 0)) is None  # cameras without a fix write (0, 0)
+
+
+def test_a_shard_sample_without_a_readable_sidecar_is_a_bad_row_not_the_end_of_the_read(tmp_path):
+    """An image without KEY.json was dropped uncounted; one sidecar that was not JSON, a JSON list, or one
+    without a longitude stopped the whole manifest (even with on_error='skip')."""
+    path = tmp_path / "a.tar"
+    with tarfile.open(path, "w") as tar:
+        for key, body in (("k0", json.dumps(meta("k0", 1.0, 2.0)).encode()), ("k2", b"{not json"),
+                          ("k3", b"[1, 2]"), ("k4", json.dumps({"key": "k4", "latitude": 3.0}).encode())):  # fmt: skip
+            add(tar, f"{key}.jpg", jpeg_bytes(0))
+            add(tar, f"{key}.json", body)
+        add(tar, "k1.jpg", jpeg_bytes(1))  # no k1.json
+    report = tmp_path / "r.csv"
+    m = manifest_from_shards(path, on_error="skip", skip_report=report)
+    assert m.ids.tolist() == ["k0"]
+    with open(report, newline="") as f:
+        reasons = {r["row"].rsplit("#", 1)[1]: r["reason"] for r in csv.DictReader(f)}
+    assert "no KEY.json beside the image" in reasons["k1.jpg"] and "not valid JSON" in reasons["k2.json"]
+    assert (
+        "is a list, not an object" in reasons["k3.json"]
+        and "no latitude/longitude field" in reasons["k4.json"]
+    )
+    with pytest.raises(GeoTokenError, match=r"a.tar#k1.jpg: .*no KEY.json beside the image"):
+        manifest_from_shards(path)

@@ -541,31 +541,39 @@ def manifest_from_shards(
         with open(shard, "rb") as f:
             for key in sorted(samples):
                 members = samples[key]
-                if "json" not in members:
+                image = next((members[e[1:]] for e in IMAGE_EXTENSIONS if e[1:] in members), None)
+                if "json" not in members and image is None:
                     continue  # not a sample of ours (e.g. a stray file); img2dataset always writes the json
-                ref = f"{shard}#{members['json']}"
-                f.seek(index[members["json"]][0])
-                try:
-                    record = json.loads(f.read(index[members["json"]][1]))
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    raise GeoTokenError(f"{ref}: not valid JSON: {exc}") from None
+                # a sample whose sidecar is missing, unreadable or without coordinates is a bad row (counted and
+                # reported, or the error of on_error="raise"), not the end of the whole read
+                record, why = {}, None
+                if "json" not in members:
+                    ref, why = f"{shard}#{image}", "no KEY.json beside the image: no coordinates"
+                else:
+                    ref = f"{shard}#{members['json']}"
+                    f.seek(index[members["json"]][0])
+                    try:
+                        record = json.loads(f.read(index[members["json"]][1]))
+                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                        why = f"not valid JSON: {exc}"
+                    if why is None and not isinstance(record, dict):
+                        record, why = {}, f"its JSON is a {type(record).__name__}, not an object"
                 status = record.get("status", "success")
                 lat_key, lat = _pick(record, "lat")
                 lon_key, lon = _pick(record, "lon")
-                if status == "success" and (lat_key is None or lon_key is None):
-                    raise GeoTokenError(
-                        f"{ref}: no latitude/longitude field in {sorted(record)}; download with the lat/lon columns "
-                        f"saved (geotoken data download does this)"
-                    )
+                if why is None and status == "success" and (lat_key is None or lon_key is None):
+                    why = (f"no latitude/longitude field in {sorted(record)}; download with the lat/lon columns "
+                           "saved (geotoken data download does this)")  # fmt: skip
                 _, sample_id = _pick(record, "id")
-                image = next((members[e[1:]] for e in IMAGE_EXTENSIONS if e[1:] in members), None)
                 i = len(ids)
                 ids.append(str(sample_id if sample_id is not None else key))
                 lats.append("" if lat is None else str(lat))
                 lons.append("" if lon is None else str(lon))
                 images.append(f"{shard}#{image}" if image else "")
                 where.append(ref)
-                if status != "success":
+                if why is not None:
+                    problems[i] = why
+                elif status != "success":
                     problems[i] = f"status {status!r}: {record.get('error_message')}"
                 elif image is None:
                     problems[i] = f"no image member for key {key!r}"
