@@ -452,7 +452,7 @@ def read_source(source: DatasetSource, workdir: str | os.PathLike) -> SourceResu
         unlabelled = sorted(key for key, r in index.refs.items() if r not in used)
         manifest = Manifest(manifest.ids, manifest.lat, manifest.lon, refs, manifest.source)
     report += [
-        (str(annotations), s, f"no image {k} under {images}")
+        (str(annotations), s, f"no image {k} under {images}" if k else "its image field is empty")
         for s, k in zip(manifest.ids[~found].tolist(), np.asarray(keys or refs)[~found].tolist())
     ]
     report += [(images, key, "image without a label in the annotations") for key in unlabelled]
