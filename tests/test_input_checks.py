@@ -393,3 +393,12 @@ def test_a_finished_neighbour_table_of_other_queries_is_not_replaced_unasked(spl
     table = neighbour_table(stores["val"], index, 3, tmp_path / "t", exclude_self_ids=False, progress=False,
                             overwrite=True)  # fmt: skip
     assert table.k == 3
+
+
+def test_a_finished_table_is_reused_however_its_query_store_path_is_spelled(splits, tmp_path, monkeypatch):
+    root, stores = splits
+    index = NeighbourIndex.load(root / "index")
+    neighbour_table(stores["test"], index, 5, tmp_path / "t", exclude_self_ids=False, progress=False)
+    monkeypatch.chdir(root)
+    relative = FeatureStore.open("test")  # the same store, by a relative path
+    assert neighbour_table(relative, index, 5, tmp_path / "t", exclude_self_ids=False, progress=False).k == 5

@@ -20,6 +20,7 @@ gallery row taken at exactly their own coordinates, so that they meet the galler
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -190,7 +191,7 @@ def neighbour_table(
     }
     if (out_dir / META).is_file():
         was = read_json(out_dir / META)["config"]
-        if was == config:
+        if _same_table(was, config):
             return NeighbourTable.open(out_dir)
         if not overwrite:
             raise GeoTokenError(
@@ -277,6 +278,23 @@ def _done_chunks(out_dir: Path, n_chunks: int) -> np.ndarray:
     for path in sorted((out_dir / RANKS).glob("rank-*.json")):
         done[np.asarray(read_json(path)["chunks"], dtype=np.int64)] = True
     return done
+
+
+def _same_table(was: dict, now: dict) -> bool:
+    """Whether a finished table's config is this one's: its stores by content (manifest hash, rows), not by
+    how their paths were spelled (relative to another folder, or absolute)."""
+
+    def content(config: dict) -> dict:
+        config = json.loads(json.dumps(config))
+        queries, index = config.get("queries") or {}, config.get("index") or {}
+        store = queries.pop("store", None)
+        if not queries.get("manifest_hash"):  # nothing else to know the queries by
+            queries["store"] = str(Path(store).resolve()) if store else None
+        if index.get("store"):
+            index["store"] = str(Path(index["store"]).resolve())
+        return config
+
+    return content(was) == content(now)
 
 
 def _identity(store: FeatureStore) -> dict[str, Any]:
