@@ -230,6 +230,21 @@ def test_mllm_options_are_replaced_by_name_and_checked():
     assert cfg.replace(match_km=5.0, timeout_s=2.0).resolved().match_km == 5.0
     with pytest.raises(GeoTokenError, match=r"unknown MLLM option\(s\) \['match'\]; known: .*match_km"):
         cfg.replace(match=5)
-    for name, bad in (("timeout_s", 0.0), ("match_km", -1.0)):
+    for name, bad in (
+        ("timeout_s", 0.0),
+        ("timeout_s", float("inf")),
+        ("match_km", -1.0),
+        ("match_km", float("nan")),
+    ):
         with pytest.raises(GeoTokenError, match=f"MLLM {name} must be"):
             cfg.replace(**{name: bad}).resolved()
+
+
+def test_mllm_flags_refuse_what_the_client_cannot_take(capsys):
+    from geotoken.cli import main
+
+    for flag, value, said in (("--mllm-timeout-s", "inf", "must be a finite number > 0"),
+                              ("--mllm-concurrency", "0", "must be >= 1")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(["predict", "x.jpg", "--model", "m", flag, value])
+        assert said in capsys.readouterr().err

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import math
 import os
 import pkgutil
 import sys
@@ -54,13 +55,15 @@ def add_mllm_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--mllm-strict", action=argparse.BooleanOptionalAction, default=None,
                    help="pool mode: refuse an answer that is none of the candidates (fall back to logp)")  # fmt: skip
-    p.add_argument("--mllm-match-km", type=float,
+    p.add_argument("--mllm-match-km", type=positive,
                    help="pool mode: how close an answer must be to a candidate to select it (default 1)")  # fmt: skip
-    p.add_argument("--mllm-timeout-s", type=float, help="seconds to wait for one MLLM answer (default 60)")
+    p.add_argument("--mllm-timeout-s", type=positive, help="seconds to wait for one MLLM answer (default 60)")
     p.add_argument(
         "--mllm-retries", type=count, help="extra attempts after a failed MLLM request (default 3)"
     )
-    p.add_argument("--mllm-concurrency", type=count, help="MLLM requests in flight at once (default 4)")
+    p.add_argument(
+        "--mllm-concurrency", type=at_least_one, help="MLLM requests in flight at once (default 4)"
+    )
 
 
 def mllm_changes(args: argparse.Namespace) -> dict:
@@ -90,6 +93,25 @@ def count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def positive(text: str) -> float:
+    """argparse type of a finite number > 0 (seconds, km): not inf, which the clients below would take."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < x < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return x
+
+
+def at_least_one(text: str) -> int:
+    """argparse type of a whole number >= 1."""
+    n = count(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
     return n
 
 

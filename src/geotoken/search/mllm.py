@@ -106,10 +106,12 @@ class MLLMConfig:
             values["temperature"] = DEFAULT_TEMPERATURE[values["template"]]
         if not values["temperature"] >= 0:
             raise GeoTokenError(f"MLLM temperature must be >= 0, got {values['temperature']}")
-        if not values["timeout_s"] > 0:
-            raise GeoTokenError(f"MLLM timeout_s must be > 0, got {values['timeout_s']}")
-        if not values["match_km"] >= 0:
-            raise GeoTokenError(f"MLLM match_km must be >= 0, got {values['match_km']}")
+        if not 0 < values["timeout_s"] < 1e6:  # (inf or 1e12 overflow the socket's timeout)
+            raise GeoTokenError(
+                f"MLLM timeout_s must be a number of seconds in (0, 1e6), got {values['timeout_s']}"
+            )
+        if not 0 <= values["match_km"] < math.inf:
+            raise GeoTokenError(f"MLLM match_km must be a finite number >= 0, got {values['match_km']}")
         return MLLMConfig(**values)
 
 

@@ -269,8 +269,8 @@ def unavailable_options(info: dict) -> dict[str, str]:
     if isinstance(mllm, dict):
         try:
             MLLMConfig(**mllm).resolved()
-        except (GeoTokenError, TypeError) as exc:
-            out["mllm"] = f"needs an MLLM endpoint ({exc})"
+        except (GeoTokenError, TypeError) as exc:  # (no endpoint, or settings it cannot run with)
+            out["mllm"] = f"its MLLM settings: {exc}"
     return out
 
 
@@ -579,7 +579,11 @@ def create_app(
         for field in sorted(REQUEST_FIELDS - {"image"}):  # likewise top_k=3 and top_k=7: one would be dropped
             given = len(form.getlist(field)) + len(request.query_params.getlist(field))
             if given > 1:
-                return error(422, f"field {field!r} is given {given} times (form and query string together)")
+                both = form.getlist(field) and request.query_params.getlist(field)
+                return error(
+                    422,
+                    f"field {field!r} is given {given} times" + (" (form and query string)" if both else ""),
+                )
         top_k = top_k if top_k is not None else top_k_q if top_k_q is not None else default_top_k
         strategy, select = strategy or strategy_q, select or select_q
         constrain = constrain if constrain is not None else constrain_q
