@@ -116,7 +116,10 @@ def test_run_report_is_self_contained(tmp_path):
         '<td class="sig">+5.0 <small>[+1.0, +9.0]</small></td>' in text and "<td>-12</td>" in text
     )  # paired
     assert "<td>200km</td><td>25.0</td><td>50.0</td><td></td><td>12.5</td>" in text  # calibration
-    assert "geotoken beam5+logp *</th>" in text and "fitted under (strategy greedy+sample+retrieval)" in text
+    assert (
+        "geotoken beam5+logp *</th>" in text
+        and "<li>geotoken beam5+logp: calibrated under strategy greedy+sample+retrieval</li>" in text
+    )
     assert build_report(root) == text  # a function of the files: the same bytes again
 
 

@@ -370,7 +370,7 @@ def test_config_yaml_reads_exponent_floats_and_refuses_a_repeated_key(tmp_path):
     stages = "stages:\n  - name: features\n    kind: features\n    inputs: {}\n    config: {image_size: 64, image_size: 96}\n"
     path.write_text(stages)
     with pytest.raises(
-        GeoTokenError, match=r"run.yaml: not valid YAML: key 'image_size' appears twice \(first on line 5\)"
+        GeoTokenError, match=r"run.yaml: not valid YAML: key 'image_size' appears twice on line 5"
     ):
         load_run_config(path)
     recipe = tmp_path / "recipe.yaml"

@@ -291,7 +291,12 @@ class _YAMLLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(
                     None,
                     None,
-                    f"key {key!r} appears twice (first on line {seen[key] + 1})",
+                    f"key {key!r} appears twice "
+                    + (
+                        f"(lines {seen[key] + 1} and {key_node.start_mark.line + 1})"
+                        if seen[key] != key_node.start_mark.line
+                        else f"on line {seen[key] + 1}"
+                    ),  # fmt: skip
                     key_node.start_mark,
                 )
             seen[key] = key_node.start_mark.line

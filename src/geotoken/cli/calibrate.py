@@ -47,7 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--logp-kind", choices=LOGP_KINDS,
                    help="logp selection by the model's own (t1) or the temperature-scaled log-probability "
                    "(scaled, the authors'); default: the bundle's")  # fmt: skip
-    p.add_argument("--radii-km", type=float, nargs="+", default=list(RADII_KM), help="events to calibrate")
+    p.add_argument("--radii-km", type=float, nargs="+", default=list(RADII_KM), help="the 'within X km' events to calibrate (default 25 200 750); the bundle's probability_within_km, "
+                   "the probability predict reports first, is always one of them")  # fmt: skip
     p.add_argument("--plot", metavar="PNG", help="also write a reliability plot here")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=count, default=0, help=THREADS_HELP)

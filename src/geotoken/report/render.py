@@ -211,12 +211,15 @@ def calibration_details(metrics: Metrics) -> list[str]:
             )
     if not rows:
         return []
-    fitted = next((r.calibrated_for for r in metrics.rows if r.calibrated_for), None)
+    starred = [(r.label, r.calibrated_for) for r in metrics.rows if r.calibrated_for and r.calibration]
+    items = "".join(
+        f"<li>{esc(label)}: calibrated under {esc(', '.join(f'{k} {v}' for k, v in fitted.items()))}</li>"
+        for label, fitted in starred
+    )
     note = (
-        f'<p class="muted">* searched otherwise than the calibration was fitted under '
-        f"({esc(', '.join(f'{k} {v}' for k, v in fitted.items()))}): its temperatures do not calibrate that "
-        "search (geotoken calibrate with it does)</p>"
-        if fitted
+        '<p class="muted">* searched otherwise than the calibration was fitted under: its temperatures do not '
+        f'calibrate that search (geotoken calibrate with it does)</p><ul class="muted">{items}</ul>'
+        if starred
         else ""
     )
     return [

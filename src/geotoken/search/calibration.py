@@ -170,8 +170,10 @@ class Calibration:
         """{option: (fitted, now)} where `options` (a SearchOptions) pools or chooses otherwise than the search
         the temperatures were fitted under: there they do not calibrate (a pool of 5 beams holds less mass
         than one of 10 samples and neighbours' cells)."""
-        now = _pool_options(options) if self.search else {}
-        return {k: (self.search.get(k), v) for k, v in now.items() if self.search.get(k) != v}
+        now = (
+            _pool_options(options) if self.search else {}
+        )  # (options only one search reads: its strategy says)
+        return {k: (self.search[k], v) for k, v in now.items() if k in self.search and self.search[k] != v}
 
     def within_probs(self, pool, lat, lon, group: int = 2) -> dict[str, np.ndarray]:
         """{"25km": (B,), ...} calibrated P(within radius) of answers (lat, lon) (B,)."""
