@@ -225,3 +225,12 @@ def test_a_recipe_file_edited_in_place_changes_the_model_stages_identity(tmp_pat
     assert before != after
     plain = stage_identity(ModelStageConfig(), {"align": "a", "index": "i"})
     assert "recipe_fields" not in plain and "recipe" not in plain  # no recipe: the identity of earlier runs
+
+
+def test_the_evaluate_stage_is_keyed_by_how_its_intervals_are_computed():
+    """An evaluation scored by the percentile bootstrap (before Wilson) is not reused as if it were this one."""
+    from geotoken.evaluate.metrics import INTERVALS
+    from geotoken.stages.method import EvalStageConfig
+    from geotoken.stages.runner import stage_identity
+
+    assert stage_identity(EvalStageConfig(), {})["intervals"] == INTERVALS

@@ -37,6 +37,7 @@ from geotoken.encoders.text import TEXT_ENCODERS
 from geotoken.errors import GeoTokenError
 from geotoken.evaluate import BASELINES, METHODS, EvalConfig, Split, evaluate, load_neighbours, load_split
 from geotoken.evaluate.evaluate import GeoTokenMethodConfig
+from geotoken.evaluate.metrics import INTERVALS
 from geotoken.features import FeatureStore, embed
 from geotoken.fit import calibrate_bundle, train_bundle_reward
 from geotoken.io import is_whole, read_json
@@ -418,6 +419,11 @@ class EvalStageConfig:
         check_fields(self, choices, {"n_boot": 1})
         if not self.constrain or not self.splits:
             raise GeoTokenError("constrain and splits need at least one value each")
+
+    def content_identity(self) -> dict:
+        """How the intervals are computed: an evaluation scored otherwise (the percentile bootstrap of
+        accuracies, before 2026-12-08) is scored again, from the cached predictions, not reused."""
+        return {"intervals": INTERVALS}
 
 
 def evaluation_split(data: Path, features: Path, align: Path, split: str) -> Split:
