@@ -189,7 +189,7 @@ def test_manifest_from_shards_bad_samples(tmp_path):
     text = report.read_text()
     assert "outside [-90, 90]" in text and "no image member" in text and "failed_to_download" in text
     nolatlon = write_shard(tmp_path / "b.tar", [("k", jpeg_bytes(0), {"key": "k", "status": "success"})])
-    with pytest.raises(GeoTokenError, match="b.tar#k.json: no latitude/longitude"):
+    with pytest.raises(GeoTokenError, match="b.tar#k.json: id 'k': no latitude/longitude"):
         manifest_from_shards(nolatlon)
     with pytest.raises(GeoTokenError, match="no .tar shards"):
         (tmp_path / "empty").mkdir()
