@@ -81,6 +81,7 @@ def test_upload_shows_candidates_on_the_map(server, tmp_path):
             page.goto(server + "/")
             page.select_option("#strategy", "greedy")
             page.fill("#top_k", "3")
+            page.locator("#top_k").blur()  # its change event now, before a photo: not a second request later
             page.set_input_files("#file", str(photo))
             page.wait_for_selector("#map[data-state]", timeout=60_000)
             assert page.get_attribute("#map", "data-state") == "done", page.inner_text("#status")
