@@ -31,7 +31,7 @@ from geotoken.predict import Geolocator
 from geotoken.s2 import latlon_to_tokens
 from geotoken.search import STRATEGIES
 from geotoken.search.calibration import RADII_KM, Calibration, calibration_data, calibration_report
-from geotoken.search.mllm import MLLMConfig, fell_back
+from geotoken.search.mllm import fell_back
 from geotoken.search.options import SearchOptions, sampling_temperature
 
 # the label suffix of a row decoded under the gallery-prefix constraint (every answer a gallery photo's cell)
@@ -86,11 +86,6 @@ def _search_defaults(bundle: Path | None, geo) -> SearchOptions:
     if geo is not None:
         return geo.options
     return SearchOptions.from_dict(read_bundle(bundle).get("search", {}))
-
-
-def _mllm_options(bundle: Path | None, geo) -> MLLMConfig:
-    """The MLLM settings a row with select=mllm runs with."""
-    return _search_defaults(bundle, geo).mllm
 
 
 def _calibration(bundle: Path | None, geo) -> Calibration | None:
@@ -180,6 +175,8 @@ def run_geotoken(
         raise GeoTokenError("--method geotoken needs --model BUNDLE (a folder with bundle.json)")
     bundle = Path(cfg.model) if cfg.model else None
     identity = _bundle_identity(bundle) if bundle is not None else None
+    # the bundle's search defaults and calibration, read once (from its files until it is loaded)
+    defaults, calibration = _search_defaults(bundle, geolocator), _calibration(bundle, geolocator)
     geo, neighbours, embeddings = geolocator, None, None
     for strategy, select, constrain in rows_to_run(cfg):
         label = row_label(strategy, select, cfg, constrain)
@@ -189,7 +186,7 @@ def run_geotoken(
                    "logp_kind": cfg.logp_kind}  # fmt: skip
         conf = {"model": cfg.model, **options}
         if select == "mllm":  # its endpoint and model (the environment's too) decide the answers
-            mllm = _mllm_options(bundle, geo).replace(**cfg.mllm)
+            mllm = defaults.mllm.replace(**cfg.mllm)
             options["mllm"], conf["mllm"] = mllm, mllm.identity()
         key = sha256_json({"method": "geotoken", "config": conf, "bundle": identity, "inputs": inputs})[:16]
         path = cache / f"{slug(label)}.{key}.npz" if cache is not None and identity is not None else None
@@ -217,10 +214,7 @@ def run_geotoken(
             pred = Predictions(res.selection.lat, res.selection.lon, score, extra)
             if path is not None:
                 save_cached(path, pred)
-        calibration = _calibration(bundle, geo) if bundle is not None or geo is not None else None
-        other = (
-            calibration.other_search(_search_defaults(bundle, geo).replace(**options)) if calibration else {}
-        )
+        other = calibration.other_search(defaults.replace(**options)) if calibration else {}
         if other:  # (after the cache key: a fact about the bundle, not an option of the row)
             conf = {**conf, "calibration_fitted_for": {k: then for k, (then, _) in other.items()}}
         if "mllm_fell_back" in pred.extra:
