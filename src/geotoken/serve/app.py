@@ -434,6 +434,13 @@ def create_app(
     def error(status: int, message: str, headers: dict | None = None):
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
+    def fault(exc: Exception, what: str, said: str = ""):
+        """500 for a fault of ours in `what` (logged; `said`: the answer's prefix): its details, which may name
+        the server's files, go to the log under an id that the answer gives."""
+        ref = uuid.uuid4().hex[:8]
+        log.error("%s failed (error %s)", what, ref, exc_info=exc)
+        return error(500, f"{said}internal error {ref} ({type(exc).__name__}; details in the server's log)")
+
     def busy(exc: Busy):
         return error(503, exc.message, {"Retry-After": str(exc.retry_after_s)})
 
@@ -459,9 +466,7 @@ def create_app(
     async def internal_error(request, exc: Exception):
         """A fault of ours anywhere in a route: still the {"error": "..."} JSON the page and clients read; the
         details (which may name the server's files) go to the log, under an id the answer gives."""
-        ref = uuid.uuid4().hex[:8]
-        log.error("%s %s failed (error %s)", request.method, request.url.path, ref, exc_info=exc)
-        return error(500, f"internal error {ref} ({type(exc).__name__}; details in the server's log)")
+        return fault(exc, f"{request.method} {request.url.path}")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
@@ -614,12 +619,7 @@ def create_app(
         except GeoTokenError as exc:
             return error(422, str(exc))
         except Exception as exc:  # noqa: BLE001  a fault of ours: still a JSON answer, and logged
-            ref = uuid.uuid4().hex[:8]
-            log.exception("upload %r failed (error %s)", name, ref)
-            return error(
-                500,
-                f"upload {name!r}: internal error {ref} ({type(exc).__name__}; details in the server's log)",
-            )
+            return fault(exc, f"upload {name!r}", f"upload {name!r}: ")
         out = pred.to_dict()
         out["image"] = {"name": name, "width": im.width, "height": im.height, "bytes": len(data)}
         gps = photo_gps(data, pred)
