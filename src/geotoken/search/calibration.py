@@ -170,9 +170,9 @@ class Calibration:
         """{option: (fitted, now)} where `options` (a SearchOptions) pools or chooses otherwise than the search
         the temperatures were fitted under: there they do not calibrate (a pool of 5 beams holds less mass
         than one of 10 samples and neighbours' cells)."""
-        now = (
-            _pool_options(options) if self.search else {}
-        )  # (options only one search reads: its strategy says)
+        if not self.search:  # (a calibration from before it recorded its search: nothing to compare)
+            return {}
+        now = _pool_options(options)  # options only one of the two searches reads: the strategy says it
         return {k: (self.search[k], v) for k, v in now.items() if k in self.search and self.search[k] != v}
 
     def within_probs(self, pool, lat, lon, group: int = 2) -> dict[str, np.ndarray]:
