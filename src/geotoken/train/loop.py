@@ -533,9 +533,8 @@ def train(
                         **validate(model, val_data, val_rows, cfg, dev),
                         "val_decoder": VAL_DECODERS[cfg.val_constrain],
                     }
-                    if not math.isfinite(
-                        metrics["val_loss"]
-                    ):  # NaN validation rows would pick `best` blindly
+                    # NaN validation rows would pick `best` blindly
+                    if not math.isfinite(metrics["val_loss"]):
                         raise GeoTokenError(
                             f"step {step}: the validation loss is {metrics['val_loss']}: check the validation "
                             f"inputs for NaN rows ({val_data.source})"
